@@ -1,0 +1,218 @@
+r"""The SSD (state space duality) layer of Mamba2, in three equivalent forms.
+
+Glossary (the names of the Mamba2 paper, used in every function and einsum string of the project)
+
+    x    (batch, seqlen, H, P)   the input of the scan: P channels for each of H heads
+    dt   (batch, seqlen, H)      the step size Δ of each token and head, already positive
+                                 (the model computes dt = softplus(dt_raw + dt_bias))
+    A    (H,)                    one negative scalar per head; exp(dt·A) ∈ (0, 1) is the decay
+    B    (batch, seqlen, G, N)   the "input matrix": how a token writes into the state
+    C    (batch, seqlen, G, N)   the "output matrix": how a token reads from the state
+    D    (H,)                    optional skip connection, y += D·x
+    h    (batch, H, P, N)        the hidden state of each head: a P×N matrix
+    H, P, N, G                   heads, head dimension, state size, groups (G divides H; head
+                                 number i reads B and C of group i // (H/G))
+    Q                            the chunk length of the chunked algorithm
+    L                            the 1-semiseparable decay mask L[t, s] = exp(dt_{s+1}A + … + dt_t A)
+
+The recurrence (what the layer *is*)
+
+    h_t = exp(dt_t·A) · h_{t-1} + dt_t · x_t B_tᵀ          (P×N, one scalar decay per head and step)
+    y_t = h_t C_t + D·x_t                                   (P,)
+
+Unrolling it from h_0 gives, with cs_t = Σ_{k≤t} dt_k·A the cumulative log-decay,
+
+    y_t = Σ_{s≤t} exp(cs_t − cs_s) · (C_t·B_s) · dt_s x_s  +  exp(cs_t) · h_0 C_t  +  D·x_t
+
+which is the quadratic, attention-like form Y = (L ∘ C Bᵀ) · (dt·X): "queries" C, "keys" B, "values"
+dt·x, and a causal decay mask L instead of a softmax. The recurrent form costs O(T·P·N) work but is
+sequential; the quadratic form is parallel but costs O(T²). The chunked algorithm uses each where it
+is best: split the sequence into chunks of Q tokens, use the quadratic form *inside* each chunk
+(a Q×Q matmul, fast on any hardware) and the recurrence *between* chunks (T/Q steps instead of T).
+Each chunk contributes through its end state, and every token reads the state entering its chunk:
+
+    1. intra-chunk output     Y_diag[t] = Σ_{s≤t in chunk} L[t,s] (C_t·B_s) dt_s x_s
+    2. chunk states           S_c       = Σ_{s in chunk} exp(cs_last − cs_s) dt_s x_s B_sᵀ
+    3. inter-chunk recurrence h_c       = exp(cs_last of chunk c) · h_{c−1} + S_c
+    4. state to output        Y_off[t]  = exp(cs_t) · h_{c−1} C_t        (cs local to the chunk)
+
+    y = Y_diag + Y_off + D·x
+
+All three functions below have one contract,
+
+    f(x, dt, A, B, C, D=None, initial_state=None, ...) -> (y, final_state)
+
+and return y in x's dtype and final_state (batch, H, P, N) in float32 (float64 for float64 inputs).
+They compute in float32 at least, whatever the input dtype, because the decays exp(cs_t − cs_s)
+lose all precision in half precision. The tests check that the three agree; the Triton kernel in
+`kernels/` is tested against them.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def _check(x, dt, A, B, C, D, initial_state):
+    """Validate the shapes of the SSD contract; return (batch, seqlen, H, P, G, N)."""
+    if x.dim() != 4:
+        raise ValueError(f"x must be (batch, seqlen, nheads, headdim), got shape {tuple(x.shape)}")
+    b, l, h, p = x.shape
+    if B.dim() != 4 or B.shape[:2] != (b, l):
+        raise ValueError(f"B must be (batch={b}, seqlen={l}, ngroups, dstate), got {tuple(B.shape)}")
+    g, n = B.shape[2], B.shape[3]
+    if C.shape != B.shape:
+        raise ValueError(f"C must have B's shape {tuple(B.shape)}, got {tuple(C.shape)}")
+    if h % g:
+        raise ValueError(f"ngroups={g} must divide nheads={h}")
+    if dt.shape != (b, l, h):
+        raise ValueError(f"dt must be (batch, seqlen, nheads)={(b, l, h)}, got {tuple(dt.shape)}")
+    if A.shape != (h,):
+        raise ValueError(f"A must be (nheads,)={(h,)}, got {tuple(A.shape)}")
+    if D is not None and D.shape != (h,):
+        raise ValueError(f"D must be (nheads,)={(h,)}, got {tuple(D.shape)}")
+    if initial_state is not None and initial_state.shape != (b, h, p, n):
+        raise ValueError(
+            f"initial_state must be (batch, nheads, headdim, dstate)={(b, h, p, n)}, "
+            f"got {tuple(initial_state.shape)}"
+        )
+    return b, l, h, p, g, n
+
+
+def _compute_dtype(x):
+    """float32 for half/bfloat16/float32 inputs, float64 for float64 inputs (the test oracle)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def heads_per_group(B, nheads):
+    """Expand B or C from (batch, seqlen, G, N) to one copy per head: (batch, seqlen, H, N)."""
+    return B.repeat_interleave(nheads // B.shape[2], dim=2)
+
+
+def segsum(a):
+    """Segment sums of a along its last axis: out[..., t, s] = a[s+1] + … + a[t] for s ≤ t, else -inf.
+
+    exp(segsum(dt·A)) is the decay mask L. Computed as a cumulative sum of a masked copy, so that no
+    two large cumulative sums are subtracted (cs_t − cs_s would cancel catastrophically once cs is
+    large and the difference small).
+    """
+    T = a.shape[-1]
+    a = a[..., None].expand(*a.shape, T)  # (..., T, T): a[..., k, s] = a_k
+    strictly_lower = torch.tril(torch.ones(T, T, dtype=torch.bool, device=a.device), diagonal=-1)
+    a = a.masked_fill(~strictly_lower, 0)  # keep a_k only for k > s
+    out = torch.cumsum(a, dim=-2)  # (..., T, T): Σ_{s<k≤t} a_k
+    causal = torch.tril(torch.ones(T, T, dtype=torch.bool, device=a.device))
+    return out.masked_fill(~causal, float("-inf"))
+
+
+def ssd_step(h, x, dt, A, B, C, D=None):
+    """One step of the recurrence, the O(1) decode step. Updates and returns h.
+
+    h (batch, H, P, N), x (batch, H, P), dt (batch, H), A (H,), B and C (batch, G, N), D (H,) or None.
+    Returns y (batch, H, P) in x's dtype and the new h (same dtype as the h passed in).
+    """
+    cdt = torch.promote_types(_compute_dtype(x), h.dtype)
+    nheads = x.shape[1]
+    B = heads_per_group(B[:, None], nheads)[:, 0].to(cdt)  # (batch, H, N)
+    C = heads_per_group(C[:, None], nheads)[:, 0].to(cdt)  # (batch, H, N)
+    xf, dt = x.to(cdt), dt.to(cdt)
+    decay = torch.exp(dt * A.to(cdt))  # (batch, H)
+    h_new = decay[..., None, None] * h.to(cdt) + torch.einsum("bh,bhp,bhn->bhpn", dt, xf, B)
+    y = torch.einsum("bhpn,bhn->bhp", h_new, C)  # (batch, H, P)
+    if D is not None:
+        y = y + D.to(cdt)[:, None] * xf
+    return y.to(x.dtype), h_new.to(h.dtype)
+
+
+def ssd_recurrent(x, dt, A, B, C, D=None, initial_state=None):
+    """The recurrence, one token at a time. O(seqlen) sequential steps: the ground truth, not fast."""
+    b, l, h, p, g, n = _check(x, dt, A, B, C, D, initial_state)
+    cdt = _compute_dtype(x)
+    state = x.new_zeros(b, h, p, n, dtype=cdt) if initial_state is None else initial_state.to(cdt)
+    ys = []
+    for t in range(l):
+        y_t, state = ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D)
+        ys.append(y_t)
+    y = torch.stack(ys, dim=1) if ys else x.new_zeros(b, 0, h, p)  # (batch, seqlen, H, P)
+    return y, state
+
+
+def ssd_quadratic(x, dt, A, B, C, D=None, initial_state=None):
+    """The dual, attention-like form over the whole sequence: Y = (L ∘ C Bᵀ)·(dt·X). O(seqlen²)."""
+    b, l, h, p, g, n = _check(x, dt, A, B, C, D, initial_state)
+    cdt = _compute_dtype(x)
+    xf, dt, A = x.to(cdt), dt.to(cdt), A.to(cdt)
+    B = heads_per_group(B, h).to(cdt)  # (b, l, H, N)
+    C = heads_per_group(C, h).to(cdt)  # (b, l, H, N)
+    dA = (dt * A).transpose(1, 2)  # (b, H, l)
+    L = torch.exp(segsum(dA))  # (b, H, l, l), zero above the diagonal
+    scores = torch.einsum("bthn,bshn->bhts", C, B) * L  # (b, H, t, s)
+    y = torch.einsum("bhts,bsh,bshp->bthp", scores, dt, xf)  # (b, l, H, P)
+
+    cs = torch.cumsum(dA, dim=-1)  # (b, H, l) cumulative log-decay from the start
+    decay_to_end = torch.exp(cs[..., -1:] - cs) if l else cs  # (b, H, l); ≤ 1, cs is decreasing
+    final = torch.einsum("bhs,bsh,bshp,bshn->bhpn", decay_to_end, dt, xf, B)  # (b, H, P, N)
+    if initial_state is not None:
+        h0 = initial_state.to(cdt)
+        y = y + torch.einsum("bht,bthn,bhpn->bthp", torch.exp(cs), C, h0)
+        total = cs[..., -1] if l else torch.zeros_like(cs[..., 0])
+        final = final + torch.exp(total)[..., None, None] * h0
+    if D is not None:
+        y = y + D.to(cdt)[:, None] * xf
+    return y.to(x.dtype), final
+
+
+def ssd_chunked(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64):
+    """The chunked SSD algorithm (Mamba2 paper, Listing 1), for any seqlen.
+
+    The result does not depend on chunk_size (up to rounding): it only trades the O(Q²) work of the
+    intra-chunk matmuls against the number of sequential inter-chunk steps. A ragged last chunk is
+    handled by padding with dt = 0: a padded token has decay exp(0) = 1 and writes dt·x = 0, so it
+    changes neither the outputs nor the final state.
+    """
+    b, l, h, p, g, n = _check(x, dt, A, B, C, D, initial_state)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    cdt = _compute_dtype(x)
+    Q = chunk_size
+    pad = (-l) % Q
+    nc = (l + pad) // Q  # number of chunks
+    r = h // g  # heads per group
+
+    def chunks(t):  # (b, l, ...) -> (b, nc, Q, ...), padded with zeros
+        t = F.pad(t.to(cdt), (0, 0) * (t.dim() - 2) + (0, pad))
+        return t.view(b, nc, Q, *t.shape[2:])
+
+    X = chunks(x).view(b, nc, Q, g, r, p)  # (b, c, Q, G, R, P): head = group·R + r
+    dt_c = chunks(dt).view(b, nc, Q, g, r)  # (b, c, Q, G, R)
+    Bc, Cc = chunks(B), chunks(C)  # (b, c, Q, G, N)
+    dA = (dt_c * A.to(cdt).view(g, r)).permute(0, 1, 3, 4, 2)  # (b, c, G, R, Q)
+    cs = torch.cumsum(dA, dim=-1)  # (b, c, G, R, Q) log-decay from the chunk start
+    Xdt = X * dt_c[..., None]  # (b, c, Q, G, R, P) the discretised input dt·x
+
+    # 1. intra-chunk output (the diagonal blocks): a masked "attention" inside each chunk
+    L = torch.exp(segsum(dA))  # (b, c, G, R, Q, Q)
+    CB = torch.einsum("bclgn,bcsgn->bcgls", Cc, Bc)  # (b, c, G, Q, Q), shared by the heads of a group
+    Y_diag = torch.einsum("bcgrls,bcsgrp->bclgrp", L * CB[:, :, :, None], Xdt)  # (b, c, Q, G, R, P)
+
+    # 2. the state each chunk would end in if it started from zero (the B terms)
+    decay_to_end = torch.exp(cs[..., -1:] - cs)  # (b, c, G, R, Q), ≤ 1
+    S = torch.einsum("bcsgn,bcgrs,bcsgrp->bcgrpn", Bc, decay_to_end, Xdt)  # (b, c, G, R, P, N)
+
+    # 3. inter-chunk recurrence (the A terms): h_c = exp(chunk total decay)·h_{c-1} + S_c
+    if initial_state is None:
+        h0 = x.new_zeros(b, g, r, p, n, dtype=cdt)
+    else:
+        h0 = initial_state.to(cdt).view(b, g, r, p, n)
+    S = torch.cat([h0[:, None], S], dim=1)  # (b, 1+c, G, R, P, N)
+    chunk_decay = F.pad(cs[..., -1], (0, 0, 0, 0, 1, 0)).permute(0, 2, 3, 1)  # (b, G, R, 1+c)
+    decay_chunk = torch.exp(segsum(chunk_decay))  # (b, G, R, 1+c, 1+c)
+    states = torch.einsum("bgrzc,bcgrpn->bzgrpn", decay_chunk, S)  # (b, 1+c, G, R, P, N)
+    entering, final = states[:, :-1], states[:, -1]  # (b, c, G, R, P, N) and (b, G, R, P, N)
+
+    # 4. state to output (the C terms): each token reads the state entering its chunk
+    Y_off = torch.einsum("bclgn,bcgrpn,bcgrl->bclgrp", Cc, entering, torch.exp(cs))  # (b, c, Q, G, R, P)
+
+    y = (Y_diag + Y_off).reshape(b, nc * Q, h, p)[:, :l]  # (b, l, H, P)
+    if D is not None:
+        y = y + D.to(cdt)[:, None] * x.to(cdt)
+    return y.to(x.dtype), final.reshape(b, h, p, n)
