@@ -1,0 +1,262 @@
+"""Mamba2Config: the shape of a Mamba2 language model, the named scales, and config.json I/O.
+
+Two config.json layouts exist for the same model:
+  * state-spaces (mamba_ssm): {"d_model", "n_layer", "vocab_size", "ssm_cfg": {"layer": "Mamba2", ...},
+    "pad_vocab_size_multiple", "tie_embeddings", ...}; every Mamba2 field missing from ssm_cfg takes
+    the Mamba2 class default (d_state 128, headdim 64, ...). This is what the public checkpoints use.
+  * HF transformers (model_type "mamba2"): {"hidden_size", "num_hidden_layers", "state_size",
+    "head_dim", "n_groups", ...}, vocab_size already padded.
+`Mamba2Config.from_dict` recognises both; `to_dict(layout=...)` writes either.
+"""
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+# The five public checkpoints differ only in width and depth (state-spaces/mamba2-<scale>).
+PUBLIC_SCALES = {
+    "130m": dict(d_model=768, n_layer=24),
+    "370m": dict(d_model=1024, n_layer=48),
+    "780m": dict(d_model=1536, n_layer=48),
+    "1.3b": dict(d_model=2048, n_layer=48),
+    "2.7b": dict(d_model=2560, n_layer=64),
+}
+# Small scales that train on a CPU (same vocabulary, so they can read the same token files).
+CPU_SCALES = {
+    "tiny": dict(d_model=64, n_layer=2, d_state=16, headdim=16, chunk_size=64),
+    "micro": dict(d_model=128, n_layer=4, d_state=32, headdim=32, chunk_size=64),
+    "mini": dict(d_model=256, n_layer=8, d_state=64, headdim=64, chunk_size=64),
+}
+SCALES = {**PUBLIC_SCALES, **CPU_SCALES}
+
+
+@dataclass
+class Mamba2Config:
+    d_model: int = 768  # D, the width of the residual stream
+    n_layer: int = 24  # number of Mamba2 blocks
+    vocab_size: int = 50277  # V, the tokenizer's vocabulary (GPT-NeoX-20B)
+    pad_vocab_size_multiple: int = 16  # the embedding has V rounded up to this multiple (50288)
+    d_state: int = 128  # N, the state size
+    d_conv: int = 4  # K, width of the causal depthwise convolution
+    expand: int = 2  # E = expand·D, the SSM width
+    headdim: int = 64  # P, channels per head
+    ngroups: int = 1  # G, groups of heads that share B and C
+    chunk_size: int = 256  # Q, chunk length of the SSD scan (does not change the result)
+    norm_eps: float = 1e-5  # epsilon of every RMSNorm
+    tie_embeddings: bool = True  # the LM head is the embedding matrix
+    residual_in_fp32: bool = True  # keep the residual stream in float32 whatever the compute dtype
+    conv_bias: bool = True
+    bias: bool = False  # bias in in_proj / out_proj
+    # initialisation (used when training from scratch; loading a checkpoint overwrites them)
+    A_init_min: float = 1.0  # A ~ -U(A_init_min, A_init_max)
+    A_init_max: float = 16.0
+    dt_min: float = 1e-3  # softplus(dt_bias) ~ log-uniform in [dt_min, dt_max] at init
+    dt_max: float = 1e-1
+    dt_init_floor: float = 1e-4
+    initializer_range: float = 0.02  # std of the embedding init
+
+    def __post_init__(self):
+        problems = []
+        if self.d_inner % self.headdim:
+            problems.append(f"d_inner = expand·d_model = {self.d_inner} is not a multiple of headdim {self.headdim}")
+        elif self.nheads % self.ngroups:
+            problems.append(f"ngroups {self.ngroups} does not divide nheads {self.nheads}")
+        for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "headdim", "ngroups", "chunk_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if problems:
+            raise ValueError("invalid Mamba2Config: " + "; ".join(problems))
+
+    # derived sizes -------------------------------------------------------------------------------
+    @property
+    def d_inner(self):  # E
+        return self.expand * self.d_model
+
+    @property
+    def nheads(self):  # H
+        return self.d_inner // self.headdim
+
+    @property
+    def padded_vocab_size(self):  # Vp
+        m = self.pad_vocab_size_multiple
+        return math.ceil(self.vocab_size / m) * m
+
+    @property
+    def conv_dim(self):  # channels of the convolution: [x | B | C]
+        return self.d_inner + 2 * self.ngroups * self.d_state
+
+    @property
+    def in_proj_dim(self):  # rows of in_proj: [z | x | B | C | dt]
+        return 2 * self.d_inner + 2 * self.ngroups * self.d_state + self.nheads
+
+    # named scales --------------------------------------------------------------------------------
+    @classmethod
+    def from_scale(cls, name, **overrides):
+        """The config of a public checkpoint ("130m" … "2.7b") or of a small CPU scale ("tiny", ...)."""
+        if name not in SCALES:
+            raise ValueError(f"unknown scale {name!r}; choose one of: {', '.join(SCALES)}")
+        return cls(**{**SCALES[name], **overrides})
+
+    # config.json ---------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d):
+        """Read a config dict in the state-spaces or the HF transformers layout."""
+        if d.get("model_type") == "mamba2" or "hidden_size" in d:
+            return cls._from_hf(d)
+        if "d_model" in d:
+            return cls._from_state_spaces(d)
+        raise ValueError(
+            "config.json is neither a state-spaces Mamba2 config (needs 'd_model') nor an HF transformers "
+            f"Mamba2 config (needs 'hidden_size'); its keys are: {sorted(d)}"
+        )
+
+    @classmethod
+    def _from_state_spaces(cls, d):
+        ssm = dict(d.get("ssm_cfg") or {})
+        layer = ssm.pop("layer", "Mamba2")
+        if layer != "Mamba2":
+            raise ValueError(f"ssm_cfg.layer is {layer!r}; minimamba implements Mamba2 only")
+        if d.get("d_intermediate", 0) or d.get("attn_layer_idx"):
+            raise ValueError("configs with MLP blocks (d_intermediate > 0) or attention layers are not supported")
+        # options the public checkpoints leave at their defaults and minimamba does not implement
+        only_default = {"d_ssm": None, "rmsnorm": True, "norm_before_gate": False, "D_has_hdim": False,
+                        "dt_limit": [0.0, math.inf]}
+        unsupported = {k: ssm[k] for k in only_default if k in ssm and ssm[k] != only_default[k]}
+        if unsupported:
+            raise ValueError(f"unsupported Mamba2 options in ssm_cfg: {unsupported}")
+        kw = dict(
+            d_model=d["d_model"],
+            n_layer=d["n_layer"],
+            vocab_size=d.get("vocab_size", 50277),
+            pad_vocab_size_multiple=d.get("pad_vocab_size_multiple", 8),
+            tie_embeddings=d.get("tie_embeddings", True),
+            residual_in_fp32=d.get("residual_in_fp32", True),
+        )
+        for name in ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size", "bias", "conv_bias",
+                     "dt_min", "dt_max", "dt_init_floor"):
+            if name in ssm:
+                kw[name] = ssm[name]
+        if "A_init_range" in ssm:
+            kw["A_init_min"], kw["A_init_max"] = ssm["A_init_range"]
+        if "norm_epsilon" in d:
+            kw["norm_eps"] = d["norm_epsilon"]
+        return cls(**kw)
+
+    @classmethod
+    def _from_hf(cls, d):
+        if d.get("norm_before_gate", False) or not d.get("rms_norm", True):
+            raise ValueError("only rms_norm=True, norm_before_gate=False Mamba2 configs are supported")
+        cfg = cls(
+            d_model=d["hidden_size"],
+            n_layer=d["num_hidden_layers"],
+            vocab_size=d.get("vocab_size", 50288),  # HF stores the padded size; padding it again is a no-op
+            pad_vocab_size_multiple=d.get("pad_vocab_size_multiple", 16),
+            d_state=d.get("state_size", 128),
+            d_conv=d.get("conv_kernel", 4),
+            expand=d.get("expand", 2),
+            headdim=d.get("head_dim", 64),
+            ngroups=d.get("n_groups", 1),
+            chunk_size=d.get("chunk_size", 256),
+            norm_eps=d.get("layer_norm_epsilon", 1e-5),
+            tie_embeddings=d.get("tie_word_embeddings", True),
+            residual_in_fp32=d.get("residual_in_fp32", True),
+            conv_bias=d.get("use_conv_bias", True),
+            bias=d.get("use_bias", False),
+            dt_min=d.get("time_step_min", 1e-3),
+            dt_max=d.get("time_step_max", 1e-1),
+            dt_init_floor=d.get("time_step_floor", 1e-4),
+        )
+        if "num_heads" in d and d["num_heads"] != cfg.nheads:
+            raise ValueError(
+                f"HF config num_heads={d['num_heads']} disagrees with expand·hidden_size/head_dim = {cfg.nheads}"
+            )
+        return cfg
+
+    def to_dict(self, layout="state-spaces"):
+        """The config as a dict in the "state-spaces" (default) or "hf" layout."""
+        if layout == "state-spaces":
+            return {
+                "d_model": self.d_model,
+                "d_intermediate": 0,
+                "n_layer": self.n_layer,
+                "vocab_size": self.vocab_size,
+                "ssm_cfg": {
+                    "layer": "Mamba2",
+                    "d_state": self.d_state,
+                    "d_conv": self.d_conv,
+                    "expand": self.expand,
+                    "headdim": self.headdim,
+                    "ngroups": self.ngroups,
+                    "chunk_size": self.chunk_size,
+                    "bias": self.bias,
+                    "conv_bias": self.conv_bias,
+                    "A_init_range": [self.A_init_min, self.A_init_max],
+                    "dt_min": self.dt_min,
+                    "dt_max": self.dt_max,
+                    "dt_init_floor": self.dt_init_floor,
+                },
+                "attn_layer_idx": [],
+                "attn_cfg": {},
+                "rms_norm": True,
+                "residual_in_fp32": self.residual_in_fp32,
+                "fused_add_norm": True,
+                "pad_vocab_size_multiple": self.pad_vocab_size_multiple,
+                "tie_embeddings": self.tie_embeddings,
+                "norm_epsilon": self.norm_eps,
+            }
+        if layout == "hf":
+            return {
+                "model_type": "mamba2",
+                "architectures": ["Mamba2ForCausalLM"],
+                "hidden_size": self.d_model,
+                "num_hidden_layers": self.n_layer,
+                "vocab_size": self.padded_vocab_size,
+                "state_size": self.d_state,
+                "conv_kernel": self.d_conv,
+                "expand": self.expand,
+                "head_dim": self.headdim,
+                "num_heads": self.nheads,
+                "n_groups": self.ngroups,
+                "chunk_size": self.chunk_size,
+                "layer_norm_epsilon": self.norm_eps,
+                "tie_word_embeddings": self.tie_embeddings,
+                "residual_in_fp32": self.residual_in_fp32,
+                "use_conv_bias": self.conv_bias,
+                "use_bias": self.bias,
+                "time_step_min": self.dt_min,
+                "time_step_max": self.dt_max,
+                "time_step_floor": self.dt_init_floor,
+                "time_step_limit": [0.0, float("inf")],
+                "rms_norm": True,
+                "norm_before_gate": False,
+                "bos_token_id": 0,
+                "eos_token_id": 0,
+                "pad_token_id": 0,
+            }
+        raise ValueError(f"unknown config layout {layout!r}; use 'state-spaces' or 'hf'")
+
+    @classmethod
+    def load(cls, path):
+        """Read config.json (a file or a directory holding one), in either layout."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no config.json at {path}: a checkpoint directory needs one")
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); expected a Mamba2 config.json") from e
+        return cls.from_dict(d)
+
+    def save(self, path, layout="state-spaces"):
+        """Write config.json (indent 4, like mamba_ssm's save_pretrained)."""
+        Path(path).write_text(json.dumps(self.to_dict(layout), indent=4) + "\n", encoding="utf-8")
+
+    def replace(self, **changes):
+        known = {f.name for f in fields(self)}
+        unknown = set(changes) - known
+        if unknown:
+            raise ValueError(f"unknown Mamba2Config fields: {sorted(unknown)}")
+        return Mamba2Config(**{**asdict(self), **changes})

@@ -1,0 +1,353 @@
+"""The Mamba2 language model: embedding → n_layer × (RMSNorm → Mamba2 mixer → add) → RMSNorm → tied head.
+
+Symbols follow the glossary in `minimamba/ssd.py`; sizes are named like the config fields:
+D = d_model, E = d_inner = expand·D, H = nheads, P = headdim, N = d_state, G = ngroups, K = d_conv,
+Vp = padded vocabulary. Shapes are written (batch, seqlen, ...) = (b, l, ...).
+
+One deviation in arrangement (not in arithmetic) from mamba_ssm: its Block computes "add → norm → mixer"
+and carries the residual separately so it can fuse the add into the norm kernel; here each block is the
+textbook pre-norm residual `residual = residual + mixer(norm(residual))`, which is the same function.
+As in mamba_ssm, the residual stream is kept in float32 (`residual_in_fp32`) and both RMSNorms compute
+in float32.
+
+Two ways to run the model:
+  * `model(input_ids)` runs every token in parallel with the chunked SSD scan (training, scoring, prefill);
+  * `model.step(token_ids, cache)` runs one token with the recurrence, O(1) time and memory per token.
+`generate` prefills the prompt with the first and decodes with the second.
+"""
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from minimamba.config import Mamba2Config
+from minimamba.ssd import ssd_chunked, ssd_step
+
+log = logging.getLogger("minimamba")
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x²) + eps) · w, computed in float32, returned in `out_dtype` (default: x's)."""
+
+    def __init__(self, d, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x, out_dtype=None):
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        return y.to(out_dtype or x.dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """y = RMSNorm(y · silu(z)) · w, normalised over groups of `group_size` channels (E/G), in float32.
+
+    This is mamba_ssm's RMSNormGated with norm_before_gate=False: the gate is applied *before* the norm.
+    """
+
+    def __init__(self, d, group_size, eps=1e-5):
+        super().__init__()
+        self.eps, self.group_size = eps, group_size
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, y, z):
+        dtype = y.dtype
+        y = y.float() * F.silu(z.float())  # (..., E)
+        y = y.unflatten(-1, (-1, self.group_size))  # (..., G, E/G)
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        y = y.flatten(-2)  # (..., E)
+        return (y * self.weight.float()).to(dtype)
+
+
+@dataclass
+class InferenceCache:
+    """The whole memory of a Mamba2 LM during generation; its size does not grow with the context."""
+
+    conv: torch.Tensor  # (n_layer, b, conv_dim, K-1): the last K-1 inputs of each causal conv (pre-conv xBC)
+    ssm: torch.Tensor  # (n_layer, b, H, P, N) float32: the SSM state h of every head
+    seqlen_offset: int = 0  # tokens consumed so far
+
+    def nbytes(self):
+        return self.conv.numel() * self.conv.element_size() + self.ssm.numel() * self.ssm.element_size()
+
+
+class Mamba2Mixer(nn.Module):
+    """The Mamba2 mixer: in_proj → conv+SiLU on [x|B|C] → SSD → gated RMSNorm → out_proj."""
+
+    def __init__(self, cfg: Mamba2Config, layer_idx: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        E, H, G, N = cfg.d_inner, cfg.nheads, cfg.ngroups, cfg.d_state
+        self.in_proj = nn.Linear(cfg.d_model, cfg.in_proj_dim, bias=cfg.bias)  # rows [z | x | B | C | dt]
+        self.conv1d = nn.Conv1d(cfg.conv_dim, cfg.conv_dim, cfg.d_conv, groups=cfg.conv_dim, bias=cfg.conv_bias)
+        self.dt_bias = nn.Parameter(torch.zeros(H))
+        self.A_log = nn.Parameter(torch.zeros(H))  # A = -exp(A_log) < 0
+        self.D = nn.Parameter(torch.ones(H))
+        self.norm = GatedRMSNorm(E, group_size=E // G, eps=cfg.norm_eps)
+        self.out_proj = nn.Linear(E, cfg.d_model, bias=cfg.bias)
+        self.split_sizes = [E, cfg.conv_dim, H]  # z, xBC, dt
+        self.xBC_sizes = [E, G * N, G * N]  # x, B, C
+
+    def forward(self, u, scan, conv_state=None, ssm_state=None):
+        """u (b, l, D) -> (b, l, D). With a cache (conv_state, ssm_state), start from it and update it."""
+        cfg = self.cfg
+        b, l, _ = u.shape
+        H, P, G, N, K = cfg.nheads, cfg.headdim, cfg.ngroups, cfg.d_state, cfg.d_conv
+        z, xBC, dt = self.in_proj(u).split(self.split_sizes, dim=-1)  # (b,l,E), (b,l,conv_dim), (b,l,H)
+
+        # causal depthwise convolution over time: prepend the K-1 previous inputs (zeros at the start)
+        xBC = xBC.transpose(1, 2)  # (b, conv_dim, l)
+        history = xBC.new_zeros(b, cfg.conv_dim, K - 1) if conv_state is None else conv_state.to(xBC.dtype)
+        xBC = torch.cat([history, xBC], dim=-1)  # (b, conv_dim, K-1+l)
+        if conv_state is not None:
+            conv_state.copy_(xBC[:, :, -(K - 1):])
+        xBC = F.silu(F.conv1d(xBC, self.conv1d.weight, self.conv1d.bias, groups=cfg.conv_dim))  # (b, conv_dim, l)
+        x, B, C = xBC.transpose(1, 2).split(self.xBC_sizes, dim=-1)  # (b,l,E), (b,l,GN), (b,l,GN)
+
+        dt = F.softplus(dt.float() + self.dt_bias.float())  # (b, l, H), positive
+        A = -torch.exp(self.A_log.float())  # (H,), negative; in float32 so fp16 weights cannot make it -inf
+        y, final_state = scan(
+            x.reshape(b, l, H, P), dt, A, B.reshape(b, l, G, N), C.reshape(b, l, G, N),
+            D=self.D, initial_state=ssm_state,
+        )  # (b, l, H, P), (b, H, P, N)
+        if ssm_state is not None:
+            ssm_state.copy_(final_state)
+        y = self.norm(y.reshape(b, l, H * P), z)  # (b, l, E)
+        return self.out_proj(y)  # (b, l, D)
+
+    def step(self, u, conv_state, ssm_state):
+        """One token: u (b, D) -> (b, D), updating conv_state (b, conv_dim, K-1) and ssm_state (b, H, P, N)."""
+        cfg = self.cfg
+        H, P, G, N = cfg.nheads, cfg.headdim, cfg.ngroups, cfg.d_state
+        z, xBC, dt = self.in_proj(u).split(self.split_sizes, dim=-1)  # (b,E), (b,conv_dim), (b,H)
+
+        window = torch.cat([conv_state, xBC[:, :, None].to(conv_state.dtype)], dim=-1)  # (b, conv_dim, K)
+        conv_state.copy_(window[:, :, 1:])
+        xBC = (window * self.conv1d.weight[:, 0]).sum(-1)  # (b, conv_dim): the last output of the conv
+        if self.conv1d.bias is not None:
+            xBC = xBC + self.conv1d.bias
+        x, B, C = F.silu(xBC).to(u.dtype).split(self.xBC_sizes, dim=-1)  # (b,E), (b,GN), (b,GN)
+
+        dt = F.softplus(dt.float() + self.dt_bias.float())  # (b, H)
+        A = -torch.exp(self.A_log.float())  # (H,)
+        y, h = ssd_step(ssm_state, x.view(-1, H, P), dt, A, B.view(-1, G, N), C.view(-1, G, N), D=self.D)
+        ssm_state.copy_(h)  # (b, H, P, N)
+        y = self.norm(y.reshape(-1, H * P), z)  # (b, E)
+        return self.out_proj(y)  # (b, D)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: residual + mixer(RMSNorm(residual))."""
+
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = Mamba2Mixer(cfg, layer_idx)
+
+
+class Mamba2LM(nn.Module):
+    """Mamba2 language model. `backend` picks the SSD scan used by `forward`:
+
+    "torch"  the chunked PyTorch reference (`minimamba.ssd.ssd_chunked`), any device;
+    "triton" the hand-written Triton kernel (`kernels.ssd_chunk_scan`), CUDA (or CPU under TRITON_INTERPRET=1);
+    "auto"   "triton" for CUDA tensors, "torch" otherwise. The choice is logged and `scan_backend()` reports it;
+             a missing Triton on CUDA is an error, never a silent fallback.
+    """
+
+    def __init__(self, config: Mamba2Config, backend="auto"):
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown scan backend {backend!r}; choose one of {BACKENDS}")
+        self.config, self.backend = config, backend
+        self.scan_chunk_size = config.chunk_size  # free parameter: the result does not depend on it
+        self.gradient_checkpointing = False
+        self._logged_backend = None
+        self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm_f = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embedding.weight
+        self.reset_parameters()
+
+    # initialisation (mamba_ssm's, for training from scratch) ---------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self, seed=None):
+        cfg = self.config
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        nn.init.normal_(self.embedding.weight, std=cfg.initializer_range, generator=gen)
+        if not cfg.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=cfg.initializer_range, generator=gen)
+        for block in self.layers:
+            m = block.mixer
+            for lin in (m.in_proj, m.out_proj):  # PyTorch's Linear default: U(±1/sqrt(fan_in))
+                nn.init.kaiming_uniform_(lin.weight, a=math.sqrt(5), generator=gen)
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
+            bound = 1 / math.sqrt(cfg.d_conv)  # PyTorch's Conv1d default, fan_in = 1·K
+            nn.init.uniform_(m.conv1d.weight, -bound, bound, generator=gen)
+            if m.conv1d.bias is not None:
+                nn.init.uniform_(m.conv1d.bias, -bound, bound, generator=gen)
+            # dt = softplus(dt_bias) log-uniform in [dt_min, dt_max]: dt_bias = softplus⁻¹(dt) = dt + log(1 - e^-dt)
+            u = torch.rand(cfg.nheads, generator=gen)
+            dt = torch.exp(u * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
+            dt = dt.clamp(min=cfg.dt_init_floor)
+            m.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            A = torch.empty(cfg.nheads).uniform_(cfg.A_init_min, cfg.A_init_max, generator=gen)
+            m.A_log.copy_(torch.log(A))
+            m.D.fill_(1.0)
+            m.norm.weight.fill_(1.0)
+            block.norm.weight.fill_(1.0)
+            # out_proj writes into the residual stream: scale by 1/sqrt(n_layer) (GPT-2's rule)
+            m.out_proj.weight /= math.sqrt(cfg.n_layer)
+        self.norm_f.weight.fill_(1.0)
+
+    # the scan backend -----------------------------------------------------------------------------
+    def scan_backend(self, device=None):
+        """The backend `forward` uses for tensors on `device` (default: the model's device)."""
+        device = torch.device(device) if device is not None else self.embedding.weight.device
+        if self.backend != "auto":
+            return self.backend
+        return "triton" if device.type == "cuda" else "torch"
+
+    def _scan(self, device):
+        name = self.scan_backend(device)
+        if name != self._logged_backend:
+            why = "requested" if self.backend != "auto" else f"auto on {device.type}"
+            log.info("minimamba: SSD scan backend = %s (%s)", name, why)
+            self._logged_backend = name
+        Q = self.scan_chunk_size
+        if name == "torch":
+            return lambda *a, **kw: ssd_chunked(*a, **kw, chunk_size=Q)
+        try:
+            from kernels import ssd_chunk_scan
+        except ImportError as e:
+            raise RuntimeError(
+                f"the 'triton' scan backend needs Triton ({e}). Install it (pip install triton) "
+                "or build the model with backend='torch'."
+            ) from e
+        return lambda x, dt, A, B, C, D=None, initial_state=None: ssd_chunk_scan(
+            x, dt, A, B, C, Q, D=D, initial_state=initial_state, return_final_state=True
+        )
+
+    # forward, step, generate ---------------------------------------------------------------------
+    def forward(self, input_ids, cache: InferenceCache = None, num_last_tokens=0):
+        """input_ids (b, l) -> logits (b, l, Vp) (only the last `num_last_tokens` positions if > 0).
+
+        With `cache`, the scan starts from the cached state and leaves the new state in it (prefill).
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seqlen), got shape {tuple(input_ids.shape)}")
+        scan = self._scan(input_ids.device)
+        residual = self.embedding(input_ids)  # (b, l, D)
+        dtype = residual.dtype
+        if self.config.residual_in_fp32:
+            residual = residual.float()
+        for i, block in enumerate(self.layers):
+            states = (cache.conv[i], cache.ssm[i]) if cache is not None else (None, None)
+            if self.gradient_checkpointing and self.training and cache is None:
+                out = checkpoint(self._block, block, residual, dtype, scan, use_reentrant=False)
+            else:
+                out = self._block(block, residual, dtype, scan, *states)
+            residual = residual + out.to(residual.dtype)  # (b, l, D)
+        if cache is not None:
+            cache.seqlen_offset += input_ids.shape[1]
+        if num_last_tokens > 0:
+            residual = residual[:, -num_last_tokens:]
+        return self.lm_head(self.norm_f(residual, out_dtype=dtype))  # (b, l, Vp)
+
+    @staticmethod
+    def _block(block, residual, dtype, scan, conv_state=None, ssm_state=None):
+        return block.mixer(block.norm(residual, out_dtype=dtype), scan, conv_state, ssm_state)
+
+    def allocate_cache(self, batch_size, device=None, dtype=None):
+        """An empty (all-zero) inference cache for `batch_size` sequences."""
+        cfg = self.config
+        device = device or self.embedding.weight.device
+        dtype = dtype or self.embedding.weight.dtype
+        conv = torch.zeros(cfg.n_layer, batch_size, cfg.conv_dim, cfg.d_conv - 1, device=device, dtype=dtype)
+        ssm = torch.zeros(cfg.n_layer, batch_size, cfg.nheads, cfg.headdim, cfg.d_state, device=device,
+                          dtype=torch.float32)
+        return InferenceCache(conv, ssm)
+
+    @torch.no_grad()
+    def step(self, token_ids, cache: InferenceCache):
+        """One decoding step: token_ids (b,) -> logits (b, Vp), advancing `cache` by one token."""
+        residual = self.embedding(token_ids)  # (b, D)
+        dtype = residual.dtype
+        if self.config.residual_in_fp32:
+            residual = residual.float()
+        for i, block in enumerate(self.layers):
+            out = block.mixer.step(block.norm(residual, out_dtype=dtype), cache.conv[i], cache.ssm[i])
+            residual = residual + out.to(residual.dtype)  # (b, D)
+        cache.seqlen_offset += 1
+        return self.lm_head(self.norm_f(residual, out_dtype=dtype))  # (b, Vp)
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
+                 eos_token_id=None, seed=None):
+        """Prefill the prompt, then decode `max_new_tokens` tokens one step at a time.
+
+        input_ids (b, l) -> (b, l + new) ids. Greedy when temperature == 0. Sampling only ever picks
+        real tokens (ids < vocab_size), never the padding rows of the embedding. After a sequence emits
+        `eos_token_id` it is padded with it; generation stops early once every sequence has.
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        b = input_ids.shape[0]
+        cache = self.allocate_cache(b, device=input_ids.device)
+        logits = self(input_ids, cache=cache, num_last_tokens=1)[:, -1]  # (b, Vp)
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=input_ids.device).manual_seed(seed)
+        done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+        out = [input_ids]
+        for i in range(max_new_tokens):
+            logits = logits[:, : self.config.vocab_size]
+            tok = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)  # (b,)
+            if eos_token_id is not None:
+                tok = torch.where(done, torch.full_like(tok, eos_token_id), tok)
+                done |= tok == eos_token_id
+            out.append(tok[:, None])
+            if (eos_token_id is not None and bool(done.all())) or i == max_new_tokens - 1:
+                break
+            logits = self.step(tok, cache)
+        return torch.cat(out, dim=1)  # (b, l + new)
+
+    def num_params(self, non_embedding=False):
+        n = sum(p.numel() for p in self.parameters())  # a tied head is counted once
+        return n - self.embedding.weight.numel() if non_embedding else n
+
+
+def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """Pick one id per row of logits (b, V). temperature 0 = argmax; top_k / top_p restrict the support
+    to the k most likely ids / the smallest set whose probability reaches top_p, before sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    logits = logits.float() / temperature
+    if top_k is not None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (b, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)  # (b, V)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = torch.cumsum(probs, dim=-1) - probs  # probability of the ids ranked above
+        drop_sorted = mass_before >= top_p  # keep ids until the kept mass reaches top_p (always the top one)
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
