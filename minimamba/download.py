@@ -1,0 +1,201 @@
+"""Downloads with a cache, a progress bar and resume. Standard library (urllib) + tqdm only.
+
+    download(url, dest)                 one file -> dest, via dest.part (resumed with an HTTP Range request)
+    hub_file(repo_id, filename)         one file of a Hugging Face Hub repo, cached under cache_dir()
+
+Environment variables:
+    HF_ENDPOINT       the Hub's address (default https://huggingface.co), e.g. a mirror or a local server
+    HF_TOKEN          sent as "Authorization: Bearer ..." to HF_ENDPOINT only (gated or private repos)
+    HF_HUB_OFFLINE=1  never touch the network; hub_file() only returns files already in the cache
+    MINIMAMBA_CACHE   where hub files are cached (default $HF_HOME/minimamba, HF_HOME default ~/.cache/huggingface)
+
+A download first writes `dest.part`. If it is interrupted, the next call asks the server for the
+remaining bytes only ("Range: bytes=N-"): a 206 answer continues the .part, a 200 answer (server
+ignores Range) starts it over, a 416 answer means the .part is already complete. Only a complete
+(and, when asked, size- and sha256-checked) file is renamed to `dest`, so `dest` is never half-written.
+Two processes must not download the same file at the same time (with several ranks, let rank 0 do it first).
+"""
+
+import hashlib
+import os
+import socket
+import ssl
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from http.client import HTTPException
+from pathlib import Path
+
+from tqdm import tqdm
+
+CONNECT_TIMEOUT = 5.0  # seconds to wait for a TCP connection before declaring the host unreachable
+RETRY_WAIT = 1.0  # seconds before the first retry; doubles after each failed try
+TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}  # worth retrying; any other HTTP error is final
+CHUNK = 1 << 20
+
+
+class DownloadError(RuntimeError):
+    """A download failed for good; the message names the URL, the error and what to do."""
+
+
+def endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def cache_dir() -> Path:
+    if os.environ.get("MINIMAMBA_CACHE"):
+        return Path(os.environ["MINIMAMBA_CACHE"]).expanduser()
+    hf_home = os.environ.get("HF_HOME", "~/.cache/huggingface")
+    return Path(hf_home).expanduser() / "minimamba"
+
+
+def hub_file(repo_id: str, filename: str, revision: str = "main", **kwargs) -> Path:
+    """Path of `filename` from Hub repo `repo_id` (datasets: "datasets/owner/name"), downloaded on first use.
+
+    Cached at cache_dir()/owner--name/revision/filename; a cached file is returned without any request.
+    kwargs go to download() (e.g. sha256=...).
+    """
+    dest = cache_dir() / repo_id.replace("/", "--") / revision / filename
+    if dest.exists():
+        return dest
+    url = f"{endpoint()}/{repo_id}/resolve/{urllib.parse.quote(revision, safe='')}/{urllib.parse.quote(filename)}"
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise DownloadError(
+            f"HF_HUB_OFFLINE is set and {repo_id}/{filename} is not in the cache.\n"
+            f"  Put the file at {dest} (it is fetched from {url}), or unset HF_HUB_OFFLINE."
+        )
+    return download(url, dest, desc=f"{repo_id}/{filename}", **kwargs)
+
+
+def download(
+    url: str,
+    dest: Path,
+    *,
+    desc: str | None = None,
+    expected_size: int | None = None,
+    sha256: str | None = None,
+    timeout: float = 30,
+    retries: int = 4,
+) -> Path:
+    """Download `url` to `dest` (returned at once if `dest` exists) and return `dest`.
+
+    Resumes from `dest.part` when one is left over. Transient errors (dropped connections, read
+    timeouts, HTTP 5xx/429) are retried `retries` times with exponential backoff, each try resuming
+    where the last one stopped. `timeout` is the read timeout in seconds; an unreachable host fails
+    after CONNECT_TIMEOUT seconds without retries.
+    """
+    dest = Path(dest)
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_suffix(dest.suffix + ".part")
+    _check_reachable(url, dest)
+    for attempt in range(retries + 1):
+        try:
+            _fetch(url, part, desc or dest.name, timeout)
+            break
+        except urllib.error.HTTPError as e:
+            if e.code not in TRANSIENT_HTTP or attempt == retries:
+                raise DownloadError(_http_advice(url, e)) from e
+        except (OSError, HTTPException) as e:  # dropped connection, read timeout, reset, truncated body
+            reason = getattr(e, "reason", e)  # urllib wraps connection errors in URLError(reason)
+            if isinstance(reason, ssl.SSLCertVerificationError):  # not transient: do not retry
+                raise DownloadError(
+                    f"downloading {url} failed: {reason}\n"
+                    "  Behind a proxy that re-signs HTTPS? Point SSL_CERT_FILE at its certificate bundle."
+                ) from e
+            if attempt == retries:
+                raise DownloadError(
+                    f"downloading {url} failed after {retries + 1} tries: {reason!r}\n"
+                    f"  The bytes so far are kept in {part}; run again to resume."
+                ) from e
+        time.sleep(RETRY_WAIT * 2**attempt)
+    _verify(part, url, expected_size, sha256)
+    os.replace(part, dest)  # atomic: dest appears complete or not at all
+    return dest
+
+
+def _fetch(url: str, part: Path, desc: str, timeout: float) -> None:
+    """One try: append the missing bytes of `url` to `part` (or rewrite it if the server ignores Range)."""
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"User-Agent": "minimamba"})
+    token = os.environ.get("HF_TOKEN")
+    if token and url.startswith(endpoint() + "/"):
+        # an "unredirected" header is not forwarded when the Hub redirects to its file storage
+        request.add_unredirected_header("Authorization", f"Bearer {token}")
+    if have:
+        request.add_header("Range", f"bytes={have}-")
+    try:
+        # a fresh opener reads the proxy settings (http_proxy, no_proxy, ...) from the environment now
+        response = urllib.request.build_opener().open(request, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code != 416 or not have:
+            raise
+        # 416 Range Not Satisfiable: nothing after byte `have`. The .part is complete if the server's
+        # size ("Content-Range: bytes */SIZE") agrees; otherwise it is corrupt: drop it and start over.
+        size = (e.headers.get("Content-Range") or "").rpartition("/")[2]
+        if not (size.isdigit() and int(size) == have):
+            part.unlink()
+            raise ConnectionError(f"{part.name} is larger than the file on the server; starting over") from e
+        return
+    with response:
+        if have and response.status != 206:  # the server ignored Range and sends the whole file
+            have = 0
+        length = response.headers.get("Content-Length")
+        remaining = int(length) if length is not None else None
+        total = have + remaining if remaining is not None else None
+        written = 0
+        with open(part, "ab" if have else "wb") as f, tqdm(
+            total=total, initial=have, desc=desc, unit="B", unit_scale=True, unit_divisor=1024
+        ) as bar:
+            while chunk := response.read(CHUNK):
+                f.write(chunk)
+                written += len(chunk)
+                bar.update(len(chunk))
+    if remaining is not None and written < remaining:
+        raise ConnectionError(f"connection closed after {written} of {remaining} bytes")  # retried, resuming
+
+
+def _check_reachable(url: str, dest: Path) -> None:
+    """Fail in seconds, not minutes, when there is no route to the host (or to the proxy, if one is set)."""
+    parts = urllib.parse.urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
+        parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=CONNECT_TIMEOUT).close()
+    except OSError as e:
+        raise DownloadError(
+            f"cannot reach {parts.hostname}:{port} to download {url}: {e!r}\n"
+            f"  No internet? Download the file on a machine that has it and copy it to {dest}\n"
+            f"  (or pass a local path instead of a name), or set HF_ENDPOINT to a reachable mirror."
+        ) from e
+
+
+def _http_advice(url: str, e: urllib.error.HTTPError) -> str:
+    message = f"downloading {url} failed: HTTP {e.code} {e.reason}"
+    if e.code in (401, 403):
+        return message + "\n  A gated or private repository? Accept its terms on the Hub and set HF_TOKEN."
+    if e.code == 404:
+        return message + "\n  Check the repository id, the file name and the revision."
+    return message
+
+
+def _verify(part: Path, url: str, expected_size: int | None, sha256: str | None) -> None:
+    size = part.stat().st_size
+    if expected_size is not None and size != expected_size:
+        part.unlink()
+        raise DownloadError(f"{url}: got {size} bytes, expected {expected_size}; deleted it, run again to retry.")
+    if sha256 is not None:
+        digest = hashlib.sha256()
+        with open(part, "rb") as f:
+            while block := f.read(CHUNK):
+                digest.update(block)
+        if digest.hexdigest() != sha256.lower():
+            part.unlink()
+            raise DownloadError(
+                f"{url}: sha256 {digest.hexdigest()} does not match the expected {sha256}; "
+                "deleted it, run again to retry."
+            )

@@ -1,0 +1,192 @@
+"""minimamba.download against a real HTTP server on 127.0.0.1 (no internet needed)."""
+
+import hashlib
+import os
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from minimamba import download as dl
+from minimamba.download import DownloadError, download, hub_file
+
+PAYLOAD = bytes(range(256)) * 1000  # 256,000 bytes: several read chunks' worth after a cut
+
+
+class FileServer(ThreadingHTTPServer):
+    """Serves `files` (URL path -> bytes) with Range support, and records what it was asked.
+
+    ignore_range: paths answered with 200 and the whole file even when a Range is asked.
+    drop_after:   path -> n: the next answer for that path sends n bytes of its body, then hangs up.
+    """
+
+    daemon_threads = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.files, self.ignore_range, self.drop_after = {}, set(), {}
+        self.requests = []  # (path, Range header or None, Authorization header or None)
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        server = self.server
+        asked = self.headers.get("Range")
+        server.requests.append((self.path, asked, self.headers.get("Authorization")))
+        body = server.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        start = 0
+        if asked and self.path not in server.ignore_range:
+            start = int(asked.removeprefix("bytes=").removesuffix("-"))
+            if start >= len(body):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(body)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        cut = server.drop_after.pop(self.path, None)
+        self.wfile.write(body[start:] if cut is None else body[start : start + cut])
+        # HTTP/1.0: the connection closes when this returns, so a cut body ends early
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server(monkeypatch, tmp_path):
+    for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(dl, "RETRY_WAIT", 0.0)
+    srv = FileServer()
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    monkeypatch.setenv("HF_ENDPOINT", srv.url)
+    monkeypatch.setenv("MINIMAMBA_CACHE", str(tmp_path / "cache"))
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_endpoint_and_cache_dir_defaults(monkeypatch, tmp_path):
+    for name in ("HF_ENDPOINT", "MINIMAMBA_CACHE", "HF_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    assert dl.endpoint() == "https://huggingface.co"
+    assert str(dl.cache_dir()).endswith(os.path.join(".cache", "huggingface", "minimamba"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    assert dl.cache_dir() == tmp_path / "minimamba"
+    monkeypatch.setenv("MINIMAMBA_CACHE", str(tmp_path / "c"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://mirror.example/")
+    assert dl.cache_dir() == tmp_path / "c" and dl.endpoint() == "http://mirror.example"
+
+
+def test_hub_file_downloads_once_then_hits_the_cache(server, monkeypatch, tmp_path):
+    server.files["/org/model/resolve/main/config.json"] = PAYLOAD
+    monkeypatch.setenv("HF_TOKEN", "secret")
+    path = hub_file("org/model", "config.json")
+    assert path == tmp_path / "cache" / "org--model" / "main" / "config.json"
+    assert path.read_bytes() == PAYLOAD
+    assert not path.with_suffix(".json.part").exists()
+    assert server.requests == [("/org/model/resolve/main/config.json", None, "Bearer secret")]
+    assert hub_file("org/model", "config.json") == path  # cached: no second request
+    assert len(server.requests) == 1
+
+
+def test_checks_size_and_sha256(server, tmp_path):
+    server.files["/f"] = PAYLOAD
+    good = hashlib.sha256(PAYLOAD).hexdigest()
+    assert download(f"{server.url}/f", tmp_path / "a", expected_size=len(PAYLOAD), sha256=good).exists()
+    with pytest.raises(DownloadError, match="sha256"):
+        download(f"{server.url}/f", tmp_path / "b", sha256="0" * 64)
+    with pytest.raises(DownloadError, match="expected 5"):
+        download(f"{server.url}/f", tmp_path / "c", expected_size=5)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "b.part").exists()
+
+
+def test_interrupted_download_resumes_from_the_part_file(server, tmp_path):
+    server.files["/big.bin"] = PAYLOAD
+    server.drop_after["/big.bin"] = 100_000
+    dest = tmp_path / "big.bin"
+    with pytest.raises(DownloadError, match="resume") as err:
+        download(f"{server.url}/big.bin", dest, retries=0)
+    assert f"{server.url}/big.bin" in str(err.value)
+    part = tmp_path / "big.bin.part"
+    assert part.stat().st_size == 100_000 and not dest.exists()
+
+    download(f"{server.url}/big.bin", dest)
+    assert dest.read_bytes() == PAYLOAD and not part.exists()
+    assert server.requests[-1][:2] == ("/big.bin", "bytes=100000-")
+
+
+def test_retries_resume_within_one_call(server, tmp_path):
+    server.files["/big.bin"] = PAYLOAD
+    server.drop_after["/big.bin"] = 12_345
+    assert download(f"{server.url}/big.bin", tmp_path / "big.bin").read_bytes() == PAYLOAD
+    assert [r[1] for r in server.requests] == [None, "bytes=12345-"]
+
+
+def test_server_ignoring_range_restarts_the_file(server, tmp_path):
+    server.files["/f"] = PAYLOAD
+    server.ignore_range.add("/f")
+    (tmp_path / "f.part").write_bytes(b"stale bytes that must not stay in front")
+    assert download(f"{server.url}/f", tmp_path / "f").read_bytes() == PAYLOAD
+    assert server.requests[-1][1] == "bytes=39-"  # asked to resume, got 200 and the whole file
+
+
+def test_complete_part_file_answered_416_is_kept(server, tmp_path):
+    server.files["/f"] = PAYLOAD
+    (tmp_path / "f.part").write_bytes(PAYLOAD)
+    assert download(f"{server.url}/f", tmp_path / "f").read_bytes() == PAYLOAD
+    assert server.requests == [("/f", f"bytes={len(PAYLOAD)}-", None)]
+
+
+def test_404_is_a_clear_error(server):
+    with pytest.raises(DownloadError, match="HTTP 404") as err:
+        hub_file("org/missing", "model.safetensors")
+    assert "/org/missing/resolve/main/model.safetensors" in str(err.value)
+    assert "repository id" in str(err.value)
+    assert len(server.requests) == 1  # a 404 is not retried
+
+
+def test_unreachable_host_fails_fast(monkeypatch, tmp_path):
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("MINIMAMBA_CACHE", str(tmp_path))
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    start = time.monotonic()
+    with pytest.raises(DownloadError, match="No internet") as err:
+        hub_file("state-spaces/mamba2-370m", "config.json")
+    assert time.monotonic() - start < 5
+    message = str(err.value)
+    assert f"127.0.0.1:{port}/state-spaces/mamba2-370m/resolve/main/config.json" in message
+    assert "HF_ENDPOINT" in message
+
+
+def test_offline_mode_never_touches_the_network(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("MINIMAMBA_CACHE", str(tmp_path))
+    with pytest.raises(DownloadError, match="HF_HUB_OFFLINE") as err:
+        hub_file("org/model", "config.json")
+    assert str(tmp_path / "org--model" / "main" / "config.json") in str(err.value)
+    cached = tmp_path / "org--model" / "main" / "config.json"
+    cached.parent.mkdir(parents=True)
+    cached.write_text("{}")
+    assert hub_file("org/model", "config.json") == cached
