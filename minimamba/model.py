@@ -322,6 +322,12 @@ class Mamba2LM(nn.Module):
             logits = self.step(tok, cache)
         return torch.cat(out, dim=1)  # (b, l + new)
 
+    def save_pretrained(self, directory):
+        """Write config.json + pytorch_model.bin in the state-spaces layout (see `minimamba.hub`)."""
+        from minimamba.hub import save_pretrained
+
+        return save_pretrained(self, directory)
+
     def num_params(self, non_embedding=False):
         n = sum(p.numel() for p in self.parameters())  # a tied head is counted once
         return n - self.embedding.weight.numel() if non_embedding else n

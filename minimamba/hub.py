@@ -1,0 +1,163 @@
+"""Checkpoint I/O: load the public Mamba2 checkpoints (or our own), save in the same layout.
+
+A checkpoint directory holds `config.json` and the weights. Two layouts are read:
+
+    state-spaces (mamba_ssm, the public state-spaces/mamba2-* repos)   HF transformers (Mamba2ForCausalLM)
+    config.json with d_model, n_layer, ssm_cfg, ...                    config.json with hidden_size, ...
+    pytorch_model.bin                                                  model.safetensors or pytorch_model.bin
+    backbone.embedding.weight                                          backbone.embeddings.weight
+
+Every other key is the same in both: backbone.layers.{i}.norm.weight, backbone.layers.{i}.mixer.
+{in_proj.weight, conv1d.weight, conv1d.bias, dt_bias, A_log, D, norm.weight, out_proj.weight},
+backbone.norm_f.weight and lm_head.weight (absent from some tied exports: then it is tied).
+We save the state-spaces layout, so mamba_ssm's own loader reads our checkpoints too.
+"""
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+from minimamba.config import Mamba2Config
+from minimamba.model import Mamba2LM
+
+WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint whose keys or shapes do not fit the model its config describes."""
+
+
+# mamba_ssm key  <->  minimamba module path
+def _to_minimamba(key):
+    key = re.sub(r"^model\.", "", key)  # some converted exports carry a "model." prefix
+    key = key.replace("backbone.embeddings.", "backbone.embedding.")  # HF naming
+    return key.replace("backbone.embedding.", "embedding.").replace("backbone.", "")
+
+
+def _to_state_spaces(key):
+    if key.startswith("lm_head."):
+        return key
+    return "backbone." + key
+
+
+def resolve(name_or_path):
+    """A local checkpoint directory for `name_or_path`: an existing path, or a Hub repo id downloaded
+    (config.json + weights) into the cache."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if path.is_file():  # a config.json or a weights file: use its directory
+            path = path.parent
+        return path
+    if not re.fullmatch(r"[\w.\-]+/[\w.\-]+", str(name_or_path)):
+        raise FileNotFoundError(
+            f"{name_or_path!r} is neither an existing checkpoint directory nor a Hub repo id like "
+            "'state-spaces/mamba2-130m'"
+        )
+    from minimamba.download import DownloadError, hub_file
+
+    config_path = hub_file(name_or_path, "config.json")
+    errors = []
+    for name in WEIGHT_FILES:
+        try:
+            hub_file(name_or_path, name)
+            return config_path.parent
+        except DownloadError as e:
+            errors.append(str(e))
+    raise DownloadError(f"could not download weights of {name_or_path} ({' / '.join(WEIGHT_FILES)}):\n"
+                        + "\n".join(errors))
+
+
+def load_state_dict(directory):
+    """Read the weights of a checkpoint directory (safetensors or a weights_only torch pickle)."""
+    directory = Path(directory)
+    for name in WEIGHT_FILES:
+        path = directory / name
+        if not path.is_file():
+            continue
+        try:
+            if name.endswith(".safetensors"):
+                try:
+                    from safetensors.torch import load_file
+                except ImportError as e:
+                    raise ImportError(f"{path} needs the safetensors package: pip install safetensors") from e
+                return load_file(str(path))
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except ImportError:
+            raise
+        except Exception as e:  # truncated download, not a checkpoint, ...
+            raise CheckpointError(
+                f"could not read {path}: {type(e).__name__}: {e}. The file is corrupt or not a PyTorch "
+                "state dict; delete it and download it again."
+            ) from e
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise CheckpointError(f"{path} does not hold a flat state dict of tensors")
+        return sd
+    raise FileNotFoundError(f"no weights in {directory}: expected one of {', '.join(WEIGHT_FILES)}")
+
+
+def from_pretrained(name_or_path, dtype=None, device=None, backend="auto"):
+    """Build a Mamba2LM from a Hub repo id (e.g. 'state-spaces/mamba2-370m') or a local directory.
+
+    The weights are cast to `dtype` (default: torch's default dtype, float32) and moved to `device`.
+    Any mismatch between the checkpoint and its config raises one CheckpointError listing every
+    missing key, unexpected key and wrong shape.
+    """
+    directory = resolve(name_or_path)
+    config = Mamba2Config.load(directory)
+    sd = {_to_minimamba(k): v for k, v in load_state_dict(directory).items()}
+    with torch.device("meta"):
+        model = Mamba2LM(config, backend=backend)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if config.tie_embeddings:
+        if "lm_head.weight" in sd and not torch.equal(sd["lm_head.weight"], sd.get("embedding.weight")):
+            raise CheckpointError(f"{directory}: config ties the embeddings but lm_head.weight differs from "
+                                  "the embedding; set tie_embeddings=false in config.json")
+        sd.pop("lm_head.weight", None)
+        expected.pop("lm_head.weight", None)
+    problems = [f"missing key {k} {tuple(s)}" for k, s in expected.items() if k not in sd]
+    problems += [f"unexpected key {k} {tuple(v.shape)}" for k, v in sd.items() if k not in expected]
+    problems += [
+        f"wrong shape for {k}: checkpoint {tuple(sd[k].shape)}, config expects {tuple(s)}"
+        for k, s in expected.items() if k in sd and sd[k].shape != s
+    ]
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {directory} does not match its config.json "
+            f"(d_model={config.d_model}, n_layer={config.n_layer}, d_state={config.d_state}, "
+            f"headdim={config.headdim}, ngroups={config.ngroups}, vocab={config.padded_vocab_size}):\n  "
+            + "\n  ".join(problems)
+        )
+    dtype = dtype or torch.get_default_dtype()
+    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embedding.weight
+    return model.to(device) if device is not None else model
+
+
+def _atomic_write(path, write):
+    """Write a file by writing a temporary sibling and renaming it, so a kill leaves the old file or
+    the new one, never half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_pretrained(model, directory):
+    """Write config.json and pytorch_model.bin in the state-spaces layout (each file atomically)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    sd = {_to_state_spaces(k): v.detach().cpu() for k, v in model.state_dict().items()}
+    # mamba_ssm's strict loader expects lm_head.weight even when tied; torch.save stores the shared tensor once
+    sd.setdefault("lm_head.weight", sd["backbone.embedding.weight"])
+    _atomic_write(directory / "pytorch_model.bin", lambda tmp: torch.save(sd, tmp))
+    _atomic_write(directory / "config.json", lambda tmp: model.config.save(tmp))
+    return directory
