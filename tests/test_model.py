@@ -1,0 +1,265 @@
+"""Mamba2LM against an independent implementation (HF transformers, test-only), the recurrent step
+against the parallel forward, checkpoint I/O and its errors, and sampling."""
+
+import json
+
+import pytest
+import torch
+
+from minimamba import Mamba2Config, Mamba2LM, from_pretrained
+from minimamba.hub import CheckpointError, save_pretrained
+from minimamba.model import sample
+
+transformers = pytest.importorskip("transformers", reason="HF transformers is the test-only oracle for Mamba2")
+
+
+def tiny_config(**kw):
+    base = dict(d_model=64, n_layer=2, vocab_size=1000, d_state=16, headdim=16, ngroups=2, chunk_size=32)
+    return Mamba2Config(**{**base, **kw})
+
+
+def randomize_(model, seed=0):
+    """Give every parameter a non-trivial value (norm weights ≠ 1, D ≠ 1, varied dt_bias and A)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("A_log", "dt_bias", ".D")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.7)
+            elif "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_pair(tmp_path_factory):
+    """A random HF Mamba2ForCausalLM and the same weights saved in the state-spaces layout."""
+    cfg = tiny_config()
+    hf_cfg = transformers.Mamba2Config(**cfg.to_dict("hf"))
+    torch.manual_seed(0)
+    hf = randomize_(transformers.Mamba2ForCausalLM(hf_cfg)).eval()
+    d = tmp_path_factory.mktemp("state_spaces_ckpt")
+    sd = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in hf.state_dict().items()}
+    torch.save(sd, d / "pytorch_model.bin")
+    (d / "config.json").write_text(json.dumps(cfg.to_dict("state-spaces")))
+    return hf, d
+
+
+def test_logits_equal_hf_transformers(hf_pair):
+    hf, ckpt = hf_pair
+    model = from_pretrained(ckpt).eval()
+    assert model.scan_backend() == "torch"
+    ids = torch.randint(0, 1000, (2, 77))  # 77 is not a multiple of the chunk size 32
+    with torch.no_grad():
+        ref = hf(ids).logits
+        out = model(ids)
+    assert out.shape == ref.shape == (2, 77, 1008)
+    err = (out - ref).abs().max().item()
+    assert err <= 1e-4, f"max |Δlogits| = {err:.3g}"
+
+
+def test_hf_layout_directory_loads_too(hf_pair, tmp_path):
+    hf, ckpt = hf_pair
+    hf.save_pretrained(tmp_path)  # model.safetensors + HF config.json, embeddings key, maybe no lm_head
+    model = from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 1000, (1, 40))
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_greedy_generation_equals_hf_token_for_token(hf_pair):
+    hf, ckpt = hf_pair
+    model = from_pretrained(ckpt).eval()
+    prompt = torch.randint(0, 1000, (2, 13))
+    ours = model.generate(prompt, max_new_tokens=32)
+    with torch.no_grad():
+        ref = hf.generate(prompt, max_new_tokens=32, do_sample=False, min_new_tokens=32,
+                          attention_mask=torch.ones_like(prompt))
+    assert ours.shape == (2, 45)
+    assert torch.equal(ours, ref), f"first difference at {(ours != ref).nonzero()[:1].tolist()}"
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(1)
+    return randomize_(Mamba2LM(tiny_config(chunk_size=8)), seed=1).eval()
+
+
+def test_step_by_step_equals_full_forward(model):
+    ids = torch.randint(0, 1000, (2, 20))
+    with torch.no_grad():
+        full = model(ids)
+    cache = model.allocate_cache(2)
+    steps = torch.stack([model.step(ids[:, t], cache) for t in range(20)], dim=1)
+    assert cache.seqlen_offset == 20
+    assert (steps - full).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("split", range(1, 20))
+def test_prefill_then_step_equals_full_forward_at_every_split(model, split):
+    ids = torch.randint(0, 1000, (2, 20), generator=torch.Generator().manual_seed(split))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.allocate_cache(2)
+        prefill = model(ids[:, :split], cache=cache)
+    assert (prefill - full[:, :split]).abs().max().item() <= 1e-5
+    steps = torch.stack([model.step(ids[:, t], cache) for t in range(split, 20)], dim=1)
+    assert (steps - full[:, split:]).abs().max().item() <= 1e-4
+
+
+def test_prefill_in_pieces_equals_one_prefill(model):
+    ids = torch.randint(0, 1000, (1, 30))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.allocate_cache(1)
+        pieces = torch.cat([model(ids[:, a:b], cache=cache) for a, b in ((0, 2), (2, 17), (17, 30))], dim=1)
+    assert (pieces - full).abs().max().item() <= 1e-4
+
+
+def test_cache_is_constant_size(model):
+    cfg = model.config
+    cache = model.allocate_cache(3)
+    assert cache.conv.shape == (cfg.n_layer, 3, cfg.conv_dim, cfg.d_conv - 1)
+    assert cache.ssm.shape == (cfg.n_layer, 3, cfg.nheads, cfg.headdim, cfg.d_state)
+
+
+def test_save_then_load_gives_bit_identical_logits(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    loaded = from_pretrained(tmp_path).eval()
+    assert loaded.lm_head.weight is loaded.embedding.weight
+    ids = torch.randint(0, 1000, (2, 33))
+    with torch.no_grad():
+        assert torch.equal(model(ids), loaded(ids))
+    sd = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)  # the state-spaces key names
+    assert "backbone.embedding.weight" in sd and "lm_head.weight" in sd
+    assert "backbone.layers.0.mixer.in_proj.weight" in sd
+
+
+def test_from_pretrained_casts_dtype(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    assert from_pretrained(tmp_path, dtype=torch.bfloat16).embedding.weight.dtype == torch.bfloat16
+
+
+def test_every_mismatch_is_listed_in_one_error(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    sd = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
+    del sd["backbone.layers.1.mixer.D"]
+    sd["backbone.layers.0.mixer.dt_bias"] = torch.zeros(5)
+    sd["backbone.layers.7.mixer.extra"] = torch.zeros(1)
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError) as e:
+        from_pretrained(tmp_path)
+    msg = str(e.value)
+    assert "missing key layers.1.mixer.D" in msg
+    assert "wrong shape for layers.0.mixer.dt_bias: checkpoint (5,), config expects (8,)" in msg
+    assert "unexpected key layers.7.mixer.extra" in msg
+
+
+def test_corrupt_missing_and_unknown_inputs_fail_clearly(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "pytorch_model.bin"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a truncated download
+    with pytest.raises(CheckpointError, match="corrupt"):
+        from_pretrained(tmp_path)
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match="no weights in"):
+        from_pretrained(tmp_path)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="neither an existing checkpoint directory"):
+        from_pretrained(str(tmp_path / "nope" / "deeper" / "x"))
+    with pytest.raises(ValueError, match="unknown scale '3b'"):
+        Mamba2Config.from_scale("3b")
+    with pytest.raises(ValueError, match="ngroups 3 does not divide nheads 8"):
+        tiny_config(ngroups=3)
+
+
+def test_public_scale_shapes_match_the_checkpoints():
+    # rows of in_proj and parameter counts of the public checkpoints (mamba2-130m … 2.7b)
+    expected = {"130m": (3352, 128_989_632), "370m": (4384, 368_346_624), "780m": (6448, 780_161_280),
+                "1.3b": (8512, 1_343_757_312), "2.7b": (10576, 2_702_599_680)}
+    for scale, (rows, nparams) in expected.items():
+        cfg = Mamba2Config.from_scale(scale)
+        with torch.device("meta"):
+            m = Mamba2LM(cfg)
+        assert cfg.in_proj_dim == rows and cfg.padded_vocab_size == 50288
+        assert m.num_params() == nparams, scale
+
+
+def test_both_config_layouts_round_trip():
+    cfg = tiny_config(d_conv=3, norm_eps=1e-6)
+    for layout in ("state-spaces", "hf"):
+        back = Mamba2Config.from_dict(json.loads(json.dumps(cfg.to_dict(layout))))
+        assert back.d_model == cfg.d_model and back.ngroups == cfg.ngroups and back.d_conv == 3
+    assert Mamba2Config.from_dict(cfg.to_dict()) == cfg
+    # the public config.json: only d_model/n_layer/... and ssm_cfg {"layer": "Mamba2"}
+    public = {"d_model": 768, "d_intermediate": 0, "n_layer": 24, "vocab_size": 50277,
+              "ssm_cfg": {"layer": "Mamba2"}, "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": True,
+              "residual_in_fp32": True, "fused_add_norm": True, "pad_vocab_size_multiple": 16,
+              "tie_embeddings": True}
+    assert Mamba2Config.from_dict(public) == Mamba2Config.from_scale("130m")
+    with pytest.raises(ValueError, match="neither a state-spaces"):
+        Mamba2Config.from_dict({"foo": 1})
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(2)
+    m = randomize_(Mamba2LM(tiny_config(chunk_size=8)), seed=2)
+    ids = torch.randint(0, 1000, (2, 24))
+    grads = []
+    for ckpt in (False, True):
+        m.zero_grad()
+        m.gradient_checkpointing = ckpt
+        m(ids).logsumexp(-1).mean().backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_unknown_backend_is_rejected():
+    with pytest.raises(ValueError, match="unknown scan backend 'cuda'"):
+        Mamba2LM(tiny_config(), backend="cuda")
+
+
+# sampling ------------------------------------------------------------------------------------------
+def test_temperature_zero_is_argmax():
+    logits = torch.randn(4, 50)
+    assert torch.equal(sample(logits, temperature=0), logits.argmax(-1))
+
+
+def test_seeded_sampling_reproduces(model):
+    prompt = torch.randint(0, 1000, (2, 5))
+    a = model.generate(prompt, 10, temperature=1.0, top_p=0.9, seed=7)
+    b = model.generate(prompt, 10, temperature=1.0, top_p=0.9, seed=7)
+    assert torch.equal(a, b)
+
+
+def test_top_k_and_top_p_supports():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    draws = lambda **kw: {int(sample(logits, temperature=1.0, generator=g, **kw)) for _ in range(300)}
+    assert draws(top_k=2) == {0, 1}
+    assert draws(top_p=0.75) == {0, 1}  # 0.5 < 0.75 ≤ 0.5 + 0.3
+    assert draws(top_p=0.5) == {0}
+    assert draws(top_p=0.81) == {0, 1, 2}
+    assert draws() == {0, 1, 2, 3}
+
+
+def test_generation_never_picks_padding_rows(model):
+    # make the padding rows (ids ≥ vocab_size) the most likely: they must still never be sampled
+    m = Mamba2LM(tiny_config()).eval()
+    m.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        m.embedding.weight[1000:] = 50 * m.embedding.weight[:1000].mean(0)
+    out = m.generate(torch.randint(0, 1000, (2, 4)), 8, temperature=1.0, seed=0)
+    assert out.max() < 1000 and m.generate(torch.zeros(1, 3, dtype=torch.long), 8).max() < 1000
+
+
+def test_generation_stops_at_eos(model):
+    prompt = torch.randint(0, 1000, (2, 4))
+    free = model.generate(prompt, 6)
+    eos = int(free[0, 5])  # the 2nd generated token of row 0
+    out = model.generate(prompt, 6, eos_token_id=eos)
+    row0 = out[0, 4:].tolist()
+    first = row0.index(eos)
+    assert all(t == eos for t in row0[first:])
