@@ -2,6 +2,7 @@
 
     download(url, dest)                 one file -> dest, via dest.part (resumed with an HTTP Range request)
     hub_file(repo_id, filename)         one file of a Hugging Face Hub repo, cached under cache_dir()
+    hub_url(repo_id, filename)          its address on the Hub
 
 Environment variables:
     HF_ENDPOINT       the Hub's address (default https://huggingface.co), e.g. a mirror or a local server
@@ -59,13 +60,18 @@ def hub_file(repo_id: str, filename: str, revision: str = "main", **kwargs) -> P
     dest = cache_dir() / repo_id.replace("/", "--") / revision / filename
     if dest.exists():
         return dest
-    url = f"{endpoint()}/{repo_id}/resolve/{urllib.parse.quote(revision, safe='')}/{urllib.parse.quote(filename)}"
+    url = hub_url(repo_id, filename, revision)
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         raise DownloadError(
             f"HF_HUB_OFFLINE is set and {repo_id}/{filename} is not in the cache.\n"
             f"  Put the file at {dest} (it is fetched from {url}), or unset HF_HUB_OFFLINE."
         )
     return download(url, dest, desc=f"{repo_id}/{filename}", **kwargs)
+
+
+def hub_url(repo_id: str, filename: str, revision: str = "main") -> str:
+    """The address of one file of a Hub repo (datasets: repo_id = "datasets/owner/name")."""
+    return f"{endpoint()}/{repo_id}/resolve/{urllib.parse.quote(revision, safe='')}/{urllib.parse.quote(filename)}"
 
 
 def download(

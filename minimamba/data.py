@@ -1,0 +1,663 @@
+"""Corpus preparation: text files in -> flat token files out, one folder per domain of the training mix.
+
+    python -m minimamba.data download --source pubmed --out data/raw        # the recipe's real sources
+    python -m minimamba.data prepare --domain pubmed --input data/raw/pubmed/*.xml.gz \\
+        --tokenizer state-spaces/mamba2-130m --out data/tokens
+
+What `prepare` writes (nanoGPT-style: one flat file of token ids per split, read back with np.memmap):
+    DIR/NAME/train.bin     uint16 token ids; every document's tokens are followed by EOS (id 0), so the
+    DIR/NAME/heldout.bin   document boundaries are exactly the EOS positions (text never encodes to EOS)
+    DIR/NAME/meta.json     tokenizer; per split: documents, tokens, the input files with their sha256, the
+                           options used, the counts below and the first problems found (as file:line: ...)
+
+Readers, chosen by file name (".gz" allowed on all but parquet):
+    .jsonl .json   JSON lines, one record per line          .csv       one record per row, header first
+    .parquet       one record per row (needs pyarrow)       .xml       PubMed baseline XML, one record per
+    anything else  plain text, see TEXT_UNITS                          article: pmid, title, abstract
+A record becomes a document through `field` (default "text") or `template`, e.g. "{title}\\n\\n{abstract}";
+a record with an empty template field gives an empty document (the recipe drops abstracts without text).
+
+Nothing is dropped silently. meta.json counts, per call:
+    read        documents read from the inputs (at most --limit)
+    kept        documents written (train + held-out)
+    empty       documents that are empty after stripping whitespace
+    too_short   documents shorter than --min-chars characters
+    duplicate   exact repeats of an earlier document of the same call
+    non_utf8    lines with bytes that are not UTF-8 (kept, with those bytes replaced by U+FFFD)
+    malformed   records that could not be parsed or lack the field (skipped)
+    empty_file  input files that held no document
+    unreadable  input files that stopped reading early (truncated gzip, broken XML or parquet, ...)
+"""
+
+import argparse
+import csv
+import gzip
+import hashlib
+import itertools
+import json
+import re
+import string
+import sys
+import time
+import xml.etree.ElementTree as ET
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from minimamba.download import DownloadError, download, hub_url
+from minimamba.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
+
+SPLITS = ("train", "heldout")
+TEXT_UNITS = {
+    "block": "one document per block of lines separated by blank lines",
+    "line": "one document per non-blank line",
+    "file": "the whole file is one document",
+    "wikitext": "one document per WikiText article (an article starts at a ' = Title = ' line)",
+}
+PUBMED_TEMPLATE = "{title}\n\n{abstract}"  # the recipe's f"{title}\n\n{content}"
+COUNTS = ("read", "kept", "empty", "too_short", "duplicate", "non_utf8", "malformed", "empty_file", "unreadable")
+MAX_PROBLEMS_KEPT = 50  # problems listed in meta.json (all of them are counted)
+MAX_PROBLEMS_SHOWN = 10  # problems printed while preparing
+BATCH_DOCUMENTS = 512  # documents per call to the tokenizer
+
+
+class DataError(ValueError):
+    """Bad input or arguments; the message names the file, field or option, and what to do."""
+
+
+@dataclass
+class Document:
+    text: str
+    source: str  # the input file
+    line: int  # where the document starts: the line in text, JSON lines and CSV files, the record in parquet and XML
+
+
+@dataclass
+class Problem:
+    kind: str  # one of COUNTS: "non_utf8", "malformed", "empty_file" or "unreadable"
+    source: str
+    line: int | None  # None: the whole file
+    message: str
+
+    def __str__(self):
+        return f"{self.source}{'' if self.line is None else f':{self.line}'}: {self.message}"
+
+
+def _print_problem(problem: Problem) -> None:
+    print(f"warning: {problem}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Readers
+
+
+def read_documents(
+    path: str | Path,
+    field: str | None = None,
+    template: str | None = None,
+    text_unit: str = "block",
+    on_problem: Callable[[Problem], None] | None = None,
+) -> Iterator[Document]:
+    """The documents of one input file, in file order (empty ones included: the caller decides).
+
+    Problems in the data (bad UTF-8, malformed records, unreadable or empty files) go to `on_problem`
+    (default: a warning on stderr) and reading goes on; mistakes in the arguments (a missing file,
+    a field the records do not have) raise DataError.
+    """
+    path = Path(path)
+    report = on_problem or _print_problem
+    if not path.is_file():
+        raise DataError(f"input file not found: {path}")
+    if text_unit not in TEXT_UNITS:
+        raise DataError(f"unknown text unit {text_unit!r}; choose from {', '.join(TEXT_UNITS)}")
+    if field and template:
+        raise DataError("give a field or a template, not both")
+    kind = _file_kind(path)
+    if kind == "text":
+        return _checked(path, _text_documents(path, text_unit, report), report)
+    if not (field or template):
+        field, template = (None, PUBMED_TEMPLATE) if kind == "xml" else ("text", None)
+    names = [field] if field else _template_fields(template)
+    if kind == "jsonl":
+        records = _jsonl_records(path, report)
+    elif kind == "csv":
+        records = _csv_records(path, report)
+    elif kind == "parquet":
+        records = _parquet_records(path, names, report)
+    else:
+        records = _pubmed_xml_records(path, report)
+    return _checked(path, _record_documents(records, str(path), field, template, names, report), report)
+
+
+def _checked(path: Path, documents: Iterator[Document], report) -> Iterator[Document]:
+    """`documents`, reporting a file that stops early (e.g. a truncated .gz) or holds no document at all."""
+    found = 0
+    try:
+        for document in documents:
+            found += 1
+            yield document
+    except (OSError, EOFError, zlib.error, csv.Error) as e:
+        report(Problem("unreadable", str(path), None, f"stopped reading after {found} documents: {e}"))
+    if found == 0:
+        report(Problem("empty_file", str(path), None, "no documents in this file"))
+
+
+def _file_kind(path: Path) -> str:
+    name = path.name.lower().removesuffix(".gz")
+    for suffix, kind in ((".jsonl", "jsonl"), (".json", "jsonl"), (".csv", "csv"), (".parquet", "parquet"), (".xml", "xml")):
+        if name.endswith(suffix):
+            return kind
+    return "text"
+
+
+def _lines(path: Path, report) -> Iterator[tuple[int, str]]:
+    """(line number, line without its end) for each line; bytes that are not UTF-8 are reported and replaced."""
+    with gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                report(Problem("non_utf8", str(path), number, f"bytes that are not UTF-8 at column {e.start + 1} (replaced by U+FFFD)"))
+                line = raw.decode("utf-8", errors="replace")
+            if number == 1:
+                line = line.removeprefix("\ufeff")  # byte order mark
+            yield number, line.rstrip("\r\n")
+
+
+def _text_documents(path: Path, unit: str, report) -> Iterator[Document]:
+    source, lines = str(path), _lines(path, report)
+    if unit == "file":
+        yield Document("\n".join(line for _, line in lines), source, 1)
+    elif unit == "line":
+        yield from (Document(line, source, number) for number, line in lines if line.strip())
+    else:  # "block": a blank line ends a document; "wikitext": an article's title line starts one
+        chunk, start = [], 1
+        for number, line in lines:
+            if unit == "block":
+                boundary = not line.strip()
+            else:
+                boundary = bool(re.fullmatch(r"= [^=].* =", line.strip()))  # " = Title = ", not " = = Section = = "
+            if boundary:
+                if "".join(chunk).strip():
+                    yield Document("\n".join(chunk), source, start)
+                chunk = []
+                if unit == "block":
+                    continue
+            if not chunk:
+                start = number
+            chunk.append(line)
+        if "".join(chunk).strip():
+            yield Document("\n".join(chunk), source, start)
+
+
+def _jsonl_records(path: Path, report) -> Iterator[tuple[int, dict]]:
+    for number, line in _lines(path, report):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            report(Problem("malformed", str(path), number, f"not valid JSON ({e.msg}, column {e.colno})"))
+            continue
+        if not isinstance(record, dict):
+            report(Problem("malformed", str(path), number, f"expected a JSON object, got {type(record).__name__}"))
+            continue
+        yield number, record
+
+
+def _csv_records(path: Path, report) -> Iterator[tuple[int, dict]]:
+    csv.field_size_limit(2**31 - 1)  # the default (131,072 characters) is too small for long documents
+    rows = csv.reader(line + "\n" for _, line in _lines(path, report))
+    header = next(rows, None)
+    end = rows.line_num  # the line where the last row read ends (a quoted field may span lines)
+    while header is not None:
+        start = end + 1
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            report(Problem("malformed", str(path), start, f"not valid CSV ({e})"))
+            row = None
+        end = rows.line_num
+        if not row:  # a blank line, or a row reported above
+            continue
+        if len(row) != len(header):
+            report(Problem("malformed", str(path), start, f"{len(row)} fields where the header has {len(header)}"))
+            continue
+        yield start, dict(zip(header, row))
+
+
+def _parquet_records(path: Path, names: list[str], report) -> Iterator[tuple[int, dict]]:
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise DataError(f"reading {path} needs pyarrow: pip install pyarrow") from None
+    try:
+        table = pyarrow.parquet.ParquetFile(path)
+        columns = table.schema_arrow.names
+        missing = [name for name in names if name not in columns]
+        if missing:  # found from the schema, before reading anything
+            raise DataError(f"{path}: no field {missing[0]!r}; the available fields are {', '.join(columns)}")
+        number = 0
+        for batch in table.iter_batches(batch_size=1024, columns=names):
+            for record in batch.to_pylist():
+                number += 1
+                yield number, record
+    except pyarrow.ArrowException as e:
+        report(Problem("unreadable", str(path), None, f"not a readable parquet file ({e})"))
+
+
+def _pubmed_xml_records(path: Path, report) -> Iterator[tuple[int, dict]]:
+    """PubMed baseline/update files: <PubmedArticleSet> of <PubmedArticle>, streamed (a file holds ~30,000)."""
+    number = 0
+    with gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb") as f:
+        try:
+            for _, element in ET.iterparse(f):  # "end" events: the element is complete
+                if element.tag == "PubmedArticle":
+                    number += 1
+                    yield number, _pubmed_article(element)
+                    element.clear()  # free the article's subtree
+        except ET.ParseError as e:
+            report(Problem("malformed", str(path), e.position[0], f"not valid XML ({e}); skipped the rest of the file"))
+
+
+def _pubmed_article(article: ET.Element) -> dict:
+    def text(element):  # the text of an element and its inline markup (<i>, <sup>, ...), spaces normalised
+        return "" if element is None else " ".join("".join(element.itertext()).split())
+
+    sections = []  # a structured abstract has one AbstractText per labelled section
+    for section in article.iterfind("MedlineCitation/Article/Abstract/AbstractText"):
+        label, body = section.get("Label"), text(section)
+        if body:
+            sections.append(f"{label}: {body}" if label else body)
+    return {
+        "pmid": article.findtext("MedlineCitation/PMID", ""),
+        "title": text(article.find("MedlineCitation/Article/ArticleTitle")),
+        "abstract": "\n".join(sections),
+    }
+
+
+def _template_fields(template: str) -> list[str]:
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as e:
+        raise DataError(f"bad template {template!r}: {e}") from None
+    if not names or any(not name or "." in name or "[" in name for name in names):
+        raise DataError(f"bad template {template!r}: it needs named fields such as {{title}}, and only plain names")
+    return names
+
+
+def _as_text(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list):  # e.g. a list of sentences or paragraphs
+        return "\n".join(_as_text(item) for item in value)
+    return str(value)
+
+
+def _record_documents(records, source, field, template, names, report) -> Iterator[Document]:
+    for index, (number, record) in enumerate(records):
+        missing = [name for name in names if name not in record]
+        if missing and index == 0:  # the first record lacks it: a wrong field name, not a bad record
+            raise DataError(
+                f"{source}:{number}: no field {missing[0]!r}; the available fields are {', '.join(record)} "
+                "(choose with --field NAME or --template)"
+            )
+        if missing:
+            report(Problem("malformed", source, number, f"no field {missing[0]!r} in this record"))
+            continue
+        values = {name: _as_text(record[name]) for name in names}
+        if template is None:
+            text = values[field]
+        elif all(value.strip() for value in values.values()):
+            text = template.format_map(values)
+        else:
+            text = ""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # JSON escapes such as "\ud800" can encode half of a character
+            report(Problem("non_utf8", source, number, "unpaired surrogates (replaced by U+FFFD)"))
+            text = text.encode("utf-8", errors="surrogatepass").decode("utf-8", errors="replace")
+        yield Document(text, source, number)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# prepare: documents -> token files
+
+
+def prepare(
+    domain: str,
+    inputs: Iterable[str | Path],
+    tokenizer,
+    out_dir: str | Path,
+    *,
+    split: str = "auto",
+    heldout_fraction: float = 0.05,
+    field: str | None = None,
+    template: str | None = None,
+    text_unit: str = "block",
+    min_chars: int = 0,
+    limit: int | None = None,
+    num_threads: int | None = None,
+) -> dict:
+    """Read, clean, split and tokenize `inputs` into out_dir/domain/{train,heldout}.bin; returns meta.json's content.
+
+    split="auto" puts a document in held-out when a hash of its text falls below `heldout_fraction`:
+    the same document always lands in the same split, whatever the order or the other documents.
+    split="train" or "heldout" writes every document to that split. A call replaces the split files it
+    writes and keeps the other one. `tokenizer` is a Tokenizer or a name/path for load_tokenizer().
+    """
+    inputs = [Path(p) for p in inputs]
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", domain):
+        raise DataError(f"bad domain name {domain!r}: use letters, digits, '_', '-' and '.'")
+    if split not in ("auto", *SPLITS):
+        raise DataError(f"unknown split {split!r}; choose from auto, train, heldout")
+    if split == "auto" and not 0 <= heldout_fraction < 1:
+        raise DataError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
+    if not inputs:
+        raise DataError("no input files")
+    missing = [str(p) for p in inputs if not p.is_file()]
+    if missing:
+        raise DataError(f"input file(s) not found: {', '.join(missing)}")
+    if isinstance(tokenizer, (str, Path)):
+        try:
+            tokenizer_name, tokenizer = str(tokenizer), load_tokenizer(tokenizer)
+        except (FileNotFoundError, ValueError) as e:
+            raise DataError(f"cannot load the tokenizer {tokenizer}: {e}") from None
+    else:
+        tokenizer_name = getattr(tokenizer, "name", type(tokenizer).__name__)
+    if tokenizer.vocab_size > 2**16:
+        raise DataError(f"a vocabulary of {tokenizer.vocab_size} ids does not fit the uint16 token files")
+
+    out = Path(out_dir) / domain
+    writes = SPLITS if split == "auto" else (split,)
+    meta = _meta_to_update(out, writes, tokenizer, tokenizer_name)
+    out.mkdir(parents=True, exist_ok=True)
+
+    counts = dict.fromkeys(COUNTS, 0)
+    problems = []
+
+    def on_problem(problem: Problem) -> None:
+        counts[problem.kind] += 1
+        if len(problems) < MAX_PROBLEMS_KEPT:
+            problems.append(str(problem))
+        if sum(counts[k] for k in ("non_utf8", "malformed", "empty_file", "unreadable")) <= MAX_PROBLEMS_SHOWN:
+            tqdm.write(f"warning: {problem}", file=sys.stderr)
+
+    files = {name: open(out / f"{name}.bin.tmp", "wb") for name in writes}
+    sizes = {name: {"documents": 0, "tokens": 0} for name in writes}
+    seen = set()  # 16-byte hashes of the documents kept so far
+    batch = []  # (split, text) waiting for the tokenizer
+
+    def tokenize_and_write():
+        # allow_special=False: a literal "<|endoftext|>" in a text stays text, so EOS only ever ends a document
+        token_lists = tokenizer.encode_batch([text for _, text in batch], num_threads=num_threads, allow_special=False)
+        for (name, _), tokens in zip(batch, token_lists):
+            tokens.append(tokenizer.eos_id)
+            np.asarray(tokens, dtype=np.uint16).tofile(files[name])
+            sizes[name]["documents"] += 1
+            sizes[name]["tokens"] += len(tokens)
+        progress.set_postfix(tokens=f"{sum(s['tokens'] for s in sizes.values()):,}", refresh=False)
+        progress.update(len(batch))
+        batch.clear()
+
+    documents = itertools.chain.from_iterable(
+        read_documents(path, field, template, text_unit, on_problem) for path in inputs
+    )
+    with tqdm(desc=f"tokenizing {domain}", unit=" docs") as progress:
+        try:
+            for document in itertools.islice(documents, limit):
+                counts["read"] += 1
+                text = document.text.strip()
+                if not text:
+                    counts["empty"] += 1
+                    continue
+                if len(text) < min_chars:
+                    counts["too_short"] += 1
+                    continue
+                digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+                if digest in seen:
+                    counts["duplicate"] += 1
+                    continue
+                seen.add(digest)
+                if split == "auto":  # the first 8 hash bytes as a number in [0, 1)
+                    name = "heldout" if int.from_bytes(digest[:8], "big") < heldout_fraction * 2**64 else "train"
+                else:
+                    name = split
+                batch.append((name, text))
+                if len(batch) == BATCH_DOCUMENTS:
+                    tokenize_and_write()
+            if batch:
+                tokenize_and_write()
+        except BaseException:  # e.g. a DataError about the second input: leave the existing files as they were
+            for name in writes:
+                files[name].close()
+                (out / f"{name}.bin.tmp").unlink()
+            raise
+    for f in files.values():
+        f.close()
+    counts["kept"] = sum(s["documents"] for s in sizes.values())
+
+    prepared = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "inputs": [{"path": str(p), "bytes": p.stat().st_size, "sha256": _sha256(p)} for p in inputs],
+        "split": split,
+        "heldout_fraction": heldout_fraction if split == "auto" else None,
+        "field": field,
+        "template": template,
+        "text_unit": text_unit,
+        "min_chars": min_chars,
+        "limit": limit,
+        "counts": counts,
+        "problems": problems,
+    }
+    for name in writes:
+        (out / f"{name}.bin.tmp").replace(out / f"{name}.bin")  # the old split stays until the new one is whole
+        meta["splits"][name] = {"file": f"{name}.bin", **sizes[name], "prepared": prepared}
+    _write_json(out / "meta.json", meta)
+    _print_summary(domain, out, writes, sizes, counts)
+    return meta
+
+
+def _meta_to_update(out: Path, writes, tokenizer, tokenizer_name: str) -> dict:
+    """The domain's meta.json with the splits that this call writes removed (a fresh one if there is none)."""
+    info = {"name": tokenizer_name, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id}
+    meta = read_meta(out.parent, out.name) if (out / "meta.json").exists() else {"splits": {}}
+    kept = [name for name in meta["splits"] if name not in writes]
+    old = meta.get("tokenizer", {})
+    if kept and (old.get("vocab_size"), old.get("eos_id")) != (info["vocab_size"], info["eos_id"]):
+        raise DataError(
+            f"{out}/{kept[0]}.bin was made with another tokenizer ({old.get('name')}); "
+            "prepare all splits again with --split auto, or use the same tokenizer"
+        )
+    return {
+        "domain": out.name,
+        "format": "uint16 token ids; every document is followed by the EOS id",
+        "tokenizer": info,
+        "splits": {name: meta["splits"][name] for name in kept},
+    }
+
+
+def _print_summary(domain, out, writes, sizes, counts) -> None:
+    print(
+        f"{domain}: read {counts['read']:,} documents -> "
+        + ", ".join(f"{n} {sizes[n]['documents']:,} documents / {sizes[n]['tokens']:,} tokens" for n in writes)
+    )
+    dropped = {k: counts[k] for k in ("empty", "too_short", "duplicate", "malformed") if counts[k]}
+    repaired = {k: counts[k] for k in ("non_utf8", "empty_file", "unreadable") if counts[k]}
+    if dropped or repaired:
+        print(f"  dropped {dropped or 'none'}; file problems {repaired or 'none'} (listed in meta.json)")
+    print(f"  wrote {', '.join(str(out / f'{n}.bin') for n in writes)} and {out / 'meta.json'}")
+    for name in writes:
+        if sizes[name]["documents"] == 0:
+            print(f"  warning: {out / name}.bin has no documents", file=sys.stderr)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading prepared data back
+
+
+def read_meta(data_dir: str | Path, domain: str) -> dict:
+    path = Path(data_dir) / domain / "meta.json"
+    if not path.exists():
+        raise DataError(f"{path} not found; run: python -m minimamba.data prepare --domain {domain} ... --out {data_dir}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is not valid JSON ({e}); delete the folder and prepare the domain again") from None
+
+
+def load_split(data_dir: str | Path, domain: str, split: str) -> np.memmap:
+    """The token ids of one split as a read-only uint16 memmap (documents end with the EOS id)."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
+    path = Path(data_dir) / domain / f"{split}.bin"
+    if not path.exists():
+        raise DataError(
+            f"{path} not found; run: python -m minimamba.data prepare --domain {domain} --input FILE... --out {data_dir}"
+        )
+    if path.stat().st_size == 0:
+        raise DataError(f"{path} has no tokens: its inputs held no usable document (see meta.json)")
+    return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# download: the recipe's real sources (needs internet; resumable, with progress bars)
+
+PUBMED_BASELINE = "https://ftp.ncbi.nlm.nih.gov/pubmed/baseline/"  # pubmedYYnNNNN.xml.gz, ~30,000 citations each
+C4 = ("datasets/allenai/c4", "1588ec454efa1a09f29cd18ddd04fe05fc8653a2")  # the recipe's revision
+WIKIPEDIA = ("datasets/wikimedia/wikipedia", "b04c8d1ceb2f5cd4588862100d08de323dccfbaa")  # the recipe's revision
+WIKITEXT = ("datasets/Salesforce/wikitext", "main")
+SOURCES = ("pubmed", "c4", "wikipedia", "wikitext103")
+
+
+def download_source(source: str, out_dir: str | Path, files: int = 1, split: str = "train") -> list[Path]:
+    """Download the first `files` files of one source into out_dir/source/; returns their paths.
+
+    pubmed: NCBI PubMed baseline XML (checked against NCBI's .md5 files); c4: allenai/c4 "en" json.gz
+    shards of `split` (train or validation); wikipedia: wikimedia/wikipedia 20231101.en parquet shards;
+    wikitext103: the WikiText-103 (raw) test set, written as plain text wiki.test.raw.
+    """
+    out = Path(out_dir) / source
+    if source == "pubmed":
+        listing = download(PUBMED_BASELINE, out / "baseline-listing.html", desc="PubMed baseline listing")
+        names = sorted(set(re.findall(r'href="(pubmed\d+n\d{4}\.xml\.gz)"', listing.read_text())))
+        listing.unlink()  # the listing changes every year: never serve it from a cache
+        if not names:
+            raise DownloadError(f"found no pubmed*.xml.gz files listed at {PUBMED_BASELINE}")
+        paths = []
+        for name in names[:files]:
+            path = download(PUBMED_BASELINE + name, out / name)
+            md5 = download(PUBMED_BASELINE + name + ".md5", out / (name + ".md5"), desc=name + ".md5")
+            expected = md5.read_text().split()[-1]  # "MD5(pubmed25n0001.xml.gz)= 0123abcd..."
+            if hashlib.md5(path.read_bytes()).hexdigest() != expected:
+                path.unlink()
+                raise DownloadError(f"{path} does not match its NCBI md5 checksum; deleted it, run again to retry")
+            paths.append(path)
+        return paths
+    if source == "c4":
+        if split not in ("train", "validation"):
+            raise DataError(f"C4 has splits train and validation, not {split!r}")
+        shards = 1024 if split == "train" else 8
+        names = [f"en/c4-{split}.{i:05d}-of-{shards:05d}.json.gz" for i in range(min(files, shards))]
+        return [download(hub_url(C4[0], name, C4[1]), out / Path(name).name) for name in names]
+    if source == "wikipedia":
+        names = [f"20231101.en/train-{i:05d}-of-00041.parquet" for i in range(min(files, 41))]
+        return [download(hub_url(WIKIPEDIA[0], name, WIKIPEDIA[1]), out / Path(name).name) for name in names]
+    if source == "wikitext103":
+        raw = out / "wiki.test.raw"
+        if not raw.exists():
+            name = "wikitext-103-raw-v1/test-00000-of-00001.parquet"
+            parquet = download(hub_url(WIKITEXT[0], name, WIKITEXT[1]), out / Path(name).name)
+            rows = [record["text"] for _, record in _parquet_records(parquet, ["text"], _print_problem)]
+            # one row per line of the original wiki.test.raw; blank lines are empty rows (dropped, as in ../shared/data)
+            _write_text_atomically(raw, "".join(row.rstrip("\n") + "\n" for row in rows if row))
+        return [raw]
+    raise DataError(f"unknown source {source!r}; choose from {', '.join(SOURCES)}")
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+
+NEXT_STEP = {  # printed after a download: how the recipe prepares each source
+    "pubmed": "--domain pubmed --input {files}",
+    "c4": "--domain c4 --input {files} --split {c4_split} --min-chars 100",
+    "wikipedia": "--domain wikipedia --input {files} --split train --min-chars 100",
+    "wikitext103": "--domain wikipedia --input {files} --split heldout --text-unit line --min-chars 101",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m minimamba.data", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("prepare", help="tokenize text files into DIR/NAME/{train,heldout}.bin + meta.json")
+    p.add_argument("--domain", required=True, help="name of this part of the mix, e.g. pubmed, c4, wikipedia")
+    p.add_argument("--input", required=True, nargs="+", type=Path, help="input files (.txt, .jsonl[.gz], .csv, .parquet, .xml[.gz], ...)")
+    p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help=f"tokenizer.json (or its folder), or a Hub repo id (default {DEFAULT_TOKENIZER})")
+    p.add_argument("--out", required=True, type=Path, help="output folder DIR; files go to DIR/NAME/")
+    p.add_argument("--split", default="auto", choices=("auto", *SPLITS), help="auto: split by a hash of each document; train/heldout: all of the input to that split (default auto)")
+    p.add_argument("--heldout-fraction", type=float, default=0.05, help="share of documents held out with --split auto (default 0.05)")
+    record = p.add_mutually_exclusive_group()
+    record.add_argument("--field", help="record field holding the text (default: text; PubMed XML: the template {title}\\n\\n{abstract})")
+    record.add_argument("--template", help=r'build each document from record fields, e.g. "{title}\n\n{abstract}" (\n and \t are understood)')
+    p.add_argument("--text-unit", default="block", choices=TEXT_UNITS, help="plain-text files: " + "; ".join(f"{k}: {v}" for k, v in TEXT_UNITS.items()) + " (default block)")
+    p.add_argument("--doc-per-file", action="store_const", dest="text_unit", const="file", help="same as --text-unit file")
+    p.add_argument("--min-chars", type=int, default=0, help="drop documents shorter than this many characters (default 0)")
+    p.add_argument("--limit", type=int, help="read only the first N documents of the inputs")
+    p.add_argument("--threads", type=int, help="tokenizer threads (default: the tokenizer's)")
+
+    d = commands.add_parser("download", help="download the recipe's sources (needs internet)")
+    d.add_argument("--source", required=True, choices=SOURCES)
+    d.add_argument("--out", type=Path, default=Path("data/raw"), help="files go to OUT/SOURCE/ (default data/raw)")
+    d.add_argument("--files", type=int, default=1, help="how many files (PubMed: ~30,000 citations each; C4: ~356,000 documents per train shard; Wikipedia: ~156,000 articles per shard) (default 1)")
+    d.add_argument("--split", default="train", choices=("train", "validation"), help="C4 split (default train)")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "prepare":
+            template = args.template.replace("\\n", "\n").replace("\\t", "\t") if args.template else None
+            prepare(
+                args.domain, args.input, args.tokenizer, args.out, split=args.split,
+                heldout_fraction=args.heldout_fraction, field=args.field, template=template,
+                text_unit=args.text_unit, min_chars=args.min_chars, limit=args.limit, num_threads=args.threads,
+            )  # fmt: skip
+        else:
+            paths = download_source(args.source, args.out, files=args.files, split=args.split)
+            files = " ".join(str(p) for p in paths)
+            print("next: python -m minimamba.data prepare --tokenizer TOKENIZER --out data/tokens "
+                  + NEXT_STEP[args.source].format(files=files, c4_split="heldout" if args.split == "validation" else "train"))
+    except (DataError, DownloadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

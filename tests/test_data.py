@@ -1,0 +1,387 @@
+"""minimamba.data: readers for every input format, cleaning, splitting, token files, meta.json, the CLI.
+
+Most tests use a byte-level stand-in tokenizer (fast, and its tokens decode back to the exact text);
+the tests on ../shared/data use the real GPT-NeoX tokenizer.json.
+"""
+
+import functools
+import gzip
+import hashlib
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minimamba import data
+from minimamba.data import DataError, load_split, main, prepare, read_documents, read_meta
+
+DATA = Path(os.environ.get("MINIMAMBA_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+TOKENIZER_JSON = DATA / "tokenizer" / "tokenizer.json"
+needs_shared_data = pytest.mark.skipif(not TOKENIZER_JSON.exists(), reason=f"shared data not found at {DATA} (set MINIMAMBA_DATA)")
+
+
+class ByteTokenizer:
+    """Token id = byte + 1, EOS = 0: stands in for the real tokenizer where only the plumbing is tested."""
+
+    name, vocab_size, eos_id = "bytes", 257, 0
+
+    def encode_batch(self, texts, num_threads=None, allow_special=True):
+        return [[b + 1 for b in text.encode("utf-8")] for text in texts]
+
+
+def documents_in(out, domain, split):
+    """The texts stored in a split, cut at the EOS ids (ByteTokenizer files only)."""
+    tokens = load_split(out, domain, split)
+    assert tokens[-1] == 0, "every document ends with EOS"
+    cuts = np.flatnonzero(tokens == 0)
+    starts = np.concatenate([[0], cuts[:-1] + 1])
+    return [(tokens[a:b] - 1).astype(np.uint8).tobytes().decode("utf-8") for a, b in zip(starts, cuts)]
+
+
+def texts(path, **kwargs):
+    problems = []
+    found = [d.text for d in read_documents(path, on_problem=problems.append, **kwargs)]
+    return found, problems
+
+
+# ----------------------------------------------------------------------------------------------------------
+# readers
+
+
+def test_plain_text_units(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("first block\nstill first\n\n\nsecond block\r\n \nthird\n")
+    docs = list(read_documents(path))
+    assert [d.text for d in docs] == ["first block\nstill first", "second block", "third"]
+    assert [d.line for d in docs] == [1, 5, 7]
+    assert texts(path, text_unit="line")[0] == ["first block", "still first", "second block", "third"]
+    assert texts(path, text_unit="file")[0] == ["first block\nstill first\n\n\nsecond block\n \nthird"]
+
+    wiki = tmp_path / "wiki.test.raw"
+    wiki.write_text(" = Alpha = \n Alpha text .\n = = Section = = \n more .\n = Beta = \n Beta text .\n")
+    docs = list(read_documents(wiki, text_unit="wikitext"))
+    assert [d.text.split("\n")[0] for d in docs] == [" = Alpha = ", " = Beta = "]
+    assert [d.line for d in docs] == [1, 5] and "Section" in docs[0].text
+
+
+def test_json_lines_field_template_and_malformed_lines(tmp_path):
+    path = tmp_path / "a.jsonl.gz"
+    lines = [
+        '{"title": "T1", "abstract": "A1", "n": 1}',
+        "",
+        '{"title": "T2", "abstract": ["s1", "s2"], "n": 2}',
+        '{"title": "T3", "abstract": "A3"',  # cut short
+        '["not", "an", "object"]',
+        '{"title": "T4", "abstract": ""}',  # empty field: no document from the template
+        '{"abstract": "A5"}',  # no title
+    ]
+    with gzip.open(path, "wt") as f:
+        f.write("\n".join(lines) + "\n")
+    found, problems = texts(path, template="{title}\n\n{abstract}")
+    assert found == ["T1\n\nA1", "T2\n\ns1\ns2", ""]
+    assert [(p.kind, p.line) for p in problems] == [("malformed", 4), ("malformed", 5), ("malformed", 7)]
+    assert str(problems[0]).startswith(f"{path}:4: not valid JSON")
+    found, problems = texts(path, field="n")
+    assert found == ["1", "2"] and [p.line for p in problems if "no field 'n'" in p.message] == [6, 7]
+
+
+def test_unknown_field_names_the_available_ones(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"pmid": "1", "title": "t", "abstract": "a"}\n')
+    with pytest.raises(DataError, match=r"no field 'text'.*pmid, title, abstract"):
+        list(read_documents(path))
+    with pytest.raises(DataError, match="'abstrct'"):
+        list(read_documents(path, template="{title} {abstrct}"))
+    with pytest.raises(DataError, match="input file not found"):
+        read_documents(tmp_path / "missing.jsonl")
+    with pytest.raises(DataError, match="named fields"):
+        read_documents(path, template="{} and {0}")
+
+
+def test_csv_quoted_newlines_bom_and_bad_rows(tmp_path):
+    path = tmp_path / "a.csv"
+    path.write_text('\ufeffid,text\n1,"line one\nline two"\n2,too,many\n\n3,plain\n', encoding="utf-8")
+    docs, problems = [], []
+    docs = list(read_documents(path, on_problem=problems.append))
+    assert [(d.text, d.line) for d in docs] == [("line one\nline two", 2), ("plain", 6)]
+    assert [(p.kind, p.line) for p in problems] == [("malformed", 4)]
+    assert texts(path, field="id")[0] == ["1", "3"]
+
+
+def test_parquet(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow is not installed (pip install pyarrow)")
+    import pyarrow as pa
+
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"id": [1, 2, 3], "text": ["alpha", None, "gamma"]}), path)
+    docs = list(read_documents(path))
+    assert [(d.text, d.line) for d in docs] == [("alpha", 1), ("", 2), ("gamma", 3)]
+    with pytest.raises(DataError, match="no field 'body'; the available fields are id, text"):
+        list(read_documents(path, field="body"))
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 not really parquet")
+    assert [p.kind for p in texts(broken)[1]] == ["unreadable", "empty_file"]
+
+
+PUBMED_XML = """<?xml version="1.0" ?>
+<!DOCTYPE PubmedArticleSet PUBLIC "-//NLM//DTD PubMedArticle, 1st January 2025//EN" "https://dtd.nlm.nih.gov/ncbi/pubmed/out/pubmed_250101.dtd">
+<PubmedArticleSet>
+<PubmedArticle>
+  <MedlineCitation Status="MEDLINE" Owner="NLM">
+    <PMID Version="1">101</PMID>
+    <Article PubModel="Print">
+      <Journal><ISSN IssnType="Print">0006-2952</ISSN><Title>Biochemical pharmacology</Title></Journal>
+      <ArticleTitle>Effect of <i>Escherichia coli</i> on CO<sub>2</sub> uptake.</ArticleTitle>
+      <Pagination><MedlinePgn>1-5</MedlinePgn></Pagination>
+      <Abstract>
+        <AbstractText Label="BACKGROUND" NlmCategory="BACKGROUND">Why it
+          matters.</AbstractText>
+        <AbstractText Label="RESULTS" NlmCategory="RESULTS">Uptake rose &amp; fell.</AbstractText>
+        <CopyrightInformation>Copyright 2024 Publisher.</CopyrightInformation>
+      </Abstract>
+      <AuthorList CompleteYN="Y"><Author ValidYN="Y"><LastName>Doe</LastName><ForeName>J</ForeName></Author></AuthorList>
+      <Language>eng</Language>
+    </Article>
+    <MeshHeadingList><MeshHeading><DescriptorName UI="D000001">Calcimycin</DescriptorName></MeshHeading></MeshHeadingList>
+  </MedlineCitation>
+  <PubmedData><PublicationStatus>ppublish</PublicationStatus>
+    <ArticleIdList><ArticleId IdType="pubmed">101</ArticleId></ArticleIdList></PubmedData>
+</PubmedArticle>
+<PubmedArticle>
+  <MedlineCitation Status="MEDLINE" Owner="NLM">
+    <PMID Version="1">102</PMID>
+    <Article PubModel="Print"><ArticleTitle>A title without an abstract.</ArticleTitle></Article>
+  </MedlineCitation>
+</PubmedArticle>
+<PubmedArticle>
+  <MedlineCitation Status="MEDLINE" Owner="NLM">
+    <PMID Version="1">103</PMID>
+    <Article PubModel="Print"><ArticleTitle>Plain.</ArticleTitle>
+      <Abstract><AbstractText>One unlabelled paragraph.</AbstractText></Abstract></Article>
+  </MedlineCitation>
+</PubmedArticle>
+</PubmedArticleSet>
+"""
+
+
+def test_pubmed_baseline_xml(tmp_path):
+    path = tmp_path / "pubmed25n0001.xml.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write(PUBMED_XML)
+    found, problems = texts(path)
+    assert found == [
+        "Effect of Escherichia coli on CO2 uptake.\n\nBACKGROUND: Why it matters.\nRESULTS: Uptake rose & fell.",
+        "",  # no abstract: dropped later, as the recipe drops empty abstracts
+        "Plain.\n\nOne unlabelled paragraph.",
+    ]
+    assert problems == []
+    assert texts(path, field="pmid")[0] == ["101", "102", "103"]
+
+    broken = tmp_path / "broken.xml"
+    broken.write_text(PUBMED_XML[: PUBMED_XML.index("<PubmedArticle>", 200)] + "<PubmedArticle><oops></PubmedArticle>")
+    found, problems = texts(broken)
+    last_line = broken.read_text().count("\n") + 1  # where the parser notices the mismatched tag
+    assert len(found) == 1 and (problems[0].kind, problems[0].line) == ("malformed", last_line)
+
+
+def test_non_utf8_empty_and_truncated_files_are_reported(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9 latin-1"}\n')
+    found, problems = texts(bad)
+    assert found == ["fine", "caf\ufffd latin-1"]
+    assert [(p.kind, p.line) for p in problems] == [("non_utf8", 2)]
+    assert str(problems[0]).startswith(f"{bad}:2: ")
+
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    assert texts(empty) == ([], [data.Problem("empty_file", str(empty), None, "no documents in this file")])
+
+    truncated = tmp_path / "cut.jsonl.gz"
+    truncated.write_bytes(gzip.compress(b'{"text": "one"}\n' * 2000)[:-40])
+    found, problems = texts(truncated)
+    assert len(found) > 0 and [p.kind for p in problems] == ["unreadable"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# prepare
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_prepare_cleans_splits_and_counts(tmp_path):
+    records = [{"text": f"document number {i}"} for i in range(200)]
+    records += [{"text": "document number 7"}, {"text": "  "}, {"text": "tiny"}]  # duplicate, empty, short
+    src = write_jsonl(tmp_path / "in.jsonl", records)
+    (tmp_path / "in.jsonl").open("ab").write(b'{"text": "bad \xff byte"}\n{broken\n')
+    meta = prepare("web", [src], ByteTokenizer(), tmp_path / "out", heldout_fraction=0.2, min_chars=5)
+
+    train, heldout = documents_in(tmp_path / "out", "web", "train"), documents_in(tmp_path / "out", "web", "heldout")
+    assert sorted(train + heldout) == sorted({r["text"] for r in records[:200]} | {"bad \ufffd byte"})
+    assert 20 <= len(heldout) <= 60  # about 20% of 201
+    counts = meta["splits"]["train"]["prepared"]["counts"]
+    assert counts == {"read": 204, "kept": 201, "empty": 1, "too_short": 1, "duplicate": 1, "non_utf8": 1,
+                      "malformed": 1, "empty_file": 0, "unreadable": 0}  # fmt: skip
+    assert meta["splits"]["train"]["prepared"]["problems"] == [f"{src}:204: bytes that are not UTF-8 at column 15 (replaced by U+FFFD)",
+                                                               f"{src}:205: not valid JSON (Expecting property name enclosed in double quotes, column 2)"]  # fmt: skip
+
+    on_disk = read_meta(tmp_path / "out", "web")
+    assert on_disk == meta
+    assert on_disk["tokenizer"] == {"name": "bytes", "vocab_size": 257, "eos_id": 0}
+    for split, docs in (("train", train), ("heldout", heldout)):
+        entry = on_disk["splits"][split]
+        assert entry["documents"] == len(docs)
+        assert entry["tokens"] == len(load_split(tmp_path / "out", "web", split))
+    (source,) = on_disk["splits"]["heldout"]["prepared"]["inputs"]
+    assert source["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+    assert not list((tmp_path / "out" / "web").glob("*.tmp"))
+
+
+def test_split_is_a_function_of_the_document_alone(tmp_path):
+    records = [{"text": f"abstract {i}"} for i in range(300)]
+    a = write_jsonl(tmp_path / "a.jsonl", records)
+    random.Random(0).shuffle(records)
+    b = write_jsonl(tmp_path / "b.jsonl", records[:250])  # other order, fewer documents
+    prepare("d", [a], ByteTokenizer(), tmp_path / "A")
+    prepare("d", [b], ByteTokenizer(), tmp_path / "B")
+    held_a, held_b = set(documents_in(tmp_path / "A", "d", "heldout")), set(documents_in(tmp_path / "B", "d", "heldout"))
+    assert held_b == held_a & {r["text"] for r in records[:250]} and len(held_a) > 5
+
+
+def test_a_call_replaces_only_the_splits_it_writes(tmp_path):
+    out = tmp_path / "out"
+    first = write_jsonl(tmp_path / "train.jsonl", [{"text": f"train doc {i}"} for i in range(50)])
+    other = write_jsonl(tmp_path / "valid.jsonl", [{"text": f"validation doc {i}"} for i in range(10)])
+    prepare("c4", [first], ByteTokenizer(), out)
+    train_bytes = (out / "c4" / "train.bin").read_bytes()
+
+    meta = prepare("c4", [other], ByteTokenizer(), out, split="heldout")
+    assert (out / "c4" / "train.bin").read_bytes() == train_bytes
+    assert documents_in(out, "c4", "heldout") == [f"validation doc {i}" for i in range(10)]
+    assert meta["splits"]["train"]["prepared"]["split"] == "auto"
+    assert meta["splits"]["heldout"]["prepared"]["split"] == "heldout"
+    assert meta["splits"]["heldout"]["documents"] == 10
+
+    class OtherTokenizer(ByteTokenizer):
+        vocab_size = 300
+
+    with pytest.raises(DataError, match="another tokenizer"):
+        prepare("c4", [other], OtherTokenizer(), out, split="heldout")  # train.bin would no longer match
+    with pytest.raises(DataError, match="no field 'body'"):
+        prepare("c4", [other], ByteTokenizer(), out, split="train", field="body")
+    assert (out / "c4" / "train.bin").read_bytes() == train_bytes  # a failed call leaves the files alone
+    assert not list((out / "c4").glob("*.tmp"))
+
+
+def test_real_tokenizer_never_writes_eos_inside_a_document(tmp_path):
+    if not TOKENIZER_JSON.exists():
+        pytest.skip(f"shared data not found at {DATA} (set MINIMAMBA_DATA)")
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": "Hello world<|endoftext|>again"}, {"text": "Hello world"}])
+    prepare("x", [src], _cached_load_tokenizer(str(TOKENIZER_JSON)), tmp_path, split="train")
+    tokens = load_split(tmp_path, "x", "train").tolist()
+    assert tokens[-3:] == [12092, 1533, 0] and tokens.count(0) == 2
+
+
+def test_load_split_errors(tmp_path):
+    with pytest.raises(DataError, match="prepare --domain pubmed"):
+        load_split(tmp_path, "pubmed", "train")
+    with pytest.raises(DataError, match="unknown split"):
+        load_split(tmp_path, "pubmed", "test")
+    with pytest.raises(DataError, match="meta.json not found"):
+        read_meta(tmp_path, "pubmed")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# command line
+
+
+def test_cli_prepare_and_errors(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "pubmed.jsonl", [{"pmid": str(i), "title": f"T{i}", "abstract": f"A{i}"} for i in range(30)])
+    tokenizer = tmp_path / "tok.json"
+    # --tokenizer takes a path or a name; a ByteTokenizer stands in through load_tokenizer
+    args = ["prepare", "--domain", "pubmed", "--input", str(src), "--out", str(tmp_path / "out"), "--tokenizer", str(tokenizer)]
+    original = data.load_tokenizer
+    data.load_tokenizer = lambda name: ByteTokenizer()
+    try:
+        assert main(args + ["--template", r"{title}\n\n{abstract}", "--split", "train", "--limit", "20"]) == 0
+        assert documents_in(tmp_path / "out", "pubmed", "train") == [f"T{i}\n\nA{i}" for i in range(20)]
+        assert "pubmed: read 20 documents" in capsys.readouterr().out
+
+        assert main(args + ["--field", "summary"]) == 2
+        assert "no field 'summary'; the available fields are pmid, title, abstract" in capsys.readouterr().err
+        assert main(args[:4] + [str(tmp_path / "nope.jsonl")] + args[5:]) == 2
+        assert "input file(s) not found" in capsys.readouterr().err
+    finally:
+        data.load_tokenizer = original
+
+
+def test_cli_download_builds_the_recipe_urls(tmp_path, monkeypatch, capsys):
+    fetched = []
+
+    def fake_download(url, dest, **kwargs):
+        fetched.append(url)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if url.endswith("/baseline/"):
+            dest.write_text('<a href="pubmed25n0002.xml.gz">x</a> <a href="pubmed25n0001.xml.gz">y</a> '
+                            '<a href="pubmed25n0001.xml.gz.md5">z</a>')  # fmt: skip
+        elif url.endswith(".md5"):
+            dest.write_text(f"MD5(pubmed25n0001.xml.gz)= {hashlib.md5(b'xml').hexdigest()}\n")
+        else:
+            dest.write_bytes(b"xml")
+        return dest
+
+    monkeypatch.setattr(data, "download", fake_download)
+    monkeypatch.setenv("HF_ENDPOINT", "http://hub.test")
+    assert main(["download", "--source", "pubmed", "--out", str(tmp_path)]) == 0
+    assert fetched[1:] == [data.PUBMED_BASELINE + "pubmed25n0001.xml.gz", data.PUBMED_BASELINE + "pubmed25n0001.xml.gz.md5"]
+    assert f"--domain pubmed --input {tmp_path / 'pubmed' / 'pubmed25n0001.xml.gz'}" in capsys.readouterr().out
+
+    fetched.clear()
+    assert main(["download", "--source", "c4", "--split", "validation", "--files", "2", "--out", str(tmp_path)]) == 0
+    rev = data.C4[1]
+    assert fetched == [f"http://hub.test/datasets/allenai/c4/resolve/{rev}/en/c4-validation.0000{i}-of-00008.json.gz" for i in (0, 1)]
+    fetched.clear()
+    assert main(["download", "--source", "wikipedia", "--out", str(tmp_path)]) == 0
+    assert fetched == [f"http://hub.test/datasets/wikimedia/wikipedia/resolve/{data.WIKIPEDIA[1]}/20231101.en/train-00000-of-00041.parquet"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the real files in ../shared/data (PubMed JSON lines, C4 JSON lines and parquet, WikiText raw text)
+
+_cached_load_tokenizer = functools.lru_cache(data.load_tokenizer)
+
+
+@needs_shared_data
+@pytest.mark.parametrize(
+    "domain, file, options",
+    [
+        ("pubmed", "pubmed/pubtator_corpora_abstracts.jsonl", ["--template", r"{title}\n\n{abstract}", "--heldout-fraction", "0.3"]),
+        ("c4", "c4/c4_train_sample_1000.jsonl", ["--split", "train", "--min-chars", "100"]),
+        ("c4", "c4/c4_validation_2k.parquet", ["--split", "heldout"]),
+        ("wikipedia", "wiki/wikitext-2-raw_wiki.test.raw", ["--split", "heldout", "--text-unit", "wikitext"]),
+    ],
+)
+def test_prepare_shared_data(tmp_path, monkeypatch, domain, file, options):
+    if file.endswith(".parquet"):
+        pytest.importorskip("pyarrow", reason="pyarrow is not installed (pip install pyarrow)")
+    monkeypatch.setattr(data, "load_tokenizer", _cached_load_tokenizer)  # build it once for all four
+    out = tmp_path / "tokens"
+    limit = "8" if "wikitext" in options else "40"  # WikiText articles are long
+    argv = ["prepare", "--domain", domain, "--input", str(DATA / file), "--tokenizer", str(TOKENIZER_JSON),
+            "--out", str(out), "--limit", limit, *options]  # fmt: skip
+    assert main(argv) == 0
+    meta = read_meta(out, domain)
+    assert meta["tokenizer"]["vocab_size"] == 50277 and meta["tokenizer"]["eos_id"] == 0
+    written = {name: entry for name, entry in meta["splits"].items()}
+    assert sum(entry["documents"] for entry in written.values()) >= int(limit) // 2
+    for name, entry in written.items():
+        tokens = load_split(out, domain, name)
+        assert len(tokens) == entry["tokens"] and int((tokens == 0).sum()) == entry["documents"]
+        assert tokens.max() < 50277 and tokens[-1] == 0
+        counts = entry["prepared"]["counts"]
+        assert counts["malformed"] == counts["non_utf8"] == counts["unreadable"] == 0
