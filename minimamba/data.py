@@ -1,8 +1,7 @@
 """Corpus preparation: text files in -> flat token files out, one folder per domain of the training mix.
 
     python -m minimamba.data download --source pubmed --out data/raw        # the recipe's real sources
-    python -m minimamba.data prepare --domain pubmed --input data/raw/pubmed/*.xml.gz \\
-        --tokenizer state-spaces/mamba2-130m --out data/tokens
+    python -m minimamba.data prepare --domain pubmed --input data/raw/pubmed/*.xml.gz --out data/tokens
 
 What `prepare` writes (nanoGPT-style: one flat file of token ids per split, read back with np.memmap):
     DIR/NAME/train.bin     uint16 token ids; every document's tokens are followed by EOS (id 0), so the
@@ -17,7 +16,7 @@ Readers, chosen by file name (".gz" allowed on all but parquet):
 A record becomes a document through `field` (default "text") or `template`, e.g. "{title}\\n\\n{abstract}";
 a record with an empty template field gives an empty document (the recipe drops abstracts without text).
 
-Nothing is dropped silently. meta.json counts, per call:
+Exact duplicates are dropped within one call. Nothing is dropped silently; meta.json counts, per call:
     read        documents read from the inputs (at most --limit)
     kept        documents written (train + held-out)
     empty       documents that are empty after stripping whitespace
@@ -73,7 +72,7 @@ class DataError(ValueError):
 class Document:
     text: str
     source: str  # the input file
-    line: int  # where the document starts: the line in text, JSON lines and CSV files, the record in parquet and XML
+    line: int  # where it starts: the line (text, JSON lines, CSV), the record number (parquet, XML)
 
 
 @dataclass
@@ -109,7 +108,11 @@ def read_documents(
     a field the records do not have) raise DataError.
     """
     path = Path(path)
-    report = on_problem or _print_problem
+    on_problem = on_problem or _print_problem
+
+    def report(kind: str, line: int | None, message: str) -> None:
+        on_problem(Problem(kind, str(path), line, message))
+
     if not path.is_file():
         raise DataError(f"input file not found: {path}")
     if text_unit not in TEXT_UNITS:
@@ -141,27 +144,29 @@ def _checked(path: Path, documents: Iterator[Document], report) -> Iterator[Docu
             found += 1
             yield document
     except (OSError, EOFError, zlib.error, csv.Error) as e:
-        report(Problem("unreadable", str(path), None, f"stopped reading after {found} documents: {e}"))
+        report("unreadable", None, f"stopped reading after {found} documents: {e}")
     if found == 0:
-        report(Problem("empty_file", str(path), None, "no documents in this file"))
+        report("empty_file", None, "no documents in this file")
 
 
 def _file_kind(path: Path) -> str:
     name = path.name.lower().removesuffix(".gz")
-    for suffix, kind in ((".jsonl", "jsonl"), (".json", "jsonl"), (".csv", "csv"), (".parquet", "parquet"), (".xml", "xml")):
-        if name.endswith(suffix):
-            return kind
-    return "text"
+    kinds = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet", ".xml": "xml"}
+    return next((kind for suffix, kind in kinds.items() if name.endswith(suffix)), "text")
+
+
+def _open_bytes(path: Path):
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
 
 
 def _lines(path: Path, report) -> Iterator[tuple[int, str]]:
-    """(line number, line without its end) for each line; bytes that are not UTF-8 are reported and replaced."""
-    with gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb") as f:
+    """(line number, line without its end) for each line; bytes that are not UTF-8 are reported, replaced."""
+    with _open_bytes(path) as f:
         for number, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                report(Problem("non_utf8", str(path), number, f"bytes that are not UTF-8 at column {e.start + 1} (replaced by U+FFFD)"))
+                report("non_utf8", number, f"not UTF-8 from column {e.start + 1} (replaced by U+FFFD)")
                 line = raw.decode("utf-8", errors="replace")
             if number == 1:
                 line = line.removeprefix("\ufeff")  # byte order mark
@@ -171,7 +176,9 @@ def _lines(path: Path, report) -> Iterator[tuple[int, str]]:
 def _text_documents(path: Path, unit: str, report) -> Iterator[Document]:
     source, lines = str(path), _lines(path, report)
     if unit == "file":
-        yield Document("\n".join(line for _, line in lines), source, 1)
+        text = "\n".join(line for _, line in lines)
+        if text.strip():
+            yield Document(text, source, 1)
     elif unit == "line":
         yield from (Document(line, source, number) for number, line in lines if line.strip())
     else:  # "block": a blank line ends a document; "wikitext": an article's title line starts one
@@ -180,7 +187,8 @@ def _text_documents(path: Path, unit: str, report) -> Iterator[Document]:
             if unit == "block":
                 boundary = not line.strip()
             else:
-                boundary = bool(re.fullmatch(r"= [^=].* =", line.strip()))  # " = Title = ", not " = = Section = = "
+                # an article title " = Title = ", not a section title " = = Section = = "
+                boundary = bool(re.fullmatch(r"= [^=].* =", line.strip()))
             if boundary:
                 if "".join(chunk).strip():
                     yield Document("\n".join(chunk), source, start)
@@ -201,10 +209,10 @@ def _jsonl_records(path: Path, report) -> Iterator[tuple[int, dict]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            report(Problem("malformed", str(path), number, f"not valid JSON ({e.msg}, column {e.colno})"))
+            report("malformed", number, f"not valid JSON ({e.msg}, column {e.colno}); expected one object per line")
             continue
         if not isinstance(record, dict):
-            report(Problem("malformed", str(path), number, f"expected a JSON object, got {type(record).__name__}"))
+            report("malformed", number, f"expected a JSON object, got {type(record).__name__}")
             continue
         yield number, record
 
@@ -221,15 +229,15 @@ def _csv_records(path: Path, report) -> Iterator[tuple[int, dict]]:
         except StopIteration:
             return
         except csv.Error as e:
-            report(Problem("malformed", str(path), start, f"not valid CSV ({e})"))
+            report("malformed", start, f"not valid CSV ({e})")
             row = None
         end = rows.line_num
         if not row:  # a blank line, or a row reported above
             continue
         if len(row) != len(header):
-            report(Problem("malformed", str(path), start, f"{len(row)} fields where the header has {len(header)}"))
+            report("malformed", start, f"{len(row)} fields where the header has {len(header)}")
             continue
-        yield start, dict(zip(header, row))
+        yield start, dict(zip(header, row, strict=True))
 
 
 def _parquet_records(path: Path, names: list[str], report) -> Iterator[tuple[int, dict]]:
@@ -250,13 +258,13 @@ def _parquet_records(path: Path, names: list[str], report) -> Iterator[tuple[int
                 number += 1
                 yield number, record
     except pyarrow.ArrowException as e:
-        report(Problem("unreadable", str(path), None, f"not a readable parquet file ({e})"))
+        report("unreadable", None, f"not a readable parquet file ({e})")
 
 
 def _pubmed_xml_records(path: Path, report) -> Iterator[tuple[int, dict]]:
-    """PubMed baseline/update files: <PubmedArticleSet> of <PubmedArticle>, streamed (a file holds ~30,000)."""
+    """PubMed baseline files: a <PubmedArticleSet> of <PubmedArticle>s, streamed (a file holds ~30,000)."""
     number = 0
-    with gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb") as f:
+    with _open_bytes(path) as f:
         try:
             for _, element in ET.iterparse(f):  # "end" events: the element is complete
                 if element.tag == "PubmedArticle":
@@ -264,11 +272,11 @@ def _pubmed_xml_records(path: Path, report) -> Iterator[tuple[int, dict]]:
                     yield number, _pubmed_article(element)
                     element.clear()  # free the article's subtree
         except ET.ParseError as e:
-            report(Problem("malformed", str(path), e.position[0], f"not valid XML ({e}); skipped the rest of the file"))
+            report("malformed", e.position[0], f"not valid XML ({e}); skipped the rest of the file")
 
 
 def _pubmed_article(article: ET.Element) -> dict:
-    def text(element):  # the text of an element and its inline markup (<i>, <sup>, ...), spaces normalised
+    def text(element):  # the text of an element and of its inline markup (<i>, <sup>, ...), spaces normalised
         return "" if element is None else " ".join("".join(element.itertext()).split())
 
     sections = []  # a structured abstract has one AbstractText per labelled section
@@ -289,7 +297,7 @@ def _template_fields(template: str) -> list[str]:
     except ValueError as e:
         raise DataError(f"bad template {template!r}: {e}") from None
     if not names or any(not name or "." in name or "[" in name for name in names):
-        raise DataError(f"bad template {template!r}: it needs named fields such as {{title}}, and only plain names")
+        raise DataError(f"bad template {template!r}: it needs named fields such as {{title}} (plain names only)")
     return names
 
 
@@ -310,7 +318,7 @@ def _record_documents(records, source, field, template, names, report) -> Iterat
                 "(choose with --field NAME or --template)"
             )
         if missing:
-            report(Problem("malformed", source, number, f"no field {missing[0]!r} in this record"))
+            report("malformed", number, f"no field {missing[0]!r} in this record")
             continue
         values = {name: _as_text(record[name]) for name in names}
         if template is None:
@@ -322,7 +330,7 @@ def _record_documents(records, source, field, template, names, report) -> Iterat
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:  # JSON escapes such as "\ud800" can encode half of a character
-            report(Problem("non_utf8", source, number, "unpaired surrogates (replaced by U+FFFD)"))
+            report("non_utf8", number, "unpaired surrogates (replaced by U+FFFD)")
             text = text.encode("utf-8", errors="surrogatepass").decode("utf-8", errors="replace")
         yield Document(text, source, number)
 
@@ -346,7 +354,7 @@ def prepare(
     limit: int | None = None,
     num_threads: int | None = None,
 ) -> dict:
-    """Read, clean, split and tokenize `inputs` into out_dir/domain/{train,heldout}.bin; returns meta.json's content.
+    """Read, clean, split and tokenize `inputs` into out_dir/domain/{train,heldout}.bin; returns meta.json.
 
     split="auto" puts a document in held-out when a hash of its text falls below `heldout_fraction`:
     the same document always lands in the same split, whatever the order or the other documents.
@@ -387,8 +395,11 @@ def prepare(
         counts[problem.kind] += 1
         if len(problems) < MAX_PROBLEMS_KEPT:
             problems.append(str(problem))
-        if sum(counts[k] for k in ("non_utf8", "malformed", "empty_file", "unreadable")) <= MAX_PROBLEMS_SHOWN:
+        shown = sum(counts[kind] for kind in ("non_utf8", "malformed", "empty_file", "unreadable"))
+        if shown <= MAX_PROBLEMS_SHOWN:
             tqdm.write(f"warning: {problem}", file=sys.stderr)
+        if shown == MAX_PROBLEMS_SHOWN:
+            tqdm.write("warning: further problems are only counted (see meta.json)", file=sys.stderr)
 
     files = {name: open(out / f"{name}.bin.tmp", "wb") for name in writes}
     sizes = {name: {"documents": 0, "tokens": 0} for name in writes}
@@ -396,9 +407,10 @@ def prepare(
     batch = []  # (split, text) waiting for the tokenizer
 
     def tokenize_and_write():
-        # allow_special=False: a literal "<|endoftext|>" in a text stays text, so EOS only ever ends a document
-        token_lists = tokenizer.encode_batch([text for _, text in batch], num_threads=num_threads, allow_special=False)
-        for (name, _), tokens in zip(batch, token_lists):
+        # allow_special=False: a literal "<|endoftext|>" in a text stays text, so EOS only ends documents
+        texts = [text for _, text in batch]
+        token_lists = tokenizer.encode_batch(texts, num_threads=num_threads, allow_special=False)
+        for (name, _), tokens in zip(batch, token_lists, strict=True):
             tokens.append(tokenizer.eos_id)
             np.asarray(tokens, dtype=np.uint16).tofile(files[name])
             sizes[name]["documents"] += 1
@@ -426,16 +438,16 @@ def prepare(
                     counts["duplicate"] += 1
                     continue
                 seen.add(digest)
-                if split == "auto":  # the first 8 hash bytes as a number in [0, 1)
-                    name = "heldout" if int.from_bytes(digest[:8], "big") < heldout_fraction * 2**64 else "train"
-                else:
-                    name = split
+                name = split
+                if split == "auto":  # the first 8 bytes of the hash, as a number in [0, 1), decide
+                    held_out = int.from_bytes(digest[:8], "big") < heldout_fraction * 2**64
+                    name = "heldout" if held_out else "train"
                 batch.append((name, text))
                 if len(batch) == BATCH_DOCUMENTS:
                     tokenize_and_write()
             if batch:
                 tokenize_and_write()
-        except BaseException:  # e.g. a DataError about the second input: leave the existing files as they were
+        except BaseException:  # e.g. a DataError about the second input: leave the existing files alone
             for name in writes:
                 files[name].close()
                 (out / f"{name}.bin.tmp").unlink()
@@ -458,7 +470,7 @@ def prepare(
         "problems": problems,
     }
     for name in writes:
-        (out / f"{name}.bin.tmp").replace(out / f"{name}.bin")  # the old split stays until the new one is whole
+        (out / f"{name}.bin.tmp").replace(out / f"{name}.bin")  # the old file stays until the new one is whole
         meta["splits"][name] = {"file": f"{name}.bin", **sizes[name], "prepared": prepared}
     _write_json(out / "meta.json", meta)
     _print_summary(domain, out, writes, sizes, counts)
@@ -466,7 +478,7 @@ def prepare(
 
 
 def _meta_to_update(out: Path, writes, tokenizer, tokenizer_name: str) -> dict:
-    """The domain's meta.json with the splits that this call writes removed (a fresh one if there is none)."""
+    """The domain's meta.json without the splits that this call writes (a fresh one if there is none)."""
     info = {"name": tokenizer_name, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id}
     meta = read_meta(out.parent, out.name) if (out / "meta.json").exists() else {"splits": {}}
     kept = [name for name in meta["splits"] if name not in writes]
@@ -485,10 +497,8 @@ def _meta_to_update(out: Path, writes, tokenizer, tokenizer_name: str) -> dict:
 
 
 def _print_summary(domain, out, writes, sizes, counts) -> None:
-    print(
-        f"{domain}: read {counts['read']:,} documents -> "
-        + ", ".join(f"{n} {sizes[n]['documents']:,} documents / {sizes[n]['tokens']:,} tokens" for n in writes)
-    )
+    written = [f"{n} {sizes[n]['documents']:,} documents / {sizes[n]['tokens']:,} tokens" for n in writes]
+    print(f"{domain}: read {counts['read']:,} documents -> {', '.join(written)}")
     dropped = {k: counts[k] for k in ("empty", "too_short", "duplicate", "malformed") if counts[k]}
     repaired = {k: counts[k] for k in ("non_utf8", "empty_file", "unreadable") if counts[k]}
     if dropped or repaired:
@@ -517,14 +527,17 @@ def _write_json(path: Path, obj) -> None:
 # Reading prepared data back
 
 
+_PREPARE_HINT = "python -m minimamba.data prepare --domain {} --input FILE... --out {}"
+
+
 def read_meta(data_dir: str | Path, domain: str) -> dict:
     path = Path(data_dir) / domain / "meta.json"
     if not path.exists():
-        raise DataError(f"{path} not found; run: python -m minimamba.data prepare --domain {domain} ... --out {data_dir}")
+        raise DataError(f"{path} not found; prepare the domain first ({_PREPARE_HINT.format(domain, data_dir)})")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise DataError(f"{path} is not valid JSON ({e}); delete the folder and prepare the domain again") from None
+        raise DataError(f"{path} is not valid JSON ({e}); delete the folder and prepare it again") from None
 
 
 def load_split(data_dir: str | Path, domain: str, split: str) -> np.memmap:
@@ -533,9 +546,7 @@ def load_split(data_dir: str | Path, domain: str, split: str) -> np.memmap:
         raise DataError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
     path = Path(data_dir) / domain / f"{split}.bin"
     if not path.exists():
-        raise DataError(
-            f"{path} not found; run: python -m minimamba.data prepare --domain {domain} --input FILE... --out {data_dir}"
-        )
+        raise DataError(f"{path} not found; prepare it first ({_PREPARE_HINT.format(domain, data_dir)})")
     if path.stat().st_size == 0:
         raise DataError(f"{path} has no tokens: its inputs held no usable document (see meta.json)")
     return np.memmap(path, dtype=np.uint16, mode="r")
@@ -544,7 +555,7 @@ def load_split(data_dir: str | Path, domain: str, split: str) -> np.memmap:
 # ----------------------------------------------------------------------------------------------------------
 # download: the recipe's real sources (needs internet; resumable, with progress bars)
 
-PUBMED_BASELINE = "https://ftp.ncbi.nlm.nih.gov/pubmed/baseline/"  # pubmedYYnNNNN.xml.gz, ~30,000 citations each
+PUBMED_BASELINE = "https://ftp.ncbi.nlm.nih.gov/pubmed/baseline/"  # pubmedYYnNNNN.xml.gz, ~30,000 citations
 C4 = ("datasets/allenai/c4", "1588ec454efa1a09f29cd18ddd04fe05fc8653a2")  # the recipe's revision
 WIKIPEDIA = ("datasets/wikimedia/wikipedia", "b04c8d1ceb2f5cd4588862100d08de323dccfbaa")  # the recipe's revision
 WIKITEXT = ("datasets/Salesforce/wikitext", "main")
@@ -568,11 +579,11 @@ def download_source(source: str, out_dir: str | Path, files: int = 1, split: str
         paths = []
         for name in names[:files]:
             path = download(PUBMED_BASELINE + name, out / name)
-            md5 = download(PUBMED_BASELINE + name + ".md5", out / (name + ".md5"), desc=name + ".md5")
+            md5 = download(PUBMED_BASELINE + name + ".md5", out / (name + ".md5"))
             expected = md5.read_text().split()[-1]  # "MD5(pubmed25n0001.xml.gz)= 0123abcd..."
             if hashlib.md5(path.read_bytes()).hexdigest() != expected:
                 path.unlink()
-                raise DownloadError(f"{path} does not match its NCBI md5 checksum; deleted it, run again to retry")
+                raise DownloadError(f"{path} does not match NCBI's md5 checksum; deleted it, run again to retry")
             paths.append(path)
         return paths
     if source == "c4":
@@ -590,7 +601,7 @@ def download_source(source: str, out_dir: str | Path, files: int = 1, split: str
             name = "wikitext-103-raw-v1/test-00000-of-00001.parquet"
             parquet = download(hub_url(WIKITEXT[0], name, WIKITEXT[1]), out / Path(name).name)
             rows = [record["text"] for _, record in _parquet_records(parquet, ["text"], _print_problem)]
-            # one row per line of the original wiki.test.raw; blank lines are empty rows (dropped, as in ../shared/data)
+            # a row per line of wiki.test.raw; blank lines are empty rows (dropped, as in shared/data)
             _write_text_atomically(raw, "".join(row.rstrip("\n") + "\n" for row in rows if row))
         return [raw]
     raise DataError(f"unknown source {source!r}; choose from {', '.join(SOURCES)}")
@@ -605,12 +616,16 @@ def _write_text_atomically(path: Path, text: str) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # Command line
 
-NEXT_STEP = {  # printed after a download: how the recipe prepares each source
-    "pubmed": "--domain pubmed --input {files}",
-    "c4": "--domain c4 --input {files} --split {c4_split} --min-chars 100",
-    "wikipedia": "--domain wikipedia --input {files} --split train --min-chars 100",
-    "wikitext103": "--domain wikipedia --input {files} --split heldout --text-unit line --min-chars 101",
-}
+
+def _next_step(source: str, paths: list[Path], split: str) -> str:
+    """How the recipe prepares what was just downloaded."""
+    options = {
+        "pubmed": "--domain pubmed",  # default template {title}\n\n{abstract}, 5% held out
+        "c4": "--domain c4 --split train --min-chars 100" if split == "train" else "--domain c4 --split heldout",
+        "wikipedia": "--domain wikipedia --split train --min-chars 100",
+        "wikitext103": "--domain wikipedia --split heldout --text-unit line --min-chars 101",  # lines > 100 chars
+    }[source]
+    return f"python -m minimamba.data prepare {options} --out data/tokens --input {' '.join(map(str, paths))}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -618,26 +633,37 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("prepare", help="tokenize text files into DIR/NAME/{train,heldout}.bin + meta.json")
-    p.add_argument("--domain", required=True, help="name of this part of the mix, e.g. pubmed, c4, wikipedia")
-    p.add_argument("--input", required=True, nargs="+", type=Path, help="input files (.txt, .jsonl[.gz], .csv, .parquet, .xml[.gz], ...)")
-    p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help=f"tokenizer.json (or its folder), or a Hub repo id (default {DEFAULT_TOKENIZER})")
+    p.add_argument("--domain", required=True, help="this part of the mix, e.g. pubmed, c4, wikipedia")
+    p.add_argument("--input", required=True, nargs="+", type=Path,
+                   help="input files: .txt (or any other name), .jsonl/.json, .csv, .xml (PubMed), each may be "
+                   ".gz; .parquet")
+    p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER,
+                   help=f"tokenizer.json, its folder, or a Hub repo id (default {DEFAULT_TOKENIZER})")
     p.add_argument("--out", required=True, type=Path, help="output folder DIR; files go to DIR/NAME/")
-    p.add_argument("--split", default="auto", choices=("auto", *SPLITS), help="auto: split by a hash of each document; train/heldout: all of the input to that split (default auto)")
-    p.add_argument("--heldout-fraction", type=float, default=0.05, help="share of documents held out with --split auto (default 0.05)")
+    p.add_argument("--split", default="auto", choices=("auto", *SPLITS),
+                   help="auto (default): by a hash of each document; train, heldout: all of it")
+    p.add_argument("--heldout-fraction", type=float, default=0.05,
+                   help="share of the documents held out by --split auto (default 0.05)")
     record = p.add_mutually_exclusive_group()
-    record.add_argument("--field", help="record field holding the text (default: text; PubMed XML: the template {title}\\n\\n{abstract})")
-    record.add_argument("--template", help=r'build each document from record fields, e.g. "{title}\n\n{abstract}" (\n and \t are understood)')
-    p.add_argument("--text-unit", default="block", choices=TEXT_UNITS, help="plain-text files: " + "; ".join(f"{k}: {v}" for k, v in TEXT_UNITS.items()) + " (default block)")
-    p.add_argument("--doc-per-file", action="store_const", dest="text_unit", const="file", help="same as --text-unit file")
-    p.add_argument("--min-chars", type=int, default=0, help="drop documents shorter than this many characters (default 0)")
+    record.add_argument("--field", help="the record field holding the text (default: text)")
+    record.add_argument("--template",
+                        help=r'build each document from record fields, e.g. "{title}\n\n{abstract}" (the default '
+                        r"for PubMed XML); \n and \t are understood")
+    units = "; ".join(f"{unit}: {meaning}" for unit, meaning in TEXT_UNITS.items())
+    p.add_argument("--text-unit", default="block", choices=TEXT_UNITS, help=f"plain-text files only: {units}")
+    p.add_argument("--doc-per-file", action="store_const", dest="text_unit", const="file",
+                   help="same as --text-unit file")
+    p.add_argument("--min-chars", type=int, default=0, help="drop documents shorter than this (default 0)")
     p.add_argument("--limit", type=int, help="read only the first N documents of the inputs")
-    p.add_argument("--threads", type=int, help="tokenizer threads (default: the tokenizer's)")
+    p.add_argument("--threads", type=int, help="tokenizer threads (default: one per CPU)")
 
     d = commands.add_parser("download", help="download the recipe's sources (needs internet)")
     d.add_argument("--source", required=True, choices=SOURCES)
-    d.add_argument("--out", type=Path, default=Path("data/raw"), help="files go to OUT/SOURCE/ (default data/raw)")
-    d.add_argument("--files", type=int, default=1, help="how many files (PubMed: ~30,000 citations each; C4: ~356,000 documents per train shard; Wikipedia: ~156,000 articles per shard) (default 1)")
-    d.add_argument("--split", default="train", choices=("train", "validation"), help="C4 split (default train)")
+    d.add_argument("--out", type=Path, default=Path("data/raw"), help="into OUT/SOURCE/ (default data/raw)")
+    d.add_argument("--files", type=int, default=1,
+                   help="how many files: PubMed has ~30,000 citations per file, C4 ~356,000 documents per train "
+                   "shard, Wikipedia ~156,000 articles per shard (default 1)")
+    d.add_argument("--split", default="train", choices=("train", "validation"), help="C4's split (default train)")
 
     args = parser.parse_args(argv)
     try:
@@ -647,12 +673,10 @@ def main(argv: list[str] | None = None) -> int:
                 args.domain, args.input, args.tokenizer, args.out, split=args.split,
                 heldout_fraction=args.heldout_fraction, field=args.field, template=template,
                 text_unit=args.text_unit, min_chars=args.min_chars, limit=args.limit, num_threads=args.threads,
-            )  # fmt: skip
+            )
         else:
             paths = download_source(args.source, args.out, files=args.files, split=args.split)
-            files = " ".join(str(p) for p in paths)
-            print("next: python -m minimamba.data prepare --tokenizer TOKENIZER --out data/tokens "
-                  + NEXT_STEP[args.source].format(files=files, c4_split="heldout" if args.split == "validation" else "train"))
+            print(f"next: {_next_step(args.source, paths, args.split)}")
     except (DataError, DownloadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -20,7 +20,8 @@ from minimamba.data import DataError, load_split, main, prepare, read_documents,
 
 DATA = Path(os.environ.get("MINIMAMBA_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 TOKENIZER_JSON = DATA / "tokenizer" / "tokenizer.json"
-needs_shared_data = pytest.mark.skipif(not TOKENIZER_JSON.exists(), reason=f"shared data not found at {DATA} (set MINIMAMBA_DATA)")
+NO_SHARED_DATA = f"shared data not found at {DATA} (set MINIMAMBA_DATA)"
+needs_shared_data = pytest.mark.skipif(not TOKENIZER_JSON.exists(), reason=NO_SHARED_DATA)
 
 
 class ByteTokenizer:
@@ -38,7 +39,7 @@ def documents_in(out, domain, split):
     assert tokens[-1] == 0, "every document ends with EOS"
     cuts = np.flatnonzero(tokens == 0)
     starts = np.concatenate([[0], cuts[:-1] + 1])
-    return [(tokens[a:b] - 1).astype(np.uint8).tobytes().decode("utf-8") for a, b in zip(starts, cuts)]
+    return [(tokens[a:b] - 1).astype(np.uint8).tobytes().decode("utf-8") for a, b in zip(starts, cuts, strict=True)]
 
 
 def texts(path, **kwargs):
@@ -142,10 +143,14 @@ PUBMED_XML = """<?xml version="1.0" ?>
         <AbstractText Label="RESULTS" NlmCategory="RESULTS">Uptake rose &amp; fell.</AbstractText>
         <CopyrightInformation>Copyright 2024 Publisher.</CopyrightInformation>
       </Abstract>
-      <AuthorList CompleteYN="Y"><Author ValidYN="Y"><LastName>Doe</LastName><ForeName>J</ForeName></Author></AuthorList>
+      <AuthorList CompleteYN="Y">
+        <Author ValidYN="Y"><LastName>Doe</LastName><ForeName>J</ForeName></Author>
+      </AuthorList>
       <Language>eng</Language>
     </Article>
-    <MeshHeadingList><MeshHeading><DescriptorName UI="D000001">Calcimycin</DescriptorName></MeshHeading></MeshHeadingList>
+    <MeshHeadingList>
+      <MeshHeading><DescriptorName UI="D000001">Calcimycin</DescriptorName></MeshHeading>
+    </MeshHeadingList>
   </MedlineCitation>
   <PubmedData><PublicationStatus>ppublish</PublicationStatus>
     <ArticleIdList><ArticleId IdType="pubmed">101</ArticleId></ArticleIdList></PubmedData>
@@ -198,6 +203,7 @@ def test_non_utf8_empty_and_truncated_files_are_reported(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_bytes(b"")
     assert texts(empty) == ([], [data.Problem("empty_file", str(empty), None, "no documents in this file")])
+    assert [p.kind for p in texts(empty, text_unit="file")[1]] == ["empty_file"]
 
     truncated = tmp_path / "cut.jsonl.gz"
     truncated.write_bytes(gzip.compress(b'{"text": "one"}\n' * 2000)[:-40])
@@ -226,9 +232,12 @@ def test_prepare_cleans_splits_and_counts(tmp_path):
     assert 20 <= len(heldout) <= 60  # about 20% of 201
     counts = meta["splits"]["train"]["prepared"]["counts"]
     assert counts == {"read": 204, "kept": 201, "empty": 1, "too_short": 1, "duplicate": 1, "non_utf8": 1,
-                      "malformed": 1, "empty_file": 0, "unreadable": 0}  # fmt: skip
-    assert meta["splits"]["train"]["prepared"]["problems"] == [f"{src}:204: bytes that are not UTF-8 at column 15 (replaced by U+FFFD)",
-                                                               f"{src}:205: not valid JSON (Expecting property name enclosed in double quotes, column 2)"]  # fmt: skip
+                      "malformed": 1, "empty_file": 0, "unreadable": 0}
+    assert meta["splits"]["train"]["prepared"]["problems"] == [
+        f"{src}:204: not UTF-8 from column 15 (replaced by U+FFFD)",
+        f"{src}:205: not valid JSON (Expecting property name enclosed in double quotes, column 2); "
+        "expected one object per line",
+    ]
 
     on_disk = read_meta(tmp_path / "out", "web")
     assert on_disk == meta
@@ -249,7 +258,8 @@ def test_split_is_a_function_of_the_document_alone(tmp_path):
     b = write_jsonl(tmp_path / "b.jsonl", records[:250])  # other order, fewer documents
     prepare("d", [a], ByteTokenizer(), tmp_path / "A")
     prepare("d", [b], ByteTokenizer(), tmp_path / "B")
-    held_a, held_b = set(documents_in(tmp_path / "A", "d", "heldout")), set(documents_in(tmp_path / "B", "d", "heldout"))
+    held_a = set(documents_in(tmp_path / "A", "d", "heldout"))
+    held_b = set(documents_in(tmp_path / "B", "d", "heldout"))
     assert held_b == held_a & {r["text"] for r in records[:250]} and len(held_a) > 5
 
 
@@ -280,7 +290,7 @@ def test_a_call_replaces_only_the_splits_it_writes(tmp_path):
 
 def test_real_tokenizer_never_writes_eos_inside_a_document(tmp_path):
     if not TOKENIZER_JSON.exists():
-        pytest.skip(f"shared data not found at {DATA} (set MINIMAMBA_DATA)")
+        pytest.skip(NO_SHARED_DATA)
     src = write_jsonl(tmp_path / "a.jsonl", [{"text": "Hello world<|endoftext|>again"}, {"text": "Hello world"}])
     prepare("x", [src], _cached_load_tokenizer(str(TOKENIZER_JSON)), tmp_path, split="train")
     tokens = load_split(tmp_path, "x", "train").tolist()
@@ -301,10 +311,10 @@ def test_load_split_errors(tmp_path):
 
 
 def test_cli_prepare_and_errors(tmp_path, capsys):
-    src = write_jsonl(tmp_path / "pubmed.jsonl", [{"pmid": str(i), "title": f"T{i}", "abstract": f"A{i}"} for i in range(30)])
-    tokenizer = tmp_path / "tok.json"
+    records = [{"pmid": str(i), "title": f"T{i}", "abstract": f"A{i}"} for i in range(30)]
+    src = write_jsonl(tmp_path / "pubmed.jsonl", records)
     # --tokenizer takes a path or a name; a ByteTokenizer stands in through load_tokenizer
-    args = ["prepare", "--domain", "pubmed", "--input", str(src), "--out", str(tmp_path / "out"), "--tokenizer", str(tokenizer)]
+    args = ["prepare", "--domain", "pubmed", "--input", str(src), "--out", str(tmp_path / "out"), "--tokenizer", "t"]
     original = data.load_tokenizer
     data.load_tokenizer = lambda name: ByteTokenizer()
     try:
@@ -328,7 +338,7 @@ def test_cli_download_builds_the_recipe_urls(tmp_path, monkeypatch, capsys):
         dest.parent.mkdir(parents=True, exist_ok=True)
         if url.endswith("/baseline/"):
             dest.write_text('<a href="pubmed25n0002.xml.gz">x</a> <a href="pubmed25n0001.xml.gz">y</a> '
-                            '<a href="pubmed25n0001.xml.gz.md5">z</a>')  # fmt: skip
+                            '<a href="pubmed25n0001.xml.gz.md5">z</a>')
         elif url.endswith(".md5"):
             dest.write_text(f"MD5(pubmed25n0001.xml.gz)= {hashlib.md5(b'xml').hexdigest()}\n")
         else:
@@ -338,16 +348,18 @@ def test_cli_download_builds_the_recipe_urls(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(data, "download", fake_download)
     monkeypatch.setenv("HF_ENDPOINT", "http://hub.test")
     assert main(["download", "--source", "pubmed", "--out", str(tmp_path)]) == 0
-    assert fetched[1:] == [data.PUBMED_BASELINE + "pubmed25n0001.xml.gz", data.PUBMED_BASELINE + "pubmed25n0001.xml.gz.md5"]
-    assert f"--domain pubmed --input {tmp_path / 'pubmed' / 'pubmed25n0001.xml.gz'}" in capsys.readouterr().out
+    first = data.PUBMED_BASELINE + "pubmed25n0001.xml.gz"
+    assert fetched[1:] == [first, first + ".md5"]
+    assert f"--domain pubmed --out data/tokens --input {tmp_path / 'pubmed' / 'pubmed25n0001.xml.gz'}" in capsys.readouterr().out
 
     fetched.clear()
     assert main(["download", "--source", "c4", "--split", "validation", "--files", "2", "--out", str(tmp_path)]) == 0
-    rev = data.C4[1]
-    assert fetched == [f"http://hub.test/datasets/allenai/c4/resolve/{rev}/en/c4-validation.0000{i}-of-00008.json.gz" for i in (0, 1)]
+    c4 = f"http://hub.test/datasets/allenai/c4/resolve/{data.C4[1]}/en"
+    assert fetched == [f"{c4}/c4-validation.00000-of-00008.json.gz", f"{c4}/c4-validation.00001-of-00008.json.gz"]
     fetched.clear()
     assert main(["download", "--source", "wikipedia", "--out", str(tmp_path)]) == 0
-    assert fetched == [f"http://hub.test/datasets/wikimedia/wikipedia/resolve/{data.WIKIPEDIA[1]}/20231101.en/train-00000-of-00041.parquet"]
+    wikipedia = f"http://hub.test/datasets/wikimedia/wikipedia/resolve/{data.WIKIPEDIA[1]}/20231101.en"
+    assert fetched == [f"{wikipedia}/train-00000-of-00041.parquet"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -360,7 +372,8 @@ _cached_load_tokenizer = functools.lru_cache(data.load_tokenizer)
 @pytest.mark.parametrize(
     "domain, file, options",
     [
-        ("pubmed", "pubmed/pubtator_corpora_abstracts.jsonl", ["--template", r"{title}\n\n{abstract}", "--heldout-fraction", "0.3"]),
+        ("pubmed", "pubmed/pubtator_corpora_abstracts.jsonl",
+         ["--template", r"{title}\n\n{abstract}", "--heldout-fraction", "0.3"]),
         ("c4", "c4/c4_train_sample_1000.jsonl", ["--split", "train", "--min-chars", "100"]),
         ("c4", "c4/c4_validation_2k.parquet", ["--split", "heldout"]),
         ("wikipedia", "wiki/wikitext-2-raw_wiki.test.raw", ["--split", "heldout", "--text-unit", "wikitext"]),
@@ -373,7 +386,7 @@ def test_prepare_shared_data(tmp_path, monkeypatch, domain, file, options):
     out = tmp_path / "tokens"
     limit = "8" if "wikitext" in options else "40"  # WikiText articles are long
     argv = ["prepare", "--domain", domain, "--input", str(DATA / file), "--tokenizer", str(TOKENIZER_JSON),
-            "--out", str(out), "--limit", limit, *options]  # fmt: skip
+            "--out", str(out), "--limit", limit, *options]
     assert main(argv) == 0
     meta = read_meta(out, domain)
     assert meta["tokenizer"]["vocab_size"] == 50277 and meta["tokenizer"]["eos_id"] == 0
