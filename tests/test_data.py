@@ -184,6 +184,9 @@ def test_pubmed_baseline_xml(tmp_path):
     ]
     assert problems == []
     assert texts(path, field="pmid")[0] == ["101", "102", "103"]
+    meta = prepare("pubmed", [path], ByteTokenizer(), tmp_path / "out", split="train")
+    assert meta["splits"]["train"]["documents"] == 2 and meta["splits"]["train"]["prepared"]["counts"]["empty"] == 1
+    assert documents_in(tmp_path / "out", "pubmed", "train") == [found[0], found[2]]
 
     broken = tmp_path / "broken.xml"
     broken.write_text(PUBMED_XML[: PUBMED_XML.index("<PubmedArticle>", 200)] + "<PubmedArticle><oops></PubmedArticle>")
@@ -310,24 +313,20 @@ def test_load_split_errors(tmp_path):
 # command line
 
 
-def test_cli_prepare_and_errors(tmp_path, capsys):
+def test_cli_prepare_and_errors(tmp_path, monkeypatch, capsys):
     records = [{"pmid": str(i), "title": f"T{i}", "abstract": f"A{i}"} for i in range(30)]
     src = write_jsonl(tmp_path / "pubmed.jsonl", records)
     # --tokenizer takes a path or a name; a ByteTokenizer stands in through load_tokenizer
     args = ["prepare", "--domain", "pubmed", "--input", str(src), "--out", str(tmp_path / "out"), "--tokenizer", "t"]
-    original = data.load_tokenizer
-    data.load_tokenizer = lambda name: ByteTokenizer()
-    try:
-        assert main(args + ["--template", r"{title}\n\n{abstract}", "--split", "train", "--limit", "20"]) == 0
-        assert documents_in(tmp_path / "out", "pubmed", "train") == [f"T{i}\n\nA{i}" for i in range(20)]
-        assert "pubmed: read 20 documents" in capsys.readouterr().out
+    monkeypatch.setattr(data, "load_tokenizer", lambda name: ByteTokenizer())
+    assert main(args + ["--template", r"{title}\n\n{abstract}", "--split", "train", "--limit", "20"]) == 0
+    assert documents_in(tmp_path / "out", "pubmed", "train") == [f"T{i}\n\nA{i}" for i in range(20)]
+    assert "pubmed: read 20 documents" in capsys.readouterr().out
 
-        assert main(args + ["--field", "summary"]) == 2
-        assert "no field 'summary'; the available fields are pmid, title, abstract" in capsys.readouterr().err
-        assert main(args[:4] + [str(tmp_path / "nope.jsonl")] + args[5:]) == 2
-        assert "input file(s) not found" in capsys.readouterr().err
-    finally:
-        data.load_tokenizer = original
+    assert main(args + ["--field", "summary"]) == 2
+    assert "no field 'summary'; the available fields are pmid, title, abstract" in capsys.readouterr().err
+    assert main(args[:4] + [str(tmp_path / "nope.jsonl")] + args[5:]) == 2
+    assert "input file(s) not found" in capsys.readouterr().err
 
 
 def test_cli_download_builds_the_recipe_urls(tmp_path, monkeypatch, capsys):
@@ -350,7 +349,8 @@ def test_cli_download_builds_the_recipe_urls(tmp_path, monkeypatch, capsys):
     assert main(["download", "--source", "pubmed", "--out", str(tmp_path)]) == 0
     first = data.PUBMED_BASELINE + "pubmed25n0001.xml.gz"
     assert fetched[1:] == [first, first + ".md5"]
-    assert f"--domain pubmed --out data/tokens --input {tmp_path / 'pubmed' / 'pubmed25n0001.xml.gz'}" in capsys.readouterr().out
+    next_step = f"prepare --domain pubmed --out data/tokens --input {tmp_path / 'pubmed' / 'pubmed25n0001.xml.gz'}"
+    assert next_step in capsys.readouterr().out
 
     fetched.clear()
     assert main(["download", "--source", "c4", "--split", "validation", "--files", "2", "--out", str(tmp_path)]) == 0
