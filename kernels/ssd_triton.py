@@ -1,0 +1,985 @@
+r"""The chunked SSD scan of Mamba2 in Triton: forward and backward, one program per stage.
+
+Read it next to `minimamba/ssd.py`, whose glossary it uses. For one batch element, head h (of group g)
+and chunk c of Q tokens, with t, s the positions inside the chunk, cs the chunk-local cumulative
+log-decay and S_in[c] the state entering the chunk, the forward is
+
+    stage 1  cs[t]      = Σ_{k≤t} dt_k·A                                   _chunk_cumsum_fwd_kernel
+    stage 2  S_c        = Σ_s exp(cs[Q-1] − cs[s])·dt_s · x_s B_sᵀ          _chunk_state_kernel
+    stage 3  S_in[c+1]  = exp(cs[Q-1])·S_in[c] + S_c,   S_in[0] = h_0       _state_passing_fwd_kernel
+    stage 4  CB[t, s]   = C_t·B_s                                          _chunk_cb_kernel
+    stage 5  y_t        = Σ_{s≤t} CB[t,s]·exp(cs[t] − cs[s])·dt_s x_s       _chunk_scan_fwd_kernel
+                          + exp(cs[t])·S_in[c] C_t + D·x_t
+
+which are steps 1–4 of `ssd_chunked` (stage 5 is steps 1 and 4 fused). The backward differentiates
+each stage by hand (derivations in the docstrings of the `_bwd` kernels) and runs stages 1–4 again
+instead of keeping their outputs. Each forward stage has a small PyTorch `_ref` next to its kernel
+that the tests compare it with; the backward is compared with autograd through `ssd_chunked` in float64.
+
+Conventions shared by every program:
+  * all tensors are contiguous (the wrapper makes them so), so offsets are computed from the sizes:
+      x, y, dy, dx  (batch, seqlen, H, P)     dt, ddt (batch, seqlen, H)     B, C (batch, seqlen, G, N)
+      cs and every per-token fp32 buffer (batch, H, nchunks, Q)
+      CB (batch, nchunks, G, Q, Q)            states (batch, nchunks, H, P, N)
+  * one program covers the whole head dimension P and state dimension N (padded to powers of two
+    ≥ 16, the smallest `tl.dot` tile); tiles run along the sequence only;
+  * the last chunk may be partial: positions ≥ seqlen are loaded as 0, in particular dt = 0, so cs
+    stays constant after the last token and cs[Q-1] is the chunk's total decay for every chunk;
+  * every decay is computed as exp(min(Δ, 0)): Δ ≤ 0 wherever it is used, and the clamp keeps masked
+    entries of a tile (where Δ can be anything) from becoming inf and then inf·0 = NaN;
+  * decays, cumulative sums, states and accumulators are fp32; `tl.dot` operands are in the input
+    dtype (`DOT_DTYPE`) with fp32 accumulation, and fp32 dots use IEEE precision, not TF32.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from minimamba.ssd import _check
+
+INTERPRET = bool(triton.knobs.runtime.interpret)  # TRITON_INTERPRET=1: programs run on CPU tensors
+
+
+def _autotune(configs, interpreter_config, key=("chunk_size", "headdim", "dstate")):
+    """Benchmark `configs` (tile sizes along the sequence, warps, pipeline stages) once per `key` on
+    the GPU. Under the interpreter, use `interpreter_config` only: small tiles (16/32) so that the CPU
+    tests cross tile boundaries and the causal diagonal falls inside a tile, and no benchmarking."""
+    return triton.autotune(configs=[interpreter_config] if INTERPRET else configs, key=list(key))
+
+
+def _cfg(num_warps=4, num_stages=2, **tiles):
+    return triton.Config(tiles, num_warps=num_warps, num_stages=num_stages)
+
+
+# ==================================================================================================
+# Stage 1: the chunk-local cumulative log-decay
+# ==================================================================================================
+@triton.jit
+def _chunk_cumsum_fwd_kernel(
+    dt_ptr,  # (batch, seqlen, H) step sizes, positive
+    A_ptr,  # (H,) negative
+    cs_ptr,  # out (batch, H, nchunks, Q) fp32
+    seqlen, nheads, nchunks, chunk_size,
+    BLOCK_Q: tl.constexpr,  # next power of two ≥ Q
+):
+    """cs[t] = Σ_{k≤t} dt_k·A for the Q positions t of one chunk of one head, in fp32.
+
+    Tile: the BLOCK_Q positions of the chunk. Grid: (nchunks, batch, H).
+    """
+    pid_c = tl.program_id(0)  # which chunk
+    pid_b = tl.program_id(1)  # which batch element
+    pid_h = tl.program_id(2)  # which head
+    offs_t = tl.arange(0, BLOCK_Q)  # position inside the chunk
+    pos = pid_c * chunk_size + offs_t  # position in the sequence
+    in_chunk = offs_t < chunk_size  # BLOCK_Q may exceed Q
+    # positions past the end of the sequence get dt = 0: no decay, so cs stays constant there
+    dt = tl.load(dt_ptr + (pid_b * seqlen + pos) * nheads + pid_h, mask=in_chunk & (pos < seqlen), other=0.0)
+    A = tl.load(A_ptr + pid_h).to(tl.float32)
+    cs = tl.cumsum(dt.to(tl.float32) * A, axis=0)
+    tl.store(cs_ptr + ((pid_b * nheads + pid_h) * nchunks + pid_c) * chunk_size + offs_t, cs, mask=in_chunk)
+
+
+def chunk_cumsum_ref(dt, A, chunk_size):
+    """PyTorch reference of stage 1: (batch, seqlen, H) -> cs (batch, H, nchunks, Q)."""
+    b, l, h = dt.shape
+    nc = triton.cdiv(l, chunk_size)
+    dA = torch.nn.functional.pad(dt.float() * A.float(), (0, 0, 0, nc * chunk_size - l))  # dt = 0 past l
+    return dA.view(b, nc, chunk_size, h).cumsum(2).permute(0, 3, 1, 2)
+
+
+# ==================================================================================================
+# Stage 2: chunk states (and, in the backward, the gradient of the entering states)
+# ==================================================================================================
+@_autotune(
+    [_cfg(BLOCK_S=64, num_stages=3), _cfg(BLOCK_S=32, num_stages=4), _cfg(BLOCK_S=64, num_warps=8)],
+    _cfg(BLOCK_S=16),
+)
+@triton.jit
+def _chunk_state_kernel(
+    u_ptr,  # (batch, seqlen, H, P): x (forward) or dy (backward)
+    v_ptr,  # (batch, seqlen, G, N): B (forward) or C (backward)
+    dt_ptr,  # (batch, seqlen, H)
+    cs_ptr,  # (batch, H, nchunks, Q) from stage 1
+    out_ptr,  # out (batch, nchunks, H, P, N) fp32
+    seqlen, nheads, headdim, ngroups, dstate, nchunks, chunk_size,
+    TO_CHUNK_END: tl.constexpr,  # which weight w_s (see the docstring)
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,  # ≥ P, ≥ N
+    BLOCK_S: tl.constexpr,  # positions per step of the loop over the chunk
+):
+    """out[c][p, n] = Σ_{s in chunk c} u_s[p] · w_s · v_s[n], one P×N matrix per chunk and head.
+
+    TO_CHUNK_END=True, the forward stage 2 (u = x, v = B): w_s = exp(cs[Q-1] − cs[s])·dt_s, so out is
+    S_c, the state the chunk would end in had it started from zero.
+    TO_CHUNK_END=False, the backward of stage 5's state term (u = dy, v = C): w_t = exp(cs[t]), so out
+    is ∂L/∂S_in[c] through the outputs of chunk c (y_t = exp(cs[t])·S_in[c] C_t + …).
+    The two are transposes of each other: one carries tokens to the chunk end, the other the chunk
+    start to the tokens.
+
+    Tile: the whole (P, N) matrix; the loop runs over the chunk in steps of BLOCK_S positions, each a
+    (P × BLOCK_S)·(BLOCK_S × N) dot. Grid: (batch·nchunks, H).
+    """
+    pid_bc = tl.program_id(0)  # (batch element, chunk) flattened
+    pid_h = tl.program_id(1)  # which head
+    pid_b, pid_c = pid_bc // nchunks, pid_bc % nchunks
+    pid_g = pid_h // (nheads // ngroups)  # the group whose B/C this head reads
+    chunk_start = pid_c * chunk_size
+    chunk_len = tl.minimum(chunk_size, seqlen - chunk_start)  # < Q only for the last chunk
+    # move every pointer to (batch element, chunk start, head or group)
+    row0 = pid_b.to(tl.int64) * seqlen + chunk_start
+    u_ptr += row0 * nheads * headdim + pid_h * headdim
+    v_ptr += row0 * ngroups * dstate + pid_g * dstate
+    dt_ptr += row0 * nheads + pid_h
+    cs_ptr += ((pid_b * nheads + pid_h) * nchunks + pid_c) * chunk_size
+
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_s = tl.arange(0, BLOCK_S)
+    cs_last = tl.load(cs_ptr + chunk_size - 1)
+    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for s0 in range(0, chunk_len, BLOCK_S):
+        s = s0 + offs_s
+        s_mask = s < chunk_len
+        # u loaded transposed, (P, BLOCK_S), so that the sum over s is a dot
+        uT = tl.load(u_ptr + s[None, :] * (nheads * headdim) + offs_p[:, None],
+                     mask=(offs_p[:, None] < headdim) & s_mask[None, :], other=0.0)
+        v = tl.load(v_ptr + s[:, None] * (ngroups * dstate) + offs_n[None, :],
+                    mask=s_mask[:, None] & (offs_n[None, :] < dstate), other=0.0)
+        cs_s = tl.load(cs_ptr + s, mask=s_mask, other=0.0)
+        if TO_CHUNK_END:
+            dt_s = tl.load(dt_ptr + s * nheads, mask=s_mask, other=0.0).to(tl.float32)
+            w = tl.exp(tl.minimum(cs_last - cs_s, 0.0)) * dt_s
+        else:
+            w = tl.exp(tl.minimum(cs_s, 0.0))
+        # the weight goes on v in fp32, then both operands are cast for the tensor cores
+        acc += tl.dot(uT.to(DOT_DTYPE), (v.to(tl.float32) * w[:, None]).to(DOT_DTYPE),
+                      input_precision=DOT_PRECISION)
+    out_ptr += ((pid_b * nchunks + pid_c) * nheads + pid_h).to(tl.int64) * headdim * dstate
+    tl.store(out_ptr + offs_p[:, None] * dstate + offs_n[None, :], acc,
+             mask=(offs_p[:, None] < headdim) & (offs_n[None, :] < dstate))
+
+
+def chunk_state_ref(x, dt, B, cs):
+    """PyTorch reference of stage 2: the chunk states S_c (batch, nchunks, H, P, N), fp32."""
+    b, l, h, p = x.shape
+    _, _, nc, Q = cs.shape
+    pad = (0, 0, 0, 0, 0, nc * Q - l)
+    X = torch.nn.functional.pad(x.float(), pad).view(b, nc, Q, h, p)
+    Bh = torch.nn.functional.pad(B.float().repeat_interleave(h // B.shape[2], 2), pad).view(b, nc, Q, h, -1)
+    dt_c = torch.nn.functional.pad(dt.float(), pad[2:]).view(b, nc, Q, h)
+    w = torch.exp(cs[..., -1:] - cs).permute(0, 2, 3, 1) * dt_c  # (b, c, Q, H)
+    return torch.einsum("bcsh,bcshp,bcshn->bchpn", w, X, Bh)
+
+
+# ==================================================================================================
+# Stage 3: the inter-chunk recurrence
+# ==================================================================================================
+@triton.jit
+def _state_passing_fwd_kernel(
+    chunk_states_ptr,  # (batch, nchunks, H, P·N) fp32, S_c from stage 2
+    cs_ptr,  # (batch, H, nchunks, Q)
+    h0_ptr,  # (batch, H, P·N) initial state, or None
+    states_ptr,  # out (batch, nchunks, H, P·N) fp32: the state entering each chunk
+    final_ptr,  # out (batch, H, P·N) fp32: the state after the last token
+    nheads, state_size, nchunks, chunk_size,
+    HAS_INITIAL: tl.constexpr,
+    BLOCK: tl.constexpr,  # state entries per program
+):
+    """S_in[0] = h_0 (or 0);  S_in[c+1] = exp(cs_c[Q-1])·S_in[c] + S_c;  final = S_in[nchunks].
+
+    The only sequential loop of the forward, over the chunks (T/Q steps instead of T), in fp32.
+    Tile: BLOCK entries of the flattened P·N state; every entry evolves on its own.
+    Grid: (cdiv(P·N, BLOCK), batch, H).
+    """
+    pid_blk = tl.program_id(0)  # which block of state entries
+    pid_b = tl.program_id(1)
+    pid_h = tl.program_id(2)
+    offs = pid_blk * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < state_size
+    if HAS_INITIAL:
+        h = tl.load(h0_ptr + (pid_b * nheads + pid_h).to(tl.int64) * state_size + offs, mask=mask, other=0.0)
+        h = h.to(tl.float32)
+    else:
+        h = tl.zeros((BLOCK,), dtype=tl.float32)
+    cs_ptr += (pid_b * nheads + pid_h) * nchunks * chunk_size
+    for c in range(nchunks):
+        idx = ((pid_b * nchunks + c) * nheads + pid_h).to(tl.int64) * state_size + offs
+        tl.store(states_ptr + idx, h, mask=mask)  # the state entering chunk c
+        chunk_decay = tl.exp(tl.load(cs_ptr + c * chunk_size + chunk_size - 1))  # exp(total of chunk c)
+        h = chunk_decay * h + tl.load(chunk_states_ptr + idx, mask=mask, other=0.0)
+    tl.store(final_ptr + (pid_b * nheads + pid_h).to(tl.int64) * state_size + offs, h, mask=mask)
+
+
+def state_passing_ref(chunk_states, cs, initial_state=None):
+    """PyTorch reference of stage 3: (states entering each chunk, final state), both fp32."""
+    h = torch.zeros_like(chunk_states[:, 0]) if initial_state is None else initial_state.float()
+    entering = []
+    for c in range(chunk_states.shape[1]):
+        entering.append(h)
+        h = torch.exp(cs[:, :, c, -1])[..., None, None] * h + chunk_states[:, c]
+    return torch.stack(entering, 1), h
+
+
+# ==================================================================================================
+# Stage 4: C·Bᵀ inside each chunk
+# ==================================================================================================
+@_autotune(
+    [_cfg(BLOCK_T=64, BLOCK_S=64), _cfg(BLOCK_T=128, BLOCK_S=64, num_warps=8)],
+    _cfg(BLOCK_T=32, BLOCK_S=16),
+    key=("chunk_size", "dstate"),
+)
+@triton.jit
+def _chunk_cb_kernel(
+    C_ptr, B_ptr,  # (batch, seqlen, G, N)
+    cb_ptr,  # out (batch, nchunks, G, Q, Q) fp32
+    seqlen, ngroups, dstate, nchunks, chunk_size,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # ≥ N
+    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,  # rows t and columns s of the Q×Q matrix
+):
+    """CB[t, s] = C_t·B_s for one chunk and group: the "attention scores" of the chunk, shared by the
+    heads of the group. Positions past the sequence end give 0.
+
+    Tile: BLOCK_T × BLOCK_S entries, one (BLOCK_T × N)·(N × BLOCK_S) dot. Every tile is computed,
+    also above the diagonal (cheap, and the readers mask s ≤ t themselves).
+    Grid: (cdiv(Q, BLOCK_T)·cdiv(Q, BLOCK_S), batch·nchunks, G).
+    """
+    pid_ts = tl.program_id(0)  # (row tile, column tile) flattened
+    pid_bc = tl.program_id(1)
+    pid_g = tl.program_id(2)
+    n_s_tiles = tl.cdiv(chunk_size, BLOCK_S)
+    pid_t, pid_s = pid_ts // n_s_tiles, pid_ts % n_s_tiles
+    pid_b, pid_c = pid_bc // nchunks, pid_bc % nchunks
+    chunk_start = pid_c * chunk_size
+    chunk_len = tl.minimum(chunk_size, seqlen - chunk_start)
+    row0 = pid_b.to(tl.int64) * seqlen + chunk_start
+    C_ptr += row0 * ngroups * dstate + pid_g * dstate
+    B_ptr += row0 * ngroups * dstate + pid_g * dstate
+
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_n = tl.arange(0, BLOCK_N)
+    c = tl.load(C_ptr + offs_t[:, None] * (ngroups * dstate) + offs_n[None, :],
+                mask=(offs_t[:, None] < chunk_len) & (offs_n[None, :] < dstate), other=0.0)
+    bT = tl.load(B_ptr + offs_s[None, :] * (ngroups * dstate) + offs_n[:, None],  # B transposed, (N, BLOCK_S)
+                 mask=(offs_s[None, :] < chunk_len) & (offs_n[:, None] < dstate), other=0.0)
+    cb = tl.dot(c.to(DOT_DTYPE), bT.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+    cb_ptr += ((pid_b * nchunks + pid_c) * ngroups + pid_g).to(tl.int64) * chunk_size * chunk_size
+    tl.store(cb_ptr + offs_t[:, None] * chunk_size + offs_s[None, :], cb,
+             mask=(offs_t[:, None] < chunk_size) & (offs_s[None, :] < chunk_size))
+
+
+def chunk_cb_ref(C, B, chunk_size):
+    """PyTorch reference of stage 4: CB (batch, nchunks, G, Q, Q), fp32."""
+    b, l, g, n = C.shape
+    nc = triton.cdiv(l, chunk_size)
+    pad = (0, 0, 0, 0, 0, nc * chunk_size - l)
+    Cc = torch.nn.functional.pad(C.float(), pad).view(b, nc, chunk_size, g, n)
+    Bc = torch.nn.functional.pad(B.float(), pad).view(b, nc, chunk_size, g, n)
+    return torch.einsum("bctgn,bcsgn->bcgts", Cc, Bc)
+
+
+# ==================================================================================================
+# Stage 5: the outputs
+# ==================================================================================================
+@_autotune(
+    [_cfg(BLOCK_T=64, BLOCK_S=64), _cfg(BLOCK_T=128, BLOCK_S=64, num_warps=8), _cfg(BLOCK_T=64, BLOCK_S=32, num_stages=3)],
+    _cfg(BLOCK_T=32, BLOCK_S=16),
+)
+@triton.jit
+def _chunk_scan_fwd_kernel(
+    x_ptr,  # (batch, seqlen, H, P)
+    dt_ptr,  # (batch, seqlen, H)
+    cs_ptr,  # (batch, H, nchunks, Q) from stage 1
+    cb_ptr,  # (batch, nchunks, G, Q, Q) from stage 4
+    C_ptr,  # (batch, seqlen, G, N)
+    states_ptr,  # (batch, nchunks, H, P, N) fp32, S_in from stage 3
+    D_ptr,  # (H,) or None
+    y_ptr,  # out (batch, seqlen, H, P), x's dtype
+    seqlen, nheads, headdim, ngroups, dstate, nchunks, chunk_size,
+    HAS_D: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,  # ≥ P, ≥ N
+    BLOCK_T: tl.constexpr,  # output rows per program
+    BLOCK_S: tl.constexpr,  # source positions per step of the causal loop
+):
+    """y_t = exp(cs[t])·S_in[c] C_t                              (state to output, `Y_off`)
+           + Σ_{s≤t} CB[t,s]·exp(cs[t] − cs[s])·dt_s · x_s      (intra-chunk, `Y_diag`)
+           + D·x_t
+
+    Tile: BLOCK_T rows t × all P channels. The state term is one (BLOCK_T × N)·(N × P) dot; the
+    intra-chunk term loops over the source positions s = 0 … last row of the tile in steps of BLOCK_S
+    (causal: tiles right of the diagonal are never visited), each a (BLOCK_T × BLOCK_S)·(BLOCK_S × P)
+    dot whose left operand is the masked, decayed score matrix.
+    Grid: (cdiv(Q, BLOCK_T), batch·nchunks, H).
+    """
+    pid_t = tl.program_id(0)  # which tile of rows t
+    pid_bc = tl.program_id(1)
+    pid_h = tl.program_id(2)
+    pid_b, pid_c = pid_bc // nchunks, pid_bc % nchunks
+    pid_g = pid_h // (nheads // ngroups)
+    chunk_start = pid_c * chunk_size
+    chunk_len = tl.minimum(chunk_size, seqlen - chunk_start)
+    row0 = pid_b.to(tl.int64) * seqlen + chunk_start
+    x_ptr += row0 * nheads * headdim + pid_h * headdim
+    y_ptr += row0 * nheads * headdim + pid_h * headdim
+    dt_ptr += row0 * nheads + pid_h
+    C_ptr += row0 * ngroups * dstate + pid_g * dstate
+    cs_ptr += ((pid_b * nheads + pid_h) * nchunks + pid_c) * chunk_size
+    cb_ptr += ((pid_b * nchunks + pid_c) * ngroups + pid_g).to(tl.int64) * chunk_size * chunk_size
+    states_ptr += ((pid_b * nchunks + pid_c) * nheads + pid_h).to(tl.int64) * headdim * dstate
+
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    t_mask = offs_t < chunk_len
+    p_mask = offs_p < headdim
+    cs_t = tl.load(cs_ptr + offs_t, mask=offs_t < chunk_size, other=0.0)
+
+    # state to output: exp(cs[t]) · C_t · S_inᵀ, S_in read transposed as (N, P)
+    c = tl.load(C_ptr + offs_t[:, None] * (ngroups * dstate) + offs_n[None, :],
+                mask=t_mask[:, None] & (offs_n[None, :] < dstate), other=0.0)
+    sT = tl.load(states_ptr + offs_p[None, :] * dstate + offs_n[:, None],
+                 mask=p_mask[None, :] & (offs_n[:, None] < dstate), other=0.0)
+    acc = tl.dot(c.to(DOT_DTYPE), sT.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+    acc *= tl.exp(tl.minimum(cs_t, 0.0))[:, None]
+
+    # intra-chunk: the causal loop over s ≤ t
+    s_end = tl.minimum((pid_t + 1) * BLOCK_T, chunk_len)
+    for s0 in range(0, s_end, BLOCK_S):
+        s = s0 + offs_s
+        s_mask = s < chunk_len
+        cb = tl.load(cb_ptr + offs_t[:, None] * chunk_size + s[None, :],
+                     mask=(offs_t[:, None] < chunk_size) & (s[None, :] < chunk_size), other=0.0)
+        cs_s = tl.load(cs_ptr + s, mask=s_mask, other=0.0)
+        dt_s = tl.load(dt_ptr + s * nheads, mask=s_mask, other=0.0).to(tl.float32)
+        scores = cb * tl.exp(tl.minimum(cs_t[:, None] - cs_s[None, :], 0.0)) * dt_s[None, :]
+        scores = tl.where(offs_t[:, None] >= s[None, :], scores, 0.0)  # the causal mask L
+        xs = tl.load(x_ptr + s[:, None] * (nheads * headdim) + offs_p[None, :],
+                     mask=s_mask[:, None] & p_mask[None, :], other=0.0)
+        acc += tl.dot(scores.to(DOT_DTYPE), xs.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+
+    io_mask = t_mask[:, None] & p_mask[None, :]
+    if HAS_D:
+        xt = tl.load(x_ptr + offs_t[:, None] * (nheads * headdim) + offs_p[None, :], mask=io_mask, other=0.0)
+        acc += tl.load(D_ptr + pid_h).to(tl.float32) * xt.to(tl.float32)
+    tl.store(y_ptr + offs_t[:, None] * (nheads * headdim) + offs_p[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=io_mask)
+
+
+# stage 5's reference is `minimamba.ssd.ssd_chunked` itself (its steps 1 and 4 plus D·x).
+
+
+# ==================================================================================================
+# Backward
+# ==================================================================================================
+# Write u_s = dt_s·x_s, dy = ∂L/∂y and dA_j = dt_j·A. Inside chunk c the forward is
+#
+#     y_t = Σ_{s≤t} CB[t,s]·exp(cs[t] − cs[s])·u_s + exp(cs[t])·S_in[c] C_t + D·x_t
+#     S_c = Σ_s exp(cs[Q-1] − cs[s])·u_s B_sᵀ,   S_in[c+1] = exp(α_c)·S_in[c] + S_c,   α_c = cs[Q-1]
+#
+# with cs[t] − cs[s] = dA_{s+1} + … + dA_t. Differentiating term by term (program that computes it):
+#
+#   ∂L/∂S_in[c] from y   = Σ_t exp(cs[t])·dy_t C_tᵀ                          _chunk_state_kernel
+#   ∂L/∂S_c, ∂L/∂α_c, ∂L/∂h_0 by a reverse scan over chunks                 _state_passing_bwd_kernel
+#   ∂L/∂u_s  = Σ_{t≥s} CB[t,s]·exp(cs[t] − cs[s])·dy_t + exp(cs[Q-1] − cs[s])·∂L/∂S_c B_s
+#              → dx = dt·∂L/∂u + D·dy,  ∂L/∂dt (through u) = ⟨∂L/∂u, x⟩         _chunk_scan_bwd_dx_kernel
+#   ∂L/∂B_s  = Σ_h [exp(cs[Q-1] − cs[s])·dt_s·x_sᵀ ∂L/∂S_c + Σ_{t≥s} G[t,s]·C_t]  _chunk_scan_bwd_db_kernel
+#   ∂L/∂C_t  = Σ_h [exp(cs[t])·dy_tᵀ S_in[c]      + Σ_{s≤t} G[t,s]·B_s]        _chunk_scan_bwd_dc_kernel
+#              with G[t,s] = exp(cs[t] − cs[s])·dt_s·(dy_t·x_s), s ≤ t
+#   ∂L/∂dA_j collected from four terms, then ∂L/∂dt and ∂L/∂A                 _chunk_cumsum_bwd_kernel
+#
+# The decay gradient is assembled from terms that each contain only decays ≤ 1: it is never formed
+# as a difference of large quantities (such as ⟨y, dy⟩ − dt·∂L/∂dt) followed by a cumulative sum,
+# which cancels catastrophically once the decays are strong.
+
+
+@triton.jit
+def _state_passing_bwd_kernel(
+    states_ptr,  # (batch, nchunks, H, P·N) fp32, S_in from the forward
+    dstates_ptr,  # (batch, nchunks, H, P·N) fp32, ∂L/∂S_in[c] through the outputs of chunk c
+    cs_ptr,  # (batch, H, nchunks, Q)
+    dfinal_ptr,  # (batch, H, P·N) ∂L/∂final, or None
+    dchunk_ptr,  # out (batch, nchunks, H, P·N) fp32: ∂L/∂S_c
+    dalpha_ptr,  # out (batch, H, nchunks, n_blocks) fp32: this block's part of ∂L/∂α_c
+    dh0_ptr,  # out (batch, H, P·N) fp32: ∂L/∂h_0, or None
+    nheads, state_size, nchunks, chunk_size,
+    HAS_DFINAL: tl.constexpr, HAS_INITIAL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The recurrence S_in[c+1] = exp(α_c)·S_in[c] + S_c run backwards. With g = ∂L/∂S_in[c+1]
+    (total, starting from ∂L/∂final), for c = nchunks-1 … 0:
+
+        ∂L/∂S_c = g,    ∂L/∂α_c = exp(α_c)·⟨S_in[c], g⟩,    g ← exp(α_c)·g + ∂L/∂S_in[c] from y,
+
+    and finally ∂L/∂h_0 = g. Tile: BLOCK entries of the flattened state; ∂L/∂α_c is a sum over all
+    entries, so each program writes its partial sum and the host adds them.
+    Grid: (n_blocks = cdiv(P·N, BLOCK), batch, H).
+    """
+    pid_blk = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    pid_h = tl.program_id(2)
+    n_blocks = tl.num_programs(0)
+    offs = pid_blk * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < state_size
+    bh = (pid_b * nheads + pid_h).to(tl.int64)
+    if HAS_DFINAL:
+        g = tl.load(dfinal_ptr + bh * state_size + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        g = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(nchunks):
+        c = nchunks - 1 - i
+        idx = ((pid_b * nchunks + c) * nheads + pid_h).to(tl.int64) * state_size + offs
+        tl.store(dchunk_ptr + idx, g, mask=mask)
+        chunk_decay = tl.exp(tl.load(cs_ptr + (bh * nchunks + c) * chunk_size + chunk_size - 1))
+        s_in = tl.load(states_ptr + idx, mask=mask, other=0.0)
+        tl.store(dalpha_ptr + (bh * nchunks + c) * n_blocks + pid_blk, chunk_decay * tl.sum(s_in * g))
+        g = chunk_decay * g + tl.load(dstates_ptr + idx, mask=mask, other=0.0)
+    if HAS_INITIAL:
+        tl.store(dh0_ptr + bh * state_size + offs, g, mask=mask)
+
+
+@_autotune(
+    [_cfg(BLOCK_S=64, BLOCK_T=64), _cfg(BLOCK_S=64, BLOCK_T=32, num_stages=3), _cfg(BLOCK_S=128, BLOCK_T=64, num_warps=8)],
+    _cfg(BLOCK_S=16, BLOCK_T=32),
+)
+@triton.jit
+def _chunk_scan_bwd_dx_kernel(
+    x_ptr, dy_ptr,  # (batch, seqlen, H, P)
+    dt_ptr,  # (batch, seqlen, H)
+    cs_ptr,  # (batch, H, nchunks, Q)
+    cb_ptr,  # (batch, nchunks, G, Q, Q)
+    B_ptr,  # (batch, seqlen, G, N)
+    dchunk_ptr,  # (batch, nchunks, H, P, N) fp32, ∂L/∂S_c
+    D_ptr,  # (H,) or None
+    dx_ptr,  # out (batch, seqlen, H, P), x's dtype
+    ddt_ptr,  # out (batch, H, nchunks, Q) fp32: ⟨∂L/∂u_s, x_s⟩, the part of ∂L/∂dt_s through u
+    dxy_ptr,  # out (batch, H, nchunks, Q) fp32: ⟨dy_s, x_s⟩, summed into ∂L/∂D by the last kernel
+    seqlen, nheads, headdim, ngroups, dstate, nchunks, chunk_size,
+    HAS_D: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # rows s (the positions whose gradient this program computes)
+    BLOCK_T: tl.constexpr,  # output positions t per step of the anti-causal loop
+):
+    """∂L/∂u_s = exp(cs[Q-1] − cs[s])·∂L/∂S_c B_s + Σ_{t≥s} CB[t,s]·exp(cs[t] − cs[s])·dy_t, then
+
+        dx_s = dt_s·∂L/∂u_s + D·dy_s,    ddt_s = ⟨∂L/∂u_s, x_s⟩,    dxy_s = ⟨dy_s, x_s⟩.
+
+    This is stage 5 transposed: the scores are read as CB[t, s] for t ≥ s, and the loop runs from the
+    tile's first row to the end of the chunk.
+    Tile: BLOCK_S rows s × all P channels (so the sums over p are complete in one program).
+    Grid: (cdiv(Q, BLOCK_S), batch·nchunks, H).
+    """
+    pid_s = tl.program_id(0)
+    pid_bc = tl.program_id(1)
+    pid_h = tl.program_id(2)
+    pid_b, pid_c = pid_bc // nchunks, pid_bc % nchunks
+    pid_g = pid_h // (nheads // ngroups)
+    chunk_start = pid_c * chunk_size
+    chunk_len = tl.minimum(chunk_size, seqlen - chunk_start)
+    row0 = pid_b.to(tl.int64) * seqlen + chunk_start
+    x_ptr += row0 * nheads * headdim + pid_h * headdim
+    dy_ptr += row0 * nheads * headdim + pid_h * headdim
+    dx_ptr += row0 * nheads * headdim + pid_h * headdim
+    dt_ptr += row0 * nheads + pid_h
+    B_ptr += row0 * ngroups * dstate + pid_g * dstate
+    tok = ((pid_b * nheads + pid_h) * nchunks + pid_c) * chunk_size  # offset of the per-token buffers
+    cs_ptr += tok
+    cb_ptr += ((pid_b * nchunks + pid_c) * ngroups + pid_g).to(tl.int64) * chunk_size * chunk_size
+    dchunk_ptr += ((pid_b * nchunks + pid_c) * nheads + pid_h).to(tl.int64) * headdim * dstate
+
+    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    s_mask = offs_s < chunk_len
+    p_mask = offs_p < headdim
+    cs_s = tl.load(cs_ptr + offs_s, mask=offs_s < chunk_size, other=0.0)
+    cs_last = tl.load(cs_ptr + chunk_size - 1)
+
+    # through the chunk state: exp(cs[Q-1] − cs[s]) · B_s · (∂L/∂S_c)ᵀ, ∂L/∂S_c read as (N, P)
+    b = tl.load(B_ptr + offs_s[:, None] * (ngroups * dstate) + offs_n[None, :],
+                mask=s_mask[:, None] & (offs_n[None, :] < dstate), other=0.0)
+    dSc_T = tl.load(dchunk_ptr + offs_p[None, :] * dstate + offs_n[:, None],
+                    mask=p_mask[None, :] & (offs_n[:, None] < dstate), other=0.0)
+    du = tl.dot(b.to(DOT_DTYPE), dSc_T.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+    du *= tl.exp(tl.minimum(cs_last - cs_s, 0.0))[:, None]
+
+    # intra-chunk, transposed: Σ_{t≥s} CB[t,s]·exp(cs[t] − cs[s]) · dy_t
+    for t0 in range(pid_s * BLOCK_S, chunk_len, BLOCK_T):
+        t = t0 + offs_t
+        t_mask = t < chunk_len
+        cbT = tl.load(cb_ptr + t[None, :] * chunk_size + offs_s[:, None],  # (BLOCK_S, BLOCK_T) = CB[t, s]ᵀ
+                      mask=(t[None, :] < chunk_size) & (offs_s[:, None] < chunk_size), other=0.0)
+        cs_t = tl.load(cs_ptr + t, mask=t_mask, other=0.0)
+        scoresT = cbT * tl.exp(tl.minimum(cs_t[None, :] - cs_s[:, None], 0.0))
+        scoresT = tl.where(t[None, :] >= offs_s[:, None], scoresT, 0.0)
+        dyt = tl.load(dy_ptr + t[:, None] * (nheads * headdim) + offs_p[None, :],
+                      mask=t_mask[:, None] & p_mask[None, :], other=0.0)
+        du += tl.dot(scoresT.to(DOT_DTYPE), dyt.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+
+    io_mask = s_mask[:, None] & p_mask[None, :]
+    io_offs = offs_s[:, None] * (nheads * headdim) + offs_p[None, :]
+    xs = tl.load(x_ptr + io_offs, mask=io_mask, other=0.0).to(tl.float32)
+    dt_s = tl.load(dt_ptr + offs_s * nheads, mask=s_mask, other=0.0).to(tl.float32)
+    dx = du * dt_s[:, None]
+    if HAS_D:
+        dys = tl.load(dy_ptr + io_offs, mask=io_mask, other=0.0).to(tl.float32)
+        dx += tl.load(D_ptr + pid_h).to(tl.float32) * dys
+        tl.store(dxy_ptr + tok + offs_s, tl.sum(dys * xs, axis=1), mask=s_mask)
+    tl.store(dx_ptr + io_offs, dx.to(dx_ptr.dtype.element_ty), mask=io_mask)
+    tl.store(ddt_ptr + tok + offs_s, tl.sum(du * xs, axis=1), mask=s_mask)
+
+
+@_autotune(
+    [_cfg(BLOCK_S=64, BLOCK_T=64, num_warps=8), _cfg(BLOCK_S=64, BLOCK_T=32), _cfg(BLOCK_S=32, BLOCK_T=64)],
+    _cfg(BLOCK_S=32, BLOCK_T=16),
+)
+@triton.jit
+def _chunk_scan_bwd_db_kernel(
+    x_ptr, dy_ptr,  # (batch, seqlen, H, P)
+    dt_ptr,  # (batch, seqlen, H)
+    cs_ptr,  # (batch, H, nchunks, Q)
+    B_ptr, C_ptr,  # (batch, seqlen, G, N)
+    dchunk_ptr,  # (batch, nchunks, H, P, N) fp32, ∂L/∂S_c
+    dB_ptr,  # out (n_splits, batch, seqlen, G, N) fp32: ∂L/∂B summed over this split's heads
+    dA_state_ptr,  # out (batch, H, nchunks, Q) fp32, zero-initialised: q_s stored at s + 1
+    batch, seqlen, nheads, headdim, ngroups, dstate, nchunks, chunk_size, n_splits,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # rows s
+    BLOCK_T: tl.constexpr,  # positions t per step of the anti-causal loop
+):
+    """∂L/∂B_s = Σ_{heads h of the group} [ db_s  +  Σ_{t≥s} G[t,s]·C_t ]   where
+        db_s   = exp(cs[Q-1] − cs[s])·dt_s · x_sᵀ ∂L/∂S_c       (B_s writes into the chunk state)
+        G[t,s] = exp(cs[t] − cs[s])·dt_s · (dy_t·x_s)           (B_s is a key of CB[t, s] = C_t·B_s)
+
+    The same chunk-state term differentiated with respect to the decay exp(cs[Q-1] − cs[s]) =
+    exp(dA_{s+1} + … + dA_{Q-1}) gives q_s = ⟨db_s, B_s⟩ for every dA_j with j > s; it is stored at
+    s + 1 so that an inclusive cumulative sum in the last kernel yields Σ_{s<j} q_s.
+
+    Tile: BLOCK_S rows s × all N, looping over the heads of (a split of) the group and, per head,
+    over t ≥ s. The heads of a group are shared among `n_splits` programs so that there are enough
+    programs when G is small; their partial sums are added by the host.
+    Grid: (cdiv(Q, BLOCK_S), batch·nchunks, G·n_splits).
+    """
+    pid_s = tl.program_id(0)
+    pid_bc = tl.program_id(1)
+    pid_gs = tl.program_id(2)  # (group, split) flattened
+    pid_b, pid_c = pid_bc // nchunks, pid_bc % nchunks
+    pid_g, pid_split = pid_gs // n_splits, pid_gs % n_splits
+    heads_per_split = nheads // ngroups // n_splits
+    first_head = pid_g * (nheads // ngroups) + pid_split * heads_per_split
+    chunk_start = pid_c * chunk_size
+    chunk_len = tl.minimum(chunk_size, seqlen - chunk_start)
+    row0 = pid_b.to(tl.int64) * seqlen + chunk_start
+    B_ptr += row0 * ngroups * dstate + pid_g * dstate
+    C_ptr += row0 * ngroups * dstate + pid_g * dstate
+
+    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    s_mask = offs_s < chunk_len
+    p_mask = offs_p < headdim
+    n_mask = offs_n < dstate
+    b = tl.load(B_ptr + offs_s[:, None] * (ngroups * dstate) + offs_n[None, :],
+                mask=s_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+    acc = tl.zeros((BLOCK_S, BLOCK_N), dtype=tl.float32)
+    for i in range(heads_per_split):
+        h = first_head + i
+        tok = ((pid_b * nheads + h) * nchunks + pid_c) * chunk_size  # offset of the per-token buffers
+        xh_ptr = x_ptr + row0 * nheads * headdim + h * headdim
+        dyh_ptr = dy_ptr + row0 * nheads * headdim + h * headdim
+        cs_s = tl.load(cs_ptr + tok + offs_s, mask=offs_s < chunk_size, other=0.0)
+        cs_last = tl.load(cs_ptr + tok + chunk_size - 1)
+        dt_s = tl.load(dt_ptr + row0 * nheads + h + offs_s * nheads, mask=s_mask, other=0.0).to(tl.float32)
+        xs = tl.load(xh_ptr + offs_s[:, None] * (nheads * headdim) + offs_p[None, :],
+                     mask=s_mask[:, None] & p_mask[None, :], other=0.0)
+
+        # through the chunk state
+        dSc = tl.load(dchunk_ptr + ((pid_b * nchunks + pid_c) * nheads + h).to(tl.int64) * headdim * dstate
+                      + offs_p[:, None] * dstate + offs_n[None, :],
+                      mask=p_mask[:, None] & n_mask[None, :], other=0.0)
+        db = tl.dot(xs.to(DOT_DTYPE), dSc.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+        db *= (tl.exp(tl.minimum(cs_last - cs_s, 0.0)) * dt_s)[:, None]
+        tl.store(dA_state_ptr + tok + offs_s + 1, tl.sum(db * b, axis=1), mask=offs_s + 1 < chunk_len)
+        acc += db
+
+        # through CB[t, s] for t ≥ s
+        for t0 in range(pid_s * BLOCK_S, chunk_len, BLOCK_T):
+            t = t0 + offs_t
+            t_mask = t < chunk_len
+            dyT = tl.load(dyh_ptr + t[None, :] * (nheads * headdim) + offs_p[:, None],  # (P, BLOCK_T)
+                          mask=p_mask[:, None] & t_mask[None, :], other=0.0)
+            cs_t = tl.load(cs_ptr + tok + t, mask=t_mask, other=0.0)
+            gT = tl.dot(xs.to(DOT_DTYPE), dyT.to(DOT_DTYPE), input_precision=DOT_PRECISION)  # (BLOCK_S, BLOCK_T)
+            gT *= tl.exp(tl.minimum(cs_t[None, :] - cs_s[:, None], 0.0)) * dt_s[:, None]
+            gT = tl.where(t[None, :] >= offs_s[:, None], gT, 0.0)
+            c = tl.load(C_ptr + t[:, None] * (ngroups * dstate) + offs_n[None, :],
+                        mask=t_mask[:, None] & n_mask[None, :], other=0.0)
+            acc += tl.dot(gT.to(DOT_DTYPE), c.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+
+    dB_ptr += (pid_split.to(tl.int64) * batch * seqlen + row0) * ngroups * dstate + pid_g * dstate
+    tl.store(dB_ptr + offs_s[:, None] * (ngroups * dstate) + offs_n[None, :], acc,
+             mask=s_mask[:, None] & n_mask[None, :])
+
+
+@_autotune(
+    [_cfg(BLOCK_S=64, num_warps=8), _cfg(BLOCK_S=32), _cfg(BLOCK_S=64)],
+    _cfg(BLOCK_S=16),
+)
+@triton.jit
+def _chunk_scan_bwd_dc_kernel(
+    x_ptr, dy_ptr,  # (batch, seqlen, H, P)
+    dt_ptr,  # (batch, seqlen, H)
+    cs_ptr,  # (batch, H, nchunks, Q)
+    cb_ptr,  # (batch, nchunks, G, Q, Q)
+    B_ptr, C_ptr,  # (batch, seqlen, G, N)
+    states_ptr,  # (batch, nchunks, H, P, N) fp32, S_in
+    dC_ptr,  # out (n_splits, batch, seqlen, G, N) fp32: ∂L/∂C summed over this split's heads
+    dA_off_ptr,  # out (batch, H, nchunks, Q) fp32: r_t = ∂L/∂cs[t] through the state term
+    dA_diag_ptr,  # out (batch, H, nchunks, n_t_tiles, Q) fp32, zero-initialised: see below
+    batch, seqlen, nheads, headdim, ngroups, dstate, nchunks, chunk_size, n_splits,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_T: tl.constexpr,  # rows t (fixed by the host: it sizes dA_diag)
+    BLOCK_S: tl.constexpr,  # positions s per step of the causal loop
+):
+    """∂L/∂C_t = Σ_{heads h of the group} [ dc_t  +  Σ_{s≤t} G[t,s]·B_s ]   where
+        dc_t   = exp(cs[t]) · dy_tᵀ S_in[c]                     (C_t reads the entering state)
+        G[t,s] = exp(cs[t] − cs[s])·dt_s · (dy_t·x_s)           (C_t is a query of CB[t, s])
+
+    and, per head, the two decay gradients that need exactly these tiles:
+      * r_t = ⟨dc_t, C_t⟩ = ∂L/∂cs[t] through exp(cs[t]) (a cumulative sum of dA_j for j ≤ t);
+      * M[t,s] = G[t,s]·CB[t,s] = ∂L/∂(cs[t] − cs[s]), and cs[t] − cs[s] = dA_{s+1} + … + dA_t, so
+        ∂L/∂dA_j = Σ_{t≥j} Σ_{s<j} M[t,s]. For the rows t of this tile: with a running prefix sum
+        along each row, P[t,s] = Σ_{s'≤s} M[t,s'], the program adds Σ_{t>s} P[t,s] to j = s + 1.
+        Every term is a product of decays ≤ 1; nothing cancels. The partial sums of the row tiles go
+        to separate slices of dA_diag, added in the last kernel.
+
+    Tile: BLOCK_T rows t × all N, looping over the heads of the split and, per head, over s ≤ t.
+    Grid: (n_t_tiles = cdiv(Q, BLOCK_T), batch·nchunks, G·n_splits).
+    """
+    pid_t = tl.program_id(0)
+    pid_bc = tl.program_id(1)
+    pid_gs = tl.program_id(2)
+    n_t_tiles = tl.num_programs(0)
+    pid_b, pid_c = pid_bc // nchunks, pid_bc % nchunks
+    pid_g, pid_split = pid_gs // n_splits, pid_gs % n_splits
+    heads_per_split = nheads // ngroups // n_splits
+    first_head = pid_g * (nheads // ngroups) + pid_split * heads_per_split
+    chunk_start = pid_c * chunk_size
+    chunk_len = tl.minimum(chunk_size, seqlen - chunk_start)
+    row0 = pid_b.to(tl.int64) * seqlen + chunk_start
+    B_ptr += row0 * ngroups * dstate + pid_g * dstate
+    C_ptr += row0 * ngroups * dstate + pid_g * dstate
+    cb_ptr += ((pid_b * nchunks + pid_c) * ngroups + pid_g).to(tl.int64) * chunk_size * chunk_size
+
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    t_mask = offs_t < chunk_len
+    p_mask = offs_p < headdim
+    n_mask = offs_n < dstate
+    c = tl.load(C_ptr + offs_t[:, None] * (ngroups * dstate) + offs_n[None, :],
+                mask=t_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+    s_end = tl.minimum((pid_t + 1) * BLOCK_T, chunk_len)
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for i in range(heads_per_split):
+        h = first_head + i
+        bhc = (pid_b * nheads + h) * nchunks + pid_c
+        tok = bhc * chunk_size  # offset of this head's per-token buffers
+        diag = (bhc * n_t_tiles + pid_t) * chunk_size  # and of this row tile's slice of dA_diag
+        xh_ptr = x_ptr + row0 * nheads * headdim + h * headdim
+        dyh_ptr = dy_ptr + row0 * nheads * headdim + h * headdim
+        cs_t = tl.load(cs_ptr + tok + offs_t, mask=offs_t < chunk_size, other=0.0)
+        dyt = tl.load(dyh_ptr + offs_t[:, None] * (nheads * headdim) + offs_p[None, :],
+                      mask=t_mask[:, None] & p_mask[None, :], other=0.0)
+
+        # through the entering state
+        s_in = tl.load(states_ptr + ((pid_b * nchunks + pid_c) * nheads + h).to(tl.int64) * headdim * dstate
+                       + offs_p[:, None] * dstate + offs_n[None, :],
+                       mask=p_mask[:, None] & n_mask[None, :], other=0.0)
+        dc = tl.dot(dyt.to(DOT_DTYPE), s_in.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+        dc *= tl.exp(tl.minimum(cs_t, 0.0))[:, None]
+        # (rows past the sequence end hold r = 0: the last kernel sums over the whole chunk)
+        tl.store(dA_off_ptr + tok + offs_t, tl.sum(dc * c, axis=1), mask=offs_t < chunk_size)
+        acc += dc
+
+        # through CB[t, s] for s ≤ t, and the intra-chunk decay gradient
+        row_prefix = tl.zeros((BLOCK_T,), dtype=tl.float32)  # Σ_{s' < s0} M[t, s']
+        for s0 in range(0, s_end, BLOCK_S):
+            s = s0 + offs_s
+            s_mask = s < chunk_len
+            xsT = tl.load(xh_ptr + s[None, :] * (nheads * headdim) + offs_p[:, None],  # (P, BLOCK_S)
+                          mask=p_mask[:, None] & s_mask[None, :], other=0.0)
+            cs_s = tl.load(cs_ptr + tok + s, mask=s_mask, other=0.0)
+            dt_s = tl.load(dt_ptr + row0 * nheads + h + s * nheads, mask=s_mask, other=0.0).to(tl.float32)
+            g = tl.dot(dyt.to(DOT_DTYPE), xsT.to(DOT_DTYPE), input_precision=DOT_PRECISION)  # dy_t·x_s
+            g *= tl.exp(tl.minimum(cs_t[:, None] - cs_s[None, :], 0.0)) * dt_s[None, :]
+            g = tl.where(offs_t[:, None] >= s[None, :], g, 0.0)
+            b = tl.load(B_ptr + s[:, None] * (ngroups * dstate) + offs_n[None, :],
+                        mask=s_mask[:, None] & n_mask[None, :], other=0.0)
+            acc += tl.dot(g.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+
+            cb = tl.load(cb_ptr + offs_t[:, None] * chunk_size + s[None, :],
+                         mask=(offs_t[:, None] < chunk_size) & (s[None, :] < chunk_size), other=0.0)
+            m = g * cb
+            prefix = row_prefix[:, None] + tl.cumsum(m, axis=1)  # P[t, s]
+            dA_j = tl.sum(tl.where(offs_t[:, None] > s[None, :], prefix, 0.0), axis=0)  # for j = s + 1
+            tl.store(dA_diag_ptr + diag + s + 1, dA_j, mask=s + 1 < chunk_size)
+            row_prefix += tl.sum(m, axis=1)
+
+    dC_ptr += (pid_split.to(tl.int64) * batch * seqlen + row0) * ngroups * dstate + pid_g * dstate
+    tl.store(dC_ptr + offs_t[:, None] * (ngroups * dstate) + offs_n[None, :], acc,
+             mask=t_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _chunk_cumsum_bwd_kernel(
+    dt_ptr,  # (batch, seqlen, H)
+    A_ptr,  # (H,)
+    ddt_x_ptr,  # (batch, H, nchunks, Q): ⟨∂L/∂u, x⟩ from the dx kernel
+    dxy_ptr,  # (batch, H, nchunks, Q): ⟨dy, x⟩ from the dx kernel (used only with HAS_D)
+    dA_state_ptr,  # (batch, H, nchunks, Q): q_s stored at s + 1, from the dB kernel
+    dA_off_ptr,  # (batch, H, nchunks, Q): r_t, from the dC kernel
+    dA_diag_ptr,  # (batch, H, nchunks, n_t_tiles, Q), from the dC kernel
+    dalpha_ptr,  # (batch, H, nchunks, n_blocks), from the state-passing backward
+    ddt_ptr,  # out (batch, seqlen, H) fp32: ∂L/∂dt
+    dA_part_ptr,  # out (batch, nchunks, H) fp32: this chunk's part of ∂L/∂A
+    dD_part_ptr,  # out (batch, nchunks, H) fp32: this chunk's part of ∂L/∂D
+    seqlen, nheads, nchunks, chunk_size, n_t_tiles, n_blocks,
+    HAS_D: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+):
+    """Collects ∂L/∂dA_j for the positions j of one chunk and head, then ∂L/∂dt and ∂L/∂A:
+
+        ∂L/∂dA_j = Σ_{t≥j} Σ_{s<j} M[t,s]     (intra-chunk decays, summed over the row tiles)
+                 + Σ_{s<j} q_s                (decays to the chunk end in S_c: an inclusive cumsum
+                                               of q stored shifted by one)
+                 + Σ_{t≥j} r_t + ∂L/∂α_c      (exp(cs[t]) of the state term, and the chunk's total
+                                               decay α_c = cs[Q-1] ∋ dA_j: a reverse cumsum)
+        ∂L/∂dt_j = ⟨∂L/∂u_j, x_j⟩ + A·∂L/∂dA_j,     ∂L/∂A += Σ_j dt_j·∂L/∂dA_j,     ∂L/∂D += Σ_j ⟨dy_j, x_j⟩.
+
+    Tile: the BLOCK_Q positions of the chunk. Grid: (nchunks, batch, H).
+    """
+    pid_c = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    pid_h = tl.program_id(2)
+    offs_t = tl.arange(0, BLOCK_Q)
+    pos = pid_c * chunk_size + offs_t
+    in_chunk = offs_t < chunk_size
+    valid = in_chunk & (pos < seqlen)
+    bhc = (pid_b * nheads + pid_h) * nchunks + pid_c
+    tok = bhc * chunk_size
+
+    ddA = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+    for k in range(n_t_tiles):
+        ddA += tl.load(dA_diag_ptr + (bhc * n_t_tiles + k) * chunk_size + offs_t, mask=in_chunk, other=0.0)
+    ddA += tl.cumsum(tl.load(dA_state_ptr + tok + offs_t, mask=in_chunk, other=0.0), axis=0)
+    dalpha = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+    for k in range(n_blocks):
+        dalpha += tl.load(dalpha_ptr + bhc * n_blocks + k)
+    r = tl.load(dA_off_ptr + tok + offs_t, mask=in_chunk, other=0.0)
+    r += tl.where(offs_t == chunk_size - 1, dalpha, 0.0)  # α_c enters at the chunk's last position
+    ddA += tl.cumsum(r, axis=0, reverse=True)
+
+    dt = tl.load(dt_ptr + (pid_b * seqlen + pos) * nheads + pid_h, mask=valid, other=0.0).to(tl.float32)
+    A = tl.load(A_ptr + pid_h).to(tl.float32)
+    ddt = tl.load(ddt_x_ptr + tok + offs_t, mask=valid, other=0.0) + A * ddA
+    tl.store(ddt_ptr + (pid_b * seqlen + pos) * nheads + pid_h, ddt, mask=valid)
+    part = (pid_b * nchunks + pid_c) * nheads + pid_h
+    tl.store(dA_part_ptr + part, tl.sum(tl.where(valid, ddA * dt, 0.0)))
+    if HAS_D:
+        tl.store(dD_part_ptr + part, tl.sum(tl.load(dxy_ptr + tok + offs_t, mask=valid, other=0.0)))
+
+
+# ==================================================================================================
+# Host side: launches, the autograd Function, the public entry point
+# ==================================================================================================
+_STATE_BLOCK = 256  # state entries per program in the two state-passing kernels
+_DC_BLOCK_T = 32 if INTERPRET else 64  # rows per dC program (sizes its dA_diag buffer, so not autotuned)
+
+
+def _pow2(n):
+    """The tile covering n: the next power of two, at least 16 (the smallest `tl.dot` dimension)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def _dot_args(x, dstate, headdim=None):
+    """The constexprs every dot-using program gets: operand dtype, precision, and P/N tile sizes."""
+    if x.dtype == torch.float32:
+        dot_dtype, precision = tl.float32, "ieee"  # exact fp32 products, not TF32
+    elif x.dtype == torch.float16:
+        dot_dtype, precision = tl.float16, "tf32"  # (the precision only matters for fp32 operands)
+    else:  # bfloat16. Triton 3.9's interpreter multiplies the raw bits of bf16 dot operands, so on CPU
+        # the dots take fp32 operands; loads, casts and stores are still exercised in bf16.
+        dot_dtype, precision = (tl.float32 if INTERPRET else tl.bfloat16), "tf32"
+    args = dict(DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, BLOCK_N=_pow2(dstate))
+    if headdim is not None:
+        args["BLOCK_P"] = _pow2(headdim)
+    return args
+
+
+def _head_splits(heads_per_group, programs, device):
+    """Into how many programs the dB/dC kernels split the heads of a group: the smallest divisor of
+    heads_per_group giving about 4 programs per SM (each split adds an fp32 partial sum to reduce)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    for d in range(1, heads_per_group + 1):
+        if heads_per_group % d == 0 and programs * d >= 4 * sms:
+            return d
+    return heads_per_group
+
+
+def _forward_stages(x, dt, A, B, C, chunk_size, initial_state):
+    """Stages 1–4, shared by the forward and the backward (which recomputes instead of storing).
+    Returns cs (b, H, nc, Q), CB (b, nc, G, Q, Q), the entering states (b, nc, H, P, N) and the final state."""
+    b, l, h, p = x.shape
+    g, n = B.shape[2:]
+    Q = chunk_size
+    nc = triton.cdiv(l, Q)
+    f32 = dict(device=x.device, dtype=torch.float32)
+
+    cs = torch.empty(b, h, nc, Q, **f32)
+    _chunk_cumsum_fwd_kernel[(nc, b, h)](dt, A, cs, l, h, nc, Q, BLOCK_Q=_pow2(Q))
+
+    chunk_states = torch.empty(b, nc, h, p, n, **f32)
+    _chunk_state_kernel[(b * nc, h)](x, B, dt, cs, chunk_states, l, h, p, g, n, nc, Q,
+                                     TO_CHUNK_END=True, **_dot_args(x, n, p))
+
+    states, final = torch.empty_like(chunk_states), torch.empty(b, h, p, n, **f32)
+    _state_passing_fwd_kernel[(triton.cdiv(p * n, _STATE_BLOCK), b, h)](
+        chunk_states, cs, initial_state, states, final, h, p * n, nc, Q,
+        HAS_INITIAL=initial_state is not None, BLOCK=_STATE_BLOCK, num_warps=2)
+
+    cb = torch.empty(b, nc, g, Q, Q, **f32)
+    grid = lambda META: (triton.cdiv(Q, META["BLOCK_T"]) * triton.cdiv(Q, META["BLOCK_S"]), b * nc, g)
+    _chunk_cb_kernel[grid](C, B, cb, l, g, n, nc, Q, **_dot_args(x, n))
+    return cs, cb, states, final
+
+
+def _ssd_forward(x, dt, A, B, C, chunk_size, D, initial_state):
+    """All five stages: returns y (b, l, H, P) in x's dtype and the final state (b, H, P, N) in fp32."""
+    b, l, h, p = x.shape
+    g, n = B.shape[2:]
+    nc = triton.cdiv(l, chunk_size)
+    cs, cb, states, final = _forward_stages(x, dt, A, B, C, chunk_size, initial_state)
+    y = torch.empty_like(x)
+    grid = lambda META: (triton.cdiv(chunk_size, META["BLOCK_T"]), b * nc, h)
+    _chunk_scan_fwd_kernel[grid](x, dt, cs, cb, C, states, D, y, l, h, p, g, n, nc, chunk_size,
+                                 HAS_D=D is not None, **_dot_args(x, n, p))
+    return y, final
+
+
+def _ssd_backward(dy, dfinal, x, dt, A, B, C, chunk_size, D, initial_state):
+    """The gradients (dx, ddt, dA, dB, dC, dD, dh0) of L given dy = ∂L/∂y and dfinal = ∂L/∂final
+    (either may be None: no gradient flows from there). See the derivation above the backward kernels."""
+    b, l, h, p = x.shape
+    g, n = B.shape[2:]
+    Q = chunk_size
+    nc = triton.cdiv(l, Q)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    dy = torch.zeros_like(x) if dy is None else dy.to(x.dtype).contiguous()
+    dfinal = None if dfinal is None else dfinal.contiguous()
+    cs, cb, states, _ = _forward_stages(x, dt, A, B, C, Q, initial_state)
+    dots = _dot_args(x, n, p)
+
+    # ∂L/∂S_in[c] through the outputs of chunk c: stage 2's program with the other weight
+    dstates = torch.empty(b, nc, h, p, n, **f32)
+    _chunk_state_kernel[(b * nc, h)](dy, C, dt, cs, dstates, l, h, p, g, n, nc, Q, TO_CHUNK_END=False, **dots)
+
+    # the reverse scan over chunks: ∂L/∂S_c, ∂L/∂α_c (partial sums), ∂L/∂h_0
+    n_blocks = triton.cdiv(p * n, _STATE_BLOCK)
+    dchunk = torch.empty_like(dstates)
+    dalpha = torch.empty(b, h, nc, n_blocks, **f32)
+    dh0 = torch.empty(b, h, p, n, **f32) if initial_state is not None else None
+    _state_passing_bwd_kernel[(n_blocks, b, h)](
+        states, dstates, cs, dfinal, dchunk, dalpha, dh0, h, p * n, nc, Q,
+        HAS_DFINAL=dfinal is not None, HAS_INITIAL=initial_state is not None, BLOCK=_STATE_BLOCK, num_warps=2)
+
+    # dx, and the parts of ∂L/∂dt (through u = dt·x) and ∂L/∂D of every token
+    dx = torch.empty_like(x)
+    ddt_x = torch.empty(b, h, nc, Q, **f32)
+    dxy = torch.empty(b, h, nc, Q, **f32) if D is not None else None
+    grid = lambda META: (triton.cdiv(Q, META["BLOCK_S"]), b * nc, h)
+    _chunk_scan_bwd_dx_kernel[grid](x, dy, dt, cs, cb, B, dchunk, D, dx, ddt_x, dxy, l, h, p, g, n, nc, Q,
+                                    HAS_D=D is not None, **dots)
+
+    # dB and dC, each summed over the heads of a group in n_splits partial sums
+    n_splits = _head_splits(h // g, triton.cdiv(Q, 64) * b * nc * g, x.device)
+    dB = torch.empty(n_splits, b, l, g, n, **f32)
+    dA_state = torch.zeros(b, h, nc, Q, **f32)
+    grid = lambda META: (triton.cdiv(Q, META["BLOCK_S"]), b * nc, g * n_splits)
+    _chunk_scan_bwd_db_kernel[grid](x, dy, dt, cs, B, C, dchunk, dB, dA_state,
+                                    b, l, h, p, g, n, nc, Q, n_splits, **dots)
+    n_t_tiles = triton.cdiv(Q, _DC_BLOCK_T)
+    dC = torch.empty(n_splits, b, l, g, n, **f32)
+    dA_off = torch.empty(b, h, nc, Q, **f32)
+    dA_diag = torch.zeros(b, h, nc, n_t_tiles, Q, **f32)
+    _chunk_scan_bwd_dc_kernel[(n_t_tiles, b * nc, g * n_splits)](
+        x, dy, dt, cs, cb, B, C, states, dC, dA_off, dA_diag,
+        b, l, h, p, g, n, nc, Q, n_splits, BLOCK_T=_DC_BLOCK_T, **dots)
+
+    # the decay gradient, then ∂L/∂dt, ∂L/∂A and ∂L/∂D
+    ddt = torch.empty(b, l, h, **f32)
+    dA_part = torch.empty(b, nc, h, **f32)
+    dD_part = torch.empty(b, nc, h, **f32) if D is not None else None
+    _chunk_cumsum_bwd_kernel[(nc, b, h)](dt, A, ddt_x, dxy, dA_state, dA_off, dA_diag, dalpha, ddt, dA_part,
+                                         dD_part, l, h, nc, Q, n_t_tiles, n_blocks,
+                                         HAS_D=D is not None, BLOCK_Q=_pow2(Q))
+
+    dD = dD_part.sum((0, 1)).to(D.dtype) if D is not None else None
+    dh0 = dh0.to(initial_state.dtype) if initial_state is not None else None
+    return (dx, ddt.to(dt.dtype), dA_part.sum((0, 1)).to(A.dtype), dB.sum(0).to(B.dtype),
+            dC.sum(0).to(C.dtype), dD, dh0)
+
+
+class SSDChunkScanFn(torch.autograd.Function):
+    """Forward: the five stages. Backward: stages 1–4 again, then the backward programs. Only the
+    inputs are saved for the backward."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, chunk_size, D, initial_state):
+        y, final = _ssd_forward(x, dt, A, B, C, chunk_size, D, initial_state)
+        ctx.save_for_backward(x, dt, A, B, C, D, initial_state)
+        ctx.chunk_size = chunk_size
+        ctx.set_materialize_grads(False)  # an unused output gives None, not a tensor of zeros
+        return y, final
+
+    @staticmethod
+    def backward(ctx, dy, dfinal):
+        x, dt, A, B, C, D, initial_state = ctx.saved_tensors
+        dx, ddt, dA, dB, dC, dD, dh0 = _ssd_backward(dy, dfinal, x, dt, A, B, C, ctx.chunk_size, D, initial_state)
+        return dx, ddt, dA, dB, dC, None, dD, dh0
+
+
+def ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=None, initial_state=None, return_final_state=False):
+    """The chunked SSD scan in Triton, differentiable: the contract of `minimamba.ssd.ssd_chunked`.
+
+    x (b, l, H, P) in fp32, bf16 or fp16; dt (b, l, H) positive; A (H,) negative; B, C (b, l, G, N)
+    with G dividing H; D (H,) or None; initial_state (b, H, P, N) or None. Any seqlen and chunk size.
+    Returns y (b, l, H, P) in x's dtype, and the final state (b, H, P, N) in fp32 if `return_final_state`.
+    Tensors must be on CUDA, or on CPU with TRITON_INTERPRET=1 set before importing this module.
+    """
+    b, l, h, p, g, n = _check(x, dt, A, B, C, D, initial_state)
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"ssd_chunk_scan supports float32, bfloat16 and float16 inputs, got {x.dtype}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if x.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError(
+            f"the Triton SSD kernel needs CUDA tensors, got {x.device.type}. To run it on CPU (slowly, for "
+            "tests), set TRITON_INTERPRET=1 before importing `kernels`; or use minimamba.ssd.ssd_chunked.")
+    if l == 0:
+        final = x.new_zeros(b, h, p, n, dtype=torch.float32) if initial_state is None else initial_state.float()
+        y = x.new_empty(b, 0, h, p)
+        return (y, final) if return_final_state else y
+    # B and C are dot operands next to x: same dtype; every program assumes contiguous tensors
+    B, C = B.to(x.dtype), C.to(x.dtype)
+    x, dt, A, B, C = (t.contiguous() for t in (x, dt, A, B, C))
+    D = D.contiguous() if D is not None else None
+    initial_state = initial_state.contiguous() if initial_state is not None else None
+    y, final = SSDChunkScanFn.apply(x, dt, A, B, C, chunk_size, D, initial_state)
+    return (y, final) if return_final_state else y

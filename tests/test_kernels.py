@@ -1,0 +1,251 @@
+"""The Triton chunked SSD scan (`kernels/`) against the PyTorch reference (`minimamba/ssd.py`).
+
+The programs run under Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set below before
+Triton is imported), so these tests need Triton but no GPU. The ground truth is the token-by-token
+recurrence `ssd_recurrent` in float64, computed from the very inputs the kernel gets (rounded to its
+dtype first), so the tolerances measure only the kernel's own arithmetic:
+
+    dtype    tolerance on max|kernel − truth| / max|truth|, for y, the final state and every gradient
+    float32  1e-4   (measured: ≤ 2e-6)
+    float16  5e-3   (measured: ≤ 1e-3)
+    bfloat16 3e-2   (measured: ≤ 8e-3; on CPU the interpreter's dots take fp32 operands, see ssd_triton.py)
+
+`python -m kernels.bench` checks the compiled kernel at full size on a GPU. The interpreter runs every
+program in Python, so the shapes here are small and the hypothesis budget modest (about 3 minutes on
+2 cores for this file).
+"""
+
+import dataclasses
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"  # must precede the first `import triton`
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the Triton kernel tests need triton (pip install triton)")
+if "kernels.ssd_triton" in sys.modules and not sys.modules["kernels.ssd_triton"].INTERPRET:
+    pytest.skip("kernels was imported before this module could set TRITON_INTERPRET=1; run this file alone",
+                allow_module_level=True)
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from kernels import ssd_chunk_scan  # noqa: E402
+from kernels import ssd_triton as K  # noqa: E402
+from minimamba.ssd import ssd_recurrent  # noqa: E402
+
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter_without_overflow_checks():
+    """The interpreter checks every int32 operation for overflow, in Python, which more than doubles
+    the run time of this file; these shapes are far from overflowing, so the check is switched off."""
+    try:
+        import triton.runtime.interpreter as interp
+
+        old = interp.interpreter_builder.options
+        interp.interpreter_builder.options = dataclasses.replace(old, sanitize_overflow=False)
+    except (AttributeError, TypeError):  # another Triton version: just run slower
+        yield
+        return
+    yield
+    interp.interpreter_builder.options = old
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+def make_problem(b, l, h, p, g, n, *, dt_range=(1e-3, 1.0), with_D=True, with_h0=True, seed=0):
+    """Random float64 inputs of the SSD contract. dt is log-uniform in dt_range, A in [-8, -0.5]."""
+    gen = torch.Generator().manual_seed(seed)
+    f64 = dict(dtype=torch.float64, generator=gen)
+    lo, hi = map(torch.log, torch.tensor(dt_range, dtype=torch.float64))
+    return dict(
+        x=torch.randn(b, l, h, p, **f64),
+        dt=torch.exp(lo + (hi - lo) * torch.rand(b, l, h, **f64)),
+        A=-torch.exp(torch.empty(h, dtype=torch.float64).uniform_(-0.7, 2.08, generator=gen)),
+        B=torch.randn(b, l, g, n, **f64),
+        C=torch.randn(b, l, g, n, **f64),
+        D=torch.randn(h, **f64) if with_D else None,
+        initial_state=torch.randn(b, h, p, n, **f64) if with_h0 else None,
+    )
+
+
+def rel_err(actual, expected):
+    """max |actual − expected| / max |expected| (the scale of a tensor, not of each entry)."""
+    return ((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+def run_and_compare(problem, chunk_size, dtype=torch.float32, use_final=True, seed=0):
+    """Forward and backward of the kernel and of the float64 recurrence on the same (rounded) inputs;
+    returns {name: relative error} for y, the final state and the gradient of every input."""
+    # what the kernel gets: x, B, C in `dtype`, the rest in float32
+    kernel_in = {k: None if v is None else v.to(dtype if k in ("x", "B", "C") else torch.float32)
+                 for k, v in problem.items()}
+    truth_in = {k: None if v is None else v.double().requires_grad_() for k, v in kernel_in.items()}
+    kernel_in = {k: None if v is None else v.requires_grad_() for k, v in kernel_in.items()}
+
+    y_ref, final_ref = ssd_recurrent(**truth_in)
+    gen = torch.Generator().manual_seed(seed + 1)
+    wy = torch.randn(y_ref.shape, dtype=torch.float64, generator=gen)  # L = Σ wy·y (+ Σ wf·final)
+    wf = torch.randn(final_ref.shape, dtype=torch.float64, generator=gen)
+
+    args = [kernel_in[k] for k in ("x", "dt", "A", "B", "C")]
+    if use_final:
+        y, final = ssd_chunk_scan(*args, chunk_size, D=kernel_in["D"], initial_state=kernel_in["initial_state"],
+                                  return_final_state=True)
+        ((y.double() * wy).sum() + (final.double() * wf).sum()).backward()
+        ((y_ref * wy).sum() + (final_ref * wf).sum()).backward()
+    else:
+        y = ssd_chunk_scan(*args, chunk_size, D=kernel_in["D"], initial_state=kernel_in["initial_state"])
+        (y.double() * wy).sum().backward()
+        (y_ref * wy).sum().backward()
+
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    errs = {"y": rel_err(y, y_ref)}
+    if use_final:
+        assert final.dtype == torch.float32
+        errs["final"] = rel_err(final, final_ref)
+    for k, v in kernel_in.items():
+        if v is not None:
+            assert v.grad is not None and v.grad.dtype == v.dtype, f"d{k}"
+            errs["d" + k] = rel_err(v.grad, truth_in[k].grad)
+    return errs
+
+
+def assert_close(errs, dtype):
+    bad = {k: f"{e:.2e}" for k, e in errs.items() if not e <= TOL[dtype]}  # `not <=` also catches NaN
+    assert not bad, f"relative errors above {TOL[dtype]:.0e} ({dtype}): {bad}; all: " + \
+        ", ".join(f"{k} {e:.1e}" for k, e in errs.items())
+
+
+# --------------------------------------------------------------------------------------------------
+# each forward stage against its PyTorch reference
+# --------------------------------------------------------------------------------------------------
+def test_forward_stages_match_their_references():
+    pb = make_problem(2, 45, 4, 8, 2, 16, seed=3)
+    x, dt, A, B, C, h0 = (pb[k].float() for k in ("x", "dt", "A", "B", "C", "initial_state"))
+    Q = 16
+    cs, cb, states, final = K._forward_stages(x, dt, A, B, C, Q, h0)
+    cs_ref = K.chunk_cumsum_ref(dt, A, Q)
+    states_ref, final_ref = K.state_passing_ref(K.chunk_state_ref(x, dt, B, cs_ref), cs_ref, h0)
+    assert rel_err(cs, cs_ref.double()) < 1e-6
+    assert rel_err(cb, K.chunk_cb_ref(C, B, Q).double()) < 1e-6
+    assert rel_err(states, states_ref.double()) < 1e-5
+    assert rel_err(final, final_ref.double()) < 1e-5
+
+
+# --------------------------------------------------------------------------------------------------
+# the whole scan, forward and backward, against the float64 recurrence
+# --------------------------------------------------------------------------------------------------
+EDGE_CASES = {
+    # name: (batch, seqlen, nheads, headdim, ngroups, dstate, chunk, dt_range, D, h0)
+    "seqlen_1": (2, 1, 2, 4, 1, 8, 16, (1e-3, 1.0), True, True),
+    "seqlen_below_chunk": (1, 13, 2, 8, 2, 8, 32, (1e-3, 1.0), True, False),
+    "seqlen_k_chunks_plus_1": (1, 3 * 16 + 1, 2, 4, 1, 8, 16, (1e-3, 1.0), False, True),
+    "seqlen_exact_chunks": (2, 64, 2, 4, 2, 16, 32, (1e-3, 1.0), True, True),
+    "ngroups_eq_nheads": (1, 40, 4, 4, 4, 8, 16, (1e-3, 1.0), True, True),
+    "chunk_64_headdim_24": (1, 130, 2, 24, 1, 16, 64, (1e-3, 1.0), True, True),
+    "chunk_not_power_of_2": (1, 50, 2, 4, 1, 8, 24, (1e-3, 1.0), True, True),
+    "large_dt_decays_to_zero": (1, 40, 2, 4, 1, 8, 16, (5.0, 50.0), True, True),
+    "tiny_dt": (1, 40, 2, 4, 1, 8, 16, (1e-5, 1e-4), True, True),
+}
+
+
+@pytest.mark.parametrize("case", EDGE_CASES, ids=list(EDGE_CASES))
+def test_edge_cases_fp32(case):
+    b, l, h, p, g, n, Q, dt_range, with_D, with_h0 = EDGE_CASES[case]
+    pb = make_problem(b, l, h, p, g, n, dt_range=dt_range, with_D=with_D, with_h0=with_h0, seed=len(case))
+    assert_close(run_and_compare(pb, Q), torch.float32)
+
+
+def test_only_y_used_and_no_final_state_returned():
+    pb = make_problem(2, 37, 2, 4, 2, 8, seed=7)
+    assert_close(run_and_compare(pb, 16, use_final=False), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision(dtype):
+    pb = make_problem(2, 45, 4, 8, 2, 16, dt_range=(1e-3, 2.0), seed=11)
+    assert_close(run_and_compare(pb, 16, dtype=dtype), dtype)
+
+
+@st.composite
+def problems(draw):
+    Q = draw(st.sampled_from([16, 32, 64]))
+    h = draw(st.sampled_from([1, 2, 4]))
+    shape = dict(
+        b=draw(st.integers(1, 2)),
+        l=draw(st.integers(1, 4 * Q + 8)),  # up to 264: seqlen < Q, = Q, partial last chunks
+        h=h,
+        p=draw(st.sampled_from([4, 8, 12, 16])),
+        g=draw(st.sampled_from(sorted({1, 2, h} & {d for d in (1, 2, 4) if h % d == 0}))),
+        n=draw(st.sampled_from([8, 16, 32])),
+    )
+    dt_max = draw(st.sampled_from([1e-2, 0.5, 4.0, 20.0]))
+    opts = dict(dt_range=(dt_max * 1e-3, dt_max), with_D=draw(st.booleans()), with_h0=draw(st.booleans()),
+                seed=draw(st.integers(0, 2**16)))
+    return shape, Q, opts, draw(st.booleans())
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems())
+def test_property_matches_recurrence_fp32(problem):
+    shape, Q, opts, use_final = problem
+    errs = run_and_compare(make_problem(**shape, **opts), Q, use_final=use_final, seed=opts["seed"])
+    assert_close(errs, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# the contract's corners
+# --------------------------------------------------------------------------------------------------
+def test_empty_sequence_returns_the_initial_state():
+    pb = make_problem(1, 0, 2, 4, 1, 8)
+    y, final = ssd_chunk_scan(pb["x"].float(), pb["dt"].float(), pb["A"].float(), pb["B"].float(),
+                              pb["C"].float(), 16, initial_state=pb["initial_state"].float(), return_final_state=True)
+    assert y.shape == (1, 0, 2, 4) and torch.equal(final, pb["initial_state"].float())
+
+
+def test_bad_inputs_fail_clearly():
+    pb = {k: v.float() for k, v in make_problem(1, 20, 2, 4, 1, 8).items()}
+    args = [pb[k] for k in ("x", "dt", "A", "B", "C")]
+    with pytest.raises(TypeError, match="float32, bfloat16 and float16"):
+        ssd_chunk_scan(args[0].double(), *args[1:], 16)
+    with pytest.raises(ValueError, match="chunk_size"):
+        ssd_chunk_scan(*args, 0)
+    with pytest.raises(ValueError, match="ngroups"):
+        ssd_chunk_scan(args[0], args[1], args[2], pb["B"].repeat(1, 1, 3, 1), pb["C"].repeat(1, 1, 3, 1), 16)
+
+
+# --------------------------------------------------------------------------------------------------
+# the whole model: the "triton" backend gives the "torch" backend's loss and gradients
+# --------------------------------------------------------------------------------------------------
+def test_model_gradients_triton_backend_equal_torch_backend():
+    from minimamba import Mamba2Config, Mamba2LM
+
+    cfg = Mamba2Config(d_model=32, n_layer=2, vocab_size=100, d_state=16, headdim=16, ngroups=2, chunk_size=16)
+    torch.manual_seed(0)
+    ref = Mamba2LM(cfg, backend="torch")
+    with torch.no_grad():  # non-trivial D, dt_bias and A
+        for layer in ref.layers:
+            for prm in (layer.mixer.D, layer.mixer.dt_bias, layer.mixer.A_log):
+                prm.add_(0.5 * torch.randn_like(prm))
+    tri = Mamba2LM(cfg, backend="triton")
+    tri.load_state_dict(ref.state_dict())
+    assert tri.scan_backend(torch.device("cpu")) == "triton"
+
+    ids = torch.randint(0, 100, (2, 37))  # 37: three chunks, the last one partial
+    losses = []
+    for model in (ref, tri):
+        logits = model(ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        losses.append(loss.item())
+    assert abs(losses[0] - losses[1]) <= 1e-5 * abs(losses[0])
+    grads_ref = dict(ref.named_parameters())
+    for name, prm in tri.named_parameters():
+        err = rel_err(prm.grad, grads_ref[name].grad.double())
+        assert err <= 1e-4, f"{name}: relative gradient error {err:.2e}"
