@@ -1,0 +1,294 @@
+r"""The GPT-NeoX-20B tokenizer of the public Mamba2 checkpoints, rebuilt on tiktoken.
+
+    tok = load_tokenizer()                      # "EleutherAI/gpt-neox-20b", or a tokenizer.json / its folder
+    ids = tok.encode("Hello world")             # [12092, 1533]
+    tok.decode(ids)                             # "Hello world"
+    tok.encode_batch(docs)                      # many documents, on every core
+    tok.encode("<|endoftext|>")                 # [0]: special-token strings become special ids ...
+    tok.encode("<|endoftext|>", allow_special=False)  # ... unless asked not to: [49, 93, 79, 1440, 28, 93, 31]
+
+The ids are identical to those of the reference (HF `tokenizers` reading the same tokenizer.json,
+`Tokenizer.from_file(path).encode(text).ids`), which the tests check on every document of the shared
+corpora and on random Unicode text. HF `tokenizers` itself is only a test-time oracle.
+
+How byte-level BPE works
+------------------------
+Text is first turned into UTF-8 bytes, so every string is representable and there is no "unknown"
+token: the 256 byte values are the smallest tokens. Training then repeatedly found the most frequent
+pair of adjacent tokens and merged it into a new token ("t" + "h" -> "th", "th" + "e" -> "the"),
+recording the merges in order. Encoding replays them: split the bytes into single-byte tokens, then
+merge the adjacent pair that was learnt *earliest*, again and again, until no adjacent pair is a
+learnt merge. Two conventions of the GPT-2 family complete the picture: tokens are stored in
+tokenizer.json as printable stand-ins for bytes (byte 0x20, the space, is written "Ġ"), and merging
+never crosses the boundaries drawn by a pre-tokenizer regex, so " the" and "the" are words of
+their own and the merges stay linguistically sensible.
+
+tiktoken runs the same algorithm in Rust, from a table `mergeable_ranks: bytes -> rank`: it merges
+the adjacent pair whose concatenation has the lowest rank, and the rank is the token id. Four
+pieces of the reference must be reproduced for the ids to be identical:
+
+1. The ranks. GPT-NeoX numbers its tokens in merge order (merge i creates id 245 + i), so taking
+   the vocabulary id as the rank replays the merges in the right order. Merging by the *result*
+   token also differs from merging by the *pair* in one way: tiktoken would merge any adjacent
+   pair whose concatenation is a token, even a pair that is not the learnt split of that token.
+   That never happens here, because every token encodes to itself under the learnt merges (the
+   tests check all 50,254), and so in any word the pieces of a token can only meet in the order
+   that builds it. `_mergeable_ranks` walks the merges list and refuses a file whose ids are
+   not in merge order.
+2. The pre-tokenizer pattern. HF's ByteLevel pre-tokenizer (use_regex=true) splits with the GPT-2
+   regex: contractions, an optional space + letters, an optional space + digits, an optional
+   space + other symbols, and whitespace, where `\s+(?!\S)` leaves the last space of a run to
+   the word after it. add_prefix_space=false means no space is added in front of the text;
+   trim_offsets only changes character offsets, never ids.
+3. The normalisation. The reference applies Unicode NFC (canonical composition: "e" + U+0301
+   becomes "é") before pre-tokenizing, so decomposed and precomposed text give the same ids.
+   Its NFC tables are those of Unicode 9.0; characters assigned since then are unknown to it and
+   left alone, and `_nfc` does the same with Python's newer tables.
+4. The added tokens, matched before anything else and never merged with their neighbours:
+   `<|endoftext|>` (id 0, the end of a document) and `<|padding|>` (id 1) are found in the raw
+   text, before NFC; the 23 tokens made of 2 to 24 spaces (ids 50276 down to 50254, for code
+   indentation) are found in the normalised text, longest first, so 30 spaces are 24 + 6. Their
+   flags lstrip / rstrip / single_word (absorb neighbouring whitespace, match only whole words)
+   are all off. The space runs are folded into the regex: ` {2,24}` is its first alternative, and
+   the whitespace alternatives never consume two spaces in a row, which gives exactly the pieces
+   the reference gets by cutting the runs out first and pre-tokenizing what is left.
+"""
+
+import json
+import os
+import re
+import unicodedata
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import tiktoken
+
+DEFAULT_TOKENIZER = "EleutherAI/gpt-neox-20b"
+
+
+class Tokenizer:
+    """Text <-> token ids. `encoding` is the underlying tiktoken.Encoding (ordinary text only)."""
+
+    def __init__(self, encoding: tiktoken.Encoding, special_tokens: dict[str, int], name: str = ""):
+        self.encoding = encoding
+        self.special_tokens = special_tokens  # matched in the raw text, before normalisation
+        self.name = name
+        self.vocab_size = encoding.n_vocab  # 50277 for GPT-NeoX (the model pads its embedding further)
+        self.eos_id = special_tokens.get("<|endoftext|>")
+        self.pad_id = special_tokens.get("<|padding|>")
+        # longest first, so that a special token that contains another one wins (leftmost-longest)
+        alternatives = sorted(special_tokens, key=len, reverse=True)
+        self._special_split = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")")
+
+    def encode(self, text: str, allow_special: bool = True) -> list[int]:
+        """Token ids of `text`. Special-token strings ("<|endoftext|>") become their special id, as in
+        the reference; with allow_special=False they are encoded as ordinary text instead."""
+        if allow_special and self.special_tokens:
+            parts = self._special_split.split(text)  # [text, special, text, special, ..., text]
+            if len(parts) > 1:
+                ids = []
+                for i, part in enumerate(parts):
+                    if i % 2:
+                        ids.append(self.special_tokens[part])
+                    elif part:
+                        ids.extend(self.encoding.encode_ordinary(_nfc(part)))
+                return ids
+        return self.encoding.encode_ordinary(_nfc(text))
+
+    def encode_batch(self, texts: list[str], num_threads: int | None = None, allow_special: bool = True) -> list[list[int]]:
+        """encode() of each text, in parallel threads (tiktoken releases the GIL while it merges)."""
+        texts = list(texts)
+        num_threads = num_threads or os.cpu_count() or 1
+        if num_threads == 1 or len(texts) < 2:
+            return [self.encode(t, allow_special) for t in texts]
+        # a few large tasks per thread rather than one per text: per-task overhead matters for short texts
+        n_tasks = min(len(texts), 8 * num_threads)
+        bounds = [len(texts) * k // n_tasks for k in range(n_tasks + 1)]
+        chunks = [texts[a:b] for a, b in zip(bounds, bounds[1:])]
+        with ThreadPoolExecutor(num_threads) as pool:
+            done = pool.map(lambda chunk: [self.encode(t, allow_special) for t in chunk], chunks)
+            return [ids for chunk_ids in done for ids in chunk_ids]
+
+    def decode(self, ids) -> str:
+        """Text of `ids` (a list, or anything with .tolist() such as a tensor or an array). Special
+        tokens are kept as their strings; bytes that are not valid UTF-8 become U+FFFD."""
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        return self.encoding.decode(ids)
+
+    def __repr__(self):
+        return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
+
+
+def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_TOKENIZER) -> Tokenizer:
+    """The tokenizer described by a HF tokenizer.json: a path to the file, a directory holding it, or
+    a Hub repo id such as "EleutherAI/gpt-neox-20b" (downloaded once into the weights' cache)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    elif not path.exists() and _looks_like_repo_id(str(name_or_path)):
+        from minimamba.download import hub_file  # only Hub users need the network code
+
+        path = hub_file(str(name_or_path), "tokenizer.json")
+    spec = _read_tokenizer_json(path)
+    return _build(spec, name=str(name_or_path), path=path)
+
+
+def _looks_like_repo_id(name: str) -> bool:
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer.json -> tiktoken.Encoding
+
+EXPECTED = (
+    "expected a Hugging Face tokenizer.json (a JSON object with a byte-level BPE 'model' holding "
+    "'vocab' and 'merges', as in EleutherAI/gpt-neox-20b)"
+)
+
+
+def _read_tokenizer_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"no tokenizer file at {path}: {EXPECTED}, or a directory holding one")
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): {EXPECTED}") from None
+    model = spec.get("model") if isinstance(spec, dict) else None
+    if not isinstance(model, dict) or model.get("type", "BPE") != "BPE" or not {"vocab", "merges"} <= model.keys():
+        raise ValueError(f"{path} has no byte-level BPE model with 'vocab' and 'merges': {EXPECTED}")
+    return spec
+
+
+def _build(spec: dict, name: str, path: Path) -> Tokenizer:
+    def unsupported(what):
+        return ValueError(f"{path}: {what} is not supported: minimamba reproduces GPT-NeoX-style byte-level BPE ({EXPECTED})")
+
+    # the pieces of the pipeline that must be exactly GPT-NeoX's
+    if spec.get("normalizer") not in (None, {"type": "NFC"}):
+        raise unsupported(f"normalizer {spec['normalizer']}")
+    pre = spec.get("pre_tokenizer") or {}
+    if pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") or not pre.get("use_regex", True):
+        raise unsupported(f"pre_tokenizer {pre}")
+    model = spec["model"]
+    if model.get("dropout") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        raise unsupported("BPE dropout / subword prefix / word suffix")
+    ranks = _mergeable_ranks(model, path)
+    added_ids = {tok["id"] for tok in spec.get("added_tokens", [])}
+    if orphans := set(model["vocab"].values()) - set(ranks.values()) - added_ids:
+        raise ValueError(f"{path}: {len(orphans)} vocab entries (e.g. id {min(orphans)}) are neither bytes, merges nor added tokens")
+
+    special_tokens, space_runs = {}, {}
+    for tok in spec.get("added_tokens", []):
+        content, id_ = tok["content"], tok["id"]
+        if tok.get("lstrip") or tok.get("rstrip") or tok.get("single_word"):
+            raise unsupported(f"added token {content!r} with lstrip/rstrip/single_word")
+        if not tok.get("normalized", True):
+            special_tokens[content] = id_  # matched in the raw text
+        elif content.strip(" ") == "" and len(content) >= 2:
+            space_runs[len(content)] = id_  # matched after NFC, inside the regex (see _pattern)
+        else:
+            raise unsupported(f"normalized added token {content!r}")
+    if space_runs and sorted(space_runs) != list(range(2, max(space_runs) + 1)):
+        raise unsupported(f"space-run added tokens of lengths {sorted(space_runs)} (expected 2..n)")
+    for n, id_ in space_runs.items():
+        ranks[b" " * n] = id_  # reached only as a whole regex piece, never by merging
+
+    encoding = tiktoken.Encoding(
+        name=f"minimamba:{name}",
+        pat_str=_pattern(max(space_runs, default=1)),
+        mergeable_ranks=ranks,
+        special_tokens=special_tokens,
+    )
+    return Tokenizer(encoding, special_tokens, name=name)
+
+
+def _byte_to_char() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte, as written in tokenizer.json: printable Latin-1
+    bytes stand for themselves, the other 68 bytes (controls, space, ...) map to chr(256), chr(257), ..."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    stand_ins = iter(range(256, 512))
+    return {b: chr(b) if b in printable else chr(next(stand_ins)) for b in range(256)}
+
+
+def _mergeable_ranks(model: dict, path: Path) -> dict[bytes, int]:
+    """tiktoken's table (token bytes -> rank = id), checked to replay the merges list in order."""
+    char_to_byte = {c: b for b, c in _byte_to_char().items()}
+
+    def to_bytes(token: str) -> bytes:
+        try:
+            return bytes(char_to_byte[c] for c in token)
+        except KeyError:
+            raise ValueError(f"{path}: vocab entry {token!r} is not byte-level (GPT-2 byte stand-ins)") from None
+
+    vocab = model["vocab"]
+    ranks = {to_bytes(tok): id_ for tok, id_ in vocab.items() if len(tok) == 1}  # the single bytes
+    last_id = max(ranks.values(), default=-1)
+    for i, merge in enumerate(model["merges"]):
+        left, right = merge.split(" ") if isinstance(merge, str) else merge
+        id_ = vocab.get(left + right)
+        if id_ is None or id_ <= last_id or to_bytes(left) not in ranks or to_bytes(right) not in ranks:
+            raise ValueError(
+                f"{path}: merge #{i} {left!r} + {right!r} does not create the next token in id order; "
+                "tiktoken needs token ids that follow the merge order"
+            )
+        ranks[to_bytes(left + right)] = last_id = id_
+    return ranks
+
+
+def _pattern(longest_space_run: int) -> str:
+    r"""tiktoken's pat_str: the pre-tokenizer regex of HF ByteLevel (use_regex=true), which is GPT-2's
+
+        's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+
+    with the space-run tokens folded in. A regex takes the first alternative that matches, so the
+    order matters only where two alternatives can match at the same place; putting words first
+    (most pieces are words) makes tiktoken about 1.5x faster than GPT-2's order.
+    """
+    ws = r"\s"
+    if longest_space_run >= 2:
+        ws = r"(?:(?! {2})\s)"  # a whitespace character that does not start a run of spaces
+    alternatives = [
+        r" ?\p{L}+",  # a word, with the space before it
+        r" ?\p{N}+",  # a number, with the space before it
+        r"'s|'t|'re|'ve|'m|'ll|'d",  # a contraction; before the next line, which also matches "'"
+        r" ?[^\s\p{L}\p{N}]+",  # other symbols, with the space before them
+        f" {{2,{longest_space_run}}}" if longest_space_run >= 2 else None,  # a space-run token, longest first
+        rf"{ws}+(?!\S)",  # whitespace, but the last space before a word goes with the word
+        r"\s+",  # reached only for one whitespace character before a non-space
+    ]
+    return "|".join(a for a in alternatives if a)
+
+
+# ---------------------------------------------------------------------------------------------
+# NFC as the reference computes it
+
+
+def _nfc(text: str) -> str:
+    """Unicode NFC with the reference's Unicode 9.0 tables, using Python's newer ones.
+
+    Normalisation data of a character never changes once it is assigned (Unicode's stability
+    policy), so the two agree except on characters assigned after 9.0: the reference treats those
+    as unknown (no decomposition, combining class 0), which makes each of them a fixed point that
+    splits the text into independently normalised parts. We normalise those parts separately.
+    """
+    if text.isascii() or unicodedata.is_normalized("NFC", text):  # fast checks, true for most text
+        return text
+    parts = _AFTER_UNICODE_9.split(text)  # [part, newer char, part, newer char, ..., part]
+    return "".join(p if i % 2 else unicodedata.normalize("NFC", p) for i, p in enumerate(parts))
+
+
+# Characters assigned in Unicode 10.0 .. 16.0 that take part in canonical normalisation (nonzero
+# combining class, a canonical decomposition, or part of one), from UnicodeData.txt + DerivedAge.txt.
+_AFTER_UNICODE_9 = re.compile(
+    "(["
+    "\u07fd\u0897-\u089f\u08ca-\u08d3\u09fe\u0c3c\u0d3b-\u0d3c\u0eba\u1715\u1abf-\u1ace\u1df6-\u1dfa\ua82c"
+    "\U000105c9\U000105d2\U000105da\U000105e4\U00010d24-\U00010d27\U00010d69-\U00010d6d\U00010eab-\U00010eac"
+    "\U00010efd-\U00010eff\U00010f46-\U00010f50\U00010f82-\U00010f85\U00011070\U0001133b\U00011382-\U00011385"
+    "\U0001138b\U0001138e\U00011390-\U00011391\U000113b8\U000113bb\U000113c2\U000113c5\U000113c7-\U000113c9"
+    "\U000113ce-\U000113d0\U0001145e\U00011839-\U0001183a\U00011930\U00011935\U00011938\U0001193d-\U0001193e"
+    "\U00011943\U000119e0\U00011a34\U00011a47\U00011a99\U00011d42\U00011d44-\U00011d45\U00011d97"
+    "\U00011f41-\U00011f42\U0001611e-\U00016129\U0001612f\U00016d63\U00016d67-\U00016d6a\U00016ff0-\U00016ff1"
+    "\U0001e08f\U0001e130-\U0001e136\U0001e2ae\U0001e2ec-\U0001e2ef\U0001e4ec-\U0001e4ef\U0001e5ee-\U0001e5ef"
+    "])"
+)
