@@ -179,8 +179,10 @@ def ssd_chunked(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64):
     r = h // g  # heads per group
 
     def chunks(t):  # (b, l, ...) -> (b, nc, Q, ...), padded with zeros
-        t = F.pad(t.to(cdt), (0, 0) * (t.dim() - 2) + (0, pad))
-        return t.view(b, nc, Q, *t.shape[2:])
+        t = t.to(cdt)
+        if pad:
+            t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
+        return t.reshape(b, nc, Q, *t.shape[2:])
 
     X = chunks(x).view(b, nc, Q, g, r, p)  # (b, c, Q, G, R, P): head = group·R + r
     dt_c = chunks(dt).view(b, nc, Q, g, r)  # (b, c, Q, G, R)

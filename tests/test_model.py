@@ -118,7 +118,7 @@ def test_prefill_in_pieces_equals_one_prefill(model):
 def test_cache_is_constant_size(model):
     cfg = model.config
     cache = model.allocate_cache(3)
-    assert cache.conv.shape == (cfg.n_layer, 3, cfg.conv_dim, cfg.d_conv - 1)
+    assert cache.conv.shape == (cfg.n_layer, 3, cfg.d_conv - 1, cfg.conv_dim)
     assert cache.ssm.shape == (cfg.n_layer, 3, cfg.nheads, cfg.headdim, cfg.d_state)
 
 
