@@ -1,0 +1,984 @@
+"""Training: what train.py (and later sft.py) share.
+
+A run, top to bottom (`train`):
+  1. set up torch.distributed when launched by torchrun (DDP, or FSDP with --fsdp), else one process;
+  2. check the data and the model source before anything slow, and fail with one message if needed;
+  3. build the model (the public checkpoint of --scale, random weights, or a local checkpoint);
+  4. AdamW over parameter groups with layer-wise LR decay and no weight decay where it does not belong;
+  5. the mixture sampler (`minimamba.sampler`) and the fixed held-out windows (`minimamba.evaluate`);
+  6. resume from the latest checkpoint if asked (weights, optimizer, EMA, sampler, RNG, step);
+  7. print the resolved configuration with parameters, tokens per step and a memory/time estimate;
+  8. the loop: one optimizer step (micro-batches, clipping, NaN check), EMA update, log, held-out
+     perplexity every --eval-every steps, checkpoint every --save-every steps and on SIGINT/SIGTERM.
+
+Choices, with the reason for each:
+  * Precision. The weights, gradients, AdamW moments and EMA stay in float32 ("master weights");
+    on GPU the forward and backward run under bf16 autocast. Pure bf16 weights would not do: bf16
+    has 8 significant bits, so an update of lr·(update) ≈ 5e-6 relative to a weight is rounded away.
+  * Parameter groups. Weight decay 0.1 on the matrices (in_proj, out_proj, conv1d weight and the
+    embedding); none on A_log, D, dt_bias, the norm weights and biases (decaying A_log or dt_bias
+    towards 0 would change the SSM's time scales, not regularise it).
+  * Layer-wise LR decay (llrd): layer l of L gets lr·llrd^(L−1−l), so the last layer learns at the
+    peak LR and the first at lr·0.95^(L−1) (0.095× for 48 layers): continued pretraining moves the
+    lower, more general layers less. The final norm and the embedding get the peak LR: the embedding
+    is tied to the output head, the top of the network (this is what the recipe's authors do with
+    all non-layer parameters). An untied input embedding would get the lowest layer's factor.
+  * Schedules are pure functions of the step (`lr_factor`), so resume needs no scheduler state.
+    "wsd" (the recipe): linear warmup, constant, then a cosine decay to min_lr_ratio over the last
+    --decay fraction of the steps (warmup 10%, stable 65%, decay 25% by default, as in the authors'
+    code). "cosine": warmup, then cosine to min_lr_ratio. "constant": warmup, then constant.
+  * EMA: after every step ema ← d·ema + (1−d)·w, kept in float32. Evaluation and the saved
+    `pytorch_model.bin` use the EMA weights; the raw weights live in training_state.pt for resuming.
+
+The checkpoint of step s is a directory OUT/step-{s:06d}/ holding
+    config.json, pytorch_model.bin   the EMA weights in the save_pretrained layout (from_pretrained reads it)
+    training_state.pt                raw weights, optimizer, EMA, sampler, RNG, step, resolved config
+It is written as OUT/.step-{s:06d}.tmp/ and renamed into place, then OUT/latest (a one-line text file
+naming it) is replaced atomically; a kill at any moment leaves the previous checkpoint usable, and
+`--resume` reads OUT/latest. Older step directories beyond --keep are deleted afterwards.
+"""
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from minimamba.config import PUBLIC_SCALES, SCALES, Mamba2Config
+from minimamba.data import DataError
+from minimamba.evaluate import domain_perplexity, load_heldout
+from minimamba.model import Mamba2LM
+from minimamba.sampler import MixtureSampler, check_domains, parse_mix
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration: every knob of a run, with the BioMamba recipe as the default.
+
+
+@dataclass
+class TrainConfig:
+    # model
+    scale: str | None = None  # 130m 370m 780m 1.3b 2.7b (public checkpoints) or tiny micro mini (CPU)
+    init: str = "pretrained"  # "pretrained" (state-spaces/mamba2-<scale>), "scratch", or a checkpoint dir / Hub id
+    backend: str = "auto"  # SSD scan: auto (triton on CUDA, torch otherwise), torch, triton
+    grad_ckpt: bool = False  # activation checkpointing: recompute each block in the backward pass
+    # data
+    data: str = "data/tokens"  # DIR with DIR/<domain>/{train,heldout}.bin from `python -m minimamba.data prepare`
+    mix: str = "pubmed=0.8,c4=0.1,wikipedia=0.1"  # token shares of the domains
+    seq_len: int = 1024  # tokens per training sequence
+    batch_size: int = 8  # sequences per micro-batch, per process
+    grad_accum: int | None = None  # micro-batches per step; None: from tokens_per_step
+    tokens_per_step: int = 256 * 1024  # target tokens per optimizer step (all processes), used when grad_accum is None
+    # optimization
+    lr: float = 5e-6  # peak learning rate of the top layer
+    llrd: float = 0.95  # layer-wise LR decay: layer l of L gets lr·llrd^(L-1-l)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0: off)
+    schedule: str = "wsd"  # wsd, cosine or constant
+    warmup: float = 0.1  # warmup: a fraction of max_steps if < 1, else a number of steps
+    decay: float = 0.25  # wsd: fraction of the steps in the final cosine decay
+    min_lr_ratio: float = 0.1  # the LR at the end of the decay, as a fraction of the peak
+    max_steps: int | None = 6000  # optimizer steps (the recipe: ~6,000 at 256 sequences per step)
+    tokens: int | None = None  # total training tokens; sets max_steps when given
+    ema: float = 0.999  # EMA decay of the weights used for eval and saving (0: no EMA)
+    seed: int = 42
+    # evaluation, logging, checkpoints
+    eval_every: int = 500  # held-out perplexity every N steps (and at the start and the end); 0: only at the end
+    eval_windows: int = 100  # held-out windows of seq_len tokens per domain
+    eval_batch_size: int | None = None  # default: batch_size
+    save_every: int = 1000  # checkpoint every N steps (and at the end, and on SIGINT/SIGTERM)
+    keep: int = 1  # how many step checkpoints to keep
+    out: str = "runs/cpt"  # output directory: checkpoints, log.jsonl, train_config.json, plot
+    resume: str | None = None  # "latest" (OUT/latest) or a checkpoint directory
+    # hardware
+    device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
+    dtype: str = "auto"  # compute dtype: auto (bfloat16 autocast on CUDA, float32 on CPU), bfloat16, float32
+    fsdp: bool = False  # shard weights, gradients and optimizer state across processes (FSDP2) instead of DDP
+    progress: bool = True  # show the tqdm bar
+
+    @classmethod
+    def field_names(cls):
+        return [f.name for f in fields(cls)]
+
+
+class SetupError(RuntimeError):
+    """A problem found before training starts; the message says what was tried and what to do."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm is NaN/inf; the weights of that step were not updated."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Distributed setup (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK)
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def enabled(self):
+        return self.world_size > 1
+
+
+def setup_distributed(device="auto"):
+    """One process, or torch.distributed when launched by torchrun: NCCL on GPU, gloo on CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise SetupError("--device cuda was asked for but torch sees no GPU; use --device cpu")
+        return Dist(device=dev)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.device(device).type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+        backend = "nccl"
+    else:
+        dev, backend = torch.device("cpu"), "gloo"
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend)
+    return Dist(rank, world_size, local_rank, dev)
+
+
+def all_reduce_sum(values, dist):
+    """Sum a list of floats over the processes (identity without torch.distributed)."""
+    t = torch.tensor(values, dtype=torch.float64, device=dist.device)
+    if dist.enabled:
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def wrap_model(model, cfg, dist):
+    """DDP (each process holds the whole model, gradients are averaged) or FSDP2 (each holds a shard)."""
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.layers:  # one all-gather per block, so only one block is ever whole at a time
+            fully_shard(block)
+        fully_shard(model)  # the rest: embedding (= head), final norm
+        return model
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    return model
+
+
+def unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def _full(t):
+    """A whole tensor from an FSDP shard (a collective: every process must call it), else t itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model
+
+
+def hub_id(cfg):
+    """The Hub repo or local path --init points to, or None for random weights."""
+    if cfg.init == "scratch":
+        return None
+    if cfg.init == "pretrained":
+        if cfg.scale is None:
+            raise SetupError("--init pretrained needs --scale (one of " + ", ".join(PUBLIC_SCALES) + ")")
+        if cfg.scale not in PUBLIC_SCALES:
+            raise SetupError(
+                f"there is no public checkpoint for scale {cfg.scale!r} (those are {', '.join(PUBLIC_SCALES)}); "
+                "use --init scratch to train it from random weights, or --init PATH"
+            )
+        return f"state-spaces/mamba2-{cfg.scale}"
+    return cfg.init
+
+
+def offline_message(source, error):
+    from minimamba.download import cache_dir, endpoint
+
+    return (
+        f"could not download the checkpoint {source} (config.json and pytorch_model.bin) from {endpoint()}:\n"
+        f"  {str(error).strip().splitlines()[0]}\n"
+        "To train without internet, either\n"
+        f"  * copy the checkpoint directory (config.json + pytorch_model.bin) here and pass --init /path/to/it, or\n"
+        f"  * put those two files in {cache_dir() / source.replace('/', '--') / 'main'}/, or\n"
+        f"  * set HF_ENDPOINT to a reachable mirror, or\n"
+        "  * start from random weights with --init scratch."
+    )
+
+
+def check_model_source(cfg):
+    """Fetch only config.json of a Hub checkpoint (small), so an offline machine fails fast and clearly."""
+    source = hub_id(cfg)
+    if source is None or Path(source).expanduser().exists():
+        return
+    if not re.fullmatch(r"[\w.\-]+/[\w.\-]+", source):
+        raise SetupError(f"--init {source}: no such checkpoint directory (expected config.json + pytorch_model.bin)")
+    from minimamba.download import DownloadError, hub_file
+
+    try:
+        hub_file(source, "config.json")
+    except DownloadError as e:
+        raise SetupError(offline_message(source, e)) from None
+
+
+def build_model(cfg):
+    """The model --init asks for, in float32 on the CPU."""
+    from minimamba.download import DownloadError
+    from minimamba.hub import from_pretrained
+
+    source = hub_id(cfg)
+    if source is None:
+        if cfg.scale is None:
+            raise SetupError("--init scratch needs --scale: " + ", ".join(SCALES))
+        model = Mamba2LM(Mamba2Config.from_scale(cfg.scale), backend=cfg.backend)
+        model.reset_parameters(seed=cfg.seed)
+        return model
+    try:
+        return from_pretrained(source, dtype=torch.float32, backend=cfg.backend)
+    except DownloadError as e:
+        raise SetupError(offline_message(source, e)) from None
+    except FileNotFoundError as e:
+        raise SetupError(f"--init {cfg.init}: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Optimizer: parameter groups, layer-wise LR decay, schedules
+
+NO_DECAY = ("A_log", "D", "dt_bias", "norm", "bias")  # any name part equal to one of these (norm = any RMSNorm)
+
+
+def param_groups(model, weight_decay, llrd):
+    """AdamW groups: [{"params", "weight_decay", "lr_scale", "name"}]; the LR of a group is peak·lr_scale.
+
+    Layer l of L: lr_scale = llrd^(L-1-l). Embedding (tied to the head) and final norm: 1. No weight
+    decay on A_log, D, dt_bias, norm weights and biases. See the module docstring for why.
+    """
+    L = model.config.n_layer
+    groups = {}
+    for name, p in model.named_parameters():  # a tied weight is listed once (as embedding.weight)
+        if not p.requires_grad:
+            continue
+        parts = name.split(".")
+        if parts[0] == "layers":
+            layer = int(parts[1])
+            scale, where = llrd ** (L - 1 - layer), f"layer {layer}"
+        elif parts[0] == "embedding" and not model.config.tie_embeddings:
+            scale, where = llrd ** (L - 1), "embedding"
+        else:  # tied embedding = output head, lm_head, norm_f
+            scale, where = 1.0, "top"
+        no_decay = any(part in NO_DECAY for part in parts[-2:])
+        wd = 0.0 if no_decay else weight_decay
+        key = (where, wd)
+        if key not in groups:
+            groups[key] = {"params": [], "weight_decay": wd, "lr_scale": scale,
+                           "name": f"{where}{' (no decay)' if wd == 0 else ''}"}
+        groups[key]["params"].append(p)
+    return list(groups.values())
+
+
+def schedule_steps(cfg, max_steps):
+    """(warmup steps, decay steps) of the schedule."""
+    warmup = round(cfg.warmup * max_steps) if cfg.warmup < 1 else int(cfg.warmup)
+    decay = round(cfg.decay * max_steps) if cfg.schedule == "wsd" else 0
+    return min(warmup, max_steps), min(decay, max_steps - min(warmup, max_steps))
+
+
+def lr_factor(step, total, warmup, schedule="wsd", decay=0, min_ratio=0.1):
+    """The LR of optimizer step `step` (0-based, of `total`) as a fraction of the peak LR.
+
+    warmup: linear from 1/warmup to 1 over the first `warmup` steps (the first step already moves);
+    wsd: 1 until the last `decay` steps, then a half cosine from 1 down to min_ratio;
+    cosine: a half cosine from 1 after warmup down to min_ratio at the last step; constant: 1.
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    if schedule == "wsd":
+        start, length = total - decay, decay
+    elif schedule == "cosine":
+        start, length = warmup, total - warmup
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}; choose wsd, cosine or constant")
+    if step < start or length <= 0:
+        return 1.0
+    progress = min(1.0, (step - start + 1) / length)  # reaches exactly min_ratio at the last step
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class EMA:
+    """An exponential moving average of the weights, in float32: ema ← decay·ema + (1 − decay)·w."""
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.shadow = {n: p.detach().clone().float() for n, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model):
+        for n, p in model.named_parameters():
+            self.shadow[n].lerp_(p.detach().float(), 1 - self.decay)
+
+    @contextlib.contextmanager
+    @torch.no_grad()
+    def swapped_in(self, model):
+        """Inside the block the model holds the EMA weights; its own weights come back exactly after."""
+        self._swap(model)
+        try:
+            yield model
+        finally:
+            self._swap(model)
+
+    def _swap(self, model):
+        for n, p in model.named_parameters():
+            tmp = p.detach().clone()
+            p.copy_(self.shadow[n])
+            self.shadow[n].copy_(tmp)
+
+    def state_dict(self):
+        return {n: _full(t).cpu() for n, t in self.shadow.items()}
+
+    def load_state_dict(self, state):
+        missing = set(self.shadow) ^ set(state)
+        if missing:
+            raise ValueError(f"EMA state does not match the model: {sorted(missing)[:5]}")
+        for n, t in self.shadow.items():
+            src = state[n]
+            if hasattr(t, "full_tensor"):  # an FSDP shard: take this process's piece of the whole tensor
+                from torch.distributed.tensor import distribute_tensor
+
+                src = distribute_tensor(src.to(t.device), t.device_mesh, t.placements)
+            t.copy_(src)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One optimizer step
+
+
+def _grad_sync(model, on):
+    """Gradients are reduced between processes only on the last micro-batch of a step."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(on)
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync") and not on:  # DDP
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def train_step(model, optimizer, rows, micro_batch, grad_clip, dist, autocast_dtype=None, params=None):
+    """One optimizer step over this process's `rows` (n, seq_len + 1), in micro-batches of `micro_batch`.
+
+    The loss of every micro-batch is the mean over its tokens; all micro-batches (and processes) have
+    the same number of tokens, so averaging them gives the mean over the whole global batch, exactly
+    as one big batch would. Returns (loss, grad_norm before clipping, stop) where stop says whether
+    any process asked to stop. Raises TrainingDiverged *before* updating the weights when the loss or
+    the gradient norm is not finite.
+    """
+    micro = rows.split(micro_batch)
+    device = dist.device
+    loss_sum = torch.zeros((), device=device)
+    for i, mb in enumerate(micro):
+        mb = mb.to(device, non_blocking=True)
+        with _grad_sync(model, i == len(micro) - 1):
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                logits = model(mb[:, :-1])  # (b, l, Vp)
+                loss = F.cross_entropy(logits.flatten(0, 1), mb[:, 1:].flatten())
+            (loss / len(micro)).backward()
+        loss_sum += loss.detach()
+    params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
+    if grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    loss_total, norm, stop = all_reduce_sum(
+        [loss_sum.item() / len(micro), _full(grad_norm).item(), float(STOP.requested is not None)], dist
+    )
+    loss = loss_total / dist.world_size  # the gradient norm is already the same on every process
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        optimizer.zero_grad(set_to_none=True)
+        what = "loss" if not math.isfinite(loss) else "gradient norm"
+        raise TrainingDiverged(f"the {what} is {loss if what == 'loss' else norm}")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, norm, stop > 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stopping on SIGINT / SIGTERM
+
+
+class StopRequest:
+    """The first SIGINT/SIGTERM asks the loop to write a checkpoint after the current step and exit;
+    a second one stops at once (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.requested = None  # the signal number
+        self._previous = {}
+
+    def install(self):
+        self.requested = None
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame):
+        if self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signum
+        print(f"\n{signal.Signals(signum).name} received: finishing this step, then writing a checkpoint "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+
+STOP = StopRequest()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def checkpoint_name(step):
+    return f"step-{step:06d}"
+
+
+def latest_checkpoint(out):
+    """The directory OUT/latest names, or None."""
+    pointer = Path(out) / "latest"
+    if not pointer.is_file():
+        return None
+    path = Path(out) / pointer.read_text().strip()
+    return path if (path / "training_state.pt").is_file() else None
+
+
+def _write_text_atomically(path, text):
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out, step, model, optimizer, ema, sampler, extra, dist, keep=1):
+    """Write OUT/step-NNNNNN/ (see the module docstring); every process must call it (FSDP gathers)."""
+    out = Path(out)
+    final = out / checkpoint_name(step)
+    raw = unwrap(model)
+    model_state, optim_state = _full_state(model, optimizer, dist)
+    ema_state = ema.state_dict() if ema is not None else None
+    if dist.is_main and not final.exists():
+        from minimamba.hub import save_pretrained
+
+        tmp = out / f".{final.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        with torch.device("meta"):
+            public = Mamba2LM(raw.config, backend=raw.backend)
+        weights = ema_state if ema_state is not None else model_state
+        result = public.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False, assign=True)
+        if set(result.missing_keys) - {"lm_head.weight"} or result.unexpected_keys:
+            raise RuntimeError(f"checkpoint weights do not match the model: {result}")
+        if raw.config.tie_embeddings:
+            public.lm_head.weight = public.embedding.weight
+        save_pretrained(public, tmp)
+        state = {
+            "format": 1,
+            "step": step,
+            "model": model_state,
+            "optimizer": optim_state,
+            "ema": ema_state,
+            "sampler": sampler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            **extra,
+        }
+        torch.save(state, tmp / "training_state.pt")
+        os.replace(tmp, final)
+        _write_text_atomically(out / "latest", final.name + "\n")
+        old = sorted(p for p in out.glob("step-*") if p.is_dir() and p != final)
+        for p in old[: max(0, len(old) - (keep - 1))]:
+            shutil.rmtree(p, ignore_errors=True)
+    if dist.enabled:
+        torch.distributed.barrier()
+    return final
+
+
+def _full_state(model, optimizer, dist):
+    """Whole (unsharded) model and optimizer state dicts on the CPU."""
+    raw = unwrap(model)
+    if any(hasattr(p, "full_tensor") for p in raw.parameters()):  # FSDP2
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions, get_model_state_dict, get_optimizer_state_dict)
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(raw, options=options), get_optimizer_state_dict(raw, optimizer, options=options)
+    return ({k: v.detach().cpu() for k, v in raw.state_dict().items()},
+            _to_cpu(optimizer.state_dict()))
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    return obj
+
+
+def load_training_state(path):
+    state_path = Path(path) / "training_state.pt"
+    if not state_path.is_file():
+        raise SetupError(f"{path} is not a training checkpoint (no training_state.pt)")
+    return torch.load(state_path, map_location="cpu", weights_only=True)
+
+
+def restore_state(state, model, optimizer, ema, sampler):
+    """Put a checkpoint's raw weights, optimizer, EMA, sampler and RNG state back."""
+    raw = unwrap(model)
+    if any(hasattr(p, "full_tensor") for p in raw.parameters()):  # FSDP2
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions, set_model_state_dict, set_optimizer_state_dict)
+
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(raw, state["model"], options=options)
+        set_optimizer_state_dict(raw, optimizer, state["optimizer"], options=options)
+    else:
+        raw.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    if ema is not None:
+        if state["ema"] is None:
+            raise SetupError("the checkpoint was trained without EMA; resume with --ema 0")
+        ema.load_state_dict(state["ema"])
+    sampler.load_state_dict(state["sampler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Logging: JSON lines and a plot
+
+
+class JsonlLog:
+    """OUT/log.jsonl: one JSON object per line (train steps and evaluations), written by rank 0."""
+
+    def __init__(self, path, enabled=True, truncate_after_step=None):
+        self.path, self.enabled = Path(path), enabled
+        if enabled and truncate_after_step is not None and self.path.exists():
+            # a resumed run redoes the steps after its checkpoint: drop their old records
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= truncate_after_step]
+            _write_text_atomically(self.path, "".join(line + "\n" for line in kept))
+
+    def write(self, **record):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def read_log(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_log(log_path, png_path):
+    """Train loss and per-domain held-out perplexity against tokens seen; False if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    records = read_log(log_path)
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval" in r]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    if train:
+        a.plot([r["tokens"] / 1e6 for r in train], [r["loss"] for r in train], lw=0.8)
+    a.set(xlabel="training tokens (M)", ylabel="train loss (nats/token)", title="train loss")
+    for domain in (evals[0]["eval"] if evals else {}):
+        b.plot([r["tokens"] / 1e6 for r in evals], [r["eval"][domain]["ppl"] for r in evals], "o-", label=domain)
+    b.set(xlabel="training tokens (M)", ylabel="held-out perplexity", title="held-out perplexity", yscale="log")
+    if evals:
+        b.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Estimates of memory and time per step
+
+H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM
+ASSUMED_MFU = 0.4  # fraction of that peak the time estimate assumes
+
+
+class _ScanStandIn(torch.autograd.Function):
+    """Shapes only: what the Triton scan saves for its backward (its inputs), for the meta-device estimate."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D):
+        ctx.save_for_backward(x, dt, A, B, C, D)
+        b, l, h, p = x.shape
+        return torch.empty_like(x), x.new_empty(b, h, p, B.shape[-1], dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, dy, dfinal):
+        return (None,) * 6
+
+
+def activation_bytes(config, seq_len, backend="torch", grad_ckpt=False, dtype=torch.bfloat16):
+    """Bytes autograd keeps for the backward of one sequence, counted on the meta device (no memory used).
+
+    The count includes the logits and the cross-entropy; with grad_ckpt, only each block's input is
+    kept, plus one block's activations while it is recomputed.
+    """
+    with torch.device("meta"):
+        model = Mamba2LM(config, backend="torch").to(dtype)
+    if backend == "triton":
+        model._scan = lambda device: (lambda x, dt, A, B, C, D=None, initial_state=None:
+                                      _ScanStandIn.apply(x, dt, A, B, C, D))
+    params = {id(p) for p in model.parameters()}
+    kept = {}
+
+    def pack(t):
+        base = t._base if t._base is not None else t
+        if id(base) not in params:
+            kept[id(base)] = base
+        return t
+
+    x = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = model(x)
+        F.cross_entropy(logits.flatten(0, 1).float(), x.flatten())
+    total = sum(t.numel() * t.element_size() for t in kept.values())
+    if not grad_ckpt:
+        return total
+    logit_bytes = seq_len * config.padded_vocab_size * (4 + 2)  # fp32 log-softmax + bf16 logits
+    per_layer = (total - logit_bytes) / config.n_layer
+    return config.n_layer * seq_len * config.d_model * 4 + per_layer + logit_bytes
+
+
+def flops_per_token(config, grad_ckpt=False):
+    """Training FLOPs per token: 6 per weight of each matmul (forward 2, backward 4) plus the SSD scan."""
+    c = config
+    matmul = c.n_layer * (c.d_model * c.in_proj_dim + c.d_inner * c.d_model) + c.d_model * c.padded_vocab_size
+    Q = c.chunk_size
+    scan = c.n_layer * 2 * (Q * c.ngroups * c.d_state + Q * c.d_inner + 2 * c.d_inner * c.d_state)  # forward
+    forward = 2 * matmul + scan
+    return forward * (4 if grad_ckpt else 3)  # backward ≈ 2 forwards; checkpointing adds one forward
+
+
+def estimate(config, micro_batch, seq_len, rows_per_step, world_size=1, backend="torch", grad_ckpt=False,
+             ema=True, fsdp=False):
+    """A rough per-process memory peak (bytes) and step FLOPs, before anything runs."""
+    n = _num_params(config)
+    per_param = 4 + 4 + 8 + (4 if ema else 0) + 2  # weights, grads, AdamW m and v, EMA, bf16 weight copies
+    static = n * per_param / (world_size if fsdp else 1)
+    act = activation_bytes(config, seq_len, backend, grad_ckpt) * micro_batch
+    transient = micro_batch * seq_len * config.padded_vocab_size * 4  # gradient of the logits
+    flops = flops_per_token(config, grad_ckpt) * rows_per_step * seq_len
+    return {"params": n, "static_bytes": static, "activation_bytes": act,
+            "peak_bytes": 1.1 * (static + act + transient), "flops_per_step": flops}
+
+
+def _num_params(config):
+    with torch.device("meta"):
+        return Mamba2LM(config, backend="torch").num_params()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class Resolved:
+    """Values derived from a TrainConfig and the number of processes."""
+
+    mix: dict
+    grad_accum: int
+    rows_per_step: int  # sequences per optimizer step, all processes
+    tokens_per_step: int
+    max_steps: int
+    warmup_steps: int
+    decay_steps: int
+    autocast_dtype: torch.dtype | None
+    eval_batch_size: int
+
+
+def resolve(cfg, dist):
+    if cfg.schedule not in ("wsd", "cosine", "constant"):
+        raise SetupError(f"unknown --schedule {cfg.schedule!r}; choose wsd, cosine or constant")
+    for name in ("seq_len", "batch_size", "keep"):
+        if getattr(cfg, name) < 1:
+            raise SetupError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if not 0 <= cfg.ema < 1:
+        raise SetupError(f"--ema must be in [0, 1), got {cfg.ema}")
+    try:
+        mix = parse_mix(cfg.mix)
+    except ValueError as e:
+        raise SetupError(str(e)) from None
+    per_pass = cfg.batch_size * dist.world_size
+    if cfg.grad_accum is not None:
+        if cfg.grad_accum < 1:
+            raise SetupError(f"--grad-accum must be >= 1, got {cfg.grad_accum}")
+        grad_accum = cfg.grad_accum
+    else:
+        grad_accum = max(1, math.ceil(cfg.tokens_per_step / cfg.seq_len / per_pass))
+    rows = per_pass * grad_accum
+    tokens_per_step = rows * cfg.seq_len
+    if cfg.tokens is not None:
+        max_steps = math.ceil(cfg.tokens / tokens_per_step)
+    elif cfg.max_steps is not None:
+        max_steps = cfg.max_steps
+    else:
+        raise SetupError("give --max-steps or --tokens")
+    if max_steps < 1:
+        raise SetupError(f"the run must have at least one step (got {max_steps})")
+    warmup, decay = schedule_steps(cfg, max_steps)
+    if cfg.dtype == "auto":
+        amp = torch.bfloat16 if dist.device.type == "cuda" else None
+    elif cfg.dtype in ("bfloat16", "bf16"):
+        amp = torch.bfloat16
+    elif cfg.dtype in ("float32", "fp32"):
+        amp = None
+    else:
+        raise SetupError(f"unknown --dtype {cfg.dtype!r}; choose auto, bfloat16 or float32")
+    return Resolved(mix, grad_accum, rows, tokens_per_step, max_steps, warmup, decay, amp,
+                    cfg.eval_batch_size or cfg.batch_size)
+
+
+def _gib(n):
+    return f"{n / 2**30:.1f} GiB"
+
+
+def _summary(cfg, r, raw, dist, sampler, est, groups, source):
+    c = raw.config
+    lines = [
+        f"model: {cfg.scale or 'from ' + str(source)} ({est['params'] / 1e6:.1f}M parameters, {c.n_layer} layers, "
+        f"d_model {c.d_model}, vocab {c.vocab_size}), init: {source or 'random weights (seed %d)' % cfg.seed}",
+        f"device: {dist.device} × {dist.world_size} process(es)"
+        f"{' (FSDP)' if cfg.fsdp else ' (DDP)' if dist.enabled else ''}, compute "
+        f"{'bfloat16 autocast' if r.autocast_dtype else 'float32'} with float32 master weights, scan backend "
+        f"{raw.scan_backend(dist.device)}, activation checkpointing {'on' if cfg.grad_ckpt else 'off'}",
+        f"batch: {cfg.batch_size} sequences × {r.grad_accum} micro-batches × {dist.world_size} process(es) = "
+        f"{r.rows_per_step} sequences × {cfg.seq_len} tokens = {r.tokens_per_step:,} tokens per step",
+        f"data: {sampler.describe()}",
+        f"schedule: {cfg.schedule}, peak lr {cfg.lr:g} (lowest layer {cfg.lr * min(g['lr_scale'] for g in groups):.3g}),"
+        f" warmup {r.warmup_steps}, decay {r.decay_steps} steps to {cfg.min_lr_ratio}×; {r.max_steps} steps = "
+        f"{r.max_steps * r.tokens_per_step / 1e9:.3g}B tokens; EMA {cfg.ema or 'off'}",
+        f"estimate: ~{_gib(est['peak_bytes'])} per process (weights+grads+AdamW+EMA {_gib(est['static_bytes'])}, "
+        f"activations {_gib(est['activation_bytes'])} per micro-batch); {est['flops_per_step']:.3g} FLOPs per step",
+    ]
+    if dist.device.type == "cuda":
+        sec = est["flops_per_step"] / (ASSUMED_MFU * H100_BF16_FLOPS * dist.world_size)
+        lines.append(f"          ~{sec:.2f} s per step if each GPU sustains {ASSUMED_MFU:.0%} of an H100's bf16 peak "
+                     f"-> ~{sec * r.max_steps / 3600:.1f} h for the run (measured after the first steps below)")
+    else:
+        lines.append("          time per step: measured after the first step (CPU speed varies too much to guess)")
+    return "\n".join(lines)
+
+
+def train(cfg: TrainConfig, model=None):
+    """Run training as `cfg` says; returns {"step", "checkpoint", "eval", "stopped_by"}.
+
+    `model` (optional, for tests) replaces the one --init would build.
+    """
+    dist = setup_distributed(cfg.device)
+    STOP.install()
+    try:
+        return _train(cfg, dist, model)
+    finally:
+        STOP.restore()
+        if dist.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _print(dist, *args, **kwargs):
+    if dist.is_main:
+        tqdm.write(" ".join(str(a) for a in args), **kwargs)
+
+
+def _train(cfg, dist, model):
+    r = resolve(cfg, dist)
+    out = Path(cfg.out)
+
+    # --- what to start from: a checkpoint of this run, or --init
+    state, resume_dir = None, None
+    if cfg.resume:
+        resume_dir = latest_checkpoint(out) if cfg.resume == "latest" else Path(cfg.resume)
+        if resume_dir is None:
+            raise SetupError(f"--resume: no checkpoint in {out} (no {out / 'latest'}); start without --resume")
+        state = load_training_state(resume_dir)
+    elif latest_checkpoint(out) is not None:
+        raise SetupError(f"{out} already holds a run ({latest_checkpoint(out).name}); pass --resume to continue it "
+                         "or choose another --out")
+
+    # --- check the data and the model source before anything slow
+    try:
+        check_domains(cfg.data, r.mix)
+        check_domains(cfg.data, r.mix, "heldout")
+    except DataError as e:
+        problem = str(e)
+        if model is None and state is None:
+            try:
+                check_model_source(cfg)
+            except SetupError as e2:
+                problem += "\n\nAlso: " + str(e2)
+        raise SetupError(problem) from None
+    source = None
+    if model is None:
+        if state is not None:
+            model = Mamba2LM(Mamba2Config.load(resume_dir), backend=cfg.backend)
+            source = f"resumed from {resume_dir}"
+        else:
+            check_model_source(cfg)
+            source = hub_id(cfg)
+            model = build_model(cfg)
+    if state is not None:
+        source = f"resumed from {resume_dir}"
+    torch.manual_seed(cfg.seed)
+    model.to(dist.device)
+    model.gradient_checkpointing = cfg.grad_ckpt
+    if state is not None and not cfg.fsdp:
+        unwrap(model).load_state_dict(state["model"])
+    model = wrap_model(model, cfg, dist)
+    raw = unwrap(model)
+
+    # --- optimizer, EMA, data
+    groups = param_groups(raw, cfg.weight_decay, cfg.llrd)
+    params = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    ema = EMA(raw, cfg.ema) if cfg.ema > 0 else None
+    try:
+        sampler = MixtureSampler(cfg.data, r.mix, cfg.seq_len, r.rows_per_step, cfg.seed, dist.rank, dist.world_size)
+        heldout = load_heldout(cfg.data, list(r.mix), cfg.seq_len, cfg.eval_windows)
+        if state is not None:
+            restore_state(state, model, optimizer, ema, sampler)
+    except (DataError, ValueError) as e:
+        raise SetupError(str(e)) from None
+    step, tokens_seen, elapsed = 0, 0, 0.0
+    if state is not None:
+        step, tokens_seen, elapsed = state["step"], state["tokens_seen"], state["elapsed"]
+        changed = {k: (state["config"][k], v) for k, v in asdict(cfg).items()
+                   if k in state["config"] and state["config"][k] != v and k not in ("resume", "progress")}
+        if changed:
+            _print(dist, "note: changed since the checkpoint: " +
+                   ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+        del state
+
+    # --- say what will happen, and store it
+    backend = raw.scan_backend(dist.device)
+    est = estimate(raw.config, cfg.batch_size, cfg.seq_len, r.rows_per_step, dist.world_size, backend,
+                   cfg.grad_ckpt, ema is not None, cfg.fsdp)
+    resolved = {**asdict(cfg), "resolved": {
+        "grad_accum": r.grad_accum, "rows_per_step": r.rows_per_step, "tokens_per_step": r.tokens_per_step,
+        "max_steps": r.max_steps, "warmup_steps": r.warmup_steps, "decay_steps": r.decay_steps,
+        "mix": r.mix, "world_size": dist.world_size, "device": str(dist.device), "scan_backend": backend,
+        "autocast_dtype": str(r.autocast_dtype).replace("torch.", "") if r.autocast_dtype else None,
+        "params": est["params"], "model_config": raw.config.to_dict(), "init_source": source,
+        "lr_scale_by_group": {g["name"]: g["lr_scale"] for g in groups}}}
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_text_atomically(out / "train_config.json", json.dumps(resolved, indent=2, default=str) + "\n")
+        print("config: " + json.dumps(asdict(cfg)))
+        print(_summary(cfg, r, raw, dist, sampler, est, groups, source), flush=True)
+    log = JsonlLog(out / "log.jsonl", dist.is_main, truncate_after_step=step if resume_dir else None)
+    if not resume_dir and dist.is_main:
+        (out / "log.jsonl").unlink(missing_ok=True)
+
+    def evaluate_now():
+        ctx = ema.swapped_in(raw) if ema is not None else contextlib.nullcontext()
+        with ctx:
+            res = domain_perplexity(raw if not cfg.fsdp else model, heldout, r.eval_batch_size, dist.device,
+                                    r.autocast_dtype, dist if not cfg.fsdp else None)
+        shares = sampler.token_shares()
+        log.write(step=step, tokens=tokens_seen, eval=res, token_shares=shares, epochs=sampler.epochs())
+        _print(dist, f"step {step}: held-out perplexity{' (EMA weights)' if ema else ''} " +
+               "  ".join(f"{d} {v['ppl']:.3f}" for d, v in res.items()) +
+               (" | token shares so far " + "  ".join(f"{d} {s:.1%}" for d, s in shares.items()) if step else ""))
+        if dist.is_main:
+            plot_log(out / "log.jsonl", out / "training.png")
+        return res
+
+    def checkpoint():
+        extra = {"tokens_seen": tokens_seen, "elapsed": elapsed, "config": asdict(cfg)}
+        return save_checkpoint(out, step, model, optimizer, ema, sampler, extra, dist, cfg.keep)
+
+    # --- the loop
+    last_eval = evaluate_now() if step == 0 else None
+    bar = tqdm(total=r.max_steps, initial=step, unit="step", dynamic_ncols=True,
+               disable=not (dist.is_main and cfg.progress))
+    stopped_by, last_ckpt = None, latest_checkpoint(out) if dist.is_main else None
+    try:
+        while step < r.max_steps:
+            t0 = time.perf_counter()
+            factor = lr_factor(step, r.max_steps, r.warmup_steps, cfg.schedule, r.decay_steps, cfg.min_lr_ratio)
+            for g in optimizer.param_groups:
+                g["lr"] = cfg.lr * factor * g["lr_scale"]
+            rows = sampler.next_batch()
+            try:
+                loss, grad_norm, stop = train_step(model, optimizer, rows, cfg.batch_size, cfg.grad_clip, dist,
+                                                   r.autocast_dtype, params)
+            except TrainingDiverged as e:
+                where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+                log.write(step=step + 1, error=str(e))
+                raise TrainingDiverged(
+                    f"{e} at step {step + 1}: training stopped and the weights of that step were not saved; "
+                    f"{where}. Lower --lr, check the data, or resume from it with --resume."
+                ) from None
+            if ema is not None:
+                ema.update(raw)
+            step += 1
+            tokens_seen += r.tokens_per_step
+            dt = time.perf_counter() - t0
+            elapsed += dt
+            log.write(step=step, tokens=tokens_seen, loss=loss, lr=cfg.lr * factor, grad_norm=grad_norm,
+                      tok_per_s=r.tokens_per_step / dt, time=elapsed)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{r.tokens_per_step / dt:,.0f}", refresh=False)
+            bar.update(1)
+            if step == 1 and dist.is_main:
+                mem = f", peak GPU memory {_gib(torch.cuda.max_memory_allocated())}" if dist.device.type == "cuda" else ""
+                tqdm.write(f"first step: {dt:.2f} s{mem} (later steps are usually faster)")
+            done = step == r.max_steps
+            if stop:
+                stopped_by = signal.Signals(STOP.requested).name if STOP.requested else "a signal to another process"
+            if done or (cfg.eval_every and step % cfg.eval_every == 0):
+                last_eval = evaluate_now()
+            if done or stop or (cfg.save_every and step % cfg.save_every == 0):
+                last_ckpt = checkpoint()
+                _print(dist, f"checkpoint: {last_ckpt}")
+            if stop:
+                _print(dist, f"stopped by {stopped_by} after step {step}; continue with --resume")
+                break
+    finally:
+        bar.close()
+    return {"step": step, "checkpoint": str(last_ckpt) if last_ckpt else None, "eval": last_eval,
+            "stopped_by": stopped_by}

@@ -1,0 +1,129 @@
+"""minimamba.sampler: token shares, determinism, ranks, resume, epochs, held-out windows, bad inputs."""
+
+import numpy as np
+import pytest
+import torch
+
+from minimamba.data import DataError
+from minimamba.sampler import MixtureSampler, check_domains, heldout_windows, parse_mix
+
+SEQ = 8
+
+
+def write_domain(root, name, n_train, n_heldout=200, offset=0):
+    d = root / name
+    d.mkdir(parents=True)
+    # token i of the stream is offset + i (mod 60000): a window's position in the stream is readable from it
+    for split, n in (("train", n_train), ("heldout", n_heldout)):
+        ((np.arange(n) % 60000) + offset).astype(np.uint16).tofile(d / f"{split}.bin")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tokens")
+    write_domain(root, "pubmed", 4001, offset=1)  # 500 windows of SEQ
+    write_domain(root, "c4", 801, offset=10001)  # 100 windows
+    write_domain(root, "wikipedia", 81, offset=20001)  # 10 windows: wraps into many epochs
+    return root
+
+
+MIX = {"pubmed": 0.8, "c4": 0.1, "wikipedia": 0.1}
+
+
+def domain_of(row):
+    return {0: "pubmed", 1: "c4", 2: "wikipedia"}[int(row[0]) // 10000]
+
+
+def test_parse_mix():
+    assert parse_mix("pubmed=8, c4=1,wikipedia=1") == pytest.approx(MIX)
+    assert parse_mix("pubmed=1,c4=0") == {"pubmed": 1.0}  # a zero share drops the domain
+    for bad, words in [("pubmed", "NAME=SHARE"), ("pubmed=x", "number"), ("pubmed=-1", ">= 0"),
+                       ("a=1,a=2", "twice"), ("a=0", "sum to 0"), ("=1", "NAME=SHARE")]:
+        with pytest.raises(ValueError, match=words):
+            parse_mix(bad)
+
+
+def test_token_shares_are_exact_to_one_row_at_every_step(data):
+    s = MixtureSampler(data, MIX, SEQ, rows_per_step=10, seed=0)
+    counts = dict.fromkeys(MIX, 0)
+    for step in range(1, 41):
+        for row in s.next_batch():
+            counts[domain_of(row)] += 1
+        for d, share in MIX.items():
+            assert abs(counts[d] - share * 10 * step) <= 1, (step, counts)
+    assert counts == {"pubmed": 320, "c4": 40, "wikipedia": 40}
+    assert s.token_shares() == pytest.approx(MIX)
+    assert s.epochs()["wikipedia"] == pytest.approx(4.0)
+
+
+def test_rows_are_packed_windows_of_the_stream(data):
+    s = MixtureSampler(data, MIX, SEQ, rows_per_step=16, seed=3)
+    for _ in range(5):
+        batch = s.next_batch()
+        assert batch.shape == (16, SEQ + 1) and batch.dtype == torch.int64
+        # consecutive tokens of one stream, starting at a multiple of SEQ
+        assert torch.equal(batch[:, 1:] - batch[:, :-1], torch.ones(16, SEQ, dtype=torch.int64))
+        starts = batch[:, 0] % 10000 - 1
+        assert torch.all(starts % SEQ == 0)
+
+
+def test_each_epoch_visits_every_window_once(data):
+    s = MixtureSampler(data, {"wikipedia": 1.0}, SEQ, rows_per_step=5, seed=0)
+    epoch1 = torch.cat([s.next_batch() for _ in range(2)])[:, 0].tolist()
+    epoch2 = torch.cat([s.next_batch() for _ in range(2)])[:, 0].tolist()
+    windows = [20001 + SEQ * j for j in range(10)]
+    assert sorted(epoch1) == windows and sorted(epoch2) == windows
+    assert epoch1 != epoch2  # a fresh order per epoch
+
+
+def test_deterministic_given_seed_and_step(data):
+    a = [MixtureSampler(data, MIX, SEQ, 12, seed=7).next_batch() for _ in range(2)]
+    assert torch.equal(a[0], a[1])
+    b = MixtureSampler(data, MIX, SEQ, 12, seed=8).next_batch()
+    assert not torch.equal(a[0], b)
+
+
+def test_resume_from_state_sees_the_same_batches(data):
+    full = MixtureSampler(data, MIX, SEQ, 12, seed=1)
+    batches = [full.next_batch() for _ in range(30)]
+    first = MixtureSampler(data, MIX, SEQ, 12, seed=1)
+    for _ in range(13):
+        first.next_batch()
+    resumed = MixtureSampler(data, MIX, SEQ, 12, seed=1)
+    resumed.load_state_dict(first.state_dict())
+    for step in range(13, 30):
+        assert torch.equal(resumed.next_batch(), batches[step])
+    other = MixtureSampler(data, {"pubmed": 0.5, "c4": 0.5}, SEQ, 12, seed=1)
+    with pytest.raises(ValueError, match="same values"):
+        other.load_state_dict(first.state_dict())
+
+
+def test_ranks_split_the_global_batch(data):
+    whole = MixtureSampler(data, MIX, SEQ, 12, seed=2)
+    ranks = [MixtureSampler(data, MIX, SEQ, 12, seed=2, rank=r, world_size=3) for r in range(3)]
+    for _ in range(4):
+        rows = whole.next_batch()
+        parts = [s.next_batch() for s in ranks]
+        assert all(p.shape == (4, SEQ + 1) for p in parts)
+        assert sorted(map(tuple, torch.cat(parts).tolist())) == sorted(map(tuple, rows.tolist()))
+    with pytest.raises(ValueError, match="multiple of world_size"):
+        MixtureSampler(data, MIX, SEQ, 10, world_size=3)
+
+
+def test_heldout_windows(data):
+    w = heldout_windows(data, "c4", SEQ)
+    assert w.shape == ((200 - 1) // SEQ, SEQ + 1)
+    assert torch.equal(w[1:, 0], w[:-1, -1])  # back to back: every token after the first is scored once
+    few = heldout_windows(data, "c4", SEQ, max_windows=5)
+    assert len(few) == 5 and few[0, 0] == w[0, 0] and few[-1, 0] == w[-1, 0]  # spread over the file
+    assert torch.equal(few, heldout_windows(data, "c4", SEQ, max_windows=5))
+
+
+def test_bad_data_errors_name_the_path_and_the_command(data, tmp_path):
+    with pytest.raises(DataError, match=r"(?s)does not exist.*python -m minimamba.data prepare") as e:
+        check_domains(tmp_path / "nope", ["pubmed"])
+    assert str(tmp_path / "nope") in str(e.value)
+    with pytest.raises(DataError, match=r"(?s)domain\(s\) pubmd .*Domains found there: c4, pubmed, wikipedia"):
+        MixtureSampler(data, {"pubmd": 1.0}, SEQ, 4)
+    with pytest.raises(DataError, match="fewer than one window"):
+        MixtureSampler(data, {"wikipedia": 1.0}, 100, 4)
