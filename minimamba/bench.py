@@ -1,6 +1,10 @@
-"""Benchmarks, one subcommand each.
+"""Benchmarks, one subcommand each. Every number is measured in this run, beside its baseline.
 
-    python -m minimamba.bench tokenizer [--data-root DIR]   encode speed vs HF `tokenizers` on the shared corpora
+    python -m minimamba.bench model --scale 130m [--compare-hf]   forward / train step / prefill / decode speed
+                                                                 and peak memory (also: python -m minimamba.bench --scale 130m)
+    python -m minimamba.bench inference --scale 130m               decode cost and state size vs context length,
+                                                                 beside a same-width Transformer's KV cache
+    python -m minimamba.bench tokenizer [--data-root DIR]        encode speed vs HF `tokenizers` on the shared corpora
 """
 
 import argparse
@@ -78,6 +82,204 @@ def bench_tokenizer(args):
         print(f"\n{n_tokens:,} tokens; ids identical to the reference: {'yes' if same else 'NO'}")
 
 
+# model speed ------------------------------------------------------------------------------------------------
+def _isolated(fn, *args):
+    """Run fn(*args) in a fresh process and return (its result, that process's peak RSS in GiB), so that
+    every row's peak memory is its own and not the high-water mark of an earlier row."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(_with_peak_rss, fn, *args).result()
+
+
+def _with_peak_rss(fn, *args):
+    import resource
+
+    result = fn(*args)
+    return result, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+def _build(impl, scale, dtype, chunk_size, seed=0):
+    """The model to time: ours, or HF transformers' Mamba2ForCausalLM with bit-identical weights."""
+    import torch
+
+    from minimamba.config import Mamba2Config
+    from minimamba.model import Mamba2LM
+
+    torch.manual_seed(seed)
+    cfg = Mamba2Config.from_scale(scale)
+    ours = Mamba2LM(cfg, backend="torch")
+    ours.scan_chunk_size = chunk_size or cfg.chunk_size
+    if impl == "minimamba":
+        return ours.to(dtype)
+    import transformers
+
+    hf = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(**cfg.to_dict("hf")))
+    sd = {("backbone." + k if not k.startswith("lm_head") else k): v for k, v in ours.state_dict().items()}
+    sd["backbone.embeddings.weight"] = sd.pop("backbone.embedding.weight")
+    hf.load_state_dict(sd)
+    return hf.to(dtype)
+
+
+def _logits(model, ids):
+    out = model(ids)
+    return out if not hasattr(out, "logits") else out.logits
+
+
+def _time(fn, repeat):
+    fn()  # warm-up
+    seconds = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        seconds.append(time.perf_counter() - start)
+    return sorted(seconds)[len(seconds) // 2]  # median
+
+
+def _phase(impl, phase, a):
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(a["threads"])
+    model = _build(impl, a["scale"], getattr(torch, a["dtype"]), a["chunk_size"])
+    g = torch.Generator().manual_seed(1)
+    if phase == "forward":
+        model.eval()
+        ids = torch.randint(0, 50277, (a["batch"], a["seqlen"]), generator=g)
+        with torch.no_grad():
+            secs = _time(lambda: _logits(model, ids), a["repeat"])
+        return {"tok/s": a["batch"] * a["seqlen"] / secs}
+    if phase == "train":
+        model.train()
+        ids = torch.randint(0, 50277, (a["batch"], a["seqlen"] + 1), generator=g)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step():
+            logits = _logits(model, ids[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        secs = _time(step, a["repeat"])
+        return {"tok/s": a["batch"] * a["seqlen"] / secs}
+    if phase == "generate":  # prefill = generate 1 token; decode = the extra time per extra token
+        model.eval()
+        prompt = torch.randint(0, 50277, (1, a["prompt"]), generator=g)
+        n = a["decode_tokens"]
+        if impl == "minimamba":
+            gen = lambda k: model.generate(prompt, max_new_tokens=k)
+        else:
+            gen = lambda k: model.generate(prompt, max_new_tokens=k, min_new_tokens=k, do_sample=False,
+                                           attention_mask=torch.ones_like(prompt))
+        with torch.no_grad():
+            prefill = _time(lambda: gen(1), a["repeat"])
+            total = _time(lambda: gen(1 + n), max(1, a["repeat"] // 2))
+        return {"prefill tok/s": a["prompt"] / prefill, "decode ms/token": 1000 * (total - prefill) / n}
+    raise ValueError(phase)
+
+
+def _read_bandwidth(threads):
+    """Memory read bandwidth (GB/s): the best of a few sums over a 1 GiB tensor."""
+    import torch
+
+    torch.set_num_threads(threads)
+    t = torch.ones(2**28)  # 1 GiB of float32
+    secs = _time(lambda: t.sum(), 5)
+    return t.numel() * 4 / secs / 1e9
+
+
+def bench_model(args):
+    import platform
+
+    import torch
+
+    a = vars(args) | {"threads": args.threads or torch.get_num_threads()}
+    impls = ["minimamba"] + (["hf"] if args.compare_hf else [])
+    from minimamba.config import Mamba2Config
+
+    cfg = Mamba2Config.from_scale(args.scale)
+    with torch.device("meta"):
+        from minimamba.model import Mamba2LM
+
+        n_params = Mamba2LM(cfg).num_params()
+    weight_bytes = n_params * torch.finfo(getattr(torch, args.dtype)).bits // 8
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{a['threads']} threads; mamba2-{args.scale} shapes ({n_params / 1e6:.1f}M params, "
+          f"{weight_bytes / 2**20:.0f} MiB of {args.dtype} weights), random weights")
+    print(f"forward / train step: batch {args.batch} x {args.seqlen} tokens; prefill: 1 x {args.prompt}; "
+          f"decode: batch 1; scan chunk {args.chunk_size or cfg.chunk_size}; median of {args.repeat}\n")
+    rows = {}
+    for phase in ("forward", "train", "generate"):
+        for impl in impls:
+            result, peak = _isolated(_phase, impl, phase, a)
+            for k, v in result.items():
+                rows.setdefault((phase, k), {})[impl] = v
+            rows.setdefault((phase, "peak GiB"), {})[impl] = peak
+    bandwidth = _isolated(_read_bandwidth, a["threads"])[0]
+    floor_ms = weight_bytes / (bandwidth * 1e9) * 1000
+
+    print(f"{'':32} {'minimamba':>11}" + (f" {'HF':>11} {'ratio':>7}" if args.compare_hf else ""))
+    for (phase, metric), v in rows.items():
+        name = f"{phase} {metric}" if phase != "generate" else metric
+        line = f"{name:32} {v['minimamba']:11.2f}"
+        if "hf" in v:
+            better = v["hf"] / v["minimamba"] if ("ms" in metric or "GiB" in metric) else v["minimamba"] / v["hf"]
+            line += f" {v['hf']:11.2f} {better:6.2f}x"
+        print(line)
+    decode = rows[("generate", "decode ms/token")]["minimamba"]
+    print(f"\nmemory read bandwidth {bandwidth:.1f} GB/s -> decode floor {floor_ms:.1f} ms/token "
+          f"(weights read once per token); minimamba decode = {decode / floor_ms:.2f}x the floor")
+    print("ratio: how many times better minimamba is (speed: ours/HF; time and memory: HF/ours)")
+    if args.json:
+        out = {"scale": args.scale, "dtype": args.dtype, "threads": a["threads"], "bandwidth_GBps": bandwidth,
+               "decode_floor_ms": floor_ms, "rows": {f"{p} {m}": v for (p, m), v in rows.items()}}
+        Path(args.json).write_text(json.dumps(out, indent=2))
+
+
+def _inference_cost(a):
+    import torch
+
+    from minimamba.model import Mamba2LM
+
+    torch.set_num_threads(a["threads"])
+    model = _build("minimamba", a["scale"], torch.float32, a["chunk_size"]).eval()
+    assert isinstance(model, Mamba2LM)
+    cfg, rows = model.config, []
+    g = torch.Generator().manual_seed(0)
+    for context in a["contexts"]:
+        prompt = torch.randint(0, 50277, (1, context), generator=g)
+        cache = model.allocate_cache(1)
+        with torch.no_grad():
+            model(prompt, cache=cache, num_last_tokens=1)
+            tok = prompt[:, -1]
+            for _ in range(3):
+                model.step(tok, cache)
+            start = time.perf_counter()
+            for _ in range(a["decode_tokens"]):
+                model.step(tok, cache)
+            ms = 1000 * (time.perf_counter() - start) / a["decode_tokens"]
+        kv = 2 * cfg.n_layer * cfg.d_model * context * 4  # K and V, every layer, float32
+        rows.append({"context": context, "decode ms/token": ms, "state bytes": cache.nbytes(), "kv bytes": kv})
+    return rows
+
+
+def bench_inference(args):
+    import torch
+
+    a = vars(args) | {"threads": args.threads or torch.get_num_threads()}
+    a["contexts"] = [int(c) for c in args.contexts.split(",")]
+    rows, _ = _isolated(_inference_cost, a)
+    print(f"mamba2-{args.scale} shapes, float32, batch 1, {a['threads']} threads: decode cost after a prefill "
+          "of each context length")
+    print(f"{'context':>8} {'decode ms/token':>16} {'Mamba2 state':>13} {'Transformer KV cache':>21}")
+    for r in rows:
+        print(f"{r['context']:>8} {r['decode ms/token']:16.1f} {r['state bytes'] / 2**20:10.1f} MiB"
+              f" {r['kv bytes'] / 2**20:18.1f} MiB")
+    print("KV cache of a same-width Transformer: 2 (K, V) x n_layer x d_model x context x 4 bytes")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m minimamba.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -91,6 +293,32 @@ def main(argv=None):
     tok.add_argument("--repeat", type=int, default=3, help="runs per row; the best is reported")
     tok.set_defaults(run=bench_tokenizer)
 
+    def speed_options(p):
+        p.add_argument("--scale", default="130m", help="model shapes (Mamba2Config.from_scale), random weights")
+        p.add_argument("--chunk-size", type=int, default=None,
+                       help="chunk of the torch SSD scan (default: the config's; the result is the same for any)")
+        p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+        p.add_argument("--decode-tokens", type=int, default=16, help="tokens decoded per timing")
+
+    mod = commands.add_parser("model", help="forward, train-step, prefill and decode speed; peak memory")
+    speed_options(mod)
+    mod.add_argument("--batch", type=int, default=4)
+    mod.add_argument("--seqlen", type=int, default=256)
+    mod.add_argument("--prompt", type=int, default=256, help="prompt length for prefill/decode")
+    mod.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    mod.add_argument("--repeat", type=int, default=3, help="timed runs per row (after one warm-up); median")
+    mod.add_argument("--compare-hf", action="store_true", help="also time HF transformers' Mamba2, same weights")
+    mod.add_argument("--json", help="also write the numbers to this JSON file")
+    mod.set_defaults(run=bench_model)
+
+    inf = commands.add_parser("inference", help="decode ms/token and state bytes vs context, and KV-cache bytes")
+    speed_options(inf)
+    inf.add_argument("--contexts", default="1024,4096,16384", help="comma-separated context lengths")
+    inf.set_defaults(run=bench_inference)
+
+    argv = list(argv if argv is not None else __import__("sys").argv[1:])
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["model"] + argv  # `python -m minimamba.bench --scale 130m` means the model benchmark
     args = parser.parse_args(argv)
     args.run(args)
 
