@@ -263,3 +263,42 @@ def test_generation_stops_at_eos(model):
     row0 = out[0, 4:].tolist()
     first = row0.index(eos)
     assert all(t == eos for t in row0[first:])
+
+
+def test_from_pretrained_downloads_a_hub_checkpoint(model, tmp_path, server):
+    """A Hub repo id is fetched from $HF_ENDPOINT (here a local server) into the cache, then loaded."""
+    model.save_pretrained(tmp_path / "ckpt")
+    for name in ("config.json", "pytorch_model.bin"):
+        server.files[f"/state-spaces/mamba2-test/resolve/main/{name}"] = (tmp_path / "ckpt" / name).read_bytes()
+    loaded = from_pretrained("state-spaces/mamba2-test").eval()
+    ids = torch.randint(0, 1000, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+    n_requests = len(server.requests)
+    from_pretrained("state-spaces/mamba2-test")  # the second time comes from the cache
+    assert len(server.requests) == n_requests
+
+
+def test_from_pretrained_hub_weights_fallback_to_safetensors(hf_pair, tmp_path, server):
+    hf, _ = hf_pair
+    hf.save_pretrained(tmp_path / "hf")  # an HF-layout repo: config.json + model.safetensors, no .bin
+    for name in ("config.json", "model.safetensors"):
+        server.files[f"/someone/mamba2-hf/resolve/main/{name}"] = (tmp_path / "hf" / name).read_bytes()
+    model = from_pretrained("someone/mamba2-hf").eval()
+    ids = torch.randint(0, 1000, (1, 9))
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_unreachable_hub_fails_fast_with_advice(monkeypatch, tmp_path):
+    import time
+
+    from minimamba.download import DownloadError
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: connection refused
+    monkeypatch.setenv("MINIMAMBA_CACHE", str(tmp_path))
+    start = time.monotonic()
+    with pytest.raises(DownloadError) as e:
+        from_pretrained("state-spaces/mamba2-370m")
+    assert time.monotonic() - start < 30
+    assert "config.json" in str(e.value)

@@ -1,0 +1,81 @@
+"""Shared test fixtures: a local HTTP server standing in for the Hugging Face Hub, and the shared data."""
+
+import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from minimamba import download as dl
+
+# ../shared/data (or $MINIMAMBA_DATA): real public data that some tests read; they skip when it is absent
+DATA = Path(os.environ.get("MINIMAMBA_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
+
+
+class FileServer(ThreadingHTTPServer):
+    """Serves `files` (URL path -> bytes) with Range support, and records what it was asked.
+
+    ignore_range: paths answered with 200 and the whole file even when a Range is asked.
+    drop_after:   path -> n: the next answer for that path sends n bytes of its body, then hangs up.
+    """
+
+    daemon_threads = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.files, self.ignore_range, self.drop_after = {}, set(), {}
+        self.requests = []  # (path, Range header or None, Authorization header or None)
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        server = self.server
+        asked = self.headers.get("Range")
+        server.requests.append((self.path, asked, self.headers.get("Authorization")))
+        body = server.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        start = 0
+        if asked and self.path not in server.ignore_range:
+            start = int(asked.removeprefix("bytes=").removesuffix("-"))
+            if start >= len(body):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(body)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        cut = server.drop_after.pop(self.path, None)
+        self.wfile.write(body[start:] if cut is None else body[start : start + cut])
+        # HTTP/1.0: the connection closes when this returns, so a cut body ends early
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server(monkeypatch, tmp_path):
+    for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(dl, "RETRY_WAIT", 0.0)
+    srv = FileServer()
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    monkeypatch.setenv("HF_ENDPOINT", srv.url)
+    monkeypatch.setenv("MINIMAMBA_CACHE", str(tmp_path / "cache"))
+    yield srv
+    srv.shutdown()
+    srv.server_close()
