@@ -96,7 +96,8 @@ class Tokenizer:
         return self.encoding.encode_ordinary(_nfc(text))
 
     def encode_batch(self, texts: list[str], num_threads: int | None = None, allow_special: bool = True) -> list[list[int]]:
-        """encode() of each text, in parallel threads (tiktoken releases the GIL while it merges)."""
+        """[encode(text, allow_special) for text in texts], in parallel threads (tiktoken releases the
+        GIL while it splits and merges, so the threads really run at the same time)."""
         texts = list(texts)
         num_threads = num_threads or os.cpu_count() or 1
         if num_threads == 1 or len(texts) < 2:
@@ -111,10 +112,14 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         """Text of `ids` (a list, or anything with .tolist() such as a tensor or an array). Special
-        tokens are kept as their strings; bytes that are not valid UTF-8 become U+FFFD."""
+        tokens are kept as their strings; bytes that are not valid UTF-8 become U+FFFD; ids outside
+        the vocabulary (such as the model's padding rows, 50277..50279) are skipped, as in the reference."""
         if hasattr(ids, "tolist"):
             ids = ids.tolist()
-        return self.encoding.decode(ids)
+        try:
+            return self.encoding.decode(ids)
+        except (KeyError, OverflowError):
+            return self.encoding.decode([i for i in ids if 0 <= i < self.vocab_size])
 
     def __repr__(self):
         return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
@@ -135,7 +140,8 @@ def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_TOKENIZER) -> Token
 
 
 def _looks_like_repo_id(name: str) -> bool:
-    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
+    """ "owner/name" as the Hub spells repo ids; "dir/tokenizer.json" or "./x" stay local paths."""
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", name) is not None and not name.endswith(".json")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,12 +189,12 @@ def _build(spec: dict, name: str, path: Path) -> Tokenizer:
         content, id_ = tok["content"], tok["id"]
         if tok.get("lstrip") or tok.get("rstrip") or tok.get("single_word"):
             raise unsupported(f"added token {content!r} with lstrip/rstrip/single_word")
-        if not tok.get("normalized", True):
+        if not tok.get("normalized", True) and tok.get("special"):
             special_tokens[content] = id_  # matched in the raw text
         elif content.strip(" ") == "" and len(content) >= 2:
             space_runs[len(content)] = id_  # matched after NFC, inside the regex (see _pattern)
         else:
-            raise unsupported(f"normalized added token {content!r}")
+            raise unsupported(f"added token {content!r} (only special tokens and runs of spaces are)")
     if space_runs and sorted(space_runs) != list(range(2, max(space_runs) + 1)):
         raise unsupported(f"space-run added tokens of lengths {sorted(space_runs)} (expected 2..n)")
     for n, id_ in space_runs.items():

@@ -211,6 +211,7 @@ def test_decode_takes_arrays_and_tensors(tok):
     torch = pytest.importorskip("torch")
     ids = tok.encode("Hello world")
     assert tok.decode(np.array(ids, dtype=np.uint16)) == tok.decode(torch.tensor(ids)) == "Hello world"
+    assert tok.decode([12092, 50277, 50279, 1533]) == "Hello world"  # the model's padding rows are skipped
     first, *rest = tok.encode("😀")  # 4 bytes in 3 tokens
     assert tok.decode([first]) == "\ufffd" and tok.decode([first, *rest]) == "😀"  # a partial character is U+FFFD
 
@@ -287,9 +288,13 @@ def test_bad_tokenizer_files_give_clear_errors(tmp_path, problem, content, messa
     assert str(path) in str(err.value) and "tokenizer.json" in str(err.value)
 
 
-def test_a_folder_without_tokenizer_json_names_the_file_it_looked_for(tmp_path):
+def test_a_folder_without_tokenizer_json_names_the_file_it_looked_for(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="no tokenizer file at .*tokenizer.json"):
         load_tokenizer(tmp_path)
+    monkeypatch.chdir(tmp_path)  # relative paths that are not Hub names stay paths (no download)
+    for relative in ("missing/tokenizer.json", "./missing", "missing"):
+        with pytest.raises(FileNotFoundError, match="no tokenizer file at missing"):
+            load_tokenizer(relative)
 
 
 def test_merges_out_of_id_order_are_refused(tmp_path):
