@@ -36,6 +36,8 @@ def corpus_documents(data_root: Path) -> dict[str, list[str]]:
 
 
 def bench_tokenizer(args):
+    """MB/s and tokens/s of encode (one thread) and encode_batch (all threads), ours beside HF
+    `tokenizers` on the same documents; the runs are interleaved and the best of each is kept."""
     from minimamba.tokenizer import load_tokenizer
 
     tokenizer_json = args.tokenizer or args.data_root / "tokenizer" / "tokenizer.json"
@@ -44,42 +46,44 @@ def bench_tokenizer(args):
     megabytes = sum(len(doc.encode("utf-8")) for doc in docs) / 1e6
     threads = args.threads or os.cpu_count()
     print(f"{len(docs):,} documents, {megabytes:.1f} MB ({', '.join(f'{k} {len(v):,}' for k, v in corpora.items())})")
-    print(f"tokenizer {tokenizer_json}, {threads} threads for the batch rows, best of {args.repeat} runs\n")
+    print(f"tokenizer {tokenizer_json}; encode_batch with {threads} threads; best of {args.repeat} runs\n")
 
     ours = load_tokenizer(tokenizer_json)
-    contenders = {
+    rows = {
         "minimamba encode": lambda: [ours.encode(d) for d in docs],
         "minimamba encode_batch": lambda: ours.encode_batch(docs, num_threads=threads),
     }
     try:
-        os.environ.setdefault("RAYON_NUM_THREADS", str(threads))  # before tokenizers starts its pool
+        os.environ.setdefault("RAYON_NUM_THREADS", str(threads))  # read when tokenizers starts its thread pool
         from tokenizers import Tokenizer
 
         ref = Tokenizer.from_file(str(tokenizer_json))
-        contenders["HF tokenizers encode"] = lambda: [ref.encode(d).ids for d in docs]
-        contenders["HF tokenizers encode_batch"] = lambda: [e.ids for e in ref.encode_batch(docs)]
+        rows["HF tokenizers encode"] = lambda: [ref.encode(d).ids for d in docs]
+        rows["HF tokenizers encode_batch"] = lambda: [e.ids for e in ref.encode_batch(docs)]
     except ImportError:
         print("(HF tokenizers is not installed: no reference rows)\n")
 
-    results = {}
-    for name, run in contenders.items():
-        seconds = []
-        for _ in range(args.repeat):
+    seconds = {name: float("inf") for name in rows}
+    first_ids, n_tokens, identical = None, 0, True
+    for _ in range(args.repeat):
+        for name, run in rows.items():
             start = time.perf_counter()
             ids = run()
-            seconds.append(time.perf_counter() - start)
-        results[name] = (min(seconds), ids)
+            seconds[name] = min(seconds[name], time.perf_counter() - start)
+            if first_ids is None:
+                first_ids, n_tokens = ids, sum(map(len, ids))
+            identical &= ids == first_ids
+            del ids
 
-    n_tokens = sum(map(len, results["minimamba encode"][1]))
-    print(f"{'':28} {'MB/s':>8} {'Mtokens/s':>10} {'vs HF':>7}")
-    for name, (secs, _) in results.items():
-        mode = name.split()[-1]
-        ref_secs = results.get(f"HF tokenizers {mode}", (None,))[0]
-        ratio = f"{ref_secs / secs:6.2f}x" if ref_secs else ""
-        print(f"{name:28} {megabytes / secs:8.2f} {n_tokens / secs / 1e6:10.3f} {ratio:>7}")
-    if "HF tokenizers encode" in results:
-        same = all(r[1] == results["HF tokenizers encode"][1] for r in results.values())
-        print(f"\n{n_tokens:,} tokens; ids identical to the reference: {'yes' if same else 'NO'}")
+    print(f"{'':28} {'MB/s':>7} {'tokens/s':>11} {'vs HF':>7}")
+    for mode in ("encode", "encode_batch"):
+        for who in ("minimamba", "HF tokenizers"):
+            name = f"{who} {mode}"
+            if name in seconds:
+                ref_seconds = seconds.get(f"HF tokenizers {mode}")
+                ratio = f"{ref_seconds / seconds[name]:.2f}x" if ref_seconds else ""
+                print(f"{name:28} {megabytes / seconds[name]:7.2f} {n_tokens / seconds[name]:11,.0f} {ratio:>7}")
+    print(f"\n{n_tokens:,} tokens; every row gave the same ids: {'yes' if identical else 'NO'}")
 
 
 # model speed ------------------------------------------------------------------------------------------------
