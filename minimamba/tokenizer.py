@@ -27,31 +27,36 @@ tiktoken runs the same algorithm in Rust, from a table `mergeable_ranks: bytes -
 the adjacent pair whose concatenation has the lowest rank, and the rank is the token id. Four
 pieces of the reference must be reproduced for the ids to be identical:
 
-1. The ranks. GPT-NeoX numbers its tokens in merge order (merge i creates id 245 + i), so taking
-   the vocabulary id as the rank replays the merges in the right order. Merging by the *result*
-   token also differs from merging by the *pair* in one way: tiktoken would merge any adjacent
-   pair whose concatenation is a token, even a pair that is not the learnt split of that token.
-   That never happens here, because every token encodes to itself under the learnt merges (the
-   tests check all 50,254), and so in any word the pieces of a token can only meet in the order
-   that builds it. `_mergeable_ranks` walks the merges list and refuses a file whose ids are
-   not in merge order.
-2. The pre-tokenizer pattern. HF's ByteLevel pre-tokenizer (use_regex=true) splits with the GPT-2
-   regex: contractions, an optional space + letters, an optional space + digits, an optional
+1. The ranks. GPT-NeoX numbers its tokens in merge order (merge i creates id 245 + i), so the
+   vocabulary id, used as the rank, replays the merges in the learnt order; `_mergeable_ranks`
+   walks the merges list and refuses a file where this does not hold. Merging by the *result*
+   differs from merging by the *pair* in one way: tiktoken would also join pieces a and b whose
+   concatenation is a token that the merges build from another split. That cannot happen here.
+   Were a and b ever adjacent while encoding some word, the merges applied inside a + b up to
+   then would be exactly those that encoding the text a + b alone applies, and that would stop
+   at [a, b]; but every token encodes to itself under the merges (the tests check all 50,254).
+2. The pre-tokenizer regex. HF's ByteLevel pre-tokenizer (use_regex=true) splits text with GPT-2's
+   regex into contractions, an optional space + letters, an optional space + digits, an optional
    space + other symbols, and whitespace, where `\s+(?!\S)` leaves the last space of a run to
-   the word after it. add_prefix_space=false means no space is added in front of the text;
-   trim_offsets only changes character offsets, never ids.
+   the word after it. add_prefix_space=false: no space is put in front of the text; trim_offsets
+   changes character offsets only, never ids. See `_pattern`.
 3. The normalisation. The reference applies Unicode NFC (canonical composition: "e" + U+0301
    becomes "é") before pre-tokenizing, so decomposed and precomposed text give the same ids.
-   Its NFC tables are those of Unicode 9.0; characters assigned since then are unknown to it and
-   left alone, and `_nfc` does the same with Python's newer tables.
-4. The added tokens, matched before anything else and never merged with their neighbours:
-   `<|endoftext|>` (id 0, the end of a document) and `<|padding|>` (id 1) are found in the raw
-   text, before NFC; the 23 tokens made of 2 to 24 spaces (ids 50276 down to 50254, for code
-   indentation) are found in the normalised text, longest first, so 30 spaces are 24 + 6. Their
-   flags lstrip / rstrip / single_word (absorb neighbouring whitespace, match only whole words)
-   are all off. The space runs are folded into the regex: ` {2,24}` is its first alternative, and
-   the whitespace alternatives never consume two spaces in a row, which gives exactly the pieces
-   the reference gets by cutting the runs out first and pre-tokenizing what is left.
+   Its NFC tables are those of Unicode 9.0: a character assigned since then is unknown to it,
+   left alone, and nothing composes or reorders across it. `_nfc` reproduces this with Python's
+   newer tables by normalising the text between such characters separately.
+4. The added tokens, matched before pre-tokenizing and never merged with their neighbours.
+   `<|endoftext|>` (id 0, the end of a document) and `<|padding|>` (id 1) are cut out of the raw
+   text, longest first, before NFC, which then normalises each part between them on its own.
+   The 23 tokens made of 2 to 24 spaces (ids 50276 down to 50254, for indented code) are found
+   in the normalised text, longest first, so 30 spaces are 24 + 6, and the text around them is
+   pre-tokenized apart. Their flags lstrip / rstrip / single_word (absorb neighbouring
+   whitespace, match whole words only) are all off. Rather than cutting the space runs out
+   first, `_pattern` adds ` {2,24}` (greedy: longest first) to the regex and keeps its
+   whitespace alternatives from consuming a space followed by another; this yields the same
+   pieces and keeps all of the splitting in tiktoken's Rust.
+
+So encode(text) = cut out the special tokens; NFC each part; tiktoken: regex pieces, then BPE.
 """
 
 import json
@@ -67,7 +72,8 @@ DEFAULT_TOKENIZER = "EleutherAI/gpt-neox-20b"
 
 
 class Tokenizer:
-    """Text <-> token ids. `encoding` is the underlying tiktoken.Encoding (ordinary text only)."""
+    """Text <-> token ids, as the reference gives them. `encoding` is the tiktoken.Encoding underneath:
+    its encode_ordinary() wants text that is already NFC and holds no special tokens (encode() sees to both)."""
 
     def __init__(self, encoding: tiktoken.Encoding, special_tokens: dict[str, int], name: str = ""):
         self.encoding = encoding
@@ -95,7 +101,7 @@ class Tokenizer:
                 return ids
         return self.encoding.encode_ordinary(_nfc(text))
 
-    def encode_batch(self, texts: list[str], num_threads: int | None = None, allow_special: bool = True) -> list[list[int]]:
+    def encode_batch(self, texts, num_threads: int | None = None, allow_special: bool = True) -> list[list[int]]:
         """[encode(text, allow_special) for text in texts], in parallel threads (tiktoken releases the
         GIL while it splits and merges, so the threads really run at the same time)."""
         texts = list(texts)
@@ -103,9 +109,8 @@ class Tokenizer:
         if num_threads == 1 or len(texts) < 2:
             return [self.encode(t, allow_special) for t in texts]
         # a few large tasks per thread rather than one per text: per-task overhead matters for short texts
-        n_tasks = min(len(texts), 8 * num_threads)
-        bounds = [len(texts) * k // n_tasks for k in range(n_tasks + 1)]
-        chunks = [texts[a:b] for a, b in zip(bounds, bounds[1:])]
+        size = -(-len(texts) // (8 * num_threads))  # ceil: about 8 tasks per thread
+        chunks = [texts[i:i + size] for i in range(0, len(texts), size)]
         with ThreadPoolExecutor(num_threads) as pool:
             done = pool.map(lambda chunk: [self.encode(t, allow_special) for t in chunk], chunks)
             return [ids for chunk_ids in done for ids in chunk_ids]
@@ -168,7 +173,7 @@ def _read_tokenizer_json(path: Path) -> dict:
 
 def _build(spec: dict, name: str, path: Path) -> Tokenizer:
     def unsupported(what):
-        return ValueError(f"{path}: {what} is not supported: minimamba reproduces GPT-NeoX-style byte-level BPE ({EXPECTED})")
+        return ValueError(f"{path}: {what} is not supported: minimamba reproduces GPT-NeoX's byte-level BPE ({EXPECTED})")
 
     # the pieces of the pipeline that must be exactly GPT-NeoX's
     if spec.get("normalizer") not in (None, {"type": "NFC"}):
@@ -182,7 +187,7 @@ def _build(spec: dict, name: str, path: Path) -> Tokenizer:
     ranks = _mergeable_ranks(model, path)
     added_ids = {tok["id"] for tok in spec.get("added_tokens", [])}
     if orphans := set(model["vocab"].values()) - set(ranks.values()) - added_ids:
-        raise ValueError(f"{path}: {len(orphans)} vocab entries (e.g. id {min(orphans)}) are neither bytes, merges nor added tokens")
+        raise ValueError(f"{path}: vocab ids {sorted(orphans)[:5]}... are neither bytes, merges nor added tokens")
 
     special_tokens, space_runs = {}, {}
     for tok in spec.get("added_tokens", []):
@@ -231,7 +236,7 @@ def _mergeable_ranks(model: dict, path: Path) -> dict[bytes, int]:
     ranks = {to_bytes(tok): id_ for tok, id_ in vocab.items() if len(tok) == 1}  # the single bytes
     # every byte of valid UTF-8 needs a token (C0, C1 and F5..FF never occur, and GPT-NeoX has none)
     if missing := set(range(256)) - {0xC0, 0xC1, *range(0xF5, 256)} - {b for b, in ranks}:
-        raise ValueError(f"{path}: the vocab has no token for the bytes {sorted(missing)}, so some text could not be encoded")
+        raise ValueError(f"{path}: the vocab has no token for the bytes {sorted(missing)}: some text could not be encoded")
     last_id = max(ranks.values(), default=-1)
     for i, merge in enumerate(model["merges"]):
         parts = merge.split(" ") if isinstance(merge, str) else merge
@@ -277,12 +282,14 @@ def _pattern(longest_space_run: int) -> str:
 
 
 def _nfc(text: str) -> str:
-    """Unicode NFC with the reference's Unicode 9.0 tables, using Python's newer ones.
+    """NFC as the reference computes it, with Unicode 9.0's tables, here from Python's newer ones.
 
-    Normalisation data of a character never changes once it is assigned (Unicode's stability
-    policy), so the two agree except on characters assigned after 9.0: the reference treats those
-    as unknown (no decomposition, combining class 0), which makes each of them a fixed point that
-    splits the text into independently normalised parts. We normalise those parts separately.
+    A character's normalisation data never changes once it is assigned (Unicode's stability
+    policy), so the two agree on characters that Unicode 9.0 already had. One assigned later is
+    unknown to the reference: no decomposition, combining class 0, so nothing composes or
+    reorders across it and the text on either side is normalised on its own; we do the same.
+    Text that Python finds already NFC is returned as is: the reference agrees, because every
+    piece of NFC text is NFC (the tests check every character that normalisation can touch).
     """
     if text.isascii() or unicodedata.is_normalized("NFC", text):  # fast checks, true for most text
         return text
@@ -290,8 +297,10 @@ def _nfc(text: str) -> str:
     return "".join(p if i % 2 else unicodedata.normalize("NFC", p) for i, p in enumerate(parts))
 
 
-# Characters assigned in Unicode 10.0 .. 16.0 that take part in canonical normalisation (nonzero
-# combining class, a canonical decomposition, or part of one), from UnicodeData.txt + DerivedAge.txt.
+# The characters assigned in Unicode 10.0 to 16.0 that take part in canonical normalisation (a
+# nonzero combining class, or in a canonical decomposition), from Unicode 16.0's UnicodeData.txt and
+# DerivedAge.txt. Python 3.11 knows those up to 14.0 and 3.14 all of them; a Python with Unicode 17
+# may need more, which the NFC test would show.
 _AFTER_UNICODE_9 = re.compile(
     "(["
     "\u07fd\u0897-\u089f\u08ca-\u08d3\u09fe\u0c3c\u0d3b-\u0d3c\u0eba\u1715\u1abf-\u1ace\u1df6-\u1dfa\ua82c"
