@@ -176,9 +176,9 @@ def wrap_model(model, cfg, dist):
     if cfg.fsdp:
         from torch.distributed.fsdp import fully_shard
 
-        for block in model.layers:  # one all-gather per block, so only one block is ever whole at a time
-            fully_shard(block)
-        fully_shard(model)  # the rest: embedding (= head), final norm
+        for block in model.layers:  # one all-gather per mixer, so only one layer is ever whole at a time
+            fully_shard(block.mixer)  # (a Block has no forward of its own to hook: the LM calls its parts)
+        fully_shard(model)  # the rest: embedding (= head), the blocks' norms, final norm
         return model
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -268,7 +268,7 @@ def build_model(cfg):
 # ----------------------------------------------------------------------------------------------------------
 # Optimizer: parameter groups, layer-wise LR decay, schedules
 
-NO_DECAY = ("A_log", "D", "dt_bias", "norm", "bias")  # any name part equal to one of these (norm = any RMSNorm)
+NO_DECAY = ("A_log", "D", "dt_bias", "norm", "norm_f", "bias")  # a name part equal to one of these: no weight decay
 
 
 def param_groups(model, weight_decay, llrd):
@@ -353,6 +353,8 @@ class EMA:
             self._swap(model)
 
     def _swap(self, model):
+        if hasattr(model, "reshard"):  # FSDP2 may leave the root's weights gathered after a forward
+            model.reshard()
         for n, p in model.named_parameters():
             tmp = p.detach().clone()
             p.copy_(self.shadow[n])
@@ -497,15 +499,8 @@ def save_checkpoint(out, step, model, optimizer, ema, sampler, extra, dist, keep
         tmp = out / f".{final.name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        with torch.device("meta"):
-            public = Mamba2LM(raw.config, backend=raw.backend)
         weights = ema_state if ema_state is not None else model_state
-        result = public.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False, assign=True)
-        if set(result.missing_keys) - {"lm_head.weight"} or result.unexpected_keys:
-            raise RuntimeError(f"checkpoint weights do not match the model: {result}")
-        if raw.config.tie_embeddings:
-            public.lm_head.weight = public.embedding.weight
-        save_pretrained(public, tmp)
+        save_pretrained(_Weights(raw.config, {k: v.float() for k, v in weights.items()}), tmp)
         state = {
             "format": 1,
             "step": step,
@@ -526,6 +521,16 @@ def save_checkpoint(out, step, model, optimizer, ema, sampler, extra, dist, keep
     if dist.enabled:
         torch.distributed.barrier()
     return final
+
+
+class _Weights:
+    """What `hub.save_pretrained` reads from a model (config and state_dict), for weights held in a dict."""
+
+    def __init__(self, config, state):
+        self.config, self._state = config, state
+
+    def state_dict(self):
+        return self._state
 
 
 def _full_state(model, optimizer, dist):
@@ -699,7 +704,7 @@ def flops_per_token(config, grad_ckpt=False):
 def estimate(config, micro_batch, seq_len, rows_per_step, world_size=1, backend="torch", grad_ckpt=False,
              ema=True, fsdp=False):
     """A rough per-process memory peak (bytes) and step FLOPs, before anything runs."""
-    n = _num_params(config)
+    n = _num_params(config)  # (a tied head counted once)
     per_param = 4 + 4 + 8 + (4 if ema else 0) + 2  # weights, grads, AdamW m and v, EMA, bf16 weight copies
     static = n * per_param / (world_size if fsdp else 1)
     act = activation_bytes(config, seq_len, backend, grad_ckpt) * micro_batch
@@ -864,6 +869,8 @@ def _train(cfg, dist, model):
             model = build_model(cfg)
     if state is not None:
         source = f"resumed from {resume_dir}"
+    elif source is None and cfg.init != "scratch":
+        source = "the model passed to train()"
     torch.manual_seed(cfg.seed)
     model.to(dist.device)
     model.gradient_checkpointing = cfg.grad_ckpt

@@ -1,0 +1,382 @@
+"""minimamba.training and train.py on CPU: schedules, parameter groups, EMA, perplexity, exact resume
+(in-process, after SIGKILL, after SIGTERM), NaN stop, DDP/FSDP on gloo vs one process, and bad inputs.
+
+Everything runs a 2-layer, 32-wide model with a 256-token vocabulary on synthetic token files, so
+a training step takes milliseconds and the whole file a minute or so on 2 cores.
+"""
+
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from minimamba.config import Mamba2Config
+from minimamba.evaluate import perplexity
+from minimamba.hub import from_pretrained, save_pretrained
+from minimamba.model import Mamba2LM
+from minimamba.training import (
+    EMA, SetupError, TrainConfig, TrainingDiverged, activation_bytes, estimate, lr_factor, param_groups,
+    read_log, schedule_steps, train)
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 256
+
+
+def small_config():
+    return Mamba2Config(d_model=32, n_layer=2, vocab_size=VOCAB, d_state=8, headdim=16, chunk_size=16)
+
+
+def small_model(seed=0):
+    model = Mamba2LM(small_config(), backend="torch")
+    model.reset_parameters(seed=seed)
+    return model
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is ~20× faster than two on a busy 2-core machine (no OpenMP spin-waits)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Three domains of learnable synthetic text: each a noisy cycle through its own range of ids."""
+    root = tmp_path_factory.mktemp("tokens")
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(("pubmed", "c4", "wikipedia")):
+        (root / name).mkdir()
+        for split, n in (("train", 6000), ("heldout", 1000)):
+            tokens = 2 + 80 * i + (np.arange(n) * (i + 1)) % 60
+            noise = rng.random(n) < 0.2
+            tokens[noise] = rng.integers(2, VOCAB, noise.sum())
+            tokens[rng.random(n) < 0.02] = 0  # EOS between "documents"
+            tokens.astype(np.uint16).tofile(root / name / f"{split}.bin")
+    return root
+
+
+@pytest.fixture(scope="module")
+def init_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("init")
+    save_pretrained(small_model(), path)
+    return path
+
+
+def config(data, init_dir, out, **kw):
+    base = TrainConfig(init=str(init_dir), data=str(data), seq_len=16, batch_size=2, grad_accum=2, max_steps=6,
+                       lr=3e-3, llrd=0.9, ema=0.9, eval_every=0, eval_windows=4, save_every=2, keep=10,
+                       out=str(out), device="cpu", backend="torch", progress=False)
+    return replace(base, **kw)
+
+
+def losses(out):
+    return {r["step"]: r["loss"] for r in read_log(Path(out) / "log.jsonl") if "loss" in r}
+
+
+def state(out, step):
+    return torch.load(Path(out) / f"step-{step:06d}" / "training_state.pt", weights_only=True)
+
+
+def assert_same_state(a, b):
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert a["sampler"] == b["sampler"]
+
+
+def run_script(args, env=None, **kw):
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **kw)
+
+
+def script_args(cfg):
+    """train.py flags for a TrainConfig made by `config`."""
+    return ["--init", cfg.init, "--data", cfg.data, "--seq-len", cfg.seq_len, "--batch-size", cfg.batch_size,
+            "--grad-accum", cfg.grad_accum, "--max-steps", cfg.max_steps, "--lr", cfg.lr, "--llrd", cfg.llrd,
+            "--ema", cfg.ema, "--eval-every", cfg.eval_every, "--eval-windows", cfg.eval_windows,
+            "--save-every", cfg.save_every, "--keep", cfg.keep, "--out", cfg.out, "--device", "cpu",
+            "--backend", "torch", "--no-progress"]
+
+
+def wait_for_step(out, step, proc, timeout=120):
+    log = Path(out) / "log.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"train.py ended early: {proc.communicate()}")
+        if log.exists() and any(r.get("step", 0) >= step and "loss" in r for r in read_log(log)):
+            return
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"train.py did not reach step {step} in {timeout} s")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure functions
+
+
+def test_wsd_schedule_shape():
+    total, warmup, decay = 100, 10, 25
+    f = [lr_factor(s, total, warmup, "wsd", decay, 0.1) for s in range(total)]
+    assert f[0] == pytest.approx(0.1) and f[9] == 1.0  # linear warmup, the first step already moves
+    assert all(x == 1.0 for x in f[10:75])  # stable
+    assert all(a > b for a, b in zip(f[74:], f[75:]))  # decaying
+    assert f[-1] == pytest.approx(0.1)  # to min_ratio at the last step
+    assert f[87] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 13 / 25)))
+
+
+def test_cosine_and_constant_schedules():
+    f = [lr_factor(s, 50, 5, "cosine", 0, 0.0) for s in range(50)]
+    assert f[4] == 1.0 and f[-1] == pytest.approx(0.0) and all(a >= b for a, b in zip(f[4:], f[5:]))
+    assert f[27] == pytest.approx(0.5 * (1 + math.cos(math.pi * 23 / 45)))
+    assert [lr_factor(s, 10, 2, "constant") for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="unknown schedule"):
+        lr_factor(5, 10, 0, "linear")
+
+
+def test_schedule_steps_fractions_and_counts():
+    assert schedule_steps(TrainConfig(warmup=0.1, decay=0.25), 6000) == (600, 1500)
+    assert schedule_steps(TrainConfig(warmup=50, schedule="cosine"), 6000) == (50, 0)
+
+
+def test_param_groups_weight_decay_and_layerwise_lr():
+    model = small_model()
+    groups = param_groups(model, weight_decay=0.1, llrd=0.5)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    names = dict(model.named_parameters())
+    assert len(by_param) == len(names) == sum(len(g["params"]) for g in groups)  # each parameter once
+    for name, p in names.items():
+        g = by_param[id(p)]
+        leaf = name.split(".")[-2:]
+        no_decay = leaf[-1] in ("A_log", "D", "dt_bias", "bias") or "norm" in leaf or "norm_f" in name
+        assert g["weight_decay"] == (0.0 if no_decay else 0.1), name
+        if name.startswith("layers."):
+            assert g["lr_scale"] == 0.5 ** (1 - int(name.split(".")[1])), name
+        else:  # tied embedding (= output head) and final norm: the peak LR
+            assert g["lr_scale"] == 1.0, name
+    assert by_param[id(names["embedding.weight"])]["weight_decay"] == 0.1
+    untied = Mamba2LM(small_config().replace(tie_embeddings=False))
+    g = {id(p): g for g in param_groups(untied, 0.1, 0.5) for p in g["params"]}
+    assert g[id(untied.embedding.weight)]["lr_scale"] == 0.5  # an untied input embedding: the lowest layer's
+    assert g[id(untied.lm_head.weight)]["lr_scale"] == 1.0
+
+
+def test_ema_update_and_exact_swap():
+    model = small_model()
+    ema = EMA(model, 0.75)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    for n, p in model.named_parameters():
+        assert torch.allclose(ema.shadow[n], before[n] + 0.25)
+    trained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with ema.swapped_in(model):
+        assert torch.allclose(model.norm_f.weight, before["norm_f.weight"] + 0.25)
+    assert all(torch.equal(p, trained[n]) for n, p in model.named_parameters())
+
+
+def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
+    class Uniform(torch.nn.Module):
+        def forward(self, ids):
+            return torch.zeros(*ids.shape, 64)
+
+    windows = torch.randint(0, 64, (5, 9))
+    res = perplexity(Uniform(), windows, batch_size=2)
+    assert res["ppl"] == pytest.approx(64) and res["tokens"] == 40
+
+
+def test_memory_estimate_counts_saved_tensors():
+    cfg = small_config()
+    full = activation_bytes(cfg, 64)
+    assert activation_bytes(cfg, 64, grad_ckpt=True) < full
+    assert activation_bytes(cfg, 64, backend="triton") < full  # the kernel only keeps its inputs
+    est = estimate(cfg, micro_batch=4, seq_len=64, rows_per_step=8)
+    assert est["params"] == small_model().num_params() and est["peak_bytes"] > est["static_bytes"] > 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Runs
+
+
+def test_training_learns_logs_and_saves_loadable_checkpoints(data, init_dir, tmp_path):
+    cfg = config(data, init_dir, tmp_path / "run", max_steps=8, eval_every=4, keep=1)
+    result = train(cfg)
+    assert result["step"] == 8 and result["stopped_by"] is None
+    assert sorted(p.name for p in (tmp_path / "run").glob("step-*")) == ["step-000008"]  # --keep 1
+    assert (tmp_path / "run" / "latest").read_text().strip() == "step-000008"
+    records = read_log(tmp_path / "run" / "log.jsonl")
+    evals = [r for r in records if "eval" in r]
+    assert [r["step"] for r in evals] == [0, 4, 8]
+    assert evals[-1]["eval"]["pubmed"]["ppl"] < evals[0]["eval"]["pubmed"]["ppl"]
+    assert evals[-1]["token_shares"] == pytest.approx({"pubmed": 0.8, "c4": 0.1, "wikipedia": 0.1}, abs=0.02)
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert saved["resolved"]["tokens_per_step"] == 4 * 16 and saved["lr"] == 3e-3
+    # the checkpoint directory is a from_pretrained directory holding the EMA weights
+    model = from_pretrained(tmp_path / "run" / "step-000008")
+    st = state(tmp_path / "run", 8)
+    assert torch.equal(model.embedding.weight, st["ema"]["embedding.weight"])
+    assert not torch.equal(st["ema"]["embedding.weight"], st["model"]["embedding.weight"])
+    with pytest.raises(SetupError, match="already holds a run"):
+        train(cfg)
+
+
+def test_resume_is_exact(data, init_dir, tmp_path):
+    whole = config(data, init_dir, tmp_path / "whole")
+    train(whole)
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copytree(tmp_path / "whole" / "step-000002", part / "step-000002")
+    train(replace(whole, out=str(part), resume=str(part / "step-000002")))
+    assert losses(part) == {s: v for s, v in losses(tmp_path / "whole").items() if s > 2}
+    assert_same_state(state(part, 6), state(tmp_path / "whole", 6))
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_the_uninterrupted_run(data, init_dir, tmp_path):
+    whole = config(data, init_dir, tmp_path / "whole", max_steps=8)
+    train(whole)
+    killed = replace(whole, out=str(tmp_path / "killed"))
+    proc = run_script(script_args(killed))
+    wait_for_step(killed.out, 5, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    last = (tmp_path / "killed" / "latest").read_text().strip()
+    assert last in ("step-000004", "step-000006")
+    train(replace(killed, resume="latest"))
+    assert losses(killed.out) == losses(whole.out)  # the log of the steps redone was replaced
+    assert_same_state(state(killed.out, 8), state(whole.out, 8))
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_checkpoint_and_exits(data, init_dir, tmp_path):
+    cfg = config(data, init_dir, tmp_path / "run", max_steps=200, save_every=1000)
+    proc = run_script(script_args(cfg))
+    wait_for_step(cfg.out, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "SIGTERM received" in err
+    step = max(losses(cfg.out))
+    assert (tmp_path / "run" / "latest").read_text().strip() == f"step-{step:06d}" and step < 200
+    assert state(cfg.out, step)["step"] == step
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, init_dir, tmp_path):
+    model = from_pretrained(init_dir, backend="torch")
+    calls = {"n": 0}
+
+    def poison(module, inputs, output):
+        if module.training:
+            calls["n"] += 1
+            if calls["n"] > 6:  # step 4 (2 micro-batches per step)
+                return output * float("nan")
+
+    model.register_forward_hook(poison)
+    cfg = config(data, init_dir, tmp_path / "run")
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 4.*last good checkpoint is .*step-000002"):
+        train(cfg, model=model)
+    assert (tmp_path / "run" / "latest").read_text().strip() == "step-000002"
+    assert sorted(p.name for p in (tmp_path / "run").glob("step-*")) == ["step-000002"]
+    assert read_log(tmp_path / "run" / "log.jsonl")[-1]["error"].startswith("the loss is nan")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Distributed: 2 processes on gloo against one process with the same global batch
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, cfg, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    model = from_pretrained(cfg.init, backend="torch")
+    train(cfg, model=model)
+    torch.save({n: p.detach() for n, p in model.state_dict().items()}, Path(cfg.out) / f"rank{rank}.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_processes_match_one_with_the_same_global_batch(data, init_dir, tmp_path, fsdp):
+    single = config(data, init_dir, tmp_path / "single", batch_size=2, grad_accum=2, max_steps=4, eval_every=2)
+    train(single)
+    multi = replace(single, out=str(tmp_path / "multi"), batch_size=1, fsdp=fsdp)
+    (tmp_path / "multi").mkdir()
+    torch.multiprocessing.spawn(_worker, args=(multi, _free_port()), nprocs=2)
+    a, b = (torch.load(tmp_path / "multi" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    if not fsdp:  # DDP: every process holds the whole model, and they must stay identical
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    one, two = losses(single.out), losses(multi.out)
+    assert one.keys() == two.keys() and all(one[s] == pytest.approx(two[s], rel=1e-5) for s in one)
+    s1, s2 = state(single.out, 4), state(multi.out, 4)
+    for k in s1["model"]:
+        assert torch.allclose(s1["model"][k], s2["model"][k], atol=1e-5), k
+    evals = [r["eval"] for r in read_log(Path(multi.out) / "log.jsonl") if "eval" in r]
+    evals1 = [r["eval"] for r in read_log(Path(single.out) / "log.jsonl") if "eval" in r]
+    assert evals[-1]["c4"]["ppl"] == pytest.approx(evals1[-1]["c4"]["ppl"], rel=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad inputs
+
+
+def test_missing_data_dir_names_the_path_and_the_prepare_command(init_dir, tmp_path):
+    cfg = config(tmp_path / "no-data", init_dir, tmp_path / "run")
+    with pytest.raises(SetupError, match=r"(?s)no-data does not exist.*python -m minimamba.data prepare"):
+        train(cfg)
+
+
+def test_unknown_domain_in_mix(data, init_dir, tmp_path):
+    with pytest.raises(SetupError, match=r"(?s)domain\(s\) pubmd .*Domains found there: c4, pubmed, wikipedia"):
+        train(config(data, init_dir, tmp_path / "run", mix="pubmd=0.8,c4=0.2"))
+    with pytest.raises(SetupError, match="NAME=SHARE"):
+        train(config(data, init_dir, tmp_path / "run", mix="pubmed"))
+
+
+def test_resume_errors(data, init_dir, tmp_path):
+    with pytest.raises(SetupError, match="no checkpoint in"):
+        train(config(data, init_dir, tmp_path / "run", resume="latest"))
+    cfg = config(data, init_dir, tmp_path / "run", max_steps=2)
+    train(cfg)
+    with pytest.raises(SetupError, match="cannot resume exactly"):
+        train(replace(cfg, resume="latest", max_steps=4, mix="pubmed=0.5,c4=0.5"))
+
+
+def test_scale_without_public_checkpoint(data, tmp_path):
+    with pytest.raises(SetupError, match="no public checkpoint for scale 'tiny'.*--init scratch"):
+        train(TrainConfig(scale="tiny", data=str(data), out=str(tmp_path / "run"), device="cpu"))
+
+
+@pytest.mark.slow
+def test_offline_pretrained_init_fails_fast_with_one_message(data, tmp_path):
+    """No internet: train.py names what it tried to download and how to use local files, then exits 2."""
+    start = time.time()
+    proc = run_script(["--scale", "130m", "--data", data, "--out", tmp_path / "run", "--device", "cpu"],
+                      env={"HF_ENDPOINT": f"http://127.0.0.1:{_free_port()}",  # nothing listens there
+                           "MINIMAMBA_CACHE": str(tmp_path / "cache")})
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    assert time.time() - start < 60
+    assert "could not download the checkpoint state-spaces/mamba2-130m" in err
+    assert "--init /path/to/it" in err and "--init scratch" in err and "Traceback" not in err
