@@ -91,7 +91,7 @@ def chunk_cumsum_ref(dt, A, chunk_size):
 # Stage 2: chunk states (and, in the backward, the gradient of the entering states)
 # ==================================================================================================
 @_autotune(
-    [_cfg(BLOCK_S=64, num_stages=3), _cfg(BLOCK_S=32, num_stages=4), _cfg(BLOCK_S=64, num_warps=8)],
+    [_cfg(BLOCK_S=64, num_warps=8), _cfg(BLOCK_S=64, num_warps=8, num_stages=3), _cfg(BLOCK_S=32, num_stages=4)],
     _cfg(BLOCK_S=16),
 )
 @triton.jit
@@ -283,7 +283,8 @@ def chunk_cb_ref(C, B, chunk_size):
 # Stage 5: the outputs
 # ==================================================================================================
 @_autotune(
-    [_cfg(BLOCK_T=64, BLOCK_S=64), _cfg(BLOCK_T=128, BLOCK_S=64, num_warps=8), _cfg(BLOCK_T=64, BLOCK_S=32, num_stages=3)],
+    [_cfg(BLOCK_T=64, BLOCK_S=32, num_stages=3), _cfg(BLOCK_T=64, BLOCK_S=64, num_warps=8),
+     _cfg(BLOCK_T=128, BLOCK_S=64, num_warps=8), _cfg(BLOCK_T=64, BLOCK_S=64)],
     _cfg(BLOCK_T=32, BLOCK_S=16),
 )
 @triton.jit
@@ -440,7 +441,8 @@ def _state_passing_bwd_kernel(
 
 
 @_autotune(
-    [_cfg(BLOCK_S=64, BLOCK_T=64), _cfg(BLOCK_S=64, BLOCK_T=32, num_stages=3), _cfg(BLOCK_S=128, BLOCK_T=64, num_warps=8)],
+    [_cfg(BLOCK_S=64, BLOCK_T=32, num_stages=3), _cfg(BLOCK_S=64, BLOCK_T=64, num_warps=8),
+     _cfg(BLOCK_S=128, BLOCK_T=64, num_warps=8), _cfg(BLOCK_S=64, BLOCK_T=64)],
     _cfg(BLOCK_S=16, BLOCK_T=32),
 )
 @triton.jit
@@ -532,7 +534,8 @@ def _chunk_scan_bwd_dx_kernel(
 
 
 @_autotune(
-    [_cfg(BLOCK_S=64, BLOCK_T=64, num_warps=8), _cfg(BLOCK_S=64, BLOCK_T=32), _cfg(BLOCK_S=32, BLOCK_T=64)],
+    [_cfg(BLOCK_S=32, BLOCK_T=64), _cfg(BLOCK_S=32, BLOCK_T=32), _cfg(BLOCK_S=32, BLOCK_T=64, num_warps=8),
+     _cfg(BLOCK_S=64, BLOCK_T=32, num_warps=8)],
     _cfg(BLOCK_S=32, BLOCK_T=16),
 )
 @triton.jit
@@ -583,8 +586,6 @@ def _chunk_scan_bwd_db_kernel(
     s_mask = offs_s < chunk_len
     p_mask = offs_p < headdim
     n_mask = offs_n < dstate
-    b = tl.load(B_ptr + offs_s[:, None] * (ngroups * dstate) + offs_n[None, :],
-                mask=s_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
     acc = tl.zeros((BLOCK_S, BLOCK_N), dtype=tl.float32)
     for i in range(heads_per_split):
         h = first_head + i
@@ -603,6 +604,8 @@ def _chunk_scan_bwd_db_kernel(
                       mask=p_mask[:, None] & n_mask[None, :], other=0.0)
         db = tl.dot(xs.to(DOT_DTYPE), dSc.to(DOT_DTYPE), input_precision=DOT_PRECISION)
         db *= (tl.exp(tl.minimum(cs_last - cs_s, 0.0)) * dt_s)[:, None]
+        b = tl.load(B_ptr + offs_s[:, None] * (ngroups * dstate) + offs_n[None, :],  # (reloaded per head, from
+                    mask=s_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)  # cache: fewer registers)
         tl.store(dA_state_ptr + tok + offs_s + 1, tl.sum(db * b, axis=1), mask=offs_s + 1 < chunk_len)
         acc += db
 
@@ -626,7 +629,7 @@ def _chunk_scan_bwd_db_kernel(
 
 
 @_autotune(
-    [_cfg(BLOCK_S=64, num_warps=8), _cfg(BLOCK_S=32), _cfg(BLOCK_S=64)],
+    [_cfg(BLOCK_S=64), _cfg(BLOCK_S=32), _cfg(BLOCK_S=64, num_warps=8)],
     _cfg(BLOCK_S=16),
 )
 @triton.jit
@@ -683,8 +686,6 @@ def _chunk_scan_bwd_dc_kernel(
     t_mask = offs_t < chunk_len
     p_mask = offs_p < headdim
     n_mask = offs_n < dstate
-    c = tl.load(C_ptr + offs_t[:, None] * (ngroups * dstate) + offs_n[None, :],
-                mask=t_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
     s_end = tl.minimum((pid_t + 1) * BLOCK_T, chunk_len)
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     for i in range(heads_per_split):
@@ -704,6 +705,8 @@ def _chunk_scan_bwd_dc_kernel(
                        mask=p_mask[:, None] & n_mask[None, :], other=0.0)
         dc = tl.dot(dyt.to(DOT_DTYPE), s_in.to(DOT_DTYPE), input_precision=DOT_PRECISION)
         dc *= tl.exp(tl.minimum(cs_t, 0.0))[:, None]
+        c = tl.load(C_ptr + offs_t[:, None] * (ngroups * dstate) + offs_n[None, :],  # (reloaded per head)
+                    mask=t_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
         # (rows past the sequence end hold r = 0: the last kernel sums over the whole chunk)
         tl.store(dA_off_ptr + tok + offs_t, tl.sum(dc * c, axis=1), mask=offs_t < chunk_size)
         acc += dc
@@ -800,7 +803,7 @@ def _chunk_cumsum_bwd_kernel(
 # Host side: launches, the autograd Function, the public entry point
 # ==================================================================================================
 _STATE_BLOCK = 256  # state entries per program in the two state-passing kernels
-_DC_BLOCK_T = 32 if INTERPRET else 64  # rows per dC program (sizes its dA_diag buffer, so not autotuned)
+_DC_BLOCK_T = 32  # rows per dC program (it sizes the dA_diag buffer, so it is not autotuned)
 
 
 def _pow2(n):

@@ -16,6 +16,7 @@ program in Python, so the shapes here are small and the hypothesis budget modest
 """
 
 import dataclasses
+import json
 import os
 import sys
 
@@ -191,7 +192,7 @@ def problems(draw):
     return shape, Q, opts, draw(st.booleans())
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems())
 def test_property_matches_recurrence_fp32(problem):
     shape, Q, opts, use_final = problem
@@ -249,3 +250,28 @@ def test_model_gradients_triton_backend_equal_torch_backend():
     for name, prm in tri.named_parameters():
         err = rel_err(prm.grad, grads_ref[name].grad.double())
         assert err <= 1e-4, f"{name}: relative gradient error {err:.2e}"
+
+
+# --------------------------------------------------------------------------------------------------
+# the GPU benchmark script, on tiny shapes under the interpreter (so that it cannot fail on the GPU
+# for a silly reason); mamba_ssm is stood in for by the reference with mamba_ssm's signature
+# --------------------------------------------------------------------------------------------------
+def test_bench_script_runs_on_cpu(tmp_path, monkeypatch, capsys):
+    from kernels import bench
+    from minimamba.ssd import ssd_chunked
+
+    def fake_mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, initial_states=None):
+        return ssd_chunked(x, dt, A, B, C, D=D, initial_state=initial_states, chunk_size=chunk_size)[0]
+
+    monkeypatch.setattr(bench, "load_mamba_ssm", lambda: (fake_mamba_chunk_scan_combined, None))
+    out = tmp_path / "bench.json"
+    assert bench.main(["--cpu-smoke", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert len(report["correctness"]) == 2 and all(r["ok"] for r in report["correctness"])
+    assert report["correctness"][0]["mamba_ssm_y_error"] < 1e-2
+    (row,) = report["timings"]
+    assert set(row["fwd_ms"]) == set(row["fwd_bwd_ms"]) == {"torch", "ours", "mamba_ssm"}
+    assert not row["failures"] and not report["failures"]
+    assert row["fwd_bwd_speedup_vs_torch"] > 0 and row["fwd_bwd_ratio_vs_mamba_ssm"] > 0
+    printed = capsys.readouterr().out
+    assert "PASS" in printed and "Timings" in printed and "FAIL " not in printed

@@ -1,0 +1,297 @@
+"""Check and time the Triton SSD scan on a GPU: `python -m kernels.bench [--quick] [--out FILE.json]`.
+
+1. Correctness at the shapes of a real layer (Mamba2-370m: 32 heads × 64 channels, d_state 128,
+   1 group, chunk 256) for seqlen 2048 and 8192 in bfloat16 (and 2048 in float32 with --fp32, whose
+   IEEE-precision dots take minutes to compile): y, the final state and every gradient, against
+   `minimamba.ssd.ssd_chunked` computed in float32 on the GPU from the same inputs (with D, an initial
+   state, and a loss on y and on the final state).
+2. Timings (skipped with --quick): forward and forward+backward of the PyTorch reference and of this
+   kernel, with `triton.testing.do_bench` (median ms), and the speed ratios.
+3. mamba_ssm's `mamba_chunk_scan_combined`, when it can be imported: its error on y and its timings
+   (last, because its large autotuning space takes long to compile).
+
+Every measurement is wrapped: a failure is printed and recorded, and the rest still runs. The JSON
+written to --out (rewritten after every measurement) holds the same numbers as the printed tables.
+`--cpu-smoke` runs the same code on tiny shapes under Triton's interpreter, on CPU, so that the script
+itself is tested without a GPU (tests/test_kernels.py does so).
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+
+import torch
+
+# (name, batch, seqlen, nheads, headdim, dstate, ngroups, chunk, dtype); the layer of Mamba2-370m
+REAL_SHAPES = [
+    ("370m", 1, 2048, 32, 64, 128, 1, 256, torch.bfloat16),
+    ("370m", 1, 8192, 32, 64, 128, 1, 256, torch.bfloat16),
+]
+FP32_SHAPES = [("370m", 1, 2048, 32, 64, 128, 1, 256, torch.float32)]
+SMOKE_SHAPES = [
+    ("smoke", 1, 40, 2, 16, 16, 1, 16, torch.bfloat16),
+    ("smoke", 2, 33, 2, 8, 16, 2, 16, torch.float32),
+]
+TIMED = {torch.bfloat16}  # dtypes that are timed (float32 is checked only)
+TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 1e-2}  # max|Δ| / max|ref|
+
+
+def make_inputs(batch, seqlen, nheads, headdim, dstate, ngroups, dtype, device, seed=0):
+    """Inputs like a trained layer's: dt = softplus(·) mostly in [1e-3, 0.1], A in [-16, -1]."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device)
+
+    return dict(
+        x=randn(batch, seqlen, nheads, headdim).to(dtype),
+        dt=torch.nn.functional.softplus(randn(batch, seqlen, nheads) - 4.0),
+        A=-torch.exp(torch.rand(nheads, generator=g) * math.log(16)).to(device),
+        B=randn(batch, seqlen, ngroups, dstate).to(dtype),
+        C=randn(batch, seqlen, ngroups, dstate).to(dtype),
+        D=randn(nheads),
+        initial_state=randn(batch, nheads, headdim, dstate, scale=0.1),
+    )
+
+
+def load_mamba_ssm():
+    """mamba_ssm's fused chunked scan, or the reason it is unavailable."""
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+        return mamba_chunk_scan_combined, None
+    except Exception as e:  # not installed, or built against another torch/triton
+        return None, f"{type(e).__name__}: {e}"
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+
+
+def check(shape, device, scan):
+    """y, final state and gradients of the kernel against the fp32 reference."""
+    from minimamba.ssd import ssd_chunked
+
+    name, b, l, h, p, n, g, Q, dtype = shape
+    inp = make_inputs(b, l, h, p, n, g, dtype, device)
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    dy = torch.randn(b, l, h, p, generator=gen).to(device)
+    dfinal = torch.randn(b, h, p, n, generator=gen).to(device)
+
+    def grads(fn, cast):  # run fn on leaf copies of the inputs (in `cast` or their own dtype)
+        leaves = {k: v.detach().to(cast or v.dtype).requires_grad_() for k, v in inp.items()}
+        y, final = fn(leaves)
+        ((y.float() * dy).sum() + (final.float() * dfinal).sum()).backward()
+        return y.detach(), final.detach(), {k: v.grad for k, v in leaves.items()}
+
+    y_ref, f_ref, g_ref = grads(lambda t: ssd_chunked(**t, chunk_size=Q), torch.float32)
+    y, f, gr = grads(lambda t: scan(t["x"], t["dt"], t["A"], t["B"], t["C"], Q, D=t["D"],
+                                    initial_state=t["initial_state"], return_final_state=True), None)
+    errs = {"y": rel_err(y, y_ref), "final": rel_err(f, f_ref)}
+    errs.update({"d" + k: rel_err(gr[k], g_ref[k]) for k in inp})
+    return dict(shape=name, batch=b, seqlen=l, dtype=str(dtype).replace("torch.", ""), errors=errs,
+                tolerance=TOLERANCE[dtype], ok=all(e <= TOLERANCE[dtype] for e in errs.values()))
+
+
+def mamba_y_error(shape, device, mamba):
+    """mamba_ssm's y (with D and an initial state) against the fp32 reference, as a sanity check."""
+    from minimamba.ssd import ssd_chunked
+
+    name, b, l, h, p, n, g, Q, dtype = shape
+    inp = make_inputs(b, l, h, p, n, g, dtype, device)
+    with torch.no_grad():
+        y_ref = ssd_chunked(**{k: v.float() for k, v in inp.items()}, chunk_size=Q)[0]
+        y = mamba(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], Q, D=inp["D"], initial_states=inp["initial_state"])
+    return rel_err(y, y_ref)
+
+
+def timer(device):
+    """ms per call of fn: median of triton.testing.do_bench on CUDA, one timed call on CPU."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return lambda fn, grad_to_none=None: triton.testing.do_bench(
+            fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
+
+    def once(fn, grad_to_none=None):
+        fn()
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+
+    return once
+
+
+def time_shape(shape, device, impls, bench, row=None):
+    """Forward and forward+backward ms of each implementation in `impls` ({name: scan function with the
+    ssd_chunk_scan signature}), D given, no initial or final state; added to `row` if given."""
+    name, b, l, h, p, n, g, Q, dtype = shape
+    inp = make_inputs(b, l, h, p, n, g, dtype, device)
+    inp.pop("initial_state")
+    dy = torch.randn(b, l, h, p, device=device).to(dtype)
+    row = row or dict(shape=name, batch=b, seqlen=l, nheads=h, headdim=p, dstate=n, ngroups=g, chunk=Q,
+                      dtype=str(dtype).replace("torch.", ""), fwd_ms={}, fwd_bwd_ms={}, failures={})
+    for impl, scan in impls.items():
+        fn = lambda t: scan(t["x"], t["dt"], t["A"], t["B"], t["C"], Q, D=t["D"])  # noqa: E731
+        try:
+            with torch.no_grad():
+                row["fwd_ms"][impl] = bench(lambda: fn(inp))
+            leaves = {k: v.detach().clone().requires_grad_() for k, v in inp.items()}
+            row["fwd_bwd_ms"][impl] = bench(lambda: fn(leaves).backward(dy), grad_to_none=list(leaves.values()))
+        except Exception as e:
+            row["failures"][impl] = f"{type(e).__name__}: {e}"
+            print(f"  {impl} failed at {name} seqlen {l}: {row['failures'][impl]}", flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    for kind in ("fwd_ms", "fwd_bwd_ms"):
+        t = row[kind]
+        if "ours" in t and t["ours"] > 0:
+            row[kind.replace("_ms", "_speedup_vs_torch")] = t["torch"] / t["ours"] if "torch" in t else None
+            row[kind.replace("_ms", "_ratio_vs_mamba_ssm")] = t["mamba_ssm"] / t["ours"] if "mamba_ssm" in t else None
+    return row
+
+
+def fmt(v, spec=".3f"):
+    return "—" if v is None else (format(v, spec) if isinstance(v, (int, float)) else str(v))
+
+
+def print_tables(report):
+    print("\nCorrectness: max|Δ| / max|ref| against ssd_chunked in float32")
+    for r in report["correctness"]:
+        if "errors" not in r:
+            print(f"  {r['shape']} seqlen {r['seqlen']} {r['dtype']}: FAILED TO RUN: {r['failure']}")
+            continue
+        errs = "  ".join(f"{k} {v:.1e}" for k, v in r["errors"].items())
+        extra = f"  (mamba_ssm: y {fmt(r['mamba_ssm_y_error'], '.1e')})" if "mamba_ssm_y_error" in r else ""
+        print(f"  {'PASS' if r['ok'] else 'FAIL'} {r['shape']} b{r['batch']} l{r['seqlen']} {r['dtype']:8s} "
+              f"(tol {r['tolerance']:.0e}): {errs}{extra}")
+    if report["timings"]:
+        print("\nTimings (median ms; speedup = torch/ours; vs mamba_ssm = mamba_ssm/ours, ≥ 1 means ours is faster)")
+        head = (f"  {'shape':28s} {'dtype':8s} | {'fwd torch':>9s} {'ours':>7s} {'mamba':>7s} | "
+                f"{'f+b torch':>9s} {'ours':>7s} {'mamba':>7s} | {'speedup f':>9s} {'f+b':>6s} | "
+                f"{'vs mamba f':>10s} {'f+b':>6s}")
+        print(head)
+        print("  " + "-" * (len(head) - 2))
+        for r in report["timings"]:
+            s = f"b{r['batch']} l{r['seqlen']} H{r['nheads']} P{r['headdim']} N{r['dstate']} G{r['ngroups']} Q{r['chunk']}"
+            f, fb = r["fwd_ms"], r["fwd_bwd_ms"]
+            print(f"  {s:28s} {r['dtype']:8s} | {fmt(f.get('torch')):>9s} {fmt(f.get('ours')):>7s} "
+                  f"{fmt(f.get('mamba_ssm')):>7s} | {fmt(fb.get('torch')):>9s} {fmt(fb.get('ours')):>7s} "
+                  f"{fmt(fb.get('mamba_ssm')):>7s} | {fmt(r.get('fwd_speedup_vs_torch'), '.1f'):>9s} "
+                  f"{fmt(r.get('fwd_bwd_speedup_vs_torch'), '.1f'):>6s} | "
+                  f"{fmt(r.get('fwd_ratio_vs_mamba_ssm'), '.2f'):>10s} {fmt(r.get('fwd_bwd_ratio_vs_mamba_ssm'), '.2f'):>6s}")
+    if report["mamba_ssm"] is not True:
+        print(f"\nmamba_ssm not compared: {report['mamba_ssm']}")
+    for f in report["failures"] + [f"{r['shape']} seqlen {r['seqlen']} {k}: {v}" for r in report["timings"]
+                                   for k, v in r["failures"].items()]:
+        print(f"FAILED: {f}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="correctness only, no timings")
+    ap.add_argument("--out", default=None, help="write the results as JSON to this file")
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="tiny shapes under TRITON_INTERPRET=1 on CPU: tests this script without a GPU")
+    ap.add_argument("--no-mamba", action="store_true", help="do not import mamba_ssm even if installed")
+    ap.add_argument("--fp32", action="store_true", help="also check float32 at seqlen 2048 (slow to compile)")
+    args = ap.parse_args(argv)
+
+    if args.cpu_smoke:
+        os.environ["TRITON_INTERPRET"] = "1"  # before kernels imports triton
+        device, shapes = torch.device("cpu"), SMOKE_SHAPES
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("kernels.bench needs a CUDA GPU (or --cpu-smoke to test the script on CPU)")
+        device, shapes = torch.device("cuda"), REAL_SHAPES + (FP32_SHAPES if args.fp32 else [])
+        torch.backends.cuda.matmul.allow_tf32 = False  # an fp32 reference in fp32
+        torch.backends.cudnn.allow_tf32 = False
+    import triton
+
+    from kernels import ssd_chunk_scan
+    from minimamba.ssd import ssd_chunked
+
+    mamba, why_not = (None, "--no-mamba") if args.no_mamba else load_mamba_ssm()
+    report = dict(
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU (Triton interpreter, {platform.machine()})",
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
+        mamba_ssm=True if mamba is not None else why_not, correctness=[], timings=[], failures=[], elapsed_s={},
+    )
+
+    def save():
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=2)
+
+    print(f"device: {report['device']}; torch {report['torch']}, triton {report['triton']}; "
+          f"mamba_ssm: {'yes' if mamba is not None else why_not}", flush=True)
+
+    def phase(name, shapes_, fn):
+        t0 = time.time()
+        for shape in shapes_:
+            t = time.time()
+            try:
+                fn(shape)
+            except Exception as e:  # recorded by fn where it can; never stops the script
+                traceback.print_exc()
+                report["failures"].append(f"{name} {shape[0]} seqlen {shape[2]}: {type(e).__name__}: {e}")
+            print(f"{name}: {shape[0]} seqlen {shape[2]} {str(shape[8]).replace('torch.', '')} "
+                  f"({time.time() - t:.1f} s)", flush=True)
+            save()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        report["elapsed_s"][name] = round(time.time() - t0, 1)
+
+    def correctness(shape):
+        row = dict(shape=shape[0], batch=shape[1], seqlen=shape[2], dtype=str(shape[8]).replace("torch.", ""))
+        report["correctness"].append(row)
+        try:
+            row.update(check(shape, device, ssd_chunk_scan))
+        except Exception as e:
+            row["failure"] = f"{type(e).__name__}: {e}"
+            raise
+
+    # 1. correctness (the first call compiles and autotunes every program)
+    phase("correctness", shapes, correctness)
+    timed = [s_ for s_ in shapes if s_[8] in TIMED]
+    # 2. timings of the torch reference and of ours
+    bench = timer(device)
+    if not args.quick:
+        phase("timings", timed, lambda shape: report["timings"].append(
+            time_shape(shape, device, {"torch": lambda *a, **k: ssd_chunked(*a[:5], chunk_size=a[5], **k)[0],
+                                       "ours": ssd_chunk_scan}, bench)))
+    # 3. mamba_ssm, last
+    if mamba is not None:
+        def mamba_phase(shape):
+            row = next((r for r in report["correctness"] if r["seqlen"] == shape[2] and r["dtype"] == "bfloat16"), None)
+            if row is not None:
+                try:
+                    row["mamba_ssm_y_error"] = mamba_y_error(shape, device, mamba)
+                except Exception as e:
+                    row["mamba_ssm_y_error"] = f"{type(e).__name__}: {e}"
+            if not args.quick:
+                trow = next((r for r in report["timings"] if r["seqlen"] == shape[2]), None)
+                new = time_shape(shape, device, {"mamba_ssm": mamba}, bench, row=trow)
+                if trow is None:
+                    report["timings"].append(new)
+
+        phase("mamba_ssm", timed, mamba_phase)
+
+    print_tables(report)
+    save()
+    if args.out:
+        print(f"\nwrote {args.out}")
+    failed = [r for r in report["correctness"] if not r.get("ok")]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
