@@ -259,22 +259,26 @@ def _pattern(longest_space_run: int) -> str:
         's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
 
     with the space-run tokens folded in. A regex takes the first alternative that matches, so the
-    order matters only where two alternatives can match at the same place; putting words first
-    (most pieces are words) makes tiktoken about 1.5x faster than GPT-2's order.
+    order matters only where two alternatives can match at the same place. Words come first (most
+    pieces are words), and the alternatives without a look-ahead are grouped, so that tiktoken's
+    regex library hands them to its fast engine in one go: 1.5x faster than GPT-2's order.
     """
     ws = r"\s"
     if longest_space_run >= 2:
         ws = r"(?:(?! {2})\s)"  # a whitespace character that does not start a run of spaces
-    alternatives = [
+    simple = [
         r" ?\p{L}+",  # a word, with the space before it
         r" ?\p{N}+",  # a number, with the space before it
         r"'s|'t|'re|'ve|'m|'ll|'d",  # a contraction; before the next line, which also matches "'"
         r" ?[^\s\p{L}\p{N}]+",  # other symbols, with the space before them
-        f" {{2,{longest_space_run}}}" if longest_space_run >= 2 else None,  # a space-run token, longest first
+    ]
+    if longest_space_run >= 2:
+        simple.append(f" {{2,{longest_space_run}}}")  # a space-run token, longest first
+    whitespace = [
         rf"{ws}+(?!\S)",  # whitespace, but the last space before a word goes with the word
         r"\s+",  # reached only for one whitespace character before a non-space
     ]
-    return "|".join(a for a in alternatives if a)
+    return "|".join([f"(?:{'|'.join(simple)})", *whitespace])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -118,6 +118,7 @@ def corpus_documents(root: Path) -> tuple[list[str], list[str]]:
 
 
 @needs_data
+@pytest.mark.slow
 def test_every_corpus_document_matches_the_reference(tok, ref):
     docs, where = corpus_documents(DATA)
     assert len(docs) > 100_000 and sum(map(len, docs)) > 30_000_000  # all the corpora were read
@@ -181,6 +182,7 @@ def test_nfc_agrees_with_the_reference_on_every_normalisation_relevant_character
 
 
 @needs_data
+@pytest.mark.slow
 def test_pre_tokenizer_classes_agree_with_the_reference_on_every_code_point(tok, ref):
     # letters, digits and whitespace as each regex engine's Unicode tables see them: all of the
     # basic and supplementary planes, a sample of the others, each in a few contexts
