@@ -12,9 +12,10 @@ log-decay and S_in[c] the state entering the chunk, the forward is
                           + exp(cs[t])·S_in[c] C_t + D·x_t
 
 which are steps 1–4 of `ssd_chunked` (stage 5 is steps 1 and 4 fused). The backward differentiates
-each stage by hand (derivations in the docstrings of the `_bwd` kernels) and runs stages 1–4 again
-instead of keeping their outputs. Each forward stage has a small PyTorch `_ref` next to its kernel
-that the tests compare it with; the backward is compared with autograd through `ssd_chunked` in float64.
+each stage by hand (the derivation is above the backward programs) and runs stages 1–4 again instead
+of keeping their outputs. Each forward stage has a small PyTorch `_ref` next to its kernel that the
+tests compare it with; the whole scan and every gradient are compared with autograd through the
+float64 recurrence `ssd_recurrent` (tests/test_kernels.py).
 
 Conventions shared by every program:
   * all tensors are contiguous (the wrapper makes them so), so offsets are computed from the sizes:
@@ -31,13 +32,18 @@ Conventions shared by every program:
     dtype (`DOT_DTYPE`) with fp32 accumulation, and fp32 dots use IEEE precision, not TF32.
 """
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from minimamba.ssd import _check
 
-INTERPRET = bool(triton.knobs.runtime.interpret)  # TRITON_INTERPRET=1: programs run on CPU tensors
+try:  # TRITON_INTERPRET=1 (read when this module is imported): programs run in Python on CPU tensors
+    INTERPRET = bool(triton.knobs.runtime.interpret)
+except AttributeError:  # Triton < 3.4 has no knobs
+    INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _autotune(configs, interpreter_config, key=("chunk_size", "headdim", "dstate")):
@@ -414,7 +420,7 @@ def _state_passing_bwd_kernel(
         ∂L/∂S_c = g,    ∂L/∂α_c = exp(α_c)·⟨S_in[c], g⟩,    g ← exp(α_c)·g + ∂L/∂S_in[c] from y,
 
     and finally ∂L/∂h_0 = g. Tile: BLOCK entries of the flattened state; ∂L/∂α_c is a sum over all
-    entries, so each program writes its partial sum and the host adds them.
+    entries, so each program writes its partial sum and the last kernel adds them.
     Grid: (n_blocks = cdiv(P·N, BLOCK), batch, H).
     """
     pid_blk = tl.program_id(0)

@@ -18,6 +18,7 @@ program in Python, so the shapes here are small and the hypothesis budget modest
 import dataclasses
 import json
 import os
+import subprocess
 import sys
 
 os.environ["TRITON_INTERPRET"] = "1"  # must precede the first `import triton`
@@ -219,6 +220,16 @@ def test_bad_inputs_fail_clearly():
         ssd_chunk_scan(*args, 0)
     with pytest.raises(ValueError, match="ngroups"):
         ssd_chunk_scan(args[0], args[1], args[2], pb["B"].repeat(1, 1, 3, 1), pb["C"].repeat(1, 1, 3, 1), 16)
+
+
+def test_cpu_tensors_without_the_interpreter_get_a_clear_error():
+    code = ("import torch; from kernels import ssd_chunk_scan; "
+            "ssd_chunk_scan(torch.randn(1, 4, 2, 4), torch.rand(1, 4, 2), -torch.rand(2), "
+            "torch.randn(1, 4, 1, 8), torch.randn(1, 4, 1, 8), 16)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode != 0 and "needs CUDA tensors" in proc.stderr and "TRITON_INTERPRET=1" in proc.stderr
 
 
 # --------------------------------------------------------------------------------------------------
