@@ -128,6 +128,18 @@ def timer(device):
     return once
 
 
+def time_one(scan, inp, dy, chunk_size, bench):
+    """(forward ms, forward+backward ms) of one scan function on the inputs `inp`."""
+
+    def run(t):
+        return scan(t["x"], t["dt"], t["A"], t["B"], t["C"], chunk_size, D=t["D"])
+
+    with torch.no_grad():
+        fwd = bench(lambda: run(inp))
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inp.items()}
+    return fwd, bench(lambda: run(leaves).backward(dy), grad_to_none=list(leaves.values()))
+
+
 def time_shape(shape, device, impls, bench, row=None):
     """Forward and forward+backward ms of each implementation in `impls` ({name: scan function with the
     ssd_chunk_scan signature}), D given, no initial or final state; added to `row` if given."""
@@ -138,12 +150,8 @@ def time_shape(shape, device, impls, bench, row=None):
     row = row or dict(shape=name, batch=b, seqlen=l, nheads=h, headdim=p, dstate=n, ngroups=g, chunk=Q,
                       dtype=str(dtype).replace("torch.", ""), fwd_ms={}, fwd_bwd_ms={}, failures={})
     for impl, scan in impls.items():
-        fn = lambda t: scan(t["x"], t["dt"], t["A"], t["B"], t["C"], Q, D=t["D"])  # noqa: E731
         try:
-            with torch.no_grad():
-                row["fwd_ms"][impl] = bench(lambda: fn(inp))
-            leaves = {k: v.detach().clone().requires_grad_() for k, v in inp.items()}
-            row["fwd_bwd_ms"][impl] = bench(lambda: fn(leaves).backward(dy), grad_to_none=list(leaves.values()))
+            row["fwd_ms"][impl], row["fwd_bwd_ms"][impl] = time_one(scan, inp, dy, Q, bench)
         except Exception as e:
             row["failures"][impl] = f"{type(e).__name__}: {e}"
             print(f"  {impl} failed at {name} seqlen {l}: {row['failures'][impl]}", flush=True)

@@ -32,6 +32,7 @@ Conventions shared by every program:
     dtype (`DOT_DTYPE`) with fp32 accumulation, and fp32 dots use IEEE precision, not TF32.
 """
 
+import contextlib
 import os
 
 import torch
@@ -945,13 +946,19 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, chunk_size, D, initial_state):
             dC.sum(0).to(C.dtype), dD, dh0)
 
 
+def _on_device_of(t):
+    """Triton launches on the current CUDA device: make it the one holding the tensors."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 class SSDChunkScanFn(torch.autograd.Function):
     """Forward: the five stages. Backward: stages 1–4 again, then the backward programs. Only the
     inputs are saved for the backward."""
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, chunk_size, D, initial_state):
-        y, final = _ssd_forward(x, dt, A, B, C, chunk_size, D, initial_state)
+        with _on_device_of(x):
+            y, final = _ssd_forward(x, dt, A, B, C, chunk_size, D, initial_state)
         ctx.save_for_backward(x, dt, A, B, C, D, initial_state)
         ctx.chunk_size = chunk_size
         ctx.set_materialize_grads(False)  # an unused output gives None, not a tensor of zeros
@@ -960,7 +967,9 @@ class SSDChunkScanFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dfinal):
         x, dt, A, B, C, D, initial_state = ctx.saved_tensors
-        dx, ddt, dA, dB, dC, dD, dh0 = _ssd_backward(dy, dfinal, x, dt, A, B, C, ctx.chunk_size, D, initial_state)
+        with _on_device_of(x):
+            dx, ddt, dA, dB, dC, dD, dh0 = _ssd_backward(dy, dfinal, x, dt, A, B, C, ctx.chunk_size, D,
+                                                         initial_state)
         return dx, ddt, dA, dB, dC, None, dD, dh0
 
 
