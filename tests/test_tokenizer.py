@@ -349,3 +349,20 @@ def test_hub_name_downloads_once_into_the_cache(tmp_path, monkeypatch):
     assert first.encode("the he") == second.encode("the he")
     assert len(requests) == 1 and "/EleutherAI/gpt-neox-20b/resolve/main/tokenizer.json" in requests[0]
     assert list((tmp_path / "cache").rglob("tokenizer.json"))
+
+
+def test_bench_tokenizer_command_runs_on_a_small_corpus(tmp_path, capsys):
+    from minimamba import bench
+
+    for folder in ("pubmed", "c4", "wiki", "tokenizer"):
+        (tmp_path / folder).mkdir()
+    write_json(tmp_path / "tokenizer" / "tokenizer.json", tiny_tokenizer_json())
+    abstract = {"title": "The heart.", "abstract": "the  he   a\nthe"}
+    (tmp_path / "pubmed" / "pubtator_corpora_abstracts.jsonl").write_text(json.dumps(abstract) + "\n")
+    for name in ("c4_train_sample_1000", "c4_validation_2k", "llamafactory_c4_demo"):
+        (tmp_path / "c4" / f"{name}.jsonl").write_text(json.dumps({"text": f"the {name}"}) + "\n")
+    for name in ("wikitext-2-raw_wiki.test.raw", "wikitext-2_tokenized_valid.txt", "llamafactory_wiki_demo.txt"):
+        (tmp_path / "wiki" / name).write_text(" = the = \n \n the he \n")
+    bench.main(["tokenizer", "--data-root", str(tmp_path), "--repeat", "1"])
+    out = capsys.readouterr().out
+    assert "minimamba encode_batch" in out and "every row gave the same ids: yes" in out
