@@ -57,7 +57,11 @@ p.add_argument("--tokens", type=float, default=D.tokens, help="total training to
 p.add_argument("--ema", type=float, default=D.ema, help="EMA decay of the weights used for eval and saving (0: off)")
 p.add_argument("--seed", type=int, default=D.seed, help="seed of the data order (and of --init scratch)")
 # evaluation, logging, checkpoints
-p.add_argument("--eval-every", type=int, default=D.eval_every, help="held-out perplexity every N steps (0: start and end only)")
+p.add_argument("--eval-every", type=int, default=D.eval_every, help="held-out perplexity every N steps (0: only at the end)")
+p.add_argument("--eval-at-start", action=argparse.BooleanOptionalAction, default=D.eval_at_start,
+               help="also evaluate before the first step")
+p.add_argument("--eval-domains", default=D.eval_domains,
+               help="comma-separated domains to evaluate on (default: those of --mix)")
 p.add_argument("--eval-windows", type=int, default=D.eval_windows, help="held-out windows of --seq-len tokens per domain")
 p.add_argument("--eval-batch-size", type=int, default=D.eval_batch_size, help="sequences per eval batch (default: --batch-size)")
 p.add_argument("--save-every", type=int, default=D.save_every, help="checkpoint every N steps (also at the end and on SIGINT/SIGTERM)")

@@ -95,7 +95,9 @@ class TrainConfig:
     ema: float = 0.999  # EMA decay of the weights used for eval and saving (0: no EMA)
     seed: int = 42
     # evaluation, logging, checkpoints
-    eval_every: int = 500  # held-out perplexity every N steps (and at the start and the end); 0: only at the end
+    eval_every: int = 500  # held-out perplexity every N steps (and at the end); 0: only at the end
+    eval_at_start: bool = True  # also evaluate before the first step (the "before" numbers)
+    eval_domains: str | None = None  # comma-separated domains to evaluate (default: those of the mix)
     eval_windows: int = 100  # held-out windows of seq_len tokens per domain
     eval_batch_size: int | None = None  # default: batch_size
     save_every: int = 1000  # checkpoint every N steps (and at the end, and on SIGINT/SIGTERM)
@@ -728,6 +730,7 @@ class Resolved:
     """Values derived from a TrainConfig and the number of processes."""
 
     mix: dict
+    eval_domains: list
     grad_accum: int
     rows_per_step: int  # sequences per optimizer step, all processes
     tokens_per_step: int
@@ -776,7 +779,8 @@ def resolve(cfg, dist):
         amp = None
     else:
         raise SetupError(f"unknown --dtype {cfg.dtype!r}; choose auto, bfloat16 or float32")
-    return Resolved(mix, grad_accum, rows, tokens_per_step, max_steps, warmup, decay, amp,
+    eval_domains = [d.strip() for d in cfg.eval_domains.split(",") if d.strip()] if cfg.eval_domains else list(mix)
+    return Resolved(mix, eval_domains, grad_accum, rows, tokens_per_step, max_steps, warmup, decay, amp,
                     cfg.eval_batch_size or cfg.batch_size)
 
 
@@ -849,7 +853,7 @@ def _train(cfg, dist, model):
     # --- check the data and the model source before anything slow
     try:
         check_domains(cfg.data, r.mix)
-        check_domains(cfg.data, r.mix, "heldout")
+        check_domains(cfg.data, r.eval_domains, "heldout")
     except DataError as e:
         problem = str(e)
         if model is None and state is None:
@@ -886,7 +890,7 @@ def _train(cfg, dist, model):
     ema = EMA(raw, cfg.ema) if cfg.ema > 0 else None
     try:
         sampler = MixtureSampler(cfg.data, r.mix, cfg.seq_len, r.rows_per_step, cfg.seed, dist.rank, dist.world_size)
-        heldout = load_heldout(cfg.data, list(r.mix), cfg.seq_len, cfg.eval_windows)
+        heldout = load_heldout(cfg.data, r.eval_domains, cfg.seq_len, cfg.eval_windows)
         if state is not None:
             restore_state(state, model, optimizer, ema, sampler)
     except (DataError, ValueError) as e:
@@ -908,7 +912,7 @@ def _train(cfg, dist, model):
     resolved = {**asdict(cfg), "resolved": {
         "grad_accum": r.grad_accum, "rows_per_step": r.rows_per_step, "tokens_per_step": r.tokens_per_step,
         "max_steps": r.max_steps, "warmup_steps": r.warmup_steps, "decay_steps": r.decay_steps,
-        "mix": r.mix, "world_size": dist.world_size, "device": str(dist.device), "scan_backend": backend,
+        "mix": r.mix, "eval_domains": r.eval_domains, "world_size": dist.world_size, "device": str(dist.device), "scan_backend": backend,
         "autocast_dtype": str(r.autocast_dtype).replace("torch.", "") if r.autocast_dtype else None,
         "params": est["params"], "model_config": raw.config.to_dict(), "init_source": source,
         "lr_scale_by_group": {g["name"]: g["lr_scale"] for g in groups}}}
@@ -940,7 +944,7 @@ def _train(cfg, dist, model):
         return save_checkpoint(out, step, model, optimizer, ema, sampler, extra, dist, cfg.keep)
 
     # --- the loop
-    last_eval = evaluate_now() if step == 0 else None
+    last_eval = evaluate_now() if step == 0 and cfg.eval_at_start else None
     bar = tqdm(total=r.max_steps, initial=step, unit="step", dynamic_ncols=True,
                disable=not (dist.is_main and cfg.progress))
     stopped_by, last_ckpt = None, latest_checkpoint(out) if dist.is_main else None
