@@ -104,7 +104,7 @@ def _with_peak_rss(fn, *args):
     return result, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
-def _build(impl, scale, dtype, chunk_size, seed=0):
+def _build(impl, scale, dtype, chunk_size, seed=0, backend="torch"):
     """The model to time: ours, or HF transformers' Mamba2ForCausalLM with bit-identical weights."""
     import torch
 
@@ -113,7 +113,7 @@ def _build(impl, scale, dtype, chunk_size, seed=0):
 
     torch.manual_seed(seed)
     cfg = Mamba2Config.from_scale(scale)
-    ours = Mamba2LM(cfg, backend="torch")
+    ours = Mamba2LM(cfg, backend=backend)
     ours.scan_chunk_size = chunk_size or cfg.chunk_size
     if impl == "minimamba":
         return ours.to(dtype)
@@ -131,12 +131,14 @@ def _logits(model, ids):
     return out if not hasattr(out, "logits") else out.logits
 
 
-def _time(fn, repeat):
-    fn()  # warm-up
+def _time(fn, repeat, sync=lambda: None):
+    fn()  # warm-up (on a GPU: Triton compilation and autotuning happen here)
     seconds = []
     for _ in range(repeat):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         seconds.append(time.perf_counter() - start)
     return sorted(seconds)[len(seconds) // 2]  # median
 
@@ -145,43 +147,55 @@ def _phase(impl, phase, a):
     import torch
     import torch.nn.functional as F
 
+    import contextlib
+
     torch.set_num_threads(a["threads"])
-    model = _build(impl, a["scale"], getattr(torch, a["dtype"]), a["chunk_size"])
+    device = torch.device(a["device"])
+    cuda = device.type == "cuda"
+    model = _build(impl, a["scale"], getattr(torch, a["dtype"]), a["chunk_size"], backend=a["backend"]).to(device)
+    model.gradient_checkpointing = a["checkpointing"]
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    # --amp: float32 weights, bfloat16 matmuls (the recipe's mixed precision)
+    amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if a["amp"] else contextlib.nullcontext
     g = torch.Generator().manual_seed(1)
+    result = {}
     if phase == "forward":
         model.eval()
-        ids = torch.randint(0, 50277, (a["batch"], a["seqlen"]), generator=g)
-        with torch.no_grad():
-            secs = _time(lambda: _logits(model, ids), a["repeat"])
-        return {"tok/s": a["batch"] * a["seqlen"] / secs}
-    if phase == "train":
+        ids = torch.randint(0, 50277, (a["batch"], a["seqlen"]), generator=g).to(device)
+        with torch.no_grad(), amp():
+            secs = _time(lambda: _logits(model, ids), a["repeat"], sync)
+        result = {"tok/s": a["batch"] * a["seqlen"] / secs}
+    elif phase == "train":
         model.train()
-        ids = torch.randint(0, 50277, (a["batch"], a["seqlen"] + 1), generator=g)
+        ids = torch.randint(0, 50277, (a["batch"], a["seqlen"] + 1), generator=g).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def step():
-            logits = _logits(model, ids[:, :-1])
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+            with amp():
+                logits = _logits(model, ids[:, :-1])
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        secs = _time(step, a["repeat"])
-        return {"tok/s": a["batch"] * a["seqlen"] / secs}
-    if phase == "generate":  # prefill = generate 1 token; decode = the extra time per extra token
+        secs = _time(step, a["repeat"], sync)
+        result = {"tok/s": a["batch"] * a["seqlen"] / secs}
+    elif phase == "generate":  # prefill = generate 1 token; decode = the extra time per extra token
         model.eval()
-        prompt = torch.randint(0, 50277, (1, a["prompt"]), generator=g)
+        prompt = torch.randint(0, 50277, (1, a["prompt"]), generator=g).to(device)
         n = a["decode_tokens"]
         if impl == "minimamba":
             gen = lambda k: model.generate(prompt, max_new_tokens=k)
         else:
             gen = lambda k: model.generate(prompt, max_new_tokens=k, min_new_tokens=k, do_sample=False,
                                            attention_mask=torch.ones_like(prompt))
-        with torch.no_grad():
-            prefill = _time(lambda: gen(1), a["repeat"])
-            total = _time(lambda: gen(1 + n), max(1, a["repeat"] // 2))
-        return {"prefill tok/s": a["prompt"] / prefill, "decode ms/token": 1000 * (total - prefill) / n}
-    raise ValueError(phase)
+        with torch.no_grad(), amp():
+            prefill = _time(lambda: gen(1), a["repeat"], sync)
+            total = _time(lambda: gen(1 + n), max(1, a["repeat"] // 2), sync)
+        result = {"prefill tok/s": a["prompt"] / prefill, "decode ms/token": 1000 * (total - prefill) / n}
+    if cuda:  # peak GPU memory of this row (the process's RSS is reported too, as for CPU rows)
+        result["GPU peak GiB"] = torch.cuda.max_memory_allocated() / 2**30
+    return result
 
 
 def _read_bandwidth(threads):
@@ -212,17 +226,24 @@ def bench_model(args):
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{a['threads']} threads; mamba2-{args.scale} shapes ({n_params / 1e6:.1f}M params, "
           f"{weight_bytes / 2**20:.0f} MiB of {args.dtype} weights), random weights")
+    if args.device != "cpu":
+        import torch as _t
+
+        print(f"device {args.device}: {_t.cuda.get_device_name()}, scan backend {args.backend}, "
+              f"{'bf16 autocast' if args.amp else args.dtype}, activation checkpointing {args.checkpointing}")
     print(f"forward / train step: batch {args.batch} x {args.seqlen} tokens; prefill: 1 x {args.prompt}; "
           f"decode: batch 1; scan chunk {args.chunk_size or cfg.chunk_size}; median of {args.repeat}\n")
     rows = {}
-    for phase in ("forward", "train", "generate"):
+    for phase in args.phases.split(","):
         for impl in impls:
             result, peak = _isolated(_phase, impl, phase, a)
             for k, v in result.items():
                 rows.setdefault((phase, k), {})[impl] = v
             rows.setdefault((phase, "peak GiB"), {})[impl] = peak
-    bandwidth = _isolated(_read_bandwidth, a["threads"])[0]
-    floor_ms = weight_bytes / (bandwidth * 1e9) * 1000
+    bandwidth = floor_ms = None
+    if args.device == "cpu":
+        bandwidth = _isolated(_read_bandwidth, a["threads"])[0]
+        floor_ms = weight_bytes / (bandwidth * 1e9) * 1000
 
     print(f"{'':32} {'minimamba':>11}" + (f" {'HF':>11} {'ratio':>7}" if args.compare_hf else ""))
     for (phase, metric), v in rows.items():
@@ -232,9 +253,10 @@ def bench_model(args):
             better = v["hf"] / v["minimamba"] if ("ms" in metric or "GiB" in metric) else v["minimamba"] / v["hf"]
             line += f" {v['hf']:11.2f} {better:6.2f}x"
         print(line)
-    decode = rows[("generate", "decode ms/token")]["minimamba"]
-    print(f"\nmemory read bandwidth {bandwidth:.1f} GB/s -> decode floor {floor_ms:.1f} ms/token "
-          f"(weights read once per token); minimamba decode = {decode / floor_ms:.2f}x the floor")
+    if floor_ms and ("generate", "decode ms/token") in rows:
+        decode = rows[("generate", "decode ms/token")]["minimamba"]
+        print(f"\nmemory read bandwidth {bandwidth:.1f} GB/s -> decode floor {floor_ms:.1f} ms/token "
+              f"(weights read once per token); minimamba decode = {decode / floor_ms:.2f}x the floor")
     print("ratio: how many times better minimamba is (speed: ours/HF; time and memory: HF/ours)")
     if args.json:
         out = {"scale": args.scale, "dtype": args.dtype, "threads": a["threads"], "bandwidth_GBps": bandwidth,
@@ -313,6 +335,11 @@ def main(argv=None):
     mod.add_argument("--repeat", type=int, default=3, help="timed runs per row (after one warm-up); median")
     mod.add_argument("--compare-hf", action="store_true", help="also time HF transformers' Mamba2, same weights")
     mod.add_argument("--json", help="also write the numbers to this JSON file")
+    mod.add_argument("--device", default="cpu", help="cpu or cuda")
+    mod.add_argument("--backend", default="torch", choices=["torch", "triton"], help="SSD scan backend")
+    mod.add_argument("--amp", action="store_true", help="bfloat16 autocast with float32 weights")
+    mod.add_argument("--checkpointing", action="store_true", help="activation checkpointing in the train step")
+    mod.add_argument("--phases", default="forward,train,generate", help="which rows to measure")
     mod.set_defaults(run=bench_model)
 
     inf = commands.add_parser("inference", help="decode ms/token and state bytes vs context, and KV-cache bytes")
