@@ -12,10 +12,14 @@ log-decay and S_in[c] the state entering the chunk, the forward is
                           + exp(cs[t])·S_in[c] C_t + D·x_t
 
 which are steps 1–4 of `ssd_chunked` (stage 5 is steps 1 and 4 fused). The backward differentiates
-each stage by hand (the derivation is above the backward programs) and runs stages 1–4 again instead
-of keeping their outputs. Each forward stage has a small PyTorch `_ref` next to its kernel that the
-tests compare it with; the whole scan and every gradient are compared with autograd through the
-float64 recurrence `ssd_recurrent` (tests/test_kernels.py).
+each stage by hand (the derivation is above the backward programs); it keeps cs from the forward and
+runs stages 2–4 again instead of keeping their larger outputs. Each forward stage has a small PyTorch
+`_ref` next to its kernel that the tests compare it with; the whole scan and every gradient are
+compared with autograd through the float64 recurrence `ssd_recurrent` (tests/test_kernels.py).
+
+Launches per call (each costs some tens of µs of Python on the host, which is what a batch-1 call
+spends most of its time on): the forward 5 Triton programs; the backward 8 Triton programs and 2–3
+small PyTorch reductions/casts (see `_ssd_backward`).
 
 Conventions shared by every program:
   * all tensors are contiguous (the wrapper makes them so), so offsets are computed from the sizes:
@@ -182,6 +186,20 @@ def chunk_state_ref(x, dt, B, cs):
 # Stage 3: the inter-chunk recurrence
 # ==================================================================================================
 @triton.jit
+def _pass_states(chunk_states_ptr, cs_ptr, states_ptr, h, pid_b, pid_h, offs, mask,
+                 nheads, state_size, nchunks, chunk_size):
+    """The loop of stage 3 for BLOCK entries of the state, from S_in[0] = h: stores S_in[c] for every
+    chunk c and returns S_in[nchunks]. Shared by the forward program and the backward one."""
+    cs_ptr += (pid_b * nheads + pid_h) * nchunks * chunk_size
+    for c in range(nchunks):
+        idx = ((pid_b * nchunks + c) * nheads + pid_h).to(tl.int64) * state_size + offs
+        tl.store(states_ptr + idx, h, mask=mask)  # the state entering chunk c
+        chunk_decay = tl.exp(tl.load(cs_ptr + c * chunk_size + chunk_size - 1))  # exp(total of chunk c)
+        h = chunk_decay * h + tl.load(chunk_states_ptr + idx, mask=mask, other=0.0)
+    return h
+
+
+@triton.jit
 def _state_passing_fwd_kernel(
     chunk_states_ptr,  # (batch, nchunks, H, P·N) fp32, S_c from stage 2
     cs_ptr,  # (batch, H, nchunks, Q)
@@ -208,12 +226,8 @@ def _state_passing_fwd_kernel(
         h = h.to(tl.float32)
     else:
         h = tl.zeros((BLOCK,), dtype=tl.float32)
-    cs_ptr += (pid_b * nheads + pid_h) * nchunks * chunk_size
-    for c in range(nchunks):
-        idx = ((pid_b * nchunks + c) * nheads + pid_h).to(tl.int64) * state_size + offs
-        tl.store(states_ptr + idx, h, mask=mask)  # the state entering chunk c
-        chunk_decay = tl.exp(tl.load(cs_ptr + c * chunk_size + chunk_size - 1))  # exp(total of chunk c)
-        h = chunk_decay * h + tl.load(chunk_states_ptr + idx, mask=mask, other=0.0)
+    h = _pass_states(chunk_states_ptr, cs_ptr, states_ptr, h, pid_b, pid_h, offs, mask,
+                     nheads, state_size, nchunks, chunk_size)
     tl.store(final_ptr + (pid_b * nheads + pid_h).to(tl.int64) * state_size + offs, h, mask=mask)
 
 
@@ -404,10 +418,12 @@ def _chunk_scan_fwd_kernel(
 
 @triton.jit
 def _state_passing_bwd_kernel(
-    states_ptr,  # (batch, nchunks, H, P·N) fp32, S_in from the forward
-    dstates_ptr,  # (batch, nchunks, H, P·N) fp32, ∂L/∂S_in[c] through the outputs of chunk c
+    chunk_states_ptr,  # (batch, nchunks, H, P·N) fp32, S_c from stage 2
     cs_ptr,  # (batch, H, nchunks, Q)
+    h0_ptr,  # (batch, H, P·N) initial state, or None
+    dstates_ptr,  # (batch, nchunks, H, P·N) fp32, ∂L/∂S_in[c] through the outputs of chunk c
     dfinal_ptr,  # (batch, H, P·N) ∂L/∂final, or None
+    states_ptr,  # out (batch, nchunks, H, P·N) fp32: S_in, stage 3 run again (the dC kernel reads it too)
     dchunk_ptr,  # out (batch, nchunks, H, P·N) fp32: ∂L/∂S_c
     dalpha_ptr,  # out (batch, H, nchunks, n_blocks) fp32: this block's part of ∂L/∂α_c
     dh0_ptr,  # out (batch, H, P·N) fp32: ∂L/∂h_0, or None
@@ -415,14 +431,14 @@ def _state_passing_bwd_kernel(
     HAS_DFINAL: tl.constexpr, HAS_INITIAL: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """The recurrence S_in[c+1] = exp(α_c)·S_in[c] + S_c run backwards. With g = ∂L/∂S_in[c+1]
-    (total, starting from ∂L/∂final), for c = nchunks-1 … 0:
+    """Stage 3 forwards (storing S_in[c]), then the recurrence S_in[c+1] = exp(α_c)·S_in[c] + S_c
+    backwards. With g = ∂L/∂S_in[c+1] (total, starting from ∂L/∂final), for c = nchunks-1 … 0:
 
         ∂L/∂S_c = g,    ∂L/∂α_c = exp(α_c)·⟨S_in[c], g⟩,    g ← exp(α_c)·g + ∂L/∂S_in[c] from y,
 
     and finally ∂L/∂h_0 = g. Tile: BLOCK entries of the flattened state; ∂L/∂α_c is a sum over all
     entries, so each program writes its partial sum and the last kernel adds them.
-    Grid: (n_blocks = cdiv(P·N, BLOCK), batch, H).
+    Grid: (n_blocks = cdiv(P·N, BLOCK), batch, H), as in the forward.
     """
     pid_blk = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -431,6 +447,14 @@ def _state_passing_bwd_kernel(
     offs = pid_blk * BLOCK + tl.arange(0, BLOCK)
     mask = offs < state_size
     bh = (pid_b * nheads + pid_h).to(tl.int64)
+    if HAS_INITIAL:
+        h = tl.load(h0_ptr + bh * state_size + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros((BLOCK,), dtype=tl.float32)
+    _pass_states(chunk_states_ptr, cs_ptr, states_ptr, h, pid_b, pid_h, offs, mask,
+                 nheads, state_size, nchunks, chunk_size)
+    tl.debug_barrier()  # the loop below reads the S_in just stored (by this program only)
+
     if HAS_DFINAL:
         g = tl.load(dfinal_ptr + bh * state_size + offs, mask=mask, other=0.0).to(tl.float32)
     else:
@@ -553,7 +577,7 @@ def _chunk_scan_bwd_db_kernel(
     B_ptr, C_ptr,  # (batch, seqlen, G, N)
     dchunk_ptr,  # (batch, nchunks, H, P, N) fp32, ∂L/∂S_c
     dB_ptr,  # out (n_splits, batch, seqlen, G, N) fp32: ∂L/∂B summed over this split's heads
-    dA_state_ptr,  # out (batch, H, nchunks, Q) fp32, zero-initialised: q_s stored at s + 1
+    dA_state_ptr,  # out (batch, H, nchunks, Q) fp32: q_s stored at s + 1 (entry 0 is never written)
     batch, seqlen, nheads, headdim, ngroups, dstate, nchunks, chunk_size, n_splits,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -566,7 +590,8 @@ def _chunk_scan_bwd_db_kernel(
 
     The same chunk-state term differentiated with respect to the decay exp(cs[Q-1] − cs[s]) =
     exp(dA_{s+1} + … + dA_{Q-1}) gives q_s = ⟨db_s, B_s⟩ for every dA_j with j > s; it is stored at
-    s + 1 so that an inclusive cumulative sum in the last kernel yields Σ_{s<j} q_s.
+    s + 1 so that an inclusive cumulative sum in the last kernel yields Σ_{s<j} q_s (that kernel reads
+    entry 0 as 0: the buffer is not zeroed, which would cost a launch).
 
     Tile: BLOCK_S rows s × all N, looping over the heads of (a split of) the group and, per head,
     over t ≥ s. The heads of a group are shared among `n_splits` programs so that there are enough
@@ -649,7 +674,7 @@ def _chunk_scan_bwd_dc_kernel(
     states_ptr,  # (batch, nchunks, H, P, N) fp32, S_in
     dC_ptr,  # out (n_splits, batch, seqlen, G, N) fp32: ∂L/∂C summed over this split's heads
     dA_off_ptr,  # out (batch, H, nchunks, Q) fp32: r_t = ∂L/∂cs[t] through the state term
-    dA_diag_ptr,  # out (batch, H, nchunks, n_t_tiles, Q) fp32, zero-initialised: see below
+    dA_diag_ptr,  # out (batch, H, nchunks, n_t_tiles, Q) fp32: see below (not zeroed)
     batch, seqlen, nheads, headdim, ngroups, dstate, nchunks, chunk_size, n_splits,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -666,7 +691,8 @@ def _chunk_scan_bwd_dc_kernel(
         ∂L/∂dA_j = Σ_{t≥j} Σ_{s<j} M[t,s]. For the rows t of this tile: with a running prefix sum
         along each row, P[t,s] = Σ_{s'≤s} M[t,s'], the program adds Σ_{t>s} P[t,s] to j = s + 1.
         Every term is a product of decays ≤ 1; nothing cancels. The partial sums of the row tiles go
-        to separate slices of dA_diag, added in the last kernel.
+        to separate slices of dA_diag, added in the last kernel. The slice of row tile k is written for
+        1 ≤ j ≤ min((k+1)·BLOCK_T, chunk_len) (beyond, no s < j ≤ t exists), and read only there.
 
     Tile: BLOCK_T rows t × all N, looping over the heads of the split and, per head, over s ≤ t.
     Grid: (n_t_tiles = cdiv(Q, BLOCK_T), batch·nchunks, G·n_splits).
@@ -762,6 +788,7 @@ def _chunk_cumsum_bwd_kernel(
     dD_part_ptr,  # out (batch, nchunks, H) fp32: this chunk's part of ∂L/∂D
     seqlen, nheads, nchunks, chunk_size, n_t_tiles, n_blocks,
     HAS_D: tl.constexpr,
+    DC_BLOCK_T: tl.constexpr,  # rows per program of the dC kernel: which entries of dA_diag it wrote
     BLOCK_Q: tl.constexpr,
 ):
     """Collects ∂L/∂dA_j for the positions j of one chunk and head, then ∂L/∂dt and ∂L/∂A:
@@ -785,10 +812,13 @@ def _chunk_cumsum_bwd_kernel(
     bhc = (pid_b * nheads + pid_h) * nchunks + pid_c
     tok = bhc * chunk_size
 
+    # (only the entries the dB and dC kernels wrote are read: their buffers are not zeroed; the
+    # positions past the sequence end, where nothing is written, do not reach ∂L/∂dt and ∂L/∂A)
     ddA = tl.zeros((BLOCK_Q,), dtype=tl.float32)
     for k in range(n_t_tiles):
-        ddA += tl.load(dA_diag_ptr + (bhc * n_t_tiles + k) * chunk_size + offs_t, mask=in_chunk, other=0.0)
-    ddA += tl.cumsum(tl.load(dA_state_ptr + tok + offs_t, mask=in_chunk, other=0.0), axis=0)
+        ddA += tl.load(dA_diag_ptr + (bhc * n_t_tiles + k) * chunk_size + offs_t,
+                       mask=valid & (offs_t >= 1) & (offs_t <= (k + 1) * DC_BLOCK_T), other=0.0)
+    ddA += tl.cumsum(tl.load(dA_state_ptr + tok + offs_t, mask=valid & (offs_t >= 1), other=0.0), axis=0)
     dalpha = tl.zeros((BLOCK_Q,), dtype=tl.float32)
     for k in range(n_blocks):
         dalpha += tl.load(dalpha_ptr + bhc * n_blocks + k)
@@ -871,7 +901,8 @@ def _forward_stages(x, dt, A, B, C, chunk_size, initial_state):
 
 
 def _ssd_forward(x, dt, A, B, C, chunk_size, D, initial_state):
-    """All five stages: returns y (b, l, H, P) in x's dtype and the final state (b, H, P, N) in fp32."""
+    """All five stages: returns y (b, l, H, P) in x's dtype, the final state (b, H, P, N) in fp32, and
+    cs (b, H, nc, Q), which the backward keeps."""
     b, l, h, p = x.shape
     g, n = B.shape[2:]
     nc = triton.cdiv(l, chunk_size)
@@ -880,12 +911,17 @@ def _ssd_forward(x, dt, A, B, C, chunk_size, D, initial_state):
     grid = lambda META: (triton.cdiv(chunk_size, META["BLOCK_T"]), b * nc, h)
     _chunk_scan_fwd_kernel[grid](x, dt, cs, cb, C, states, D, y, l, h, p, g, n, nc, chunk_size,
                                  HAS_D=D is not None, **_dot_args(x, n, p))
-    return y, final
+    return y, final, cs
 
 
-def _ssd_backward(dy, dfinal, x, dt, A, B, C, chunk_size, D, initial_state):
+def _ssd_backward(dy, dfinal, x, dt, A, B, C, cs, chunk_size, D, initial_state):
     """The gradients (dx, ddt, dA, dB, dC, dD, dh0) of L given dy = ∂L/∂y and dfinal = ∂L/∂final
-    (either may be None: no gradient flows from there). See the derivation above the backward kernels."""
+    (either may be None: no gradient flows from there), and cs from the forward. See the derivation
+    above the backward kernels.
+
+    Launches: stages 2 and 4 again, then ∂L/∂S_in (stage 2's program), stage 3 fused with its
+    backward, dx, dB, dC, the decay gradient; then two or three small PyTorch reductions/casts. No
+    buffer is zero-filled: every kernel writes all the entries that are read."""
     b, l, h, p = x.shape
     g, n = B.shape[2:]
     Q = chunk_size
@@ -893,20 +929,25 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, chunk_size, D, initial_state):
     f32 = dict(device=x.device, dtype=torch.float32)
     dy = torch.zeros_like(x) if dy is None else dy.to(x.dtype).contiguous()
     dfinal = None if dfinal is None else dfinal.contiguous()
-    cs, cb, states, _ = _forward_stages(x, dt, A, B, C, Q, initial_state)
     dots = _dot_args(x, n, p)
 
-    # ∂L/∂S_in[c] through the outputs of chunk c: stage 2's program with the other weight
-    dstates = torch.empty(b, nc, h, p, n, **f32)
+    # stage 2 again (S_c), and ∂L/∂S_in[c] through the outputs of chunk c: the same program with the
+    # other weight; stage 4 again (CB)
+    chunk_states = torch.empty(b, nc, h, p, n, **f32)
+    _chunk_state_kernel[(b * nc, h)](x, B, dt, cs, chunk_states, l, h, p, g, n, nc, Q, TO_CHUNK_END=True, **dots)
+    dstates = torch.empty_like(chunk_states)
     _chunk_state_kernel[(b * nc, h)](dy, C, dt, cs, dstates, l, h, p, g, n, nc, Q, TO_CHUNK_END=False, **dots)
+    cb = torch.empty(b, nc, g, Q, Q, **f32)
+    grid = lambda META: (triton.cdiv(Q, META["BLOCK_T"]) * triton.cdiv(Q, META["BLOCK_S"]), b * nc, g)
+    _chunk_cb_kernel[grid](C, B, cb, l, g, n, nc, Q, **_dot_args(x, n))
 
-    # the reverse scan over chunks: ∂L/∂S_c, ∂L/∂α_c (partial sums), ∂L/∂h_0
+    # stage 3 again (S_in), then the reverse scan over chunks: ∂L/∂S_c, ∂L/∂α_c (partial sums), ∂L/∂h_0
     n_blocks = triton.cdiv(p * n, _STATE_BLOCK)
-    dchunk = torch.empty_like(dstates)
+    states, dchunk = torch.empty_like(chunk_states), torch.empty_like(chunk_states)
     dalpha = torch.empty(b, h, nc, n_blocks, **f32)
     dh0 = torch.empty(b, h, p, n, **f32) if initial_state is not None else None
     _state_passing_bwd_kernel[(n_blocks, b, h)](
-        states, dstates, cs, dfinal, dchunk, dalpha, dh0, h, p * n, nc, Q,
+        chunk_states, cs, initial_state, dstates, dfinal, states, dchunk, dalpha, dh0, h, p * n, nc, Q,
         HAS_DFINAL=dfinal is not None, HAS_INITIAL=initial_state is not None, BLOCK=_STATE_BLOCK, num_warps=2)
 
     # dx, and the parts of ∂L/∂dt (through u = dt·x) and ∂L/∂D of every token
@@ -917,33 +958,33 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, chunk_size, D, initial_state):
     _chunk_scan_bwd_dx_kernel[grid](x, dy, dt, cs, cb, B, dchunk, D, dx, ddt_x, dxy, l, h, p, g, n, nc, Q,
                                     HAS_D=D is not None, **dots)
 
-    # dB and dC, each summed over the heads of a group in n_splits partial sums
+    # dB and dC (one buffer, so that one reduction and one cast serve both), each summed over the
+    # heads of a group in n_splits partial sums
     n_splits = _head_splits(h // g, triton.cdiv(Q, 64) * b * nc * g, x.device)
-    dB = torch.empty(n_splits, b, l, g, n, **f32)
-    dA_state = torch.zeros(b, h, nc, Q, **f32)
+    dBC = torch.empty(2, n_splits, b, l, g, n, **f32)
+    dA_state = torch.empty(b, h, nc, Q, **f32)
     grid = lambda META: (triton.cdiv(Q, META["BLOCK_S"]), b * nc, g * n_splits)
-    _chunk_scan_bwd_db_kernel[grid](x, dy, dt, cs, B, C, dchunk, dB, dA_state,
+    _chunk_scan_bwd_db_kernel[grid](x, dy, dt, cs, B, C, dchunk, dBC[0], dA_state,
                                     b, l, h, p, g, n, nc, Q, n_splits, **dots)
     n_t_tiles = triton.cdiv(Q, _DC_BLOCK_T)
-    dC = torch.empty(n_splits, b, l, g, n, **f32)
     dA_off = torch.empty(b, h, nc, Q, **f32)
-    dA_diag = torch.zeros(b, h, nc, n_t_tiles, Q, **f32)
+    dA_diag = torch.empty(b, h, nc, n_t_tiles, Q, **f32)
     _chunk_scan_bwd_dc_kernel[(n_t_tiles, b * nc, g * n_splits)](
-        x, dy, dt, cs, cb, B, C, states, dC, dA_off, dA_diag,
+        x, dy, dt, cs, cb, B, C, states, dBC[1], dA_off, dA_diag,
         b, l, h, p, g, n, nc, Q, n_splits, BLOCK_T=_DC_BLOCK_T, **dots)
 
-    # the decay gradient, then ∂L/∂dt, ∂L/∂A and ∂L/∂D
+    # the decay gradient, then ∂L/∂dt, and the per-chunk parts of ∂L/∂A and ∂L/∂D (one buffer)
     ddt = torch.empty(b, l, h, **f32)
-    dA_part = torch.empty(b, nc, h, **f32)
-    dD_part = torch.empty(b, nc, h, **f32) if D is not None else None
-    _chunk_cumsum_bwd_kernel[(nc, b, h)](dt, A, ddt_x, dxy, dA_state, dA_off, dA_diag, dalpha, ddt, dA_part,
-                                         dD_part, l, h, nc, Q, n_t_tiles, n_blocks,
-                                         HAS_D=D is not None, BLOCK_Q=_pow2(Q))
+    parts = torch.empty(2 if D is not None else 1, b, nc, h, **f32)
+    _chunk_cumsum_bwd_kernel[(nc, b, h)](dt, A, ddt_x, dxy, dA_state, dA_off, dA_diag, dalpha, ddt, parts[0],
+                                         parts[-1], l, h, nc, Q, n_t_tiles, n_blocks,
+                                         HAS_D=D is not None, DC_BLOCK_T=_DC_BLOCK_T, BLOCK_Q=_pow2(Q))
 
-    dD = dD_part.sum((0, 1)).to(D.dtype) if D is not None else None
-    dh0 = dh0.to(initial_state.dtype) if initial_state is not None else None
-    return (dx, ddt.to(dt.dtype), dA_part.sum((0, 1)).to(A.dtype), dB.sum(0).to(B.dtype),
-            dC.sum(0).to(C.dtype), dD, dh0)
+    dAD = parts.sum((1, 2))
+    dBC = (dBC.sum(1) if n_splits > 1 else dBC[:, 0]).to(B.dtype)
+    # (.to is free where the dtype already matches: it returns the tensor itself)
+    return (dx, ddt.to(dt.dtype), dAD[0].to(A.dtype), dBC[0], dBC[1], dAD[1].to(D.dtype) if D is not None else None,
+            dh0.to(initial_state.dtype) if initial_state is not None else None)
 
 
 def _on_device_of(t):
@@ -952,23 +993,24 @@ def _on_device_of(t):
 
 
 class SSDChunkScanFn(torch.autograd.Function):
-    """Forward: the five stages. Backward: stages 1–4 again, then the backward programs. Only the
-    inputs are saved for the backward."""
+    """Forward: the five stages. Backward: stages 2–4 again, then the backward programs. Saved for the
+    backward: the inputs and cs (4 bytes per token and head, 1/32 of x at P = 64 in bf16); the chunk
+    states (as large as x in bf16 at N = 128, Q = 256) and CB (a quarter of it) are recomputed."""
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, chunk_size, D, initial_state):
         with _on_device_of(x):
-            y, final = _ssd_forward(x, dt, A, B, C, chunk_size, D, initial_state)
-        ctx.save_for_backward(x, dt, A, B, C, D, initial_state)
+            y, final, cs = _ssd_forward(x, dt, A, B, C, chunk_size, D, initial_state)
+        ctx.save_for_backward(x, dt, A, B, C, D, initial_state, cs)
         ctx.chunk_size = chunk_size
         ctx.set_materialize_grads(False)  # an unused output gives None, not a tensor of zeros
         return y, final
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        x, dt, A, B, C, D, initial_state = ctx.saved_tensors
+        x, dt, A, B, C, D, initial_state, cs = ctx.saved_tensors
         with _on_device_of(x):
-            dx, ddt, dA, dB, dC, dD, dh0 = _ssd_backward(dy, dfinal, x, dt, A, B, C, ctx.chunk_size, D,
+            dx, ddt, dA, dB, dC, dD, dh0 = _ssd_backward(dy, dfinal, x, dt, A, B, C, cs, ctx.chunk_size, D,
                                                          initial_state)
         return dx, ddt, dA, dB, dC, None, dD, dh0
 

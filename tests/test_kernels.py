@@ -201,6 +201,31 @@ def test_property_matches_recurrence_fp32(problem):
     assert_close(errs, torch.float32)
 
 
+class _TorchWithPoisonedEmpty:
+    """`torch`, except that `empty` and `empty_like` return NaN-filled tensors."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, **kwargs):
+        return torch.empty(*args, **kwargs).fill_(float("nan"))
+
+    @staticmethod
+    def empty_like(*args, **kwargs):
+        return torch.empty_like(*args, **kwargs).fill_(float("nan"))
+
+
+@pytest.mark.parametrize("with_D", [True, False], ids=["D", "no_D"])
+def test_no_unwritten_buffer_entry_is_read(monkeypatch, with_D):
+    """No buffer is zero-filled: every entry a program reads must have been written by another one.
+    With every `torch.empty` buffer full of NaN, a single stray read would show in the results."""
+    monkeypatch.setattr(K, "torch", _TorchWithPoisonedEmpty())
+    # chunk 64: two row tiles in the dC kernel; seqlen 85: a partial last chunk
+    pb = make_problem(2, 64 + 21, 4, 8, 2, 16, with_D=with_D, seed=5)
+    assert_close(run_and_compare(pb, 64), torch.float32)
+
+
 # --------------------------------------------------------------------------------------------------
 # the contract's corners
 # --------------------------------------------------------------------------------------------------
