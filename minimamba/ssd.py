@@ -197,19 +197,17 @@ def ssd_chunked(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64):
     Y_diag = torch.einsum("bcgrls,bcsgrp->bclgrp", L * CB[:, :, :, None], Xdt)  # (b, c, Q, G, R, P)
 
     # 2. the state each chunk would end in if it started from zero (the B terms)
-    decay_to_end = torch.exp(cs[..., -1:] - cs)  # (b, c, G, R, Q), ≤ 1
-    S = torch.einsum("bcsgn,bcgrs,bcsgrp->bcgrpn", Bc, decay_to_end, Xdt)  # (b, c, G, R, P, N)
+    decay_to_end = torch.exp(cs[..., -1:] - cs).permute(0, 1, 4, 2, 3)  # (b, c, Q, G, R), ≤ 1
+    S = torch.einsum("bcsgn,bcsgrp->bcgrpn", Bc, Xdt * decay_to_end[..., None])  # (b, c, G, R, P, N)
 
-    # 3. inter-chunk recurrence (the A terms): h_c = exp(chunk total decay)·h_{c-1} + S_c
-    if initial_state is None:
-        h0 = x.new_zeros(b, g, r, p, n, dtype=cdt)
-    else:
-        h0 = initial_state.to(cdt).view(b, g, r, p, n)
-    S = torch.cat([h0[:, None], S], dim=1)  # (b, 1+c, G, R, P, N)
-    chunk_decay = F.pad(cs[..., -1], (0, 0, 0, 0, 1, 0)).permute(0, 2, 3, 1)  # (b, G, R, 1+c)
-    decay_chunk = torch.exp(segsum(chunk_decay))  # (b, G, R, 1+c, 1+c)
-    states = torch.einsum("bgrzc,bcgrpn->bzgrpn", decay_chunk, S)  # (b, 1+c, G, R, P, N)
-    entering, final = states[:, :-1], states[:, -1]  # (b, c, G, R, P, N) and (b, G, R, P, N)
+    # 3. inter-chunk recurrence (the A terms): the recurrent form again, one step per chunk
+    chunk_decay = torch.exp(cs[..., -1])[..., None, None]  # (b, c, G, R, 1, 1): decay across a whole chunk
+    h_c = x.new_zeros(b, g, r, p, n, dtype=cdt) if initial_state is None else initial_state.to(cdt).view(b, g, r, p, n)
+    entering = []  # the state entering each chunk
+    for c in range(nc):
+        entering.append(h_c)
+        h_c = chunk_decay[:, c] * h_c + S[:, c]  # (b, G, R, P, N)
+    entering, final = torch.stack(entering, dim=1), h_c  # (b, c, G, R, P, N) and (b, G, R, P, N)
 
     # 4. state to output (the C terms): each token reads the state entering its chunk
     Y_off = torch.einsum("bclgn,bcgrpn,bcgrl->bclgrp", Cc, entering, torch.exp(cs))  # (b, c, Q, G, R, P)
