@@ -6,7 +6,12 @@
    `minimamba.ssd.ssd_chunked` computed in float32 on the GPU from the same inputs (with D, an initial
    state, and a loss on y and on the final state).
 2. Timings (skipped with --quick): forward and forward+backward of the PyTorch reference and of this
-   kernel, with `triton.testing.do_bench` (median ms), and the speed ratios.
+   kernel, with `triton.testing.do_bench` (median ms), and the speed ratios, at batch 1 (where every
+   implementation is bound by its host-side launch overhead) and at a training-like batch (where the
+   GPU work dominates; the recipe trains with 48 sequences of 1024 tokens per GPU at 370m). Our
+   autotuned programs are tuned again for each timed shape, as a training run tunes them for its own
+   shape; the configs chosen are recorded. Also recorded, per implementation: the host time to issue
+   one call with an idle GPU, and the wall time of one call bracketed by `torch.cuda.synchronize`.
 3. mamba_ssm's `mamba_chunk_scan_combined`, when it can be imported: its error on y and its timings
    (last, because its large autotuning space takes long to compile).
 
@@ -33,11 +38,16 @@ REAL_SHAPES = [
     ("370m", 1, 2048, 32, 64, 128, 1, 256, torch.bfloat16),
     ("370m", 1, 8192, 32, 64, 128, 1, 256, torch.bfloat16),
 ]
+BATCHED_SHAPES = [  # timed only: the GPU work of a training step, 16k tokens per call
+    ("370m", 8, 2048, 32, 64, 128, 1, 256, torch.bfloat16),
+    ("370m", 2, 8192, 32, 64, 128, 1, 256, torch.bfloat16),
+]
 FP32_SHAPES = [("370m", 1, 2048, 32, 64, 128, 1, 256, torch.float32)]
 SMOKE_SHAPES = [
     ("smoke", 1, 40, 2, 16, 16, 1, 16, torch.bfloat16),
     ("smoke", 2, 33, 2, 8, 16, 2, 16, torch.float32),
 ]
+SMOKE_BATCHED_SHAPES = [("smoke", 2, 20, 2, 8, 16, 1, 16, torch.bfloat16)]
 TIMED = {torch.bfloat16}  # dtypes that are timed (float32 is checked only)
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 1e-2}  # max|Δ| / max|ref|
 
@@ -128,16 +138,48 @@ def timer(device):
     return once
 
 
-def time_one(scan, inp, dy, chunk_size, bench):
-    """(forward ms, forward+backward ms) of one scan function on the inputs `inp`."""
+def host_and_wall_ms(fn, device, reset=None):
+    """(host ms, wall ms) of one call of fn, medians over 20 calls (1 on CPU) that each start with an
+    idle GPU: host = the time Python takes to issue the call (launches, allocations, autograd), wall =
+    until the GPU is done, bracketed by torch.cuda.synchronize. `reset` runs before each call, untimed."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    host, wall = [], []
+    for _ in range(20 if device.type == "cuda" else 1):
+        if reset is not None:
+            reset()
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        t1 = time.perf_counter()
+        sync()
+        host.append((t1 - t0) * 1e3)
+        wall.append((time.perf_counter() - t0) * 1e3)
+    return sorted(host)[len(host) // 2], sorted(wall)[len(wall) // 2]
+
+
+def time_one(scan, inp, dy, chunk_size, bench, device):
+    """{fwd_ms, fwd_bwd_ms, fwd_host_ms, fwd_wall_ms, fwd_bwd_host_ms, fwd_bwd_wall_ms} of one scan
+    function on the inputs `inp` (see `timer` and `host_and_wall_ms`)."""
 
     def run(t):
         return scan(t["x"], t["dt"], t["A"], t["B"], t["C"], chunk_size, D=t["D"])
 
+    out = {}
     with torch.no_grad():
-        fwd = bench(lambda: run(inp))
+        out["fwd_ms"] = bench(lambda: run(inp))
+        out["fwd_host_ms"], out["fwd_wall_ms"] = host_and_wall_ms(lambda: run(inp), device)
     leaves = {k: v.detach().clone().requires_grad_() for k, v in inp.items()}
-    return fwd, bench(lambda: run(leaves).backward(dy), grad_to_none=list(leaves.values()))
+
+    def fwd_bwd():
+        run(leaves).backward(dy)
+
+    def clear_grads():
+        for v in leaves.values():
+            v.grad = None
+
+    out["fwd_bwd_ms"] = bench(fwd_bwd, grad_to_none=list(leaves.values()))
+    out["fwd_bwd_host_ms"], out["fwd_bwd_wall_ms"] = host_and_wall_ms(fwd_bwd, device, reset=clear_grads)
+    return out
 
 
 def time_shape(shape, device, impls, bench, row=None):
@@ -148,13 +190,16 @@ def time_shape(shape, device, impls, bench, row=None):
     inp.pop("initial_state")
     dy = torch.randn(b, l, h, p, device=device).to(dtype)
     row = row or dict(shape=name, batch=b, seqlen=l, nheads=h, headdim=p, dstate=n, ngroups=g, chunk=Q,
-                      dtype=str(dtype).replace("torch.", ""), fwd_ms={}, fwd_bwd_ms={}, failures={})
+                      dtype=str(dtype).replace("torch.", ""), fwd_ms={}, fwd_bwd_ms={}, host_wall_ms={},
+                      failures={})
     for impl, scan in impls.items():
         try:
-            row["fwd_ms"][impl], row["fwd_bwd_ms"][impl] = time_one(scan, inp, dy, Q, bench)
+            t = time_one(scan, inp, dy, Q, bench, device)
+            row["fwd_ms"][impl], row["fwd_bwd_ms"][impl] = t.pop("fwd_ms"), t.pop("fwd_bwd_ms")
+            row["host_wall_ms"][impl] = t
         except Exception as e:
             row["failures"][impl] = f"{type(e).__name__}: {e}"
-            print(f"  {impl} failed at {name} seqlen {l}: {row['failures'][impl]}", flush=True)
+            print(f"  {impl} failed at {name} b{b} seqlen {l}: {row['failures'][impl]}", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     for kind in ("fwd_ms", "fwd_bwd_ms"):
@@ -163,6 +208,28 @@ def time_shape(shape, device, impls, bench, row=None):
             row[kind.replace("_ms", "_speedup_vs_torch")] = t["torch"] / t["ours"] if "torch" in t else None
             row[kind.replace("_ms", "_ratio_vs_mamba_ssm")] = t["mamba_ssm"] / t["ours"] if "mamba_ssm" in t else None
     return row
+
+
+def retune_ours():
+    """Forget the configs our autotuned programs chose, so that the next calls tune them for the
+    shape at hand (cheap: the candidates are compiled already, only their benchmarks run again)."""
+    from triton.runtime.autotuner import Autotuner
+
+    from kernels import ssd_triton
+
+    for k in vars(ssd_triton).values():
+        if isinstance(k, Autotuner):
+            k.cache.clear()
+
+
+def chosen_configs():
+    """{program: [the configs its autotuner chose, one per key it has seen]}."""
+    from triton.runtime.autotuner import Autotuner
+
+    from kernels import ssd_triton
+
+    return {name.strip("_"): sorted({str(c) for c in k.cache.values()})
+            for name, k in vars(ssd_triton).items() if isinstance(k, Autotuner)}
 
 
 def fmt(v, spec=".3f"):
@@ -196,8 +263,16 @@ def print_tables(report):
                   f"{fmt(r.get('fwd_ratio_vs_mamba_ssm'), '.2f'):>10s} {fmt(r.get('fwd_bwd_ratio_vs_mamba_ssm'), '.2f'):>6s}")
     if report["mamba_ssm"] is not True:
         print(f"\nmamba_ssm not compared: {report['mamba_ssm']}")
-    for f in report["failures"] + [f"{r['shape']} seqlen {r['seqlen']} {k}: {v}" for r in report["timings"]
-                                   for k, v in r["failures"].items()]:
+    if report["timings"]:
+        print("\nOne call from an idle GPU (median ms): host = issuing it in Python, wall = until the GPU is done")
+        print(f"  {'shape':14s} {'impl':10s} | {'fwd host':>8s} {'wall':>7s} | {'f+b host':>8s} {'wall':>7s}")
+        for r in report["timings"]:
+            for impl, t in r.get("host_wall_ms", {}).items():
+                shape = f"b{r['batch']} l{r['seqlen']}"
+                print(f"  {shape:14s} {impl:10s} | {fmt(t['fwd_host_ms']):>8s} "
+                      f"{fmt(t['fwd_wall_ms']):>7s} | {fmt(t['fwd_bwd_host_ms']):>8s} {fmt(t['fwd_bwd_wall_ms']):>7s}")
+    for f in report["failures"] + [f"{r['shape']} b{r['batch']} seqlen {r['seqlen']} {k}: {v}"
+                                   for r in report["timings"] for k, v in r["failures"].items()]:
         print(f"FAILED: {f}")
 
 
@@ -213,11 +288,11 @@ def main(argv=None):
 
     if args.cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before kernels imports triton
-        device, shapes = torch.device("cpu"), SMOKE_SHAPES
+        device, shapes, batched = torch.device("cpu"), SMOKE_SHAPES, SMOKE_BATCHED_SHAPES
     else:
         if not torch.cuda.is_available():
             sys.exit("kernels.bench needs a CUDA GPU (or --cpu-smoke to test the script on CPU)")
-        device, shapes = torch.device("cuda"), REAL_SHAPES + (FP32_SHAPES if args.fp32 else [])
+        device, shapes, batched = torch.device("cuda"), REAL_SHAPES + (FP32_SHAPES if args.fp32 else []), BATCHED_SHAPES
         torch.backends.cuda.matmul.allow_tf32 = False  # an fp32 reference in fp32
         torch.backends.cudnn.allow_tf32 = False
     import triton
@@ -250,8 +325,8 @@ def main(argv=None):
                 fn(shape)
             except Exception as e:  # recorded by fn where it can; never stops the script
                 traceback.print_exc()
-                report["failures"].append(f"{name} {shape[0]} seqlen {shape[2]}: {type(e).__name__}: {e}")
-            print(f"{name}: {shape[0]} seqlen {shape[2]} {str(shape[8]).replace('torch.', '')} "
+                report["failures"].append(f"{name} {shape[0]} b{shape[1]} seqlen {shape[2]}: {type(e).__name__}: {e}")
+            print(f"{name}: {shape[0]} b{shape[1]} seqlen {shape[2]} {str(shape[8]).replace('torch.', '')} "
                   f"({time.time() - t:.1f} s)", flush=True)
             save()
             if device.type == "cuda":
@@ -269,24 +344,30 @@ def main(argv=None):
 
     # 1. correctness (the first call compiles and autotunes every program)
     phase("correctness", shapes, correctness)
-    timed = [s_ for s_ in shapes if s_[8] in TIMED]
-    # 2. timings of the torch reference and of ours
+    timed = [s_ for s_ in shapes if s_[8] in TIMED] + batched
+    # 2. timings of the torch reference and of ours (tuned again for each shape, configs recorded)
     bench = timer(device)
     if not args.quick:
-        phase("timings", timed, lambda shape: report["timings"].append(
-            time_shape(shape, device, {"torch": lambda *a, **k: ssd_chunked(*a[:5], chunk_size=a[5], **k)[0],
-                                       "ours": ssd_chunk_scan}, bench)))
+        def timings(shape):
+            retune_ours()
+            row = time_shape(shape, device, {"torch": lambda *a, **k: ssd_chunked(*a[:5], chunk_size=a[5], **k)[0],
+                                             "ours": ssd_chunk_scan}, bench)
+            row["ours_configs"] = chosen_configs()
+            report["timings"].append(row)
+
+        phase("timings", timed, timings)
     # 3. mamba_ssm, last
     if mamba is not None:
         def mamba_phase(shape):
-            row = next((r for r in report["correctness"] if r["seqlen"] == shape[2] and r["dtype"] == "bfloat16"), None)
+            row = next((r for r in report["correctness"] if (r["batch"], r["seqlen"]) == shape[1:3]
+                        and r["dtype"] == "bfloat16"), None)
             if row is not None:
                 try:
                     row["mamba_ssm_y_error"] = mamba_y_error(shape, device, mamba)
                 except Exception as e:
                     row["mamba_ssm_y_error"] = f"{type(e).__name__}: {e}"
             if not args.quick:
-                trow = next((r for r in report["timings"] if r["seqlen"] == shape[2]), None)
+                trow = next((r for r in report["timings"] if (r["batch"], r["seqlen"]) == shape[1:3]), None)
                 new = time_shape(shape, device, {"mamba_ssm": mamba}, bench, row=trow)
                 if trow is None:
                     report["timings"].append(new)

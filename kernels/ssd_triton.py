@@ -569,7 +569,7 @@ def _chunk_scan_bwd_dx_kernel(
      _cfg(BLOCK_S=64, BLOCK_T=32, num_warps=8)],
     _cfg(BLOCK_S=32, BLOCK_T=16),
 )
-@triton.jit
+@triton.jit(do_not_specialize=["batch"])  # (used for one offset: not worth a compile per value)
 def _chunk_scan_bwd_db_kernel(
     x_ptr, dy_ptr,  # (batch, seqlen, H, P)
     dt_ptr,  # (batch, seqlen, H)
@@ -664,7 +664,7 @@ def _chunk_scan_bwd_db_kernel(
     [_cfg(BLOCK_S=64), _cfg(BLOCK_S=32), _cfg(BLOCK_S=64, num_warps=8)],
     _cfg(BLOCK_S=16),
 )
-@triton.jit
+@triton.jit(do_not_specialize=["batch"])  # (used for one offset: not worth a compile per value)
 def _chunk_scan_bwd_dc_kernel(
     x_ptr, dy_ptr,  # (batch, seqlen, H, P)
     dt_ptr,  # (batch, seqlen, H)

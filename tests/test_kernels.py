@@ -305,9 +305,14 @@ def test_bench_script_runs_on_cpu(tmp_path, monkeypatch, capsys):
     report = json.loads(out.read_text())
     assert len(report["correctness"]) == 2 and all(r["ok"] for r in report["correctness"])
     assert report["correctness"][0]["mamba_ssm_y_error"] < 1e-2
-    (row,) = report["timings"]
-    assert set(row["fwd_ms"]) == set(row["fwd_bwd_ms"]) == {"torch", "ours", "mamba_ssm"}
-    assert not row["failures"] and not report["failures"]
-    assert row["fwd_bwd_speedup_vs_torch"] > 0 and row["fwd_bwd_ratio_vs_mamba_ssm"] > 0
+    assert [(r["batch"], r["seqlen"]) for r in report["timings"]] == [(1, 40), (2, 20)]  # batch 1, then batched
+    for row in report["timings"]:
+        impls = {"torch", "ours", "mamba_ssm"}
+        assert set(row["fwd_ms"]) == set(row["fwd_bwd_ms"]) == set(row["host_wall_ms"]) == impls
+        assert all(v > 0 for t in row["host_wall_ms"].values() for v in t.values())
+        assert not row["failures"]
+        assert row["fwd_bwd_speedup_vs_torch"] > 0 and row["fwd_bwd_ratio_vs_mamba_ssm"] > 0
+        assert "chunk_scan_fwd_kernel" in row["ours_configs"]
+    assert not report["failures"]
     printed = capsys.readouterr().out
-    assert "PASS" in printed and "Timings" in printed and "FAIL " not in printed
+    assert "PASS" in printed and "Timings" in printed and "idle GPU" in printed and "FAIL " not in printed
