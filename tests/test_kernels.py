@@ -226,6 +226,49 @@ def test_no_unwritten_buffer_entry_is_read(monkeypatch, with_D):
     assert_close(run_and_compare(pb, 64), torch.float32)
 
 
+def test_launch_counts():
+    """At batch 1 a call costs its launches (tens of µs of Python each), not GPU time: the forward is
+    5 Triton programs and nothing else; the backward 8 programs and, here, two PyTorch reductions: the
+    partial sums of ∂L/∂A and ∂L/∂D, and those of ∂L/∂B and ∂L/∂C over 2 splits of the heads (B and C
+    are fp32, so no cast follows)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime.interpreter import InterpretedFunction
+
+    not_launches = {"empty", "empty_like", "empty_strided", "view", "select", "slice", "detach", "alias",
+                    "as_strided", "expand", "unsqueeze", "squeeze", "permute", "t", "lift_fresh"}
+    programs, torch_ops = [], []
+
+    class CountOps(TorchDispatchMode):  # the PyTorch operators called outside the Triton programs
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not programs or programs[-1] != "running":
+                if func.__name__.split(".")[0] not in not_launches:
+                    torch_ops.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    run = InterpretedFunction.run
+
+    def counting_run(self, *args, **kwargs):  # (the interpreter's own PyTorch calls are not counted)
+        programs.append("running")
+        try:
+            return run(self, *args, **kwargs)
+        finally:
+            programs[-1] = self.fn.__name__
+
+    pb = make_problem(1, 70, 4, 8, 1, 16, with_h0=False)
+    inp = {k: v.float().requires_grad_() for k, v in pb.items() if v is not None}
+    dy = torch.randn(1, 70, 4, 8)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(InterpretedFunction, "run", counting_run)
+        with CountOps():
+            y = ssd_chunk_scan(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], 32, D=inp["D"])
+        forward, programs[:], forward_ops, torch_ops[:] = programs[:], [], torch_ops[:], []
+        with CountOps():
+            y.backward(dy)
+    assert len(forward) == 5 and not forward_ops, (forward, forward_ops)
+    assert K._head_splits(4, 3, torch.device("cpu")) == 2
+    assert len(programs) == 8 and torch_ops == ["sum.dim_IntList"] * 2, (programs, torch_ops)
+
+
 # --------------------------------------------------------------------------------------------------
 # the contract's corners
 # --------------------------------------------------------------------------------------------------
