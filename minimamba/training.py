@@ -644,7 +644,24 @@ def plot_log(log_path, png_path):
 # Estimates of memory and time per step
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM
-ASSUMED_MFU = 0.4  # fraction of that peak the time estimate assumes
+ASSUMED_MFU = {"cuda": 0.4, "cpu": 0.25}  # the fraction of the device's matmul speed the model is assumed to reach
+
+
+def matmul_flops(device, dtype=None, seconds=0.25):
+    """The device's speed on a large matmul (FLOP/s), measured for ~`seconds`: the yardstick of the time estimate."""
+    device = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    n = 2048 if device.type == "cuda" else 512
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm up
+    count, start = 0, time.perf_counter()
+    while True:
+        a @ b
+        count += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if time.perf_counter() - start > seconds:
+            return 2 * n**3 * count / (time.perf_counter() - start)
 
 
 class _ScanStandIn(torch.autograd.Function):
@@ -806,12 +823,12 @@ def _summary(cfg, r, raw, dist, sampler, est, groups, source):
         f"estimate: ~{_gib(est['peak_bytes'])} per process (weights+grads+AdamW+EMA {_gib(est['static_bytes'])}, "
         f"activations {_gib(est['activation_bytes'])} per micro-batch); {est['flops_per_step']:.3g} FLOPs per step",
     ]
-    if dist.device.type == "cuda":
-        sec = est["flops_per_step"] / (ASSUMED_MFU * H100_BF16_FLOPS * dist.world_size)
-        lines.append(f"          ~{sec:.2f} s per step if each GPU sustains {ASSUMED_MFU:.0%} of an H100's bf16 peak "
-                     f"-> ~{sec * r.max_steps / 3600:.1f} h for the run (measured after the first steps below)")
-    else:
-        lines.append("          time per step: measured after the first step (CPU speed varies too much to guess)")
+    speed = matmul_flops(dist.device, r.autocast_dtype)
+    mfu = ASSUMED_MFU.get(dist.device.type, 0.25)
+    sec = est["flops_per_step"] / (mfu * speed * dist.world_size)
+    lines.append(f"          ~{sec:.3g} s per step: this {dist.device.type.upper()} does {speed / 1e12:.3g} TFLOP/s on a "
+                 f"large matmul and the model is assumed to reach {mfu:.0%} of that -> ~{sec * r.max_steps / 3600:.2g} h "
+                 "for the run (the real time is measured after the first step)")
     return "\n".join(lines)
 
 
@@ -947,7 +964,7 @@ def _train(cfg, dist, model):
     last_eval = evaluate_now() if step == 0 and cfg.eval_at_start else None
     bar = tqdm(total=r.max_steps, initial=step, unit="step", dynamic_ncols=True,
                disable=not (dist.is_main and cfg.progress))
-    stopped_by, last_ckpt = None, latest_checkpoint(out) if dist.is_main else None
+    stopped_by, last_ckpt, start_step = None, latest_checkpoint(out) if dist.is_main else None, step
     try:
         while step < r.max_steps:
             t0 = time.perf_counter()
@@ -975,7 +992,7 @@ def _train(cfg, dist, model):
                       tok_per_s=r.tokens_per_step / dt, time=elapsed)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{r.tokens_per_step / dt:,.0f}", refresh=False)
             bar.update(1)
-            if step == 1 and dist.is_main:
+            if step == start_step + 1 and dist.is_main:
                 mem = f", peak GPU memory {_gib(torch.cuda.max_memory_allocated())}" if dist.device.type == "cuda" else ""
                 tqdm.write(f"first step: {dt:.2f} s{mem} (later steps are usually faster)")
             done = step == r.max_steps

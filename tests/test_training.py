@@ -226,6 +226,12 @@ def test_training_learns_logs_and_saves_loadable_checkpoints(data, init_dir, tmp
     assert [r["step"] for r in evals] == [0, 4, 8]
     assert evals[-1]["eval"]["pubmed"]["ppl"] < evals[0]["eval"]["pubmed"]["ppl"]
     assert evals[-1]["token_shares"] == pytest.approx({"pubmed": 0.8, "c4": 0.1, "wikipedia": 0.1}, abs=0.02)
+    try:
+        import matplotlib  # noqa: F401  (an optional extra: the plot is written only when it is installed)
+
+        assert (tmp_path / "run" / "training.png").stat().st_size > 0
+    except ImportError:
+        pass
     saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert saved["resolved"]["tokens_per_step"] == 4 * 16 and saved["lr"] == 3e-3
     # the checkpoint directory is a from_pretrained directory holding the EMA weights
