@@ -79,7 +79,7 @@ class Tokenizer:
         self.encoding = encoding
         self.special_tokens = special_tokens  # matched in the raw text, before normalisation
         self.name = name
-        self.vocab_size = encoding.n_vocab  # 50277 for GPT-NeoX (the model pads its embedding further)
+        self.vocab_size = encoding.n_vocab  # 50277 for GPT-NeoX (the model's embedding is padded to 50288)
         self.eos_id = special_tokens.get("<|endoftext|>")
         self.pad_id = special_tokens.get("<|padding|>")
         # longest first, so that a special token that contains another one wins (leftmost-longest)
@@ -118,7 +118,7 @@ class Tokenizer:
     def decode(self, ids) -> str:
         """Text of `ids` (a list, or anything with .tolist() such as a tensor or an array). Special
         tokens are kept as their strings; bytes that are not valid UTF-8 become U+FFFD; ids outside
-        the vocabulary (such as the model's padding rows, 50277..50279) are skipped, as in the reference."""
+        the vocabulary (such as the model's padding rows, 50277..50287) are skipped, as in the reference."""
         if hasattr(ids, "tolist"):
             ids = ids.tolist()
         try:
@@ -181,6 +181,11 @@ def _build(spec: dict, name: str, path: Path) -> Tokenizer:
     pre = spec.get("pre_tokenizer") or {}
     if pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") or not pre.get("use_regex", True):
         raise unsupported(f"pre_tokenizer {pre}")
+    post = spec.get("post_processor") or {}
+    if post.get("type", "ByteLevel") != "ByteLevel":  # e.g. a template that adds BOS/EOS tokens
+        raise unsupported(f"post_processor {post}")
+    if spec.get("truncation") or spec.get("padding"):
+        raise unsupported("truncation / padding in the file")
     model = spec["model"]
     if model.get("dropout") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
         raise unsupported("BPE dropout / subword prefix / word suffix")

@@ -217,7 +217,7 @@ def test_decode_takes_arrays_and_tensors(tok):
     torch = pytest.importorskip("torch")
     ids = tok.encode("Hello world")
     assert tok.decode(np.array(ids, dtype=np.uint16)) == tok.decode(torch.tensor(ids)) == "Hello world"
-    assert tok.decode([12092, 50277, 50279, 1533]) == "Hello world"  # the model's padding rows are skipped
+    assert tok.decode([12092, 50277, 50287, 1533]) == "Hello world"  # the model's padding rows are skipped
     first, *rest = tok.encode("😀")  # 4 bytes in 3 tokens
     assert tok.decode([first]) == "\ufffd" and tok.decode([first, *rest]) == "😀"  # a partial character is U+FFFD
 
@@ -284,6 +284,8 @@ def test_tiny_tokenizer_matches_the_reference(tmp_path):
     ("prefix space", json.dumps(tiny_tokenizer_json(pre_tokenizer={"type": "ByteLevel", "add_prefix_space": True})),
      "is not supported"),
     ("lowercase", json.dumps(tiny_tokenizer_json(normalizer={"type": "Lowercase"})), "is not supported"),
+    ("adds BOS", json.dumps(tiny_tokenizer_json(post_processor={"type": "TemplateProcessing"})), "is not supported"),
+    ("truncates", json.dumps(tiny_tokenizer_json(truncation={"max_length": 8})), "is not supported"),
 ])
 def test_bad_tokenizer_files_give_clear_errors(tmp_path, problem, content, message):
     path = tmp_path / "tokenizer.json"
@@ -307,6 +309,13 @@ def test_merges_out_of_id_order_are_refused(tmp_path):
     spec = tiny_tokenizer_json()
     spec["model"]["merges"] = ["h e", "Ġ t", "Ġt he", "Ġ a"]  # ids of "Ġt" and "he" say the other order
     with pytest.raises(ValueError, match="merge #1 'Ġ' \\+ 't' does not create the next token in id order"):
+        load_tokenizer(write_json(tmp_path / "tokenizer.json", spec))
+
+
+def test_malformed_merge_is_refused(tmp_path):
+    spec = tiny_tokenizer_json()
+    spec["model"]["merges"].append("a b c")
+    with pytest.raises(ValueError, match="merge #4 'a b c' is not two tokens"):
         load_tokenizer(write_json(tmp_path / "tokenizer.json", spec))
 
 
