@@ -151,8 +151,8 @@ class Mamba2Mixer(nn.Module):
 
         dt = F.softplus(dt.float() + self.dt_bias.float())  # (b, H)
         A = -torch.exp(self.A_log.float())  # (H,)
-        y, h = ssd_step(ssm_state, x.view(-1, H, P), dt, A, B.view(-1, G, N), C.view(-1, G, N), D=self.D)
-        ssm_state.copy_(h)  # (b, H, P, N)
+        y, _ = ssd_step(ssm_state, x.view(-1, H, P), dt, A, B.view(-1, G, N), C.view(-1, G, N), D=self.D,
+                        out=ssm_state)  # (b, H, P); ssm_state (b, H, P, N) updated in place
         y = self.norm(y.reshape(-1, H * P), z)  # (b, E)
         return self.out_proj(y)  # (b, D)
 

@@ -104,23 +104,30 @@ def segsum(a):
     return out.masked_fill(~causal, float("-inf"))
 
 
-def ssd_step(h, x, dt, A, B, C, D=None):
-    """One step of the recurrence, the O(1) decode step. Updates and returns h.
+def ssd_step(h, x, dt, A, B, C, D=None, out=None):
+    """One step of the recurrence, the O(1) decode step: h ← exp(dt·A)·h + dt·x Bᵀ, y = h C + D·x.
 
     h (batch, H, P, N), x (batch, H, P), dt (batch, H), A (H,), B and C (batch, G, N), D (H,) or None.
-    Returns y (batch, H, P) in x's dtype and the new h (same dtype as the h passed in).
+    Returns y (batch, H, P) in x's dtype and the new h (h's dtype). With `out` (a float32 or float64 tensor
+    shaped like h, e.g. h itself), the new state is written there: decoding then touches the state
+    (N·P numbers per head) three times per token instead of about eight, which matters once the model is
+    small enough that the state is a sizeable part of the bytes read per token.
     """
     cdt = torch.promote_types(_compute_dtype(x), h.dtype)
-    nheads = x.shape[1]
-    B = heads_per_group(B[:, None], nheads)[:, 0].to(cdt)  # (batch, H, N)
-    C = heads_per_group(C[:, None], nheads)[:, 0].to(cdt)  # (batch, H, N)
-    xf, dt = x.to(cdt), dt.to(cdt)
-    decay = torch.exp(dt * A.to(cdt))  # (batch, H)
-    h_new = decay[..., None, None] * h.to(cdt) + torch.einsum("bh,bhp,bhn->bhpn", dt, xf, B)
-    y = torch.einsum("bhpn,bhn->bhp", h_new, C)  # (batch, H, P)
+    b, nheads, p = x.shape
+    g, n = B.shape[1:]
+    # The R = H/G heads of a group share B and C, so their states stack into one (R·P)×N matrix per group:
+    # the update is one outer product and the read-out one matrix-vector product per group.
+    decay = torch.exp(dt.to(cdt) * A.to(cdt))  # (batch, H)
+    decay = decay.repeat_interleave(p, dim=1).view(b, g, -1, 1)  # (batch, G, R·P, 1): each head's rows
+    xdt = (dt.to(cdt)[..., None] * x.to(cdt)).view(b, g, -1, 1)  # (batch, G, R·P, 1)
+    hg = h.to(cdt).view(b, g, -1, n)  # (batch, G, R·P, N)
+    out = out.view(b, g, -1, n) if out is not None else None
+    h_new = torch.addcmul(decay * hg, xdt, B.to(cdt)[:, :, None, :], out=out)  # (batch, G, R·P, N)
+    y = (h_new @ C.to(cdt)[..., None]).view(b, nheads, p)  # (batch, H, P)
     if D is not None:
-        y = y + D.to(cdt)[:, None] * xf
-    return y.to(x.dtype), h_new.to(h.dtype)
+        y = y + D.to(cdt)[:, None] * x.to(cdt)
+    return y.to(x.dtype), h_new.view(b, nheads, p, n).to(h.dtype)
 
 
 def ssd_recurrent(x, dt, A, B, C, D=None, initial_state=None):
