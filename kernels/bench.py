@@ -210,16 +210,36 @@ def time_shape(shape, device, impls, bench, row=None):
     return row
 
 
+def profile_shape(shape, device, scan, iters=5):
+    """GPU time per program of one forward+backward of `scan` (the mean over `iters` calls, after a
+    warm-up call), from torch.profiler: [(kernel name, calls per fwd+bwd, µs per fwd+bwd)], largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    name, b, l, h, p, n, g, Q, dtype = shape
+    inp = {k: v.requires_grad_() for k, v in make_inputs(b, l, h, p, n, g, dtype, device).items()
+           if k != "initial_state"}
+    dy = torch.randn(b, l, h, p, device=device).to(dtype)
+
+    def fwd_bwd():
+        scan(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], Q, D=inp["D"]).backward(dy)
+
+    fwd_bwd()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fwd_bwd()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.count / iters, e.device_time_total / iters) for e in prof.key_averages()
+            if e.device_time_total > 0]
+    return sorted(rows, key=lambda r: -r[2])
+
+
 def retune_ours():
     """Forget the configs our autotuned programs chose, so that the next calls tune them for the
     shape at hand (cheap: the candidates are compiled already, only their benchmarks run again)."""
-    from triton.runtime.autotuner import Autotuner
-
     from kernels import ssd_triton
 
-    for k in vars(ssd_triton).values():
-        if isinstance(k, Autotuner):
-            k.cache.clear()
+    ssd_triton.forget_tuning()
 
 
 def chosen_configs():
@@ -284,6 +304,8 @@ def main(argv=None):
                     help="tiny shapes under TRITON_INTERPRET=1 on CPU: tests this script without a GPU")
     ap.add_argument("--no-mamba", action="store_true", help="do not import mamba_ssm even if installed")
     ap.add_argument("--fp32", action="store_true", help="also check float32 at seqlen 2048 (slow to compile)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print the GPU time of each program in one forward+backward (torch.profiler)")
     args = ap.parse_args(argv)
 
     if args.cpu_smoke:
@@ -356,6 +378,18 @@ def main(argv=None):
             report["timings"].append(row)
 
         phase("timings", timed, timings)
+    if args.profile and device.type == "cuda":
+        report["profile"] = {}
+
+        def profiling(shape):
+            rows = profile_shape(shape, device, ssd_chunk_scan)
+            report["profile"][f"b{shape[1]} seqlen {shape[2]}"] = rows
+            total = sum(r[2] for r in rows)
+            print(f"GPU time of one forward+backward, b{shape[1]} seqlen {shape[2]}: {total:.0f} µs")
+            for k, calls, us in rows:
+                print(f"  {us:8.1f} µs {us / total:6.1%}  ×{calls:g}  {k[:90]}")
+
+        phase("profile", timed, profiling)
     # 3. mamba_ssm, last
     if mamba is not None:
         def mamba_phase(shape):

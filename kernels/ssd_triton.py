@@ -62,6 +62,32 @@ def _cfg(num_warps=4, num_stages=2, **tiles):
     return triton.Config(tiles, num_warps=num_warps, num_stages=num_stages)
 
 
+_CHOSEN = {}  # (autotuned program, key) -> the triton.Config its autotuner chose for that key
+
+
+def _launch(kernel, grid, key, *args, **kwargs):
+    """kernel[grid](*args, **kwargs) for an autotuned program, through its autotuner only the first
+    time `key` (the shapes and dtype the configs are tuned for) is seen; later launches go straight to
+    the chosen config. The autotuner's own per-call bookkeeping costs ~30 µs of host time, as much as
+    the GPU time of the smaller programs. Returns the config used."""
+    cfg = _CHOSEN.get((kernel, key))
+    if cfg is None:
+        kernel[grid](*args, **kwargs)
+        cfg = _CHOSEN[(kernel, key)] = kernel.best_config
+    else:
+        kernel.fn[grid](*args, **kwargs, **cfg.all_kwargs())
+    return cfg
+
+
+def forget_tuning():
+    """Forget every config the autotuners chose, so that the next calls tune again (benchmarks do this
+    to tune each timed shape as a training run would tune its own)."""
+    _CHOSEN.clear()
+    for k in list(globals().values()):
+        if isinstance(k, triton.runtime.autotuner.Autotuner):
+            k.cache.clear()
+
+
 # ==================================================================================================
 # Stage 1: the chunk-local cumulative log-decay
 # ==================================================================================================
@@ -193,7 +219,7 @@ def _pass_states(chunk_states_ptr, cs_ptr, states_ptr, h, pid_b, pid_h, offs, ma
     cs_ptr += (pid_b * nheads + pid_h) * nchunks * chunk_size
     for c in range(nchunks):
         idx = ((pid_b * nchunks + c) * nheads + pid_h).to(tl.int64) * state_size + offs
-        tl.store(states_ptr + idx, h, mask=mask)  # the state entering chunk c
+        tl.store(states_ptr + idx, h.to(states_ptr.dtype.element_ty), mask=mask)  # the state entering chunk c
         chunk_decay = tl.exp(tl.load(cs_ptr + c * chunk_size + chunk_size - 1))  # exp(total of chunk c)
         h = chunk_decay * h + tl.load(chunk_states_ptr + idx, mask=mask, other=0.0)
     return h
@@ -204,7 +230,7 @@ def _state_passing_fwd_kernel(
     chunk_states_ptr,  # (batch, nchunks, H, P·N) fp32, S_c from stage 2
     cs_ptr,  # (batch, H, nchunks, Q)
     h0_ptr,  # (batch, H, P·N) initial state, or None
-    states_ptr,  # out (batch, nchunks, H, P·N) fp32: the state entering each chunk
+    states_ptr,  # out (batch, nchunks, H, P·N): the state entering each chunk, in the dots' operand dtype
     final_ptr,  # out (batch, H, P·N) fp32: the state after the last token
     nheads, state_size, nchunks, chunk_size,
     HAS_INITIAL: tl.constexpr,
@@ -315,7 +341,7 @@ def _chunk_scan_fwd_kernel(
     cs_ptr,  # (batch, H, nchunks, Q) from stage 1
     cb_ptr,  # (batch, nchunks, G, Q, Q) from stage 4
     C_ptr,  # (batch, seqlen, G, N)
-    states_ptr,  # (batch, nchunks, H, P, N) fp32, S_in from stage 3
+    states_ptr,  # (batch, nchunks, H, P, N), S_in from stage 3 in the dots' operand dtype
     D_ptr,  # (H,) or None
     y_ptr,  # out (batch, seqlen, H, P), x's dtype
     seqlen, nheads, headdim, ngroups, dstate, nchunks, chunk_size,
@@ -423,12 +449,14 @@ def _state_passing_bwd_kernel(
     h0_ptr,  # (batch, H, P·N) initial state, or None
     dstates_ptr,  # (batch, nchunks, H, P·N) fp32, ∂L/∂S_in[c] through the outputs of chunk c
     dfinal_ptr,  # (batch, H, P·N) ∂L/∂final, or None
-    states_ptr,  # out (batch, nchunks, H, P·N) fp32: S_in, stage 3 run again (the dC kernel reads it too)
-    dchunk_ptr,  # out (batch, nchunks, H, P·N) fp32: ∂L/∂S_c
+    states_ptr,  # out (batch, nchunks, H, P·N) fp32: S_in, stage 3 run again
+    states_dot_ptr,  # out (batch, nchunks, H, P·N): S_in in the dots' operand dtype, for the dC kernel
+    dchunk_ptr,  # out (batch, nchunks, H, P·N): ∂L/∂S_c in the dots' operand dtype
     dalpha_ptr,  # out (batch, H, nchunks, n_blocks) fp32: this block's part of ∂L/∂α_c
     dh0_ptr,  # out (batch, H, P·N) fp32: ∂L/∂h_0, or None
     nheads, state_size, nchunks, chunk_size,
     HAS_DFINAL: tl.constexpr, HAS_INITIAL: tl.constexpr,
+    STATES_DOT_COPY: tl.constexpr,  # False when the operand dtype is fp32: states_dot is states itself
     BLOCK: tl.constexpr,
 ):
     """Stage 3 forwards (storing S_in[c]), then the recurrence S_in[c+1] = exp(α_c)·S_in[c] + S_c
@@ -437,7 +465,9 @@ def _state_passing_bwd_kernel(
         ∂L/∂S_c = g,    ∂L/∂α_c = exp(α_c)·⟨S_in[c], g⟩,    g ← exp(α_c)·g + ∂L/∂S_in[c] from y,
 
     and finally ∂L/∂h_0 = g. Tile: BLOCK entries of the flattened state; ∂L/∂α_c is a sum over all
-    entries, so each program writes its partial sum and the last kernel adds them.
+    entries, so each program writes its partial sum and the last kernel adds them. S_in and ∂L/∂S_c are
+    also stored in the dtype the later programs' dots take them in (bf16 for bf16 inputs: half the
+    bytes those programs read, and the same values, since they cast before every dot).
     Grid: (n_blocks = cdiv(P·N, BLOCK), batch, H), as in the forward.
     """
     pid_blk = tl.program_id(0)
@@ -462,9 +492,11 @@ def _state_passing_bwd_kernel(
     for i in range(nchunks):
         c = nchunks - 1 - i
         idx = ((pid_b * nchunks + c) * nheads + pid_h).to(tl.int64) * state_size + offs
-        tl.store(dchunk_ptr + idx, g, mask=mask)
+        tl.store(dchunk_ptr + idx, g.to(dchunk_ptr.dtype.element_ty), mask=mask)
         chunk_decay = tl.exp(tl.load(cs_ptr + (bh * nchunks + c) * chunk_size + chunk_size - 1))
         s_in = tl.load(states_ptr + idx, mask=mask, other=0.0)
+        if STATES_DOT_COPY:
+            tl.store(states_dot_ptr + idx, s_in.to(states_dot_ptr.dtype.element_ty), mask=mask)
         tl.store(dalpha_ptr + (bh * nchunks + c) * n_blocks + pid_blk, chunk_decay * tl.sum(s_in * g))
         g = chunk_decay * g + tl.load(dstates_ptr + idx, mask=mask, other=0.0)
     if HAS_INITIAL:
@@ -483,7 +515,7 @@ def _chunk_scan_bwd_dx_kernel(
     cs_ptr,  # (batch, H, nchunks, Q)
     cb_ptr,  # (batch, nchunks, G, Q, Q)
     B_ptr,  # (batch, seqlen, G, N)
-    dchunk_ptr,  # (batch, nchunks, H, P, N) fp32, ∂L/∂S_c
+    dchunk_ptr,  # (batch, nchunks, H, P, N), ∂L/∂S_c in the dots' operand dtype
     D_ptr,  # (H,) or None
     dx_ptr,  # out (batch, seqlen, H, P), x's dtype
     ddt_ptr,  # out (batch, H, nchunks, Q) fp32: ⟨∂L/∂u_s, x_s⟩, the part of ∂L/∂dt_s through u
@@ -566,7 +598,8 @@ def _chunk_scan_bwd_dx_kernel(
 
 @_autotune(
     [_cfg(BLOCK_S=32, BLOCK_T=64), _cfg(BLOCK_S=32, BLOCK_T=32), _cfg(BLOCK_S=32, BLOCK_T=64, num_warps=8),
-     _cfg(BLOCK_S=64, BLOCK_T=32, num_warps=8)],
+     _cfg(BLOCK_S=64, BLOCK_T=32, num_warps=8), _cfg(BLOCK_S=64, BLOCK_T=64, num_warps=8),
+     _cfg(BLOCK_S=32, BLOCK_T=64, num_stages=3), _cfg(BLOCK_S=64, BLOCK_T=32, num_warps=8, num_stages=3)],
     _cfg(BLOCK_S=32, BLOCK_T=16),
 )
 @triton.jit(do_not_specialize=["batch"])  # (used for one offset: not worth a compile per value)
@@ -575,7 +608,7 @@ def _chunk_scan_bwd_db_kernel(
     dt_ptr,  # (batch, seqlen, H)
     cs_ptr,  # (batch, H, nchunks, Q)
     B_ptr, C_ptr,  # (batch, seqlen, G, N)
-    dchunk_ptr,  # (batch, nchunks, H, P, N) fp32, ∂L/∂S_c
+    dchunk_ptr,  # (batch, nchunks, H, P, N), ∂L/∂S_c in the dots' operand dtype
     dB_ptr,  # out (n_splits, batch, seqlen, G, N) fp32: ∂L/∂B summed over this split's heads
     dA_state_ptr,  # out (batch, H, nchunks, Q) fp32: q_s stored at s + 1 (entry 0 is never written)
     batch, seqlen, nheads, headdim, ngroups, dstate, nchunks, chunk_size, n_splits,
@@ -661,8 +694,10 @@ def _chunk_scan_bwd_db_kernel(
 
 
 @_autotune(
-    [_cfg(BLOCK_S=64), _cfg(BLOCK_S=32), _cfg(BLOCK_S=64, num_warps=8)],
-    _cfg(BLOCK_S=16),
+    [_cfg(BLOCK_T=32, BLOCK_S=64), _cfg(BLOCK_T=32, BLOCK_S=32), _cfg(BLOCK_T=32, BLOCK_S=64, num_warps=8),
+     _cfg(BLOCK_T=64, BLOCK_S=32, num_warps=8), _cfg(BLOCK_T=64, BLOCK_S=64, num_warps=8),
+     _cfg(BLOCK_T=64, BLOCK_S=32, num_warps=8, num_stages=3), _cfg(BLOCK_T=64, BLOCK_S=64)],
+    _cfg(BLOCK_T=32, BLOCK_S=16),
 )
 @triton.jit(do_not_specialize=["batch"])  # (used for one offset: not worth a compile per value)
 def _chunk_scan_bwd_dc_kernel(
@@ -671,14 +706,14 @@ def _chunk_scan_bwd_dc_kernel(
     cs_ptr,  # (batch, H, nchunks, Q)
     cb_ptr,  # (batch, nchunks, G, Q, Q)
     B_ptr, C_ptr,  # (batch, seqlen, G, N)
-    states_ptr,  # (batch, nchunks, H, P, N) fp32, S_in
+    states_ptr,  # (batch, nchunks, H, P, N), S_in in the dots' operand dtype
     dC_ptr,  # out (n_splits, batch, seqlen, G, N) fp32: ∂L/∂C summed over this split's heads
     dA_off_ptr,  # out (batch, H, nchunks, Q) fp32: r_t = ∂L/∂cs[t] through the state term
-    dA_diag_ptr,  # out (batch, H, nchunks, n_t_tiles, Q) fp32: see below (not zeroed)
+    dA_diag_ptr,  # out (batch, H, nchunks, n_t_tiles, Q) fp32 (room for ≥ n_t_tiles): see below (not zeroed)
     batch, seqlen, nheads, headdim, ngroups, dstate, nchunks, chunk_size, n_splits,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_T: tl.constexpr,  # rows t (fixed by the host: it sizes dA_diag)
+    BLOCK_T: tl.constexpr,  # rows t (the host reads the chosen value: the last kernel needs it)
     BLOCK_S: tl.constexpr,  # positions s per step of the causal loop
 ):
     """∂L/∂C_t = Σ_{heads h of the group} [ dc_t  +  Σ_{s≤t} G[t,s]·B_s ]   where
@@ -840,7 +875,7 @@ def _chunk_cumsum_bwd_kernel(
 # Host side: launches, the autograd Function, the public entry point
 # ==================================================================================================
 _STATE_BLOCK = 256  # state entries per program in the two state-passing kernels
-_DC_BLOCK_T = 32  # rows per dC program (it sizes the dA_diag buffer, so it is not autotuned)
+_DC_MIN_BLOCK_T = 32  # the smallest row tile among the dC program's configs: it sizes dA_diag
 
 
 def _pow2(n):
@@ -863,6 +898,13 @@ def _dot_args(x, dstate, headdim=None):
     return args
 
 
+def _dot_torch_dtype(x):
+    """The torch dtype of `_dot_args(x, ...)["DOT_DTYPE"]`: buffers that are only ever dot operands
+    (the entering states, ∂L/∂S_c) are stored in it."""
+    return {tl.float32: torch.float32, tl.float16: torch.float16, tl.bfloat16: torch.bfloat16}[
+        _dot_args(x, 16)["DOT_DTYPE"]]
+
+
 def _head_splits(heads_per_group, programs, device):
     """Into how many programs the dB/dC kernels split the heads of a group: the smallest divisor of
     heads_per_group giving about 4 programs per SM (each split adds an fp32 partial sum to reduce)."""
@@ -875,28 +917,33 @@ def _head_splits(heads_per_group, programs, device):
 
 def _forward_stages(x, dt, A, B, C, chunk_size, initial_state):
     """Stages 1–4, shared by the forward and the backward (which recomputes instead of storing).
-    Returns cs (b, H, nc, Q), CB (b, nc, G, Q, Q), the entering states (b, nc, H, P, N) and the final state."""
+    Returns cs (b, H, nc, Q), CB (b, nc, G, Q, Q), the entering states (b, nc, H, P, N, in the dots'
+    operand dtype) and the final state (fp32)."""
     b, l, h, p = x.shape
     g, n = B.shape[2:]
     Q = chunk_size
     nc = triton.cdiv(l, Q)
     f32 = dict(device=x.device, dtype=torch.float32)
 
+    key = (Q, p, n, x.dtype)  # what the autotuned configs are chosen for (see `_launch`)
+
     cs = torch.empty(b, h, nc, Q, **f32)
     _chunk_cumsum_fwd_kernel[(nc, b, h)](dt, A, cs, l, h, nc, Q, BLOCK_Q=_pow2(Q))
 
     chunk_states = torch.empty(b, nc, h, p, n, **f32)
-    _chunk_state_kernel[(b * nc, h)](x, B, dt, cs, chunk_states, l, h, p, g, n, nc, Q,
-                                     TO_CHUNK_END=True, **_dot_args(x, n, p))
+    _launch(_chunk_state_kernel, (b * nc, h), key, x, B, dt, cs, chunk_states, l, h, p, g, n, nc, Q,
+            TO_CHUNK_END=True, **_dot_args(x, n, p))
 
-    states, final = torch.empty_like(chunk_states), torch.empty(b, h, p, n, **f32)
+    # the entering states are only dot operands of stage 5: stored in that dtype
+    states = torch.empty(b, nc, h, p, n, device=x.device, dtype=_dot_torch_dtype(x))
+    final = torch.empty(b, h, p, n, **f32)
     _state_passing_fwd_kernel[(triton.cdiv(p * n, _STATE_BLOCK), b, h)](
         chunk_states, cs, initial_state, states, final, h, p * n, nc, Q,
         HAS_INITIAL=initial_state is not None, BLOCK=_STATE_BLOCK, num_warps=2)
 
     cb = torch.empty(b, nc, g, Q, Q, **f32)
     grid = lambda META: (triton.cdiv(Q, META["BLOCK_T"]) * triton.cdiv(Q, META["BLOCK_S"]), b * nc, g)
-    _chunk_cb_kernel[grid](C, B, cb, l, g, n, nc, Q, **_dot_args(x, n))
+    _launch(_chunk_cb_kernel, grid, key, C, B, cb, l, g, n, nc, Q, **_dot_args(x, n))
     return cs, cb, states, final
 
 
@@ -909,8 +956,8 @@ def _ssd_forward(x, dt, A, B, C, chunk_size, D, initial_state):
     cs, cb, states, final = _forward_stages(x, dt, A, B, C, chunk_size, initial_state)
     y = torch.empty_like(x)
     grid = lambda META: (triton.cdiv(chunk_size, META["BLOCK_T"]), b * nc, h)
-    _chunk_scan_fwd_kernel[grid](x, dt, cs, cb, C, states, D, y, l, h, p, g, n, nc, chunk_size,
-                                 HAS_D=D is not None, **_dot_args(x, n, p))
+    _launch(_chunk_scan_fwd_kernel, grid, (chunk_size, p, n, x.dtype), x, dt, cs, cb, C, states, D, y,
+            l, h, p, g, n, nc, chunk_size, HAS_D=D is not None, **_dot_args(x, n, p))
     return y, final, cs
 
 
@@ -930,33 +977,41 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, cs, chunk_size, D, initial_state):
     dy = torch.zeros_like(x) if dy is None else dy.to(x.dtype).contiguous()
     dfinal = None if dfinal is None else dfinal.contiguous()
     dots = _dot_args(x, n, p)
+    key = (Q, p, n, x.dtype)  # what the autotuned configs are chosen for (see `_launch`)
 
     # stage 2 again (S_c), and ∂L/∂S_in[c] through the outputs of chunk c: the same program with the
     # other weight; stage 4 again (CB)
     chunk_states = torch.empty(b, nc, h, p, n, **f32)
-    _chunk_state_kernel[(b * nc, h)](x, B, dt, cs, chunk_states, l, h, p, g, n, nc, Q, TO_CHUNK_END=True, **dots)
+    _launch(_chunk_state_kernel, (b * nc, h), key, x, B, dt, cs, chunk_states, l, h, p, g, n, nc, Q,
+            TO_CHUNK_END=True, **dots)
     dstates = torch.empty_like(chunk_states)
-    _chunk_state_kernel[(b * nc, h)](dy, C, dt, cs, dstates, l, h, p, g, n, nc, Q, TO_CHUNK_END=False, **dots)
+    _launch(_chunk_state_kernel, (b * nc, h), key, dy, C, dt, cs, dstates, l, h, p, g, n, nc, Q,
+            TO_CHUNK_END=False, **dots)
     cb = torch.empty(b, nc, g, Q, Q, **f32)
     grid = lambda META: (triton.cdiv(Q, META["BLOCK_T"]) * triton.cdiv(Q, META["BLOCK_S"]), b * nc, g)
-    _chunk_cb_kernel[grid](C, B, cb, l, g, n, nc, Q, **_dot_args(x, n))
+    _launch(_chunk_cb_kernel, grid, key, C, B, cb, l, g, n, nc, Q, **_dot_args(x, n))
 
-    # stage 3 again (S_in), then the reverse scan over chunks: ∂L/∂S_c, ∂L/∂α_c (partial sums), ∂L/∂h_0
+    # stage 3 again (S_in), then the reverse scan over chunks: ∂L/∂S_c, ∂L/∂α_c (partial sums), ∂L/∂h_0;
+    # S_in and ∂L/∂S_c are read by the later programs only as dot operands: stored in that dtype too
     n_blocks = triton.cdiv(p * n, _STATE_BLOCK)
-    states, dchunk = torch.empty_like(chunk_states), torch.empty_like(chunk_states)
+    dot_dtype = _dot_torch_dtype(x)
+    states = torch.empty_like(chunk_states)
+    states_dot = states if dot_dtype == torch.float32 else torch.empty_like(states, dtype=dot_dtype)
+    dchunk = torch.empty_like(chunk_states, dtype=dot_dtype)
     dalpha = torch.empty(b, h, nc, n_blocks, **f32)
     dh0 = torch.empty(b, h, p, n, **f32) if initial_state is not None else None
     _state_passing_bwd_kernel[(n_blocks, b, h)](
-        chunk_states, cs, initial_state, dstates, dfinal, states, dchunk, dalpha, dh0, h, p * n, nc, Q,
-        HAS_DFINAL=dfinal is not None, HAS_INITIAL=initial_state is not None, BLOCK=_STATE_BLOCK, num_warps=2)
+        chunk_states, cs, initial_state, dstates, dfinal, states, states_dot, dchunk, dalpha, dh0,
+        h, p * n, nc, Q, HAS_DFINAL=dfinal is not None, HAS_INITIAL=initial_state is not None,
+        STATES_DOT_COPY=states_dot is not states, BLOCK=_STATE_BLOCK, num_warps=2)
 
     # dx, and the parts of ∂L/∂dt (through u = dt·x) and ∂L/∂D of every token
     dx = torch.empty_like(x)
     ddt_x = torch.empty(b, h, nc, Q, **f32)
     dxy = torch.empty(b, h, nc, Q, **f32) if D is not None else None
     grid = lambda META: (triton.cdiv(Q, META["BLOCK_S"]), b * nc, h)
-    _chunk_scan_bwd_dx_kernel[grid](x, dy, dt, cs, cb, B, dchunk, D, dx, ddt_x, dxy, l, h, p, g, n, nc, Q,
-                                    HAS_D=D is not None, **dots)
+    _launch(_chunk_scan_bwd_dx_kernel, grid, key, x, dy, dt, cs, cb, B, dchunk, D, dx, ddt_x, dxy,
+            l, h, p, g, n, nc, Q, HAS_D=D is not None, **dots)
 
     # dB and dC (one buffer, so that one reduction and one cast serve both), each summed over the
     # heads of a group in n_splits partial sums
@@ -964,21 +1019,21 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, cs, chunk_size, D, initial_state):
     dBC = torch.empty(2, n_splits, b, l, g, n, **f32)
     dA_state = torch.empty(b, h, nc, Q, **f32)
     grid = lambda META: (triton.cdiv(Q, META["BLOCK_S"]), b * nc, g * n_splits)
-    _chunk_scan_bwd_db_kernel[grid](x, dy, dt, cs, B, C, dchunk, dBC[0], dA_state,
-                                    b, l, h, p, g, n, nc, Q, n_splits, **dots)
-    n_t_tiles = triton.cdiv(Q, _DC_BLOCK_T)
+    _launch(_chunk_scan_bwd_db_kernel, grid, key, x, dy, dt, cs, B, C, dchunk, dBC[0], dA_state,
+            b, l, h, p, g, n, nc, Q, n_splits, **dots)
     dA_off = torch.empty(b, h, nc, Q, **f32)
-    dA_diag = torch.empty(b, h, nc, n_t_tiles, Q, **f32)
-    _chunk_scan_bwd_dc_kernel[(n_t_tiles, b * nc, g * n_splits)](
-        x, dy, dt, cs, cb, B, C, states, dBC[1], dA_off, dA_diag,
-        b, l, h, p, g, n, nc, Q, n_splits, BLOCK_T=_DC_BLOCK_T, **dots)
+    dA_diag = torch.empty(b, h, nc, triton.cdiv(Q, _DC_MIN_BLOCK_T), Q, **f32)  # room for any row tile
+    grid = lambda META: (triton.cdiv(Q, META["BLOCK_T"]), b * nc, g * n_splits)
+    dc_config = _launch(_chunk_scan_bwd_dc_kernel, grid, key, x, dy, dt, cs, cb, B, C, states_dot, dBC[1],
+                        dA_off, dA_diag, b, l, h, p, g, n, nc, Q, n_splits, **dots)
+    dc_block_t = dc_config.kwargs["BLOCK_T"]  # the row tile the dC program ran with
 
     # the decay gradient, then ∂L/∂dt, and the per-chunk parts of ∂L/∂A and ∂L/∂D (one buffer)
     ddt = torch.empty(b, l, h, **f32)
     parts = torch.empty(2 if D is not None else 1, b, nc, h, **f32)
     _chunk_cumsum_bwd_kernel[(nc, b, h)](dt, A, ddt_x, dxy, dA_state, dA_off, dA_diag, dalpha, ddt, parts[0],
-                                         parts[-1], l, h, nc, Q, n_t_tiles, n_blocks,
-                                         HAS_D=D is not None, DC_BLOCK_T=_DC_BLOCK_T, BLOCK_Q=_pow2(Q))
+                                         parts[-1], l, h, nc, Q, triton.cdiv(Q, dc_block_t), n_blocks,
+                                         HAS_D=D is not None, DC_BLOCK_T=dc_block_t, BLOCK_Q=_pow2(Q))
 
     dAD = parts.sum((1, 2))
     dBC = (dBC.sum(1) if n_splits > 1 else dBC[:, 0]).to(B.dtype)
