@@ -599,7 +599,7 @@ def _chunk_scan_bwd_dx_kernel(
 @_autotune(
     [_cfg(BLOCK_S=32, BLOCK_T=64), _cfg(BLOCK_S=32, BLOCK_T=32), _cfg(BLOCK_S=32, BLOCK_T=64, num_warps=8),
      _cfg(BLOCK_S=64, BLOCK_T=32, num_warps=8), _cfg(BLOCK_S=64, BLOCK_T=64, num_warps=8),
-     _cfg(BLOCK_S=32, BLOCK_T=64, num_stages=3), _cfg(BLOCK_S=64, BLOCK_T=32, num_warps=8, num_stages=3)],
+     _cfg(BLOCK_S=32, BLOCK_T=64, num_stages=3), _cfg(BLOCK_S=64, BLOCK_T=64), _cfg(BLOCK_S=64, BLOCK_T=32)],
     _cfg(BLOCK_S=32, BLOCK_T=16),
 )
 @triton.jit(do_not_specialize=["batch"])  # (used for one offset: not worth a compile per value)
