@@ -19,7 +19,8 @@ compared with autograd through the float64 recurrence `ssd_recurrent` (tests/tes
 
 Launches per call (each costs some tens of µs of Python on the host, which is what a batch-1 call
 spends most of its time on): the forward 5 Triton programs; the backward 8 Triton programs and 2–3
-small PyTorch reductions/casts (see `_ssd_backward`).
+small PyTorch reductions/casts (see `_ssd_backward`). Autotuned programs are launched through `_launch`,
+which consults Triton's autotuner only on the first call for a shape.
 
 Conventions shared by every program:
   * all tensors are contiguous (the wrapper makes them so), so offsets are computed from the sizes:
