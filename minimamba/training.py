@@ -98,7 +98,7 @@ class TrainConfig:
     eval_every: int = 500  # held-out perplexity every N steps (and at the end); 0: only at the end
     eval_at_start: bool = True  # also evaluate before the first step (the "before" numbers)
     eval_domains: str | None = None  # comma-separated domains to evaluate (default: those of the mix)
-    eval_windows: int = 100  # held-out windows of seq_len tokens per domain
+    eval_windows: int | None = 100  # held-out windows of seq_len tokens per domain (None: all)
     eval_batch_size: int | None = None  # default: batch_size
     save_every: int = 1000  # checkpoint every N steps (and at the end, and on SIGINT/SIGTERM)
     keep: int = 1  # how many step checkpoints to keep

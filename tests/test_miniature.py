@@ -1,0 +1,78 @@
+"""minimamba.miniature: the report logic on made-up numbers, and the whole command end to end on the
+shared corpora with a few steps per phase (the real run, ~8 minutes, is in the README)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from minimamba import data, miniature
+from tests.conftest import DATA
+
+needs_data = pytest.mark.skipif(not (DATA / "tokenizer" / "tokenizer.json").is_file(),
+                                reason=f"the shared corpora are not at {DATA} (set MINIMAMBA_DATA)")
+
+
+def test_target_and_table_from_made_up_numbers():
+    ppl = {"before": {"pubmed": 100.0, "c4": 50.0, "wikipedia": 40.0},
+           "mix": {"pubmed": 49.0, "c4": 51.0, "wikipedia": 40.0},
+           "pubmed": {"pubmed": 45.0, "c4": 56.0, "wikipedia": 44.0}}
+    assert miniature.check_target(ppl) == {"pubmed_at_most_half": True, "c4_within_3pct": True,
+                                           "wikipedia_not_worse": True}
+    ppl["mix"] = {"pubmed": 51.0, "c4": 48.0, "wikipedia": 40.4}  # -49%, -4%, +1%
+    assert miniature.check_target(ppl) == {"pubmed_at_most_half": False, "c4_within_3pct": False,
+                                           "wikipedia_not_worse": False}
+    lines = miniature.table(ppl).splitlines()
+    assert len(lines) == 2 + 3
+    assert lines[2].startswith("| general model (before) | 100.00 | 50.00 | 40.00 |")
+    assert "51.00 (-49.0%)" in lines[3] and "48.00 (-4.0%)" in lines[3] and "40.40 (+1.0%)" in lines[3]
+    assert "56.00 (+12.0%)" in lines[4]
+
+
+def test_unknown_row_is_refused():
+    with pytest.raises(SystemExit):
+        miniature.main(["--rows", "mix,nonsense", "--out", "unused"])
+
+
+def test_missing_data_root_names_the_files(tmp_path):
+    with pytest.raises(SystemExit, match="missing .*tokenizer.json"):
+        miniature.prepare(tmp_path / "nowhere", tmp_path / "out")
+
+
+@needs_data
+def test_the_whole_command_on_the_shared_corpora(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    out = tmp_path / "mini"
+    try:
+        assert miniature.main(["--data-root", str(DATA), "--out", str(out), "--general-steps", "3",
+                               "--cpt-steps", "2", "--rows", "mix,pubmed", "--eval-windows", "2",
+                               "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+    # the reduced vocabulary: a faithful remapping of the GPT-NeoX ids, EOS kept as id 0
+    kept = np.load(out / "tokens" / "vocab.npy")
+    assert len(kept) == miniature.VOCAB - 1 and len(set(kept.tolist())) == len(kept) and kept[0] == 0
+    new_id = np.full(50277, miniature.VOCAB - 1)
+    new_id[kept] = np.arange(len(kept))
+    for domain in miniature.DOMAINS:
+        for split in data.SPLITS:
+            full = data.load_split(out / "tokens-full", domain, split)
+            small = data.load_split(out / "tokens", domain, split)
+            assert len(full) == len(small) > 1000
+            assert np.array_equal(new_id[full], small)
+        assert data.read_meta(out / "tokens", domain)["tokenizer"]["vocab_size"] == miniature.VOCAB
+
+    result = json.loads((out / "miniature.json").read_text())
+    assert list(result["perplexity"]) == ["before", "mix", "pubmed"]
+    for row, values in result["perplexity"].items():
+        assert set(values) == set(miniature.DOMAINS)
+        assert all(1.0 < v < 10 * miniature.VOCAB for v in values.values()), (row, values)
+        for d in miniature.DOMAINS:
+            assert result["change_vs_before"][row][d] == pytest.approx(values[d] / result["perplexity"]["before"][d] - 1)
+    assert set(result["target"]) == {"pubmed_at_most_half", "c4_within_3pct", "wikipedia_not_worse"}
+    assert result["setup"]["general_tokens"] == 3 * miniature.BATCH * miniature.SEQ_LEN
+    assert (out / "miniature.md").read_text().count("\n") == 2 + 3
+    printed = capsys.readouterr().out
+    assert "general model (before)" in printed and "target (80/10/10 row)" in printed
