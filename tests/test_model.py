@@ -302,3 +302,20 @@ def test_unreachable_hub_fails_fast_with_advice(monkeypatch, tmp_path):
         from_pretrained("state-spaces/mamba2-370m")
     assert time.monotonic() - start < 30
     assert "config.json" in str(e.value)
+
+
+@pytest.mark.parametrize("out_features,bias", [(48, False), (40, True), (44, False)], ids=["blocked", "blocked_bias", "uneven"])
+def test_decode_linear_equals_the_layer(out_features, bias):
+    """The decoding step's blocked matrix-vector product (used with > 1 thread) is the layer itself."""
+    from minimamba.model import decode_linear
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(24, out_features, bias=bias)
+    x = torch.randn(3, 24)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            torch.testing.assert_close(decode_linear(x, layer), layer(x), rtol=1e-6, atol=1e-6)
+    finally:
+        torch.set_num_threads(threads)
