@@ -916,24 +916,45 @@ def _head_splits(heads_per_group, programs, device):
     return heads_per_group
 
 
+def _chunk_state(u, v, dt, cs, chunk_size, to_chunk_end):
+    """Stage 2's program: Σ_s w_s·dt_s·u_s v_sᵀ per chunk and head, fp32 (b, nc, H, P, N), with
+    w_s = exp(cs[Q-1] − cs[s]) (u = x, v = B: the chunk states S_c) or w_s = exp(cs[s])
+    (u = dy, v = C: ∂L/∂S_in[c] through the outputs of chunk c, in the backward)."""
+    b, l, h, p = u.shape
+    g, n = v.shape[2:]
+    nc = triton.cdiv(l, chunk_size)
+    out = torch.empty(b, nc, h, p, n, device=u.device, dtype=torch.float32)
+    _launch(_chunk_state_kernel, (b * nc, h), (chunk_size, p, n, u.dtype), u, v, dt, cs, out,
+            l, h, p, g, n, nc, chunk_size, TO_CHUNK_END=to_chunk_end, **_dot_args(u, n, p))
+    return out
+
+
+def _chunk_cb(C, B, chunk_size, x):
+    """Stage 4's program: CB (b, nc, G, Q, Q) fp32, with x's dtype for the dot operands."""
+    b, l, g, n = B.shape
+    Q = chunk_size
+    nc = triton.cdiv(l, Q)
+    cb = torch.empty(b, nc, g, Q, Q, device=B.device, dtype=torch.float32)
+    grid = lambda META: (triton.cdiv(Q, META["BLOCK_T"]) * triton.cdiv(Q, META["BLOCK_S"]), b * nc, g)
+    _launch(_chunk_cb_kernel, grid, (Q, x.shape[-1], n, x.dtype), C, B, cb, l, g, n, nc, Q, **_dot_args(x, n))
+    return cb
+
+
 def _forward_stages(x, dt, A, B, C, chunk_size, initial_state):
-    """Stages 1–4, shared by the forward and the backward (which recomputes instead of storing).
+    """Stages 1–4 of the forward (the backward runs stages 2 and 4 again with `_chunk_state` and
+    `_chunk_cb`, and stage 3 fused into its own reverse pass).
     Returns cs (b, H, nc, Q), CB (b, nc, G, Q, Q), the entering states (b, nc, H, P, N, in the dots'
     operand dtype) and the final state (fp32)."""
     b, l, h, p = x.shape
-    g, n = B.shape[2:]
+    n = B.shape[3]
     Q = chunk_size
     nc = triton.cdiv(l, Q)
     f32 = dict(device=x.device, dtype=torch.float32)
 
-    key = (Q, p, n, x.dtype)  # what the autotuned configs are chosen for (see `_launch`)
-
     cs = torch.empty(b, h, nc, Q, **f32)
     _chunk_cumsum_fwd_kernel[(nc, b, h)](dt, A, cs, l, h, nc, Q, BLOCK_Q=_pow2(Q))
 
-    chunk_states = torch.empty(b, nc, h, p, n, **f32)
-    _launch(_chunk_state_kernel, (b * nc, h), key, x, B, dt, cs, chunk_states, l, h, p, g, n, nc, Q,
-            TO_CHUNK_END=True, **_dot_args(x, n, p))
+    chunk_states = _chunk_state(x, B, dt, cs, Q, to_chunk_end=True)
 
     # the entering states are only dot operands of stage 5: stored in that dtype
     states = torch.empty(b, nc, h, p, n, device=x.device, dtype=_dot_torch_dtype(x))
@@ -941,11 +962,7 @@ def _forward_stages(x, dt, A, B, C, chunk_size, initial_state):
     _state_passing_fwd_kernel[(triton.cdiv(p * n, _STATE_BLOCK), b, h)](
         chunk_states, cs, initial_state, states, final, h, p * n, nc, Q,
         HAS_INITIAL=initial_state is not None, BLOCK=_STATE_BLOCK, num_warps=2)
-
-    cb = torch.empty(b, nc, g, Q, Q, **f32)
-    grid = lambda META: (triton.cdiv(Q, META["BLOCK_T"]) * triton.cdiv(Q, META["BLOCK_S"]), b * nc, g)
-    _launch(_chunk_cb_kernel, grid, key, C, B, cb, l, g, n, nc, Q, **_dot_args(x, n))
-    return cs, cb, states, final
+    return cs, _chunk_cb(C, B, Q, x), states, final
 
 
 def _ssd_forward(x, dt, A, B, C, chunk_size, D, initial_state):
@@ -982,15 +999,9 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, cs, chunk_size, D, initial_state):
 
     # stage 2 again (S_c), and ∂L/∂S_in[c] through the outputs of chunk c: the same program with the
     # other weight; stage 4 again (CB)
-    chunk_states = torch.empty(b, nc, h, p, n, **f32)
-    _launch(_chunk_state_kernel, (b * nc, h), key, x, B, dt, cs, chunk_states, l, h, p, g, n, nc, Q,
-            TO_CHUNK_END=True, **dots)
-    dstates = torch.empty_like(chunk_states)
-    _launch(_chunk_state_kernel, (b * nc, h), key, dy, C, dt, cs, dstates, l, h, p, g, n, nc, Q,
-            TO_CHUNK_END=False, **dots)
-    cb = torch.empty(b, nc, g, Q, Q, **f32)
-    grid = lambda META: (triton.cdiv(Q, META["BLOCK_T"]) * triton.cdiv(Q, META["BLOCK_S"]), b * nc, g)
-    _launch(_chunk_cb_kernel, grid, key, C, B, cb, l, g, n, nc, Q, **_dot_args(x, n))
+    chunk_states = _chunk_state(x, B, dt, cs, Q, to_chunk_end=True)
+    dstates = _chunk_state(dy, C, dt, cs, Q, to_chunk_end=False)
+    cb = _chunk_cb(C, B, Q, x)
 
     # stage 3 again (S_in), then the reverse scan over chunks: ∂L/∂S_c, ∂L/∂α_c (partial sums), ∂L/∂h_0;
     # S_in and ∂L/∂S_c are read by the later programs only as dot operands: stored in that dtype too

@@ -24,8 +24,9 @@ improving. So two things move the general perplexities during continued pretrain
 (and the English that PubMed shares with it) keeps teaching general language, and the shift towards
 PubMed pulls them up (the first ~10 steps of a fresh AdamW cost C4 and Wikipedia 8–11%). The recipe row is
 where the two balance; the PubMed-only row shows what the general share protects. (The 5× higher LR is,
-for this still-learning model, mostly faster learning on every domain: see the README.) The balance is calibrated (the general LR and length, the 140 steps): it is a demonstration of the
-mechanism at this scale, not a measurement of the paper's numbers. Calibration runs are described in the README.
+for this still-learning model, mostly faster learning on every domain: see the README.) The balance is
+calibrated (the general LR and length, the 140 steps): it is a demonstration of the mechanism at this
+scale, not a measurement of the paper's numbers. Calibration runs are described in the README.
 
 One simplification keeps it fast: the output layer of a 128-wide model over GPT-NeoX's 50,277 tokens
 would be 94% of the compute, so the token files are remapped to the 8,191 most frequent ids of the
