@@ -31,6 +31,7 @@ from minimamba.ssd import ssd_chunked, ssd_step
 log = logging.getLogger("minimamba")
 
 BACKENDS = ("auto", "torch", "triton")
+DECODE_BACKENDS = ("auto", "torch", "c")
 
 
 class RMSNorm(nn.Module):
@@ -191,13 +192,21 @@ class Mamba2LM(nn.Module):
     "triton" the hand-written Triton kernel (`kernels.ssd_chunk_scan`), CUDA (or CPU under TRITON_INTERPRET=1);
     "auto"   "triton" for CUDA tensors, "torch" otherwise. The choice is logged and `scan_backend()` reports it;
              a missing Triton on CUDA is an error, never a silent fallback.
+
+    `decode_backend` picks the one-token step used by `step` and `generate`:
+    "torch"  `_step_torch`, the PyTorch reference, any device and dtype;
+    "c"      the fused C step (`kernels/decode_cpu.c`), float32 weights on a CPU, built with the system compiler;
+    "auto"   "c" where it can run, "torch" otherwise, saying why (`decoder` logs the choice).
     """
 
-    def __init__(self, config: Mamba2Config, backend="auto"):
+    def __init__(self, config: Mamba2Config, backend="auto", decode_backend="auto"):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"unknown scan backend {backend!r}; choose one of {BACKENDS}")
-        self.config, self.backend = config, backend
+        if decode_backend not in DECODE_BACKENDS:
+            raise ValueError(f"unknown decode backend {decode_backend!r}; choose one of {DECODE_BACKENDS}")
+        self.config, self.backend, self.decode_backend = config, backend, decode_backend
+        self.decode_backend_used = None  # (name, why) of the last `decoder`, logged when it changes
         # The chunk length of the scan is a free parameter (the result does not depend on it): None means the
         # checkpoint's (256) on a GPU and 64 for the torch scan on a CPU, where it measured fastest (bench.py)
         self.scan_chunk_size = None
@@ -311,9 +320,52 @@ class Mamba2LM(nn.Module):
                           dtype=torch.float32)
         return InferenceCache(conv, ssm)
 
-    @torch.no_grad()
     def step(self, token_ids, cache: InferenceCache):
-        """One decoding step: token_ids (b,) -> logits (b, Vp), advancing `cache` by one token."""
+        """One decoding step: token_ids (b,) -> logits (b, Vp), advancing `cache` by one token.
+
+        Picks the backend on every call (about a millisecond); a loop of steps should call `decoder` once.
+        """
+        return self.decoder(token_ids.shape[0])(token_ids, cache)
+
+    def decoder(self, batch_size):
+        """The one-token step for caches of `batch_size` sequences: a function (token_ids, cache) -> logits
+        that advances the cache, computed by the decode backend (see the class docstring)."""
+        if self.decode_backend == "torch":
+            return self._use_decoder("torch", "requested", self._step_torch)
+        from kernels import decode_cpu
+
+        problem = decode_cpu.unsupported(self)
+        if problem is None:
+            try:
+                c_step = decode_cpu.DecodeStep(self, batch_size)
+            except RuntimeError as e:  # no working C compiler
+                if self.decode_backend == "c":
+                    raise
+                return self._use_decoder("torch", f"auto, and the C step failed to build: {e}", self._step_torch,
+                                         level=logging.WARNING)
+            huge = f"{c_step.huge_bytes / 2**20:.0f} MiB of weights on 2 MiB pages"
+            huge += f" ({c_step.huge_why})" if c_step.huge_why else ""
+            return self._use_decoder("c", f"{self.decode_backend}; {huge}", c_step)
+        if self.decode_backend == "c":
+            raise ValueError(f"decode_backend='c' cannot run this model: {problem}. Use decode_backend='torch' "
+                             "or 'auto'.")
+        return self._use_decoder("torch", f"auto: {problem}", self._step_torch)
+
+    def _use_decoder(self, name, why, impl, level=logging.INFO):
+        if (name, why) != self.decode_backend_used:
+            log.log(level, "minimamba: decode step = %s (%s)", name, why)
+            self.decode_backend_used = (name, why)
+
+        def step(token_ids, cache):
+            logits = impl(token_ids, cache)  # (b, Vp)
+            cache.seqlen_offset += 1
+            return logits
+
+        return step
+
+    @torch.no_grad()
+    def _step_torch(self, token_ids, cache: InferenceCache):
+        """The decode step in PyTorch (the reference of the C step): token_ids (b,) -> logits (b, Vp)."""
         residual = self.embedding(token_ids)  # (b, D)
         dtype = residual.dtype
         if self.config.residual_in_fp32:
@@ -321,7 +373,6 @@ class Mamba2LM(nn.Module):
         for i, block in enumerate(self.layers):
             out = block.mixer.step(block.norm(residual, out_dtype=dtype), cache.conv[i], cache.ssm[i])
             residual = residual + out.to(residual.dtype)  # (b, D)
-        cache.seqlen_offset += 1
         return decode_linear(self.norm_f(residual, out_dtype=dtype), self.lm_head)  # (b, Vp)
 
     @torch.no_grad()
@@ -338,6 +389,7 @@ class Mamba2LM(nn.Module):
         b = input_ids.shape[0]
         cache = self.allocate_cache(b, device=input_ids.device)
         logits = self(input_ids, cache=cache, num_last_tokens=1)[:, -1]  # (b, Vp)
+        step = self.decoder(b)
         gen = None
         if seed is not None:
             gen = torch.Generator(device=input_ids.device).manual_seed(seed)
@@ -352,7 +404,7 @@ class Mamba2LM(nn.Module):
             out.append(tok[:, None])
             if (eos_token_id is not None and bool(done.all())) or i == max_new_tokens - 1:
                 break
-            logits = self.step(tok, cache)
+            logits = step(tok, cache)
         return torch.cat(out, dim=1)  # (b, l + new)
 
     def save_pretrained(self, directory):

@@ -1,0 +1,190 @@
+"""The fused C decoding step (kernels/decode_cpu.c) against its PyTorch reference (`Mamba2LM._step_torch`),
+the choice between them, its errors, and the 2 MiB-page request."""
+
+import logging
+import shutil
+
+import pytest
+import torch
+
+from kernels import decode_cpu
+from minimamba import Mamba2Config, Mamba2LM
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="the C decode step needs a C compiler (cc)")
+
+
+def config(**kw):
+    base = dict(d_model=64, n_layer=3, vocab_size=1000, d_state=16, headdim=16, ngroups=2, chunk_size=8)
+    return Mamba2Config(**{**base, **kw})
+
+
+def random_model(cfg, seed=0, decode_backend="auto"):
+    """Every parameter non-trivial (norm weights ≠ 1, varied dt_bias, A, D, biases)."""
+    torch.manual_seed(seed)
+    model = Mamba2LM(cfg, decode_backend=decode_backend).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("A_log", "dt_bias", ".D")) or "bias" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.7)
+            elif "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def run_steps(model, backend, ids):
+    """Decode ids (b, l) one token at a time from an empty cache: logits (b, l, Vp) and the final cache."""
+    model.decode_backend = backend
+    cache = model.allocate_cache(ids.shape[0])
+    step = model.decoder(ids.shape[0])
+    assert model.decode_backend_used[0] == backend
+    logits = torch.stack([step(ids[:, t], cache) for t in range(ids.shape[1])], dim=1)
+    return logits, cache
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),                                   # 8 heads in 2 groups
+    dict(ngroups=1, n_layer=1),               # one group
+    dict(ngroups=8),                          # a group per head
+    dict(bias=True, conv_bias=False),         # biases on the projections, none on the conv
+    dict(d_model=48, headdim=8, d_conv=2),    # 12 heads, another conv width; in_proj rows not a multiple of 4
+])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_c_step_equals_the_torch_step(kw, batch):
+    model = random_model(config(**kw))
+    ids = torch.randint(0, 1000, (batch, 12), generator=torch.Generator().manual_seed(batch))
+    ref, ref_cache = run_steps(model, "torch", ids)
+    out, cache = run_steps(model, "c", ids)
+    scale = ref.abs().max().item()
+    assert (out - ref).abs().max().item() <= 1e-5 * scale, "logits differ"
+    assert (cache.ssm - ref_cache.ssm).abs().max().item() <= 1e-5 * ref_cache.ssm.abs().max().item()
+    assert (cache.conv - ref_cache.conv).abs().max().item() <= 1e-5 * ref_cache.conv.abs().max().item()
+    assert cache.seqlen_offset == ref_cache.seqlen_offset == 12
+
+
+def test_c_step_after_a_prefill_equals_the_full_forward():
+    model = random_model(config(), decode_backend="c")
+    ids = torch.randint(0, 1000, (2, 20))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.allocate_cache(2)
+        model(ids[:, :7], cache=cache)
+    step = model.decoder(2)
+    steps = torch.stack([step(ids[:, t], cache) for t in range(7, 20)], dim=1)
+    assert (steps - full[:, 7:]).abs().max().item() <= 1e-4
+
+
+def test_greedy_generation_is_the_same_with_either_step():
+    model = random_model(config(n_layer=2), seed=3)
+    prompt = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(3))
+    model.decode_backend = "c"
+    ours = model.generate(prompt, max_new_tokens=24)
+    model.decode_backend = "torch"
+    ref = model.generate(prompt, max_new_tokens=24)
+    assert torch.equal(ours, ref)
+
+
+def test_auto_picks_c_for_float32_on_cpu_and_torch_for_bfloat16_saying_why(caplog):
+    model = random_model(config())
+    with caplog.at_level(logging.INFO, logger="minimamba"):
+        model.decoder(1)
+        assert model.decode_backend_used[0] == "c"
+        model.to(torch.bfloat16).decoder(1)
+    assert model.decode_backend_used == ("torch", "auto: the C step computes in float32 and the weights are "
+                                                  "torch.bfloat16")
+    assert "decode step = torch (auto: the C step computes in float32" in caplog.text
+    model.decode_backend = "c"
+    with pytest.raises(ValueError, match="float32.*decode_backend='torch'"):
+        model.decoder(1)
+
+
+def test_weights_moved_after_a_step_are_read_from_their_new_place():
+    model = random_model(config(), decode_backend="c")
+    ids = torch.tensor([[5, 17]])
+    before, _ = run_steps(model, "c", ids)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.clone() * 1.01  # new storage: the old addresses are gone
+    after, _ = run_steps(model, "c", ids)
+    ref, _ = run_steps(model, "torch", ids)
+    assert not torch.allclose(after, before)
+    assert (after - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+
+
+def test_bad_token_ids_and_batch_sizes_fail_clearly():
+    model = random_model(config(), decode_backend="c")
+    cache = model.allocate_cache(2)
+    step = model.decoder(2)
+    with pytest.raises(IndexError, match=r"token ids must lie in \[0, 1008\)"):
+        step(torch.tensor([3, 1008]), cache)
+    with pytest.raises(ValueError, match="built for 2 sequences; got 1 token ids"):
+        step(torch.tensor([3]), cache)
+    with pytest.raises(ValueError, match="unknown decode backend"):
+        Mamba2LM(config(), decode_backend="fortran")
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """An empty build directory and no loaded library, restored afterwards."""
+    monkeypatch.setenv("MINIMAMBA_BUILD_DIR", str(tmp_path))
+    monkeypatch.setattr(decode_cpu, "_lib", None)
+    return tmp_path
+
+
+def test_missing_compiler_is_an_error_for_c_and_a_warning_for_auto(fresh_build, monkeypatch, caplog):
+    monkeypatch.setenv("CC", "no-such-cc")
+    model = random_model(config(), decode_backend="c")
+    with pytest.raises(RuntimeError, match="needs a C compiler.*'no-such-cc' is not on PATH.*decode_backend='torch'"):
+        model.decoder(1)
+    model.decode_backend = "auto"
+    with caplog.at_level(logging.WARNING, logger="minimamba"):
+        step = model.decoder(1)
+    assert model.decode_backend_used[0] == "torch" and "failed to build" in caplog.text
+    assert step(torch.tensor([1]), model.allocate_cache(1)).shape == (1, 1008)
+
+
+def test_a_failing_compiler_leaves_no_partial_library(fresh_build, monkeypatch):
+    monkeypatch.setenv("CC", "false")  # exits 1
+    with pytest.raises(RuntimeError, match="compiling decode_cpu.c with false failed"):
+        decode_cpu.load()
+    assert list(fresh_build.iterdir()) == []
+
+
+def test_the_library_is_built_once_and_reused(fresh_build):
+    decode_cpu.load()
+    built = list(fresh_build.glob("decode_cpu-*.so"))
+    assert len(built) == 1
+    mtime = built[0].stat().st_mtime_ns
+    decode_cpu._lib = None
+    decode_cpu.load()
+    assert [p.stat().st_mtime_ns for p in fresh_build.glob("decode_cpu-*.so")] == [mtime]
+
+
+def _anon_huge_kib(address):
+    """AnonHugePages of the mapping of this process that holds `address` (from /proc/self/smaps)."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "AnonHugePages:":
+            return int(line.split()[1])
+    return 0
+
+
+def test_weights_are_moved_to_2mib_pages_unchanged():
+    t = torch.randn(4 << 20)  # 16 MiB
+    before = t.clone()
+    done, why = decode_cpu.use_huge_pages([t])
+    if why:
+        pytest.skip(f"this kernel does not give 2 MiB pages: {why}")
+    start = -(-t.data_ptr() // (2 << 20)) * (2 << 20)
+    assert done == (t.data_ptr() + (16 << 20)) // (2 << 20) * (2 << 20) - start >= 14 << 20
+    assert _anon_huge_kib(start) * 1024 >= done
+    assert torch.equal(t, before)
+
+
+def test_huge_pages_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("MINIMAMBA_HUGE_PAGES", "0")
+    assert decode_cpu.use_huge_pages([torch.zeros(1 << 20)]) == (0, "MINIMAMBA_HUGE_PAGES=0")
