@@ -154,6 +154,8 @@ def _phase(impl, phase, a):
     cuda = device.type == "cuda"
     model = _build(impl, a["scale"], getattr(torch, a["dtype"]), a["chunk_size"], backend=a["backend"]).to(device)
     model.gradient_checkpointing = a["checkpointing"]
+    if impl == "minimamba":
+        model.decode_backend = a["decode_backend"]
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     # --amp: float32 weights, bfloat16 matmuls (the recipe's mixed precision)
     amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if a["amp"] else contextlib.nullcontext
@@ -193,19 +195,49 @@ def _phase(impl, phase, a):
             prefill = _time(lambda: gen(1), a["repeat"], sync)
             total = _time(lambda: gen(1 + n), max(1, a["repeat"] // 2), sync)
         result = {"prefill tok/s": a["prompt"] / prefill, "decode ms/token": 1000 * (total - prefill) / n}
+        if impl == "minimamba":
+            result["decode step"] = model.decode_backend_used
+            if not cuda and a["floor_rounds"]:
+                with torch.no_grad():
+                    result["floor"] = _decode_vs_floor(model, prompt, a)
     if cuda:  # peak GPU memory of this row (the process's RSS is reported too, as for CPU rows)
         result["GPU peak GiB"] = torch.cuda.max_memory_allocated() / 2**30
     return result
 
 
-def _read_bandwidth(threads):
-    """Memory read bandwidth (GB/s): the best of a few sums over a 1 GiB tensor."""
+def _decode_vs_floor(model, prompt, a):
+    """Decode time beside the memory-bandwidth floor (weight bytes / read bandwidth), measured in turns in one
+    process: this machine's bandwidth drifts by up to 2x within minutes, so only same-moment ratios are fair.
+
+    Each round times `decode_tokens` steps and the best of 3 sums over a 1 GiB tensor, once on ordinary 4 KiB
+    pages and once on 2 MiB pages (where Linux gives them); the ratios are per round, reported as medians.
+    """
+    import statistics
+
     import torch
 
-    torch.set_num_threads(threads)
-    t = torch.ones(2**28)  # 1 GiB of float32
-    secs = _time(lambda: t.sum(), 5)
-    return t.numel() * 4 / secs / 1e9
+    from kernels.decode_cpu import use_huge_pages
+
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    cache = model.allocate_cache(1)
+    model(prompt, cache=cache, num_last_tokens=1)
+    step, tok = model.decoder(1), prompt[:, -1]
+    pages = {"4 KiB": torch.ones(2**28)}  # 1 GiB of float32
+    huge = torch.ones(2**28)
+    if use_huge_pages([huge])[0] > 2**29:
+        pages["2 MiB"] = huge
+    rounds = {"decode ms/token": [], **{f"{k} GB/s": [] for k in pages}, **{f"{k} ratio": [] for k in pages}}
+    for _ in range(a["floor_rounds"]):
+        start = time.perf_counter()
+        for _ in range(a["decode_tokens"]):
+            step(tok, cache)
+        ms = 1000 * (time.perf_counter() - start) / a["decode_tokens"]
+        rounds["decode ms/token"].append(ms)
+        for name, t in pages.items():
+            gbps = t.numel() * 4 / min(_time(t.sum, 1) for _ in range(3)) / 1e9
+            rounds[f"{name} GB/s"].append(gbps)
+            rounds[f"{name} ratio"].append(ms / (weight_bytes / gbps / 1e6))
+    return {"weight MiB": weight_bytes / 2**20, **{k: statistics.median(v) for k, v in rounds.items()}}
 
 
 def bench_model(args):
@@ -233,18 +265,15 @@ def bench_model(args):
               f"{'bf16 autocast' if args.amp else args.dtype}, activation checkpointing {args.checkpointing}")
     print(f"forward / train step: batch {args.batch} x {args.seqlen} tokens; prefill: 1 x {args.prompt}; "
           f"decode: batch 1; scan chunk {args.chunk_size or 'default'}; median of {args.repeat}\n")
-    rows = {}
+    rows, floor, decode_step = {}, None, None
     for phase in args.phases.split(","):
         for impl in impls:
             result, peak = _isolated(_phase, impl, phase, a)
+            floor = result.pop("floor", floor)
+            decode_step = result.pop("decode step", decode_step)
             for k, v in result.items():
                 rows.setdefault((phase, k), {})[impl] = v
             rows.setdefault((phase, "peak GiB"), {})[impl] = peak
-    bandwidth = floor_ms = None
-    if args.device == "cpu":
-        bandwidth = _isolated(_read_bandwidth, a["threads"])[0]
-        floor_ms = weight_bytes / (bandwidth * 1e9) * 1000
-
     print(f"{'':32} {'minimamba':>11}" + (f" {'HF':>11} {'ratio':>7}" if args.compare_hf else ""))
     for (phase, metric), v in rows.items():
         name = f"{phase} {metric}" if phase != "generate" else metric
@@ -253,14 +282,21 @@ def bench_model(args):
             better = v["hf"] / v["minimamba"] if ("ms" in metric or "GiB" in metric) else v["minimamba"] / v["hf"]
             line += f" {v['hf']:11.2f} {better:6.2f}x"
         print(line)
-    if floor_ms and ("generate", "decode ms/token") in rows:
-        decode = rows[("generate", "decode ms/token")]["minimamba"]
-        print(f"\nmemory read bandwidth {bandwidth:.1f} GB/s -> decode floor {floor_ms:.1f} ms/token "
-              f"(weights read once per token); minimamba decode = {decode / floor_ms:.2f}x the floor")
     print("ratio: how many times better minimamba is (speed: ours/HF; time and memory: HF/ours)")
+    if decode_step:
+        print(f"minimamba decode step: {decode_step[0]} ({decode_step[1]})")
+    if floor:
+        print(f"\ndecode vs the bandwidth floor ({floor['weight MiB']:.0f} MiB of weights read once per token), "
+              f"{args.floor_rounds} interleaved rounds, medians: decode {floor['decode ms/token']:.1f} ms/token")
+        for pages in ("4 KiB", "2 MiB"):
+            if f"{pages} ratio" in floor:
+                gbps = floor[f"{pages} GB/s"]
+                print(f"  read bandwidth on {pages} pages {gbps:5.1f} GB/s -> floor "
+                      f"{floor['weight MiB'] * 2**20 / gbps / 1e6:5.1f} ms/token; decode = "
+                      f"{floor[f'{pages} ratio']:.2f}x the floor")
     if args.json:
-        out = {"scale": args.scale, "dtype": args.dtype, "threads": a["threads"], "bandwidth_GBps": bandwidth,
-               "decode_floor_ms": floor_ms, "rows": {f"{p} {m}": v for (p, m), v in rows.items()}}
+        out = {"scale": args.scale, "dtype": args.dtype, "threads": a["threads"], "decode_step": decode_step,
+               "decode_vs_floor": floor, "rows": {f"{p} {m}": v for (p, m), v in rows.items()}}
         Path(args.json).write_text(json.dumps(out, indent=2))
 
 
@@ -279,15 +315,16 @@ def _inference_cost(a):
         cache = model.allocate_cache(1)
         with torch.no_grad():
             model(prompt, cache=cache, num_last_tokens=1)
-            tok = prompt[:, -1]
+            tok, step = prompt[:, -1], model.decoder(1)
             for _ in range(3):
-                model.step(tok, cache)
+                step(tok, cache)
             start = time.perf_counter()
             for _ in range(a["decode_tokens"]):
-                model.step(tok, cache)
+                step(tok, cache)
             ms = 1000 * (time.perf_counter() - start) / a["decode_tokens"]
         kv = 2 * cfg.n_layer * cfg.d_model * context * 4  # K and V, every layer, float32
-        rows.append({"context": context, "decode ms/token": ms, "state bytes": cache.nbytes(), "kv bytes": kv})
+        rows.append({"context": context, "decode ms/token": ms, "state bytes": cache.nbytes(), "kv bytes": kv,
+                     "decode step": model.decode_backend_used[0]})
     return rows
 
 
@@ -297,8 +334,8 @@ def bench_inference(args):
     a = vars(args) | {"threads": args.threads or torch.get_num_threads()}
     a["contexts"] = [int(c) for c in args.contexts.split(",")]
     rows, _ = _isolated(_inference_cost, a)
-    print(f"mamba2-{args.scale} shapes, float32, batch 1, {a['threads']} threads: decode cost after a prefill "
-          "of each context length")
+    print(f"mamba2-{args.scale} shapes, float32, batch 1, {a['threads']} threads, decode step "
+          f"{rows[0]['decode step']}: decode cost after a prefill of each context length")
     print(f"{'context':>8} {'decode ms/token':>16} {'Mamba2 state':>13} {'Transformer KV cache':>21}")
     for r in rows:
         print(f"{r['context']:>8} {r['decode ms/token']:16.1f} {r['state bytes'] / 2**20:10.1f} MiB"
@@ -340,6 +377,10 @@ def main(argv=None):
     mod.add_argument("--amp", action="store_true", help="bfloat16 autocast with float32 weights")
     mod.add_argument("--checkpointing", action="store_true", help="activation checkpointing in the train step")
     mod.add_argument("--phases", default="forward,train,generate", help="which rows to measure")
+    mod.add_argument("--decode-backend", default="auto", choices=["auto", "torch", "c"],
+                     help="minimamba's decode step (default: auto, the C step for float32 on a CPU)")
+    mod.add_argument("--floor-rounds", type=int, default=8,
+                     help="rounds of decode vs read bandwidth, interleaved, on a CPU (0: skip)")
     mod.set_defaults(run=bench_model)
 
     inf = commands.add_parser("inference", help="decode ms/token and state bytes vs context, and KV-cache bytes")

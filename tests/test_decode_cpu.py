@@ -188,3 +188,21 @@ def test_weights_are_moved_to_2mib_pages_unchanged():
 def test_huge_pages_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("MINIMAMBA_HUGE_PAGES", "0")
     assert decode_cpu.use_huge_pages([torch.zeros(1 << 20)]) == (0, "MINIMAMBA_HUGE_PAGES=0")
+
+
+def test_model_benchmark_reports_decode_against_the_bandwidth_floor(tmp_path, capsys):
+    from minimamba import bench
+
+    out = tmp_path / "bench.json"
+    bench.main(["model", "--scale", "tiny", "--phases", "generate", "--prompt", "8", "--decode-tokens", "4",
+                "--repeat", "1", "--floor-rounds", "2", "--threads", "1", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert "minimamba decode step: c (auto" in text
+    assert "read bandwidth on 4 KiB pages" in text and "x the floor" in text
+    import json
+
+    result = json.loads(out.read_text())
+    floor = result["decode_vs_floor"]
+    assert result["decode_step"][0] == "c"
+    assert floor["decode ms/token"] > 0 and floor["4 KiB GB/s"] > 0.1 and floor["4 KiB ratio"] > 0
+    assert result["rows"]["generate decode ms/token"]["minimamba"] > 0
