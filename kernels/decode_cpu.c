@@ -29,6 +29,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 typedef struct {
     int n_layer, d_model, d_inner, nheads, headdim, ngroups, d_state, d_conv, vocab;  /* vocab: head rows (Vp) */
@@ -56,10 +57,27 @@ static float silu(float v) { return v / (1.0f + expf(-v)); }
 
 static float softplus(float v) { return v > 20.0f ? v : log1pf(expf(v)); }  /* torch's threshold 20 */
 
+/* 8 floats in one vector register (a GCC/Clang vector extension: an AVX register with -march=native on x86). */
+typedef float f32x8 __attribute__((vector_size(32)));
+
+static f32x8 load8(const float *p) {  /* an unaligned load */
+    f32x8 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* a · b over n floats, summed in 8 independent vector accumulators. A matrix-vector product is a stream of
+   these over the weight rows, and eight sums in flight keep enough loads going to read at the memory's speed:
+   one accumulator chain makes the decoding step ~10% slower on the benchmark machine. */
 static float dot(const float *a, const float *b, int n) {
+    f32x8 acc[8] = {0};
+    int i = 0;
+    for (; i + 64 <= n; i += 64)
+        for (int k = 0; k < 8; k++) acc[k] += load8(a + i + 8 * k) * load8(b + i + 8 * k);
+    for (int k = 1; k < 8; k++) acc[0] += acc[k];  /* vector adds first: a short chain of dependent adds */
     float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-    for (int i = 0; i < n; i++) s += a[i] * b[i];
+    for (int j = 0; j < 8; j++) s += acc[0][j];
+    for (; i < n; i++) s += a[i] * b[i];  /* the last n % 64 */
     return s;
 }
 
@@ -73,42 +91,17 @@ static void rmsnorm(const float *x, const float *w, float *out, int rows, int n,
     }
 }
 
-/* s[r] = W[r, :] · x for the 4 consecutive rows of W that start at w (rows of n floats). Reading four rows
-   at once keeps more memory requests in flight than one (~10% faster on the benchmark machine). */
-static void dot4(const float *w, const float *x, int n, float *s) {
-    const float *w0 = w, *w1 = w + n, *w2 = w + 2 * (size_t)n, *w3 = w + 3 * (size_t)n;
-    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-    for (int i = 0; i < n; i++) {
-        s0 += w0[i] * x[i];
-        s1 += w1[i] * x[i];
-        s2 += w2[i] * x[i];
-        s3 += w3[i] * x[i];
-    }
-    s[0] = s0, s[1] = s1, s[2] = s2, s[3] = s3;
-}
-
-/* y[b, o] = (accumulate ? y[b, o] : 0) + bias[o] + W[o, :] · x[b, :] for o < rows. The threads share out
-   W's rows; each block of 4 rows is read from memory once and applied to every sequence of the batch. */
+/* y[b, o] = (accumulate ? y[b, o] : 0) + bias[o] + W[o, :] · x[b, :] for o < rows. The threads share out W's
+   rows; each row is read from memory once and applied to every sequence of the batch while it is in cache. */
 static void matvec(const float *W, const float *bias, const float *x, float *y, int rows, int cols, int batch,
                    int accumulate) {
 #pragma omp for schedule(static)
-    for (int o = 0; o < rows; o += 4) {
-        int nr = rows - o < 4 ? rows - o : 4;  /* 4, or fewer in the last block */
-        const float *w = W + (size_t)o * cols;
+    for (int o = 0; o < rows; o++)
         for (int b = 0; b < batch; b++) {
-            const float *xb = x + (size_t)b * cols;
-            float s[4];
-            if (nr == 4)
-                dot4(w, xb, cols, s);
-            else
-                for (int r = 0; r < nr; r++) s[r] = dot(w + (size_t)r * cols, xb, cols);
-            for (int r = 0; r < nr; r++) {
-                float v = s[r] + (bias ? bias[o + r] : 0.0f), *yo = y + (size_t)b * rows + o + r;
-                *yo = accumulate ? *yo + v : v;
-            }
+            float v = dot(W + (size_t)o * cols, x + (size_t)b * cols, cols) + (bias ? bias[o] : 0.0f);
+            float *yo = y + (size_t)b * rows + o;
+            *yo = accumulate ? *yo + v : v;
         }
-    }
 }
 
 /* The causal depthwise conv on one new input per channel, then SiLU; shifts the history by one.
