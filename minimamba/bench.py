@@ -211,8 +211,9 @@ def _decode_vs_floor(model, prompt, a):
     """Decode time beside the memory-bandwidth floor (weight bytes / read bandwidth), measured in turns in one
     process: this machine's bandwidth drifts by up to 2x within minutes, so only same-moment ratios are fair.
 
-    Each round times `decode_tokens` steps and the best of 3 sums over a 1 GiB tensor, once on ordinary 4 KiB
-    pages and once on 2 MiB pages (where Linux gives them); the ratios are per round, reported as medians.
+    Each round takes the median time of `decode_tokens` steps and the median of 5 sums over a 1 GiB tensor,
+    once on ordinary 4 KiB pages and once on 2 MiB pages (where Linux gives them): medians on both sides, so
+    that a noisy moment weighs the same on each. The ratios are per round, reported as medians over rounds.
     """
     import statistics
 
@@ -226,20 +227,21 @@ def _decode_vs_floor(model, prompt, a):
     step, tok = model.decoder(1), prompt[:, -1]
     pages = {"4 KiB": torch.ones(2**28)}  # 1 GiB of float32
     huge = torch.ones(2**28)
-    if use_huge_pages([huge])[0] > 2**29:
+    huge_bytes, why = use_huge_pages([huge])
+    if huge_bytes > 2**29:
         pages["2 MiB"] = huge
+    else:
+        why = f"2 MiB pages not given: {why or f'{huge_bytes / 2**20:.0f} MiB of 1 GiB collapsed'}"
     rounds = {"decode ms/token": [], **{f"{k} GB/s": [] for k in pages}, **{f"{k} ratio": [] for k in pages}}
     for _ in range(a["floor_rounds"]):
-        start = time.perf_counter()
-        for _ in range(a["decode_tokens"]):
-            step(tok, cache)
-        ms = 1000 * (time.perf_counter() - start) / a["decode_tokens"]
+        ms = 1000 * _time(lambda: step(tok, cache), a["decode_tokens"])
         rounds["decode ms/token"].append(ms)
         for name, t in pages.items():
-            gbps = t.numel() * 4 / min(_time(t.sum, 1) for _ in range(3)) / 1e9
+            gbps = t.numel() * 4 / _time(t.sum, 5) / 1e9
             rounds[f"{name} GB/s"].append(gbps)
             rounds[f"{name} ratio"].append(ms / (weight_bytes / gbps / 1e6))
-    return {"weight MiB": weight_bytes / 2**20, **{k: statistics.median(v) for k, v in rounds.items()}}
+    return {"weight MiB": weight_bytes / 2**20, **{k: statistics.median(v) for k, v in rounds.items()},
+            "note": None if "2 MiB" in pages else why}
 
 
 def bench_model(args):
@@ -297,6 +299,8 @@ def bench_model(args):
                 print(f"  read bandwidth on {pages} pages {gbps:5.1f} GB/s -> floor "
                       f"{floor['weight MiB'] * 2**20 / gbps / 1e6:5.1f} ms/token; decode = "
                       f"{floor[f'{pages} ratio']:.2f}x the floor")
+        if floor["note"]:
+            print(f"  ({floor['note']})")
     if args.json:
         out = {"scale": args.scale, "dtype": args.dtype, "threads": a["threads"], "decode_step": decode_step,
                "decode_vs_floor": floor, "rows": {f"{p} {m}": v for (p, m), v in rows.items()}}
