@@ -1,7 +1,7 @@
 /* One decoding step of a float32 Mamba2 LM on a CPU, every layer in one call.
 
-   The same arithmetic as `Mamba2LM.step` in minimamba/model.py (its PyTorch reference, tested equal in
-   tests/test_decode_cpu.py), with the glossary of minimamba/ssd.py: D = d_model, E = d_inner, H heads of
+   The same arithmetic as `Mamba2LM._step_torch` in minimamba/model.py (its PyTorch reference, tested equal
+   in tests/test_decode_cpu.py), with the glossary of minimamba/ssd.py: D = d_model, E = d_inner, H heads of
    P channels, G groups of N state entries, K conv taps, Din = 2E + 2GN + H rows of in_proj.
 
    For each sequence b of the batch and each layer:
@@ -18,9 +18,10 @@
 
    Why a kernel: at batch 1 a decoding step reads every weight once and does two flops per weight, so its
    time is the bytes of the weights divided by the memory bandwidth. Library matrix-vector products reach
-   ~65–80% of the bandwidth here and the ~20 small tensor ops per layer cost as much again; this file streams
-   each weight row once with all threads (the row loops are split across OpenMP threads) and keeps the small
-   ops in the same parallel region, so the step costs ~1.1× the bytes/bandwidth floor (README, CPU table).
+   ~65–80% of the bandwidth here and the ~20 small tensor ops per layer add half as much again; this file
+   streams each weight row once with all threads (the row loops are split across OpenMP threads) and keeps
+   the small ops in the same parallel region: the step costs 1.1–1.25× the bytes/bandwidth floor, the torch
+   step 1.65× (README, CPU benchmarks).
 
    Threads: one `omp parallel` region per step; the loops below are orphaned `omp for`s that share it out,
    and `omp single` runs the tiny per-row norms. Built by kernels/decode_cpu.py with the system C compiler
