@@ -1,7 +1,11 @@
-"""Triton kernels of minimamba: the chunked SSD scan (forward and backward) and its GPU benchmark.
+"""Hand-written kernels of minimamba, each tested against its PyTorch reference:
 
-`ssd_chunk_scan` has the contract of `minimamba.ssd.ssd_chunked`; see `kernels/ssd_triton.py`.
-It is imported lazily, on first use, so that `python -m kernels.bench --cpu-smoke` can set
+- `ssd_chunk_scan`: the chunked SSD scan (forward and backward) in Triton, with the contract of
+  `minimamba.ssd.ssd_chunked`; see `kernels/ssd_triton.py`, and `kernels/bench.py` for its GPU benchmark;
+- `kernels/decode_cpu.c` (loaded by `kernels/decode_cpu.py`): the fused one-token decoding step on a CPU,
+  the reference being `Mamba2LM._step_torch`.
+
+`ssd_chunk_scan` is imported lazily, on first use, so that `python -m kernels.bench --cpu-smoke` can set
 TRITON_INTERPRET=1 before Triton is imported. Run `python -m kernels.bench` on a GPU for timings.
 """
 

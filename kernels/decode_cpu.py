@@ -1,7 +1,7 @@
 """The fused CPU decoding step (`decode_cpu.c`): build it, check a model fits it, call it.
 
-`Mamba2LM.step` uses it for float32 models on a CPU (`decode_backend="c"`, or "auto" when a C compiler is
-found); its PyTorch reference is the same method's "torch" path, and tests/test_decode_cpu.py checks they agree.
+`Mamba2LM.step` and `generate` use it for float32 models on a CPU (`decode_backend="c"`, or "auto" when a C
+compiler is found); its PyTorch reference is `Mamba2LM._step_torch`, and tests/test_decode_cpu.py checks they agree.
 
 The C source is compiled once per machine with the system compiler (`$CC`, default `cc`) into
 `$MINIMAMBA_BUILD_DIR` (default `~/.cache/minimamba/build`), named by a hash of the source, the compiler
