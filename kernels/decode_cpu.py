@@ -54,6 +54,32 @@ def _cpu_id() -> str:
 _lib = None
 
 
+def library_path(cc) -> Path:
+    """Where the library built by `cc` lives: named by a hash of the source, the flags and the CPU."""
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS]).encode() + _cpu_id().encode())
+    return build_dir() / f"decode_cpu-{key.hexdigest()[:16]}.so"
+
+
+def _compile(cc, lib_path):
+    """Compile SOURCE into lib_path: into a temporary file beside it, then renamed (atomic)."""
+    try:
+        lib_path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib_path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise RuntimeError(f"cannot write the C decode step's library to {lib_path.parent} ({e}): set "
+                           "MINIMAMBA_BUILD_DIR to a writable folder, or use decode_backend='torch'") from e
+    try:
+        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"compiling {SOURCE.name} with {cc} failed:\n{done.stderr.strip()}\n"
+                               "Fix the compiler (it needs OpenMP: -fopenmp) or use decode_backend='torch'.")
+        os.replace(tmp, lib_path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def load():
     """The compiled library (built on first use). Raises RuntimeError saying what to do if it cannot be built."""
     global _lib
@@ -63,23 +89,15 @@ def load():
     if shutil.which(cc) is None:
         raise RuntimeError(f"the C decode step needs a C compiler with OpenMP, and {cc!r} is not on PATH: "
                            "install one (e.g. apt-get install gcc) or set CC, or use decode_backend='torch'")
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([cc, *FLAGS]).encode() + _cpu_id().encode()).hexdigest()[:16]
-    lib_path = build_dir() / f"decode_cpu-{key}.so"
+    lib_path = library_path(cc)
     if not lib_path.exists():
-        lib_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib_path.parent)  # compile beside, then rename: atomic
-        os.close(fd)
-        try:
-            done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"compiling {SOURCE.name} with {cc} failed:\n{done.stderr.strip()}\n"
-                                   "Fix the compiler (it needs OpenMP: -fopenmp) or use decode_backend='torch'.")
-            os.replace(tmp, lib_path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    lib = ctypes.CDLL(str(lib_path))
+        _compile(cc, lib_path)
+    try:
+        lib = ctypes.CDLL(str(lib_path))
+    except OSError:  # a damaged file in the build folder: build it again, once
+        lib_path.unlink()
+        _compile(cc, lib_path)
+        lib = ctypes.CDLL(str(lib_path))
     lib.mamba2_step_workspace.restype = ctypes.c_size_t
     lib.mamba2_step_workspace.argtypes = [ctypes.POINTER(Dims), ctypes.c_int]
     lib.mamba2_step.restype = None

@@ -2,6 +2,7 @@
 the choice between them, its errors, and the 2 MiB-page request."""
 
 import logging
+import os
 import shutil
 
 import pytest
@@ -207,3 +208,18 @@ def test_model_benchmark_reports_decode_against_the_bandwidth_floor(tmp_path, ca
     assert result["decode_step"][0] == "c"
     assert floor["decode ms/token"] > 0 and floor["4 KiB GB/s"] > 0.1 and floor["4 KiB ratio"] > 0
     assert result["rows"]["generate decode ms/token"]["minimamba"] > 0
+
+
+def test_an_unwritable_build_folder_names_the_fix(fresh_build, monkeypatch):
+    blocker = fresh_build / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("MINIMAMBA_BUILD_DIR", str(blocker / "build"))
+    with pytest.raises(RuntimeError, match="cannot write the C decode step's library.*MINIMAMBA_BUILD_DIR"):
+        decode_cpu.load()
+
+
+def test_a_damaged_library_in_the_build_folder_is_rebuilt(fresh_build):
+    path = decode_cpu.library_path(os.environ.get("CC", "cc"))
+    path.write_bytes(b"\x7fELF truncated")
+    lib = decode_cpu.load()
+    assert lib.mamba2_step_workspace is not None and path.stat().st_size > 1000
