@@ -46,12 +46,14 @@ typedef struct {  /* one layer's weights, all contiguous float32; optional ones 
     const float *out_w, *out_b;       /* (D, E), (D) or NULL */
 } Layer;
 
+static int conv_dim(const Dims *d) { return d->d_inner + 2 * d->ngroups * d->d_state; }  /* E + 2GN: [x|B|C] */
+
+static int in_proj_dim(const Dims *d) { return d->d_inner + conv_dim(d) + d->nheads; }   /* Din: [z|x|B|C|dt] */
+
 /* Floats of scratch one step needs for `batch` sequences (the caller allocates them once). */
 size_t mamba2_step_workspace(const Dims *d, int batch) {
-    size_t din = 2 * (size_t)d->d_inner + 2 * (size_t)d->ngroups * d->d_state + d->nheads;
-    size_t conv_dim = (size_t)d->d_inner + 2 * (size_t)d->ngroups * d->d_state;
     /* residual (D), normed input (D), in_proj output (Din), conv output (E+2GN), y (E) */
-    return (size_t)batch * (2 * (size_t)d->d_model + din + conv_dim + d->d_inner);
+    return (size_t)batch * (2 * (size_t)d->d_model + in_proj_dim(d) + conv_dim(d) + d->d_inner);
 }
 
 static float silu(float v) { return v / (1.0f + expf(-v)); }
@@ -108,20 +110,19 @@ static void matvec(const float *W, const float *bias, const float *x, float *y, 
 /* The causal depthwise conv on one new input per channel, then SiLU; shifts the history by one.
    zxbcdt (batch, Din) holds xBC at offset E; history (batch, K-1, conv_dim); out (batch, conv_dim). */
 static void conv_step(const Layer *L, const Dims *d, const float *zxbcdt, float *history, float *out, int batch) {
-    int K = d->d_conv, conv_dim = d->d_inner + 2 * d->ngroups * d->d_state;
-    int din = d->d_inner + conv_dim + d->nheads;
+    int K = d->d_conv, cd = conv_dim(d), din = in_proj_dim(d);
 #pragma omp for collapse(2) schedule(static)
     for (int b = 0; b < batch; b++)
-        for (int c = 0; c < conv_dim; c++) {
-            float *hist = history + (size_t)b * (K - 1) * conv_dim + c;  /* hist[k * conv_dim], k < K-1 */
+        for (int c = 0; c < cd; c++) {
+            float *hist = history + (size_t)b * (K - 1) * cd + c;  /* hist[k * cd], k < K-1 */
             const float *w = L->conv_w + (size_t)c * K;
             float new_in = zxbcdt[(size_t)b * din + d->d_inner + c];
             float v = L->conv_b ? L->conv_b[c] : 0.0f;
-            for (int k = 0; k < K - 1; k++) v += w[k] * hist[(size_t)k * conv_dim];
+            for (int k = 0; k < K - 1; k++) v += w[k] * hist[(size_t)k * cd];
             v += w[K - 1] * new_in;
-            for (int k = 0; k < K - 2; k++) hist[(size_t)k * conv_dim] = hist[(size_t)(k + 1) * conv_dim];
-            if (K > 1) hist[(size_t)(K - 2) * conv_dim] = new_in;
-            out[(size_t)b * conv_dim + c] = silu(v);
+            for (int k = 0; k < K - 2; k++) hist[(size_t)k * cd] = hist[(size_t)(k + 1) * cd];
+            if (K > 1) hist[(size_t)(K - 2) * cd] = new_in;
+            out[(size_t)b * cd + c] = silu(v);
         }
 }
 
@@ -129,15 +130,15 @@ static void conv_step(const Layer *L, const Dims *d, const float *zxbcdt, float 
 static void ssm_step(const Layer *L, const Dims *d, const float *zxbcdt, const float *xBC, float *state, float *y,
                      int batch) {
     int H = d->nheads, P = d->headdim, N = d->d_state, G = d->ngroups;
-    int conv_dim = d->d_inner + 2 * G * N, din = d->d_inner + conv_dim + H;
+    int cd = conv_dim(d), din = in_proj_dim(d);
 #pragma omp for collapse(2) schedule(static)
     for (int b = 0; b < batch; b++)
         for (int h = 0; h < H; h++) {
             int g = h / (H / G);
-            const float *x = xBC + (size_t)b * conv_dim + (size_t)h * P;                  /* (P) */
-            const float *B = xBC + (size_t)b * conv_dim + d->d_inner + (size_t)g * N;     /* (N) */
+            const float *x = xBC + (size_t)b * cd + (size_t)h * P;                        /* (P) */
+            const float *B = xBC + (size_t)b * cd + d->d_inner + (size_t)g * N;           /* (N) */
             const float *C = B + (size_t)G * N;                                           /* (N) */
-            float dt = softplus(zxbcdt[(size_t)b * din + d->d_inner + conv_dim + h] + L->dt_bias[h]);
+            float dt = softplus(zxbcdt[(size_t)b * din + d->d_inner + cd + h] + L->dt_bias[h]);
             float decay = expf(dt * -expf(L->A_log[h]));
             float Dh = L->D ? L->D[h] : 0.0f;
             float *hs = state + ((size_t)b * H + h) * P * N;                               /* (P, N) */
@@ -155,8 +156,7 @@ static void ssm_step(const Layer *L, const Dims *d, const float *zxbcdt, const f
 
 /* y ← RMSNorm(y · silu(z)) · w over each group of E/G channels, for every (sequence, group). */
 static void gated_norm(const Layer *L, const Dims *d, const float *zxbcdt, float *y, int batch) {
-    int E = d->d_inner, G = d->ngroups, n = E / G;
-    int din = E + E + 2 * G * d->d_state + d->nheads;
+    int E = d->d_inner, G = d->ngroups, n = E / G, din = in_proj_dim(d);
 #pragma omp for collapse(2) schedule(static)
     for (int b = 0; b < batch; b++)
         for (int g = 0; g < G; g++) {
@@ -174,14 +174,13 @@ static void gated_norm(const Layer *L, const Dims *d, const float *zxbcdt, float
 void mamba2_step(const Dims *d, const Layer *layers, const float *embedding, const float *norm_f_w,
                  const float *head_w, const int64_t *tokens, int batch, float *conv_state, float *ssm_state,
                  float *work, float *logits, int nthreads) {
-    int Dm = d->d_model, E = d->d_inner, conv_dim = E + 2 * d->ngroups * d->d_state;
-    int din = E + conv_dim + d->nheads;
+    int Dm = d->d_model, E = d->d_inner, cd = conv_dim(d), din = in_proj_dim(d);
     float *residual = work;                          /* (batch, D) */
     float *u = residual + (size_t)batch * Dm;        /* (batch, D) */
     float *zxbcdt = u + (size_t)batch * Dm;          /* (batch, Din) */
     float *xBC = zxbcdt + (size_t)batch * din;       /* (batch, E+2GN) */
-    float *y = xBC + (size_t)batch * conv_dim;       /* (batch, E) */
-    size_t conv_layer = (size_t)batch * (d->d_conv - 1) * conv_dim;
+    float *y = xBC + (size_t)batch * cd;             /* (batch, E) */
+    size_t conv_layer = (size_t)batch * (d->d_conv - 1) * cd;
     size_t ssm_layer = (size_t)batch * d->nheads * d->headdim * d->d_state;
 
 #pragma omp parallel num_threads(nthreads)
