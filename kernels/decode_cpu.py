@@ -191,7 +191,8 @@ class DecodeStep:
         b, vocab_rows = token_ids.shape[0], self.embedding.shape[0]
         if b != self.batch_size or cache.conv.shape[1] != b:
             raise ValueError(f"this step was built for {self.batch_size} sequences; got {b} token ids and a "
-                             f"cache of {cache.conv.shape[1]}")
+                             f"cache of {cache.conv.shape[1]}: take a step for this batch with model.decoder({b}) "
+                             f"and a cache from model.allocate_cache({b})")
         if cache.conv.dtype != torch.float32 or cache.ssm.dtype != torch.float32 or not (
                 cache.conv.is_contiguous() and cache.ssm.is_contiguous()):
             raise ValueError("the C decode step needs a contiguous float32 cache (model.allocate_cache gives one)")
