@@ -38,6 +38,7 @@ Conventions shared by every program:
 """
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -120,7 +121,7 @@ def _chunk_cumsum_fwd_kernel(
 def chunk_cumsum_ref(dt, A, chunk_size):
     """PyTorch reference of stage 1: (batch, seqlen, H) -> cs (batch, H, nchunks, Q)."""
     b, l, h = dt.shape
-    nc = triton.cdiv(l, chunk_size)
+    nc = _cdiv(l, chunk_size)
     dA = torch.nn.functional.pad(dt.float() * A.float(), (0, 0, 0, nc * chunk_size - l))  # dt = 0 past l
     return dA.view(b, nc, chunk_size, h).cumsum(2).permute(0, 3, 1, 2)
 
@@ -320,7 +321,7 @@ def _chunk_cb_kernel(
 def chunk_cb_ref(C, B, chunk_size):
     """PyTorch reference of stage 4: CB (batch, nchunks, G, Q, Q), fp32."""
     b, l, g, n = C.shape
-    nc = triton.cdiv(l, chunk_size)
+    nc = _cdiv(l, chunk_size)
     pad = (0, 0, 0, 0, 0, nc * chunk_size - l)
     Cc = torch.nn.functional.pad(C.float(), pad).view(b, nc, chunk_size, g, n)
     Bc = torch.nn.functional.pad(B.float(), pad).view(b, nc, chunk_size, g, n)
@@ -879,16 +880,27 @@ _STATE_BLOCK = 256  # state entries per program in the two state-passing kernels
 _DC_MIN_BLOCK_T = 32  # the smallest row tile among the dC program's configs: it sizes dA_diag
 
 
+# Host-side arithmetic is plain Python: triton.cdiv and triton.next_power_of_2 are constexpr functions
+# that cost ~5 µs of host time per call outside a kernel (a forward+backward made ~37 such calls).
+def _cdiv(a, b):
+    return -(-a // b)
+
+
 def _pow2(n):
     """The tile covering n: the next power of two, at least 16 (the smallest `tl.dot` dimension)."""
-    return max(16, triton.next_power_of_2(n))
+    return max(16, 1 << (n - 1).bit_length())
 
 
 def _dot_args(x, dstate, headdim=None):
     """The constexprs every dot-using program gets: operand dtype, precision, and P/N tile sizes."""
-    if x.dtype == torch.float32:
+    return _dot_args_for(x.dtype, dstate, headdim)
+
+
+@functools.cache
+def _dot_args_for(dtype, dstate, headdim):
+    if dtype == torch.float32:
         dot_dtype, precision = tl.float32, "ieee"  # exact fp32 products, not TF32
-    elif x.dtype == torch.float16:
+    elif dtype == torch.float16:
         dot_dtype, precision = tl.float16, "tf32"  # (the precision only matters for fp32 operands)
     else:  # bfloat16. Triton 3.9's interpreter multiplies the raw bits of bf16 dot operands, so on CPU
         # the dots take fp32 operands; loads, casts and stores are still exercised in bf16.
@@ -896,7 +908,7 @@ def _dot_args(x, dstate, headdim=None):
     args = dict(DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, BLOCK_N=_pow2(dstate))
     if headdim is not None:
         args["BLOCK_P"] = _pow2(headdim)
-    return args
+    return args  # (shared between calls: read only)
 
 
 def _dot_torch_dtype(x):
@@ -906,10 +918,21 @@ def _dot_torch_dtype(x):
         _dot_args(x, 16)["DOT_DTYPE"]]
 
 
+@functools.cache
+def _sm_count(device):
+    """Streaming multiprocessors of the GPU that runs the programs (1 under the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    if INTERPRET:
+        return 1
+    # CPU tensors without the interpreter: only under kernels.offline's stand-in for a GPU
+    return triton.runtime.driver.active.utils.get_device_properties(0)["multiprocessor_count"]
+
+
 def _head_splits(heads_per_group, programs, device):
     """Into how many programs the dB/dC kernels split the heads of a group: the smallest divisor of
     heads_per_group giving about 4 programs per SM (each split adds an fp32 partial sum to reduce)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    sms = _sm_count(device)
     for d in range(1, heads_per_group + 1):
         if heads_per_group % d == 0 and programs * d >= 4 * sms:
             return d
@@ -922,7 +945,7 @@ def _chunk_state(u, v, dt, cs, chunk_size, to_chunk_end):
     (u = dy, v = C: ∂L/∂S_in[c] through the outputs of chunk c, in the backward)."""
     b, l, h, p = u.shape
     g, n = v.shape[2:]
-    nc = triton.cdiv(l, chunk_size)
+    nc = _cdiv(l, chunk_size)
     out = torch.empty(b, nc, h, p, n, device=u.device, dtype=torch.float32)
     _launch(_chunk_state_kernel, (b * nc, h), (chunk_size, p, n, u.dtype), u, v, dt, cs, out,
             l, h, p, g, n, nc, chunk_size, TO_CHUNK_END=to_chunk_end, **_dot_args(u, n, p))
@@ -933,9 +956,9 @@ def _chunk_cb(C, B, chunk_size, x):
     """Stage 4's program: CB (b, nc, G, Q, Q) fp32, with x's dtype for the dot operands."""
     b, l, g, n = B.shape
     Q = chunk_size
-    nc = triton.cdiv(l, Q)
+    nc = _cdiv(l, Q)
     cb = torch.empty(b, nc, g, Q, Q, device=B.device, dtype=torch.float32)
-    grid = lambda META: (triton.cdiv(Q, META["BLOCK_T"]) * triton.cdiv(Q, META["BLOCK_S"]), b * nc, g)
+    grid = lambda META: (_cdiv(Q, META["BLOCK_T"]) * _cdiv(Q, META["BLOCK_S"]), b * nc, g)
     _launch(_chunk_cb_kernel, grid, (Q, x.shape[-1], n, x.dtype), C, B, cb, l, g, n, nc, Q, **_dot_args(x, n))
     return cb
 
@@ -948,7 +971,7 @@ def _forward_stages(x, dt, A, B, C, chunk_size, initial_state):
     b, l, h, p = x.shape
     n = B.shape[3]
     Q = chunk_size
-    nc = triton.cdiv(l, Q)
+    nc = _cdiv(l, Q)
     f32 = dict(device=x.device, dtype=torch.float32)
 
     cs = torch.empty(b, h, nc, Q, **f32)
@@ -959,7 +982,7 @@ def _forward_stages(x, dt, A, B, C, chunk_size, initial_state):
     # the entering states are only dot operands of stage 5: stored in that dtype
     states = torch.empty(b, nc, h, p, n, device=x.device, dtype=_dot_torch_dtype(x))
     final = torch.empty(b, h, p, n, **f32)
-    _state_passing_fwd_kernel[(triton.cdiv(p * n, _STATE_BLOCK), b, h)](
+    _state_passing_fwd_kernel[(_cdiv(p * n, _STATE_BLOCK), b, h)](
         chunk_states, cs, initial_state, states, final, h, p * n, nc, Q,
         HAS_INITIAL=initial_state is not None, BLOCK=_STATE_BLOCK, num_warps=2)
     return cs, _chunk_cb(C, B, Q, x), states, final
@@ -970,10 +993,10 @@ def _ssd_forward(x, dt, A, B, C, chunk_size, D, initial_state):
     cs (b, H, nc, Q), which the backward keeps."""
     b, l, h, p = x.shape
     g, n = B.shape[2:]
-    nc = triton.cdiv(l, chunk_size)
+    nc = _cdiv(l, chunk_size)
     cs, cb, states, final = _forward_stages(x, dt, A, B, C, chunk_size, initial_state)
     y = torch.empty_like(x)
-    grid = lambda META: (triton.cdiv(chunk_size, META["BLOCK_T"]), b * nc, h)
+    grid = lambda META: (_cdiv(chunk_size, META["BLOCK_T"]), b * nc, h)
     _launch(_chunk_scan_fwd_kernel, grid, (chunk_size, p, n, x.dtype), x, dt, cs, cb, C, states, D, y,
             l, h, p, g, n, nc, chunk_size, HAS_D=D is not None, **_dot_args(x, n, p))
     return y, final, cs
@@ -990,7 +1013,7 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, cs, chunk_size, D, initial_state):
     b, l, h, p = x.shape
     g, n = B.shape[2:]
     Q = chunk_size
-    nc = triton.cdiv(l, Q)
+    nc = _cdiv(l, Q)
     f32 = dict(device=x.device, dtype=torch.float32)
     dy = torch.zeros_like(x) if dy is None else dy.to(x.dtype).contiguous()
     dfinal = None if dfinal is None else dfinal.contiguous()
@@ -1005,7 +1028,7 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, cs, chunk_size, D, initial_state):
 
     # stage 3 again (S_in), then the reverse scan over chunks: ∂L/∂S_c, ∂L/∂α_c (partial sums), ∂L/∂h_0;
     # S_in and ∂L/∂S_c are read by the later programs only as dot operands: stored in that dtype too
-    n_blocks = triton.cdiv(p * n, _STATE_BLOCK)
+    n_blocks = _cdiv(p * n, _STATE_BLOCK)
     dot_dtype = _dot_torch_dtype(x)
     states = torch.empty_like(chunk_states)
     states_dot = states if dot_dtype == torch.float32 else torch.empty_like(states, dtype=dot_dtype)
@@ -1021,21 +1044,21 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, cs, chunk_size, D, initial_state):
     dx = torch.empty_like(x)
     ddt_x = torch.empty(b, h, nc, Q, **f32)
     dxy = torch.empty(b, h, nc, Q, **f32) if D is not None else None
-    grid = lambda META: (triton.cdiv(Q, META["BLOCK_S"]), b * nc, h)
+    grid = lambda META: (_cdiv(Q, META["BLOCK_S"]), b * nc, h)
     _launch(_chunk_scan_bwd_dx_kernel, grid, key, x, dy, dt, cs, cb, B, dchunk, D, dx, ddt_x, dxy,
             l, h, p, g, n, nc, Q, HAS_D=D is not None, **dots)
 
     # dB and dC (one buffer, so that one reduction and one cast serve both), each summed over the
     # heads of a group in n_splits partial sums
-    n_splits = _head_splits(h // g, triton.cdiv(Q, 64) * b * nc * g, x.device)
+    n_splits = _head_splits(h // g, _cdiv(Q, 64) * b * nc * g, x.device)
     dBC = torch.empty(2, n_splits, b, l, g, n, **f32)
     dA_state = torch.empty(b, h, nc, Q, **f32)
-    grid = lambda META: (triton.cdiv(Q, META["BLOCK_S"]), b * nc, g * n_splits)
+    grid = lambda META: (_cdiv(Q, META["BLOCK_S"]), b * nc, g * n_splits)
     _launch(_chunk_scan_bwd_db_kernel, grid, key, x, dy, dt, cs, B, C, dchunk, dBC[0], dA_state,
             b, l, h, p, g, n, nc, Q, n_splits, **dots)
     dA_off = torch.empty(b, h, nc, Q, **f32)
-    dA_diag = torch.empty(b, h, nc, triton.cdiv(Q, _DC_MIN_BLOCK_T), Q, **f32)  # room for any row tile
-    grid = lambda META: (triton.cdiv(Q, META["BLOCK_T"]), b * nc, g * n_splits)
+    dA_diag = torch.empty(b, h, nc, _cdiv(Q, _DC_MIN_BLOCK_T), Q, **f32)  # room for any row tile
+    grid = lambda META: (_cdiv(Q, META["BLOCK_T"]), b * nc, g * n_splits)
     dc_config = _launch(_chunk_scan_bwd_dc_kernel, grid, key, x, dy, dt, cs, cb, B, C, states_dot, dBC[1],
                         dA_off, dA_diag, b, l, h, p, g, n, nc, Q, n_splits, **dots)
     dc_block_t = dc_config.kwargs["BLOCK_T"]  # the row tile the dC program ran with
@@ -1044,7 +1067,7 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, cs, chunk_size, D, initial_state):
     ddt = torch.empty(b, l, h, **f32)
     parts = torch.empty(2 if D is not None else 1, b, nc, h, **f32)
     _chunk_cumsum_bwd_kernel[(nc, b, h)](dt, A, ddt_x, dxy, dA_state, dA_off, dA_diag, dalpha, ddt, parts[0],
-                                         parts[-1], l, h, nc, Q, triton.cdiv(Q, dc_block_t), n_blocks,
+                                         parts[-1], l, h, nc, Q, _cdiv(Q, dc_block_t), n_blocks,
                                          HAS_D=D is not None, DC_BLOCK_T=dc_block_t, BLOCK_Q=_pow2(Q))
 
     dAD = parts.sum((1, 2))

@@ -1,0 +1,259 @@
+"""Compile the Triton SSD programs for a GPU this machine does not have, and time their host side:
+`python -m kernels.offline [--arch 90] [--dtype bf16] [--out FILE.json]`.
+
+Triton can compile for a GPU architecture (sm_80, sm_90, ...) without the GPU: its compiler and NVIDIA's
+`ptxas` come with the triton wheel. What needs the GPU is loading the binary and launching it. This
+module gives Triton a stand-in driver, `OfflineGPU`, that names the architecture, keeps each binary
+instead of loading it, and counts launches instead of making them. The real wrapper
+(`SSDChunkScanFn`: forward, then backward) then runs on CPU tensors as it would on the GPU, and:
+
+1. every program compiles, in every autotuning config, at the shapes of a real layer (the autotuner
+   "benchmarks" every config; with no timings to compare it keeps the first). For each binary: its
+   registers, stack frame (where spilled registers go) and shared memory, read with `cuobjdump` (also
+   in the wheel); a config that does not fit the card is listed as such. A kernel change that does not
+   compile for the GPU, or that starts to spill, shows here, before any GPU is lent.
+2. the launches per call (forward; backward), and the host time of one call: the Python work of
+   binding arguments, allocating and autograd, with the launches made no-ops. This is what a batch-1
+   call costs on a GPU, where the GPU finishes each small program before the host has issued the next.
+   It is timed on tiny shapes (`HOST_SHAPE`): the host work does not depend on the sizes, and on
+   tiny tensors the few PyTorch reductions of the backward do not compute for long on the CPU.
+
+It tells nothing about GPU time. Its host times are this machine's CPU's (a GPU host's is typically
+2x faster): compare versions of the code on the same machine, in the same run if you can.
+"""
+
+import argparse
+import collections
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+# the layer of Mamba2-370m, as in kernels.bench: (batch, seqlen, nheads, headdim, dstate, ngroups, chunk)
+REAL_SHAPE = (1, 512, 32, 64, 128, 1, 256)
+HOST_SHAPE = (1, 32, 2, 16, 16, 1, 16)  # the same launches and arguments; nothing to compute
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# streaming multiprocessors and shared memory per block (bytes) of the cards we name; others: --sms, --shared
+CARDS = {80: (108, 166912), 90: (132, 232448)}  # A100, H100
+
+
+class _Binary:
+    """What the stand-in driver kept of one compiled program: its config and its cubin."""
+
+    def __init__(self, src, metadata):
+        names = src.fn.arg_names
+        self.program = metadata.name
+        self.tiles = {names[path[0]]: v for path, v in src.constants.items() if names[path[0]].startswith("BLOCK_")}
+        self.num_warps, self.num_stages, self.shared = metadata.num_warps, metadata.num_stages, metadata.shared
+        self.cubin = None  # set by load_binary, unless the program does not fit the card
+
+    def row(self, cuobjdump):
+        """(program, config, registers, stack bytes, shared bytes, note) of this binary."""
+        config = " ".join(f"{k}={v}" for k, v in sorted(self.tiles.items()))
+        config += f" warps={self.num_warps} stages={self.num_stages}"
+        if self.cubin is None:
+            return dict(program=self.program, config=config, regs=None, stack=None, shared=self.shared,
+                        note="does not fit the card (shared memory)")
+        usage = _resource_usage(cuobjdump, self.cubin)
+        note = "spills" if usage.get("STACK", 0) > 0 else ""
+        return dict(program=self.program, config=config, regs=usage.get("REG"), stack=usage.get("STACK"),
+                    shared=self.shared, note=note)
+
+
+class OfflineGPU:
+    """A stand-in Triton driver for an NVIDIA GPU that is not there (see the module docstring).
+    `binaries` lists every program it was asked to load; `launches` counts launches by program."""
+
+    def __init__(self, arch=90, sms=None, max_shared=None):
+        from triton.backends.compiler import GPUTarget
+
+        card_sms, card_shared = CARDS.get(arch, (None, None))
+        if (sms or card_sms) is None or (max_shared or card_shared) is None:
+            raise ValueError(f"no card on record for sm_{arch}: give --sms and --shared")
+        self.target = GPUTarget("cuda", arch, 32)
+        self.properties = dict(multiprocessor_count=sms or card_sms, max_shared_mem=max_shared or card_shared)
+        self.binaries, self.launches = [], collections.Counter()
+        driver = self
+
+        class Launcher:  # built by Triton once per program, before it loads the binary
+            def __init__(self, src, metadata):
+                self.name = metadata.name
+                driver.binaries.append(_Binary(src, metadata))
+
+            def __call__(self, *args):
+                driver.launches[self.name] += 1
+
+        class Utils:
+            def get_device_properties(self, device):
+                return driver.properties
+
+            def load_binary(self, name, cubin, shared, device):
+                driver.binaries[-1].cubin = cubin
+                # module and function handles (not None: Triton would load again at every launch),
+                # registers, spills (unknown here: see `_resource_usage`), threads per block
+                return name, name, 0, 0, 1024
+
+            def unload_module(self, module):
+                pass
+
+        self.launcher_cls, self.utils = Launcher, Utils()
+
+    # the parts of triton.backends.driver.DriverBase that compiling and launching use
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def get_benchmarker(self):
+        def run_once(kernel_call, quantiles=None, **kwargs):  # no GPU, no timings: every config ties
+            kernel_call()
+            return [1.0] * len(quantiles or [None])
+
+        return run_once
+
+    def __enter__(self):
+        from triton.runtime.driver import driver
+
+        self._previous = driver._active  # (None: Triton would look for a real GPU on first use)
+        driver.set_active(self)
+        return self
+
+    def __exit__(self, *exc):
+        from triton.runtime.driver import driver
+
+        if self._previous is not None:  # (else stay: compiled programs call unload_module when freed)
+            driver._active = self._previous
+
+
+def _cuobjdump():
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return path if os.path.exists(path) else None
+
+
+def _resource_usage(cuobjdump, cubin):
+    """{"REG": n, "STACK": bytes, "SHARED": bytes, ...} of a cubin, from `cuobjdump --dump-resource-usage`."""
+    if cuobjdump is None:
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    return {k: int(v) for k, v in re.findall(r"\b([A-Z]+):(\d+)\b", out)}
+
+
+def _inputs(shape, dtype):
+    b, l, h, p, n, g, _ = shape
+    gen = torch.Generator().manual_seed(0)
+    return dict(x=torch.randn(b, l, h, p, generator=gen).to(dtype), dt=torch.rand(b, l, h, generator=gen) * 0.1,
+                A=-torch.rand(h, generator=gen) - 1, B=torch.randn(b, l, g, n, generator=gen).to(dtype),
+                C=torch.randn(b, l, g, n, generator=gen).to(dtype), D=torch.randn(h, generator=gen))
+
+
+def _call(scan, shape, inputs, backward):
+    """One call of the autograd Function (forward, and backward if asked) on leaves of `inputs`."""
+    leaves = {k: v.detach().requires_grad_(backward) for k, v in inputs.items()}
+    y, _ = scan.apply(leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"], shape[-1], leaves["D"], None)
+    if backward:
+        y.backward(torch.ones_like(y))
+
+
+def compile_all(gpu, shape, dtype):
+    """Forward and backward once at `shape`: every program compiles in every config. Returns the
+    launches of one forward and of one backward (after the autotuners have chosen)."""
+    from kernels.ssd_triton import SSDChunkScanFn
+
+    inputs = _inputs(shape, dtype)
+    _call(SSDChunkScanFn, shape, inputs, backward=True)  # compiles (and "tunes")
+    gpu.launches.clear()
+    _call(SSDChunkScanFn, shape, inputs, backward=False)
+    forward = dict(gpu.launches)
+    gpu.launches.clear()
+    _call(SSDChunkScanFn, shape, inputs, backward=True)
+    backward = {k: v - forward.get(k, 0) for k, v in gpu.launches.items() if v - forward.get(k, 0)}
+    return forward, backward
+
+
+def host_times(shape, dtype, iters):
+    """Median µs of the host side of one forward, and of one forward+backward, at `shape`."""
+    from kernels.ssd_triton import SSDChunkScanFn
+
+    inputs = _inputs(shape, dtype)
+    _call(SSDChunkScanFn, shape, inputs, backward=True)  # compile first
+    out = {}
+    for name, backward in (("forward", False), ("forward+backward", True)):
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            _call(SSDChunkScanFn, shape, inputs, backward)
+            times.append(time.perf_counter() - t0)
+        out[name] = statistics.median(times) * 1e6
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x 10: 80 (A100), 90 (H100, H200)")
+    ap.add_argument("--sms", type=int, default=None, help="streaming multiprocessors (default: that of --arch's card)")
+    ap.add_argument("--shared", type=int, default=None, help="shared memory per block in bytes (default: --arch's card)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    ap.add_argument("--host-iters", type=int, default=200, help="calls timed for the host times (0: skip them)")
+    ap.add_argument("--out", default=None, help="also write the results as JSON to this file")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        sys.exit("kernels.offline compiles for a GPU: unset TRITON_INTERPRET (it makes Triton interpret instead)")
+    import triton
+
+    dtype = DTYPES[args.dtype]
+    cuobjdump = _cuobjdump()
+    try:
+        gpu = OfflineGPU(args.arch, args.sms, args.shared)
+    except ValueError as e:
+        sys.exit(f"kernels.offline: {e}")
+    with gpu:
+        t0 = time.perf_counter()
+        forward, backward = compile_all(gpu, REAL_SHAPE, dtype)
+        compile_s = time.perf_counter() - t0
+        rows = [b.row(cuobjdump) for b in gpu.binaries]
+        host = host_times(HOST_SHAPE, dtype, args.host_iters) if args.host_iters else None
+    report = dict(arch=f"sm_{args.arch}", properties=gpu.properties, dtype=args.dtype, shape=REAL_SHAPE,
+                  triton=triton.__version__, torch=torch.__version__, cpu=platform.processor() or platform.machine(),
+                  compile_s=round(compile_s, 1), binaries=rows, launches=dict(forward=forward, backward=backward),
+                  host_shape=HOST_SHAPE, host_us=host)
+
+    print(f"sm_{args.arch} ({gpu.properties['multiprocessor_count']} SMs, {gpu.properties['max_shared_mem']} B shared "
+          f"per block), {args.dtype}, shape (b, l, H, P, N, G, Q) = {REAL_SHAPE}; triton {triton.__version__}; "
+          f"compiled (or read from Triton's cache) in {compile_s:.0f} s" + ("" if cuobjdump else " (no cuobjdump in the triton wheel: no registers)"))
+    print(f"| program | config | registers | stack B | shared B | note |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['program']} | {r['config']} | {r['regs']} | {r['stack']} | {r['shared']} | {r['note']} |")
+    for name, counts in (("forward", forward), ("backward", backward)):
+        print(f"launches per {name}: {sum(counts.values())} ({', '.join(f'{k} {v}' for k, v in counts.items())})")
+    if host:
+        print(f"host time per call with no-op launches ({report['cpu']}, shape {HOST_SHAPE}): "
+              f"forward {host['forward']:.0f} µs, forward+backward {host['forward+backward']:.0f} µs")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+    if any(r["regs"] is None for r in rows):
+        print("some configs do not fit the card: the autotuner skips them on a GPU", file=sys.stderr)
+    return report
+
+
+if __name__ == "__main__":
+    main()

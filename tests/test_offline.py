@@ -1,0 +1,66 @@
+"""`kernels.offline`: the Triton programs compile for an H100 (sm_90) on this CPU-only machine.
+
+The compile runs in a subprocess: tests/test_kernels.py sets TRITON_INTERPRET=1 for this pytest
+process, and an interpreted kernels module cannot compile for a GPU. A cold compile of every program
+in every autotuning config takes about 1-2 minutes on 2 cores (Triton caches the binaries after that).
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PROGRAMS = {"_chunk_cumsum_fwd_kernel", "_chunk_state_kernel", "_state_passing_fwd_kernel", "_chunk_cb_kernel",
+            "_chunk_scan_fwd_kernel", "_state_passing_bwd_kernel", "_chunk_scan_bwd_dx_kernel",
+            "_chunk_scan_bwd_db_kernel", "_chunk_scan_bwd_dc_kernel", "_chunk_cumsum_bwd_kernel"}
+
+
+def _ptxas():
+    spec = importlib.util.find_spec("triton")
+    if spec is None:
+        return None
+    path = Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    return path if path.exists() else None
+
+
+def _run_offline(*args, interpret=False, timeout=900):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return subprocess.run([sys.executable, "-m", "kernels.offline", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.skipif(_ptxas() is None, reason="needs triton with its NVIDIA backend (ptxas) installed")
+def test_every_program_compiles_for_sm90(tmp_path):
+    out = tmp_path / "offline.json"
+    proc = _run_offline("--arch", "90", "--host-iters", "3", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = report["binaries"]
+    assert {r["program"] for r in rows} == PROGRAMS
+    for program in PROGRAMS:  # at least one config of every program fits the card, with its resources read
+        fits = [r for r in rows if r["program"] == program and r["regs"] is not None]
+        assert fits, program
+        assert all(0 < r["regs"] <= 255 and r["shared"] <= report["properties"]["max_shared_mem"] for r in fits)
+    # the launches per call that the docstring of kernels/ssd_triton.py states
+    assert sum(report["launches"]["forward"].values()) == 5, report["launches"]
+    assert sum(report["launches"]["backward"].values()) == 8, report["launches"]
+    assert report["host_us"]["forward+backward"] > report["host_us"]["forward"] > 0
+    assert "| _chunk_scan_bwd_dc_kernel |" in proc.stdout and "launches per backward: 8" in proc.stdout
+
+
+def test_refuses_to_run_under_the_interpreter():
+    proc = _run_offline("--host-iters", "0", interpret=True, timeout=300)
+    assert proc.returncode != 0 and "unset TRITON_INTERPRET" in proc.stderr
+
+
+def test_unknown_card_needs_its_numbers():
+    pytest.importorskip("triton", reason="needs triton")
+    proc = _run_offline("--arch", "75", "--host-iters", "0", timeout=300)
+    assert proc.returncode != 0 and "--sms and --shared" in proc.stderr
