@@ -1,7 +1,8 @@
 """Hand-written kernels of minimamba, each tested against its PyTorch reference:
 
 - `ssd_chunk_scan`: the chunked SSD scan (forward and backward) in Triton, with the contract of
-  `minimamba.ssd.ssd_chunked`; see `kernels/ssd_triton.py`, and `kernels/bench.py` for its GPU benchmark;
+  `minimamba.ssd.ssd_chunked`; see `kernels/ssd_triton.py`, `kernels/bench.py` for its GPU benchmark, and
+  `kernels/offline.py` to compile it for a GPU (and time its host side) on a machine without one;
 - `kernels/decode_cpu.c` (loaded by `kernels/decode_cpu.py`): the fused one-token decoding step on a CPU,
   the reference being `Mamba2LM._step_torch`.
 

@@ -24,6 +24,7 @@ It tells nothing about GPU time. Its host times are this machine's CPU's (a GPU 
 
 import argparse
 import collections
+import importlib.util
 import json
 import os
 import platform
@@ -189,21 +190,35 @@ def compile_all(gpu, shape, dtype):
     return forward, backward
 
 
-def host_times(shape, dtype, iters):
-    """Median µs of the host side of one forward, and of one forward+backward, at `shape`."""
-    from kernels.ssd_triton import SSDChunkScanFn
-
+def host_times(scans, shape, dtype, iters, rounds=10):
+    """Median µs of the host side of one forward, and of one forward+backward, at `shape`, for each
+    autograd Function in `scans` (name -> Function): rounds of `iters` calls, the Functions taking
+    turns so that a slower moment of the machine hits each alike; the median over rounds of the
+    per-round medians."""
     inputs = _inputs(shape, dtype)
-    _call(SSDChunkScanFn, shape, inputs, backward=True)  # compile first
-    out = {}
-    for name, backward in (("forward", False), ("forward+backward", True)):
-        times = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            _call(SSDChunkScanFn, shape, inputs, backward)
-            times.append(time.perf_counter() - t0)
-        out[name] = statistics.median(times) * 1e6
-    return out
+    for scan in scans.values():
+        _call(scan, shape, inputs, backward=True)  # compile first
+    per_round = {(name, part): [] for name in scans for part in ("forward", "forward+backward")}
+    for _ in range(rounds):
+        for name, scan in scans.items():
+            for part, backward in (("forward", False), ("forward+backward", True)):
+                times = []
+                for _ in range(iters):
+                    t0 = time.perf_counter()
+                    _call(scan, shape, inputs, backward)
+                    times.append(time.perf_counter() - t0)
+                per_round[name, part].append(statistics.median(times))
+    return {name: {part: statistics.median(per_round[name, part]) * 1e6 for part in ("forward", "forward+backward")}
+            for name in scans}
+
+
+def _load_baseline(path):
+    """Another version of kernels/ssd_triton.py (e.g. `git show HEAD:kernels/ssd_triton.py > old.py`),
+    as a module of its own, to time against in the same process."""
+    spec = importlib.util.spec_from_file_location("ssd_triton_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def main(argv=None):
@@ -212,7 +227,10 @@ def main(argv=None):
     ap.add_argument("--sms", type=int, default=None, help="streaming multiprocessors (default: that of --arch's card)")
     ap.add_argument("--shared", type=int, default=None, help="shared memory per block in bytes (default: --arch's card)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    ap.add_argument("--host-iters", type=int, default=200, help="calls timed for the host times (0: skip them)")
+    ap.add_argument("--host-iters", type=int, default=50, help="calls per round for the host times (0: skip them)")
+    ap.add_argument("--host-rounds", type=int, default=10, help="rounds for the host times")
+    ap.add_argument("--baseline", default=None,
+                    help="another version of kernels/ssd_triton.py to time the host side against, in turns")
     ap.add_argument("--out", default=None, help="also write the results as JSON to this file")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -230,7 +248,14 @@ def main(argv=None):
         forward, backward = compile_all(gpu, REAL_SHAPE, dtype)
         compile_s = time.perf_counter() - t0
         rows = [b.row(cuobjdump) for b in gpu.binaries]
-        host = host_times(HOST_SHAPE, dtype, args.host_iters) if args.host_iters else None
+        host = None
+        if args.host_iters:
+            from kernels.ssd_triton import SSDChunkScanFn
+
+            scans = {"this": SSDChunkScanFn}
+            if args.baseline:
+                scans["baseline"] = _load_baseline(args.baseline).SSDChunkScanFn
+            host = host_times(scans, HOST_SHAPE, dtype, args.host_iters, args.host_rounds)
     report = dict(arch=f"sm_{args.arch}", properties=gpu.properties, dtype=args.dtype, shape=REAL_SHAPE,
                   triton=triton.__version__, torch=torch.__version__, cpu=platform.processor() or platform.machine(),
                   compile_s=round(compile_s, 1), binaries=rows, launches=dict(forward=forward, backward=backward),
@@ -244,9 +269,12 @@ def main(argv=None):
         print(f"| {r['program']} | {r['config']} | {r['regs']} | {r['stack']} | {r['shared']} | {r['note']} |")
     for name, counts in (("forward", forward), ("backward", backward)):
         print(f"launches per {name}: {sum(counts.values())} ({', '.join(f'{k} {v}' for k, v in counts.items())})")
-    if host:
-        print(f"host time per call with no-op launches ({report['cpu']}, shape {HOST_SHAPE}): "
-              f"forward {host['forward']:.0f} µs, forward+backward {host['forward+backward']:.0f} µs")
+    for name, t in (host or {}).items():
+        print(f"host time per call with no-op launches, {name} ({report['cpu']}, shape {HOST_SHAPE}): "
+              f"forward {t['forward']:.0f} µs, forward+backward {t['forward+backward']:.0f} µs")
+    if host and "baseline" in host:
+        print("this / baseline: " + ", ".join(f"{part} {host['this'][part] / host['baseline'][part]:.2f}x"
+                                             for part in ("forward", "forward+backward")))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)

@@ -1,10 +1,11 @@
-r"""The chunked SSD scan of Mamba2 in Triton: forward and backward, one program per stage.
+r"""The chunked SSD scan of Mamba2 in Triton: forward and backward, one program per stage (stages 1
+and 2 share one).
 
 Read it next to `minimamba/ssd.py`, whose glossary it uses. For one batch element, head h (of group g)
 and chunk c of Q tokens, with t, s the positions inside the chunk, cs the chunk-local cumulative
 log-decay and S_in[c] the state entering the chunk, the forward is
 
-    stage 1  cs[t]      = Σ_{k≤t} dt_k·A                                   _chunk_cumsum_fwd_kernel
+    stage 1  cs[t]      = Σ_{k≤t} dt_k·A                                   _chunk_state_kernel (first)
     stage 2  S_c        = Σ_s exp(cs[Q-1] − cs[s])·dt_s · x_s B_sᵀ          _chunk_state_kernel
     stage 3  S_in[c+1]  = exp(cs[Q-1])·S_in[c] + S_c,   S_in[0] = h_0       _state_passing_fwd_kernel
     stage 4  CB[t, s]   = C_t·B_s                                          _chunk_cb_kernel
@@ -18,7 +19,7 @@ runs stages 2–4 again instead of keeping their larger outputs. Each forward st
 compared with autograd through the float64 recurrence `ssd_recurrent` (tests/test_kernels.py).
 
 Launches per call (each costs some tens of µs of Python on the host, which is what a batch-1 call
-spends most of its time on): the forward 5 Triton programs; the backward 8 Triton programs and 2–3
+spends most of its time on): the forward 4 Triton programs; the backward 8 Triton programs and 2–3
 small PyTorch reductions/casts (see `_ssd_backward`). Autotuned programs are launched through `_launch`,
 which consults Triton's autotuner only on the first call for a shape.
 
@@ -93,33 +94,9 @@ def forget_tuning():
 # ==================================================================================================
 # Stage 1: the chunk-local cumulative log-decay
 # ==================================================================================================
-@triton.jit
-def _chunk_cumsum_fwd_kernel(
-    dt_ptr,  # (batch, seqlen, H) step sizes, positive
-    A_ptr,  # (H,) negative
-    cs_ptr,  # out (batch, H, nchunks, Q) fp32
-    seqlen, nheads, nchunks, chunk_size,
-    BLOCK_Q: tl.constexpr,  # next power of two ≥ Q
-):
-    """cs[t] = Σ_{k≤t} dt_k·A for the Q positions t of one chunk of one head, in fp32.
-
-    Tile: the BLOCK_Q positions of the chunk. Grid: (nchunks, batch, H).
-    """
-    pid_c = tl.program_id(0)  # which chunk
-    pid_b = tl.program_id(1)  # which batch element
-    pid_h = tl.program_id(2)  # which head
-    offs_t = tl.arange(0, BLOCK_Q)  # position inside the chunk
-    pos = pid_c * chunk_size + offs_t  # position in the sequence
-    in_chunk = offs_t < chunk_size  # BLOCK_Q may exceed Q
-    # positions past the end of the sequence get dt = 0: no decay, so cs stays constant there
-    dt = tl.load(dt_ptr + (pid_b * seqlen + pos) * nheads + pid_h, mask=in_chunk & (pos < seqlen), other=0.0)
-    A = tl.load(A_ptr + pid_h).to(tl.float32)
-    cs = tl.cumsum(dt.to(tl.float32) * A, axis=0)
-    tl.store(cs_ptr + ((pid_b * nheads + pid_h) * nchunks + pid_c) * chunk_size + offs_t, cs, mask=in_chunk)
-
-
 def chunk_cumsum_ref(dt, A, chunk_size):
-    """PyTorch reference of stage 1: (batch, seqlen, H) -> cs (batch, H, nchunks, Q)."""
+    """PyTorch reference of stage 1 (computed by stage 2's program, `_chunk_state_kernel` with
+    WRITE_CS): (batch, seqlen, H) -> cs (batch, H, nchunks, Q)."""
     b, l, h = dt.shape
     nc = _cdiv(l, chunk_size)
     dA = torch.nn.functional.pad(dt.float() * A.float(), (0, 0, 0, nc * chunk_size - l))  # dt = 0 past l
@@ -127,7 +104,7 @@ def chunk_cumsum_ref(dt, A, chunk_size):
 
 
 # ==================================================================================================
-# Stage 2: chunk states (and, in the backward, the gradient of the entering states)
+# Stage 2 (with stage 1 in the forward): chunk states (and, in the backward, ∂L/∂S_in)
 # ==================================================================================================
 @_autotune(
     [_cfg(BLOCK_S=64, num_warps=8), _cfg(BLOCK_S=64, num_warps=8, num_stages=3), _cfg(BLOCK_S=32, num_stages=4)],
@@ -138,10 +115,12 @@ def _chunk_state_kernel(
     u_ptr,  # (batch, seqlen, H, P): x (forward) or dy (backward)
     v_ptr,  # (batch, seqlen, G, N): B (forward) or C (backward)
     dt_ptr,  # (batch, seqlen, H)
-    cs_ptr,  # (batch, H, nchunks, Q) from stage 1
+    A_ptr,  # (H,), read only with WRITE_CS
+    cs_ptr,  # (batch, H, nchunks, Q): written here (WRITE_CS) or read (from the forward)
     out_ptr,  # out (batch, nchunks, H, P, N) fp32
     seqlen, nheads, headdim, ngroups, dstate, nchunks, chunk_size,
     TO_CHUNK_END: tl.constexpr,  # which weight w_s (see the docstring)
+    WRITE_CS: tl.constexpr,  # compute stage 1 first (the forward)
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,  # ≥ P, ≥ N
     BLOCK_S: tl.constexpr,  # positions per step of the loop over the chunk
@@ -154,6 +133,9 @@ def _chunk_state_kernel(
     is ∂L/∂S_in[c] through the outputs of chunk c (y_t = exp(cs[t])·S_in[c] C_t + …).
     The two are transposes of each other: one carries tokens to the chunk end, the other the chunk
     start to the tokens.
+    WRITE_CS=True (the forward) also computes stage 1 first, which has the same grid:
+    cs[t] = Σ_{k≤t} dt_k·A over the chunk, in steps of BLOCK_S positions with a running prefix, stored
+    for the later stages and read back by the loop below (one launch fewer than a program of its own).
 
     Tile: the whole (P, N) matrix; the loop runs over the chunk in steps of BLOCK_S positions, each a
     (P × BLOCK_S)·(BLOCK_S × N) dot. Grid: (batch·nchunks, H).
@@ -174,6 +156,16 @@ def _chunk_state_kernel(
     offs_p = tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
     offs_s = tl.arange(0, BLOCK_S)
+    if WRITE_CS:  # stage 1 for this chunk and head; positions past the sequence get dt = 0
+        A = tl.load(A_ptr + pid_h).to(tl.float32)
+        prefix = tl.zeros((), dtype=tl.float32)  # cs at the position before the tile
+        for s0 in range(0, chunk_size, BLOCK_S):
+            s = s0 + offs_s
+            dt_s = tl.load(dt_ptr + s * nheads, mask=s < chunk_len, other=0.0).to(tl.float32)
+            cs_s = prefix + tl.cumsum(dt_s * A, axis=0)
+            tl.store(cs_ptr + s, cs_s, mask=s < chunk_size)
+            prefix = tl.sum(tl.where(offs_s == BLOCK_S - 1, cs_s, 0.0), axis=0)  # the tile's last cs
+        tl.debug_barrier()  # the stores above are read below by other threads of this program
     cs_last = tl.load(cs_ptr + chunk_size - 1)
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     for s0 in range(0, chunk_len, BLOCK_S):
@@ -939,16 +931,17 @@ def _head_splits(heads_per_group, programs, device):
     return heads_per_group
 
 
-def _chunk_state(u, v, dt, cs, chunk_size, to_chunk_end):
+def _chunk_state(u, v, dt, A, cs, chunk_size, to_chunk_end, write_cs=False):
     """Stage 2's program: Σ_s w_s·dt_s·u_s v_sᵀ per chunk and head, fp32 (b, nc, H, P, N), with
     w_s = exp(cs[Q-1] − cs[s]) (u = x, v = B: the chunk states S_c) or w_s = exp(cs[s])
-    (u = dy, v = C: ∂L/∂S_in[c] through the outputs of chunk c, in the backward)."""
+    (u = dy, v = C: ∂L/∂S_in[c] through the outputs of chunk c, in the backward).
+    write_cs: fill cs (b, H, nc, Q) with stage 1 first (the forward); else cs is read."""
     b, l, h, p = u.shape
     g, n = v.shape[2:]
     nc = _cdiv(l, chunk_size)
     out = torch.empty(b, nc, h, p, n, device=u.device, dtype=torch.float32)
-    _launch(_chunk_state_kernel, (b * nc, h), (chunk_size, p, n, u.dtype), u, v, dt, cs, out,
-            l, h, p, g, n, nc, chunk_size, TO_CHUNK_END=to_chunk_end, **_dot_args(u, n, p))
+    _launch(_chunk_state_kernel, (b * nc, h), (chunk_size, p, n, u.dtype), u, v, dt, A, cs, out,
+            l, h, p, g, n, nc, chunk_size, TO_CHUNK_END=to_chunk_end, WRITE_CS=write_cs, **_dot_args(u, n, p))
     return out
 
 
@@ -974,10 +967,8 @@ def _forward_stages(x, dt, A, B, C, chunk_size, initial_state):
     nc = _cdiv(l, Q)
     f32 = dict(device=x.device, dtype=torch.float32)
 
-    cs = torch.empty(b, h, nc, Q, **f32)
-    _chunk_cumsum_fwd_kernel[(nc, b, h)](dt, A, cs, l, h, nc, Q, BLOCK_Q=_pow2(Q))
-
-    chunk_states = _chunk_state(x, B, dt, cs, Q, to_chunk_end=True)
+    cs = torch.empty(b, h, nc, Q, **f32)  # stage 1, written by stage 2's program
+    chunk_states = _chunk_state(x, B, dt, A, cs, Q, to_chunk_end=True, write_cs=True)
 
     # the entering states are only dot operands of stage 5: stored in that dtype
     states = torch.empty(b, nc, h, p, n, device=x.device, dtype=_dot_torch_dtype(x))
@@ -989,7 +980,7 @@ def _forward_stages(x, dt, A, B, C, chunk_size, initial_state):
 
 
 def _ssd_forward(x, dt, A, B, C, chunk_size, D, initial_state):
-    """All five stages: returns y (b, l, H, P) in x's dtype, the final state (b, H, P, N) in fp32, and
+    """All five stages (four programs): returns y (b, l, H, P) in x's dtype, the final state (b, H, P, N) in fp32, and
     cs (b, H, nc, Q), which the backward keeps."""
     b, l, h, p = x.shape
     g, n = B.shape[2:]
@@ -1022,8 +1013,8 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, cs, chunk_size, D, initial_state):
 
     # stage 2 again (S_c), and ∂L/∂S_in[c] through the outputs of chunk c: the same program with the
     # other weight; stage 4 again (CB)
-    chunk_states = _chunk_state(x, B, dt, cs, Q, to_chunk_end=True)
-    dstates = _chunk_state(dy, C, dt, cs, Q, to_chunk_end=False)
+    chunk_states = _chunk_state(x, B, dt, A, cs, Q, to_chunk_end=True)
+    dstates = _chunk_state(dy, C, dt, A, cs, Q, to_chunk_end=False)
     cb = _chunk_cb(C, B, Q, x)
 
     # stage 3 again (S_in), then the reverse scan over chunks: ∂L/∂S_c, ∂L/∂α_c (partial sums), ∂L/∂h_0;
@@ -1083,7 +1074,7 @@ def _on_device_of(t):
 
 
 class SSDChunkScanFn(torch.autograd.Function):
-    """Forward: the five stages. Backward: stages 2–4 again, then the backward programs. Saved for the
+    """Forward: the five stages (four programs). Backward: stages 2–4 again, then the backward programs. Saved for the
     backward: the inputs and cs (4 bytes per token and head, 1/32 of x at P = 64 in bf16); the chunk
     states (as large as x in bf16 at N = 128, Q = 256) and CB (a quarter of it) are recomputed."""
 

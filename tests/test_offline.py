@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PROGRAMS = {"_chunk_cumsum_fwd_kernel", "_chunk_state_kernel", "_state_passing_fwd_kernel", "_chunk_cb_kernel",
+PROGRAMS = {"_chunk_state_kernel", "_state_passing_fwd_kernel", "_chunk_cb_kernel",
             "_chunk_scan_fwd_kernel", "_state_passing_bwd_kernel", "_chunk_scan_bwd_dx_kernel",
             "_chunk_scan_bwd_db_kernel", "_chunk_scan_bwd_dc_kernel", "_chunk_cumsum_bwd_kernel"}
 
@@ -39,7 +39,7 @@ def _run_offline(*args, interpret=False, timeout=900):
 @pytest.mark.skipif(_ptxas() is None, reason="needs triton with its NVIDIA backend (ptxas) installed")
 def test_every_program_compiles_for_sm90(tmp_path):
     out = tmp_path / "offline.json"
-    proc = _run_offline("--arch", "90", "--host-iters", "3", "--out", str(out))
+    proc = _run_offline("--arch", "90", "--host-iters", "3", "--host-rounds", "2", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = report["binaries"]
@@ -49,9 +49,9 @@ def test_every_program_compiles_for_sm90(tmp_path):
         assert fits, program
         assert all(0 < r["regs"] <= 255 and r["shared"] <= report["properties"]["max_shared_mem"] for r in fits)
     # the launches per call that the docstring of kernels/ssd_triton.py states
-    assert sum(report["launches"]["forward"].values()) == 5, report["launches"]
+    assert sum(report["launches"]["forward"].values()) == 4, report["launches"]
     assert sum(report["launches"]["backward"].values()) == 8, report["launches"]
-    assert report["host_us"]["forward+backward"] > report["host_us"]["forward"] > 0
+    assert report["host_us"]["this"]["forward+backward"] > report["host_us"]["this"]["forward"] > 0
     assert "| _chunk_scan_bwd_dc_kernel |" in proc.stdout and "launches per backward: 8" in proc.stdout
 
 
