@@ -24,6 +24,7 @@ It tells nothing about GPU time. Its host times are this machine's CPU's (a GPU 
 
 import argparse
 import collections
+import hashlib
 import importlib.util
 import json
 import os
@@ -63,9 +64,11 @@ class _Binary:
             return dict(program=self.program, config=config, regs=None, stack=None, shared=self.shared,
                         note="does not fit the card (shared memory)")
         usage = _resource_usage(cuobjdump, self.cubin)
+        sass = _sass(cuobjdump, self.cubin)
         note = "spills" if usage.get("STACK", 0) > 0 else ""
         return dict(program=self.program, config=config, regs=usage.get("REG"), stack=usage.get("STACK"),
-                    shared=self.shared, note=note)
+                    shared=self.shared, instructions=len(sass),
+                    sass=hashlib.sha256("\n".join(sass).encode()).hexdigest()[:12] if sass else None, note=note)
 
 
 class OfflineGPU:
@@ -147,15 +150,28 @@ def _cuobjdump():
     return path if os.path.exists(path) else None
 
 
+def _cuobjdump_output(cuobjdump, cubin, option):
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([cuobjdump, option, f.name], capture_output=True, text=True).stdout
+
+
 def _resource_usage(cuobjdump, cubin):
     """{"REG": n, "STACK": bytes, "SHARED": bytes, ...} of a cubin, from `cuobjdump --dump-resource-usage`."""
     if cuobjdump is None:
         return {}
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    out = _cuobjdump_output(cuobjdump, cubin, "--dump-resource-usage")
     return {k: int(v) for k, v in re.findall(r"\b([A-Z]+):(\d+)\b", out)}
+
+
+def _sass(cuobjdump, cubin):
+    """The machine instructions of a cubin, without addresses and encodings: two versions of the code
+    whose programs have the same instructions (the `sass` hash in the table) run the same on the GPU."""
+    if cuobjdump is None:
+        return []
+    out = _cuobjdump_output(cuobjdump, cubin, "-sass")
+    return re.findall(r"^\s*/\*[0-9a-f]{4,}\*/\s*(.*?)\s*;", out, flags=re.M)
 
 
 def _inputs(shape, dtype):
@@ -264,9 +280,10 @@ def main(argv=None):
     print(f"sm_{args.arch} ({gpu.properties['multiprocessor_count']} SMs, {gpu.properties['max_shared_mem']} B shared "
           f"per block), {args.dtype}, shape (b, l, H, P, N, G, Q) = {REAL_SHAPE}; triton {triton.__version__}; "
           f"compiled (or read from Triton's cache) in {compile_s:.0f} s" + ("" if cuobjdump else " (no cuobjdump in the triton wheel: no registers)"))
-    print(f"| program | config | registers | stack B | shared B | note |\n|---|---|---|---|---|---|")
+    print("| program | config | registers | stack B | shared B | instructions | sass | note |\n" + "|---" * 8 + "|")
     for r in rows:
-        print(f"| {r['program']} | {r['config']} | {r['regs']} | {r['stack']} | {r['shared']} | {r['note']} |")
+        print(f"| {r['program']} | {r['config']} | {r['regs']} | {r['stack']} | {r['shared']} | {r['instructions']} "
+              f"| {r['sass']} | {r['note']} |")
     for name, counts in (("forward", forward), ("backward", backward)):
         print(f"launches per {name}: {sum(counts.values())} ({', '.join(f'{k} {v}' for k, v in counts.items())})")
     for name, t in (host or {}).items():

@@ -92,6 +92,34 @@ def forget_tuning():
 
 
 # ==================================================================================================
+# Where a program's chunk starts, in each layout of the conventions above
+# ==================================================================================================
+@triton.jit
+def _chunk_offsets(pid_bc, pid_h, seqlen, nheads, headdim, ngroups, dstate, nchunks, chunk_size):
+    """For the program of (batch element, chunk) `pid_bc` and head `pid_h` (of group g): the chunk's
+    length (< Q only for the last chunk) and the element offsets where its data starts:
+        head_off   x, y, dy, dx     (batch, seqlen, H, P)     at (b, chunk start, h, 0)
+        dt_off     dt               (batch, seqlen, H)        at (b, chunk start, h)
+        group_off  B, C             (batch, seqlen, G, N)     at (b, chunk start, g, 0)
+        tok        cs, per-token    (batch, H, nchunks, Q)    at (b, h, c, 0)
+        cb_off     CB               (batch, nchunks, G, Q, Q) at (b, c, g, 0, 0)
+        state_off  states           (batch, nchunks, H, P, N) at (b, c, h, 0, 0)
+    (int64 where the product can pass 2³¹)."""
+    pid_b, pid_c = pid_bc // nchunks, pid_bc % nchunks
+    pid_g = pid_h // (nheads // ngroups)  # the group whose B/C this head reads
+    chunk_start = pid_c * chunk_size
+    chunk_len = tl.minimum(chunk_size, seqlen - chunk_start)
+    row0 = pid_b.to(tl.int64) * seqlen + chunk_start  # the chunk's first token, as a row of (batch·seqlen)
+    head_off = row0 * nheads * headdim + pid_h * headdim
+    dt_off = row0 * nheads + pid_h
+    group_off = row0 * ngroups * dstate + pid_g * dstate
+    tok = ((pid_b * nheads + pid_h) * nchunks + pid_c) * chunk_size
+    cb_off = ((pid_b * nchunks + pid_c) * ngroups + pid_g).to(tl.int64) * chunk_size * chunk_size
+    state_off = ((pid_b * nchunks + pid_c) * nheads + pid_h).to(tl.int64) * headdim * dstate
+    return chunk_len, head_off, dt_off, group_off, tok, cb_off, state_off
+
+
+# ==================================================================================================
 # Stage 1: the chunk-local cumulative log-decay
 # ==================================================================================================
 def chunk_cumsum_ref(dt, A, chunk_size):
@@ -142,16 +170,12 @@ def _chunk_state_kernel(
     """
     pid_bc = tl.program_id(0)  # (batch element, chunk) flattened
     pid_h = tl.program_id(1)  # which head
-    pid_b, pid_c = pid_bc // nchunks, pid_bc % nchunks
-    pid_g = pid_h // (nheads // ngroups)  # the group whose B/C this head reads
-    chunk_start = pid_c * chunk_size
-    chunk_len = tl.minimum(chunk_size, seqlen - chunk_start)  # < Q only for the last chunk
-    # move every pointer to (batch element, chunk start, head or group)
-    row0 = pid_b.to(tl.int64) * seqlen + chunk_start
-    u_ptr += row0 * nheads * headdim + pid_h * headdim
-    v_ptr += row0 * ngroups * dstate + pid_g * dstate
-    dt_ptr += row0 * nheads + pid_h
-    cs_ptr += ((pid_b * nheads + pid_h) * nchunks + pid_c) * chunk_size
+    chunk_len, head_off, dt_off, group_off, tok, _, state_off = _chunk_offsets(
+        pid_bc, pid_h, seqlen, nheads, headdim, ngroups, dstate, nchunks, chunk_size)
+    u_ptr += head_off  # every pointer now at (batch element, chunk start, head or group)
+    v_ptr += group_off
+    dt_ptr += dt_off
+    cs_ptr += tok
 
     offs_p = tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
@@ -185,7 +209,7 @@ def _chunk_state_kernel(
         # the weight goes on v in fp32, then both operands are cast for the tensor cores
         acc += tl.dot(uT.to(DOT_DTYPE), (v.to(tl.float32) * w[:, None]).to(DOT_DTYPE),
                       input_precision=DOT_PRECISION)
-    out_ptr += ((pid_b * nchunks + pid_c) * nheads + pid_h).to(tl.int64) * headdim * dstate
+    out_ptr += state_off
     tl.store(out_ptr + offs_p[:, None] * dstate + offs_n[None, :], acc,
              mask=(offs_p[:, None] < headdim) & (offs_n[None, :] < dstate))
 
@@ -357,18 +381,15 @@ def _chunk_scan_fwd_kernel(
     pid_t = tl.program_id(0)  # which tile of rows t
     pid_bc = tl.program_id(1)
     pid_h = tl.program_id(2)
-    pid_b, pid_c = pid_bc // nchunks, pid_bc % nchunks
-    pid_g = pid_h // (nheads // ngroups)
-    chunk_start = pid_c * chunk_size
-    chunk_len = tl.minimum(chunk_size, seqlen - chunk_start)
-    row0 = pid_b.to(tl.int64) * seqlen + chunk_start
-    x_ptr += row0 * nheads * headdim + pid_h * headdim
-    y_ptr += row0 * nheads * headdim + pid_h * headdim
-    dt_ptr += row0 * nheads + pid_h
-    C_ptr += row0 * ngroups * dstate + pid_g * dstate
-    cs_ptr += ((pid_b * nheads + pid_h) * nchunks + pid_c) * chunk_size
-    cb_ptr += ((pid_b * nchunks + pid_c) * ngroups + pid_g).to(tl.int64) * chunk_size * chunk_size
-    states_ptr += ((pid_b * nchunks + pid_c) * nheads + pid_h).to(tl.int64) * headdim * dstate
+    chunk_len, head_off, dt_off, group_off, tok, cb_off, state_off = _chunk_offsets(
+        pid_bc, pid_h, seqlen, nheads, headdim, ngroups, dstate, nchunks, chunk_size)
+    x_ptr += head_off
+    y_ptr += head_off
+    dt_ptr += dt_off
+    C_ptr += group_off
+    cs_ptr += tok
+    cb_ptr += cb_off
+    states_ptr += state_off
 
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_s = tl.arange(0, BLOCK_S)
@@ -532,20 +553,16 @@ def _chunk_scan_bwd_dx_kernel(
     pid_s = tl.program_id(0)
     pid_bc = tl.program_id(1)
     pid_h = tl.program_id(2)
-    pid_b, pid_c = pid_bc // nchunks, pid_bc % nchunks
-    pid_g = pid_h // (nheads // ngroups)
-    chunk_start = pid_c * chunk_size
-    chunk_len = tl.minimum(chunk_size, seqlen - chunk_start)
-    row0 = pid_b.to(tl.int64) * seqlen + chunk_start
-    x_ptr += row0 * nheads * headdim + pid_h * headdim
-    dy_ptr += row0 * nheads * headdim + pid_h * headdim
-    dx_ptr += row0 * nheads * headdim + pid_h * headdim
-    dt_ptr += row0 * nheads + pid_h
-    B_ptr += row0 * ngroups * dstate + pid_g * dstate
-    tok = ((pid_b * nheads + pid_h) * nchunks + pid_c) * chunk_size  # offset of the per-token buffers
-    cs_ptr += tok
-    cb_ptr += ((pid_b * nchunks + pid_c) * ngroups + pid_g).to(tl.int64) * chunk_size * chunk_size
-    dchunk_ptr += ((pid_b * nchunks + pid_c) * nheads + pid_h).to(tl.int64) * headdim * dstate
+    chunk_len, head_off, dt_off, group_off, tok, cb_off, state_off = _chunk_offsets(
+        pid_bc, pid_h, seqlen, nheads, headdim, ngroups, dstate, nchunks, chunk_size)
+    x_ptr += head_off
+    dy_ptr += head_off
+    dx_ptr += head_off
+    dt_ptr += dt_off
+    B_ptr += group_off
+    cs_ptr += tok  # (tok is also the offset of the other per-token buffers)
+    cb_ptr += cb_off
+    dchunk_ptr += state_off
 
     offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     offs_t = tl.arange(0, BLOCK_T)
