@@ -252,6 +252,22 @@ def chosen_configs():
             for name, k in vars(ssd_triton).items() if isinstance(k, Autotuner)}
 
 
+def config_timings():
+    """{program: {config: median ms}}: what each autotuner measured for every one of its configs at the
+    last shape it tuned (Triton keeps only that one), where this Triton records it (`configs_timings`).
+    With kernels.offline's registers and spills per config, this says which configs are worth keeping."""
+    from triton.runtime.autotuner import Autotuner
+
+    from kernels import ssd_triton
+
+    out = {}
+    for name, k in vars(ssd_triton).items():
+        timings = getattr(k, "configs_timings", None) if isinstance(k, Autotuner) else None
+        if timings:
+            out[name.strip("_")] = {str(c): t[0] if isinstance(t, (list, tuple)) else t for c, t in timings.items()}
+    return out
+
+
 def fmt(v, spec=".3f"):
     return "—" if v is None else (format(v, spec) if isinstance(v, (int, float)) else str(v))
 
@@ -375,6 +391,9 @@ def main(argv=None):
             row = time_shape(shape, device, {"torch": lambda *a, **k: ssd_chunked(*a[:5], chunk_size=a[5], **k)[0],
                                              "ours": ssd_chunk_scan}, bench)
             row["ours_configs"] = chosen_configs()
+            row["ours_config_ms"] = config_timings()
+            for program, times in row["ours_config_ms"].items():
+                print(f"  autotuner, {program}: " + "; ".join(f"{c} {fmt(t)} ms" for c, t in times.items()))
             report["timings"].append(row)
 
         phase("timings", timed, timings)
