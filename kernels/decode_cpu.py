@@ -107,6 +107,14 @@ def load():
     return lib
 
 
+class UnsupportedModel(ValueError):
+    """The C step cannot run this model; `why` says what about it (device, dtype, layout)."""
+
+    def __init__(self, why):
+        super().__init__(f"the C decode step cannot run this model: {why}; use decode_backend='torch'")
+        self.why = why
+
+
 def unsupported(model) -> str | None:
     """Why `model` cannot use the C step, or None if it can."""
     params = list(model.parameters())
@@ -170,7 +178,7 @@ class DecodeStep:
     def __init__(self, model, batch_size):
         why = unsupported(model)
         if why:
-            raise ValueError(f"the C decode step cannot run this model: {why}; use decode_backend='torch'")
+            raise UnsupportedModel(why)
         self.lib, cfg = load(), model.config
         self.dims = Dims(cfg.n_layer, cfg.d_model, cfg.d_inner, cfg.nheads, cfg.headdim, cfg.ngroups,
                          cfg.d_state, cfg.d_conv, model.lm_head.weight.shape[0], cfg.norm_eps)

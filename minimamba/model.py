@@ -334,22 +334,21 @@ class Mamba2LM(nn.Module):
             return self._use_decoder("torch", "requested", self._step_torch)
         from kernels import decode_cpu
 
-        problem = decode_cpu.unsupported(self)
-        if problem is None:
-            try:
-                c_step = decode_cpu.DecodeStep(self, batch_size)
-            except RuntimeError as e:  # no working C compiler
-                if self.decode_backend == "c":
-                    raise
-                return self._use_decoder("torch", f"auto, and the C step failed to build: {e}", self._step_torch,
-                                         level=logging.WARNING)
-            huge = f"{c_step.huge_bytes / 2**20:.0f} MiB of weights on 2 MiB pages"
-            huge += f" ({c_step.huge_why})" if c_step.huge_why else ""
-            return self._use_decoder("c", f"{self.decode_backend}; {huge}", c_step)
-        if self.decode_backend == "c":
-            raise ValueError(f"decode_backend='c' cannot run this model: {problem}. Use decode_backend='torch' "
-                             "or 'auto'.")
-        return self._use_decoder("torch", f"auto: {problem}", self._step_torch)
+        try:
+            c_step = decode_cpu.DecodeStep(self, batch_size)
+        except decode_cpu.UnsupportedModel as e:  # not float32 on the CPU
+            if self.decode_backend == "c":
+                raise ValueError(f"decode_backend='c' cannot run this model: {e.why}. Use decode_backend='torch' "
+                                 "or 'auto'.") from None
+            return self._use_decoder("torch", f"auto: {e.why}", self._step_torch)
+        except RuntimeError as e:  # no working C compiler
+            if self.decode_backend == "c":
+                raise
+            return self._use_decoder("torch", f"auto, and the C step failed to build: {e}", self._step_torch,
+                                     level=logging.WARNING)
+        huge = f"{c_step.huge_bytes / 2**20:.0f} MiB of weights on 2 MiB pages"
+        huge += f" ({c_step.huge_why})" if c_step.huge_why else ""
+        return self._use_decoder("c", f"{self.decode_backend}; {huge}", c_step)
 
     def _use_decoder(self, name, why, impl, level=logging.INFO):
         if (name, why) != self.decode_backend_used:

@@ -6,6 +6,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import torch
 
 from minimamba import download as dl
 
@@ -79,3 +80,17 @@ def server(monkeypatch, tmp_path):
     yield srv
     srv.shutdown()
     srv.server_close()
+
+
+def randomize_(model, seed=0, biases=False):
+    """Give every parameter of a Mamba2 LM (ours or HF's) a non-trivial value: norm weights ≠ 1, D ≠ 1,
+    varied dt_bias and A, and with `biases` every other bias too (the conv's, the projections'). Returns
+    the model. (The HF greedy-generation test keeps the default: its seeded prompt was chosen for it.)"""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("A_log", "dt_bias", ".D")) or (biases and "bias" in name):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.7)
+            elif "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+    return model

@@ -10,6 +10,7 @@ import torch
 
 from kernels import decode_cpu
 from minimamba import Mamba2Config, Mamba2LM
+from tests.conftest import randomize_
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="the C decode step needs a C compiler (cc)")
 
@@ -20,17 +21,8 @@ def config(**kw):
 
 
 def random_model(cfg, seed=0, decode_backend="auto"):
-    """Every parameter non-trivial (norm weights ≠ 1, varied dt_bias, A, D, biases)."""
     torch.manual_seed(seed)
-    model = Mamba2LM(cfg, decode_backend=decode_backend).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("A_log", "dt_bias", ".D")) or "bias" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.7)
-            elif "norm" in name:
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-    return model
+    return randomize_(Mamba2LM(cfg, decode_backend=decode_backend), seed, biases=True).eval()
 
 
 def run_steps(model, backend, ids):

@@ -9,6 +9,7 @@ import torch
 from minimamba import Mamba2Config, Mamba2LM, from_pretrained
 from minimamba.hub import CheckpointError, save_pretrained
 from minimamba.model import sample
+from tests.conftest import randomize_
 
 transformers = pytest.importorskip("transformers", reason="HF transformers is the test-only oracle for Mamba2")
 
@@ -16,18 +17,6 @@ transformers = pytest.importorskip("transformers", reason="HF transformers is th
 def tiny_config(**kw):
     base = dict(d_model=64, n_layer=2, vocab_size=1000, d_state=16, headdim=16, ngroups=2, chunk_size=32)
     return Mamba2Config(**{**base, **kw})
-
-
-def randomize_(model, seed=0):
-    """Give every parameter a non-trivial value (norm weights ≠ 1, D ≠ 1, varied dt_bias and A)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("A_log", "dt_bias", ".D")):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.7)
-            elif "norm" in name:
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-    return model
 
 
 @pytest.fixture(scope="module")
