@@ -14,6 +14,8 @@
    one call with an idle GPU, and the wall time of one call bracketed by `torch.cuda.synchronize`.
 3. mamba_ssm's `mamba_chunk_scan_combined`, when it can be imported: its error on y and its timings
    (last, because its large autotuning space takes long to compile).
+`--baseline OLD.py` also times another version of kernels/ssd_triton.py in the same run (an A/B of a
+kernel change on one GPU visit).
 
 Every measurement is wrapped: a failure is printed and recorded, and the rest still runs. The JSON
 written to --out (rewritten after every measurement) holds the same numbers as the printed tables.
@@ -207,6 +209,8 @@ def time_shape(shape, device, impls, bench, row=None):
         if "ours" in t and t["ours"] > 0:
             row[kind.replace("_ms", "_speedup_vs_torch")] = t["torch"] / t["ours"] if "torch" in t else None
             row[kind.replace("_ms", "_ratio_vs_mamba_ssm")] = t["mamba_ssm"] / t["ours"] if "mamba_ssm" in t else None
+            if "baseline" in t:
+                row[kind.replace("_ms", "_ratio_vs_baseline")] = t["baseline"] / t["ours"]
     return row
 
 
@@ -234,12 +238,25 @@ def profile_shape(shape, device, scan, iters=5):
     return sorted(rows, key=lambda r: -r[2])
 
 
-def retune_ours():
-    """Forget the configs our autotuned programs chose, so that the next calls tune them for the
-    shape at hand (cheap: the candidates are compiled already, only their benchmarks run again)."""
+def retune_ours(*variants):
+    """Forget the configs our autotuned programs chose (and those of the `variants`, other versions of
+    the module), so that the next calls tune them for the shape at hand (cheap: the candidates are
+    compiled already, only their benchmarks run again)."""
     from kernels import ssd_triton
 
-    ssd_triton.forget_tuning()
+    for module in (ssd_triton, *variants):
+        module.forget_tuning()
+
+
+def load_variant(path):
+    """Another version of kernels/ssd_triton.py (e.g. `git show HEAD~1:kernels/ssd_triton.py > old.py`),
+    imported as a module of its own, so that it can be timed against this one in the same run."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ssd_triton_variant", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def chosen_configs():
@@ -297,6 +314,14 @@ def print_tables(report):
                   f"{fmt(fb.get('mamba_ssm')):>7s} | {fmt(r.get('fwd_speedup_vs_torch'), '.1f'):>9s} "
                   f"{fmt(r.get('fwd_bwd_speedup_vs_torch'), '.1f'):>6s} | "
                   f"{fmt(r.get('fwd_ratio_vs_mamba_ssm'), '.2f'):>10s} {fmt(r.get('fwd_bwd_ratio_vs_mamba_ssm'), '.2f'):>6s}")
+    if any("baseline" in r["fwd_ms"] for r in report["timings"]):
+        print("\n--baseline (median ms; vs baseline = baseline/ours, ≥ 1 means this version is faster)")
+        for r in report["timings"]:
+            f, fb = r["fwd_ms"], r["fwd_bwd_ms"]
+            if "baseline" in f:
+                print(f"  b{r['batch']} l{r['seqlen']}: fwd {fmt(f['baseline'])} vs {fmt(f.get('ours'))} "
+                      f"({fmt(r.get('fwd_ratio_vs_baseline'), '.2f')}x), f+b {fmt(fb.get('baseline'))} vs "
+                      f"{fmt(fb.get('ours'))} ({fmt(r.get('fwd_bwd_ratio_vs_baseline'), '.2f')}x)")
     if report["mamba_ssm"] is not True:
         print(f"\nmamba_ssm not compared: {report['mamba_ssm']}")
     if report["timings"]:
@@ -322,6 +347,8 @@ def main(argv=None):
     ap.add_argument("--fp32", action="store_true", help="also check float32 at seqlen 2048 (slow to compile)")
     ap.add_argument("--profile", action="store_true",
                     help="also print the GPU time of each program in one forward+backward (torch.profiler)")
+    ap.add_argument("--baseline", default=None, metavar="FILE.py",
+                    help="another version of kernels/ssd_triton.py to time beside this one (column 'baseline')")
     args = ap.parse_args(argv)
 
     if args.cpu_smoke:
@@ -339,6 +366,7 @@ def main(argv=None):
     from minimamba.ssd import ssd_chunked
 
     mamba, why_not = (None, "--no-mamba") if args.no_mamba else load_mamba_ssm()
+    variant = load_variant(args.baseline) if args.baseline else None
     report = dict(
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU (Triton interpreter, {platform.machine()})",
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -387,9 +415,11 @@ def main(argv=None):
     bench = timer(device)
     if not args.quick:
         def timings(shape):
-            retune_ours()
-            row = time_shape(shape, device, {"torch": lambda *a, **k: ssd_chunked(*a[:5], chunk_size=a[5], **k)[0],
-                                             "ours": ssd_chunk_scan}, bench)
+            retune_ours(*([variant] if variant else []))
+            impls = {"torch": lambda *a, **k: ssd_chunked(*a[:5], chunk_size=a[5], **k)[0], "ours": ssd_chunk_scan}
+            if variant:
+                impls["baseline"] = variant.ssd_chunk_scan
+            row = time_shape(shape, device, impls, bench)
             row["ours_configs"] = chosen_configs()
             row["ours_config_ms"] = config_timings()
             for program, times in row["ours_config_ms"].items():

@@ -25,7 +25,6 @@ It tells nothing about GPU time. Its host times are this machine's CPU's (a GPU 
 import argparse
 import collections
 import hashlib
-import importlib.util
 import json
 import os
 import platform
@@ -228,15 +227,6 @@ def host_times(scans, shape, dtype, iters, rounds=10):
             for name in scans}
 
 
-def _load_baseline(path):
-    """Another version of kernels/ssd_triton.py (e.g. `git show HEAD:kernels/ssd_triton.py > old.py`),
-    as a module of its own, to time against in the same process."""
-    spec = importlib.util.spec_from_file_location("ssd_triton_baseline", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10: 80 (A100), 90 (H100, H200)")
@@ -270,7 +260,9 @@ def main(argv=None):
 
             scans = {"this": SSDChunkScanFn}
             if args.baseline:
-                scans["baseline"] = _load_baseline(args.baseline).SSDChunkScanFn
+                from kernels.bench import load_variant
+
+                scans["baseline"] = load_variant(args.baseline).SSDChunkScanFn
             host = host_times(scans, HOST_SHAPE, dtype, args.host_iters, args.host_rounds)
     report = dict(arch=f"sm_{args.arch}", properties=gpu.properties, dtype=args.dtype, shape=REAL_SHAPE,
                   triton=triton.__version__, torch=torch.__version__, cpu=platform.processor() or platform.machine(),

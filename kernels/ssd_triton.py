@@ -65,7 +65,7 @@ def _cfg(num_warps=4, num_stages=2, **tiles):
     return triton.Config(tiles, num_warps=num_warps, num_stages=num_stages)
 
 
-_CHOSEN = {}  # (autotuned program, key) -> the triton.Config its autotuner chose for that key
+_CHOSEN = {}  # (autotuned program, key) -> (the triton.Config its autotuner chose, its launch kwargs)
 
 
 def _launch(kernel, grid, key, *args, **kwargs):
@@ -73,13 +73,13 @@ def _launch(kernel, grid, key, *args, **kwargs):
     time `key` (the shapes and dtype the configs are tuned for) is seen; later launches go straight to
     the chosen config. The autotuner's own per-call bookkeeping costs ~30 µs of host time, as much as
     the GPU time of the smaller programs. Returns the config used."""
-    cfg = _CHOSEN.get((kernel, key))
-    if cfg is None:
+    chosen = _CHOSEN.get((kernel, key))
+    if chosen is None:
         kernel[grid](*args, **kwargs)
-        cfg = _CHOSEN[(kernel, key)] = kernel.best_config
+        chosen = _CHOSEN[(kernel, key)] = (kernel.best_config, kernel.best_config.all_kwargs())
     else:
-        kernel.fn[grid](*args, **kwargs, **cfg.all_kwargs())
-    return cfg
+        kernel.fn[grid](*args, **kwargs, **chosen[1])
+    return chosen[0]
 
 
 def forget_tuning():

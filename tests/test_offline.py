@@ -39,7 +39,8 @@ def _run_offline(*args, interpret=False, timeout=900):
 @pytest.mark.skipif(_ptxas() is None, reason="needs triton with its NVIDIA backend (ptxas) installed")
 def test_every_program_compiles_for_sm90(tmp_path):
     out = tmp_path / "offline.json"
-    proc = _run_offline("--arch", "90", "--host-iters", "3", "--host-rounds", "2", "--out", str(out))
+    proc = _run_offline("--arch", "90", "--host-iters", "3", "--host-rounds", "2", "--out", str(out),
+                        "--baseline", str(ROOT / "kernels" / "ssd_triton.py"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = report["binaries"]
@@ -51,7 +52,9 @@ def test_every_program_compiles_for_sm90(tmp_path):
     # the launches per call that the docstring of kernels/ssd_triton.py states
     assert sum(report["launches"]["forward"].values()) == 4, report["launches"]
     assert sum(report["launches"]["backward"].values()) == 8, report["launches"]
-    assert report["host_us"]["this"]["forward+backward"] > report["host_us"]["this"]["forward"] > 0
+    for version in ("this", "baseline"):  # (the baseline is the same file here: it only has to run)
+        assert report["host_us"][version]["forward+backward"] > report["host_us"][version]["forward"] > 0
+    assert "this / baseline: forward" in proc.stdout
     assert "| _chunk_scan_bwd_dc_kernel |" in proc.stdout and "launches per backward: 8" in proc.stdout
 
 
