@@ -18,8 +18,9 @@ instead of loading it, and counts launches instead of making them. The real wrap
    It is timed on tiny shapes (`HOST_SHAPE`): the host work does not depend on the sizes, and on
    tiny tensors the few PyTorch reductions of the backward do not compute for long on the CPU.
 
-It tells nothing about GPU time. Its host times are this machine's CPU's (a GPU host's is typically
-2x faster): compare versions of the code on the same machine, in the same run if you can.
+It tells nothing about GPU time. Its host times are this machine's CPU's (the H100 host measured on
+2026-11-26 issued the same forward about 1.3x faster than the 2-core VM this was written on): compare
+versions of the code on one machine, in the same run (`--baseline`).
 """
 
 import argparse
@@ -56,7 +57,8 @@ class _Binary:
         self.cubin = None  # set by load_binary, unless the program does not fit the card
 
     def row(self, cuobjdump):
-        """(program, config, registers, stack bytes, shared bytes, note) of this binary."""
+        """This binary as a row of the table: program, config, registers, stack and shared bytes,
+        instruction count, a hash of its instructions (`_sass`), note."""
         config = " ".join(f"{k}={v}" for k, v in sorted(self.tiles.items()))
         config += f" warps={self.num_warps} stages={self.num_stages}"
         if self.cubin is None:

@@ -14,12 +14,12 @@ log-decay and S_in[c] the state entering the chunk, the forward is
 
 which are steps 1–4 of `ssd_chunked` (stage 5 is steps 1 and 4 fused). The backward differentiates
 each stage by hand (the derivation is above the backward programs); it keeps cs from the forward and
-runs stages 2–4 again instead of keeping their larger outputs. Each forward stage has a small PyTorch
-`_ref` next to its kernel that the tests compare it with; the whole scan and every gradient are
+runs stages 2–4 again instead of keeping their larger outputs. Stages 1–4 have a small PyTorch `_ref`
+next to their kernel that the tests compare them with; the whole scan and every gradient are
 compared with autograd through the float64 recurrence `ssd_recurrent` (tests/test_kernels.py).
 
 Launches per call (each costs some tens of µs of Python on the host, which is what a batch-1 call
-spends most of its time on): the forward 4 Triton programs; the backward 8 Triton programs and 2–3
+spends most of its time on): the forward 4 Triton programs; the backward 8 Triton programs and 1–3
 small PyTorch reductions/casts (see `_ssd_backward`). Autotuned programs are launched through `_launch`,
 which consults Triton's autotuner only on the first call for a shape.
 
@@ -28,12 +28,14 @@ Conventions shared by every program:
       x, y, dy, dx  (batch, seqlen, H, P)     dt, ddt (batch, seqlen, H)     B, C (batch, seqlen, G, N)
       cs and every per-token fp32 buffer (batch, H, nchunks, Q)
       CB (batch, nchunks, G, Q, Q)            states (batch, nchunks, H, P, N)
-  * one program covers the whole head dimension P and state dimension N (padded to powers of two
-    ≥ 16, the smallest `tl.dot` tile); tiles run along the sequence only;
+  * a program that uses `tl.dot` covers the whole head dimension P and state dimension N (padded to
+    powers of two ≥ 16, the smallest `tl.dot` tile); its tiles run along the sequence only (the two
+    state passes instead tile the flattened P·N state);
   * the last chunk may be partial: positions ≥ seqlen are loaded as 0, in particular dt = 0, so cs
     stays constant after the last token and cs[Q-1] is the chunk's total decay for every chunk;
-  * every decay is computed as exp(min(Δ, 0)): Δ ≤ 0 wherever it is used, and the clamp keeps masked
-    entries of a tile (where Δ can be anything) from becoming inf and then inf·0 = NaN;
+  * every decay over a tile is computed as exp(min(Δ, 0)): Δ ≤ 0 wherever it is used, and the clamp
+    keeps masked entries of a tile (where Δ can be anything) from becoming inf and then inf·0 = NaN
+    (the state passes' per-chunk decays exp(cs[Q-1]) read one unmasked value ≤ 0);
   * decays, cumulative sums, states and accumulators are fp32; `tl.dot` operands are in the input
     dtype (`DOT_DTYPE`) with fp32 accumulation, and fp32 dots use IEEE precision, not TF32.
 """
@@ -1016,7 +1018,7 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, cs, chunk_size, D, initial_state):
     above the backward kernels.
 
     Launches: stages 2 and 4 again, then ∂L/∂S_in (stage 2's program), stage 3 fused with its
-    backward, dx, dB, dC, the decay gradient; then two or three small PyTorch reductions/casts. No
+    backward, dx, dB, dC, the decay gradient; then one to three small PyTorch reductions/casts. No
     buffer is zero-filled: every kernel writes all the entries that are read."""
     b, l, h, p = x.shape
     g, n = B.shape[2:]
