@@ -63,7 +63,7 @@ class _Binary:
         config += f" warps={self.num_warps} stages={self.num_stages}"
         if self.cubin is None:
             return dict(program=self.program, config=config, regs=None, stack=None, shared=self.shared,
-                        note="does not fit the card (shared memory)")
+                        instructions=None, sass=None, note="does not fit the card (shared memory)")
         usage = _resource_usage(cuobjdump, self.cubin)
         sass = _sass(cuobjdump, self.cubin)
         note = "spills" if usage.get("STACK", 0) > 0 else ""

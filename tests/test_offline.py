@@ -58,6 +58,21 @@ def test_every_program_compiles_for_sm90(tmp_path):
     assert "| _chunk_scan_bwd_dc_kernel |" in proc.stdout and "launches per backward: 8" in proc.stdout
 
 
+@pytest.mark.skipif(_ptxas() is None, reason="needs triton with its NVIDIA backend (ptxas) installed")
+def test_configs_that_do_not_fit_a_smaller_card_are_listed(tmp_path):
+    """With 70 000 bytes of shared memory per block, the larger tiles do not fit: they are listed as such,
+    and every program still runs in one of its other configs (as Triton's autotuner skips them on a GPU)."""
+    out = tmp_path / "small.json"
+    proc = _run_offline("--shared", "70000", "--host-iters", "0", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["binaries"]
+    too_big = [r for r in rows if r["regs"] is None]
+    assert too_big and all(r["shared"] > 70000 and "does not fit" in r["note"] for r in too_big)
+    assert all(r["shared"] <= 70000 for r in rows if r["regs"] is not None)
+    assert {r["program"] for r in rows if r["regs"] is not None} == PROGRAMS
+    assert "some configs do not fit the card" in proc.stderr
+
+
 def test_refuses_to_run_under_the_interpreter():
     proc = _run_offline("--host-iters", "0", interpret=True, timeout=300)
     assert proc.returncode != 0 and "unset TRITON_INTERPRET" in proc.stderr
