@@ -1080,8 +1080,8 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, cs, chunk_size, D, initial_state):
                                          parts[-1], l, h, nc, Q, _cdiv(Q, dc_block_t), n_blocks,
                                          HAS_D=D is not None, DC_BLOCK_T=dc_block_t, BLOCK_Q=_pow2(Q))
 
-    dAD = parts.sum((1, 2))
-    dBC = (dBC.sum(1) if n_splits > 1 else dBC[:, 0]).to(B.dtype)
+    dAD = parts.sum((1, 2))  # (1 or 2, H): ∂L/∂A and ∂L/∂D
+    dBC = (dBC.sum(1) if n_splits > 1 else dBC[:, 0]).to(B.dtype)  # (2, b, l, G, N): ∂L/∂B, ∂L/∂C
     # (.to is free where the dtype already matches: it returns the tensor itself)
     return (dx, ddt.to(dt.dtype), dAD[0].to(A.dtype), dBC[0], dBC[1], dAD[1].to(D.dtype) if D is not None else None,
             dh0.to(initial_state.dtype) if initial_state is not None else None)

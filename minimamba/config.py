@@ -31,6 +31,14 @@ CPU_SCALES = {
 SCALES = {**PUBLIC_SCALES, **CPU_SCALES}
 
 
+def _require(d, layout, keys):
+    """The keys a config.json of this layout cannot do without, or a ValueError naming the missing ones."""
+    missing = [k for k in keys if k not in d]
+    if missing:
+        raise ValueError(f"this {layout} Mamba2 config.json lacks {', '.join(map(repr, missing))}; "
+                         f"add them (its keys are: {sorted(d)})")
+
+
 @dataclass
 class Mamba2Config:
     d_model: int = 768  # D, the width of the residual stream
@@ -58,13 +66,15 @@ class Mamba2Config:
 
     def __post_init__(self):
         problems = []
-        if self.d_inner % self.headdim:
-            problems.append(f"d_inner = expand·d_model = {self.d_inner} is not a multiple of headdim {self.headdim}")
-        elif self.nheads % self.ngroups:
-            problems.append(f"ngroups {self.ngroups} does not divide nheads {self.nheads}")
-        for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "headdim", "ngroups", "chunk_size"):
+        for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "headdim", "ngroups",
+                     "chunk_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if not problems:  # (the derived sizes need positive ones)
+            if self.d_inner % self.headdim:
+                problems.append(f"d_inner = expand·d_model = {self.d_inner} is not a multiple of headdim {self.headdim}")
+            elif self.nheads % self.ngroups:
+                problems.append(f"ngroups {self.ngroups} does not divide nheads {self.nheads}")
         if problems:
             raise ValueError("invalid Mamba2Config: " + "; ".join(problems))
 
@@ -103,8 +113,10 @@ class Mamba2Config:
     def from_dict(cls, d):
         """Read a config dict in the state-spaces or the HF transformers layout."""
         if d.get("model_type") == "mamba2" or "hidden_size" in d:
+            _require(d, "HF transformers", ("hidden_size", "num_hidden_layers"))
             return cls._from_hf(d)
         if "d_model" in d:
+            _require(d, "state-spaces", ("d_model", "n_layer"))
             return cls._from_state_spaces(d)
         raise ValueError(
             "config.json is neither a state-spaces Mamba2 config (needs 'd_model') nor an HF transformers "
@@ -248,7 +260,10 @@ class Mamba2Config:
             d = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path} is not valid JSON ({e}); expected a Mamba2 config.json") from e
-        return cls.from_dict(d)
+        try:
+            return cls.from_dict(d)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def save(self, path, layout="state-spaces"):
         """Write config.json (indent 4, like mamba_ssm's save_pretrained)."""

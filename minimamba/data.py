@@ -48,6 +48,7 @@ import numpy as np
 from tqdm import tqdm
 
 from minimamba.download import DownloadError, download, hub_url
+from minimamba.files import sha256_of, write_text_atomically
 from minimamba.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
 
 SPLITS = ("train", "heldout")
@@ -458,7 +459,7 @@ def prepare(
 
     prepared = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "inputs": [{"path": str(p), "bytes": p.stat().st_size, "sha256": _sha256(p)} for p in inputs],
+        "inputs": [{"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_of(p)} for p in inputs],
         "split": split,
         "heldout_fraction": heldout_fraction if split == "auto" else None,
         "field": field,
@@ -472,7 +473,7 @@ def prepare(
     for name in writes:
         (out / f"{name}.bin.tmp").replace(out / f"{name}.bin")  # the old file stays until the new one is whole
         meta["splits"][name] = {"file": f"{name}.bin", **sizes[name], "prepared": prepared}
-    _write_json(out / "meta.json", meta)
+    write_text_atomically(out / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     _print_summary(domain, out, writes, sizes, counts)
     return meta
 
@@ -507,20 +508,6 @@ def _print_summary(domain, out, writes, sizes, counts) -> None:
     for name in writes:
         if sizes[name]["documents"] == 0:
             print(f"  warning: {out / name}.bin has no documents", file=sys.stderr)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-    tmp.replace(path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -602,15 +589,9 @@ def download_source(source: str, out_dir: str | Path, files: int = 1, split: str
             parquet = download(hub_url(WIKITEXT[0], name, WIKITEXT[1]), out / Path(name).name)
             rows = [record["text"] for _, record in _parquet_records(parquet, ["text"], _print_problem)]
             # a row per line of wiki.test.raw; blank lines are empty rows (dropped, as in shared/data)
-            _write_text_atomically(raw, "".join(row.rstrip("\n") + "\n" for row in rows if row))
+            write_text_atomically(raw, "".join(row.rstrip("\n") + "\n" for row in rows if row))
         return [raw]
     raise DataError(f"unknown source {source!r}; choose from {', '.join(SOURCES)}")
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ ignores Range) starts it over, a 416 answer means the .part is already complete.
 Two processes must not download the same file at the same time (with several ranks, let rank 0 do it first).
 """
 
-import hashlib
 import os
 import socket
 import ssl
@@ -29,6 +28,8 @@ from http.client import HTTPException
 from pathlib import Path
 
 from tqdm import tqdm
+
+from minimamba.files import sha256_of
 
 CONNECT_TIMEOUT = 5.0  # seconds to wait for a TCP connection before declaring the host unreachable
 RETRY_WAIT = 1.0  # seconds before the first retry; doubles after each failed try
@@ -195,13 +196,10 @@ def _verify(part: Path, url: str, expected_size: int | None, sha256: str | None)
         part.unlink()
         raise DownloadError(f"{url}: got {size} bytes, expected {expected_size}; deleted it, run again to retry.")
     if sha256 is not None:
-        digest = hashlib.sha256()
-        with open(part, "rb") as f:
-            while block := f.read(CHUNK):
-                digest.update(block)
-        if digest.hexdigest() != sha256.lower():
+        got = sha256_of(part, CHUNK)
+        if got != sha256.lower():
             part.unlink()
             raise DownloadError(
-                f"{url}: sha256 {digest.hexdigest()} does not match the expected {sha256}; "
+                f"{url}: sha256 {got} does not match the expected {sha256}; "
                 "deleted it, run again to retry."
             )

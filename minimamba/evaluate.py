@@ -38,11 +38,15 @@ def token_nll(model, windows, batch_size=8, device="cpu", autocast_dtype=None):
     return total.item(), count
 
 
-def perplexity(model, windows, batch_size=8, device="cpu", autocast_dtype=None):
-    """{"loss": mean token NLL (nats), "ppl": exp(loss), "tokens": tokens scored}."""
-    total, count = token_nll(model, windows, batch_size, device, autocast_dtype)
+def _summary(total, count):
+    """{"loss": mean token NLL (nats), "ppl": exp(loss), "tokens": tokens scored} from the sums."""
     loss = total / count
     return {"loss": loss, "ppl": math.exp(loss), "tokens": count}
+
+
+def perplexity(model, windows, batch_size=8, device="cpu", autocast_dtype=None):
+    """{"loss": mean token NLL (nats), "ppl": exp(loss), "tokens": tokens scored} of some windows."""
+    return _summary(*token_nll(model, windows, batch_size, device, autocast_dtype))
 
 
 def domain_perplexity(model, windows_by_domain, batch_size=8, device="cpu", autocast_dtype=None, dist=None):
@@ -61,8 +65,7 @@ def domain_perplexity(model, windows_by_domain, batch_size=8, device="cpu", auto
             total, count = sums[0].item(), int(sums[1].item())
         else:
             total, count = token_nll(model, windows, batch_size, device, autocast_dtype)
-        loss = total / count
-        results[domain] = {"loss": loss, "ppl": math.exp(loss), "tokens": count}
+        results[domain] = _summary(total, count)
     return results
 
 

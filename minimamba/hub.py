@@ -13,14 +13,13 @@ backbone.norm_f.weight and lm_head.weight (absent from some tied exports: then i
 We save the state-spaces layout, so mamba_ssm's own loader reads our checkpoints too.
 """
 
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
 from minimamba.config import Mamba2Config
+from minimamba.files import atomic_write
 from minimamba.model import Mamba2LM
 
 WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors")
@@ -112,7 +111,9 @@ def from_pretrained(name_or_path, dtype=None, device=None, backend="auto"):
         model = Mamba2LM(config, backend=backend)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if config.tie_embeddings:
-        if "lm_head.weight" in sd and not torch.equal(sd["lm_head.weight"], sd.get("embedding.weight")):
+        # (without an embedding there is nothing to compare: the listing below reports it missing)
+        if "lm_head.weight" in sd and "embedding.weight" in sd and not torch.equal(sd["lm_head.weight"],
+                                                                                   sd["embedding.weight"]):
             raise CheckpointError(f"{directory}: config ties the embeddings but lm_head.weight differs from "
                                   "the embedding; set tie_embeddings=false in config.json")
         sd.pop("lm_head.weight", None)
@@ -137,20 +138,6 @@ def from_pretrained(name_or_path, dtype=None, device=None, backend="auto"):
     return model.to(device) if device is not None else model
 
 
-def _atomic_write(path, write):
-    """Write a file by writing a temporary sibling and renaming it, so a kill leaves the old file or
-    the new one, never half of one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_pretrained(model, directory):
     """Write config.json and pytorch_model.bin in the state-spaces layout (each file atomically)."""
     directory = Path(directory)
@@ -158,6 +145,6 @@ def save_pretrained(model, directory):
     sd = {_to_state_spaces(k): v.detach().cpu() for k, v in model.state_dict().items()}
     # mamba_ssm's strict loader expects lm_head.weight even when tied; torch.save stores the shared tensor once
     sd.setdefault("lm_head.weight", sd["backbone.embedding.weight"])
-    _atomic_write(directory / "pytorch_model.bin", lambda tmp: torch.save(sd, tmp))
-    _atomic_write(directory / "config.json", lambda tmp: model.config.save(tmp))
+    atomic_write(directory / "pytorch_model.bin", lambda tmp: torch.save(sd, tmp))
+    atomic_write(directory / "config.json", lambda tmp: model.config.save(tmp))
     return directory

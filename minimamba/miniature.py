@@ -55,7 +55,7 @@ import torch  # noqa: E402
 from minimamba import data  # noqa: E402
 from minimamba.config import Mamba2Config  # noqa: E402
 from minimamba.model import Mamba2LM  # noqa: E402
-from minimamba.training import TrainConfig, latest_checkpoint, train  # noqa: E402
+from minimamba.training import TrainConfig, latest_checkpoint, pyplot, train  # noqa: E402
 
 DOMAINS = ("pubmed", "c4", "wikipedia")
 VOCAB = 8192  # ids kept: the 8,191 most frequent + one "rare" id
@@ -186,12 +186,8 @@ def table(ppl, before="before"):
 
 
 def plot(ppl, path, before="before"):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     rows = [r for r in ppl if r != before]
     fig, ax = plt.subplots(figsize=(8, 4))

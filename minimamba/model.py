@@ -303,7 +303,7 @@ class Mamba2LM(nn.Module):
         if cache is not None:
             cache.seqlen_offset += input_ids.shape[1]
         if num_last_tokens > 0:
-            residual = residual[:, -num_last_tokens:]
+            residual = residual[:, -num_last_tokens:]  # (b, num_last_tokens, D)
         return self.lm_head(self.norm_f(residual, out_dtype=dtype))  # (b, l, Vp)
 
     @staticmethod
@@ -395,12 +395,12 @@ class Mamba2LM(nn.Module):
         done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
         out = [input_ids]
         for i in range(max_new_tokens):
-            logits = logits[:, : self.config.vocab_size]
+            logits = logits[:, : self.config.vocab_size]  # (b, V): never a padding row
             tok = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)  # (b,)
             if eos_token_id is not None:
                 tok = torch.where(done, torch.full_like(tok, eos_token_id), tok)
                 done |= tok == eos_token_id
-            out.append(tok[:, None])
+            out.append(tok[:, None])  # (b, 1)
             if (eos_token_id is not None and bool(done.all())) or i == max_new_tokens - 1:
                 break
             logits = step(tok, cache)
@@ -440,4 +440,4 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]  # (b,)

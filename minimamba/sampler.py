@@ -37,8 +37,6 @@ import torch
 
 from minimamba.data import DataError, load_split
 
-EOS_ID = 0
-
 
 def parse_mix(text):
     """"pubmed=0.8,c4=0.1,wikipedia=0.1" -> {"pubmed": 0.8, "c4": 0.1, "wikipedia": 0.1} (normalised to sum 1)."""

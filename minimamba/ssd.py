@@ -161,7 +161,7 @@ def ssd_quadratic(x, dt, A, B, C, D=None, initial_state=None):
     if initial_state is not None:
         h0 = initial_state.to(cdt)
         y = y + torch.einsum("bht,bthn,bhpn->bthp", torch.exp(cs), C, h0)
-        total = cs[..., -1] if l else torch.zeros_like(cs[..., 0])
+        total = cs[..., -1] if l else torch.zeros_like(cs[..., 0])  # (b, H): log-decay of the whole sequence
         final = final + torch.exp(total)[..., None, None] * h0
     if D is not None:
         y = y + D.to(cdt)[:, None] * xf

@@ -19,7 +19,7 @@ Choices, with the reason for each:
     embedding); none on A_log, D, dt_bias, the norm weights and biases (decaying A_log or dt_bias
     towards 0 would change the SSM's time scales, not regularise it).
   * Layer-wise LR decay (llrd): layer l of L gets lr·llrd^(L−1−l), so the last layer learns at the
-    peak LR and the first at lr·0.95^(L−1) (0.095× for 48 layers): continued pretraining moves the
+    peak LR and the first at lr·0.95^(L−1) (≈0.090× for 48 layers): continued pretraining moves the
     lower, more general layers less. The final norm and the embedding get the peak LR: the embedding
     is tied to the output head, the top of the network (this is what the recipe's authors do with
     all non-layer parameters). An untied input embedding would get the lowest layer's factor.
@@ -39,6 +39,7 @@ naming it) is replaced atomically; a kill at any moment leaves the previous chec
 """
 
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -48,7 +49,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -58,6 +59,7 @@ from tqdm import tqdm
 from minimamba.config import PUBLIC_SCALES, SCALES, Mamba2Config
 from minimamba.data import DataError
 from minimamba.evaluate import domain_perplexity, load_heldout
+from minimamba.files import write_text_atomically
 from minimamba.model import Mamba2LM
 from minimamba.sampler import MixtureSampler, check_domains, parse_mix
 
@@ -109,10 +111,6 @@ class TrainConfig:
     dtype: str = "auto"  # compute dtype: auto (bfloat16 autocast on CUDA, float32 on CPU), bfloat16, float32
     fsdp: bool = False  # shard weights, gradients and optimizer state across processes (FSDP2) instead of DDP
     progress: bool = True  # show the tqdm bar
-
-    @classmethod
-    def field_names(cls):
-        return [f.name for f in fields(cls)]
 
 
 class SetupError(RuntimeError):
@@ -474,18 +472,15 @@ def checkpoint_name(step):
 
 
 def latest_checkpoint(out):
-    """The directory OUT/latest names, or None."""
+    """The directory OUT/latest names, or None if there is no OUT/latest."""
     pointer = Path(out) / "latest"
     if not pointer.is_file():
         return None
     path = Path(out) / pointer.read_text().strip()
-    return path if (path / "training_state.pt").is_file() else None
-
-
-def _write_text_atomically(path, text):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    if not (path / "training_state.pt").is_file():
+        raise SetupError(f"{pointer} names {path.name}, which holds no training_state.pt (deleted?); pass "
+                         f"--resume {Path(out) / 'step-NNNNNN'} for another checkpoint, or delete {pointer}")
+    return path
 
 
 def save_checkpoint(out, step, model, optimizer, ema, sampler, extra, dist, keep=1):
@@ -516,7 +511,7 @@ def save_checkpoint(out, step, model, optimizer, ema, sampler, extra, dist, keep
         }
         torch.save(state, tmp / "training_state.pt")
         os.replace(tmp, final)
-        _write_text_atomically(out / "latest", final.name + "\n")
+        write_text_atomically(out / "latest", final.name + "\n")
         old = sorted(p for p in out.glob("step-*") if p.is_dir() and p != final)
         for p in old[: max(0, len(old) - (keep - 1))]:
             shutil.rmtree(p, ignore_errors=True)
@@ -562,7 +557,16 @@ def load_training_state(path):
     state_path = Path(path) / "training_state.pt"
     if not state_path.is_file():
         raise SetupError(f"{path} is not a training checkpoint (no training_state.pt)")
-    return torch.load(state_path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # (checkpoints are written atomically: this is damage from outside)
+        raise SetupError(f"{state_path} cannot be read ({type(e).__name__}: {e}); resume from another "
+                         "checkpoint with --resume OUT/step-NNNNNN, or start again") from None
+    if not isinstance(state, dict) or state.get("format") != 1:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise SetupError(f"{state_path} is not a training state of format 1 (found {found!r}); it was not "
+                         "written by this version of minimamba's train.py")
+    return state
 
 
 def restore_state(state, model, optimizer, ema, sampler):
@@ -598,10 +602,14 @@ class JsonlLog:
     def __init__(self, path, enabled=True, truncate_after_step=None):
         self.path, self.enabled = Path(path), enabled
         if enabled and truncate_after_step is not None and self.path.exists():
-            # a resumed run redoes the steps after its checkpoint: drop their old records
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= truncate_after_step]
-            _write_text_atomically(self.path, "".join(line + "\n" for line in kept))
+            # a resumed run redoes the steps after its checkpoint: drop their old records (and a line
+            # cut short by a kill, which is not JSON)
+            records, broken = _parse_log(self.path.read_text())
+            if broken:
+                tqdm.write(f"{self.path}: dropped line(s) {broken}, not JSON (written when the run was killed)",
+                           file=sys.stderr)
+            kept = [r for r in records if r.get("step", 0) <= truncate_after_step]
+            write_text_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, **record):
         if self.enabled:
@@ -609,18 +617,45 @@ class JsonlLog:
                 f.write(json.dumps(record) + "\n")
 
 
+def _parse_log(text):
+    """The records of log.jsonl text, and the numbers of its lines that are not JSON."""
+    records, broken = [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                broken.append(number)
+    return records, broken
+
+
 def read_log(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a log.jsonl. Its last line may be cut short (a run being written, or killed while
+    writing it) and is then left out; a broken line elsewhere is an error."""
+    text = Path(path).read_text()
+    records, broken = _parse_log(text)
+    if broken and broken != [len(text.splitlines())]:
+        raise ValueError(f"{path}: line(s) {broken} are not JSON; the log is damaged")
+    return records
 
 
-def plot_log(log_path, png_path):
-    """Train loss and per-domain held-out perplexity against tokens seen; False if matplotlib is missing."""
+def pyplot():
+    """matplotlib.pyplot drawing to files (the Agg backend), or None if matplotlib (the `plot` extra)
+    is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_log(log_path, png_path):
+    """Train loss and per-domain held-out perplexity against tokens seen; False if matplotlib is missing."""
+    plt = pyplot()
+    if plt is None:
         return False
     records = read_log(log_path)
     train = [r for r in records if "loss" in r]
@@ -643,7 +678,6 @@ def plot_log(log_path, png_path):
 # ----------------------------------------------------------------------------------------------------------
 # Estimates of memory and time per step
 
-H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM
 ASSUMED_MFU = {"cuda": 0.4, "cpu": 0.25}  # the fraction of the device's matmul speed the model is assumed to reach
 
 
@@ -881,9 +915,8 @@ def _train(cfg, dist, model):
         raise SetupError(problem) from None
     source = None
     if model is None:
-        if state is not None:
+        if state is not None:  # (its weights are put back by restore_state below)
             model = Mamba2LM(Mamba2Config.load(resume_dir), backend=cfg.backend)
-            source = f"resumed from {resume_dir}"
         else:
             check_model_source(cfg)
             source = hub_id(cfg)
@@ -895,8 +928,6 @@ def _train(cfg, dist, model):
     torch.manual_seed(cfg.seed)
     model.to(dist.device)
     model.gradient_checkpointing = cfg.grad_ckpt
-    if state is not None and not cfg.fsdp:
-        unwrap(model).load_state_dict(state["model"])
     model = wrap_model(model, cfg, dist)
     raw = unwrap(model)
 
@@ -935,9 +966,11 @@ def _train(cfg, dist, model):
         "lr_scale_by_group": {g["name"]: g["lr_scale"] for g in groups}}}
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        _write_text_atomically(out / "train_config.json", json.dumps(resolved, indent=2, default=str) + "\n")
+        write_text_atomically(out / "train_config.json", json.dumps(resolved, indent=2, default=str) + "\n")
         print("config: " + json.dumps(asdict(cfg)))
         print(_summary(cfg, r, raw, dist, sampler, est, groups, source), flush=True)
+        if importlib.util.find_spec("matplotlib") is None:
+            print("note: matplotlib is not installed, so no training.png (pip install 'minimamba[plot]')")
     log = JsonlLog(out / "log.jsonl", dist.is_main, truncate_after_step=step if resume_dir else None)
     if not resume_dir and dist.is_main:
         (out / "log.jsonl").unlink(missing_ok=True)

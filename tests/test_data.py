@@ -8,17 +8,15 @@ import functools
 import gzip
 import hashlib
 import json
-import os
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from minimamba import data
 from minimamba.data import DataError, load_split, main, prepare, read_documents, read_meta
+from tests.conftest import DATA
 
-DATA = Path(os.environ.get("MINIMAMBA_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 TOKENIZER_JSON = DATA / "tokenizer" / "tokenizer.json"
 NO_SHARED_DATA = f"shared data not found at {DATA} (set MINIMAMBA_DATA)"
 needs_shared_data = pytest.mark.skipif(not TOKENIZER_JSON.exists(), reason=NO_SHARED_DATA)

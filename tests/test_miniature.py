@@ -30,9 +30,11 @@ def test_target_and_table_from_made_up_numbers():
     assert "56.00 (+12.0%)" in lines[4]
 
 
-def test_unknown_row_is_refused():
+def test_unknown_row_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        miniature.main(["--rows", "mix,nonsense", "--out", "unused"])
+        miniature.main(["--rows", "mix,nonsense", "--out", str(tmp_path / "out")])
+    assert "unknown row(s) nonsense; choose from mix" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_data_root_names_the_files(tmp_path):

@@ -2,16 +2,15 @@
 against the parallel forward, checkpoint I/O and its errors, and sampling."""
 
 import json
+import re
 
 import pytest
 import torch
 
 from minimamba import Mamba2Config, Mamba2LM, from_pretrained
-from minimamba.hub import CheckpointError, save_pretrained
+from minimamba.hub import CheckpointError
 from minimamba.model import sample
 from tests.conftest import randomize_
-
-transformers = pytest.importorskip("transformers", reason="HF transformers is the test-only oracle for Mamba2")
 
 
 def tiny_config(**kw):
@@ -21,7 +20,9 @@ def tiny_config(**kw):
 
 @pytest.fixture(scope="module")
 def hf_pair(tmp_path_factory):
-    """A random HF Mamba2ForCausalLM and the same weights saved in the state-spaces layout."""
+    """A random HF Mamba2ForCausalLM and the same weights saved in the state-spaces layout (the tests
+    that use it skip when HF transformers, the test-only oracle, is not installed; the others run)."""
+    transformers = pytest.importorskip("transformers", reason="HF transformers is the test-only oracle for Mamba2")
     cfg = tiny_config()
     hf_cfg = transformers.Mamba2Config(**cfg.to_dict("hf"))
     torch.manual_seed(0)
@@ -187,6 +188,10 @@ def test_corrupt_missing_and_unknown_inputs_fail_clearly(model, tmp_path):
         Mamba2Config.from_scale("3b")
     with pytest.raises(ValueError, match="ngroups 3 does not divide nheads 8"):
         tiny_config(ngroups=3)
+    with pytest.raises(ValueError, match="expand must be positive, got 0"):
+        tiny_config(expand=0)
+    with pytest.raises(ValueError, match="headdim must be positive, got 0"):
+        tiny_config(headdim=0)
 
 
 def test_public_scale_shapes_match_the_checkpoints():
@@ -215,6 +220,29 @@ def test_both_config_layouts_round_trip():
     assert Mamba2Config.from_dict(public) == Mamba2Config.from_scale("130m")
     with pytest.raises(ValueError, match="neither a state-spaces"):
         Mamba2Config.from_dict({"foo": 1})
+    with pytest.raises(ValueError, match="state-spaces Mamba2 config.json lacks 'n_layer'; add them"):
+        Mamba2Config.from_dict({k: v for k, v in public.items() if k != "n_layer"})
+    with pytest.raises(ValueError, match="HF transformers Mamba2 config.json lacks 'num_hidden_layers'"):
+        Mamba2Config.from_dict({"model_type": "mamba2", "hidden_size": 64})
+
+
+def test_config_json_errors_name_the_file(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"d_model": 64}))
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / 'config.json')) + ": .*lacks 'n_layer'"):
+        Mamba2Config.load(tmp_path)
+
+
+def test_tied_checkpoint_without_a_known_embedding_key_lists_it_missing(model, tmp_path):
+    """A tied config, lm_head.weight present, the embedding under a name we do not know: the one
+    mismatch error (not a TypeError from comparing the head with nothing)."""
+    model.save_pretrained(tmp_path)
+    sd = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
+    sd["lm_head.weight"] = sd["backbone.embedding.weight"]
+    sd["backbone.word_embeddings.weight"] = sd.pop("backbone.embedding.weight")
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError) as e:
+        from_pretrained(tmp_path)
+    assert "missing key embedding.weight" in str(e.value) and "unexpected key word_embeddings.weight" in str(e.value)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

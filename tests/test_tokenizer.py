@@ -9,7 +9,6 @@ import bz2
 import csv
 import functools
 import json
-import os
 import threading
 import unicodedata
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -20,8 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minimamba.tokenizer import _AFTER_UNICODE_9, Tokenizer, _byte_to_char, _nfc, load_tokenizer
+from tests.conftest import DATA
 
-DATA = Path(os.environ.get("MINIMAMBA_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 TOKENIZER_JSON = DATA / "tokenizer" / "tokenizer.json"
 CORPORA = ("pubmed", "c4", "wiki", "pubmedqa", "mc")  # never holdout/
 
@@ -259,10 +258,14 @@ def write_json(path: Path, spec) -> Path:
 
 
 def test_tiny_tokenizer_loads_from_a_file_or_its_folder(tmp_path):
-    write_json(tmp_path / "tokenizer.json", tiny_tokenizer_json())
+    spec = tiny_tokenizer_json()
+    write_json(tmp_path / "tokenizer.json", spec)
+    vocab = spec["model"]["vocab"]
     for where in (tmp_path / "tokenizer.json", tmp_path, str(tmp_path)):
         tok = load_tokenizer(where)
-        assert tok.encode("the") == tok.encode("the")
+        # "h e" merges; "t" + "he" has no merge (only "Ġt he", after a space) and " the" takes "Ġt he"
+        assert tok.encode("the") == [vocab["t"], vocab["he"]]
+        assert tok.encode(" the") == [vocab["Ġthe"]]
         assert tok.decode(tok.encode("he the  a   t<|endoftext|>")) == "he the  a   t<|endoftext|>"
     assert (tok.vocab_size, tok.eos_id, tok.pad_id) == (2 + 256 + 4 + 2, 0, 1)
 

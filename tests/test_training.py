@@ -360,13 +360,43 @@ def test_unknown_domain_in_mix(data, init_dir, tmp_path):
         train(config(data, init_dir, tmp_path / "run", mix="pubmed"))
 
 
-def test_resume_errors(data, init_dir, tmp_path):
+def test_resume_errors(data, init_dir, tmp_path, capsys):
     with pytest.raises(SetupError, match="no checkpoint in"):
         train(config(data, init_dir, tmp_path / "run", resume="latest"))
     cfg = config(data, init_dir, tmp_path / "run", max_steps=2)
     train(cfg)
     with pytest.raises(SetupError, match="cannot resume exactly"):
         train(replace(cfg, resume="latest", max_steps=4, mix="pubmed=0.5,c4=0.5"))
+
+    # a log line cut short by a kill is dropped on resume, with a note; the run goes on
+    out = tmp_path / "run"
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')
+    assert read_log(out / "log.jsonl")[-1]["step"] <= 2  # (a cut last line is left out when reading)
+    train(replace(cfg, resume="latest", max_steps=3))
+    assert max(r["step"] for r in read_log(out / "log.jsonl") if "loss" in r) == 3
+    assert "log.jsonl: dropped line(s) [" in capsys.readouterr().err
+
+    # a damaged or foreign training state, and a `latest` that names a deleted checkpoint
+    ckpt = out / (out / "latest").read_text().strip()
+    good = (ckpt / "training_state.pt").read_bytes()
+    (ckpt / "training_state.pt").write_bytes(good[: len(good) // 2])
+    with pytest.raises(SetupError, match="cannot be read .* resume from another checkpoint"):
+        train(replace(cfg, resume="latest", max_steps=4))
+    torch.save({"format": 2}, ckpt / "training_state.pt")
+    with pytest.raises(SetupError, match="not a training state of format 1 \\(found 2\\)"):
+        train(replace(cfg, resume="latest", max_steps=4))
+    shutil.rmtree(ckpt)
+    for resume in ("latest", None):  # resuming, or starting over in the same --out
+        with pytest.raises(SetupError, match=f"names {ckpt.name}, which holds no training_state.pt"):
+            train(replace(cfg, resume=resume, max_steps=4))
+
+
+def test_read_log_refuses_a_damaged_line_before_the_last(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1}\n{"st\n{"step": 2}\n')
+    with pytest.raises(ValueError, match="line\\(s\\) \\[2\\] are not JSON"):
+        read_log(log)
 
 
 def test_scale_without_public_checkpoint(data, tmp_path):
