@@ -771,7 +771,7 @@ def _chunk_scan_bwd_dc_kernel(
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     for i in range(heads_per_split):
         h = first_head + i
-        bhc = (pid_b * nheads + h) * nchunks + pid_c
+        bhc = ((pid_b * nheads + h) * nchunks + pid_c).to(tl.int64)  # (dA_diag passes 2³¹ entries first)
         tok = bhc * chunk_size  # offset of this head's per-token buffers
         diag = (bhc * n_t_tiles + pid_t) * chunk_size  # and of this row tile's slice of dA_diag
         xh_ptr = x_ptr + row0 * nheads * headdim + h * headdim
@@ -857,7 +857,7 @@ def _chunk_cumsum_bwd_kernel(
     pos = pid_c * chunk_size + offs_t
     in_chunk = offs_t < chunk_size
     valid = in_chunk & (pos < seqlen)
-    bhc = (pid_b * nheads + pid_h) * nchunks + pid_c
+    bhc = ((pid_b * nheads + pid_h) * nchunks + pid_c).to(tl.int64)  # (as in the dC program)
     tok = bhc * chunk_size
 
     # (only the entries the dB and dC kernels wrote are read: their buffers are not zeroed; the
@@ -888,6 +888,7 @@ def _chunk_cumsum_bwd_kernel(
 # Host side: launches, the autograd Function, the public entry point
 # ==================================================================================================
 _STATE_BLOCK = 256  # state entries per program in the two state-passing kernels
+_MAX_GRID_Y = 65535  # CUDA's limit on a grid's 2nd axis, which enumerates (batch element, chunk) pairs
 _DC_MIN_BLOCK_T = 32  # the smallest row tile among the dC program's configs: it sizes dA_diag
 
 
@@ -1132,6 +1133,10 @@ def ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=None, initial_state=None, retur
         raise RuntimeError(
             f"the Triton SSD kernel needs CUDA tensors, got {x.device.type}. To run it on CPU (slowly, for "
             "tests), set TRITON_INTERPRET=1 before importing `kernels`; or use minimamba.ssd.ssd_chunked.")
+    if b * _cdiv(l, chunk_size) > _MAX_GRID_Y:
+        raise ValueError(f"batch × chunks = {b} × {_cdiv(l, chunk_size)} exceeds {_MAX_GRID_Y}, the most "
+                         "programs a CUDA grid has along the axis that enumerates them: use a larger chunk_size "
+                         "or call with fewer sequences at a time")
     if l == 0:
         final = x.new_zeros(b, h, p, n, dtype=torch.float32) if initial_state is None else initial_state.float()
         y = x.new_empty(b, 0, h, p)

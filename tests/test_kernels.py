@@ -288,6 +288,10 @@ def test_bad_inputs_fail_clearly():
         ssd_chunk_scan(*args, 0)
     with pytest.raises(ValueError, match="ngroups"):
         ssd_chunk_scan(args[0], args[1], args[2], pb["B"].repeat(1, 1, 3, 1), pb["C"].repeat(1, 1, 3, 1), 16)
+    # more (batch element, chunk) pairs than a CUDA grid's 2nd axis holds: refused before any launch
+    big = make_problem(2, 32768, 1, 1, 1, 1, with_h0=False)
+    with pytest.raises(ValueError, match="batch × chunks = 2 × 32768 exceeds 65535.*larger chunk_size"):
+        ssd_chunk_scan(*(big[k].float() for k in ("x", "dt", "A", "B", "C")), 1)
 
 
 def test_cpu_tensors_without_the_interpreter_get_a_clear_error():
