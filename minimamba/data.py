@@ -65,6 +65,8 @@ MAX_PROBLEMS_SHOWN = 10  # problems printed while preparing
 BATCH_DOCUMENTS = 512  # documents per call to the tokenizer
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")  # halves of a character that JSON escapes can produce
+
 class DataError(ValueError):
     """Bad input or arguments; the message names the file, field or option, and what to do."""
 
@@ -332,7 +334,7 @@ def _record_documents(records, source, field, template, names, report) -> Iterat
             text.encode("utf-8")
         except UnicodeEncodeError:  # JSON escapes such as "\ud800" can encode half of a character
             report("non_utf8", number, "unpaired surrogates (replaced by U+FFFD)")
-            text = text.encode("utf-8", errors="surrogatepass").decode("utf-8", errors="replace")
+            text = _SURROGATE.sub("\ufffd", text)  # one U+FFFD per unpaired surrogate
         yield Document(text, source, number)
 
 
@@ -383,6 +385,9 @@ def prepare(
         tokenizer_name = getattr(tokenizer, "name", type(tokenizer).__name__)
     if tokenizer.vocab_size > 2**16:
         raise DataError(f"a vocabulary of {tokenizer.vocab_size} ids does not fit the uint16 token files")
+    if tokenizer.eos_id is None:
+        raise DataError(f"the tokenizer {tokenizer_name} has no <|endoftext|> token, which ends every document "
+                        "in the token files; use a GPT-NeoX-style tokenizer.json that has it")
 
     out = Path(out_dir) / domain
     writes = SPLITS if split == "auto" else (split,)
@@ -471,9 +476,13 @@ def prepare(
         "problems": problems,
     }
     for name in writes:
-        (out / f"{name}.bin.tmp").replace(out / f"{name}.bin")  # the old file stays until the new one is whole
         meta["splits"][name] = {"file": f"{name}.bin", **sizes[name], "prepared": prepared}
-    write_text_atomically(out / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    # meta.json first says which files are being replaced: a kill between the renames and its final
+    # version leaves a domain that readers refuse, saying what to do, not files that disagree with it
+    write_text_atomically(out / "meta.json", _meta_json({**meta, "preparing": list(writes)}))
+    for name in writes:
+        (out / f"{name}.bin.tmp").replace(out / f"{name}.bin")  # the old file stays until the new one is whole
+    write_text_atomically(out / "meta.json", _meta_json(meta))
     _print_summary(domain, out, writes, sizes, counts)
     return meta
 
@@ -481,7 +490,7 @@ def prepare(
 def _meta_to_update(out: Path, writes, tokenizer, tokenizer_name: str) -> dict:
     """The domain's meta.json without the splits that this call writes (a fresh one if there is none)."""
     info = {"name": tokenizer_name, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id}
-    meta = read_meta(out.parent, out.name) if (out / "meta.json").exists() else {"splits": {}}
+    meta = read_meta(out.parent, out.name, unfinished_ok=True) if (out / "meta.json").exists() else {"splits": {}}
     kept = [name for name in meta["splits"] if name not in writes]
     old = meta.get("tokenizer", {})
     if kept and (old.get("vocab_size"), old.get("eos_id")) != (info["vocab_size"], info["eos_id"]):
@@ -517,14 +526,25 @@ def _print_summary(domain, out, writes, sizes, counts) -> None:
 _PREPARE_HINT = "python -m minimamba.data prepare --domain {} --input FILE... --out {}"
 
 
-def read_meta(data_dir: str | Path, domain: str) -> dict:
+def _meta_json(meta: dict) -> str:
+    return json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
+
+
+def read_meta(data_dir: str | Path, domain: str, unfinished_ok: bool = False) -> dict:
+    """A domain's meta.json. One left by a `prepare` that stopped while replacing token files is an
+    error (its files and meta.json may disagree), unless `unfinished_ok` (prepare itself, redoing it)."""
     path = Path(data_dir) / domain / "meta.json"
     if not path.exists():
         raise DataError(f"{path} not found; prepare the domain first ({_PREPARE_HINT.format(domain, data_dir)})")
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise DataError(f"{path} is not valid JSON ({e}); delete the folder and prepare it again") from None
+    if meta.get("preparing") and not unfinished_ok:
+        raise DataError(f"{path}: `prepare` stopped while replacing {', '.join(meta['preparing'])}.bin, so the "
+                        f"token files and meta.json may disagree; prepare the domain again "
+                        f"({_PREPARE_HINT.format(domain, data_dir)})")
+    return meta
 
 
 def load_split(data_dir: str | Path, domain: str, split: str) -> np.memmap:
@@ -536,6 +556,8 @@ def load_split(data_dir: str | Path, domain: str, split: str) -> np.memmap:
         raise DataError(f"{path} not found; prepare it first ({_PREPARE_HINT.format(domain, data_dir)})")
     if path.stat().st_size == 0:
         raise DataError(f"{path} has no tokens: its inputs held no usable document (see meta.json)")
+    if (path.parent / "meta.json").exists():
+        read_meta(data_dir, domain)  # refuses a domain that `prepare` left half replaced
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 
@@ -558,6 +580,7 @@ def download_source(source: str, out_dir: str | Path, files: int = 1, split: str
     """
     out = Path(out_dir) / source
     if source == "pubmed":
+        (out / "baseline-listing.html").unlink(missing_ok=True)  # (one left by a run killed before its unlink)
         listing = download(PUBMED_BASELINE, out / "baseline-listing.html", desc="PubMed baseline listing")
         names = sorted(set(re.findall(r'href="(pubmed\d+n\d{4}\.xml\.gz)"', listing.read_text())))
         listing.unlink()  # the listing changes every year: never serve it from a cache

@@ -11,8 +11,11 @@ Environment variables:
     MINIMAMBA_CACHE   where hub files are cached (default $HF_HOME/minimamba, HF_HOME default ~/.cache/huggingface)
 
 A download first writes `dest.part`. If it is interrupted, the next call asks the server for the
-remaining bytes only ("Range: bytes=N-"): a 206 answer continues the .part, a 200 answer (server
-ignores Range) starts it over, a 416 answer means the .part is already complete. Only a complete
+remaining bytes only ("Range: bytes=N-"): a 206 answer continues the .part (if its Content-Range starts
+at byte N; else the .part is dropped and the file fetched again), a 200 answer (server ignores Range)
+starts it over, a 416 answer means the .part is already complete. The server's ETag (or Last-Modified)
+of the first answer is kept in `dest.part.validator` and sent as "If-Range", so that a file that changed
+on the server since the .part began is fetched whole instead of being spliced onto the old bytes. Only a complete
 (and, when asked, size- and sha256-checked) file is renamed to `dest`, so `dest` is never half-written.
 Two processes must not download the same file at the same time (with several ranks, let rank 0 do it first).
 """
@@ -120,7 +123,14 @@ def download(
         time.sleep(RETRY_WAIT * 2**attempt)
     _verify(part, url, expected_size, sha256)
     os.replace(part, dest)  # atomic: dest appears complete or not at all
+    _validator_file(part).unlink(missing_ok=True)
     return dest
+
+
+def _validator_file(part: Path) -> Path:
+    """Where the server's ETag (or Last-Modified) of the file being downloaded into `part` is kept, so
+    that a resume asks for the rest of *that* version of the file (If-Range) and not of a newer one."""
+    return part.with_name(part.name + ".validator")
 
 
 def _fetch(url: str, part: Path, desc: str, timeout: float) -> None:
@@ -131,8 +141,11 @@ def _fetch(url: str, part: Path, desc: str, timeout: float) -> None:
     if token and url.startswith(endpoint() + "/"):
         # an "unredirected" header is not forwarded when the Hub redirects to its file storage
         request.add_unredirected_header("Authorization", f"Bearer {token}")
+    validator = _validator_file(part)
     if have:
         request.add_header("Range", f"bytes={have}-")
+        if validator.exists():  # the server sends the whole (new) file if it changed since the .part began
+            request.add_header("If-Range", validator.read_text().strip())
     try:
         # a fresh opener reads the proxy settings (http_proxy, no_proxy, ...) from the environment now
         response = urllib.request.build_opener().open(request, timeout=timeout)
@@ -147,8 +160,22 @@ def _fetch(url: str, part: Path, desc: str, timeout: float) -> None:
             raise ConnectionError(f"{part.name} is larger than the file on the server; starting over") from e
         return
     with response:
-        if have and response.status != 206:  # the server ignored Range and sends the whole file
+        if have and response.status != 206:  # the server ignored Range, or the file changed: the whole file
             have = 0
+        if have:  # a 206 must continue the .part where it ends ("Content-Range: bytes START-END/SIZE")
+            start = (response.headers.get("Content-Range") or "").removeprefix("bytes ").partition("-")[0]
+            if start != str(have):
+                part.unlink()
+                validator.unlink(missing_ok=True)
+                raise ConnectionError(f"the server answered a resume from byte {have} with "
+                                      f"{response.headers.get('Content-Range')!r}; starting over")
+        else:  # a new .part: remember which version of the file it holds
+            tag = response.headers.get("ETag")
+            tag = tag if tag and not tag.startswith("W/") else response.headers.get("Last-Modified")
+            if tag:
+                validator.write_text(tag + "\n")
+            else:
+                validator.unlink(missing_ok=True)
         length = response.headers.get("Content-Length")
         remaining = int(length) if length is not None else None
         total = have + remaining if remaining is not None else None

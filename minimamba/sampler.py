@@ -179,18 +179,23 @@ class MixtureSampler:
     # checkpointing -------------------------------------------------------------------------------
     def state_dict(self):
         return {"step": self.step, "taken": dict(self.taken), "seed": self.seed, "mix": dict(self.mix),
-                "seq_len": self.seq_len, "rows_per_step": self.rows_per_step}
+                "seq_len": self.seq_len, "rows_per_step": self.rows_per_step, "num_windows": dict(self.num_windows)}
 
     def load_state_dict(self, state):
         mine = {"mix": self.mix, "seq_len": self.seq_len, "rows_per_step": self.rows_per_step, "seed": self.seed}
         changed = [f"{k}: checkpoint {state[k]} vs now {v}" for k, v in mine.items()
                    if k != "mix" and state[k] != v]
-        if set(state["mix"]) != set(self.mix) or any(abs(state["mix"][d] - self.mix[d]) > 1e-12 for d in self.mix):
+        # (the order of the domains matters too: it breaks ties between their row counts and orders the rows)
+        if list(state["mix"]) != list(self.mix) or any(abs(state["mix"][d] - self.mix[d]) > 1e-12 for d in self.mix):
             changed.append(f"mix: checkpoint {state['mix']} vs now {self.mix}")
+        if "num_windows" in state and state["num_windows"] != self.num_windows:  # (older checkpoints lack it)
+            changed.append(f"windows per domain: checkpoint {state['num_windows']} vs now {self.num_windows} "
+                           "(the training data was prepared again)")
         if changed:
             raise ValueError(
-                "cannot resume exactly: the data order depends on --mix, --seq-len, the global batch and --seed, "
-                "and these differ from the checkpoint's (" + "; ".join(changed) + "). Resume with the same values."
+                "cannot resume exactly: the data order depends on --mix (and the order of its domains), --seq-len, "
+                "the global batch, --seed and the training data, and these differ from the checkpoint's ("
+                + "; ".join(changed) + "). Resume with the same values and data."
             )
         self.step, self.taken = int(state["step"]), {d: int(state["taken"][d]) for d in self.domains}
 
@@ -201,6 +206,8 @@ def heldout_windows(data_dir, domain, seq_len, max_windows=None):
     Window j covers tokens [j·seq_len, (j+1)·seq_len + 1): every token after the first is scored
     once. With max_windows, that many windows spread evenly over the file (the same ones every call).
     """
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"max_windows (--eval-windows) must be at least 1, got {max_windows}")
     tokens = load_split(data_dir, domain, "heldout")
     n = (len(tokens) - 1) // seq_len
     if n < 1:

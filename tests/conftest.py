@@ -19,13 +19,15 @@ class FileServer(ThreadingHTTPServer):
 
     ignore_range: paths answered with 200 and the whole file even when a Range is asked.
     drop_after:   path -> n: the next answer for that path sends n bytes of its body, then hangs up.
+    etags:        path -> ETag sent with the file; an If-Range that differs gets the whole file (200).
+    bad_range:    paths whose 206 answers start at byte 0 whatever was asked (a broken server or proxy).
     """
 
     daemon_threads = True
 
     def __init__(self):
         super().__init__(("127.0.0.1", 0), _Handler)
-        self.files, self.ignore_range, self.drop_after = {}, set(), {}
+        self.files, self.ignore_range, self.drop_after, self.etags, self.bad_range = {}, set(), {}, {}, set()
         self.requests = []  # (path, Range header or None, Authorization header or None)
 
     @property
@@ -43,7 +45,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_error(404)
             return
         start = 0
-        if asked and self.path not in server.ignore_range:
+        etag = server.etags.get(self.path)
+        if_range = self.headers.get("If-Range")
+        if asked and self.path not in server.ignore_range and (if_range is None or if_range == etag):
             start = int(asked.removeprefix("bytes=").removesuffix("-"))
             if start >= len(body):
                 self.send_response(416)
@@ -51,10 +55,14 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
+            if self.path in server.bad_range:
+                start = 0
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         else:
             self.send_response(200)
+        if etag:
+            self.send_header("ETag", etag)
         self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
         cut = server.drop_after.pop(self.path, None)

@@ -15,6 +15,7 @@ import pytest
 
 from minimamba import data
 from minimamba.data import DataError, load_split, main, prepare, read_documents, read_meta
+from minimamba.files import write_text_atomically
 from tests.conftest import DATA
 
 TOKENIZER_JSON = DATA / "tokenizer" / "tokenizer.json"
@@ -287,6 +288,48 @@ def test_a_call_replaces_only_the_splits_it_writes(tmp_path):
         prepare("c4", [other], ByteTokenizer(), out, split="train", field="body")
     assert (out / "c4" / "train.bin").read_bytes() == train_bytes  # a failed call leaves the files alone
     assert not list((out / "c4").glob("*.tmp"))
+
+
+def test_a_prepare_killed_between_its_renames_is_refused_then_redone(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    first = write_jsonl(tmp_path / "a.jsonl", [{"text": f"first {i}"} for i in range(40)])
+    second = write_jsonl(tmp_path / "b.jsonl", [{"text": f"second {i}"} for i in range(40)])
+    prepare("c4", [first], ByteTokenizer(), out)
+    writes = []
+
+    def killed_after_the_renames(path, text):  # the first meta.json write goes through, the final one is "killed"
+        if writes:
+            raise KeyboardInterrupt
+        writes.append(path)
+        write_text_atomically(path, text)
+
+    monkeypatch.setattr(data, "write_text_atomically", killed_after_the_renames)
+    with pytest.raises(KeyboardInterrupt):
+        prepare("c4", [second], ByteTokenizer(), out)
+    monkeypatch.undo()
+    for split in ("train", "heldout"):  # the new .bin files are in place, meta.json still says "preparing"
+        with pytest.raises(DataError, match="stopped while replacing train, heldout.bin.*prepare the domain again"):
+            load_split(out, "c4", split)
+    prepare("c4", [second], ByteTokenizer(), out)  # doing it again repairs the domain
+    assert sorted(documents_in(out, "c4", "train") + documents_in(out, "c4", "heldout")) == sorted(
+        f"second {i}" for i in range(40))
+    assert "preparing" not in read_meta(out, "c4")
+
+
+def test_tokenizer_without_an_eos_token_is_refused(tmp_path):
+    class NoEos(ByteTokenizer):
+        eos_id = None
+
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": "a document"}])
+    with pytest.raises(DataError, match="has no <\\|endoftext\\|> token"):
+        prepare("c4", [src], NoEos(), tmp_path / "out")
+
+
+def test_unpaired_surrogates_become_one_replacement_character_each(tmp_path):
+    src = tmp_path / "s.jsonl"
+    src.write_text('{"text": "ok \\ud800 half \\udfff"}\n', encoding="utf-8")
+    (doc,) = read_documents(src)
+    assert doc.text == "ok \ufffd half \ufffd"
 
 
 def test_real_tokenizer_never_writes_eos_inside_a_document(tmp_path):

@@ -78,6 +78,35 @@ def test_server_ignoring_range_restarts_the_file(server, tmp_path):
     assert server.requests[-1][1] == "bytes=39-"  # asked to resume, got 200 and the whole file
 
 
+def test_file_changed_on_the_server_since_the_part_began_is_fetched_whole(server, tmp_path):
+    """The ETag of the first answer goes with the .part; the resume sends it as If-Range, and a server
+    whose file has changed answers with the whole new file instead of the rest of the old one."""
+    server.files["/f"], server.etags["/f"] = PAYLOAD, '"v1"'
+    server.drop_after["/f"] = 100_000
+    with pytest.raises(DownloadError, match="resume"):
+        download(f"{server.url}/f", tmp_path / "f", retries=0)
+    assert (tmp_path / "f.part.validator").read_text().strip() == '"v1"'
+    new = PAYLOAD[::-1]
+    server.files["/f"], server.etags["/f"] = new, '"v2"'
+    assert download(f"{server.url}/f", tmp_path / "f").read_bytes() == new
+    assert not (tmp_path / "f.part.validator").exists()
+
+
+def test_unchanged_file_resumes_with_if_range(server, tmp_path):
+    server.files["/f"], server.etags["/f"] = PAYLOAD, '"v1"'
+    server.drop_after["/f"] = 100_000
+    assert download(f"{server.url}/f", tmp_path / "f").read_bytes() == PAYLOAD
+    assert [r[1] for r in server.requests] == [None, "bytes=100000-"]  # the rest only
+
+
+def test_a_206_that_does_not_continue_the_part_starts_over(server, tmp_path):
+    server.files["/f"] = PAYLOAD
+    server.bad_range.add("/f")  # answers 206 from byte 0 whatever is asked
+    (tmp_path / "f.part").write_bytes(PAYLOAD[:1000])
+    assert download(f"{server.url}/f", tmp_path / "f").read_bytes() == PAYLOAD
+    assert [r[1] for r in server.requests] == ["bytes=1000-", None]  # dropped the .part, fetched it whole
+
+
 def test_complete_part_file_answered_416_is_kept(server, tmp_path):
     server.files["/f"] = PAYLOAD
     (tmp_path / "f.part").write_bytes(PAYLOAD)

@@ -96,6 +96,22 @@ def test_resume_from_state_sees_the_same_batches(data):
     other = MixtureSampler(data, {"pubmed": 0.5, "c4": 0.5}, SEQ, 12, seed=1)
     with pytest.raises(ValueError, match="same values"):
         other.load_state_dict(first.state_dict())
+    # the same shares in another order would give other batches: refused too
+    reordered = MixtureSampler(data, {d: MIX[d] for d in ("c4", "wikipedia", "pubmed")}, SEQ, 12, seed=1)
+    with pytest.raises(ValueError, match="order of its domains"):
+        reordered.load_state_dict(first.state_dict())
+
+
+def test_resume_after_the_data_changed_is_refused(tmp_path):
+    write_domain(tmp_path, "pubmed", 801)
+    write_domain(tmp_path, "c4", 401, offset=10001)
+    mix = {"pubmed": 0.5, "c4": 0.5}
+    first = MixtureSampler(tmp_path, mix, SEQ, 4)
+    first.next_batch()
+    state = first.state_dict()
+    (np.arange(1601) % 60000).astype(np.uint16).tofile(tmp_path / "c4" / "train.bin")  # prepared again, larger
+    with pytest.raises(ValueError, match="windows per domain: .*'c4': 50.*'c4': 200.*prepared again"):
+        MixtureSampler(tmp_path, mix, SEQ, 4).load_state_dict(state)
 
 
 def test_ranks_split_the_global_batch(data):
@@ -117,6 +133,8 @@ def test_heldout_windows(data):
     few = heldout_windows(data, "c4", SEQ, max_windows=5)
     assert len(few) == 5 and few[0, 0] == w[0, 0] and few[-1, 0] == w[-1, 0]  # spread over the file
     assert torch.equal(few, heldout_windows(data, "c4", SEQ, max_windows=5))
+    with pytest.raises(ValueError, match="--eval-windows\\) must be at least 1, got 0"):
+        heldout_windows(data, "c4", SEQ, max_windows=0)
 
 
 def test_bad_data_errors_name_the_path_and_the_command(data, tmp_path):
