@@ -31,6 +31,11 @@ CPU_SCALES = {
 SCALES = {**PUBLIC_SCALES, **CPU_SCALES}
 
 
+def _json_float(v):
+    """A number from config.json: transformers >= 5 writes inf as {"__float__": "Infinity"}."""
+    return float(v["__float__"]) if isinstance(v, dict) and "__float__" in v else float(v)
+
+
 def _require(d, layout, keys):
     """The keys a config.json of this layout cannot do without, or a ValueError naming the missing ones."""
     missing = [k for k in keys if k not in d]
@@ -179,6 +184,9 @@ class Mamba2Config:
             dt_max=d.get("time_step_max", 1e-1),
             dt_init_floor=d.get("time_step_floor", 1e-4),
         )
+        limit = d.get("time_step_limit", [0.0, math.inf])  # (the state-spaces reader refuses a dt_limit too)
+        if limit is not None and [_json_float(v) for v in limit] != [0.0, math.inf]:
+            raise ValueError(f"unsupported Mamba2 option time_step_limit={limit}: minimamba does not clamp dt")
         if "num_heads" in d and d["num_heads"] != cfg.nheads:
             raise ValueError(
                 f"HF config num_heads={d['num_heads']} disagrees with expand·hidden_size/head_dim = {cfg.nheads}"

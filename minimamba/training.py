@@ -415,10 +415,9 @@ def train_step(model, optimizer, rows, micro_batch, grad_clip, dist, autocast_dt
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     else:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    loss_total, norm, stop = all_reduce_sum(
-        [loss_sum.item() / len(micro), _full(grad_norm).item(), float(STOP.requested is not None)], dist
-    )
-    loss = loss_total / dist.world_size  # the gradient norm is already the same on every process
+    norm = _full(grad_norm).item()  # already the global norm on every process (DDP averaged the gradients)
+    loss_total, stop = all_reduce_sum([loss_sum.item() / len(micro), float(STOP.requested is not None)], dist)
+    loss = loss_total / dist.world_size
     if not (math.isfinite(loss) and math.isfinite(norm)):
         optimizer.zero_grad(set_to_none=True)
         what = "loss" if not math.isfinite(loss) else "gradient norm"
@@ -490,7 +489,7 @@ def save_checkpoint(out, step, model, optimizer, ema, sampler, extra, dist, keep
     raw = unwrap(model)
     model_state, optim_state = _full_state(model, optimizer, dist)
     ema_state = ema.state_dict() if ema is not None else None
-    if dist.is_main and not final.exists():
+    if dist.is_main:
         from minimamba.hub import save_pretrained
 
         tmp = out / f".{final.name}.tmp"
@@ -510,9 +509,18 @@ def save_checkpoint(out, step, model, optimizer, ema, sampler, extra, dist, keep
             **extra,
         }
         torch.save(state, tmp / "training_state.pt")
-        os.replace(tmp, final)
+        if final.exists():  # left by an earlier run that this one resumed from before it: replaced
+            stale = out / f".{final.name}.old"
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(final, stale)
+            os.replace(tmp, final)
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
         write_text_atomically(out / "latest", final.name + "\n")
-        old = sorted(p for p in out.glob("step-*") if p.is_dir() and p != final)
+        # keep the newest `keep` of this run's checkpoints (later steps of an earlier run are left alone
+        # until this run replaces them)
+        old = sorted(p for p in out.glob("step-*") if p.is_dir() and p.name < final.name)
         for p in old[: max(0, len(old) - (keep - 1))]:
             shutil.rmtree(p, ignore_errors=True)
     if dist.enabled:
@@ -897,6 +905,10 @@ def _train(cfg, dist, model):
         if resume_dir is None:
             raise SetupError(f"--resume: no checkpoint in {out} (no {out / 'latest'}); start without --resume")
         state = load_training_state(resume_dir)
+        later = sorted(p.name for p in out.glob("step-*") if p.is_dir() and p.name > resume_dir.name)
+        if later and dist.is_main:
+            print(f"note: {out} also holds {', '.join(later)}, from the run that went on after {resume_dir.name}: "
+                  "each is replaced when this run reaches its step")
     elif latest_checkpoint(out) is not None:
         raise SetupError(f"{out} already holds a run ({latest_checkpoint(out).name}); pass --resume to continue it "
                          "or choose another --out")

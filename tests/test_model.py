@@ -222,6 +222,8 @@ def test_both_config_layouts_round_trip():
         Mamba2Config.from_dict({"foo": 1})
     with pytest.raises(ValueError, match="state-spaces Mamba2 config.json lacks 'n_layer'; add them"):
         Mamba2Config.from_dict({k: v for k, v in public.items() if k != "n_layer"})
+    with pytest.raises(ValueError, match="time_step_limit=\\[0.0, 1.0\\]"):
+        Mamba2Config.from_dict({**cfg.to_dict("hf"), "time_step_limit": [0.0, 1.0]})
     with pytest.raises(ValueError, match="HF transformers Mamba2 config.json lacks 'num_hidden_layers'"):
         Mamba2Config.from_dict({"model_type": "mamba2", "hidden_size": 64})
 

@@ -243,6 +243,22 @@ def test_training_learns_logs_and_saves_loadable_checkpoints(data, init_dir, tmp
         train(cfg)
 
 
+def test_resuming_from_an_earlier_checkpoint_replaces_the_later_ones(data, init_dir, tmp_path, capsys):
+    """Resumed from step 2 of a run that went on to 6, with another LR: its step-4 and step-6 checkpoints
+    replace the first run's (which hold other weights) as it reaches them, and `latest` follows."""
+    cfg = config(data, init_dir, tmp_path / "run", max_steps=6, save_every=2, keep=3)
+    train(cfg)
+    first = state(tmp_path / "run", 6)
+    train(replace(cfg, resume=str(tmp_path / "run" / "step-000002"), lr=cfg.lr * 3))
+    assert "also holds step-000004, step-000006" in capsys.readouterr().out
+    second = state(tmp_path / "run", 6)
+    assert not torch.equal(first["model"]["embedding.weight"], second["model"]["embedding.weight"])
+    assert second["config"]["lr"] == cfg.lr * 3
+    assert (tmp_path / "run" / "latest").read_text().strip() == "step-000006"
+    assert sorted(p.name for p in (tmp_path / "run").glob("step-*")) == ["step-000002", "step-000004", "step-000006"]
+    assert not list((tmp_path / "run").glob(".step-*"))
+
+
 def test_resume_is_exact(data, init_dir, tmp_path):
     whole = config(data, init_dir, tmp_path / "whole")
     train(whole)
@@ -335,6 +351,9 @@ def test_two_processes_match_one_with_the_same_global_batch(data, init_dir, tmp_
         assert all(torch.equal(a[k], b[k]) for k in a)
     one, two = losses(single.out), losses(multi.out)
     assert one.keys() == two.keys() and all(one[s] == pytest.approx(two[s], rel=1e-5) for s in one)
+    norms = [{r["step"]: r["grad_norm"] for r in read_log(Path(c.out) / "log.jsonl") if "loss" in r}
+             for c in (single, multi)]
+    assert all(norms[0][s] == pytest.approx(norms[1][s], rel=1e-4) for s in norms[0])  # not summed over ranks
     s1, s2 = state(single.out, 4), state(multi.out, 4)
     for k in s1["model"]:
         assert torch.allclose(s1["model"][k], s2["model"][k], atol=1e-5), k
