@@ -55,9 +55,20 @@ _lib = None
 
 
 def library_path(cc) -> Path:
-    """Where the library built by `cc` lives: named by a hash of the source, the flags and the CPU."""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS]).encode() + _cpu_id().encode())
+    """Where the library built by `cc` lives: named by a hash of the source, the flags, the compiler (the
+    file `cc` resolves to and its --version, so that another or an upgraded compiler builds anew) and the CPU."""
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _compiler_id(cc).encode()
+                         + _cpu_id().encode())
     return build_dir() / f"decode_cpu-{key.hexdigest()[:16]}.so"
+
+
+def _compiler_id(cc) -> str:
+    path = shutil.which(cc) or cc
+    try:
+        version = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        version = ""
+    return f"{os.path.realpath(path)}\n{version}"
 
 
 def _compile(cc, lib_path):
@@ -95,9 +106,14 @@ def load():
     try:
         lib = ctypes.CDLL(str(lib_path))
     except OSError:  # a damaged file in the build folder: build it again, once
-        lib_path.unlink()
+        lib_path.unlink(missing_ok=True)  # (another process may have done so already)
         _compile(cc, lib_path)
-        lib = ctypes.CDLL(str(lib_path))
+        try:
+            lib = ctypes.CDLL(str(lib_path))
+        except OSError as e:
+            raise RuntimeError(f"{lib_path}, just built with {cc}, cannot be loaded ({e}): is the build folder "
+                               "on a noexec filesystem? Set MINIMAMBA_BUILD_DIR elsewhere, or use "
+                               "decode_backend='torch'") from e
     lib.mamba2_step_workspace.restype = ctypes.c_size_t
     lib.mamba2_step_workspace.argtypes = [ctypes.POINTER(Dims), ctypes.c_int]
     lib.mamba2_step.restype = None

@@ -13,6 +13,8 @@ import os
 import time
 from pathlib import Path
 
+from minimamba.config import SCALES
+
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
@@ -350,6 +352,26 @@ def bench_inference(args):
     print("KV cache of a same-width Transformer: 2 (K, V) x n_layer x d_model x context x 4 bytes")
 
 
+PHASES = ("forward", "train", "generate")
+
+
+def _positive(text):
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _phases(text):
+    """argparse type: a comma-separated subset of PHASES."""
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in names if p not in PHASES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown phase(s) {unknown or text!r}; choose from {', '.join(PHASES)}")
+    return ",".join(names)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m minimamba.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -360,30 +382,31 @@ def main(argv=None):
                      help="shared/data folder with the corpora (default: $MINIMAMBA_DATA or ../shared/data)")
     tok.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: DATA_ROOT/tokenizer/tokenizer.json)")
     tok.add_argument("--threads", type=int, help="threads for encode_batch (default: all cores)")
-    tok.add_argument("--repeat", type=int, default=3, help="runs per row; the best is reported")
+    tok.add_argument("--repeat", type=_positive, default=3, help="runs per row; the best is reported")
     tok.set_defaults(run=bench_tokenizer)
 
     def speed_options(p):
-        p.add_argument("--scale", default="130m", help="model shapes (Mamba2Config.from_scale), random weights")
+        p.add_argument("--scale", default="130m", choices=list(SCALES),
+                       help="model shapes (Mamba2Config.from_scale), random weights")
         p.add_argument("--chunk-size", type=int, default=None,
                        help="chunk of the torch SSD scan (default: the config's; the result is the same for any)")
-        p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-        p.add_argument("--decode-tokens", type=int, default=64, help="tokens decoded per timing")
+        p.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's choice)")
+        p.add_argument("--decode-tokens", type=_positive, default=64, help="tokens decoded per timing")
 
     mod = commands.add_parser("model", help="forward, train-step, prefill and decode speed; peak memory")
     speed_options(mod)
-    mod.add_argument("--batch", type=int, default=4)
-    mod.add_argument("--seqlen", type=int, default=256)
-    mod.add_argument("--prompt", type=int, default=256, help="prompt length for prefill/decode")
+    mod.add_argument("--batch", type=_positive, default=4)
+    mod.add_argument("--seqlen", type=_positive, default=256)
+    mod.add_argument("--prompt", type=_positive, default=256, help="prompt length for prefill/decode")
     mod.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    mod.add_argument("--repeat", type=int, default=3, help="timed runs per row (after one warm-up); median")
+    mod.add_argument("--repeat", type=_positive, default=3, help="timed runs per row (after one warm-up); median")
     mod.add_argument("--compare-hf", action="store_true", help="also time HF transformers' Mamba2, same weights")
     mod.add_argument("--json", help="also write the numbers to this JSON file")
     mod.add_argument("--device", default="cpu", help="cpu or cuda")
     mod.add_argument("--backend", default="torch", choices=["torch", "triton"], help="SSD scan backend")
     mod.add_argument("--amp", action="store_true", help="bfloat16 autocast with float32 weights")
     mod.add_argument("--checkpointing", action="store_true", help="activation checkpointing in the train step")
-    mod.add_argument("--phases", default="forward,train,generate", help="which rows to measure")
+    mod.add_argument("--phases", type=_phases, default=",".join(PHASES), help="which rows to measure")
     mod.add_argument("--decode-backend", default="auto", choices=["auto", "torch", "c"],
                      help="minimamba's decode step (default: auto, the C step for float32 on a CPU)")
     mod.add_argument("--floor-rounds", type=int, default=8,
@@ -399,6 +422,11 @@ def main(argv=None):
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["model"] + argv  # `python -m minimamba.bench --scale 130m` means the model benchmark
     args = parser.parse_args(argv)
+    if getattr(args, "device", "cpu").startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: torch sees no GPU here; use --device cpu")
     args.run(args)
 
 

@@ -89,8 +89,11 @@ def model_config():
 # 1. data
 
 
-def prepare(data_root, out):
-    """DIR/tokens-full/<domain> (GPT-NeoX ids) and DIR/tokens/<domain> (the reduced vocabulary)."""
+MARKER = ".minimamba-miniature"  # in --out: the folder is this script's, to replace on the next run
+
+
+def check_data_root(data_root):
+    """The tokenizer and the corpus files under data_root, or SystemExit naming the missing ones."""
     data_root = Path(data_root)
     tokenizer_path = data_root / "tokenizer" / "tokenizer.json"
     missing = [str(data_root / p) for d in DOMAINS for p, _ in SOURCES[d] if not (data_root / p).is_file()]
@@ -98,6 +101,13 @@ def prepare(data_root, out):
         missing.insert(0, str(tokenizer_path))
     if missing:
         raise SystemExit(f"error: --data-root {data_root}: missing {', '.join(missing)}")
+    return tokenizer_path
+
+
+def prepare(data_root, out):
+    """DIR/tokens-full/<domain> (GPT-NeoX ids) and DIR/tokens/<domain> (the reduced vocabulary)."""
+    data_root = Path(data_root)
+    tokenizer_path = check_data_root(data_root)
     from minimamba.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_path)
@@ -228,15 +238,24 @@ def main(argv=None):
     p.add_argument("--eval-windows", type=int, default=None,
                    help="held-out windows per domain (default: all of them, ~300)")
     args = p.parse_args(argv)
-    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    rows = list(dict.fromkeys(r.strip() for r in args.rows.split(",") if r.strip()))  # (once each, in order)
     unknown = [r for r in rows if r not in ROWS]
-    if unknown:
-        p.error(f"unknown row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}")
+    if unknown or not rows:
+        p.error(f"unknown row(s) {', '.join(unknown) or repr(args.rows)}; choose from {', '.join(ROWS)}")
+    for name in ("general_steps", "cpt_steps", "threads", "eval_windows"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
+        p.error(f"--out {out} holds files that this script did not write, and it replaces its folder: "
+                "choose an empty or new folder")
+    check_data_root(args.data_root)  # before anything is deleted
     torch.set_num_threads(args.threads)
     start = time.time()
-    out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
+    (out / MARKER).write_text("written by python -m minimamba.miniature; --out replaces this folder\n")
 
     tokens = prepare(args.data_root, out)
     kw = dict(eval_windows=args.eval_windows)

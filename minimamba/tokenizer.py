@@ -116,11 +116,16 @@ class Tokenizer:
             return [ids for chunk_ids in done for ids in chunk_ids]
 
     def decode(self, ids) -> str:
-        """Text of `ids` (a list, or anything with .tolist() such as a tensor or an array). Special
-        tokens are kept as their strings; bytes that are not valid UTF-8 become U+FFFD; ids outside
+        """Text of `ids` (one id, a list, or anything with .tolist() such as a 0-d or 1-d tensor or array).
+        Special tokens are kept as their strings; bytes that are not valid UTF-8 become U+FFFD; ids outside
         the vocabulary (such as the model's padding rows, 50277..50287) are skipped, as in the reference."""
         if hasattr(ids, "tolist"):
             ids = ids.tolist()
+        if isinstance(ids, int):
+            ids = [ids]
+        if ids and isinstance(ids[0], (list, tuple)):
+            raise TypeError("decode takes one sequence of ids; for a batch, decode each row "
+                            "([tok.decode(row) for row in ids])")
         try:
             return self.encoding.decode(ids)
         except (KeyError, OverflowError):

@@ -100,7 +100,7 @@ class TrainConfig:
     eval_every: int = 500  # held-out perplexity every N steps (and at the end); 0: only at the end
     eval_at_start: bool = True  # also evaluate before the first step (the "before" numbers)
     eval_domains: str | None = None  # comma-separated domains to evaluate (default: those of the mix)
-    eval_windows: int | None = 100  # held-out windows of seq_len tokens per domain (None: all)
+    eval_windows: int | None = 100  # held-out windows of seq_len tokens per domain (0 or None: all)
     eval_batch_size: int | None = None  # default: batch_size
     save_every: int = 1000  # checkpoint every N steps (and at the end, and on SIGINT/SIGTERM)
     keep: int = 1  # how many step checkpoints to keep
@@ -146,6 +146,10 @@ def setup_distributed(device="auto"):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise SetupError(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N") from None
     if world_size == 1:
         dev = torch.device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
@@ -798,16 +802,30 @@ class Resolved:
     decay_steps: int
     autocast_dtype: torch.dtype | None
     eval_batch_size: int
+    eval_windows: int | None  # None: every held-out window
 
 
 def resolve(cfg, dist):
     if cfg.schedule not in ("wsd", "cosine", "constant"):
         raise SetupError(f"unknown --schedule {cfg.schedule!r}; choose wsd, cosine or constant")
-    for name in ("seq_len", "batch_size", "keep"):
-        if getattr(cfg, name) < 1:
-            raise SetupError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    ranges = {  # flag: (lowest, highest, inclusive of highest), checked before anything slow
+        "seq_len": (1, None), "batch_size": (1, None), "keep": (1, None), "tokens_per_step": (1, None),
+        "eval_batch_size": (1, None), "eval_windows": (0, None), "eval_every": (0, None), "save_every": (0, None),
+        "lr": (0, None), "llrd": (0, 1), "weight_decay": (0, None), "beta1": (0, 1), "beta2": (0, 1),
+        "grad_clip": (0, None), "warmup": (0, None), "decay": (0, 1), "min_lr_ratio": (0, 1),
+    }
+    for name, (low, high) in ranges.items():
+        value = getattr(cfg, name)
+        if value is not None and (value < low or (high is not None and value > high)):
+            span = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise SetupError(f"--{name.replace('_', '-')} must be {span}, got {value}")
     if not 0 <= cfg.ema < 1:
         raise SetupError(f"--ema must be in [0, 1), got {cfg.ema}")
+    if cfg.fsdp and not dist.enabled:
+        raise SetupError("--fsdp shards the model over processes: launch with torchrun --nproc_per_node N ...")
+    if cfg.backend == "triton" and dist.device.type != "cuda":
+        raise SetupError(f"--backend triton runs on CUDA only, and the device is {dist.device}; "
+                         "use --backend torch (or auto)")
     try:
         mix = parse_mix(cfg.mix)
     except ValueError as e:
@@ -840,17 +858,22 @@ def resolve(cfg, dist):
         raise SetupError(f"unknown --dtype {cfg.dtype!r}; choose auto, bfloat16 or float32")
     eval_domains = [d.strip() for d in cfg.eval_domains.split(",") if d.strip()] if cfg.eval_domains else list(mix)
     return Resolved(mix, eval_domains, grad_accum, rows, tokens_per_step, max_steps, warmup, decay, amp,
-                    cfg.eval_batch_size or cfg.batch_size)
+                    cfg.eval_batch_size or cfg.batch_size, cfg.eval_windows or None)
 
 
 def _gib(n):
     return f"{n / 2**30:.1f} GiB"
 
 
+def scale_name(config):
+    """The named scale ("130m", "micro", ...) whose config this is, or None."""
+    return next((name for name in SCALES if Mamba2Config.from_scale(name) == config), None)
+
+
 def _summary(cfg, r, raw, dist, sampler, est, groups, source):
     c = raw.config
     lines = [
-        f"model: {cfg.scale or 'from ' + str(source)} ({est['params'] / 1e6:.1f}M parameters, {c.n_layer} layers, "
+        f"model: {scale_name(c) or 'a custom config'} ({est['params'] / 1e6:.1f}M parameters, {c.n_layer} layers, "
         f"d_model {c.d_model}, vocab {c.vocab_size}), init: {source or 'random weights (seed %d)' % cfg.seed}",
         f"device: {dist.device} × {dist.world_size} process(es)"
         f"{' (FSDP)' if cfg.fsdp else ' (DDP)' if dist.enabled else ''}, compute "
@@ -871,6 +894,8 @@ def _summary(cfg, r, raw, dist, sampler, est, groups, source):
     lines.append(f"          ~{sec:.3g} s per step: this {dist.device.type.upper()} does {speed / 1e12:.3g} TFLOP/s on a "
                  f"large matmul and the model is assumed to reach {mfu:.0%} of that -> ~{sec * r.max_steps / 3600:.2g} h "
                  "for the run (the real time is measured after the first step)")
+    if cfg.scale and cfg.scale != scale_name(raw.config):
+        lines.append(f"note: --scale {cfg.scale} is not what runs: the model comes from {source}")
     return "\n".join(lines)
 
 
@@ -928,7 +953,10 @@ def _train(cfg, dist, model):
     source = None
     if model is None:
         if state is not None:  # (its weights are put back by restore_state below)
-            model = Mamba2LM(Mamba2Config.load(resume_dir), backend=cfg.backend)
+            try:
+                model = Mamba2LM(Mamba2Config.load(resume_dir), backend=cfg.backend)
+            except (FileNotFoundError, ValueError) as e:
+                raise SetupError(f"--resume {resume_dir}: {e}") from None
         else:
             check_model_source(cfg)
             source = hub_id(cfg)
@@ -950,7 +978,7 @@ def _train(cfg, dist, model):
     ema = EMA(raw, cfg.ema) if cfg.ema > 0 else None
     try:
         sampler = MixtureSampler(cfg.data, r.mix, cfg.seq_len, r.rows_per_step, cfg.seed, dist.rank, dist.world_size)
-        heldout = load_heldout(cfg.data, r.eval_domains, cfg.seq_len, cfg.eval_windows)
+        heldout = load_heldout(cfg.data, r.eval_domains, cfg.seq_len, r.eval_windows)
         if state is not None:
             restore_state(state, model, optimizer, ema, sampler)
     except (DataError, ValueError) as e:

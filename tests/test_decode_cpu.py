@@ -184,6 +184,20 @@ def test_huge_pages_can_be_turned_off(monkeypatch):
     assert decode_cpu.use_huge_pages([torch.zeros(1 << 20)]) == (0, "MINIMAMBA_HUGE_PAGES=0")
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--phases", "forward,bogus"], "unknown phase(s) ['bogus']"),
+    (["--repeat", "0"], "--repeat: must be >= 1, got 0"),
+    (["--decode-tokens", "0"], "--decode-tokens: must be >= 1"),
+    (["--scale", "3b"], "invalid choice: '3b'"),
+])
+def test_model_benchmark_refuses_bad_options(args, message, capsys):
+    from minimamba import bench
+
+    with pytest.raises(SystemExit):
+        bench.main(["model", *args])
+    assert message in capsys.readouterr().err
+
+
 def test_model_benchmark_reports_decode_against_the_bandwidth_floor(tmp_path, capsys):
     from minimamba import bench
 
@@ -208,6 +222,39 @@ def test_an_unwritable_build_folder_names_the_fix(fresh_build, monkeypatch):
     monkeypatch.setenv("MINIMAMBA_BUILD_DIR", str(blocker / "build"))
     with pytest.raises(RuntimeError, match="cannot write the C decode step's library.*MINIMAMBA_BUILD_DIR"):
         decode_cpu.load()
+
+
+def _fake_compiler(folder, version, writes):
+    """An executable `cc` in `folder` that prints `version` for --version and writes `writes` to its -o file."""
+    folder.mkdir(exist_ok=True)
+    cc = folder / "cc"
+    cc.write_text("#!/bin/sh\n"
+                  f'if [ "$1" = --version ]; then echo "{version}"; exit 0; fi\n'
+                  'while [ $# -gt 0 ]; do if [ "$1" = -o ]; then out="$2"; fi; shift; done\n'
+                  f'printf "{writes}" > "$out"\n')
+    cc.chmod(0o755)
+    return cc
+
+
+def test_another_compiler_of_the_same_name_builds_its_own_library(fresh_build, monkeypatch):
+    real = decode_cpu.library_path("cc")
+    fake = _fake_compiler(fresh_build / "bin", "fakecc 1.0", "x")
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    first = decode_cpu.library_path("cc")
+    _fake_compiler(fresh_build / "bin", "fakecc 2.0", "x")  # the same file, upgraded
+    upgraded = decode_cpu.library_path("cc")
+    assert len({real, first, upgraded}) == 3
+
+
+def test_a_library_that_cannot_be_loaded_is_a_runtime_error_and_auto_falls_back(fresh_build, monkeypatch, caplog):
+    fake = _fake_compiler(fresh_build / "bin", "brokencc", "not a shared object")
+    monkeypatch.setenv("CC", str(fake))
+    with pytest.raises(RuntimeError, match="just built with .* cannot be loaded.*MINIMAMBA_BUILD_DIR"):
+        decode_cpu.load()
+    model = random_model(config(), decode_backend="auto")
+    with caplog.at_level(logging.WARNING, logger="minimamba"):
+        model.decoder(1)
+    assert model.decode_backend_used[0] == "torch" and "failed to build" in caplog.text
 
 
 def test_a_damaged_library_in_the_build_folder_is_rebuilt(fresh_build):

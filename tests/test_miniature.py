@@ -42,6 +42,35 @@ def test_missing_data_root_names_the_files(tmp_path):
         miniature.prepare(tmp_path / "nowhere", tmp_path / "out")
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--general-steps", "0"], "--general-steps must be >= 1, got 0"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--rows", ""], "unknown row(s) ''"),
+])
+def test_bad_options_are_refused_before_anything_runs(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit):
+        miniature.main([*args, "--out", str(tmp_path / "out")])
+    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_folder_it_did_not_write_is_never_deleted(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("precious")
+    with pytest.raises(SystemExit):
+        miniature.main(["--out", str(mine), "--data-root", str(tmp_path / "nowhere")])
+    assert "holds files that this script did not write" in capsys.readouterr().err
+    assert (mine / "thesis.tex").read_text() == "precious"
+    # its own folder from an earlier run: still refused while --data-root is wrong, and left alone
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / miniature.MARKER).write_text("")
+    (own / "miniature.json").write_text("{}")
+    with pytest.raises(SystemExit, match="missing"):
+        miniature.main(["--out", str(own), "--data-root", str(tmp_path / "nowhere")])
+    assert (own / "miniature.json").exists()
+
+
 @needs_data
 def test_the_whole_command_on_the_shared_corpora(tmp_path, capsys):
     threads = torch.get_num_threads()

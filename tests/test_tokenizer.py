@@ -270,6 +270,19 @@ def test_tiny_tokenizer_loads_from_a_file_or_its_folder(tmp_path):
     assert (tok.vocab_size, tok.eos_id, tok.pad_id) == (2 + 256 + 4 + 2, 0, 1)
 
 
+def test_decode_takes_one_id_or_one_sequence(tmp_path):
+    import numpy as np
+    import torch
+
+    write_json(tmp_path / "tokenizer.json", tiny_tokenizer_json())
+    tok = load_tokenizer(tmp_path)
+    ids = tok.encode(" the he")
+    assert tok.decode(torch.tensor(ids[0])) == tok.decode(np.int64(ids[0])) == tok.decode(ids[0]) == " the"
+    assert tok.decode(torch.tensor(ids)) == tok.decode(np.array(ids)) == " the he"
+    with pytest.raises(TypeError, match="decode each row"):
+        tok.decode(torch.tensor([ids, ids]))
+
+
 def test_tiny_tokenizer_matches_the_reference(tmp_path):
     tokenizers = pytest.importorskip("tokenizers", reason="HF tokenizers (the test oracle) is not installed")
     path = write_json(tmp_path / "tokenizer.json", tiny_tokenizer_json())

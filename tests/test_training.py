@@ -26,8 +26,8 @@ from minimamba.evaluate import perplexity
 from minimamba.hub import from_pretrained, save_pretrained
 from minimamba.model import Mamba2LM
 from minimamba.training import (
-    EMA, SetupError, TrainConfig, TrainingDiverged, activation_bytes, estimate, lr_factor, param_groups,
-    read_log, schedule_steps, train)
+    EMA, Dist, SetupError, TrainConfig, TrainingDiverged, activation_bytes, estimate, lr_factor, param_groups,
+    read_log, resolve, schedule_steps, train)
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 256
@@ -416,6 +416,29 @@ def test_read_log_refuses_a_damaged_line_before_the_last(tmp_path):
     log.write_text('{"step": 1}\n{"st\n{"step": 2}\n')
     with pytest.raises(ValueError, match="line\\(s\\) \\[2\\] are not JSON"):
         read_log(log)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(eval_batch_size=-2), "--eval-batch-size must be >= 1, got -2"),
+    (dict(save_every=-1), "--save-every must be >= 0, got -1"),
+    (dict(eval_every=-1), "--eval-every must be >= 0"),
+    (dict(min_lr_ratio=-1.0), "--min-lr-ratio must be in \\[0, 1\\]"),
+    (dict(weight_decay=-1.0), "--weight-decay must be >= 0"),
+    (dict(lr=-1.0), "--lr must be >= 0"),
+    (dict(beta1=1.5), "--beta1 must be in \\[0, 1\\]"),
+    (dict(fsdp=True), "launch with torchrun"),
+    (dict(backend="triton"), "runs on CUDA only"),
+    (dict(device="gpu"), "unknown --device 'gpu'"),
+], ids=lambda v: "-".join(map(str, v)) if isinstance(v, dict) else None)
+def test_bad_settings_are_refused_before_anything_is_written(data, init_dir, tmp_path, change, message):
+    with pytest.raises(SetupError, match=message):
+        train(replace(config(data, init_dir, tmp_path / "run"), **change))
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_windows_zero_means_all(data, init_dir, tmp_path):
+    cfg = replace(config(data, init_dir, tmp_path / "run"), eval_windows=0)
+    assert resolve(cfg, Dist(device=torch.device("cpu"))).eval_windows is None
 
 
 def test_scale_without_public_checkpoint(data, tmp_path):
