@@ -244,18 +244,28 @@ def retune_ours(*variants):
     compiled already, only their benchmarks run again)."""
     from kernels import ssd_triton
 
+    from triton.runtime.autotuner import Autotuner
+
     for module in (ssd_triton, *variants):
-        module.forget_tuning()
+        if hasattr(module, "forget_tuning"):
+            module.forget_tuning()
+        else:  # (a version older than forget_tuning)
+            for k in vars(module).values():
+                if isinstance(k, Autotuner):
+                    k.cache.clear()
 
 
 def load_variant(path):
     """Another version of kernels/ssd_triton.py (e.g. `git show HEAD~1:kernels/ssd_triton.py > old.py`),
     imported as a module of its own, so that it can be timed against this one in the same run."""
+    import importlib.machinery
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("ssd_triton_variant", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--baseline {path}: no such file")
+    loader = importlib.machinery.SourceFileLoader("ssd_triton_variant", str(path))  # (any file name)
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    loader.exec_module(module)
     return module
 
 
@@ -366,7 +376,10 @@ def main(argv=None):
     from minimamba.ssd import ssd_chunked
 
     mamba, why_not = (None, "--no-mamba") if args.no_mamba else load_mamba_ssm()
-    variant = load_variant(args.baseline) if args.baseline else None
+    try:
+        variant = load_variant(args.baseline) if args.baseline else None
+    except FileNotFoundError as e:
+        sys.exit(str(e))
     report = dict(
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU (Triton interpreter, {platform.machine()})",
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

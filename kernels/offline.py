@@ -7,8 +7,9 @@ module gives Triton a stand-in driver, `OfflineGPU`, that names the architecture
 instead of loading it, and counts launches instead of making them. The real wrapper
 (`SSDChunkScanFn`: forward, then backward) then runs on CPU tensors as it would on the GPU, and:
 
-1. every program compiles, in every autotuning config, at the shapes of a real layer (the autotuner
-   "benchmarks" every config; with no timings to compare it keeps the first). For each binary: its
+1. every program compiles, in every autotuning config and for each of its uses, at the shapes of a real
+   layer (the autotuner "benchmarks" every config, and with no timings to compare keeps the first: the
+   calls are repeated with each config first in turn, see `compile_all`). For each binary: its
    registers, stack frame (where spilled registers go) and shared memory, read with `cuobjdump` (also
    in the wheel); a config that does not fit the card is listed as such. A kernel change that does not
    compile for the GPU, or that starts to spill, shows here, before any GPU is lent.
@@ -52,23 +53,24 @@ class _Binary:
     def __init__(self, src, metadata):
         names = src.fn.arg_names
         self.program = metadata.name
-        self.tiles = {names[path[0]]: v for path, v in src.constants.items() if names[path[0]].startswith("BLOCK_")}
+        # the program's compile-time arguments: tiles, flags (which variant), dot dtype
+        self.tiles = {names[path[0]]: v for path, v in src.constants.items() if path[0] in src.fn.constexprs}
         self.num_warps, self.num_stages, self.shared = metadata.num_warps, metadata.num_stages, metadata.shared
         self.cubin = None  # set by load_binary, unless the program does not fit the card
 
     def row(self, cuobjdump):
         """This binary as a row of the table: program, config, registers, stack and shared bytes,
         instruction count, a hash of its instructions (`_sass`), note."""
-        config = " ".join(f"{k}={v}" for k, v in sorted(self.tiles.items()))
-        config += f" warps={self.num_warps} stages={self.num_stages}"
+        config = " ".join([*(f"{k}={v}" for k, v in sorted(self.tiles.items()) if k != "DOT_PRECISION"),
+                           f"warps={self.num_warps}", f"stages={self.num_stages}"])
         if self.cubin is None:
             return dict(program=self.program, config=config, regs=None, stack=None, shared=self.shared,
                         instructions=None, sass=None, note="does not fit the card (shared memory)")
         usage = _resource_usage(cuobjdump, self.cubin)
         sass = _sass(cuobjdump, self.cubin)
-        note = "spills" if usage.get("STACK", 0) > 0 else ""
+        note = "spills" if usage.get("STACK", 0) > 0 else "" if usage else "no cuobjdump: resources unknown"
         return dict(program=self.program, config=config, regs=usage.get("REG"), stack=usage.get("STACK"),
-                    shared=self.shared, instructions=len(sass),
+                    shared=self.shared, instructions=len(sass) if sass else None,
                     sass=hashlib.sha256("\n".join(sass).encode()).hexdigest()[:12] if sass else None, note=note)
 
 
@@ -84,13 +86,14 @@ class OfflineGPU:
             raise ValueError(f"no card on record for sm_{arch}: give --sms and --shared")
         self.target = GPUTarget("cuda", arch, 32)
         self.properties = dict(multiprocessor_count=sms or card_sms, max_shared_mem=max_shared or card_shared)
-        self.binaries, self.launches = [], collections.Counter()
+        self.binaries, self.launches, self.programs = [], collections.Counter(), set()
         driver = self
 
         class Launcher:  # built by Triton once per program, before it loads the binary
             def __init__(self, src, metadata):
                 self.name = metadata.name
                 driver.binaries.append(_Binary(src, metadata))
+                driver.programs.add(src.fn)
 
             def __call__(self, *args):
                 driver.launches[self.name] += 1
@@ -142,6 +145,8 @@ class OfflineGPU:
 
         if self._previous is not None:  # (else stay: compiled programs call unload_module when freed)
             driver._active = self._previous
+            for fn in self.programs:  # what was compiled for the stand-in must not be launched on device 0
+                fn.device_caches.pop(0, None)
 
 
 def _cuobjdump():
@@ -192,12 +197,30 @@ def _call(scan, shape, inputs, backward):
 
 
 def compile_all(gpu, shape, dtype):
-    """Forward and backward once at `shape`: every program compiles in every config. Returns the
-    launches of one forward and of one backward (after the autotuners have chosen)."""
+    """Forward and backward at `shape`, so that every program compiles in every config, for each of its
+    uses: an autotuner "benchmarks" all its configs on its first call, but a program with several uses
+    (stage 2's, with the flags of the forward and of the backward) runs the others with the config the
+    first chose; so the calls are repeated with each config put first in turn. Returns the launches of
+    one forward and of one backward."""
+    from triton.runtime.autotuner import Autotuner
+
+    from kernels import ssd_triton
     from kernels.ssd_triton import SSDChunkScanFn
 
     inputs = _inputs(shape, dtype)
-    _call(SSDChunkScanFn, shape, inputs, backward=True)  # compiles (and "tunes")
+    tuners = [k for k in vars(ssd_triton).values() if isinstance(k, Autotuner)]
+    original = {k: list(k.configs) for k in tuners}
+    try:
+        for i in range(max(len(c) for c in original.values())):
+            for k, configs in original.items():  # (ties go to the first config)
+                k.configs = configs[i % len(configs):] + configs[: i % len(configs)]
+            ssd_triton.forget_tuning()
+            _call(SSDChunkScanFn, shape, inputs, backward=True)
+    finally:
+        for k, configs in original.items():
+            k.configs = configs
+        ssd_triton.forget_tuning()
+    _call(SSDChunkScanFn, shape, inputs, backward=True)  # (the first config chosen again)
     gpu.launches.clear()
     _call(SSDChunkScanFn, shape, inputs, backward=False)
     forward = dict(gpu.launches)
@@ -241,9 +264,16 @@ def main(argv=None):
                     help="another version of kernels/ssd_triton.py to time the host side against, in turns")
     ap.add_argument("--out", default=None, help="also write the results as JSON to this file")
     args = ap.parse_args(argv)
+    if args.host_iters < 0 or args.host_rounds < 1:
+        ap.error("--host-iters must be >= 0 and --host-rounds >= 1")
+    if args.baseline and not os.path.isfile(args.baseline):
+        ap.error(f"--baseline {args.baseline}: no such file")
+    if args.baseline and not args.host_iters:
+        ap.error("--baseline times the host side: it needs --host-iters > 0")
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("kernels.offline compiles for a GPU: unset TRITON_INTERPRET (it makes Triton interpret instead)")
     import triton
+    from triton.runtime.errors import OutOfResources
 
     dtype = DTYPES[args.dtype]
     cuobjdump = _cuobjdump()
@@ -253,7 +283,12 @@ def main(argv=None):
         sys.exit(f"kernels.offline: {e}")
     with gpu:
         t0 = time.perf_counter()
-        forward, backward = compile_all(gpu, REAL_SHAPE, dtype)
+        try:
+            forward, backward = compile_all(gpu, REAL_SHAPE, dtype)
+        except OutOfResources as e:  # every config of a program is too large
+            for r in (b.row(cuobjdump) for b in gpu.binaries):
+                print(f"{r['program']} | {r['config']} | shared {r['shared']} B | {r['note']}")
+            sys.exit(f"kernels.offline: {gpu.binaries[-1].program} has no config that fits this card ({e})")
         compile_s = time.perf_counter() - t0
         rows = [b.row(cuobjdump) for b in gpu.binaries]
         host = None

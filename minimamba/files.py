@@ -3,6 +3,7 @@ and hashing files. Used by the checkpoint writer (hub), corpus preparation (data
 
 import hashlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -15,10 +16,18 @@ def atomic_write(path, write):
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp makes the file private (0600): give it the old file's mode, or what a new file gets
+        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomically(path, text):

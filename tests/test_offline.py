@@ -48,7 +48,10 @@ def test_every_program_compiles_for_sm90(tmp_path):
     for program in PROGRAMS:  # at least one config of every program fits the card, with its resources read
         fits = [r for r in rows if r["program"] == program and r["regs"] is not None]
         assert fits, program
-        assert all(0 < r["regs"] <= 255 and r["shared"] <= report["properties"]["max_shared_mem"] for r in fits)
+        assert all(0 < r["regs"] <= 255 and r["instructions"] > 0 and len(r["sass"]) == 12 for r in fits)
+    # stage 2's program has three uses (forward; the backward's two products), each in each of its 3 configs
+    state_rows = [r["config"] for r in rows if r["program"] == "_chunk_state_kernel"]
+    assert len(state_rows) == len(set(state_rows)) == 9
     # the launches per call that the docstring of kernels/ssd_triton.py states
     assert sum(report["launches"]["forward"].values()) == 4, report["launches"]
     assert sum(report["launches"]["backward"].values()) == 8, report["launches"]
@@ -82,3 +85,8 @@ def test_unknown_card_needs_its_numbers():
     pytest.importorskip("triton", reason="needs triton")
     proc = _run_offline("--arch", "75", "--host-iters", "0", timeout=300)
     assert proc.returncode != 0 and "--sms and --shared" in proc.stderr
+
+
+def test_a_missing_baseline_is_refused_before_compiling(tmp_path):
+    proc = _run_offline("--baseline", str(tmp_path / "old_ssd"), timeout=120)
+    assert proc.returncode != 0 and "no such file" in proc.stderr

@@ -1,0 +1,43 @@
+"""minimamba.files: atomic writes keep the old file on failure and give the new one ordinary permissions."""
+
+import os
+import stat
+
+import pytest
+
+from minimamba.files import atomic_write, sha256_of, write_text_atomically
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "meta.json"
+    write_text_atomically(path, "old")
+
+    def fails(tmp):
+        with open(tmp, "w") as f:
+            f.write("half of the ne")
+        raise KeyboardInterrupt  # a kill in the middle of writing
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, fails)
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["meta.json"]
+
+
+def test_permissions_follow_the_old_file_or_the_umask(tmp_path):
+    path = tmp_path / "latest"
+    mask = os.umask(0o022)
+    try:
+        write_text_atomically(path, "a")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644  # not mkstemp's private 0600
+        path.chmod(0o640)
+        write_text_atomically(path, "b")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640 and path.read_text() == "b"
+    finally:
+        os.umask(mask)
+
+
+def test_sha256_of_reads_in_blocks(tmp_path):
+    import hashlib
+
+    data = os.urandom(3000)
+    (tmp_path / "f").write_bytes(data)
+    assert sha256_of(tmp_path / "f", block_size=1000) == hashlib.sha256(data).hexdigest()
