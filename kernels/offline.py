@@ -54,20 +54,19 @@ class _Binary:
         names = src.fn.arg_names
         self.program = metadata.name
         # the program's compile-time arguments: tiles, flags (which variant), dot dtype
-        self.tiles = {names[path[0]]: v for path, v in src.constants.items() if path[0] in src.fn.constexprs}
+        self.constants = {names[path[0]]: v for path, v in src.constants.items() if path[0] in src.fn.constexprs}
         self.num_warps, self.num_stages, self.shared = metadata.num_warps, metadata.num_stages, metadata.shared
         self.cubin = None  # set by load_binary, unless the program does not fit the card
 
     def row(self, cuobjdump):
         """This binary as a row of the table: program, config, registers, stack and shared bytes,
-        instruction count, a hash of its instructions (`_sass`), note."""
-        config = " ".join([*(f"{k}={v}" for k, v in sorted(self.tiles.items()) if k != "DOT_PRECISION"),
+        instruction count, a hash of its instructions (see `_inspect`), note."""
+        config = " ".join([*(f"{k}={v}" for k, v in sorted(self.constants.items()) if k != "DOT_PRECISION"),
                            f"warps={self.num_warps}", f"stages={self.num_stages}"])
         if self.cubin is None:
             return dict(program=self.program, config=config, regs=None, stack=None, shared=self.shared,
                         instructions=None, sass=None, note="does not fit the card (shared memory)")
-        usage = _resource_usage(cuobjdump, self.cubin)
-        sass = _sass(cuobjdump, self.cubin)
+        usage, sass = _inspect(cuobjdump, self.cubin)
         note = "spills" if usage.get("STACK", 0) > 0 else "" if usage else "no cuobjdump: resources unknown"
         return dict(program=self.program, config=config, regs=usage.get("REG"), stack=usage.get("STACK"),
                     shared=self.shared, instructions=len(sass) if sass else None,
@@ -105,7 +104,7 @@ class OfflineGPU:
             def load_binary(self, name, cubin, shared, device):
                 driver.binaries[-1].cubin = cubin
                 # module and function handles (not None: Triton would load again at every launch),
-                # registers, spills (unknown here: see `_resource_usage`), threads per block
+                # registers, spills (unknown here: see `_inspect`), threads per block
                 return name, name, 0, 0, 1024
 
             def unload_module(self, module):
@@ -156,28 +155,21 @@ def _cuobjdump():
     return path if os.path.exists(path) else None
 
 
-def _cuobjdump_output(cuobjdump, cubin, option):
+def _inspect(cuobjdump, cubin):
+    """A cubin's resources ({"REG": n, "STACK": bytes, "SHARED": bytes, ...}) and its machine instructions
+    without addresses and encodings (two versions of the code whose programs have the same instructions,
+    the `sass` hash in the table, run the same on the GPU), from one run of `cuobjdump`, which prints
+    the resources first. ({}, []) without cuobjdump."""
+    if cuobjdump is None:
+        return {}, []
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        return subprocess.run([cuobjdump, option, f.name], capture_output=True, text=True).stdout
-
-
-def _resource_usage(cuobjdump, cubin):
-    """{"REG": n, "STACK": bytes, "SHARED": bytes, ...} of a cubin, from `cuobjdump --dump-resource-usage`."""
-    if cuobjdump is None:
-        return {}
-    out = _cuobjdump_output(cuobjdump, cubin, "--dump-resource-usage")
-    return {k: int(v) for k, v in re.findall(r"\b([A-Z]+):(\d+)\b", out)}
-
-
-def _sass(cuobjdump, cubin):
-    """The machine instructions of a cubin, without addresses and encodings: two versions of the code
-    whose programs have the same instructions (the `sass` hash in the table) run the same on the GPU."""
-    if cuobjdump is None:
-        return []
-    out = _cuobjdump_output(cuobjdump, cubin, "-sass")
-    return re.findall(r"^\s*/\*[0-9a-f]{4,}\*/\s*(.*?)\s*;", out, flags=re.M)
+        out = subprocess.run([cuobjdump, "--dump-resource-usage", "--dump-sass", f.name],
+                             capture_output=True, text=True).stdout
+    resources, _, code = out.partition("code for")
+    return ({k: int(v) for k, v in re.findall(r"\b([A-Z]+):(\d+)\b", resources)},
+            re.findall(r"^\s*/\*[0-9a-f]{4,}\*/\s*(.*?)\s*;", code, flags=re.M))
 
 
 def _inputs(shape, dtype):
