@@ -244,15 +244,12 @@ def retune_ours(*variants):
     compiled already, only their benchmarks run again)."""
     from kernels import ssd_triton
 
-    from triton.runtime.autotuner import Autotuner
-
     for module in (ssd_triton, *variants):
         if hasattr(module, "forget_tuning"):
             module.forget_tuning()
         else:  # (a version older than forget_tuning)
-            for k in vars(module).values():
-                if isinstance(k, Autotuner):
-                    k.cache.clear()
+            for k in ssd_triton.autotuned_programs(module).values():
+                k.cache.clear()
 
 
 def load_variant(path):
@@ -271,25 +268,21 @@ def load_variant(path):
 
 def chosen_configs():
     """{program: [the configs its autotuner chose, one per key it has seen]}."""
-    from triton.runtime.autotuner import Autotuner
-
     from kernels import ssd_triton
 
     return {name.strip("_"): sorted({str(c) for c in k.cache.values()})
-            for name, k in vars(ssd_triton).items() if isinstance(k, Autotuner)}
+            for name, k in ssd_triton.autotuned_programs().items()}
 
 
 def config_timings():
     """{program: {config: median ms}}: what each autotuner measured for every one of its configs at the
     last shape it tuned (Triton keeps only that one), where this Triton records it (`configs_timings`).
     With kernels.offline's registers and spills per config, this says which configs are worth keeping."""
-    from triton.runtime.autotuner import Autotuner
-
     from kernels import ssd_triton
 
     out = {}
-    for name, k in vars(ssd_triton).items():
-        timings = getattr(k, "configs_timings", None) if isinstance(k, Autotuner) else None
+    for name, k in ssd_triton.autotuned_programs().items():
+        timings = getattr(k, "configs_timings", None)
         if timings:
             out[name.strip("_")] = {str(c): t[0] if isinstance(t, (list, tuple)) else t for c, t in timings.items()}
     return out

@@ -194,14 +194,11 @@ def compile_all(gpu, shape, dtype):
     (stage 2's, with the flags of the forward and of the backward) runs the others with the config the
     first chose; so the calls are repeated with each config put first in turn. Returns the launches of
     one forward and of one backward."""
-    from triton.runtime.autotuner import Autotuner
-
     from kernels import ssd_triton
     from kernels.ssd_triton import SSDChunkScanFn
 
     inputs = _inputs(shape, dtype)
-    tuners = [k for k in vars(ssd_triton).values() if isinstance(k, Autotuner)]
-    original = {k: list(k.configs) for k in tuners}
+    original = {k: list(k.configs) for k in ssd_triton.autotuned_programs().values()}
     try:
         for i in range(max(len(c) for c in original.values())):
             for k, configs in original.items():  # (ties go to the first config)

@@ -84,13 +84,19 @@ def _launch(kernel, grid, key, *args, **kwargs):
     return chosen[0]
 
 
+def autotuned_programs(module=None):
+    """{name: Autotuner} of the autotuned programs of `module`: this one by default, or another version
+    of this file loaded beside it (`kernels.bench --baseline`), even one older than this function."""
+    names = vars(module) if module is not None else globals()
+    return {name: k for name, k in names.items() if isinstance(k, triton.runtime.autotuner.Autotuner)}
+
+
 def forget_tuning():
     """Forget every config the autotuners chose, so that the next calls tune again (benchmarks do this
     to tune each timed shape as a training run would tune its own)."""
     _CHOSEN.clear()
-    for k in list(globals().values()):
-        if isinstance(k, triton.runtime.autotuner.Autotuner):
-            k.cache.clear()
+    for k in autotuned_programs().values():
+        k.cache.clear()
 
 
 # ==================================================================================================
