@@ -808,7 +808,7 @@ class Resolved:
 def resolve(cfg, dist):
     if cfg.schedule not in ("wsd", "cosine", "constant"):
         raise SetupError(f"unknown --schedule {cfg.schedule!r}; choose wsd, cosine or constant")
-    ranges = {  # flag: (lowest, highest, inclusive of highest), checked before anything slow
+    ranges = {  # setting: (lowest, highest or None), both allowed; checked before anything slow
         "seq_len": (1, None), "batch_size": (1, None), "keep": (1, None), "tokens_per_step": (1, None),
         "eval_batch_size": (1, None), "eval_windows": (0, None), "eval_every": (0, None), "save_every": (0, None),
         "lr": (0, None), "llrd": (0, 1), "weight_decay": (0, None), "beta1": (0, 1), "beta2": (0, 1),
