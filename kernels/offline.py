@@ -86,16 +86,19 @@ class OfflineGPU:
         self.target = GPUTarget("cuda", arch, 32)
         self.properties = dict(multiprocessor_count=sms or card_sms, max_shared_mem=max_shared or card_shared)
         self.binaries, self.launches, self.programs = [], collections.Counter(), set()
+        self.recorded = None  # a list: every launch is also described there (see `_describe`)
         driver = self
 
         class Launcher:  # built by Triton once per program, before it loads the binary
             def __init__(self, src, metadata):
-                self.name = metadata.name
+                self.name, self.index = metadata.name, len(driver.binaries)
                 driver.binaries.append(_Binary(src, metadata))
                 driver.programs.add(src.fn)
 
             def __call__(self, *args):
                 driver.launches[self.name] += 1
+                if driver.recorded is not None:
+                    driver.recorded.append((self.name, self.index, _describe(args)))
 
         class Utils:
             def get_device_properties(self, device):
@@ -170,6 +173,55 @@ def _inspect(cuobjdump, cubin):
     resources, _, code = out.partition("code for")
     return ({k: int(v) for k, v in re.findall(r"\b([A-Z]+):(\d+)\b", resources)},
             re.findall(r"^\s*/\*[0-9a-f]{4,}\*/\s*(.*?)\s*;", code, flags=re.M))
+
+
+def _describe(launch_args):
+    """A launch as Triton's launcher receives it: grid, stream, function, metadata, launch hooks, then the
+    program's arguments; tensors described by dtype, shape, strides, offset and 16-byte alignment, the
+    launch metadata (a new LazyDict each launch) by its contents."""
+    from triton.compiler.compiler import LazyDict
+
+    def describe(a):
+        if isinstance(a, torch.Tensor):
+            return str(a.dtype), tuple(a.shape), a.stride(), a.storage_offset(), a.data_ptr() & 15
+        return ("LazyDict", a.get()) if isinstance(a, LazyDict) else a
+
+    return tuple(describe(a) for a in launch_args)
+
+
+def compare_launch_paths(gpu, shape, dtype):
+    """The launches of one forward+backward made by `_launch`'s direct path against those Triton's own
+    launch path makes for the same call, launch by launch: the same binary, grid, stream, metadata, hooks
+    and arguments. Also with x at an address that is not 16-byte aligned, for which Triton compiles other
+    binaries (checked: else this would not show that the direct path tells them apart).
+    Returns the launches compared; raises AssertionError at the first difference."""
+    from kernels import ssd_triton
+    from kernels.ssd_triton import SSDChunkScanFn
+
+    inputs = _inputs(shape, dtype)
+    x = inputs["x"]
+    misaligned = torch.empty(x.numel() + 1, dtype=x.dtype)[1:].view(x.shape).copy_(x)
+    assert misaligned.data_ptr() & 15 and misaligned.is_contiguous()
+    used, compared = {}, 0
+    for name, x_in in (("aligned", x), ("misaligned", misaligned)):
+        calls = {}
+        for direct in (False, True):
+            ssd_triton.DIRECT_LAUNCH = direct
+            try:
+                _call(SSDChunkScanFn, shape, {**inputs, "x": x_in}, backward=True)  # (compile; keep the binaries)
+                gpu.recorded = []
+                _call(SSDChunkScanFn, shape, {**inputs, "x": x_in}, backward=True)
+                calls[direct] = gpu.recorded
+            finally:
+                gpu.recorded, ssd_triton.DIRECT_LAUNCH = None, True
+        through_triton, direct = calls[False], calls[True]
+        assert len(direct) == len(through_triton), (name, len(direct), len(through_triton))
+        for i, (a, b) in enumerate(zip(direct, through_triton)):
+            assert a == b, f"{name} x, launch {i} ({a[0]}): direct {a} != through Triton {b}"
+        used[name] = {index for _, index, _ in direct}
+        compared += len(direct)
+    assert used["aligned"] != used["misaligned"], "a misaligned x made Triton choose the same binaries"
+    return compared
 
 
 def _inputs(shape, dtype):
@@ -290,10 +342,14 @@ def main(argv=None):
 
                 scans["baseline"] = load_variant(args.baseline).SSDChunkScanFn
             host = host_times(scans, HOST_SHAPE, dtype, args.host_iters, args.host_rounds)
+        try:
+            launches_compared = compare_launch_paths(gpu, HOST_SHAPE, dtype)
+        except AssertionError as e:
+            sys.exit(f"kernels.offline: the direct launches differ from Triton's: {e}")
     report = dict(arch=f"sm_{args.arch}", properties=gpu.properties, dtype=args.dtype, shape=REAL_SHAPE,
                   triton=triton.__version__, torch=torch.__version__, cpu=platform.processor() or platform.machine(),
                   compile_s=round(compile_s, 1), binaries=rows, launches=dict(forward=forward, backward=backward),
-                  host_shape=HOST_SHAPE, host_us=host)
+                  host_shape=HOST_SHAPE, host_us=host, direct_launches_checked=launches_compared)
 
     print(f"sm_{args.arch} ({gpu.properties['multiprocessor_count']} SMs, {gpu.properties['max_shared_mem']} B shared "
           f"per block), {args.dtype}, shape (b, l, H, P, N, G, Q) = {REAL_SHAPE}; triton {triton.__version__}; "
@@ -307,6 +363,8 @@ def main(argv=None):
     for name, t in (host or {}).items():
         print(f"host time per call with no-op launches, {name} ({report['cpu']}, shape {HOST_SHAPE}): "
               f"forward {t['forward']:.0f} µs, forward+backward {t['forward+backward']:.0f} µs")
+    print(f"direct launches: {launches_compared} compared with Triton's own launch path (forward+backward, x "
+          "aligned and not): each the same binary, grid and arguments")
     if host and "baseline" in host:
         print("this / baseline: " + ", ".join(f"{part} {host['this'][part] / host['baseline'][part]:.2f}x"
                                              for part in ("forward", "forward+backward")))

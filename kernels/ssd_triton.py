@@ -18,10 +18,10 @@ runs stages 2–4 again instead of keeping their larger outputs. Stages 1–4 ha
 next to their kernel that the tests compare them with; the whole scan and every gradient are
 compared with autograd through the float64 recurrence `ssd_recurrent` (tests/test_kernels.py).
 
-Launches per call (each costs some tens of µs of Python on the host, which is what a batch-1 call
-spends most of its time on): the forward 4 Triton programs; the backward 8 Triton programs and 1–3
-small PyTorch reductions/casts (see `_ssd_backward`). Autotuned programs are launched through `_launch`,
-which consults Triton's autotuner only on the first call for a shape.
+Launches per call (each costs host time, which is what a batch-1 call spends most of its time on): the
+forward 4 Triton programs; the backward 8 Triton programs and 1–3 small PyTorch reductions/casts (see
+`_ssd_backward`). Every program is launched through `_launch`, which goes through Triton (and its
+autotuner) only the first time a binary is needed and then calls that binary directly.
 
 Conventions shared by every program:
   * all tensors are contiguous (the wrapper makes them so), so offsets are computed from the sizes:
@@ -67,21 +67,82 @@ def _cfg(num_warps=4, num_stages=2, **tiles):
     return triton.Config(tiles, num_warps=num_warps, num_stages=num_stages)
 
 
-_CHOSEN = {}  # (autotuned program, key) -> (the triton.Config its autotuner chose, its launch kwargs)
+_CHOSEN = {}  # (autotuned program, key) -> the triton.Config its autotuner chose for that key
+_BINARIES = {}  # (program, key, device, constexprs, what of the arguments selects a binary) -> a `_Binary`
+_MAX_BINARIES = 4096  # (its keys hold the integer arguments, seqlen among them: bounded for varying lengths)
+
+# Whether `_launch` launches the binary it found before without going through Triton's `run`. Setting it
+# to False sends every launch through Triton (kernels.offline compares the two paths launch by launch).
+DIRECT_LAUNCH = not INTERPRET  # (the interpreter has no binaries: there, every launch goes through Triton)
 
 
-def _launch(kernel, grid, key, *args, **kwargs):
-    """kernel[grid](*args, **kwargs) for an autotuned program, through its autotuner only the first
-    time `key` (the shapes and dtype the configs are tuned for) is seen; later launches go straight to
-    the chosen config. The autotuner's own per-call bookkeeping costs ~30 µs of host time, as much as
-    the GPU time of the smaller programs. Returns the config used."""
-    chosen = _CHOSEN.get((kernel, key))
-    if chosen is None:
-        kernel[grid](*args, **kwargs)
-        chosen = _CHOSEN[(kernel, key)] = (kernel.best_config, kernel.best_config.all_kwargs())
+class _Binary:
+    """A compiled program as `_launch` launches it: the binary, the keyword arguments its grid function
+    reads (META), and the values of its keyword arguments in the order of the program's parameters."""
+
+    def __init__(self, kernel, meta, arg_names, n_positional):
+        self.kernel, self.meta = kernel, meta
+        self.tail = tuple(meta[name] for name in arg_names[n_positional:])
+
+
+def _selector(args):
+    """What of the runtime arguments can make Triton choose another binary: for a tensor its dtype and
+    its address modulo 16 (Triton specializes pointers on 16-byte alignment), for anything else its
+    value (Triton specializes integers on their range and divisibility by 16; the value decides both)."""
+    return [(a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor) else a for a in args]
+
+
+def _launch(program, grid, key, *args, **constexprs):
+    """program[grid](*args, **constexprs), through Triton's launch path only the first time a binary is
+    needed; returns the triton.Config used (None for a program that is not autotuned).
+
+    Each launch through Triton (`JITFunction.run`) works out again which binary the arguments select
+    (~20 µs plus ~0.6 µs per argument of host time on a 2-core VM; an autotuned program adds ~30 µs of
+    autotuner bookkeeping): a forward+backward makes 12 launches, and at batch 1 the GPU waits for them.
+    So the binary Triton chose is kept under everything Triton chooses it by (`_selector`, the
+    constexprs, the device; the config that `key` got from the autotuner, which tunes once per key), and
+    later launches with the same selector call it directly, as `JITFunction.run` itself ends by doing:
+    same binary, grid, stream, launch hooks and arguments (kernels.offline checks this launch by launch).
+    What this skips of `run`: its pre-run hooks, the check that globals a program reads have not
+    changed since it was compiled (this module changes none), and Triton's compile options read from
+    `triton.knobs` at each launch (debug, instrumentation): after changing those, call `forget_tuning()`,
+    which forgets the binaries too."""
+    if not DIRECT_LAUNCH:
+        return _launch_through_triton(program, grid, key, None, args, constexprs)
+    device = triton.runtime.driver.active.get_current_device()
+    where = (program, key, device, *constexprs.values(), *_selector(args))
+    binary = _BINARIES.get(where)
+    if binary is None:
+        return _launch_through_triton(program, grid, key, where, args, constexprs)
+    meta = binary.meta
+    g = grid(meta) if callable(grid) else grid  # (a 3-tuple)
+    stream = triton.runtime.driver.active.get_current_stream(device)
+    hooks = triton.knobs.runtime
+    enter, leave = hooks.launch_enter_hook, hooks.launch_exit_hook
+    kernel, all_args = binary.kernel, args + binary.tail
+    metadata = kernel.launch_metadata(g, stream, *all_args) if enter is not None else None
+    kernel.run(*g, stream, kernel.function, kernel.packed_metadata, metadata, enter, leave, *all_args)
+    return meta.get("config")
+
+
+def _launch_through_triton(program, grid, key, where, args, constexprs):
+    """The first launch of `_launch` for `where`, which keeps the binary under it (every launch when
+    DIRECT_LAUNCH is off: `where` is None)."""
+    if isinstance(program, triton.runtime.autotuner.Autotuner):
+        config = _CHOSEN.get((program, key))
+        if config is None:  # the autotuner benchmarks its configs, keeps the fastest and launches it
+            kernel = program[grid](*args, **constexprs)
+            config = _CHOSEN[(program, key)] = program.best_config
+        else:
+            kernel = program.fn[grid](*args, **constexprs, **config.all_kwargs())
+        jit_fn, meta = program.fn, {**constexprs, **config.kwargs, "config": config}
     else:
-        kernel.fn[grid](*args, **kwargs, **chosen[1])
-    return chosen[0]
+        kernel, jit_fn, meta, config = program[grid](*args, **constexprs), program, dict(constexprs), None
+    if kernel is not None and where is not None:  # (None: Triton compiles in the background, not done yet)
+        if len(_BINARIES) >= _MAX_BINARIES:
+            _BINARIES.clear()
+        _BINARIES[where] = _Binary(kernel, meta, jit_fn.arg_names, len(args))
+    return config
 
 
 def autotuned_programs(module=None):
@@ -95,6 +156,7 @@ def forget_tuning():
     """Forget every config the autotuners chose, so that the next calls tune again (benchmarks do this
     to tune each timed shape as a training run would tune its own)."""
     _CHOSEN.clear()
+    _BINARIES.clear()
     for k in autotuned_programs().values():
         k.cache.clear()
 
@@ -966,7 +1028,7 @@ def _chunk_state(u, v, dt, A, cs, chunk_size, to_chunk_end, write_cs=False):
     g, n = v.shape[2:]
     nc = _cdiv(l, chunk_size)
     out = torch.empty(b, nc, h, p, n, device=u.device, dtype=torch.float32)
-    _launch(_chunk_state_kernel, (b * nc, h), (chunk_size, p, n, u.dtype), u, v, dt, A, cs, out,
+    _launch(_chunk_state_kernel, (b * nc, h, 1), (chunk_size, p, n, u.dtype), u, v, dt, A, cs, out,
             l, h, p, g, n, nc, chunk_size, TO_CHUNK_END=to_chunk_end, WRITE_CS=write_cs, **_dot_args(u, n, p))
     return out
 
@@ -999,9 +1061,9 @@ def _forward_stages(x, dt, A, B, C, chunk_size, initial_state):
     # the entering states are only dot operands of stage 5: stored in that dtype
     states = torch.empty(b, nc, h, p, n, device=x.device, dtype=_dot_torch_dtype(x))
     final = torch.empty(b, h, p, n, **f32)
-    _state_passing_fwd_kernel[(_cdiv(p * n, _STATE_BLOCK), b, h)](
-        chunk_states, cs, initial_state, states, final, h, p * n, nc, Q,
-        HAS_INITIAL=initial_state is not None, BLOCK=_STATE_BLOCK, num_warps=2)
+    _launch(_state_passing_fwd_kernel, (_cdiv(p * n, _STATE_BLOCK), b, h), None,
+            chunk_states, cs, initial_state, states, final, h, p * n, nc, Q,
+            HAS_INITIAL=initial_state is not None, BLOCK=_STATE_BLOCK, num_warps=2)
     return cs, _chunk_cb(C, B, Q, x), states, final
 
 
@@ -1052,10 +1114,10 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, cs, chunk_size, D, initial_state):
     dchunk = torch.empty_like(chunk_states, dtype=dot_dtype)
     dalpha = torch.empty(b, h, nc, n_blocks, **f32)
     dh0 = torch.empty(b, h, p, n, **f32) if initial_state is not None else None
-    _state_passing_bwd_kernel[(n_blocks, b, h)](
-        chunk_states, cs, initial_state, dstates, dfinal, states, states_dot, dchunk, dalpha, dh0,
-        h, p * n, nc, Q, HAS_DFINAL=dfinal is not None, HAS_INITIAL=initial_state is not None,
-        STATES_DOT_COPY=states_dot is not states, BLOCK=_STATE_BLOCK, num_warps=2)
+    _launch(_state_passing_bwd_kernel, (n_blocks, b, h), None,
+            chunk_states, cs, initial_state, dstates, dfinal, states, states_dot, dchunk, dalpha, dh0,
+            h, p * n, nc, Q, HAS_DFINAL=dfinal is not None, HAS_INITIAL=initial_state is not None,
+            STATES_DOT_COPY=states_dot is not states, BLOCK=_STATE_BLOCK, num_warps=2)
 
     # dx, and the parts of ∂L/∂dt (through u = dt·x) and ∂L/∂D of every token
     dx = torch.empty_like(x)
@@ -1083,9 +1145,9 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, cs, chunk_size, D, initial_state):
     # the decay gradient, then ∂L/∂dt, and the per-chunk parts of ∂L/∂A and ∂L/∂D (one buffer)
     ddt = torch.empty(b, l, h, **f32)
     parts = torch.empty(2 if D is not None else 1, b, nc, h, **f32)
-    _chunk_cumsum_bwd_kernel[(nc, b, h)](dt, A, ddt_x, dxy, dA_state, dA_off, dA_diag, dalpha, ddt, parts[0],
-                                         parts[-1], l, h, nc, Q, _cdiv(Q, dc_block_t), n_blocks,
-                                         HAS_D=D is not None, DC_BLOCK_T=dc_block_t, BLOCK_Q=_pow2(Q))
+    _launch(_chunk_cumsum_bwd_kernel, (nc, b, h), None, dt, A, ddt_x, dxy, dA_state, dA_off, dA_diag, dalpha, ddt,
+            parts[0], parts[-1], l, h, nc, Q, _cdiv(Q, dc_block_t), n_blocks,
+            HAS_D=D is not None, DC_BLOCK_T=dc_block_t, BLOCK_Q=_pow2(Q))
 
     dAD = parts.sum((1, 2))  # (1 or 2, H): ∂L/∂A and ∂L/∂D
     dBC = (dBC.sum(1) if n_splits > 1 else dBC[:, 0]).to(B.dtype)  # (2, b, l, G, N): ∂L/∂B, ∂L/∂C

@@ -57,6 +57,9 @@ def test_every_program_compiles_for_sm90(tmp_path):
     assert sum(report["launches"]["backward"].values()) == 8, report["launches"]
     for version in ("this", "baseline"):  # (the baseline is the same file here: it only has to run)
         assert report["host_us"][version]["forward+backward"] > report["host_us"][version]["forward"] > 0
+    # the direct launches of `_launch` were compared with Triton's launch by launch (forward+backward,
+    # x aligned and misaligned: 12 each); a difference exits non-zero with the first one
+    assert report["direct_launches_checked"] == 24
     assert "this / baseline: forward" in proc.stdout
     assert "| _chunk_scan_bwd_dc_kernel |" in proc.stdout and "launches per backward: 8" in proc.stdout
 
