@@ -805,7 +805,9 @@ def _chunk_scan_bwd_dc_kernel(
       * r_t = ⟨dc_t, C_t⟩ = ∂L/∂cs[t] through exp(cs[t]) (a cumulative sum of dA_j for j ≤ t);
       * M[t,s] = G[t,s]·CB[t,s] = ∂L/∂(cs[t] − cs[s]), and cs[t] − cs[s] = dA_{s+1} + … + dA_t, so
         ∂L/∂dA_j = Σ_{t≥j} Σ_{s<j} M[t,s]. For the rows t of this tile: with a running prefix sum
-        along each row, P[t,s] = Σ_{s'≤s} M[t,s'], the program adds Σ_{t>s} P[t,s] to j = s + 1.
+        along each row, P[t,s] = Σ_{s'≤s} M[t,s'], the program adds Σ_{t>s} P[t,s] to j = s + 1
+        (on a tile of columns s that all precede the rows t, that is the sum of the running prefixes
+        plus a cumulative sum of the tile's column sums: no prefix sum along the rows).
         Every term is a product of decays ≤ 1; nothing cancels. The partial sums of the row tiles go
         to separate slices of dA_diag, added in the last kernel. The slice of row tile k is written for
         1 ≤ j ≤ min((k+1)·BLOCK_T, chunk_len) (beyond, no s < j ≤ t exists), and read only there.
@@ -879,8 +881,12 @@ def _chunk_scan_bwd_dc_kernel(
             cb = tl.load(cb_ptr + offs_t[:, None] * chunk_size + s[None, :],
                          mask=(offs_t[:, None] < chunk_size) & (s[None, :] < chunk_size), other=0.0)
             m = g * cb
-            prefix = row_prefix[:, None] + tl.cumsum(m, axis=1)  # P[t, s]
-            dA_j = tl.sum(tl.where(offs_t[:, None] > s[None, :], prefix, 0.0), axis=0)  # for j = s + 1
+            if s0 + BLOCK_S <= pid_t * BLOCK_T:  # every s here precedes every t: t > s on the whole tile,
+                # so Σ_t P[t, s] = Σ_t row_prefix[t] + Σ_{s' ≤ s} Σ_t M[t, s']: a cumulative sum of column sums
+                dA_j = tl.sum(row_prefix, axis=0) + tl.cumsum(tl.sum(m, axis=0), axis=0)  # for j = s + 1
+            else:  # the tile crosses the diagonal: the prefix sum along each row, then the rows t > s
+                prefix = row_prefix[:, None] + tl.cumsum(m, axis=1)  # P[t, s]
+                dA_j = tl.sum(tl.where(offs_t[:, None] > s[None, :], prefix, 0.0), axis=0)  # for j = s + 1
             tl.store(dA_diag_ptr + diag + s + 1, dA_j, mask=s + 1 < chunk_size)
             row_prefix += tl.sum(m, axis=1)
 
