@@ -227,7 +227,7 @@ def test_no_unwritten_buffer_entry_is_read(monkeypatch, with_D):
 
 
 def test_launch_counts():
-    """At batch 1 a call costs its launches (tens of µs of Python each), not GPU time: the forward is
+    """At batch 1 a call costs its launches (host time), not GPU time: the forward is
     4 Triton programs (stage 1 runs inside stage 2's) and nothing else; the backward 8 programs and, here, two PyTorch reductions: the
     partial sums of ∂L/∂A and ∂L/∂D, and those of ∂L/∂B and ∂L/∂C over 2 splits of the heads (B and C
     are fp32, so no cast follows)."""
