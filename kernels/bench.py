@@ -4,9 +4,9 @@
    1 group, chunk 256) for seqlen 2048 and 8192 in bfloat16 (and 2048 in float32 with --fp32, whose
    IEEE-precision dots take minutes to compile): y, the final state and every gradient, against
    `minimamba.ssd.ssd_chunked` computed in float32 on the GPU from the same inputs (with D, an initial
-   state, and a loss on y and on the final state). The kernel runs twice: the first call launches
-   through Triton (compiling and tuning), the second launches the binaries directly (see
-   `kernels.ssd_triton._launch`) and must give the same bits (`repeat_identical`).
+   state, and a loss on y and on the final state). The kernel runs with every launch through Triton
+   (compiling and tuning), then with the binaries launched directly (see `kernels.ssd_triton._launch`),
+   which must give the same bits (`repeat_identical`).
 2. Timings (skipped with --quick): forward and forward+backward of the PyTorch reference and of this
    kernel, with `triton.testing.do_bench` (median ms), and the speed ratios, at batch 1 (where every
    implementation is bound by its host-side launch overhead) and at a training-like batch (where the
@@ -90,6 +90,7 @@ def rel_err(a, b):
 
 def check(shape, device, scan):
     """y, final state and gradients of the kernel against the fp32 reference."""
+    from kernels import ssd_triton
     from minimamba.ssd import ssd_chunked
 
     name, b, l, h, p, n, g, Q, dtype = shape
@@ -109,10 +110,16 @@ def check(shape, device, scan):
                     return_final_state=True)
 
     y_ref, f_ref, g_ref = grads(lambda t: ssd_chunked(**t, chunk_size=Q), torch.float32)
-    y, f, gr = grads(run, None)  # the first call: every launch goes through Triton (compiling, tuning)
+    direct = ssd_triton.DIRECT_LAUNCH
+    ssd_triton.DIRECT_LAUNCH = False  # every launch through Triton (compiling and tuning on first use)
+    try:
+        y, f, gr = grads(run, None)
+    finally:
+        ssd_triton.DIRECT_LAUNCH = direct
     errs = {"y": rel_err(y, y_ref), "final": rel_err(f, f_ref)}
     errs.update({"d" + k: rel_err(gr[k], g_ref[k]) for k in inp})
-    # a second call launches the binaries directly (kernels.ssd_triton._launch): the same bits
+    # then with the binaries launched directly (kernels.ssd_triton._launch; the first call keeps them): the same bits
+    grads(run, None)
     y2, f2, gr2 = grads(run, None)
     repeat_identical = all(torch.equal(u, v) for u, v in [(y, y2), (f, f2), *((gr[k], gr2[k]) for k in inp)])
     return dict(shape=name, batch=b, seqlen=l, dtype=str(dtype).replace("torch.", ""), errors=errs,

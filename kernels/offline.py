@@ -87,6 +87,7 @@ class OfflineGPU:
         self.properties = dict(multiprocessor_count=sms or card_sms, max_shared_mem=max_shared or card_shared)
         self.binaries, self.launches, self.programs = [], collections.Counter(), set()
         self.recorded = None  # a list: every launch is also described there (see `_describe`)
+        self.labels = {}  # for `_describe`: address -> name of the call's inputs
         driver = self
 
         class Launcher:  # built by Triton once per program, before it loads the binary
@@ -98,7 +99,7 @@ class OfflineGPU:
             def __call__(self, *args):
                 driver.launches[self.name] += 1
                 if driver.recorded is not None:
-                    driver.recorded.append((self.name, self.index, _describe(args)))
+                    driver.recorded.append((self.name, self.index, _describe(args, driver.labels)))
 
         class Utils:
             def get_device_properties(self, device):
@@ -140,15 +141,27 @@ class OfflineGPU:
 
         self._previous = driver._active  # (None: Triton would look for a real GPU on first use)
         driver.set_active(self)
+        _forget_chosen_binaries()  # (chosen for another driver)
         return self
 
     def __exit__(self, *exc):
         from triton.runtime.driver import driver
 
+        # what was compiled or chosen for the stand-in must not be launched on device 0: neither Triton's
+        # cache nor kernels.ssd_triton's (its direct launches would go to this no-op launcher)
+        _forget_chosen_binaries()
         if self._previous is not None:  # (else stay: compiled programs call unload_module when freed)
             driver._active = self._previous
-            for fn in self.programs:  # what was compiled for the stand-in must not be launched on device 0
+            for fn in self.programs:
                 fn.device_caches.pop(0, None)
+
+
+def _forget_chosen_binaries():
+    """kernels.ssd_triton's tuned configs and the binaries it launches directly (if it was imported; a
+    `--baseline` copy of it is only used inside kernels.offline's own stand-in)."""
+    ssd_triton = sys.modules.get("kernels.ssd_triton")
+    if ssd_triton is not None and hasattr(ssd_triton, "forget_tuning"):
+        ssd_triton.forget_tuning()
 
 
 def _cuobjdump():
@@ -175,15 +188,17 @@ def _inspect(cuobjdump, cubin):
             re.findall(r"^\s*/\*[0-9a-f]{4,}\*/\s*(.*?)\s*;", code, flags=re.M))
 
 
-def _describe(launch_args):
+def _describe(launch_args, labels):
     """A launch as Triton's launcher receives it: grid, stream, function, metadata, launch hooks, then the
-    program's arguments; tensors described by dtype, shape, strides, offset and 16-byte alignment, the
-    launch metadata (a new LazyDict each launch) by its contents."""
+    program's arguments; tensors described by dtype, shape, strides, offset, 16-byte alignment and, for
+    the inputs of the call, their name (`labels`: address -> name), the launch metadata (a new LazyDict
+    each launch) by its contents."""
     from triton.compiler.compiler import LazyDict
 
     def describe(a):
         if isinstance(a, torch.Tensor):
-            return str(a.dtype), tuple(a.shape), a.stride(), a.storage_offset(), a.data_ptr() & 15
+            return (labels.get(a.data_ptr()), str(a.dtype), tuple(a.shape), a.stride(), a.storage_offset(),
+                    a.data_ptr() & 15)
         return ("LazyDict", a.get()) if isinstance(a, LazyDict) else a
 
     return tuple(describe(a) for a in launch_args)
@@ -192,8 +207,9 @@ def _describe(launch_args):
 def compare_launch_paths(gpu, shape, dtype):
     """The launches of one forward+backward made by `_launch`'s direct path against those Triton's own
     launch path makes for the same call, launch by launch: the same binary, grid, stream, metadata, hooks
-    and arguments. Also with x at an address that is not 16-byte aligned, for which Triton compiles other
-    binaries (checked: else this would not show that the direct path tells them apart).
+    and arguments. Three calls: the plain one; x at an address that is not 16-byte aligned, for which
+    Triton compiles other binaries (checked: else this would not show that the direct path tells them
+    apart); an initial state and a loss on the final state too (the programs' other variants).
     Returns the launches compared; raises AssertionError at the first difference."""
     from kernels import ssd_triton
     from kernels.ssd_triton import SSDChunkScanFn
@@ -202,25 +218,28 @@ def compare_launch_paths(gpu, shape, dtype):
     x = inputs["x"]
     misaligned = torch.empty(x.numel() + 1, dtype=x.dtype)[1:].view(x.shape).copy_(x)
     assert misaligned.data_ptr() & 15 and misaligned.is_contiguous()
+    batch, _, h, p, n = shape[:5]
+    h0 = torch.randn(batch, h, p, n, generator=torch.Generator().manual_seed(1))
+    cases = {"plain": inputs, "misaligned x": {**inputs, "x": misaligned}, "initial state": {**inputs, "h0": h0}}
     used, compared = {}, 0
-    for name, x_in in (("aligned", x), ("misaligned", misaligned)):
+    for name, case in cases.items():
         calls = {}
         for direct in (False, True):
             ssd_triton.DIRECT_LAUNCH = direct
             try:
-                _call(SSDChunkScanFn, shape, {**inputs, "x": x_in}, backward=True)  # (compile; keep the binaries)
-                gpu.recorded = []
-                _call(SSDChunkScanFn, shape, {**inputs, "x": x_in}, backward=True)
+                _call(SSDChunkScanFn, shape, case, backward=True)  # (compiles; keeps the binaries)
+                gpu.recorded, gpu.labels = [], {t.data_ptr(): k for k, t in case.items()}
+                _call(SSDChunkScanFn, shape, case, backward=True)
                 calls[direct] = gpu.recorded
             finally:
                 gpu.recorded, ssd_triton.DIRECT_LAUNCH = None, True
         through_triton, direct = calls[False], calls[True]
         assert len(direct) == len(through_triton), (name, len(direct), len(through_triton))
         for i, (a, b) in enumerate(zip(direct, through_triton)):
-            assert a == b, f"{name} x, launch {i} ({a[0]}): direct {a} != through Triton {b}"
+            assert a == b, f"{name}, launch {i} ({a[0]}): direct {a} != through Triton {b}"
         used[name] = {index for _, index, _ in direct}
         compared += len(direct)
-    assert used["aligned"] != used["misaligned"], "a misaligned x made Triton choose the same binaries"
+    assert used["plain"] != used["misaligned x"], "a misaligned x made Triton choose the same binaries"
     return compared
 
 
@@ -233,11 +252,14 @@ def _inputs(shape, dtype):
 
 
 def _call(scan, shape, inputs, backward):
-    """One call of the autograd Function (forward, and backward if asked) on leaves of `inputs`."""
+    """One call of the autograd Function (forward, and backward if asked) on leaves of `inputs`; with an
+    initial state "h0" in `inputs`, the loss takes the final state too."""
     leaves = {k: v.detach().requires_grad_(backward) for k, v in inputs.items()}
-    y, _ = scan.apply(leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"], shape[-1], leaves["D"], None)
+    y, final = scan.apply(leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"], shape[-1], leaves["D"],
+                          leaves.get("h0"))
     if backward:
-        y.backward(torch.ones_like(y))
+        outputs = [y, final] if "h0" in leaves else [y]
+        torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
 
 
 def compile_all(gpu, shape, dtype):
@@ -363,8 +385,8 @@ def main(argv=None):
     for name, t in (host or {}).items():
         print(f"host time per call with no-op launches, {name} ({report['cpu']}, shape {HOST_SHAPE}): "
               f"forward {t['forward']:.0f} µs, forward+backward {t['forward+backward']:.0f} µs")
-    print(f"direct launches: {launches_compared} compared with Triton's own launch path (forward+backward, x "
-          "aligned and not): each the same binary, grid and arguments")
+    print(f"direct launches: {launches_compared} compared with Triton's own launch path (3 forward+backward calls: "
+          "plain, x not 16-byte aligned, with an initial state): each the same binary, grid and arguments")
     if host and "baseline" in host:
         print("this / baseline: " + ", ".join(f"{part} {host['this'][part] / host['baseline'][part]:.2f}x"
                                              for part in ("forward", "forward+backward")))

@@ -43,6 +43,7 @@ Conventions shared by every program:
 import contextlib
 import functools
 import os
+import threading
 
 import torch
 import triton
@@ -69,6 +70,7 @@ def _cfg(num_warps=4, num_stages=2, **tiles):
 
 _CHOSEN = {}  # (autotuned program, key) -> the triton.Config its autotuner chose for that key
 _BINARIES = {}  # (program, key, device, constexprs, what of the arguments selects a binary) -> a `_Binary`
+_FIRST_LAUNCH = threading.Lock()
 _MAX_BINARIES = 4096  # (its keys hold the integer arguments, seqlen among them: bounded for varying lengths)
 
 # Whether `_launch` launches the binary it found before without going through Triton's `run`. Setting it
@@ -86,10 +88,11 @@ class _Binary:
 
 
 def _selector(args):
-    """What of the runtime arguments can make Triton choose another binary: for a tensor its dtype and
-    its address modulo 16 (Triton specializes pointers on 16-byte alignment), for anything else its
-    value (Triton specializes integers on their range and divisibility by 16; the value decides both)."""
-    return [(a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor) else a for a in args]
+    """What of the arguments can make Triton choose another binary: for a tensor its dtype and its
+    address modulo 16 (Triton specializes pointers on 16-byte alignment), for anything else its type
+    and value (Triton specializes integers on their range and divisibility by 16, which the value
+    decides; the type, because True == 1 == 1.0 as dict keys, and Triton compiles each differently)."""
+    return [(a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor) else (a.__class__, a) for a in args]
 
 
 def _launch(program, grid, key, *args, **constexprs):
@@ -104,13 +107,14 @@ def _launch(program, grid, key, *args, **constexprs):
     later launches with the same selector call it directly, as `JITFunction.run` itself ends by doing:
     same binary, grid, stream, launch hooks and arguments (kernels.offline checks this launch by launch).
     What this skips of `run`: its pre-run hooks, the check that globals a program reads have not
-    changed since it was compiled (this module changes none), and Triton's compile options read from
-    `triton.knobs` at each launch (debug, instrumentation): after changing those, call `forget_tuning()`,
-    which forgets the binaries too."""
+    changed since it was compiled (this module changes none), and what `run` reads from `triton.knobs`
+    at each launch that can select another binary (debug, instrumentation, fpsan casts, a stages
+    inspection hook): after changing those, call `forget_tuning()`, which forgets the binaries too.
+    Grids are 3-tuples (checked at the first launch)."""
     if not DIRECT_LAUNCH:
         return _launch_through_triton(program, grid, key, None, args, constexprs)
     device = triton.runtime.driver.active.get_current_device()
-    where = (program, key, device, *constexprs.values(), *_selector(args))
+    where = (program, key, device, *_selector(constexprs.values()), *_selector(args))
     binary = _BINARIES.get(where)
     if binary is None:
         return _launch_through_triton(program, grid, key, where, args, constexprs)
@@ -128,17 +132,20 @@ def _launch(program, grid, key, *args, **constexprs):
 def _launch_through_triton(program, grid, key, where, args, constexprs):
     """The first launch of `_launch` for `where`, which keeps the binary under it (every launch when
     DIRECT_LAUNCH is off: `where` is None)."""
-    if isinstance(program, triton.runtime.autotuner.Autotuner):
-        config = _CHOSEN.get((program, key))
-        if config is None:  # the autotuner benchmarks its configs, keeps the fastest and launches it
-            kernel = program[grid](*args, **constexprs)
-            config = _CHOSEN[(program, key)] = program.best_config
+    with _FIRST_LAUNCH:  # (an autotuner keeps its last choice in an attribute: one thread at a time)
+        if isinstance(program, triton.runtime.autotuner.Autotuner):
+            config = _CHOSEN.get((program, key))
+            if config is None:  # the autotuner benchmarks its configs, keeps the fastest and launches it
+                kernel = program[grid](*args, **constexprs)
+                config = _CHOSEN[(program, key)] = program.best_config
+            else:
+                kernel = program.fn[grid](*args, **constexprs, **config.all_kwargs())
+            jit_fn, meta = program.fn, {**constexprs, **config.kwargs, "config": config}
         else:
-            kernel = program.fn[grid](*args, **constexprs, **config.all_kwargs())
-        jit_fn, meta = program.fn, {**constexprs, **config.kwargs, "config": config}
-    else:
-        kernel, jit_fn, meta, config = program[grid](*args, **constexprs), program, dict(constexprs), None
-    if kernel is not None and where is not None:  # (None: Triton compiles in the background, not done yet)
+            kernel, jit_fn, meta, config = program[grid](*args, **constexprs), program, dict(constexprs), None
+    if len(grid(meta) if callable(grid) else grid) != 3:
+        raise ValueError(f"{jit_fn.__name__}: give its grid as 3 numbers (`_launch` passes them as they are)")
+    if kernel is not None and where is not None:  # (None: a Triton cache hook declined to compile it)
         if len(_BINARIES) >= _MAX_BINARIES:
             _BINARIES.clear()
         _BINARIES[where] = _Binary(kernel, meta, jit_fn.arg_names, len(args))

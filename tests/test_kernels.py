@@ -31,6 +31,7 @@ if "kernels.ssd_triton" in sys.modules and not sys.modules["kernels.ssd_triton"]
     pytest.skip("kernels was imported before this module could set TRITON_INTERPRET=1; run this file alone",
                 allow_module_level=True)
 
+import triton  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -162,6 +163,21 @@ def test_edge_cases_fp32(case):
     b, l, h, p, g, n, Q, dt_range, with_D, with_h0 = EDGE_CASES[case]
     pb = make_problem(b, l, h, p, g, n, dt_range=dt_range, with_D=with_D, with_h0=with_h0, seed=len(case))
     assert_close(run_and_compare(pb, Q), torch.float32)
+
+
+@pytest.mark.parametrize("block_t,block_s", [(32, 64), (32, 32), (64, 32), (64, 64)])
+def test_dc_program_in_the_gpu_tile_shapes(monkeypatch, block_t, block_s):
+    """The interpreter runs each program in one small config; the dC program's decay gradient takes
+    another path on tiles below the diagonal, which depends on how row and column tiles line up: run it
+    in the tile shapes of its GPU configs (rows < = > columns), with a partial last chunk."""
+    monkeypatch.setattr(K._chunk_scan_bwd_dc_kernel, "configs",
+                        [triton.Config(dict(BLOCK_T=block_t, BLOCK_S=block_s), num_warps=4, num_stages=2)])
+    K.forget_tuning()
+    try:
+        pb = make_problem(1, 2 * 128 + 37, 2, 8, 1, 16, with_D=True, with_h0=True, seed=3)
+        assert_close(run_and_compare(pb, 128), torch.float32)
+    finally:
+        K.forget_tuning()
 
 
 def test_only_y_used_and_no_final_state_returned():

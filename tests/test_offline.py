@@ -57,9 +57,9 @@ def test_every_program_compiles_for_sm90(tmp_path):
     assert sum(report["launches"]["backward"].values()) == 8, report["launches"]
     for version in ("this", "baseline"):  # (the baseline is the same file here: it only has to run)
         assert report["host_us"][version]["forward+backward"] > report["host_us"][version]["forward"] > 0
-    # the direct launches of `_launch` were compared with Triton's launch by launch (forward+backward,
-    # x aligned and misaligned: 12 each); a difference exits non-zero with the first one
-    assert report["direct_launches_checked"] == 24
+    # the direct launches of `_launch` were compared with Triton's launch by launch (3 forward+backward
+    # calls: plain, misaligned x, initial state: 12 each); a difference exits non-zero with the first one
+    assert report["direct_launches_checked"] == 36
     assert "this / baseline: forward" in proc.stdout
     assert "| _chunk_scan_bwd_dc_kernel |" in proc.stdout and "launches per backward: 8" in proc.stdout
 
@@ -93,3 +93,31 @@ def test_unknown_card_needs_its_numbers():
 def test_a_missing_baseline_is_refused_before_compiling(tmp_path):
     proc = _run_offline("--baseline", str(tmp_path / "old_ssd"), timeout=120)
     assert proc.returncode != 0 and "no such file" in proc.stderr
+
+
+STALE_CHECK = """
+import torch
+from kernels.offline import OfflineGPU, _inputs, _call, HOST_SHAPE
+from kernels.ssd_triton import SSDChunkScanFn
+outer, inner = OfflineGPU(90), OfflineGPU(90)
+inputs = _inputs(HOST_SHAPE, torch.bfloat16)
+with outer:
+    with inner:
+        _call(SSDChunkScanFn, HOST_SHAPE, inputs, backward=True)
+        _call(SSDChunkScanFn, HOST_SHAPE, inputs, backward=True)
+    _call(SSDChunkScanFn, HOST_SHAPE, inputs, backward=True)  # (tunes again, for the outer driver)
+    outer.launches.clear(); inner.launches.clear()
+    _call(SSDChunkScanFn, HOST_SHAPE, inputs, backward=True)
+    print(sum(outer.launches.values()), sum(inner.launches.values()))
+"""
+
+
+@pytest.mark.skipif(_ptxas() is None, reason="needs triton with its NVIDIA backend (ptxas) installed")
+def test_binaries_chosen_under_a_stand_in_are_forgotten_when_it_exits():
+    """After a stand-in driver exits, the calls go to the driver it replaced (for real: a GPU), not to
+    binaries that kernels.ssd_triton kept for direct launches while the stand-in was active."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", STALE_CHECK], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["12", "0"]
