@@ -383,7 +383,7 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = False
     import triton
 
-    from kernels import ssd_chunk_scan
+    from kernels import ssd_chunk_scan, ssd_triton
     from minimamba.ssd import ssd_chunked
 
     mamba, why_not = (None, "--no-mamba") if args.no_mamba else load_mamba_ssm()
@@ -396,6 +396,7 @@ def main(argv=None):
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
         mamba_ssm=True if mamba is not None else why_not, correctness=[], timings=[], failures=[], elapsed_s={},
+        direct_launches=ssd_triton.DIRECT_LAUNCH_OFF_BECAUSE or True,
     )
 
     def save():
@@ -405,7 +406,8 @@ def main(argv=None):
                 json.dump(report, f, indent=2)
 
     print(f"device: {report['device']}; torch {report['torch']}, triton {report['triton']}; "
-          f"mamba_ssm: {'yes' if mamba is not None else why_not}", flush=True)
+          f"mamba_ssm: {'yes' if mamba is not None else why_not}; direct launches: "
+          f"{'yes' if ssd_triton.DIRECT_LAUNCH else 'no, ' + str(ssd_triton.DIRECT_LAUNCH_OFF_BECAUSE)}", flush=True)
 
     def phase(name, shapes_, fn):
         t0 = time.time()

@@ -73,9 +73,29 @@ _BINARIES = {}  # (program, key, device, constexprs, what of the arguments selec
 _FIRST_LAUNCH = threading.Lock()
 _MAX_BINARIES = 4096  # (its keys hold the integer arguments, seqlen among them: bounded for varying lengths)
 
-# Whether `_launch` launches the binary it found before without going through Triton's `run`. Setting it
-# to False sends every launch through Triton (kernels.offline compares the two paths launch by launch).
-DIRECT_LAUNCH = not INTERPRET  # (the interpreter has no binaries: there, every launch goes through Triton)
+def _direct_launch_off_because():
+    """Why `_launch` cannot launch binaries directly with this Triton, or None if it can: its own launch
+    must end as `_launch` repeats it (read in the source of `JITFunction.run`: Triton 3.4 to 3.9 do, and
+    select binaries only by what `_selector` keys on; Triton 3.2 and 3.3 pass other arguments)."""
+    if INTERPRET:
+        return "under the interpreter there are no binaries"
+    try:
+        import inspect
+
+        source = "".join(inspect.getsource(triton.runtime.jit.JITFunction.run).split())
+    except (AttributeError, OSError, TypeError) as e:
+        return f"the source of Triton's JITFunction.run cannot be read ({e})"
+    if "kernel.run(grid_0,grid_1,grid_2,stream,kernel.function,kernel.packed_metadata,launch_metadata," \
+       "knobs.runtime.launch_enter_hook,knobs.runtime.launch_exit_hook,*bound_args.values())" not in source:
+        return f"Triton {triton.__version__} launches differently from what _launch repeats (checked: 3.4 to 3.9)"
+    return None
+
+
+# Whether `_launch` launches the binary it found before without going through Triton's `run` (and if
+# not, why). Setting it to False sends every launch through Triton (kernels.offline compares the two
+# paths launch by launch).
+DIRECT_LAUNCH_OFF_BECAUSE = _direct_launch_off_because()
+DIRECT_LAUNCH = DIRECT_LAUNCH_OFF_BECAUSE is None
 
 
 class _Binary:
@@ -145,6 +165,8 @@ def _launch_through_triton(program, grid, key, where, args, constexprs):
             kernel, jit_fn, meta, config = program[grid](*args, **constexprs), program, dict(constexprs), None
     if len(grid(meta) if callable(grid) else grid) != 3:
         raise ValueError(f"{jit_fn.__name__}: give its grid as 3 numbers (`_launch` passes them as they are)")
+    if hasattr(kernel, "result"):  # (Triton 3.5+ compiling in the background: wait for the binary)
+        kernel = kernel.result()
     if kernel is not None and where is not None:  # (None: a Triton cache hook declined to compile it)
         if len(_BINARIES) >= _MAX_BINARIES:
             _BINARIES.clear()

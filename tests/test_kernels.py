@@ -180,6 +180,25 @@ def test_dc_program_in_the_gpu_tile_shapes(monkeypatch, block_t, block_s):
         K.forget_tuning()
 
 
+def _old_style_run(self, *args, grid, warmup, **kwargs):  # how Triton 3.2 and 3.3 end JITFunction.run
+    kernel = grid = stream = launch_metadata = non_constexpr_vals = None
+    kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, launch_metadata,
+               self.CompiledKernel.launch_enter_hook, self.CompiledKernel.launch_exit_hook, *non_constexpr_vals)
+
+
+def test_direct_launches_only_with_a_triton_that_launches_as_they_do(monkeypatch):
+    """`_launch` repeats the end of Triton's JITFunction.run; where that differs (Triton 3.2, 3.3 pass
+    only the non-constexpr arguments, and other hooks), every launch goes through Triton, and the
+    reason is kept (kernels.bench prints it)."""
+    monkeypatch.setattr(K, "INTERPRET", False)
+    version = tuple(int(v) for v in triton.__version__.split(".")[:2])
+    if (3, 4) <= version <= (3, 9):  # the versions whose launch and specialization were read
+        assert K._direct_launch_off_because() is None
+    monkeypatch.setattr(triton.runtime.jit.JITFunction, "run", _old_style_run)
+    assert "launches differently" in K._direct_launch_off_because()
+    assert "no binaries" in K.DIRECT_LAUNCH_OFF_BECAUSE and not K.DIRECT_LAUNCH  # (this file interprets)
+
+
 def test_only_y_used_and_no_final_state_returned():
     pb = make_problem(2, 37, 2, 4, 2, 8, seed=7)
     assert_close(run_and_compare(pb, 16, use_final=False), torch.float32)
