@@ -73,6 +73,7 @@ _BINARIES = {}  # (program, key, device, constexprs, what of the arguments selec
 _FIRST_LAUNCH = threading.Lock()
 _MAX_BINARIES = 4096  # (its keys hold the integer arguments, seqlen among them: bounded for varying lengths)
 
+
 def _direct_launch_off_because():
     """Why `_launch` cannot launch binaries directly with this Triton, or None if it can: its own launch
     must end as `_launch` repeats it (read in the source of `JITFunction.run`: Triton 3.4 to 3.9 do, and
@@ -99,11 +100,12 @@ DIRECT_LAUNCH = DIRECT_LAUNCH_OFF_BECAUSE is None
 
 
 class _Binary:
-    """A compiled program as `_launch` launches it: the binary, the keyword arguments its grid function
-    reads (META), and the values of its keyword arguments in the order of the program's parameters."""
+    """A compiled program as `_launch` launches it: the binary, the config it was compiled with (None if
+    not autotuned), the keyword arguments its grid function reads (META), and the values of its keyword
+    arguments in the order of the program's parameters (they follow the positional ones)."""
 
-    def __init__(self, kernel, meta, arg_names, n_positional):
-        self.kernel, self.meta = kernel, meta
+    def __init__(self, kernel, config, meta, arg_names, n_positional):
+        self.kernel, self.config, self.meta = kernel, config, meta
         self.tail = tuple(meta[name] for name in arg_names[n_positional:])
 
 
@@ -138,15 +140,14 @@ def _launch(program, grid, key, *args, **constexprs):
     binary = _BINARIES.get(where)
     if binary is None:
         return _launch_through_triton(program, grid, key, where, args, constexprs)
-    meta = binary.meta
-    g = grid(meta) if callable(grid) else grid  # (a 3-tuple)
+    g = grid(binary.meta) if callable(grid) else grid  # (a 3-tuple)
     stream = triton.runtime.driver.active.get_current_stream(device)
     hooks = triton.knobs.runtime
     enter, leave = hooks.launch_enter_hook, hooks.launch_exit_hook
     kernel, all_args = binary.kernel, args + binary.tail
     metadata = kernel.launch_metadata(g, stream, *all_args) if enter is not None else None
     kernel.run(*g, stream, kernel.function, kernel.packed_metadata, metadata, enter, leave, *all_args)
-    return meta.get("config")
+    return binary.config
 
 
 def _launch_through_triton(program, grid, key, where, args, constexprs):
@@ -160,7 +161,7 @@ def _launch_through_triton(program, grid, key, where, args, constexprs):
                 config = _CHOSEN[(program, key)] = program.best_config
             else:
                 kernel = program.fn[grid](*args, **constexprs, **config.all_kwargs())
-            jit_fn, meta = program.fn, {**constexprs, **config.kwargs, "config": config}
+            jit_fn, meta = program.fn, {**constexprs, **config.kwargs}
         else:
             kernel, jit_fn, meta, config = program[grid](*args, **constexprs), program, dict(constexprs), None
     if len(grid(meta) if callable(grid) else grid) != 3:
@@ -170,7 +171,7 @@ def _launch_through_triton(program, grid, key, where, args, constexprs):
     if kernel is not None and where is not None:  # (None: a Triton cache hook declined to compile it)
         if len(_BINARIES) >= _MAX_BINARIES:
             _BINARIES.clear()
-        _BINARIES[where] = _Binary(kernel, meta, jit_fn.arg_names, len(args))
+        _BINARIES[where] = _Binary(kernel, config, meta, jit_fn.arg_names, len(args))
     return config
 
 
