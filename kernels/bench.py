@@ -17,7 +17,7 @@
 3. mamba_ssm's `mamba_chunk_scan_combined`, when it can be imported: its error on y and its timings
    (last, because its large autotuning space takes long to compile).
 `--baseline OLD.py` also times another version of kernels/ssd_triton.py in the same run (an A/B of a
-kernel change on one GPU visit).
+kernel change on one GPU visit); given again, a third version, and so on; `--profile` profiles each.
 
 Every measurement is wrapped: a failure is printed and recorded, and the rest still runs. The JSON
 written to --out (rewritten after every measurement) holds the same numbers as the printed tables.
@@ -225,8 +225,9 @@ def time_shape(shape, device, impls, bench, row=None):
         if "ours" in t and t["ours"] > 0:
             row[kind.replace("_ms", "_speedup_vs_torch")] = t["torch"] / t["ours"] if "torch" in t else None
             row[kind.replace("_ms", "_ratio_vs_mamba_ssm")] = t["mamba_ssm"] / t["ours"] if "mamba_ssm" in t else None
-            if "baseline" in t:
-                row[kind.replace("_ms", "_ratio_vs_baseline")] = t["baseline"] / t["ours"]
+            for impl in t:  # (--baseline: "baseline", "baseline2", ...)
+                if impl.startswith("baseline"):
+                    row[kind.replace("_ms", f"_ratio_vs_{impl}")] = t[impl] / t["ours"]
     return row
 
 
@@ -268,15 +269,15 @@ def retune_ours(*variants):
                 k.cache.clear()
 
 
-def load_variant(path):
+def load_variant(path, name="ssd_triton_variant"):
     """Another version of kernels/ssd_triton.py (e.g. `git show HEAD~1:kernels/ssd_triton.py > old.py`),
-    imported as a module of its own, so that it can be timed against this one in the same run."""
+    imported as a module of its own (called `name`), so that it can be timed against this one in the same run."""
     import importlib.machinery
     import importlib.util
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--baseline {path}: no such file")
-    loader = importlib.machinery.SourceFileLoader("ssd_triton_variant", str(path))  # (any file name)
+    loader = importlib.machinery.SourceFileLoader(name, str(path))  # (any file name)
     module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
     loader.exec_module(module)
     return module
@@ -335,14 +336,14 @@ def print_tables(report):
                   f"{fmt(fb.get('mamba_ssm')):>7s} | {fmt(r.get('fwd_speedup_vs_torch'), '.1f'):>9s} "
                   f"{fmt(r.get('fwd_bwd_speedup_vs_torch'), '.1f'):>6s} | "
                   f"{fmt(r.get('fwd_ratio_vs_mamba_ssm'), '.2f'):>10s} {fmt(r.get('fwd_bwd_ratio_vs_mamba_ssm'), '.2f'):>6s}")
-    if any("baseline" in r["fwd_ms"] for r in report["timings"]):
-        print("\n--baseline (median ms; vs baseline = baseline/ours, ≥ 1 means this version is faster)")
+    for name, path in report.get("baselines", {}).items():
+        print(f"\n--baseline {path} as '{name}' (median ms; vs {name} = {name}/ours, ≥ 1 means this version is faster)")
         for r in report["timings"]:
             f, fb = r["fwd_ms"], r["fwd_bwd_ms"]
-            if "baseline" in f:
-                print(f"  b{r['batch']} l{r['seqlen']}: fwd {fmt(f['baseline'])} vs {fmt(f.get('ours'))} "
-                      f"({fmt(r.get('fwd_ratio_vs_baseline'), '.2f')}x), f+b {fmt(fb.get('baseline'))} vs "
-                      f"{fmt(fb.get('ours'))} ({fmt(r.get('fwd_bwd_ratio_vs_baseline'), '.2f')}x)")
+            if name in f:
+                print(f"  b{r['batch']} l{r['seqlen']}: fwd {fmt(f[name])} vs {fmt(f.get('ours'))} "
+                      f"({fmt(r.get(f'fwd_ratio_vs_{name}'), '.2f')}x), f+b {fmt(fb.get(name))} vs "
+                      f"{fmt(fb.get('ours'))} ({fmt(r.get(f'fwd_bwd_ratio_vs_{name}'), '.2f')}x)")
     if report["mamba_ssm"] is not True:
         print(f"\nmamba_ssm not compared: {report['mamba_ssm']}")
     if report["timings"]:
@@ -368,8 +369,9 @@ def main(argv=None):
     ap.add_argument("--fp32", action="store_true", help="also check float32 at seqlen 2048 (slow to compile)")
     ap.add_argument("--profile", action="store_true",
                     help="also print the GPU time of each program in one forward+backward (torch.profiler)")
-    ap.add_argument("--baseline", default=None, metavar="FILE.py",
-                    help="another version of kernels/ssd_triton.py to time beside this one (column 'baseline')")
+    ap.add_argument("--baseline", action="append", default=[], metavar="FILE.py",
+                    help="another version of kernels/ssd_triton.py to time (and --profile) beside this one "
+                         "(column 'baseline'; given again: 'baseline2', ...)")
     args = ap.parse_args(argv)
 
     if args.cpu_smoke:
@@ -387,8 +389,9 @@ def main(argv=None):
     from minimamba.ssd import ssd_chunked
 
     mamba, why_not = (None, "--no-mamba") if args.no_mamba else load_mamba_ssm()
+    names = ["baseline" if i == 0 else f"baseline{i + 1}" for i in range(len(args.baseline))]
     try:
-        variant = load_variant(args.baseline) if args.baseline else None
+        variants = {name: load_variant(path, f"ssd_triton_{name}") for name, path in zip(names, args.baseline)}
     except FileNotFoundError as e:
         sys.exit(str(e))
     report = dict(
@@ -396,7 +399,7 @@ def main(argv=None):
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
         mamba_ssm=True if mamba is not None else why_not, correctness=[], timings=[], failures=[], elapsed_s={},
-        direct_launches=ssd_triton.DIRECT_LAUNCH_OFF_BECAUSE or True,
+        direct_launches=ssd_triton.DIRECT_LAUNCH_OFF_BECAUSE or True, baselines=dict(zip(names, args.baseline)),
     )
 
     def save():
@@ -441,10 +444,9 @@ def main(argv=None):
     bench = timer(device)
     if not args.quick:
         def timings(shape):
-            retune_ours(*([variant] if variant else []))
+            retune_ours(*variants.values())
             impls = {"torch": lambda *a, **k: ssd_chunked(*a[:5], chunk_size=a[5], **k)[0], "ours": ssd_chunk_scan}
-            if variant:
-                impls["baseline"] = variant.ssd_chunk_scan
+            impls.update({name: module.ssd_chunk_scan for name, module in variants.items()})
             row = time_shape(shape, device, impls, bench)
             row["ours_configs"] = chosen_configs()
             row["ours_config_ms"] = config_timings()
@@ -457,12 +459,13 @@ def main(argv=None):
         report["profile"] = {}
 
         def profiling(shape):
-            rows = profile_shape(shape, device, ssd_chunk_scan)
-            report["profile"][f"b{shape[1]} seqlen {shape[2]}"] = rows
-            total = sum(r[2] for r in rows)
-            print(f"GPU time of one forward+backward, b{shape[1]} seqlen {shape[2]}: {total:.0f} µs")
-            for k, calls, us in rows:
-                print(f"  {us:8.1f} µs {us / total:6.1%}  ×{calls:g}  {k[:90]}")
+            for name, scan in {"ours": ssd_chunk_scan, **{n: m.ssd_chunk_scan for n, m in variants.items()}}.items():
+                rows = profile_shape(shape, device, scan)
+                report["profile"][f"b{shape[1]} seqlen {shape[2]}" + ("" if name == "ours" else f" ({name})")] = rows
+                total = sum(r[2] for r in rows)
+                print(f"GPU time of one forward+backward ({name}), b{shape[1]} seqlen {shape[2]}: {total:.0f} µs")
+                for k, calls, us in rows:
+                    print(f"  {us:8.1f} µs {us / total:6.1%}  ×{calls:g}  {k[:90]}")
 
         phase("profile", timed, profiling)
     # 3. mamba_ssm, last

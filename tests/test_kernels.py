@@ -387,13 +387,13 @@ def test_bench_script_runs_on_cpu(tmp_path, monkeypatch, capsys):
     cfg = K._chunk_scan_bwd_dc_kernel.configs[0]
     monkeypatch.setattr(K._chunk_scan_bwd_dc_kernel, "configs_timings", {cfg: [0.25, 0.2, 0.3]}, raising=False)
     out = tmp_path / "bench.json"
-    assert bench.main(["--cpu-smoke", "--out", str(out), "--baseline", K.__file__]) == 0
+    assert bench.main(["--cpu-smoke", "--out", str(out), "--baseline", K.__file__, "--baseline", K.__file__]) == 0
     report = json.loads(out.read_text())
     assert len(report["correctness"]) == 2 and all(r["ok"] and r["repeat_identical"] for r in report["correctness"])
     assert report["correctness"][0]["mamba_ssm_y_error"] < 1e-2
     assert [(r["batch"], r["seqlen"]) for r in report["timings"]] == [(1, 40), (2, 20)]  # batch 1, then batched
     for row in report["timings"]:
-        impls = {"torch", "ours", "mamba_ssm", "baseline"}
+        impls = {"torch", "ours", "mamba_ssm", "baseline", "baseline2"}
         assert set(row["fwd_ms"]) == set(row["fwd_bwd_ms"]) == set(row["host_wall_ms"]) == impls
         assert all(v > 0 for t in row["host_wall_ms"].values() for v in t.values())
         assert not row["failures"]
@@ -404,4 +404,6 @@ def test_bench_script_runs_on_cpu(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "PASS" in printed and "Timings" in printed and "idle GPU" in printed and "FAIL " not in printed
     assert f"autotuner, chunk_scan_bwd_dc_kernel: {cfg} 0.250 ms" in printed
-    assert "--baseline (median ms" in printed and all(r["fwd_bwd_ratio_vs_baseline"] > 0 for r in report["timings"])
+    assert f"--baseline {K.__file__} as 'baseline2' (median ms" in printed
+    assert all(r["fwd_bwd_ratio_vs_baseline"] > 0 and r["fwd_bwd_ratio_vs_baseline2"] > 0 for r in report["timings"])
+    assert report["baselines"] == {"baseline": K.__file__, "baseline2": K.__file__}
