@@ -18,6 +18,8 @@ instead of loading it, and counts launches instead of making them. The real wrap
    call costs on a GPU, where the GPU finishes each small program before the host has issued the next.
    It is timed on tiny shapes (`HOST_SHAPE`): the host work does not depend on the sizes, and on
    tiny tensors the few PyTorch reductions of the backward do not compute for long on the CPU.
+3. the direct launches of `kernels.ssd_triton._launch` against Triton's own launch path, launch by
+   launch (`compare_launch_paths`): the launcher must receive the same binary, grid and arguments.
 
 It tells nothing about GPU time. Its host times are this machine's CPU's (the H100 host measured on
 2026-11-26 issued the same forward about 1.3x faster than the 2-core VM this was written on): compare
