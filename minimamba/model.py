@@ -262,23 +262,28 @@ class Mamba2LM(nn.Module):
 
     def _scan(self, device):
         name = self.scan_backend(device)
-        if name != self._logged_backend:
-            why = "requested" if self.backend != "auto" else f"auto on {device.type}"
-            log.info("minimamba: SSD scan backend = %s (%s)", name, why)
-            self._logged_backend = name
+        why = "requested" if self.backend != "auto" else f"auto on {device.type}"
         Q = self.scan_chunk_size or (64 if name == "torch" and device.type == "cpu" else self.config.chunk_size)
         if name == "torch":
-            return lambda *a, **kw: ssd_chunked(*a, **kw, chunk_size=Q)
-        try:
-            from kernels import ssd_chunk_scan
-        except ImportError as e:
-            raise RuntimeError(
-                f"the 'triton' scan backend needs Triton ({e}). Install it (pip install triton) "
-                "or build the model with backend='torch'."
-            ) from e
-        return lambda x, dt, A, B, C, D=None, initial_state=None: ssd_chunk_scan(
-            x, dt, A, B, C, Q, D=D, initial_state=initial_state, return_final_state=True
-        )
+            scan = lambda *a, **kw: ssd_chunked(*a, **kw, chunk_size=Q)  # noqa: E731
+        else:
+            try:
+                from kernels import ssd_chunk_scan, ssd_triton
+            except ImportError as e:
+                raise RuntimeError(
+                    f"the 'triton' scan backend needs Triton ({e}). Install it (pip install triton) "
+                    "or build the model with backend='torch'."
+                ) from e
+            off = ssd_triton.DIRECT_LAUNCH_OFF_BECAUSE if not ssd_triton.DIRECT_LAUNCH else None
+            why += "; launches: " + ("direct after the first" if ssd_triton.DIRECT_LAUNCH else
+                                     f"all through Triton ({off or 'DIRECT_LAUNCH set to False'})")
+
+            def scan(x, dt, A, B, C, D=None, initial_state=None):
+                return ssd_chunk_scan(x, dt, A, B, C, Q, D=D, initial_state=initial_state, return_final_state=True)
+        if name != self._logged_backend:
+            log.info("minimamba: SSD scan backend = %s (%s)", name, why)
+            self._logged_backend = name
+        return scan
 
     # forward, step, generate ---------------------------------------------------------------------
     def forward(self, input_ids, cache: InferenceCache = None, num_last_tokens=0):

@@ -342,7 +342,7 @@ def test_cpu_tensors_without_the_interpreter_get_a_clear_error():
 # --------------------------------------------------------------------------------------------------
 # the whole model: the "triton" backend gives the "torch" backend's loss and gradients
 # --------------------------------------------------------------------------------------------------
-def test_model_gradients_triton_backend_equal_torch_backend():
+def test_model_gradients_triton_backend_equal_torch_backend(caplog):
     from minimamba import Mamba2Config, Mamba2LM
 
     cfg = Mamba2Config(d_model=32, n_layer=2, vocab_size=100, d_state=16, headdim=16, ngroups=2, chunk_size=16)
@@ -359,11 +359,16 @@ def test_model_gradients_triton_backend_equal_torch_backend():
     ids = torch.randint(0, 100, (2, 37))  # 37: three chunks, the last one partial
     losses = []
     for model in (ref, tri):
-        logits = model(ids[:, :-1])
+        with caplog.at_level("INFO", logger="minimamba"):
+            logits = model(ids[:, :-1])
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
         loss.backward()
         losses.append(loss.item())
     assert abs(losses[0] - losses[1]) <= 1e-5 * abs(losses[0])
+    # which backend ran, and how the Triton programs were launched, is said
+    assert "SSD scan backend = torch (requested)" in caplog.text
+    assert ("SSD scan backend = triton (requested; launches: all through Triton (under the interpreter there "
+            "are no binaries))") in caplog.text
     grads_ref = dict(ref.named_parameters())
     for name, prm in tri.named_parameters():
         err = rel_err(prm.grad, grads_ref[name].grad.double())
