@@ -318,7 +318,7 @@ def print_tables(report):
         errs = "  ".join(f"{k} {v:.1e}" for k, v in r["errors"].items())
         extra = f"  (mamba_ssm: y {fmt(r['mamba_ssm_y_error'], '.1e')})" if "mamba_ssm_y_error" in r else ""
         if not r.get("repeat_identical", True):
-            extra += "  (a second call, with direct launches, gave other values than the first)"
+            extra += "  (the call with direct launches gave other values than the one through Triton)"
         print(f"  {'PASS' if r['ok'] else 'FAIL'} {r['shape']} b{r['batch']} l{r['seqlen']} {r['dtype']:8s} "
               f"(tol {r['tolerance']:.0e}): {errs}{extra}")
     if report["timings"]:

@@ -21,7 +21,8 @@ compared with autograd through the float64 recurrence `ssd_recurrent` (tests/tes
 Launches per call (each costs host time, which is what a batch-1 call spends most of its time on): the
 forward 4 Triton programs; the backward 8 Triton programs and 1–3 small PyTorch reductions/casts (see
 `_ssd_backward`). Every program is launched through `_launch`, which goes through Triton (and its
-autotuner) only the first time a binary is needed and then calls that binary directly.
+autotuner) only the first time a binary is needed and then calls that binary directly (where
+`DIRECT_LAUNCH` is on; `DIRECT_LAUNCH_OFF_BECAUSE` says why not, e.g. under the interpreter).
 
 Conventions shared by every program:
   * all tensors are contiguous (the wrapper makes them so), so offsets are computed from the sizes:
@@ -76,8 +77,9 @@ _MAX_BINARIES = 4096  # (its keys hold the integer arguments, seqlen among them:
 
 def _direct_launch_off_because():
     """Why `_launch` cannot launch binaries directly with this Triton, or None if it can: its own launch
-    must end as `_launch` repeats it (read in the source of `JITFunction.run`: Triton 3.4 to 3.9 do, and
-    select binaries only by what `_selector` keys on; Triton 3.2 and 3.3 pass other arguments)."""
+    must end as `_launch` repeats it (only that line of `JITFunction.run` is checked, in its source;
+    Triton 3.4 to 3.9 have it, and their binary selection, read by hand, uses only what `_selector`
+    keys on; Triton 3.2 and 3.3 pass other arguments)."""
     if INTERPRET:
         return "under the interpreter there are no binaries"
     try:
@@ -132,7 +134,7 @@ def _launch(program, grid, key, *args, **constexprs):
     changed since it was compiled (this module changes none), and what `run` reads from `triton.knobs`
     at each launch that can select another binary (debug, instrumentation, fpsan casts, a stages
     inspection hook): after changing those, call `forget_tuning()`, which forgets the binaries too.
-    Grids are 3-tuples (checked at the first launch)."""
+    Grids are 3-tuples (a grid of another length raises after its first launch through Triton)."""
     if not DIRECT_LAUNCH:
         return _launch_through_triton(program, grid, key, None, args, constexprs)
     device = triton.runtime.driver.active.get_current_device()
