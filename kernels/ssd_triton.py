@@ -134,7 +134,8 @@ def _launch(program, grid, key, *args, **constexprs):
     changed since it was compiled (this module changes none), and what `run` reads from `triton.knobs`
     at each launch that can select another binary (debug, instrumentation, fpsan casts, a stages
     inspection hook): after changing those, call `forget_tuning()`, which forgets the binaries too.
-    Grids are 3-tuples (a grid of another length raises after its first launch through Triton)."""
+    Grids are 3-tuples (a grid of another length raises after its first launch through Triton, where
+    direct launches are on)."""
     if not DIRECT_LAUNCH:
         return _launch_through_triton(program, grid, key, None, args, constexprs)
     device = triton.runtime.driver.active.get_current_device()
@@ -166,11 +167,13 @@ def _launch_through_triton(program, grid, key, where, args, constexprs):
             jit_fn, meta = program.fn, {**constexprs, **config.kwargs}
         else:
             kernel, jit_fn, meta, config = program[grid](*args, **constexprs), program, dict(constexprs), None
+    if where is None:  # (nothing kept: Triton launches every time)
+        return config
     if len(grid(meta) if callable(grid) else grid) != 3:
         raise ValueError(f"{jit_fn.__name__}: give its grid as 3 numbers (`_launch` passes them as they are)")
     if hasattr(kernel, "result"):  # (Triton 3.5+ compiling in the background: wait for the binary)
         kernel = kernel.result()
-    if kernel is not None and where is not None:  # (None: a Triton cache hook declined to compile it)
+    if kernel is not None:  # (None: a Triton cache hook declined to compile it)
         if len(_BINARIES) >= _MAX_BINARIES:
             _BINARIES.clear()
         _BINARIES[where] = _Binary(kernel, config, meta, jit_fn.arg_names, len(args))

@@ -262,7 +262,6 @@ class Mamba2LM(nn.Module):
 
     def _scan(self, device):
         name = self.scan_backend(device)
-        why = "requested" if self.backend != "auto" else f"auto on {device.type}"
         Q = self.scan_chunk_size or (64 if name == "torch" and device.type == "cpu" else self.config.chunk_size)
         if name == "torch":
             scan = lambda *a, **kw: ssd_chunked(*a, **kw, chunk_size=Q)  # noqa: E731
@@ -274,13 +273,14 @@ class Mamba2LM(nn.Module):
                     f"the 'triton' scan backend needs Triton ({e}). Install it (pip install triton) "
                     "or build the model with backend='torch'."
                 ) from e
-            off = ssd_triton.DIRECT_LAUNCH_OFF_BECAUSE if not ssd_triton.DIRECT_LAUNCH else None
-            why += "; launches: " + ("direct after the first" if ssd_triton.DIRECT_LAUNCH else
-                                     f"all through Triton ({off or 'DIRECT_LAUNCH set to False'})")
 
             def scan(x, dt, A, B, C, D=None, initial_state=None):
                 return ssd_chunk_scan(x, dt, A, B, C, Q, D=D, initial_state=initial_state, return_final_state=True)
-        if name != self._logged_backend:
+        if name != self._logged_backend:  # (said once, not at every forward)
+            why = "requested" if self.backend != "auto" else f"auto on {device.type}"
+            if name == "triton":
+                why += "; launches: " + ("direct after the first" if ssd_triton.DIRECT_LAUNCH else "all through Triton "
+                                         f"({ssd_triton.DIRECT_LAUNCH_OFF_BECAUSE or 'DIRECT_LAUNCH set to False'})")
             log.info("minimamba: SSD scan backend = %s (%s)", name, why)
             self._logged_backend = name
         return scan

@@ -28,12 +28,16 @@ def _ptxas():
     return path if path.exists() else None
 
 
-def _run_offline(*args, interpret=False, timeout=900):
+def _run_python(*args, interpret=False, timeout=900):
+    """`python *args` from the project root, with TRITON_INTERPRET set only if `interpret`."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    return subprocess.run([sys.executable, "-m", "kernels.offline", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _run_offline(*args, interpret=False, timeout=900):
+    return _run_python("-m", "kernels.offline", *args, interpret=interpret, timeout=timeout)
 
 
 @pytest.mark.skipif(_ptxas() is None, reason="needs triton with its NVIDIA backend (ptxas) installed")
@@ -116,8 +120,6 @@ with outer:
 def test_binaries_chosen_under_a_stand_in_are_forgotten_when_it_exits():
     """After a stand-in driver exits, the calls go to the driver it replaced (for real: a GPU), not to
     binaries that kernels.ssd_triton kept for direct launches while the stand-in was active."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", STALE_CHECK], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = _run_python("-c", STALE_CHECK, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["12", "0"]
