@@ -552,9 +552,10 @@ def _chunk_scan_fwd_kernel(
 #   ∂L/∂S_c, ∂L/∂α_c, ∂L/∂h_0 by a reverse scan over chunks                 _state_passing_bwd_kernel
 #   ∂L/∂u_s  = Σ_{t≥s} CB[t,s]·exp(cs[t] − cs[s])·dy_t + exp(cs[Q-1] − cs[s])·∂L/∂S_c B_s
 #              → dx = dt·∂L/∂u + D·dy,  ∂L/∂dt (through u) = ⟨∂L/∂u, x⟩         _chunk_scan_bwd_dx_kernel
-#   ∂L/∂B_s  = Σ_h [exp(cs[Q-1] − cs[s])·dt_s·x_sᵀ ∂L/∂S_c + Σ_{t≥s} G[t,s]·C_t]  _chunk_scan_bwd_db_kernel
-#   ∂L/∂C_t  = Σ_h [exp(cs[t])·dy_tᵀ S_in[c]      + Σ_{s≤t} G[t,s]·B_s]        _chunk_scan_bwd_dc_kernel
-#              with G[t,s] = exp(cs[t] − cs[s])·dt_s·(dy_t·x_s), s ≤ t
+#   ∂L/∂C_t  = Σ_h exp(cs[t])·dy_tᵀ S_in[c]           + Σ_{s≤t} dCB[t,s]·B_s    _chunk_scan_bwd_dc_kernel
+#   ∂L/∂B_s  = Σ_h exp(cs[Q-1] − cs[s])·dt_s·x_sᵀ ∂L/∂S_c + Σ_{t≥s} dCB[t,s]·C_t  _chunk_scan_bwd_db_kernel
+#              with dCB[t,s] = ∂L/∂CB[t,s] = Σ_h G[t,s],  G[t,s] = exp(cs[t] − cs[s])·dt_s·(dy_t·x_s), s ≤ t
+#              (the dC program sums dCB over the heads of a group and stores it; dB reads it)
 #   ∂L/∂dA_j collected from four terms, then ∂L/∂dt and ∂L/∂A                 _chunk_cumsum_bwd_kernel
 #
 # The decay gradient is assembled from terms that each contain only decays ≤ 1: it is never formed
@@ -713,103 +714,6 @@ def _chunk_scan_bwd_dx_kernel(
 
 
 @_autotune(
-    [_cfg(BLOCK_S=32, BLOCK_T=64), _cfg(BLOCK_S=32, BLOCK_T=32), _cfg(BLOCK_S=32, BLOCK_T=64, num_warps=8),
-     _cfg(BLOCK_S=64, BLOCK_T=32, num_warps=8), _cfg(BLOCK_S=64, BLOCK_T=64, num_warps=8),
-     _cfg(BLOCK_S=32, BLOCK_T=64, num_stages=3), _cfg(BLOCK_S=64, BLOCK_T=64), _cfg(BLOCK_S=64, BLOCK_T=32)],
-    _cfg(BLOCK_S=32, BLOCK_T=16),
-)
-@triton.jit(do_not_specialize=["batch"])  # (used for one offset: not worth a compile per value)
-def _chunk_scan_bwd_db_kernel(
-    x_ptr, dy_ptr,  # (batch, seqlen, H, P)
-    dt_ptr,  # (batch, seqlen, H)
-    cs_ptr,  # (batch, H, nchunks, Q)
-    B_ptr, C_ptr,  # (batch, seqlen, G, N)
-    dchunk_ptr,  # (batch, nchunks, H, P, N), ∂L/∂S_c in the dots' operand dtype
-    dB_ptr,  # out (n_splits, batch, seqlen, G, N) fp32: ∂L/∂B summed over this split's heads
-    dA_state_ptr,  # out (batch, H, nchunks, Q) fp32: q_s stored at s + 1 (entry 0 is never written)
-    batch, seqlen, nheads, headdim, ngroups, dstate, nchunks, chunk_size, n_splits,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_S: tl.constexpr,  # rows s
-    BLOCK_T: tl.constexpr,  # positions t per step of the anti-causal loop
-):
-    """∂L/∂B_s = Σ_{heads h of the group} [ db_s  +  Σ_{t≥s} G[t,s]·C_t ]   where
-        db_s   = exp(cs[Q-1] − cs[s])·dt_s · x_sᵀ ∂L/∂S_c       (B_s writes into the chunk state)
-        G[t,s] = exp(cs[t] − cs[s])·dt_s · (dy_t·x_s)           (B_s is a key of CB[t, s] = C_t·B_s)
-
-    The same chunk-state term differentiated with respect to the decay exp(cs[Q-1] − cs[s]) =
-    exp(dA_{s+1} + … + dA_{Q-1}) gives q_s = ⟨db_s, B_s⟩ for every dA_j with j > s; it is stored at
-    s + 1 so that an inclusive cumulative sum in the last kernel yields Σ_{s<j} q_s (that kernel reads
-    entry 0 as 0: the buffer is not zeroed, which would cost a launch).
-
-    Tile: BLOCK_S rows s × all N, looping over the heads of (a split of) the group and, per head,
-    over t ≥ s. The heads of a group are shared among `n_splits` programs so that there are enough
-    programs when G is small; their partial sums are added by the host.
-    Grid: (cdiv(Q, BLOCK_S), batch·nchunks, G·n_splits).
-    """
-    pid_s = tl.program_id(0)
-    pid_bc = tl.program_id(1)
-    pid_gs = tl.program_id(2)  # (group, split) flattened
-    pid_b, pid_c = pid_bc // nchunks, pid_bc % nchunks
-    pid_g, pid_split = pid_gs // n_splits, pid_gs % n_splits
-    heads_per_split = nheads // ngroups // n_splits
-    first_head = pid_g * (nheads // ngroups) + pid_split * heads_per_split
-    chunk_start = pid_c * chunk_size
-    chunk_len = tl.minimum(chunk_size, seqlen - chunk_start)
-    row0 = pid_b.to(tl.int64) * seqlen + chunk_start
-    B_ptr += row0 * ngroups * dstate + pid_g * dstate
-    C_ptr += row0 * ngroups * dstate + pid_g * dstate
-
-    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_p = tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
-    s_mask = offs_s < chunk_len
-    p_mask = offs_p < headdim
-    n_mask = offs_n < dstate
-    acc = tl.zeros((BLOCK_S, BLOCK_N), dtype=tl.float32)
-    for i in range(heads_per_split):
-        h = first_head + i
-        tok = ((pid_b * nheads + h) * nchunks + pid_c) * chunk_size  # offset of the per-token buffers
-        xh_ptr = x_ptr + row0 * nheads * headdim + h * headdim
-        dyh_ptr = dy_ptr + row0 * nheads * headdim + h * headdim
-        cs_s = tl.load(cs_ptr + tok + offs_s, mask=offs_s < chunk_size, other=0.0)
-        cs_last = tl.load(cs_ptr + tok + chunk_size - 1)
-        dt_s = tl.load(dt_ptr + row0 * nheads + h + offs_s * nheads, mask=s_mask, other=0.0).to(tl.float32)
-        xs = tl.load(xh_ptr + offs_s[:, None] * (nheads * headdim) + offs_p[None, :],
-                     mask=s_mask[:, None] & p_mask[None, :], other=0.0)
-
-        # through the chunk state
-        dSc = tl.load(dchunk_ptr + ((pid_b * nchunks + pid_c) * nheads + h).to(tl.int64) * headdim * dstate
-                      + offs_p[:, None] * dstate + offs_n[None, :],
-                      mask=p_mask[:, None] & n_mask[None, :], other=0.0)
-        db = tl.dot(xs.to(DOT_DTYPE), dSc.to(DOT_DTYPE), input_precision=DOT_PRECISION)
-        db *= (tl.exp(tl.minimum(cs_last - cs_s, 0.0)) * dt_s)[:, None]
-        b = tl.load(B_ptr + offs_s[:, None] * (ngroups * dstate) + offs_n[None, :],  # (reloaded per head, from
-                    mask=s_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)  # cache: fewer registers)
-        tl.store(dA_state_ptr + tok + offs_s + 1, tl.sum(db * b, axis=1), mask=offs_s + 1 < chunk_len)
-        acc += db
-
-        # through CB[t, s] for t ≥ s
-        for t0 in range(pid_s * BLOCK_S, chunk_len, BLOCK_T):
-            t = t0 + offs_t
-            t_mask = t < chunk_len
-            dyT = tl.load(dyh_ptr + t[None, :] * (nheads * headdim) + offs_p[:, None],  # (P, BLOCK_T)
-                          mask=p_mask[:, None] & t_mask[None, :], other=0.0)
-            cs_t = tl.load(cs_ptr + tok + t, mask=t_mask, other=0.0)
-            gT = tl.dot(xs.to(DOT_DTYPE), dyT.to(DOT_DTYPE), input_precision=DOT_PRECISION)  # (BLOCK_S, BLOCK_T)
-            gT *= tl.exp(tl.minimum(cs_t[None, :] - cs_s[:, None], 0.0)) * dt_s[:, None]
-            gT = tl.where(t[None, :] >= offs_s[:, None], gT, 0.0)
-            c = tl.load(C_ptr + t[:, None] * (ngroups * dstate) + offs_n[None, :],
-                        mask=t_mask[:, None] & n_mask[None, :], other=0.0)
-            acc += tl.dot(gT.to(DOT_DTYPE), c.to(DOT_DTYPE), input_precision=DOT_PRECISION)
-
-    dB_ptr += (pid_split.to(tl.int64) * batch * seqlen + row0) * ngroups * dstate + pid_g * dstate
-    tl.store(dB_ptr + offs_s[:, None] * (ngroups * dstate) + offs_n[None, :], acc,
-             mask=s_mask[:, None] & n_mask[None, :])
-
-
-@_autotune(
     [_cfg(BLOCK_T=32, BLOCK_S=64), _cfg(BLOCK_T=32, BLOCK_S=32), _cfg(BLOCK_T=32, BLOCK_S=64, num_warps=8),
      _cfg(BLOCK_T=64, BLOCK_S=32, num_warps=8), _cfg(BLOCK_T=64, BLOCK_S=64, num_warps=8),
      _cfg(BLOCK_T=64, BLOCK_S=32, num_warps=8, num_stages=3), _cfg(BLOCK_T=64, BLOCK_S=64)],
@@ -823,31 +727,40 @@ def _chunk_scan_bwd_dc_kernel(
     cb_ptr,  # (batch, nchunks, G, Q, Q)
     B_ptr, C_ptr,  # (batch, seqlen, G, N)
     states_ptr,  # (batch, nchunks, H, P, N), S_in in the dots' operand dtype
+    dcb_ptr,  # out (n_splits, batch, nchunks, G, Q, Q) in the dots' operand dtype: dCB below, for s ≤ t
     dC_ptr,  # out (n_splits, batch, seqlen, G, N) fp32: ∂L/∂C summed over this split's heads
     dA_off_ptr,  # out (batch, H, nchunks, Q) fp32: r_t = ∂L/∂cs[t] through the state term
     dA_diag_ptr,  # out (batch, H, nchunks, n_t_tiles, Q) fp32 (room for ≥ n_t_tiles): see below (not zeroed)
+    row_prefix_ptr,  # scratch (batch, H, nchunks, Q) fp32: each head's running row prefix between steps
     batch, seqlen, nheads, headdim, ngroups, dstate, nchunks, chunk_size, n_splits,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_T: tl.constexpr,  # rows t (the host reads the chosen value: the last kernel needs it)
     BLOCK_S: tl.constexpr,  # positions s per step of the causal loop
 ):
-    """∂L/∂C_t = Σ_{heads h of the group} [ dc_t  +  Σ_{s≤t} G[t,s]·B_s ]   where
-        dc_t   = exp(cs[t]) · dy_tᵀ S_in[c]                     (C_t reads the entering state)
-        G[t,s] = exp(cs[t] − cs[s])·dt_s · (dy_t·x_s)           (C_t is a query of CB[t, s])
+    """∂L/∂C_t = Σ_{heads h of the group} dc_t  +  Σ_{s≤t} dCB[t,s]·B_s   where
+        dc_t     = exp(cs[t]) · dy_tᵀ S_in[c]                   (C_t reads the entering state of head h)
+        dCB[t,s] = Σ_{heads h of the group} G[t,s]              (∂L/∂CB[t,s]: the heads share CB)
+        G[t,s]   = exp(cs[t] − cs[s])·dt_s · (dy_t·x_s)         (head h's score gradient, s ≤ t)
 
-    and, per head, the two decay gradients that need exactly these tiles:
+    The heads' G are summed before they meet B, so the product with B (N columns: twice the work of
+    dy_t·x_s at N = 2P) is taken once per step instead of once per head, and dCB is stored for the dB
+    program (∂L/∂B_s = Σ_{t≥s} dCB[t,s]·C_t): dy_t·x_s is computed once for both.
+
+    Per head, the two decay gradients that need exactly these tiles:
       * r_t = ⟨dc_t, C_t⟩ = ∂L/∂cs[t] through exp(cs[t]) (a cumulative sum of dA_j for j ≤ t);
       * M[t,s] = G[t,s]·CB[t,s] = ∂L/∂(cs[t] − cs[s]), and cs[t] − cs[s] = dA_{s+1} + … + dA_t, so
         ∂L/∂dA_j = Σ_{t≥j} Σ_{s<j} M[t,s]. For the rows t of this tile: with a running prefix sum
         along each row, P[t,s] = Σ_{s'≤s} M[t,s'], the program adds Σ_{t>s} P[t,s] to j = s + 1
         (on a tile of columns s that all precede the rows t, that is the sum of the running prefixes
-        plus a cumulative sum of the tile's column sums: no prefix sum along the rows).
-        Every term is a product of decays ≤ 1; nothing cancels. The partial sums of the row tiles go
-        to separate slices of dA_diag, added in the last kernel. The slice of row tile k is written for
+        plus a cumulative sum of the tile's column sums: no prefix sum along the rows). The steps go
+        over the heads inside each step, so each head's running prefix waits in `row_prefix` between
+        steps. Every term is a product of decays ≤ 1; nothing cancels. The partial sums of the row tiles
+        go to separate slices of dA_diag, added in the last kernel. The slice of row tile k is written for
         1 ≤ j ≤ min((k+1)·BLOCK_T, chunk_len) (beyond, no s < j ≤ t exists), and read only there.
 
-    Tile: BLOCK_T rows t × all N, looping over the heads of the split and, per head, over s ≤ t.
+    Tile: BLOCK_T rows t × all N: a loop over the heads of the split (through the entering states),
+    then steps of BLOCK_S positions s ≤ t, each looping over the heads (through CB).
     Grid: (n_t_tiles = cdiv(Q, BLOCK_T), batch·nchunks, G·n_splits).
     """
     pid_t = tl.program_id(0)
@@ -863,7 +776,9 @@ def _chunk_scan_bwd_dc_kernel(
     row0 = pid_b.to(tl.int64) * seqlen + chunk_start
     B_ptr += row0 * ngroups * dstate + pid_g * dstate
     C_ptr += row0 * ngroups * dstate + pid_g * dstate
-    cb_ptr += ((pid_b * nchunks + pid_c) * ngroups + pid_g).to(tl.int64) * chunk_size * chunk_size
+    bcg = (pid_b * nchunks + pid_c) * ngroups + pid_g  # (batch element, chunk, group) flattened
+    cb_ptr += bcg.to(tl.int64) * chunk_size * chunk_size
+    dcb_ptr += (pid_split.to(tl.int64) * batch * nchunks * ngroups + bcg) * chunk_size * chunk_size
 
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_s = tl.arange(0, BLOCK_S)
@@ -874,18 +789,15 @@ def _chunk_scan_bwd_dc_kernel(
     n_mask = offs_n < dstate
     s_end = tl.minimum((pid_t + 1) * BLOCK_T, chunk_len)
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+
+    # through the entering states, head by head
     for i in range(heads_per_split):
         h = first_head + i
-        bhc = ((pid_b * nheads + h) * nchunks + pid_c).to(tl.int64)  # (dA_diag passes 2³¹ entries first)
-        tok = bhc * chunk_size  # offset of this head's per-token buffers
-        diag = (bhc * n_t_tiles + pid_t) * chunk_size  # and of this row tile's slice of dA_diag
-        xh_ptr = x_ptr + row0 * nheads * headdim + h * headdim
-        dyh_ptr = dy_ptr + row0 * nheads * headdim + h * headdim
+        tok = ((pid_b * nheads + h) * nchunks + pid_c).to(tl.int64) * chunk_size  # this head's per-token buffers
         cs_t = tl.load(cs_ptr + tok + offs_t, mask=offs_t < chunk_size, other=0.0)
-        dyt = tl.load(dyh_ptr + offs_t[:, None] * (nheads * headdim) + offs_p[None, :],
+        dyt = tl.load(dy_ptr + row0 * nheads * headdim + h * headdim
+                      + offs_t[:, None] * (nheads * headdim) + offs_p[None, :],
                       mask=t_mask[:, None] & p_mask[None, :], other=0.0)
-
-        # through the entering state
         s_in = tl.load(states_ptr + ((pid_b * nchunks + pid_c) * nheads + h).to(tl.int64) * headdim * dstate
                        + offs_p[:, None] * dstate + offs_n[None, :],
                        mask=p_mask[:, None] & n_mask[None, :], other=0.0)
@@ -897,25 +809,34 @@ def _chunk_scan_bwd_dc_kernel(
         tl.store(dA_off_ptr + tok + offs_t, tl.sum(dc * c, axis=1), mask=offs_t < chunk_size)
         acc += dc
 
-        # through CB[t, s] for s ≤ t, and the intra-chunk decay gradient
-        row_prefix = tl.zeros((BLOCK_T,), dtype=tl.float32)  # Σ_{s' < s0} M[t, s']
-        for s0 in range(0, s_end, BLOCK_S):
-            s = s0 + offs_s
-            s_mask = s < chunk_len
-            xsT = tl.load(xh_ptr + s[None, :] * (nheads * headdim) + offs_p[:, None],  # (P, BLOCK_S)
+    # through CB[t, s] for s ≤ t: one tile of dCB per step, and each head's intra-chunk decay gradient
+    for s0 in range(0, s_end, BLOCK_S):
+        s = s0 + offs_s
+        s_mask = s < chunk_len
+        cb = tl.load(cb_ptr + offs_t[:, None] * chunk_size + s[None, :],
+                     mask=(offs_t[:, None] < chunk_size) & (s[None, :] < chunk_size), other=0.0)
+        dcb = tl.zeros((BLOCK_T, BLOCK_S), dtype=tl.float32)
+        for i in range(heads_per_split):
+            h = first_head + i
+            bhc = ((pid_b * nheads + h) * nchunks + pid_c).to(tl.int64)  # (dA_diag passes 2³¹ entries first)
+            tok = bhc * chunk_size
+            diag = (bhc * n_t_tiles + pid_t) * chunk_size  # this row tile's slice of dA_diag
+            cs_t = tl.load(cs_ptr + tok + offs_t, mask=offs_t < chunk_size, other=0.0)
+            head_off = row0 * nheads * headdim + h * headdim  # (b, chunk start, h, 0) in x and dy
+            dyt = tl.load(dy_ptr + head_off + offs_t[:, None] * (nheads * headdim) + offs_p[None, :],
+                          mask=t_mask[:, None] & p_mask[None, :], other=0.0)
+            xsT = tl.load(x_ptr + head_off + s[None, :] * (nheads * headdim) + offs_p[:, None],  # (P, BLOCK_S)
                           mask=p_mask[:, None] & s_mask[None, :], other=0.0)
             cs_s = tl.load(cs_ptr + tok + s, mask=s_mask, other=0.0)
             dt_s = tl.load(dt_ptr + row0 * nheads + h + s * nheads, mask=s_mask, other=0.0).to(tl.float32)
             g = tl.dot(dyt.to(DOT_DTYPE), xsT.to(DOT_DTYPE), input_precision=DOT_PRECISION)  # dy_t·x_s
             g *= tl.exp(tl.minimum(cs_t[:, None] - cs_s[None, :], 0.0)) * dt_s[None, :]
             g = tl.where(offs_t[:, None] >= s[None, :], g, 0.0)
-            b = tl.load(B_ptr + s[:, None] * (ngroups * dstate) + offs_n[None, :],
-                        mask=s_mask[:, None] & n_mask[None, :], other=0.0)
-            acc += tl.dot(g.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+            dcb += g
 
-            cb = tl.load(cb_ptr + offs_t[:, None] * chunk_size + s[None, :],
-                         mask=(offs_t[:, None] < chunk_size) & (s[None, :] < chunk_size), other=0.0)
             m = g * cb
+            row_prefix = tl.load(row_prefix_ptr + tok + offs_t,  # Σ_{s' < s0} M[t, s'] (0 at the first step)
+                                 mask=(offs_t < chunk_size) & (s0 > 0), other=0.0)
             if s0 + BLOCK_S <= pid_t * BLOCK_T:  # every s here precedes every t: t > s on the whole tile,
                 # so Σ_t P[t, s] = Σ_t row_prefix[t] + Σ_{s' ≤ s} Σ_t M[t, s']: a cumulative sum of column sums
                 dA_j = tl.sum(row_prefix, axis=0) + tl.cumsum(tl.sum(m, axis=0), axis=0)  # for j = s + 1
@@ -923,11 +844,113 @@ def _chunk_scan_bwd_dc_kernel(
                 prefix = row_prefix[:, None] + tl.cumsum(m, axis=1)  # P[t, s]
                 dA_j = tl.sum(tl.where(offs_t[:, None] > s[None, :], prefix, 0.0), axis=0)  # for j = s + 1
             tl.store(dA_diag_ptr + diag + s + 1, dA_j, mask=s + 1 < chunk_size)
-            row_prefix += tl.sum(m, axis=1)
+            tl.store(row_prefix_ptr + tok + offs_t, row_prefix + tl.sum(m, axis=1), mask=offs_t < chunk_size)
+        tl.debug_barrier()  # (the next step reads the row prefixes just stored, perhaps from other threads)
+
+        b = tl.load(B_ptr + s[:, None] * (ngroups * dstate) + offs_n[None, :],
+                    mask=s_mask[:, None] & n_mask[None, :], other=0.0)
+        acc += tl.dot(dcb.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+        tl.store(dcb_ptr + offs_t[:, None] * chunk_size + s[None, :], dcb.to(dcb_ptr.dtype.element_ty),
+                 mask=t_mask[:, None] & (s[None, :] <= offs_t[:, None]))  # (the dB program reads s ≤ t only)
 
     dC_ptr += (pid_split.to(tl.int64) * batch * seqlen + row0) * ngroups * dstate + pid_g * dstate
     tl.store(dC_ptr + offs_t[:, None] * (ngroups * dstate) + offs_n[None, :], acc,
              mask=t_mask[:, None] & n_mask[None, :])
+
+
+@_autotune(
+    [_cfg(BLOCK_S=32, BLOCK_T=64), _cfg(BLOCK_S=32, BLOCK_T=32), _cfg(BLOCK_S=32, BLOCK_T=64, num_warps=8),
+     _cfg(BLOCK_S=64, BLOCK_T=32, num_warps=8), _cfg(BLOCK_S=64, BLOCK_T=64, num_warps=8),
+     _cfg(BLOCK_S=32, BLOCK_T=64, num_stages=3), _cfg(BLOCK_S=64, BLOCK_T=64), _cfg(BLOCK_S=64, BLOCK_T=32)],
+    _cfg(BLOCK_S=32, BLOCK_T=16),
+)
+@triton.jit(do_not_specialize=["batch"])  # (used for one offset: not worth a compile per value)
+def _chunk_scan_bwd_db_kernel(
+    x_ptr,  # (batch, seqlen, H, P)
+    dt_ptr,  # (batch, seqlen, H)
+    cs_ptr,  # (batch, H, nchunks, Q)
+    B_ptr, C_ptr,  # (batch, seqlen, G, N)
+    dchunk_ptr,  # (batch, nchunks, H, P, N), ∂L/∂S_c in the dots' operand dtype
+    dcb_ptr,  # (n_splits, batch, nchunks, G, Q, Q): dCB of this split's heads, from the dC program (s ≤ t)
+    dB_ptr,  # out (n_splits, batch, seqlen, G, N) fp32: ∂L/∂B summed over this split's heads
+    dA_state_ptr,  # out (batch, H, nchunks, Q) fp32: q_s stored at s + 1 (entry 0 is never written)
+    batch, seqlen, nheads, headdim, ngroups, dstate, nchunks, chunk_size, n_splits,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # rows s
+    BLOCK_T: tl.constexpr,  # positions t per step of the anti-causal loop
+):
+    """∂L/∂B_s = Σ_{heads h of the group} db_s  +  Σ_{t≥s} dCB[t,s]·C_t   where
+        db_s     = exp(cs[Q-1] − cs[s])·dt_s · x_sᵀ ∂L/∂S_c     (B_s writes into the chunk state of head h)
+        dCB[t,s] = ∂L/∂CB[t,s] (B_s is a key of CB[t, s] = C_t·B_s), summed over the heads by the dC program
+
+    The same chunk-state term differentiated with respect to the decay exp(cs[Q-1] − cs[s]) =
+    exp(dA_{s+1} + … + dA_{Q-1}) gives q_s = ⟨db_s, B_s⟩ for every dA_j with j > s; it is stored at
+    s + 1 so that an inclusive cumulative sum in the last kernel yields Σ_{s<j} q_s (that kernel reads
+    entry 0 as 0: the buffer is not zeroed, which would cost a launch).
+
+    Tile: BLOCK_S rows s × all N: a loop over the heads of (a split of) the group (through the chunk
+    states), then over t ≥ s (through CB). The heads of a group are shared among `n_splits` programs so
+    that there are enough programs when G is small; their partial sums are added by the host.
+    Grid: (cdiv(Q, BLOCK_S), batch·nchunks, G·n_splits), the splits as in the dC program.
+    """
+    pid_s = tl.program_id(0)
+    pid_bc = tl.program_id(1)
+    pid_gs = tl.program_id(2)  # (group, split) flattened
+    pid_b, pid_c = pid_bc // nchunks, pid_bc % nchunks
+    pid_g, pid_split = pid_gs // n_splits, pid_gs % n_splits
+    heads_per_split = nheads // ngroups // n_splits
+    first_head = pid_g * (nheads // ngroups) + pid_split * heads_per_split
+    chunk_start = pid_c * chunk_size
+    chunk_len = tl.minimum(chunk_size, seqlen - chunk_start)
+    row0 = pid_b.to(tl.int64) * seqlen + chunk_start
+    B_ptr += row0 * ngroups * dstate + pid_g * dstate
+    C_ptr += row0 * ngroups * dstate + pid_g * dstate
+    bcg = (pid_b * nchunks + pid_c) * ngroups + pid_g
+    dcb_ptr += (pid_split.to(tl.int64) * batch * nchunks * ngroups + bcg) * chunk_size * chunk_size
+
+    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    s_mask = offs_s < chunk_len
+    p_mask = offs_p < headdim
+    n_mask = offs_n < dstate
+    acc = tl.zeros((BLOCK_S, BLOCK_N), dtype=tl.float32)
+
+    # through the chunk states, head by head
+    for i in range(heads_per_split):
+        h = first_head + i
+        tok = ((pid_b * nheads + h) * nchunks + pid_c) * chunk_size  # offset of the per-token buffers
+        cs_s = tl.load(cs_ptr + tok + offs_s, mask=offs_s < chunk_size, other=0.0)
+        cs_last = tl.load(cs_ptr + tok + chunk_size - 1)
+        dt_s = tl.load(dt_ptr + row0 * nheads + h + offs_s * nheads, mask=s_mask, other=0.0).to(tl.float32)
+        xs = tl.load(x_ptr + row0 * nheads * headdim + h * headdim
+                     + offs_s[:, None] * (nheads * headdim) + offs_p[None, :],
+                     mask=s_mask[:, None] & p_mask[None, :], other=0.0)
+        dSc = tl.load(dchunk_ptr + ((pid_b * nchunks + pid_c) * nheads + h).to(tl.int64) * headdim * dstate
+                      + offs_p[:, None] * dstate + offs_n[None, :],
+                      mask=p_mask[:, None] & n_mask[None, :], other=0.0)
+        db = tl.dot(xs.to(DOT_DTYPE), dSc.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+        db *= (tl.exp(tl.minimum(cs_last - cs_s, 0.0)) * dt_s)[:, None]
+        b = tl.load(B_ptr + offs_s[:, None] * (ngroups * dstate) + offs_n[None, :],  # (reloaded per head, from
+                    mask=s_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)  # cache: fewer registers)
+        tl.store(dA_state_ptr + tok + offs_s + 1, tl.sum(db * b, axis=1), mask=offs_s + 1 < chunk_len)
+        acc += db
+
+    # through CB[t, s] for t ≥ s
+    for t0 in range(pid_s * BLOCK_S, chunk_len, BLOCK_T):
+        t = t0 + offs_t
+        t_mask = t < chunk_len
+        dcbT = tl.load(dcb_ptr + t[None, :] * chunk_size + offs_s[:, None],  # (BLOCK_S, BLOCK_T) = dCB[t, s]ᵀ
+                       mask=t_mask[None, :] & (t[None, :] >= offs_s[:, None]), other=0.0)
+        c = tl.load(C_ptr + t[:, None] * (ngroups * dstate) + offs_n[None, :],
+                    mask=t_mask[:, None] & n_mask[None, :], other=0.0)
+        acc += tl.dot(dcbT.to(DOT_DTYPE), c.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+
+    dB_ptr += (pid_split.to(tl.int64) * batch * seqlen + row0) * ngroups * dstate + pid_g * dstate
+    tl.store(dB_ptr + offs_s[:, None] * (ngroups * dstate) + offs_n[None, :], acc,
+             mask=s_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
@@ -1050,9 +1073,11 @@ def _sm_count(device):
     return triton.runtime.driver.active.utils.get_device_properties(0)["multiprocessor_count"]
 
 
-# How many dB/dC programs per SM `_head_splits` aims for. Each split of the heads writes an fp32 partial
-# sum of dB and dC that a reduction reads again: at batch 1 × 2048 tokens (370m layer, an H100) this target
-# gives 32 splits, 67 MB written and read; 2 would halve that, with coarser load balancing (untimed).
+# How many dB/dC programs per SM `_head_splits` aims for. Each split of the heads writes fp32 partial sums
+# of dB and dC that a reduction reads again, and its own dCB (Q×Q per chunk and group, in the dots' dtype),
+# and multiplies dCB with B and C: more heads per split means less of all three, and fewer programs. At
+# batch 1 × 2048 tokens (370m layer, an H100) this target gives 32 splits of one head: 67 MB of partial
+# sums and 34 MB of dCB; 2 would halve both, with coarser load balancing (untimed). At 8 × 2048: 4 splits.
 _DBC_PROGRAMS_PER_SM = 4
 
 
@@ -1134,7 +1159,7 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, cs, chunk_size, D, initial_state):
     above the backward kernels.
 
     Launches: stages 2 and 4 again, then ∂L/∂S_in (stage 2's program), stage 3 fused with its
-    backward, dx, dB, dC, the decay gradient; then one to three small PyTorch reductions/casts. No
+    backward, dx, dC, dB, the decay gradient; then one to three small PyTorch reductions/casts. No
     buffer is zero-filled: every kernel writes all the entries that are read."""
     b, l, h, p = x.shape
     g, n = B.shape[2:]
@@ -1174,20 +1199,22 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, cs, chunk_size, D, initial_state):
     _launch(_chunk_scan_bwd_dx_kernel, grid, key, x, dy, dt, cs, cb, B, dchunk, D, dx, ddt_x, dxy,
             l, h, p, g, n, nc, Q, HAS_D=D is not None, **dots)
 
-    # dB and dC (one buffer, so that one reduction and one cast serve both), each summed over the
-    # heads of a group in n_splits partial sums
+    # dC, then dB (one buffer, so that one reduction and one cast serve both), each summed over the
+    # heads of a group in n_splits partial sums; dC also writes ∂L/∂CB of each split (dcb), which dB reads
     n_splits = _head_splits(h // g, _cdiv(Q, 64) * b * nc * g, x.device)
     dBC = torch.empty(2, n_splits, b, l, g, n, **f32)
-    dA_state = torch.empty(b, h, nc, Q, **f32)
-    grid = lambda META: (_cdiv(Q, META["BLOCK_S"]), b * nc, g * n_splits)
-    _launch(_chunk_scan_bwd_db_kernel, grid, key, x, dy, dt, cs, B, C, dchunk, dBC[0], dA_state,
-            b, l, h, p, g, n, nc, Q, n_splits, **dots)
+    dcb = torch.empty(n_splits, b, nc, g, Q, Q, device=x.device, dtype=dot_dtype)
     dA_off = torch.empty(b, h, nc, Q, **f32)
     dA_diag = torch.empty(b, h, nc, _cdiv(Q, _DC_MIN_BLOCK_T), Q, **f32)  # room for any row tile
+    row_prefix = torch.empty(b, h, nc, Q, **f32)  # (the dC program's scratch)
     grid = lambda META: (_cdiv(Q, META["BLOCK_T"]), b * nc, g * n_splits)
-    dc_config = _launch(_chunk_scan_bwd_dc_kernel, grid, key, x, dy, dt, cs, cb, B, C, states_dot, dBC[1],
-                        dA_off, dA_diag, b, l, h, p, g, n, nc, Q, n_splits, **dots)
+    dc_config = _launch(_chunk_scan_bwd_dc_kernel, grid, key, x, dy, dt, cs, cb, B, C, states_dot, dcb, dBC[1],
+                        dA_off, dA_diag, row_prefix, b, l, h, p, g, n, nc, Q, n_splits, **dots)
     dc_block_t = dc_config.kwargs["BLOCK_T"]  # the row tile the dC program ran with
+    dA_state = torch.empty(b, h, nc, Q, **f32)
+    grid = lambda META: (_cdiv(Q, META["BLOCK_S"]), b * nc, g * n_splits)
+    _launch(_chunk_scan_bwd_db_kernel, grid, key, x, dt, cs, B, C, dchunk, dcb, dBC[0], dA_state,
+            b, l, h, p, g, n, nc, Q, n_splits, **dots)
 
     # the decay gradient, then ∂L/∂dt, and the per-chunk parts of ∂L/∂A and ∂L/∂D (one buffer)
     ddt = torch.empty(b, l, h, **f32)

@@ -180,6 +180,16 @@ def test_dc_program_in_the_gpu_tile_shapes(monkeypatch, block_t, block_s):
         K.forget_tuning()
 
 
+@pytest.mark.parametrize("nheads,ngroups,splits", [(4, 1, 1), (4, 1, 2), (6, 2, 1)])
+def test_heads_summed_in_each_split(monkeypatch, nheads, ngroups, splits):
+    """The dC program sums the score gradients of the heads of each split of a group (dCB) and the dB
+    program reads that sum; the split count aims at programs per SM, and the interpreter's one "SM"
+    gives one head per split in most tests above: force several heads per split (an odd number too)."""
+    monkeypatch.setattr(K, "_head_splits", lambda heads_per_group, programs, device: splits)
+    pb = make_problem(2, 2 * 32 + 7, nheads, 8, ngroups, 16, with_D=True, with_h0=True, seed=nheads + splits)
+    assert_close(run_and_compare(pb, 32), torch.float32)
+
+
 def _old_style_run(self, *args, grid, warmup, **kwargs):  # how Triton 3.2 and 3.3 end JITFunction.run
     kernel = grid = stream = launch_metadata = non_constexpr_vals = None
     kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, launch_metadata,
