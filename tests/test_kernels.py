@@ -190,6 +190,16 @@ def test_heads_summed_in_each_split(monkeypatch, nheads, ngroups, splits):
     assert_close(run_and_compare(pb, 32), torch.float32)
 
 
+def test_bf16_buffers_as_on_a_gpu(monkeypatch):
+    """On a GPU, bf16 inputs make the programs keep the buffers that are only dot operands (S_in, ∂L/∂S_c,
+    dCB) in bf16, and the decay gradient reads S_in back from there; the interpreter's dots take fp32
+    operands (see ssd_triton.py), which keeps those buffers fp32: store them in bf16 here too."""
+    dot_dtype = K._dot_torch_dtype
+    monkeypatch.setattr(K, "_dot_torch_dtype", lambda x: torch.bfloat16 if x.dtype == torch.bfloat16 else dot_dtype(x))
+    pb = make_problem(2, 2 * 64 + 9, 4, 16, 1, 32, seed=2)
+    assert_close(run_and_compare(pb, 32, dtype=torch.bfloat16), torch.bfloat16)
+
+
 def _old_style_run(self, *args, grid, warmup, **kwargs):  # how Triton 3.2 and 3.3 end JITFunction.run
     kernel = grid = stream = launch_metadata = non_constexpr_vals = None
     kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, launch_metadata,
