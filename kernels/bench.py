@@ -1,8 +1,9 @@
 """Check and time the Triton SSD scan on a GPU: `python -m kernels.bench [--quick] [--out FILE.json]`.
 
 1. Correctness at the shapes of a real layer (Mamba2-370m: 32 heads × 64 channels, d_state 128,
-   1 group, chunk 256) for seqlen 2048 and 8192 in bfloat16 (and 2048 in float32 with --fp32, whose
-   IEEE-precision dots take minutes to compile): y, the final state and every gradient, against
+   1 group, chunk 256) for seqlen 2048 and 8192 in bfloat16, and at batch 8 × 2048 (where the dB/dC
+   programs sum 8 heads per split, as in training; at batch 1 they sum 1 or 4), and 2048 in float32
+   with --fp32 (whose IEEE-precision dots take minutes to compile): y, the final state and every gradient, against
    `minimamba.ssd.ssd_chunked` computed in float32 on the GPU from the same inputs (with D, an initial
    state, and a loss on y and on the final state). The kernel runs with every launch through Triton
    (compiling and tuning), then with the binaries launched directly (see `kernels.ssd_triton._launch`),
@@ -438,7 +439,7 @@ def main(argv=None):
             raise
 
     # 1. correctness (the first call compiles and autotunes every program)
-    phase("correctness", shapes, correctness)
+    phase("correctness", shapes + batched[:1], correctness)
     timed = [s_ for s_ in shapes if s_[8] in TIMED] + batched
     # 2. timings of the torch reference and of ours (tuned again for each shape, configs recorded)
     bench = timer(device)

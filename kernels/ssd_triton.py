@@ -570,12 +570,14 @@ def _state_passing_bwd_kernel(
     h0_ptr,  # (batch, H, P·N) initial state, or None
     dstates_ptr,  # (batch, nchunks, H, P·N) fp32, ∂L/∂S_in[c] through the outputs of chunk c
     dfinal_ptr,  # (batch, H, P·N) ∂L/∂final, or None
-    states_ptr,  # out (batch, nchunks, H, P·N): S_in (stage 3 run again) in the dots' operand dtype
+    states_ptr,  # out (batch, nchunks, H, P·N) fp32: S_in, stage 3 run again
+    states_dot_ptr,  # out (batch, nchunks, H, P·N): S_in in the dots' operand dtype, for the dC kernel
     dchunk_ptr,  # out (batch, nchunks, H, P·N): ∂L/∂S_c in the dots' operand dtype
     dalpha_ptr,  # out (batch, H, nchunks, n_blocks) fp32: this block's part of ∂L/∂α_c
     dh0_ptr,  # out (batch, H, P·N) fp32: ∂L/∂h_0, or None
     nheads, state_size, nchunks, chunk_size,
     HAS_DFINAL: tl.constexpr, HAS_INITIAL: tl.constexpr,
+    STATES_DOT_COPY: tl.constexpr,  # False when the operand dtype is fp32: states_dot is states itself
     BLOCK: tl.constexpr,
 ):
     """Stage 3 forwards (storing S_in[c]), then the recurrence S_in[c+1] = exp(α_c)·S_in[c] + S_c
@@ -585,9 +587,8 @@ def _state_passing_bwd_kernel(
 
     and finally ∂L/∂h_0 = g. Tile: BLOCK entries of the flattened state; ∂L/∂α_c is a sum over all
     entries, so each program writes its partial sum and the last kernel adds them. S_in and ∂L/∂S_c are
-    stored in the dtype the later programs' dots take them in (bf16 for bf16 inputs: half the bytes,
-    and the same values, since those programs cast before every dot), as the forward stores S_in; the
-    recurrence itself runs in fp32, and ∂L/∂α_c reads S_in back as stored (in bf16 for bf16 inputs).
+    also stored in the dtype the later programs' dots take them in (bf16 for bf16 inputs: half the
+    bytes those programs read, and the same values, since they cast before every dot).
     Grid: (n_blocks = cdiv(P·N, BLOCK), batch, H), as in the forward.
     """
     pid_blk = tl.program_id(0)
@@ -614,7 +615,9 @@ def _state_passing_bwd_kernel(
         idx = ((pid_b * nchunks + c) * nheads + pid_h).to(tl.int64) * state_size + offs
         tl.store(dchunk_ptr + idx, g.to(dchunk_ptr.dtype.element_ty), mask=mask)
         chunk_decay = tl.exp(tl.load(cs_ptr + (bh * nchunks + c) * chunk_size + chunk_size - 1))
-        s_in = tl.load(states_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        s_in = tl.load(states_ptr + idx, mask=mask, other=0.0)
+        if STATES_DOT_COPY:
+            tl.store(states_dot_ptr + idx, s_in.to(states_dot_ptr.dtype.element_ty), mask=mask)
         tl.store(dalpha_ptr + (bh * nchunks + c) * n_blocks + pid_blk, chunk_decay * tl.sum(s_in * g))
         g = chunk_decay * g + tl.load(dstates_ptr + idx, mask=mask, other=0.0)
     if HAS_INITIAL:
@@ -841,7 +844,9 @@ def _chunk_scan_bwd_dc_kernel(
                 prefix = row_prefix[:, None] + tl.cumsum(m, axis=1)  # P[t, s]
                 dA_j = tl.sum(tl.where(offs_t[:, None] > s[None, :], prefix, 0.0), axis=0)  # for j = s + 1
             tl.store(dA_diag_ptr + diag + s + 1, dA_j, mask=s + 1 < chunk_size)
-            tl.store(row_prefix_ptr + tok + offs_t, row_prefix + tl.sum(m, axis=1), mask=offs_t < chunk_size)
+            row_prefix += tl.sum(m, axis=1)
+            tl.debug_barrier()  # (the threads that read an entry of row_prefix may not be those that write it:
+            tl.store(row_prefix_ptr + tok + offs_t, row_prefix, mask=offs_t < chunk_size)  # all read first)
         tl.debug_barrier()  # (the next step reads the row prefixes just stored, perhaps from other threads)
 
         b = tl.load(B_ptr + s[:, None] * (ngroups * dstate) + offs_n[None, :],
@@ -918,7 +923,7 @@ def _chunk_scan_bwd_db_kernel(
     # through the chunk states, head by head
     for i in range(heads_per_split):
         h = first_head + i
-        tok = ((pid_b * nheads + h) * nchunks + pid_c) * chunk_size  # offset of the per-token buffers
+        tok = ((pid_b * nheads + h) * nchunks + pid_c).to(tl.int64) * chunk_size  # this head's per-token buffers
         cs_s = tl.load(cs_ptr + tok + offs_s, mask=offs_s < chunk_size, other=0.0)
         cs_last = tl.load(cs_ptr + tok + chunk_size - 1)
         dt_s = tl.load(dt_ptr + row0 * nheads + h + offs_s * nheads, mask=s_mask, other=0.0).to(tl.float32)
@@ -1054,7 +1059,7 @@ def _dot_args_for(dtype, dstate, headdim):
 
 def _dot_torch_dtype(x):
     """The torch dtype of `_dot_args(x, ...)["DOT_DTYPE"]`: buffers that are only ever dot operands
-    (the entering states, ∂L/∂S_c) are stored in it."""
+    (the entering states, ∂L/∂S_c, dCB) are stored in it."""
     return {tl.float32: torch.float32, tl.float16: torch.float16, tl.bfloat16: torch.bfloat16}[
         _dot_args(x, 16)["DOT_DTYPE"]]
 
@@ -1175,17 +1180,18 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, cs, chunk_size, D, initial_state):
     cb = _chunk_cb(C, B, Q, x)
 
     # stage 3 again (S_in), then the reverse scan over chunks: ∂L/∂S_c, ∂L/∂α_c (partial sums), ∂L/∂h_0;
-    # S_in and ∂L/∂S_c are read by the later programs only as dot operands: stored in that dtype
+    # S_in and ∂L/∂S_c are read by the later programs only as dot operands: stored in that dtype too
     n_blocks = _cdiv(p * n, _STATE_BLOCK)
     dot_dtype = _dot_torch_dtype(x)
-    states = torch.empty_like(chunk_states, dtype=dot_dtype)
+    states = torch.empty_like(chunk_states)
+    states_dot = states if dot_dtype == torch.float32 else torch.empty_like(states, dtype=dot_dtype)
     dchunk = torch.empty_like(chunk_states, dtype=dot_dtype)
     dalpha = torch.empty(b, h, nc, n_blocks, **f32)
     dh0 = torch.empty(b, h, p, n, **f32) if initial_state is not None else None
     _launch(_state_passing_bwd_kernel, (n_blocks, b, h), None,
-            chunk_states, cs, initial_state, dstates, dfinal, states, dchunk, dalpha, dh0,
+            chunk_states, cs, initial_state, dstates, dfinal, states, states_dot, dchunk, dalpha, dh0,
             h, p * n, nc, Q, HAS_DFINAL=dfinal is not None, HAS_INITIAL=initial_state is not None,
-            BLOCK=_STATE_BLOCK, num_warps=2)
+            STATES_DOT_COPY=states_dot is not states, BLOCK=_STATE_BLOCK, num_warps=2)
 
     # dx, and the parts of ∂L/∂dt (through u = dt·x) and ∂L/∂D of every token
     dx = torch.empty_like(x)
@@ -1204,7 +1210,7 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, cs, chunk_size, D, initial_state):
     dA_diag = torch.empty(b, h, nc, _cdiv(Q, _DC_MIN_BLOCK_T), Q, **f32)  # room for any row tile
     row_prefix = torch.empty(b, h, nc, Q, **f32)  # (the dC program's scratch)
     grid = lambda META: (_cdiv(Q, META["BLOCK_T"]), b * nc, g * n_splits)
-    dc_config = _launch(_chunk_scan_bwd_dc_kernel, grid, key, x, dy, dt, cs, cb, B, C, states, dcb, dBC[1],
+    dc_config = _launch(_chunk_scan_bwd_dc_kernel, grid, key, x, dy, dt, cs, cb, B, C, states_dot, dcb, dBC[1],
                         dA_off, dA_diag, row_prefix, b, l, h, p, g, n, nc, Q, n_splits, **dots)
     dc_block_t = dc_config.kwargs["BLOCK_T"]  # the row tile the dC program ran with
     dA_state = torch.empty(b, h, nc, Q, **f32)

@@ -165,16 +165,21 @@ def test_edge_cases_fp32(case):
     assert_close(run_and_compare(pb, Q), torch.float32)
 
 
+@pytest.mark.parametrize("program", ["dc", "db"])
 @pytest.mark.parametrize("block_t,block_s", [(32, 64), (32, 32), (64, 32), (64, 64)])
-def test_dc_program_in_the_gpu_tile_shapes(monkeypatch, block_t, block_s):
-    """The interpreter runs each program in one small config; the dC program's decay gradient takes
-    another path on tiles below the diagonal, which depends on how row and column tiles line up: run it
-    in the tile shapes of its GPU configs (rows < = > columns), with a partial last chunk."""
-    monkeypatch.setattr(K._chunk_scan_bwd_dc_kernel, "configs",
+def test_db_dc_programs_in_the_gpu_tile_shapes(monkeypatch, program, block_t, block_s):
+    """The interpreter runs each program in one small config. The dC program's decay gradient takes
+    another path on tiles below the diagonal, which depends on how row and column tiles line up, and it
+    writes the dCB tiles that the dB program reads in its own tiling: run each of the two in the tile
+    shapes of its GPU configs (rows < = > columns), with 2 heads per split, a partial last chunk and
+    NaN in every buffer entry that no program writes."""
+    monkeypatch.setattr(getattr(K, f"_chunk_scan_bwd_{program}_kernel"), "configs",
                         [triton.Config(dict(BLOCK_T=block_t, BLOCK_S=block_s), num_warps=4, num_stages=2)])
+    monkeypatch.setattr(K, "_head_splits", lambda heads_per_group, programs, device: 2)
+    monkeypatch.setattr(K, "torch", _TorchWithPoisonedEmpty())
     K.forget_tuning()
     try:
-        pb = make_problem(1, 2 * 128 + 37, 2, 8, 1, 16, with_D=True, with_h0=True, seed=3)
+        pb = make_problem(1, 2 * 128 + 37, 4, 8, 1, 16, with_D=True, with_h0=True, seed=3)
         assert_close(run_and_compare(pb, 128), torch.float32)
     finally:
         K.forget_tuning()
@@ -184,16 +189,16 @@ def test_dc_program_in_the_gpu_tile_shapes(monkeypatch, block_t, block_s):
 def test_heads_summed_in_each_split(monkeypatch, nheads, ngroups, splits):
     """The dC program sums the score gradients of the heads of each split of a group (dCB) and the dB
     program reads that sum; the split count aims at programs per SM, and the interpreter's one "SM"
-    gives one head per split in most tests above: force several heads per split (an odd number too)."""
+    gives one or two heads per split in the other tests: force up to four, and three (an odd number)."""
     monkeypatch.setattr(K, "_head_splits", lambda heads_per_group, programs, device: splits)
     pb = make_problem(2, 2 * 32 + 7, nheads, 8, ngroups, 16, with_D=True, with_h0=True, seed=nheads + splits)
     assert_close(run_and_compare(pb, 32), torch.float32)
 
 
 def test_bf16_buffers_as_on_a_gpu(monkeypatch):
-    """On a GPU, bf16 inputs make the programs keep the buffers that are only dot operands (S_in, ∂L/∂S_c,
-    dCB) in bf16, and the decay gradient reads S_in back from there; the interpreter's dots take fp32
-    operands (see ssd_triton.py), which keeps those buffers fp32: store them in bf16 here too."""
+    """On a GPU, bf16 inputs make the programs keep the buffers that are only dot operands (the entering
+    states, ∂L/∂S_c, dCB) in bf16; the interpreter's dots take fp32 operands (see ssd_triton.py), which
+    keeps those buffers fp32: store them in bf16 here too."""
     dot_dtype = K._dot_torch_dtype
     monkeypatch.setattr(K, "_dot_torch_dtype", lambda x: torch.bfloat16 if x.dtype == torch.bfloat16 else dot_dtype(x))
     pb = make_problem(2, 2 * 64 + 9, 4, 16, 1, 32, seed=2)
@@ -414,7 +419,9 @@ def test_bench_script_runs_on_cpu(tmp_path, monkeypatch, capsys):
     out = tmp_path / "bench.json"
     assert bench.main(["--cpu-smoke", "--out", str(out), "--baseline", K.__file__, "--baseline", K.__file__]) == 0
     report = json.loads(out.read_text())
-    assert len(report["correctness"]) == 2 and all(r["ok"] and r["repeat_identical"] for r in report["correctness"])
+    # checked: the batch-1 shapes (bf16, fp32), then the first batched one
+    assert [(r["batch"], r["seqlen"]) for r in report["correctness"]] == [(1, 40), (2, 33), (2, 20)]
+    assert all(r["ok"] and r["repeat_identical"] for r in report["correctness"])
     assert report["correctness"][0]["mamba_ssm_y_error"] < 1e-2
     assert [(r["batch"], r["seqlen"]) for r in report["timings"]] == [(1, 40), (2, 20)]  # batch 1, then batched
     for row in report["timings"]:
