@@ -373,6 +373,9 @@ def main(argv=None):
     ap.add_argument("--baseline", action="append", default=[], metavar="FILE.py",
                     help="another version of kernels/ssd_triton.py to time (and --profile) beside this one "
                          "(column 'baseline'; given again: 'baseline2', ...)")
+    ap.add_argument("--shape", action="append", default=[], metavar="BxL",
+                    help="only this batch x seqlen among the shapes above (e.g. 8x2048: the GPU-bound one); "
+                         "given again, more")
     args = ap.parse_args(argv)
 
     if args.cpu_smoke:
@@ -384,6 +387,19 @@ def main(argv=None):
         device, shapes, batched = torch.device("cuda"), REAL_SHAPES + (FP32_SHAPES if args.fp32 else []), BATCHED_SHAPES
         torch.backends.cuda.matmul.allow_tf32 = False  # an fp32 reference in fp32
         torch.backends.cudnn.allow_tf32 = False
+    if args.shape:  # (a short GPU visit: the shapes an A/B is about)
+        known = {(s_[1], s_[2]) for s_ in shapes + batched}
+        wanted = set()
+        for text in args.shape:
+            try:
+                wanted.add(tuple(int(v) for v in text.lower().split("x")))
+            except ValueError:
+                ap.error(f"--shape {text!r}: give batch x seqlen, e.g. 8x2048")
+        if not wanted <= known:
+            ap.error(f"--shape: {', '.join(f'{b}x{l}' for b, l in sorted(wanted - known))} is not among this "
+                     f"run's shapes ({', '.join(f'{b}x{l}' for b, l in sorted(known))})")
+        shapes = [s_ for s_ in shapes if (s_[1], s_[2]) in wanted]
+        batched = [s_ for s_ in batched if (s_[1], s_[2]) in wanted]
     import triton
 
     from kernels import ssd_chunk_scan, ssd_triton

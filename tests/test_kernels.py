@@ -439,3 +439,18 @@ def test_bench_script_runs_on_cpu(tmp_path, monkeypatch, capsys):
     assert f"--baseline {K.__file__} as 'baseline2' (median ms" in printed
     assert all(r["fwd_bwd_ratio_vs_baseline"] > 0 and r["fwd_bwd_ratio_vs_baseline2"] > 0 for r in report["timings"])
     assert report["baselines"] == {"baseline": K.__file__, "baseline2": K.__file__}
+
+
+def test_bench_shape_option_keeps_only_the_shapes_asked_for(tmp_path, capsys):
+    """`--shape BxL` (a short GPU visit: the shapes an A/B is about): only those are checked and timed;
+    a shape the run does not have is refused with the list of those it has."""
+    from kernels import bench
+
+    out = tmp_path / "bench.json"
+    assert bench.main(["--cpu-smoke", "--quick", "--no-mamba", "--shape", "2x20", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [(r["batch"], r["seqlen"]) for r in report["correctness"]] == [(2, 20)] and not report["timings"]
+    for bad, says in (("3x7", "3x7 is not among this run's shapes (1x40, 2x20, 2x33)"), ("8by20", "give batch x seqlen")):
+        with pytest.raises(SystemExit) as e:
+            bench.main(["--cpu-smoke", "--quick", "--shape", bad])
+        assert e.value.code == 2 and says in capsys.readouterr().err
