@@ -552,8 +552,9 @@ def _chunk_scan_fwd_kernel(
 #   ∂L/∂S_c, ∂L/∂α_c, ∂L/∂h_0 by a reverse scan over chunks                 _state_passing_bwd_kernel
 #   ∂L/∂u_s  = Σ_{t≥s} CB[t,s]·exp(cs[t] − cs[s])·dy_t + exp(cs[Q-1] − cs[s])·∂L/∂S_c B_s
 #              → dx = dt·∂L/∂u + D·dy,  ∂L/∂dt (through u) = ⟨∂L/∂u, x⟩         _chunk_scan_bwd_dx_kernel
-#   ∂L/∂C_t  = Σ_h exp(cs[t])·dy_tᵀ S_in[c]           + Σ_{s≤t} dCB[t,s]·B_s    _chunk_scan_bwd_dc_kernel
-#   ∂L/∂B_s  = Σ_h exp(cs[Q-1] − cs[s])·dt_s·x_sᵀ ∂L/∂S_c + Σ_{t≥s} dCB[t,s]·C_t  _chunk_scan_bwd_db_kernel
+#   ∂L/∂C_t  = Σ_h exp(cs[t])·dy_tᵀ S_in[c] + Σ_{s≤t} dCB[t,s]·B_s          _chunk_scan_bwd_dc_kernel
+#   ∂L/∂B_s  = Σ_h exp(cs[Q-1] − cs[s])·dt_s·x_sᵀ ∂L/∂S_c
+#                                          + Σ_{t≥s} dCB[t,s]·C_t          _chunk_scan_bwd_db_kernel
 #              with dCB[t,s] = ∂L/∂CB[t,s] = Σ_h G[t,s],  G[t,s] = exp(cs[t] − cs[s])·dt_s·(dy_t·x_s), s ≤ t
 #              (the dC program sums dCB over the heads of a group and stores it; dB reads it)
 #   ∂L/∂dA_j collected from four terms, then ∂L/∂dt and ∂L/∂A                 _chunk_cumsum_bwd_kernel
@@ -742,6 +743,8 @@ def _chunk_scan_bwd_dc_kernel(
         dc_t     = exp(cs[t]) · dy_tᵀ S_in[c]                   (C_t reads the entering state of head h)
         dCB[t,s] = Σ_{heads h of the group} G[t,s]              (∂L/∂CB[t,s]: the heads share CB)
         G[t,s]   = exp(cs[t] − cs[s])·dt_s · (dy_t·x_s)         (head h's score gradient, s ≤ t)
+    (each program sums the heads of its split of the group: its dCB and ∂L/∂C are partial sums, and the
+    host adds the splits' ∂L/∂C)
 
     The heads' G are summed before they meet B, so the product with B (N columns: twice the work of
     dy_t·x_s at N = 2P) is taken once per step instead of once per head, and dCB is stored for the dB
@@ -753,9 +756,9 @@ def _chunk_scan_bwd_dc_kernel(
         ∂L/∂dA_j = Σ_{t≥j} Σ_{s<j} M[t,s]. For the rows t of this tile: with a running prefix sum
         along each row, P[t,s] = Σ_{s'≤s} M[t,s'], the program adds Σ_{t>s} P[t,s] to j = s + 1
         (on a tile of columns s that all precede the rows t, that is the sum of the running prefixes
-        plus a cumulative sum of the tile's column sums: no prefix sum along the rows). The steps go
-        over the heads inside each step, so each head's running prefix waits in `row_prefix` between
-        steps. Every term is a product of decays ≤ 1; nothing cancels. The partial sums of the row tiles
+        plus a cumulative sum of the tile's column sums: no prefix sum along the rows). Each step loops
+        over the heads, so each head's running prefix waits in `row_prefix` until the next step.
+        Every term is a product of decays ≤ 1; nothing cancels. The partial sums of the row tiles
         go to separate slices of dA_diag, added in the last kernel. The slice of row tile k is written for
         1 ≤ j ≤ min((k+1)·BLOCK_T, chunk_len) (beyond, no s < j ≤ t exists), and read only there.
 
@@ -801,7 +804,7 @@ def _chunk_scan_bwd_dc_kernel(
         s_in = tl.load(states_ptr + ((pid_b * nchunks + pid_c) * nheads + h).to(tl.int64) * headdim * dstate
                        + offs_p[:, None] * dstate + offs_n[None, :],
                        mask=p_mask[:, None] & n_mask[None, :], other=0.0)
-        dc = tl.dot(dyt.to(DOT_DTYPE), s_in.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+        dc = tl.dot(dyt.to(DOT_DTYPE), s_in.to(DOT_DTYPE), input_precision=DOT_PRECISION)  # (BLOCK_T, N)
         dc *= tl.exp(tl.minimum(cs_t, 0.0))[:, None]
         c = tl.load(C_ptr + offs_t[:, None] * (ngroups * dstate) + offs_n[None, :],  # (reloaded per head)
                     mask=t_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
@@ -829,9 +832,9 @@ def _chunk_scan_bwd_dc_kernel(
                           mask=p_mask[:, None] & s_mask[None, :], other=0.0)
             cs_s = tl.load(cs_ptr + tok + s, mask=s_mask, other=0.0)
             dt_s = tl.load(dt_ptr + row0 * nheads + h + s * nheads, mask=s_mask, other=0.0).to(tl.float32)
-            g = tl.dot(dyt.to(DOT_DTYPE), xsT.to(DOT_DTYPE), input_precision=DOT_PRECISION)  # dy_t·x_s
+            g = tl.dot(dyt.to(DOT_DTYPE), xsT.to(DOT_DTYPE), input_precision=DOT_PRECISION)  # (BLOCK_T, BLOCK_S)
             g *= tl.exp(tl.minimum(cs_t[:, None] - cs_s[None, :], 0.0)) * dt_s[None, :]
-            g = tl.where(offs_t[:, None] >= s[None, :], g, 0.0)
+            g = tl.where(offs_t[:, None] >= s[None, :], g, 0.0)  # G[t, s]
             dcb += g
 
             m = g * cb
@@ -839,19 +842,19 @@ def _chunk_scan_bwd_dc_kernel(
                                  mask=(offs_t < chunk_size) & (s0 > 0), other=0.0)
             if s0 + BLOCK_S <= pid_t * BLOCK_T:  # every s here precedes every t: t > s on the whole tile,
                 # so Σ_t P[t, s] = Σ_t row_prefix[t] + Σ_{s' ≤ s} Σ_t M[t, s']: a cumulative sum of column sums
-                dA_j = tl.sum(row_prefix, axis=0) + tl.cumsum(tl.sum(m, axis=0), axis=0)  # for j = s + 1
+                dA_j = tl.sum(row_prefix, axis=0) + tl.cumsum(tl.sum(m, axis=0), axis=0)  # (BLOCK_S,): j = s + 1
             else:  # the tile crosses the diagonal: the prefix sum along each row, then the rows t > s
                 prefix = row_prefix[:, None] + tl.cumsum(m, axis=1)  # P[t, s]
-                dA_j = tl.sum(tl.where(offs_t[:, None] > s[None, :], prefix, 0.0), axis=0)  # for j = s + 1
+                dA_j = tl.sum(tl.where(offs_t[:, None] > s[None, :], prefix, 0.0), axis=0)  # (BLOCK_S,): j = s + 1
             tl.store(dA_diag_ptr + diag + s + 1, dA_j, mask=s + 1 < chunk_size)
-            row_prefix += tl.sum(m, axis=1)
+            row_prefix += tl.sum(m, axis=1)  # (BLOCK_T,)
             tl.debug_barrier()  # (the threads that read an entry of row_prefix may not be those that write it:
             tl.store(row_prefix_ptr + tok + offs_t, row_prefix, mask=offs_t < chunk_size)  # all read first)
         tl.debug_barrier()  # (the next step reads the row prefixes just stored, perhaps from other threads)
 
         b = tl.load(B_ptr + s[:, None] * (ngroups * dstate) + offs_n[None, :],
                     mask=s_mask[:, None] & n_mask[None, :], other=0.0)
-        acc += tl.dot(dcb.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+        acc += tl.dot(dcb.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision=DOT_PRECISION)  # (BLOCK_T, N)
         tl.store(dcb_ptr + offs_t[:, None] * chunk_size + s[None, :], dcb.to(dcb_ptr.dtype.element_ty),
                  mask=t_mask[:, None] & (s[None, :] <= offs_t[:, None]))  # (the dB program reads s ≤ t only)
 
@@ -933,7 +936,7 @@ def _chunk_scan_bwd_db_kernel(
         dSc = tl.load(dchunk_ptr + ((pid_b * nchunks + pid_c) * nheads + h).to(tl.int64) * headdim * dstate
                       + offs_p[:, None] * dstate + offs_n[None, :],
                       mask=p_mask[:, None] & n_mask[None, :], other=0.0)
-        db = tl.dot(xs.to(DOT_DTYPE), dSc.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+        db = tl.dot(xs.to(DOT_DTYPE), dSc.to(DOT_DTYPE), input_precision=DOT_PRECISION)  # (BLOCK_S, N)
         db *= (tl.exp(tl.minimum(cs_last - cs_s, 0.0)) * dt_s)[:, None]
         b = tl.load(B_ptr + offs_s[:, None] * (ngroups * dstate) + offs_n[None, :],  # (reloaded per head, from
                     mask=s_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)  # cache: fewer registers)
@@ -948,7 +951,7 @@ def _chunk_scan_bwd_db_kernel(
                        mask=t_mask[None, :] & (t[None, :] >= offs_s[:, None]), other=0.0)
         c = tl.load(C_ptr + t[:, None] * (ngroups * dstate) + offs_n[None, :],
                     mask=t_mask[:, None] & n_mask[None, :], other=0.0)
-        acc += tl.dot(dcbT.to(DOT_DTYPE), c.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+        acc += tl.dot(dcbT.to(DOT_DTYPE), c.to(DOT_DTYPE), input_precision=DOT_PRECISION)  # (BLOCK_S, N)
 
     dB_ptr += (pid_split.to(tl.int64) * batch * seqlen + row0) * ngroups * dstate + pid_g * dstate
     tl.store(dB_ptr + offs_s[:, None] * (ngroups * dstate) + offs_n[None, :], acc,
