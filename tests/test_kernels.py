@@ -250,14 +250,18 @@ def problems(draw):
     dt_max = draw(st.sampled_from([1e-2, 0.5, 4.0, 20.0]))
     opts = dict(dt_range=(dt_max * 1e-3, dt_max), with_D=draw(st.booleans()), with_h0=draw(st.booleans()),
                 seed=draw(st.integers(0, 2**16)))
-    return shape, Q, opts, draw(st.booleans())
+    heads_per_group = h // shape["g"]  # split among how many dB/dC programs (see `_head_splits`)
+    splits = draw(st.sampled_from([d for d in (1, 2, 4) if heads_per_group % d == 0]))
+    return shape, Q, opts, draw(st.booleans()), splits
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems())
 def test_property_matches_recurrence_fp32(problem):
-    shape, Q, opts, use_final = problem
-    errs = run_and_compare(make_problem(**shape, **opts), Q, use_final=use_final, seed=opts["seed"])
+    shape, Q, opts, use_final, splits = problem
+    with pytest.MonkeyPatch.context() as mp:  # (not the fixture: hypothesis runs many examples per test)
+        mp.setattr(K, "_head_splits", lambda heads_per_group, programs, device: splits)
+        errs = run_and_compare(make_problem(**shape, **opts), Q, use_final=use_final, seed=opts["seed"])
     assert_close(errs, torch.float32)
 
 
