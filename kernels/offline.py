@@ -16,6 +16,9 @@ instead of loading it, and counts launches instead of making them. The real wrap
 2. the launches per call (forward; backward), and the host time of one call: the Python work of
    binding arguments, allocating and autograd, with the launches made no-ops. This is what a batch-1
    call costs on a GPU, where the GPU finishes each small program before the host has issued the next.
+   Three calls are timed: a forward through the autograd Function (as in training), a forward of the
+   public `ssd_chunk_scan` under torch.no_grad (as in inference and in kernels.bench's forward
+   timings), and a forward+backward.
    It is timed on tiny shapes (`HOST_SHAPE`): the host work does not depend on the sizes, and on
    tiny tensors the few PyTorch reductions of the backward do not compute for long on the CPU.
 3. the direct launches of `kernels.ssd_triton._launch` against Triton's own launch path, launch by
@@ -264,6 +267,19 @@ def _call(scan, shape, inputs, backward):
         torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
 
 
+def _call_no_grad(module, shape, inputs):
+    """One call of `module.ssd_chunk_scan` under torch.no_grad (module: kernels.ssd_triton or another
+    version of it). Its CPU tensors pass the wrapper's CUDA check as under the interpreter; nothing else
+    reads that flag once a call through the Function has filled the module's caches."""
+    interpret, module.INTERPRET = module.INTERPRET, True
+    try:
+        with torch.no_grad():
+            module.ssd_chunk_scan(inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"], shape[-1],
+                                  D=inputs["D"])
+    finally:
+        module.INTERPRET = interpret
+
+
 def compile_all(gpu, shape, dtype):
     """Forward and backward at `shape`, so that every program compiles in every config, for each of its
     uses: an autotuner "benchmarks" all its configs on its first call, but a program with several uses
@@ -295,26 +311,32 @@ def compile_all(gpu, shape, dtype):
     return forward, backward
 
 
-def host_times(scans, shape, dtype, iters, rounds=10):
-    """Median µs of the host side of one forward, and of one forward+backward, at `shape`, for each
-    autograd Function in `scans` (name -> Function): rounds of `iters` calls, the Functions taking
-    turns so that a slower moment of the machine hits each alike; the median over rounds of the
-    per-round medians."""
+HOST_PARTS = ("forward", "forward, no grad", "forward+backward")
+
+
+def host_times(modules, shape, dtype, iters, rounds=10):
+    """Median µs of the host side of each of `HOST_PARTS` at `shape`, for each version of the kernel
+    module in `modules` (name -> module): rounds of `iters` calls, the versions taking turns so that a
+    slower moment of the machine hits each alike; the median over rounds of the per-round medians."""
     inputs = _inputs(shape, dtype)
-    for scan in scans.values():
-        _call(scan, shape, inputs, backward=True)  # compile first
-    per_round = {(name, part): [] for name in scans for part in ("forward", "forward+backward")}
+    calls = {}
+    for name, module in modules.items():
+        fn = module.SSDChunkScanFn
+        _call(fn, shape, inputs, backward=True)  # compile first (and fill the module's caches)
+        calls[name] = {"forward": lambda fn=fn: _call(fn, shape, inputs, backward=False),
+                       "forward, no grad": lambda module=module: _call_no_grad(module, shape, inputs),
+                       "forward+backward": lambda fn=fn: _call(fn, shape, inputs, backward=True)}
+    per_round = {(name, part): [] for name in modules for part in HOST_PARTS}
     for _ in range(rounds):
-        for name, scan in scans.items():
-            for part, backward in (("forward", False), ("forward+backward", True)):
-                times = []
+        for name in modules:
+            for part in HOST_PARTS:
+                call, times = calls[name][part], []
                 for _ in range(iters):
                     t0 = time.perf_counter()
-                    _call(scan, shape, inputs, backward)
+                    call()
                     times.append(time.perf_counter() - t0)
                 per_round[name, part].append(statistics.median(times))
-    return {name: {part: statistics.median(per_round[name, part]) * 1e6 for part in ("forward", "forward+backward")}
-            for name in scans}
+    return {name: {part: statistics.median(per_round[name, part]) * 1e6 for part in HOST_PARTS} for name in modules}
 
 
 def main(argv=None):
@@ -358,14 +380,14 @@ def main(argv=None):
         rows = [b.row(cuobjdump) for b in gpu.binaries]
         host = None
         if args.host_iters:
-            from kernels.ssd_triton import SSDChunkScanFn
+            from kernels import ssd_triton
 
-            scans = {"this": SSDChunkScanFn}
+            modules = {"this": ssd_triton}
             if args.baseline:
                 from kernels.bench import load_variant
 
-                scans["baseline"] = load_variant(args.baseline).SSDChunkScanFn
-            host = host_times(scans, HOST_SHAPE, dtype, args.host_iters, args.host_rounds)
+                modules["baseline"] = load_variant(args.baseline)
+            host = host_times(modules, HOST_SHAPE, dtype, args.host_iters, args.host_rounds)
         from kernels import ssd_triton
 
         off_because = ssd_triton.DIRECT_LAUNCH_OFF_BECAUSE  # (then nothing to compare: all go through Triton)
@@ -389,7 +411,7 @@ def main(argv=None):
         print(f"launches per {name}: {sum(counts.values())} ({', '.join(f'{k} {v}' for k, v in counts.items())})")
     for name, t in (host or {}).items():
         print(f"host time per call with no-op launches, {name} ({report['cpu']}, shape {HOST_SHAPE}): "
-              f"forward {t['forward']:.0f} µs, forward+backward {t['forward+backward']:.0f} µs")
+              + ", ".join(f"{part} {t[part]:.0f} µs" for part in HOST_PARTS))
     if off_because:
         print(f"direct launches: off ({off_because}): every launch goes through Triton")
     else:
@@ -397,7 +419,7 @@ def main(argv=None):
               "calls: plain, x not 16-byte aligned, with an initial state): each the same binary, grid and arguments")
     if host and "baseline" in host:
         print("this / baseline: " + ", ".join(f"{part} {host['this'][part] / host['baseline'][part]:.2f}x"
-                                             for part in ("forward", "forward+backward")))
+                                             for part in HOST_PARTS))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)

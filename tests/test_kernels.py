@@ -205,6 +205,30 @@ def test_bf16_buffers_as_on_a_gpu(monkeypatch):
     assert_close(run_and_compare(pb, 32, dtype=torch.bfloat16), torch.bfloat16)
 
 
+def test_calls_with_nothing_to_differentiate_skip_autograd(monkeypatch):
+    """Under torch.no_grad, or with no input requiring a gradient (inference), the wrapper runs the
+    forward without the autograd Function (less host time per call): the same bits as through it."""
+    pb = make_problem(2, 45, 4, 8, 2, 16, seed=13)
+    inputs = {k: v.float() for k, v in pb.items()}
+    args = [inputs[k] for k in ("x", "dt", "A", "B", "C")]
+    kwargs = dict(D=inputs["D"], initial_state=inputs["initial_state"], return_final_state=True)
+    leaves = [a.clone().requires_grad_() for a in args]
+    y_grad, final_grad = ssd_chunk_scan(*leaves, 16, **kwargs)  # through the autograd Function
+    assert y_grad.requires_grad
+
+    def no_autograd(*a):
+        raise AssertionError("the autograd Function was used with nothing to differentiate")
+
+    monkeypatch.setattr(K.SSDChunkScanFn, "apply", no_autograd)
+    with torch.no_grad():
+        y, final = ssd_chunk_scan(*leaves, 16, **kwargs)
+    assert torch.equal(y, y_grad.detach()) and torch.equal(final, final_grad.detach())
+    y, final = ssd_chunk_scan(*args, 16, **kwargs)  # grad mode on, no input requires a gradient
+    assert torch.equal(y, y_grad.detach()) and not y.requires_grad
+    with pytest.raises(AssertionError, match="nothing to differentiate"):  # (the check above is live)
+        ssd_chunk_scan(*leaves, 16, **kwargs)
+
+
 def _old_style_run(self, *args, grid, warmup, **kwargs):  # how Triton 3.2 and 3.3 end JITFunction.run
     kernel = grid = stream = launch_metadata = non_constexpr_vals = None
     kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, launch_metadata,
