@@ -224,6 +224,31 @@ def _chunk_offsets(pid_bc, pid_h, seqlen, nheads, headdim, ngroups, dstate, nchu
     return chunk_len, head_off, dt_off, group_off, tok, cb_off, state_off
 
 
+@triton.jit
+def _split_offsets(pid_bc, pid_gs, batch, seqlen, nheads, ngroups, dstate, nchunks, chunk_size, n_splits):
+    """For the dB and dC programs of (batch element, chunk) `pid_bc` and (group, split of its heads)
+    `pid_gs`: the batch element, the chunk, the split's first head and its number of heads, the chunk's
+    length, its first token as a row of (batch·seqlen), and the element offsets where its data starts:
+        group_off  B, C    (batch, seqlen, G, N)               at (b, chunk start, g, 0)
+        out_off    dB, dC  (n_splits, batch, seqlen, G, N)     at (split, b, chunk start, g, 0)
+        cb_off     CB      (batch, nchunks, G, Q, Q)           at (b, c, g, 0, 0)
+        dcb_off    dCB     (n_splits, batch, nchunks, G, Q, Q) at (split, b, c, g, 0, 0)
+    (int64 where the product can pass 2³¹)."""
+    pid_b, pid_c = pid_bc // nchunks, pid_bc % nchunks
+    pid_g, pid_split = pid_gs // n_splits, pid_gs % n_splits
+    heads_per_split = nheads // ngroups // n_splits
+    first_head = pid_g * (nheads // ngroups) + pid_split * heads_per_split
+    chunk_start = pid_c * chunk_size
+    chunk_len = tl.minimum(chunk_size, seqlen - chunk_start)
+    row0 = pid_b.to(tl.int64) * seqlen + chunk_start
+    group_off = row0 * ngroups * dstate + pid_g * dstate
+    out_off = (pid_split.to(tl.int64) * batch * seqlen + row0) * ngroups * dstate + pid_g * dstate
+    bcg = (pid_b * nchunks + pid_c) * ngroups + pid_g  # (batch element, chunk, group) flattened
+    cb_off = bcg.to(tl.int64) * chunk_size * chunk_size
+    dcb_off = (pid_split.to(tl.int64) * batch * nchunks * ngroups + bcg) * chunk_size * chunk_size
+    return pid_b, pid_c, first_head, heads_per_split, chunk_len, row0, group_off, out_off, cb_off, dcb_off
+
+
 # ==================================================================================================
 # Stage 1: the chunk-local cumulative log-decay
 # ==================================================================================================
@@ -767,21 +792,15 @@ def _chunk_scan_bwd_dc_kernel(
     Grid: (n_t_tiles = cdiv(Q, BLOCK_T), batch·nchunks, G·n_splits).
     """
     pid_t = tl.program_id(0)
-    pid_bc = tl.program_id(1)
-    pid_gs = tl.program_id(2)
     n_t_tiles = tl.num_programs(0)
-    pid_b, pid_c = pid_bc // nchunks, pid_bc % nchunks
-    pid_g, pid_split = pid_gs // n_splits, pid_gs % n_splits
-    heads_per_split = nheads // ngroups // n_splits
-    first_head = pid_g * (nheads // ngroups) + pid_split * heads_per_split
-    chunk_start = pid_c * chunk_size
-    chunk_len = tl.minimum(chunk_size, seqlen - chunk_start)
-    row0 = pid_b.to(tl.int64) * seqlen + chunk_start
-    B_ptr += row0 * ngroups * dstate + pid_g * dstate
-    C_ptr += row0 * ngroups * dstate + pid_g * dstate
-    bcg = (pid_b * nchunks + pid_c) * ngroups + pid_g  # (batch element, chunk, group) flattened
-    cb_ptr += bcg.to(tl.int64) * chunk_size * chunk_size
-    dcb_ptr += (pid_split.to(tl.int64) * batch * nchunks * ngroups + bcg) * chunk_size * chunk_size
+    pid_b, pid_c, first_head, heads_per_split, chunk_len, row0, group_off, out_off, cb_off, dcb_off = \
+        _split_offsets(tl.program_id(1), tl.program_id(2), batch, seqlen, nheads, ngroups, dstate, nchunks,
+                       chunk_size, n_splits)
+    B_ptr += group_off
+    C_ptr += group_off
+    dC_ptr += out_off
+    cb_ptr += cb_off
+    dcb_ptr += dcb_off
 
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_s = tl.arange(0, BLOCK_S)
@@ -858,7 +877,6 @@ def _chunk_scan_bwd_dc_kernel(
         tl.store(dcb_ptr + offs_t[:, None] * chunk_size + s[None, :], dcb.to(dcb_ptr.dtype.element_ty),
                  mask=t_mask[:, None] & (s[None, :] <= offs_t[:, None]))  # (the dB program reads s ≤ t only)
 
-    dC_ptr += (pid_split.to(tl.int64) * batch * seqlen + row0) * ngroups * dstate + pid_g * dstate
     tl.store(dC_ptr + offs_t[:, None] * (ngroups * dstate) + offs_n[None, :], acc,
              mask=t_mask[:, None] & n_mask[None, :])
 
@@ -900,19 +918,13 @@ def _chunk_scan_bwd_db_kernel(
     Grid: (cdiv(Q, BLOCK_S), batch·nchunks, G·n_splits), the splits as in the dC program.
     """
     pid_s = tl.program_id(0)
-    pid_bc = tl.program_id(1)
-    pid_gs = tl.program_id(2)  # (group, split) flattened
-    pid_b, pid_c = pid_bc // nchunks, pid_bc % nchunks
-    pid_g, pid_split = pid_gs // n_splits, pid_gs % n_splits
-    heads_per_split = nheads // ngroups // n_splits
-    first_head = pid_g * (nheads // ngroups) + pid_split * heads_per_split
-    chunk_start = pid_c * chunk_size
-    chunk_len = tl.minimum(chunk_size, seqlen - chunk_start)
-    row0 = pid_b.to(tl.int64) * seqlen + chunk_start
-    B_ptr += row0 * ngroups * dstate + pid_g * dstate
-    C_ptr += row0 * ngroups * dstate + pid_g * dstate
-    bcg = (pid_b * nchunks + pid_c) * ngroups + pid_g
-    dcb_ptr += (pid_split.to(tl.int64) * batch * nchunks * ngroups + bcg) * chunk_size * chunk_size
+    pid_b, pid_c, first_head, heads_per_split, chunk_len, row0, group_off, out_off, _, dcb_off = \
+        _split_offsets(tl.program_id(1), tl.program_id(2), batch, seqlen, nheads, ngroups, dstate, nchunks,
+                       chunk_size, n_splits)
+    B_ptr += group_off
+    C_ptr += group_off
+    dB_ptr += out_off
+    dcb_ptr += dcb_off
 
     offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     offs_t = tl.arange(0, BLOCK_T)
@@ -953,7 +965,6 @@ def _chunk_scan_bwd_db_kernel(
                     mask=t_mask[:, None] & n_mask[None, :], other=0.0)
         acc += tl.dot(dcbT.to(DOT_DTYPE), c.to(DOT_DTYPE), input_precision=DOT_PRECISION)  # (BLOCK_S, N)
 
-    dB_ptr += (pid_split.to(tl.int64) * batch * seqlen + row0) * ngroups * dstate + pid_g * dstate
     tl.store(dB_ptr + offs_s[:, None] * (ngroups * dstate) + offs_n[None, :], acc,
              mask=s_mask[:, None] & n_mask[None, :])
 
