@@ -378,18 +378,16 @@ def main(argv=None):
             sys.exit(f"kernels.offline: {gpu.binaries[-1].program} has no config that fits this card ({e})")
         compile_s = time.perf_counter() - t0
         rows = [b.row(cuobjdump) for b in gpu.binaries]
+        from kernels import ssd_triton
+
         host = None
         if args.host_iters:
-            from kernels import ssd_triton
-
             modules = {"this": ssd_triton}
             if args.baseline:
                 from kernels.bench import load_variant
 
                 modules["baseline"] = load_variant(args.baseline)
             host = host_times(modules, HOST_SHAPE, dtype, args.host_iters, args.host_rounds)
-        from kernels import ssd_triton
-
         off_because = ssd_triton.DIRECT_LAUNCH_OFF_BECAUSE  # (then nothing to compare: all go through Triton)
         try:
             launches_compared = 0 if off_because else compare_launch_paths(gpu, HOST_SHAPE, dtype)
