@@ -3,31 +3,26 @@ and hashing files. Used by the checkpoint writer (hub), corpus preparation (data
 
 import hashlib
 import os
+import secrets
 import stat
-import tempfile
 from pathlib import Path
 
 
 def atomic_write(path, write):
     """Write `path` by calling write(tmp) on a temporary sibling, then renaming it over `path` (an atomic
-    step on one filesystem). If `write` fails, the temporary file is removed and `path` is untouched."""
+    step on one filesystem). If `write` fails, the temporary file is removed and `path` is untouched.
+    The new file gets the mode of the file it replaces, or what any new file gets (0o666 less the umask)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # (the system applies the umask)
     try:
         write(tmp)
-        # mkstemp makes the file private (0600): give it the old file's mode, or what a new file gets
-        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask())
+        if path.exists():
+            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_text_atomically(path, text):
