@@ -89,10 +89,13 @@ def rel_err(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
 
 
-def check(shape, device, scan):
-    """y, final state and gradients of the kernel against the fp32 reference."""
-    from kernels import ssd_triton
+def check(shape, device, scan, module=None):
+    """y, final state and gradients of the kernel against the fp32 reference. `module`: the kernel module
+    `scan` belongs to (default kernels.ssd_triton; a --baseline version's own module for its scan)."""
     from minimamba.ssd import ssd_chunked
+
+    if module is None:
+        from kernels import ssd_triton as module
 
     name, b, l, h, p, n, g, Q, dtype = shape
     inp = make_inputs(b, l, h, p, n, g, dtype, device)
@@ -111,12 +114,12 @@ def check(shape, device, scan):
                     return_final_state=True)
 
     y_ref, f_ref, g_ref = grads(lambda t: ssd_chunked(**t, chunk_size=Q), torch.float32)
-    direct = ssd_triton.DIRECT_LAUNCH
-    ssd_triton.DIRECT_LAUNCH = False  # every launch through Triton (compiling and tuning on first use)
+    direct = module.DIRECT_LAUNCH
+    module.DIRECT_LAUNCH = False  # every launch through Triton (compiling and tuning on first use)
     try:
         y, f, gr = grads(run, None)
     finally:
-        ssd_triton.DIRECT_LAUNCH = direct
+        module.DIRECT_LAUNCH = direct
     errs = {"y": rel_err(y, y_ref), "final": rel_err(f, f_ref)}
     errs.update({"d" + k: rel_err(gr[k], g_ref[k]) for k in inp})
     # then with the binaries launched directly (kernels.ssd_triton._launch; the first call keeps them): the same bits
@@ -242,7 +245,9 @@ def profile_shape(shape, device, scan, iters=5):
            if k != "initial_state"}
     dy = torch.randn(b, l, h, p, device=device).to(dtype)
 
-    def fwd_bwd():
+    def fwd_bwd():  # (gradients set to None first, as in the timings: no accumulation into .grad)
+        for v in inp.values():
+            v.grad = None
         scan(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], Q, D=inp["D"]).backward(dy)
 
     fwd_bwd()
@@ -313,14 +318,15 @@ def fmt(v, spec=".3f"):
 def print_tables(report):
     print("\nCorrectness: max|Δ| / max|ref| against ssd_chunked in float32")
     for r in report["correctness"]:
+        version = f" [{r['version']}]" if "version" in r else ""
         if "errors" not in r:
-            print(f"  {r['shape']} seqlen {r['seqlen']} {r['dtype']}: FAILED TO RUN: {r['failure']}")
+            print(f"  {r['shape']}{version} seqlen {r['seqlen']} {r['dtype']}: FAILED TO RUN: {r['failure']}")
             continue
         errs = "  ".join(f"{k} {v:.1e}" for k, v in r["errors"].items())
         extra = f"  (mamba_ssm: y {fmt(r['mamba_ssm_y_error'], '.1e')})" if "mamba_ssm_y_error" in r else ""
         if not r.get("repeat_identical", True):
             extra += "  (the call with direct launches gave other values than the one through Triton)"
-        print(f"  {'PASS' if r['ok'] else 'FAIL'} {r['shape']} b{r['batch']} l{r['seqlen']} {r['dtype']:8s} "
+        print(f"  {'PASS' if r['ok'] else 'FAIL'} {r['shape']}{version} b{r['batch']} l{r['seqlen']} {r['dtype']:8s} "
               f"(tol {r['tolerance']:.0e}): {errs}{extra}")
     if report["timings"]:
         print("\nTimings (median ms; speedup = torch/ours; vs mamba_ssm = mamba_ssm/ours, ≥ 1 means ours is faster)")
@@ -445,14 +451,20 @@ def main(argv=None):
                 torch.cuda.empty_cache()
         report["elapsed_s"][name] = round(time.time() - t0, 1)
 
-    def correctness(shape):
-        row = dict(shape=shape[0], batch=shape[1], seqlen=shape[2], dtype=str(shape[8]).replace("torch.", ""))
-        report["correctness"].append(row)
-        try:
-            row.update(check(shape, device, ssd_chunk_scan))
-        except Exception as e:
-            row["failure"] = f"{type(e).__name__}: {e}"
-            raise
+    def correctness(shape):  # this version, then each --baseline version (a faster one is kept only if right)
+        errors = []
+        for version, module in {None: ssd_triton, **variants}.items():
+            row = dict(shape=shape[0], batch=shape[1], seqlen=shape[2], dtype=str(shape[8]).replace("torch.", ""))
+            if version is not None:
+                row["version"] = version
+            report["correctness"].append(row)
+            try:
+                row.update(check(shape, device, module.ssd_chunk_scan, module))
+            except Exception as e:
+                row["failure"] = f"{type(e).__name__}: {e}"
+                errors.append(e)
+        if errors:
+            raise errors[0]
 
     # 1. correctness (the first call compiles and autotunes every program)
     phase("correctness", shapes + batched[:1], correctness)
@@ -489,7 +501,7 @@ def main(argv=None):
     if mamba is not None:
         def mamba_phase(shape):
             row = next((r for r in report["correctness"] if (r["batch"], r["seqlen"]) == shape[1:3]
-                        and r["dtype"] == "bfloat16"), None)
+                        and r["dtype"] == "bfloat16" and "version" not in r), None)
             if row is not None:
                 try:
                     row["mamba_ssm_y_error"] = mamba_y_error(shape, device, mamba)

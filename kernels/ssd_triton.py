@@ -13,13 +13,13 @@ log-decay and S_in[c] the state entering the chunk, the forward is
                           + exp(cs[t])·S_in[c] C_t + D·x_t
 
 which are steps 1–4 of `ssd_chunked` (stage 5 is steps 1 and 4 fused). The backward differentiates
-each stage by hand (the derivation is above the backward programs); it keeps cs from the forward and
-runs stages 2–4 again instead of keeping their larger outputs. Stages 1–4 have a small PyTorch `_ref`
+each stage by hand (the derivation is above the backward programs); it keeps cs, S_c and CB from the
+forward and runs stage 3 again (fused into its reverse pass) rather than keep S_in. Stages 1–4 have a small PyTorch `_ref`
 next to their kernel that the tests compare them with; the whole scan and every gradient are
 compared with autograd through the float64 recurrence `ssd_recurrent` (tests/test_kernels.py).
 
 Launches per call (each costs host time, which is what a batch-1 call spends most of its time on): the
-forward 4 Triton programs; the backward 8 Triton programs and 1–3 small PyTorch reductions/casts (see
+forward 4 Triton programs; the backward 6 Triton programs and 1–3 small PyTorch reductions/casts (see
 `_ssd_backward`). Every program is launched through `_launch`, which goes through Triton (and its
 autotuner) only the first time a binary is needed and then calls that binary directly (where
 `DIRECT_LAUNCH` is on; `DIRECT_LAUNCH_OFF_BECAUSE` says why not, e.g. under the interpreter).
@@ -780,12 +780,12 @@ def _chunk_scan_bwd_dc_kernel(
       * M[t,s] = G[t,s]·CB[t,s] = ∂L/∂(cs[t] − cs[s]), and cs[t] − cs[s] = dA_{s+1} + … + dA_t, so
         ∂L/∂dA_j = Σ_{t≥j} Σ_{s<j} M[t,s]. For the rows t of this tile: with a running prefix sum
         along each row, P[t,s] = Σ_{s'≤s} M[t,s'], the program adds Σ_{t>s} P[t,s] to j = s + 1
-        (on a tile of columns s that all precede the rows t, that is the sum of the running prefixes
-        plus a cumulative sum of the tile's column sums: no prefix sum along the rows). Each step loops
-        over the heads, so each head's running prefix waits in `row_prefix` until the next step.
-        Every term is a product of decays ≤ 1; nothing cancels. The partial sums of the row tiles
-        go to separate slices of dA_diag, added in the last kernel. The slice of row tile k is written for
-        1 ≤ j ≤ min((k+1)·BLOCK_T, chunk_len) (beyond, no s < j ≤ t exists), and read only there.
+        (a shortcut on the tiles left of the diagonal, a cumulative sum of column sums instead of one
+        along the rows, was 2% slower in all on an H100). Each step loops over the heads, so each
+        head's running prefix waits in `row_prefix` until the next step. Every term is a product of
+        decays ≤ 1; nothing cancels. The partial sums of the row tiles go to separate slices of dA_diag,
+        added in the last kernel. The slice of row tile k is written for 1 ≤ j ≤ min((k+1)·BLOCK_T,
+        chunk_len) (beyond, no s < j ≤ t exists), and read only there.
 
     Tile: BLOCK_T rows t × all N: a loop over the heads of the split (through the entering states),
     then steps of BLOCK_S positions s ≤ t, each looping over the heads (through CB).
@@ -859,12 +859,8 @@ def _chunk_scan_bwd_dc_kernel(
             m = g * cb
             row_prefix = tl.load(row_prefix_ptr + tok + offs_t,  # Σ_{s' < s0} M[t, s'] (0 at the first step)
                                  mask=(offs_t < chunk_size) & (s0 > 0), other=0.0)
-            if s0 + BLOCK_S <= pid_t * BLOCK_T:  # every s here precedes every t: t > s on the whole tile,
-                # so Σ_t P[t, s] = Σ_t row_prefix[t] + Σ_{s' ≤ s} Σ_t M[t, s']: a cumulative sum of column sums
-                dA_j = tl.sum(row_prefix, axis=0) + tl.cumsum(tl.sum(m, axis=0), axis=0)  # (BLOCK_S,): j = s + 1
-            else:  # the tile crosses the diagonal: the prefix sum along each row, then the rows t > s
-                prefix = row_prefix[:, None] + tl.cumsum(m, axis=1)  # P[t, s]
-                dA_j = tl.sum(tl.where(offs_t[:, None] > s[None, :], prefix, 0.0), axis=0)  # (BLOCK_S,): j = s + 1
+            prefix = row_prefix[:, None] + tl.cumsum(m, axis=1)  # P[t, s]: (BLOCK_T, BLOCK_S)
+            dA_j = tl.sum(tl.where(offs_t[:, None] > s[None, :], prefix, 0.0), axis=0)  # (BLOCK_S,): j = s + 1
             tl.store(dA_diag_ptr + diag + s + 1, dA_j, mask=s + 1 < chunk_size)
             row_prefix += tl.sum(m, axis=1)  # (BLOCK_T,)
             tl.debug_barrier()  # (the threads that read an entry of row_prefix may not be those that write it:
@@ -1133,10 +1129,9 @@ def _chunk_cb(C, B, chunk_size, x):
 
 
 def _forward_stages(x, dt, A, B, C, chunk_size, initial_state):
-    """Stages 1–4 of the forward (the backward runs stages 2 and 4 again with `_chunk_state` and
-    `_chunk_cb`, and stage 3 fused into its own reverse pass).
-    Returns cs (b, H, nc, Q), CB (b, nc, G, Q, Q), the entering states (b, nc, H, P, N, in the dots'
-    operand dtype) and the final state (fp32)."""
+    """Stages 1–4 of the forward (the backward runs stage 3 again, fused into its own reverse pass).
+    Returns cs (b, H, nc, Q), the chunk states S_c (b, nc, H, P, N, fp32), CB (b, nc, G, Q, Q), the
+    entering states (b, nc, H, P, N, in the dots' operand dtype) and the final state (fp32)."""
     b, l, h, p = x.shape
     n = B.shape[3]
     Q = chunk_size
@@ -1152,31 +1147,31 @@ def _forward_stages(x, dt, A, B, C, chunk_size, initial_state):
     _launch(_state_passing_fwd_kernel, (_cdiv(p * n, _STATE_BLOCK), b, h), None,
             chunk_states, cs, initial_state, states, final, h, p * n, nc, Q,
             HAS_INITIAL=initial_state is not None, BLOCK=_STATE_BLOCK, num_warps=2)
-    return cs, _chunk_cb(C, B, Q, x), states, final
+    return cs, chunk_states, _chunk_cb(C, B, Q, x), states, final
 
 
 def _ssd_forward(x, dt, A, B, C, chunk_size, D, initial_state):
     """All five stages (four programs): returns y (b, l, H, P) in x's dtype, the final state (b, H, P, N) in fp32, and
-    cs (b, H, nc, Q), which the backward keeps."""
+    what the backward keeps: (cs, S_c, CB), see `_forward_stages`."""
     b, l, h, p = x.shape
     g, n = B.shape[2:]
     nc = _cdiv(l, chunk_size)
-    cs, cb, states, final = _forward_stages(x, dt, A, B, C, chunk_size, initial_state)
+    cs, chunk_states, cb, states, final = _forward_stages(x, dt, A, B, C, chunk_size, initial_state)
     y = torch.empty_like(x)
     grid = lambda META: (_cdiv(chunk_size, META["BLOCK_T"]), b * nc, h)
     _launch(_chunk_scan_fwd_kernel, grid, (chunk_size, p, n, x.dtype), x, dt, cs, cb, C, states, D, y,
             l, h, p, g, n, nc, chunk_size, HAS_D=D is not None, **_dot_args(x, n, p))
-    return y, final, cs
+    return y, final, (cs, chunk_states, cb)
 
 
-def _ssd_backward(dy, dfinal, x, dt, A, B, C, cs, chunk_size, D, initial_state):
+def _ssd_backward(dy, dfinal, x, dt, A, B, C, kept, chunk_size, D, initial_state):
     """The gradients (dx, ddt, dA, dB, dC, dD, dh0) of L given dy = ∂L/∂y and dfinal = ∂L/∂final
-    (either may be None: no gradient flows from there), and cs from the forward. See the derivation
-    above the backward kernels.
+    (either may be None: no gradient flows from there), and kept = (cs, S_c, CB) from the forward. See
+    the derivation above the backward kernels.
 
-    Launches: stages 2 and 4 again, then ∂L/∂S_in (stage 2's program), stage 3 fused with its
-    backward, dx, dC, dB, the decay gradient; then one to three small PyTorch reductions/casts. No
-    buffer is zero-filled: every kernel writes all the entries that are read."""
+    Launches: ∂L/∂S_in (stage 2's program), stage 3 fused with its backward, dx, dC, dB, the decay
+    gradient; then one to three small PyTorch reductions/casts. No buffer is zero-filled: every kernel
+    writes all the entries that are read."""
     b, l, h, p = x.shape
     g, n = B.shape[2:]
     Q = chunk_size
@@ -1187,11 +1182,9 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, cs, chunk_size, D, initial_state):
     dots = _dot_args(x, n, p)
     key = (Q, p, n, x.dtype)  # what the autotuned configs are chosen for (see `_launch`)
 
-    # stage 2 again (S_c), and ∂L/∂S_in[c] through the outputs of chunk c: the same program with the
-    # other weight; stage 4 again (CB)
-    chunk_states = _chunk_state(x, B, dt, A, cs, Q, to_chunk_end=True)
+    # ∂L/∂S_in[c] through the outputs of chunk c: stage 2's program with the other weight
+    cs, chunk_states, cb = kept
     dstates = _chunk_state(dy, C, dt, A, cs, Q, to_chunk_end=False)
-    cb = _chunk_cb(C, B, Q, x)
 
     # stage 3 again (S_in), then the reverse scan over chunks: ∂L/∂S_c, ∂L/∂α_c (partial sums), ∂L/∂h_0;
     # S_in and ∂L/∂S_c are read by the later programs only as dot operands: stored in that dtype too
@@ -1252,24 +1245,28 @@ def _on_device_of(t):
 
 
 class SSDChunkScanFn(torch.autograd.Function):
-    """Forward: the five stages (four programs). Backward: stages 2–4 again, then the backward programs. Saved for the
-    backward: the inputs and cs (4 bytes per token and head, 1/32 of x at P = 64 in bf16); the chunk
-    states (as large as x in bf16 at N = 128, Q = 256) and CB (a quarter of it) are recomputed."""
+    """Forward: the five stages (four programs). Backward: stage 3 again, then the backward programs.
+    Saved for the backward besides the inputs: cs (4 bytes per token and head, 1/32 of x at P = 64 in
+    bf16), the chunk states S_c (fp32, P·N·4/Q bytes per token and head: as large as x in bf16 at
+    N = 128, Q = 256) and CB (G·Q·4 bytes per token: a quarter of x at the 370m shapes). Recomputing S_c
+    and CB instead would save that memory for one more pass over x and B (~80 µs of 1.7 ms at 8 × 2048
+    on an H100); the entering states S_in are recomputed (keeping them in fp32 would cost another x's
+    worth, for ~40 µs)."""
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, chunk_size, D, initial_state):
         with _on_device_of(x):
-            y, final, cs = _ssd_forward(x, dt, A, B, C, chunk_size, D, initial_state)
-        ctx.save_for_backward(x, dt, A, B, C, D, initial_state, cs)
+            y, final, kept = _ssd_forward(x, dt, A, B, C, chunk_size, D, initial_state)
+        ctx.save_for_backward(x, dt, A, B, C, D, initial_state, *kept)
         ctx.chunk_size = chunk_size
         ctx.set_materialize_grads(False)  # an unused output gives None, not a tensor of zeros
         return y, final
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        x, dt, A, B, C, D, initial_state, cs = ctx.saved_tensors
+        x, dt, A, B, C, D, initial_state, *kept = ctx.saved_tensors
         with _on_device_of(x):
-            dx, ddt, dA, dB, dC, dD, dh0 = _ssd_backward(dy, dfinal, x, dt, A, B, C, cs, ctx.chunk_size, D,
+            dx, ddt, dA, dB, dC, dD, dh0 = _ssd_backward(dy, dfinal, x, dt, A, B, C, kept, ctx.chunk_size, D,
                                                          initial_state)
         return dx, ddt, dA, dB, dC, None, dD, dh0
 

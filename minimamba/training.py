@@ -711,17 +711,24 @@ def matmul_flops(device, dtype=None, seconds=0.25):
 
 
 class _ScanStandIn(torch.autograd.Function):
-    """Shapes only: what the Triton scan saves for its backward (its inputs), for the meta-device estimate."""
+    """Shapes only, for the meta-device estimate: what the Triton scan saves for its backward (see
+    kernels.ssd_triton.SSDChunkScanFn): its inputs, cs, the chunk states S_c and CB, all three fp32."""
 
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D):
-        ctx.save_for_backward(x, dt, A, B, C, D)
+    def forward(ctx, x, dt, A, B, C, D, chunk_size):
         b, l, h, p = x.shape
-        return torch.empty_like(x), x.new_empty(b, h, p, B.shape[-1], dtype=torch.float32)
+        g, n = B.shape[2:]
+        nc = -(-l // chunk_size)
+        f32 = dict(dtype=torch.float32)
+        cs = x.new_empty(b, h, nc, chunk_size, **f32)
+        chunk_states = x.new_empty(b, nc, h, p, n, **f32)
+        cb = x.new_empty(b, nc, g, chunk_size, chunk_size, **f32)
+        ctx.save_for_backward(x, dt, A, B, C, D, cs, chunk_states, cb)
+        return torch.empty_like(x), x.new_empty(b, h, p, n, **f32)
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        return (None,) * 6
+        return (None,) * 7
 
 
 def activation_bytes(config, seq_len, backend="torch", grad_ckpt=False, dtype=torch.bfloat16):
@@ -734,7 +741,7 @@ def activation_bytes(config, seq_len, backend="torch", grad_ckpt=False, dtype=to
         model = Mamba2LM(config, backend="torch").to(dtype)
     if backend == "triton":
         model._scan = lambda device: (lambda x, dt, A, B, C, D=None, initial_state=None:
-                                      _ScanStandIn.apply(x, dt, A, B, C, D))
+                                      _ScanStandIn.apply(x, dt, A, B, C, D, config.chunk_size))
     params = {id(p) for p in model.parameters()}
     kept = {}
 

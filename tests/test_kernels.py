@@ -20,6 +20,8 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "1"  # must precede the first `import triton`
 
@@ -132,10 +134,12 @@ def test_forward_stages_match_their_references():
     pb = make_problem(2, 45, 4, 8, 2, 16, seed=3)
     x, dt, A, B, C, h0 = (pb[k].float() for k in ("x", "dt", "A", "B", "C", "initial_state"))
     Q = 16
-    cs, cb, states, final = K._forward_stages(x, dt, A, B, C, Q, h0)
+    cs, chunk_states, cb, states, final = K._forward_stages(x, dt, A, B, C, Q, h0)
     cs_ref = K.chunk_cumsum_ref(dt, A, Q)
-    states_ref, final_ref = K.state_passing_ref(K.chunk_state_ref(x, dt, B, cs_ref), cs_ref, h0)
+    chunk_states_ref = K.chunk_state_ref(x, dt, B, cs_ref)
+    states_ref, final_ref = K.state_passing_ref(chunk_states_ref, cs_ref, h0)
     assert rel_err(cs, cs_ref.double()) < 1e-6
+    assert rel_err(chunk_states, chunk_states_ref.double()) < 1e-5
     assert rel_err(cb, K.chunk_cb_ref(C, B, Q).double()) < 1e-6
     assert rel_err(states, states_ref.double()) < 1e-5
     assert rel_err(final, final_ref.double()) < 1e-5
@@ -316,9 +320,10 @@ def test_no_unwritten_buffer_entry_is_read(monkeypatch, with_D):
 
 def test_launch_counts():
     """At batch 1 a call costs its launches (host time), not GPU time: the forward is
-    4 Triton programs (stage 1 runs inside stage 2's) and nothing else; the backward 8 programs and, here, two PyTorch reductions: the
-    partial sums of ∂L/∂A and ∂L/∂D, and those of ∂L/∂B and ∂L/∂C over 2 splits of the heads (B and C
-    are fp32, so no cast follows)."""
+    4 Triton programs (stage 1 runs inside stage 2's) and nothing else; the backward 6 programs (S_c and
+    CB are kept from the forward) and, here, two PyTorch reductions: the partial sums of ∂L/∂A and
+    ∂L/∂D, and those of ∂L/∂B and ∂L/∂C over 2 splits of the heads (B and C are fp32, so no cast
+    follows)."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from triton.runtime.interpreter import InterpretedFunction
 
@@ -354,7 +359,7 @@ def test_launch_counts():
             y.backward(dy)
     assert len(forward) == 4 and not forward_ops, (forward, forward_ops)
     assert K._head_splits(4, 3, torch.device("cpu")) == 2
-    assert len(programs) == 8 and torch_ops == ["sum.dim_IntList"] * 2, (programs, torch_ops)
+    assert len(programs) == 6 and torch_ops == ["sum.dim_IntList"] * 2, (programs, torch_ops)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -447,10 +452,13 @@ def test_bench_script_runs_on_cpu(tmp_path, monkeypatch, capsys):
     out = tmp_path / "bench.json"
     assert bench.main(["--cpu-smoke", "--out", str(out), "--baseline", K.__file__, "--baseline", K.__file__]) == 0
     report = json.loads(out.read_text())
-    # checked: the batch-1 shapes (bf16, fp32), then the first batched one
-    assert [(r["batch"], r["seqlen"]) for r in report["correctness"]] == [(1, 40), (2, 33), (2, 20)]
+    # checked: the batch-1 shapes (bf16, fp32), then the first batched one; each by this version, then
+    # by each --baseline version
+    assert [(r["batch"], r["seqlen"], r.get("version")) for r in report["correctness"]] == [
+        (b, l, v) for b, l in [(1, 40), (2, 33), (2, 20)] for v in (None, "baseline", "baseline2")]
     assert all(r["ok"] and r["repeat_identical"] for r in report["correctness"])
     assert report["correctness"][0]["mamba_ssm_y_error"] < 1e-2
+    assert all("mamba_ssm_y_error" not in r for r in report["correctness"] if "version" in r)
     assert [(r["batch"], r["seqlen"]) for r in report["timings"]] == [(1, 40), (2, 20)]  # batch 1, then batched
     for row in report["timings"]:
         impls = {"torch", "ours", "mamba_ssm", "baseline", "baseline2"}
@@ -482,3 +490,26 @@ def test_bench_shape_option_keeps_only_the_shapes_asked_for(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             bench.main(["--cpu-smoke", "--quick", "--shape", bad])
         assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_bench_fails_a_baseline_version_that_computes_something_else(tmp_path, capsys):
+    """An A/B keeps the faster version: the bench checks each --baseline version too, and says which
+    one is wrong (here a copy of the kernel module whose y is 10% too large)."""
+    from kernels import bench
+
+    wrong = tmp_path / "wrong.py"
+    wrong.write_text(Path(K.__file__).read_text() + textwrap.dedent("""
+        _right = ssd_chunk_scan
+
+
+        def ssd_chunk_scan(*args, **kwargs):
+            y, final = _right(*args, **{**kwargs, "return_final_state": True})
+            return (y * 1.1, final) if kwargs.get("return_final_state") else y * 1.1
+        """))
+    out = tmp_path / "bench.json"
+    assert bench.main(["--cpu-smoke", "--quick", "--no-mamba", "--shape", "2x20", "--baseline", str(wrong),
+                       "--out", str(out)]) == 1
+    rows = json.loads(out.read_text())["correctness"]
+    assert [(r.get("version"), r["ok"]) for r in rows] == [(None, True), ("baseline", False)]
+    assert rows[1]["errors"]["y"] > 0.05 and rows[1]["errors"]["final"] < 3e-2
+    assert "FAIL smoke [baseline] b2 l20" in capsys.readouterr().out
