@@ -61,13 +61,15 @@ class _Binary:
         # the program's compile-time arguments: tiles, flags (which variant), dot dtype
         self.constants = {names[path[0]]: v for path, v in src.constants.items() if path[0] in src.fn.constexprs}
         self.num_warps, self.num_stages, self.shared = metadata.num_warps, metadata.num_stages, metadata.shared
+        self.maxnreg = getattr(metadata, "maxnreg", None)  # a config's cap on registers per thread, if any
         self.cubin = None  # set by load_binary, unless the program does not fit the card
 
     def row(self, cuobjdump):
         """This binary as a row of the table: program, config, registers, stack and shared bytes,
         instruction count, a hash of its instructions (see `_inspect`), note."""
         config = " ".join([*(f"{k}={v}" for k, v in sorted(self.constants.items()) if k != "DOT_PRECISION"),
-                           f"warps={self.num_warps}", f"stages={self.num_stages}"])
+                           f"warps={self.num_warps}", f"stages={self.num_stages}",
+                           *([f"maxnreg={self.maxnreg}"] if self.maxnreg else [])])
         if self.cubin is None:
             return dict(program=self.program, config=config, regs=None, stack=None, shared=self.shared,
                         instructions=None, sass=None, note="does not fit the card (shared memory)")
