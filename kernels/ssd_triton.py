@@ -1254,9 +1254,9 @@ class SSDChunkScanFn(torch.autograd.Function):
     Saved for the backward besides the inputs: cs (4 bytes per token and head, 1/32 of x at P = 64 in
     bf16), the chunk states S_c (fp32, P·N·4/Q bytes per token and head: as large as x in bf16 at
     N = 128, Q = 256) and CB (G·Q·4 bytes per token: a quarter of x at the 370m shapes). Recomputing S_c
-    and CB instead would save that memory for one more pass over x and B (~80 µs of 1.7 ms at 8 × 2048
-    on an H100); the entering states S_in are recomputed (keeping them in fp32 would cost another x's
-    worth, for ~40 µs)."""
+    and CB instead would save that memory for one more pass over x and B each (~90 µs of 1.7 ms at
+    8 × 2048 on an H100); the entering states S_in are recomputed (keeping them in fp32 would cost
+    another x's worth, for an estimated ~40 µs)."""
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, chunk_size, D, initial_state):
