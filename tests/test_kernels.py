@@ -172,11 +172,11 @@ def test_edge_cases_fp32(case):
 @pytest.mark.parametrize("program", ["dc", "db"])
 @pytest.mark.parametrize("block_t,block_s", [(32, 64), (32, 32), (64, 32), (64, 64)])
 def test_db_dc_programs_in_the_gpu_tile_shapes(monkeypatch, program, block_t, block_s):
-    """The interpreter runs each program in one small config. The dC program's decay gradient takes
-    another path on tiles below the diagonal, which depends on how row and column tiles line up, and it
-    writes the dCB tiles that the dB program reads in its own tiling: run each of the two in the tile
-    shapes of its GPU configs (rows < = > columns), with 2 heads per split, a partial last chunk and
-    NaN in every buffer entry that no program writes."""
+    """The interpreter runs each program in one small config. The dC program's decay gradient depends
+    on how its row and column tiles line up with the diagonal, and it writes the dCB tiles that the dB
+    program reads in its own tiling: run each of the two in the tile shapes of its GPU configs
+    (rows < = > columns), with 2 heads per split, a partial last chunk and NaN in every buffer entry
+    that no program writes."""
     monkeypatch.setattr(getattr(K, f"_chunk_scan_bwd_{program}_kernel"), "configs",
                         [triton.Config(dict(BLOCK_T=block_t, BLOCK_S=block_s), num_warps=4, num_stages=2)])
     monkeypatch.setattr(K, "_head_splits", lambda heads_per_group, programs, device: 2)
