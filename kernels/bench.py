@@ -17,8 +17,9 @@
    one call with an idle GPU, and the wall time of one call bracketed by `torch.cuda.synchronize`.
 3. mamba_ssm's `mamba_chunk_scan_combined`, when it can be imported: its error on y and its timings
    (last, because its large autotuning space takes long to compile).
-`--baseline OLD.py` also times another version of kernels/ssd_triton.py in the same run (an A/B of a
-kernel change on one GPU visit); given again, a third version, and so on; `--profile` profiles each.
+`--baseline OLD.py` also checks (as in 1.) and times another version of kernels/ssd_triton.py in the same
+run (an A/B of a kernel change on one GPU visit: a faster version is worth keeping only if it is right);
+given again, a third version, and so on; `--profile` profiles each.
 
 Every measurement is wrapped: a failure is printed and recorded, and the rest still runs. The JSON
 written to --out (rewritten after every measurement) holds the same numbers as the printed tables.
@@ -377,8 +378,8 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true",
                     help="also print the GPU time of each program in one forward+backward (torch.profiler)")
     ap.add_argument("--baseline", action="append", default=[], metavar="FILE.py",
-                    help="another version of kernels/ssd_triton.py to time (and --profile) beside this one "
-                         "(column 'baseline'; given again: 'baseline2', ...)")
+                    help="another version of kernels/ssd_triton.py to check and time (and --profile) beside "
+                         "this one (column 'baseline'; given again: 'baseline2', ...)")
     ap.add_argument("--shape", action="append", default=[], metavar="BxL",
                     help="only this batch x seqlen among the shapes above (e.g. 8x2048: the GPU-bound one); "
                          "given again, more")
