@@ -209,6 +209,18 @@ def test_bf16_buffers_as_on_a_gpu(monkeypatch):
     assert_close(run_and_compare(pb, 32, dtype=torch.bfloat16), torch.bfloat16)
 
 
+def test_backward_twice_gives_the_same_gradients():
+    """The backward reads what the forward kept (cs, S_c, CB) and must not write to it: a second backward
+    through the same graph (retain_graph) gives the same bits."""
+    pb = make_problem(2, 45, 4, 8, 2, 16, seed=17)
+    leaves = [pb[k].float().clone().requires_grad_() for k in ("x", "dt", "A", "B", "C", "D", "initial_state")]
+    y, final = ssd_chunk_scan(*leaves[:5], 16, D=leaves[5], initial_state=leaves[6], return_final_state=True)
+    loss = (y * torch.randn_like(y)).sum() + (final * torch.randn_like(final)).sum()
+    first = torch.autograd.grad(loss, leaves, retain_graph=True)
+    second = torch.autograd.grad(loss, leaves)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
 def test_calls_with_nothing_to_differentiate_skip_autograd(monkeypatch):
     """Under torch.no_grad, or with no input requiring a gradient (inference), the wrapper runs the
     forward without the autograd Function (less host time per call): the same bits as through it."""
