@@ -14,9 +14,9 @@ log-decay and S_in[c] the state entering the chunk, the forward is
 
 which are steps 1–4 of `ssd_chunked` (stage 5 is steps 1 and 4 fused). The backward differentiates
 each stage by hand (the derivation is above the backward programs); it keeps cs, S_c and CB from the
-forward and runs stage 3 again (fused into its reverse pass) rather than keep S_in. Stages 1–4 have a small PyTorch `_ref`
-next to their kernel that the tests compare them with; the whole scan and every gradient are
-compared with autograd through the float64 recurrence `ssd_recurrent` (tests/test_kernels.py).
+forward and runs stage 3 again (fused into its reverse pass) rather than keep S_in. Stages 1–4 have a
+small PyTorch `_ref` next to their kernel that the tests compare them with; the whole scan and every
+gradient are compared with autograd through the float64 recurrence `ssd_recurrent` (tests/test_kernels.py).
 
 Launches per call (each costs host time, which is what a batch-1 call spends most of its time on): the
 forward 4 Triton programs; the backward 6 Triton programs and 1–3 small PyTorch reductions/casts (see
