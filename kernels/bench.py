@@ -115,12 +115,14 @@ def check(shape, device, scan, module=None):
                     return_final_state=True)
 
     y_ref, f_ref, g_ref = grads(lambda t: ssd_chunked(**t, chunk_size=Q), torch.float32)
-    direct = module.DIRECT_LAUNCH
-    module.DIRECT_LAUNCH = False  # every launch through Triton (compiling and tuning on first use)
+    direct = getattr(module, "DIRECT_LAUNCH", None)  # (None: a version older than direct launches)
+    if direct is not None:
+        module.DIRECT_LAUNCH = False  # every launch through Triton (compiling and tuning on first use)
     try:
         y, f, gr = grads(run, None)
     finally:
-        module.DIRECT_LAUNCH = direct
+        if direct is not None:
+            module.DIRECT_LAUNCH = direct
     errs = {"y": rel_err(y, y_ref), "final": rel_err(f, f_ref)}
     errs.update({"d" + k: rel_err(gr[k], g_ref[k]) for k in inp})
     # then with the binaries launched directly (kernels.ssd_triton._launch; the first call keeps them): the same bits

@@ -127,7 +127,7 @@ def _launch(program, grid, key, *args, **constexprs):
 
     Each launch through Triton (`JITFunction.run`) works out again which binary the arguments select
     (~20 µs plus ~0.6 µs per argument of host time on a 2-core VM; an autotuned program adds ~30 µs of
-    autotuner bookkeeping): a forward+backward makes 12 launches, and at batch 1 the GPU waits for them.
+    autotuner bookkeeping): a forward+backward makes 10 launches, and at batch 1 the GPU waits for them.
     So the binary Triton chose is kept under everything Triton chooses it by (`_selector`, the
     constexprs, the device; the config that `key` got from the autotuner, which tunes once per key), and
     later launches with the same selector call it directly, as `JITFunction.run` itself ends by doing:
@@ -746,7 +746,7 @@ def _chunk_scan_bwd_dx_kernel(
      _cfg(BLOCK_T=64, BLOCK_S=32, num_warps=8), _cfg(BLOCK_T=64, BLOCK_S=64, num_warps=8),
      _cfg(BLOCK_T=64, BLOCK_S=32, num_warps=8, num_stages=3), _cfg(BLOCK_T=64, BLOCK_S=64),
      # 168 registers instead of ~232: 3 programs per SM instead of 2 (H100, 8 x 2048: 0.62 vs 0.675 ms;
-     # caps of 128 here and on the 64-row tiles were slower)
+     # caps of 128 on this tile, on 32×32 and on 64×64 were slower)
      _cfg(BLOCK_T=32, BLOCK_S=64, maxnreg=168)],
     _cfg(BLOCK_T=32, BLOCK_S=16),
 )
@@ -1254,8 +1254,8 @@ class SSDChunkScanFn(torch.autograd.Function):
     Saved for the backward besides the inputs: cs (4 bytes per token and head, 1/32 of x at P = 64 in
     bf16), the chunk states S_c (fp32, P·N·4/Q bytes per token and head: as large as x in bf16 at
     N = 128, Q = 256) and CB (G·Q·4 bytes per token: a quarter of x at the 370m shapes). Recomputing S_c
-    and CB instead would save that memory for one more pass over x and B each (~90 µs of 1.7 ms at
-    8 × 2048 on an H100); the entering states S_in are recomputed (keeping them in fp32 would cost
+    and CB instead would save that memory for one more pass over x and B, and one over C and B (~80 µs of
+    1.7 ms at 8 × 2048 on an H100, by its profile); the entering states S_in are recomputed (keeping them in fp32 would cost
     another x's worth, for an estimated ~40 µs)."""
 
     @staticmethod

@@ -504,6 +504,20 @@ def test_bench_shape_option_keeps_only_the_shapes_asked_for(tmp_path, capsys):
         assert e.value.code == 2 and says in capsys.readouterr().err
 
 
+def test_bench_checks_a_baseline_version_older_than_direct_launches(tmp_path):
+    """Versions of kernels/ssd_triton.py before session 5 have no DIRECT_LAUNCH switch: the bench checks
+    and times them all the same (here a module with only `ssd_chunk_scan`, as such a version looks to it)."""
+    from kernels import bench
+
+    old = tmp_path / "old.py"
+    old.write_text("from kernels.ssd_triton import ssd_chunk_scan  # noqa: F401\n")
+    out = tmp_path / "bench.json"
+    assert bench.main(["--cpu-smoke", "--quick", "--no-mamba", "--shape", "2x20", "--baseline", str(old),
+                       "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["correctness"]
+    assert [(r.get("version"), r["ok"]) for r in rows] == [(None, True), ("baseline", True)]
+
+
 def test_bench_fails_a_baseline_version_that_computes_something_else(tmp_path, capsys):
     """An A/B keeps the faster version: the bench checks each --baseline version too, and says which
     one is wrong (here a copy of the kernel module whose y is 10% too large)."""

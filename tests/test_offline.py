@@ -56,6 +56,9 @@ def test_every_program_compiles_for_sm90(tmp_path):
     # stage 2's program has two uses (the forward's S_c; the backward's ∂L/∂S_in), each in each of its 3 configs
     state_rows = [r["config"] for r in rows if r["program"] == "_chunk_state_kernel"]
     assert len(state_rows) == len(set(state_rows)) == 6
+    # a config's cap on registers reaches the binary (dC's 32×64 config capped at 168)
+    capped = [r for r in rows if r["program"] == "_chunk_scan_bwd_dc_kernel" and "maxnreg=168" in r["config"]]
+    assert capped and all(r["regs"] <= 168 for r in capped)
     # the launches per call that the docstring of kernels/ssd_triton.py states
     assert sum(report["launches"]["forward"].values()) == 4, report["launches"]
     assert sum(report["launches"]["backward"].values()) == 6, report["launches"]

@@ -202,6 +202,34 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
     assert res["ppl"] == pytest.approx(64) and res["tokens"] == 40
 
 
+def test_memory_estimate_counts_what_the_triton_scan_keeps(monkeypatch):
+    """The Triton scan keeps cs, the chunk states S_c and CB (fp32) besides its inputs: the estimate
+    counts exactly those bytes per layer on top of a stand-in that keeps only the inputs."""
+    from minimamba import training
+
+    cfg = small_config()
+    seq_len = 40  # 3 chunks of 16, the last one partial
+    with_kept = activation_bytes(cfg, seq_len, backend="triton")
+
+    class InputsOnly(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, dt, A, B, C, D, chunk_size):
+            ctx.save_for_backward(x, dt, A, B, C, D)
+            b, _, h, p = x.shape
+            return torch.empty_like(x), x.new_empty(b, h, p, B.shape[-1], dtype=torch.float32)
+
+        @staticmethod
+        def backward(ctx, dy, dfinal):
+            return (None,) * 7
+
+    monkeypatch.setattr(training, "_ScanStandIn", InputsOnly)
+    inputs_only = activation_bytes(cfg, seq_len, backend="triton")
+    H, P, N, G, Q = cfg.nheads, cfg.headdim, cfg.d_state, cfg.ngroups, cfg.chunk_size
+    nc = math.ceil(seq_len / Q)
+    kept_per_layer = 4 * (H * nc * Q + nc * H * P * N + nc * G * Q * Q)  # cs, S_c, CB
+    assert with_kept - inputs_only == cfg.n_layer * kept_per_layer
+
+
 def test_memory_estimate_counts_saved_tensors():
     cfg = small_config()
     full = activation_bytes(cfg, 64)
