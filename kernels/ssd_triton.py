@@ -255,8 +255,8 @@ def _split_offsets(pid_bc, pid_gs, batch, seqlen, nheads, ngroups, dstate, nchun
 # Stage 1: the chunk-local cumulative log-decay
 # ==================================================================================================
 def chunk_cumsum_ref(dt, A, chunk_size):
-    """PyTorch reference of stage 1 (computed by stage 2's program, `_chunk_state_kernel` with
-    WRITE_CS): (batch, seqlen, H) -> cs (batch, H, nchunks, Q)."""
+    """PyTorch reference of stage 1 (computed by stage 2's program, `_chunk_state_kernel` in the
+    forward): (batch, seqlen, H) -> cs (batch, H, nchunks, Q)."""
     b, l, h = dt.shape
     nc = _cdiv(l, chunk_size)
     dA = torch.nn.functional.pad(dt.float() * A.float(), (0, 0, 0, nc * chunk_size - l))  # dt = 0 past l
@@ -275,12 +275,11 @@ def _chunk_state_kernel(
     u_ptr,  # (batch, seqlen, H, P): x (forward) or dy (backward)
     v_ptr,  # (batch, seqlen, G, N): B (forward) or C (backward)
     dt_ptr,  # (batch, seqlen, H)
-    A_ptr,  # (H,), read only with WRITE_CS
-    cs_ptr,  # (batch, H, nchunks, Q): written here (WRITE_CS) or read (from the forward)
+    A_ptr,  # (H,), read only in the forward
+    cs_ptr,  # (batch, H, nchunks, Q): written here (the forward) or read (the backward)
     out_ptr,  # out (batch, nchunks, H, P, N) fp32
     seqlen, nheads, headdim, ngroups, dstate, nchunks, chunk_size,
-    TO_CHUNK_END: tl.constexpr,  # which weight w_s (see the docstring)
-    WRITE_CS: tl.constexpr,  # compute stage 1 first (the forward)
+    TO_CHUNK_END: tl.constexpr,  # which weight w_s (see the docstring); True: the forward, stage 1 first
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,  # ≥ P, ≥ N
     BLOCK_S: tl.constexpr,  # positions per step of the loop over the chunk
@@ -293,7 +292,7 @@ def _chunk_state_kernel(
     is ∂L/∂S_in[c] through the outputs of chunk c (y_t = exp(cs[t])·S_in[c] C_t + …).
     The two are transposes of each other: one carries tokens to the chunk end, the other the chunk
     start to the tokens.
-    WRITE_CS=True (the forward) also computes stage 1 first, which has the same grid:
+    TO_CHUNK_END=True (the forward) also computes stage 1 first, which has the same grid:
     cs[t] = Σ_{k≤t} dt_k·A over the chunk, in steps of BLOCK_S positions with a running prefix, stored
     for the later stages and read back by the loop below (one launch fewer than a program of its own).
 
@@ -312,7 +311,7 @@ def _chunk_state_kernel(
     offs_p = tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
     offs_s = tl.arange(0, BLOCK_S)
-    if WRITE_CS:  # stage 1 for this chunk and head; positions past the sequence get dt = 0
+    if TO_CHUNK_END:  # the forward: stage 1 for this chunk and head; positions past the sequence get dt = 0
         A = tl.load(A_ptr + pid_h).to(tl.float32)
         prefix = tl.zeros((), dtype=tl.float32)  # cs at the position before the tile
         for s0 in range(0, chunk_size, BLOCK_S):
@@ -1108,17 +1107,17 @@ def _head_splits(heads_per_group, programs, device):
     return heads_per_group
 
 
-def _chunk_state(u, v, dt, A, cs, chunk_size, to_chunk_end, write_cs=False):
-    """Stage 2's program: Σ_s w_s·dt_s·u_s v_sᵀ per chunk and head, fp32 (b, nc, H, P, N), with
-    w_s = exp(cs[Q-1] − cs[s]) (u = x, v = B: the chunk states S_c) or w_s = exp(cs[s])
-    (u = dy, v = C: ∂L/∂S_in[c] through the outputs of chunk c, in the backward).
-    write_cs: fill cs (b, H, nc, Q) with stage 1 first (the forward); else cs is read."""
+def _chunk_state(u, v, dt, A, cs, chunk_size, to_chunk_end):
+    """Stage 2's program: Σ_s w_s·u_s v_sᵀ per chunk and head, fp32 (b, nc, H, P, N), with
+    w_s = exp(cs[Q-1] − cs[s])·dt_s (to_chunk_end, u = x, v = B: the chunk states S_c, in the forward,
+    which first fills cs (b, H, nc, Q) with stage 1) or w_s = exp(cs[s]) (u = dy, v = C: ∂L/∂S_in[c]
+    through the outputs of chunk c, in the backward, which reads cs)."""
     b, l, h, p = u.shape
     g, n = v.shape[2:]
     nc = _cdiv(l, chunk_size)
     out = torch.empty(b, nc, h, p, n, device=u.device, dtype=torch.float32)
     _launch(_chunk_state_kernel, (b * nc, h, 1), (chunk_size, p, n, u.dtype), u, v, dt, A, cs, out,
-            l, h, p, g, n, nc, chunk_size, TO_CHUNK_END=to_chunk_end, WRITE_CS=write_cs, **_dot_args(u, n, p))
+            l, h, p, g, n, nc, chunk_size, TO_CHUNK_END=to_chunk_end, **_dot_args(u, n, p))
     return out
 
 
@@ -1144,7 +1143,7 @@ def _forward_stages(x, dt, A, B, C, chunk_size, initial_state):
     f32 = dict(device=x.device, dtype=torch.float32)
 
     cs = torch.empty(b, h, nc, Q, **f32)  # stage 1, written by stage 2's program
-    chunk_states = _chunk_state(x, B, dt, A, cs, Q, to_chunk_end=True, write_cs=True)
+    chunk_states = _chunk_state(x, B, dt, A, cs, Q, to_chunk_end=True)
 
     # the entering states are only dot operands of stage 5: stored in that dtype
     states = torch.empty(b, nc, h, p, n, device=x.device, dtype=_dot_torch_dtype(x))
@@ -1254,9 +1253,9 @@ class SSDChunkScanFn(torch.autograd.Function):
     Saved for the backward besides the inputs: cs (4 bytes per token and head, 1/32 of x at P = 64 in
     bf16), the chunk states S_c (fp32, P·N·4/Q bytes per token and head: as large as x in bf16 at
     N = 128, Q = 256) and CB (G·Q·4 bytes per token: a quarter of x at the 370m shapes). Recomputing S_c
-    and CB instead would save that memory for one more pass over x and B, and one over C and B (~80 µs of
-    1.7 ms at 8 × 2048 on an H100, by its profile); the entering states S_in are recomputed (keeping them in fp32 would cost
-    another x's worth, for an estimated ~40 µs)."""
+    and CB instead would save that memory for one more pass over x and B, and one over C and B (~80 µs
+    of 1.7 ms at 8 × 2048 on an H100, by its profile); the entering states S_in are recomputed (keeping
+    them in fp32 would cost another x's worth, for an estimated ~40 µs)."""
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, chunk_size, D, initial_state):
