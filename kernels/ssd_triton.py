@@ -34,11 +34,12 @@ Conventions shared by every program:
     state passes instead tile the flattened P·N state);
   * the last chunk may be partial: positions ≥ seqlen are loaded as 0, in particular dt = 0, so cs
     stays constant after the last token and cs[Q-1] is the chunk's total decay for every chunk;
-  * every decay over a tile is computed as exp(min(Δ, 0)): Δ ≤ 0 wherever it is used, and the clamp
-    keeps masked entries of a tile (where Δ can be anything) from becoming inf and then inf·0 = NaN
-    (the state passes' per-chunk decays exp(cs[Q-1]) read one unmasked value ≤ 0);
+  * every decay is computed as exp(min(Δ, 0)) (`_decay`): Δ ≤ 0 wherever it is used, and the clamp
+    keeps masked entries of a tile (where Δ can be anything) from becoming inf and then inf·0 = NaN;
   * decays, cumulative sums, states and accumulators are fp32; `tl.dot` operands are in the input
-    dtype (`DOT_DTYPE`) with fp32 accumulation, and fp32 dots use IEEE precision, not TF32.
+    dtype (`DOT_DTYPE`) with fp32 accumulation, and fp32 dots use IEEE precision, not TF32;
+  * for fp32 inputs cs is held in two fp32 parts, cs = hi + lo (the buffers `cs` and `cs_lo`, see
+    "Decays" below); for bf16 and fp16 inputs `cs_lo` is None and every program compiles as with one.
 """
 
 import contextlib
@@ -252,6 +253,64 @@ def _split_offsets(pid_bc, pid_gs, batch, seqlen, nheads, ngroups, dstate, nchun
 
 
 # ==================================================================================================
+# Decays: cs in two parts
+# ==================================================================================================
+# A decay over a few positions, exp(cs[t] − cs[s]), is taken from two cumulative sums over the whole
+# chunk. Held in one fp32 number each, cs[t] and cs[s] carry rounding errors of ~|cs|·6e-8 (and more
+# from the running sum), which their difference keeps however small it is: 1e-6 relative error in the
+# decay for |cs| ≈ 15. The forward hardly notices, but ∂L/∂A is a sum over every token of terms that
+# can cancel, and it magnified this 10-fold past the reference's own fp32 error (whose segment sums are
+# summed afresh for each (t, s)). So for fp32 inputs cs is kept in two fp32 numbers, hi + lo, summed
+# without losing the low bits (`_sum2`): hi[t] − hi[s] is exact to 6e-8 of itself and lo[t] − lo[s]
+# supplies the rest. For bf16 and fp16 inputs, whose dot operands round to 4e-3 or 5e-4, there is no
+# low part (cs_lo is None, `_load_cs` gives zeros) and the compiler folds it away: the same binaries.
+@triton.jit
+def _sum2(a_hi, a_lo, b_hi, b_lo):
+    """(a_hi + a_lo) + (b_hi + b_lo) as hi + lo with |lo| ≤ ulp(hi)/2. The rounding error of
+    a_hi + b_hi is recovered exactly (Knuth's two-sum: plain adds, which the compiler may not reorder)
+    and joins the low parts. Associative to ~1e-14 of the sum: a combine function for tl.associative_scan."""
+    s = a_hi + b_hi
+    b_virtual = s - a_hi
+    err = (a_hi - (s - b_virtual)) + (b_hi - b_virtual)  # a_hi + b_hi = s + err, exactly
+    lo = err + a_lo + b_lo
+    hi = s + lo
+    return hi, lo - (hi - s)
+
+
+def _inlined(fn):
+    """@triton.jit for the small helpers that programs call inside their loops. Under the interpreter
+    they run as the plain Python functions they are, inside the calling program (which has set up
+    triton.language for the interpreter already): there, each call of a @triton.jit function sets it
+    up again, ~0.3 ms, which made the kernel tests 40% slower."""
+    return fn if INTERPRET else triton.jit(fn)
+
+
+@_inlined
+def _load_cs(cs_ptr, cs_lo_ptr, offs, mask):
+    """cs at `offs` as (hi, lo), 0 where `mask` is False (mask None: one entry, always there); lo is 0
+    where there is no low part (cs_lo_ptr None)."""
+    if mask is None:
+        hi = tl.load(cs_ptr + offs)
+    else:
+        hi = tl.load(cs_ptr + offs, mask=mask, other=0.0)
+    if cs_lo_ptr is None:
+        lo = tl.zeros_like(hi)
+    elif mask is None:
+        lo = tl.load(cs_lo_ptr + offs)
+    else:
+        lo = tl.load(cs_lo_ptr + offs, mask=mask, other=0.0)
+    return hi, lo
+
+
+@_inlined
+def _decay(d_hi, d_lo):
+    """exp(d) for a log-decay d = d_hi + d_lo ≤ 0 (a difference of two cs, or one cs): exp(min(d_hi, 0))
+    · (1 + d_lo), where |d_lo| ≲ 1e-5 makes 1 + d_lo equal exp(d_lo) to 1e-10. The clamp keeps masked
+    entries of a tile, where d_hi can be anything, finite (see the conventions above)."""
+    return tl.exp(tl.minimum(d_hi, 0.0)) * (1.0 + d_lo)
+
+
+# ==================================================================================================
 # Stage 1: the chunk-local cumulative log-decay
 # ==================================================================================================
 def chunk_cumsum_ref(dt, A, chunk_size):
@@ -276,7 +335,7 @@ def _chunk_state_kernel(
     v_ptr,  # (batch, seqlen, G, N): B (forward) or C (backward)
     dt_ptr,  # (batch, seqlen, H)
     A_ptr,  # (H,), read only in the forward
-    cs_ptr,  # (batch, H, nchunks, Q): written here (the forward) or read (the backward)
+    cs_ptr, cs_lo_ptr,  # (batch, H, nchunks, Q): written here (the forward) or read (the backward); lo or None
     out_ptr,  # out (batch, nchunks, H, P, N) fp32
     seqlen, nheads, headdim, ngroups, dstate, nchunks, chunk_size,
     TO_CHUNK_END: tl.constexpr,  # which weight w_s (see the docstring); True: the forward, stage 1 first
@@ -294,7 +353,8 @@ def _chunk_state_kernel(
     start to the tokens.
     TO_CHUNK_END=True (the forward) also computes stage 1 first, which has the same grid:
     cs[t] = Σ_{k≤t} dt_k·A over the chunk, in steps of BLOCK_S positions with a running prefix, stored
-    for the later stages and read back by the loop below (one launch fewer than a program of its own).
+    for the later stages and read back by the loop below (one launch fewer than a program of its own);
+    with a low part, the sums are two-part sums (`_sum2`) and hi and lo are stored.
 
     Tile: the whole (P, N) matrix; the loop runs over the chunk in steps of BLOCK_S positions, each a
     (P × BLOCK_S)·(BLOCK_S × N) dot. Grid: (batch·nchunks, H).
@@ -307,21 +367,31 @@ def _chunk_state_kernel(
     v_ptr += group_off
     dt_ptr += dt_off
     cs_ptr += tok
+    if cs_lo_ptr is not None:
+        cs_lo_ptr += tok
 
     offs_p = tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
     offs_s = tl.arange(0, BLOCK_S)
     if TO_CHUNK_END:  # the forward: stage 1 for this chunk and head; positions past the sequence get dt = 0
         A = tl.load(A_ptr + pid_h).to(tl.float32)
-        prefix = tl.zeros((), dtype=tl.float32)  # cs at the position before the tile
+        prefix = tl.zeros((), dtype=tl.float32)  # cs at the position before the tile (its high part)
+        prefix_lo = tl.zeros((), dtype=tl.float32)
         for s0 in range(0, chunk_size, BLOCK_S):
             s = s0 + offs_s
             dt_s = tl.load(dt_ptr + s * nheads, mask=s < chunk_len, other=0.0).to(tl.float32)
-            cs_s = prefix + tl.cumsum(dt_s * A, axis=0)
+            if cs_lo_ptr is None:
+                cs_s = prefix + tl.cumsum(dt_s * A, axis=0)
+            else:
+                dA = dt_s * A
+                cs_s, lo_s = tl.associative_scan((dA, tl.zeros_like(dA)), 0, _sum2)  # a two-part cumsum
+                cs_s, lo_s = _sum2(prefix, prefix_lo, cs_s, lo_s)
+                tl.store(cs_lo_ptr + s, lo_s, mask=s < chunk_size)
+                prefix_lo = tl.sum(tl.where(offs_s == BLOCK_S - 1, lo_s, 0.0), axis=0)
             tl.store(cs_ptr + s, cs_s, mask=s < chunk_size)
             prefix = tl.sum(tl.where(offs_s == BLOCK_S - 1, cs_s, 0.0), axis=0)  # the tile's last cs
         tl.debug_barrier()  # the stores above are read below by other threads of this program
-    cs_last = tl.load(cs_ptr + chunk_size - 1)
+    cs_last, lo_last = _load_cs(cs_ptr, cs_lo_ptr, chunk_size - 1, None)
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     for s0 in range(0, chunk_len, BLOCK_S):
         s = s0 + offs_s
@@ -331,12 +401,12 @@ def _chunk_state_kernel(
                      mask=(offs_p[:, None] < headdim) & s_mask[None, :], other=0.0)
         v = tl.load(v_ptr + s[:, None] * (ngroups * dstate) + offs_n[None, :],
                     mask=s_mask[:, None] & (offs_n[None, :] < dstate), other=0.0)
-        cs_s = tl.load(cs_ptr + s, mask=s_mask, other=0.0)
+        cs_s, lo_s = _load_cs(cs_ptr, cs_lo_ptr, s, s_mask)
         if TO_CHUNK_END:
             dt_s = tl.load(dt_ptr + s * nheads, mask=s_mask, other=0.0).to(tl.float32)
-            w = tl.exp(tl.minimum(cs_last - cs_s, 0.0)) * dt_s
+            w = _decay(cs_last - cs_s, lo_last - lo_s) * dt_s
         else:
-            w = tl.exp(tl.minimum(cs_s, 0.0))
+            w = _decay(cs_s, lo_s)
         # the weight goes on v in fp32, then both operands are cast for the tensor cores
         acc += tl.dot(uT.to(DOT_DTYPE), (v.to(tl.float32) * w[:, None]).to(DOT_DTYPE),
                       input_precision=DOT_PRECISION)
@@ -361,23 +431,23 @@ def chunk_state_ref(x, dt, B, cs):
 # Stage 3: the inter-chunk recurrence
 # ==================================================================================================
 @triton.jit
-def _pass_states(chunk_states_ptr, cs_ptr, states_ptr, h, pid_b, pid_h, offs, mask,
+def _pass_states(chunk_states_ptr, cs_ptr, cs_lo_ptr, states_ptr, h, pid_b, pid_h, offs, mask,
                  nheads, state_size, nchunks, chunk_size):
     """The loop of stage 3 for BLOCK entries of the state, from S_in[0] = h: stores S_in[c] for every
     chunk c and returns S_in[nchunks]. Shared by the forward program and the backward one."""
-    cs_ptr += (pid_b * nheads + pid_h) * nchunks * chunk_size
+    bh = pid_b * nheads + pid_h
     for c in range(nchunks):
         idx = ((pid_b * nchunks + c) * nheads + pid_h).to(tl.int64) * state_size + offs
         tl.store(states_ptr + idx, h.to(states_ptr.dtype.element_ty), mask=mask)  # the state entering chunk c
-        chunk_decay = tl.exp(tl.load(cs_ptr + c * chunk_size + chunk_size - 1))  # exp(total of chunk c)
-        h = chunk_decay * h + tl.load(chunk_states_ptr + idx, mask=mask, other=0.0)
+        chunk_decay = _decay(*_load_cs(cs_ptr, cs_lo_ptr, (bh * nchunks + c + 1) * chunk_size - 1, None))
+        h = chunk_decay * h + tl.load(chunk_states_ptr + idx, mask=mask, other=0.0)  # (exp(total of chunk c))
     return h
 
 
 @triton.jit
 def _state_passing_fwd_kernel(
     chunk_states_ptr,  # (batch, nchunks, H, P·N) fp32, S_c from stage 2
-    cs_ptr,  # (batch, H, nchunks, Q)
+    cs_ptr, cs_lo_ptr,  # (batch, H, nchunks, Q); lo or None
     h0_ptr,  # (batch, H, P·N) initial state, or None
     states_ptr,  # out (batch, nchunks, H, P·N): the state entering each chunk, in the dots' operand dtype
     final_ptr,  # out (batch, H, P·N) fp32: the state after the last token
@@ -401,7 +471,7 @@ def _state_passing_fwd_kernel(
         h = h.to(tl.float32)
     else:
         h = tl.zeros((BLOCK,), dtype=tl.float32)
-    h = _pass_states(chunk_states_ptr, cs_ptr, states_ptr, h, pid_b, pid_h, offs, mask,
+    h = _pass_states(chunk_states_ptr, cs_ptr, cs_lo_ptr, states_ptr, h, pid_b, pid_h, offs, mask,
                      nheads, state_size, nchunks, chunk_size)
     tl.store(final_ptr + (pid_b * nheads + pid_h).to(tl.int64) * state_size + offs, h, mask=mask)
 
@@ -487,7 +557,7 @@ def chunk_cb_ref(C, B, chunk_size):
 def _chunk_scan_fwd_kernel(
     x_ptr,  # (batch, seqlen, H, P)
     dt_ptr,  # (batch, seqlen, H)
-    cs_ptr,  # (batch, H, nchunks, Q) from stage 1
+    cs_ptr, cs_lo_ptr,  # (batch, H, nchunks, Q) from stage 1; lo or None
     cb_ptr,  # (batch, nchunks, G, Q, Q) from stage 4
     C_ptr,  # (batch, seqlen, G, N)
     states_ptr,  # (batch, nchunks, H, P, N), S_in from stage 3 in the dots' operand dtype
@@ -519,6 +589,8 @@ def _chunk_scan_fwd_kernel(
     dt_ptr += dt_off
     C_ptr += group_off
     cs_ptr += tok
+    if cs_lo_ptr is not None:
+        cs_lo_ptr += tok
     cb_ptr += cb_off
     states_ptr += state_off
 
@@ -528,7 +600,7 @@ def _chunk_scan_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     t_mask = offs_t < chunk_len
     p_mask = offs_p < headdim
-    cs_t = tl.load(cs_ptr + offs_t, mask=offs_t < chunk_size, other=0.0)
+    cs_t, lo_t = _load_cs(cs_ptr, cs_lo_ptr, offs_t, offs_t < chunk_size)
 
     # state to output: exp(cs[t]) · C_t · S_inᵀ, S_in read transposed as (N, P)
     c = tl.load(C_ptr + offs_t[:, None] * (ngroups * dstate) + offs_n[None, :],
@@ -536,7 +608,7 @@ def _chunk_scan_fwd_kernel(
     sT = tl.load(states_ptr + offs_p[None, :] * dstate + offs_n[:, None],
                  mask=p_mask[None, :] & (offs_n[:, None] < dstate), other=0.0)
     acc = tl.dot(c.to(DOT_DTYPE), sT.to(DOT_DTYPE), input_precision=DOT_PRECISION)
-    acc *= tl.exp(tl.minimum(cs_t, 0.0))[:, None]
+    acc *= _decay(cs_t, lo_t)[:, None]
 
     # intra-chunk: the causal loop over s ≤ t
     s_end = tl.minimum((pid_t + 1) * BLOCK_T, chunk_len)
@@ -545,9 +617,9 @@ def _chunk_scan_fwd_kernel(
         s_mask = s < chunk_len
         cb = tl.load(cb_ptr + offs_t[:, None] * chunk_size + s[None, :],
                      mask=(offs_t[:, None] < chunk_size) & (s[None, :] < chunk_size), other=0.0)
-        cs_s = tl.load(cs_ptr + s, mask=s_mask, other=0.0)
+        cs_s, lo_s = _load_cs(cs_ptr, cs_lo_ptr, s, s_mask)
         dt_s = tl.load(dt_ptr + s * nheads, mask=s_mask, other=0.0).to(tl.float32)
-        scores = cb * tl.exp(tl.minimum(cs_t[:, None] - cs_s[None, :], 0.0)) * dt_s[None, :]
+        scores = cb * _decay(cs_t[:, None] - cs_s[None, :], lo_t[:, None] - lo_s[None, :]) * dt_s[None, :]
         scores = tl.where(offs_t[:, None] >= s[None, :], scores, 0.0)  # the causal mask L
         xs = tl.load(x_ptr + s[:, None] * (nheads * headdim) + offs_p[None, :],
                      mask=s_mask[:, None] & p_mask[None, :], other=0.0)
@@ -593,7 +665,7 @@ def _chunk_scan_fwd_kernel(
 @triton.jit
 def _state_passing_bwd_kernel(
     chunk_states_ptr,  # (batch, nchunks, H, P·N) fp32, S_c from stage 2
-    cs_ptr,  # (batch, H, nchunks, Q)
+    cs_ptr, cs_lo_ptr,  # (batch, H, nchunks, Q); lo or None
     h0_ptr,  # (batch, H, P·N) initial state, or None
     dstates_ptr,  # (batch, nchunks, H, P·N) fp32, ∂L/∂S_in[c] through the outputs of chunk c
     dfinal_ptr,  # (batch, H, P·N) ∂L/∂final, or None
@@ -629,7 +701,7 @@ def _state_passing_bwd_kernel(
         h = tl.load(h0_ptr + bh * state_size + offs, mask=mask, other=0.0).to(tl.float32)
     else:
         h = tl.zeros((BLOCK,), dtype=tl.float32)
-    _pass_states(chunk_states_ptr, cs_ptr, states_ptr, h, pid_b, pid_h, offs, mask,
+    _pass_states(chunk_states_ptr, cs_ptr, cs_lo_ptr, states_ptr, h, pid_b, pid_h, offs, mask,
                  nheads, state_size, nchunks, chunk_size)
     tl.debug_barrier()  # the loop below reads the S_in just stored (by this program only)
 
@@ -641,7 +713,7 @@ def _state_passing_bwd_kernel(
         c = nchunks - 1 - i
         idx = ((pid_b * nchunks + c) * nheads + pid_h).to(tl.int64) * state_size + offs
         tl.store(dchunk_ptr + idx, g.to(dchunk_ptr.dtype.element_ty), mask=mask)
-        chunk_decay = tl.exp(tl.load(cs_ptr + (bh * nchunks + c) * chunk_size + chunk_size - 1))
+        chunk_decay = _decay(*_load_cs(cs_ptr, cs_lo_ptr, (bh * nchunks + c + 1) * chunk_size - 1, None))
         s_in = tl.load(states_ptr + idx, mask=mask, other=0.0)
         if STATES_DOT_COPY:
             tl.store(states_dot_ptr + idx, s_in.to(states_dot_ptr.dtype.element_ty), mask=mask)
@@ -660,7 +732,7 @@ def _state_passing_bwd_kernel(
 def _chunk_scan_bwd_dx_kernel(
     x_ptr, dy_ptr,  # (batch, seqlen, H, P)
     dt_ptr,  # (batch, seqlen, H)
-    cs_ptr,  # (batch, H, nchunks, Q)
+    cs_ptr, cs_lo_ptr,  # (batch, H, nchunks, Q); lo or None
     cb_ptr,  # (batch, nchunks, G, Q, Q)
     B_ptr,  # (batch, seqlen, G, N)
     dchunk_ptr,  # (batch, nchunks, H, P, N), ∂L/∂S_c in the dots' operand dtype
@@ -694,6 +766,8 @@ def _chunk_scan_bwd_dx_kernel(
     dt_ptr += dt_off
     B_ptr += group_off
     cs_ptr += tok  # (tok is also the offset of the other per-token buffers)
+    if cs_lo_ptr is not None:
+        cs_lo_ptr += tok
     cb_ptr += cb_off
     dchunk_ptr += state_off
 
@@ -703,8 +777,8 @@ def _chunk_scan_bwd_dx_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     s_mask = offs_s < chunk_len
     p_mask = offs_p < headdim
-    cs_s = tl.load(cs_ptr + offs_s, mask=offs_s < chunk_size, other=0.0)
-    cs_last = tl.load(cs_ptr + chunk_size - 1)
+    cs_s, lo_s = _load_cs(cs_ptr, cs_lo_ptr, offs_s, offs_s < chunk_size)
+    cs_last, lo_last = _load_cs(cs_ptr, cs_lo_ptr, chunk_size - 1, None)
 
     # through the chunk state: exp(cs[Q-1] − cs[s]) · B_s · (∂L/∂S_c)ᵀ, ∂L/∂S_c read as (N, P)
     b = tl.load(B_ptr + offs_s[:, None] * (ngroups * dstate) + offs_n[None, :],
@@ -712,7 +786,7 @@ def _chunk_scan_bwd_dx_kernel(
     dSc_T = tl.load(dchunk_ptr + offs_p[None, :] * dstate + offs_n[:, None],
                     mask=p_mask[None, :] & (offs_n[:, None] < dstate), other=0.0)
     du = tl.dot(b.to(DOT_DTYPE), dSc_T.to(DOT_DTYPE), input_precision=DOT_PRECISION)
-    du *= tl.exp(tl.minimum(cs_last - cs_s, 0.0))[:, None]
+    du *= _decay(cs_last - cs_s, lo_last - lo_s)[:, None]
 
     # intra-chunk, transposed: Σ_{t≥s} CB[t,s]·exp(cs[t] − cs[s]) · dy_t
     for t0 in range(pid_s * BLOCK_S, chunk_len, BLOCK_T):
@@ -720,8 +794,8 @@ def _chunk_scan_bwd_dx_kernel(
         t_mask = t < chunk_len
         cbT = tl.load(cb_ptr + t[None, :] * chunk_size + offs_s[:, None],  # (BLOCK_S, BLOCK_T) = CB[t, s]ᵀ
                       mask=(t[None, :] < chunk_size) & (offs_s[:, None] < chunk_size), other=0.0)
-        cs_t = tl.load(cs_ptr + t, mask=t_mask, other=0.0)
-        scoresT = cbT * tl.exp(tl.minimum(cs_t[None, :] - cs_s[:, None], 0.0))
+        cs_t, lo_t = _load_cs(cs_ptr, cs_lo_ptr, t, t_mask)
+        scoresT = cbT * _decay(cs_t[None, :] - cs_s[:, None], lo_t[None, :] - lo_s[:, None])
         scoresT = tl.where(t[None, :] >= offs_s[:, None], scoresT, 0.0)
         dyt = tl.load(dy_ptr + t[:, None] * (nheads * headdim) + offs_p[None, :],
                       mask=t_mask[:, None] & p_mask[None, :], other=0.0)
@@ -753,7 +827,7 @@ def _chunk_scan_bwd_dx_kernel(
 def _chunk_scan_bwd_dc_kernel(
     x_ptr, dy_ptr,  # (batch, seqlen, H, P)
     dt_ptr,  # (batch, seqlen, H)
-    cs_ptr,  # (batch, H, nchunks, Q)
+    cs_ptr, cs_lo_ptr,  # (batch, H, nchunks, Q); lo or None
     cb_ptr,  # (batch, nchunks, G, Q, Q)
     B_ptr, C_ptr,  # (batch, seqlen, G, N)
     states_ptr,  # (batch, nchunks, H, P, N), S_in in the dots' operand dtype
@@ -820,7 +894,7 @@ def _chunk_scan_bwd_dc_kernel(
     for i in range(heads_per_split):
         h = first_head + i
         tok = ((pid_b * nheads + h) * nchunks + pid_c).to(tl.int64) * chunk_size  # this head's per-token buffers
-        cs_t = tl.load(cs_ptr + tok + offs_t, mask=offs_t < chunk_size, other=0.0)
+        cs_t, lo_t = _load_cs(cs_ptr, cs_lo_ptr, tok + offs_t, offs_t < chunk_size)
         dyt = tl.load(dy_ptr + row0 * nheads * headdim + h * headdim
                       + offs_t[:, None] * (nheads * headdim) + offs_p[None, :],
                       mask=t_mask[:, None] & p_mask[None, :], other=0.0)
@@ -828,7 +902,7 @@ def _chunk_scan_bwd_dc_kernel(
                        + offs_p[:, None] * dstate + offs_n[None, :],
                        mask=p_mask[:, None] & n_mask[None, :], other=0.0)
         dc = tl.dot(dyt.to(DOT_DTYPE), s_in.to(DOT_DTYPE), input_precision=DOT_PRECISION)  # (BLOCK_T, N)
-        dc *= tl.exp(tl.minimum(cs_t, 0.0))[:, None]
+        dc *= _decay(cs_t, lo_t)[:, None]
         c = tl.load(C_ptr + offs_t[:, None] * (ngroups * dstate) + offs_n[None, :],  # (reloaded per head)
                     mask=t_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
         # (rows past the sequence end hold r = 0: the last kernel sums over the whole chunk)
@@ -847,16 +921,16 @@ def _chunk_scan_bwd_dc_kernel(
             bhc = ((pid_b * nheads + h) * nchunks + pid_c).to(tl.int64)  # (dA_diag passes 2³¹ entries first)
             tok = bhc * chunk_size
             diag = (bhc * n_t_tiles + pid_t) * chunk_size  # this row tile's slice of dA_diag
-            cs_t = tl.load(cs_ptr + tok + offs_t, mask=offs_t < chunk_size, other=0.0)
+            cs_t, lo_t = _load_cs(cs_ptr, cs_lo_ptr, tok + offs_t, offs_t < chunk_size)
             head_off = row0 * nheads * headdim + h * headdim  # (b, chunk start, h, 0) in x and dy
             dyt = tl.load(dy_ptr + head_off + offs_t[:, None] * (nheads * headdim) + offs_p[None, :],
                           mask=t_mask[:, None] & p_mask[None, :], other=0.0)
             xsT = tl.load(x_ptr + head_off + s[None, :] * (nheads * headdim) + offs_p[:, None],  # (P, BLOCK_S)
                           mask=p_mask[:, None] & s_mask[None, :], other=0.0)
-            cs_s = tl.load(cs_ptr + tok + s, mask=s_mask, other=0.0)
+            cs_s, lo_s = _load_cs(cs_ptr, cs_lo_ptr, tok + s, s_mask)
             dt_s = tl.load(dt_ptr + row0 * nheads + h + s * nheads, mask=s_mask, other=0.0).to(tl.float32)
             g = tl.dot(dyt.to(DOT_DTYPE), xsT.to(DOT_DTYPE), input_precision=DOT_PRECISION)  # (BLOCK_T, BLOCK_S)
-            g *= tl.exp(tl.minimum(cs_t[:, None] - cs_s[None, :], 0.0)) * dt_s[None, :]
+            g *= _decay(cs_t[:, None] - cs_s[None, :], lo_t[:, None] - lo_s[None, :]) * dt_s[None, :]
             g = tl.where(offs_t[:, None] >= s[None, :], g, 0.0)  # G[t, s]
             dcb += g
 
@@ -891,7 +965,7 @@ def _chunk_scan_bwd_dc_kernel(
 def _chunk_scan_bwd_db_kernel(
     x_ptr,  # (batch, seqlen, H, P)
     dt_ptr,  # (batch, seqlen, H)
-    cs_ptr,  # (batch, H, nchunks, Q)
+    cs_ptr, cs_lo_ptr,  # (batch, H, nchunks, Q); lo or None
     B_ptr, C_ptr,  # (batch, seqlen, G, N)
     dchunk_ptr,  # (batch, nchunks, H, P, N), ∂L/∂S_c in the dots' operand dtype
     dcb_ptr,  # (n_splits, batch, nchunks, G, Q, Q): dCB of this split's heads, from the dC program (s ≤ t)
@@ -939,8 +1013,8 @@ def _chunk_scan_bwd_db_kernel(
     for i in range(heads_per_split):
         h = first_head + i
         tok = ((pid_b * nheads + h) * nchunks + pid_c).to(tl.int64) * chunk_size  # this head's per-token buffers
-        cs_s = tl.load(cs_ptr + tok + offs_s, mask=offs_s < chunk_size, other=0.0)
-        cs_last = tl.load(cs_ptr + tok + chunk_size - 1)
+        cs_s, lo_s = _load_cs(cs_ptr, cs_lo_ptr, tok + offs_s, offs_s < chunk_size)
+        cs_last, lo_last = _load_cs(cs_ptr, cs_lo_ptr, tok + chunk_size - 1, None)
         dt_s = tl.load(dt_ptr + row0 * nheads + h + offs_s * nheads, mask=s_mask, other=0.0).to(tl.float32)
         xs = tl.load(x_ptr + row0 * nheads * headdim + h * headdim
                      + offs_s[:, None] * (nheads * headdim) + offs_p[None, :],
@@ -949,7 +1023,7 @@ def _chunk_scan_bwd_db_kernel(
                       + offs_p[:, None] * dstate + offs_n[None, :],
                       mask=p_mask[:, None] & n_mask[None, :], other=0.0)
         db = tl.dot(xs.to(DOT_DTYPE), dSc.to(DOT_DTYPE), input_precision=DOT_PRECISION)  # (BLOCK_S, N)
-        db *= (tl.exp(tl.minimum(cs_last - cs_s, 0.0)) * dt_s)[:, None]
+        db *= (_decay(cs_last - cs_s, lo_last - lo_s) * dt_s)[:, None]
         b = tl.load(B_ptr + offs_s[:, None] * (ngroups * dstate) + offs_n[None, :],  # (reloaded per head, from
                     mask=s_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)  # cache: fewer registers)
         tl.store(dA_state_ptr + tok + offs_s + 1, tl.sum(db * b, axis=1), mask=offs_s + 1 < chunk_len)
@@ -1107,16 +1181,16 @@ def _head_splits(heads_per_group, programs, device):
     return heads_per_group
 
 
-def _chunk_state(u, v, dt, A, cs, chunk_size, to_chunk_end):
+def _chunk_state(u, v, dt, A, cs, cs_lo, chunk_size, to_chunk_end):
     """Stage 2's program: Σ_s w_s·u_s v_sᵀ per chunk and head, fp32 (b, nc, H, P, N), with
     w_s = exp(cs[Q-1] − cs[s])·dt_s (to_chunk_end, u = x, v = B: the chunk states S_c, in the forward,
-    which first fills cs (b, H, nc, Q) with stage 1) or w_s = exp(cs[s]) (u = dy, v = C: ∂L/∂S_in[c]
-    through the outputs of chunk c, in the backward, which reads cs)."""
+    which first fills cs and cs_lo (b, H, nc, Q) with stage 1) or w_s = exp(cs[s]) (u = dy, v = C:
+    ∂L/∂S_in[c] through the outputs of chunk c, in the backward, which reads them)."""
     b, l, h, p = u.shape
     g, n = v.shape[2:]
     nc = _cdiv(l, chunk_size)
     out = torch.empty(b, nc, h, p, n, device=u.device, dtype=torch.float32)
-    _launch(_chunk_state_kernel, (b * nc, h, 1), (chunk_size, p, n, u.dtype), u, v, dt, A, cs, out,
+    _launch(_chunk_state_kernel, (b * nc, h, 1), (chunk_size, p, n, u.dtype), u, v, dt, A, cs, cs_lo, out,
             l, h, p, g, n, nc, chunk_size, TO_CHUNK_END=to_chunk_end, **_dot_args(u, n, p))
     return out
 
@@ -1134,8 +1208,9 @@ def _chunk_cb(C, B, chunk_size, x):
 
 def _forward_stages(x, dt, A, B, C, chunk_size, initial_state):
     """Stages 1–4 of the forward (the backward runs stage 3 again, fused into its own reverse pass).
-    Returns cs (b, H, nc, Q), the chunk states S_c (b, nc, H, P, N, fp32), CB (b, nc, G, Q, Q), the
-    entering states (b, nc, H, P, N, in the dots' operand dtype) and the final state (fp32)."""
+    Returns cs and cs_lo (b, H, nc, Q; cs_lo None unless x is fp32), the chunk states S_c (b, nc, H, P, N,
+    fp32), CB (b, nc, G, Q, Q), the entering states (b, nc, H, P, N, in the dots' operand dtype) and the
+    final state (fp32)."""
     b, l, h, p = x.shape
     n = B.shape[3]
     Q = chunk_size
@@ -1143,34 +1218,35 @@ def _forward_stages(x, dt, A, B, C, chunk_size, initial_state):
     f32 = dict(device=x.device, dtype=torch.float32)
 
     cs = torch.empty(b, h, nc, Q, **f32)  # stage 1, written by stage 2's program
-    chunk_states = _chunk_state(x, B, dt, A, cs, Q, to_chunk_end=True)
+    cs_lo = torch.empty_like(cs) if x.dtype == torch.float32 else None  # (see "Decays: cs in two parts")
+    chunk_states = _chunk_state(x, B, dt, A, cs, cs_lo, Q, to_chunk_end=True)
 
     # the entering states are only dot operands of stage 5: stored in that dtype
     states = torch.empty(b, nc, h, p, n, device=x.device, dtype=_dot_torch_dtype(x))
     final = torch.empty(b, h, p, n, **f32)
     _launch(_state_passing_fwd_kernel, (_cdiv(p * n, _STATE_BLOCK), b, h), None,
-            chunk_states, cs, initial_state, states, final, h, p * n, nc, Q,
+            chunk_states, cs, cs_lo, initial_state, states, final, h, p * n, nc, Q,
             HAS_INITIAL=initial_state is not None, BLOCK=_STATE_BLOCK, num_warps=2)
-    return cs, chunk_states, _chunk_cb(C, B, Q, x), states, final
+    return cs, cs_lo, chunk_states, _chunk_cb(C, B, Q, x), states, final
 
 
 def _ssd_forward(x, dt, A, B, C, chunk_size, D, initial_state):
     """All five stages (four programs): returns y (b, l, H, P) in x's dtype, the final state (b, H, P, N) in fp32, and
-    what the backward keeps: (cs, S_c, CB), see `_forward_stages`."""
+    what the backward keeps: (cs, cs_lo, S_c, CB), see `_forward_stages`."""
     b, l, h, p = x.shape
     g, n = B.shape[2:]
     nc = _cdiv(l, chunk_size)
-    cs, chunk_states, cb, states, final = _forward_stages(x, dt, A, B, C, chunk_size, initial_state)
+    cs, cs_lo, chunk_states, cb, states, final = _forward_stages(x, dt, A, B, C, chunk_size, initial_state)
     y = torch.empty_like(x)
     grid = lambda META: (_cdiv(chunk_size, META["BLOCK_T"]), b * nc, h)
-    _launch(_chunk_scan_fwd_kernel, grid, (chunk_size, p, n, x.dtype), x, dt, cs, cb, C, states, D, y,
+    _launch(_chunk_scan_fwd_kernel, grid, (chunk_size, p, n, x.dtype), x, dt, cs, cs_lo, cb, C, states, D, y,
             l, h, p, g, n, nc, chunk_size, HAS_D=D is not None, **_dot_args(x, n, p))
-    return y, final, (cs, chunk_states, cb)
+    return y, final, (cs, cs_lo, chunk_states, cb)
 
 
 def _ssd_backward(dy, dfinal, x, dt, A, B, C, kept, chunk_size, D, initial_state):
     """The gradients (dx, ddt, dA, dB, dC, dD, dh0) of L given dy = ∂L/∂y and dfinal = ∂L/∂final
-    (either may be None: no gradient flows from there), and kept = (cs, S_c, CB) from the forward. See
+    (either may be None: no gradient flows from there), and kept = (cs, cs_lo, S_c, CB) from the forward. See
     the derivation above the backward kernels.
 
     Launches: ∂L/∂S_in (stage 2's program), stage 3 fused with its backward, dx, dC, dB, the decay
@@ -1187,8 +1263,8 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, kept, chunk_size, D, initial_state
     key = (Q, p, n, x.dtype)  # what the autotuned configs are chosen for (see `_launch`)
 
     # ∂L/∂S_in[c] through the outputs of chunk c: stage 2's program with the other weight
-    cs, chunk_states, cb = kept
-    dstates = _chunk_state(dy, C, dt, A, cs, Q, to_chunk_end=False)
+    cs, cs_lo, chunk_states, cb = kept
+    dstates = _chunk_state(dy, C, dt, A, cs, cs_lo, Q, to_chunk_end=False)
 
     # stage 3 again (S_in), then the reverse scan over chunks: ∂L/∂S_c, ∂L/∂α_c (partial sums), ∂L/∂h_0;
     # S_in and ∂L/∂S_c are read by the later programs only as dot operands: stored in that dtype too
@@ -1200,7 +1276,7 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, kept, chunk_size, D, initial_state
     dalpha = torch.empty(b, h, nc, n_blocks, **f32)
     dh0 = torch.empty(b, h, p, n, **f32) if initial_state is not None else None
     _launch(_state_passing_bwd_kernel, (n_blocks, b, h), None,
-            chunk_states, cs, initial_state, dstates, dfinal, states, states_dot, dchunk, dalpha, dh0,
+            chunk_states, cs, cs_lo, initial_state, dstates, dfinal, states, states_dot, dchunk, dalpha, dh0,
             h, p * n, nc, Q, HAS_DFINAL=dfinal is not None, HAS_INITIAL=initial_state is not None,
             STATES_DOT_COPY=states_dot is not states, BLOCK=_STATE_BLOCK, num_warps=2)
 
@@ -1209,7 +1285,7 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, kept, chunk_size, D, initial_state
     ddt_x = torch.empty(b, h, nc, Q, **f32)
     dxy = torch.empty(b, h, nc, Q, **f32) if D is not None else None
     grid = lambda META: (_cdiv(Q, META["BLOCK_S"]), b * nc, h)
-    _launch(_chunk_scan_bwd_dx_kernel, grid, key, x, dy, dt, cs, cb, B, dchunk, D, dx, ddt_x, dxy,
+    _launch(_chunk_scan_bwd_dx_kernel, grid, key, x, dy, dt, cs, cs_lo, cb, B, dchunk, D, dx, ddt_x, dxy,
             l, h, p, g, n, nc, Q, HAS_D=D is not None, **dots)
 
     # dC, then dB (one buffer, so that one reduction and one cast serve both), each summed over the
@@ -1221,12 +1297,13 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, kept, chunk_size, D, initial_state
     dA_diag = torch.empty(b, h, nc, _cdiv(Q, _DC_MIN_BLOCK_T), Q, **f32)  # room for any row tile
     row_prefix = torch.empty(b, h, nc, Q, **f32)  # (the dC program's scratch)
     grid = lambda META: (_cdiv(Q, META["BLOCK_T"]), b * nc, g * n_splits)
-    dc_config = _launch(_chunk_scan_bwd_dc_kernel, grid, key, x, dy, dt, cs, cb, B, C, states_dot, dcb, dBC[1],
+    dc_config = _launch(_chunk_scan_bwd_dc_kernel, grid, key, x, dy, dt, cs, cs_lo, cb, B, C, states_dot, dcb,
+                        dBC[1],
                         dA_off, dA_diag, row_prefix, b, l, h, p, g, n, nc, Q, n_splits, **dots)
     dc_block_t = dc_config.kwargs["BLOCK_T"]  # the row tile the dC program ran with
     dA_state = torch.empty(b, h, nc, Q, **f32)
     grid = lambda META: (_cdiv(Q, META["BLOCK_S"]), b * nc, g * n_splits)
-    _launch(_chunk_scan_bwd_db_kernel, grid, key, x, dt, cs, B, C, dchunk, dcb, dBC[0], dA_state,
+    _launch(_chunk_scan_bwd_db_kernel, grid, key, x, dt, cs, cs_lo, B, C, dchunk, dcb, dBC[0], dA_state,
             b, l, h, p, g, n, nc, Q, n_splits, **dots)
 
     # the decay gradient, then ∂L/∂dt, and the per-chunk parts of ∂L/∂A and ∂L/∂D (one buffer)
@@ -1251,7 +1328,7 @@ def _on_device_of(t):
 class SSDChunkScanFn(torch.autograd.Function):
     """Forward: the five stages (four programs). Backward: stage 3 again, then the backward programs.
     Saved for the backward besides the inputs: cs (4 bytes per token and head, 1/32 of x at P = 64 in
-    bf16), the chunk states S_c (fp32, P·N·4/Q bytes per token and head: as large as x in bf16 at
+    bf16; 8 for fp32 inputs, with its low part), the chunk states S_c (fp32, P·N·4/Q bytes per token and head: as large as x in bf16 at
     N = 128, Q = 256) and CB (G·Q·4 bytes per token: a quarter of x at the 370m shapes). Recomputing S_c
     and CB instead would save that memory for one more pass over x and B, and one over C and B (~80 µs
     of 1.7 ms at 8 × 2048 on an H100, by its profile); the entering states S_in are recomputed (keeping

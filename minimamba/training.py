@@ -712,7 +712,8 @@ def matmul_flops(device, dtype=None, seconds=0.25):
 
 class _ScanStandIn(torch.autograd.Function):
     """Shapes only, for the meta-device estimate: what the Triton scan saves for its backward (see
-    kernels.ssd_triton.SSDChunkScanFn): its inputs, cs, the chunk states S_c and CB, all three fp32."""
+    kernels.ssd_triton.SSDChunkScanFn): its inputs, cs (and for fp32 inputs its low part), the chunk
+    states S_c and CB, all fp32."""
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, chunk_size):
@@ -721,9 +722,10 @@ class _ScanStandIn(torch.autograd.Function):
         nc = -(-l // chunk_size)
         f32 = dict(dtype=torch.float32)
         cs = x.new_empty(b, h, nc, chunk_size, **f32)
+        cs_lo = torch.empty_like(cs) if x.dtype == torch.float32 else None
         chunk_states = x.new_empty(b, nc, h, p, n, **f32)
         cb = x.new_empty(b, nc, g, chunk_size, chunk_size, **f32)
-        ctx.save_for_backward(x, dt, A, B, C, D, cs, chunk_states, cb)
+        ctx.save_for_backward(x, dt, A, B, C, D, cs, cs_lo, chunk_states, cb)
         return torch.empty_like(x), x.new_empty(b, h, p, n, **f32)
 
     @staticmethod

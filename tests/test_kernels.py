@@ -134,11 +134,18 @@ def test_forward_stages_match_their_references():
     pb = make_problem(2, 45, 4, 8, 2, 16, seed=3)
     x, dt, A, B, C, h0 = (pb[k].float() for k in ("x", "dt", "A", "B", "C", "initial_state"))
     Q = 16
-    cs, chunk_states, cb, states, final = K._forward_stages(x, dt, A, B, C, Q, h0)
+    cs, cs_lo, chunk_states, cb, states, final = K._forward_stages(x, dt, A, B, C, Q, h0)
     cs_ref = K.chunk_cumsum_ref(dt, A, Q)
     chunk_states_ref = K.chunk_state_ref(x, dt, B, cs_ref)
     states_ref, final_ref = K.state_passing_ref(chunk_states_ref, cs_ref, h0)
     assert rel_err(cs, cs_ref.double()) < 1e-6
+    # cs in two parts (fp32 inputs): hi + lo is the sum of the fp32 products dt·A to ~1e-14, and hi is
+    # that sum correctly rounded (see "Decays: cs in two parts")
+    dA = torch.nn.functional.pad(dt * A, (0, 0, 0, cs.shape[2] * Q - dt.shape[1])).double()  # (b, nc·Q, H)
+    exact = dA.view(2, -1, Q, 4).cumsum(2).permute(0, 3, 1, 2)  # (b, H, nc, Q)
+    assert rel_err(cs.double() + cs_lo.double(), exact) < 1e-13
+    assert torch.equal(cs, exact.float())
+    assert K._forward_stages(x.bfloat16(), dt, A, B.bfloat16(), C.bfloat16(), Q, h0)[1] is None  # no low part
     assert rel_err(chunk_states, chunk_states_ref.double()) < 1e-5
     assert rel_err(cb, K.chunk_cb_ref(C, B, Q).double()) < 1e-6
     assert rel_err(states, states_ref.double()) < 1e-5
@@ -210,7 +217,7 @@ def test_bf16_buffers_as_on_a_gpu(monkeypatch):
 
 
 def test_backward_twice_gives_the_same_gradients():
-    """The backward reads what the forward kept (cs, S_c, CB) and must not write to it: a second backward
+    """The backward reads what the forward kept (cs, cs_lo, S_c, CB) and must not write to it: a second backward
     through the same graph (retain_graph) gives the same bits."""
     pb = make_problem(2, 45, 4, 8, 2, 16, seed=17)
     leaves = [pb[k].float().clone().requires_grad_() for k in ("x", "dt", "A", "B", "C", "D", "initial_state")]

@@ -202,14 +202,16 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
     assert res["ppl"] == pytest.approx(64) and res["tokens"] == 40
 
 
-def test_memory_estimate_counts_what_the_triton_scan_keeps(monkeypatch):
-    """The Triton scan keeps cs, the chunk states S_c and CB (fp32) besides its inputs: the estimate
-    counts exactly those bytes per layer on top of a stand-in that keeps only the inputs."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_memory_estimate_counts_what_the_triton_scan_keeps(monkeypatch, dtype):
+    """The Triton scan keeps cs (with its low part for fp32 inputs), the chunk states S_c and CB (fp32)
+    besides its inputs: the estimate counts exactly those bytes per layer on top of a stand-in that
+    keeps only the inputs."""
     from minimamba import training
 
     cfg = small_config()
     seq_len = 40  # 3 chunks of 16, the last one partial
-    with_kept = activation_bytes(cfg, seq_len, backend="triton")
+    with_kept = activation_bytes(cfg, seq_len, backend="triton", dtype=dtype)
 
     class InputsOnly(torch.autograd.Function):
         @staticmethod
@@ -223,10 +225,11 @@ def test_memory_estimate_counts_what_the_triton_scan_keeps(monkeypatch):
             return (None,) * 7
 
     monkeypatch.setattr(training, "_ScanStandIn", InputsOnly)
-    inputs_only = activation_bytes(cfg, seq_len, backend="triton")
+    inputs_only = activation_bytes(cfg, seq_len, backend="triton", dtype=dtype)
     H, P, N, G, Q = cfg.nheads, cfg.headdim, cfg.d_state, cfg.ngroups, cfg.chunk_size
     nc = math.ceil(seq_len / Q)
-    kept_per_layer = 4 * (H * nc * Q + nc * H * P * N + nc * G * Q * Q)  # cs, S_c, CB
+    cs_parts = 2 if dtype == torch.float32 else 1
+    kept_per_layer = 4 * (cs_parts * H * nc * Q + nc * H * P * N + nc * G * Q * Q)  # cs (+ lo), S_c, CB
     assert with_kept - inputs_only == cfg.n_layer * kept_per_layer
 
 
