@@ -34,7 +34,7 @@ if "kernels.ssd_triton" in sys.modules and not sys.modules["kernels.ssd_triton"]
                 allow_module_level=True)
 
 import triton  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from kernels import ssd_chunk_scan  # noqa: E402
@@ -304,6 +304,10 @@ def problems(draw):
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems())
+# a draw on which ∂L/∂A erred 1.2e-4 while cs was one fp32 number per token (four per-chunk parts of ~0.9
+# cancel to 0.013); with cs in two parts 1.2e-5, as the fp32 PyTorch reference (see "Decays" in ssd_triton.py)
+@example(problem=(dict(b=2, l=59, h=1, p=4, g=1, n=16), 32,
+                  dict(dt_range=(5e-4, 0.5), with_D=False, with_h0=False, seed=13494), False, 1))
 def test_property_matches_recurrence_fp32(problem):
     shape, Q, opts, use_final, splits = problem
     with pytest.MonkeyPatch.context() as mp:  # (not the fixture: hypothesis runs many examples per test)
