@@ -216,7 +216,9 @@ def compare_launch_paths(gpu, shape, dtype):
     launch path makes for the same call, launch by launch: the same binary, grid, stream, metadata, hooks
     and arguments. Three calls: the plain one; x at an address that is not 16-byte aligned, for which
     Triton compiles other binaries (checked: else this would not show that the direct path tells them
-    apart); an initial state and a loss on the final state too (the programs' other variants).
+    apart); an initial state and a loss on the final state too (the programs' other variants). Each is
+    made twice directly: its launches found by their own keys (which records the call's `_Plan`), then
+    taken from that plan (checked: no key built but the plans' own).
     Returns the launches compared; raises AssertionError at the first difference."""
     from kernels import ssd_triton
     from kernels.ssd_triton import SSDChunkScanFn
@@ -228,24 +230,33 @@ def compare_launch_paths(gpu, shape, dtype):
     batch, _, h, p, n = shape[:5]
     h0 = torch.randn(batch, h, p, n, generator=torch.Generator().manual_seed(1))
     cases = {"plain": inputs, "misaligned x": {**inputs, "x": misaligned}, "initial state": {**inputs, "h0": h0}}
-    used, compared, setting = {}, 0, ssd_triton.DIRECT_LAUNCH
+    used, compared, setting, selector = {}, 0, ssd_triton.DIRECT_LAUNCH, ssd_triton._selector
     for name, case in cases.items():
         calls = {}
         for direct in (False, True):
             ssd_triton.DIRECT_LAUNCH = direct  # (on even where this Triton is not known to launch alike)
             try:
                 _call(SSDChunkScanFn, shape, case, backward=True)  # (compiles; keeps the binaries)
-                gpu.recorded, gpu.labels = [], {t.data_ptr(): k for k, t in case.items()}
-                _call(SSDChunkScanFn, shape, case, backward=True)
-                calls[direct] = gpu.recorded
+                calls[direct] = []
+                # direct: the launches found by their keys (the call records its plan), then by that plan
+                for _ in range(2 if direct else 1):
+                    gpu.recorded, gpu.labels = [], {t.data_ptr(): k for k, t in case.items()}
+                    keys = []  # (`_selector` calls: what building a key costs)
+                    ssd_triton._selector = lambda args: keys.append(1) or selector(args)
+                    _call(SSDChunkScanFn, shape, case, backward=True)
+                    ssd_triton._selector = selector
+                    calls[direct].append(gpu.recorded)
+                # by the plan, only the plans' keys are built: one for the forward, one for the backward
+                assert not direct or len(keys) == 2, f"{name}: the last call built {len(keys)} keys, not 2"
             finally:
-                gpu.recorded, ssd_triton.DIRECT_LAUNCH = None, setting
-        through_triton, direct = calls[False], calls[True]
-        assert len(direct) == len(through_triton), (name, len(direct), len(through_triton))
-        for i, (a, b) in enumerate(zip(direct, through_triton)):
-            assert a == b, f"{name}, launch {i} ({a[0]}): direct {a} != through Triton {b}"
-        used[name] = {index for _, index, _ in direct}
-        compared += len(direct)
+                gpu.recorded, ssd_triton.DIRECT_LAUNCH, ssd_triton._selector = None, setting, selector
+        (through_triton,) = calls[False]
+        for how, direct in zip(("by their keys", "by the call's plan"), calls[True]):
+            assert len(direct) == len(through_triton), (name, how, len(direct), len(through_triton))
+            for i, (a, b) in enumerate(zip(direct, through_triton)):
+                assert a == b, f"{name}, launch {i} ({a[0]}), {how}: direct {a} != through Triton {b}"
+            compared += len(direct)
+        used[name] = {index for _, index, _ in through_triton}
     assert used["plain"] != used["misaligned x"], "a misaligned x made Triton choose the same binaries"
     return compared
 
@@ -416,7 +427,8 @@ def main(argv=None):
         print(f"direct launches: off ({off_because}): every launch goes through Triton")
     else:
         print(f"direct launches: {launches_compared} compared with Triton's own launch path (3 forward+backward "
-              "calls: plain, x not 16-byte aligned, with an initial state): each the same binary, grid and arguments")
+              "calls: plain, x not 16-byte aligned, with an initial state; each by the launches' keys, then by the "
+              "call's plan): each the same binary, grid and arguments")
     if host and "baseline" in host:
         print("this / baseline: " + ", ".join(f"{part} {host['this'][part] / host['baseline'][part]:.2f}x"
                                              for part in HOST_PARTS))

@@ -74,6 +74,7 @@ def _cfg(num_warps=4, num_stages=2, maxnreg=None, **tiles):
 
 _CHOSEN = {}  # (autotuned program, key) -> the triton.Config its autotuner chose for that key
 _BINARIES = {}  # (program, key, device, constexprs, what of the arguments selects a binary) -> a `_Binary`
+_PLANS = {}  # the key of a forward or backward call -> the `_Binary`s of its launches, in order (see `_Plan`)
 _FIRST_LAUNCH = threading.Lock()
 _MAX_BINARIES = 4096  # (its keys hold the integer arguments, seqlen among them: bounded for varying lengths)
 
@@ -105,13 +106,41 @@ DIRECT_LAUNCH = DIRECT_LAUNCH_OFF_BECAUSE is None
 
 
 class _Binary:
-    """A compiled program as `_launch` launches it: the binary, the config it was compiled with (None if
-    not autotuned), the keyword arguments its grid function reads (META), and the values of its keyword
-    arguments in the order of the program's parameters (they follow the positional ones)."""
+    """A compiled program as `_launch` launches it: the program it is a binary of, the binary, the config
+    it was compiled with (None if not autotuned), the keyword arguments its grid function reads (META),
+    and the values of its keyword arguments in the order of the program's parameters (they follow the
+    positional ones)."""
 
-    def __init__(self, kernel, config, meta, arg_names, n_positional):
-        self.kernel, self.config, self.meta = kernel, config, meta
+    def __init__(self, program, kernel, config, meta, arg_names, n_positional):
+        self.program, self.kernel, self.config, self.meta = program, kernel, config, meta
         self.tail = tuple(meta[name] for name in arg_names[n_positional:])
+
+
+class _Plan:
+    """The launches of one forward or one backward call, for `_launch`. Everything that selects their
+    binaries follows from the call's key: the inputs' dtypes and 16-byte alignments (`_selector`), their
+    shapes, which optional inputs there are, the chunk size and the device. The buffers the call allocates
+    have sizes, hence alignments, that the shapes fix (CUDA allocations start 512-byte aligned), and so do
+    the integer arguments; the configs are the autotuners' choices for those shapes. So the binaries one
+    call's launches found through their own keys are those of every later call with the same key: the
+    first call whose launches all found theirs records them, later calls take them in order, without
+    building a key per launch (`kernels.offline` compares such launches with Triton's too). Also holds the
+    call's device and stream, read once per call instead of once per launch."""
+
+    def __init__(self, *key):
+        self.key = key
+        self.binaries = _PLANS.get(key) if DIRECT_LAUNCH else None  # None: record them
+        self.recorded, self.complete, self.next = [], DIRECT_LAUNCH, 0
+        if DIRECT_LAUNCH:
+            self.device = triton.runtime.driver.active.get_current_device()
+            self.stream = triton.runtime.driver.active.get_current_stream(self.device)
+
+    def done(self):
+        """The call launched everything: keep what it recorded, if every launch found its binary."""
+        if self.binaries is None and self.complete:
+            if len(_PLANS) >= _MAX_BINARIES:
+                _PLANS.clear()
+            _PLANS[self.key] = self.recorded
 
 
 def _selector(args):
@@ -122,9 +151,10 @@ def _selector(args):
     return [(a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor) else (a.__class__, a) for a in args]
 
 
-def _launch(program, grid, key, *args, **constexprs):
+def _launch(program, grid, key, plan, *args, **constexprs):
     """program[grid](*args, **constexprs), through Triton's launch path only the first time a binary is
-    needed; returns the triton.Config used (None for a program that is not autotuned).
+    needed; returns the triton.Config used (None for a program that is not autotuned). `plan`: the
+    `_Plan` of the call this launch is part of.
 
     Each launch through Triton (`JITFunction.run`) works out again which binary the arguments select
     (~20 µs plus ~0.6 µs per argument of host time on a 2-core VM; an autotuned program adds ~30 µs of
@@ -137,17 +167,27 @@ def _launch(program, grid, key, *args, **constexprs):
     changed since it was compiled (this module changes none), and what `run` reads from `triton.knobs`
     at each launch that can select another binary (debug, instrumentation, fpsan casts, a stages
     inspection hook): after changing those, call `forget_tuning()`, which forgets the binaries too.
+    Building that key costs ~14 µs per launch here, so a call like an earlier one (same `_Plan` key) takes
+    the binaries that call's launches found, in order, and builds none.
     Grids are 3-tuples (a grid of another length raises after its first launch through Triton, where
     direct launches are on)."""
     if not DIRECT_LAUNCH:
         return _launch_through_triton(program, grid, key, None, args, constexprs)
-    device = triton.runtime.driver.active.get_current_device()
-    where = (program, key, device, *_selector(constexprs.values()), *_selector(args))
-    binary = _BINARIES.get(where)
-    if binary is None:
-        return _launch_through_triton(program, grid, key, where, args, constexprs)
+    if plan.binaries is not None:  # a call like one before: its binaries in order
+        binary = plan.binaries[plan.next]
+        plan.next += 1
+        if binary.program is not program:
+            raise RuntimeError(f"kernels.ssd_triton: launch plan out of step ({binary.program} for {program}); "
+                               "please report this. kernels.ssd_triton.DIRECT_LAUNCH = False avoids it")
+    else:
+        where = (program, key, plan.device, *_selector(constexprs.values()), *_selector(args))
+        binary = _BINARIES.get(where)
+        if binary is None:
+            plan.complete = False
+            return _launch_through_triton(program, grid, key, where, args, constexprs)
+        plan.recorded.append(binary)
+    stream = plan.stream
     g = grid(binary.meta) if callable(grid) else grid  # (a 3-tuple)
-    stream = triton.runtime.driver.active.get_current_stream(device)
     hooks = triton.knobs.runtime
     enter, leave = hooks.launch_enter_hook, hooks.launch_exit_hook
     kernel, all_args = binary.kernel, args + binary.tail
@@ -179,7 +219,7 @@ def _launch_through_triton(program, grid, key, where, args, constexprs):
     if kernel is not None:  # (None: a Triton cache hook declined to compile it)
         if len(_BINARIES) >= _MAX_BINARIES:
             _BINARIES.clear()
-        _BINARIES[where] = _Binary(kernel, config, meta, jit_fn.arg_names, len(args))
+        _BINARIES[where] = _Binary(program, kernel, config, meta, jit_fn.arg_names, len(args))
     return config
 
 
@@ -195,6 +235,7 @@ def forget_tuning():
     to tune each timed shape as a training run would tune its own)."""
     _CHOSEN.clear()
     _BINARIES.clear()
+    _PLANS.clear()
     for k in autotuned_programs().values():
         k.cache.clear()
 
@@ -1181,7 +1222,7 @@ def _head_splits(heads_per_group, programs, device):
     return heads_per_group
 
 
-def _chunk_state(u, v, dt, A, cs, cs_lo, chunk_size, to_chunk_end):
+def _chunk_state(u, v, dt, A, cs, cs_lo, chunk_size, to_chunk_end, plan):
     """Stage 2's program: Σ_s w_s·u_s v_sᵀ per chunk and head, fp32 (b, nc, H, P, N), with
     w_s = exp(cs[Q-1] − cs[s])·dt_s (to_chunk_end, u = x, v = B: the chunk states S_c, in the forward,
     which first fills cs and cs_lo (b, H, nc, Q) with stage 1) or w_s = exp(cs[s]) (u = dy, v = C:
@@ -1190,23 +1231,24 @@ def _chunk_state(u, v, dt, A, cs, cs_lo, chunk_size, to_chunk_end):
     g, n = v.shape[2:]
     nc = _cdiv(l, chunk_size)
     out = torch.empty(b, nc, h, p, n, device=u.device, dtype=torch.float32)
-    _launch(_chunk_state_kernel, (b * nc, h, 1), (chunk_size, p, n, u.dtype), u, v, dt, A, cs, cs_lo, out,
+    _launch(_chunk_state_kernel, (b * nc, h, 1), (chunk_size, p, n, u.dtype), plan, u, v, dt, A, cs, cs_lo, out,
             l, h, p, g, n, nc, chunk_size, TO_CHUNK_END=to_chunk_end, **_dot_args(u, n, p))
     return out
 
 
-def _chunk_cb(C, B, chunk_size, x):
+def _chunk_cb(C, B, chunk_size, x, plan):
     """Stage 4's program: CB (b, nc, G, Q, Q) fp32, with x's dtype for the dot operands."""
     b, l, g, n = B.shape
     Q = chunk_size
     nc = _cdiv(l, Q)
     cb = torch.empty(b, nc, g, Q, Q, device=B.device, dtype=torch.float32)
     grid = lambda META: (_cdiv(Q, META["BLOCK_T"]) * _cdiv(Q, META["BLOCK_S"]), b * nc, g)
-    _launch(_chunk_cb_kernel, grid, (Q, x.shape[-1], n, x.dtype), C, B, cb, l, g, n, nc, Q, **_dot_args(x, n))
+    _launch(_chunk_cb_kernel, grid, (Q, x.shape[-1], n, x.dtype), plan, C, B, cb, l, g, n, nc, Q,
+            **_dot_args(x, n))
     return cb
 
 
-def _forward_stages(x, dt, A, B, C, chunk_size, initial_state):
+def _forward_stages(x, dt, A, B, C, chunk_size, initial_state, plan):
     """Stages 1–4 of the forward (the backward runs stage 3 again, fused into its own reverse pass).
     Returns cs and cs_lo (b, H, nc, Q; cs_lo None unless x is fp32), the chunk states S_c (b, nc, H, P, N,
     fp32), CB (b, nc, G, Q, Q), the entering states (b, nc, H, P, N, in the dots' operand dtype) and the
@@ -1219,15 +1261,15 @@ def _forward_stages(x, dt, A, B, C, chunk_size, initial_state):
 
     cs = torch.empty(b, h, nc, Q, **f32)  # stage 1, written by stage 2's program
     cs_lo = torch.empty_like(cs) if x.dtype == torch.float32 else None  # (see "Decays: cs in two parts")
-    chunk_states = _chunk_state(x, B, dt, A, cs, cs_lo, Q, to_chunk_end=True)
+    chunk_states = _chunk_state(x, B, dt, A, cs, cs_lo, Q, to_chunk_end=True, plan=plan)
 
     # the entering states are only dot operands of stage 5: stored in that dtype
     states = torch.empty(b, nc, h, p, n, device=x.device, dtype=_dot_torch_dtype(x))
     final = torch.empty(b, h, p, n, **f32)
-    _launch(_state_passing_fwd_kernel, (_cdiv(p * n, _STATE_BLOCK), b, h), None,
+    _launch(_state_passing_fwd_kernel, (_cdiv(p * n, _STATE_BLOCK), b, h), None, plan,
             chunk_states, cs, cs_lo, initial_state, states, final, h, p * n, nc, Q,
             HAS_INITIAL=initial_state is not None, BLOCK=_STATE_BLOCK, num_warps=2)
-    return cs, cs_lo, chunk_states, _chunk_cb(C, B, Q, x), states, final
+    return cs, cs_lo, chunk_states, _chunk_cb(C, B, Q, x, plan), states, final
 
 
 def _ssd_forward(x, dt, A, B, C, chunk_size, D, initial_state):
@@ -1236,11 +1278,13 @@ def _ssd_forward(x, dt, A, B, C, chunk_size, D, initial_state):
     b, l, h, p = x.shape
     g, n = B.shape[2:]
     nc = _cdiv(l, chunk_size)
-    cs, cs_lo, chunk_states, cb, states, final = _forward_stages(x, dt, A, B, C, chunk_size, initial_state)
+    plan = _Plan("forward", chunk_size, x.shape, B.shape, x.device, *_selector((x, dt, A, B, C, D, initial_state)))
+    cs, cs_lo, chunk_states, cb, states, final = _forward_stages(x, dt, A, B, C, chunk_size, initial_state, plan)
     y = torch.empty_like(x)
     grid = lambda META: (_cdiv(chunk_size, META["BLOCK_T"]), b * nc, h)
-    _launch(_chunk_scan_fwd_kernel, grid, (chunk_size, p, n, x.dtype), x, dt, cs, cs_lo, cb, C, states, D, y,
-            l, h, p, g, n, nc, chunk_size, HAS_D=D is not None, **_dot_args(x, n, p))
+    _launch(_chunk_scan_fwd_kernel, grid, (chunk_size, p, n, x.dtype), plan, x, dt, cs, cs_lo, cb, C, states, D,
+            y, l, h, p, g, n, nc, chunk_size, HAS_D=D is not None, **_dot_args(x, n, p))
+    plan.done()
     return y, final, (cs, cs_lo, chunk_states, cb)
 
 
@@ -1261,10 +1305,11 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, kept, chunk_size, D, initial_state
     dfinal = None if dfinal is None else dfinal.contiguous()
     dots = _dot_args(x, n, p)
     key = (Q, p, n, x.dtype)  # what the autotuned configs are chosen for (see `_launch`)
+    plan = _Plan("backward", Q, x.shape, B.shape, x.device, *_selector((dy, dfinal, x, dt, A, B, C, D, initial_state)))
 
     # ∂L/∂S_in[c] through the outputs of chunk c: stage 2's program with the other weight
     cs, cs_lo, chunk_states, cb = kept
-    dstates = _chunk_state(dy, C, dt, A, cs, cs_lo, Q, to_chunk_end=False)
+    dstates = _chunk_state(dy, C, dt, A, cs, cs_lo, Q, to_chunk_end=False, plan=plan)
 
     # stage 3 again (S_in), then the reverse scan over chunks: ∂L/∂S_c, ∂L/∂α_c (partial sums), ∂L/∂h_0;
     # S_in and ∂L/∂S_c are read by the later programs only as dot operands: stored in that dtype too
@@ -1275,7 +1320,7 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, kept, chunk_size, D, initial_state
     dchunk = torch.empty_like(chunk_states, dtype=dot_dtype)
     dalpha = torch.empty(b, h, nc, n_blocks, **f32)
     dh0 = torch.empty(b, h, p, n, **f32) if initial_state is not None else None
-    _launch(_state_passing_bwd_kernel, (n_blocks, b, h), None,
+    _launch(_state_passing_bwd_kernel, (n_blocks, b, h), None, plan,
             chunk_states, cs, cs_lo, initial_state, dstates, dfinal, states, states_dot, dchunk, dalpha, dh0,
             h, p * n, nc, Q, HAS_DFINAL=dfinal is not None, HAS_INITIAL=initial_state is not None,
             STATES_DOT_COPY=states_dot is not states, BLOCK=_STATE_BLOCK, num_warps=2)
@@ -1285,7 +1330,7 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, kept, chunk_size, D, initial_state
     ddt_x = torch.empty(b, h, nc, Q, **f32)
     dxy = torch.empty(b, h, nc, Q, **f32) if D is not None else None
     grid = lambda META: (_cdiv(Q, META["BLOCK_S"]), b * nc, h)
-    _launch(_chunk_scan_bwd_dx_kernel, grid, key, x, dy, dt, cs, cs_lo, cb, B, dchunk, D, dx, ddt_x, dxy,
+    _launch(_chunk_scan_bwd_dx_kernel, grid, key, plan, x, dy, dt, cs, cs_lo, cb, B, dchunk, D, dx, ddt_x, dxy,
             l, h, p, g, n, nc, Q, HAS_D=D is not None, **dots)
 
     # dC, then dB (one buffer, so that one reduction and one cast serve both), each summed over the
@@ -1297,21 +1342,21 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, kept, chunk_size, D, initial_state
     dA_diag = torch.empty(b, h, nc, _cdiv(Q, _DC_MIN_BLOCK_T), Q, **f32)  # room for any row tile
     row_prefix = torch.empty(b, h, nc, Q, **f32)  # (the dC program's scratch)
     grid = lambda META: (_cdiv(Q, META["BLOCK_T"]), b * nc, g * n_splits)
-    dc_config = _launch(_chunk_scan_bwd_dc_kernel, grid, key, x, dy, dt, cs, cs_lo, cb, B, C, states_dot, dcb,
-                        dBC[1],
-                        dA_off, dA_diag, row_prefix, b, l, h, p, g, n, nc, Q, n_splits, **dots)
+    dc_config = _launch(_chunk_scan_bwd_dc_kernel, grid, key, plan, x, dy, dt, cs, cs_lo, cb, B, C, states_dot,
+                        dcb, dBC[1], dA_off, dA_diag, row_prefix, b, l, h, p, g, n, nc, Q, n_splits, **dots)
     dc_block_t = dc_config.kwargs["BLOCK_T"]  # the row tile the dC program ran with
     dA_state = torch.empty(b, h, nc, Q, **f32)
     grid = lambda META: (_cdiv(Q, META["BLOCK_S"]), b * nc, g * n_splits)
-    _launch(_chunk_scan_bwd_db_kernel, grid, key, x, dt, cs, cs_lo, B, C, dchunk, dcb, dBC[0], dA_state,
+    _launch(_chunk_scan_bwd_db_kernel, grid, key, plan, x, dt, cs, cs_lo, B, C, dchunk, dcb, dBC[0], dA_state,
             b, l, h, p, g, n, nc, Q, n_splits, **dots)
 
     # the decay gradient, then ∂L/∂dt, and the per-chunk parts of ∂L/∂A and ∂L/∂D (one buffer)
     ddt = torch.empty(b, l, h, **f32)
     parts = torch.empty(2 if D is not None else 1, b, nc, h, **f32)
-    _launch(_chunk_cumsum_bwd_kernel, (nc, b, h), None, dt, A, ddt_x, dxy, dA_state, dA_off, dA_diag, dalpha, ddt,
-            parts[0], parts[-1], l, h, nc, Q, _cdiv(Q, dc_block_t), n_blocks,
+    _launch(_chunk_cumsum_bwd_kernel, (nc, b, h), None, plan, dt, A, ddt_x, dxy, dA_state, dA_off, dA_diag, dalpha,
+            ddt, parts[0], parts[-1], l, h, nc, Q, _cdiv(Q, dc_block_t), n_blocks,
             HAS_D=D is not None, DC_BLOCK_T=dc_block_t, BLOCK_Q=_pow2(Q))
+    plan.done()
 
     dAD = parts.sum((1, 2))  # (1 or 2, H): ∂L/∂A and ∂L/∂D
     dBC = (dBC.sum(1) if n_splits > 1 else dBC[:, 0]).to(B.dtype)  # (2, b, l, G, N): ∂L/∂B, ∂L/∂C

@@ -6,7 +6,7 @@ recurrence `ssd_recurrent` in float64, computed from the very inputs the kernel 
 dtype first), so the tolerances measure only the kernel's own arithmetic:
 
     dtype    tolerance on max|kernel − truth| / max|truth|, for y, the final state and every gradient
-    float32  1e-4   (measured: ~1e-6; ≤ 3e-5 for dt ≈ 20, where the float32 torch reference errs as much)
+    float32  1e-4   (measured: ~1e-7; over 103 random draws of `problems`, ≤ 5e-7, ∂L/∂A ≤ 2.8e-6)
     float16  5e-3   (measured: ≤ 8e-4)
     bfloat16 3e-2   (measured: ≤ 7e-3; on CPU the interpreter's dots take fp32 operands, see ssd_triton.py)
 
@@ -134,7 +134,7 @@ def test_forward_stages_match_their_references():
     pb = make_problem(2, 45, 4, 8, 2, 16, seed=3)
     x, dt, A, B, C, h0 = (pb[k].float() for k in ("x", "dt", "A", "B", "C", "initial_state"))
     Q = 16
-    cs, cs_lo, chunk_states, cb, states, final = K._forward_stages(x, dt, A, B, C, Q, h0)
+    cs, cs_lo, chunk_states, cb, states, final = K._forward_stages(x, dt, A, B, C, Q, h0, K._Plan())
     cs_ref = K.chunk_cumsum_ref(dt, A, Q)
     chunk_states_ref = K.chunk_state_ref(x, dt, B, cs_ref)
     states_ref, final_ref = K.state_passing_ref(chunk_states_ref, cs_ref, h0)
@@ -145,7 +145,7 @@ def test_forward_stages_match_their_references():
     exact = dA.view(2, -1, Q, 4).cumsum(2).permute(0, 3, 1, 2)  # (b, H, nc, Q)
     assert rel_err(cs.double() + cs_lo.double(), exact) < 1e-13
     assert torch.equal(cs, exact.float())
-    assert K._forward_stages(x.bfloat16(), dt, A, B.bfloat16(), C.bfloat16(), Q, h0)[1] is None  # no low part
+    assert K._forward_stages(x.bfloat16(), dt, A, B.bfloat16(), C.bfloat16(), Q, h0, K._Plan())[1] is None  # no lo
     assert rel_err(chunk_states, chunk_states_ref.double()) < 1e-5
     assert rel_err(cb, K.chunk_cb_ref(C, B, Q).double()) < 1e-6
     assert rel_err(states, states_ref.double()) < 1e-5
