@@ -11,8 +11,8 @@ dtype first), so the tolerances measure only the kernel's own arithmetic:
     bfloat16 3e-2   (measured: ≤ 7e-3; on CPU the interpreter's dots take fp32 operands, see ssd_triton.py)
 
 `python -m kernels.bench` checks the compiled kernel at full size on a GPU. The interpreter runs every
-program in Python, so the shapes here are small and the hypothesis budget modest (about 1.5 minutes on
-2 cores for this file).
+program in Python, so the shapes here are small and the hypothesis budget modest (about 4 minutes on
+2 cores for this file, one of them running `kernels.bench` on CPU tensors).
 """
 
 import dataclasses
