@@ -22,7 +22,8 @@ Launches per call (each costs host time, which is what a batch-1 call spends mos
 forward 4 Triton programs; the backward 6 Triton programs and 1–3 small PyTorch reductions/casts (see
 `_ssd_backward`). Every program is launched through `_launch`, which goes through Triton (and its
 autotuner) only the first time a binary is needed and then calls that binary directly (where
-`DIRECT_LAUNCH` is on; `DIRECT_LAUNCH_OFF_BECAUSE` says why not, e.g. under the interpreter).
+`DIRECT_LAUNCH` is on; `DIRECT_LAUNCH_OFF_BECAUSE` says why not, e.g. under the interpreter); a call like
+an earlier one takes that call's binaries in order from its launch plan (`_Plan`).
 
 Conventions shared by every program:
   * all tensors are contiguous (the wrapper makes them so), so offsets are computed from the sizes:
