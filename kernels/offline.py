@@ -242,7 +242,7 @@ def compare_launch_paths(gpu, shape, dtype):
                 for _ in range(2 if direct else 1):
                     gpu.recorded, gpu.labels = [], {t.data_ptr(): k for k, t in case.items()}
                     keys = []  # (`_selector` calls: what building a key costs)
-                    ssd_triton._selector = lambda args: keys.append(1) or selector(args)
+                    ssd_triton._selector = lambda args, keys=keys: keys.append(1) or selector(args)
                     _call(SSDChunkScanFn, shape, case, backward=True)
                     ssd_triton._selector = selector
                     calls[direct].append(gpu.recorded)

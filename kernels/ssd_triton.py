@@ -35,12 +35,14 @@ Conventions shared by every program:
     state passes instead tile the flattened P·N state);
   * the last chunk may be partial: positions ≥ seqlen are loaded as 0, in particular dt = 0, so cs
     stays constant after the last token and cs[Q-1] is the chunk's total decay for every chunk;
-  * every decay is computed as exp(min(Δ, 0)) (`_decay`): Δ ≤ 0 wherever it is used, and the clamp
+  * every decay is computed as exp(min(Δ, 0)) (`_decay`, which also takes Δ's low part, see "Decays"
+    below): Δ ≤ 0 wherever it is used, and the clamp
     keeps masked entries of a tile (where Δ can be anything) from becoming inf and then inf·0 = NaN;
   * decays, cumulative sums, states and accumulators are fp32; `tl.dot` operands are in the input
     dtype (`DOT_DTYPE`) with fp32 accumulation, and fp32 dots use IEEE precision, not TF32;
-  * for fp32 inputs cs is held in two fp32 parts, cs = hi + lo (the buffers `cs` and `cs_lo`, see
-    "Decays" below); for bf16 and fp16 inputs `cs_lo` is None and every program compiles as with one.
+  * for fp32 inputs cs is held in two fp32 parts, hi + lo: the buffer `cs` (and the names cs_t, cs_s in
+    the programs) holds hi, `cs_lo` (lo_t, lo_s) holds lo, see "Decays" below; for bf16 and fp16 inputs
+    `cs_lo` is None: there is no low part.
 """
 
 import contextlib
@@ -118,21 +120,25 @@ class _Binary:
 
 
 class _Plan:
-    """The launches of one forward or one backward call, for `_launch`. Everything that selects their
-    binaries follows from the call's key: the inputs' dtypes and 16-byte alignments (`_selector`), their
-    shapes, which optional inputs there are, the chunk size and the device. The buffers the call allocates
-    have sizes, hence alignments, that the shapes fix (CUDA allocations start 512-byte aligned), and so do
-    the integer arguments; the configs are the autotuners' choices for those shapes. So the binaries one
-    call's launches found through their own keys are those of every later call with the same key: the
-    first call whose launches all found theirs records them, later calls take them in order, without
-    building a key per launch (`kernels.offline` compares such launches with Triton's too). Also holds the
-    call's device and stream, read once per call instead of once per launch."""
+    """The launches of one forward or one backward call, for `_launch`. What selects their binaries follows
+    from the call's key: the dtype and 16-byte alignment (`_selector`) of every tensor the call is given
+    (the inputs, or None; in the backward also dy, ∂L/∂final and what the forward kept, which autograd
+    hands back and a saved-tensor hook may have moved), the shapes, the chunk size, the device and, in the
+    backward, the number of head splits of dB/dC. The buffers the call allocates have sizes, hence
+    alignments, that these fix (CUDA allocations start 512-byte aligned), and so do the integer arguments;
+    the configs are the autotuners' choices for the shapes. So the binaries one call's launches found
+    through their own keys are those of every later call with the same key: the first call whose launches
+    all found theirs records them, later calls take them in order, without building a key per launch
+    (`kernels.offline` compares such launches with Triton's too). Not in the key, like the knobs `_launch`
+    lists: the module's block sizes (`_STATE_BLOCK`, `_DC_MIN_BLOCK_T`); after changing them, call
+    `forget_tuning()`. Also holds, read once per call: whether launches are direct (`DIRECT_LAUNCH`), the
+    device and the stream."""
 
     def __init__(self, *key):
-        self.key = key
-        self.binaries = _PLANS.get(key) if DIRECT_LAUNCH else None  # None: record them
-        self.recorded, self.complete, self.next = [], DIRECT_LAUNCH, 0
-        if DIRECT_LAUNCH:
+        self.key, self.direct = key, DIRECT_LAUNCH
+        self.binaries = _PLANS.get(key) if self.direct else None  # None: record them
+        self.recorded, self.complete, self.next = [], self.direct, 0
+        if self.direct:
             self.device = triton.runtime.driver.active.get_current_device()
             self.stream = triton.runtime.driver.active.get_current_stream(self.device)
 
@@ -172,7 +178,7 @@ def _launch(program, grid, key, plan, *args, **constexprs):
     the binaries that call's launches found, in order, and builds none.
     Grids are 3-tuples (a grid of another length raises after its first launch through Triton, where
     direct launches are on)."""
-    if not DIRECT_LAUNCH:
+    if not plan.direct:  # (DIRECT_LAUNCH as it was when the call began)
         return _launch_through_triton(program, grid, key, None, args, constexprs)
     if plan.binaries is not None:  # a call like one before: its binaries in order
         binary = plan.binaries[plan.next]
@@ -305,12 +311,16 @@ def _split_offsets(pid_bc, pid_gs, batch, seqlen, nheads, ngroups, dstate, nchun
 # summed afresh for each (t, s)). So for fp32 inputs cs is kept in two fp32 numbers, hi + lo, summed
 # without losing the low bits (`_sum2`): hi[t] − hi[s] is exact to 6e-8 of itself and lo[t] − lo[s]
 # supplies the rest. For bf16 and fp16 inputs, whose dot operands round to 4e-3 or 5e-4, there is no
-# low part (cs_lo is None, `_load_cs` gives zeros) and the compiler folds it away: the same binaries.
+# low part (cs_lo is None, `_load_cs` gives zeros, which the compiler folds away; the binaries are those
+# of a single part up to the order of some instructions, see the README).
 @triton.jit
 def _sum2(a_hi, a_lo, b_hi, b_lo):
     """(a_hi + a_lo) + (b_hi + b_lo) as hi + lo with |lo| ≤ ulp(hi)/2. The rounding error of
     a_hi + b_hi is recovered exactly (Knuth's two-sum: plain adds, which the compiler may not reorder)
-    and joins the low parts. Associative to ~1e-14 of the sum: a combine function for tl.associative_scan."""
+    and joins the low parts. Associative to ~1e-14 of the sum: a combine function for tl.associative_scan.
+    (On a GPU, Triton's default FP fusion may contract the product dt·A that feeds the first level of the
+    scan into that add, an fma: the sum then holds that product unrounded in one place and rounded in
+    another, an error of at most one rounding of one dt·A, ~6e-8 of it.)"""
     s = a_hi + b_hi
     b_virtual = s - a_hi
     err = (a_hi - (s - b_virtual)) + (b_hi - b_virtual)  # a_hi + b_hi = s + err, exactly
@@ -323,7 +333,7 @@ def _inlined(fn):
     """@triton.jit for the small helpers that programs call inside their loops. Under the interpreter
     they run as the plain Python functions they are, inside the calling program (which has set up
     triton.language for the interpreter already): there, each call of a @triton.jit function sets it
-    up again, ~0.3 ms, which made the kernel tests 40% slower."""
+    up again, ~0.3 ms, which made the kernel tests 30–40% slower (6% with this)."""
     return fn if INTERPRET else triton.jit(fn)
 
 
@@ -347,8 +357,10 @@ def _load_cs(cs_ptr, cs_lo_ptr, offs, mask):
 @_inlined
 def _decay(d_hi, d_lo):
     """exp(d) for a log-decay d = d_hi + d_lo ≤ 0 (a difference of two cs, or one cs): exp(min(d_hi, 0))
-    · (1 + d_lo), where |d_lo| ≲ 1e-5 makes 1 + d_lo equal exp(d_lo) to 1e-10. The clamp keeps masked
-    entries of a tile, where d_hi can be anything, finite (see the conventions above)."""
+    · (1 + d_lo). 1 + d_lo is exp(d_lo) to d_lo²/2, and |d_lo| ≤ ulp(|cs|): ≤ 1e-5 and an error ≤ 1e-10
+    for |cs| ≤ 100; at |cs| ≈ 2e4 (dt ≈ 20 over a chunk of 64 in the tests) 3e-6, where cs in one fp32
+    number would err 1e-3. The clamp keeps masked entries of a tile, where d_hi can be anything, finite
+    (see the conventions above)."""
     return tl.exp(tl.minimum(d_hi, 0.0)) * (1.0 + d_lo)
 
 
@@ -1306,7 +1318,9 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, kept, chunk_size, D, initial_state
     dfinal = None if dfinal is None else dfinal.contiguous()
     dots = _dot_args(x, n, p)
     key = (Q, p, n, x.dtype)  # what the autotuned configs are chosen for (see `_launch`)
-    plan = _Plan("backward", Q, x.shape, B.shape, x.device, *_selector((dy, dfinal, x, dt, A, B, C, D, initial_state)))
+    n_splits = _head_splits(h // g, _cdiv(Q, 64) * b * nc * g, x.device)  # (dB and dC, below)
+    plan = _Plan("backward", Q, n_splits, x.shape, B.shape, x.device,
+                 *_selector((dy, dfinal, x, dt, A, B, C, D, initial_state, *kept)))
 
     # ∂L/∂S_in[c] through the outputs of chunk c: stage 2's program with the other weight
     cs, cs_lo, chunk_states, cb = kept
@@ -1336,7 +1350,6 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, kept, chunk_size, D, initial_state
 
     # dC, then dB (one buffer, so that one reduction and one cast serve both), each summed over the
     # heads of a group in n_splits partial sums; dC also writes ∂L/∂CB of each split (dcb), which dB reads
-    n_splits = _head_splits(h // g, _cdiv(Q, 64) * b * nc * g, x.device)
     dBC = torch.empty(2, n_splits, b, l, g, n, **f32)
     dcb = torch.empty(n_splits, b, nc, g, Q, Q, device=x.device, dtype=dot_dtype)
     dA_off = torch.empty(b, h, nc, Q, **f32)
