@@ -31,6 +31,7 @@ versions of the code on one machine, in the same run (`--baseline`).
 
 import argparse
 import collections
+import contextlib
 import hashlib
 import json
 import os
@@ -211,41 +212,72 @@ def _describe(launch_args, labels):
     return tuple(describe(a) for a in launch_args)
 
 
+def _misaligned(t):
+    """A copy of t at an address 4 bytes past a 16-byte boundary (for 2- and 4-byte dtypes)."""
+    moved = torch.empty(t.numel() + 16, dtype=t.dtype)[4 // t.element_size():][: t.numel()].view(t.shape).copy_(t)
+    assert moved.data_ptr() & 15 and moved.is_contiguous()
+    return moved
+
+
+@contextlib.contextmanager
+def _kept_tensors_moved():
+    """A saved-tensor hook that hands back what the forward kept for the backward (the tensors that do not
+    require grad, unlike the inputs here) at misaligned addresses, as an offloading hook could."""
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t if t.requires_grad else _misaligned(t)):
+        yield
+
+
+@contextlib.contextmanager
+def _head_splits(n):
+    """dB/dC split every group's heads in n programs (n = 1: a value Triton specializes on)."""
+    from kernels import ssd_triton
+
+    chosen = ssd_triton._head_splits
+    ssd_triton._head_splits = lambda heads_per_group, programs, device: n
+    try:
+        yield
+    finally:
+        ssd_triton._head_splits = chosen
+
+
 def compare_launch_paths(gpu, shape, dtype):
     """The launches of one forward+backward made by `_launch`'s direct path against those Triton's own
     launch path makes for the same call, launch by launch: the same binary, grid, stream, metadata, hooks
-    and arguments. Three calls: the plain one; x at an address that is not 16-byte aligned, for which
+    and arguments. Five calls: the plain one; x at an address that is not 16-byte aligned, for which
     Triton compiles other binaries (checked: else this would not show that the direct path tells them
-    apart); an initial state and a loss on the final state too (the programs' other variants). Each is
-    made twice directly: its launches found by their own keys (which records the call's `_Plan`), then
-    taken from that plan (checked: no key built but the plans' own).
+    apart); an initial state and a loss on the final state too (the programs' other variants); what the
+    forward kept handed back misaligned by a saved-tensor hook, and one dB/dC head split instead of
+    `shape`'s 2 (both: other binaries for what the backward's launch plan must tell apart from the plain
+    call's, checked). Each is made twice directly: its launches found by their own keys (which records the
+    call's `_Plan`), then taken from that plan (checked: no key built but the plans' own).
     Returns the launches compared; raises AssertionError at the first difference."""
     from kernels import ssd_triton
     from kernels.ssd_triton import SSDChunkScanFn
 
     inputs = _inputs(shape, dtype)
-    x = inputs["x"]
-    misaligned = torch.empty(x.numel() + 1, dtype=x.dtype)[1:].view(x.shape).copy_(x)
-    assert misaligned.data_ptr() & 15 and misaligned.is_contiguous()
     batch, _, h, p, n = shape[:5]
     h0 = torch.randn(batch, h, p, n, generator=torch.Generator().manual_seed(1))
-    cases = {"plain": inputs, "misaligned x": {**inputs, "x": misaligned}, "initial state": {**inputs, "h0": h0}}
+    nothing = contextlib.nullcontext
+    cases = {"plain": (inputs, nothing), "misaligned x": ({**inputs, "x": _misaligned(inputs["x"])}, nothing),
+             "initial state": ({**inputs, "h0": h0}, nothing), "kept tensors moved": (inputs, _kept_tensors_moved),
+             "1 head split": (inputs, lambda: _head_splits(1))}
     used, compared, setting, selector = {}, 0, ssd_triton.DIRECT_LAUNCH, ssd_triton._selector
-    for name, case in cases.items():
+    for name, (case, context) in cases.items():
         calls = {}
         for direct in (False, True):
             ssd_triton.DIRECT_LAUNCH = direct  # (on even where this Triton is not known to launch alike)
             try:
-                _call(SSDChunkScanFn, shape, case, backward=True)  # (compiles; keeps the binaries)
-                calls[direct] = []
-                # direct: the launches found by their keys (the call records its plan), then by that plan
-                for _ in range(2 if direct else 1):
-                    gpu.recorded, gpu.labels = [], {t.data_ptr(): k for k, t in case.items()}
-                    keys = []  # (`_selector` calls: what building a key costs)
-                    ssd_triton._selector = lambda args, keys=keys: keys.append(1) or selector(args)
-                    _call(SSDChunkScanFn, shape, case, backward=True)
-                    ssd_triton._selector = selector
-                    calls[direct].append(gpu.recorded)
+                with context():
+                    _call(SSDChunkScanFn, shape, case, backward=True)  # (compiles; keeps the binaries)
+                    calls[direct] = []
+                    # direct: the launches found by their keys (the call records its plan), then by that plan
+                    for _ in range(2 if direct else 1):
+                        gpu.recorded, gpu.labels = [], {t.data_ptr(): k for k, t in case.items()}
+                        keys = []  # (`_selector` calls: what building a key costs)
+                        ssd_triton._selector = lambda args, keys=keys: keys.append(1) or selector(args)
+                        _call(SSDChunkScanFn, shape, case, backward=True)
+                        ssd_triton._selector = selector
+                        calls[direct].append(gpu.recorded)
                 # by the plan, only the plans' keys are built: one for the forward, one for the backward
                 assert not direct or len(keys) == 2, f"{name}: the last call built {len(keys)} keys, not 2"
             finally:
@@ -256,8 +288,9 @@ def compare_launch_paths(gpu, shape, dtype):
             for i, (a, b) in enumerate(zip(direct, through_triton)):
                 assert a == b, f"{name}, launch {i} ({a[0]}), {how}: direct {a} != through Triton {b}"
             compared += len(direct)
-        used[name] = {index for _, index, _ in through_triton}
-    assert used["plain"] != used["misaligned x"], "a misaligned x made Triton choose the same binaries"
+        used[name] = [index for _, index, _ in through_triton]
+    for name in cases:  # (else a case would not show that the plans tell it apart from the plain call)
+        assert name == "plain" or used[name] != used["plain"], f"{name}: Triton chose the plain call's binaries"
     return compared
 
 
@@ -426,9 +459,10 @@ def main(argv=None):
     if off_because:
         print(f"direct launches: off ({off_because}): every launch goes through Triton")
     else:
-        print(f"direct launches: {launches_compared} compared with Triton's own launch path (3 forward+backward "
-              "calls: plain, x not 16-byte aligned, with an initial state; each by the launches' keys, then by the "
-              "call's plan): each the same binary, grid and arguments")
+        print(f"direct launches: {launches_compared} compared with Triton's own launch path (5 forward+backward "
+              "calls: plain, x not 16-byte aligned, with an initial state, kept tensors moved by a saved-tensor hook, "
+              "1 head split; each by the launches' keys, then by the call's plan): each the same binary, grid and "
+              "arguments")
     if host and "baseline" in host:
         print("this / baseline: " + ", ".join(f"{part} {host['this'][part] / host['baseline'][part]:.2f}x"
                                              for part in HOST_PARTS))
