@@ -36,8 +36,8 @@ Conventions shared by every program:
   * the last chunk may be partial: positions ≥ seqlen are loaded as 0, in particular dt = 0, so cs
     stays constant after the last token and cs[Q-1] is the chunk's total decay for every chunk;
   * every decay is computed as exp(min(Δ, 0)) (`_decay`, which also takes Δ's low part, see "Decays"
-    below): Δ ≤ 0 wherever it is used, and the clamp
-    keeps masked entries of a tile (where Δ can be anything) from becoming inf and then inf·0 = NaN;
+    below): Δ ≤ 0 wherever it is used, and the clamp keeps masked entries of a tile (where Δ can be
+    anything) from becoming inf and then inf·0 = NaN;
   * decays, cumulative sums, states and accumulators are fp32; `tl.dot` operands are in the input
     dtype (`DOT_DTYPE`) with fp32 accumulation, and fp32 dots use IEEE precision, not TF32;
   * for fp32 inputs cs is held in two fp32 parts, hi + lo: the buffer `cs` (and the names cs_t, cs_s in
@@ -364,6 +364,13 @@ def _decay(d_hi, d_lo):
     return tl.exp(tl.minimum(d_hi, 0.0)) * (1.0 + d_lo)
 
 
+@_inlined
+def _chunk_decay(cs_ptr, cs_lo_ptr, bhc, chunk_size):
+    """exp(α_c), the decay over a whole chunk (α_c = cs[Q-1]), for the chunk `bhc` = (batch element, head,
+    chunk) flattened: what the two state passes carry a state across a chunk with."""
+    return _decay(*_load_cs(cs_ptr, cs_lo_ptr, (bhc + 1) * chunk_size - 1, None))
+
+
 # ==================================================================================================
 # Stage 1: the chunk-local cumulative log-decay
 # ==================================================================================================
@@ -493,8 +500,8 @@ def _pass_states(chunk_states_ptr, cs_ptr, cs_lo_ptr, states_ptr, h, pid_b, pid_
     for c in range(nchunks):
         idx = ((pid_b * nchunks + c) * nheads + pid_h).to(tl.int64) * state_size + offs
         tl.store(states_ptr + idx, h.to(states_ptr.dtype.element_ty), mask=mask)  # the state entering chunk c
-        chunk_decay = _decay(*_load_cs(cs_ptr, cs_lo_ptr, (bh * nchunks + c + 1) * chunk_size - 1, None))
-        h = chunk_decay * h + tl.load(chunk_states_ptr + idx, mask=mask, other=0.0)  # (exp(total of chunk c))
+        h = _chunk_decay(cs_ptr, cs_lo_ptr, bh * nchunks + c, chunk_size) * h \
+            + tl.load(chunk_states_ptr + idx, mask=mask, other=0.0)
     return h
 
 
@@ -767,7 +774,7 @@ def _state_passing_bwd_kernel(
         c = nchunks - 1 - i
         idx = ((pid_b * nchunks + c) * nheads + pid_h).to(tl.int64) * state_size + offs
         tl.store(dchunk_ptr + idx, g.to(dchunk_ptr.dtype.element_ty), mask=mask)
-        chunk_decay = _decay(*_load_cs(cs_ptr, cs_lo_ptr, (bh * nchunks + c + 1) * chunk_size - 1, None))
+        chunk_decay = _chunk_decay(cs_ptr, cs_lo_ptr, bh * nchunks + c, chunk_size)
         s_in = tl.load(states_ptr + idx, mask=mask, other=0.0)
         if STATES_DOT_COPY:
             tl.store(states_dot_ptr + idx, s_in.to(states_dot_ptr.dtype.element_ty), mask=mask)
@@ -1387,8 +1394,8 @@ def _on_device_of(t):
 class SSDChunkScanFn(torch.autograd.Function):
     """Forward: the five stages (four programs). Backward: stage 3 again, then the backward programs.
     Saved for the backward besides the inputs: cs (4 bytes per token and head, 1/32 of x at P = 64 in
-    bf16; 8 for fp32 inputs, with its low part), the chunk states S_c (fp32, P·N·4/Q bytes per token and head: as large as x in bf16 at
-    N = 128, Q = 256) and CB (G·Q·4 bytes per token: a quarter of x at the 370m shapes). Recomputing S_c
+    bf16; 8 for fp32 inputs, with its low part), the chunk states S_c (fp32, P·N·4/Q bytes per token and
+    head: as large as x in bf16 at N = 128, Q = 256) and CB (G·Q·4 bytes per token: a quarter of x at the 370m shapes). Recomputing S_c
     and CB instead would save that memory for one more pass over x and B, and one over C and B (~80 µs
     of 1.7 ms at 8 × 2048 on an H100, by its profile); the entering states S_in are recomputed (keeping
     them in fp32 would cost another x's worth, for an estimated ~40 µs)."""
