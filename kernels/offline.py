@@ -104,10 +104,13 @@ class OfflineGPU:
                 driver.binaries.append(_Binary(src, metadata))
                 driver.programs.add(src.fn)
 
-            def __call__(self, *args):
+            def __call__(self, *args):  # (grid x, y, z, stream, function, metadata, launch metadata, hooks, ...)
                 driver.launches[self.name] += 1
                 if driver.recorded is not None:
                     driver.recorded.append((self.name, self.index, _describe(args, driver.labels)))
+                for hook in args[7:9]:  # enter, exit: called with the launch metadata, as Triton's launchers do
+                    if hook is not None:
+                        hook(args[6])
 
         class Utils:
             def get_device_properties(self, device):
@@ -200,16 +203,46 @@ def _describe(launch_args, labels):
     """A launch as Triton's launcher receives it: grid, stream, function, metadata, launch hooks, then the
     program's arguments; tensors described by dtype, shape, strides, offset, 16-byte alignment and, for
     the inputs of the call, their name (`labels`: address -> name), the launch metadata (a new LazyDict
-    each launch) by its contents."""
+    each launch) by its contents. A hook that calls nothing (an empty chain of hooks, Triton 3.5+) is
+    described as None, as no hook; with no hook, nothing reads the metadata: None too."""
     from triton.compiler.compiler import LazyDict
 
     def describe(a):
         if isinstance(a, torch.Tensor):
             return (labels.get(a.data_ptr()), str(a.dtype), tuple(a.shape), a.stride(), a.storage_offset(),
                     a.data_ptr() & 15)
+        if getattr(a, "calls", None) == []:  # (an empty HookChain)
+            return None
         return ("LazyDict", a.get()) if isinstance(a, LazyDict) else a
 
-    return tuple(describe(a) for a in launch_args)
+    described = [describe(a) for a in launch_args]
+    if described[7] is None and described[8] is None:  # (grid 0-2, stream, function, packed metadata: 3-5)
+        described[6] = None
+    return tuple(described)
+
+
+@contextlib.contextmanager
+def _launch_hook(counts):
+    """A launch-enter hook that counts its calls by program name in `counts`, set for the duration (added
+    to Triton's chain of hooks where it keeps one, else set as the knob)."""
+    import triton
+
+    def hook(metadata):
+        counts[metadata.get()["name"]] += 1
+
+    hooks = triton.knobs.runtime
+    chain = hooks.launch_enter_hook
+    if hasattr(chain, "add"):
+        chain.add(hook)
+    else:
+        hooks.launch_enter_hook = hook
+    try:
+        yield
+    finally:
+        if hasattr(chain, "add"):
+            chain.remove(hook)
+        else:
+            hooks.launch_enter_hook = chain
 
 
 def _misaligned(t):
@@ -243,12 +276,14 @@ def _head_splits(n):
 def compare_launch_paths(gpu, shape, dtype):
     """The launches of one forward+backward made by `_launch`'s direct path against those Triton's own
     launch path makes for the same call, launch by launch: the same binary, grid, stream, metadata, hooks
-    and arguments. Five calls: the plain one; x at an address that is not 16-byte aligned, for which
+    and arguments. Six calls: the plain one; x at an address that is not 16-byte aligned, for which
     Triton compiles other binaries (checked: else this would not show that the direct path tells them
     apart); an initial state and a loss on the final state too (the programs' other variants); what the
     forward kept handed back misaligned by a saved-tensor hook, and one dB/dC head split instead of
     `shape`'s 2 (both: other binaries for what the backward's launch plan must tell apart from the plain
-    call's, checked). Each is made twice directly: its launches found by their own keys (which records the
+    call's, checked); the plain call with a launch hook set (a profiler's: the direct path must then build
+    the same metadata and call the hook once per launch, checked). Each is made twice directly, with no
+    binary or plan kept from the calls before: its launches found by their own keys (which records the
     call's `_Plan`), then taken from that plan (checked: no key built but the plans' own).
     Returns the launches compared; raises AssertionError at the first difference."""
     from kernels import ssd_triton
@@ -258,14 +293,17 @@ def compare_launch_paths(gpu, shape, dtype):
     batch, _, h, p, n = shape[:5]
     h0 = torch.randn(batch, h, p, n, generator=torch.Generator().manual_seed(1))
     nothing = contextlib.nullcontext
+    hooked = collections.Counter()  # launches seen by the hook of the "launch hook" case, by program
     cases = {"plain": (inputs, nothing), "misaligned x": ({**inputs, "x": _misaligned(inputs["x"])}, nothing),
              "initial state": ({**inputs, "h0": h0}, nothing), "kept tensors moved": (inputs, _kept_tensors_moved),
-             "1 head split": (inputs, lambda: _head_splits(1))}
+             "1 head split": (inputs, lambda: _head_splits(1)), "launch hook": (inputs, lambda: _launch_hook(hooked))}
     used, compared, setting, selector = {}, 0, ssd_triton.DIRECT_LAUNCH, ssd_triton._selector
     for name, (case, context) in cases.items():
         calls = {}
         for direct in (False, True):
             ssd_triton.DIRECT_LAUNCH = direct  # (on even where this Triton is not known to launch alike)
+            ssd_triton._BINARIES.clear()
+            ssd_triton._PLANS.clear()
             try:
                 with context():
                     _call(SSDChunkScanFn, shape, case, backward=True)  # (compiles; keeps the binaries)
@@ -274,10 +312,14 @@ def compare_launch_paths(gpu, shape, dtype):
                     for _ in range(2 if direct else 1):
                         gpu.recorded, gpu.labels = [], {t.data_ptr(): k for k, t in case.items()}
                         keys = []  # (`_selector` calls: what building a key costs)
+                        hooked.clear()
                         ssd_triton._selector = lambda args, keys=keys: keys.append(1) or selector(args)
                         _call(SSDChunkScanFn, shape, case, backward=True)
                         ssd_triton._selector = selector
                         calls[direct].append(gpu.recorded)
+                        launched = collections.Counter(program for program, _, _ in gpu.recorded)
+                        assert name != "launch hook" or hooked == launched, \
+                            f"{name}: the hook saw {dict(hooked)}, the launcher {dict(launched)}"
                 # by the plan, only the plans' keys are built: one for the forward, one for the backward
                 assert not direct or len(keys) == 2, f"{name}: the last call built {len(keys)} keys, not 2"
             finally:
@@ -290,7 +332,8 @@ def compare_launch_paths(gpu, shape, dtype):
             compared += len(direct)
         used[name] = [index for _, index, _ in through_triton]
     for name in cases:  # (else a case would not show that the plans tell it apart from the plain call)
-        assert name == "plain" or used[name] != used["plain"], f"{name}: Triton chose the plain call's binaries"
+        assert name in ("plain", "launch hook") or used[name] != used["plain"], \
+            f"{name}: Triton chose the plain call's binaries"
     return compared
 
 
@@ -459,10 +502,10 @@ def main(argv=None):
     if off_because:
         print(f"direct launches: off ({off_because}): every launch goes through Triton")
     else:
-        print(f"direct launches: {launches_compared} compared with Triton's own launch path (5 forward+backward "
+        print(f"direct launches: {launches_compared} compared with Triton's own launch path (6 forward+backward "
               "calls: plain, x not 16-byte aligned, with an initial state, kept tensors moved by a saved-tensor hook, "
-              "1 head split; each by the launches' keys, then by the call's plan): each the same binary, grid and "
-              "arguments")
+              "1 head split, a launch hook set; each by the launches' keys, then by the call's plan): each the same "
+              "binary, grid, hooks and arguments")
     if host and "baseline" in host:
         print("this / baseline: " + ", ".join(f"{part} {host['this'][part] / host['baseline'][part]:.2f}x"
                                              for part in HOST_PARTS))

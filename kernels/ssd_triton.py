@@ -131,23 +131,35 @@ class _Plan:
     all found theirs records them, later calls take them in order, without building a key per launch
     (`kernels.offline` compares such launches with Triton's too). Not in the key, like the knobs `_launch`
     lists: the module's block sizes (`_STATE_BLOCK`, `_DC_MIN_BLOCK_T`); after changing them, call
-    `forget_tuning()`. Also holds, read once per call: whether launches are direct (`DIRECT_LAUNCH`), the
-    device and the stream."""
+    `forget_tuning()`. A plan keeps each launch's grid with its binary (the grid follows from the shapes
+    and the config). Also holds, read once per call: whether launches are direct (`DIRECT_LAUNCH`), the
+    device, the stream and the launch hooks (`_launch_hooks`)."""
 
     def __init__(self, *key):
         self.key, self.direct = key, DIRECT_LAUNCH
-        self.binaries = _PLANS.get(key) if self.direct else None  # None: record them
+        self.launches = _PLANS.get(key) if self.direct else None  # [(binary, grid)] in order; None: record them
         self.recorded, self.complete, self.next = [], self.direct, 0
         if self.direct:
             self.device = triton.runtime.driver.active.get_current_device()
             self.stream = triton.runtime.driver.active.get_current_stream(self.device)
+            self.enter, self.leave = _launch_hooks()
 
     def done(self):
         """The call launched everything: keep what it recorded, if every launch found its binary."""
-        if self.binaries is None and self.complete:
+        if self.launches is None and self.complete:
             if len(_PLANS) >= _MAX_BINARIES:
                 _PLANS.clear()
             _PLANS[self.key] = self.recorded
+
+
+def _launch_hooks():
+    """Triton's launch hooks (enter, exit) as its launcher takes them, None for a hook that calls nothing:
+    Triton 3.5+ keeps them as chains of hooks (empty unless a profiler adds one), where Triton's own launch
+    builds each launch's metadata for them and its launcher calls them. Empty, they do nothing, so
+    `_launch` passes None instead and builds no metadata (~2 µs per launch here)."""
+    hooks = triton.knobs.runtime
+    return tuple(None if hook is None or getattr(hook, "calls", None) == [] else hook
+                 for hook in (hooks.launch_enter_hook, hooks.launch_exit_hook))
 
 
 def _selector(args):
@@ -169,19 +181,20 @@ def _launch(program, grid, key, plan, *args, **constexprs):
     So the binary Triton chose is kept under everything Triton chooses it by (`_selector`, the
     constexprs, the device; the config that `key` got from the autotuner, which tunes once per key), and
     later launches with the same selector call it directly, as `JITFunction.run` itself ends by doing:
-    same binary, grid, stream, launch hooks and arguments (kernels.offline checks this launch by launch).
+    same binary, grid, stream and arguments, and the launch hooks with their metadata where a hook is set
+    (`_launch_hooks`; kernels.offline checks this launch by launch).
     What this skips of `run`: its pre-run hooks, the check that globals a program reads have not
     changed since it was compiled (this module changes none), and what `run` reads from `triton.knobs`
     at each launch that can select another binary (debug, instrumentation, fpsan casts, a stages
     inspection hook): after changing those, call `forget_tuning()`, which forgets the binaries too.
     Building that key costs ~14 µs per launch here, so a call like an earlier one (same `_Plan` key) takes
-    the binaries that call's launches found, in order, and builds none.
+    the binaries (and grids) that call's launches found, in order, and builds none.
     Grids are 3-tuples (a grid of another length raises after its first launch through Triton, where
     direct launches are on)."""
     if not plan.direct:  # (DIRECT_LAUNCH as it was when the call began)
         return _launch_through_triton(program, grid, key, None, args, constexprs)
-    if plan.binaries is not None:  # a call like one before: its binaries in order
-        binary = plan.binaries[plan.next]
+    if plan.launches is not None:  # a call like one before: its binaries (and grids) in order
+        binary, g = plan.launches[plan.next]
         plan.next += 1
         if binary.program is not program:
             raise RuntimeError(f"kernels.ssd_triton: launch plan out of step ({binary.program} for {program}); "
@@ -192,11 +205,9 @@ def _launch(program, grid, key, plan, *args, **constexprs):
         if binary is None:
             plan.complete = False
             return _launch_through_triton(program, grid, key, where, args, constexprs)
-        plan.recorded.append(binary)
-    stream = plan.stream
-    g = grid(binary.meta) if callable(grid) else grid  # (a 3-tuple)
-    hooks = triton.knobs.runtime
-    enter, leave = hooks.launch_enter_hook, hooks.launch_exit_hook
+        g = grid(binary.meta) if callable(grid) else grid  # (a 3-tuple)
+        plan.recorded.append((binary, g))
+    stream, enter, leave = plan.stream, plan.enter, plan.leave
     kernel, all_args = binary.kernel, args + binary.tail
     metadata = kernel.launch_metadata(g, stream, *all_args) if enter is not None else None
     kernel.run(*g, stream, kernel.function, kernel.packed_metadata, metadata, enter, leave, *all_args)
@@ -1209,8 +1220,13 @@ def _dot_args_for(dtype, dstate, headdim):
 def _dot_torch_dtype(x):
     """The torch dtype of `_dot_args(x, ...)["DOT_DTYPE"]`: buffers that are only ever dot operands
     (the entering states, ∂L/∂S_c, dCB) are stored in it."""
+    return _dot_torch_dtype_for(x.dtype)
+
+
+@functools.cache
+def _dot_torch_dtype_for(dtype):
     return {tl.float32: torch.float32, tl.float16: torch.float16, tl.bfloat16: torch.bfloat16}[
-        _dot_args(x, 16)["DOT_DTYPE"]]
+        _dot_args_for(dtype, 16, None)["DOT_DTYPE"]]
 
 
 @functools.cache
