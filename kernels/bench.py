@@ -15,6 +15,9 @@
    autotuned programs are tuned again for each timed shape, as a training run tunes them for its own
    shape; the configs chosen are recorded. Also recorded, per implementation: the host time to issue
    one call with an idle GPU, and the wall time of one call bracketed by `torch.cuda.synchronize`.
+   With --cuda-graphs, also forward+backward captured in a CUDA graph and replayed (torch, ours and the
+   --baseline versions): the GPU work alone, without the host time that bounds batch 1, and a check that a
+   replay gives the eager call's gradients bit for bit (ours must: otherwise the run exits 1).
 3. mamba_ssm's `mamba_chunk_scan_combined`, when it can be imported: its error on y and its timings
    (last, because its large autotuning space takes long to compile).
 `--baseline OLD.py` also checks (as in 1.) and times another version of kernels/ssd_triton.py in the same
@@ -210,6 +213,46 @@ def time_one(scan, inp, dy, chunk_size, bench, device):
     return out
 
 
+def cuda_graph(fn):
+    """fn captured in a CUDA graph; returns the graph's replay. fn runs three times first on a side stream,
+    as torch.cuda.graph asks (what is lazily set up, compiled or tuned must be before the capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def graphed_fwd_bwd(scan, inp, dy, chunk_size, bench, capture=cuda_graph):
+    """(ms, identical) for one forward+backward of `scan` captured in a CUDA graph (`capture`) and replayed:
+    the GPU work alone, without the host time of issuing it (which bounds every implementation at batch 1),
+    and whether a replay gives the gradients of an eager call bit for bit (it must: the same programs on
+    the same inputs). The gradients are set to None before each call, so the captured call allocates
+    them from the graph's pool, where each replay writes them again."""
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inp.items()}
+
+    def fwd_bwd():
+        for v in leaves.values():
+            v.grad = None
+        scan(leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"], chunk_size, D=leaves["D"]).backward(dy)
+
+    fwd_bwd()
+    eager = {k: v.grad.clone() for k, v in leaves.items()}
+    replay = capture(fwd_bwd)
+    for v in leaves.values():  # (a capture computes nothing: only a replay writes the gradients)
+        v.grad.fill_(float("nan"))
+    replay()
+    if dy.is_cuda:
+        torch.cuda.synchronize()
+    identical = all(torch.equal(leaves[k].grad, eager[k]) for k in leaves)
+    return bench(replay), identical
+
+
 def time_shape(shape, device, impls, bench, row=None):
     """Forward and forward+backward ms of each implementation in `impls` ({name: scan function with the
     ssd_chunk_scan signature}), D given, no initial or final state; added to `row` if given."""
@@ -367,6 +410,15 @@ def print_tables(report):
                 shape = f"b{r['batch']} l{r['seqlen']}"
                 print(f"  {shape:14s} {impl:10s} | {fmt(t['fwd_host_ms']):>8s} "
                       f"{fmt(t['fwd_wall_ms']):>7s} | {fmt(t['fwd_bwd_host_ms']):>8s} {fmt(t['fwd_bwd_wall_ms']):>7s}")
+    graphed = [r for r in report["timings"] if r.get("graphed_fwd_bwd_ms")]
+    if graphed:
+        print("\nForward+backward replayed from a CUDA graph (median ms: the GPU work alone; 'same' = a replay "
+              "gave the eager call's gradients bit for bit)")
+        for r in graphed:
+            t, same = r["graphed_fwd_bwd_ms"], r["graph_replay_identical"]
+            ratio = f"  torch/ours {t['torch'] / t['ours']:.1f}x" if "torch" in t and "ours" in t else ""
+            print(f"  b{r['batch']} l{r['seqlen']}: " + ", ".join(
+                f"{impl} {fmt(ms)}{'' if same[impl] else ' (not same)'}" for impl, ms in t.items()) + ratio)
     for f in report["failures"] + [f"{r['shape']} b{r['batch']} seqlen {r['seqlen']} {k}: {v}"
                                    for r in report["timings"] for k, v in r["failures"].items()]:
         print(f"FAILED: {f}")
@@ -385,6 +437,9 @@ def main(argv=None):
     ap.add_argument("--baseline", action="append", default=[], metavar="FILE.py",
                     help="another version of kernels/ssd_triton.py to check and time (and --profile) beside "
                          "this one (column 'baseline'; given again: 'baseline2', ...)")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="also time forward+backward replayed from a CUDA graph (the GPU work without the host's; "
+                         "torch, ours and --baseline versions) and check that a replay gives the eager gradients")
     ap.add_argument("--shape", action="append", default=[], metavar="BxL",
                     help="only this batch x seqlen among the shapes above (e.g. 8x2048: the GPU-bound one); "
                          "given again, more")
@@ -490,6 +545,33 @@ def main(argv=None):
             report["timings"].append(row)
 
         phase("timings", timed, timings)
+    if args.cuda_graphs and not args.quick:
+        capture = cuda_graph
+        if device.type != "cuda":  # (--cpu-smoke: tests this script, not CUDA graphs)
+            print("--cuda-graphs on CPU: no CUDA graphs here, each 'replay' is the eager call", flush=True)
+            capture = lambda fn: fn
+
+        def graphs(shape):
+            row = next(r for r in report["timings"] if (r["batch"], r["seqlen"]) == shape[1:3])
+            inp = make_inputs(*shape[1:7], shape[8], device)
+            inp.pop("initial_state")
+            dy = torch.randn(*shape[1:5], device=device).to(shape[8])
+            impls = {"torch": lambda *a, **k: ssd_chunked(*a[:5], chunk_size=a[5], **k)[0], "ours": ssd_chunk_scan}
+            impls.update({name: module.ssd_chunk_scan for name, module in variants.items()})
+            row["graphed_fwd_bwd_ms"], row["graph_replay_identical"] = {}, {}
+            for impl, scan in impls.items():
+                try:
+                    ms, same = graphed_fwd_bwd(scan, inp, dy, shape[7], bench, capture)
+                except Exception as e:
+                    row["failures"][f"{impl} graphed"] = f"{type(e).__name__}: {e}"
+                    print(f"  {impl} graphed failed: {row['failures'][impl + ' graphed']}", flush=True)
+                    continue
+                row["graphed_fwd_bwd_ms"][impl], row["graph_replay_identical"][impl] = ms, same
+                if not same and impl != "torch":  # (ours must be: the same programs on the same inputs)
+                    report["failures"].append(f"b{shape[1]} seqlen {shape[2]} {impl}: a CUDA graph replay gave "
+                                              "other gradients than the eager calls")
+
+        phase("cuda graphs", timed, graphs)
     if args.profile and device.type == "cuda":
         report["profile"] = {}
 
@@ -526,7 +608,8 @@ def main(argv=None):
     if args.out:
         print(f"\nwrote {args.out}")
     failed = [r for r in report["correctness"] if not r.get("ok")]
-    return 1 if failed else 0
+    graph_mismatch = [f for f in report["failures"] if "CUDA graph replay" in f]
+    return 1 if failed or graph_mismatch else 0
 
 
 if __name__ == "__main__":

@@ -499,7 +499,8 @@ def test_bench_script_runs_on_cpu(tmp_path, monkeypatch, capsys):
     cfg = K._chunk_scan_bwd_dc_kernel.configs[0]
     monkeypatch.setattr(K._chunk_scan_bwd_dc_kernel, "configs_timings", {cfg: [0.25, 0.2, 0.3]}, raising=False)
     out = tmp_path / "bench.json"
-    assert bench.main(["--cpu-smoke", "--out", str(out), "--baseline", K.__file__, "--baseline", K.__file__]) == 0
+    assert bench.main(["--cpu-smoke", "--cuda-graphs", "--out", str(out), "--baseline", K.__file__,
+                       "--baseline", K.__file__]) == 0
     report = json.loads(out.read_text())
     # checked: the batch-1 shapes (bf16, fp32), then the first batched one; each by this version, then
     # by each --baseline version
@@ -517,13 +518,43 @@ def test_bench_script_runs_on_cpu(tmp_path, monkeypatch, capsys):
         assert row["fwd_bwd_speedup_vs_torch"] > 0 and row["fwd_bwd_ratio_vs_mamba_ssm"] > 0
         assert "chunk_scan_fwd_kernel" in row["ours_configs"]
         assert row["ours_config_ms"] == {"chunk_scan_bwd_dc_kernel": {str(cfg): 0.25}}
+        # --cuda-graphs (on CPU each "replay" is the eager call again: the same bits, for ours and torch)
+        assert set(row["graphed_fwd_bwd_ms"]) == {"torch", "ours", "baseline", "baseline2"}
+        assert all(v > 0 for v in row["graphed_fwd_bwd_ms"].values())
+        assert all(row["graph_replay_identical"].values())
     assert not report["failures"]
     printed = capsys.readouterr().out
     assert "PASS" in printed and "Timings" in printed and "idle GPU" in printed and "FAIL " not in printed
+    assert "replayed from a CUDA graph" in printed and "each 'replay' is the eager call" in printed
     assert f"autotuner, chunk_scan_bwd_dc_kernel: {cfg} 0.250 ms" in printed
     assert f"--baseline {K.__file__} as 'baseline2' (median ms" in printed
     assert all(r["fwd_bwd_ratio_vs_baseline"] > 0 and r["fwd_bwd_ratio_vs_baseline2"] > 0 for r in report["timings"])
     assert report["baselines"] == {"baseline": K.__file__, "baseline2": K.__file__}
+
+
+def test_bench_graph_check_catches_a_replay_that_differs():
+    """`graphed_fwd_bwd` compares a replay's gradients with an eager call's: a replay that computes
+    nothing (the gradients stay as the capture left them) or computes something else is caught."""
+    from kernels import bench
+    from minimamba.ssd import ssd_chunked
+
+    def scan(*a, **k):
+        return ssd_chunked(*a[:5], chunk_size=a[5], **k)[0]
+
+    inp = bench.make_inputs(1, 20, 2, 4, 8, 1, torch.float32, torch.device("cpu"))
+    inp.pop("initial_state")
+    dy = torch.randn(1, 20, 2, 4)
+    timed = lambda fn: (fn(), 1.0)[1]  # noqa: E731
+    assert bench.graphed_fwd_bwd(scan, inp, dy, 8, timed, capture=lambda fn: fn) == (1.0, True)
+    assert bench.graphed_fwd_bwd(scan, inp, dy, 8, timed, capture=lambda fn: (lambda: None)) == (1.0, False)
+
+    def other(fn):  # a replay of another computation: the loss's gradient doubled
+        def replay():
+            dy.mul_(2)
+            fn()
+        return replay
+
+    assert bench.graphed_fwd_bwd(scan, inp, dy, 8, timed, capture=other) == (1.0, False)
 
 
 def test_bench_shape_option_keeps_only_the_shapes_asked_for(tmp_path, capsys):
