@@ -222,27 +222,25 @@ def _describe(launch_args, labels):
 
 
 @contextlib.contextmanager
-def _launch_hook(counts):
-    """A launch-enter hook that counts its calls by program name in `counts`, set for the duration (added
-    to Triton's chain of hooks where it keeps one, else set as the knob)."""
+def _launch_hook(counts, *which):
+    """A launch hook that counts its calls by (which, program name) in `counts`, set as each of `which`
+    ("launch_enter_hook", "launch_exit_hook") for the duration: added to Triton's chain of hooks where it
+    keeps one, else set as the knob. It reads the launch metadata, as a profiler's hook does."""
     import triton
 
-    def hook(metadata):
-        counts[metadata.get()["name"]] += 1
+    hooks, set_before = triton.knobs.runtime, {}
+    for name in which:
+        def hook(metadata, name=name):
+            counts[name, "(no metadata)" if metadata is None else metadata.get()["name"]] += 1
 
-    hooks = triton.knobs.runtime
-    chain = hooks.launch_enter_hook
-    if hasattr(chain, "add"):
-        chain.add(hook)
-    else:
-        hooks.launch_enter_hook = hook
+        chain = getattr(hooks, name)
+        chain.add(hook) if hasattr(chain, "add") else setattr(hooks, name, hook)
+        set_before[name] = (chain, hook)
     try:
         yield
     finally:
-        if hasattr(chain, "add"):
-            chain.remove(hook)
-        else:
-            hooks.launch_enter_hook = chain
+        for name, (chain, hook) in set_before.items():
+            chain.remove(hook) if hasattr(chain, "add") else setattr(hooks, name, chain)
 
 
 def _misaligned(t):
@@ -281,10 +279,12 @@ def compare_launch_paths(gpu, shape, dtype):
     apart); an initial state and a loss on the final state too (the programs' other variants); what the
     forward kept handed back misaligned by a saved-tensor hook, and one dB/dC head split instead of
     `shape`'s 2 (both: other binaries for what the backward's launch plan must tell apart from the plain
-    call's, checked); the plain call with a launch hook set (a profiler's: the direct path must then build
-    the same metadata and call the hook once per launch, checked). Each is made twice directly, with no
-    binary or plan kept from the calls before: its launches found by their own keys (which records the
-    call's `_Plan`), then taken from that plan (checked: no key built but the plans' own).
+    call's, checked); the plain call with a launch-enter hook set, and with only a launch-exit hook (a
+    profiler's: the direct path must then build the same metadata and call the hook once per launch,
+    checked). Each is made twice directly, with no binary or plan kept from the calls before: its
+    launches found by their own keys (which records the call's `_Plan`), then taken from that plan
+    (checked: no key built but the plans' own). Last, hooks set after a plan was recorded without them
+    (a profiler switched on mid-run) must see every launch of the next call.
     Returns the launches compared; raises AssertionError at the first difference."""
     from kernels import ssd_triton
     from kernels.ssd_triton import SSDChunkScanFn
@@ -293,10 +293,13 @@ def compare_launch_paths(gpu, shape, dtype):
     batch, _, h, p, n = shape[:5]
     h0 = torch.randn(batch, h, p, n, generator=torch.Generator().manual_seed(1))
     nothing = contextlib.nullcontext
-    hooked = collections.Counter()  # launches seen by the hook of the "launch hook" case, by program
+    hooked = collections.Counter()  # launches seen by the hooks of the hook cases, by (hook, program)
+    enter, leave = "launch_enter_hook", "launch_exit_hook"
+    hook_cases = {"enter hook": (enter,), "exit hook": (leave,)}
     cases = {"plain": (inputs, nothing), "misaligned x": ({**inputs, "x": _misaligned(inputs["x"])}, nothing),
              "initial state": ({**inputs, "h0": h0}, nothing), "kept tensors moved": (inputs, _kept_tensors_moved),
-             "1 head split": (inputs, lambda: _head_splits(1)), "launch hook": (inputs, lambda: _launch_hook(hooked))}
+             "1 head split": (inputs, lambda: _head_splits(1)),
+             **{name: (inputs, lambda which=which: _launch_hook(hooked, *which)) for name, which in hook_cases.items()}}
     used, compared, setting, selector = {}, 0, ssd_triton.DIRECT_LAUNCH, ssd_triton._selector
     for name, (case, context) in cases.items():
         calls = {}
@@ -317,9 +320,10 @@ def compare_launch_paths(gpu, shape, dtype):
                         _call(SSDChunkScanFn, shape, case, backward=True)
                         ssd_triton._selector = selector
                         calls[direct].append(gpu.recorded)
-                        launched = collections.Counter(program for program, _, _ in gpu.recorded)
-                        assert name != "launch hook" or hooked == launched, \
-                            f"{name}: the hook saw {dict(hooked)}, the launcher {dict(launched)}"
+                        if name in hook_cases:
+                            launched = collections.Counter((which, program) for program, _, _ in gpu.recorded
+                                                           for which in hook_cases[name])
+                            assert hooked == launched, f"{name}: the hooks saw {dict(hooked)}, not {dict(launched)}"
                 # by the plan, only the plans' keys are built: one for the forward, one for the backward
                 assert not direct or len(keys) == 2, f"{name}: the last call built {len(keys)} keys, not 2"
             finally:
@@ -332,8 +336,24 @@ def compare_launch_paths(gpu, shape, dtype):
             compared += len(direct)
         used[name] = [index for _, index, _ in through_triton]
     for name in cases:  # (else a case would not show that the plans tell it apart from the plain call)
-        assert name in ("plain", "launch hook") or used[name] != used["plain"], \
+        assert name == "plain" or name in hook_cases or used[name] != used["plain"], \
             f"{name}: Triton chose the plain call's binaries"
+    # hooks set once the plain call's plan was recorded without them
+    ssd_triton.DIRECT_LAUNCH = True
+    ssd_triton._BINARIES.clear()
+    ssd_triton._PLANS.clear()
+    try:
+        for _ in range(2):  # (keeps the binaries, then records the plan)
+            _call(SSDChunkScanFn, shape, inputs, backward=True)
+        gpu.recorded = []
+        hooked.clear()
+        with _launch_hook(hooked, enter, leave):
+            _call(SSDChunkScanFn, shape, inputs, backward=True)
+        launched = collections.Counter((which, program) for program, _, _ in gpu.recorded for which in (enter, leave))
+    finally:
+        gpu.recorded, ssd_triton.DIRECT_LAUNCH = None, setting
+    assert launched and hooked == launched, \
+        f"hooks set after a plan was recorded saw {dict(hooked)}, not {dict(launched)}"
     return compared
 
 
@@ -502,10 +522,11 @@ def main(argv=None):
     if off_because:
         print(f"direct launches: off ({off_because}): every launch goes through Triton")
     else:
-        print(f"direct launches: {launches_compared} compared with Triton's own launch path (6 forward+backward "
+        print(f"direct launches: {launches_compared} compared with Triton's own launch path (7 forward+backward "
               "calls: plain, x not 16-byte aligned, with an initial state, kept tensors moved by a saved-tensor hook, "
-              "1 head split, a launch hook set; each by the launches' keys, then by the call's plan): each the same "
-              "binary, grid, hooks and arguments")
+              "1 head split, a launch-enter hook set, a launch-exit hook only; each by the launches' keys, then by "
+              "the call's plan): each the same binary, grid, hooks, metadata and arguments; and hooks set after a "
+              "plan was recorded see every launch")
     if host and "baseline" in host:
         print("this / baseline: " + ", ".join(f"{part} {host['this'][part] / host['baseline'][part]:.2f}x"
                                              for part in HOST_PARTS))

@@ -156,7 +156,7 @@ def _launch_hooks():
     """Triton's launch hooks (enter, exit) as its launcher takes them, None for a hook that calls nothing:
     Triton 3.5+ keeps them as chains of hooks (empty unless a profiler adds one), where Triton's own launch
     builds each launch's metadata for them and its launcher calls them. Empty, they do nothing, so
-    `_launch` passes None instead and builds no metadata (~2 µs per launch here)."""
+    `_launch` passes None instead, and where both are None builds no metadata (~2 µs per launch here)."""
     hooks = triton.knobs.runtime
     return tuple(None if hook is None or getattr(hook, "calls", None) == [] else hook
                  for hook in (hooks.launch_enter_hook, hooks.launch_exit_hook))
@@ -209,7 +209,8 @@ def _launch(program, grid, key, plan, *args, **constexprs):
         plan.recorded.append((binary, g))
     stream, enter, leave = plan.stream, plan.enter, plan.leave
     kernel, all_args = binary.kernel, args + binary.tail
-    metadata = kernel.launch_metadata(g, stream, *all_args) if enter is not None else None
+    # (what Triton's launch does: its launch_metadata returns None where the enter hook is None)
+    metadata = kernel.launch_metadata(g, stream, *all_args) if enter is not None or leave is not None else None
     kernel.run(*g, stream, kernel.function, kernel.packed_metadata, metadata, enter, leave, *all_args)
     return binary.config
 

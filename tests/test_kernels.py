@@ -557,6 +557,27 @@ def test_bench_graph_check_catches_a_replay_that_differs():
     assert bench.graphed_fwd_bwd(scan, inp, dy, 8, timed, capture=other) == (1.0, False)
 
 
+def test_bench_fails_when_ours_cannot_be_graphed(tmp_path, monkeypatch, capsys):
+    """--cuda-graphs: a capture of ours that raises (or a replay that differs) makes the run exit 1; the
+    torch reference's own failure would only be recorded. --quick cannot go with it (nothing is timed)."""
+    from kernels import bench, ssd_chunk_scan
+
+    def graphed(scan, inp, dy, chunk_size, bench_, capture):
+        if scan is not ssd_chunk_scan:
+            return 1.0, True
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(bench, "graphed_fwd_bwd", graphed)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--cpu-smoke", "--cuda-graphs", "--no-mamba", "--shape", "2x20", "--out", str(out)]) == 1
+    (row,) = json.loads(out.read_text())["timings"]
+    assert row["failures"] == {"ours graphed": "RuntimeError: operation not permitted when stream is capturing"}
+    assert row["graphed_fwd_bwd_ms"] == {"torch": 1.0} and "ours in a CUDA graph failed" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--cpu-smoke", "--cuda-graphs", "--quick"])
+    assert e.value.code == 2 and "cannot go with --quick" in capsys.readouterr().err
+
+
 def test_bench_shape_option_keeps_only_the_shapes_asked_for(tmp_path, capsys):
     """`--shape BxL` (a short GPU visit: the shapes an A/B is about): only those are checked and timed;
     a shape the run does not have is refused with the list of those it has."""
