@@ -199,18 +199,37 @@ def time_one(scan, inp, dy, chunk_size, bench, device):
     with torch.no_grad():
         out["fwd_ms"] = bench(lambda: run(inp))
         out["fwd_host_ms"], out["fwd_wall_ms"] = host_and_wall_ms(lambda: run(inp), device)
+    leaves, fwd_bwd = fwd_bwd_call(scan, inp, dy, chunk_size)  # (gradients set to None outside the timings)
+    out["fwd_bwd_ms"] = bench(fwd_bwd, grad_to_none=list(leaves.values()))
+    out["fwd_bwd_host_ms"], out["fwd_bwd_wall_ms"] = host_and_wall_ms(
+        fwd_bwd, device, reset=lambda: grads_to_none(leaves.values()))
+    return out
+
+
+def grads_to_none(tensors):
+    for t in tensors:
+        t.grad = None
+
+
+def timing_inputs(shape, device):
+    """The inputs of the timed calls at `shape` (no initial state) and ∂L/∂y."""
+    name, b, l, h, p, n, g, Q, dtype = shape
+    inp = make_inputs(b, l, h, p, n, g, dtype, device)
+    inp.pop("initial_state")
+    return inp, torch.randn(b, l, h, p, device=device).to(dtype)
+
+
+def fwd_bwd_call(scan, inp, dy, chunk_size, clear_grads=False):
+    """Leaf copies of `inp`, and a function making one forward+backward of `scan` on them with ∂L/∂y = dy
+    (first setting their gradients to None if `clear_grads`, else they accumulate into .grad)."""
     leaves = {k: v.detach().clone().requires_grad_() for k, v in inp.items()}
 
     def fwd_bwd():
-        run(leaves).backward(dy)
+        if clear_grads:
+            grads_to_none(leaves.values())
+        scan(leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"], chunk_size, D=leaves["D"]).backward(dy)
 
-    def clear_grads():
-        for v in leaves.values():
-            v.grad = None
-
-    out["fwd_bwd_ms"] = bench(fwd_bwd, grad_to_none=list(leaves.values()))
-    out["fwd_bwd_host_ms"], out["fwd_bwd_wall_ms"] = host_and_wall_ms(fwd_bwd, device, reset=clear_grads)
-    return out
+    return leaves, fwd_bwd
 
 
 def cuda_graph(fn):
@@ -234,13 +253,7 @@ def graphed_fwd_bwd(scan, inp, dy, chunk_size, bench, capture=cuda_graph):
     and whether a replay gives the gradients of an eager call bit for bit (it must: the same programs on
     the same inputs). The gradients are set to None before each call, so the captured call allocates
     them from the graph's pool, where each replay writes them again."""
-    leaves = {k: v.detach().clone().requires_grad_() for k, v in inp.items()}
-
-    def fwd_bwd():
-        for v in leaves.values():
-            v.grad = None
-        scan(leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"], chunk_size, D=leaves["D"]).backward(dy)
-
+    leaves, fwd_bwd = fwd_bwd_call(scan, inp, dy, chunk_size, clear_grads=True)
     fwd_bwd()
     eager = {k: v.grad.clone() for k, v in leaves.items()}
     replay = capture(fwd_bwd)
@@ -256,9 +269,7 @@ def graphed_fwd_bwd(scan, inp, dy, chunk_size, bench, capture=cuda_graph):
 def time_graphed(shape, device, impls, bench, capture, row):
     """Into `row` (of `time_shape`): `graphed_fwd_bwd` of each implementation in `impls` at `shape`, ms and
     whether a replay gave the eager gradients; a failure to capture or replay is recorded in its failures."""
-    inp = make_inputs(*shape[1:7], shape[8], device)
-    inp.pop("initial_state")
-    dy = torch.randn(*shape[1:5], device=device).to(shape[8])
+    inp, dy = timing_inputs(shape, device)
     row["graphed_fwd_bwd_ms"], row["graph_replay_identical"] = {}, {}
     for impl, scan in impls.items():
         try:
@@ -276,9 +287,7 @@ def time_shape(shape, device, impls, bench, row=None):
     """Forward and forward+backward ms of each implementation in `impls` ({name: scan function with the
     ssd_chunk_scan signature}), D given, no initial or final state; added to `row` if given."""
     name, b, l, h, p, n, g, Q, dtype = shape
-    inp = make_inputs(b, l, h, p, n, g, dtype, device)
-    inp.pop("initial_state")
-    dy = torch.randn(b, l, h, p, device=device).to(dtype)
+    inp, dy = timing_inputs(shape, device)
     row = row or dict(shape=name, batch=b, seqlen=l, nheads=h, headdim=p, dstate=n, ngroups=g, chunk=Q,
                       dtype=str(dtype).replace("torch.", ""), fwd_ms={}, fwd_bwd_ms={}, host_wall_ms={},
                       failures={})
@@ -308,16 +317,8 @@ def profile_shape(shape, device, scan, iters=5):
     warm-up call), from torch.profiler: [(kernel name, calls per fwd+bwd, µs per fwd+bwd)], largest first."""
     from torch.profiler import ProfilerActivity, profile
 
-    name, b, l, h, p, n, g, Q, dtype = shape
-    inp = {k: v.requires_grad_() for k, v in make_inputs(b, l, h, p, n, g, dtype, device).items()
-           if k != "initial_state"}
-    dy = torch.randn(b, l, h, p, device=device).to(dtype)
-
-    def fwd_bwd():  # (gradients set to None first, as in the timings: no accumulation into .grad)
-        for v in inp.values():
-            v.grad = None
-        scan(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], Q, D=inp["D"]).backward(dy)
-
+    inp, dy = timing_inputs(shape, device)
+    _, fwd_bwd = fwd_bwd_call(scan, inp, dy, shape[7], clear_grads=True)  # (as in the timings: no accumulation)
     fwd_bwd()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:

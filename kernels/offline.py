@@ -243,6 +243,11 @@ def _launch_hook(counts, *which):
             chain.remove(hook) if hasattr(chain, "add") else setattr(hooks, name, chain)
 
 
+def _hook_calls(recorded, which):
+    """The hook calls `_launch_hook(counts, *which)` counts for the launches `recorded` by the stand-in."""
+    return collections.Counter((name, program) for program, _, _ in recorded for name in which)
+
+
 def _misaligned(t):
     """A copy of t at an address 4 bytes past a 16-byte boundary (for 2- and 4-byte dtypes)."""
     moved = torch.empty(t.numel() + 16, dtype=t.dtype)[4 // t.element_size():][: t.numel()].view(t.shape).copy_(t)
@@ -274,7 +279,7 @@ def _head_splits(n):
 def compare_launch_paths(gpu, shape, dtype):
     """The launches of one forward+backward made by `_launch`'s direct path against those Triton's own
     launch path makes for the same call, launch by launch: the same binary, grid, stream, metadata, hooks
-    and arguments. Six calls: the plain one; x at an address that is not 16-byte aligned, for which
+    and arguments. Seven calls: the plain one; x at an address that is not 16-byte aligned, for which
     Triton compiles other binaries (checked: else this would not show that the direct path tells them
     apart); an initial state and a loss on the final state too (the programs' other variants); what the
     forward kept handed back misaligned by a saved-tensor hook, and one dB/dC head split instead of
@@ -321,8 +326,7 @@ def compare_launch_paths(gpu, shape, dtype):
                         ssd_triton._selector = selector
                         calls[direct].append(gpu.recorded)
                         if name in hook_cases:
-                            launched = collections.Counter((which, program) for program, _, _ in gpu.recorded
-                                                           for which in hook_cases[name])
+                            launched = _hook_calls(gpu.recorded, hook_cases[name])
                             assert hooked == launched, f"{name}: the hooks saw {dict(hooked)}, not {dict(launched)}"
                 # by the plan, only the plans' keys are built: one for the forward, one for the backward
                 assert not direct or len(keys) == 2, f"{name}: the last call built {len(keys)} keys, not 2"
@@ -349,7 +353,7 @@ def compare_launch_paths(gpu, shape, dtype):
         hooked.clear()
         with _launch_hook(hooked, enter, leave):
             _call(SSDChunkScanFn, shape, inputs, backward=True)
-        launched = collections.Counter((which, program) for program, _, _ in gpu.recorded for which in (enter, leave))
+        launched = _hook_calls(gpu.recorded, (enter, leave))
     finally:
         gpu.recorded, ssd_triton.DIRECT_LAUNCH = None, setting
     assert launched and hooked == launched, \

@@ -77,7 +77,7 @@ def _cfg(num_warps=4, num_stages=2, maxnreg=None, **tiles):
 
 _CHOSEN = {}  # (autotuned program, key) -> the triton.Config its autotuner chose for that key
 _BINARIES = {}  # (program, key, device, constexprs, what of the arguments selects a binary) -> a `_Binary`
-_PLANS = {}  # the key of a forward or backward call -> the `_Binary`s of its launches, in order (see `_Plan`)
+_PLANS = {}  # the key of a forward or backward call -> (`_Binary`, grid) of its launches, in order (see `_Plan`)
 _FIRST_LAUNCH = threading.Lock()
 _MAX_BINARIES = 4096  # (its keys hold the integer arguments, seqlen among them: bounded for varying lengths)
 
