@@ -19,7 +19,7 @@ small PyTorch `_ref` next to their kernel that the tests compare them with; the 
 gradient are compared with autograd through the float64 recurrence `ssd_recurrent` (tests/test_kernels.py).
 
 Launches per call (each costs host time, which is what a batch-1 call spends most of its time on): the
-forward 4 Triton programs; the backward 6 Triton programs and 1–3 small PyTorch reductions/casts (see
+forward 4 Triton programs; the backward 7 Triton programs and 1–3 small PyTorch reductions/casts (see
 `_ssd_backward`). Every program is launched through `_launch`, which goes through Triton (and its
 autotuner) only the first time a binary is needed and then calls that binary directly (where
 `DIRECT_LAUNCH` is on; `DIRECT_LAUNCH_OFF_BECAUSE` says why not, e.g. under the interpreter); a call like
@@ -177,7 +177,7 @@ def _launch(program, grid, key, plan, *args, **constexprs):
 
     Each launch through Triton (`JITFunction.run`) works out again which binary the arguments select
     (~20 µs plus ~0.6 µs per argument of host time on a 2-core VM; an autotuned program adds ~30 µs of
-    autotuner bookkeeping): a forward+backward makes 10 launches, and at batch 1 the GPU waits for them.
+    autotuner bookkeeping): a forward+backward makes 11 launches, and at batch 1 the GPU waits for them.
     So the binary Triton chose is kept under everything Triton chooses it by (`_selector`, the
     constexprs, the device; the config that `key` got from the autotuner, which tunes once per key), and
     later launches with the same selector call it directly, as `JITFunction.run` itself ends by doing:
@@ -289,7 +289,7 @@ def _chunk_offsets(pid_bc, pid_h, seqlen, nheads, headdim, ngroups, dstate, nchu
 
 @triton.jit
 def _split_offsets(pid_bc, pid_gs, batch, seqlen, nheads, ngroups, dstate, nchunks, chunk_size, n_splits):
-    """For the dB and dC programs of (batch element, chunk) `pid_bc` and (group, split of its heads)
+    """For the dCB, dC and dB programs of (batch element, chunk) `pid_bc` and (group, split of its heads)
     `pid_gs`: the batch element, the chunk, the split's first head and its number of heads, the chunk's
     length, its first token as a row of (batch·seqlen), and the element offsets where its data starts:
         group_off  B, C    (batch, seqlen, G, N)               at (b, chunk start, g, 0)
@@ -723,11 +723,12 @@ def _chunk_scan_fwd_kernel(
 #   ∂L/∂S_c, ∂L/∂α_c, ∂L/∂h_0 by a reverse scan over chunks                 _state_passing_bwd_kernel
 #   ∂L/∂u_s  = Σ_{t≥s} CB[t,s]·exp(cs[t] − cs[s])·dy_t + exp(cs[Q-1] − cs[s])·∂L/∂S_c B_s
 #              → dx = dt·∂L/∂u + D·dy,  ∂L/∂dt (through u) = ⟨∂L/∂u, x⟩         _chunk_scan_bwd_dx_kernel
+#   dCB and the intra-chunk part of ∂L/∂dA (below)                          _chunk_scan_bwd_dcb_kernel
 #   ∂L/∂C_t  = Σ_h exp(cs[t])·dy_tᵀ S_in[c] + Σ_{s≤t} dCB[t,s]·B_s          _chunk_scan_bwd_dc_kernel
 #   ∂L/∂B_s  = Σ_h exp(cs[Q-1] − cs[s])·dt_s·x_sᵀ ∂L/∂S_c
 #                                          + Σ_{t≥s} dCB[t,s]·C_t          _chunk_scan_bwd_db_kernel
 #              with dCB[t,s] = ∂L/∂CB[t,s] = Σ_h G[t,s],  G[t,s] = exp(cs[t] − cs[s])·dt_s·(dy_t·x_s), s ≤ t
-#              (the dC program sums dCB over the heads of a group and stores it; dB reads it)
+#              (the dCB program sums G over the heads of a group and stores it; dC and dB read it)
 #   ∂L/∂dA_j collected from four terms, then ∂L/∂dt and ∂L/∂A                 _chunk_cumsum_bwd_kernel
 #
 # The decay gradient is assembled from terms that each contain only decays ≤ 1: it is never formed
@@ -888,101 +889,60 @@ def _chunk_scan_bwd_dx_kernel(
 
 
 @_autotune(
-    [_cfg(BLOCK_T=32, BLOCK_S=64), _cfg(BLOCK_T=32, BLOCK_S=32), _cfg(BLOCK_T=32, BLOCK_S=64, num_warps=8),
-     _cfg(BLOCK_T=64, BLOCK_S=32, num_warps=8), _cfg(BLOCK_T=64, BLOCK_S=64, num_warps=8),
-     _cfg(BLOCK_T=64, BLOCK_S=32, num_warps=8, num_stages=3), _cfg(BLOCK_T=64, BLOCK_S=64),
-     # 168 registers instead of ~232: 3 programs per SM instead of 2 (H100, 8 x 2048: 0.62 vs 0.675 ms;
-     # caps of 128 on this tile, on 32×32 and on 64×64 were slower)
-     _cfg(BLOCK_T=32, BLOCK_S=64, maxnreg=168)],
+    [_cfg(BLOCK_T=32, BLOCK_S=64), _cfg(BLOCK_T=32, BLOCK_S=64, maxnreg=168), _cfg(BLOCK_T=32, BLOCK_S=32),
+     _cfg(BLOCK_T=32, BLOCK_S=32, maxnreg=128), _cfg(BLOCK_T=64, BLOCK_S=64),
+     _cfg(BLOCK_T=64, BLOCK_S=64, num_warps=8), _cfg(BLOCK_T=64, BLOCK_S=32, num_warps=8)],
     _cfg(BLOCK_T=32, BLOCK_S=16),
 )
 @triton.jit(do_not_specialize=["batch"])  # (used for one offset: not worth a compile per value)
-def _chunk_scan_bwd_dc_kernel(
+def _chunk_scan_bwd_dcb_kernel(
     x_ptr, dy_ptr,  # (batch, seqlen, H, P)
     dt_ptr,  # (batch, seqlen, H)
     cs_ptr, cs_lo_ptr,  # (batch, H, nchunks, Q); lo or None
     cb_ptr,  # (batch, nchunks, G, Q, Q)
-    B_ptr, C_ptr,  # (batch, seqlen, G, N)
-    states_ptr,  # (batch, nchunks, H, P, N), S_in in the dots' operand dtype
     dcb_ptr,  # out (n_splits, batch, nchunks, G, Q, Q) in the dots' operand dtype: dCB below, for s ≤ t
-    dC_ptr,  # out (n_splits, batch, seqlen, G, N) fp32: ∂L/∂C summed over this split's heads
-    dA_off_ptr,  # out (batch, H, nchunks, Q) fp32: r_t = ∂L/∂cs[t] through the state term
     dA_diag_ptr,  # out (batch, H, nchunks, n_t_tiles, Q) fp32 (room for ≥ n_t_tiles): see below (not zeroed)
     row_prefix_ptr,  # scratch (batch, H, nchunks, Q) fp32: each head's running row prefix between steps
     batch, seqlen, nheads, headdim, ngroups, dstate, nchunks, chunk_size, n_splits,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_P: tl.constexpr,
     BLOCK_T: tl.constexpr,  # rows t (the host reads the chosen value: the last kernel needs it)
     BLOCK_S: tl.constexpr,  # positions s per step of the causal loop
 ):
-    """∂L/∂C_t = Σ_{heads h of the group} dc_t  +  Σ_{s≤t} dCB[t,s]·B_s   where
-        dc_t     = exp(cs[t]) · dy_tᵀ S_in[c]                   (C_t reads the entering state of head h)
-        dCB[t,s] = Σ_{heads h of the group} G[t,s]              (∂L/∂CB[t,s]: the heads share CB)
-        G[t,s]   = exp(cs[t] − cs[s])·dt_s · (dy_t·x_s)         (head h's score gradient, s ≤ t)
-    (each program sums the heads of its split of the group: its dCB and ∂L/∂C are partial sums, and the
-    host adds the splits' ∂L/∂C)
+    """dCB[t,s] = ∂L/∂CB[t,s] = Σ_{heads h of the split} G[t,s]   (s ≤ t; the heads of a group share CB)
+        G[t,s]   = exp(cs[t] − cs[s])·dt_s · (dy_t·x_s)            (head h's score gradient)
+    stored for the dC and dB programs (∂L/∂C_t ∋ Σ_s dCB[t,s]·B_s, ∂L/∂B_s ∋ Σ_t dCB[t,s]·C_t), and, per
+    head, the intra-chunk decay gradient, which needs exactly these tiles:
+        M[t,s] = G[t,s]·CB[t,s] = ∂L/∂(cs[t] − cs[s]), and cs[t] − cs[s] = dA_{s+1} + … + dA_t, so
+        ∂L/∂dA_j = Σ_{t≥j} Σ_{s<j} M[t,s].
+    For the rows t of this tile: with a running prefix sum along each row, P[t,s] = Σ_{s'≤s} M[t,s'],
+    the program adds Σ_{t>s} P[t,s] to j = s + 1. Each step loops over the heads, so each head's running
+    prefix waits in `row_prefix` until the next step. Every term is a product of decays ≤ 1; nothing
+    cancels. The partial sums of the row tiles go to separate slices of dA_diag, added in the last
+    kernel. The slice of row tile k is written for 1 ≤ j ≤ min((k+1)·BLOCK_T, chunk_len) (beyond, no
+    s < j ≤ t exists), and read only there.
 
-    The heads' G are summed before they meet B, so the product with B (N columns: twice the work of
-    dy_t·x_s at N = 2P) is taken once per step instead of once per head, and dCB is stored for the dB
-    program (∂L/∂B_s = Σ_{t≥s} dCB[t,s]·C_t): dy_t·x_s is computed once for both.
+    (This program holds no (rows × N) tile: the products with B and C are the dC and dB programs'. Fewer
+    registers per program, more programs resident per SM: it is bound by latency, not multiply-adds.)
 
-    Per head, the two decay gradients that need exactly these tiles:
-      * r_t = ⟨dc_t, C_t⟩ = ∂L/∂cs[t] through exp(cs[t]) (a cumulative sum of dA_j for j ≤ t);
-      * M[t,s] = G[t,s]·CB[t,s] = ∂L/∂(cs[t] − cs[s]), and cs[t] − cs[s] = dA_{s+1} + … + dA_t, so
-        ∂L/∂dA_j = Σ_{t≥j} Σ_{s<j} M[t,s]. For the rows t of this tile: with a running prefix sum
-        along each row, P[t,s] = Σ_{s'≤s} M[t,s'], the program adds Σ_{t>s} P[t,s] to j = s + 1
-        (a shortcut on the tiles left of the diagonal, a cumulative sum of column sums instead of one
-        along the rows, was 2% slower in all on an H100). Each step loops over the heads, so each
-        head's running prefix waits in `row_prefix` until the next step. Every term is a product of
-        decays ≤ 1; nothing cancels. The partial sums of the row tiles go to separate slices of dA_diag,
-        added in the last kernel. The slice of row tile k is written for 1 ≤ j ≤ min((k+1)·BLOCK_T,
-        chunk_len) (beyond, no s < j ≤ t exists), and read only there.
-
-    Tile: BLOCK_T rows t × all N: a loop over the heads of the split (through the entering states),
-    then steps of BLOCK_S positions s ≤ t, each looping over the heads (through CB).
+    Tile: BLOCK_T rows t × steps of BLOCK_S positions s ≤ t, each looping over the heads of the split.
     Grid: (n_t_tiles = cdiv(Q, BLOCK_T), batch·nchunks, G·n_splits).
     """
     pid_t = tl.program_id(0)
     n_t_tiles = tl.num_programs(0)
-    pid_b, pid_c, first_head, heads_per_split, chunk_len, row0, group_off, out_off, cb_off, dcb_off = \
+    pid_b, pid_c, first_head, heads_per_split, chunk_len, row0, _, _, cb_off, dcb_off = \
         _split_offsets(tl.program_id(1), tl.program_id(2), batch, seqlen, nheads, ngroups, dstate, nchunks,
                        chunk_size, n_splits)
-    B_ptr += group_off
-    C_ptr += group_off
-    dC_ptr += out_off
     cb_ptr += cb_off
     dcb_ptr += dcb_off
 
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_s = tl.arange(0, BLOCK_S)
     offs_p = tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
     t_mask = offs_t < chunk_len
     p_mask = offs_p < headdim
-    n_mask = offs_n < dstate
     s_end = tl.minimum((pid_t + 1) * BLOCK_T, chunk_len)
-    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
 
-    # through the entering states, head by head
-    for i in range(heads_per_split):
-        h = first_head + i
-        tok = ((pid_b * nheads + h) * nchunks + pid_c).to(tl.int64) * chunk_size  # this head's per-token buffers
-        cs_t, lo_t = _load_cs(cs_ptr, cs_lo_ptr, tok + offs_t, offs_t < chunk_size)
-        dyt = tl.load(dy_ptr + row0 * nheads * headdim + h * headdim
-                      + offs_t[:, None] * (nheads * headdim) + offs_p[None, :],
-                      mask=t_mask[:, None] & p_mask[None, :], other=0.0)
-        s_in = tl.load(states_ptr + ((pid_b * nchunks + pid_c) * nheads + h).to(tl.int64) * headdim * dstate
-                       + offs_p[:, None] * dstate + offs_n[None, :],
-                       mask=p_mask[:, None] & n_mask[None, :], other=0.0)
-        dc = tl.dot(dyt.to(DOT_DTYPE), s_in.to(DOT_DTYPE), input_precision=DOT_PRECISION)  # (BLOCK_T, N)
-        dc *= _decay(cs_t, lo_t)[:, None]
-        c = tl.load(C_ptr + offs_t[:, None] * (ngroups * dstate) + offs_n[None, :],  # (reloaded per head)
-                    mask=t_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
-        # (rows past the sequence end hold r = 0: the last kernel sums over the whole chunk)
-        tl.store(dA_off_ptr + tok + offs_t, tl.sum(dc * c, axis=1), mask=offs_t < chunk_size)
-        acc += dc
-
-    # through CB[t, s] for s ≤ t: one tile of dCB per step, and each head's intra-chunk decay gradient
     for s0 in range(0, s_end, BLOCK_S):
         s = s0 + offs_s
         s_mask = s < chunk_len
@@ -1017,12 +977,90 @@ def _chunk_scan_bwd_dc_kernel(
             tl.debug_barrier()  # (the threads that read an entry of row_prefix may not be those that write it:
             tl.store(row_prefix_ptr + tok + offs_t, row_prefix, mask=offs_t < chunk_size)  # all read first)
         tl.debug_barrier()  # (the next step reads the row prefixes just stored, perhaps from other threads)
+        tl.store(dcb_ptr + offs_t[:, None] * chunk_size + s[None, :], dcb.to(dcb_ptr.dtype.element_ty),
+                 mask=t_mask[:, None] & (s[None, :] <= offs_t[:, None]))  # (the readers read s ≤ t only)
 
+
+@_autotune(
+    [_cfg(BLOCK_T=32, BLOCK_S=64), _cfg(BLOCK_T=32, BLOCK_S=32), _cfg(BLOCK_T=32, BLOCK_S=64, num_warps=8),
+     _cfg(BLOCK_T=64, BLOCK_S=32, num_warps=8), _cfg(BLOCK_T=64, BLOCK_S=64, num_warps=8),
+     _cfg(BLOCK_T=64, BLOCK_S=32, num_stages=3), _cfg(BLOCK_T=64, BLOCK_S=64), _cfg(BLOCK_T=64, BLOCK_S=32)],
+    _cfg(BLOCK_T=16, BLOCK_S=32),
+)
+@triton.jit(do_not_specialize=["batch"])  # (used for one offset: not worth a compile per value)
+def _chunk_scan_bwd_dc_kernel(
+    dy_ptr,  # (batch, seqlen, H, P)
+    cs_ptr, cs_lo_ptr,  # (batch, H, nchunks, Q); lo or None
+    B_ptr, C_ptr,  # (batch, seqlen, G, N)
+    states_ptr,  # (batch, nchunks, H, P, N), S_in in the dots' operand dtype
+    dcb_ptr,  # (n_splits, batch, nchunks, G, Q, Q): dCB of this split's heads, from the dCB program (s ≤ t)
+    dC_ptr,  # out (n_splits, batch, seqlen, G, N) fp32: ∂L/∂C summed over this split's heads
+    dA_off_ptr,  # out (batch, H, nchunks, Q) fp32: r_t = ∂L/∂cs[t] through the state term
+    batch, seqlen, nheads, headdim, ngroups, dstate, nchunks, chunk_size, n_splits,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_T: tl.constexpr,  # rows t
+    BLOCK_S: tl.constexpr,  # positions s per step of the causal loop
+):
+    """∂L/∂C_t = Σ_{heads h of the group} dc_t  +  Σ_{s≤t} dCB[t,s]·B_s   where
+        dc_t     = exp(cs[t]) · dy_tᵀ S_in[c]                   (C_t reads the entering state of head h)
+        dCB[t,s] = ∂L/∂CB[t,s] (C_t is a query of CB[t, s] = C_t·B_s), summed over the heads by the dCB program
+    (each program sums the heads of its split of the group: its ∂L/∂C is a partial sum, and the host adds
+    the splits')
+
+    The same state term differentiated with respect to its decay exp(cs[t]) gives, per head,
+    r_t = ⟨dc_t, C_t⟩ = ∂L/∂cs[t] through exp(cs[t]) (a cumulative sum of dA_j for j ≤ t, in the last kernel).
+
+    Tile: BLOCK_T rows t × all N: a loop over the heads of the split (through the entering states),
+    then over s ≤ t (through CB): the dB program's mirror image.
+    Grid: (cdiv(Q, BLOCK_T), batch·nchunks, G·n_splits), the splits as in the dCB program.
+    """
+    pid_t = tl.program_id(0)
+    pid_b, pid_c, first_head, heads_per_split, chunk_len, row0, group_off, out_off, _, dcb_off = \
+        _split_offsets(tl.program_id(1), tl.program_id(2), batch, seqlen, nheads, ngroups, dstate, nchunks,
+                       chunk_size, n_splits)
+    B_ptr += group_off
+    C_ptr += group_off
+    dC_ptr += out_off
+    dcb_ptr += dcb_off
+
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    t_mask = offs_t < chunk_len
+    p_mask = offs_p < headdim
+    n_mask = offs_n < dstate
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+
+    # through the entering states, head by head
+    for i in range(heads_per_split):
+        h = first_head + i
+        tok = ((pid_b * nheads + h) * nchunks + pid_c).to(tl.int64) * chunk_size  # this head's per-token buffers
+        cs_t, lo_t = _load_cs(cs_ptr, cs_lo_ptr, tok + offs_t, offs_t < chunk_size)
+        dyt = tl.load(dy_ptr + row0 * nheads * headdim + h * headdim
+                      + offs_t[:, None] * (nheads * headdim) + offs_p[None, :],
+                      mask=t_mask[:, None] & p_mask[None, :], other=0.0)
+        s_in = tl.load(states_ptr + ((pid_b * nchunks + pid_c) * nheads + h).to(tl.int64) * headdim * dstate
+                       + offs_p[:, None] * dstate + offs_n[None, :],
+                       mask=p_mask[:, None] & n_mask[None, :], other=0.0)
+        dc = tl.dot(dyt.to(DOT_DTYPE), s_in.to(DOT_DTYPE), input_precision=DOT_PRECISION)  # (BLOCK_T, N)
+        dc *= _decay(cs_t, lo_t)[:, None]
+        c = tl.load(C_ptr + offs_t[:, None] * (ngroups * dstate) + offs_n[None, :],  # (reloaded per head)
+                    mask=t_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+        # (rows past the sequence end hold r = 0: the last kernel sums over the whole chunk)
+        tl.store(dA_off_ptr + tok + offs_t, tl.sum(dc * c, axis=1), mask=offs_t < chunk_size)
+        acc += dc
+
+    # through CB[t, s] for s ≤ t
+    for s0 in range(0, tl.minimum((pid_t + 1) * BLOCK_T, chunk_len), BLOCK_S):
+        s = s0 + offs_s
+        s_mask = s < chunk_len
+        dcb = tl.load(dcb_ptr + offs_t[:, None] * chunk_size + s[None, :],  # (BLOCK_T, BLOCK_S)
+                      mask=t_mask[:, None] & (s[None, :] <= offs_t[:, None]), other=0.0)
         b = tl.load(B_ptr + s[:, None] * (ngroups * dstate) + offs_n[None, :],
                     mask=s_mask[:, None] & n_mask[None, :], other=0.0)
         acc += tl.dot(dcb.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision=DOT_PRECISION)  # (BLOCK_T, N)
-        tl.store(dcb_ptr + offs_t[:, None] * chunk_size + s[None, :], dcb.to(dcb_ptr.dtype.element_ty),
-                 mask=t_mask[:, None] & (s[None, :] <= offs_t[:, None]))  # (the dB program reads s ≤ t only)
 
     tl.store(dC_ptr + offs_t[:, None] * (ngroups * dstate) + offs_n[None, :], acc,
              mask=t_mask[:, None] & n_mask[None, :])
@@ -1041,7 +1079,7 @@ def _chunk_scan_bwd_db_kernel(
     cs_ptr, cs_lo_ptr,  # (batch, H, nchunks, Q); lo or None
     B_ptr, C_ptr,  # (batch, seqlen, G, N)
     dchunk_ptr,  # (batch, nchunks, H, P, N), ∂L/∂S_c in the dots' operand dtype
-    dcb_ptr,  # (n_splits, batch, nchunks, G, Q, Q): dCB of this split's heads, from the dC program (s ≤ t)
+    dcb_ptr,  # (n_splits, batch, nchunks, G, Q, Q): dCB of this split's heads, from the dCB program (s ≤ t)
     dB_ptr,  # out (n_splits, batch, seqlen, G, N) fp32: ∂L/∂B summed over this split's heads
     dA_state_ptr,  # out (batch, H, nchunks, Q) fp32: q_s stored at s + 1 (entry 0 is never written)
     batch, seqlen, nheads, headdim, ngroups, dstate, nchunks, chunk_size, n_splits,
@@ -1052,7 +1090,7 @@ def _chunk_scan_bwd_db_kernel(
 ):
     """∂L/∂B_s = Σ_{heads h of the group} db_s  +  Σ_{t≥s} dCB[t,s]·C_t   where
         db_s     = exp(cs[Q-1] − cs[s])·dt_s · x_sᵀ ∂L/∂S_c     (B_s writes into the chunk state of head h)
-        dCB[t,s] = ∂L/∂CB[t,s] (B_s is a key of CB[t, s] = C_t·B_s), summed over the heads by the dC program
+        dCB[t,s] = ∂L/∂CB[t,s] (B_s is a key of CB[t, s] = C_t·B_s), summed over the heads by the dCB program
 
     The same chunk-state term differentiated with respect to the decay exp(cs[Q-1] − cs[s]) =
     exp(dA_{s+1} + … + dA_{Q-1}) gives q_s = ⟨db_s, B_s⟩ for every dA_j with j > s; it is stored at
@@ -1062,7 +1100,7 @@ def _chunk_scan_bwd_db_kernel(
     Tile: BLOCK_S rows s × all N: a loop over the heads of (a split of) the group (through the chunk
     states), then over t ≥ s (through CB). The heads of a group are shared among `n_splits` programs so
     that there are enough programs when G is small; their partial sums are added by the host.
-    Grid: (cdiv(Q, BLOCK_S), batch·nchunks, G·n_splits), the splits as in the dC program.
+    Grid: (cdiv(Q, BLOCK_S), batch·nchunks, G·n_splits), the splits as in the dCB program.
     """
     pid_s = tl.program_id(0)
     pid_b, pid_c, first_head, heads_per_split, chunk_len, row0, group_off, out_off, _, dcb_off = \
@@ -1152,7 +1190,7 @@ def _chunk_cumsum_bwd_kernel(
     pos = pid_c * chunk_size + offs_t
     in_chunk = offs_t < chunk_size
     valid = in_chunk & (pos < seqlen)
-    bhc = ((pid_b * nheads + pid_h) * nchunks + pid_c).to(tl.int64)  # (as in the dC program)
+    bhc = ((pid_b * nheads + pid_h) * nchunks + pid_c).to(tl.int64)  # (as in the dCB program)
     tok = bhc * chunk_size
 
     # (only the entries the dB and dC kernels wrote are read: their buffers are not zeroed; the
@@ -1184,7 +1222,7 @@ def _chunk_cumsum_bwd_kernel(
 # ==================================================================================================
 _STATE_BLOCK = 256  # state entries per program in the two state-passing kernels
 _MAX_GRID_Y = 65535  # CUDA's limit on a grid's 2nd axis, which enumerates (batch element, chunk) pairs
-_DC_MIN_BLOCK_T = 32  # the smallest row tile among the dC program's configs: it sizes dA_diag
+_DC_MIN_BLOCK_T = 32  # the smallest row tile among the dCB program's configs: it sizes dA_diag
 
 
 # Host-side arithmetic is plain Python: triton.cdiv and triton.next_power_of_2 are constexpr functions
@@ -1330,7 +1368,7 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, kept, chunk_size, D, initial_state
     (either may be None: no gradient flows from there), and kept = (cs, cs_lo, S_c, CB) from the forward. See
     the derivation above the backward kernels.
 
-    Launches: ∂L/∂S_in (stage 2's program), stage 3 fused with its backward, dx, dC, dB, the decay
+    Launches: ∂L/∂S_in (stage 2's program), stage 3 fused with its backward, dx, dCB, dC, dB, the decay
     gradient; then one to three small PyTorch reductions/casts. No buffer is zero-filled: every kernel
     writes all the entries that are read."""
     b, l, h, p = x.shape
@@ -1372,17 +1410,21 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, kept, chunk_size, D, initial_state
     _launch(_chunk_scan_bwd_dx_kernel, grid, key, plan, x, dy, dt, cs, cs_lo, cb, B, dchunk, D, dx, ddt_x, dxy,
             l, h, p, g, n, nc, Q, HAS_D=D is not None, **dots)
 
-    # dC, then dB (one buffer, so that one reduction and one cast serve both), each summed over the
-    # heads of a group in n_splits partial sums; dC also writes ∂L/∂CB of each split (dcb), which dB reads
-    dBC = torch.empty(2, n_splits, b, l, g, n, **f32)
+    # ∂L/∂CB summed over the heads of each of n_splits splits of a group (dcb) with the intra-chunk
+    # decay gradient; then dC and dB (one buffer, so that one reduction and one cast serve both), each a
+    # partial sum over the heads of a split, reading dcb
     dcb = torch.empty(n_splits, b, nc, g, Q, Q, device=x.device, dtype=dot_dtype)
-    dA_off = torch.empty(b, h, nc, Q, **f32)
     dA_diag = torch.empty(b, h, nc, _cdiv(Q, _DC_MIN_BLOCK_T), Q, **f32)  # room for any row tile
-    row_prefix = torch.empty(b, h, nc, Q, **f32)  # (the dC program's scratch)
+    row_prefix = torch.empty(b, h, nc, Q, **f32)  # (the dCB program's scratch)
     grid = lambda META: (_cdiv(Q, META["BLOCK_T"]), b * nc, g * n_splits)
-    dc_config = _launch(_chunk_scan_bwd_dc_kernel, grid, key, plan, x, dy, dt, cs, cs_lo, cb, B, C, states_dot,
-                        dcb, dBC[1], dA_off, dA_diag, row_prefix, b, l, h, p, g, n, nc, Q, n_splits, **dots)
-    dc_block_t = dc_config.kwargs["BLOCK_T"]  # the row tile the dC program ran with
+    dcb_config = _launch(_chunk_scan_bwd_dcb_kernel, grid, key, plan, x, dy, dt, cs, cs_lo, cb, dcb, dA_diag, row_prefix,
+                         b, l, h, p, g, n, nc, Q, n_splits,
+                         **{k: v for k, v in dots.items() if k != "BLOCK_N"})  # (no tile spans N)
+    dc_block_t = dcb_config.kwargs["BLOCK_T"]  # the row tile the dCB program ran with
+    dBC = torch.empty(2, n_splits, b, l, g, n, **f32)
+    dA_off = torch.empty(b, h, nc, Q, **f32)
+    _launch(_chunk_scan_bwd_dc_kernel, grid, key, plan, dy, cs, cs_lo, B, C, states_dot, dcb, dBC[1], dA_off,
+            b, l, h, p, g, n, nc, Q, n_splits, **dots)
     dA_state = torch.empty(b, h, nc, Q, **f32)
     grid = lambda META: (_cdiv(Q, META["BLOCK_S"]), b * nc, g * n_splits)
     _launch(_chunk_scan_bwd_db_kernel, grid, key, plan, x, dt, cs, cs_lo, B, C, dchunk, dcb, dBC[0], dA_state,

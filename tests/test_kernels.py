@@ -177,7 +177,7 @@ def test_edge_cases_fp32(case):
     assert_close(run_and_compare(pb, Q), torch.float32)
 
 
-@pytest.mark.parametrize("program", ["dc", "db"])
+@pytest.mark.parametrize("program", ["dcb", "dc", "db"])
 @pytest.mark.parametrize("block_t,block_s", [(32, 64), (32, 32), (64, 32), (64, 64)])
 def test_db_dc_programs_in_the_gpu_tile_shapes(monkeypatch, program, block_t, block_s):
     """The interpreter runs each program in one small config. The dC program's decay gradient depends
@@ -369,7 +369,7 @@ def test_no_unwritten_buffer_entry_is_read(monkeypatch, with_D):
 
 def test_launch_counts():
     """At batch 1 a call costs its launches (host time), not GPU time: the forward is
-    4 Triton programs (stage 1 runs inside stage 2's) and nothing else; the backward 6 programs (S_c and
+    4 Triton programs (stage 1 runs inside stage 2's) and nothing else; the backward 7 programs (S_c and
     CB are kept from the forward) and, here, two PyTorch reductions: the partial sums of ∂L/∂A and
     ∂L/∂D, and those of ∂L/∂B and ∂L/∂C over 2 splits of the heads (B and C are fp32, so no cast
     follows)."""
@@ -408,7 +408,7 @@ def test_launch_counts():
             y.backward(dy)
     assert len(forward) == 4 and not forward_ops, (forward, forward_ops)
     assert K._head_splits(4, 3, torch.device("cpu")) == 2
-    assert len(programs) == 6 and torch_ops == ["sum.dim_IntList"] * 2, (programs, torch_ops)
+    assert len(programs) == 7 and torch_ops == ["sum.dim_IntList"] * 2, (programs, torch_ops)
 
 
 # --------------------------------------------------------------------------------------------------
