@@ -4,24 +4,34 @@
 #
 #   bash kernels/gpu_visit.sh prepare     # here: visit/ (the kernel versions to compare), .whl/ (mamba_ssm)
 #   bash kernels/gpu_visit.sh run         # there (device tool: carry [".whl", "visit"]); results in $OUT
+#   bash kernels/gpu_visit.sh run-splits  # there, a short visit (~4 min): the dB/dC head splits only
 #
 # `run` goes through its steps in order of what matters most, each under a time limit, so that one call of
 # at most ~9.5 minutes leaves every step's output (kernels.bench rewrites its JSON after each measurement):
-#   1. kernels.bench: correctness and timings of this kernel, session 7's (the README table's) and the
-#      dc-split branch's, against torch (also replayed from CUDA graphs) and, last, mamba_ssm
+#   1. kernels.bench: correctness and timings of this kernel, session 7's (the README table's) and
+#      session 10's first (visit/s10.py: before the dC split was merged), against torch (also replayed
+#      from CUDA graphs) and, last, mamba_ssm
 #   2. the whole 370m model, a training step (tokens/s, peak memory)
 #   3. the float32 path (cs in two parts) checked on the GPU (its IEEE-precision dots compile slowly:
 #      ~200 s for every config on the 2-core VM, fewer seconds on the device's 16 cores)
-# It exits 1 if any step failed or ran out of time.
+# `run-splits` times this kernel against copies of it that differ only in `_DBC_PROGRAMS_PER_SM` (how many
+# dCB/dC/dB programs per SM the head splits aim for: 4 here; the copies 8, 2, 1 and 0.5), at 1 × 2048 and
+# 8 × 2048, with CUDA graphs: at batch 1 the splits' partial sums and per-split dCB are ~100 MB of traffic.
+# Both exit 1 if any step failed or ran out of time.
 set -u
 cd "$(dirname "$0")/.."
-SESSION7=e2919cf  # the commit whose kernel the README's H100 table measured
+SESSION7=e2919cf  # the commit whose kernel the README's H100 table measured (session 7)
+SESSION10=51c9837  # the kernel of session 10's first visit, before the dC split was merged
 
 case "${1:-}" in
 prepare)
     mkdir -p visit
     git show "$SESSION7:kernels/ssd_triton.py" > visit/s7.py
-    git show dc-split:kernels/ssd_triton.py > visit/dcsplit.py
+    git show "$SESSION10:kernels/ssd_triton.py" > visit/s10.py
+    for pps in 8 2 1 0.5; do  # this kernel with another head-split target (run-splits)
+        sed "s/^_DBC_PROGRAMS_PER_SM = 4\$/_DBC_PROGRAMS_PER_SM = $pps/" kernels/ssd_triton.py > "visit/pps$pps.py"
+        grep -q "^_DBC_PROGRAMS_PER_SM = $pps\$" "visit/pps$pps.py" || { echo "visit/pps$pps.py: the target was not set"; exit 2; }
+    done
     if ! ls .whl/mamba_ssm-*.tar.gz > /dev/null 2>&1; then  # (its build would compile CUDA: metadata only)
         MAMBA_SKIP_CUDA_BUILD=TRUE python3 -m pip download --no-deps --no-binary=:all: --no-build-isolation \
             -d .whl mamba_ssm==2.3.2.post1
@@ -29,10 +39,10 @@ prepare)
     ls -l visit .whl
     echo 'now, with the device tool: bash kernels/gpu_visit.sh run   (carry: [".whl", "visit"])'
     ;;
-run)
+run|run-splits)
     out=${OUT:-visit/out}
     mkdir -p "$out"
-    for f in visit/s7.py visit/dcsplit.py; do
+    for f in visit/s7.py visit/s10.py visit/pps8.py visit/pps2.py visit/pps1.py visit/pps0.5.py; do
         [ -f "$f" ] || { echo "$f is missing: run 'bash kernels/gpu_visit.sh prepare' first, and carry visit/"; exit 2; }
     done
     mamba_path=
@@ -54,7 +64,14 @@ run)
         [ $rc = 0 ] || failed=1
         tail -40 "$out/$name.log"
     }
-    step bench 330 python3 -m kernels.bench --cuda-graphs --baseline visit/s7.py --baseline visit/dcsplit.py \
+    if [ "$1" = run-splits ]; then
+        step splits 270 python3 -m kernels.bench --cuda-graphs --no-mamba --shape 1x2048 --shape 8x2048 \
+            --baseline visit/pps8.py --baseline visit/pps2.py --baseline visit/pps1.py --baseline visit/pps0.5.py \
+            --baseline visit/s10.py \
+            --out "$out/splits.json"
+        exit $failed
+    fi
+    step bench 330 python3 -m kernels.bench --cuda-graphs --baseline visit/s7.py --baseline visit/s10.py \
         --out "$out/kb.json"
     step model 60 python3 -m minimamba.bench model --device cuda --scale 370m --batch 8 --seqlen 1024 --amp \
         --backend triton --phases train
@@ -62,7 +79,7 @@ run)
     exit $failed
     ;;
 *)
-    echo "usage: bash kernels/gpu_visit.sh prepare|run" >&2
+    echo "usage: bash kernels/gpu_visit.sh prepare|run|run-splits" >&2
     exit 2
     ;;
 esac
