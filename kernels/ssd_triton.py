@@ -1279,22 +1279,27 @@ def _sm_count(device):
     return triton.runtime.driver.active.utils.get_device_properties(0)["multiprocessor_count"]
 
 
-# How many dB/dC programs per SM `_head_splits` aims for. Each split of the heads writes fp32 partial sums
-# of dB and dC that a reduction reads again, and its own dCB (Q×Q per chunk and group, in the dots' dtype),
-# and multiplies dCB with B and C: more heads per split means less of all three, and fewer programs. At
-# batch 1 × 2048 tokens (370m layer, an H100) this target gives 32 splits of one head: 67 MB of partial
-# sums and 34 MB of dCB; 2 would halve both, with coarser load balancing (untimed). At 8 × 2048: 4 splits.
+# How `_head_splits` splits the heads of a group between the dCB, dC and dB programs. Each split writes its
+# own dCB (Q×Q per chunk and group, in the dots' dtype), which dC and dB multiply with B and C, and fp32
+# partial sums of dB and dC that a reduction reads again: fewer splits, less of all three, but fewer
+# programs. It aims for `_DBC_PROGRAMS_PER_SM` programs per SM, with at most `_MAX_HEAD_SPLITS` splits.
+# Measured on an H100 (370m layer, 32 heads in one group; forward+backward replayed from a CUDA graph,
+# ms, session 10, all in one run):
+#     splits               1      2      4      8      16     32
+#     batch 1 × 2048       —      —    0.273  0.252  0.271  0.327     (chosen: 8; without the cap, 32)
+#     batch 8 × 2048     1.522  1.483  1.444  1.524    —      —       (chosen: 4)
+# At batch 1 × 2048, 32 splits of one head wrote 67 MB of partial sums and 34 MB of dCB.
 _DBC_PROGRAMS_PER_SM = 4
+_MAX_HEAD_SPLITS = 8
 
 
 def _head_splits(heads_per_group, programs, device):
-    """Into how many programs the dB/dC kernels split the heads of a group: the smallest divisor of
-    heads_per_group giving about `_DBC_PROGRAMS_PER_SM` programs per SM."""
+    """Into how many programs the dCB/dC/dB kernels split the heads of a group (`programs`: how many there
+    are with one split): the smallest divisor of heads_per_group giving `_DBC_PROGRAMS_PER_SM` programs per
+    SM, or failing that the largest divisor up to `_MAX_HEAD_SPLITS`."""
     sms = _sm_count(device)
-    for d in range(1, heads_per_group + 1):
-        if heads_per_group % d == 0 and programs * d >= _DBC_PROGRAMS_PER_SM * sms:
-            return d
-    return heads_per_group
+    divisors = [d for d in range(1, min(heads_per_group, _MAX_HEAD_SPLITS) + 1) if heads_per_group % d == 0]
+    return next((d for d in divisors if programs * d >= _DBC_PROGRAMS_PER_SM * sms), divisors[-1])
 
 
 def _chunk_state(u, v, dt, A, cs, cs_lo, chunk_size, to_chunk_end, plan):

@@ -207,6 +207,22 @@ def test_heads_summed_in_each_split(monkeypatch, nheads, ngroups, splits):
     assert_close(run_and_compare(pb, 32), torch.float32)
 
 
+def test_head_splits_aim_at_programs_per_sm_up_to_the_cap(monkeypatch):
+    """The split counts measured best on an H100 (see `_MAX_HEAD_SPLITS`): 370m's 32 heads in one group,
+    132 SMs, 4 row tiles of 64 per 256-token chunk. Every count divides the heads of a group."""
+    monkeypatch.setattr(K, "_sm_count", lambda device: 132)
+    programs = lambda b, l: 4 * b * (l // 256)  # (as `_ssd_backward` counts them: one split)
+    assert K._head_splits(32, programs(1, 2048), None) == 8  # the cap (the target alone: 32)
+    assert K._head_splits(32, programs(8, 2048), None) == 4  # the target: 4 × 256 ≥ 4 × 132
+    assert K._head_splits(32, programs(64, 2048), None) == 1
+    for heads in (1, 3, 7, 12, 24, 80):
+        for b in (1, 2, 8):
+            d = K._head_splits(heads, programs(b, 2048), None)
+            assert heads % d == 0 and 1 <= d <= K._MAX_HEAD_SPLITS, (heads, b, d)
+    assert K._head_splits(7, 1, None) == 7  # no divisor reaches the target: the largest under the cap
+    assert K._head_splits(12, 1, None) == 6
+
+
 def test_bf16_buffers_as_on_a_gpu(monkeypatch):
     """On a GPU, bf16 inputs make the programs keep the buffers that are only dot operands (the entering
     states, ∂L/∂S_c, dCB) in bf16; the interpreter's dots take fp32 operands (see ssd_triton.py), which
