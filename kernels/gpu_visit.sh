@@ -14,6 +14,8 @@
 #   2. the whole 370m model, a training step (tokens/s, peak memory)
 #   3. the float32 path (cs in two parts) checked on the GPU (its IEEE-precision dots compile slowly:
 #      ~200 s for every config on the 2-core VM, fewer seconds on the device's 16 cores)
+# Step limits from session 10's first visit (H100): the bench with two baselines took 325 s to reach
+# mamba_ssm's 8 × 2048 row (its first compile ~80 s), the model step ~20 s, the fp32 check ~90 s.
 # `run-splits` times this kernel against copies of it that differ only in `_DBC_PROGRAMS_PER_SM` (how many
 # dCB/dC/dB programs per SM the head splits aim for: 4 here; the copies 8, 2, 1 and 0.5), at 1 × 2048 and
 # 8 × 2048, with CUDA graphs: at batch 1 the splits' partial sums and per-split dCB are ~100 MB of traffic.
@@ -71,11 +73,11 @@ run|run-splits)
             --out "$out/splits.json"
         exit $failed
     fi
-    step bench 330 python3 -m kernels.bench --cuda-graphs --baseline visit/s7.py --baseline visit/s10.py \
+    step bench 380 python3 -m kernels.bench --cuda-graphs --baseline visit/s7.py --baseline visit/s10.py \
         --out "$out/kb.json"
     step model 60 python3 -m minimamba.bench model --device cuda --scale 370m --batch 8 --seqlen 1024 --amp \
         --backend triton --phases train
-    step fp32 150 python3 -m kernels.bench --quick --fp32 --no-mamba --shape 1x2048 --out "$out/fp32.json"
+    step fp32 120 python3 -m kernels.bench --quick --fp32 --no-mamba --shape 1x2048 --out "$out/fp32.json"
     exit $failed
     ;;
 *)
