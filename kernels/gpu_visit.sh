@@ -8,8 +8,9 @@
 #
 # `run` goes through its steps in order of what matters most, each under a time limit, so that one call of
 # at most ~9.5 minutes leaves every step's output (kernels.bench rewrites its JSON after each measurement):
-#   1. kernels.bench: correctness and timings of this kernel, session 7's (the README table's) and
-#      session 10's first (visit/s10.py: before the dC split was merged), against torch (also replayed
+#   1. kernels.bench: correctness and timings of this kernel, session 10's first (visit/s10.py: before
+#      the dC split) and its last timed one (visit/s10b.py: the split and the cap of 8 head splits, before
+#      the closing sums became one Triton program), against torch (also replayed
 #      from CUDA graphs) and, last, mamba_ssm
 #   2. the whole 370m model, a training step (tokens/s, peak memory)
 #   3. the float32 path (cs in two parts) checked on the GPU (its IEEE-precision dots compile slowly:
@@ -22,13 +23,13 @@
 # Both exit 1 if any step failed or ran out of time.
 set -u
 cd "$(dirname "$0")/.."
-SESSION7=e2919cf  # the commit whose kernel the README's H100 table measured (session 7)
+SESSION10B=3f7e3ac  # the kernel of the README's H100 table (session 10: the split and the head-split cap)
 SESSION10=51c9837  # the kernel of session 10's first visit, before the dC split was merged
 
 case "${1:-}" in
 prepare)
     mkdir -p visit
-    git show "$SESSION7:kernels/ssd_triton.py" > visit/s7.py
+    git show "$SESSION10B:kernels/ssd_triton.py" > visit/s10b.py
     git show "$SESSION10:kernels/ssd_triton.py" > visit/s10.py
     for pps in 8 2 1 0.5; do  # this kernel with another head-split target (run-splits)
         sed "s/^_DBC_PROGRAMS_PER_SM = 4\$/_DBC_PROGRAMS_PER_SM = $pps/" kernels/ssd_triton.py > "visit/pps$pps.py"
@@ -44,7 +45,7 @@ prepare)
 run|run-splits)
     out=${OUT:-visit/out}
     mkdir -p "$out"
-    for f in visit/s7.py visit/s10.py visit/pps8.py visit/pps2.py visit/pps1.py visit/pps0.5.py; do
+    for f in visit/s10b.py visit/s10.py visit/pps8.py visit/pps2.py visit/pps1.py visit/pps0.5.py; do
         [ -f "$f" ] || { echo "$f is missing: run 'bash kernels/gpu_visit.sh prepare' first, and carry visit/"; exit 2; }
     done
     mamba_path=
@@ -73,7 +74,7 @@ run|run-splits)
             --out "$out/splits.json"
         exit $failed
     fi
-    step bench 380 python3 -m kernels.bench --cuda-graphs --baseline visit/s7.py --baseline visit/s10.py \
+    step bench 380 python3 -m kernels.bench --cuda-graphs --baseline visit/s10b.py --baseline visit/s10.py \
         --out "$out/kb.json"
     step model 60 python3 -m minimamba.bench model --device cuda --scale 370m --batch 8 --seqlen 1024 --amp \
         --backend triton --phases train

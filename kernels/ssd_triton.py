@@ -19,7 +19,7 @@ small PyTorch `_ref` next to their kernel that the tests compare them with; the 
 gradient are compared with autograd through the float64 recurrence `ssd_recurrent` (tests/test_kernels.py).
 
 Launches per call (each costs host time, which is what a batch-1 call spends most of its time on): the
-forward 4 Triton programs; the backward 7 Triton programs and 1–3 small PyTorch reductions/casts (see
+forward 4 Triton programs; the backward 8, the last of which sums what the others left in parts (see
 `_ssd_backward`). Every program is launched through `_launch`, which goes through Triton (and its
 autotuner) only the first time a binary is needed and then calls that binary directly (where
 `DIRECT_LAUNCH` is on; `DIRECT_LAUNCH_OFF_BECAUSE` says why not, e.g. under the interpreter); a call like
@@ -177,7 +177,7 @@ def _launch(program, grid, key, plan, *args, **constexprs):
 
     Each launch through Triton (`JITFunction.run`) works out again which binary the arguments select
     (~20 µs plus ~0.6 µs per argument of host time on a 2-core VM; an autotuned program adds ~30 µs of
-    autotuner bookkeeping): a forward+backward makes 11 launches, and at batch 1 the GPU waits for them.
+    autotuner bookkeeping): a forward+backward makes 12 launches, and at batch 1 the GPU waits for them.
     So the binary Triton chose is kept under everything Triton chooses it by (`_selector`, the
     constexprs, the device; the config that `key` got from the autotuner, which tunes once per key), and
     later launches with the same selector call it directly, as `JITFunction.run` itself ends by doing:
@@ -1162,14 +1162,14 @@ def _chunk_cumsum_bwd_kernel(
     dxy_ptr,  # (batch, H, nchunks, Q): ⟨dy, x⟩ from the dx kernel (used only with HAS_D)
     dA_state_ptr,  # (batch, H, nchunks, Q): q_s stored at s + 1, from the dB kernel
     dA_off_ptr,  # (batch, H, nchunks, Q): r_t, from the dC kernel
-    dA_diag_ptr,  # (batch, H, nchunks, n_t_tiles, Q), from the dC kernel
+    dA_diag_ptr,  # (batch, H, nchunks, n_t_tiles, Q), from the dCB kernel
     dalpha_ptr,  # (batch, H, nchunks, n_blocks), from the state-passing backward
     ddt_ptr,  # out (batch, seqlen, H) fp32: ∂L/∂dt
     dA_part_ptr,  # out (batch, nchunks, H) fp32: this chunk's part of ∂L/∂A
     dD_part_ptr,  # out (batch, nchunks, H) fp32: this chunk's part of ∂L/∂D
     seqlen, nheads, nchunks, chunk_size, n_t_tiles, n_blocks,
     HAS_D: tl.constexpr,
-    DC_BLOCK_T: tl.constexpr,  # rows per program of the dC kernel: which entries of dA_diag it wrote
+    DC_BLOCK_T: tl.constexpr,  # rows per program of the dCB kernel: which entries of dA_diag it wrote
     BLOCK_Q: tl.constexpr,
 ):
     """Collects ∂L/∂dA_j for the positions j of one chunk and head, then ∂L/∂dt and ∂L/∂A:
@@ -1217,12 +1217,53 @@ def _chunk_cumsum_bwd_kernel(
         tl.store(dD_part_ptr + part, tl.sum(tl.load(dxy_ptr + tok + offs_t, mask=valid, other=0.0)))
 
 
+
+@triton.jit
+def _grad_sums_kernel(
+    dBC_ptr,  # (2, n_splits, numel) fp32: the dB and dC programs' partial sums, one per split of the heads
+    dBC_out_ptr,  # out (2, numel) in B's dtype: ∂L/∂B, ∂L/∂C
+    parts_ptr,  # (n_parts, rows, H) fp32: the parts of ∂L/∂A (and ∂L/∂D) of each (batch element, chunk)
+    dAD_ptr,  # out (n_parts, H) fp32: ∂L/∂A (and ∂L/∂D)
+    numel, n_splits, rows, nheads, n_parts,
+    BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """The sums that close the backward, in one launch instead of three PyTorch calls (host time):
+        ∂L/∂B = Σ_splits (the dB program's partial sums),  ∂L/∂C likewise       (in B's dtype)
+        ∂L/∂A[h] = Σ_{batch element, chunk} parts[0, ·, h],  ∂L/∂D[h] likewise with parts[1]
+    Each sum runs in a fixed order: the same inputs give the same bits.
+
+    Tile: BLOCK entries of ∂L/∂B or ∂L/∂C, or (the last program) all of ∂L/∂A and ∂L/∂D, BLOCK_R rows
+    at a time. Grid: (2·cdiv(numel, BLOCK) + 1,).
+    """
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(numel, BLOCK)
+    if pid < 2 * n_blocks:  # a tile of ∂L/∂B (pid < n_blocks) or ∂L/∂C
+        which = pid // n_blocks
+        offs = (pid % n_blocks) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k in range(n_splits):
+            acc += tl.load(dBC_ptr + (which * n_splits + k).to(tl.int64) * numel + offs, mask=mask, other=0.0)
+        tl.store(dBC_out_ptr + which.to(tl.int64) * numel + offs, acc.to(dBC_out_ptr.dtype.element_ty), mask=mask)
+    else:
+        offs_r = tl.arange(0, BLOCK_R)
+        offs_h = tl.arange(0, BLOCK_H)
+        h_mask = offs_h < nheads
+        for i in range(n_parts):
+            acc = tl.zeros((BLOCK_R, BLOCK_H), dtype=tl.float32)
+            for r0 in range(0, rows, BLOCK_R):
+                r = r0 + offs_r
+                acc += tl.load(parts_ptr + (i * rows + r[:, None]) * nheads + offs_h[None, :],
+                               mask=(r[:, None] < rows) & h_mask[None, :], other=0.0)
+            tl.store(dAD_ptr + i * nheads + offs_h, tl.sum(acc, axis=0), mask=h_mask)
+
 # ==================================================================================================
 # Host side: launches, the autograd Function, the public entry point
 # ==================================================================================================
 _STATE_BLOCK = 256  # state entries per program in the two state-passing kernels
 _MAX_GRID_Y = 65535  # CUDA's limit on a grid's 2nd axis, which enumerates (batch element, chunk) pairs
 _DC_MIN_BLOCK_T = 32  # the smallest row tile among the dCB program's configs: it sizes dA_diag
+_SUMS_BLOCK = 1024  # entries of ∂L/∂B or ∂L/∂C per program of `_grad_sums_kernel`
 
 
 # Host-side arithmetic is plain Python: triton.cdiv and triton.next_power_of_2 are constexpr functions
@@ -1237,7 +1278,8 @@ def _pow2(n):
 
 
 def _dot_args(x, dstate, headdim=None):
-    """The constexprs every dot-using program gets: operand dtype, precision, and P/N tile sizes."""
+    """The constexprs every dot-using program gets: operand dtype, precision, and P/N tile sizes (no N
+    tile where dstate is None)."""
     return _dot_args_for(x.dtype, dstate, headdim)
 
 
@@ -1250,7 +1292,9 @@ def _dot_args_for(dtype, dstate, headdim):
     else:  # bfloat16. Triton 3.9's interpreter multiplies the raw bits of bf16 dot operands, so on CPU
         # the dots take fp32 operands; loads, casts and stores are still exercised in bf16.
         dot_dtype, precision = (tl.float32 if INTERPRET else tl.bfloat16), "tf32"
-    args = dict(DOT_DTYPE=dot_dtype, DOT_PRECISION=precision, BLOCK_N=_pow2(dstate))
+    args = dict(DOT_DTYPE=dot_dtype, DOT_PRECISION=precision)
+    if dstate is not None:
+        args["BLOCK_N"] = _pow2(dstate)
     if headdim is not None:
         args["BLOCK_P"] = _pow2(headdim)
     return args  # (shared between calls: read only)
@@ -1374,19 +1418,20 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, kept, chunk_size, D, initial_state
     the derivation above the backward kernels.
 
     Launches: ∂L/∂S_in (stage 2's program), stage 3 fused with its backward, dx, dCB, dC, dB, the decay
-    gradient; then one to three small PyTorch reductions/casts. No buffer is zero-filled: every kernel
-    writes all the entries that are read."""
+    gradient, and the closing sums (`_grad_sums_kernel`). No buffer is zero-filled: every kernel writes
+    all the entries that are read."""
     b, l, h, p = x.shape
     g, n = B.shape[2:]
     Q = chunk_size
     nc = _cdiv(l, Q)
-    f32 = dict(device=x.device, dtype=torch.float32)
-    dy = torch.zeros_like(x) if dy is None else dy.to(x.dtype).contiguous()
+    device = x.device
+    f32 = dict(device=device, dtype=torch.float32)
+    dy = torch.zeros_like(x) if dy is None else _as(dy, x.dtype).contiguous()
     dfinal = None if dfinal is None else dfinal.contiguous()
     dots = _dot_args(x, n, p)
     key = (Q, p, n, x.dtype)  # what the autotuned configs are chosen for (see `_launch`)
-    n_splits = _head_splits(h // g, _cdiv(Q, 64) * b * nc * g, x.device)  # (dB and dC, below)
-    plan = _Plan("backward", Q, n_splits, x.shape, B.shape, x.device,
+    n_splits = _head_splits(h // g, _cdiv(Q, 64) * b * nc * g, device)  # (dB and dC, below)
+    plan = _Plan("backward", Q, n_splits, x.shape, B.shape, device,
                  *_selector((dy, dfinal, x, dt, A, B, C, D, initial_state, *kept)))
 
     # ∂L/∂S_in[c] through the outputs of chunk c: stage 2's program with the other weight
@@ -1416,15 +1461,15 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, kept, chunk_size, D, initial_state
             l, h, p, g, n, nc, Q, HAS_D=D is not None, **dots)
 
     # ∂L/∂CB summed over the heads of each of n_splits splits of a group (dcb) with the intra-chunk
-    # decay gradient; then dC and dB (one buffer, so that one reduction and one cast serve both), each a
+    # decay gradient; then dC and dB (one buffer, summed over the splits by the last program), each a
     # partial sum over the heads of a split, reading dcb
-    dcb = torch.empty(n_splits, b, nc, g, Q, Q, device=x.device, dtype=dot_dtype)
+    dcb = torch.empty(n_splits, b, nc, g, Q, Q, device=device, dtype=dot_dtype)
     dA_diag = torch.empty(b, h, nc, _cdiv(Q, _DC_MIN_BLOCK_T), Q, **f32)  # room for any row tile
     row_prefix = torch.empty(b, h, nc, Q, **f32)  # (the dCB program's scratch)
     grid = lambda META: (_cdiv(Q, META["BLOCK_T"]), b * nc, g * n_splits)
     dcb_config = _launch(_chunk_scan_bwd_dcb_kernel, grid, key, plan, x, dy, dt, cs, cs_lo, cb, dcb, dA_diag, row_prefix,
                          b, l, h, p, g, n, nc, Q, n_splits,
-                         **{k: v for k, v in dots.items() if k != "BLOCK_N"})  # (no tile spans N)
+                         **_dot_args(x, None, p))  # (no tile spans N)
     dc_block_t = dcb_config.kwargs["BLOCK_T"]  # the row tile the dCB program ran with
     dBC = torch.empty(2, n_splits, b, l, g, n, **f32)
     dA_off = torch.empty(b, h, nc, Q, **f32)
@@ -1441,13 +1486,23 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, kept, chunk_size, D, initial_state
     _launch(_chunk_cumsum_bwd_kernel, (nc, b, h), None, plan, dt, A, ddt_x, dxy, dA_state, dA_off, dA_diag, dalpha,
             ddt, parts[0], parts[-1], l, h, nc, Q, _cdiv(Q, dc_block_t), n_blocks,
             HAS_D=D is not None, DC_BLOCK_T=dc_block_t, BLOCK_Q=_pow2(Q))
-    plan.done()
 
-    dAD = parts.sum((1, 2))  # (1 or 2, H): ∂L/∂A and ∂L/∂D
-    dBC = (dBC.sum(1) if n_splits > 1 else dBC[:, 0]).to(B.dtype)  # (2, b, l, G, N): ∂L/∂B, ∂L/∂C
-    # (.to is free where the dtype already matches: it returns the tensor itself)
-    return (dx, ddt.to(dt.dtype), dAD[0].to(A.dtype), dBC[0], dBC[1], dAD[1].to(D.dtype) if D is not None else None,
-            dh0.to(initial_state.dtype) if initial_state is not None else None)
+    # the sums over the splits (∂L/∂B, ∂L/∂C) and over batch elements and chunks (∂L/∂A, ∂L/∂D)
+    dBC_sum = torch.empty(2, b, l, g, n, device=device, dtype=B.dtype)
+    dAD = torch.empty(parts.shape[0], h, **f32)
+    numel = b * l * g * n
+    _launch(_grad_sums_kernel, (2 * _cdiv(numel, _SUMS_BLOCK) + 1, 1, 1), None, plan, dBC, dBC_sum, parts, dAD,
+            numel, n_splits, b * nc, h, parts.shape[0], BLOCK=_SUMS_BLOCK, BLOCK_R=16, BLOCK_H=_pow2(h))
+    plan.done()
+    dBC = dBC_sum  # (2, b, l, G, N): ∂L/∂B, ∂L/∂C; dAD (1 or 2, H): ∂L/∂A, ∂L/∂D
+    return (dx, _as(ddt, dt.dtype), _as(dAD[0], A.dtype), dBC[0], dBC[1], _as(dAD[1], D.dtype) if D is not None else None,
+            _as(dh0, initial_state.dtype) if initial_state is not None else None)
+
+
+def _as(t, dtype):
+    """t in `dtype`: t itself where it already is (a dtype comparison costs less host time than the
+    dispatcher call of a `.to` that returns t)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _on_device_of(t):

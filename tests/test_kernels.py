@@ -153,6 +153,31 @@ def test_forward_stages_match_their_references(Q):
     assert rel_err(final, final_ref.double()) < 1e-5
 
 
+@pytest.mark.parametrize("n_splits,n_parts,dtype", [(1, 1, torch.float32), (3, 2, torch.bfloat16)])
+def test_grad_sums_add_the_splits_and_the_parts(n_splits, n_parts, dtype):
+    """The program that closes the backward: ∂L/∂B, ∂L/∂C as the sum of the splits' partial sums, added in
+    split order like the loop below (so the same bits in fp32), cast to B's dtype; ∂L/∂A, ∂L/∂D as sums over the
+    (batch element, chunk) rows. 2 × 1040 entries (two tiles of 1024, the second partial), 37 rows (three
+    tiles of 16, the last partial), 5 heads (the head tile is 16)."""
+    b, l, g, n, rows, h = 2, 13, 2, 20, 37, 5
+    gen = torch.Generator().manual_seed(n_splits)
+    dBC = torch.randn(2, n_splits, b, l, g, n, generator=gen)
+    parts = torch.randn(n_parts, rows, h, generator=gen)
+    out = torch.full((2, b, l, g, n), float("nan")).to(dtype)
+    dAD = torch.full((n_parts, h), float("nan"))
+    numel = b * l * g * n
+    K._launch(K._grad_sums_kernel, (2 * K._cdiv(numel, K._SUMS_BLOCK) + 1, 1, 1), None, K._Plan(), dBC, out,
+              parts, dAD, numel, n_splits, rows, h, n_parts, BLOCK=K._SUMS_BLOCK, BLOCK_R=16, BLOCK_H=16)
+    expected = dBC[:, 0].clone()
+    for k in range(1, n_splits):
+        expected += dBC[:, k]
+    if dtype == torch.float32:
+        assert torch.equal(out, expected)
+    else:  # (the interpreter casts to bf16 by truncating; a GPU rounds to nearest: within one bf16 ulp)
+        assert ((out.float() - expected).abs() <= expected.abs() * 2.0 ** -7).all()
+    torch.testing.assert_close(dAD, parts.sum(1), rtol=1e-6, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------------
 # the whole scan, forward and backward, against the float64 recurrence
 # --------------------------------------------------------------------------------------------------
@@ -385,10 +410,9 @@ def test_no_unwritten_buffer_entry_is_read(monkeypatch, with_D):
 
 def test_launch_counts():
     """At batch 1 a call costs its launches (host time), not GPU time: the forward is
-    4 Triton programs (stage 1 runs inside stage 2's) and nothing else; the backward 7 programs (S_c and
-    CB are kept from the forward) and, here, two PyTorch reductions: the partial sums of ∂L/∂A and
-    ∂L/∂D, and those of ∂L/∂B and ∂L/∂C over 2 splits of the heads (B and C are fp32, so no cast
-    follows)."""
+    4 Triton programs (stage 1 runs inside stage 2's) and nothing else; the backward 8 programs (S_c and
+    CB are kept from the forward; the last adds up the partial sums of ∂L/∂A and ∂L/∂D, and those of ∂L/∂B
+    and ∂L/∂C over 2 splits of the heads) and nothing else (the inputs are fp32: no cast)."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from triton.runtime.interpreter import InterpretedFunction
 
@@ -424,7 +448,7 @@ def test_launch_counts():
             y.backward(dy)
     assert len(forward) == 4 and not forward_ops, (forward, forward_ops)
     assert K._head_splits(4, 3, torch.device("cpu")) == 2
-    assert len(programs) == 7 and torch_ops == ["sum.dim_IntList"] * 2, (programs, torch_ops)
+    assert len(programs) == 8 and programs[-1] == "_grad_sums_kernel" and not torch_ops, (programs, torch_ops)
 
 
 # --------------------------------------------------------------------------------------------------
