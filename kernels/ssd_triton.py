@@ -1233,7 +1233,8 @@ def _grad_sums_kernel(
     Each sum runs in a fixed order: the same inputs give the same bits.
 
     Tile: BLOCK entries of ∂L/∂B or ∂L/∂C, or (the last program) all of ∂L/∂A and ∂L/∂D, BLOCK_R rows
-    at a time. Grid: (2·cdiv(numel, BLOCK) + 1,).
+    at a time (one program for all rows = batch·nchunks: a few steps at training shapes, 64 rows each from
+    the host). Grid: (2·cdiv(numel, BLOCK) + 1,).
     """
     pid = tl.program_id(0)
     n_blocks = tl.cdiv(numel, BLOCK)
@@ -1492,7 +1493,7 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, kept, chunk_size, D, initial_state
     dAD = torch.empty(parts.shape[0], h, **f32)
     numel = b * l * g * n
     _launch(_grad_sums_kernel, (2 * _cdiv(numel, _SUMS_BLOCK) + 1, 1, 1), None, plan, dBC, dBC_sum, parts, dAD,
-            numel, n_splits, b * nc, h, parts.shape[0], BLOCK=_SUMS_BLOCK, BLOCK_R=16, BLOCK_H=_pow2(h))
+            numel, n_splits, b * nc, h, parts.shape[0], BLOCK=_SUMS_BLOCK, BLOCK_R=64, BLOCK_H=_pow2(h))
     plan.done()
     dBC = dBC_sum  # (2, b, l, G, N): ∂L/∂B, ∂L/∂C; dAD (1 or 2, H): ∂L/∂A, ∂L/∂D
     return (dx, _as(ddt, dt.dtype), _as(dAD[0], A.dtype), dBC[0], dBC[1], _as(dAD[1], D.dtype) if D is not None else None,
