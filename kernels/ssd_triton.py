@@ -1342,9 +1342,13 @@ def _head_splits(heads_per_group, programs, device):
     """Into how many programs the dCB/dC/dB kernels split the heads of a group (`programs`: how many there
     are with one split): the smallest divisor of heads_per_group giving `_DBC_PROGRAMS_PER_SM` programs per
     SM, or failing that the largest divisor up to `_MAX_HEAD_SPLITS`."""
-    sms = _sm_count(device)
-    divisors = [d for d in range(1, min(heads_per_group, _MAX_HEAD_SPLITS) + 1) if heads_per_group % d == 0]
-    return next((d for d in divisors if programs * d >= _DBC_PROGRAMS_PER_SM * sms), divisors[-1])
+    return _head_splits_for(heads_per_group, programs, _sm_count(device), _DBC_PROGRAMS_PER_SM, _MAX_HEAD_SPLITS)
+
+
+@functools.cache  # (~10 µs of host time per backward otherwise)
+def _head_splits_for(heads_per_group, programs, sms, programs_per_sm, max_splits):
+    divisors = [d for d in range(1, min(heads_per_group, max_splits) + 1) if heads_per_group % d == 0]
+    return next((d for d in divisors if programs * d >= programs_per_sm * sms), divisors[-1])
 
 
 def _chunk_state(u, v, dt, A, cs, cs_lo, chunk_size, to_chunk_end, plan):
