@@ -922,8 +922,9 @@ def _chunk_scan_bwd_dcb_kernel(
     kernel. The slice of row tile k is written for 1 ≤ j ≤ min((k+1)·BLOCK_T, chunk_len) (beyond, no
     s < j ≤ t exists), and read only there.
 
-    (This program holds no (rows × N) tile: the products with B and C are the dC and dB programs'. Fewer
-    registers per program, more programs resident per SM: it is bound by latency, not multiply-adds.)
+    (This program holds no (rows × N) tile: the products with B and C are the dC and dB programs'. Its
+    tiles are what limit its registers now: 138 in its 32×32 config against 250 when dC was part of it; the
+    H100 chose 64×64, 4 warps, at 255 registers and 24 B spilled, at 8 × 2048, see the README.)
 
     Tile: BLOCK_T rows t × steps of BLOCK_S positions s ≤ t, each looping over the heads of the split.
     Grid: (n_t_tiles = cdiv(Q, BLOCK_T), batch·nchunks, G·n_splits).
@@ -1005,8 +1006,8 @@ def _chunk_scan_bwd_dc_kernel(
     """∂L/∂C_t = Σ_{heads h of the group} dc_t  +  Σ_{s≤t} dCB[t,s]·B_s   where
         dc_t     = exp(cs[t]) · dy_tᵀ S_in[c]                   (C_t reads the entering state of head h)
         dCB[t,s] = ∂L/∂CB[t,s] (C_t is a query of CB[t, s] = C_t·B_s), summed over the heads by the dCB program
-    (each program sums the heads of its split of the group: its ∂L/∂C is a partial sum, and the host adds
-    the splits')
+    (each program sums the heads of its split of the group: its ∂L/∂C is a partial sum, and
+    `_grad_sums_kernel` adds the splits')
 
     The same state term differentiated with respect to its decay exp(cs[t]) gives, per head,
     r_t = ⟨dc_t, C_t⟩ = ∂L/∂cs[t] through exp(cs[t]) (a cumulative sum of dA_j for j ≤ t, in the last kernel).
@@ -1099,7 +1100,7 @@ def _chunk_scan_bwd_db_kernel(
 
     Tile: BLOCK_S rows s × all N: a loop over the heads of (a split of) the group (through the chunk
     states), then over t ≥ s (through CB). The heads of a group are shared among `n_splits` programs so
-    that there are enough programs when G is small; their partial sums are added by the host.
+    that there are enough programs when G is small; `_grad_sums_kernel` adds their partial sums.
     Grid: (cdiv(Q, BLOCK_S), batch·nchunks, G·n_splits), the splits as in the dCB program.
     """
     pid_s = tl.program_id(0)
@@ -1193,7 +1194,7 @@ def _chunk_cumsum_bwd_kernel(
     bhc = ((pid_b * nheads + pid_h) * nchunks + pid_c).to(tl.int64)  # (as in the dCB program)
     tok = bhc * chunk_size
 
-    # (only the entries the dB and dC kernels wrote are read: their buffers are not zeroed; the
+    # (only the entries the dCB, dC and dB kernels wrote are read: their buffers are not zeroed; the
     # positions past the sequence end, where nothing is written, do not reach ∂L/∂dt and ∂L/∂A)
     ddA = tl.zeros((BLOCK_Q,), dtype=tl.float32)
     for k in range(n_t_tiles):
@@ -1228,25 +1229,17 @@ def _grad_sums_kernel(
     BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """The sums that close the backward, in one launch instead of three PyTorch calls (host time):
-        ∂L/∂B = Σ_splits (the dB program's partial sums),  ∂L/∂C likewise       (in B's dtype)
         ∂L/∂A[h] = Σ_{batch element, chunk} parts[0, ·, h],  ∂L/∂D[h] likewise with parts[1]
+        ∂L/∂B = Σ_splits (the dB program's partial sums),  ∂L/∂C likewise       (in B's dtype)
     Each sum runs in a fixed order: the same inputs give the same bits.
 
-    Tile: BLOCK entries of ∂L/∂B or ∂L/∂C, or (the last program) all of ∂L/∂A and ∂L/∂D, BLOCK_R rows
-    at a time (one program for all rows = batch·nchunks: a few steps at training shapes, 64 rows each from
-    the host). Grid: (2·cdiv(numel, BLOCK) + 1,).
+    Tile: program 0 all of ∂L/∂A and ∂L/∂D, BLOCK_R rows (of batch·nchunks) at a time, so that it starts
+    first, beside the others; each other program BLOCK entries of ∂L/∂B or ∂L/∂C.
+    Grid: (1 + 2·cdiv(numel, BLOCK),), or (1,) where there is nothing to add or cast (one split and fp32 B:
+    the host keeps the dB/dC programs' output as it is).
     """
     pid = tl.program_id(0)
-    n_blocks = tl.cdiv(numel, BLOCK)
-    if pid < 2 * n_blocks:  # a tile of ∂L/∂B (pid < n_blocks) or ∂L/∂C
-        which = pid // n_blocks
-        offs = (pid % n_blocks) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < numel
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for k in range(n_splits):
-            acc += tl.load(dBC_ptr + (which * n_splits + k).to(tl.int64) * numel + offs, mask=mask, other=0.0)
-        tl.store(dBC_out_ptr + which.to(tl.int64) * numel + offs, acc.to(dBC_out_ptr.dtype.element_ty), mask=mask)
-    else:
+    if pid == 0:
         offs_r = tl.arange(0, BLOCK_R)
         offs_h = tl.arange(0, BLOCK_H)
         h_mask = offs_h < nheads
@@ -1257,6 +1250,17 @@ def _grad_sums_kernel(
                 acc += tl.load(parts_ptr + (i * rows + r[:, None]) * nheads + offs_h[None, :],
                                mask=(r[:, None] < rows) & h_mask[None, :], other=0.0)
             tl.store(dAD_ptr + i * nheads + offs_h, tl.sum(acc, axis=0), mask=h_mask)
+    else:  # a tile of ∂L/∂B (which = 0) or of ∂L/∂C
+        n_blocks = tl.cdiv(numel, BLOCK)
+        which = (pid - 1) // n_blocks
+        offs = ((pid - 1) % n_blocks) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k in range(n_splits):
+            acc += tl.load(dBC_ptr + (which * n_splits + k).to(tl.int64) * numel + offs, mask=mask, other=0.0)
+        tl.store(dBC_out_ptr + which.to(tl.int64) * numel + offs, acc.to(dBC_out_ptr.dtype.element_ty), mask=mask)
+
+
 
 # ==================================================================================================
 # Host side: launches, the autograd Function, the public entry point
@@ -1265,6 +1269,7 @@ _STATE_BLOCK = 256  # state entries per program in the two state-passing kernels
 _MAX_GRID_Y = 65535  # CUDA's limit on a grid's 2nd axis, which enumerates (batch element, chunk) pairs
 _DC_MIN_BLOCK_T = 32  # the smallest row tile among the dCB program's configs: it sizes dA_diag
 _SUMS_BLOCK = 1024  # entries of ∂L/∂B or ∂L/∂C per program of `_grad_sums_kernel`
+_SUMS_TILE = 2048  # (rows × heads) fp32 entries per step of its ∂L/∂A, ∂L/∂D sums (48 registers at 32 heads)
 
 
 # Host-side arithmetic is plain Python: triton.cdiv and triton.next_power_of_2 are constexpr functions
@@ -1345,7 +1350,7 @@ def _head_splits(heads_per_group, programs, device):
     return _head_splits_for(heads_per_group, programs, _sm_count(device), _DBC_PROGRAMS_PER_SM, _MAX_HEAD_SPLITS)
 
 
-@functools.cache  # (~10 µs of host time per backward otherwise)
+@functools.lru_cache(maxsize=_MAX_BINARIES)  # (~10 µs of host time per backward otherwise)
 def _head_splits_for(heads_per_group, programs, sms, programs_per_sm, max_splits):
     divisors = [d for d in range(1, min(heads_per_group, max_splits) + 1) if heads_per_group % d == 0]
     return next((d for d in divisors if programs * d >= programs_per_sm * sms), divisors[-1])
@@ -1492,14 +1497,18 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, kept, chunk_size, D, initial_state
             ddt, parts[0], parts[-1], l, h, nc, Q, _cdiv(Q, dc_block_t), n_blocks,
             HAS_D=D is not None, DC_BLOCK_T=dc_block_t, BLOCK_Q=_pow2(Q))
 
-    # the sums over the splits (∂L/∂B, ∂L/∂C) and over batch elements and chunks (∂L/∂A, ∂L/∂D)
-    dBC_sum = torch.empty(2, b, l, g, n, device=device, dtype=B.dtype)
-    dAD = torch.empty(parts.shape[0], h, **f32)
+    # the sums over batch elements and chunks (∂L/∂A, ∂L/∂D) and over the splits (∂L/∂B, ∂L/∂C; not with one
+    # split and fp32 B: the dB/dC programs' output is then ∂L/∂B, ∂L/∂C as it is)
+    dAD = torch.empty(parts.shape[0], h, **f32)  # (1 or 2, H): ∂L/∂A, ∂L/∂D
     numel = b * l * g * n
-    _launch(_grad_sums_kernel, (2 * _cdiv(numel, _SUMS_BLOCK) + 1, 1, 1), None, plan, dBC, dBC_sum, parts, dAD,
-            numel, n_splits, b * nc, h, parts.shape[0], BLOCK=_SUMS_BLOCK, BLOCK_R=64, BLOCK_H=_pow2(h))
+    add = n_splits > 1 or B.dtype != torch.float32
+    dBC_out = torch.empty(2, b, l, g, n, device=device, dtype=B.dtype) if add else dBC[:, 0]
+    block_h = _pow2(h)
+    _launch(_grad_sums_kernel, (1 + 2 * _cdiv(numel, _SUMS_BLOCK) if add else 1, 1, 1), None, plan, dBC, dBC_out,
+            parts, dAD, numel, n_splits, b * nc, h, parts.shape[0],
+            BLOCK=_SUMS_BLOCK, BLOCK_R=max(1, _SUMS_TILE // block_h), BLOCK_H=block_h)
     plan.done()
-    dBC = dBC_sum  # (2, b, l, G, N): ∂L/∂B, ∂L/∂C; dAD (1 or 2, H): ∂L/∂A, ∂L/∂D
+    dBC = dBC_out  # (2, b, l, G, N): ∂L/∂B, ∂L/∂C
     return (dx, _as(ddt, dt.dtype), _as(dAD[0], A.dtype), dBC[0], dBC[1], _as(dAD[1], D.dtype) if D is not None else None,
             _as(dh0, initial_state.dtype) if initial_state is not None else None)
 

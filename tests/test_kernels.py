@@ -153,29 +153,36 @@ def test_forward_stages_match_their_references(Q):
     assert rel_err(final, final_ref.double()) < 1e-5
 
 
-@pytest.mark.parametrize("n_splits,n_parts,dtype", [(1, 1, torch.float32), (3, 2, torch.bfloat16)])
-def test_grad_sums_add_the_splits_and_the_parts(n_splits, n_parts, dtype):
-    """The program that closes the backward: ∂L/∂B, ∂L/∂C as the sum of the splits' partial sums, added in
-    split order like the loop below (so the same bits in fp32), cast to B's dtype; ∂L/∂A, ∂L/∂D as sums over the
-    (batch element, chunk) rows. 2 × 1040 entries (two tiles of 1024, the second partial), 37 rows (three
-    tiles of 16, the last partial), 5 heads (the head tile is 16)."""
+@pytest.mark.parametrize("n_splits,n_parts,dtype,block_r,block_h", [
+    (1, 1, torch.float32, 16, 16), (3, 2, torch.bfloat16, 16, 16),  # several row tiles (37 rows, 16 per step)
+    (2, 2, torch.float16, K._SUMS_TILE // 16, 16),  # the host's tiles for 5 heads: one step of 128 rows
+    (1, 2, None, 16, 16)])  # one split, fp32 B: the program sums the parts alone (grid (1,))
+def test_grad_sums_add_the_splits_and_the_parts(n_splits, n_parts, dtype, block_r, block_h):
+    """The program that closes the backward: ∂L/∂A, ∂L/∂D as sums over the (batch element, chunk) rows;
+    ∂L/∂B, ∂L/∂C as the sum of the splits' partial sums, added in split order like the loop below (so the
+    same bits in fp32), cast to B's dtype. 2 × 1040 entries (two tiles of 1024, the second partial), 37
+    rows, 5 heads. With dtype None, only program 0 runs and the output is left as it was."""
     b, l, g, n, rows, h = 2, 13, 2, 20, 37, 5
     gen = torch.Generator().manual_seed(n_splits)
     dBC = torch.randn(2, n_splits, b, l, g, n, generator=gen)
     parts = torch.randn(n_parts, rows, h, generator=gen)
-    out = torch.full((2, b, l, g, n), float("nan")).to(dtype)
+    out = torch.full((2, b, l, g, n), float("nan")).to(dtype or torch.float32)
     dAD = torch.full((n_parts, h), float("nan"))
     numel = b * l * g * n
-    K._launch(K._grad_sums_kernel, (2 * K._cdiv(numel, K._SUMS_BLOCK) + 1, 1, 1), None, K._Plan(), dBC, out,
-              parts, dAD, numel, n_splits, rows, h, n_parts, BLOCK=K._SUMS_BLOCK, BLOCK_R=16, BLOCK_H=16)
+    grid = (1 + 2 * K._cdiv(numel, K._SUMS_BLOCK) if dtype else 1, 1, 1)
+    K._launch(K._grad_sums_kernel, grid, None, K._Plan(), dBC, out, parts, dAD, numel, n_splits, rows, h,
+              n_parts, BLOCK=K._SUMS_BLOCK, BLOCK_R=block_r, BLOCK_H=block_h)
+    # (in another order than torch's: within 37 roundings of running sums below 16)
+    torch.testing.assert_close(dAD.double(), parts.double().sum(1), rtol=0, atol=37 * 2.0 ** -24 * 16)
     expected = dBC[:, 0].clone()
     for k in range(1, n_splits):
         expected += dBC[:, k]
-    if dtype == torch.float32:
+    if dtype is None:
+        assert out.isnan().all()
+    elif dtype == torch.float32:
         assert torch.equal(out, expected)
-    else:  # (the interpreter casts to bf16 by truncating; a GPU rounds to nearest: within one bf16 ulp)
-        assert ((out.float() - expected).abs() <= expected.abs() * 2.0 ** -7).all()
-    torch.testing.assert_close(dAD, parts.sum(1), rtol=1e-6, atol=1e-6)
+    else:  # (the interpreter casts by truncating; a GPU rounds to nearest: within one ulp of the dtype)
+        assert ((out.float() - expected).abs() <= expected.abs() * torch.finfo(dtype).eps).all()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,9 +212,9 @@ def test_edge_cases_fp32(case):
 @pytest.mark.parametrize("program", ["dcb", "dc", "db"])
 @pytest.mark.parametrize("block_t,block_s", [(32, 64), (32, 32), (64, 32), (64, 64)])
 def test_db_dc_programs_in_the_gpu_tile_shapes(monkeypatch, program, block_t, block_s):
-    """The interpreter runs each program in one small config. The dC program's decay gradient depends
-    on how its row and column tiles line up with the diagonal, and it writes the dCB tiles that the dB
-    program reads in its own tiling: run each of the two in the tile shapes of its GPU configs
+    """The interpreter runs each program in one small config. The dCB program's decay gradient depends
+    on how its row and column tiles line up with the diagonal, and it writes the dCB tiles that the dC and
+    dB programs read in their own tilings: run each of the three in the tile shapes of its GPU configs
     (rows < = > columns), with 2 heads per split, a partial last chunk and NaN in every buffer entry
     that no program writes."""
     monkeypatch.setattr(getattr(K, f"_chunk_scan_bwd_{program}_kernel"), "configs",
@@ -224,8 +231,8 @@ def test_db_dc_programs_in_the_gpu_tile_shapes(monkeypatch, program, block_t, bl
 
 @pytest.mark.parametrize("nheads,ngroups,splits", [(4, 1, 1), (4, 1, 2), (6, 2, 1)])
 def test_heads_summed_in_each_split(monkeypatch, nheads, ngroups, splits):
-    """The dC program sums the score gradients of the heads of each split of a group (dCB) and the dB
-    program reads that sum; the split count aims at programs per SM, and the interpreter's one "SM"
+    """The dCB program sums the score gradients of the heads of each split of a group (dCB) and the dC and
+    dB programs read that sum; the split count aims at programs per SM, and the interpreter's one "SM"
     gives one or two heads per split in the other tests: force up to four, and three (an odd number)."""
     monkeypatch.setattr(K, "_head_splits", lambda heads_per_group, programs, device: splits)
     pb = make_problem(2, 2 * 32 + 7, nheads, 8, ngroups, 16, with_D=True, with_h0=True, seed=nheads + splits)
