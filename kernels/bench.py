@@ -15,6 +15,9 @@
    autotuned programs are tuned again for each timed shape, as a training run tunes them for its own
    shape; the configs chosen are recorded. Also recorded, per implementation: the host time to issue
    one call with an idle GPU, and the wall time of one call bracketed by `torch.cuda.synchronize`.
+   `--rounds N` times every implementation N times, in turns, and keeps the median of the N medians (each
+   round's readings are in `rounds_ms`): host-bound timings (batch 1) move by tens of percent between
+   readings of the same code, and turns spread a drift over every implementation alike.
    With --cuda-graphs, also forward+backward captured in a CUDA graph and replayed (torch, ours and the
    --baseline versions): the GPU work alone, without the host time that bounds batch 1, and a check that a
    replay gives the eager call's gradients bit for bit (ours must: otherwise the run exits 1).
@@ -36,6 +39,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 import traceback
@@ -283,24 +287,34 @@ def time_graphed(shape, device, impls, bench, capture, row):
             row["failures"][f"{impl} graphed"] = "a CUDA graph replay gave other gradients than the eager call"
 
 
-def time_shape(shape, device, impls, bench, row=None):
+def time_shape(shape, device, impls, bench, row=None, rounds=1):
     """Forward and forward+backward ms of each implementation in `impls` ({name: scan function with the
-    ssd_chunk_scan signature}), D given, no initial or final state; added to `row` if given."""
+    ssd_chunk_scan signature}), D given, no initial or final state; added to `row` if given. With
+    `rounds` > 1 the implementations are timed that many times in turns; the row keeps the median of the
+    rounds, and each round's readings in `rounds_ms` (host and wall times: the last round's)."""
     name, b, l, h, p, n, g, Q, dtype = shape
     inp, dy = timing_inputs(shape, device)
     row = row or dict(shape=name, batch=b, seqlen=l, nheads=h, headdim=p, dstate=n, ngroups=g, chunk=Q,
                       dtype=str(dtype).replace("torch.", ""), fwd_ms={}, fwd_bwd_ms={}, host_wall_ms={},
                       failures={})
-    for impl, scan in impls.items():
-        try:
-            t = time_one(scan, inp, dy, Q, bench, device)
-            row["fwd_ms"][impl], row["fwd_bwd_ms"][impl] = t.pop("fwd_ms"), t.pop("fwd_bwd_ms")
-            row["host_wall_ms"][impl] = t
-        except Exception as e:
-            row["failures"][impl] = f"{type(e).__name__}: {e}"
-            print(f"  {impl} failed at {name} b{b} seqlen {l}: {row['failures'][impl]}", flush=True)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    readings = {impl: {"fwd_ms": [], "fwd_bwd_ms": []} for impl in impls}
+    for _ in range(rounds):
+        for impl, scan in impls.items():
+            if impl in row["failures"]:
+                continue
+            try:
+                t = time_one(scan, inp, dy, Q, bench, device)
+                for kind in ("fwd_ms", "fwd_bwd_ms"):
+                    readings[impl][kind].append(t.pop(kind))
+                    row[kind][impl] = statistics.median(readings[impl][kind])
+                row["host_wall_ms"][impl] = t
+            except Exception as e:
+                row["failures"][impl] = f"{type(e).__name__}: {e}"
+                print(f"  {impl} failed at {name} b{b} seqlen {l}: {row['failures'][impl]}", flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if rounds > 1:
+        row.setdefault("rounds_ms", {}).update({impl: r for impl, r in readings.items() if r["fwd_ms"]})
     for kind in ("fwd_ms", "fwd_bwd_ms"):
         t = row[kind]
         if "ours" in t and t["ours"] > 0:
@@ -420,6 +434,12 @@ def print_tables(report):
                 print(f"  b{r['batch']} l{r['seqlen']}: fwd {fmt(f[name])} vs {fmt(f.get('ours'))} "
                       f"({fmt(r.get(f'fwd_ratio_vs_{name}'), '.2f')}x), f+b {fmt(fb.get(name))} vs "
                       f"{fmt(fb.get('ours'))} ({fmt(r.get(f'fwd_bwd_ratio_vs_{name}'), '.2f')}x)")
+    rounds = [r for r in report["timings"] if r.get("rounds_ms")]
+    if rounds:
+        print("\nForward+backward in each round (ms; the tables above: the median)")
+        for r in rounds:
+            for impl, t in r["rounds_ms"].items():
+                print(f"  b{r['batch']} l{r['seqlen']} {impl:10s} " + " ".join(fmt(ms) for ms in t["fwd_bwd_ms"]))
     if report["mamba_ssm"] is not True:
         print(f"\nmamba_ssm not compared: {report['mamba_ssm']}")
     if report["timings"]:
@@ -460,10 +480,14 @@ def main(argv=None):
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="also time forward+backward replayed from a CUDA graph (the GPU work without the host's; "
                          "torch, ours and --baseline versions) and check that a replay gives the eager gradients")
+    ap.add_argument("--rounds", type=int, default=1, metavar="N",
+                    help="time every implementation N times in turns and keep the median (default 1)")
     ap.add_argument("--shape", action="append", default=[], metavar="BxL",
                     help="only this batch x seqlen among the shapes above (e.g. 8x2048: the GPU-bound one); "
                          "given again, more")
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.cuda_graphs and args.quick:
         ap.error("--cuda-graphs times the graphed calls: it cannot go with --quick (no timings)")
 
@@ -564,7 +588,7 @@ def main(argv=None):
             retune_ours(*variants.values())
             impls = {"torch": lambda *a, **k: ssd_chunked(*a[:5], chunk_size=a[5], **k)[0], "ours": ssd_chunk_scan}
             impls.update({name: module.ssd_chunk_scan for name, module in variants.items()})
-            row = time_shape(shape, device, impls, bench)
+            row = time_shape(shape, device, impls, bench, rounds=args.rounds)
             if args.cuda_graphs:  # (with the configs tuned for this shape, as the eager timings)
                 time_graphed(shape, device, impls, bench, capture, row)
             row["ours_configs"] = chosen_configs()
@@ -599,7 +623,7 @@ def main(argv=None):
                     row["mamba_ssm_y_error"] = f"{type(e).__name__}: {e}"
             if not args.quick:
                 trow = next((r for r in report["timings"] if (r["batch"], r["seqlen"]) == shape[1:3]), None)
-                new = time_shape(shape, device, {"mamba_ssm": mamba}, bench, row=trow)
+                new = time_shape(shape, device, {"mamba_ssm": mamba}, bench, row=trow, rounds=args.rounds)
                 if trow is None:
                     report["timings"].append(new)
 

@@ -5,6 +5,7 @@
 #   bash kernels/gpu_visit.sh prepare     # here: visit/ (the kernel versions to compare), .whl/ (mamba_ssm)
 #   bash kernels/gpu_visit.sh run         # there (device tool: carry [".whl", "visit"]); results in $OUT
 #   bash kernels/gpu_visit.sh run-splits  # there, a short visit (~4 min): the dB/dC head splits only
+#   bash kernels/gpu_visit.sh run-batch1  # there, a short visit (~3 min): batch 1 × 2048, eager, 5 rounds
 #
 # `run` goes through its steps in order of what matters most, each under a time limit, so that one call of
 # at most ~9.5 minutes leaves every step's output (kernels.bench rewrites its JSON after each measurement):
@@ -20,7 +21,10 @@
 # `run-splits` times this kernel against copies of it that differ only in `_DBC_PROGRAMS_PER_SM` (how many
 # dCB/dC/dB programs per SM the head splits aim for: 4 here; the copies 8, 2, 1 and 0.5), at 1 × 2048 and
 # 8 × 2048, with CUDA graphs: at batch 1 the splits' partial sums and per-split dCB are ~100 MB of traffic.
-# Both exit 1 if any step failed or ran out of time.
+# `run-batch1` times batch 1 × 2048 (host-bound: single eager readings move by tens of percent) in 5 rounds
+# in turns, with CUDA graphs, against visit/s10b.py (the kernel of the README's table): the issue's last
+# target, ≥ 10× the torch reference there, and what the closing-sums program did to the host time.
+# Each exits 1 if any step failed or ran out of time.
 set -u
 cd "$(dirname "$0")/.."
 SESSION10B=3f7e3ac  # the kernel of the README's H100 table (session 10: the split and the head-split cap)
@@ -42,7 +46,7 @@ prepare)
     ls -l visit .whl
     echo 'now, with the device tool: bash kernels/gpu_visit.sh run   (carry: [".whl", "visit"])'
     ;;
-run|run-splits)
+run|run-splits|run-batch1)
     out=${OUT:-visit/out}
     mkdir -p "$out"
     for f in visit/s10b.py visit/s10.py visit/pps8.py visit/pps2.py visit/pps1.py visit/pps0.5.py; do
@@ -67,6 +71,11 @@ run|run-splits)
         [ $rc = 0 ] || failed=1
         tail -40 "$out/$name.log"
     }
+    if [ "$1" = run-batch1 ]; then
+        step batch1 200 python3 -m kernels.bench --cuda-graphs --no-mamba --shape 1x2048 --rounds 5 \
+            --baseline visit/s10b.py --out "$out/batch1.json"
+        exit $failed
+    fi
     if [ "$1" = run-splits ]; then
         step splits 270 python3 -m kernels.bench --cuda-graphs --no-mamba --shape 1x2048 --shape 8x2048 \
             --baseline visit/pps8.py --baseline visit/pps2.py --baseline visit/pps1.py --baseline visit/pps0.5.py \
@@ -82,7 +91,7 @@ run|run-splits)
     exit $failed
     ;;
 *)
-    echo "usage: bash kernels/gpu_visit.sh prepare|run|run-splits" >&2
+    echo "usage: bash kernels/gpu_visit.sh prepare|run|run-splits|run-batch1" >&2
     exit 2
     ;;
 esac

@@ -640,6 +640,29 @@ def test_bench_shape_option_keeps_only_the_shapes_asked_for(tmp_path, capsys):
         assert e.value.code == 2 and says in capsys.readouterr().err
 
 
+def test_bench_rounds_time_every_implementation_in_turns(tmp_path, capsys, monkeypatch):
+    """`--rounds N`: each implementation timed N times, in turns (torch, ours, torch, ours, ...), the
+    tables keeping the median of the rounds and the JSON every round's reading; N < 1 is refused."""
+    from kernels import bench
+
+    order, time_one = [], bench.time_one
+    monkeypatch.setattr(bench, "time_one", lambda scan, *a: order.append(scan) or time_one(scan, *a))
+    out = tmp_path / "bench.json"
+    assert bench.main(["--cpu-smoke", "--no-mamba", "--shape", "2x20", "--rounds", "3", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    (row,) = report["timings"]
+    assert order == [order[0], order[1]] * 3 and order[0] is not order[1]
+    for impl in ("torch", "ours"):
+        for kind in ("fwd_ms", "fwd_bwd_ms"):
+            readings = row["rounds_ms"][impl][kind]
+            assert len(readings) == 3 and all(ms > 0 for ms in readings)
+            assert row[kind][impl] == sorted(readings)[1]
+    assert "in each round" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--cpu-smoke", "--rounds", "0"])
+    assert e.value.code == 2 and "--rounds must be at least 1" in capsys.readouterr().err
+
+
 def test_bench_checks_a_baseline_version_older_than_direct_launches(tmp_path):
     """Versions of kernels/ssd_triton.py before session 5 have no DIRECT_LAUNCH switch: the bench checks
     and times them all the same (here a module with only `ssd_chunk_scan`, as such a version looks to it)."""
