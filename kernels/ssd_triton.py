@@ -1218,7 +1218,6 @@ def _chunk_cumsum_bwd_kernel(
         tl.store(dD_part_ptr + part, tl.sum(tl.load(dxy_ptr + tok + offs_t, mask=valid, other=0.0)))
 
 
-
 @triton.jit
 def _grad_sums_kernel(
     dBC_ptr,  # (2, n_splits, numel) fp32: the dB and dC programs' partial sums, one per split of the heads
@@ -1259,7 +1258,6 @@ def _grad_sums_kernel(
         for k in range(n_splits):
             acc += tl.load(dBC_ptr + (which * n_splits + k).to(tl.int64) * numel + offs, mask=mask, other=0.0)
         tl.store(dBC_out_ptr + which.to(tl.int64) * numel + offs, acc.to(dBC_out_ptr.dtype.element_ty), mask=mask)
-
 
 
 # ==================================================================================================
@@ -1440,7 +1438,7 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, kept, chunk_size, D, initial_state
     dfinal = None if dfinal is None else dfinal.contiguous()
     dots = _dot_args(x, n, p)
     key = (Q, p, n, x.dtype)  # what the autotuned configs are chosen for (see `_launch`)
-    n_splits = _head_splits(h // g, _cdiv(Q, 64) * b * nc * g, device)  # (dB and dC, below)
+    n_splits = _head_splits(h // g, _cdiv(Q, 64) * b * nc * g, device)  # (dCB, dC and dB, below)
     plan = _Plan("backward", Q, n_splits, x.shape, B.shape, device,
                  *_selector((dy, dfinal, x, dt, A, B, C, D, initial_state, *kept)))
 
@@ -1477,8 +1475,8 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, kept, chunk_size, D, initial_state
     dA_diag = torch.empty(b, h, nc, _cdiv(Q, _DC_MIN_BLOCK_T), Q, **f32)  # room for any row tile
     row_prefix = torch.empty(b, h, nc, Q, **f32)  # (the dCB program's scratch)
     grid = lambda META: (_cdiv(Q, META["BLOCK_T"]), b * nc, g * n_splits)
-    dcb_config = _launch(_chunk_scan_bwd_dcb_kernel, grid, key, plan, x, dy, dt, cs, cs_lo, cb, dcb, dA_diag, row_prefix,
-                         b, l, h, p, g, n, nc, Q, n_splits,
+    dcb_config = _launch(_chunk_scan_bwd_dcb_kernel, grid, key, plan, x, dy, dt, cs, cs_lo, cb, dcb, dA_diag,
+                         row_prefix, b, l, h, p, g, n, nc, Q, n_splits,
                          **_dot_args(x, None, p))  # (no tile spans N)
     dc_block_t = dcb_config.kwargs["BLOCK_T"]  # the row tile the dCB program ran with
     dBC = torch.empty(2, n_splits, b, l, g, n, **f32)
@@ -1497,19 +1495,19 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, kept, chunk_size, D, initial_state
             ddt, parts[0], parts[-1], l, h, nc, Q, _cdiv(Q, dc_block_t), n_blocks,
             HAS_D=D is not None, DC_BLOCK_T=dc_block_t, BLOCK_Q=_pow2(Q))
 
-    # the sums over batch elements and chunks (∂L/∂A, ∂L/∂D) and over the splits (∂L/∂B, ∂L/∂C; not with one
-    # split and fp32 B: the dB/dC programs' output is then ∂L/∂B, ∂L/∂C as it is)
+    # the sums over batch elements and chunks (∂L/∂A, ∂L/∂D) and over the splits (∂L/∂B, ∂L/∂C; not with
+    # one split and fp32 B: the dB/dC programs' output is then ∂L/∂B, ∂L/∂C as it is)
     dAD = torch.empty(parts.shape[0], h, **f32)  # (1 or 2, H): ∂L/∂A, ∂L/∂D
     numel = b * l * g * n
     add = n_splits > 1 or B.dtype != torch.float32
-    dBC_out = torch.empty(2, b, l, g, n, device=device, dtype=B.dtype) if add else dBC[:, 0]
+    dBC_out = torch.empty(2, b, l, g, n, device=device, dtype=B.dtype) if add else dBC[:, 0]  # ∂L/∂B, ∂L/∂C
     block_h = _pow2(h)
     _launch(_grad_sums_kernel, (1 + 2 * _cdiv(numel, _SUMS_BLOCK) if add else 1, 1, 1), None, plan, dBC, dBC_out,
             parts, dAD, numel, n_splits, b * nc, h, parts.shape[0],
             BLOCK=_SUMS_BLOCK, BLOCK_R=max(1, _SUMS_TILE // block_h), BLOCK_H=block_h)
     plan.done()
-    dBC = dBC_out  # (2, b, l, G, N): ∂L/∂B, ∂L/∂C
-    return (dx, _as(ddt, dt.dtype), _as(dAD[0], A.dtype), dBC[0], dBC[1], _as(dAD[1], D.dtype) if D is not None else None,
+    return (dx, _as(ddt, dt.dtype), _as(dAD[0], A.dtype), dBC_out[0], dBC_out[1],
+            _as(dAD[1], D.dtype) if D is not None else None,
             _as(dh0, initial_state.dtype) if initial_state is not None else None)
 
 
@@ -1528,10 +1526,10 @@ class SSDChunkScanFn(torch.autograd.Function):
     """Forward: the five stages (four programs). Backward: stage 3 again, then the backward programs.
     Saved for the backward besides the inputs: cs (4 bytes per token and head, 1/32 of x at P = 64 in
     bf16; 8 for fp32 inputs, with its low part), the chunk states S_c (fp32, P·N·4/Q bytes per token and
-    head: as large as x in bf16 at N = 128, Q = 256) and CB (G·Q·4 bytes per token: a quarter of x at the 370m shapes). Recomputing S_c
-    and CB instead would save that memory for one more pass over x and B, and one over C and B (~80 µs
-    of 1.7 ms at 8 × 2048 on an H100, by its profile); the entering states S_in are recomputed (keeping
-    them in fp32 would cost another x's worth, for an estimated ~40 µs)."""
+    head: as large as x in bf16 at N = 128, Q = 256) and CB (G·Q·4 bytes per token: a quarter of x at the
+    370m shapes). Recomputing S_c and CB instead would save that memory for one more pass over x and B,
+    and one over C and B (~80 µs of 1.7 ms at 8 × 2048 on an H100, by its profile); the entering states
+    S_in are recomputed (keeping them in fp32 would cost another x's worth, for an estimated ~40 µs)."""
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, chunk_size, D, initial_state):
