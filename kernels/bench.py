@@ -21,6 +21,9 @@
    With --cuda-graphs, also forward+backward captured in a CUDA graph and replayed (torch, ours and the
    --baseline versions): the GPU work alone, without the host time that bounds batch 1, and a check that a
    replay gives the eager call's gradients bit for bit (ours must: otherwise the run exits 1).
+   With --host-breakdown, the host time of ours' forward+backward split into Triton's launcher (the C
+   call per launch), autograd (a differentiable call that computes nothing) and this module's Python:
+   where the time goes at batch 1, where the host bounds the call (see `host_breakdown`).
 3. mamba_ssm's `mamba_chunk_scan_combined`, when it can be imported: its error on y and its timings
    (last, because its large autotuning space takes long to compile).
 `--baseline OLD.py` also checks (as in 1.) and times another version of kernels/ssd_triton.py in the same
@@ -190,6 +193,104 @@ def host_and_wall_ms(fn, device, reset=None):
         host.append((t1 - t0) * 1e3)
         wall.append((time.perf_counter() - t0) * 1e3)
     return sorted(host)[len(host) // 2], sorted(wall)[len(wall) // 2]
+
+
+class _NoScan(torch.autograd.Function):
+    """A differentiable call that computes nothing: forward allocates y, backward allocates a gradient for
+    each input. Its forward+backward is the host time any scan with these inputs pays to autograd (on
+    CUDA the backward runs on autograd's device thread, handed over from the caller's) and to allocating
+    its outputs: `host_breakdown`'s floor."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D):
+        ctx.inputs = [t.detach() for t in (dt, A, B, C, D)]  # (shapes, devices and dtypes of the gradients)
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return (torch.empty_like(dy), *(torch.empty_like(t) for t in ctx.inputs))
+
+
+def _count_allocations(fn):
+    """How many tensors `fn()` allocates (aten.empty*, as a dispatch mode sees them; autograd carries the
+    mode over to its device thread)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += func.__name__.startswith("empty")
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+def host_breakdown(scan, module, inp, dy, chunk_size, device, iters=None):
+    """Where the host time of one forward+backward of `scan` goes, µs (medians over `iters` calls, each
+    from an idle GPU, gradients set to None before it, untimed):
+      host           all of it (as `host_and_wall_ms`'s f+b host)
+      in_launcher    inside Triton's launcher, summed over the call's `launches`: the C call that hands a
+                     binary to the driver and its Python wrapper (None under the interpreter: no launcher)
+      autograd_floor forward+backward of `_NoScan` on the same leaves: autograd and the outputs' allocations
+      allocations    how many tensors the call allocates (`_count_allocations`), and `per_allocation` µs,
+                     one torch.empty of x's size on this device
+      python         host − in_launcher − autograd_floor: what this module's Python itself costs (its
+                     argument checks, launch plans and scratch buffers).
+    `module` is the kernels.ssd_triton (or --baseline) module `scan` belongs to. iters: 50 on CUDA, 1 on CPU."""
+    import triton
+
+    iters = iters or (50 if device.type == "cuda" else 1)
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    leaves, fwd_bwd = fwd_bwd_call(scan, inp, dy, chunk_size)
+
+    def median_us(fn, inside=None):
+        host, launcher = [], []
+        for _ in range(iters):
+            grads_to_none(leaves.values())
+            sync()
+            if inside is not None:
+                inside.clear()
+            t0 = time.perf_counter()
+            fn()
+            host.append(time.perf_counter() - t0)
+            if inside is not None:
+                launcher.append(sum(inside))
+        return statistics.median(host) * 1e6, (statistics.median(launcher) * 1e6 if inside is not None else None)
+
+    fwd_bwd()  # (compiled and tuned before, by the timings: this call fills the launch plans)
+    out = dict(host=median_us(fwd_bwd)[0], in_launcher=None, launches=None)
+    if not module.INTERPRET:  # time the launcher's __call__ (every launch: direct or through Triton's run)
+        cls = triton.runtime.driver.active.launcher_cls
+        inside, original = [], cls.__call__
+
+        def timed(self, *args):
+            t = time.perf_counter()
+            try:
+                return original(self, *args)
+            finally:
+                inside.append(time.perf_counter() - t)
+
+        cls.__call__ = timed
+        try:
+            _, out["in_launcher"] = median_us(fwd_bwd, inside)
+            inside.clear()
+            fwd_bwd()
+            out["launches"] = len(inside)
+        finally:
+            cls.__call__ = original
+    x, dt, A, B, C, D = (leaves[k] for k in ("x", "dt", "A", "B", "C", "D"))
+    out["autograd_floor"] = median_us(lambda: _NoScan.apply(x, dt, A, B, C, D).backward(dy))[0]
+    grads_to_none(leaves.values())
+    out["allocations"] = _count_allocations(fwd_bwd)
+    grads_to_none(leaves.values())
+    empty = lambda: torch.empty(x.shape, device=device, dtype=x.dtype)  # noqa: E731
+    out["per_allocation"] = median_us(empty)[0]
+    out["python"] = out["host"] - (out["in_launcher"] or 0) - out["autograd_floor"]
+    return out
 
 
 def time_one(scan, inp, dy, chunk_size, bench, device):
@@ -450,6 +551,15 @@ def print_tables(report):
                 shape = f"b{r['batch']} l{r['seqlen']}"
                 print(f"  {shape:14s} {impl:10s} | {fmt(t['fwd_host_ms']):>8s} "
                       f"{fmt(t['fwd_wall_ms']):>7s} | {fmt(t['fwd_bwd_host_ms']):>8s} {fmt(t['fwd_bwd_wall_ms']):>7s}")
+    if report.get("host_breakdown"):
+        print("\nHost time of one forward+backward, split (median µs; python = host - in launcher - autograd floor)")
+        print(f"  {'shape':14s} {'version':10s} | {'host':>6s} {'in launcher':>11s} {'launches':>8s} "
+              f"{'autograd floor':>14s} {'python':>6s} | {'allocations':>11s} {'µs each':>7s}")
+        for r in report["host_breakdown"]:
+            print(f"  {'b%d l%d' % (r['batch'], r['seqlen']):14s} {r['version']:10s} | {fmt(r['host'], '.0f'):>6s} "
+                  f"{fmt(r['in_launcher'], '.0f'):>11s} {fmt(r['launches'], 'd'):>8s} "
+                  f"{fmt(r['autograd_floor'], '.0f'):>14s} {fmt(r['python'], '.0f'):>6s} | "
+                  f"{fmt(r['allocations'], 'd'):>11s} {fmt(r['per_allocation'], '.1f'):>7s}")
     graphed = [r for r in report["timings"] if r.get("graphed_fwd_bwd_ms")]
     if graphed:
         print("\nForward+backward replayed from a CUDA graph (median ms: the GPU work alone; 'same' = a replay "
@@ -482,6 +592,9 @@ def main(argv=None):
                          "torch, ours and --baseline versions) and check that a replay gives the eager gradients")
     ap.add_argument("--rounds", type=int, default=1, metavar="N",
                     help="time every implementation N times in turns and keep the median (default 1)")
+    ap.add_argument("--host-breakdown", action="store_true",
+                    help="also split the host time of one forward+backward of ours (and --baseline versions): "
+                         "Triton's launcher, autograd, allocations, this module's Python")
     ap.add_argument("--shape", action="append", default=[], metavar="BxL",
                     help="only this batch x seqlen among the shapes above (e.g. 8x2048: the GPU-bound one); "
                          "given again, more")
@@ -598,6 +711,17 @@ def main(argv=None):
             report["timings"].append(row)
 
         phase("timings", timed, timings)
+    if args.host_breakdown and not args.quick:
+        report["host_breakdown"] = []
+
+        def breakdown(shape):
+            inp, dy = timing_inputs(shape, device)
+            for name, module in {"ours": ssd_triton, **variants}.items():
+                row = dict(batch=shape[1], seqlen=shape[2], version=name)
+                report["host_breakdown"].append(row)
+                row.update(host_breakdown(module.ssd_chunk_scan, module, inp, dy, shape[7], device))
+
+        phase("host breakdown", timed, breakdown)
     if args.profile and device.type == "cuda":
         report["profile"] = {}
 

@@ -23,12 +23,41 @@
 # 8 × 2048, with CUDA graphs: at batch 1 the splits' partial sums and per-split dCB are ~100 MB of traffic.
 # `run-batch1` times batch 1 × 2048 (host-bound: single eager readings move by tens of percent) in 5 rounds
 # in turns, with CUDA graphs, against visit/s10b.py (the kernel of the README's table): the issue's last
-# target, ≥ 10× the torch reference there, and what the closing-sums program did to the host time.
+# target, ≥ 10× the torch reference there, and what the closing-sums program did to the host time; and
+# where that host time goes (--host-breakdown: Triton's launcher, autograd, this module's Python).
 # Each exits 1 if any step failed or ran out of time.
 set -u
 cd "$(dirname "$0")/.."
 SESSION10B=3f7e3ac  # the kernel of the README's H100 table (session 10: the split and the head-split cap)
 SESSION10=51c9837  # the kernel of session 10's first visit, before the dC split was merged
+
+start_run() {  # for the run modes: the output folder, mamba_ssm's Triton kernels, the card's name
+    out=${OUT:-visit/out}
+    mkdir -p "$out"
+    for f in visit/s10b.py visit/s10.py visit/pps8.py visit/pps2.py visit/pps1.py visit/pps0.5.py; do
+        [ -f "$f" ] || { echo "$f is missing: run 'bash kernels/gpu_visit.sh prepare' first, and carry visit/"; exit 2; }
+    done
+    mamba_path=
+    sdist=$(ls .whl/mamba_ssm-2.3.2.post1.tar.gz 2> /dev/null)
+    if [ -n "$sdist" ]; then  # its Triton kernels only (its __init__ imports CUDA extensions)
+        mkdir -p /tmp/ms && tar xzf "$sdist" -C /tmp/ms
+        mamba_path=/tmp/ms/mamba_ssm-2.3.2.post1
+        echo '__version__ = "2.3.2.post1"' > "$mamba_path/mamba_ssm/__init__.py"
+    fi
+    failed=0
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
+}
+
+step() {  # step NAME SECONDS COMMAND...: its output in $out/NAME.log, its exit status printed
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (at most $limit s): $*"
+    PYTHONUNBUFFERED=1 PYTHONPATH="$mamba_path" timeout "$limit" "$@" > "$out/$name.log" 2>&1
+    local rc=$?
+    echo "== $name: exit $rc$([ $rc = 124 ] && echo ' (out of time)') after $SECONDS s in all"
+    [ $rc = 0 ] || failed=1
+    tail -40 "$out/$name.log"
+}
 
 case "${1:-}" in
 prepare)
@@ -46,48 +75,26 @@ prepare)
     ls -l visit .whl
     echo 'now, with the device tool: bash kernels/gpu_visit.sh run   (carry: [".whl", "visit"])'
     ;;
-run|run-splits|run-batch1)
-    out=${OUT:-visit/out}
-    mkdir -p "$out"
-    for f in visit/s10b.py visit/s10.py visit/pps8.py visit/pps2.py visit/pps1.py visit/pps0.5.py; do
-        [ -f "$f" ] || { echo "$f is missing: run 'bash kernels/gpu_visit.sh prepare' first, and carry visit/"; exit 2; }
-    done
-    mamba_path=
-    sdist=$(ls .whl/mamba_ssm-2.3.2.post1.tar.gz 2> /dev/null)
-    if [ -n "$sdist" ]; then  # its Triton kernels only (its __init__ imports CUDA extensions)
-        mkdir -p /tmp/ms && tar xzf "$sdist" -C /tmp/ms
-        mamba_path=/tmp/ms/mamba_ssm-2.3.2.post1
-        echo '__version__ = "2.3.2.post1"' > "$mamba_path/mamba_ssm/__init__.py"
-    fi
-    failed=0
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
-    step() {  # step NAME SECONDS COMMAND...: its output in $out/NAME.log, its exit status printed
-        local name=$1 limit=$2
-        shift 2
-        echo "== $name (at most $limit s): $*"
-        PYTHONUNBUFFERED=1 PYTHONPATH="$mamba_path" timeout "$limit" "$@" > "$out/$name.log" 2>&1
-        local rc=$?
-        echo "== $name: exit $rc$([ $rc = 124 ] && echo ' (out of time)') after $SECONDS s in all"
-        [ $rc = 0 ] || failed=1
-        tail -40 "$out/$name.log"
-    }
-    if [ "$1" = run-batch1 ]; then
-        step batch1 200 python3 -m kernels.bench --cuda-graphs --no-mamba --shape 1x2048 --rounds 5 \
-            --baseline visit/s10b.py --out "$out/batch1.json"
-        exit $failed
-    fi
-    if [ "$1" = run-splits ]; then
-        step splits 270 python3 -m kernels.bench --cuda-graphs --no-mamba --shape 1x2048 --shape 8x2048 \
-            --baseline visit/pps8.py --baseline visit/pps2.py --baseline visit/pps1.py --baseline visit/pps0.5.py \
-            --baseline visit/s10.py \
-            --out "$out/splits.json"
-        exit $failed
-    fi
+run)
+    start_run
     step bench 380 python3 -m kernels.bench --cuda-graphs --baseline visit/s10b.py --baseline visit/s10.py \
         --out "$out/kb.json"
     step model 60 python3 -m minimamba.bench model --device cuda --scale 370m --batch 8 --seqlen 1024 --amp \
         --backend triton --phases train
     step fp32 120 python3 -m kernels.bench --quick --fp32 --no-mamba --shape 1x2048 --out "$out/fp32.json"
+    exit $failed
+    ;;
+run-splits)
+    start_run
+    step splits 270 python3 -m kernels.bench --cuda-graphs --no-mamba --shape 1x2048 --shape 8x2048 \
+        --baseline visit/pps8.py --baseline visit/pps2.py --baseline visit/pps1.py --baseline visit/pps0.5.py \
+        --baseline visit/s10.py --out "$out/splits.json"
+    exit $failed
+    ;;
+run-batch1)
+    start_run
+    step batch1 200 python3 -m kernels.bench --cuda-graphs --no-mamba --shape 1x2048 --rounds 5 --host-breakdown \
+        --baseline visit/s10b.py --out "$out/batch1.json"
     exit $failed
     ;;
 *)

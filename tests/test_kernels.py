@@ -698,3 +698,18 @@ def test_bench_fails_a_baseline_version_that_computes_something_else(tmp_path, c
     assert [(r.get("version"), r["ok"]) for r in rows] == [(None, True), ("baseline", False)]
     assert rows[1]["errors"]["y"] > 0.05 and rows[1]["errors"]["final"] < 3e-2
     assert "FAIL smoke [baseline] b2 l20" in capsys.readouterr().out
+
+
+def test_bench_host_breakdown_under_the_interpreter(tmp_path, capsys):
+    """`--host-breakdown` splits ours' forward+backward host time; under the interpreter there is no
+    launcher to time (tests/test_offline.py times the stand-in driver's), the rest is still split."""
+    from kernels import bench
+
+    out = tmp_path / "bench.json"
+    assert bench.main(["--cpu-smoke", "--no-mamba", "--shape", "2x20", "--host-breakdown", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["host_breakdown"]
+    assert (row["batch"], row["seqlen"], row["version"]) == (2, 20, "ours")
+    assert row["in_launcher"] is None and row["launches"] is None
+    assert 0 < row["autograd_floor"] < row["host"] and row["python"] == pytest.approx(row["host"] - row["autograd_floor"])
+    assert row["allocations"] > 0 and row["per_allocation"] > 0
+    assert "Host time of one forward+backward, split" in capsys.readouterr().out

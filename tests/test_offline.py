@@ -130,3 +130,34 @@ def test_binaries_chosen_under_a_stand_in_are_forgotten_when_it_exits():
     proc = _run_python("-c", STALE_CHECK, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["12", "0"]
+
+
+HOST_BREAKDOWN = """
+import json
+import torch
+from kernels import bench, ssd_triton
+from kernels.offline import OfflineGPU, HOST_SHAPE, _inputs
+b, l, h, p, n, g, Q = HOST_SHAPE
+with OfflineGPU(90):
+    inp = _inputs(HOST_SHAPE, torch.bfloat16)
+    dy = torch.randn(b, l, h, p).to(torch.bfloat16)
+    scan = lambda x, dt, A, B, C, Q, D: ssd_triton.SSDChunkScanFn.apply(x, dt, A, B, C, Q, D, None)[0]
+    print(json.dumps(bench.host_breakdown(scan, ssd_triton, inp, dy, Q, torch.device("cpu"), iters=5)))
+"""
+
+
+@pytest.mark.skipif(_ptxas() is None, reason="needs triton with its NVIDIA backend (ptxas) installed")
+def test_host_breakdown_times_the_launcher_of_every_launch():
+    """kernels.bench --host-breakdown, with the stand-in driver's launcher in place of the GPU's: the time
+    inside the launcher is summed over the 12 launches of a forward+backward, and the rest is split."""
+    proc = _run_python("-c", HOST_BREAKDOWN, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    t = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert t["launches"] == 12
+    assert 0 < t["in_launcher"] < t["host"] and 0 < t["autograd_floor"] < t["host"]
+    assert t["python"] == pytest.approx(t["host"] - t["in_launcher"] - t["autograd_floor"])
+    # forward: cs, S_c, the entering states, the final state, CB, y; backward: ∂L/∂S_in, S_in, S_in as a dot
+    # operand, ∂L/∂S_c, the α partial sums, dx, ∂L/∂dt through u, through D·x, dCB, dA_diag, the dCB
+    # program's row prefix, the dB/dC splits, dA_off, dA_state, ∂L/∂dt, the per-chunk ∂L/∂A, ∂L/∂D parts,
+    # their sums, and the summed ∂L/∂B, ∂L/∂C
+    assert t["allocations"] == 6 + 18 and t["per_allocation"] > 0
