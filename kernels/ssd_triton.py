@@ -12,7 +12,11 @@ log-decay and S_in[c] the state entering the chunk, the forward is
     stage 5  y_t        = Σ_{s≤t} CB[t,s]·exp(cs[t] − cs[s])·dt_s x_s       _chunk_scan_fwd_kernel
                           + exp(cs[t])·S_in[c] C_t + D·x_t
 
-which are steps 1–4 of `ssd_chunked` (stage 5 is steps 1 and 4 fused). The backward differentiates
+Against `ssd_chunked`: stage 1 is its `cs` line, stage 2 its step 2, stage 3 its step 3 (S_in[c] is its
+`entering[:, c]`, h_{c-1} in its docstring), stage 4 the `CB` of its step 1, and stage 5 the rest of
+step 1, step 4 and the D skip, fused. In this file h also indexes heads (Σ_h: a sum over heads), and
+matrices of the backward get other letters than the glossary's G (groups) and P (head dimension): Γ, Pre.
+The backward differentiates
 each stage by hand (the derivation is above the backward programs); it keeps cs, S_c and CB from the
 forward and runs stage 3 again (fused into its reverse pass) rather than keep S_in. Stages 1–4 have a
 small PyTorch `_ref` next to their kernel that the tests compare them with; the whole scan and every
@@ -124,13 +128,14 @@ class _Plan:
     from the call's key: the dtype and 16-byte alignment (`_selector`) of every tensor the call is given
     (the inputs, or None; in the backward also dy, ∂L/∂final and what the forward kept, which autograd
     hands back and a saved-tensor hook may have moved), the shapes, the chunk size, the device and, in the
-    backward, the number of head splits of dB/dC. The buffers the call allocates have sizes, hence
+    backward, the number of head splits of dCB, dC and dB. The buffers the call allocates have sizes, hence
     alignments, that these fix (CUDA allocations start 512-byte aligned), and so do the integer arguments;
     the configs are the autotuners' choices for the shapes. So the binaries one call's launches found
     through their own keys are those of every later call with the same key: the first call whose launches
     all found theirs records them, later calls take them in order, without building a key per launch
     (`kernels.offline` compares such launches with Triton's too). Not in the key, like the knobs `_launch`
-    lists: the module's block sizes (`_STATE_BLOCK`, `_DC_MIN_BLOCK_T`); after changing them, call
+    lists: the module's block sizes (`_STATE_BLOCK`, `_DC_MIN_BLOCK_T`, `_SUMS_BLOCK`, `_SUMS_TILE`); after
+    changing them, call
     `forget_tuning()`. A plan keeps each launch's grid with its binary (the grid follows from the shapes
     and the config). Also holds, read once per call: whether launches are direct (`DIRECT_LAUNCH`), the
     device, the stream and the launch hooks (`_launch_hooks`)."""
@@ -727,9 +732,13 @@ def _chunk_scan_fwd_kernel(
 #   ∂L/∂C_t  = Σ_h exp(cs[t])·dy_tᵀ S_in[c] + Σ_{s≤t} dCB[t,s]·B_s          _chunk_scan_bwd_dc_kernel
 #   ∂L/∂B_s  = Σ_h exp(cs[Q-1] − cs[s])·dt_s·x_sᵀ ∂L/∂S_c
 #                                          + Σ_{t≥s} dCB[t,s]·C_t          _chunk_scan_bwd_db_kernel
-#              with dCB[t,s] = ∂L/∂CB[t,s] = Σ_h G[t,s],  G[t,s] = exp(cs[t] − cs[s])·dt_s·(dy_t·x_s), s ≤ t
-#              (the dCB program sums G over the heads of a group and stores it; dC and dB read it)
-#   ∂L/∂dA_j collected from four terms, then ∂L/∂dt and ∂L/∂A                 _chunk_cumsum_bwd_kernel
+#              with dCB[t,s] = ∂L/∂CB[t,s] = Σ_h Γ[t,s],  Γ[t,s] = exp(cs[t] − cs[s])·dt_s·(dy_t·x_s), s ≤ t
+#              (the heads of a group are cut into splits, `_head_splits`: the dCB program stores each
+#              split k's part dCB_k = Σ_{h in split k} Γ; dC and dB multiply it with B and C, and their
+#              per-split results are summed last, which makes Σ_k dCB_k = dCB)
+#   ∂L/∂dA_j collected from four terms, then ∂L/∂dt and the per-chunk
+#            parts of ∂L/∂A (and of ∂L/∂D)                                  _chunk_cumsum_bwd_kernel
+#   ∂L/∂A, ∂L/∂D (sums of the parts), ∂L/∂B, ∂L/∂C (sums of the splits)     _grad_sums_kernel
 #
 # The decay gradient is assembled from terms that each contain only decays ≤ 1: it is never formed
 # as a difference of large quantities (such as ⟨y, dy⟩ − dt·∂L/∂dt) followed by a cumulative sum,
@@ -759,7 +768,8 @@ def _state_passing_bwd_kernel(
         ∂L/∂S_c = g,    ∂L/∂α_c = exp(α_c)·⟨S_in[c], g⟩,    g ← exp(α_c)·g + ∂L/∂S_in[c] from y,
 
     and finally ∂L/∂h_0 = g. Tile: BLOCK entries of the flattened state; ∂L/∂α_c is a sum over all
-    entries, so each program writes its partial sum and the last kernel adds them. S_in and ∂L/∂S_c are
+    entries, so each program writes its partial sum and the decay-gradient kernel
+    (`_chunk_cumsum_bwd_kernel`) adds them. S_in and ∂L/∂S_c are
     also stored in the dtype the later programs' dots take them in (bf16 for bf16 inputs: half the
     bytes those programs read, and the same values, since they cast before every dot).
     Grid: (n_blocks = cdiv(P·N, BLOCK), batch, H), as in the forward.
@@ -812,8 +822,9 @@ def _chunk_scan_bwd_dx_kernel(
     dchunk_ptr,  # (batch, nchunks, H, P, N), ∂L/∂S_c in the dots' operand dtype
     D_ptr,  # (H,) or None
     dx_ptr,  # out (batch, seqlen, H, P), x's dtype
-    ddt_ptr,  # out (batch, H, nchunks, Q) fp32: ⟨∂L/∂u_s, x_s⟩, the part of ∂L/∂dt_s through u
-    dxy_ptr,  # out (batch, H, nchunks, Q) fp32: ⟨dy_s, x_s⟩, summed into ∂L/∂D by the last kernel
+    ddt_x_ptr,  # out (batch, H, nchunks, Q) fp32: ⟨∂L/∂u_s, x_s⟩, the part of ∂L/∂dt_s through u
+    dxy_ptr,  # out (batch, H, nchunks, Q) fp32: ⟨dy_s, x_s⟩; its sum is ∂L/∂D (over a chunk by the
+    #   decay-gradient kernel, over chunks by `_grad_sums_kernel`)
     seqlen, nheads, headdim, ngroups, dstate, nchunks, chunk_size,
     HAS_D: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -822,7 +833,7 @@ def _chunk_scan_bwd_dx_kernel(
 ):
     """∂L/∂u_s = exp(cs[Q-1] − cs[s])·∂L/∂S_c B_s + Σ_{t≥s} CB[t,s]·exp(cs[t] − cs[s])·dy_t, then
 
-        dx_s = dt_s·∂L/∂u_s + D·dy_s,    ddt_s = ⟨∂L/∂u_s, x_s⟩,    dxy_s = ⟨dy_s, x_s⟩.
+        dx_s = dt_s·∂L/∂u_s + D·dy_s,    ddt_x_s = ⟨∂L/∂u_s, x_s⟩,    dxy_s = ⟨dy_s, x_s⟩.
 
     This is stage 5 transposed: the scores are read as CB[t, s] for t ≥ s, and the loop runs from the
     tile's first row to the end of the chunk.
@@ -885,7 +896,7 @@ def _chunk_scan_bwd_dx_kernel(
         dx += tl.load(D_ptr + pid_h).to(tl.float32) * dys
         tl.store(dxy_ptr + tok + offs_s, tl.sum(dys * xs, axis=1), mask=s_mask)
     tl.store(dx_ptr + io_offs, dx.to(dx_ptr.dtype.element_ty), mask=io_mask)
-    tl.store(ddt_ptr + tok + offs_s, tl.sum(du * xs, axis=1), mask=s_mask)
+    tl.store(ddt_x_ptr + tok + offs_s, tl.sum(du * xs, axis=1), mask=s_mask)
 
 
 @_autotune(
@@ -906,20 +917,21 @@ def _chunk_scan_bwd_dcb_kernel(
     batch, seqlen, nheads, headdim, ngroups, dstate, nchunks, chunk_size, n_splits,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr,
-    BLOCK_T: tl.constexpr,  # rows t (the host reads the chosen value: the last kernel needs it)
+    BLOCK_T: tl.constexpr,  # rows t (the host reads the chosen value: the decay-gradient kernel needs it)
     BLOCK_S: tl.constexpr,  # positions s per step of the causal loop
 ):
-    """dCB[t,s] = ∂L/∂CB[t,s] = Σ_{heads h of the split} G[t,s]   (s ≤ t; the heads of a group share CB)
-        G[t,s]   = exp(cs[t] − cs[s])·dt_s · (dy_t·x_s)            (head h's score gradient)
+    """dCB_k[t,s] = Σ_{heads h of split k} Γ[t,s]   (s ≤ t; the heads of a group share CB, and
+                                                   ∂L/∂CB = Σ_k dCB_k over the group's splits)
+        Γ[t,s]     = exp(cs[t] − cs[s])·dt_s · (dy_t·x_s)        (head h's score gradient)
     stored for the dC and dB programs (∂L/∂C_t ∋ Σ_s dCB[t,s]·B_s, ∂L/∂B_s ∋ Σ_t dCB[t,s]·C_t), and, per
     head, the intra-chunk decay gradient, which needs exactly these tiles:
-        M[t,s] = G[t,s]·CB[t,s] = ∂L/∂(cs[t] − cs[s]), and cs[t] − cs[s] = dA_{s+1} + … + dA_t, so
+        M[t,s] = Γ[t,s]·CB[t,s] = ∂L/∂(cs[t] − cs[s]), and cs[t] − cs[s] = dA_{s+1} + … + dA_t, so
         ∂L/∂dA_j = Σ_{t≥j} Σ_{s<j} M[t,s].
-    For the rows t of this tile: with a running prefix sum along each row, P[t,s] = Σ_{s'≤s} M[t,s'],
-    the program adds Σ_{t>s} P[t,s] to j = s + 1. Each step loops over the heads, so each head's running
+    For the rows t of this tile: with a running prefix sum along each row, Pre[t,s] = Σ_{s'≤s} M[t,s'],
+    the program adds Σ_{t>s} Pre[t,s] to j = s + 1. Each step loops over the heads, so each head's running
     prefix waits in `row_prefix` until the next step. Every term is a product of decays ≤ 1; nothing
-    cancels. The partial sums of the row tiles go to separate slices of dA_diag, added in the last
-    kernel. The slice of row tile k is written for 1 ≤ j ≤ min((k+1)·BLOCK_T, chunk_len) (beyond, no
+    cancels. The partial sums of the row tiles go to separate slices of dA_diag, added in the
+    decay-gradient kernel. The slice of row tile k is written for 1 ≤ j ≤ min((k+1)·BLOCK_T, chunk_len) (beyond, no
     s < j ≤ t exists), and read only there.
 
     (This program holds no (rows × N) tile: the products with B and C are the dC and dB programs'. Its
@@ -965,13 +977,13 @@ def _chunk_scan_bwd_dcb_kernel(
             dt_s = tl.load(dt_ptr + row0 * nheads + h + s * nheads, mask=s_mask, other=0.0).to(tl.float32)
             g = tl.dot(dyt.to(DOT_DTYPE), xsT.to(DOT_DTYPE), input_precision=DOT_PRECISION)  # (BLOCK_T, BLOCK_S)
             g *= _decay(cs_t[:, None] - cs_s[None, :], lo_t[:, None] - lo_s[None, :]) * dt_s[None, :]
-            g = tl.where(offs_t[:, None] >= s[None, :], g, 0.0)  # G[t, s]
+            g = tl.where(offs_t[:, None] >= s[None, :], g, 0.0)  # Γ[t, s]
             dcb += g
 
             m = g * cb
             row_prefix = tl.load(row_prefix_ptr + tok + offs_t,  # Σ_{s' < s0} M[t, s'] (0 at the first step)
                                  mask=(offs_t < chunk_size) & (s0 > 0), other=0.0)
-            prefix = row_prefix[:, None] + tl.cumsum(m, axis=1)  # P[t, s]: (BLOCK_T, BLOCK_S)
+            prefix = row_prefix[:, None] + tl.cumsum(m, axis=1)  # Pre[t, s]: (BLOCK_T, BLOCK_S)
             dA_j = tl.sum(tl.where(offs_t[:, None] > s[None, :], prefix, 0.0), axis=0)  # (BLOCK_S,): j = s + 1
             tl.store(dA_diag_ptr + diag + s + 1, dA_j, mask=s + 1 < chunk_size)
             row_prefix += tl.sum(m, axis=1)  # (BLOCK_T,)
@@ -1005,12 +1017,13 @@ def _chunk_scan_bwd_dc_kernel(
 ):
     """∂L/∂C_t = Σ_{heads h of the group} dc_t  +  Σ_{s≤t} dCB[t,s]·B_s   where
         dc_t     = exp(cs[t]) · dy_tᵀ S_in[c]                   (C_t reads the entering state of head h)
-        dCB[t,s] = ∂L/∂CB[t,s] (C_t is a query of CB[t, s] = C_t·B_s), summed over the heads by the dCB program
+        dCB[t,s] = ∂L/∂CB[t,s] (C_t is a query of CB[t, s] = C_t·B_s): this split's part dCB_k (dCB program)
     (each program sums the heads of its split of the group: its ∂L/∂C is a partial sum, and
     `_grad_sums_kernel` adds the splits')
 
     The same state term differentiated with respect to its decay exp(cs[t]) gives, per head,
-    r_t = ⟨dc_t, C_t⟩ = ∂L/∂cs[t] through exp(cs[t]) (a cumulative sum of dA_j for j ≤ t, in the last kernel).
+    r_t = ⟨dc_t, C_t⟩ = ∂L/∂cs[t] through exp(cs[t]) (a cumulative sum of dA_j for j ≤ t, in the
+    decay-gradient kernel).
 
     Tile: BLOCK_T rows t × all N: a loop over the heads of the split (through the entering states),
     then over s ≤ t (through CB): the dB program's mirror image.
@@ -1049,7 +1062,7 @@ def _chunk_scan_bwd_dc_kernel(
         dc *= _decay(cs_t, lo_t)[:, None]
         c = tl.load(C_ptr + offs_t[:, None] * (ngroups * dstate) + offs_n[None, :],  # (reloaded per head)
                     mask=t_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
-        # (rows past the sequence end hold r = 0: the last kernel sums over the whole chunk)
+        # (rows past the sequence end hold r = 0: the decay-gradient kernel sums over the whole chunk)
         tl.store(dA_off_ptr + tok + offs_t, tl.sum(dc * c, axis=1), mask=offs_t < chunk_size)
         acc += dc
 
@@ -1091,12 +1104,13 @@ def _chunk_scan_bwd_db_kernel(
 ):
     """∂L/∂B_s = Σ_{heads h of the group} db_s  +  Σ_{t≥s} dCB[t,s]·C_t   where
         db_s     = exp(cs[Q-1] − cs[s])·dt_s · x_sᵀ ∂L/∂S_c     (B_s writes into the chunk state of head h)
-        dCB[t,s] = ∂L/∂CB[t,s] (B_s is a key of CB[t, s] = C_t·B_s), summed over the heads by the dCB program
+        dCB[t,s] = ∂L/∂CB[t,s] (B_s is a key of CB[t, s] = C_t·B_s): this split's part dCB_k (dCB program)
 
     The same chunk-state term differentiated with respect to the decay exp(cs[Q-1] − cs[s]) =
     exp(dA_{s+1} + … + dA_{Q-1}) gives q_s = ⟨db_s, B_s⟩ for every dA_j with j > s; it is stored at
-    s + 1 so that an inclusive cumulative sum in the last kernel yields Σ_{s<j} q_s (that kernel reads
-    entry 0 as 0: the buffer is not zeroed, which would cost a launch).
+    s + 1 so that an inclusive cumulative sum in the decay-gradient kernel yields Σ_{s<j} q_s (that
+    kernel reads entry 0 as 0, and entries past the sequence end not at all: the buffer is not zeroed, which would cost
+    a launch).
 
     Tile: BLOCK_S rows s × all N: a loop over the heads of (a split of) the group (through the chunk
     states), then over t ≥ s (through CB). The heads of a group are shared among `n_splits` programs so
@@ -1267,7 +1281,7 @@ _STATE_BLOCK = 256  # state entries per program in the two state-passing kernels
 _MAX_GRID_Y = 65535  # CUDA's limit on a grid's 2nd axis, which enumerates (batch element, chunk) pairs
 _DC_MIN_BLOCK_T = 32  # the smallest row tile among the dCB program's configs: it sizes dA_diag
 _SUMS_BLOCK = 1024  # entries of ∂L/∂B or ∂L/∂C per program of `_grad_sums_kernel`
-_SUMS_TILE = 2048  # (rows × heads) fp32 entries per step of its ∂L/∂A, ∂L/∂D sums (48 registers at 32 heads)
+_SUMS_TILE = 2048  # (rows × heads) fp32 entries per step of its ∂L/∂A, ∂L/∂D sums (46 registers at 32 heads)
 
 
 # Host-side arithmetic is plain Python: triton.cdiv and triton.next_power_of_2 are constexpr functions
@@ -1426,8 +1440,8 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, kept, chunk_size, D, initial_state
     the derivation above the backward kernels.
 
     Launches: ∂L/∂S_in (stage 2's program), stage 3 fused with its backward, dx, dCB, dC, dB, the decay
-    gradient, and the closing sums (`_grad_sums_kernel`). No buffer is zero-filled: every kernel writes
-    all the entries that are read."""
+    gradient, and the closing sums (`_grad_sums_kernel`). No buffer is zero-filled (but dy, where y gets
+    no gradient): every kernel writes all the entries that are read."""
     b, l, h, p = x.shape
     g, n = B.shape[2:]
     Q = chunk_size
@@ -1528,8 +1542,8 @@ class SSDChunkScanFn(torch.autograd.Function):
     bf16; 8 for fp32 inputs, with its low part), the chunk states S_c (fp32, P·N·4/Q bytes per token and
     head: as large as x in bf16 at N = 128, Q = 256) and CB (G·Q·4 bytes per token: a quarter of x at the
     370m shapes). Recomputing S_c and CB instead would save that memory for one more pass over x and B,
-    and one over C and B (~80 µs of 1.7 ms at 8 × 2048 on an H100, by its profile); the entering states
-    S_in are recomputed (keeping them in fp32 would cost another x's worth, for an estimated ~40 µs)."""
+    and one over C and B (~80 µs of 1.7 ms at 8 × 2048 on an H100, by session 7's profile); the entering
+    states S_in are recomputed (keeping them in fp32 would cost another x's worth, for an estimated ~40 µs)."""
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, chunk_size, D, initial_state):
