@@ -75,8 +75,10 @@ class Tokenizer:
     """Text <-> token ids, as the reference gives them. `encoding` is the tiktoken.Encoding underneath:
     its encode_ordinary() wants text that is already NFC and holds no special tokens (encode() sees to both)."""
 
-    def __init__(self, encoding: tiktoken.Encoding, special_tokens: dict[str, int], name: str = ""):
+    def __init__(self, encoding: tiktoken.Encoding, special_tokens: dict[str, int], name: str = "",
+                 longest_space_run: int = 1):
         self.encoding = encoding
+        self.longest_space_run = longest_space_run  # the longest space-run added token (24 for GPT-NeoX)
         self.special_tokens = special_tokens  # matched in the raw text, before normalisation
         self.name = name
         self.vocab_size = encoding.n_vocab  # 50277 for GPT-NeoX (the model's embedding is padded to 50288)
@@ -97,9 +99,36 @@ class Tokenizer:
                     if i % 2:
                         ids.append(self.special_tokens[part])
                     elif part:
-                        ids.extend(self.encoding.encode_ordinary(_nfc(part)))
+                        ids.extend(self._encode_ordinary(_nfc(part)))
                 return ids
-        return self.encoding.encode_ordinary(_nfc(text))
+        return self._encode_ordinary(_nfc(text))
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        """encoding.encode_ordinary(text), also for text with whitespace runs too long for tiktoken's regex.
+
+        Its regex engine gives up (a Rust panic, which no `except Exception` catches) on a run of about a
+        million whitespace characters other than spaces, which the look-ahead alternative `\s+(?!\S)`
+        walks back through. Such runs (`_LONG_WHITESPACE`, far shorter than that) are cut here into the
+        pieces the regex would cut them into (`_whitespace_pieces`), each merged by tiktoken's BPE
+        alone; the text around them goes through the regex as usual. Every cut is one the regex makes
+        too, so the ids are those of the whole text (tests/test_tokenizer.py compares with the reference)."""
+        if len(text) < _LONG_WHITESPACE_RUN or not (runs := list(_LONG_WHITESPACE.finditer(text))):
+            return self.encoding.encode_ordinary(text)  # (almost always)
+        ids, start = [], 0
+        for run in runs:  # (each a whole run: it starts after a non-whitespace character, or the text)
+            ids += self.encoding.encode_ordinary(text[start:run.start()])
+            pieces, end = _whitespace_pieces(run.group(), self.longest_space_run), run.end()
+            if end < len(text) and not pieces[-1].startswith("  "):
+                # the last stretch meets the text after it: the regex ends it one character early
+                # (`(?!\S)`), and that character is a piece of its own or, a space, joins the word after
+                # it. Both happen when the regex reads it with that text.
+                last = pieces.pop()
+                pieces += [last[:-1]] if len(last) > 1 else []
+                end -= 1
+            for piece in pieces:
+                ids += self.encoding._encode_single_piece(piece)  # BPE without the regex
+            start = end
+        return ids + self.encoding.encode_ordinary(text[start:])
 
     def encode_batch(self, texts, num_threads: int | None = None, allow_special: bool = True) -> list[list[int]]:
         """[encode(text, allow_special) for text in texts], in parallel threads (tiktoken releases the
@@ -221,7 +250,7 @@ def _build(spec: dict, name: str, path: Path) -> Tokenizer:
         mergeable_ranks=ranks,
         special_tokens=special_tokens,
     )
-    return Tokenizer(encoding, special_tokens, name=name)
+    return Tokenizer(encoding, special_tokens, name=name, longest_space_run=max(space_runs, default=1))
 
 
 def _byte_to_char() -> dict[int, str]:
@@ -289,6 +318,36 @@ def _pattern(longest_space_run: int) -> str:
         r"\s+",  # reached only for one whitespace character before a non-space
     ]
     return "|".join([f"(?:{'|'.join(simple)})", *whitespace])
+
+
+# Runs of at least this many whitespace characters are split into pieces in Python (`_encode_ordinary`);
+# \s as the regex means it: Unicode's White_Space (Python's str \s adds U+001C..U+001F, which are not)
+_LONG_WHITESPACE_RUN = 100_000
+_WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+_LONG_WHITESPACE = re.compile(f"[{_WHITESPACE}]{{{_LONG_WHITESPACE_RUN},}}")
+
+
+def _whitespace_pieces(run: str, longest_space_run: int) -> list[str]:
+    """The pieces `_pattern`'s regex cuts `run` into, for a run of whitespace characters that starts the
+    text or follows a non-whitespace character, if it ends the text. No alternative that takes a letter,
+    digit or symbol can match in it, and `(?!\S)` holds everywhere in it, so what is left is: a run of 2
+    to `longest_space_run` spaces is a piece (the space-run tokens, longest first, and no look-ahead),
+    and so is every stretch between them. (With no space-run tokens, the whole run is one piece.)
+    Where text follows the run, only the last piece can differ: see `Tokenizer._encode_ordinary`."""
+    if longest_space_run < 2:
+        return [run]
+    pieces, i = [], 0
+    while i < len(run):
+        j = i
+        if run.startswith("  ", i):  # a space-run token
+            while j < len(run) and run[j] == " " and j - i < longest_space_run:
+                j += 1
+        else:  # whitespace up to the next two spaces
+            while j < len(run) and not run.startswith("  ", j):
+                j += 1
+        pieces.append(run[i:j])
+        i = j
+    return pieces
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import bz2
 import csv
 import functools
 import json
+import re
 import threading
 import unicodedata
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -18,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import minimamba.tokenizer as tokenizer_module
 from minimamba.tokenizer import _AFTER_UNICODE_9, Tokenizer, _byte_to_char, _nfc, load_tokenizer
 from tests.conftest import DATA
 
@@ -199,6 +201,32 @@ def test_every_vocab_token_encodes_to_itself_under_the_learnt_merges(ref):
     vocab = json.loads(TOKENIZER_JSON.read_text(encoding="utf-8"))["model"]["vocab"]
     wrong = [s for s, i in vocab.items() if not s.startswith("<|") and [t.id for t in ref.model.tokenize(s)] != [i]]
     assert wrong == []
+
+
+whitespace_text = st.lists(  # runs of whitespace of every kind, with words, digits, symbols between them
+    st.tuples(st.sampled_from([" ", "\t", "\n", "\r\n", "\xa0", "\u3000", "\x0b", "\x1c", "x", "7", ".", "'s",
+                               "\u0301", "<|endoftext|>"]), st.sampled_from([1, 1, 2, 3, 23, 24, 25, 26, 49, 50])),
+    min_size=1, max_size=12).map(lambda runs: "".join(s * n for s, n in runs))
+
+
+@needs_data
+@example_settings
+@given(texts=st.lists(whitespace_text, min_size=1, max_size=8))
+def test_long_whitespace_runs_are_cut_as_the_regex_cuts_them(tok, ref, texts):
+    """Runs too long for tiktoken's regex are cut into its pieces in Python (`Tokenizer._encode_ordinary`):
+    with the threshold at 3 characters instead of 100 000, that path takes every run here."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tokenizer_module, "_LONG_WHITESPACE_RUN", 3)
+        mp.setattr(tokenizer_module, "_LONG_WHITESPACE", re.compile(f"[{tokenizer_module._WHITESPACE}]{{3,}}"))
+        assert_same_ids(tok, ref, texts)
+
+
+@needs_data
+def test_a_million_whitespace_characters_encode_as_the_reference(tok, ref):
+    # tiktoken's regex alone panics on ~1M whitespace characters other than spaces (a Rust panic, which no
+    # `except Exception` catches: one such document stopped `data prepare`)
+    texts = ["\t" * 1_100_000 + "x", "a" + " \n" * 600_000 + " b", "\r\n" * 600_000]
+    assert_same_ids(tok, ref, texts)
 
 
 @needs_data
