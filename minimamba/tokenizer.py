@@ -54,7 +54,8 @@ pieces of the reference must be reproduced for the ids to be identical:
    whitespace, match whole words only) are all off. Rather than cutting the space runs out
    first, `_pattern` adds ` {2,24}` (greedy: longest first) to the regex and keeps its
    whitespace alternatives from consuming a space followed by another; this yields the same
-   pieces and keeps all of the splitting in tiktoken's Rust.
+   pieces and keeps all of the splitting in tiktoken's Rust (but for whitespace runs of 100,000+
+   characters, which its regex engine cannot take: see `Tokenizer._encode_ordinary`).
 
 So encode(text) = cut out the special tokens; NFC each part; tiktoken: regex pieces, then BPE.
 """
@@ -134,6 +135,9 @@ class Tokenizer:
         """[encode(text, allow_special) for text in texts], in parallel threads (tiktoken releases the
         GIL while it splits and merges, so the threads really run at the same time)."""
         texts = list(texts)
+        if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
+            raise ValueError(f"num_threads must be a positive number of threads (or None: one per CPU), "
+                             f"got {num_threads!r}")
         num_threads = num_threads or os.cpu_count() or 1
         if num_threads == 1 or len(texts) < 2:
             return [self.encode(t, allow_special) for t in texts]

@@ -236,6 +236,9 @@ def test_encode_batch_equals_encode_with_any_thread_count(tok):
     for threads in (1, 2, 3):
         assert tok.encode_batch(texts, num_threads=threads) == expected
     assert tok.encode_batch(iter(texts)) == expected  # any iterable
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="num_threads must be a positive number"):
+            tok.encode_batch(texts, num_threads=bad)
 
 
 @needs_data
