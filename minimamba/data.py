@@ -22,13 +22,15 @@ Exact duplicates are dropped within one call. Nothing is dropped silently; meta.
     empty       documents that are empty after stripping whitespace
     too_short   documents shorter than --min-chars characters
     duplicate   exact repeats of an earlier document of the same call
-    non_utf8    lines with bytes that are not UTF-8 (kept, with those bytes replaced by U+FFFD)
+    non_utf8    lines with bytes that are not UTF-8 (kept, with those bytes replaced by U+FFFD; in PubMed
+                XML too, where the rest of the file is read on); a UTF-16 or UTF-32 file is refused
     malformed   records that could not be parsed or lack the field (skipped)
     empty_file  input files that held no document
     unreadable  input files that stopped reading early (truncated gzip, broken XML or parquet, ...)
 """
 
 import argparse
+import codecs
 import csv
 import gzip
 import hashlib
@@ -47,7 +49,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from minimamba.download import DownloadError, download, hub_url
+from minimamba.download import DownloadError, download, hub_url, offline
 from minimamba.files import sha256_of, write_text_atomically
 from minimamba.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
 
@@ -108,7 +110,7 @@ def read_documents(
 
     Problems in the data (bad UTF-8, malformed records, unreadable or empty files) go to `on_problem`
     (default: a warning on stderr) and reading goes on; mistakes in the arguments (a missing file,
-    a field the records do not have) raise DataError.
+    a field the records do not have, a file in UTF-16 or UTF-32 instead of UTF-8) raise DataError.
     """
     path = Path(path)
     on_problem = on_problem or _print_problem
@@ -162,9 +164,38 @@ def _open_bytes(path: Path):
     return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
 
 
+# byte order marks of the encodings that are not UTF-8 (UTF-32 LE first: it starts like UTF-16 LE's)
+_OTHER_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+               (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
+
+
+def _refuse_other_encodings(path: Path, head: bytes) -> None:
+    """Raise DataError if the first bytes of `path` are UTF-16 or UTF-32 text (a byte order mark, or NUL
+    bytes in more than a quarter of them): read as UTF-8 it would be garbage, not a few bad characters."""
+    encoding = next((name for bom, name in _OTHER_BOMS if head.startswith(bom)), None)
+    if encoding:
+        why = f"it starts with the {encoding} byte order mark"
+    elif head.count(0) * 4 > len(head):
+        nul_at_odd = head[1::2].count(0) > head[0::2].count(0)  # "a\0b\0": little-endian
+        width = "32" if head.count(0) * 3 > len(head) * 2 else "16"
+        encoding = f"UTF-{width}{'LE' if nul_at_odd else 'BE'}"
+        why = f"{head.count(0)} of its first {len(head)} bytes are NUL, as in {encoding} (or it is not text at all)"
+    else:
+        return
+    plain = path.name[:-3] if path.name.lower().endswith(".gz") else path.name
+    converted = path.with_name(f"{Path(plain).stem}.utf8{Path(plain).suffix}")
+    command = f"iconv -f {encoding} -t UTF-8 {path} > {converted}"
+    if plain != path.name:
+        command = f"gzip -dc {path} | iconv -f {encoding} -t UTF-8 > {converted}"
+    raise DataError(f"{path} is not UTF-8: {why}. Convert it to UTF-8 first, e.g. {command}, and give that "
+                    "file instead")
+
+
 def _lines(path: Path, report) -> Iterator[tuple[int, str]]:
-    """(line number, line without its end) for each line; bytes that are not UTF-8 are reported, replaced."""
+    """(line number, line without its end) for each line; bytes that are not UTF-8 are reported, replaced.
+    A UTF-16 or UTF-32 file is refused (DataError) before its first line."""
     with _open_bytes(path) as f:
+        _refuse_other_encodings(path, f.peek(4096)[:4096])
         for number, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")
@@ -265,17 +296,35 @@ def _parquet_records(path: Path, names: list[str], report) -> Iterator[tuple[int
 
 
 def _pubmed_xml_records(path: Path, report) -> Iterator[tuple[int, dict]]:
-    """PubMed baseline files: a <PubmedArticleSet> of <PubmedArticle>s, streamed (a file holds ~30,000)."""
+    """PubMed baseline files: a <PubmedArticleSet> of <PubmedArticle>s, streamed (a file holds ~30,000).
+
+    The parser is fed the text of _lines(), so a byte that is not UTF-8 costs one U+FFFD (reported as
+    non_utf8 with its line), not the rest of the file; the parser's line numbers are the file's."""
+    parser = ET.XMLPullParser(events=("end",))  # "end" events: the element is complete
     number = 0
-    with _open_bytes(path) as f:
-        try:
-            for _, element in ET.iterparse(f):  # "end" events: the element is complete
-                if element.tag == "PubmedArticle":
-                    number += 1
-                    yield number, _pubmed_article(element)
-                    element.clear()  # free the article's subtree
-        except ET.ParseError as e:
-            report("malformed", e.position[0], f"not valid XML ({e}); skipped the rest of the file")
+
+    def articles():
+        nonlocal number
+        for _, element in parser.read_events():
+            if element.tag == "PubmedArticle":
+                number += 1
+                yield number, _pubmed_article(element)
+                element.clear()  # free the article's subtree
+
+    try:
+        chunk = []
+        for _, line in _lines(path, report):
+            chunk.append(line)
+            if len(chunk) == 4096:
+                parser.feed("\n".join(chunk) + "\n")  # text, not bytes: the parser takes it as decoded
+                chunk.clear()
+                yield from articles()
+        parser.feed("\n".join(chunk))
+        yield from articles()
+        parser.close()  # raises ParseError if the file ends inside an element
+        yield from articles()  # (any events the parser held back until the end)
+    except ET.ParseError as e:
+        report("malformed", e.position[0], f"not valid XML ({e}); skipped the rest of the file")
 
 
 def _pubmed_article(article: ET.Element) -> dict:
@@ -371,6 +420,8 @@ def prepare(
         raise DataError(f"unknown split {split!r}; choose from auto, train, heldout")
     if split == "auto" and not 0 <= heldout_fraction < 1:
         raise DataError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
+    if limit is not None and limit < 1:
+        raise DataError(f"limit must be at least 1 document (or None: all of them), got {limit}")
     if not inputs:
         raise DataError("no input files")
     missing = [str(p) for p in inputs if not p.is_file()]
@@ -492,6 +543,15 @@ def _meta_to_update(out: Path, writes, tokenizer, tokenizer_name: str) -> dict:
     info = {"name": tokenizer_name, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id}
     meta = read_meta(out.parent, out.name, unfinished_ok=True) if (out / "meta.json").exists() else {"splits": {}}
     kept = [name for name in meta["splits"] if name not in writes]
+    unfinished = [name for name in meta.get("preparing", ()) if name not in writes]
+    if unfinished:  # this call would keep a split whose file may not be the one its metadata describes
+        stopped = ", ".join(meta["preparing"])
+        redo = "--split auto" if len(meta["preparing"]) == len(SPLITS) else f"--split {meta['preparing'][0]}"
+        raise DataError(
+            f"{out}/meta.json: an earlier `prepare` stopped while replacing {stopped}.bin, so "
+            f"{unfinished[0]}.bin may not match meta.json, and this call (--split {writes[0]}) would keep it. "
+            f"Run the stopped command again, or another prepare of this domain with {redo}"
+        )
     old = meta.get("tokenizer", {})
     if kept and (old.get("vocab_size"), old.get("eos_id")) != (info["vocab_size"], info["eos_id"]):
         raise DataError(
@@ -537,7 +597,7 @@ def read_meta(data_dir: str | Path, domain: str, unfinished_ok: bool = False) ->
     if not path.exists():
         raise DataError(f"{path} not found; prepare the domain first ({_PREPARE_HINT.format(domain, data_dir)})")
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(path.read_text(encoding="utf-8"))  # written as UTF-8, whatever the locale
     except json.JSONDecodeError as e:
         raise DataError(f"{path} is not valid JSON ({e}); delete the folder and prepare it again") from None
     if meta.get("preparing") and not unfinished_ok:
@@ -579,10 +639,21 @@ def download_source(source: str, out_dir: str | Path, files: int = 1, split: str
     wikitext103: the WikiText-103 (raw) test set, written as plain text wiki.test.raw.
     """
     out = Path(out_dir) / source
+    if files < 1:
+        raise DataError(f"files must be at least 1, got {files}")
     if source == "pubmed":
+        if offline():  # download() would refuse too, but the listing is never kept: say what to do instead
+            raise DownloadError(
+                f"HF_HUB_OFFLINE is set, so the PubMed baseline listing ({PUBMED_BASELINE}) is not fetched.\n"
+                f"  Copy pubmedYYnNNNN.xml.gz files from it into {out} on a machine with internet, then prepare "
+                f"them directly: python -m minimamba.data prepare --domain pubmed --input {out}/*.xml.gz "
+                "--out data/tokens"
+            )
         (out / "baseline-listing.html").unlink(missing_ok=True)  # (one left by a run killed before its unlink)
         listing = download(PUBMED_BASELINE, out / "baseline-listing.html", desc="PubMed baseline listing")
-        names = sorted(set(re.findall(r'href="(pubmed\d+n\d{4}\.xml\.gz)"', listing.read_text())))
+        # an HTML page: only the ASCII file names in it are used
+        names = sorted(set(re.findall(r'href="(pubmed\d+n\d{4}\.xml\.gz)"',
+                                      listing.read_text(encoding="utf-8", errors="replace"))))
         listing.unlink()  # the listing changes every year: never serve it from a cache
         if not names:
             raise DownloadError(f"found no pubmed*.xml.gz files listed at {PUBMED_BASELINE}")
@@ -590,7 +661,7 @@ def download_source(source: str, out_dir: str | Path, files: int = 1, split: str
         for name in names[:files]:
             path = download(PUBMED_BASELINE + name, out / name)
             md5 = download(PUBMED_BASELINE + name + ".md5", out / (name + ".md5"))
-            expected = md5.read_text().split()[-1]  # "MD5(pubmed25n0001.xml.gz)= 0123abcd..."
+            expected = md5.read_text(encoding="utf-8").split()[-1]  # "MD5(pubmed25n0001.xml.gz)= 0123abcd..."
             if hashlib.md5(path.read_bytes()).hexdigest() != expected:
                 path.unlink()
                 raise DownloadError(f"{path} does not match NCBI's md5 checksum; deleted it, run again to retry")
@@ -627,9 +698,21 @@ def _next_step(source: str, paths: list[Path], split: str) -> str:
         "pubmed": "--domain pubmed",  # default template {title}\n\n{abstract}, 5% held out
         "c4": "--domain c4 --split train --min-chars 100" if split == "train" else "--domain c4 --split heldout",
         "wikipedia": "--domain wikipedia --split train --min-chars 100",
-        "wikitext103": "--domain wikipedia --split heldout --text-unit line --min-chars 101",  # lines > 100 chars
+        # the paper's Wikipedia held-out set: the test lines of more than 100 characters, stripped
+        "wikitext103": "--domain wikipedia --split heldout --text-unit line --min-chars 101",
     }[source]
     return f"python -m minimamba.data prepare {options} --out data/tokens --input {' '.join(map(str, paths))}"
+
+
+def _at_least_one(text: str) -> int:
+    """argparse type of a count: a whole number >= 1 (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -658,13 +741,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--doc-per-file", action="store_const", dest="text_unit", const="file",
                    help="same as --text-unit file")
     p.add_argument("--min-chars", type=int, default=0, help="drop documents shorter than this (default 0)")
-    p.add_argument("--limit", type=int, help="read only the first N documents of the inputs")
+    p.add_argument("--limit", type=_at_least_one, help="read only the first N documents of the inputs")
     p.add_argument("--threads", type=int, help="tokenizer threads (default: one per CPU)")
 
     d = commands.add_parser("download", help="download the recipe's sources (needs internet)")
     d.add_argument("--source", required=True, choices=SOURCES)
     d.add_argument("--out", type=Path, default=Path("data/raw"), help="into OUT/SOURCE/ (default data/raw)")
-    d.add_argument("--files", type=int, default=1,
+    d.add_argument("--files", type=_at_least_one, default=1,
                    help="how many files: PubMed has ~30,000 citations per file, C4 ~356,000 documents per train "
                    "shard, Wikipedia ~156,000 articles per shard (default 1)")
     d.add_argument("--split", default="train", choices=("train", "validation"), help="C4's split (default train)")

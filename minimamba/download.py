@@ -6,8 +6,10 @@
 
 Environment variables:
     HF_ENDPOINT       the Hub's address (default https://huggingface.co), e.g. a mirror or a local server
-    HF_TOKEN          sent as "Authorization: Bearer ..." to HF_ENDPOINT only (gated or private repos)
-    HF_HUB_OFFLINE=1  never touch the network; hub_file() only returns files already in the cache
+    HF_TOKEN          sent as "Authorization: Bearer ..." to HF_ENDPOINT only, also on its redirects to
+                      HF_ENDPOINT's own host (not on those to another host, e.g. the Hub's file storage)
+    HF_HUB_OFFLINE=1  never touch the network (1, ON, YES or TRUE in any case, as huggingface_hub reads it):
+                      download() and hub_file() only return files already there, and name where the others go
     MINIMAMBA_CACHE   where hub files are cached (default $HF_HOME/minimamba, HF_HOME default ~/.cache/huggingface)
 
 A download first writes `dest.part`. If it is interrupted, the next call asks the server for the
@@ -16,7 +18,8 @@ at byte N; else the .part is dropped and the file fetched again), a 200 answer (
 starts it over, a 416 answer means the .part is already complete. The server's ETag (or Last-Modified)
 of the first answer is kept in `dest.part.validator` and sent as "If-Range", so that a file that changed
 on the server since the .part began is fetched whole instead of being spliced onto the old bytes. Only a complete
-(and, when asked, size- and sha256-checked) file is renamed to `dest`, so `dest` is never half-written.
+(and, when asked, size- and sha256-checked) file is renamed to `dest`, so `dest` is never half-written; a `dest`
+that is already there is checked too when a size or sha256 is asked (and left alone if it does not match).
 Two processes must not download the same file at the same time (with several ranks, let rank 0 do it first).
 """
 
@@ -45,7 +48,13 @@ class DownloadError(RuntimeError):
 
 
 def endpoint() -> str:
-    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    """HF_ENDPOINT (unset or empty: the Hub) without a final "/"; download() checks that it is an http(s) address."""
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+
+
+def offline() -> bool:
+    """Whether HF_HUB_OFFLINE asks for no network at all (the values huggingface_hub takes as true)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
 def cache_dir() -> Path:
@@ -59,18 +68,10 @@ def hub_file(repo_id: str, filename: str, revision: str = "main", **kwargs) -> P
     """Path of `filename` from Hub repo `repo_id` (datasets: "datasets/owner/name"), downloaded on first use.
 
     Cached at cache_dir()/owner--name/revision/filename; a cached file is returned without any request.
-    kwargs go to download() (e.g. sha256=...).
+    kwargs go to download() (e.g. sha256=..., which a cached file is checked against too).
     """
     dest = cache_dir() / repo_id.replace("/", "--") / revision / filename
-    if dest.exists():
-        return dest
-    url = hub_url(repo_id, filename, revision)
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        raise DownloadError(
-            f"HF_HUB_OFFLINE is set and {repo_id}/{filename} is not in the cache.\n"
-            f"  Put the file at {dest} (it is fetched from {url}), or unset HF_HUB_OFFLINE."
-        )
-    return download(url, dest, desc=f"{repo_id}/{filename}", **kwargs)
+    return download(hub_url(repo_id, filename, revision), dest, desc=f"{repo_id}/{filename}", **kwargs)
 
 
 def hub_url(repo_id: str, filename: str, revision: str = "main") -> str:
@@ -88,8 +89,11 @@ def download(
     timeout: float = 30,
     retries: int = 4,
 ) -> Path:
-    """Download `url` to `dest` (returned at once if `dest` exists) and return `dest`.
+    """Download `url` to `dest` and return `dest`.
 
+    An existing `dest` is returned without any request, after checking it against `expected_size` and
+    `sha256` when they are given (a mismatch is an error; the file is left for the user to look at).
+    With HF_HUB_OFFLINE set, a missing `dest` is an error that says where to put the file.
     Resumes from `dest.part` when one is left over. Transient errors (dropped connections, read
     timeouts, HTTP 5xx/429) are retried `retries` times with exponential backoff, each try resuming
     where the last one stopped. `timeout` is the read timeout in seconds; an unreachable host fails
@@ -97,7 +101,14 @@ def download(
     """
     dest = Path(dest)
     if dest.exists():
+        _check_existing(dest, url, expected_size, sha256)
         return dest
+    _check_url(url)
+    if offline():  # every download goes through here: nothing below touches the network
+        raise DownloadError(
+            f"HF_HUB_OFFLINE is set and {dest} does not exist, so {desc or dest.name} is not downloaded.\n"
+            f"  Put the file at {dest} (it is fetched from {url}), or unset HF_HUB_OFFLINE."
+        )
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_suffix(dest.suffix + ".part")
     _check_reachable(url, dest)
@@ -139,16 +150,16 @@ def _fetch(url: str, part: Path, desc: str, timeout: float) -> None:
     request = urllib.request.Request(url, headers={"User-Agent": "minimamba"})
     token = os.environ.get("HF_TOKEN")
     if token and url.startswith(endpoint() + "/"):
-        # an "unredirected" header is not forwarded when the Hub redirects to its file storage
+        # an "unredirected" header is not forwarded on redirects, except by _HubRedirects to HF_ENDPOINT's host
         request.add_unredirected_header("Authorization", f"Bearer {token}")
     validator = _validator_file(part)
     if have:
         request.add_header("Range", f"bytes={have}-")
         if validator.exists():  # the server sends the whole (new) file if it changed since the .part began
-            request.add_header("If-Range", validator.read_text().strip())
+            request.add_header("If-Range", validator.read_text(encoding="utf-8").strip())
     try:
         # a fresh opener reads the proxy settings (http_proxy, no_proxy, ...) from the environment now
-        response = urllib.request.build_opener().open(request, timeout=timeout)
+        response = urllib.request.build_opener(_HubRedirects).open(request, timeout=timeout)
     except urllib.error.HTTPError as e:
         if e.code != 416 or not have:
             raise
@@ -173,7 +184,7 @@ def _fetch(url: str, part: Path, desc: str, timeout: float) -> None:
             tag = response.headers.get("ETag")
             tag = tag if tag and not tag.startswith("W/") else response.headers.get("Last-Modified")
             if tag:
-                validator.write_text(tag + "\n")
+                validator.write_text(tag + "\n", encoding="utf-8")
             else:
                 validator.unlink(missing_ok=True)
         length = response.headers.get("Content-Length")
@@ -189,6 +200,35 @@ def _fetch(url: str, part: Path, desc: str, timeout: float) -> None:
                 bar.update(len(chunk))
     if remaining is not None and written < remaining:
         raise ConnectionError(f"connection closed after {written} of {remaining} bytes")  # retried, resuming
+
+
+def _check_url(url: str) -> None:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme in ("http", "https") and parts.hostname:
+        return
+    base = endpoint()
+    if url.startswith(base + "/"):  # a Hub file: the mistake is in HF_ENDPOINT
+        raise DownloadError(f"HF_ENDPOINT={base!r} is not a web address: it needs http:// or https:// in front, "
+                            f"e.g. HF_ENDPOINT=https://{base.partition('://')[2] or base}")
+    raise DownloadError(f"cannot download {url!r}: not an http:// or https:// address")
+
+
+def _origin(url: str) -> tuple:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+
+
+class _HubRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects as urllib does, keeping HF_TOKEN's header on those to HF_ENDPOINT's own scheme and
+    host (the Hub answers some resolve/ URLs with a 307 to /api/resolve-cache/... there) and dropping it on
+    those anywhere else (the file storage, a CDN)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        token = req.unredirected_hdrs.get("Authorization")
+        if new is not None and token and _origin(newurl) == _origin(endpoint()):
+            new.add_unredirected_header("Authorization", token)
+        return new
 
 
 def _check_reachable(url: str, dest: Path) -> None:
@@ -215,6 +255,21 @@ def _http_advice(url: str, e: urllib.error.HTTPError) -> str:
     if e.code == 404:
         return message + "\n  Check the repository id, the file name and the revision."
     return message
+
+
+def _check_existing(dest: Path, url: str, expected_size: int | None, sha256: str | None) -> None:
+    """A `dest` that is already there must be the file asked for; a wrong one is reported, not deleted."""
+    size = dest.stat().st_size
+    if expected_size is not None and size != expected_size:
+        found = f"has {size} bytes, expected {expected_size}"
+    elif sha256 is not None and (got := sha256_of(dest, CHUNK)) != sha256.lower():
+        found = f"has sha256 {got}, expected {sha256}"
+    else:
+        return
+    raise DownloadError(
+        f"{dest} already exists but {found}: it is not the file at {url} (another version, or damaged).\n"
+        f"  Delete it (or move it away) and run again to download it, or put the right file there."
+    )
 
 
 def _verify(part: Path, url: str, expected_size: int | None, sha256: str | None) -> None:

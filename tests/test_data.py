@@ -7,8 +7,10 @@ the tests on ../shared/data use the real GPT-NeoX tokenizer.json.
 import functools
 import gzip
 import hashlib
+import io
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -213,6 +215,48 @@ def test_non_utf8_empty_and_truncated_files_are_reported(tmp_path):
     assert len(found) > 0 and [p.kind for p in problems] == ["unreadable"]
 
 
+def test_utf16_and_utf32_files_are_refused_with_the_command_that_converts_them(tmp_path):
+    text = "First line.\nSecond line.\n\nA new block.\n"
+    cases = [  # file, bytes, the encoding the message must name, the command it must give
+        ("bom.txt", text.encode("utf-16"), "UTF-16",  # FF FE: UTF-16 LE with its byte order mark
+         "iconv -f UTF-16 -t UTF-8 bom.txt > bom.utf8.txt"),
+        ("be.jsonl", b"\xfe\xff" + '{"text": "x"}\n'.encode("utf-16-be"), "UTF-16",
+         "iconv -f UTF-16 -t UTF-8 be.jsonl > be.utf8.jsonl"),
+        ("wide.txt", text.encode("utf-32"), "UTF-32",  # FF FE 00 00
+         "iconv -f UTF-32 -t UTF-8 wide.txt > wide.utf8.txt"),
+        ("nobom.csv", "id,text\n1,hello\n".encode("utf-16-le"), "UTF-16LE",  # no mark: every other byte is NUL
+         "iconv -f UTF-16LE -t UTF-8 nobom.csv > nobom.utf8.csv"),
+        ("z.jsonl.gz", gzip.compress('{"text": "x"}\n'.encode("utf-16")), "UTF-16",
+         "gzip -dc z.jsonl.gz | iconv -f UTF-16 -t UTF-8 > z.utf8.jsonl"),
+    ]
+    for name, raw, encoding, command in cases:
+        path = tmp_path / name
+        path.write_bytes(raw)
+        with pytest.raises(DataError, match=f"{name} is not UTF-8: .*{encoding}") as err:
+            list(read_documents(path))
+        message = str(err.value).replace(str(tmp_path) + "/", "")
+        assert command in message, message
+    converted = tmp_path / "bom.utf8.txt"  # the command's output is read
+    converted.write_text(text, encoding="utf-8")
+    assert texts(converted) == (["First line.\nSecond line.", "A new block."], [])
+    ok = tmp_path / "nul.txt"  # one NUL byte in UTF-8 text is text (U+0000), not another encoding
+    ok.write_bytes(b"a line with one \x00 byte in it\n")
+    assert texts(ok) == (["a line with one \x00 byte in it"], [])
+
+
+def test_a_non_utf8_byte_in_pubmed_xml_costs_one_character_not_the_rest_of_the_file(tmp_path):
+    latin1 = PUBMED_XML.replace("A title without an abstract.", "Caf\u00e9 without an abstract.").encode("latin-1")
+    path = tmp_path / "pubmed25n0002.xml"
+    path.write_bytes(latin1)
+    found, problems = texts(path, field="title")
+    line = latin1[: latin1.index(b"Caf")].count(b"\n") + 1
+    assert found == ["Effect of Escherichia coli on CO2 uptake.", "Caf\ufffd without an abstract.", "Plain."]
+    assert [(p.kind, p.line) for p in problems] == [("non_utf8", line)]
+    meta = prepare("pubmed", [path], ByteTokenizer(), tmp_path / "out", split="train")
+    counts = meta["splits"]["train"]["prepared"]["counts"]
+    assert (counts["read"], counts["kept"], counts["empty"], counts["non_utf8"], counts["malformed"]) == (3, 2, 1, 1, 0)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # prepare
 
@@ -316,6 +360,53 @@ def test_a_prepare_killed_between_its_renames_is_refused_then_redone(tmp_path, m
     assert "preparing" not in read_meta(out, "c4")
 
 
+def test_a_one_split_call_after_a_prepare_killed_between_its_renames_is_refused(tmp_path, monkeypatch):
+    """Killed after train.bin was replaced but before heldout.bin was: a call that writes train only
+    must not declare the domain finished while heldout.bin and its metadata disagree."""
+    out = tmp_path / "out"
+    first = write_jsonl(tmp_path / "a.jsonl", [{"text": f"first {i}"} for i in range(40)])
+    second = write_jsonl(tmp_path / "b.jsonl", [{"text": f"second {i}"} for i in range(40)])
+    third = write_jsonl(tmp_path / "c.jsonl", [{"text": f"third {i}"} for i in range(5)])
+    prepare("c4", [first], ByteTokenizer(), out, heldout_fraction=0.2)
+    replace = Path.replace
+
+    def killed_at_the_second_rename(self, target):
+        if Path(target).name == "heldout.bin":
+            raise KeyboardInterrupt
+        return replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", killed_at_the_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        prepare("c4", [second], ByteTokenizer(), out, heldout_fraction=0.2)
+    monkeypatch.undo()
+    assert (out / "c4" / "heldout.bin.tmp").exists()
+    with pytest.raises(DataError, match=r"stopped while replacing train, heldout.bin, so heldout.bin may not match "
+                       r"meta.json, and this call \(--split train\) would keep it. Run the stopped command again, "
+                       r"or another prepare of this domain with --split auto$"):
+        prepare("c4", [third], ByteTokenizer(), out, split="train")
+    with pytest.raises(DataError, match=r"so train.bin may not match meta.json, and this call \(--split heldout\)"):
+        prepare("c4", [third], ByteTokenizer(), out, split="heldout")
+    with pytest.raises(DataError, match="stopped while replacing"):
+        load_split(out, "c4", "heldout")  # still refused
+    prepare("c4", [second], ByteTokenizer(), out, heldout_fraction=0.2)  # the stopped command, again
+    meta = read_meta(out, "c4")
+    for split in ("train", "heldout"):
+        assert meta["splits"][split]["documents"] == len(documents_in(out, "c4", split))
+        assert meta["splits"][split]["prepared"]["inputs"][0]["path"] == str(second)
+    assert not list((out / "c4").glob("*.tmp"))
+    prepare("c4", [third], ByteTokenizer(), out, split="train")  # now a one-split call is fine
+    assert documents_in(out, "c4", "train") == [f"third {i}" for i in range(5)]
+
+
+def test_meta_json_is_read_as_utf8_whatever_the_locale(tmp_path, monkeypatch):
+    (tmp_path / "données").mkdir()
+    src = write_jsonl(tmp_path / "données" / "a.jsonl", [{"text": "un résumé"}])
+    prepare("fr", [src], ByteTokenizer(), tmp_path / "out", split="train")
+    # pathlib asks io.text_encoding for the default encoding: a Latin-1 locale, as on some servers
+    monkeypatch.setattr(io, "text_encoding", lambda encoding, stacklevel=2: encoding or "latin-1")
+    assert read_meta(tmp_path / "out", "fr")["splits"]["train"]["prepared"]["inputs"][0]["path"] == str(src)
+
+
 def test_tokenizer_without_an_eos_token_is_refused(tmp_path):
     class NoEos(ByteTokenizer):
         eos_id = None
@@ -369,6 +460,17 @@ def test_cli_prepare_and_errors(tmp_path, monkeypatch, capsys):
     assert main(args[:4] + [str(tmp_path / "nope.jsonl")] + args[5:]) == 2
     assert "input file(s) not found" in capsys.readouterr().err
 
+    for bad, why in (("-1", "must be at least 1, got -1"), ("0", "must be at least 1, got 0"),
+                     ("ten", "expected a whole number, got 'ten'")):
+        with pytest.raises(SystemExit) as exit_:
+            main(args + ["--limit", bad])
+        assert exit_.value.code == 2 and f"argument --limit: {why}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["download", "--source", "c4", "--files", "0"])
+    assert "argument --files: must be at least 1, got 0" in capsys.readouterr().err
+    with pytest.raises(DataError, match="limit must be at least 1 document"):
+        prepare("pubmed", [src], ByteTokenizer(), tmp_path / "out", limit=-1)
+
 
 def test_cli_download_builds_the_recipe_urls(tmp_path, monkeypatch, capsys):
     fetched = []
@@ -401,6 +503,39 @@ def test_cli_download_builds_the_recipe_urls(tmp_path, monkeypatch, capsys):
     assert main(["download", "--source", "wikipedia", "--out", str(tmp_path)]) == 0
     wikipedia = f"http://hub.test/datasets/wikimedia/wikipedia/resolve/{data.WIKIPEDIA[1]}/20231101.en"
     assert fetched == [f"{wikipedia}/train-00000-of-00041.parquet"]
+
+
+def test_cli_download_in_offline_mode_touches_no_network(server, tmp_path, capsys, monkeypatch):
+    """HF_HUB_OFFLINE (any value huggingface_hub takes as true) is obeyed by `data download` too: files
+    already there are used, a missing one is an error naming where it goes; the server sees no request."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "On")
+    assert main(["download", "--source", "c4", "--split", "validation", "--out", str(tmp_path)]) == 2
+    shard = tmp_path / "c4" / "c4-validation.00000-of-00008.json.gz"
+    assert f"HF_HUB_OFFLINE is set and {shard} does not exist" in capsys.readouterr().err
+    assert main(["download", "--source", "pubmed", "--out", str(tmp_path)]) == 2
+    assert f"prepare --domain pubmed --input {tmp_path / 'pubmed'}/*.xml.gz" in capsys.readouterr().err
+    assert not shard.parent.exists()  # nothing written either
+    shard.parent.mkdir()
+    shard.write_bytes(b"copied from another machine")
+    assert main(["download", "--source", "c4", "--split", "validation", "--out", str(tmp_path)]) == 0
+    assert f"--input {shard}" in capsys.readouterr().out
+    assert server.requests == []
+
+
+def test_the_wikitext103_hint_is_the_readme_recipe_and_the_papers_protocol(tmp_path):
+    """The paper's Wikipedia held-out: WikiText-103 test lines longer than 100 characters once stripped."""
+    raw = tmp_path / "wiki.test.raw"
+    hint = data._next_step("wikitext103", [raw], "train")
+    options = hint.split(" --out ")[0].removeprefix("python -m minimamba.data prepare ")
+    assert options == "--domain wikipedia --split heldout --text-unit line --min-chars 101"
+    readme = (Path(data.__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    assert "$P --domain wikipedia --input $R/wikitext103/wiki.test.raw --split heldout --text-unit line " \
+           "--min-chars 101" in readme
+    raw.write_text(" = Title = \n" + " " + "x" * 100 + " \n" + "y" * 101 + "\n", encoding="utf-8")
+    meta = prepare("wikipedia", [raw], ByteTokenizer(), tmp_path / "out", split="heldout", text_unit="line",
+                   min_chars=101)
+    assert documents_in(tmp_path / "out", "wikipedia", "heldout") == ["y" * 101]
+    assert meta["splits"]["heldout"]["prepared"]["counts"]["too_short"] == 2
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 import hashlib
 import os
 import socket
+import threading
 import time
 
 import pytest
@@ -46,6 +47,27 @@ def test_checks_size_and_sha256(server, tmp_path):
     with pytest.raises(DownloadError, match="expected 5"):
         download(f"{server.url}/f", tmp_path / "c", expected_size=5)
     assert not (tmp_path / "b").exists() and not (tmp_path / "b.part").exists()
+
+
+def test_an_existing_file_is_checked_when_a_size_or_sha256_is_asked(server, tmp_path):
+    server.files["/f"] = PAYLOAD
+    good = hashlib.sha256(PAYLOAD).hexdigest()
+    dest = tmp_path / "f"
+    dest.write_bytes(b"another version of the file")
+    with pytest.raises(DownloadError, match=f"{dest} already exists but has sha256 .*, expected {good}") as err:
+        download(f"{server.url}/f", dest, sha256=good)
+    assert "Delete it" in str(err.value)
+    with pytest.raises(DownloadError, match="has 27 bytes, expected 256000"):
+        download(f"{server.url}/f", dest, expected_size=len(PAYLOAD))
+    assert dest.read_bytes() == b"another version of the file"  # the user's file is left alone
+    assert download(f"{server.url}/f", dest) == dest  # nothing asked: nothing checked
+    cached = tmp_path / "cache" / "org--m" / "main" / "f"  # hub_file checks its cached copy the same way
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(PAYLOAD)
+    assert hub_file("org/m", "f", sha256=good) == cached
+    with pytest.raises(DownloadError, match="already exists but has sha256"):
+        hub_file("org/m", "f", sha256="0" * 64)
+    assert server.requests == []
 
 
 def test_interrupted_download_resumes_from_the_part_file(server, tmp_path):
@@ -149,3 +171,68 @@ def test_offline_mode_never_touches_the_network(monkeypatch, tmp_path):
     cached.parent.mkdir(parents=True)
     cached.write_text("{}")
     assert hub_file("org/model", "config.json") == cached
+
+
+def test_offline_values_are_those_huggingface_hub_takes_as_true(monkeypatch, tmp_path):
+    for value in ("1", "ON", "on", "Yes", "TRUE", "true"):
+        monkeypatch.setenv("HF_HUB_OFFLINE", value)
+        assert dl.offline(), value
+        with pytest.raises(DownloadError, match=f"HF_HUB_OFFLINE is set and {tmp_path / 'x'} does not exist"):
+            download("http://127.0.0.1:9/x", tmp_path / "x")  # (port 9: nothing would answer anyway)
+    for value in ("0", "off", "no", "false", ""):
+        monkeypatch.setenv("HF_HUB_OFFLINE", value)
+        assert not dl.offline(), value
+
+
+def test_hf_endpoint_without_a_scheme_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("MINIMAMBA_CACHE", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "hf-mirror.com")
+    with pytest.raises(DownloadError, match="HF_ENDPOINT='hf-mirror.com' is not a web address: it needs http:// or "
+                       "https:// in front, e.g. HF_ENDPOINT=https://hf-mirror.com"):
+        hub_file("org/model", "config.json")
+    with pytest.raises(DownloadError, match="not an http:// or https:// address"):
+        download("ftp.example.org/file", tmp_path / "file")
+
+
+@pytest.fixture
+def redirects(server, monkeypatch):
+    """`server`, answering the paths in the returned dict with a 307 to their location (recorded as requests)."""
+    locations = {}
+    handler_class = server.RequestHandlerClass  # (conftest's, as pytest imported it)
+    serve = handler_class.do_GET
+
+    def do_GET(handler):
+        if handler.path not in locations:
+            return serve(handler)
+        handler.server.requests.append((handler.path, None, handler.headers.get("Authorization")))
+        handler.send_response(307)
+        handler.send_header("Location", locations[handler.path])
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    monkeypatch.setattr(handler_class, "do_GET", do_GET)
+    return locations
+
+
+def test_token_follows_a_redirect_on_the_hubs_host_only(server, redirects, monkeypatch):
+    """The Hub answers some resolve/ URLs with a relative 307 to /api/resolve-cache/... on its own host: the
+    token goes along (a gated file needs it there); a redirect to another host (the file storage) drops it."""
+    monkeypatch.setenv("HF_TOKEN", "secret")
+    redirects["/org/gated/resolve/main/config.json"] = "/api/resolve-cache/org/gated/config.json"
+    server.files["/api/resolve-cache/org/gated/config.json"] = b"{}"
+    assert hub_file("org/gated", "config.json").read_bytes() == b"{}"
+    assert server.requests == [("/org/gated/resolve/main/config.json", None, "Bearer secret"),
+                               ("/api/resolve-cache/org/gated/config.json", None, "Bearer secret")]
+
+    storage = type(server)()  # another port: another host as far as the token goes
+    threading.Thread(target=storage.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    try:
+        storage.files["/blobs/abc"] = PAYLOAD
+        redirects["/org/gated/resolve/main/model.bin"] = f"{storage.url}/blobs/abc"
+        assert hub_file("org/gated", "model.bin").read_bytes() == PAYLOAD
+    finally:
+        storage.shutdown()
+        storage.server_close()
+    assert server.requests[-1] == ("/org/gated/resolve/main/model.bin", None, "Bearer secret")
+    assert storage.requests == [("/blobs/abc", None, None)]
