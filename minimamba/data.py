@@ -237,9 +237,18 @@ def _text_documents(path: Path, unit: str, report) -> Iterator[Document]:
 
 
 def _jsonl_records(path: Path, report) -> Iterator[tuple[int, dict]]:
+    first = True
     for number, line in _lines(path, report):
         if not line.strip():
             continue
+        if first and (line.lstrip().startswith("[") or line.strip() == "{"):
+            # one JSON document (an array of records, or an object spread over lines): every line of it
+            # would be "malformed" here
+            raise DataError(
+                f"{path}:{number}: this file is one JSON {'array' if line.lstrip()[0] == '[' else 'document'}, "
+                f"not JSON Lines (one object per line). Convert it, e.g. with jq: "
+                f"jq -c '.[]' {path} > {path.with_suffix('.jsonl').name}")
+        first = False
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:

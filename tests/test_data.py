@@ -90,6 +90,18 @@ def test_json_lines_field_template_and_malformed_lines(tmp_path):
     assert found == ["1", "2"] and [p.line for p in problems if "no field 'n'" in p.message] == [6, 7]
 
 
+def test_a_json_array_or_pretty_printed_document_is_refused_with_the_command_that_converts_it(tmp_path):
+    records = [{"text": "first document"}, {"text": "second document"}]
+    for name, content, what in [("a.json", json.dumps(records), "array"),
+                                ("b.json", json.dumps(records, indent=2), "array"),
+                                ("c.json", json.dumps({"123": records[0]}, indent=2), "document")]:
+        path = tmp_path / name
+        path.write_text("\n" + content + "\n")
+        with pytest.raises(DataError, match=rf"{name}:2: this file is one JSON {what}, not JSON Lines") as e:
+            texts(path)
+        assert f"jq -c '.[]' {path}" in str(e.value)
+
+
 def test_unknown_field_names_the_available_ones(tmp_path):
     path = tmp_path / "a.jsonl"
     path.write_text('{"pmid": "1", "title": "t", "abstract": "a"}\n')
