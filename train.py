@@ -13,6 +13,7 @@ Exit status: 0 done, 1 diverged (NaN/inf loss), 2 bad setup, 128+N stopped by si
 """
 
 import argparse
+import math
 import signal
 import sys
 
@@ -78,7 +79,7 @@ p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=D.fsdp,
                help="under torchrun: shard weights/grads/optimizer (FSDP2) instead of replicating them (DDP)")
 p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=D.progress, help="show the progress bar")
 args = p.parse_args()
-if args.tokens is not None:
+if args.tokens is not None and math.isfinite(args.tokens):  # (nan/inf: refused by the checks in train())
     args.tokens = int(args.tokens)
 
 try:

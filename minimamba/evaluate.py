@@ -13,6 +13,7 @@ only comparable between models that share a tokenizer.
 """
 
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -38,10 +39,17 @@ def token_nll(model, windows, batch_size=8, device="cpu", autocast_dtype=None):
     return total.item(), count
 
 
+MAX_LOG = math.log(sys.float_info.max)  # ≈ 709.78: exp of more than this is not a float
+
+
 def _summary(total, count):
-    """{"loss": mean token NLL (nats), "ppl": exp(loss), "tokens": tokens scored} from the sums."""
+    """{"loss": mean token NLL (nats), "ppl": exp(loss), "tokens": tokens scored} from the sums.
+
+    A loss above ~709.8 nats (a diverging model) has a perplexity beyond the largest float: it is
+    inf, as is that of an infinite loss; a NaN loss gives a NaN perplexity.
+    """
     loss = total / count
-    return {"loss": loss, "ppl": math.exp(loss), "tokens": count}
+    return {"loss": loss, "ppl": math.inf if loss > MAX_LOG else math.exp(loss), "tokens": count}
 
 
 def perplexity(model, windows, batch_size=8, device="cpu", autocast_dtype=None):

@@ -33,9 +33,17 @@ Choices, with the reason for each:
 The checkpoint of step s is a directory OUT/step-{s:06d}/ holding
     config.json, pytorch_model.bin   the EMA weights in the save_pretrained layout (from_pretrained reads it)
     training_state.pt                raw weights, optimizer, EMA, sampler, RNG, step, resolved config
-It is written as OUT/.step-{s:06d}.tmp/ and renamed into place, then OUT/latest (a one-line text file
-naming it) is replaced atomically; a kill at any moment leaves the previous checkpoint usable, and
-`--resume` reads OUT/latest. Older step directories beyond --keep are deleted afterwards.
+It is written as OUT/.step-{s:06d}.tmp/ (training_state.pt last, so a .tmp holding one is complete),
+flushed to the disk and renamed into place, then OUT/latest (a one-line text file naming it) is replaced
+atomically; `--resume` reads OUT/latest. Older step directories beyond --keep are deleted afterwards.
+A step directory left by an earlier run (one this run resumed from before it) is moved to
+OUT/.step-{s:06d}.old before the new one takes its name; a kill between those two renames leaves no
+step-{s:06d}, and the next start puts the complete new one in place (`recover_interrupted_save`). So,
+once a run has a checkpoint, a kill at any moment leaves one that OUT/latest names (after that recovery).
+
+On resume, settings that do not change the data order may change: the LR schedule, --grad-clip, --ema and
+the optimizer's --beta1, --beta2, --weight-decay and --llrd (applied to the restored optimizer, whose
+moments are kept). A training state that does not fit the model is refused with what differs.
 """
 
 import contextlib
@@ -59,7 +67,7 @@ from tqdm import tqdm
 from minimamba.config import PUBLIC_SCALES, SCALES, Mamba2Config
 from minimamba.data import DataError
 from minimamba.evaluate import domain_perplexity, load_heldout
-from minimamba.files import write_text_atomically
+from minimamba.files import atomic_write, fsync_dir, write_text_atomically
 from minimamba.model import Mamba2LM
 from minimamba.sampler import MixtureSampler, check_domains, parse_mix
 
@@ -220,11 +228,16 @@ def hub_id(cfg):
     return cfg.init
 
 
-def offline_message(source, error):
+def offline_message(source, error, init=None):
+    """What to do when the checkpoint `source` cannot be downloaded. `init`: the --init value, when it
+    was a path or repo id of the user's (not "pretrained"): then say that no local folder has that name."""
     from minimamba.download import cache_dir, endpoint
 
+    local = "" if init in (None, "pretrained") else (
+        f"--init {init}: there is no local directory {Path(init).expanduser().absolute()}, so it was taken "
+        "as a Hub repo id (check the path if you meant a local checkpoint), and it ")
     return (
-        f"could not download the checkpoint {source} (config.json and pytorch_model.bin) from {endpoint()}:\n"
+        f"{local}could not download the checkpoint {source} (config.json and pytorch_model.bin) from {endpoint()}:\n"
         f"  {str(error).strip().splitlines()[0]}\n"
         "To train without internet, either\n"
         f"  * copy the checkpoint directory (config.json + pytorch_model.bin) here and pass --init /path/to/it, or\n"
@@ -246,7 +259,7 @@ def check_model_source(cfg):
     try:
         hub_file(source, "config.json")
     except DownloadError as e:
-        raise SetupError(offline_message(source, e)) from None
+        raise SetupError(offline_message(source, e, cfg.init)) from None
 
 
 def build_model(cfg):
@@ -264,9 +277,14 @@ def build_model(cfg):
     try:
         return from_pretrained(source, dtype=torch.float32, backend=cfg.backend)
     except DownloadError as e:
-        raise SetupError(offline_message(source, e)) from None
+        raise SetupError(offline_message(source, e, cfg.init)) from None
     except FileNotFoundError as e:
         raise SetupError(f"--init {cfg.init}: {e}") from None
+    except ValueError as e:  # hub.CheckpointError (weights that do not fit config.json), a bad config.json
+        raise SetupError(
+            f"--init {cfg.init}: {e}\nPass a checkpoint directory whose config.json describes its weights (one "
+            "written by save_pretrained, or a train.py OUT/step-NNNNNN), or --init pretrained / scratch."
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -295,11 +313,10 @@ def param_groups(model, weight_decay, llrd):
         else:  # tied embedding = output head, lm_head, norm_f
             scale, where = 1.0, "top"
         no_decay = any(part in NO_DECAY for part in parts[-2:])
-        wd = 0.0 if no_decay else weight_decay
-        key = (where, wd)
+        key = (where, no_decay)  # (the same groups whatever --weight-decay is, 0 included: resume may change it)
         if key not in groups:
-            groups[key] = {"params": [], "weight_decay": wd, "lr_scale": scale,
-                           "name": f"{where}{' (no decay)' if wd == 0 else ''}"}
+            groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else weight_decay, "lr_scale": scale,
+                           "name": f"{where}{' (no decay)' if no_decay else ''}"}
         groups[key]["params"].append(p)
     return list(groups.values())
 
@@ -486,6 +503,35 @@ def latest_checkpoint(out):
     return path
 
 
+def recover_interrupted_save(out, tidy=False):
+    """Undo what a kill between the two renames of `save_checkpoint` left: OUT/.step-N.old (the earlier
+    run's step-N, moved aside) and no OUT/step-N. The new OUT/.step-N.tmp is complete (it was finished
+    before the first rename) and takes the name, as the save would have done; without it the old one
+    is put back. With `tidy` (OUT is this run's), the other .step-N.tmp/.old left by kills (unfinished
+    or replaced checkpoints) are deleted. Returns the step directories it restored."""
+    out, restored = Path(out), []
+    for old in sorted(out.glob(".step-*.old")):
+        name = old.name[1 : -len(".old")]
+        final, tmp = out / name, out / f".{name}.tmp"
+        if final.exists():  # (the renames were done: only the leftover .old is left to delete)
+            continue
+        if (tmp / "training_state.pt").is_file():
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+            how = f"put the complete new checkpoint {tmp.name} in place"
+        else:
+            os.replace(old, final)
+            how = f"put {old.name} back"
+        fsync_dir(out)
+        print(f"note: {final} was being replaced when the run writing it was stopped; {how}",
+              file=sys.stderr, flush=True)
+        restored.append(final)
+    if tidy:
+        for leftover in [*out.glob(".step-*.tmp"), *out.glob(".step-*.old")]:
+            shutil.rmtree(leftover, ignore_errors=True)
+    return restored
+
+
 def save_checkpoint(out, step, model, optimizer, ema, sampler, extra, dist, keep=1):
     """Write OUT/step-NNNNNN/ (see the module docstring); every process must call it (FSDP gathers)."""
     out = Path(out)
@@ -512,15 +558,18 @@ def save_checkpoint(out, step, model, optimizer, ema, sampler, extra, dist, keep
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
             **extra,
         }
-        torch.save(state, tmp / "training_state.pt")
+        # last, atomically: a .tmp holding training_state.pt is complete (what recover_interrupted_save reads)
+        atomic_write(tmp / "training_state.pt", lambda path: torch.save(state, path))  # (flushes tmp too)
         if final.exists():  # left by an earlier run that this one resumed from before it: replaced
             stale = out / f".{final.name}.old"
             shutil.rmtree(stale, ignore_errors=True)
-            os.replace(final, stale)
+            os.replace(final, stale)  # a kill from here to the next rename: see recover_interrupted_save
             os.replace(tmp, final)
+            fsync_dir(out)
             shutil.rmtree(stale, ignore_errors=True)
         else:
             os.replace(tmp, final)
+            fsync_dir(out)
         write_text_atomically(out / "latest", final.name + "\n")
         # keep the newest `keep` of this run's checkpoints (later steps of an earlier run are left alone
         # until this run replaces them)
@@ -581,9 +630,45 @@ def load_training_state(path):
     return state
 
 
-def restore_state(state, model, optimizer, ema, sampler):
-    """Put a checkpoint's raw weights, optimizer, EMA, sampler and RNG state back."""
+def _mismatches(expected, found):
+    """What differs between {name: shape} `expected` and {name: tensor} `found`, one line each."""
+    problems = [f"missing key {k} {tuple(s)}" for k, s in expected.items() if k not in found]
+    problems += [f"unexpected key {k} {tuple(v.shape)}" for k, v in found.items() if k not in expected]
+    problems += [f"wrong shape for {k}: checkpoint {tuple(found[k].shape)}, model {tuple(s)}"
+                 for k, s in expected.items() if k in found and tuple(found[k].shape) != tuple(s)]
+    return problems
+
+
+def restore_state(state, model, optimizer, ema, sampler, source=None):
+    """Put a checkpoint's raw weights, optimizer, EMA, sampler and RNG state back.
+
+    The optimizer keeps this run's hyperparameters (betas, weight decay, the groups' LR scales, as it
+    was built) and takes the checkpoint's moments and step counts. A state that does not fit the model
+    or the optimizer's groups is a SetupError naming what differs; `source` is the checkpoint directory.
+    """
     raw = unwrap(model)
+    c = raw.config
+    what = (f"{Path(source) / 'training_state.pt' if source else 'the training state'} does not fit the model "
+            f"(d_model={c.d_model}, n_layer={c.n_layer}, d_state={c.d_state}, headdim={c.headdim}, "
+            f"vocab={c.padded_vocab_size})")
+    advice = ("It comes from another model or run: resume from a checkpoint directory as train.py wrote it "
+              "(OUT/step-NNNNNN, its config.json and training_state.pt together), or start from a model's "
+              "weights with --init DIR instead of --resume.")
+    expected = {"model": {k: v.shape for k, v in raw.state_dict().items()},
+                "ema": {k: v.shape for k, v in raw.named_parameters()}}  # (a tied weight once, as in EMA)
+    for part, name in (("model", "raw weights"), ("ema", "EMA weights")):
+        problems = _mismatches(expected[part], state[part]) if state[part] is not None else []
+        if problems:
+            shown = problems[:8] + ([f"... and {len(problems) - 8} more"] if len(problems) > 8 else [])
+            raise SetupError(f"{what}: its {name} differ:\n  " + "\n  ".join(shown) + "\n" + advice)
+    saved = [len(g["params"]) for g in state["optimizer"]["param_groups"]]
+    built = [len(g["params"]) for g in optimizer.param_groups]
+    if saved != built:
+        raise SetupError(
+            f"{what}: its optimizer has parameter groups of {saved} tensors, this run's has groups of {built} "
+            f"({', '.join(g['name'] for g in optimizer.param_groups)}). (A --weight-decay 0 run written by a "
+            "minimamba whose groups depended on --weight-decay has fewer: resume it with that version.) " + advice)
+    settings = [{k: g[k] for k in ("lr_scale", "weight_decay", "betas", "name")} for g in optimizer.param_groups]
     if any(hasattr(p, "full_tensor") for p in raw.parameters()):  # FSDP2
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions, set_model_state_dict, set_optimizer_state_dict)
@@ -594,6 +679,8 @@ def restore_state(state, model, optimizer, ema, sampler):
     else:
         raw.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+    for group, mine in zip(optimizer.param_groups, settings):  # (load_state_dict put the checkpoint's back)
+        group.update(mine)
     if ema is not None:
         if state["ema"] is None:
             raise SetupError("the checkpoint was trained without EMA; resume with --ema 0")
@@ -823,6 +910,9 @@ def resolve(cfg, dist):
         "lr": (0, None), "llrd": (0, 1), "weight_decay": (0, None), "beta1": (0, 1), "beta2": (0, 1),
         "grad_clip": (0, None), "warmup": (0, None), "decay": (0, 1), "min_lr_ratio": (0, 1),
     }
+    for name, value in asdict(cfg).items():  # (NaN passes every comparison below; inf makes no sense anywhere)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SetupError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     for name, (low, high) in ranges.items():
         value = getattr(cfg, name)
         if value is not None and (value < low or (high is not None and value > high)):
@@ -934,6 +1024,12 @@ def _train(cfg, dist, model):
 
     # --- what to start from: a checkpoint of this run, or --init
     state, resume_dir = None, None
+    if dist.is_main:  # a kill while a step directory was being replaced: finish (or undo) the replacement
+        recover_interrupted_save(out, tidy=True)
+        if cfg.resume and cfg.resume != "latest" and not Path(cfg.resume).exists():
+            recover_interrupted_save(Path(cfg.resume).parent)
+    if dist.enabled:
+        torch.distributed.barrier()
     if cfg.resume:
         resume_dir = latest_checkpoint(out) if cfg.resume == "latest" else Path(cfg.resume)
         if resume_dir is None:
@@ -989,7 +1085,7 @@ def _train(cfg, dist, model):
         sampler = MixtureSampler(cfg.data, r.mix, cfg.seq_len, r.rows_per_step, cfg.seed, dist.rank, dist.world_size)
         heldout = load_heldout(cfg.data, r.eval_domains, cfg.seq_len, r.eval_windows)
         if state is not None:
-            restore_state(state, model, optimizer, ema, sampler)
+            restore_state(state, model, optimizer, ema, sampler, resume_dir)
     except (DataError, ValueError) as e:
         raise SetupError(str(e)) from None
     step, tokens_seen, elapsed = 0, 0, 0.0
@@ -998,8 +1094,11 @@ def _train(cfg, dist, model):
         changed = {k: (state["config"][k], v) for k, v in asdict(cfg).items()
                    if k in state["config"] and state["config"][k] != v and k not in ("resume", "progress")}
         if changed:
+            optim = {"beta1", "beta2", "weight_decay", "llrd"} & changed.keys()
             _print(dist, "note: changed since the checkpoint: " +
-                   ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+                   ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()) +
+                   (f" ({', '.join(sorted(optim))}: applied to the restored optimizer, its moments kept)"
+                    if optim else ""))
         del state
 
     # --- say what will happen, and store it
@@ -1046,7 +1145,9 @@ def _train(cfg, dist, model):
     last_eval = evaluate_now() if step == 0 and cfg.eval_at_start else None
     bar = tqdm(total=r.max_steps, initial=step, unit="step", dynamic_ncols=True,
                disable=not (dist.is_main and cfg.progress))
-    stopped_by, last_ckpt, start_step = None, latest_checkpoint(out) if dist.is_main else None, step
+    # the last good checkpoint of this run: the one it resumed from until it writes one (OUT/latest may
+    # name a later step of the run that went on after resume_dir)
+    stopped_by, last_ckpt, start_step = None, resume_dir, step
     try:
         while step < r.max_steps:
             t0 = time.perf_counter()
@@ -1062,7 +1163,8 @@ def _train(cfg, dist, model):
                 log.write(step=step + 1, error=str(e))
                 raise TrainingDiverged(
                     f"{e} at step {step + 1}: training stopped and the weights of that step were not saved; "
-                    f"{where}. Lower --lr, check the data, or resume from it with --resume."
+                    f"{where}. Lower --lr, check the data, or "
+                    + (f"resume from it with --resume {last_ckpt}." if last_ckpt else "start again.")
                 ) from None
             if ema is not None:
                 ema.update(raw)

@@ -41,3 +41,25 @@ def test_sha256_of_reads_in_blocks(tmp_path):
     data = os.urandom(3000)
     (tmp_path / "f").write_bytes(data)
     assert sha256_of(tmp_path / "f", block_size=1000) == hashlib.sha256(data).hexdigest()
+
+
+def test_the_new_file_is_flushed_before_the_rename_and_the_directory_after(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd")
+                       else "?"))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    write_text_atomically(tmp_path / "latest", "step-000002\n")
+    assert [e[0] for e in events] == ["fsync", "replace", "fsync"]
+    if os.path.exists("/proc/self/fd"):  # (Linux: which file each fsync was of)
+        assert events[0][1].endswith(".tmp") and events[2][1] == os.path.realpath(tmp_path)
+    assert (tmp_path / "latest").read_text() == "step-000002\n"

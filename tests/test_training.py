@@ -75,6 +75,14 @@ def init_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture
+def no_speed_probe(monkeypatch):
+    """Skip the 0.25 s matmul measurement of the time estimate at each train() (for tests that run many)."""
+    from minimamba import training
+
+    monkeypatch.setattr(training, "matmul_flops", lambda device, dtype=None: 1e11)
+
+
 def config(data, init_dir, out, **kw):
     base = TrainConfig(init=str(init_dir), data=str(data), seq_len=16, batch_size=2, grad_accum=2, max_steps=6,
                        lr=3e-3, llrd=0.9, ema=0.9, eval_every=0, eval_windows=4, save_every=2, keep=10,
@@ -350,6 +358,97 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, init_dir, tmp_p
     assert read_log(tmp_path / "run" / "log.jsonl")[-1]["error"].startswith("the loss is nan")
 
 
+def test_resume_applies_changed_optimizer_settings_and_keeps_the_moments(data, init_dir, tmp_path, capsys,
+                                                                         no_speed_probe):
+    """--beta1/--beta2/--weight-decay/--llrd changed on resume take effect (the note, train_config.json and
+    the optimizer agree); the AdamW moments and step counts come from the checkpoint. --weight-decay 0
+    keeps the same parameter groups, so a run can be resumed with it."""
+    whole = config(data, init_dir, tmp_path / "whole", max_steps=4, eval_at_start=False)
+    train(whole)
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copytree(tmp_path / "whole" / "step-000002", part / "step-000002")
+    changed = dict(beta1=0.5, beta2=0.8, weight_decay=0.0, llrd=0.5)
+    train(replace(whole, out=str(part), resume=str(part / "step-000002"), **changed))
+    assert "beta1, beta2, llrd, weight_decay: applied to the restored optimizer" in capsys.readouterr().out
+    assert {k: json.loads((part / "train_config.json").read_text())[k] for k in changed} == changed
+    a, b = losses(tmp_path / "whole"), losses(part)
+    assert b[3] == a[3] and b[4] != a[4]  # step 3 runs on step 2's weights; its update already differs
+    saved = state(part, 4)["optimizer"]
+    expected = param_groups(small_model(), 0.0, 0.5)
+    assert [g["name"] for g in saved["param_groups"]] == [g["name"] for g in expected]
+    for g, e in zip(saved["param_groups"], expected):
+        assert tuple(g["betas"]) == (0.5, 0.8) and g["weight_decay"] == 0.0 and g["lr_scale"] == e["lr_scale"]
+    assert all(s["step"] == 4 for s in saved["state"].values())  # the moments went on from step 2, not reset
+
+
+def test_a_kill_between_the_renames_of_a_checkpoint_being_replaced_loses_nothing(data, init_dir, tmp_path,
+                                                                                 monkeypatch, capsys, no_speed_probe):
+    """Resumed from step 2 of a run whose `latest` is step-4, a kill after the old step-4 was moved aside and
+    before the new one took its name leaves no step-4: the next start puts the new, complete one in place."""
+    cfg = config(data, init_dir, tmp_path / "run", max_steps=4, eval_at_start=False)
+    train(cfg)
+    real_replace = os.replace
+
+    def killed_before_the_second_rename(src, dst):
+        if Path(src).name == ".step-000004.tmp":
+            raise KeyboardInterrupt("SIGKILL")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_before_the_second_rename)
+    second = replace(cfg, resume=str(tmp_path / "run" / "step-000002"), lr=cfg.lr * 3)
+    with pytest.raises(KeyboardInterrupt):
+        train(second)
+    monkeypatch.setattr(os, "replace", real_replace)
+    out = tmp_path / "run"
+    assert not (out / "step-000004").exists() and (out / "latest").read_text().strip() == "step-000004"
+    assert (out / ".step-000004.old").is_dir() and (out / ".step-000004.tmp").is_dir()
+    train(replace(second, resume="latest", max_steps=5))  # finds step-4, the second run's, and goes on
+    assert "put the complete new checkpoint .step-000004.tmp in place" in capsys.readouterr().err
+    assert state(out, 5)["config"]["lr"] == cfg.lr * 3 and not list(out.glob(".step-*"))
+    assert min(losses(out)) == 1 and max(losses(out)) == 5
+    # a .tmp without training_state.pt is not a finished checkpoint: then the old one is put back
+    os.rename(out / "step-000004", out / ".step-000004.old")
+    (out / ".step-000004.tmp").mkdir()
+    train(replace(second, resume=str(out / "step-000004"), max_steps=5))
+    assert "put .step-000004.old back" in capsys.readouterr().err and not list(out.glob(".step-*"))
+
+
+def test_nan_names_the_checkpoint_this_run_resumed_from(data, init_dir, tmp_path, no_speed_probe):
+    """Not OUT/latest: resumed from step 2 of a run that reached 4, the last good checkpoint is step 2; a
+    run resumed from a checkpoint elsewhere names that one."""
+    cfg = config(data, init_dir, tmp_path / "run", max_steps=4, eval_at_start=False)
+    train(cfg)
+
+    def nan_model():
+        model = from_pretrained(init_dir, backend="torch")
+        model.register_forward_hook(lambda m, i, o: o * float("nan") if m.training else None)
+        return model
+
+    first = tmp_path / "run" / "step-000002"
+    with pytest.raises(TrainingDiverged, match=f"at step 3.*last good checkpoint is {first}.*--resume {first}"):
+        train(replace(cfg, resume=str(first)), model=nan_model())
+    with pytest.raises(TrainingDiverged, match=f"at step 3.*last good checkpoint is {first}"):
+        train(replace(cfg, resume=str(first), out=str(tmp_path / "other")), model=nan_model())
+
+
+def test_a_huge_finite_loss_gives_an_infinite_perplexity(data, init_dir, tmp_path):
+    """exp(loss) overflows a float above ~709.8 nats: the perplexity is inf, and the run goes on."""
+    class Confident(torch.nn.Module):
+        def forward(self, ids):  # all the mass on id 0, by a margin of 1e4 nats
+            logits = torch.zeros(*ids.shape, 64)
+            logits[..., 0] = 1e4
+            return logits
+
+    res = perplexity(Confident(), torch.randint(1, 64, (3, 9)))
+    assert res["loss"] == pytest.approx(1e4) and res["ppl"] == math.inf
+    model = from_pretrained(init_dir, backend="torch")
+    model.register_forward_hook(lambda m, i, o: None if m.training else o * 1e5)  # evaluation only
+    result = train(config(data, init_dir, tmp_path / "run", max_steps=1), model=model)
+    assert result["eval"]["pubmed"]["ppl"] == math.inf and 709 < result["eval"]["pubmed"]["loss"] < math.inf
+    assert [r["eval"]["c4"]["ppl"] for r in read_log(tmp_path / "run" / "log.jsonl") if "eval" in r] == [math.inf] * 2
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Distributed: 2 processes on gloo against one process with the same global batch
 
@@ -442,6 +541,66 @@ def test_resume_errors(data, init_dir, tmp_path, capsys):
             train(replace(cfg, resume=resume, max_steps=4))
 
 
+def test_checkpoints_that_do_not_fit_the_model_are_setup_errors(data, init_dir, tmp_path, no_speed_probe):
+    """An --init directory whose config.json does not describe its weights, and a training_state.pt of
+    another model size or with other optimizer groups: errors that say what differs and what to pass."""
+    bad_init = tmp_path / "bad-init"
+    shutil.copytree(init_dir, bad_init)
+    c = json.loads((bad_init / "config.json").read_text())
+    (bad_init / "config.json").write_text(json.dumps({**c, "d_model": 64}))
+    with pytest.raises(SetupError, match=r"(?s)--init .*bad-init: checkpoint .* does not match its config.json"
+                                         r".*wrong shape for embedding.weight.*Pass a checkpoint directory"):
+        train(config(data, bad_init, tmp_path / "run0"))
+
+    cfg = config(data, init_dir, tmp_path / "run", max_steps=2, eval_at_start=False)
+    train(cfg)
+    path = tmp_path / "run" / "step-000002" / "training_state.pt"
+    good = torch.load(path, weights_only=True)
+    wide = Mamba2LM(small_config().replace(d_model=64), backend="torch").state_dict()
+    torch.save({**good, "model": wide}, path)
+    with pytest.raises(SetupError, match=r"(?s)step-000002/training_state.pt does not fit the model \(d_model=32.*"
+                                         r"raw weights differ:.*wrong shape for embedding.weight: checkpoint "
+                                         r"\(256, 64\), model \(256, 32\).*resume from a checkpoint directory as "
+                                         r"train.py wrote it"):
+        train(replace(cfg, resume="latest", max_steps=3))
+    optimizer = {**good["optimizer"], "param_groups": good["optimizer"]["param_groups"][1:]}
+    torch.save({**good, "optimizer": optimizer}, path)
+    with pytest.raises(SetupError, match=r"its optimizer has parameter groups of \[\d"):
+        train(replace(cfg, resume="latest", max_steps=3))
+
+
+def test_init_of_a_missing_local_path_says_no_such_directory(data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("MINIMAMBA_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(SetupError, match=r"--init runs/missing: there is no local directory .*runs/missing, so it "
+                                         r"was taken as a Hub repo id.*could not download the checkpoint runs/missing"):
+        train(config(data, "runs/missing", tmp_path / "run"))
+
+
+def test_train_py_exits_2_with_one_message_for_bad_settings_and_checkpoints(data, init_dir, tmp_path, monkeypatch,
+                                                                           capsys):
+    """train.py's main, run in this process (runpy) for each case: exit status 2 and one "error:" line."""
+    import runpy
+
+    bad_init = tmp_path / "bad-init"
+    shutil.copytree(init_dir, bad_init)
+    c = json.loads((bad_init / "config.json").read_text())
+    (bad_init / "config.json").write_text(json.dumps({**c, "n_layer": 3}))
+    base = script_args(config(data, init_dir, tmp_path / "run"))
+    for extra, message in [(["--grad-clip", "nan"], "error: --grad-clip must be a finite number, got nan"),
+                           (["--warmup", "nan"], "error: --warmup must be a finite number, got nan"),
+                           (["--tokens", "inf"], "error: --tokens must be a finite number, got inf"),
+                           (["--init", bad_init], "n_layer=3, d_state=8, headdim=16, ngroups=1, vocab=256):\n"
+                                                  "  missing key layers.2.")]:
+        monkeypatch.setattr(sys, "argv", ["train.py", *map(str, base + extra)])
+        with pytest.raises(SystemExit) as exit:
+            runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and err.startswith("error: ") and message in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_read_log_refuses_a_damaged_line_before_the_last(tmp_path):
     log = tmp_path / "log.jsonl"
     log.write_text('{"step": 1}\n{"st\n{"step": 2}\n')
@@ -457,6 +616,9 @@ def test_read_log_refuses_a_damaged_line_before_the_last(tmp_path):
     (dict(weight_decay=-1.0), "--weight-decay must be >= 0"),
     (dict(lr=-1.0), "--lr must be >= 0"),
     (dict(beta1=1.5), "--beta1 must be in \\[0, 1\\]"),
+    (dict(grad_clip=math.nan), "--grad-clip must be a finite number, got nan"),
+    (dict(warmup=math.nan), "--warmup must be a finite number, got nan"),
+    (dict(lr=math.inf), "--lr must be a finite number, got inf"),
     (dict(fsdp=True), "launch with torchrun"),
     (dict(backend="triton"), "runs on CUDA only"),
     (dict(device="gpu"), "unknown --device 'gpu'"),
