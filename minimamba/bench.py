@@ -128,6 +128,16 @@ def _build(impl, scale, dtype, chunk_size, seed=0, backend="torch"):
     return hf.to(dtype)
 
 
+def _set_checkpointing(model, impl, on):
+    """Activation checkpointing of every block, ours or HF's (HF's blocks ignore a model-level
+    `gradient_checkpointing` attribute: it must be switched on through its own method)."""
+    if impl == "minimamba":
+        model.gradient_checkpointing = on
+    elif on:  # transformers >= 5.x renamed gradient_checkpointing_enable (kept as a deprecated alias)
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
+
+
 def _logits(model, ids):
     out = model(ids)
     return out if not hasattr(out, "logits") else out.logits
@@ -155,7 +165,7 @@ def _phase(impl, phase, a):
     device = torch.device(a["device"])
     cuda = device.type == "cuda"
     model = _build(impl, a["scale"], getattr(torch, a["dtype"]), a["chunk_size"], backend=a["backend"]).to(device)
-    model.gradient_checkpointing = a["checkpointing"]
+    _set_checkpointing(model, impl, a["checkpointing"])
     if impl == "minimamba":
         model.decode_backend = a["decode_backend"]
     sync = torch.cuda.synchronize if cuda else (lambda: None)

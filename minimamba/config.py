@@ -4,8 +4,9 @@ Two config.json layouts exist for the same model:
   * state-spaces (mamba_ssm): {"d_model", "n_layer", "vocab_size", "ssm_cfg": {"layer": "Mamba2", ...},
     "pad_vocab_size_multiple", "tie_embeddings", ...}; every Mamba2 field missing from ssm_cfg takes
     the Mamba2 class default (d_state 128, headdim 64, ...). This is what the public checkpoints use.
+    A state-spaces config without ssm_cfg "layer" is Mamba-1 to mamba_ssm (state-spaces/mamba-*): refused.
   * HF transformers (model_type "mamba2"): {"hidden_size", "num_hidden_layers", "state_size",
-    "head_dim", "n_groups", ...}, vocab_size already padded.
+    "head_dim", "n_groups", ...}; the embedding has exactly vocab_size rows (read with pad multiple 1).
 `Mamba2Config.from_dict` recognises both; `to_dict(layout=...)` writes either.
 """
 
@@ -117,7 +118,16 @@ class Mamba2Config:
     @classmethod
     def from_dict(cls, d):
         """Read a config dict in the state-spaces or the HF transformers layout."""
-        if d.get("model_type") == "mamba2" or "hidden_size" in d:
+        model_type = d.get("model_type")
+        if model_type in ("mamba", "falcon_mamba"):
+            raise ValueError(
+                f"Mamba-1 checkpoints are not supported (this is Mamba2 only): config.json has model_type "
+                f"{model_type!r}. Use a Mamba2 checkpoint (model_type 'mamba2', e.g. state-spaces/mamba2-130m), "
+                "or load this one with transformers' MambaForCausalLM"
+            )
+        if model_type is not None and model_type != "mamba2":
+            raise ValueError(f"config.json has model_type {model_type!r}, not 'mamba2': it is not a Mamba2 model")
+        if model_type == "mamba2" or "hidden_size" in d:
             _require(d, "HF transformers", ("hidden_size", "num_hidden_layers"))
             return cls._from_hf(d)
         if "d_model" in d:
@@ -131,7 +141,16 @@ class Mamba2Config:
     @classmethod
     def _from_state_spaces(cls, d):
         ssm = dict(d.get("ssm_cfg") or {})
-        layer = ssm.pop("layer", "Mamba2")
+        # mamba_ssm builds Mamba-1 blocks when ssm_cfg has no "layer" (the state-spaces/mamba-* configs);
+        # the state-spaces/mamba2-* configs all say {"layer": "Mamba2"}
+        layer = ssm.pop("layer", None)
+        if layer in (None, "Mamba1"):
+            said = "has no 'layer'" if layer is None else "says 'layer': 'Mamba1'"
+            raise ValueError(
+                f"Mamba-1 checkpoints are not supported (this is Mamba2 only): ssm_cfg {said}, so mamba_ssm "
+                "builds Mamba-1 blocks (as in the state-spaces/mamba-* checkpoints). Use a Mamba2 checkpoint "
+                "(state-spaces/mamba2-*); if this one is Mamba2, add \"layer\": \"Mamba2\" to ssm_cfg in config.json"
+            )
         if layer != "Mamba2":
             raise ValueError(f"ssm_cfg.layer is {layer!r}; minimamba implements Mamba2 only")
         if d.get("d_intermediate", 0) or d.get("attn_layer_idx"):
@@ -167,8 +186,10 @@ class Mamba2Config:
         cfg = cls(
             d_model=d["hidden_size"],
             n_layer=d["num_hidden_layers"],
-            vocab_size=d.get("vocab_size", 50288),  # HF stores the padded size; padding it again is a no-op
-            pad_vocab_size_multiple=d.get("pad_vocab_size_multiple", 16),
+            # HF's embedding has exactly vocab_size rows (it pads nothing, whatever pad_vocab_size_multiple
+            # says, and transformers >= 5 does not write that key): take vocab_size as the padded size
+            vocab_size=d.get("vocab_size", 50288),
+            pad_vocab_size_multiple=1,
             d_state=d.get("state_size", 128),
             d_conv=d.get("conv_kernel", 4),
             expand=d.get("expand", 2),

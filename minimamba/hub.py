@@ -57,7 +57,13 @@ def resolve(name_or_path):
         )
     from minimamba.download import DownloadError, hub_file
 
-    config_path = hub_file(name_or_path, "config.json")
+    try:
+        config_path = hub_file(name_or_path, "config.json")
+    except DownloadError as e:  # a mistyped local path (runs/step-100) looks like a repo id too
+        raise DownloadError(
+            f"{name_or_path!r}: there is no local folder {name_or_path} (relative to {Path.cwd()}), and as a "
+            f"Hub repo id it could not be downloaded:\n{e}"
+        ) from e
     errors = []
     for name in WEIGHT_FILES:
         try:
@@ -97,16 +103,49 @@ def load_state_dict(directory):
     raise FileNotFoundError(f"no weights in {directory}: expected one of {', '.join(WEIGHT_FILES)}")
 
 
+_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32",
+                "fp64": "float64", "double": "float64"}
+
+
+def _floating_dtype(dtype):
+    """`dtype` (None: torch's default, a torch.dtype, or a name such as "bfloat16", "bf16", "float16",
+    "fp16", "float32") as a floating-point torch.dtype, or a ValueError saying what is accepted."""
+    if dtype is None:
+        return torch.get_default_dtype()
+    given = dtype
+    if isinstance(dtype, str):
+        name = dtype.strip().lower().removeprefix("torch.")
+        dtype = getattr(torch, _DTYPE_NAMES.get(name, name), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(
+            f"dtype={given!r} is not a floating-point dtype; pass a torch.dtype such as torch.bfloat16 or a "
+            "name: 'float32' ('fp32'), 'bfloat16' ('bf16'), 'float16' ('fp16'), 'float64'"
+        )
+    return dtype
+
+
 def from_pretrained(name_or_path, dtype=None, device=None, backend="auto"):
     """Build a Mamba2LM from a Hub repo id (e.g. 'state-spaces/mamba2-370m') or a local directory.
 
-    The weights are cast to `dtype` (default: torch's default dtype, float32) and moved to `device`.
+    The weights are cast to `dtype` (a torch.dtype or a name such as "bfloat16"/"bf16"; default: torch's
+    default dtype, float32, whatever dtype the checkpoint was saved in) and moved to `device`.
     Any mismatch between the checkpoint and its config raises one CheckpointError listing every
-    missing key, unexpected key and wrong shape.
+    missing key, unexpected key and wrong shape; a checkpoint tensor that is not floating point
+    (integer, bool, complex: quantized or corrupt) is a CheckpointError too.
     """
+    dtype = _floating_dtype(dtype)  # (before any download)
     directory = resolve(name_or_path)
     config = Mamba2Config.load(directory)
-    sd = {_to_minimamba(k): v for k, v in load_state_dict(directory).items()}
+    raw = load_state_dict(directory)
+    not_float = [f"{k} ({v.dtype})" for k, v in raw.items() if not v.is_floating_point()]
+    if not_float:
+        raise CheckpointError(
+            f"checkpoint {directory} holds tensors that are not floating point: {', '.join(not_float[:8])}"
+            + (f" and {len(not_float) - 8} more" if len(not_float) > 8 else "") + ". A Mamba2 "
+            "checkpoint stores float32/float16/bfloat16 weights; quantized or corrupt files cannot be loaded. "
+            "Re-export the weights in a floating-point dtype (or download the file again)"
+        )
+    sd = {_to_minimamba(k): v for k, v in raw.items()}
     with torch.device("meta"):
         model = Mamba2LM(config, backend=backend)
     expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -131,7 +170,6 @@ def from_pretrained(name_or_path, dtype=None, device=None, backend="auto"):
             f"headdim={config.headdim}, ngroups={config.ngroups}, vocab={config.padded_vocab_size}):\n  "
             + "\n  ".join(problems)
         )
-    dtype = dtype or torch.get_default_dtype()
     model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.embedding.weight

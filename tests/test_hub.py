@@ -1,0 +1,121 @@
+"""Checkpoint loading edge cases: HF-layout vocabularies that are no multiple of 16, dtypes (of the
+checkpoint's tensors and of `dtype=`), Mamba-1 configs, a mistyped local path, and the benchmark's
+activation checkpointing of the HF model."""
+
+import json
+
+import pytest
+import torch
+
+from minimamba import Mamba2Config, Mamba2LM, from_pretrained
+from minimamba.hub import CheckpointError
+from tests.conftest import randomize_
+
+
+def tiny_config(**kw):
+    base = dict(d_model=64, n_layer=2, vocab_size=1000, d_state=16, headdim=16, chunk_size=32)
+    return Mamba2Config(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny random model and its state-spaces checkpoint directory."""
+    torch.manual_seed(3)
+    model = randomize_(Mamba2LM(tiny_config()), seed=3).eval()
+    d = tmp_path_factory.mktemp("ckpt")
+    model.save_pretrained(d)
+    return model, d
+
+
+@pytest.mark.parametrize("vocab", [1000, 50277])
+def test_hf_save_pretrained_loads_whatever_its_vocab_size(vocab, tmp_path):
+    """HF pads nothing (and transformers 5 writes no pad_vocab_size_multiple): its vocab_size is the
+    embedding's row count, which must not be padded again to a multiple of 16."""
+    transformers = pytest.importorskip("transformers", reason="HF transformers is the test-only oracle for Mamba2")
+    hf_cfg = transformers.Mamba2Config(hidden_size=64, num_hidden_layers=2, state_size=16, head_dim=16, num_heads=8,
+                                       expand=2, n_groups=1, chunk_size=32, vocab_size=vocab, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    hf = randomize_(transformers.Mamba2ForCausalLM(hf_cfg)).eval()
+    hf.save_pretrained(tmp_path)
+    model = from_pretrained(tmp_path).eval()
+    assert model.embedding.weight.shape == (vocab, 64)
+    ids = torch.randint(0, vocab, (1, 40))
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("key,dtype", [("A_log", torch.int64), ("D", torch.bool), ("D", torch.complex64),
+                                       ("in_proj.weight", torch.int8)])
+def test_non_floating_checkpoint_tensors_are_refused_by_name(saved, tmp_path, key, dtype):
+    _, d = saved
+    sd = torch.load(d / "pytorch_model.bin", weights_only=True)
+    name = f"backbone.layers.1.mixer.{key}"
+    sd[name] = (sd[name] * 100).to(dtype)
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text((d / "config.json").read_text())
+    with pytest.raises(CheckpointError, match=f"not floating point: {name} \\({dtype}\\)"):
+        from_pretrained(tmp_path)
+
+
+def test_dtype_takes_names_and_refuses_non_floating(saved):
+    _, d = saved
+    for given, want in [("bfloat16", torch.bfloat16), ("bf16", torch.bfloat16), ("torch.float16", torch.float16),
+                        ("fp32", torch.float32), (torch.float64, torch.float64), (None, torch.float32)]:
+        assert {p.dtype for p in from_pretrained(d, dtype=given).parameters()} == {want}, given
+    for bad in (torch.int64, "int8", "complex64", "cuda", "nonsense", 16):
+        with pytest.raises(ValueError, match="is not a floating-point dtype; pass a torch.dtype"):
+            from_pretrained(d, dtype=bad)
+
+
+def test_round_trip_in_the_saved_dtype_is_bit_identical(saved, tmp_path):
+    model, d = saved
+    ids = torch.randint(0, 1000, (2, 33))
+    with torch.no_grad():
+        assert torch.equal(model(ids), from_pretrained(d).eval()(ids))
+        bf16 = Mamba2LM(model.config).eval()
+        bf16.load_state_dict(model.state_dict())
+        bf16.to(torch.bfloat16).save_pretrained(tmp_path)
+        assert torch.equal(bf16(ids), from_pretrained(tmp_path, dtype="bf16").eval()(ids))
+        # without dtype= it comes back float32 (as the README says)
+        assert from_pretrained(tmp_path).embedding.weight.dtype == torch.float32
+
+
+def test_mamba1_configs_are_refused_as_mamba1(tmp_path):
+    # state-spaces/mamba-* (Mamba-1): no ssm_cfg "layer", which mamba_ssm reads as Mamba1
+    mamba1 = {"d_model": 768, "n_layer": 24, "vocab_size": 50277, "ssm_cfg": {}, "rms_norm": True,
+              "residual_in_fp32": True, "fused_add_norm": True, "pad_vocab_size_multiple": 8}
+    for cfg in (mamba1, {k: v for k, v in mamba1.items() if k != "ssm_cfg"},
+                {**mamba1, "ssm_cfg": {"layer": "Mamba1"}},
+                {"model_type": "mamba", "hidden_size": 768, "num_hidden_layers": 24, "state_size": 16}):
+        with pytest.raises(ValueError, match="Mamba-1 checkpoints are not supported \\(this is Mamba2 only\\)"):
+            Mamba2Config.from_dict(cfg)
+    (tmp_path / "config.json").write_text(json.dumps(mamba1))
+    with pytest.raises(ValueError, match="Mamba-1 checkpoints are not supported"):
+        from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="model_type 'llama', not 'mamba2'"):
+        Mamba2Config.from_dict({"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2})
+    # the official state-spaces/mamba2-* config.json still reads (ssm_cfg {"layer": "Mamba2"})
+    public = {**mamba1, "ssm_cfg": {"layer": "Mamba2"}, "d_intermediate": 0, "attn_layer_idx": [], "attn_cfg": {},
+              "pad_vocab_size_multiple": 16, "tie_embeddings": True}
+    assert Mamba2Config.from_dict(public) == Mamba2Config.from_scale("130m")
+
+
+def test_a_mistyped_local_path_says_no_such_folder(server, tmp_path, monkeypatch):
+    from minimamba.download import DownloadError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DownloadError, match="there is no local folder runs/step-100 .*could not be downloaded"):
+        from_pretrained("runs/step-100")
+
+
+def test_bench_checkpointing_switches_on_hf_blocks_too():
+    transformers = pytest.importorskip("transformers", reason="HF transformers is the test-only oracle for Mamba2")
+    from minimamba.bench import _set_checkpointing
+
+    cfg = tiny_config()
+    hf = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(**cfg.to_dict("hf")))
+    _set_checkpointing(hf, "hf", True)
+    assert all(block.gradient_checkpointing for block in hf.backbone.layers)
+    ours = Mamba2LM(cfg)
+    _set_checkpointing(ours, "minimamba", True)
+    assert ours.gradient_checkpointing
