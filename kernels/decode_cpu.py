@@ -207,23 +207,34 @@ class DecodeStep:
         self.layers = (Layer * len(layers))(*layers)
         self.embedding, self.norm_f, self.head = model.embedding.weight, model.norm_f.weight, model.lm_head.weight
         self.batch_size = batch_size
-        self.work = torch.empty(self.lib.mamba2_step_workspace(ctypes.byref(self.dims), batch_size))
+        self.check_cache = model.check_cache  # the shapes, device and dtypes of a cache for this model
+        self.work = torch.empty(self.lib.mamba2_step_workspace(ctypes.byref(self.dims), batch_size),
+                                dtype=torch.float32)  # (not torch's default dtype, which may be float64)
         self.huge_bytes, self.huge_why = use_huge_pages(self.weights)
 
     def __call__(self, token_ids, cache):
-        """token_ids (b,) -> logits (b, Vp); cache.conv and cache.ssm advance by one token in place."""
+        """token_ids (b,) -> logits (b, Vp); cache.conv and cache.ssm advance by one token in place.
+
+        Everything C will index is checked first: the ids, and every shape of the cache (a cache of another
+        model or batch size would be read and written out of bounds)."""
+        if token_ids.dim() != 1 or token_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"token_ids must be a 1-D tensor (batch,) of integer ids (torch.long or torch.int): "
+                             f"one id per sequence, got shape {tuple(token_ids.shape)} {token_ids.dtype}; "
+                             "for ids (batch, 1) pass ids[:, 0]")
         b, vocab_rows = token_ids.shape[0], self.embedding.shape[0]
-        if b != self.batch_size or cache.conv.shape[1] != b:
-            raise ValueError(f"this step was built for {self.batch_size} sequences; got {b} token ids and a "
-                             f"cache of {cache.conv.shape[1]}: take a step for this batch with model.decoder({b}) "
-                             f"and a cache from model.allocate_cache({b})")
-        if cache.conv.dtype != torch.float32 or cache.ssm.dtype != torch.float32 or not (
-                cache.conv.is_contiguous() and cache.ssm.is_contiguous()):
-            raise ValueError("the C decode step needs a contiguous float32 cache (model.allocate_cache gives one)")
+        if b != self.batch_size:
+            raise ValueError(f"this step was built for {self.batch_size} sequences; got {b} token ids: take a step "
+                             f"for this batch with model.decoder({b}) and a cache from model.allocate_cache({b})")
+        self.check_cache(cache, b)  # shapes, device (the CPU) and the state's dtype (float32)
+        if cache.conv.dtype != torch.float32 or not (cache.conv.is_contiguous() and cache.ssm.is_contiguous()):
+            raise ValueError(f"the C decode step needs a contiguous float32 cache, got a conv history in "
+                             f"{cache.conv.dtype}{'' if cache.conv.is_contiguous() else ', not contiguous'}"
+                             f"{'' if cache.ssm.is_contiguous() else ', an SSM state not contiguous'}: "
+                             f"model.allocate_cache({b}) gives one")
         tokens = token_ids.to(torch.int64).contiguous()  # (b,)
         if b and not (0 <= int(tokens.min()) and int(tokens.max()) < vocab_rows):
             raise IndexError(f"token ids must lie in [0, {vocab_rows}); got {tokens.tolist()}")
-        logits = torch.empty(b, self.dims.vocab)  # (b, Vp)
+        logits = torch.empty(b, self.dims.vocab, dtype=torch.float32)  # (b, Vp): what C writes
         self.lib.mamba2_step(ctypes.byref(self.dims), self.layers, self.embedding.data_ptr(), self.norm_f.data_ptr(),
                              self.head.data_ptr(), tokens.data_ptr(), b, cache.conv.data_ptr(), cache.ssm.data_ptr(),
                              self.work.data_ptr(), logits.data_ptr(), torch.get_num_threads())

@@ -18,6 +18,7 @@ Two ways to run the model:
 
 import logging
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -73,7 +74,7 @@ class InferenceCache:
     """The whole memory of a Mamba2 LM during generation; its size does not grow with the context."""
 
     conv: torch.Tensor  # (n_layer, b, K-1, conv_dim): the last K-1 inputs of each causal conv (pre-conv xBC)
-    ssm: torch.Tensor  # (n_layer, b, H, P, N) float32: the SSM state h of every head
+    ssm: torch.Tensor  # (n_layer, b, H, P, N) float32 (float64 for a float64 model): the SSM state h of every head
     seqlen_offset: int = 0  # tokens consumed so far
 
     def nbytes(self):
@@ -293,6 +294,12 @@ class Mamba2LM(nn.Module):
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seqlen), got shape {tuple(input_ids.shape)}")
+        if input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids holds no tokens (shape {tuple(input_ids.shape)}): the model predicts from "
+                             "at least one token. To generate from nothing, start from the EOS id (0, "
+                             "<|endoftext|>, for the GPT-NeoX tokenizer of the public checkpoints).")
+        if cache is not None:
+            self.check_cache(cache, input_ids.shape[0])
         scan = self._scan(input_ids.device)
         residual = self.embedding(input_ids)  # (b, l, D)
         dtype = residual.dtype
@@ -315,21 +322,55 @@ class Mamba2LM(nn.Module):
     def _block(block, residual, dtype, scan, conv_state=None, ssm_state=None):
         return block.mixer(block.norm(residual, out_dtype=dtype), scan, conv_state, ssm_state)
 
-    def allocate_cache(self, batch_size, device=None, dtype=None):
-        """An empty (all-zero) inference cache for `batch_size` sequences."""
+    @property
+    def ssm_dtype(self):
+        """The dtype of the SSM state, the one the scan computes in: float32, or float64 for a float64 model."""
+        return torch.promote_types(torch.float32, self.embedding.weight.dtype)
+
+    def _cache_shapes(self, batch_size):
+        """{field: (names of the dimensions, sizes)} of a cache for `batch_size` sequences."""
         cfg = self.config
+        return {"conv": (("n_layer", "batch", "d_conv-1", "conv_dim"),
+                         (cfg.n_layer, batch_size, cfg.d_conv - 1, cfg.conv_dim)),
+                "ssm": (("n_layer", "batch", "nheads", "headdim", "d_state"),
+                        (cfg.n_layer, batch_size, cfg.nheads, cfg.headdim, cfg.d_state))}
+
+    def allocate_cache(self, batch_size, device=None, dtype=None):
+        """An empty (all-zero) inference cache for `batch_size` sequences. `dtype` is the conv history's
+        (default: the weights'); the SSM state is in `ssm_dtype`."""
+        shapes = self._cache_shapes(batch_size)
         device = device or self.embedding.weight.device
         dtype = dtype or self.embedding.weight.dtype
-        conv = torch.zeros(cfg.n_layer, batch_size, cfg.d_conv - 1, cfg.conv_dim, device=device, dtype=dtype)
-        ssm = torch.zeros(cfg.n_layer, batch_size, cfg.nheads, cfg.headdim, cfg.d_state, device=device,
-                          dtype=torch.float32)
+        conv = torch.zeros(shapes["conv"][1], device=device, dtype=dtype)  # (n_layer, b, K-1, conv_dim)
+        ssm = torch.zeros(shapes["ssm"][1], device=device, dtype=self.ssm_dtype)  # (n_layer, b, H, P, N)
         return InferenceCache(conv, ssm)
+
+    def check_cache(self, cache: InferenceCache, batch_size):
+        """Raise ValueError, naming the difference, unless `cache` fits this model and `batch_size` sequences:
+        the shapes, the device and the dtypes that `allocate_cache` gives. (A cache of another model would
+        otherwise be read and written out of bounds by the C step.)"""
+        fix = f"take a cache for this model from model.allocate_cache({batch_size})"
+        device = self.embedding.weight.device
+        for field, (names, want) in self._cache_shapes(batch_size).items():
+            t = getattr(cache, field)
+            if tuple(t.shape) != want:
+                diff = ", ".join(f"{n} {have} (this model: {w})" for n, have, w in zip(names, t.shape, want)
+                                 if have != w) or f"{t.dim()} dimensions (this model: {len(want)})"
+                raise ValueError(f"cache.{field} has shape {tuple(t.shape)}, not ({', '.join(names)}) = {want}: "
+                                 f"{diff} (a cache of another model or batch size?); {fix}")
+            if t.device != device:
+                raise ValueError(f"cache.{field} is on {t.device} and the model on {device}: {fix}")
+        if not cache.conv.is_floating_point():
+            raise ValueError(f"cache.conv must be floating point, got {cache.conv.dtype}: {fix}")
+        if cache.ssm.dtype != self.ssm_dtype:
+            raise ValueError(f"cache.ssm is {cache.ssm.dtype}, and this model's SSM state is {self.ssm_dtype}: {fix}")
 
     def step(self, token_ids, cache: InferenceCache):
         """One decoding step: token_ids (b,) -> logits (b, Vp), advancing `cache` by one token.
 
         Picks the backend on every call (about a millisecond); a loop of steps should call `decoder` once.
         """
+        check_step_ids(token_ids)
         return self.decoder(token_ids.shape[0])(token_ids, cache)
 
     def decoder(self, batch_size):
@@ -370,6 +411,8 @@ class Mamba2LM(nn.Module):
     @torch.no_grad()
     def _step_torch(self, token_ids, cache: InferenceCache):
         """The decode step in PyTorch (the reference of the C step): token_ids (b,) -> logits (b, Vp)."""
+        check_step_ids(token_ids)
+        self.check_cache(cache, token_ids.shape[0])
         residual = self.embedding(token_ids)  # (b, D)
         dtype = residual.dtype
         if self.config.residual_in_fp32:
@@ -381,35 +424,82 @@ class Mamba2LM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
-                 eos_token_id=None, seed=None):
-        """Prefill the prompt, then decode `max_new_tokens` tokens one step at a time.
+                 eos_token_id=None, seed=None, attention_mask=None):
+        """Prefill the prompts, then decode `max_new_tokens` tokens for all of them, one step at a time.
 
-        input_ids (b, l) -> (b, l + new) ids. Greedy when temperature == 0. Sampling only ever picks
-        real tokens (ids < vocab_size), never the padding rows of the embedding. After a sequence emits
-        `eos_token_id` it is padded with it; generation stops early once every sequence has.
+        input_ids is either
+          * a tensor (b, l) -> (b, l + new) ids: b prompts of l tokens each, taken as they are. There is no
+            padding: every row is a whole prompt, and a pad token in a row is read as text, changing what
+            follows. For prompts of different lengths pass a list:
+          * a list of prompts of any lengths (each a list of ids or a 1-D tensor) -> a list of 1-D tensors,
+            each prompt followed by its new tokens, up to and including its first `eos_token_id`. Each prompt
+            is prefilled alone (exact: no padding), then all are decoded as one batch; prompt i gets what
+            `generate(prompt_i[None], ..., seed=seed + i)` gives it alone.
+        `attention_mask` is refused: a recurrent state cannot skip pad tokens (pass a list instead).
+
+        Greedy when temperature == 0, else sampling with `sample`'s top_k / top_p. With `seed`, row i draws
+        from its own generator seeded seed + i, so its tokens do not depend on the other rows; without,
+        from torch's global generator. Sampling only ever picks real tokens (ids < vocab_size), never the
+        padding rows of the embedding. After a row emits `eos_token_id` it is padded with it; generation
+        stops early once every row has.
         """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        b = input_ids.shape[0]
-        cache = self.allocate_cache(b, device=input_ids.device)
-        logits = self(input_ids, cache=cache, num_last_tokens=1)[:, -1]  # (b, Vp)
+        check_sampling(temperature, top_k, top_p)
+        V = self.config.vocab_size
+        if attention_mask is not None:
+            raise ValueError("generate takes no attention_mask: a Mamba2 state cannot skip pad tokens, so a padded "
+                             "batch would generate wrong tokens. Pass the prompts unpadded, as a list of lists of "
+                             "ids or of 1-D tensors of any lengths.")
+        if not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        if eos_token_id is not None and not (isinstance(eos_token_id, numbers.Integral) and 0 <= eos_token_id < V):
+            raise ValueError(f"eos_token_id must be an id in [0, {V}), got {eos_token_id!r}")
+        ragged = isinstance(input_ids, (list, tuple))
+        if ragged:
+            if not input_ids:
+                raise ValueError("generate got an empty list of prompts")
+            device = self.embedding.weight.device
+            prompts = [torch.as_tensor(p, device=device) for p in input_ids]
+            for i, p in enumerate(prompts):
+                if p.dim() != 1:
+                    raise ValueError(f"prompt {i} must be a list of ids or a 1-D tensor, got shape {tuple(p.shape)}")
+                check_prompt(p[None], V, f"prompt {i}")
+            # each prompt prefilled alone, then the caches and the last logits stacked into one batch
+            caches = [self.allocate_cache(1) for _ in prompts]
+            logits = torch.cat([self(p[None], cache=c, num_last_tokens=1)[:, -1]
+                                for p, c in zip(prompts, caches)])  # (b, Vp)
+            cache = InferenceCache(torch.cat([c.conv for c in caches], dim=1),  # (n_layer, b, K-1, conv_dim)
+                                   torch.cat([c.ssm for c in caches], dim=1),  # (n_layer, b, H, P, N)
+                                   seqlen_offset=max(len(p) for p in prompts))  # (the rows differ: the longest)
+        else:
+            check_prompt(input_ids, V, "input_ids")
+            device = input_ids.device
+            cache = self.allocate_cache(input_ids.shape[0], device=device)
+            logits = self(input_ids, cache=cache, num_last_tokens=1)[:, -1]  # (b, Vp)
+
+        b = logits.shape[0]
         step = self.decoder(b)
-        gen = None
-        if seed is not None:
-            gen = torch.Generator(device=input_ids.device).manual_seed(seed)
-        done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
-        out = [input_ids]
+        gens = None if seed is None else [torch.Generator(device=device).manual_seed(seed + i) for i in range(b)]
+        done = torch.zeros(b, dtype=torch.bool, device=device)
+        new = []
         for i in range(max_new_tokens):
-            logits = logits[:, : self.config.vocab_size]  # (b, V): never a padding row
-            tok = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)  # (b,)
+            logits = logits[:, :V]  # (b, V): never a padding row
+            tok = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gens)  # (b,)
             if eos_token_id is not None:
                 tok = torch.where(done, torch.full_like(tok, eos_token_id), tok)
                 done |= tok == eos_token_id
-            out.append(tok[:, None])  # (b, 1)
+            new.append(tok[:, None])  # (b, 1)
             if (eos_token_id is not None and bool(done.all())) or i == max_new_tokens - 1:
                 break
             logits = step(tok, cache)
-        return torch.cat(out, dim=1)  # (b, l + new)
+        new = torch.cat(new, dim=1) if new else torch.zeros(b, 0, dtype=torch.long, device=device)  # (b, new)
+        if not ragged:
+            return torch.cat([input_ids, new.to(input_ids.dtype)], dim=1)  # (b, l + new)
+        out = []
+        for p, row in zip(prompts, new):
+            if eos_token_id is not None and bool((row == eos_token_id).any()):
+                row = row[: int((row == eos_token_id).nonzero()[0]) + 1]  # up to its first EOS
+            out.append(torch.cat([p, row.to(p.dtype)]))  # (l_i + new_i,)
+        return out
 
     def save_pretrained(self, directory):
         """Write config.json + pytorch_model.bin in the state-spaces layout (see `minimamba.hub`)."""
@@ -422,27 +512,70 @@ class Mamba2LM(nn.Module):
         return n - self.embedding.weight.numel() if non_embedding else n
 
 
+def check_step_ids(token_ids):
+    """A decoding step takes one integer id per sequence: token_ids (b,)."""
+    if not isinstance(token_ids, torch.Tensor) or token_ids.dim() != 1:
+        shape = tuple(token_ids.shape) if isinstance(token_ids, torch.Tensor) else type(token_ids).__name__
+        raise ValueError(f"token_ids must be a 1-D tensor (batch,): one id per sequence, got {shape}; "
+                         "for ids (batch, 1) pass ids[:, 0]")
+    if token_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"token_ids must be integer ids (torch.long or torch.int), got {token_ids.dtype}")
+
+
+def check_prompt(ids, vocab_size, what):
+    """A prompt for `generate`: a tensor (b, l) of integer ids in [0, vocab_size), l >= 1 (one host sync)."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"{what} must be a (batch, seqlen) tensor of ids, got {shape}. Pass one prompt as "
+                         "ids[None], and prompts of different lengths as a list of lists or of 1-D tensors")
+    if ids.shape[1] == 0:
+        raise ValueError(f"{what} is empty: the model needs at least one token to predict from. To generate from "
+                         "nothing, start from the EOS id (0, <|endoftext|>, for the GPT-NeoX tokenizer of the "
+                         "public checkpoints).")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{what} must hold integer ids (torch.long or torch.int), got {ids.dtype}")
+    if ids.numel():
+        lo, hi = (int(v) for v in torch.aminmax(ids))
+        if lo < 0 or hi >= vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{what} holds token id {bad}, outside the vocabulary [0, {vocab_size}): "
+                             "were the ids made by another tokenizer?")
+
+
+def check_sampling(temperature, top_k, top_p):
+    """Raise ValueError unless temperature is a finite number >= 0, top_k None or an integer >= 1, and
+    top_p None or a number in (0, 1]. Checked whatever the temperature, so that a bad value is never ignored."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
+            math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
+        raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+
+
 def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     """Pick one id per row of logits (b, V). temperature 0 = argmax; top_k / top_p restrict the support
-    to the k most likely ids / the smallest set whose probability reaches top_p, before sampling."""
+    to the k most likely ids / the smallest set whose probability reaches top_p, before sampling
+    (top_p = 1 keeps every id). `generator`: a torch.Generator, or a list of one per row."""
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
     logits = logits.float() / temperature
     if top_k is not None:
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (b, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_p is not None and top_p < 1:  # (at 1 the float32 cumsum can pass 1 and would drop tail ids)
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)  # (b, V)
         probs = torch.softmax(sorted_logits, dim=-1)
         mass_before = torch.cumsum(probs, dim=-1) - probs  # probability of the ids ranked above
         drop_sorted = mass_before >= top_p  # keep ids until the kept mass reaches top_p (always the top one)
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
+    probs = torch.softmax(logits, dim=-1)  # (b, V)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != probs.shape[0]:
+            raise ValueError(f"got {len(generator)} generators for {probs.shape[0]} rows of logits")
+        picks = [torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generator)]  # b × (1,)
+        return torch.cat(picks) if picks else probs.new_zeros(0, dtype=torch.long)  # (b,)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]  # (b,)

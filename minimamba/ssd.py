@@ -161,7 +161,7 @@ def ssd_quadratic(x, dt, A, B, C, D=None, initial_state=None):
     if initial_state is not None:
         h0 = initial_state.to(cdt)
         y = y + torch.einsum("bht,bthn,bhpn->bthp", torch.exp(cs), C, h0)
-        total = cs[..., -1] if l else torch.zeros_like(cs[..., 0])  # (b, H): log-decay of the whole sequence
+        total = cs[..., -1] if l else cs.new_zeros(cs.shape[:-1])  # (b, H): log-decay of the whole sequence
         final = final + torch.exp(total)[..., None, None] * h0
     if D is not None:
         y = y + D.to(cdt)[:, None] * xf
@@ -169,7 +169,7 @@ def ssd_quadratic(x, dt, A, B, C, D=None, initial_state=None):
 
 
 def ssd_chunked(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64):
-    """The chunked SSD algorithm (Mamba2 paper, Listing 1), for any seqlen.
+    """The chunked SSD algorithm (Mamba2 paper, Listing 1), for any seqlen (0 included).
 
     The result does not depend on chunk_size (up to rounding): it only trades the O(Q²) work of the
     intra-chunk matmuls against the number of sequential inter-chunk steps. A ragged last chunk is
@@ -180,6 +180,9 @@ def ssd_chunked(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64):
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
     cdt = _compute_dtype(x)
+    if l == 0:  # nothing to scan: no outputs, and the state passes through unchanged
+        final = x.new_zeros(b, h, p, n, dtype=cdt) if initial_state is None else initial_state.to(cdt, copy=True)
+        return x.new_zeros(b, 0, h, p), final  # (b, 0, H, P), (b, H, P, N)
     Q = chunk_size
     pad = (-l) % Q
     nc = (l + pad) // Q  # number of chunks

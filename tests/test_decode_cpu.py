@@ -116,6 +116,55 @@ def test_bad_token_ids_and_batch_sizes_fail_clearly():
         Mamba2LM(config(), decode_backend="fortran")
 
 
+@pytest.mark.parametrize("other, message", [
+    (dict(n_layer=8), r"cache.conv has shape \(8, 1, 3, 192\).*n_layer 8 \(this model: 3\)"),  # read past the end
+    (dict(n_layer=1), r"cache.conv .*n_layer 1 \(this model: 3\)"),
+    (dict(d_state=32), r"cache.conv .*conv_dim 256 \(this model: 192\)"),
+    (dict(d_conv=2), r"cache.conv .*d_conv-1 1 \(this model: 3\)"),
+    (dict(headdim=8), r"cache.ssm has shape \(3, 1, 16, 8, 16\).*headdim 8 \(this model: 16\)"),
+    (dict(d_model=32), r"cache.conv .*conv_dim 128 \(this model: 192\)"),
+])
+def test_a_cache_of_another_model_is_refused_before_c_reads_it(other, message):
+    """Such a cache made the C step read and write out of bounds (a crash, or a hang)."""
+    model = random_model(config(), decode_backend="c")
+    cache = Mamba2LM(config(**other)).allocate_cache(1)
+    before = (cache.conv.clone(), cache.ssm.clone())
+    with pytest.raises(ValueError, match=message + r".*model.allocate_cache\(1\)"):
+        model.step(torch.tensor([1]), cache)
+    assert torch.equal(cache.conv, before[0]) and torch.equal(cache.ssm, before[1])
+
+
+def test_the_c_step_refuses_a_cache_it_cannot_index():
+    model = random_model(config(), decode_backend="c")
+    step = model.decoder(2)
+    ok = model.allocate_cache(2)
+    wide = model.allocate_cache(2, dtype=torch.float64)  # a float64 conv history: fine for the torch step
+    with pytest.raises(ValueError, match="contiguous float32 cache, got a conv history in torch.float64"):
+        step(torch.tensor([1, 2]), wide)
+    strided = model.allocate_cache(2)
+    strided.ssm = torch.zeros(strided.ssm.shape[::-1]).permute(4, 3, 2, 1, 0)  # the right shape, transposed
+    with pytest.raises(ValueError, match="an SSM state not contiguous"):
+        step(torch.tensor([1, 2]), strided)
+    for ids in (torch.tensor([[1], [2]]), torch.tensor([1.0, 2.0])):  # (b, 1) ids; float ids
+        with pytest.raises(ValueError, match=r"token_ids must be a 1-D tensor \(batch,\) of integer ids"):
+            step(ids, ok)
+    assert not ok.ssm.any() and ok.seqlen_offset == 0
+
+
+def test_the_logits_are_float32_whatever_the_default_dtype():
+    """C writes float32: logits allocated in a float64 default dtype were read as garbage."""
+    model = random_model(config())
+    ids = torch.tensor([[5, 6], [7, 8]])
+    ref, _ = run_steps(model, "torch", ids)
+    torch.set_default_dtype(torch.float64)
+    try:
+        out, _ = run_steps(model, "c", ids)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert out.dtype == torch.float32
+    assert (out - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+
+
 @pytest.fixture
 def fresh_build(monkeypatch, tmp_path):
     """An empty build directory and no loaded library, restored afterwards."""

@@ -153,3 +153,15 @@ def test_ngroups_must_divide_nheads():
     B2 = torch.randn(1, 6, 2, 5, dtype=torch.float64)
     with pytest.raises(ValueError, match="ngroups=2 must divide nheads=3"):
         ssd_chunked(x, dt, A, B2, B2, D, chunk_size=4)
+
+
+@pytest.mark.parametrize("use_h0", [True, False])
+def test_an_empty_sequence_leaves_the_state_as_it_was(use_h0):
+    x, dt, A, B, C, D, h0 = make_problem(7, 2, 0, 4, 3, 2, 5)  # seqlen 0
+    h0 = torch.randn(2, 4, 3, 5, dtype=torch.float64) if use_h0 else None
+    for f in (ssd_recurrent, ssd_quadratic, lambda *a: ssd_chunked(*a, chunk_size=4)):
+        y, h = f(x, dt, A, B, C, D, h0)
+        assert y.shape == (2, 0, 4, 3) and y.dtype == x.dtype
+        assert torch.equal(h, h0 if use_h0 else torch.zeros(2, 4, 3, 5, dtype=torch.float64))
+    y, h = ssd_chunked(x.float(), dt.float(), A.float(), B.float(), C.float(), D.float(), h0, chunk_size=4)
+    assert h.dtype == torch.float32 and (h0 is None or h.data_ptr() != h0.data_ptr())  # a new tensor, float32
