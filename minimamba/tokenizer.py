@@ -105,7 +105,7 @@ class Tokenizer:
         return self._encode_ordinary(_nfc(text))
 
     def _encode_ordinary(self, text: str) -> list[int]:
-        """encoding.encode_ordinary(text), also for text with whitespace runs too long for tiktoken's regex.
+        r"""encoding.encode_ordinary(text), also for text with whitespace runs too long for tiktoken's regex.
 
         Its regex engine gives up (a Rust panic, which no `except Exception` catches) on a run of about a
         million whitespace characters other than spaces, which the look-ahead alternative `\s+(?!\S)`
@@ -332,7 +332,7 @@ _LONG_WHITESPACE = re.compile(f"[{_WHITESPACE}]{{{_LONG_WHITESPACE_RUN},}}")
 
 
 def _whitespace_pieces(run: str, longest_space_run: int) -> list[str]:
-    """The pieces `_pattern`'s regex cuts `run` into, for a run of whitespace characters that starts the
+    r"""The pieces `_pattern`'s regex cuts `run` into, for a run of whitespace characters that starts the
     text or follows a non-whitespace character, if it ends the text. No alternative that takes a letter,
     digit or symbol can match in it, and `(?!\S)` holds everywhere in it, so what is left is: a run of 2
     to `longest_space_run` spaces is a piece (the space-run tokens, longest first, and no look-ahead),
