@@ -307,8 +307,11 @@ def _parquet_records(path: Path, names: list[str], report) -> Iterator[tuple[int
 def _pubmed_xml_records(path: Path, report) -> Iterator[tuple[int, dict]]:
     """PubMed baseline files: a <PubmedArticleSet> of <PubmedArticle>s, streamed (a file holds ~30,000).
 
-    The parser is fed the text of _lines(), so a byte that is not UTF-8 costs one U+FFFD (reported as
-    non_utf8 with its line), not the rest of the file; the parser's line numbers are the file's."""
+    A file in UTF-8 (what PubMed writes, and XML's default) is fed to the parser as the text of _lines(), so
+    a byte that is not UTF-8 costs one U+FFFD (reported as non_utf8 with its line), not the rest of the file;
+    the parser's line numbers are the file's. A file that declares another encoding
+    (<?xml ... encoding="ISO-8859-1"?>) or starts with a UTF-16 byte order mark is fed as bytes, for the
+    parser to decode as it declares."""
     parser = ET.XMLPullParser(events=("end",))  # "end" events: the element is complete
     number = 0
 
@@ -321,19 +324,41 @@ def _pubmed_xml_records(path: Path, report) -> Iterator[tuple[int, dict]]:
                 element.clear()  # free the article's subtree
 
     try:
-        chunk = []
-        for _, line in _lines(path, report):
-            chunk.append(line)
-            if len(chunk) == 4096:
-                parser.feed("\n".join(chunk) + "\n")  # text, not bytes: the parser takes it as decoded
-                chunk.clear()
-                yield from articles()
-        parser.feed("\n".join(chunk))
+        if _xml_declares_other_encoding(path):
+            with _open_bytes(path) as f:
+                while block := f.read(_XML_FEED_CHARS):
+                    parser.feed(block)
+                    yield from articles()
+        else:
+            chunk, size = [], 0
+            for _, line in _lines(path, report):
+                chunk.append(line)
+                size += len(line) + 1
+                if size >= _XML_FEED_CHARS:  # (~1 MB pieces of a ~150 MB file; a file with no line breaks is one)
+                    parser.feed("\n".join(chunk) + "\n")  # text, not bytes: the parser takes it as decoded
+                    chunk, size = [], 0
+                    yield from articles()
+            parser.feed("\n".join(chunk))
         yield from articles()
         parser.close()  # raises ParseError if the file ends inside an element
         yield from articles()  # (any events the parser held back until the end)
     except ET.ParseError as e:
         report("malformed", e.position[0], f"not valid XML ({e}); skipped the rest of the file")
+
+
+_XML_FEED_CHARS = 1 << 20
+_XML_ENCODING = re.compile(rb"""^<\?xml[^>]*?\sencoding\s*=\s*["']([A-Za-z0-9._-]+)["']""")
+
+
+def _xml_declares_other_encoding(path: Path) -> bool:
+    """Whether the XML file at `path` says it is not UTF-8: a UTF-16 byte order mark, or an encoding other
+    than UTF-8 in its declaration. (A file with neither is UTF-8, as XML defines.)"""
+    with _open_bytes(path) as f:
+        head = f.read(200)
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return True
+    declared = _XML_ENCODING.match(head.removeprefix(codecs.BOM_UTF8))
+    return declared is not None and declared.group(1).decode().lower().replace("_", "-") not in ("utf-8", "utf8")
 
 
 def _pubmed_article(article: ET.Element) -> dict:

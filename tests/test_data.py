@@ -4,6 +4,7 @@ Most tests use a byte-level stand-in tokenizer (fast, and its tokens decode back
 the tests on ../shared/data use the real GPT-NeoX tokenizer.json.
 """
 
+import codecs
 import functools
 import gzip
 import hashlib
@@ -276,6 +277,22 @@ def test_a_non_utf8_byte_in_pubmed_xml_costs_one_character_not_the_rest_of_the_f
 def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+def test_pubmed_xml_in_a_declared_encoding_is_read_as_it_declares(tmp_path):
+    def article(title):
+        return (f"<PubmedArticle><MedlineCitation><PMID>1</PMID><Article><ArticleTitle>{title}</ArticleTitle>"
+                f"<Abstract><AbstractText>on {title}</AbstractText></Abstract></Article></MedlineCitation></PubmedArticle>")
+
+    latin = tmp_path / "latin.xml"
+    latin.write_bytes(('<?xml version="1.0" encoding="ISO-8859-1"?>\n<PubmedArticleSet>\n' + article("café")
+                       + "\n</PubmedArticleSet>\n").encode("latin-1"))
+    utf16 = tmp_path / "utf16.xml.gz"
+    with gzip.open(utf16, "wb") as f:
+        f.write(codecs.BOM_UTF16_LE + ('<?xml version="1.0" encoding="UTF-16"?>\n<PubmedArticleSet>' + article("naïve")
+                                       + "</PubmedArticleSet>").encode("utf-16-le"))
+    assert texts(latin, template="{title}") == (["café"], [])
+    assert texts(utf16, template="{title}") == (["naïve"], [])
 
 
 def test_prepare_cleans_splits_and_counts(tmp_path):
