@@ -579,10 +579,10 @@ def _meta_to_update(out: Path, writes, tokenizer, tokenizer_name: str) -> dict:
     kept = [name for name in meta["splits"] if name not in writes]
     unfinished = [name for name in meta.get("preparing", ()) if name not in writes]
     if unfinished:  # this call would keep a split whose file may not be the one its metadata describes
-        stopped = ", ".join(meta["preparing"])
+        stopped = " and ".join(f"{name}.bin" for name in meta["preparing"])
         redo = "--split auto" if len(meta["preparing"]) == len(SPLITS) else f"--split {meta['preparing'][0]}"
         raise DataError(
-            f"{out}/meta.json: an earlier `prepare` stopped while replacing {stopped}.bin, so "
+            f"{out}/meta.json: an earlier `prepare` stopped while replacing {stopped}, so "
             f"{unfinished[0]}.bin may not match meta.json, and this call (--split {writes[0]}) would keep it. "
             f"Run the stopped command again, or another prepare of this domain with {redo}"
         )
