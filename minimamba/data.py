@@ -635,7 +635,7 @@ def read_meta(data_dir: str | Path, domain: str, unfinished_ok: bool = False) ->
     except json.JSONDecodeError as e:
         raise DataError(f"{path} is not valid JSON ({e}); delete the folder and prepare it again") from None
     if meta.get("preparing") and not unfinished_ok:
-        raise DataError(f"{path}: `prepare` stopped while replacing {', '.join(meta['preparing'])}.bin, so the "
+        raise DataError(f"{path}: `prepare` stopped while replacing {' and '.join(f'{n}.bin' for n in meta['preparing'])}, so the "
                         f"token files and meta.json may disagree; prepare the domain again "
                         f"({_PREPARE_HINT.format(domain, data_dir)})")
     return meta

@@ -381,7 +381,7 @@ def test_a_prepare_killed_between_its_renames_is_refused_then_redone(tmp_path, m
         prepare("c4", [second], ByteTokenizer(), out)
     monkeypatch.undo()
     for split in ("train", "heldout"):  # the new .bin files are in place, meta.json still says "preparing"
-        with pytest.raises(DataError, match="stopped while replacing train, heldout.bin.*prepare the domain again"):
+        with pytest.raises(DataError, match="stopped while replacing train.bin and heldout.bin.*prepare the domain again"):
             load_split(out, "c4", split)
     prepare("c4", [second], ByteTokenizer(), out)  # doing it again repairs the domain
     assert sorted(documents_in(out, "c4", "train") + documents_in(out, "c4", "heldout")) == sorted(
@@ -409,7 +409,7 @@ def test_a_one_split_call_after_a_prepare_killed_between_its_renames_is_refused(
         prepare("c4", [second], ByteTokenizer(), out, heldout_fraction=0.2)
     monkeypatch.undo()
     assert (out / "c4" / "heldout.bin.tmp").exists()
-    with pytest.raises(DataError, match=r"stopped while replacing train, heldout.bin, so heldout.bin may not match "
+    with pytest.raises(DataError, match=r"stopped while replacing train.bin and heldout.bin, so heldout.bin may not match "
                        r"meta.json, and this call \(--split train\) would keep it. Run the stopped command again, "
                        r"or another prepare of this domain with --split auto$"):
         prepare("c4", [third], ByteTokenizer(), out, split="train")
