@@ -107,19 +107,24 @@ _DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32"
                 "fp64": "float64", "double": "float64"}
 
 
+# the dtypes the model computes in (float8 dtypes are floating point too, but its layers cannot run in them)
+_MODEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def _floating_dtype(dtype):
     """`dtype` (None: torch's default, a torch.dtype, or a name such as "bfloat16", "bf16", "float16",
-    "fp16", "float32") as a floating-point torch.dtype, or a ValueError saying what is accepted."""
+    "fp16", "float32") as one of float16, bfloat16, float32, float64, or a ValueError saying what is accepted."""
     if dtype is None:
         return torch.get_default_dtype()
     given = dtype
     if isinstance(dtype, str):
         name = dtype.strip().lower().removeprefix("torch.")
         dtype = getattr(torch, _DTYPE_NAMES.get(name, name), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+    if not isinstance(dtype, torch.dtype) or dtype not in _MODEL_DTYPES:
         raise ValueError(
-            f"dtype={given!r} is not a floating-point dtype; pass a torch.dtype such as torch.bfloat16 or a "
-            "name: 'float32' ('fp32'), 'bfloat16' ('bf16'), 'float16' ('fp16'), 'float64'"
+            f"dtype={given!r} is not a floating-point dtype the model computes in; pass torch.float16, "
+            "torch.bfloat16, torch.float32 or torch.float64, or a name: 'float32' ('fp32'), 'bfloat16' ('bf16'), "
+            "'float16' ('fp16'), 'float64'"
         )
     return dtype
 

@@ -21,6 +21,7 @@ import math
 import numbers
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -434,16 +435,23 @@ class Mamba2LM(nn.Module):
           * a list of prompts of any lengths (each a list of ids or a 1-D tensor) -> a list of 1-D tensors,
             each prompt followed by its new tokens, up to and including its first `eos_token_id`. Each prompt
             is prefilled alone (exact: no padding), then all are decoded as one batch; prompt i gets what
-            `generate(prompt_i[None], ..., seed=seed + i)` gives it alone.
+            `generate(prompt_i[None], ..., seed=row_seed(seed, i))` gives it alone.
+        The ids keep the prompt's integer dtype (torch.long or torch.int; a prompt given as a list: torch.long).
         `attention_mask` is refused: a recurrent state cannot skip pad tokens (pass a list instead).
 
-        Greedy when temperature == 0, else sampling with `sample`'s top_k / top_p. With `seed`, row i draws
-        from its own generator seeded seed + i, so its tokens do not depend on the other rows; without,
-        from torch's global generator. Sampling only ever picks real tokens (ids < vocab_size), never the
-        padding rows of the embedding. After a row emits `eos_token_id` it is padded with it; generation
-        stops early once every row has.
+        Greedy when temperature == 0, else sampling with `sample`'s top_k / top_p (numbers, or 0-dim tensors).
+        With `seed` (an integer), row i draws from its own generator seeded `row_seed(seed, i)` (row 0: `seed`
+        itself), so its tokens do not depend on the other rows, nor repeat a row of a call with another seed;
+        such a batch samples row by row, one torch.multinomial per row and token, which a large batch pays
+        for (both ways draw b * vocab random numbers, but one call can spread them over threads). Without
+        `seed`, all rows are sampled in one call from torch's global generator. Sampling
+        only ever picks real tokens (ids < vocab_size), never the padding rows of the embedding. After a row
+        emits `eos_token_id` it is padded with it; generation stops early once every row has.
         """
-        check_sampling(temperature, top_k, top_p)
+        temperature, top_k, top_p = check_sampling(temperature, top_k, top_p)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                                 or not -2**63 <= seed < 2**64):
+            raise ValueError(f"seed must be None or an integer in [-2**63, 2**64), got {seed!r}")
         V = self.config.vocab_size
         if attention_mask is not None:
             raise ValueError("generate takes no attention_mask: a Mamba2 state cannot skip pad tokens, so a padded "
@@ -478,7 +486,8 @@ class Mamba2LM(nn.Module):
 
         b = logits.shape[0]
         step = self.decoder(b)
-        gens = None if seed is None else [torch.Generator(device=device).manual_seed(seed + i) for i in range(b)]
+        gens = None if seed is None else [torch.Generator(device=device).manual_seed(row_seed(int(seed), i))
+                                          for i in range(b)]
         done = torch.zeros(b, dtype=torch.bool, device=device)
         new = []
         for i in range(max_new_tokens):
@@ -542,9 +551,28 @@ def check_prompt(ids, vocab_size, what):
                              "were the ids made by another tokenizer?")
 
 
+def row_seed(seed, i):
+    """The seed of row i of `generate(..., seed=seed)`: `seed` itself for row 0 (one prompt with seed s samples as
+    seeded s), else a 64-bit integer mixed from (seed, i) by NumPy's SeedSequence (stable across NumPy versions).
+    Row i of a batch gives what `generate(prompt_i[None], ..., seed=row_seed(seed, i))` gives, and calls with
+    seeds 0, 1, 2, ... share no row (seed + i did: row 1 of seed 0 was row 0 of seed 1)."""
+    if i == 0:
+        return seed
+    return int(np.random.SeedSequence([seed % 2**64, i]).generate_state(1, dtype=np.uint64)[0])
+
+
+def _scalar(x):
+    """A 0-dim tensor or array, or a NumPy scalar, as a Python number (its .item()); anything else as it is."""
+    if isinstance(x, (torch.Tensor, np.ndarray, np.generic)) and x.ndim == 0:
+        return x.item()
+    return x
+
+
 def check_sampling(temperature, top_k, top_p):
-    """Raise ValueError unless temperature is a finite number >= 0, top_k None or an integer >= 1, and
-    top_p None or a number in (0, 1]. Checked whatever the temperature, so that a bad value is never ignored."""
+    """Return (temperature, top_k, top_p) as Python numbers (0-dim tensors and NumPy scalars are taken), or raise
+    ValueError unless temperature is a finite number >= 0, top_k None or an integer >= 1, and top_p None or a
+    number in (0, 1]. Checked whatever the temperature, so that a bad value is never ignored."""
+    temperature, top_k, top_p = _scalar(temperature), _scalar(top_k), _scalar(top_p)
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
             math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
@@ -552,13 +580,15 @@ def check_sampling(temperature, top_k, top_p):
         raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1):
         raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+    return temperature, top_k, top_p
 
 
 def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     """Pick one id per row of logits (b, V). temperature 0 = argmax; top_k / top_p restrict the support
     to the k most likely ids / the smallest set whose probability reaches top_p, before sampling
-    (top_p = 1 keeps every id). `generator`: a torch.Generator, or a list of one per row."""
-    check_sampling(temperature, top_k, top_p)
+    (top_p = 1 keeps every id). `generator`: a torch.Generator (or None: torch's global one), all rows drawn in
+    one torch.multinomial; or a list of one generator per row, each row drawn alone from its own."""
+    temperature, top_k, top_p = check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature

@@ -4,11 +4,12 @@ arguments, and a float64 model. (Generation against HF transformers is in tests/
 import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
 from minimamba import Mamba2Config, Mamba2LM
-from minimamba.model import sample
+from minimamba.model import row_seed, sample
 from tests.conftest import randomize_
 
 CFG = Mamba2Config(d_model=64, n_layer=2, vocab_size=1000, d_state=16, headdim=16, ngroups=2, chunk_size=8)
@@ -33,11 +34,11 @@ def test_a_list_of_prompts_of_different_lengths_gives_what_each_prompt_gives_alo
     model.decode_backend = decode_backend
     prompts = prompts_of_lengths(7, 1, 12)
     sampling = dict(temperature=1.0, top_k=100, top_p=0.9)
-    eos = int(model.generate(prompts[1][None], 2, **sampling, seed=4)[0, 2])  # the 2nd token prompt 1 samples
+    eos = int(model.generate(prompts[1][None], 2, **sampling, seed=row_seed(3, 1))[0, 2])  # prompt 1's 2nd token
     for kw in (dict(), dict(sampling, seed=3, eos_token_id=eos)):  # greedy; seeded sampling with an EOS
         out = model.generate(prompts, 6, **kw)
-        for i, p in enumerate(prompts):  # row i samples with seed + i
-            alone = model.generate(p[None], 6, **{**kw, **({"seed": 3 + i} if kw else {})})[0]  # (l_i + new_i,)
+        for i, p in enumerate(prompts):  # row i samples with row_seed(3, i)
+            alone = model.generate(p[None], 6, **{**kw, **({"seed": row_seed(3, i)} if kw else {})})[0]
             assert torch.equal(out[i], alone), f"prompt {i} {kw}"
     assert len(out[1]) <= 1 + 2 and out[1][-1] == eos  # that row ends at its EOS, the others run on
     assert len(out[0]) == 7 + 6 or out[0][-1] == eos
@@ -69,6 +70,8 @@ def test_padded_prompts_are_not_prompts_a_mask_is_refused_and_lists_take_lists_o
     (lambda m: m.generate(torch.tensor([[0.5, 2.0]]), 3), "integer ids.*float32"),
     (lambda m: m.generate(torch.tensor([[5]]), 2.5), "max_new_tokens must be an integer >= 0, got 2.5"),
     (lambda m: m.generate(torch.tensor([[5]]), 3, eos_token_id=1000), r"eos_token_id must be an id in \[0, 1000\)"),
+    (lambda m: m.generate(torch.tensor([[5]]), 3, seed=1.5), r"seed must be None or an integer in .*got 1.5"),
+    (lambda m: m.generate(torch.tensor([[5]]), 3, seed=2**64), r"seed must be .* in \[-2\*\*63, 2\*\*64\)"),
 ])
 def test_bad_prompts_are_named(model, call, message):
     with pytest.raises(ValueError, match=message):
@@ -136,6 +139,53 @@ def test_bad_sampling_arguments_are_refused_even_when_greedy(model, kw, message,
         sample(torch.randn(2, 10), **kw)
     with pytest.raises(ValueError, match=message):
         model.generate(torch.tensor([[5]]), 3, **kw)  # refused before any work
+
+
+def test_sampling_arguments_may_be_0_dim_tensors_or_numpy_scalars(model):
+    """As the old sample() took them; they are read as Python numbers, and still checked."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    as_numbers = dict(temperature=0.7, top_k=20, top_p=0.9)
+    for kw in (dict(temperature=torch.tensor(0.7, dtype=torch.float64), top_k=torch.tensor(20),
+                    top_p=torch.tensor(0.9, dtype=torch.float64)),
+               dict(temperature=np.float64(0.7), top_k=np.int64(20), top_p=np.array(0.9))):
+        want = sample(logits, **as_numbers, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(sample(logits, **kw, generator=torch.Generator().manual_seed(1)), want), kw
+        prompt = torch.tensor([[5, 6]])
+        assert torch.equal(model.generate(prompt, 3, **kw, seed=2), model.generate(prompt, 3, **as_numbers, seed=2))
+    for kw, message in [(dict(temperature=torch.tensor(math.nan)), "temperature must be .* got nan"),
+                        (dict(temperature=np.float64(math.inf)), "temperature must be .* got inf"),
+                        (dict(temperature=torch.tensor([0.7])), r"temperature must be .* got tensor\(\[0.7"),
+                        (dict(top_k=torch.tensor(0)), "top_k must be None or an integer >= 1, got 0"),
+                        (dict(top_k=torch.tensor(2.0)), "top_k must be None or an integer >= 1, got 2.0"),
+                        (dict(top_p=np.float64(1.5)), r"top_p must be None or a number in \(0, 1\], got 1.5"),
+                        (dict(top_p=torch.tensor(True)), r"top_p must be None or a number in \(0, 1\], got True")]:
+        with pytest.raises(ValueError, match=message):
+            sample(logits, **{"temperature": 1.0, **kw})
+
+
+# seeds -------------------------------------------------------------------------------------------
+def test_seeded_rows_do_not_repeat_across_seeds_and_row_i_is_row_seed_alone(model, monkeypatch):
+    """Row i used seed + i, so generate([p, p], seed=0)[1] was generate([p, p], seed=1)[0]: drawing a batch per
+    call with seeds 0, 1, 2 gave duplicates. Row 0 keeps `seed`; row i > 0 seeds with row_seed(seed, i)."""
+    model.decode_backend = "torch"
+    assert [row_seed(s, 0) for s in (0, 7, -1)] == [0, 7, -1]
+    assert row_seed(0, 1) == 5836529245451711556  # pinned: NumPy's SeedSequence([0, 1]), a documented formula
+    assert row_seed(-1, 2) == row_seed(2**64 - 1, 2)  # as torch reads a negative seed
+    assert len({row_seed(s, i) for s in range(4) for i in range(4)}) == 16
+    prompt = torch.tensor([[5, 6, 7]])
+    rows = {s: model.generate(prompt.expand(3, -1), 6, temperature=1.0, seed=s)[:, 3:] for s in range(3)}
+    assert len({tuple(r.tolist()) for out in rows.values() for r in out}) == 9  # 3 calls x 3 rows, all distinct
+    for i in range(3):
+        assert torch.equal(rows[1][i], model.generate(prompt, 6, temperature=1.0, seed=row_seed(1, i))[0, 3:]), i
+    # a seeded batch samples row by row (one multinomial per row and token), an unseeded one in one call
+    calls, multinomial = [], torch.multinomial
+    monkeypatch.setattr(torch, "multinomial",
+                        lambda probs, *a, **k: calls.append(len(probs)) or multinomial(probs, *a, **k))
+    model.generate(prompt.expand(3, -1), 2, temperature=1.0, seed=0)
+    assert calls == [1] * 6
+    calls.clear()
+    model.generate(prompt.expand(3, -1), 2, temperature=1.0)
+    assert calls == [3, 3]
 
 
 def test_top_p_one_keeps_every_id(monkeypatch):
