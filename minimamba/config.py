@@ -12,6 +12,7 @@ Two config.json layouts exist for the same model:
 
 import json
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -45,6 +46,11 @@ def _require(d, layout, keys):
                          f"add them (its keys are: {sorted(d)})")
 
 
+# what a field of each annotation must hold (numbers.Integral: numpy's integers too); a float field takes an int
+_KINDS = {int: numbers.Integral, float: numbers.Real, bool: bool}
+_KIND_NAMES = {numbers.Integral: "an integer", numbers.Real: "a number", bool: "true or false"}
+
+
 @dataclass
 class Mamba2Config:
     d_model: int = 768  # D, the width of the residual stream
@@ -72,6 +78,12 @@ class Mamba2Config:
 
     def __post_init__(self):
         problems = []
+        for f in fields(self):  # (a config.json may hold "2" or 2.0 or null where a size goes)
+            value, kind = getattr(self, f.name), _KINDS[f.type]
+            if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+                problems.append(f"{f.name} must be {_KIND_NAMES[kind]}, got {value!r}")
+        if problems:
+            raise ValueError("invalid Mamba2Config: " + "; ".join(problems))
         for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "headdim", "ngroups",
                      "chunk_size"):
             if getattr(self, name) < 1:
@@ -118,6 +130,11 @@ class Mamba2Config:
     @classmethod
     def from_dict(cls, d):
         """Read a config dict in the state-spaces or the HF transformers layout."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a Mamba2 config.json is one JSON object ({{\"d_model\": ..., ...}}); this one is a "
+                             f"JSON {type(d).__name__}")
+        if not isinstance(d.get("ssm_cfg") or {}, dict):
+            raise ValueError(f"ssm_cfg must be a JSON object, got {d['ssm_cfg']!r}")
         model_type = d.get("model_type")
         if model_type in ("mamba", "falcon_mamba"):
             raise ValueError(
@@ -293,6 +310,9 @@ class Mamba2Config:
             return cls.from_dict(d)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
+        except (TypeError, KeyError, AttributeError) as e:  # (a value of a type no check above foresaw)
+            raise ValueError(f"{path}: a value has an unexpected type ({type(e).__name__}: {e}); expected a "
+                             "Mamba2 config.json") from None
 
     def save(self, path, layout="state-spaces"):
         """Write config.json (indent 4, like mamba_ssm's save_pretrained)."""

@@ -1,16 +1,33 @@
 """Writing files so that a run killed mid-write leaves the old file or the new one, never half of one;
 and hashing files. Used by the checkpoint writer (hub), corpus preparation (data), downloads and training."""
 
+import errno
 import hashlib
 import os
 import secrets
 import stat
+import warnings
 from pathlib import Path
+
+_WINDOWS = os.name == "nt"
+# what fsync of a directory answers on systems and filesystems that cannot flush one (PostgreSQL ignores
+# the same): nothing to flush there
+_DIR_FSYNC_UNSUPPORTED = {errno.EINVAL, errno.EBADF, getattr(errno, "ENOTSUP", errno.EINVAL),
+                          getattr(errno, "EOPNOTSUPP", errno.EINVAL)}
+
+
+def _open_for_fsync(path):
+    """A descriptor os.fsync can flush: Windows's FlushFileBuffers (behind os.fsync there) needs one with
+    write access, so open for appending (which changes nothing); POSIX flushes through any descriptor, and
+    a read-only one also works on a file whose mode forbids writing."""
+    if _WINDOWS:
+        return os.open(path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_BINARY", 0))
+    return os.open(path, os.O_RDONLY)
 
 
 def fsync_file(path):
     """Flush a file's bytes to the disk (so that a rename of it cannot outlive its contents in a power cut)."""
-    fd = os.open(path, os.O_RDONLY)
+    fd = _open_for_fsync(path)
     try:
         os.fsync(fd)
     finally:
@@ -18,15 +35,25 @@ def fsync_file(path):
 
 
 def fsync_dir(path):
-    """Flush a directory's entries (the renames and new files in it) to the disk. Systems that cannot
-    open a directory (Windows) have nothing to flush here: their renames are durable by themselves."""
+    """Flush a directory's entries (the renames and new files in it) to the disk. It never raises: it is
+    called after a new file is in place, which a failure here must not undo or hide. Systems that cannot
+    open a directory (Windows) have nothing to flush here (their renames are durable by themselves), nor
+    do filesystems whose fsync of a directory answers EINVAL, EBADF or ENOTSUP; any other error (EIO) is
+    a warning that the rename may not survive a power cut. Returns whether the directory was flushed."""
     if not hasattr(os, "O_DIRECTORY"):
-        return
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        return False
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        if e.errno not in _DIR_FSYNC_UNSUPPORTED:
+            warnings.warn(f"could not flush the directory {path} to the disk ({e}): its new files are in place, "
+                          "but a power cut could undo their renames", RuntimeWarning, stacklevel=2)
+        return False
+    return True
 
 
 def atomic_write(path, write):
@@ -40,14 +67,20 @@ def atomic_write(path, write):
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # (the system applies the umask)
     try:
         write(tmp)
-        if path.exists():
-            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
-        fsync_file(tmp)
+        # the descriptor to flush is opened before the mode of a read-only old file is copied: on Windows
+        # it must be writable (see _open_for_fsync); the flush comes after, so it covers the mode too
+        fd = _open_for_fsync(tmp)
+        try:
+            if path.exists():
+                os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    fsync_dir(path.parent)  # (never raises: the new file is in place)
 
 
 def write_text_atomically(path, text):

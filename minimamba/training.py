@@ -33,17 +33,32 @@ Choices, with the reason for each:
 The checkpoint of step s is a directory OUT/step-{s:06d}/ holding
     config.json, pytorch_model.bin   the EMA weights in the save_pretrained layout (from_pretrained reads it)
     training_state.pt                raw weights, optimizer, EMA, sampler, RNG, step, resolved config
-It is written as OUT/.step-{s:06d}.tmp/ (training_state.pt last, so a .tmp holding one is complete),
-flushed to the disk and renamed into place, then OUT/latest (a one-line text file naming it) is replaced
-atomically; `--resume` reads OUT/latest. Older step directories beyond --keep are deleted afterwards.
-A step directory left by an earlier run (one this run resumed from before it) is moved to
-OUT/.step-{s:06d}.old before the new one takes its name; a kill between those two renames leaves no
-step-{s:06d}, and the next start puts the complete new one in place (`recover_interrupted_save`). So,
-once a run has a checkpoint, a kill at any moment leaves one that OUT/latest names (after that recovery).
+It is written as OUT/.step-{s:06d}.tmp/ (training_state.pt last, so a .tmp holding one is complete) and
+flushed to the disk; then OUT/latest (a one-line text file naming it) is replaced atomically, which
+commits the save, and the .tmp is renamed into place; `--resume` reads OUT/latest. Older step directories
+beyond --keep are deleted afterwards. A step directory left by an earlier run (one this run resumed from
+before it) is moved to OUT/.step-{s:06d}.old before the new one takes its name. A kill after the commit
+and before the renames are done is finished by the next run in OUT, which puts the complete new
+checkpoint in place (`recover_interrupted_save`); a kill before the commit leaves the last one. So, once a
+run has a checkpoint, a kill at any moment leaves one that OUT/latest names: that run's newest committed
+one, never a step of a run it went back on (a run resumed from an earlier step of OUT points OUT/latest at
+that step when it starts, as its log.jsonl goes back there too). The recovery, and the deletion of what
+killed saves left, happen only once every setup check has passed, in a run that is going to write to OUT;
+until then a start reads OUT and changes nothing in it.
 
-On resume, settings that do not change the data order may change: the LR schedule, --grad-clip, --ema and
+One run at a time writes to an OUT: a run holds an exclusive lock on OUT/.lock (flock, which also names
+its process id) from its first look at OUT to its end, and a second run in the same OUT is refused
+(exit 2) before it reads or changes anything there. The lock goes with the process, so a killed run
+leaves none behind. Where flock does not exist (Windows) or the filesystem refuses it (some network
+filesystems), nothing guards against a second run: do not start two in one OUT there.
+
+On resume, settings that do not change the data order may change: the LR schedule, --grad-clip, and
 the optimizer's --beta1, --beta2, --weight-decay and --llrd (applied to the restored optimizer, whose
-moments are kept). A training state that does not fit the model is refused with what differs.
+moments are kept); --ema may change to another decay or to 0 (off), but a run trained without EMA
+cannot turn it on (its EMA would have no past). A training state that does not fit the model is refused
+with what differs. An optimizer state written before the groups were keyed by decay/no-decay (a
+--weight-decay 0 run of an older minimamba, whose groups merged the two) is mapped onto this version's
+groups, parameter by parameter, with its moments unchanged.
 """
 
 import contextlib
@@ -54,6 +69,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -293,31 +309,47 @@ def build_model(cfg):
 NO_DECAY = ("A_log", "D", "dt_bias", "norm", "norm_f", "bias")  # a name part equal to one of these: no weight decay
 
 
+def _place(model, name, llrd):
+    """(where, lr_scale, no_decay) of parameter `name`: what puts it in its group of `param_groups`."""
+    L = model.config.n_layer
+    parts = name.split(".")
+    if parts[0] == "layers":
+        layer = int(parts[1])
+        scale, where = llrd ** (L - 1 - layer), f"layer {layer}"
+    elif parts[0] == "embedding" and not model.config.tie_embeddings:
+        scale, where = llrd ** (L - 1), "embedding"
+    else:  # tied embedding = output head, lm_head, norm_f
+        scale, where = 1.0, "top"
+    return where, scale, any(part in NO_DECAY for part in parts[-2:])
+
+
 def param_groups(model, weight_decay, llrd):
     """AdamW groups: [{"params", "weight_decay", "lr_scale", "name"}]; the LR of a group is peak·lr_scale.
 
     Layer l of L: lr_scale = llrd^(L-1-l). Embedding (tied to the head) and final norm: 1. No weight
     decay on A_log, D, dt_bias, norm weights and biases. See the module docstring for why.
     """
-    L = model.config.n_layer
     groups = {}
     for name, p in model.named_parameters():  # a tied weight is listed once (as embedding.weight)
         if not p.requires_grad:
             continue
-        parts = name.split(".")
-        if parts[0] == "layers":
-            layer = int(parts[1])
-            scale, where = llrd ** (L - 1 - layer), f"layer {layer}"
-        elif parts[0] == "embedding" and not model.config.tie_embeddings:
-            scale, where = llrd ** (L - 1), "embedding"
-        else:  # tied embedding = output head, lm_head, norm_f
-            scale, where = 1.0, "top"
-        no_decay = any(part in NO_DECAY for part in parts[-2:])
+        where, scale, no_decay = _place(model, name, llrd)
         key = (where, no_decay)  # (the same groups whatever --weight-decay is, 0 included: resume may change it)
         if key not in groups:
             groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else weight_decay, "lr_scale": scale,
                            "name": f"{where}{' (no decay)' if no_decay else ''}"}
         groups[key]["params"].append(p)
+    return list(groups.values())
+
+
+def merged_group_names(model):
+    """The parameter names of each AdamW group as minimamba made them with --weight-decay 0 before commit
+    afc376d: groups were keyed by (place, weight decay), so at 0 the decay and no-decay parameters of a
+    place shared one group. `restore_state` maps an optimizer state of that layout onto `param_groups`."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault(_place(model, name, 1.0)[0], []).append(name)
     return list(groups.values())
 
 
@@ -491,45 +523,121 @@ def checkpoint_name(step):
     return f"step-{step:06d}"
 
 
+def interrupted_saves(out):
+    """{step directory: the directory `recover_interrupted_save` will put in its place} for each save that
+    a kill cut short after it was committed (see `save_checkpoint`): a complete OUT/.step-N.tmp that
+    OUT/latest names, or that was replacing a step-N moved aside to OUT/.step-N.old (a save of a minimamba
+    that wrote OUT/latest after its renames); and an OUT/.step-N.old without step-N nor a complete .tmp
+    (which only damage leaves): the old one goes back. Reads only."""
+    out, found = Path(out), {}
+    pointer = out / "latest"
+    named = pointer.read_text().strip() if pointer.is_file() else None
+    for tmp in sorted(out.glob(".step-*.tmp")):
+        final = out / tmp.name[1 : -len(".tmp")]
+        moved_aside = (out / f".{final.name}.old").exists() and not final.exists()
+        if (tmp / "training_state.pt").is_file() and (final.name == named or moved_aside):
+            found[final] = tmp
+    for old in sorted(out.glob(".step-*.old")):
+        final = out / old.name[1 : -len(".old")]
+        if final not in found and not final.exists():
+            found[final] = old
+    return found
+
+
+def readable_checkpoint(path):
+    """Where the files of checkpoint `path` are now: `path`, or, while a save of it cut short by a kill is
+    not yet recovered, the directory that will take its name (see `interrupted_saves`)."""
+    path = Path(path)
+    return interrupted_saves(path.parent).get(path, path)
+
+
 def latest_checkpoint(out):
-    """The directory OUT/latest names, or None if there is no OUT/latest."""
-    pointer = Path(out) / "latest"
-    if not pointer.is_file():
+    """The checkpoint `--resume latest` continues: the one OUT/latest names, or None if there is no
+    OUT/latest. After a kill in the middle of a save, that is the step directory being saved, as it will
+    be after `recover_interrupted_save` (read its files from `readable_checkpoint`). Reads only."""
+    out = Path(out)
+    pointer = out / "latest"
+    pending = [final for final, source in interrupted_saves(out).items() if source.suffix == ".tmp"]
+    named = pointer.read_text().strip() if pointer.is_file() else None
+    if pending:  # (the one OUT/latest names, or the one a save of an older minimamba was replacing)
+        return next((final for final in pending if final.name == named), pending[-1])
+    if named is None:
         return None
-    path = Path(out) / pointer.read_text().strip()
-    if not (path / "training_state.pt").is_file():
+    path = out / named
+    if not (readable_checkpoint(path) / "training_state.pt").is_file():
         raise SetupError(f"{pointer} names {path.name}, which holds no training_state.pt (deleted?); pass "
-                         f"--resume {Path(out) / 'step-NNNNNN'} for another checkpoint, or delete {pointer}")
+                         f"--resume {out / 'step-NNNNNN'} for another checkpoint, or delete {pointer}")
     return path
 
 
 def recover_interrupted_save(out, tidy=False):
-    """Undo what a kill between the two renames of `save_checkpoint` left: OUT/.step-N.old (the earlier
-    run's step-N, moved aside) and no OUT/step-N. The new OUT/.step-N.tmp is complete (it was finished
-    before the first rename) and takes the name, as the save would have done; without it the old one
-    is put back. With `tidy` (OUT is this run's), the other .step-N.tmp/.old left by kills (unfinished
-    or replaced checkpoints) are deleted. Returns the step directories it restored."""
+    """Finish the saves that a kill cut short after they were committed (`interrupted_saves`): the complete
+    OUT/.step-N.tmp takes the name step-N (an old step-N is deleted) and OUT/latest names it, as the save
+    would have done. That step was the newest checkpoint of the newest run in OUT, so `--resume latest`
+    goes on with that run, never with one it went back on (whose later steps may still be in OUT). An
+    OUT/.step-N.old left without step-N nor a complete .tmp is put back. With `tidy`, what else kills left
+    (unfinished .step-N.tmp, replaced .step-N.old) is deleted. Only for an OUT this process holds
+    (`lock_out`), as the run about to write to it. Returns the step directories it restored."""
     out, restored = Path(out), []
-    for old in sorted(out.glob(".step-*.old")):
-        name = old.name[1 : -len(".old")]
-        final, tmp = out / name, out / f".{name}.tmp"
-        if final.exists():  # (the renames were done: only the leftover .old is left to delete)
-            continue
-        if (tmp / "training_state.pt").is_file():
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-            how = f"put the complete new checkpoint {tmp.name} in place"
-        else:
+    for final, source in interrupted_saves(out).items():
+        old = out / f".{final.name}.old"
+        if source == old:
             os.replace(old, final)
             how = f"put {old.name} back"
+        else:
+            write_text_atomically(out / "latest", final.name + "\n")  # (first, as in save_checkpoint)
+            if final.exists():  # (the kill came before the old one was moved aside)
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+            os.replace(source, final)
+            shutil.rmtree(old, ignore_errors=True)
+            how = f"put the complete new checkpoint {source.name} in place; {out / 'latest'} names it"
         fsync_dir(out)
-        print(f"note: {final} was being replaced when the run writing it was stopped; {how}",
+        print(f"note: {final} was being saved when the run writing it was stopped; {how}",
               file=sys.stderr, flush=True)
         restored.append(final)
     if tidy:
         for leftover in [*out.glob(".step-*.tmp"), *out.glob(".step-*.old")]:
             shutil.rmtree(leftover, ignore_errors=True)
     return restored
+
+
+def lock_out(out):
+    """Hold OUT/.lock exclusively (flock) for as long as the returned descriptor is open, so that two runs
+    never write to one OUT; its text names the holder's process id. A SetupError naming the other run's
+    process if one holds it. None where flock does not exist (Windows) or the filesystem refuses it (some
+    network filesystems): then nothing guards OUT. The file stays after the run (removing a lock file
+    races with a run that has just opened it); only a live process holds the lock."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
+    path = Path(out) / ".lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise SetupError(f"cannot write to --out {out} ({e.strerror}: {path}); choose a directory this user "
+                         "may write to") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        try:
+            holder = path.read_text().split()
+        except OSError:
+            holder = []
+        who = f"process {holder[0]}" + (f" on {holder[1]}" if len(holder) > 1 else "") if holder else "a process"
+        raise SetupError(f"{out} is in use by another training run ({who} holds {path}); two runs in one --out "
+                         "would overwrite each other's checkpoints. Wait for it to end (or stop it), or choose "
+                         "another --out") from None
+    except OSError as e:  # ENOLCK, EOPNOTSUPP: a filesystem without locks
+        os.close(fd)
+        print(f"note: cannot lock {path} ({e.strerror}): nothing stops a second run in {out}; "
+              "do not start one", file=sys.stderr, flush=True)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+    return fd
 
 
 def save_checkpoint(out, step, model, optimizer, ema, sampler, extra, dist, keep=1):
@@ -560,17 +668,19 @@ def save_checkpoint(out, step, model, optimizer, ema, sampler, extra, dist, keep
         }
         # last, atomically: a .tmp holding training_state.pt is complete (what recover_interrupted_save reads)
         atomic_write(tmp / "training_state.pt", lambda path: torch.save(state, path))  # (flushes tmp too)
+        # the commit: from here OUT/latest names this step, whose files are in the .tmp until the renames
+        # below are done; a kill before they are is finished by the next run (recover_interrupted_save)
+        write_text_atomically(out / "latest", final.name + "\n")
         if final.exists():  # left by an earlier run that this one resumed from before it: replaced
             stale = out / f".{final.name}.old"
             shutil.rmtree(stale, ignore_errors=True)
-            os.replace(final, stale)  # a kill from here to the next rename: see recover_interrupted_save
+            os.replace(final, stale)
             os.replace(tmp, final)
             fsync_dir(out)
             shutil.rmtree(stale, ignore_errors=True)
         else:
             os.replace(tmp, final)
             fsync_dir(out)
-        write_text_atomically(out / "latest", final.name + "\n")
         # keep the newest `keep` of this run's checkpoints (later steps of an earlier run are left alone
         # until this run replaces them)
         old = sorted(p for p in out.glob("step-*") if p.is_dir() and p.name < final.name)
@@ -627,7 +737,38 @@ def load_training_state(path):
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise SetupError(f"{state_path} is not a training state of format 1 (found {found!r}); it was not "
                          "written by this version of minimamba's train.py")
+    problems = _state_problems(state)
+    if problems:
+        raise SetupError(f"{state_path} is not a whole training state: " + "; ".join(problems) + ". train.py "
+                         "writes every part, so it was changed since; resume from another checkpoint with "
+                         "--resume OUT/step-NNNNNN, or start again")
     return state
+
+
+# the parts of a training state of format 1 and their types (what restore_state and _train read)
+STATE_PARTS = {"step": int, "tokens_seen": int, "elapsed": (int, float), "model": dict, "optimizer": dict,
+               "ema": (dict, type(None)), "sampler": dict, "rng": dict, "config": dict}
+
+
+def _state_problems(state):
+    """What is missing from a training state, or of the wrong type, one phrase each."""
+    def kind(t):
+        return " or ".join("None" if x is type(None) else x.__name__ for x in (t if isinstance(t, tuple) else (t,)))
+
+    problems = [f"{k!r} is missing" if k not in state else f"{k!r} is a {type(state[k]).__name__}, not {kind(t)}"
+                for k, t in STATE_PARTS.items() if k not in state or not isinstance(state[k], t)]
+    opt = state.get("optimizer")
+    if isinstance(opt, dict):
+        groups = opt.get("param_groups")
+        if not isinstance(opt.get("state"), dict):
+            problems.append("the optimizer has no 'state' dict")
+        if not (isinstance(groups, list) and all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                                 for g in groups)):
+            problems.append("the optimizer's 'param_groups' is not a list of groups with 'params'")
+    rng = state.get("rng")
+    if isinstance(rng, dict) and not (isinstance(rng.get("torch"), torch.Tensor) and isinstance(rng.get("cuda"), list)):
+        problems.append("'rng' lacks the torch RNG state tensor or the list of CUDA ones")
+    return problems
 
 
 def _mismatches(expected, found):
@@ -636,6 +777,54 @@ def _mismatches(expected, found):
     problems += [f"unexpected key {k} {tuple(v.shape)}" for k, v in found.items() if k not in expected]
     problems += [f"wrong shape for {k}: checkpoint {tuple(found[k].shape)}, model {tuple(s)}"
                  for k, s in expected.items() if k in found and tuple(found[k].shape) != tuple(s)]
+    return problems
+
+
+def _from_merged_groups(optim_state, raw, optimizer):
+    """An optimizer state dict in the layout of `merged_group_names` (an older minimamba's --weight-decay 0
+    run) rewritten for `optimizer`'s groups: each parameter's moments and step count, unchanged, under its
+    place in the new layout; None if the state is not of that layout. The entries of the groups' "params"
+    are indices (a plain optimizer's state dict) or parameter names (FSDP's full state dict)."""
+    groups, merged = optim_state["param_groups"], merged_group_names(raw)
+    if [len(g["params"]) for g in groups] != [len(names) for names in merged] or any(
+            g.get("weight_decay") != 0 for g in groups):
+        return None
+    entry_of, group_of = {}, {}  # parameter name -> its entry in the saved state, its saved group
+    for group, names in zip(groups, merged):
+        for entry, name in zip(group["params"], names):
+            entry_of[name], group_of[name] = entry, group
+    name_of = {id(p): n for n, p in raw.named_parameters()}
+    by_name = any(isinstance(e, str) for g in groups for e in g["params"])
+    new_groups, new_state, index = [], {}, 0
+    for built in optimizer.param_groups:
+        entries = []
+        for p in built["params"]:
+            name = name_of[id(p)]
+            entry = name if by_name else index
+            index += 1
+            if entry_of[name] in optim_state["state"]:
+                new_state[entry] = optim_state["state"][entry_of[name]]
+            entries.append(entry)
+        settings = {k: v for k, v in group_of[name_of[id(built["params"][0])]].items() if k != "params"}
+        new_groups.append({**settings, "params": entries})
+    return {"state": new_state, "param_groups": new_groups}
+
+
+def _moment_problems(optim_state, raw, optimizer):
+    """The optimizer state's tensors whose shape is not their parameter's, one line each (torch would only
+    fail at the first step, in the middle of AdamW's update)."""
+    name_of = {id(p): n for n, p in raw.named_parameters()}
+    entries = [e for g in optim_state["param_groups"] for e in g["params"]]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    problems = []
+    for entry, p in zip(entries, params):
+        moments = optim_state["state"].get(entry, {})
+        if not isinstance(moments, dict):
+            problems.append(f"the state of {name_of[id(p)]} is a {type(moments).__name__}, not a dict")
+            continue
+        for key, t in moments.items():
+            if isinstance(t, torch.Tensor) and t.dim() > 0 and tuple(t.shape) != tuple(p.shape):
+                problems.append(f"{key} of {name_of[id(p)]}: checkpoint {tuple(t.shape)}, model {tuple(p.shape)}")
     return problems
 
 
@@ -661,13 +850,25 @@ def restore_state(state, model, optimizer, ema, sampler, source=None):
         if problems:
             shown = problems[:8] + ([f"... and {len(problems) - 8} more"] if len(problems) > 8 else [])
             raise SetupError(f"{what}: its {name} differ:\n  " + "\n  ".join(shown) + "\n" + advice)
-    saved = [len(g["params"]) for g in state["optimizer"]["param_groups"]]
+    optim_state = state["optimizer"]
+    saved = [len(g["params"]) for g in optim_state["param_groups"]]
     built = [len(g["params"]) for g in optimizer.param_groups]
     if saved != built:
-        raise SetupError(
-            f"{what}: its optimizer has parameter groups of {saved} tensors, this run's has groups of {built} "
-            f"({', '.join(g['name'] for g in optimizer.param_groups)}). (A --weight-decay 0 run written by a "
-            "minimamba whose groups depended on --weight-decay has fewer: resume it with that version.) " + advice)
+        optim_state = _from_merged_groups(optim_state, raw, optimizer)
+        if optim_state is None:
+            raise SetupError(
+                f"{what}: its optimizer has parameter groups of {saved} tensors, this run's has groups of "
+                f"{built} ({', '.join(g['name'] for g in optimizer.param_groups)}), and the layout of an older "
+                f"minimamba's --weight-decay 0 runs ({[len(g) for g in merged_group_names(raw)]}) does not "
+                "fit either. " + advice)
+        print(f"note: {source or 'the checkpoint'}: its optimizer state has the parameter groups of a --weight-decay "
+              "0 run of a minimamba before commit afc376d (decay and no-decay parameters together); its moments "
+              "were mapped onto this version's groups, parameter by parameter", file=sys.stderr, flush=True)
+    problems = _moment_problems(optim_state, raw, optimizer)
+    if problems:
+        shown = problems[:8] + ([f"... and {len(problems) - 8} more"] if len(problems) > 8 else [])
+        raise SetupError(f"{what}: its optimizer moments do not fit the parameters they belong to:\n  "
+                         + "\n  ".join(shown) + "\n" + advice)
     settings = [{k: g[k] for k in ("lr_scale", "weight_decay", "betas", "name")} for g in optimizer.param_groups]
     if any(hasattr(p, "full_tensor") for p in raw.parameters()):  # FSDP2
         from torch.distributed.checkpoint.state_dict import (
@@ -675,15 +876,16 @@ def restore_state(state, model, optimizer, ema, sampler, source=None):
 
         options = StateDictOptions(full_state_dict=True)
         set_model_state_dict(raw, state["model"], options=options)
-        set_optimizer_state_dict(raw, optimizer, state["optimizer"], options=options)
+        set_optimizer_state_dict(raw, optimizer, optim_state, options=options)
     else:
         raw.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(optim_state)
     for group, mine in zip(optimizer.param_groups, settings):  # (load_state_dict put the checkpoint's back)
         group.update(mine)
     if ema is not None:
         if state["ema"] is None:
-            raise SetupError("the checkpoint was trained without EMA; resume with --ema 0")
+            raise SetupError("the checkpoint was trained without EMA (--ema 0), so it has no EMA to go on with; "
+                             "resume with --ema 0 (--ema may change on resume, but not from 0 to on)")
         ema.load_state_dict(state["ema"])
     sampler.load_state_dict(state["sampler"])
     torch.set_rng_state(state["rng"]["torch"])
@@ -695,8 +897,26 @@ def restore_state(state, model, optimizer, ema, sampler, source=None):
 # Logging: JSON lines and a plot
 
 
+def _finite_or_none(value):
+    """`value` with every non-finite float (an infinite perplexity, a NaN) replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def _json_line(record):
+    """One line of log.jsonl. JSON has no inf or NaN (json.dumps would write Infinity and NaN, which other
+    JSON readers refuse): they are written as null (the loss next to an infinite perplexity says why)."""
+    return json.dumps(_finite_or_none(record), allow_nan=False) + "\n"
+
+
 class JsonlLog:
-    """OUT/log.jsonl: one JSON object per line (train steps and evaluations), written by rank 0."""
+    """OUT/log.jsonl: one JSON object per line (train steps and evaluations), written by rank 0.
+    A number that is not finite (an infinite perplexity, a NaN) is written as null."""
 
     def __init__(self, path, enabled=True, truncate_after_step=None):
         self.path, self.enabled = Path(path), enabled
@@ -708,12 +928,12 @@ class JsonlLog:
                 tqdm.write(f"{self.path}: dropped line(s) {broken}, not JSON (written when the run was killed)",
                            file=sys.stderr)
             kept = [r for r in records if r.get("step", 0) <= truncate_after_step]
-            write_text_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            write_text_atomically(self.path, "".join(map(_json_line, kept)))
 
     def write(self, **record):
         if self.enabled:
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(_json_line(record))
 
 
 def _parse_log(text):
@@ -730,7 +950,8 @@ def _parse_log(text):
 
 def read_log(path):
     """The records of a log.jsonl. Its last line may be cut short (a run being written, or killed while
-    writing it) and is then left out; a broken line elsewhere is an error."""
+    writing it) and is then left out; a broken line elsewhere is an error. A number that was not finite
+    is None (null in the file; the Infinity or NaN of logs from an older minimamba are read as floats)."""
     text = Path(path).read_text()
     records, broken = _parse_log(text)
     if broken and broken != [len(text.splitlines())]:
@@ -760,11 +981,15 @@ def plot_log(log_path, png_path):
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval" in r]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    def number(v):  # (null in the log: a value that was not finite, left out of the plot)
+        return math.nan if v is None or not math.isfinite(v) else v
+
     if train:
-        a.plot([r["tokens"] / 1e6 for r in train], [r["loss"] for r in train], lw=0.8)
+        a.plot([r["tokens"] / 1e6 for r in train], [number(r["loss"]) for r in train], lw=0.8)
     a.set(xlabel="training tokens (M)", ylabel="train loss (nats/token)", title="train loss")
     for domain in (evals[0]["eval"] if evals else {}):
-        b.plot([r["tokens"] / 1e6 for r in evals], [r["eval"][domain]["ppl"] for r in evals], "o-", label=domain)
+        b.plot([r["tokens"] / 1e6 for r in evals], [number(r["eval"].get(domain, {}).get("ppl")) for r in evals],
+               "o-", label=domain)
     b.set(xlabel="training tokens (M)", ylabel="held-out perplexity", title="held-out perplexity", yscale="log")
     if evals:
         b.legend()
@@ -1006,7 +1231,8 @@ def train(cfg: TrainConfig, model=None):
     dist = setup_distributed(cfg.device)
     STOP.install()
     try:
-        return _train(cfg, dist, model)
+        with contextlib.ExitStack() as held:  # (the lock on OUT, released when the run ends, however it ends)
+            return _train(cfg, dist, model, held)
     finally:
         STOP.restore()
         if dist.enabled and torch.distributed.is_initialized():
@@ -1018,27 +1244,51 @@ def _print(dist, *args, **kwargs):
         tqdm.write(" ".join(str(a) for a in args), **kwargs)
 
 
-def _train(cfg, dist, model):
-    r = resolve(cfg, dist)
-    out = Path(cfg.out)
-
-    # --- what to start from: a checkpoint of this run, or --init
-    state, resume_dir = None, None
-    if dist.is_main:  # a kill while a step directory was being replaced: finish (or undo) the replacement
-        recover_interrupted_save(out, tidy=True)
-        if cfg.resume and cfg.resume != "latest" and not Path(cfg.resume).exists():
-            recover_interrupted_save(Path(cfg.resume).parent)
+def _on_main(dist, fn):
+    """fn() on process 0 only, after the others got here; a SetupError it raises is raised by every process
+    (so that none waits for the others at a collective)."""
     if dist.enabled:
         torch.distributed.barrier()
+    error = None
+    if dist.is_main:
+        try:
+            fn()
+        except SetupError as e:
+            error = e
+    if dist.enabled and all_reduce_sum([float(error is not None)], dist)[0] and error is None:
+        raise SetupError("process 0 stopped during setup (its message says why)")
+    if error is not None:
+        raise error
+
+
+def _train(cfg, dist, model, held):
+    r = resolve(cfg, dist)
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise SetupError(f"--out {out} is a file, not a directory; choose another --out")
+
+    def hold_out():  # one run at a time in OUT (see the module docstring)
+        fd = lock_out(out)
+        if fd is not None:
+            held.callback(os.close, fd)
+
+    # --- a second run in an OUT that a live run holds is refused here, before it reads anything there
+    # (an OUT that does not exist yet is taken when this run creates it, below)
+    held_early = out.is_dir()
+    if held_early:
+        _on_main(dist, hold_out)
+
+    # --- what to start from: a checkpoint of this run, or --init (OUT is only read until every check passed)
+    state, resume_dir = None, None
     if cfg.resume:
         resume_dir = latest_checkpoint(out) if cfg.resume == "latest" else Path(cfg.resume)
         if resume_dir is None:
             raise SetupError(f"--resume: no checkpoint in {out} (no {out / 'latest'}); start without --resume")
-        state = load_training_state(resume_dir)
+        state = load_training_state(readable_checkpoint(resume_dir))
         later = sorted(p.name for p in out.glob("step-*") if p.is_dir() and p.name > resume_dir.name)
         if later and dist.is_main:
-            print(f"note: {out} also holds {', '.join(later)}, from the run that went on after {resume_dir.name}: "
-                  "each is replaced when this run reaches its step")
+            print(f"note: {out} also holds {', '.join(later)}, later steps than {resume_dir.name} that this run does "
+                  "not continue: each is replaced when this run reaches its step")
     elif latest_checkpoint(out) is not None:
         raise SetupError(f"{out} already holds a run ({latest_checkpoint(out).name}); pass --resume to continue it "
                          "or choose another --out")
@@ -1059,7 +1309,7 @@ def _train(cfg, dist, model):
     if model is None:
         if state is not None:  # (its weights are put back by restore_state below)
             try:
-                model = Mamba2LM(Mamba2Config.load(resume_dir), backend=cfg.backend)
+                model = Mamba2LM(Mamba2Config.load(readable_checkpoint(resume_dir)), backend=cfg.backend)
             except (FileNotFoundError, ValueError) as e:
                 raise SetupError(f"--resume {resume_dir}: {e}") from None
         else:
@@ -1101,6 +1351,33 @@ def _train(cfg, dist, model):
                     if optim else ""))
         del state
 
+    # --- every check passed, and from here this run writes to OUT: take it if it did not exist before, and
+    # finish the save a kill cut short there (or clear what unfinished ones left)
+    def take_out():
+        if not held_early:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise SetupError(f"cannot create --out {out} ({e.strerror}); choose another --out") from None
+            hold_out()
+            others = sorted(set(os.listdir(out)) - {".lock"})
+            if others:
+                raise SetupError(f"{out} was created by another process while this run was starting (it holds "
+                                 f"{', '.join(others[:5])}); choose another --out")
+        recover_interrupted_save(out, tidy=True)
+        # a run resumed from an earlier step of OUT goes back on the later ones (its log.jsonl drops their
+        # records): OUT/latest names its start until it writes a checkpoint, so that a kill before then
+        # resumes from there, with the log that goes with it
+        pointer = out / "latest"
+        named = pointer.read_text().strip() if pointer.is_file() else None
+        if resume_dir is not None and resume_dir.parent.resolve() == out.resolve() and named != resume_dir.name:
+            write_text_atomically(pointer, resume_dir.name + "\n")
+            if named is not None:
+                print(f"note: {pointer} named {named}; it names {resume_dir.name}, where this run starts, until "
+                      "this run writes a checkpoint", flush=True)
+
+    _on_main(dist, take_out)
+
     # --- say what will happen, and store it
     backend = raw.scan_backend(dist.device)
     est = estimate(raw.config, cfg.batch_size, cfg.seq_len, r.rows_per_step, dist.world_size, backend,
@@ -1113,7 +1390,6 @@ def _train(cfg, dist, model):
         "params": est["params"], "model_config": raw.config.to_dict(), "init_source": source,
         "lr_scale_by_group": {g["name"]: g["lr_scale"] for g in groups}}}
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         write_text_atomically(out / "train_config.json", json.dumps(resolved, indent=2, default=str) + "\n")
         print("config: " + json.dumps(asdict(cfg)))
         print(_summary(cfg, r, raw, dist, sampler, est, groups, source), flush=True)

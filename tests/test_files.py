@@ -63,3 +63,48 @@ def test_the_new_file_is_flushed_before_the_rename_and_the_directory_after(tmp_p
     if os.path.exists("/proc/self/fd"):  # (Linux: which file each fsync was of)
         assert events[0][1].endswith(".tmp") and events[2][1] == os.path.realpath(tmp_path)
     assert (tmp_path / "latest").read_text() == "step-000002\n"
+
+
+@pytest.mark.parametrize("error", ["EINVAL", "EBADF", "ENOTSUP", "EIO"])
+def test_a_directory_fsync_error_never_undoes_or_hides_the_new_file(tmp_path, monkeypatch, error):
+    """fsync of a directory answers EINVAL/EBADF/ENOTSUP on filesystems that cannot flush one: ignored, as
+    PostgreSQL does; another error (EIO) is a warning. Either way the new file is in place and nothing raises."""
+    import errno
+    import warnings
+
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(getattr(errno, error), os.strerror(getattr(errno, error)))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        write_text_atomically(tmp_path / "latest", "step-000002\n")
+    assert (tmp_path / "latest").read_text() == "step-000002\n" and os.listdir(tmp_path) == ["latest"]
+    assert [str(w.message)[:30] for w in caught] == (["could not flush the directory "] if error == "EIO" else [])
+
+
+def test_on_windows_the_file_is_flushed_through_a_writable_descriptor_opened_before_its_mode(tmp_path, monkeypatch):
+    """Windows's os.fsync (FlushFileBuffers) needs write access: the descriptor is opened for appending, and
+    before a read-only old file's mode is copied to the new one (which would then refuse a writable open)."""
+    from minimamba import files
+
+    events, real_open, real_chmod = [], os.open, os.chmod
+
+    def open_(path, flags, *mode):
+        if str(path).endswith(".tmp") and not flags & os.O_CREAT:
+            events.append(("open", flags & (os.O_WRONLY | os.O_RDWR), bool(flags & os.O_APPEND)))
+        return real_open(path, flags, *mode)
+
+    path = tmp_path / "config.json"
+    path.write_text("old")
+    path.chmod(0o444)
+    monkeypatch.setattr(files, "_WINDOWS", True)
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "chmod", lambda path, mode: (events.append(("chmod", mode)), real_chmod(path, mode)))
+    write_text_atomically(path, "new")
+    assert events == [("open", os.O_WRONLY, True), ("chmod", 0o444)]
+    assert path.read_text() == "new" and stat.S_IMODE(path.stat().st_mode) == 0o444

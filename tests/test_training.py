@@ -382,11 +382,17 @@ def test_resume_applies_changed_optimizer_settings_and_keeps_the_moments(data, i
     assert all(s["step"] == 4 for s in saved["state"].values())  # the moments went on from step 2, not reset
 
 
-def test_a_kill_between_the_renames_of_a_checkpoint_being_replaced_loses_nothing(data, init_dir, tmp_path,
-                                                                                 monkeypatch, capsys, no_speed_probe):
-    """Resumed from step 2 of a run whose `latest` is step-4, a kill after the old step-4 was moved aside and
-    before the new one took its name leaves no step-4: the next start puts the new, complete one in place."""
-    cfg = config(data, init_dir, tmp_path / "run", max_steps=4, eval_at_start=False)
+def test_a_kill_in_the_middle_of_a_save_loses_nothing_and_latest_names_the_newest_run(data, init_dir, tmp_path,
+                                                                                     monkeypatch, capsys,
+                                                                                     no_speed_probe):
+    """Resumed from step 2 of a run that went on to step 6, a kill after the new step-4 was committed (OUT/latest
+    names it) and before it took its name leaves no step-4: the next start puts the new, complete one in
+    place, and `--resume latest` goes on from it, not from the first run's step 6. The same when OUT/latest
+    still names step 6 (as an older minimamba, which wrote it after the renames, left it), and when the kill
+    came before the old step-4 was moved aside."""
+    from minimamba.training import latest_checkpoint, readable_checkpoint, recover_interrupted_save
+
+    cfg = config(data, init_dir, tmp_path / "run", max_steps=6, eval_at_start=False)
     train(cfg)
     real_replace = os.replace
 
@@ -403,10 +409,21 @@ def test_a_kill_between_the_renames_of_a_checkpoint_being_replaced_loses_nothing
     out = tmp_path / "run"
     assert not (out / "step-000004").exists() and (out / "latest").read_text().strip() == "step-000004"
     assert (out / ".step-000004.old").is_dir() and (out / ".step-000004.tmp").is_dir()
+    assert latest_checkpoint(out) == out / "step-000004" and readable_checkpoint(out / "step-000004").name == \
+        ".step-000004.tmp"
+    (out / "latest").write_text("step-000006\n")  # (what an older minimamba left)
+    assert latest_checkpoint(out) == out / "step-000004"
     train(replace(second, resume="latest", max_steps=5))  # finds step-4, the second run's, and goes on
-    assert "put the complete new checkpoint .step-000004.tmp in place" in capsys.readouterr().err
+    assert ("put the complete new checkpoint .step-000004.tmp in place; " + str(out / "latest") + " names it"
+            in capsys.readouterr().err)
     assert state(out, 5)["config"]["lr"] == cfg.lr * 3 and not list(out.glob(".step-*"))
     assert min(losses(out)) == 1 and max(losses(out)) == 5
+    # a kill after the commit and before the old step directory was moved aside: the new one replaces it
+    shutil.copytree(out / "step-000005", out / ".step-000006.tmp")
+    (out / "latest").write_text("step-000006\n")
+    assert readable_checkpoint(out / "step-000006").name == ".step-000006.tmp"
+    assert recover_interrupted_save(out) == [out / "step-000006"] and state(out, 6)["step"] == 5
+    assert (out / "latest").read_text() == "step-000006\n" and not list(out.glob(".step-*"))
     # a .tmp without training_state.pt is not a finished checkpoint: then the old one is put back
     os.rename(out / "step-000004", out / ".step-000004.old")
     (out / ".step-000004.tmp").mkdir()
@@ -428,12 +445,15 @@ def test_nan_names_the_checkpoint_this_run_resumed_from(data, init_dir, tmp_path
     first = tmp_path / "run" / "step-000002"
     with pytest.raises(TrainingDiverged, match=f"at step 3.*last good checkpoint is {first}.*--resume {first}"):
         train(replace(cfg, resume=str(first)), model=nan_model())
+    assert (tmp_path / "run" / "latest").read_text() == "step-000002\n"  # (the log went back to step 2 too)
     with pytest.raises(TrainingDiverged, match=f"at step 3.*last good checkpoint is {first}"):
         train(replace(cfg, resume=str(first), out=str(tmp_path / "other")), model=nan_model())
 
 
 def test_a_huge_finite_loss_gives_an_infinite_perplexity(data, init_dir, tmp_path):
-    """exp(loss) overflows a float above ~709.8 nats: the perplexity is inf, and the run goes on."""
+    """exp(loss) overflows a float above ~709.8 nats: the perplexity is inf, and the run goes on. log.jsonl
+    stays JSON (null, not Infinity, which JSON readers other than Python's refuse), and the log reader and
+    the plot take the null."""
     class Confident(torch.nn.Module):
         def forward(self, ids):  # all the mass on id 0, by a margin of 1e4 nats
             logits = torch.zeros(*ids.shape, 64)
@@ -446,7 +466,18 @@ def test_a_huge_finite_loss_gives_an_infinite_perplexity(data, init_dir, tmp_pat
     model.register_forward_hook(lambda m, i, o: None if m.training else o * 1e5)  # evaluation only
     result = train(config(data, init_dir, tmp_path / "run", max_steps=1), model=model)
     assert result["eval"]["pubmed"]["ppl"] == math.inf and 709 < result["eval"]["pubmed"]["loss"] < math.inf
-    assert [r["eval"]["c4"]["ppl"] for r in read_log(tmp_path / "run" / "log.jsonl") if "eval" in r] == [math.inf] * 2
+    log = tmp_path / "run" / "log.jsonl"
+
+    def strict(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    records = [json.loads(line, parse_constant=strict) for line in log.read_text().splitlines()]
+    assert [r["eval"]["c4"]["ppl"] for r in records if "eval" in r] == [None] * 2 == [
+        r["eval"]["c4"]["ppl"] for r in read_log(log) if "eval" in r]
+    assert all(r["eval"]["c4"]["loss"] > 709 for r in records if "eval" in r)
+    from minimamba.training import plot_log
+
+    plot_log(log, tmp_path / "plot.png")  # (True where matplotlib is installed; the null is a gap)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -567,6 +598,151 @@ def test_checkpoints_that_do_not_fit_the_model_are_setup_errors(data, init_dir, 
     torch.save({**good, "optimizer": optimizer}, path)
     with pytest.raises(SetupError, match=r"its optimizer has parameter groups of \[\d"):
         train(replace(cfg, resume="latest", max_steps=3))
+
+
+@pytest.fixture(scope="module")
+def wd0_run(data, init_dir, tmp_path_factory):
+    """A --weight-decay 0 run of 4 steps with checkpoints at steps 2 and 4: (its TrainConfig, its OUT)."""
+    cfg = config(data, init_dir, tmp_path_factory.mktemp("wd0") / "run", max_steps=4, weight_decay=0.0,
+                 eval_at_start=False)
+    torch.set_num_threads(1)
+    try:
+        from minimamba import training
+
+        probe, training.matmul_flops = training.matmul_flops, lambda device, dtype=None: 1e11
+        train(cfg)
+    finally:
+        training.matmul_flops = probe
+    return cfg, Path(cfg.out)
+
+
+def _copy_of_step_2(wd0_run, tmp_path):
+    """OUT (tmp_path/run) holding a copy of the --weight-decay 0 run's step-000002, and its TrainConfig."""
+    cfg, whole = wd0_run
+    out = tmp_path / "run"
+    shutil.copytree(whole / "step-000002", out / "step-000002")
+    return replace(cfg, out=str(out), resume=str(out / "step-000002")), out / "step-000002"
+
+
+def test_an_optimizer_state_with_the_older_merged_groups_resumes_exactly(wd0_run, tmp_path, capsys, no_speed_probe):
+    """Before commit afc376d, --weight-decay 0 put a layer's decay and no-decay parameters in one group (the
+    groups were keyed by the weight decay). Such a state, built here from this version's step 2, resumes
+    exactly as the run went on: its moments are mapped onto the new groups parameter by parameter."""
+    cfg, ckpt = _copy_of_step_2(wd0_run, tmp_path)
+    st = torch.load(ckpt / "training_state.pt", weights_only=True)
+    model = small_model()
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    new_order = [name_of[id(p)] for g in param_groups(model, 0.0, cfg.llrd) for p in g["params"]]
+    merged = {}  # the old layout: one group per layer (and one "top"), the parameters in the model's order
+    for name, _ in model.named_parameters():
+        merged.setdefault(".".join(name.split(".")[:2]) if name.startswith("layers.") else "top", []).append(name)
+    old_order = [n for names in merged.values() for n in names]
+    assert old_order != new_order
+    moments = {new_order[i]: v for i, v in st["optimizer"]["state"].items()}
+    settings = {k: v for k, v in st["optimizer"]["param_groups"][0].items() if k != "params"}
+    st["optimizer"] = {
+        "state": {old_order.index(n): moments[n] for n in old_order},
+        "param_groups": [{**settings, "weight_decay": 0.0, "name": f"{where} (no decay)",
+                          "params": [old_order.index(n) for n in names]} for where, names in merged.items()]}
+    torch.save(st, ckpt / "training_state.pt")
+    train(cfg)
+    assert "optimizer state has the parameter groups of a --weight-decay 0 run" in capsys.readouterr().err
+    whole = Path(wd0_run[0].out)
+    assert losses(ckpt.parent) == {s: v for s, v in losses(whole).items() if s > 2}
+    a, b = state(ckpt.parent, 4), state(whole, 4)
+    assert_same_state(a, b)
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    for i, moments in b["optimizer"]["state"].items():
+        assert all(torch.equal(a["optimizer"]["state"][i][k], v) for k, v in moments.items()), new_order[i]
+
+
+def _config_json(ckpt, change):
+    path = ckpt / "config.json"
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+
+
+def _training_state(ckpt, change):
+    path = ckpt / "training_state.pt"
+    st = torch.load(path, weights_only=True)
+    change(st)
+    torch.save(st, path)
+
+
+def _moments_of_another_shape(st):
+    for moments in st["optimizer"]["state"].values():
+        moments["exp_avg"] = torch.zeros(moments["exp_avg"].numel() + 1)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda c: _config_json(c, lambda d: []), "config.json: a Mamba2 config.json is one JSON object"),
+    (lambda c: _config_json(c, lambda d: {**d, "n_layer": "2"}), "n_layer must be an integer, got '2'"),
+    (lambda c: _config_json(c, lambda d: {**d, "ssm_cfg": {**d["ssm_cfg"], "A_init_range": 1}}),
+     "config.json: a value has an unexpected type (TypeError: cannot unpack"),
+    (lambda c: _training_state(c, lambda st: st.pop("optimizer")),
+     "training_state.pt is not a whole training state: 'optimizer' is missing"),
+    (lambda c: _training_state(c, _moments_of_another_shape),
+     "optimizer moments do not fit the parameters they belong to:\n  exp_avg of embedding.weight: checkpoint "
+     "(8193,), model (256, 32)"),
+], ids=["config-list", "config-string-size", "config-range-not-a-pair", "state-without-optimizer",
+        "moments-of-other-shapes"])
+def test_train_py_exits_2_for_a_damaged_checkpoint(wd0_run, tmp_path, monkeypatch, capsys, damage, message):
+    """A config.json or training_state.pt that is not what train.py wrote: one "error:" line, exit status 2."""
+    import runpy
+
+    cfg, ckpt = _copy_of_step_2(wd0_run, tmp_path)
+    damage(ckpt)
+    monkeypatch.setattr(sys, "argv", ["train.py", *map(str, script_args(cfg)), "--resume", str(ckpt)])
+    with pytest.raises(SystemExit) as exit:
+        runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.startswith("error: ") and message in err and "Traceback" not in err, err
+
+
+def test_a_second_run_in_an_out_that_a_run_holds_is_refused_and_changes_nothing(data, init_dir, tmp_path,
+                                                                                monkeypatch, no_speed_probe):
+    """A live run holds OUT/.lock: a second train.py --out OUT (fresh or --resume) is refused before it reads or
+    tidies anything (the live run's .step-N.tmp in progress stays). Where there is no flock (Windows), a
+    second fresh run is still refused before the tidying. And a run holds the lock while it trains."""
+    from minimamba import training
+
+    out = tmp_path / "run"
+    (out / "step-000002").mkdir(parents=True)  # a live run's OUT, in the middle of saving step 4
+    (out / "step-000002" / "training_state.pt").write_bytes(b"weights")
+    (out / "latest").write_text("step-000002\n")
+    (out / ".step-000004.tmp").mkdir()
+    (out / ".step-000004.tmp" / "config.json").write_text("{}")
+
+    def snapshot():
+        return sorted((str(p.relative_to(out)), p.read_bytes() if p.is_file() else None) for p in out.rglob("*"))
+
+    live = training.lock_out(out)
+    before = snapshot()
+    try:
+        for resume in (None, "latest"):
+            with pytest.raises(SetupError, match=rf"{out} is in use by another training run \(process "
+                                                 rf"{os.getpid()} on .* holds {out / '.lock'}\)"):
+                train(config(data, init_dir, out, resume=resume))
+            assert snapshot() == before
+    finally:
+        os.close(live)
+    monkeypatch.setattr(training, "lock_out", lambda out: None)
+    with pytest.raises(SetupError, match="already holds a run"):
+        train(config(data, init_dir, out))
+    assert snapshot() == before
+    monkeypatch.undo()
+
+    refused = []
+    model = from_pretrained(init_dir, backend="torch")
+
+    def second_run(module, inputs, output):
+        with pytest.raises(SetupError, match="in use by another training run") as e:
+            training.lock_out(tmp_path / "other")
+        refused.append(str(e.value))
+
+    model.register_forward_hook(second_run)
+    train(config(data, init_dir, tmp_path / "other", max_steps=1, eval_at_start=False), model=model)
+    assert refused and f"process {os.getpid()}" in refused[0]
+    os.close(training.lock_out(tmp_path / "other"))  # (released at the end)
 
 
 def test_init_of_a_missing_local_path_says_no_such_directory(data, tmp_path, monkeypatch):
