@@ -1274,7 +1274,9 @@ def _train(cfg, dist, model, held):
 
     # --- a second run in an OUT that a live run holds is refused here, before it reads anything there
     # (an OUT that does not exist yet is taken when this run creates it, below)
-    held_early = out.is_dir()
+    # (process 0 decides, for every process: with OUT on each node's own disk, or an NFS cache behind, the
+    # others may not see the OUT it sees, and must still make the same collective calls)
+    held_early = bool(all_reduce_sum([float(dist.is_main and out.is_dir())], dist)[0])
     if held_early:
         _on_main(dist, hold_out)
 

@@ -523,6 +523,33 @@ def test_two_processes_match_one_with_the_same_global_batch(data, init_dir, tmp_
     assert evals[-1]["c4"]["ppl"] == pytest.approx(evals1[-1]["c4"]["ppl"], rel=1e-4)
 
 
+def _worker_in_own_dir(rank, cfg, port, base):
+    os.chdir(base / f"node{rank}")  # (each process its own disk: --out is relative)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    train(cfg, model=from_pretrained(cfg.init, backend="torch"))
+
+
+@pytest.mark.slow
+def test_processes_that_see_out_differently_do_not_wait_for_each_other(data, init_dir, tmp_path):
+    """OUT on each node's own disk, made on the first node only (or an NFS cache behind): process 0 decides
+    whether OUT exists for every process, so all make the same collective calls (they hung before)."""
+    for rank in (0, 1):
+        (tmp_path / f"node{rank}").mkdir()
+    (tmp_path / "node0" / "run").mkdir()  # only process 0 sees an (empty) OUT
+    cfg = replace(config(data, init_dir, "run", max_steps=2, batch_size=1), out="run")
+    processes = torch.multiprocessing.spawn(_worker_in_own_dir, args=(cfg, _free_port(), tmp_path), nprocs=2,
+                                            join=False)
+    deadline = time.monotonic() + 120  # (~10 s when they do not hang)
+    while not processes.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in processes.processes:
+                process.kill()
+            pytest.fail("the two processes hung: one made a collective call the other did not")
+    assert (tmp_path / "node0" / "run" / "step-000002").is_dir()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Bad inputs
 
