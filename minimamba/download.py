@@ -213,9 +213,13 @@ def _check_url(url: str) -> None:
     raise DownloadError(f"cannot download {url!r}: not an http:// or https:// address")
 
 
+def _host_port(parts: urllib.parse.SplitResult) -> tuple:
+    return parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+
+
 def _origin(url: str) -> tuple:
     parts = urllib.parse.urlsplit(url)
-    return parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    return parts.scheme, *_host_port(parts)
 
 
 class _HubRedirects(urllib.request.HTTPRedirectHandler):
@@ -237,9 +241,9 @@ def _check_reachable(url: str, dest: Path) -> None:
     proxy = urllib.request.getproxies().get(parts.scheme)
     if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
         parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host, port = _host_port(parts)
     try:
-        socket.create_connection((parts.hostname, port), timeout=CONNECT_TIMEOUT).close()
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT).close()
     except OSError as e:
         raise DownloadError(
             f"cannot reach {parts.hostname}:{port} to download {url}: {e!r}\n"

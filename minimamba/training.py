@@ -530,8 +530,7 @@ def interrupted_saves(out):
     that wrote OUT/latest after its renames); and an OUT/.step-N.old without step-N nor a complete .tmp
     (which only damage leaves): the old one goes back. Reads only."""
     out, found = Path(out), {}
-    pointer = out / "latest"
-    named = pointer.read_text().strip() if pointer.is_file() else None
+    named = _latest_name(out)
     for tmp in sorted(out.glob(".step-*.tmp")):
         final = out / tmp.name[1 : -len(".tmp")]
         moved_aside = (out / f".{final.name}.old").exists() and not final.exists()
@@ -542,6 +541,12 @@ def interrupted_saves(out):
         if final not in found and not final.exists():
             found[final] = old
     return found
+
+
+def _latest_name(out):
+    """The step directory name OUT/latest holds, or None if there is no OUT/latest."""
+    pointer = Path(out) / "latest"
+    return pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
 
 
 def readable_checkpoint(path):
@@ -558,7 +563,7 @@ def latest_checkpoint(out):
     out = Path(out)
     pointer = out / "latest"
     pending = [final for final, source in interrupted_saves(out).items() if source.suffix == ".tmp"]
-    named = pointer.read_text().strip() if pointer.is_file() else None
+    named = _latest_name(out)
     if pending:  # (the one OUT/latest names, or the one a save of an older minimamba was replacing)
         return next((final for final in pending if final.name == named), pending[-1])
     if named is None:
@@ -1371,7 +1376,7 @@ def _train(cfg, dist, model, held):
         # records): OUT/latest names its start until it writes a checkpoint, so that a kill before then
         # resumes from there, with the log that goes with it
         pointer = out / "latest"
-        named = pointer.read_text().strip() if pointer.is_file() else None
+        named = _latest_name(out)
         if resume_dir is not None and resume_dir.parent.resolve() == out.resolve() and named != resume_dir.name:
             write_text_atomically(pointer, resume_dir.name + "\n")
             if named is not None:
