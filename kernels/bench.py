@@ -6,7 +6,7 @@
    with --fp32 (whose IEEE-precision dots take minutes to compile): y, the final state and every gradient, against
    `minimamba.ssd.ssd_chunked` computed in float32 on the GPU from the same inputs (with D, an initial
    state, and a loss on y and on the final state). The kernel runs with every launch through Triton
-   (compiling and tuning), then with the binaries launched directly (see `kernels.ssd_triton._launch`), found
+   (compiling and tuning), then with the binaries launched directly (kernels/launch.py), found
    by their keys and then by the call's launch plan, which must give the same bits (`repeat_identical`).
 2. Timings (skipped with --quick): forward and forward+backward of the PyTorch reference and of this
    kernel, with `triton.testing.do_bench` (median ms), and the speed ratios, at batch 1 (where every
@@ -135,7 +135,7 @@ def check(shape, device, scan, module=None):
             module.DIRECT_LAUNCH = direct
     errs = {"y": rel_err(y, y_ref), "final": rel_err(f, f_ref)}
     errs.update({"d" + k: rel_err(gr[k], g_ref[k]) for k in inp})
-    # then with the binaries launched directly (kernels.ssd_triton._launch; the first call keeps them), found by
+    # then with the binaries launched directly (kernels/launch.py; the first call keeps them), found by
     # their keys (the second call, which records its launch plan) and by that plan (the third): the same bits
     grads(run, None)
     repeat_identical = True

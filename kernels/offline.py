@@ -21,7 +21,7 @@ instead of loading it, and counts launches instead of making them. The real wrap
    timings), and a forward+backward.
    It is timed on tiny shapes (`HOST_SHAPE`): the host work does not depend on the sizes, and on
    tiny tensors the few PyTorch reductions of the backward do not compute for long on the CPU.
-3. the direct launches of `kernels.ssd_triton._launch` against Triton's own launch path, launch by
+3. the direct launches of `kernels.ssd_triton._launch` (kernels/launch.py) against Triton's own launch path, launch by
    launch (`compare_launch_paths`): the launcher must receive the same binary, grid and arguments.
 
 It tells nothing about GPU time. Its host times are this machine's CPU's (the H100 host measured on
@@ -287,11 +287,11 @@ def compare_launch_paths(gpu, shape, dtype):
     call's, checked); the plain call with a launch-enter hook set, and with only a launch-exit hook (a
     profiler's: the direct path must then build the same metadata and call the hook once per launch,
     checked). Each is made twice directly, with no binary or plan kept from the calls before: its
-    launches found by their own keys (which records the call's `_Plan`), then taken from that plan
+    launches found by their own keys (which records the call's `Plan`), then taken from that plan
     (checked: no key built but the plans' own). Last, hooks set after a plan was recorded without them
     (a profiler switched on mid-run) must see every launch of the next call.
     Returns the launches compared; raises AssertionError at the first difference."""
-    from kernels import ssd_triton
+    from kernels import launch, ssd_triton
     from kernels.ssd_triton import SSDChunkScanFn
 
     inputs = _inputs(shape, dtype)
@@ -305,13 +305,13 @@ def compare_launch_paths(gpu, shape, dtype):
              "initial state": ({**inputs, "h0": h0}, nothing), "kept tensors moved": (inputs, _kept_tensors_moved),
              "1 head split": (inputs, lambda: _head_splits(1)),
              **{name: (inputs, lambda which=which: _launch_hook(hooked, *which)) for name, which in hook_cases.items()}}
-    used, compared, setting, selector = {}, 0, ssd_triton.DIRECT_LAUNCH, ssd_triton._selector
+    used, compared, setting, selector = {}, 0, ssd_triton.DIRECT_LAUNCH, launch.selector
     for name, (case, context) in cases.items():
         calls = {}
         for direct in (False, True):
             ssd_triton.DIRECT_LAUNCH = direct  # (on even where this Triton is not known to launch alike)
-            ssd_triton._BINARIES.clear()
-            ssd_triton._PLANS.clear()
+            ssd_triton._LAUNCHER.binaries.clear()
+            ssd_triton._LAUNCHER.plans.clear()
             try:
                 with context():
                     _call(SSDChunkScanFn, shape, case, backward=True)  # (compiles; keeps the binaries)
@@ -319,11 +319,11 @@ def compare_launch_paths(gpu, shape, dtype):
                     # direct: the launches found by their keys (the call records its plan), then by that plan
                     for _ in range(2 if direct else 1):
                         gpu.recorded, gpu.labels = [], {t.data_ptr(): k for k, t in case.items()}
-                        keys = []  # (`_selector` calls: what building a key costs)
+                        keys = []  # (`selector` calls: what building a key costs)
                         hooked.clear()
-                        ssd_triton._selector = lambda args, keys=keys: keys.append(1) or selector(args)
+                        launch.selector = lambda args, keys=keys: keys.append(1) or selector(args)
                         _call(SSDChunkScanFn, shape, case, backward=True)
-                        ssd_triton._selector = selector
+                        launch.selector = selector
                         calls[direct].append(gpu.recorded)
                         if name in hook_cases:
                             launched = _hook_calls(gpu.recorded, hook_cases[name])
@@ -331,7 +331,7 @@ def compare_launch_paths(gpu, shape, dtype):
                 # by the plan, only the plans' keys are built: one for the forward, one for the backward
                 assert not direct or len(keys) == 2, f"{name}: the last call built {len(keys)} keys, not 2"
             finally:
-                gpu.recorded, ssd_triton.DIRECT_LAUNCH, ssd_triton._selector = None, setting, selector
+                gpu.recorded, ssd_triton.DIRECT_LAUNCH, launch.selector = None, setting, selector
         (through_triton,) = calls[False]
         for how, direct in zip(("by their keys", "by the call's plan"), calls[True]):
             assert len(direct) == len(through_triton), (name, how, len(direct), len(through_triton))
@@ -344,8 +344,8 @@ def compare_launch_paths(gpu, shape, dtype):
             f"{name}: Triton chose the plain call's binaries"
     # hooks set once the plain call's plan was recorded without them
     ssd_triton.DIRECT_LAUNCH = True
-    ssd_triton._BINARIES.clear()
-    ssd_triton._PLANS.clear()
+    ssd_triton._LAUNCHER.binaries.clear()
+    ssd_triton._LAUNCHER.plans.clear()
     try:
         for _ in range(2):  # (keeps the binaries, then records the plan)
             _call(SSDChunkScanFn, shape, inputs, backward=True)

@@ -24,10 +24,11 @@ gradient are compared with autograd through the float64 recurrence `ssd_recurren
 
 Launches per call (each costs host time, which is what a batch-1 call spends most of its time on): the
 forward 4 Triton programs; the backward 8, the last of which sums what the others left in parts (see
-`_ssd_backward`). Every program is launched through `_launch`, which goes through Triton (and its
-autotuner) only the first time a binary is needed and then calls that binary directly (where
-`DIRECT_LAUNCH` is on; `DIRECT_LAUNCH_OFF_BECAUSE` says why not, e.g. under the interpreter); a call like
-an earlier one takes that call's binaries in order from its launch plan (`_Plan`).
+`_ssd_backward`). Every program is launched through `_launch` (kernels/launch.py: the host side, apart
+from the math), which goes through Triton (and its autotuner) only the first time a binary is needed and
+then calls that binary directly (where `DIRECT_LAUNCH` is on; `DIRECT_LAUNCH_OFF_BECAUSE` says why not,
+e.g. under the interpreter); a call like an earlier one takes that call's binaries in order from its
+launch plan (`_plan`).
 
 Conventions shared by every program:
   * all tensors are contiguous (the wrapper makes them so), so offsets are computed from the sizes:
@@ -51,19 +52,13 @@ Conventions shared by every program:
 
 import contextlib
 import functools
-import os
-import threading
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import DIRECT_LAUNCH_OFF_BECAUSE, INTERPRET, MAX_BINARIES, Launcher
 from minimamba.ssd import _check
-
-try:  # TRITON_INTERPRET=1 (read when this module is imported): programs run in Python on CPU tensors
-    INTERPRET = bool(triton.knobs.runtime.interpret)
-except AttributeError:  # Triton < 3.4 has no knobs
-    INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _autotune(configs, interpreter_config, key=("chunk_size", "headdim", "dstate")):
@@ -79,172 +74,18 @@ def _cfg(num_warps=4, num_stages=2, maxnreg=None, **tiles):
     return triton.Config(tiles, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)
 
 
-_CHOSEN = {}  # (autotuned program, key) -> the triton.Config its autotuner chose for that key
-_BINARIES = {}  # (program, key, device, constexprs, what of the arguments selects a binary) -> a `_Binary`
-_PLANS = {}  # the key of a forward or backward call -> (`_Binary`, grid) of its launches, in order (see `_Plan`)
-_FIRST_LAUNCH = threading.Lock()
-_MAX_BINARIES = 4096  # (its keys hold the integer arguments, seqlen among them: bounded for varying lengths)
-
-
-def _direct_launch_off_because():
-    """Why `_launch` cannot launch binaries directly with this Triton, or None if it can: its own launch
-    must end as `_launch` repeats it (only that line of `JITFunction.run` is checked, in its source;
-    Triton 3.4 to 3.9 have it, and their binary selection, read by hand, uses only what `_selector`
-    keys on; Triton 3.2 and 3.3 pass other arguments)."""
-    if INTERPRET:
-        return "under the interpreter there are no binaries"
-    try:
-        import inspect
-
-        source = "".join(inspect.getsource(triton.runtime.jit.JITFunction.run).split())
-    except (AttributeError, OSError, TypeError) as e:
-        return f"the source of Triton's JITFunction.run cannot be read ({e})"
-    if "kernel.run(grid_0,grid_1,grid_2,stream,kernel.function,kernel.packed_metadata,launch_metadata," \
-       "knobs.runtime.launch_enter_hook,knobs.runtime.launch_exit_hook,*bound_args.values())" not in source:
-        return f"Triton {triton.__version__} launches differently from what _launch repeats (checked: 3.4 to 3.9)"
-    return None
-
-
-# Whether `_launch` launches the binary it found before without going through Triton's `run` (and if
-# not, why). Setting it to False sends every launch through Triton (kernels.offline compares the two
-# paths launch by launch).
-DIRECT_LAUNCH_OFF_BECAUSE = _direct_launch_off_because()
+# This module's launch state (see kernels/launch.py): the configs its autotuners chose, the binaries it
+# launches directly and the launch plans of its calls. `DIRECT_LAUNCH = False` sends every launch through
+# Triton; `DIRECT_LAUNCH_OFF_BECAUSE` says why launches cannot be direct (None: they can).
+_LAUNCHER = Launcher()
+_launch = _LAUNCHER.launch
 DIRECT_LAUNCH = DIRECT_LAUNCH_OFF_BECAUSE is None
 
 
-class _Binary:
-    """A compiled program as `_launch` launches it: the program it is a binary of, the binary, the config
-    it was compiled with (None if not autotuned), the keyword arguments its grid function reads (META),
-    and the values of its keyword arguments in the order of the program's parameters (they follow the
-    positional ones)."""
-
-    def __init__(self, program, kernel, config, meta, arg_names, n_positional):
-        self.program, self.kernel, self.config, self.meta = program, kernel, config, meta
-        self.tail = tuple(meta[name] for name in arg_names[n_positional:])
-
-
-class _Plan:
-    """The launches of one forward or one backward call, for `_launch`. What selects their binaries follows
-    from the call's key: the dtype and 16-byte alignment (`_selector`) of every tensor the call is given
-    (the inputs, or None; in the backward also dy, ∂L/∂final and what the forward kept, which autograd
-    hands back and a saved-tensor hook may have moved), the shapes, the chunk size, the device and, in the
-    backward, the number of head splits of dCB, dC and dB. The buffers the call allocates have sizes, hence
-    alignments, that these fix (CUDA allocations start 512-byte aligned), and so do the integer arguments;
-    the configs are the autotuners' choices for the shapes. So the binaries one call's launches found
-    through their own keys are those of every later call with the same key: the first call whose launches
-    all found theirs records them, later calls take them in order, without building a key per launch
-    (`kernels.offline` compares such launches with Triton's too). Not in the key, like the knobs `_launch`
-    lists: the module's block sizes (`_STATE_BLOCK`, `_DC_MIN_BLOCK_T`, `_SUMS_BLOCK`, `_SUMS_TILE`); after
-    changing them, call
-    `forget_tuning()`. A plan keeps each launch's grid with its binary (the grid follows from the shapes
-    and the config). Also holds, read once per call: whether launches are direct (`DIRECT_LAUNCH`), the
-    device, the stream and the launch hooks (`_launch_hooks`)."""
-
-    def __init__(self, *key):
-        self.key, self.direct = key, DIRECT_LAUNCH
-        self.launches = _PLANS.get(key) if self.direct else None  # [(binary, grid)] in order; None: record them
-        self.recorded, self.complete, self.next = [], self.direct, 0
-        if self.direct:
-            self.device = triton.runtime.driver.active.get_current_device()
-            self.stream = triton.runtime.driver.active.get_current_stream(self.device)
-            self.enter, self.leave = _launch_hooks()
-
-    def done(self):
-        """The call launched everything: keep what it recorded, if every launch found its binary."""
-        if self.launches is None and self.complete:
-            if len(_PLANS) >= _MAX_BINARIES:
-                _PLANS.clear()
-            _PLANS[self.key] = self.recorded
-
-
-def _launch_hooks():
-    """Triton's launch hooks (enter, exit) as its launcher takes them, None for a hook that calls nothing:
-    Triton 3.5+ keeps them as chains of hooks (empty unless a profiler adds one), where Triton's own launch
-    builds each launch's metadata for them and its launcher calls them. Empty, they do nothing, so
-    `_launch` passes None instead, and where both are None builds no metadata (~2 µs per launch here)."""
-    hooks = triton.knobs.runtime
-    return tuple(None if hook is None or getattr(hook, "calls", None) == [] else hook
-                 for hook in (hooks.launch_enter_hook, hooks.launch_exit_hook))
-
-
-def _selector(args):
-    """What of the arguments can make Triton choose another binary: for a tensor its dtype and its
-    address modulo 16 (Triton specializes pointers on 16-byte alignment), for anything else its type
-    and value (Triton specializes integers on their range and divisibility by 16, which the value
-    decides; the type, because True == 1 == 1.0 as dict keys, and Triton compiles each differently)."""
-    return [(a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor) else (a.__class__, a) for a in args]
-
-
-def _launch(program, grid, key, plan, *args, **constexprs):
-    """program[grid](*args, **constexprs), through Triton's launch path only the first time a binary is
-    needed; returns the triton.Config used (None for a program that is not autotuned). `plan`: the
-    `_Plan` of the call this launch is part of.
-
-    Each launch through Triton (`JITFunction.run`) works out again which binary the arguments select
-    (~20 µs plus ~0.6 µs per argument of host time on a 2-core VM; an autotuned program adds ~30 µs of
-    autotuner bookkeeping): a forward+backward makes 12 launches, and at batch 1 the GPU waits for them.
-    So the binary Triton chose is kept under everything Triton chooses it by (`_selector`, the
-    constexprs, the device; the config that `key` got from the autotuner, which tunes once per key), and
-    later launches with the same selector call it directly, as `JITFunction.run` itself ends by doing:
-    same binary, grid, stream and arguments, and the launch hooks with their metadata where a hook is set
-    (`_launch_hooks`; kernels.offline checks this launch by launch).
-    What this skips of `run`: its pre-run hooks, the check that globals a program reads have not
-    changed since it was compiled (this module changes none), and what `run` reads from `triton.knobs`
-    at each launch that can select another binary (debug, instrumentation, fpsan casts, a stages
-    inspection hook): after changing those, call `forget_tuning()`, which forgets the binaries too.
-    Building that key costs ~14 µs per launch here, so a call like an earlier one (same `_Plan` key) takes
-    the binaries (and grids) that call's launches found, in order, and builds none.
-    Grids are 3-tuples (a grid of another length raises after its first launch through Triton, where
-    direct launches are on)."""
-    if not plan.direct:  # (DIRECT_LAUNCH as it was when the call began)
-        return _launch_through_triton(program, grid, key, None, args, constexprs)
-    if plan.launches is not None:  # a call like one before: its binaries (and grids) in order
-        binary, g = plan.launches[plan.next]
-        plan.next += 1
-        if binary.program is not program:
-            raise RuntimeError(f"kernels.ssd_triton: launch plan out of step ({binary.program} for {program}); "
-                               "please report this. kernels.ssd_triton.DIRECT_LAUNCH = False avoids it")
-    else:
-        where = (program, key, plan.device, *_selector(constexprs.values()), *_selector(args))
-        binary = _BINARIES.get(where)
-        if binary is None:
-            plan.complete = False
-            return _launch_through_triton(program, grid, key, where, args, constexprs)
-        g = grid(binary.meta) if callable(grid) else grid  # (a 3-tuple)
-        plan.recorded.append((binary, g))
-    stream, enter, leave = plan.stream, plan.enter, plan.leave
-    kernel, all_args = binary.kernel, args + binary.tail
-    # (what Triton's launch does: its launch_metadata returns None where the enter hook is None)
-    metadata = kernel.launch_metadata(g, stream, *all_args) if enter is not None or leave is not None else None
-    kernel.run(*g, stream, kernel.function, kernel.packed_metadata, metadata, enter, leave, *all_args)
-    return binary.config
-
-
-def _launch_through_triton(program, grid, key, where, args, constexprs):
-    """The first launch of `_launch` for `where`, which keeps the binary under it (every launch when
-    DIRECT_LAUNCH is off: `where` is None)."""
-    with _FIRST_LAUNCH:  # (an autotuner keeps its last choice in an attribute: one thread at a time)
-        if isinstance(program, triton.runtime.autotuner.Autotuner):
-            config = _CHOSEN.get((program, key))
-            if config is None:  # the autotuner benchmarks its configs, keeps the fastest and launches it
-                kernel = program[grid](*args, **constexprs)
-                config = _CHOSEN[(program, key)] = program.best_config
-            else:
-                kernel = program.fn[grid](*args, **constexprs, **config.all_kwargs())
-            jit_fn, meta = program.fn, {**constexprs, **config.kwargs}
-        else:
-            kernel, jit_fn, meta, config = program[grid](*args, **constexprs), program, dict(constexprs), None
-    if where is None:  # (nothing kept: Triton launches every time)
-        return config
-    if len(grid(meta) if callable(grid) else grid) != 3:
-        raise ValueError(f"{jit_fn.__name__}: give its grid as 3 numbers (`_launch` passes them as they are)")
-    if hasattr(kernel, "result"):  # (Triton 3.5+ compiling in the background: wait for the binary)
-        kernel = kernel.result()
-    if kernel is not None:  # (None: a Triton cache hook declined to compile it)
-        if len(_BINARIES) >= _MAX_BINARIES:
-            _BINARIES.clear()
-        _BINARIES[where] = _Binary(program, kernel, config, meta, jit_fn.arg_names, len(args))
-    return config
+def _plan(*key, tensors=()):
+    """The launch plan of one forward or backward call (`kernels.launch.Plan`), keyed by `key` and what of
+    `tensors` selects binaries."""
+    return _LAUNCHER.plan(DIRECT_LAUNCH, *key, tensors=tensors)
 
 
 def autotuned_programs(module=None):
@@ -256,10 +97,9 @@ def autotuned_programs(module=None):
 
 def forget_tuning():
     """Forget every config the autotuners chose, so that the next calls tune again (benchmarks do this
-    to tune each timed shape as a training run would tune its own)."""
-    _CHOSEN.clear()
-    _BINARIES.clear()
-    _PLANS.clear()
+    to tune each timed shape as a training run would tune its own), and the binaries and plans of
+    direct launches with them."""
+    _LAUNCHER.forget()
     for k in autotuned_programs().values():
         k.cache.clear()
 
@@ -1362,7 +1202,7 @@ def _head_splits(heads_per_group, programs, device):
     return _head_splits_for(heads_per_group, programs, _sm_count(device), _DBC_PROGRAMS_PER_SM, _MAX_HEAD_SPLITS)
 
 
-@functools.lru_cache(maxsize=_MAX_BINARIES)  # (~10 µs of host time per backward otherwise)
+@functools.lru_cache(maxsize=MAX_BINARIES)  # (~10 µs of host time per backward otherwise)
 def _head_splits_for(heads_per_group, programs, sms, programs_per_sm, max_splits):
     divisors = [d for d in range(1, min(heads_per_group, max_splits) + 1) if heads_per_group % d == 0]
     return next((d for d in divisors if programs * d >= programs_per_sm * sms), divisors[-1])
@@ -1424,7 +1264,7 @@ def _ssd_forward(x, dt, A, B, C, chunk_size, D, initial_state):
     b, l, h, p = x.shape
     g, n = B.shape[2:]
     nc = _cdiv(l, chunk_size)
-    plan = _Plan("forward", chunk_size, x.shape, B.shape, x.device, *_selector((x, dt, A, B, C, D, initial_state)))
+    plan = _plan("forward", chunk_size, x.shape, B.shape, x.device, tensors=(x, dt, A, B, C, D, initial_state))
     cs, cs_lo, chunk_states, cb, states, final = _forward_stages(x, dt, A, B, C, chunk_size, initial_state, plan)
     y = torch.empty_like(x)
     grid = lambda META: (_cdiv(chunk_size, META["BLOCK_T"]), b * nc, h)
@@ -1453,8 +1293,8 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, kept, chunk_size, D, initial_state
     dots = _dot_args(x, n, p)
     key = (Q, p, n, x.dtype)  # what the autotuned configs are chosen for (see `_launch`)
     n_splits = _head_splits(h // g, _cdiv(Q, 64) * b * nc * g, device)  # (dCB, dC and dB, below)
-    plan = _Plan("backward", Q, n_splits, x.shape, B.shape, device,
-                 *_selector((dy, dfinal, x, dt, A, B, C, D, initial_state, *kept)))
+    plan = _plan("backward", Q, n_splits, x.shape, B.shape, device,
+                 tensors=(dy, dfinal, x, dt, A, B, C, D, initial_state, *kept))
 
     # ∂L/∂S_in[c] through the outputs of chunk c: stage 2's program with the other weight
     cs, cs_lo, chunk_states, cb = kept

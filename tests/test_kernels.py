@@ -39,6 +39,7 @@ from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from kernels import ssd_chunk_scan  # noqa: E402
+from kernels import launch as L  # noqa: E402
 from kernels import ssd_triton as K  # noqa: E402
 from minimamba.ssd import ssd_recurrent  # noqa: E402
 
@@ -135,7 +136,7 @@ def assert_close(errs, dtype):
 def test_forward_stages_match_their_references(Q):
     pb = make_problem(2, 45, 4, 8, 2, 16, seed=3)
     x, dt, A, B, C, h0 = (pb[k].float() for k in ("x", "dt", "A", "B", "C", "initial_state"))
-    cs, cs_lo, chunk_states, cb, states, final = K._forward_stages(x, dt, A, B, C, Q, h0, K._Plan())
+    cs, cs_lo, chunk_states, cb, states, final = K._forward_stages(x, dt, A, B, C, Q, h0, K._plan())
     cs_ref = K.chunk_cumsum_ref(dt, A, Q)
     chunk_states_ref = K.chunk_state_ref(x, dt, B, cs_ref)
     states_ref, final_ref = K.state_passing_ref(chunk_states_ref, cs_ref, h0)
@@ -146,7 +147,7 @@ def test_forward_stages_match_their_references(Q):
     exact = dA.view(2, -1, Q, 4).cumsum(2).permute(0, 3, 1, 2)  # (b, H, nc, Q)
     assert rel_err(cs.double() + cs_lo.double(), exact) < 1e-13
     assert torch.equal(cs, exact.float())
-    assert K._forward_stages(x.bfloat16(), dt, A, B.bfloat16(), C.bfloat16(), Q, h0, K._Plan())[1] is None  # no lo
+    assert K._forward_stages(x.bfloat16(), dt, A, B.bfloat16(), C.bfloat16(), Q, h0, K._plan())[1] is None  # no lo
     assert rel_err(chunk_states, chunk_states_ref.double()) < 1e-5
     assert rel_err(cb, K.chunk_cb_ref(C, B, Q).double()) < 1e-6
     assert rel_err(states, states_ref.double()) < 1e-5
@@ -170,7 +171,7 @@ def test_grad_sums_add_the_splits_and_the_parts(n_splits, n_parts, dtype, block_
     dAD = torch.full((n_parts, h), float("nan"))
     numel = b * l * g * n
     grid = (1 + 2 * K._cdiv(numel, K._SUMS_BLOCK) if dtype else 1, 1, 1)
-    K._launch(K._grad_sums_kernel, grid, None, K._Plan(), dBC, out, parts, dAD, numel, n_splits, rows, h,
+    K._launch(K._grad_sums_kernel, grid, None, K._plan(), dBC, out, parts, dAD, numel, n_splits, rows, h,
               n_parts, BLOCK=K._SUMS_BLOCK, BLOCK_R=block_r, BLOCK_H=block_h)
     # (in another order than torch's: within 37 roundings of running sums below 16)
     torch.testing.assert_close(dAD.double(), parts.double().sum(1), rtol=0, atol=37 * 2.0 ** -24 * 16)
@@ -332,15 +333,15 @@ def _old_style_run(self, *args, grid, warmup, **kwargs):  # how Triton 3.2 and 3
 
 
 def test_direct_launches_only_with_a_triton_that_launches_as_they_do(monkeypatch):
-    """`_launch` repeats the end of Triton's JITFunction.run; where that differs (Triton 3.2, 3.3 pass
-    only the non-constexpr arguments, and other hooks), every launch goes through Triton, and the
+    """`Launcher.launch` repeats the end of Triton's JITFunction.run; where that differs (Triton 3.2, 3.3
+    pass only the non-constexpr arguments, and other hooks), every launch goes through Triton, and the
     reason is kept (kernels.bench prints it)."""
-    monkeypatch.setattr(K, "INTERPRET", False)
+    monkeypatch.setattr(L, "INTERPRET", False)
     version = tuple(int(v) for v in triton.__version__.split(".")[:2])
     if (3, 4) <= version <= (3, 9):  # the versions whose launch and specialization were read
-        assert K._direct_launch_off_because() is None
+        assert L.direct_launch_off_because() is None
     monkeypatch.setattr(triton.runtime.jit.JITFunction, "run", _old_style_run)
-    assert "launches differently" in K._direct_launch_off_because()
+    assert "launches differently" in L.direct_launch_off_because()
     assert "no binaries" in K.DIRECT_LAUNCH_OFF_BECAUSE and not K.DIRECT_LAUNCH  # (this file interprets)
 
 
