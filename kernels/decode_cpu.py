@@ -198,14 +198,17 @@ class DecodeStep:
         self.lib, cfg = load(), model.config
         self.dims = Dims(cfg.n_layer, cfg.d_model, cfg.d_inner, cfg.nheads, cfg.headdim, cfg.ngroups,
                          cfg.d_state, cfg.d_conv, model.lm_head.weight.shape[0], cfg.norm_eps)
-        layers, self.weights = [], tuple(model.parameters())  # the references keep the addresses valid
+        # Detached tensors, not the Parameters: they hold the storage C reads, which a Parameter given new data
+        # (`p.data = ...`, `model.half().float()`) would otherwise free while this step still has its address.
+        layers, self.weights = [], tuple(p.detach() for p in model.parameters())
         for block in model.layers:
             mx = block.mixer
             w = (block.norm.weight, mx.in_proj.weight, mx.in_proj.bias, mx.conv1d.weight, mx.conv1d.bias,
                        mx.dt_bias, mx.A_log, mx.D, mx.norm.weight, mx.out_proj.weight, mx.out_proj.bias)
             layers.append(Layer(*(None if t is None else t.data_ptr() for t in w)))
         self.layers = (Layer * len(layers))(*layers)
-        self.embedding, self.norm_f, self.head = model.embedding.weight, model.norm_f.weight, model.lm_head.weight
+        self.embedding, self.norm_f, self.head = (t.detach() for t in (model.embedding.weight, model.norm_f.weight,
+                                                                       model.lm_head.weight))
         self.batch_size = batch_size
         self.check_cache = model.check_cache  # the shapes, device and dtypes of a cache for this model
         self.work = torch.empty(self.lib.mamba2_step_workspace(ctypes.byref(self.dims), batch_size),

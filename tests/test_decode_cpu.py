@@ -104,6 +104,18 @@ def test_weights_moved_after_a_step_are_read_from_their_new_place():
     assert (after - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
 
 
+def test_a_step_kept_across_new_weights_reads_the_old_ones_not_freed_memory():
+    """The step held the Parameters, not their storage: after `model.half().float()` (every p.data replaced) it
+    read the freed weights (AddressSanitizer: heap-use-after-free; here, the NaNs allocated over them)."""
+    model = random_model(config(), decode_backend="c")
+    step = model.decoder(1)
+    before = step(torch.tensor([3]), model.allocate_cache(1))
+    model.half().float()  # new storage for every weight; the old is freed unless something holds it
+    junk = [torch.full((p.numel(),), float("nan")) for p in model.parameters() for _ in range(4)]  # noqa: F841
+    after = step(torch.tensor([3]), model.allocate_cache(1))
+    assert torch.equal(after, before)  # the weights it was built with, still alive
+
+
 def test_bad_token_ids_and_batch_sizes_fail_clearly():
     model = random_model(config(), decode_backend="c")
     cache = model.allocate_cache(2)
