@@ -106,7 +106,10 @@ def load():
     try:
         lib = ctypes.CDLL(str(lib_path))
     except OSError:  # a damaged file in the build folder: build it again, once
-        lib_path.unlink(missing_ok=True)  # (another process may have done so already)
+        try:
+            lib_path.unlink(missing_ok=True)  # (another process may have done so already)
+        except OSError:  # a read-only folder: _compile says so, as a RuntimeError
+            pass
         _compile(cc, lib_path)
         try:
             lib = ctypes.CDLL(str(lib_path))

@@ -1,8 +1,10 @@
 """The fused C decoding step (kernels/decode_cpu.c) against its PyTorch reference (`Mamba2LM._step_torch`),
 the choice between them, its errors, and the 2 MiB-page request."""
 
+import errno
 import logging
 import os
+import pathlib
 import shutil
 
 import pytest
@@ -323,3 +325,22 @@ def test_a_damaged_library_in_the_build_folder_is_rebuilt(fresh_build):
     path.write_bytes(b"\x7fELF truncated")
     lib = decode_cpu.load()
     assert lib.mamba2_step_workspace is not None and path.stat().st_size > 1000
+
+
+def test_a_damaged_library_in_a_read_only_build_folder_is_a_runtime_error_and_auto_falls_back(
+        fresh_build, monkeypatch, caplog):
+    """Removing the damaged file raised OSError (EROFS), which "auto" did not catch: the model could not decode."""
+    decode_cpu.library_path(os.environ.get("CC", "cc")).write_bytes(b"\x7fELF truncated")
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(pathlib.Path, "unlink", read_only)
+    monkeypatch.setattr(decode_cpu.tempfile, "mkstemp", read_only)
+    with pytest.raises(RuntimeError, match="cannot write the C decode step's library.*Read-only file system"):
+        decode_cpu.load()
+    model = random_model(config(), decode_backend="auto")
+    with caplog.at_level(logging.WARNING, logger="minimamba"):
+        step = model.decoder(1)
+    assert model.decode_backend_used[0] == "torch" and "failed to build" in caplog.text
+    assert step(torch.tensor([1]), model.allocate_cache(1)).shape == (1, 1008)
