@@ -38,7 +38,7 @@ class Layer(ctypes.Structure):
 
 
 def build_dir() -> Path:
-    return Path(os.environ.get("MINIMAMBA_BUILD_DIR") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache"))
+    return Path(os.environ.get("MINIMAMBA_BUILD_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache")
                 / "minimamba" / "build").expanduser()
 
 

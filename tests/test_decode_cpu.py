@@ -344,3 +344,14 @@ def test_a_damaged_library_in_a_read_only_build_folder_is_a_runtime_error_and_au
         step = model.decoder(1)
     assert model.decode_backend_used[0] == "torch" and "failed to build" in caplog.text
     assert step(torch.tensor([1]), model.allocate_cache(1)).shape == (1, 1008)
+
+
+@pytest.mark.parametrize("xdg", [None, ""])
+def test_an_unset_or_empty_xdg_cache_home_means_the_home_cache(monkeypatch, xdg):
+    """An empty XDG_CACHE_HOME built into minimamba/build under the working directory."""
+    monkeypatch.delenv("MINIMAMBA_BUILD_DIR", raising=False)
+    if xdg is None:
+        monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    else:
+        monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+    assert decode_cpu.build_dir() == pathlib.Path("~/.cache/minimamba/build").expanduser()
