@@ -85,6 +85,7 @@ def _compile(cc, lib_path):
         if done.returncode != 0:
             raise RuntimeError(f"compiling {SOURCE.name} with {cc} failed:\n{done.stderr.strip()}\n"
                                "Fix the compiler (it needs OpenMP: -fopenmp) or use decode_backend='torch'.")
+        os.chmod(tmp, 0o755)  # as `cc -o` makes it: mkstemp's 0600 left other users unable to load it
         os.replace(tmp, lib_path)
     finally:
         if os.path.exists(tmp):

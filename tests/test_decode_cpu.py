@@ -216,6 +216,14 @@ def test_the_library_is_built_once_and_reused(fresh_build):
     assert [p.stat().st_mtime_ns for p in fresh_build.glob("decode_cpu-*.so")] == [mtime]
 
 
+def test_the_library_is_readable_by_every_user_of_a_shared_build_folder(fresh_build):
+    """It was built into a mkstemp file (mode 0600; 0711 once the compiler adds x): in a build folder shared by
+    several users (MINIMAMBA_BUILD_DIR), the others' dlopen failed with 'Permission denied'."""
+    decode_cpu.load()
+    (built,) = fresh_build.glob("decode_cpu-*.so")
+    assert built.stat().st_mode & 0o777 == 0o755
+
+
 def _anon_huge_bytes(lo, hi):
     """AnonHugePages of the mappings of this process that overlap [lo, hi) (from /proc/self/smaps)."""
     total, inside = 0, False
