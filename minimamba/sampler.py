@@ -198,6 +198,9 @@ class MixtureSampler:
                 + "; ".join(changed) + "). Resume with the same values and data."
             )
         self.step, self.taken = int(state["step"]), {d: int(state["taken"][d]) for d in self.domains}
+        # the checkpoint's shares themselves: the same mix written otherwise (7,2,1 for 0.7,0.2,0.1) can differ
+        # in the last bit, enough to break a tie between domains differently and change the batches
+        self.mix = {d: float(state["mix"][d]) for d in self.domains}
 
 
 def heldout_windows(data_dir, domain, seq_len, max_windows=None):
