@@ -179,7 +179,8 @@ class MixtureSampler:
     # checkpointing -------------------------------------------------------------------------------
     def state_dict(self):
         return {"step": self.step, "taken": dict(self.taken), "seed": self.seed, "mix": dict(self.mix),
-                "seq_len": self.seq_len, "rows_per_step": self.rows_per_step, "num_windows": dict(self.num_windows)}
+                "seq_len": self.seq_len, "rows_per_step": self.rows_per_step, "num_windows": dict(self.num_windows),
+                "stream_tokens": dict(self.stream_tokens)}
 
     def load_state_dict(self, state):
         mine = {"mix": self.mix, "seq_len": self.seq_len, "rows_per_step": self.rows_per_step, "seed": self.seed}
@@ -190,6 +191,9 @@ class MixtureSampler:
             changed.append(f"mix: checkpoint {state['mix']} vs now {self.mix}")
         if "num_windows" in state and state["num_windows"] != self.num_windows:  # (older checkpoints lack it)
             changed.append(f"windows per domain: checkpoint {state['num_windows']} vs now {self.num_windows} "
+                           "(the training data was prepared again)")
+        elif "stream_tokens" in state and state["stream_tokens"] != self.stream_tokens:  # (nor this)
+            changed.append(f"tokens per domain: checkpoint {state['stream_tokens']} vs now {self.stream_tokens} "
                            "(the training data was prepared again)")
         if changed:
             raise ValueError(

@@ -131,6 +131,16 @@ def test_resume_with_the_same_shares_written_otherwise_is_exact(data):
         assert torch.equal(resumed.next_batch(), batches[step]), step
 
 
+def test_resume_after_the_data_changed_within_a_window_is_refused(tmp_path):
+    write_domain(tmp_path, "c4", 801)  # 100 windows of SEQ
+    first = MixtureSampler(tmp_path, {"c4": 1.0}, SEQ, 4)
+    first.next_batch()
+    state = first.state_dict()
+    (np.arange(805) % 7).astype(np.uint16).tofile(tmp_path / "c4" / "train.bin")  # other tokens, still 100 windows
+    with pytest.raises(ValueError, match="tokens per domain: .*'c4': 801.*'c4': 805.*prepared again"):
+        MixtureSampler(tmp_path, {"c4": 1.0}, SEQ, 4).load_state_dict(state)
+
+
 def test_ranks_split_the_global_batch(data):
     whole = MixtureSampler(data, MIX, SEQ, 12, seed=2)
     ranks = [MixtureSampler(data, MIX, SEQ, 12, seed=2, rank=r, world_size=3) for r in range(3)]
