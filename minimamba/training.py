@@ -1139,6 +1139,7 @@ def resolve(cfg, dist):
         "eval_batch_size": (1, None), "eval_windows": (0, None), "eval_every": (0, None), "save_every": (0, None),
         "lr": (0, None), "llrd": (0, 1), "weight_decay": (0, None), "beta1": (0, 1), "beta2": (0, 1),
         "grad_clip": (0, None), "warmup": (0, None), "decay": (0, 1), "min_lr_ratio": (0, 1),
+        "seed": (0, None),  # (numpy's generators of the data order take no negative seed)
     }
     for name, value in asdict(cfg).items():  # (NaN passes every comparison below; inf makes no sense anywhere)
         if isinstance(value, float) and not math.isfinite(value):

@@ -822,6 +822,7 @@ def test_read_log_refuses_a_damaged_line_before_the_last(tmp_path):
     (dict(grad_clip=math.nan), "--grad-clip must be a finite number, got nan"),
     (dict(warmup=math.nan), "--warmup must be a finite number, got nan"),
     (dict(lr=math.inf), "--lr must be a finite number, got inf"),
+    (dict(seed=-1), "--seed must be >= 0, got -1"),
     (dict(fsdp=True), "launch with torchrun"),
     (dict(backend="triton"), "runs on CUDA only"),
     (dict(device="gpu"), "unknown --device 'gpu'"),
