@@ -6,7 +6,7 @@ number, and the exponential is taken last. (Averaging per-batch perplexities or 
 instead would weight batches, not tokens.) Each window is read on its own, from an empty state, so
 a token's context is at most seq_len tokens; the same windows are used at every evaluation of a run
 (see `minimamba.sampler.heldout_windows`), which makes the numbers comparable along the run and
-between runs with the same --seq-len.
+between runs with the same --seq-len and --eval-windows.
 
 The softmax runs over the model's whole (padded) output layer, as in training; perplexities are
 only comparable between models that share a tokenizer.

@@ -5,7 +5,8 @@ uint16 ids, every document followed by EOS (id 0). A training row is a window of
 tokens of one domain (inputs = window[:-1], targets = window[1:]); windows are cut from the stream
 back to back, so documents are *packed* (an EOS separates them inside a window) and no compute is spent
 on padding. Window j of a domain starts at token j·seq_len: consecutive windows share one token (the
-last target of one is the first input of the next), so every token of the stream is a target once.
+last target of one is the first input of the next), so every token of the stream but the first is a
+target once per epoch (the last (n_tokens - 1) % seq_len tokens, too few for a window, are never read).
 
 Why this mixes by tokens. The recipe's authors padded every document to 1024 tokens and mixed by
 document count, so the real token shares depended on document lengths. Here every row has the same
@@ -211,7 +212,8 @@ def heldout_windows(data_dir, domain, seq_len, max_windows=None):
     """Fixed, non-overlapping windows (n, seq_len + 1) of a domain's heldout.bin, for perplexity.
 
     Window j covers tokens [j·seq_len, (j+1)·seq_len + 1): every token after the first is scored
-    once. With max_windows, that many windows spread evenly over the file (the same ones every call).
+    once, but the last (n_tokens - 1) % seq_len, too few for a window, are not scored. With max_windows,
+    that many windows spread evenly over the file (the same ones every call).
     """
     if max_windows is not None and max_windows < 1:
         raise ValueError(f"max_windows (--eval-windows) must be at least 1, got {max_windows}")
