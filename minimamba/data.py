@@ -641,6 +641,20 @@ def read_meta(data_dir: str | Path, domain: str, unfinished_ok: bool = False) ->
     return meta
 
 
+def ids_needed(data_dir: str | Path, domain: str, split: str) -> tuple[int, str]:
+    """How many token ids a model must have to read a split's token file, and where that number comes from:
+    the vocabulary size of the tokenizer that prepared it (meta.json), or for a token file without a
+    meta.json, its largest id + 1 (read through once)."""
+    if (Path(data_dir) / domain / "meta.json").exists():
+        tokenizer = read_meta(data_dir, domain).get("tokenizer", {})
+        if isinstance(tokenizer.get("vocab_size"), int):
+            name = tokenizer.get("name", "its tokenizer")
+            return tokenizer["vocab_size"], f"it was prepared with {name}, {tokenizer['vocab_size']} ids (meta.json)"
+    ids = load_split(data_dir, domain, split)
+    largest = int(ids.max())
+    return largest + 1, f"its {split}.bin holds ids up to {largest}"
+
+
 def load_split(data_dir: str | Path, domain: str, split: str) -> np.memmap:
     """The token ids of one split as a read-only uint16 memmap (documents end with the EOS id)."""
     if split not in SPLITS:

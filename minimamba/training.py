@@ -81,7 +81,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from minimamba.config import PUBLIC_SCALES, SCALES, Mamba2Config
-from minimamba.data import DataError
+from minimamba.data import DataError, ids_needed
 from minimamba.evaluate import domain_perplexity, load_heldout
 from minimamba.files import atomic_write, fsync_dir, write_text_atomically
 from minimamba.model import Mamba2LM
@@ -1191,6 +1191,18 @@ def resolve(cfg, dist):
                     cfg.eval_batch_size or cfg.batch_size, cfg.eval_windows or None)
 
 
+def check_vocabulary(data_dir, mix, eval_domains, vocab_size):
+    """Refuse token files with ids the model has no embedding for (which would fail at the first step with
+    an index error, on CUDA a device-side assert): the training split of each domain of the mix and the
+    held-out split of each evaluated one."""
+    for domain, split in [*((d, "train") for d in mix), *((d, "heldout") for d in eval_domains)]:
+        needed, why = ids_needed(data_dir, domain, split)
+        if needed > vocab_size:
+            raise SetupError(f"{Path(data_dir) / domain}: {why}, but the model has a vocabulary of {vocab_size} ids; "
+                             "prepare the data with the model's tokenizer, or train a model whose vocab_size is "
+                             f"at least {needed}")
+
+
 def _gib(n):
     return f"{n / 2**30:.1f} GiB"
 
@@ -1342,6 +1354,7 @@ def _train(cfg, dist, model, held):
     try:
         sampler = MixtureSampler(cfg.data, r.mix, cfg.seq_len, r.rows_per_step, cfg.seed, dist.rank, dist.world_size)
         heldout = load_heldout(cfg.data, r.eval_domains, cfg.seq_len, r.eval_windows)
+        check_vocabulary(cfg.data, r.mix, r.eval_domains, raw.config.vocab_size)
         if state is not None:
             restore_state(state, model, optimizer, ema, sampler, resume_dir)
     except (DataError, ValueError) as e:

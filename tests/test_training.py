@@ -855,3 +855,30 @@ def test_offline_pretrained_init_fails_fast_with_one_message(data, tmp_path):
     assert time.time() - start < 60
     assert "could not download the checkpoint state-spaces/mamba2-130m" in err
     assert "--init /path/to/it" in err and "--init scratch" in err and "Traceback" not in err
+
+
+def test_token_ids_beyond_the_models_vocabulary_are_refused_before_anything_is_written(data, init_dir, tmp_path):
+    """Token files with ids the model has no embedding for failed at the first step with an IndexError
+    (on CUDA a device-side assert): refused at setup, naming the domain and where the ids come from —
+    the largest id of a file without meta.json, or the tokenizer that meta.json names."""
+    bad = tmp_path / "tokens"
+    shutil.copytree(data, bad)
+    ids = np.fromfile(bad / "c4" / "train.bin", dtype=np.uint16)
+    ids[123] = 299
+    ids.tofile(bad / "c4" / "train.bin")
+    with pytest.raises(SetupError, match=rf"{bad / 'c4'}: its train.bin holds ids up to 299, but the model has a "
+                                         r"vocabulary of 256 ids; prepare the data with the model's tokenizer"):
+        train(config(bad, init_dir, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    (bad / "wikipedia" / "meta.json").write_text(json.dumps(
+        {"tokenizer": {"name": "gpt-neox-20b", "vocab_size": 50277, "eos_id": 0}, "splits": {}}))
+    with pytest.raises(SetupError, match=r"wikipedia: it was prepared with gpt-neox-20b, 50277 ids \(meta.json\), "
+                                         r"but the model has a vocabulary of 256 ids.*vocab_size is at least 50277"):
+        train(config(bad, init_dir, tmp_path / "run", mix="wikipedia=1"))
+    # held-out files are checked for the evaluated domains
+    ids = np.fromfile(data / "pubmed" / "heldout.bin", dtype=np.uint16)
+    ids[0] = 256
+    ids.tofile(bad / "pubmed" / "heldout.bin")
+    with pytest.raises(SetupError, match=r"pubmed: its heldout.bin holds ids up to 256"):
+        train(config(bad, init_dir, tmp_path / "run", mix="pubmed=1"))
+    assert not (tmp_path / "run").exists()
