@@ -125,7 +125,7 @@ class Launcher:
     it launches directly and the launch plans of its calls."""
 
     def __init__(self):
-        self.chosen = {}  # (autotuned program, key) -> the triton.Config its autotuner chose for that key
+        self.chosen = {}  # (autotuned program, key, tensor dtypes) -> the triton.Config its autotuner chose
         self.binaries = {}  # (program, key, device, constexprs, what of the arguments selects one) -> Binary
         self.plans = {}  # the key of a call -> [(Binary, grid)] of its launches, in order (see `Plan`)
         self.first_launch = threading.Lock()
@@ -144,7 +144,8 @@ class Launcher:
     def launch(self, program, grid, key, plan, *args, **constexprs):
         """program[grid](*args, **constexprs), through Triton's launch path only the first time a binary is
         needed; returns the triton.Config used (None for a program that is not autotuned). `plan`: the
-        `Plan` of the call this launch is part of; `key`: what the program's autotuner tunes for.
+        `Plan` of the call this launch is part of; `key`: what the program's autotuner tunes for (its
+        config is kept per `key` and the dtypes of the tensor arguments, as Triton's autotuner keeps it).
 
         The binary Triton chose is kept under everything Triton chooses it by (`selector`, the constexprs,
         the device; the config that `key` got from the autotuner, which tunes once per key), and later
@@ -188,10 +189,13 @@ class Launcher:
         direct launches are off: `where` is None)."""
         with self.first_launch:  # (an autotuner keeps its last choice in an attribute: one thread at a time)
             if isinstance(program, triton.runtime.autotuner.Autotuner):
-                config = self.chosen.get((program, key))
+                # (Triton's autotuner tunes once per its key and the dtypes of all tensor arguments: dt, A
+                # and D, or its absence, can differ between calls with the same `key`)
+                tuned = (program, key, *(a.dtype if isinstance(a, torch.Tensor) else None for a in args))
+                config = self.chosen.get(tuned)
                 if config is None:  # the autotuner benchmarks its configs, keeps the fastest and launches it
                     kernel = program[grid](*args, **constexprs)
-                    config = self.chosen[(program, key)] = program.best_config
+                    config = self.chosen[tuned] = program.best_config
                 else:
                     kernel = program.fn[grid](*args, **constexprs, **config.all_kwargs())
                 jit_fn, meta = program.fn, {**constexprs, **config.kwargs}

@@ -161,3 +161,41 @@ def test_host_breakdown_times_the_launcher_of_every_launch():
     # program's row prefix, the dB/dC splits, dA_off, dA_state, ∂L/∂dt, the per-chunk ∂L/∂A, ∂L/∂D parts,
     # their sums, and the summed ∂L/∂B, ∂L/∂C
     assert t["allocations"] == 6 + 18 and t["per_allocation"] > 0
+
+
+RETUNE_CHECK = """
+import torch
+from kernels import ssd_triton
+from kernels.offline import OfflineGPU, _inputs, HOST_SHAPE
+
+class GPU(OfflineGPU):  # timings as a GPU may give them: the forward's last program is fastest in another
+    def get_benchmarker(self):  # config when D is given or dt is bf16
+        def bench(kernel_call, quantiles=None, **kw):
+            cells = dict(zip(kernel_call.__code__.co_freevars, (c.cell_contents for c in kernel_call.__closure__)))
+            nargs, configs = cells["full_nargs"], ssd_triton._chunk_scan_fwd_kernel.configs
+            kernel_call()
+            plain = nargs.get("D_ptr") is None and getattr(nargs.get("dt_ptr"), "dtype", None) != torch.bfloat16
+            t = 1.0 if cells["config"] not in configs or configs.index(cells["config"]) == (0 if plain else 1) else 2.0
+            return [t] * len(quantiles or [None])
+        return bench
+
+with GPU(90) as gpu:
+    inp = _inputs(HOST_SHAPE, torch.bfloat16)
+    def launched(D, dt):  # the config of the forward's last program
+        gpu.recorded = []
+        with torch.no_grad():
+            ssd_triton._ssd_forward(inp["x"], dt, inp["A"], inp["B"], inp["C"], HOST_SHAPE[-1], D, None)
+        b = gpu.binaries[[i for name, i, _ in gpu.recorded if name == "_chunk_scan_fwd_kernel"][-1]]
+        return b.constants["BLOCK_S"], b.num_warps
+    print(launched(None, inp["dt"]), launched(inp["D"], inp["dt"]), launched(None, inp["dt"].bfloat16()))
+"""
+
+
+@pytest.mark.skipif(_ptxas() is None, reason="needs triton with its NVIDIA backend (ptxas) installed")
+def test_each_autotuner_key_gets_its_own_config():
+    """Triton's autotuner tunes once per its key and the dtypes of the tensor arguments, so a call with D (or
+    with bf16 dt) after one without gets the config tuned for it, not the earlier call's (before: the
+    launcher kept one config per (chunk, headdim, dstate, x's dtype) and launched it for both)."""
+    proc = _run_python("-c", RETUNE_CHECK, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split("\n")[-2] == "(32, 4) (64, 8) (64, 8)"
