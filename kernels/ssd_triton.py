@@ -1414,7 +1414,9 @@ def ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=None, initial_state=None, retur
     b, l, h, p, g, n = _check(x, dt, A, B, C, D, initial_state)
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"ssd_chunk_scan supports float32, bfloat16 and float16 inputs, got {x.dtype}")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:  # (True == 1 as a
+        # key, but Triton compiles a bool argument otherwise than an int: a call with True would replay the
+        # launch plan of an earlier call with 1)
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if x.device.type != "cuda" and not INTERPRET:
         raise RuntimeError(
@@ -1425,7 +1427,8 @@ def ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=None, initial_state=None, retur
                          "programs a CUDA grid has along the axis that enumerates them: use a larger chunk_size "
                          "or call with fewer sequences at a time")
     if l == 0:
-        final = x.new_zeros(b, h, p, n, dtype=torch.float32) if initial_state is None else initial_state.float()
+        final = (x.new_zeros(b, h, p, n, dtype=torch.float32) if initial_state is None
+                 else initial_state.to(torch.float32, copy=True))  # (a copy, as ssd_chunked's: not an alias)
         y = x.new_empty(b, 0, h, p)
         return (y, final) if return_final_state else y
     # B and C are dot operands next to x: same dtype; every program assumes contiguous tensors

@@ -467,6 +467,10 @@ def test_empty_sequence_returns_the_initial_state():
     y, final = ssd_chunk_scan(pb["x"].float(), pb["dt"].float(), pb["A"].float(), pb["B"].float(),
                               pb["C"].float(), 16, initial_state=pb["initial_state"].float(), return_final_state=True)
     assert y.shape == (1, 0, 2, 4) and torch.equal(final, pb["initial_state"].float())
+    h0 = pb["initial_state"].float()  # (fp32 already: the final state must still be a copy, as ssd_chunked's)
+    _, final = ssd_chunk_scan(pb["x"].float(), pb["dt"].float(), pb["A"].float(), pb["B"].float(),
+                              pb["C"].float(), 16, initial_state=h0, return_final_state=True)
+    assert final.data_ptr() != h0.data_ptr() and torch.equal(final, h0)
 
 
 def test_bad_inputs_fail_clearly():
@@ -476,6 +480,8 @@ def test_bad_inputs_fail_clearly():
         ssd_chunk_scan(args[0].double(), *args[1:], 16)
     with pytest.raises(ValueError, match="chunk_size"):
         ssd_chunk_scan(*args, 0)
+    with pytest.raises(ValueError, match="chunk_size"):  # (a bool is an int, but not a chunk size)
+        ssd_chunk_scan(*args, True)
     with pytest.raises(ValueError, match="ngroups"):
         ssd_chunk_scan(args[0], args[1], args[2], pb["B"].repeat(1, 1, 3, 1), pb["C"].repeat(1, 1, 3, 1), 16)
     # more (batch element, chunk) pairs than a CUDA grid's 2nd axis holds: refused before any launch
