@@ -140,8 +140,10 @@ def unsupported(model) -> str | None:
     params = list(model.parameters())
     if any(p.device.type != "cpu" for p in params):
         return "the model is not on the CPU"
-    if any(p.dtype != torch.float32 for p in params):
-        return f"the C step computes in float32 and the weights are {model.embedding.weight.dtype}"
+    wrong = [(name, p.dtype) for name, p in model.named_parameters() if p.dtype != torch.float32]
+    if wrong:  # all of them, or (a mixed model) the first one by name
+        what = f"the weights are {wrong[0][1]}" if len(wrong) == len(params) else f"{wrong[0][0]} is {wrong[0][1]}"
+        return f"the C step computes in float32 and {what}"
     if any(not p.is_contiguous() for p in params):
         return "some weights are not contiguous"
     return None

@@ -93,6 +93,14 @@ def test_auto_picks_c_for_float32_on_cpu_and_torch_for_bfloat16_saying_why(caplo
         model.decoder(1)
 
 
+def test_a_model_with_one_weight_not_float32_is_refused_naming_that_weight():
+    """The reason named the embedding's dtype: 'computes in float32 and the weights are torch.float32'."""
+    model = random_model(config(), decode_backend="c")
+    model.layers[1].mixer.A_log.data = model.layers[1].mixer.A_log.data.double()
+    with pytest.raises(ValueError, match=r"computes in float32 and layers\.1\.mixer\.A_log is torch\.float64"):
+        model.decoder(1)
+
+
 def test_weights_moved_after_a_step_are_read_from_their_new_place():
     model = random_model(config(), decode_backend="c")
     ids = torch.tensor([[5, 17]])
