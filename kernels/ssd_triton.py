@@ -56,6 +56,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from kernels.launch import DIRECT_LAUNCH_OFF_BECAUSE, INTERPRET, MAX_BINARIES, Launcher
 from minimamba.ssd import _check
@@ -1395,6 +1396,7 @@ class SSDChunkScanFn(torch.autograd.Function):
         return y, final
 
     @staticmethod
+    @once_differentiable  # (the gradients are computed by kernels, not by differentiable ops)
     def backward(ctx, dy, dfinal):
         x, dt, A, B, C, D, initial_state, *kept = ctx.saved_tensors
         with _on_device_of(x):

@@ -473,6 +473,18 @@ def test_empty_sequence_returns_the_initial_state():
     assert final.data_ptr() != h0.data_ptr() and torch.equal(final, h0)
 
 
+def test_a_second_derivative_is_refused_not_silently_zero():
+    """The backward is kernels, not differentiable ops: a gradient of the gradients (create_graph=True)
+    treated them as constants, so in a loss with other terms (here x³) their part of the second derivative
+    was silently missing. It raises instead (once_differentiable)."""
+    pb = {k: v.float() for k, v in make_problem(1, 20, 2, 4, 1, 8).items()}
+    leaves = [pb[k].clone().requires_grad_() for k in ("x", "dt", "A", "B", "C")]
+    loss = ssd_chunk_scan(*leaves, 16).square().sum() + leaves[0].pow(3).sum()
+    (gx,) = torch.autograd.grad(loss, leaves[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gx.sum().backward()
+
+
 def test_bad_inputs_fail_clearly():
     pb = {k: v.float() for k, v in make_problem(1, 20, 2, 4, 1, 8).items()}
     args = [pb[k] for k in ("x", "dt", "A", "B", "C")]
