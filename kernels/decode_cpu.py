@@ -230,6 +230,9 @@ class DecodeStep:
             raise ValueError(f"token_ids must be a 1-D tensor (batch,) of integer ids (torch.long or torch.int): "
                              f"one id per sequence, got shape {tuple(token_ids.shape)} {token_ids.dtype}; "
                              "for ids (batch, 1) pass ids[:, 0]")
+        if token_ids.device.type != "cpu":  # (C would read a device address as host memory)
+            raise ValueError(f"the C decode step runs on the CPU; the token ids are on {token_ids.device}: pass "
+                             "token_ids.cpu()")
         b, vocab_rows = token_ids.shape[0], self.embedding.shape[0]
         if b != self.batch_size:
             raise ValueError(f"this step was built for {self.batch_size} sequences; got {b} token ids: take a step "

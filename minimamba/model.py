@@ -96,7 +96,7 @@ def decode_linear(x, layer: nn.Linear, blocks=8):
         return layer(x)
     w = w.view(blocks, w.shape[0] // blocks, w.shape[1]).transpose(1, 2)  # (k, in, out/k)
     y = torch.bmm(x.expand(blocks, *x.shape), w)  # (k, b, out/k)
-    y = y.transpose(0, 1).reshape(x.shape[0], -1)  # (b, out)
+    y = y.transpose(0, 1).reshape(x.shape[0], layer.weight.shape[0])  # (b, out)
     return y if layer.bias is None else y + layer.bias
 
 

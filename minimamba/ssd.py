@@ -118,11 +118,12 @@ def ssd_step(h, x, dt, A, B, C, D=None, out=None):
     g, n = B.shape[1:]
     # The R = H/G heads of a group share B and C, so their states stack into one (R·P)×N matrix per group:
     # the update is one outer product and the read-out one matrix-vector product per group.
+    rp = nheads // g * p  # R·P rows of a group's stacked state (named: a batch of 0 leaves -1 undefined)
     decay = torch.exp(dt.to(cdt) * A.to(cdt))  # (batch, H)
-    decay = decay.repeat_interleave(p, dim=1).view(b, g, -1, 1)  # (batch, G, R·P, 1): each head's rows
-    xdt = (dt.to(cdt)[..., None] * x.to(cdt)).view(b, g, -1, 1)  # (batch, G, R·P, 1)
-    hg = h.to(cdt).view(b, g, -1, n)  # (batch, G, R·P, N)
-    out = out.view(b, g, -1, n) if out is not None else None
+    decay = decay.repeat_interleave(p, dim=1).view(b, g, rp, 1)  # (batch, G, R·P, 1): each head's rows
+    xdt = (dt.to(cdt)[..., None] * x.to(cdt)).view(b, g, rp, 1)  # (batch, G, R·P, 1)
+    hg = h.to(cdt).view(b, g, rp, n)  # (batch, G, R·P, N)
+    out = out.view(b, g, rp, n) if out is not None else None
     h_new = torch.addcmul(decay * hg, xdt, B.to(cdt)[:, :, None, :], out=out)  # (batch, G, R·P, N)
     y = (h_new @ C.to(cdt)[..., None]).view(b, nheads, p)  # (batch, H, P)
     if D is not None:

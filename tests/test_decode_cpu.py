@@ -134,6 +134,9 @@ def test_bad_token_ids_and_batch_sizes_fail_clearly():
         step(torch.tensor([3, 1008]), cache)
     with pytest.raises(ValueError, match="built for 2 sequences; got 1 token ids"):
         step(torch.tensor([3]), cache)
+    # ids on another device (on CUDA, C would read a device address as host memory; "meta" stands in here)
+    with pytest.raises(ValueError, match=r"runs on the CPU; the token ids are on meta: pass token_ids.cpu\(\)"):
+        step(torch.tensor([3, 4], device="meta"), cache)
     with pytest.raises(ValueError, match="unknown decode backend"):
         Mamba2LM(config(), decode_backend="fortran")
 
@@ -371,3 +374,12 @@ def test_an_unset_or_empty_xdg_cache_home_means_the_home_cache(monkeypatch, xdg)
     else:
         monkeypatch.setenv("XDG_CACHE_HOME", xdg)
     assert decode_cpu.build_dir() == pathlib.Path("~/.cache/minimamba/build").expanduser()
+
+
+@pytest.mark.parametrize("backend", ["torch", "c"])
+def test_a_batch_of_no_sequences_steps_to_no_logits(backend):
+    """A step for 0 sequences (the C step handled it; the torch step's `view(b, g, -1, ...)` could not
+    infer -1 from 0 elements)."""
+    model = random_model(config(), decode_backend=backend)
+    logits = model.decoder(0)(torch.zeros(0, dtype=torch.long), model.allocate_cache(0))
+    assert logits.shape[0] == 0 and logits.dtype == torch.float32
