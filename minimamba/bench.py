@@ -121,10 +121,14 @@ def _build(impl, scale, dtype, chunk_size, seed=0, backend="torch"):
         return ours.to(dtype)
     import transformers
 
-    hf = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(**cfg.to_dict("hf")))
+    # built on the meta device and given ours' tensors (assign=True), not a copy of them: a process that held
+    # both models' weights at once would count them twice in its peak memory (RSS), against HF only
+    with torch.device("meta"):
+        hf = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(**cfg.to_dict("hf")))
     sd = {("backbone." + k if not k.startswith("lm_head") else k): v for k, v in ours.state_dict().items()}
     sd["backbone.embeddings.weight"] = sd.pop("backbone.embedding.weight")
-    hf.load_state_dict(sd)
+    hf.load_state_dict(sd, assign=True)
+    hf.tie_weights()  # the head and the embedding one Parameter again, as HF's own init leaves them
     return hf.to(dtype)
 
 
