@@ -12,6 +12,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -63,12 +64,13 @@ def library_path(cc) -> Path:
 
 
 def _compiler_id(cc) -> str:
-    path = shutil.which(cc) or cc
+    program, *args = shlex.split(cc)  # (CC may carry a wrapper or options: "ccache gcc", "gcc -m64")
+    path = shutil.which(program) or program
     try:
-        version = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60).stdout
+        version = subprocess.run([path, *args, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.TimeoutExpired):
         version = ""
-    return f"{os.path.realpath(path)}\n{version}"
+    return f"{os.path.realpath(path)} {' '.join(args)}\n{version}"
 
 
 def _compile(cc, lib_path):
@@ -81,7 +83,8 @@ def _compile(cc, lib_path):
         raise RuntimeError(f"cannot write the C decode step's library to {lib_path.parent} ({e}): set "
                            "MINIMAMBA_BUILD_DIR to a writable folder, or use decode_backend='torch'") from e
     try:
-        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+        done = subprocess.run([*shlex.split(cc), *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True,
+                              text=True)
         if done.returncode != 0:
             raise RuntimeError(f"compiling {SOURCE.name} with {cc} failed:\n{done.stderr.strip()}\n"
                                "Fix the compiler (it needs OpenMP: -fopenmp) or use decode_backend='torch'.")
@@ -97,9 +100,13 @@ def load():
     global _lib
     if _lib is not None:
         return _lib
-    cc = os.environ.get("CC", "cc")
-    if shutil.which(cc) is None:
-        raise RuntimeError(f"the C decode step needs a C compiler with OpenMP, and {cc!r} is not on PATH: "
+    cc = os.environ.get("CC") or "cc"  # a command line: "gcc", "ccache gcc", "clang -march=x86-64-v3"
+    try:
+        program = shlex.split(cc)[0]
+    except (ValueError, IndexError):  # (unbalanced quotes; only spaces)
+        program = None
+    if program is None or shutil.which(program) is None:
+        raise RuntimeError(f"the C decode step needs a C compiler with OpenMP, and CC={cc!r} names none on PATH: "
                            "install one (e.g. apt-get install gcc) or set CC, or use decode_backend='torch'")
     lib_path = library_path(cc)
     if not lib_path.exists():

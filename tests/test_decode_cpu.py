@@ -201,13 +201,27 @@ def fresh_build(monkeypatch, tmp_path):
 def test_missing_compiler_is_an_error_for_c_and_a_warning_for_auto(fresh_build, monkeypatch, caplog):
     monkeypatch.setenv("CC", "no-such-cc")
     model = random_model(config(), decode_backend="c")
-    with pytest.raises(RuntimeError, match="needs a C compiler.*'no-such-cc' is not on PATH.*decode_backend='torch'"):
+    with pytest.raises(RuntimeError, match="needs a C compiler.*CC='no-such-cc' names none on PATH.*decode_backend='torch'"):
         model.decoder(1)
     model.decode_backend = "auto"
     with caplog.at_level(logging.WARNING, logger="minimamba"):
         step = model.decoder(1)
     assert model.decode_backend_used[0] == "torch" and "failed to build" in caplog.text
     assert step(torch.tensor([1]), model.allocate_cache(1)).shape == (1, 1008)
+
+
+def test_cc_may_be_a_command_line(fresh_build, monkeypatch):
+    """CC="ccache gcc" or "gcc -m64" is a command, as make takes it (it was refused as not on PATH; `env cc`
+    stands in for a wrapper here); unbalanced quotes or only spaces are refused by name."""
+    monkeypatch.setenv("CC", "env cc")
+    decode_cpu.load()
+    assert len(list(fresh_build.glob("decode_cpu-*.so"))) == 1
+    assert decode_cpu.library_path("env cc") != decode_cpu.library_path("cc")  # (another compiler command)
+    for bad in ("'gcc", "   "):
+        monkeypatch.setenv("CC", bad)
+        monkeypatch.setattr(decode_cpu, "_lib", None)
+        with pytest.raises(RuntimeError, match="CC=.* names none on PATH"):
+            decode_cpu.load()
 
 
 def test_a_failing_compiler_leaves_no_partial_library(fresh_build, monkeypatch):
