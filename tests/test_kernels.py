@@ -732,3 +732,107 @@ def test_bench_host_breakdown_under_the_interpreter(tmp_path, capsys):
     assert 0 < row["autograd_floor"] < row["host"] and row["python"] == pytest.approx(row["host"] - row["autograd_floor"])
     assert row["allocations"] > 0 and row["per_allocation"] > 0
     assert "Host time of one forward+backward, split" in capsys.readouterr().out
+
+
+def _stub_measurements(bench, monkeypatch):
+    """bench.check and bench.time_one answering at once (the tests below are about what the bench does
+    around them); returns the list of (event, ...) they and bench.retune_ours record."""
+    events = []
+
+    def check(shape, device, scan, module=None):
+        events.append(("check", shape[1], shape[2]))
+        return dict(errors={"y": 0.0}, tolerance=1e-2, repeat_identical=True, ok=True)
+
+    def time_one(scan, inp, dy, chunk_size, bench_, device):
+        events.append(("time", scan))
+        return dict(fwd_ms=1.0, fwd_bwd_ms=2.0, fwd_host_ms=0.5, fwd_wall_ms=1.0, fwd_bwd_host_ms=1.0, fwd_bwd_wall_ms=2.0)
+
+    monkeypatch.setattr(bench, "check", check)
+    monkeypatch.setattr(bench, "time_one", time_one)
+    monkeypatch.setattr(bench, "retune_ours", lambda *variants: events.append(("retune",)))
+    return events
+
+
+def test_bench_checks_each_shape_with_the_configs_tuned_for_it(monkeypatch):
+    """The autotuners' keys hold no batch or seqlen: a shape checked without forgetting their choices is
+    checked with the configs tuned at the shape before (on the H100, 1 × 2048's chunk_cb and dCB configs at
+    8 × 2048, where the timings tune and use others). Each shape is checked after a retune, as it is timed."""
+    from kernels import bench
+
+    events = _stub_measurements(bench, monkeypatch)
+    assert bench.main(["--cpu-smoke", "--quick", "--no-mamba"]) == 0
+    assert events == [e for b, l in [(1, 40), (2, 33), (2, 20)] for e in [("retune",), ("check", b, l)]]
+
+
+def test_bench_exits_1_when_a_version_fails_to_run_where_it_is_timed(tmp_path, monkeypatch, capsys):
+    """A version that passes the checks but fails where it is timed (2 × 8192 is timed only) fails the
+    run, as a replay that differs does; the torch reference's own failure is only recorded. A phase that
+    fails (here the host breakdown) fails the run too, and the tables are still printed."""
+    from kernels import bench
+
+    events = _stub_measurements(bench, monkeypatch)
+    time_one = bench.time_one
+    variant = bench.load_variant(K.__file__, "ssd_triton_baseline")
+    monkeypatch.setattr(bench, "load_variant", lambda path, name: variant)
+
+    def fails_for(which):
+        def timed(scan, *a):
+            if scan is which or (which == "torch" and scan not in (K.ssd_chunk_scan, variant.ssd_chunk_scan)):
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return time_one(scan, *a)
+        return timed
+
+    args = ["--cpu-smoke", "--no-mamba", "--shape", "2x20", "--baseline", K.__file__, "--out", str(tmp_path / "b.json")]
+    monkeypatch.setattr(bench, "time_one", fails_for(variant.ssd_chunk_scan))
+    assert bench.main(args) == 1
+    (row,) = json.loads((tmp_path / "b.json").read_text())["timings"]
+    assert list(row["failures"]) == ["baseline"] and set(row["fwd_ms"]) == {"torch", "ours"}
+    monkeypatch.setattr(bench, "time_one", fails_for("torch"))
+    assert bench.main(args) == 0
+    (row,) = json.loads((tmp_path / "b.json").read_text())["timings"]
+    assert list(row["failures"]) == ["torch"]
+
+    def no_launcher(*a, **k):
+        raise AttributeError("'CudaDriver' object has no attribute 'launcher_cls'")
+
+    monkeypatch.setattr(bench, "time_one", time_one)
+    monkeypatch.setattr(bench, "host_breakdown", no_launcher)
+    monkeypatch.setattr(bench, "graphed_fwd_bwd", lambda *a: (1.0, True))
+    capsys.readouterr()
+    assert bench.main(args + ["--host-breakdown", "--cuda-graphs"]) == 1  # (before: KeyError 'host' in the tables)
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["host_breakdown"] == [] and report["failures"] == [
+        "host breakdown smoke b2 seqlen 20: AttributeError: 'CudaDriver' object has no attribute 'launcher_cls'"]
+    printed = capsys.readouterr().out
+    assert "replayed from a CUDA graph" in printed and "FAILED: host breakdown smoke b2 seqlen 20" in printed
+    assert events  # (the stubs ran)
+
+
+def test_bench_float32_check_fails_tf32_dots():
+    """The fp32 check on the GPU is there for the IEEE dots (fp32 operands not rounded to TF32): a scan
+    whose dot operands x, B and C are rounded to TF32 (10 mantissa bits; the reference with its
+    gradients passed straight through) must fail it. With a tolerance of 1e-3 it passed (errors 3e-4 to
+    6e-4, at the 370m fp32 shape as here)."""
+    import types
+
+    from kernels import bench
+    from minimamba.ssd import ssd_chunked
+
+    class TF32(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            i = t.contiguous().view(torch.int32)
+            return ((i + 0x1000) & ~0x1FFF).view(torch.float32)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
+
+    def scan(x, dt, A, B, C, chunk_size, D=None, initial_state=None, return_final_state=False):
+        y, final = ssd_chunked(TF32.apply(x), dt, A, TF32.apply(B), TF32.apply(C), D=D, initial_state=initial_state,
+                               chunk_size=chunk_size)
+        return (y, final) if return_final_state else y
+
+    shape = next(s for s in bench.SMOKE_SHAPES if s[8] == torch.float32)
+    result = bench.check(shape, torch.device("cpu"), scan, types.SimpleNamespace())
+    assert not result["ok"] and min(result["errors"].values()) > 1e-4, result["errors"]
