@@ -124,10 +124,25 @@ def test_segsum_is_the_log_of_the_decay_mask():
 
 
 def test_step_is_one_token_of_the_recurrence():
-    x, dt, A, B, C, D, h0 = make_problem(4, 2, 1, 4, 3, 2, 5)
-    y, h = ssd_recurrent(x, dt, A, B, C, D, h0)
-    y1, h1 = ssd_step(h0, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D)
-    assert torch.allclose(y[:, 0], y1) and torch.allclose(h, h1)
+    """ssd_step against the equations written out head by head (ssd_recurrent is a loop over ssd_step, so
+    comparing the two, as this test did, could not fail), and with `out=` writing the state in place."""
+    x, dt, A, B, C, D, h0 = make_problem(4, 2, 1, 6, 3, 2, 5)  # 6 heads in 2 groups: heads 0-2 read group 0
+    x, dt, B, C = x[:, 0], dt[:, 0], B[:, 0], C[:, 0]
+    want_y, want_h = torch.empty_like(x), torch.empty_like(h0)
+    for b in range(2):
+        for head in range(6):
+            g = head // 3
+            decay = torch.exp(dt[b, head] * A[head])
+            want_h[b, head] = decay * h0[b, head] + dt[b, head] * torch.outer(x[b, head], B[b, g])
+            want_y[b, head] = want_h[b, head] @ C[b, g] + D[head] * x[b, head]
+    y1, h1 = ssd_step(h0, x, dt, A, B, C, D)
+    assert_close(y1, want_y, 1e-12, "y")
+    assert_close(h1, want_h, 1e-12, "state")
+    state = h0.clone()
+    y2, h2 = ssd_step(state, x, dt, A, B, C, D, out=state)
+    assert torch.equal(y2, y1) and torch.equal(h2, h1) and torch.equal(state, h1)  # written in place
+    y3, _ = ssd_step(h0, x, dt, A, B, C)  # no D: no skip connection
+    assert_close(y3, want_y - D[:, None] * x, 1e-12, "y without D")
 
 
 @pytest.mark.parametrize(
