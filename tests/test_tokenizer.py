@@ -56,6 +56,8 @@ def reference_ids(ref, texts, allow_special=True):
 def assert_same_ids(tok, ref, texts, allow_special=True, where=None):
     ours = tok.encode_batch(texts, allow_special=allow_special)
     theirs = reference_ids(ref, texts, allow_special)
+    # (zip alone stops at the shorter list: an encode_batch that lost texts compared only those it kept)
+    assert len(ours) == len(theirs) == len(texts), f"{len(ours)} id lists for {len(texts)} texts"
     for i, (a, b) in enumerate(zip(ours, theirs)):
         if a != b:
             k = next(k for k in range(min(len(a), len(b)) + 1) if k == min(len(a), len(b)) or a[k] != b[k])
