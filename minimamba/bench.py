@@ -355,7 +355,6 @@ def bench_inference(args):
     import torch
 
     a = vars(args) | {"threads": args.threads or torch.get_num_threads()}
-    a["contexts"] = [int(c) for c in args.contexts.split(",")]
     rows, _ = _isolated(_inference_cost, a)
     print(f"mamba2-{args.scale} shapes, float32, batch 1, {a['threads']} threads, decode step "
           f"{rows[0]['decode step']}: decode cost after a prefill of each context length")
@@ -377,6 +376,25 @@ def _positive(text):
     return value
 
 
+def _nonnegative(text):
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _contexts(text):
+    """argparse type: comma-separated context lengths, each >= 1."""
+    try:
+        values = [int(c) for c in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers >= 1, got {text!r}")
+    return values
+
+
 def _phases(text):
     """argparse type: a comma-separated subset of PHASES."""
     names = [p.strip() for p in text.split(",") if p.strip()]
@@ -395,14 +413,14 @@ def main(argv=None):
     tok.add_argument("--data-root", type=Path, default=Path(os.environ.get("MINIMAMBA_DATA", DEFAULT_DATA)),
                      help="shared/data folder with the corpora (default: $MINIMAMBA_DATA or ../shared/data)")
     tok.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: DATA_ROOT/tokenizer/tokenizer.json)")
-    tok.add_argument("--threads", type=int, help="threads for encode_batch (default: all cores)")
+    tok.add_argument("--threads", type=_positive, help="threads for encode_batch (default: all cores)")
     tok.add_argument("--repeat", type=_positive, default=3, help="runs per row; the best is reported")
     tok.set_defaults(run=bench_tokenizer)
 
     def speed_options(p):
         p.add_argument("--scale", default="130m", choices=list(SCALES),
                        help="model shapes (Mamba2Config.from_scale), random weights")
-        p.add_argument("--chunk-size", type=int, default=None,
+        p.add_argument("--chunk-size", type=_positive, default=None,
                        help="chunk of the torch SSD scan (default: the config's; the result is the same for any)")
         p.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's choice)")
         p.add_argument("--decode-tokens", type=_positive, default=64, help="tokens decoded per timing")
@@ -423,13 +441,13 @@ def main(argv=None):
     mod.add_argument("--phases", type=_phases, default=",".join(PHASES), help="which rows to measure")
     mod.add_argument("--decode-backend", default="auto", choices=["auto", "torch", "c"],
                      help="minimamba's decode step (default: auto, the C step for float32 on a CPU)")
-    mod.add_argument("--floor-rounds", type=int, default=8,
+    mod.add_argument("--floor-rounds", type=_nonnegative, default=8,
                      help="rounds of decode vs read bandwidth, interleaved, on a CPU (0: skip)")
     mod.set_defaults(run=bench_model)
 
     inf = commands.add_parser("inference", help="decode ms/token and state bytes vs context, and KV-cache bytes")
     speed_options(inf)
-    inf.add_argument("--contexts", default="1024,4096,16384", help="comma-separated context lengths")
+    inf.add_argument("--contexts", type=_contexts, default="1024,4096,16384", help="comma-separated context lengths")
     inf.set_defaults(run=bench_inference)
 
     argv = list(argv if argv is not None else __import__("sys").argv[1:])

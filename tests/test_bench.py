@@ -31,3 +31,34 @@ def test_the_hf_model_takes_our_weights_without_a_second_copy(monkeypatch):
     ids = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, built[0](ids), rtol=1e-4, atol=1e-4)
+
+
+# (each with options that keep it short on code that would run it anyway)
+SHORT = {"model": ["--scale", "tiny", "--phases", "generate", "--prompt", "8", "--decode-tokens", "2", "--repeat", "1",
+                   "--threads", "1"],
+         "inference": ["--scale", "tiny", "--decode-tokens", "2", "--threads", "1"],
+         "tokenizer": ["--repeat", "1", "--data-root", "/nonexistent"]}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["model", "--floor-rounds", "-1"], "--floor-rounds: must be >= 0, got -1"),  # was: StatisticsError after the rows
+    (["model", "--chunk-size", "0"], "--chunk-size: must be >= 1, got 0"),  # was: silently the default chunk
+    (["inference", "--chunk-size", "-4"], "--chunk-size: must be >= 1, got -4"),
+    (["inference", "--contexts", "0"], "--contexts: must be comma-separated integers >= 1, got '0'"),
+    (["inference", "--contexts", "16,abc"], "--contexts: must be comma-separated integers >= 1"),
+    (["tokenizer", "--threads", "0"], "--threads: must be >= 1, got 0"),  # was: silently every core
+])
+def test_bad_numbers_are_refused_before_anything_runs(args, message, capsys):
+    with pytest.raises(SystemExit):
+        bench.main([*args, *SHORT[args[0]]])
+    assert message in capsys.readouterr().err
+
+
+def test_inference_contexts_are_parsed():
+    import unittest.mock
+
+    parsed = []  # (main builds the parser and binds bench_inference then: a stand-in records what it gets)
+    with unittest.mock.patch.object(bench, "bench_inference", lambda args: parsed.append(args.contexts)):
+        bench.main(["inference", "--contexts", "16, 32"])
+        bench.main(["inference"])
+    assert parsed == [[16, 32], [1024, 4096, 16384]]
