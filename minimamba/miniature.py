@@ -247,6 +247,8 @@ def main(argv=None):
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        p.error(f"--out {out} is a file, not a folder: choose an empty or new folder")
     if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
         p.error(f"--out {out} holds files that this script did not write, and it replaces its folder: "
                 "choose an empty or new folder")

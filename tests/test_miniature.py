@@ -69,6 +69,12 @@ def test_a_folder_it_did_not_write_is_never_deleted(tmp_path, capsys):
     with pytest.raises(SystemExit, match="missing"):
         miniature.main(["--out", str(own), "--data-root", str(tmp_path / "nowhere")])
     assert (own / "miniature.json").exists()
+    # a file, not a folder: refused by name (was: NotADirectoryError from iterdir)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("precious")
+    with pytest.raises(SystemExit):
+        miniature.main(["--out", str(a_file), "--data-root", str(tmp_path / "nowhere")])
+    assert "is a file, not a folder" in capsys.readouterr().err and a_file.read_text() == "precious"
 
 
 @needs_data
