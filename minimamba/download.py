@@ -180,7 +180,8 @@ def _fetch(url: str, part: Path, desc: str, timeout: float) -> None:
                 validator.unlink(missing_ok=True)
                 raise ConnectionError(f"the server answered a resume from byte {have} with "
                                       f"{response.headers.get('Content-Range')!r}; starting over")
-        else:  # a new .part: remember which version of the file it holds
+        else:  # a new .part: empty it first (a kill before the writes must not leave old bytes under
+            open(part, "wb").close()  # the new version's tag), then remember which version it holds
             tag = response.headers.get("ETag")
             tag = tag if tag and not tag.startswith("W/") else response.headers.get("Last-Modified")
             if tag:

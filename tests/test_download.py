@@ -236,3 +236,29 @@ def test_token_follows_a_redirect_on_the_hubs_host_only(server, redirects, monke
         storage.server_close()
     assert server.requests[-1] == ("/org/gated/resolve/main/model.bin", None, "Bearer secret")
     assert storage.requests == [("/blobs/abc", None, None)]
+
+
+def test_a_kill_just_after_a_changed_file_is_tagged_does_not_splice_versions(server, tmp_path, monkeypatch):
+    """A resume whose file changed on the server gets the whole new file (200, ETag "v2"). A kill after "v2" is
+    noted but before the old .part was emptied left v1's bytes under v2's tag: the next resume appended the rest
+    of v2 to the start of v1."""
+    from pathlib import Path
+
+    server.files["/f"], server.etags["/f"] = PAYLOAD, '"v1"'
+    server.drop_after["/f"] = 100_000
+    with pytest.raises(DownloadError, match="resume"):
+        download(f"{server.url}/f", tmp_path / "f", retries=0)
+    new = PAYLOAD[::-1]
+    server.files["/f"], server.etags["/f"] = new, '"v2"'
+    write_text = Path.write_text
+
+    def killed_after_the_tag(self, *args, **kwargs):
+        write_text(self, *args, **kwargs)
+        if self.name.endswith(".validator"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", killed_after_the_tag)
+    with pytest.raises(KeyboardInterrupt):
+        download(f"{server.url}/f", tmp_path / "f")
+    monkeypatch.setattr(Path, "write_text", write_text)
+    assert download(f"{server.url}/f", tmp_path / "f").read_bytes() == new
