@@ -23,6 +23,7 @@ that is already there is checked too when a size or sha256 is asked (and left al
 Two processes must not download the same file at the same time (with several ranks, let rank 0 do it first).
 """
 
+import errno
 import os
 import socket
 import ssl
@@ -40,6 +41,8 @@ from minimamba.files import sha256_of
 CONNECT_TIMEOUT = 5.0  # seconds to wait for a TCP connection before declaring the host unreachable
 RETRY_WAIT = 1.0  # seconds before the first retry; doubles after each failed try
 TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}  # worth retrying; any other HTTP error is final
+# errors of the local disk (not of the network), which a retry would only meet again
+DISK_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC)}
 CHUNK = 1 << 20
 
 
@@ -125,6 +128,12 @@ def download(
                 raise DownloadError(
                     f"downloading {url} failed: {reason}\n"
                     "  Behind a proxy that re-signs HTTPS? Point SSL_CERT_FILE at its certificate bundle."
+                ) from e
+            if getattr(e, "errno", None) in DISK_ERRORS:  # the disk, not the network: do not retry
+                raise DownloadError(
+                    f"downloading {url} failed: cannot write {part}: {e}\n"
+                    f"  Free some space there (or use another folder, e.g. MINIMAMBA_CACHE for Hub files) "
+                    "and run again; the bytes so far are kept and resumed."
                 ) from e
             if attempt == retries:
                 raise DownloadError(

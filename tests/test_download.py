@@ -262,3 +262,15 @@ def test_a_kill_just_after_a_changed_file_is_tagged_does_not_splice_versions(ser
         download(f"{server.url}/f", tmp_path / "f")
     monkeypatch.setattr(Path, "write_text", write_text)
     assert download(f"{server.url}/f", tmp_path / "f").read_bytes() == new
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_disk_fails_at_once_saying_so(server, tmp_path):
+    """ENOSPC is no network error: it was retried 4 times (15 s, downloading again each time) and then said
+    'run again to resume'."""
+    server.files["/f"] = PAYLOAD
+    (tmp_path / "f.part").symlink_to("/dev/full")  # every write answers ENOSPC, as on a full disk
+    with pytest.raises(DownloadError, match="cannot write .*f.part: .*No space left") as err:
+        download(f"{server.url}/f", tmp_path / "f")
+    assert "Free some space" in str(err.value)
+    assert len(server.requests) == 1 and not (tmp_path / "f").exists()
