@@ -36,7 +36,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from minimamba.files import sha256_of
+from minimamba.files import fsync_dir, fsync_file, sha256_of
 
 CONNECT_TIMEOUT = 5.0  # seconds to wait for a TCP connection before declaring the host unreachable
 RETRY_WAIT = 1.0  # seconds before the first retry; doubles after each failed try
@@ -142,7 +142,9 @@ def download(
                 ) from e
         time.sleep(RETRY_WAIT * 2**attempt)
     _verify(part, url, expected_size, sha256)
-    os.replace(part, dest)  # atomic: dest appears complete or not at all
+    fsync_file(part)  # its bytes reach the disk before its new name does: a power cut cannot leave a
+    os.replace(part, dest)  # dest that looks complete but is not. atomic: dest appears whole or not at all
+    fsync_dir(dest.parent)
     _validator_file(part).unlink(missing_ok=True)
     return dest
 

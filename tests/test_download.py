@@ -274,3 +274,13 @@ def test_a_full_disk_fails_at_once_saying_so(server, tmp_path):
         download(f"{server.url}/f", tmp_path / "f")
     assert "Free some space" in str(err.value)
     assert len(server.requests) == 1 and not (tmp_path / "f").exists()
+
+
+def test_the_file_is_flushed_before_its_rename_and_the_folder_after(server, tmp_path, monkeypatch):
+    """Else a power cut after the rename can leave a `dest` with missing bytes, which counts as downloaded."""
+    server.files["/f"] = PAYLOAD
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.fstat(fd).st_ino)), real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", os.stat(a).st_ino)), real_replace(a, b)))
+    dest = download(f"{server.url}/f", tmp_path / "f")
+    assert events == [("fsync", dest.stat().st_ino), ("replace", dest.stat().st_ino), ("fsync", tmp_path.stat().st_ino)]
