@@ -20,23 +20,32 @@ of the first answer is kept in `dest.part.validator` and sent as "If-Range", so 
 on the server since the .part began is fetched whole instead of being spliced onto the old bytes. Only a complete
 (and, when asked, size- and sha256-checked) file is renamed to `dest`, so `dest` is never half-written; a `dest`
 that is already there is checked too when a size or sha256 is asked (and left alone if it does not match).
-Two processes must not download the same file at the same time (with several ranks, let rank 0 do it first).
+Two processes asking for the same file at once (every rank of a torchrun job) take turns: the second waits
+on a lock (flock on `dest.part.lock`, removed after; not on Windows, where they must not), then finds the file.
+The .part is flushed to the disk before its rename, so a power cut cannot leave a `dest` that is not whole.
 """
 
 import errno
 import os
 import socket
+import sys
 import ssl
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from contextlib import contextmanager
 from http.client import HTTPException
 from pathlib import Path
 
 from tqdm import tqdm
 
 from minimamba.files import fsync_dir, fsync_file, sha256_of
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock (two processes must then not download the same file at once)
+    fcntl = None
 
 CONNECT_TIMEOUT = 5.0  # seconds to wait for a TCP connection before declaring the host unreachable
 RETRY_WAIT = 1.0  # seconds before the first retry; doubles after each failed try
@@ -114,39 +123,76 @@ def download(
         )
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_suffix(dest.suffix + ".part")
-    _check_reachable(url, dest)
-    for attempt in range(retries + 1):
-        try:
-            _fetch(url, part, desc or dest.name, timeout)
-            break
-        except urllib.error.HTTPError as e:
-            if e.code not in TRANSIENT_HTTP or attempt == retries:
-                raise DownloadError(_http_advice(url, e)) from e
-        except (OSError, HTTPException) as e:  # dropped connection, read timeout, reset, truncated body
-            reason = getattr(e, "reason", e)  # urllib wraps connection errors in URLError(reason)
-            if isinstance(reason, ssl.SSLCertVerificationError):  # not transient: do not retry
-                raise DownloadError(
-                    f"downloading {url} failed: {reason}\n"
-                    "  Behind a proxy that re-signs HTTPS? Point SSL_CERT_FILE at its certificate bundle."
-                ) from e
-            if getattr(e, "errno", None) in DISK_ERRORS:  # the disk, not the network: do not retry
-                raise DownloadError(
-                    f"downloading {url} failed: cannot write {part}: {e}\n"
-                    f"  Free some space there (or use another folder, e.g. MINIMAMBA_CACHE for Hub files) "
-                    "and run again; the bytes so far are kept and resumed."
-                ) from e
-            if attempt == retries:
-                raise DownloadError(
-                    f"downloading {url} failed after {retries + 1} tries: {reason!r}\n"
-                    f"  The bytes so far are kept in {part}; run again to resume."
-                ) from e
-        time.sleep(RETRY_WAIT * 2**attempt)
-    _verify(part, url, expected_size, sha256)
-    fsync_file(part)  # its bytes reach the disk before its new name does: a power cut cannot leave a
-    os.replace(part, dest)  # dest that looks complete but is not. atomic: dest appears whole or not at all
-    fsync_dir(dest.parent)
-    _validator_file(part).unlink(missing_ok=True)
+    with _only_one_process(part, desc or dest.name):
+        if dest.exists():  # another process downloaded it while this one waited
+            _check_existing(dest, url, expected_size, sha256)
+            return dest
+        _check_reachable(url, dest)
+        for attempt in range(retries + 1):
+            try:
+                _fetch(url, part, desc or dest.name, timeout)
+                break
+            except urllib.error.HTTPError as e:
+                if e.code not in TRANSIENT_HTTP or attempt == retries:
+                    raise DownloadError(_http_advice(url, e)) from e
+            except (OSError, HTTPException) as e:  # dropped connection, read timeout, reset, truncated body
+                reason = getattr(e, "reason", e)  # urllib wraps connection errors in URLError(reason)
+                if isinstance(reason, ssl.SSLCertVerificationError):  # not transient: do not retry
+                    raise DownloadError(
+                        f"downloading {url} failed: {reason}\n"
+                        "  Behind a proxy that re-signs HTTPS? Point SSL_CERT_FILE at its certificate bundle."
+                    ) from e
+                if getattr(e, "errno", None) in DISK_ERRORS:  # the disk, not the network: do not retry
+                    raise DownloadError(
+                        f"downloading {url} failed: cannot write {part}: {e}\n"
+                        f"  Free some space there (or use another folder, e.g. MINIMAMBA_CACHE for Hub files) "
+                        "and run again; the bytes so far are kept and resumed."
+                    ) from e
+                if attempt == retries:
+                    raise DownloadError(
+                        f"downloading {url} failed after {retries + 1} tries: {reason!r}\n"
+                        f"  The bytes so far are kept in {part}; run again to resume."
+                    ) from e
+            time.sleep(RETRY_WAIT * 2**attempt)
+        _verify(part, url, expected_size, sha256)
+        fsync_file(part)  # its bytes reach the disk before its new name does: a power cut cannot leave a
+        os.replace(part, dest)  # dest that looks complete but is not. atomic: dest appears whole or not at all
+        fsync_dir(dest.parent)
+        _validator_file(part).unlink(missing_ok=True)
     return dest
+
+
+@contextmanager
+def _only_one_process(part: Path, desc: str):
+    """Hold an exclusive lock (flock on `part`.lock) while downloading into `part`: a second process asking
+    for the same file (every rank of a torchrun job) waits, then finds the file there. The lock file is
+    removed by its holder; a waiter that locked a removed one tries again."""
+    lock = part.with_name(part.name + ".lock")
+    fd = None
+    while fcntl is not None:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"{desc}: waiting for another process that is downloading it", file=sys.stderr, flush=True)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a filesystem without locks: go on without (as on Windows)
+            os.close(fd)
+            fd = None
+            break
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its holder removed it after this process opened it: lock the new one
+    try:
+        yield
+    finally:
+        if fd is not None:
+            lock.unlink(missing_ok=True)
+            os.close(fd)
 
 
 def _validator_file(part: Path) -> Path:

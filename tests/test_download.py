@@ -284,3 +284,60 @@ def test_the_file_is_flushed_before_its_rename_and_the_folder_after(server, tmp_
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", os.stat(a).st_ino)), real_replace(a, b)))
     dest = download(f"{server.url}/f", tmp_path / "f")
     assert events == [("fsync", dest.stat().st_ino), ("replace", dest.stat().st_ino), ("fsync", tmp_path.stat().st_ino)]
+
+
+def test_two_processes_downloading_the_same_file_take_turns(server, tmp_path, monkeypatch):
+    """Every torchrun rank downloads the checkpoint at once: the second waits for the first (a lock), then finds
+    the file. (Before, it resumed the first one's growing .part, renamed it, and the first then failed with
+    FileNotFoundError; a first one that truncated the other's .part left zeros in a file that counted as whole.)"""
+    server.files["/f"] = PAYLOAD
+    monkeypatch.setattr(dl, "CHUNK", 4096)  # (so that the first one's .part grows while it waits)
+    go, halfway = threading.Event(), threading.Event()
+    serve = server.RequestHandlerClass.do_GET
+
+    class Pausing(server.RequestHandlerClass):
+        def do_GET(self):
+            if len(server.requests) == 0:  # the first answer stops halfway until `go`
+                wfile = self.wfile
+
+                class Half:
+                    def write(_, data):
+                        if len(data) < len(PAYLOAD):  # (the headers)
+                            return wfile.write(data)
+                        wfile.write(data[: len(data) // 2])
+                        wfile.flush()
+                        halfway.set()
+                        go.wait(5)
+                        wfile.write(data[len(data) // 2:])
+
+                    def __getattr__(_, name):
+                        return getattr(wfile, name)
+
+                self.wfile = Half()
+            serve(self)
+
+    server.RequestHandlerClass = Pausing
+    dest, results = tmp_path / "f", []
+
+    def get():
+        try:
+            results.append(download(f"{server.url}/f", dest))
+        except BaseException as e:  # (recorded for the assertion below)
+            results.append(e)
+
+    first = threading.Thread(target=get)
+    first.start()
+    assert halfway.wait(5)
+    for _ in range(500):  # until most of the first half is in the .part (writes are buffered)
+        if (tmp_path / "f.part").exists() and (tmp_path / "f.part").stat().st_size >= len(PAYLOAD) // 4:
+            break
+        time.sleep(0.01)
+    second = threading.Thread(target=get)
+    second.start()
+    time.sleep(0.3)  # the second asks while the first is halfway
+    go.set()
+    first.join(10)
+    second.join(10)
+    assert results == [dest, dest]
+    assert dest.read_bytes() == PAYLOAD and os.listdir(tmp_path) == ["f"]
+    assert [r[1] for r in server.requests] == [None]  # downloaded once
