@@ -335,14 +335,17 @@ def _check_existing(dest: Path, url: str, expected_size: int | None, sha256: str
 
 
 def _verify(part: Path, url: str, expected_size: int | None, sha256: str | None) -> None:
+    """A wrong .part is deleted, with its validator (which would otherwise stay behind for good)."""
     size = part.stat().st_size
     if expected_size is not None and size != expected_size:
         part.unlink()
+        _validator_file(part).unlink(missing_ok=True)
         raise DownloadError(f"{url}: got {size} bytes, expected {expected_size}; deleted it, run again to retry.")
     if sha256 is not None:
         got = sha256_of(part, CHUNK)
         if got != sha256.lower():
             part.unlink()
+            _validator_file(part).unlink(missing_ok=True)
             raise DownloadError(
                 f"{url}: sha256 {got} does not match the expected {sha256}; "
                 "deleted it, run again to retry."

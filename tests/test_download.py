@@ -47,6 +47,11 @@ def test_checks_size_and_sha256(server, tmp_path):
     with pytest.raises(DownloadError, match="expected 5"):
         download(f"{server.url}/f", tmp_path / "c", expected_size=5)
     assert not (tmp_path / "b").exists() and not (tmp_path / "b.part").exists()
+    server.etags["/f"] = '"v1"'  # a wrong file's .part.validator goes with it (it stayed behind for good)
+    for name, check in [("d", {"sha256": "0" * 64}), ("e", {"expected_size": 5})]:
+        with pytest.raises(DownloadError, match="deleted it"):
+            download(f"{server.url}/f", tmp_path / name, **check)
+    assert sorted(os.listdir(tmp_path)) == ["a"]
 
 
 def test_an_existing_file_is_checked_when_a_size_or_sha256_is_asked(server, tmp_path):
