@@ -83,16 +83,23 @@ def test_deterministic_given_seed_and_step(data):
     assert not torch.equal(a[0], b)
 
 
+def assert_resume_is_exact(data, mix, resume_mix, rows, stop, steps):
+    """A sampler stopped after `stop` batches and resumed from its state with `resume_mix` gives the
+    uninterrupted run's batches `stop`..`steps`-1. Returns the stopped sampler."""
+    full = MixtureSampler(data, mix, SEQ, rows, seed=1)
+    batches = [full.next_batch() for _ in range(steps)]
+    stopped = MixtureSampler(data, mix, SEQ, rows, seed=1)
+    for _ in range(stop):
+        stopped.next_batch()
+    resumed = MixtureSampler(data, resume_mix, SEQ, rows, seed=1)
+    resumed.load_state_dict(stopped.state_dict())
+    for step in range(stop, steps):
+        assert torch.equal(resumed.next_batch(), batches[step]), step
+    return stopped
+
+
 def test_resume_from_state_sees_the_same_batches(data):
-    full = MixtureSampler(data, MIX, SEQ, 12, seed=1)
-    batches = [full.next_batch() for _ in range(30)]
-    first = MixtureSampler(data, MIX, SEQ, 12, seed=1)
-    for _ in range(13):
-        first.next_batch()
-    resumed = MixtureSampler(data, MIX, SEQ, 12, seed=1)
-    resumed.load_state_dict(first.state_dict())
-    for step in range(13, 30):
-        assert torch.equal(resumed.next_batch(), batches[step])
+    first = assert_resume_is_exact(data, MIX, MIX, rows=12, stop=13, steps=30)
     other = MixtureSampler(data, {"pubmed": 0.5, "c4": 0.5}, SEQ, 12, seed=1)
     with pytest.raises(ValueError, match="same values"):
         other.load_state_dict(first.state_dict())
@@ -120,15 +127,7 @@ def test_resume_with_the_same_shares_written_otherwise_is_exact(data):
     domains' arrears breaks the other way and the batches differ from the uninterrupted run's."""
     first, again = parse_mix("pubmed=0.7,c4=0.2,wikipedia=0.1"), parse_mix("pubmed=7,c4=2,wikipedia=1")
     assert first != again and first == pytest.approx(again)
-    full = MixtureSampler(data, first, SEQ, 8, seed=1)
-    batches = [full.next_batch() for _ in range(20)]
-    before = MixtureSampler(data, first, SEQ, 8, seed=1)
-    for _ in range(10):
-        before.next_batch()
-    resumed = MixtureSampler(data, again, SEQ, 8, seed=1)
-    resumed.load_state_dict(before.state_dict())
-    for step in range(10, 20):
-        assert torch.equal(resumed.next_batch(), batches[step]), step
+    assert_resume_is_exact(data, first, again, rows=8, stop=10, steps=20)
 
 
 def test_resume_after_the_data_changed_within_a_window_is_refused(tmp_path):
