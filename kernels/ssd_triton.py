@@ -1217,7 +1217,7 @@ def _chunk_state(u, v, dt, A, cs, cs_lo, chunk_size, to_chunk_end, plan):
     b, l, h, p = u.shape
     g, n = v.shape[2:]
     nc = _cdiv(l, chunk_size)
-    out = torch.empty(b, nc, h, p, n, device=u.device, dtype=torch.float32)
+    out = torch.empty(b, nc, h, p, n, device=u.device, dtype=torch.float32)  # (b, nc, H, P, N)
     _launch(_chunk_state_kernel, (b * nc, h, 1), (chunk_size, p, n, u.dtype), plan, u, v, dt, A, cs, cs_lo, out,
             l, h, p, g, n, nc, chunk_size, TO_CHUNK_END=to_chunk_end, **_dot_args(u, n, p))
     return out
@@ -1228,7 +1228,7 @@ def _chunk_cb(C, B, chunk_size, x, plan):
     b, l, g, n = B.shape
     Q = chunk_size
     nc = _cdiv(l, Q)
-    cb = torch.empty(b, nc, g, Q, Q, device=B.device, dtype=torch.float32)
+    cb = torch.empty(b, nc, g, Q, Q, device=B.device, dtype=torch.float32)  # (b, nc, G, Q, Q)
     grid = lambda META: (_cdiv(Q, META["BLOCK_T"]) * _cdiv(Q, META["BLOCK_S"]), b * nc, g)
     _launch(_chunk_cb_kernel, grid, (Q, x.shape[-1], n, x.dtype), plan, C, B, cb, l, g, n, nc, Q,
             **_dot_args(x, n))
@@ -1246,13 +1246,13 @@ def _forward_stages(x, dt, A, B, C, chunk_size, initial_state, plan):
     nc = _cdiv(l, Q)
     f32 = dict(device=x.device, dtype=torch.float32)
 
-    cs = torch.empty(b, h, nc, Q, **f32)  # stage 1, written by stage 2's program
-    cs_lo = torch.empty_like(cs) if x.dtype == torch.float32 else None  # (see "Decays: cs in two parts")
-    chunk_states = _chunk_state(x, B, dt, A, cs, cs_lo, Q, to_chunk_end=True, plan=plan)
+    cs = torch.empty(b, h, nc, Q, **f32)  # (b, H, nc, Q): stage 1, written by stage 2's program
+    cs_lo = torch.empty_like(cs) if x.dtype == torch.float32 else None  # (b, H, nc, Q), see "Decays: cs in two parts"
+    chunk_states = _chunk_state(x, B, dt, A, cs, cs_lo, Q, to_chunk_end=True, plan=plan)  # S_c (b, nc, H, P, N)
 
     # the entering states are only dot operands of stage 5: stored in that dtype
-    states = torch.empty(b, nc, h, p, n, device=x.device, dtype=_dot_torch_dtype(x))
-    final = torch.empty(b, h, p, n, **f32)
+    states = torch.empty(b, nc, h, p, n, device=x.device, dtype=_dot_torch_dtype(x))  # S_in (b, nc, H, P, N)
+    final = torch.empty(b, h, p, n, **f32)  # (b, H, P, N)
     _launch(_state_passing_fwd_kernel, (_cdiv(p * n, _STATE_BLOCK), b, h), None, plan,
             chunk_states, cs, cs_lo, initial_state, states, final, h, p * n, nc, Q,
             HAS_INITIAL=initial_state is not None, BLOCK=_STATE_BLOCK, num_warps=2)
@@ -1267,7 +1267,7 @@ def _ssd_forward(x, dt, A, B, C, chunk_size, D, initial_state):
     nc = _cdiv(l, chunk_size)
     plan = _plan("forward", chunk_size, x.shape, B.shape, x.device, tensors=(x, dt, A, B, C, D, initial_state))
     cs, cs_lo, chunk_states, cb, states, final = _forward_stages(x, dt, A, B, C, chunk_size, initial_state, plan)
-    y = torch.empty_like(x)
+    y = torch.empty_like(x)  # (b, l, H, P)
     grid = lambda META: (_cdiv(chunk_size, META["BLOCK_T"]), b * nc, h)
     _launch(_chunk_scan_fwd_kernel, grid, (chunk_size, p, n, x.dtype), plan, x, dt, cs, cs_lo, cb, C, states, D,
             y, l, h, p, g, n, nc, chunk_size, HAS_D=D is not None, **_dot_args(x, n, p))
@@ -1289,7 +1289,7 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, kept, chunk_size, D, initial_state
     nc = _cdiv(l, Q)
     device = x.device
     f32 = dict(device=device, dtype=torch.float32)
-    dy = torch.zeros_like(x) if dy is None else _as(dy, x.dtype).contiguous()
+    dy = torch.zeros_like(x) if dy is None else _as(dy, x.dtype).contiguous()  # (b, l, H, P)
     dfinal = None if dfinal is None else dfinal.contiguous()
     dots = _dot_args(x, n, p)
     key = (Q, p, n, x.dtype)  # what the autotuned configs are chosen for (see `_launch`)
@@ -1299,26 +1299,26 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, kept, chunk_size, D, initial_state
 
     # ∂L/∂S_in[c] through the outputs of chunk c: stage 2's program with the other weight
     cs, cs_lo, chunk_states, cb = kept
-    dstates = _chunk_state(dy, C, dt, A, cs, cs_lo, Q, to_chunk_end=False, plan=plan)
+    dstates = _chunk_state(dy, C, dt, A, cs, cs_lo, Q, to_chunk_end=False, plan=plan)  # (b, nc, H, P, N)
 
     # stage 3 again (S_in), then the reverse scan over chunks: ∂L/∂S_c, ∂L/∂α_c (partial sums), ∂L/∂h_0;
     # S_in and ∂L/∂S_c are read by the later programs only as dot operands: stored in that dtype too
     n_blocks = _cdiv(p * n, _STATE_BLOCK)
     dot_dtype = _dot_torch_dtype(x)
-    states = torch.empty_like(chunk_states)
-    states_dot = states if dot_dtype == torch.float32 else torch.empty_like(states, dtype=dot_dtype)
-    dchunk = torch.empty_like(chunk_states, dtype=dot_dtype)
-    dalpha = torch.empty(b, h, nc, n_blocks, **f32)
-    dh0 = torch.empty(b, h, p, n, **f32) if initial_state is not None else None
+    states = torch.empty_like(chunk_states)  # S_in (b, nc, H, P, N) fp32
+    states_dot = states if dot_dtype == torch.float32 else torch.empty_like(states, dtype=dot_dtype)  # its dot copy
+    dchunk = torch.empty_like(chunk_states, dtype=dot_dtype)  # ∂L/∂S_c (b, nc, H, P, N)
+    dalpha = torch.empty(b, h, nc, n_blocks, **f32)  # (b, H, nc, n_blocks): each state block's part of ∂L/∂α_c
+    dh0 = torch.empty(b, h, p, n, **f32) if initial_state is not None else None  # (b, H, P, N)
     _launch(_state_passing_bwd_kernel, (n_blocks, b, h), None, plan,
             chunk_states, cs, cs_lo, initial_state, dstates, dfinal, states, states_dot, dchunk, dalpha, dh0,
             h, p * n, nc, Q, HAS_DFINAL=dfinal is not None, HAS_INITIAL=initial_state is not None,
             STATES_DOT_COPY=states_dot is not states, BLOCK=_STATE_BLOCK, num_warps=2)
 
     # dx, and the parts of ∂L/∂dt (through u = dt·x) and ∂L/∂D of every token
-    dx = torch.empty_like(x)
-    ddt_x = torch.empty(b, h, nc, Q, **f32)
-    dxy = torch.empty(b, h, nc, Q, **f32) if D is not None else None
+    dx = torch.empty_like(x)  # (b, l, H, P)
+    ddt_x = torch.empty(b, h, nc, Q, **f32)  # (b, H, nc, Q)
+    dxy = torch.empty(b, h, nc, Q, **f32) if D is not None else None  # (b, H, nc, Q)
     grid = lambda META: (_cdiv(Q, META["BLOCK_S"]), b * nc, h)
     _launch(_chunk_scan_bwd_dx_kernel, grid, key, plan, x, dy, dt, cs, cs_lo, cb, B, dchunk, D, dx, ddt_x, dxy,
             l, h, p, g, n, nc, Q, HAS_D=D is not None, **dots)
@@ -1326,26 +1326,27 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, kept, chunk_size, D, initial_state
     # ∂L/∂CB summed over the heads of each of n_splits splits of a group (dcb) with the intra-chunk
     # decay gradient; then dC and dB (one buffer, summed over the splits by the last program), each a
     # partial sum over the heads of a split, reading dcb
-    dcb = torch.empty(n_splits, b, nc, g, Q, Q, device=device, dtype=dot_dtype)
-    dA_diag = torch.empty(b, h, nc, _cdiv(Q, _DC_MIN_BLOCK_T), Q, **f32)  # room for any row tile
-    row_prefix = torch.empty(b, h, nc, Q, **f32)  # (the dCB program's scratch)
+    dcb = torch.empty(n_splits, b, nc, g, Q, Q, device=device, dtype=dot_dtype)  # (n_splits, b, nc, G, Q, Q)
+    # (b, H, nc, n_t_tiles, Q): a Q-slice per row tile of the dCB program, room for the smallest tile's count
+    dA_diag = torch.empty(b, h, nc, _cdiv(Q, _DC_MIN_BLOCK_T), Q, **f32)
+    row_prefix = torch.empty(b, h, nc, Q, **f32)  # (b, H, nc, Q): the dCB program's scratch
     grid = lambda META: (_cdiv(Q, META["BLOCK_T"]), b * nc, g * n_splits)
     dcb_config = _launch(_chunk_scan_bwd_dcb_kernel, grid, key, plan, x, dy, dt, cs, cs_lo, cb, dcb, dA_diag,
                          row_prefix, b, l, h, p, g, n, nc, Q, n_splits,
                          **_dot_args(x, None, p))  # (no tile spans N)
     dc_block_t = dcb_config.kwargs["BLOCK_T"]  # the row tile the dCB program ran with
-    dBC = torch.empty(2, n_splits, b, l, g, n, **f32)
-    dA_off = torch.empty(b, h, nc, Q, **f32)
+    dBC = torch.empty(2, n_splits, b, l, g, n, **f32)  # (2, n_splits, b, l, G, N): [0] ∂L/∂B, [1] ∂L/∂C parts
+    dA_off = torch.empty(b, h, nc, Q, **f32)  # (b, H, nc, Q)
     _launch(_chunk_scan_bwd_dc_kernel, grid, key, plan, dy, cs, cs_lo, B, C, states_dot, dcb, dBC[1], dA_off,
             b, l, h, p, g, n, nc, Q, n_splits, **dots)
-    dA_state = torch.empty(b, h, nc, Q, **f32)
+    dA_state = torch.empty(b, h, nc, Q, **f32)  # (b, H, nc, Q)
     grid = lambda META: (_cdiv(Q, META["BLOCK_S"]), b * nc, g * n_splits)
     _launch(_chunk_scan_bwd_db_kernel, grid, key, plan, x, dt, cs, cs_lo, B, C, dchunk, dcb, dBC[0], dA_state,
             b, l, h, p, g, n, nc, Q, n_splits, **dots)
 
     # the decay gradient, then ∂L/∂dt, and the per-chunk parts of ∂L/∂A and ∂L/∂D (one buffer)
-    ddt = torch.empty(b, l, h, **f32)
-    parts = torch.empty(2 if D is not None else 1, b, nc, h, **f32)
+    ddt = torch.empty(b, l, h, **f32)  # (b, l, H)
+    parts = torch.empty(2 if D is not None else 1, b, nc, h, **f32)  # (1 or 2, b, nc, H): ∂L/∂A, ∂L/∂D parts
     _launch(_chunk_cumsum_bwd_kernel, (nc, b, h), None, plan, dt, A, ddt_x, dxy, dA_state, dA_off, dA_diag, dalpha,
             ddt, parts[0], parts[-1], l, h, nc, Q, _cdiv(Q, dc_block_t), n_blocks,
             HAS_D=D is not None, DC_BLOCK_T=dc_block_t, BLOCK_Q=_pow2(Q))
@@ -1355,7 +1356,8 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, kept, chunk_size, D, initial_state
     dAD = torch.empty(parts.shape[0], h, **f32)  # (1 or 2, H): ∂L/∂A, ∂L/∂D
     numel = b * l * g * n
     add = n_splits > 1 or B.dtype != torch.float32
-    dBC_out = torch.empty(2, b, l, g, n, device=device, dtype=B.dtype) if add else dBC[:, 0]  # ∂L/∂B, ∂L/∂C
+    # (2, b, l, G, N): ∂L/∂B, ∂L/∂C
+    dBC_out = torch.empty(2, b, l, g, n, device=device, dtype=B.dtype) if add else dBC[:, 0]
     block_h = _pow2(h)
     _launch(_grad_sums_kernel, (1 + 2 * _cdiv(numel, _SUMS_BLOCK) if add else 1, 1, 1), None, plan, dBC, dBC_out,
             parts, dAD, numel, n_splits, b * nc, h, parts.shape[0],
@@ -1429,9 +1431,9 @@ def ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=None, initial_state=None, retur
                          "programs a CUDA grid has along the axis that enumerates them: use a larger chunk_size "
                          "or call with fewer sequences at a time")
     if l == 0:
-        final = (x.new_zeros(b, h, p, n, dtype=torch.float32) if initial_state is None
+        final = (x.new_zeros(b, h, p, n, dtype=torch.float32) if initial_state is None  # (b, H, P, N)
                  else initial_state.to(torch.float32, copy=True))  # (a copy, as ssd_chunked's: not an alias)
-        y = x.new_empty(b, 0, h, p)
+        y = x.new_empty(b, 0, h, p)  # (b, 0, H, P)
         return (y, final) if return_final_state else y
     # B and C are dot operands next to x: same dtype; every program assumes contiguous tensors
     B, C = B.to(x.dtype), C.to(x.dtype)

@@ -29,9 +29,10 @@ def token_nll(model, windows, batch_size=8, device="cpu", autocast_dtype=None):
     total, count = torch.zeros((), dtype=torch.float64), 0
     device = torch.device(device)
     for i in range(0, len(windows), batch_size):
-        batch = windows[i : i + batch_size].to(device)
+        batch = windows[i : i + batch_size].to(device)  # (b, seq_len + 1), b ≤ batch_size
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = model(batch[:, :-1])  # (b, l, Vp)
+        # logits (b·l, Vp) against the targets (b·l,), the windows shifted by one
         nll = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
         total += nll.double().cpu()
         count += batch[:, 1:].numel()
@@ -68,7 +69,7 @@ def domain_perplexity(model, windows_by_domain, batch_size=8, device="cpu", auto
     for domain, windows in windows_by_domain.items():
         if dist is not None and dist.world_size > 1:
             total, count = token_nll(model, windows[dist.rank :: dist.world_size], batch_size, device, autocast_dtype)
-            sums = torch.tensor([total, float(count)], dtype=torch.float64, device=dist.device)
+            sums = torch.tensor([total, float(count)], dtype=torch.float64, device=dist.device)  # (2,)
             torch.distributed.all_reduce(sums)
             total, count = sums[0].item(), int(sums[1].item())
         else:

@@ -2,7 +2,9 @@
 
 Symbols follow the glossary in `minimamba/ssd.py`; sizes are named like the config fields:
 D = d_model, E = d_inner = expand·D, H = nheads, P = headdim, N = d_state, G = ngroups, K = d_conv,
-Vp = padded vocabulary. Shapes are written (batch, seqlen, ...) = (b, l, ...).
+conv_dim = E + 2·G·N (the channels [x | B | C] of the convolution), V = vocab_size, Vp = the vocabulary
+padded to a multiple of `pad_vocab_size_multiple`. Shapes are written (batch, seqlen, ...) = (b, l, ...).
+In shapes D is d_model; the glossary's skip connection D (H,) is the parameter `Mamba2Mixer.D`.
 
 One deviation in arrangement (not in arithmetic) from mamba_ssm: its Block computes "add → norm → mixer"
 and carries the residual separately so it can fuse the add into the norm kernel; here each block is the
@@ -94,7 +96,7 @@ def decode_linear(x, layer: nn.Linear, blocks=8):
     w = layer.weight  # (out, in)
     if x.device.type != "cpu" or w.shape[0] % blocks or torch.get_num_threads() == 1:
         return layer(x)
-    w = w.view(blocks, w.shape[0] // blocks, w.shape[1]).transpose(1, 2)  # (k, in, out/k)
+    w = w.view(blocks, w.shape[0] // blocks, w.shape[1]).transpose(1, 2)  # (k, in, out/k), k = blocks
     y = torch.bmm(x.expand(blocks, *x.shape), w)  # (k, b, out/k)
     y = y.transpose(0, 1).reshape(x.shape[0], layer.weight.shape[0])  # (b, out)
     return y if layer.bias is None else y + layer.bias
@@ -111,10 +113,11 @@ def causal_conv1d(x, history, weight, bias=None):
     l, K = x.shape[1], weight.shape[-1]
     xpad = torch.cat([history, x], dim=1)  # (b, K-1+l, c)
     w = weight[:, 0].to(x.dtype)  # (c, K)
+    # the k = 0 term, (b, l, c); the loop adds the others
     out = xpad[:, 0:l] * w[:, 0] if bias is None else torch.addcmul(bias.to(x.dtype), xpad[:, 0:l], w[:, 0])
     for k in range(1, K):
         out = torch.addcmul(out, xpad[:, k:k + l], w[:, k])  # (b, l, c)
-    return out, xpad[:, l:]
+    return out, xpad[:, l:]  # (b, l, c), the new history (b, K-1, c)
 
 
 class Mamba2Mixer(nn.Module):
@@ -142,6 +145,7 @@ class Mamba2Mixer(nn.Module):
         H, P, G, N, K = cfg.nheads, cfg.headdim, cfg.ngroups, cfg.d_state, cfg.d_conv
         z, xBC, dt = self.in_proj(u).split(self.split_sizes, dim=-1)  # (b,l,E), (b,l,conv_dim), (b,l,H)
 
+        # history (b, K-1, conv_dim): the conv's last K-1 inputs, zeros without a cache
         history = xBC.new_zeros(b, K - 1, cfg.conv_dim) if conv_state is None else conv_state.to(xBC.dtype)
         xBC, history = causal_conv1d(xBC, history, self.conv1d.weight, self.conv1d.bias)  # (b, l, conv_dim)
         if conv_state is not None:
@@ -150,6 +154,7 @@ class Mamba2Mixer(nn.Module):
 
         dt = F.softplus(dt.float() + self.dt_bias.float())  # (b, l, H), positive
         A = -torch.exp(self.A_log.float())  # (H,), negative; in float32 so fp16 weights cannot make it -inf
+        # the scan's contract (minimamba/ssd.py): x (b, l, H, P), dt (b, l, H), A (H,), B and C (b, l, G, N)
         y, final_state = scan(
             x.reshape(b, l, H, P), dt, A, B.reshape(b, l, G, N), C.reshape(b, l, G, N),
             D=self.D, initial_state=ssm_state,
@@ -172,6 +177,7 @@ class Mamba2Mixer(nn.Module):
 
         dt = F.softplus(dt.float() + self.dt_bias.float())  # (b, H)
         A = -torch.exp(self.A_log.float())  # (H,)
+        # ssd_step's contract: x (b, H, P), dt (b, H), A (H,), B and C (b, G, N)
         y, _ = ssd_step(ssm_state, x.view(-1, H, P), dt, A, B.view(-1, G, N), C.view(-1, G, N), D=self.D,
                         out=ssm_state)  # (b, H, P); ssm_state (b, H, P, N) updated in place
         y = self.norm(y.reshape(-1, H * P), z)  # (b, E)
@@ -241,10 +247,11 @@ class Mamba2LM(nn.Module):
             if m.conv1d.bias is not None:
                 nn.init.uniform_(m.conv1d.bias, -bound, bound, generator=gen)
             # dt = softplus(dt_bias) log-uniform in [dt_min, dt_max]: dt_bias = softplus⁻¹(dt) = dt + log(1 - e^-dt)
-            u = torch.rand(cfg.nheads, generator=gen)
-            dt = torch.exp(u * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
+            u = torch.rand(cfg.nheads, generator=gen)  # (H,)
+            dt = torch.exp(u * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))  # (H,)
             dt = dt.clamp(min=cfg.dt_init_floor)
             m.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            # (H,), positive: this A is minus the glossary's, which the mixer computes as -exp(A_log)
             A = torch.empty(cfg.nheads).uniform_(cfg.A_init_min, cfg.A_init_max, generator=gen)
             m.A_log.copy_(torch.log(A))
             m.D.fill_(1.0)
@@ -307,6 +314,7 @@ class Mamba2LM(nn.Module):
         if self.config.residual_in_fp32:
             residual = residual.float()
         for i, block in enumerate(self.layers):
+            # layer i's cache: conv_state (b, K-1, conv_dim), ssm_state (b, H, P, N), updated in place
             states = (cache.conv[i], cache.ssm[i]) if cache is not None else (None, None)
             if self.gradient_checkpointing and self.training and cache is None:
                 out = checkpoint(self._block, block, residual, dtype, scan, use_reentrant=False)
@@ -317,7 +325,7 @@ class Mamba2LM(nn.Module):
             cache.seqlen_offset += input_ids.shape[1]
         if num_last_tokens > 0:
             residual = residual[:, -num_last_tokens:]  # (b, num_last_tokens, D)
-        return self.lm_head(self.norm_f(residual, out_dtype=dtype))  # (b, l, Vp)
+        return self.lm_head(self.norm_f(residual, out_dtype=dtype))  # (b, l or num_last_tokens, Vp)
 
     @staticmethod
     def _block(block, residual, dtype, scan, conv_state=None, ssm_state=None):
@@ -418,7 +426,7 @@ class Mamba2LM(nn.Module):
         dtype = residual.dtype
         if self.config.residual_in_fp32:
             residual = residual.float()
-        for i, block in enumerate(self.layers):
+        for i, block in enumerate(self.layers):  # layer i's cache: (b, K-1, conv_dim) and (b, H, P, N)
             out = block.mixer.step(block.norm(residual, out_dtype=dtype), cache.conv[i], cache.ssm[i])
             residual = residual + out.to(residual.dtype)  # (b, D)
         return decode_linear(self.norm_f(residual, out_dtype=dtype), self.lm_head)  # (b, Vp)
@@ -470,7 +478,7 @@ class Mamba2LM(nn.Module):
             for i, p in enumerate(prompts):
                 if p.dim() != 1:
                     raise ValueError(f"prompt {i} must be a list of ids or a 1-D tensor, got shape {tuple(p.shape)}")
-                check_prompt(p[None], V, f"prompt {i}")
+                check_prompt(p[None], V, f"prompt {i}")  # p[None]: (1, l_i)
             # each prompt prefilled alone, then the caches and the last logits stacked into one batch
             caches = [self.allocate_cache(1) for _ in prompts]
             logits = torch.cat([self(p[None], cache=c, num_last_tokens=1)[:, -1]
@@ -488,7 +496,7 @@ class Mamba2LM(nn.Module):
         step = self.decoder(b)
         gens = None if seed is None else [torch.Generator(device=device).manual_seed(row_seed(int(seed), i))
                                           for i in range(b)]
-        done = torch.zeros(b, dtype=torch.bool, device=device)
+        done = torch.zeros(b, dtype=torch.bool, device=device)  # (b,)
         new = []
         for i in range(max_new_tokens):
             logits = logits[:, :V]  # (b, V): never a padding row

@@ -92,7 +92,7 @@ def check_domains(data_dir, domains, split="train"):
 class MixtureSampler:
     """Global batches of packed (seq_len + 1)-token windows, mixed by token share; see the module doc.
 
-    rows_per_step  G, the rows of one optimizer step summed over ranks and micro-batches
+    rows_per_step  G, the rows of one optimizer step summed over ranks and micro-batches (not the SSD's G)
     rank, world_size  this process keeps rows rank, rank + world_size, ... of each step's G rows
     """
 
@@ -147,15 +147,15 @@ class MixtureSampler:
         """This rank's rows of the next step: a LongTensor (rows_per_step // world_size, seq_len + 1)."""
         counts = self._rows_per_domain()
         rows = [(d, self.taken[d] + j) for d in self.domains for j in range(counts[d])]  # (domain, k), G of them
-        order = np.random.default_rng([self.seed, self.step]).permutation(len(rows))
-        mine = [rows[i] for i in order[self.rank :: self.world_size]]
+        order = np.random.default_rng([self.seed, self.step]).permutation(len(rows))  # (G,)
+        mine = [rows[i] for i in order[self.rank :: self.world_size]]  # G / world_size of them
         # a fresh memmap per batch: a long-lived one keeps every page it ever read mapped (nanoGPT #287)
         streams = {d: load_split(self.data_dir, d, "train") for d in {d for d, _ in mine}}
-        L = self.seq_len
-        batch = np.empty((len(mine), L + 1), dtype=np.int64)
+        L = self.seq_len  # (a window's length minus one, not the decay mask L of the glossary)
+        batch = np.empty((len(mine), L + 1), dtype=np.int64)  # (G / world_size, seq_len + 1)
         for r, (d, k) in enumerate(mine):
             start = self._window_index(d, k) * L
-            batch[r] = streams[d][start : start + L + 1]
+            batch[r] = streams[d][start : start + L + 1]  # (seq_len + 1,)
         for d in self.domains:
             self.taken[d] += counts[d]
         self.step += 1
@@ -224,8 +224,9 @@ def heldout_windows(data_dir, domain, seq_len, max_windows=None):
             f"{Path(data_dir) / domain / 'heldout.bin'} holds {len(tokens)} tokens, fewer than one window of "
             f"{seq_len + 1}; prepare more held-out data or lower --seq-len"
         )
-    idx = np.arange(n)
+    idx = np.arange(n)  # (n,): the window numbers j
     if max_windows is not None and max_windows < n:
-        idx = np.unique(np.linspace(0, n - 1, max_windows).round().astype(np.int64))
+        idx = np.unique(np.linspace(0, n - 1, max_windows).round().astype(np.int64))  # (max_windows or fewer,)
+    # (len(idx), seq_len + 1): window j is tokens [j·seq_len, (j+1)·seq_len + 1)
     out = np.stack([np.asarray(tokens[j * seq_len : j * seq_len + seq_len + 1], dtype=np.int64) for j in idx])
     return torch.from_numpy(out)

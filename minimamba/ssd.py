@@ -12,7 +12,8 @@ Glossary (the names of the Mamba2 paper, used in every function and einsum strin
     h    (batch, H, P, N)        the hidden state of each head: a P×N matrix
     H, P, N, G                   heads, head dimension, state size, groups (G divides H; head
                                  number i reads B and C of group i // (H/G))
-    Q                            the chunk length of the chunked algorithm
+    Q                            the chunk length of the chunked algorithm; nc = ⌈seqlen/Q⌉ chunks
+    R                            H/G, the heads of a group (they share its B and C)
     L                            the 1-semiseparable decay mask L[t, s] = exp(dt_{s+1}A + … + dt_t A)
 
 The recurrence (what the layer *is*)
@@ -25,10 +26,11 @@ Unrolling it from h_0 gives, with cs_t = Σ_{k≤t} dt_k·A the cumulative log-d
     y_t = Σ_{s≤t} exp(cs_t − cs_s) · (C_t·B_s) · dt_s x_s  +  exp(cs_t) · h_0 C_t  +  D·x_t
 
 which is the quadratic, attention-like form Y = (L ∘ C Bᵀ) · (dt·X): "queries" C, "keys" B, "values"
-dt·x, and a causal decay mask L instead of a softmax. The recurrent form costs O(T·P·N) work but is
-sequential; the quadratic form is parallel but costs O(T²). The chunked algorithm uses each where it
-is best: split the sequence into chunks of Q tokens, use the quadratic form *inside* each chunk
-(a Q×Q matmul, fast on any hardware) and the recurrence *between* chunks (T/Q steps instead of T).
+dt·x, and a causal decay mask L instead of a softmax. Over T = seqlen tokens, the recurrent form costs
+O(T·P·N) work but is sequential; the quadratic form is parallel but costs O(T²). The chunked algorithm
+uses each where it is best: split the sequence into chunks of Q tokens, use the quadratic form *inside*
+each chunk (a Q×Q matmul, fast on any hardware) and the recurrence *between* chunks (T/Q steps instead
+of T).
 Each chunk contributes through its end state, and every token reads the state entering its chunk:
 
     1. intra-chunk output     Y_diag[t] = Σ_{s≤t in chunk} L[t,s] (C_t·B_s) dt_s x_s
@@ -85,7 +87,7 @@ def _compute_dtype(x):
 
 def heads_per_group(B, nheads):
     """Expand B or C from (batch, seqlen, G, N) to one copy per head: (batch, seqlen, H, N)."""
-    return B.repeat_interleave(nheads // B.shape[2], dim=2)
+    return B.repeat_interleave(nheads // B.shape[2], dim=2)  # (batch, seqlen, H, N)
 
 
 def segsum(a):
@@ -97,11 +99,11 @@ def segsum(a):
     """
     T = a.shape[-1]
     a = a[..., None].expand(*a.shape, T)  # (..., T, T): a[..., k, s] = a_k
-    strictly_lower = torch.tril(torch.ones(T, T, dtype=torch.bool, device=a.device), diagonal=-1)
+    strictly_lower = torch.tril(torch.ones(T, T, dtype=torch.bool, device=a.device), diagonal=-1)  # (T, T)
     a = a.masked_fill(~strictly_lower, 0)  # keep a_k only for k > s
     out = torch.cumsum(a, dim=-2)  # (..., T, T): Σ_{s<k≤t} a_k
-    causal = torch.tril(torch.ones(T, T, dtype=torch.bool, device=a.device))
-    return out.masked_fill(~causal, float("-inf"))
+    causal = torch.tril(torch.ones(T, T, dtype=torch.bool, device=a.device))  # (T, T)
+    return out.masked_fill(~causal, float("-inf"))  # (..., T, T)
 
 
 def ssd_step(h, x, dt, A, B, C, D=None, out=None):
@@ -123,22 +125,22 @@ def ssd_step(h, x, dt, A, B, C, D=None, out=None):
     decay = decay.repeat_interleave(p, dim=1).view(b, g, rp, 1)  # (batch, G, R·P, 1): each head's rows
     xdt = (dt.to(cdt)[..., None] * x.to(cdt)).view(b, g, rp, 1)  # (batch, G, R·P, 1)
     hg = h.to(cdt).view(b, g, rp, n)  # (batch, G, R·P, N)
-    out = out.view(b, g, rp, n) if out is not None else None
+    out = out.view(b, g, rp, n) if out is not None else None  # (batch, G, R·P, N)
     h_new = torch.addcmul(decay * hg, xdt, B.to(cdt)[:, :, None, :], out=out)  # (batch, G, R·P, N)
     y = (h_new @ C.to(cdt)[..., None]).view(b, nheads, p)  # (batch, H, P)
     if D is not None:
-        y = y + D.to(cdt)[:, None] * x.to(cdt)
-    return y.to(x.dtype), h_new.view(b, nheads, p, n).to(h.dtype)
+        y = y + D.to(cdt)[:, None] * x.to(cdt)  # D as (H, 1), broadcast over batch and P
+    return y.to(x.dtype), h_new.view(b, nheads, p, n).to(h.dtype)  # (batch, H, P), (batch, H, P, N)
 
 
 def ssd_recurrent(x, dt, A, B, C, D=None, initial_state=None):
     """The recurrence, one token at a time. O(seqlen) sequential steps: the ground truth, not fast."""
     b, l, h, p, g, n = _check(x, dt, A, B, C, D, initial_state)
     cdt = _compute_dtype(x)
-    state = x.new_zeros(b, h, p, n, dtype=cdt) if initial_state is None else initial_state.to(cdt)
+    state = x.new_zeros(b, h, p, n, dtype=cdt) if initial_state is None else initial_state.to(cdt)  # (batch, H, P, N)
     ys = []
     for t in range(l):
-        y_t, state = ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D)
+        y_t, state = ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D)  # (batch, H, P), (batch, H, P, N)
         ys.append(y_t)
     y = torch.stack(ys, dim=1) if ys else x.new_zeros(b, 0, h, p)  # (batch, seqlen, H, P)
     return y, state
@@ -161,11 +163,11 @@ def ssd_quadratic(x, dt, A, B, C, D=None, initial_state=None):
     final = torch.einsum("bhs,bsh,bshp,bshn->bhpn", decay_to_end, dt, xf, B)  # (b, H, P, N)
     if initial_state is not None:
         h0 = initial_state.to(cdt)
-        y = y + torch.einsum("bht,bthn,bhpn->bthp", torch.exp(cs), C, h0)
+        y = y + torch.einsum("bht,bthn,bhpn->bthp", torch.exp(cs), C, h0)  # (b, l, H, P)
         total = cs[..., -1] if l else cs.new_zeros(cs.shape[:-1])  # (b, H): log-decay of the whole sequence
-        final = final + torch.exp(total)[..., None, None] * h0
+        final = final + torch.exp(total)[..., None, None] * h0  # (b, H, 1, 1) · (b, H, P, N)
     if D is not None:
-        y = y + D.to(cdt)[:, None] * xf
+        y = y + D.to(cdt)[:, None] * xf  # D as (H, 1), broadcast over b, l and P
     return y.to(x.dtype), final
 
 
@@ -186,14 +188,14 @@ def ssd_chunked(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64):
         return x.new_zeros(b, 0, h, p), final  # (b, 0, H, P), (b, H, P, N)
     Q = chunk_size
     pad = (-l) % Q
-    nc = (l + pad) // Q  # number of chunks
+    nc = (l + pad) // Q  # number of chunks: the axis c of the shape comments and einsums below
     r = h // g  # heads per group
 
     def chunks(t):  # (b, l, ...) -> (b, nc, Q, ...), padded with zeros
         t = t.to(cdt)
         if pad:
-            t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
-        return t.reshape(b, nc, Q, *t.shape[2:])
+            t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))  # (b, nc·Q, ...)
+        return t.reshape(b, nc, Q, *t.shape[2:])  # (b, nc, Q, ...)
 
     X = chunks(x).view(b, nc, Q, g, r, p)  # (b, c, Q, G, R, P): head = group·R + r
     dt_c = chunks(dt).view(b, nc, Q, g, r)  # (b, c, Q, G, R)
@@ -202,6 +204,8 @@ def ssd_chunked(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64):
     cs = torch.cumsum(dA, dim=-1)  # (b, c, G, R, Q) log-decay from the chunk start
     Xdt = X * dt_c[..., None]  # (b, c, Q, G, R, P) the discretised input dt·x
 
+    # einsum letters: c chunk, l and s a target and a source position inside a chunk (Q values each; l is
+    # not seqlen here), g group, r head of the group; b, p, n as in the glossary
     # 1. intra-chunk output (the diagonal blocks): a masked "attention" inside each chunk
     L = torch.exp(segsum(dA))  # (b, c, G, R, Q, Q)
     CB = torch.einsum("bclgn,bcsgn->bcgls", Cc, Bc)  # (b, c, G, Q, Q), shared by the heads of a group
@@ -213,6 +217,7 @@ def ssd_chunked(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64):
 
     # 3. inter-chunk recurrence (the A terms): the recurrent form again, one step per chunk
     chunk_decay = torch.exp(cs[..., -1])[..., None, None]  # (b, c, G, R, 1, 1): decay across a whole chunk
+    # h_c (b, G, R, P, N): the running state between chunks, h_0 at the start
     h_c = x.new_zeros(b, g, r, p, n, dtype=cdt) if initial_state is None else initial_state.to(cdt).view(b, g, r, p, n)
     entering = []  # the state entering each chunk
     for c in range(nc):
@@ -225,5 +230,5 @@ def ssd_chunked(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64):
 
     y = (Y_diag + Y_off).reshape(b, nc * Q, h, p)[:, :l]  # (b, l, H, P)
     if D is not None:
-        y = y + D.to(cdt)[:, None] * x.to(cdt)
-    return y.to(x.dtype), final.reshape(b, h, p, n)
+        y = y + D.to(cdt)[:, None] * x.to(cdt)  # D as (H, 1), broadcast over b, l and P
+    return y.to(x.dtype), final.reshape(b, h, p, n)  # (b, l, H, P), (b, H, P, N)
