@@ -690,15 +690,17 @@ def download_source(source: str, out_dir: str | Path, files: int = 1, split: str
     if files < 1:
         raise DataError(f"files must be at least 1, got {files}")
     if source == "pubmed":
+        by_hand = (f"  Copy pubmedYYnNNNN.xml.gz files from it into {out} on a machine with internet, then prepare "
+                   f"them directly: python -m minimamba.data prepare --domain pubmed --input {out}/*.xml.gz "
+                   "--out data/tokens")
         if offline():  # download() would refuse too, but the listing is never kept: say what to do instead
-            raise DownloadError(
-                f"HF_HUB_OFFLINE is set, so the PubMed baseline listing ({PUBMED_BASELINE}) is not fetched.\n"
-                f"  Copy pubmedYYnNNNN.xml.gz files from it into {out} on a machine with internet, then prepare "
-                f"them directly: python -m minimamba.data prepare --domain pubmed --input {out}/*.xml.gz "
-                "--out data/tokens"
-            )
+            raise DownloadError(f"HF_HUB_OFFLINE is set, so the PubMed baseline listing ({PUBMED_BASELINE}) is not "
+                                f"fetched.\n{by_hand}")
         (out / "baseline-listing.html").unlink(missing_ok=True)  # (one left by a run killed before its unlink)
-        listing = download(PUBMED_BASELINE, out / "baseline-listing.html", desc="PubMed baseline listing")
+        try:
+            listing = download(PUBMED_BASELINE, out / "baseline-listing.html", desc="PubMed baseline listing")
+        except DownloadError as e:  # (its advice to copy the listing there would not help: it is fetched anew)
+            raise DownloadError(f"{str(e).splitlines()[0]}\n{by_hand}") from e
         # an HTML page: only the ASCII file names in it are used
         names = sorted(set(re.findall(r'href="(pubmed\d+n\d{4}\.xml\.gz)"',
                                       listing.read_text(encoding="utf-8", errors="replace"))))

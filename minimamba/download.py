@@ -303,10 +303,11 @@ def _check_reachable(url: str, dest: Path) -> None:
     try:
         socket.create_connection((host, port), timeout=CONNECT_TIMEOUT).close()
     except OSError as e:
+        mirror = ", or set HF_ENDPOINT to a reachable mirror" if _origin(url) == _origin(endpoint()) else ""
         raise DownloadError(
             f"cannot reach {parts.hostname}:{port} to download {url}: {e!r}\n"
             f"  No internet? Download the file on a machine that has it and copy it to {dest}\n"
-            f"  (or pass a local path instead of a name), or set HF_ENDPOINT to a reachable mirror."
+            f"  (or pass a local path instead of a name){mirror}."
         ) from e
 
 

@@ -603,3 +603,23 @@ def test_prepare_shared_data(tmp_path, monkeypatch, domain, file, options):
         assert tokens.max() < 50277 and tokens[-1] == 0
         counts = entry["prepared"]["counts"]
         assert counts["malformed"] == counts["non_utf8"] == counts["unreadable"] == 0
+
+
+def test_cli_download_of_pubmed_without_a_route_says_to_copy_the_xml_files(server, tmp_path, capsys, monkeypatch):
+    """The listing is fetched anew every time, so the generic advice (copy the file to
+    .../baseline-listing.html, or set HF_ENDPOINT) could not help: the message says to copy the .xml.gz files
+    and prepare them; a Hub file's message still names HF_ENDPOINT."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(data, "PUBMED_BASELINE", f"http://127.0.0.1:{port}/pubmed/baseline/")
+    assert main(["download", "--source", "pubmed", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot reach 127.0.0.1:{port}" in err
+    assert f"prepare --domain pubmed --input {tmp_path / 'pubmed'}/*.xml.gz" in err
+    assert "baseline-listing.html" not in err and "HF_ENDPOINT" not in err
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    assert main(["download", "--source", "c4", "--split", "validation", "--out", str(tmp_path)]) == 2
+    assert "set HF_ENDPOINT to a reachable mirror" in capsys.readouterr().err
