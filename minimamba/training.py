@@ -815,6 +815,18 @@ def _from_merged_groups(optim_state, raw, optimizer):
     return {"state": new_state, "param_groups": new_groups}
 
 
+def _keyed_by_name(optim_state, raw, optimizer):
+    """An optimizer state dict whose entries are indices (a plain optimizer's, as one process or DDP saves it)
+    with each entry replaced by its parameter's name, the keys FSDP's set_optimizer_state_dict reads (it
+    fails on indices). The i-th entry is the i-th parameter of `optimizer`'s groups, in order."""
+    name_of = {id(p): n for n, p in raw.named_parameters()}
+    names = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    entries = [e for g in optim_state["param_groups"] for e in g["params"]]
+    rename = dict(zip(entries, names))
+    return {"state": {rename[e]: s for e, s in optim_state["state"].items()},
+            "param_groups": [{**g, "params": [rename[e] for e in g["params"]]} for g in optim_state["param_groups"]]}
+
+
 def _moment_problems(optim_state, raw, optimizer):
     """The optimizer state's tensors whose shape is not their parameter's, one line each (torch would only
     fail at the first step, in the middle of AdamW's update)."""
@@ -880,6 +892,8 @@ def restore_state(state, model, optimizer, ema, sampler, source=None):
             StateDictOptions, set_model_state_dict, set_optimizer_state_dict)
 
         options = StateDictOptions(full_state_dict=True)
+        if not any(isinstance(e, str) for g in optim_state["param_groups"] for e in g["params"]):
+            optim_state = _keyed_by_name(optim_state, raw, optimizer)  # (a checkpoint of one process or DDP)
         set_model_state_dict(raw, state["model"], options=options)
         set_optimizer_state_dict(raw, optimizer, optim_state, options=options)
     else:

@@ -523,6 +523,24 @@ def test_two_processes_match_one_with_the_same_global_batch(data, init_dir, tmp_
     assert evals[-1]["c4"]["ppl"] == pytest.approx(evals1[-1]["c4"]["ppl"], rel=1e-4)
 
 
+@pytest.mark.slow
+def test_fsdp_resumes_a_checkpoint_of_one_process_exactly(data, init_dir, tmp_path):
+    """A checkpoint of one process (or DDP) keys its optimizer moments by index, FSDP's loader by name: it
+    failed with KeyError 'state.0.step' before."""
+    single = config(data, init_dir, tmp_path / "single", batch_size=2, grad_accum=2, max_steps=4, save_every=2)
+    train(single)
+    shutil.copytree(tmp_path / "single", tmp_path / "multi")
+    multi = replace(single, out=str(tmp_path / "multi"), batch_size=1, fsdp=True,
+                    resume=str(tmp_path / "multi" / "step-000002"))
+    torch.multiprocessing.spawn(_worker, args=(multi, _free_port()), nprocs=2)
+    one, two = losses(single.out), losses(multi.out)
+    assert one.keys() == two.keys() == {1, 2, 3, 4} and all(one[s] == pytest.approx(two[s], rel=1e-5) for s in one)
+    s1, s2 = state(single.out, 4), state(multi.out, 4)
+    for part in ("model", "ema"):
+        for k in s1[part]:
+            assert torch.allclose(s1[part][k], s2[part][k], atol=1e-5), (part, k)
+
+
 def _worker_in_own_dir(rank, cfg, port, base):
     os.chdir(base / f"node{rank}")  # (each process its own disk: --out is relative)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
