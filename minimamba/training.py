@@ -799,7 +799,7 @@ def _from_merged_groups(optim_state, raw, optimizer):
         for entry, name in zip(group["params"], names):
             entry_of[name], group_of[name] = entry, group
     name_of = {id(p): n for n, p in raw.named_parameters()}
-    by_name = any(isinstance(e, str) for g in groups for e in g["params"])
+    by_name = _keyed_by_names(optim_state)
     new_groups, new_state, index = [], {}, 0
     for built in optimizer.param_groups:
         entries = []
@@ -815,14 +815,33 @@ def _from_merged_groups(optim_state, raw, optimizer):
     return {"state": new_state, "param_groups": new_groups}
 
 
+def _entries(optim_state):
+    """The entries of an optimizer state dict's groups, in order: indices, or parameter names (FSDP)."""
+    return [e for g in optim_state["param_groups"] for e in g["params"]]
+
+
+def _keyed_by_names(optim_state):
+    return any(isinstance(e, str) for e in _entries(optim_state))
+
+
+def _params_in_order(raw, optimizer):
+    """(name, parameter) of each parameter of `optimizer`'s groups, in order: the i-th goes with the i-th
+    entry of an optimizer state dict of the same groups."""
+    name_of = {id(p): n for n, p in raw.named_parameters()}
+    return [(name_of[id(p)], p) for g in optimizer.param_groups for p in g["params"]]
+
+
+def _listed(problems, most=8):
+    """`problems` one per indented line, the first `most` of them and how many more."""
+    shown = problems[:most] + ([f"... and {len(problems) - most} more"] if len(problems) > most else [])
+    return "\n  " + "\n  ".join(shown)
+
+
 def _keyed_by_name(optim_state, raw, optimizer):
     """An optimizer state dict whose entries are indices (a plain optimizer's, as one process or DDP saves it)
     with each entry replaced by its parameter's name, the keys FSDP's set_optimizer_state_dict reads (it
     fails on indices). The i-th entry is the i-th parameter of `optimizer`'s groups, in order."""
-    name_of = {id(p): n for n, p in raw.named_parameters()}
-    names = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    entries = [e for g in optim_state["param_groups"] for e in g["params"]]
-    rename = dict(zip(entries, names))
+    rename = {e: name for e, (name, _) in zip(_entries(optim_state), _params_in_order(raw, optimizer))}
     return {"state": {rename[e]: s for e, s in optim_state["state"].items()},
             "param_groups": [{**g, "params": [rename[e] for e in g["params"]]} for g in optim_state["param_groups"]]}
 
@@ -830,18 +849,15 @@ def _keyed_by_name(optim_state, raw, optimizer):
 def _moment_problems(optim_state, raw, optimizer):
     """The optimizer state's tensors whose shape is not their parameter's, one line each (torch would only
     fail at the first step, in the middle of AdamW's update)."""
-    name_of = {id(p): n for n, p in raw.named_parameters()}
-    entries = [e for g in optim_state["param_groups"] for e in g["params"]]
-    params = [p for g in optimizer.param_groups for p in g["params"]]
     problems = []
-    for entry, p in zip(entries, params):
+    for entry, (name, p) in zip(_entries(optim_state), _params_in_order(raw, optimizer)):
         moments = optim_state["state"].get(entry, {})
         if not isinstance(moments, dict):
-            problems.append(f"the state of {name_of[id(p)]} is a {type(moments).__name__}, not a dict")
+            problems.append(f"the state of {name} is a {type(moments).__name__}, not a dict")
             continue
         for key, t in moments.items():
             if isinstance(t, torch.Tensor) and t.dim() > 0 and tuple(t.shape) != tuple(p.shape):
-                problems.append(f"{key} of {name_of[id(p)]}: checkpoint {tuple(t.shape)}, model {tuple(p.shape)}")
+                problems.append(f"{key} of {name}: checkpoint {tuple(t.shape)}, model {tuple(p.shape)}")
     return problems
 
 
@@ -865,8 +881,7 @@ def restore_state(state, model, optimizer, ema, sampler, source=None):
     for part, name in (("model", "raw weights"), ("ema", "EMA weights")):
         problems = _mismatches(expected[part], state[part]) if state[part] is not None else []
         if problems:
-            shown = problems[:8] + ([f"... and {len(problems) - 8} more"] if len(problems) > 8 else [])
-            raise SetupError(f"{what}: its {name} differ:\n  " + "\n  ".join(shown) + "\n" + advice)
+            raise SetupError(f"{what}: its {name} differ:" + _listed(problems) + "\n" + advice)
     optim_state = state["optimizer"]
     saved = [len(g["params"]) for g in optim_state["param_groups"]]
     built = [len(g["params"]) for g in optimizer.param_groups]
@@ -883,16 +898,15 @@ def restore_state(state, model, optimizer, ema, sampler, source=None):
               "were mapped onto this version's groups, parameter by parameter", file=sys.stderr, flush=True)
     problems = _moment_problems(optim_state, raw, optimizer)
     if problems:
-        shown = problems[:8] + ([f"... and {len(problems) - 8} more"] if len(problems) > 8 else [])
-        raise SetupError(f"{what}: its optimizer moments do not fit the parameters they belong to:\n  "
-                         + "\n  ".join(shown) + "\n" + advice)
+        raise SetupError(f"{what}: its optimizer moments do not fit the parameters they belong to:"
+                         + _listed(problems) + "\n" + advice)
     settings = [{k: g[k] for k in ("lr_scale", "weight_decay", "betas", "name")} for g in optimizer.param_groups]
     if any(hasattr(p, "full_tensor") for p in raw.parameters()):  # FSDP2
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions, set_model_state_dict, set_optimizer_state_dict)
 
         options = StateDictOptions(full_state_dict=True)
-        if not any(isinstance(e, str) for g in optim_state["param_groups"] for e in g["params"]):
+        if not _keyed_by_names(optim_state):
             optim_state = _keyed_by_name(optim_state, raw, optimizer)  # (a checkpoint of one process or DDP)
         set_model_state_dict(raw, state["model"], options=options)
         set_optimizer_state_dict(raw, optimizer, optim_state, options=options)
@@ -1323,8 +1337,8 @@ def _train(cfg, dist, model, held):
         if later and dist.is_main:
             print(f"note: {out} also holds {', '.join(later)}, later steps than {resume_dir.name} that this run does "
                   "not continue: each is replaced when this run reaches its step")
-    elif latest_checkpoint(out) is not None:
-        raise SetupError(f"{out} already holds a run ({latest_checkpoint(out).name}); pass --resume to continue it "
+    elif (existing := latest_checkpoint(out)) is not None:
+        raise SetupError(f"{out} already holds a run ({existing.name}); pass --resume to continue it "
                          "or choose another --out")
 
     # --- check the data and the model source before anything slow
