@@ -579,7 +579,7 @@ def _meta_to_update(out: Path, writes, tokenizer, tokenizer_name: str) -> dict:
     kept = [name for name in meta["splits"] if name not in writes]
     unfinished = [name for name in meta.get("preparing", ()) if name not in writes]
     if unfinished:  # this call would keep a split whose file may not be the one its metadata describes
-        stopped = " and ".join(f"{name}.bin" for name in meta["preparing"])
+        stopped = _being_replaced(meta)
         redo = "--split auto" if len(meta["preparing"]) == len(SPLITS) else f"--split {meta['preparing'][0]}"
         raise DataError(
             f"{out}/meta.json: an earlier `prepare` stopped while replacing {stopped}, so "
@@ -635,10 +635,15 @@ def read_meta(data_dir: str | Path, domain: str, unfinished_ok: bool = False) ->
     except json.JSONDecodeError as e:
         raise DataError(f"{path} is not valid JSON ({e}); delete the folder and prepare it again") from None
     if meta.get("preparing") and not unfinished_ok:
-        raise DataError(f"{path}: `prepare` stopped while replacing {' and '.join(f'{n}.bin' for n in meta['preparing'])}, so the "
+        raise DataError(f"{path}: `prepare` stopped while replacing {_being_replaced(meta)}, so the "
                         f"token files and meta.json may disagree; prepare the domain again "
                         f"({_PREPARE_HINT.format(domain, data_dir)})")
     return meta
+
+
+def _being_replaced(meta: dict) -> str:
+    """The token files a stopped `prepare` was replacing, as meta.json's "preparing" lists them."""
+    return " and ".join(f"{name}.bin" for name in meta["preparing"])
 
 
 def ids_needed(data_dir: str | Path, domain: str, split: str) -> tuple[int, str]:

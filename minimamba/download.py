@@ -195,6 +195,12 @@ def _only_one_process(part: Path, desc: str):
             os.close(fd)
 
 
+def _discard(part: Path) -> None:
+    """Delete a .part that cannot be resumed, with its validator (which belongs to its bytes)."""
+    part.unlink()
+    _validator_file(part).unlink(missing_ok=True)
+
+
 def _validator_file(part: Path) -> Path:
     """Where the server's ETag (or Last-Modified) of the file being downloaded into `part` is kept, so
     that a resume asks for the rest of *that* version of the file (If-Range) and not of a newer one."""
@@ -233,8 +239,7 @@ def _fetch(url: str, part: Path, desc: str, timeout: float) -> None:
         if have:  # a 206 must continue the .part where it ends ("Content-Range: bytes START-END/SIZE")
             start = (response.headers.get("Content-Range") or "").removeprefix("bytes ").partition("-")[0]
             if start != str(have):
-                part.unlink()
-                validator.unlink(missing_ok=True)
+                _discard(part)
                 raise ConnectionError(f"the server answered a resume from byte {have} with "
                                       f"{response.headers.get('Content-Range')!r}; starting over")
         else:  # a new .part: empty it first (a kill before the writes must not leave old bytes under
@@ -249,7 +254,7 @@ def _fetch(url: str, part: Path, desc: str, timeout: float) -> None:
         remaining = int(length) if length is not None else None
         total = have + remaining if remaining is not None else None
         written = 0
-        with open(part, "ab" if have else "wb") as f, tqdm(
+        with open(part, "ab") as f, tqdm(  # (a new .part was emptied above)
             total=total, initial=have, desc=desc, unit="B", unit_scale=True, unit_divisor=1024
         ) as bar:
             while chunk := response.read(CHUNK):
@@ -339,14 +344,12 @@ def _verify(part: Path, url: str, expected_size: int | None, sha256: str | None)
     """A wrong .part is deleted, with its validator (which would otherwise stay behind for good)."""
     size = part.stat().st_size
     if expected_size is not None and size != expected_size:
-        part.unlink()
-        _validator_file(part).unlink(missing_ok=True)
+        _discard(part)
         raise DownloadError(f"{url}: got {size} bytes, expected {expected_size}; deleted it, run again to retry.")
     if sha256 is not None:
         got = sha256_of(part, CHUNK)
         if got != sha256.lower():
-            part.unlink()
-            _validator_file(part).unlink(missing_ok=True)
+            _discard(part)
             raise DownloadError(
                 f"{url}: sha256 {got} does not match the expected {sha256}; "
                 "deleted it, run again to retry."
