@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from minimamba.model import check_step_ids
+
 SOURCE = Path(__file__).with_name("decode_cpu.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
 
@@ -233,10 +235,7 @@ class DecodeStep:
 
         Everything C will index is checked first: the ids, and every shape of the cache (a cache of another
         model or batch size would be read and written out of bounds)."""
-        if token_ids.dim() != 1 or token_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"token_ids must be a 1-D tensor (batch,) of integer ids (torch.long or torch.int): "
-                             f"one id per sequence, got shape {tuple(token_ids.shape)} {token_ids.dtype}; "
-                             "for ids (batch, 1) pass ids[:, 0]")
+        check_step_ids(token_ids)  # (b,) integer ids
         if token_ids.device.type != "cpu":  # (C would read a device address as host memory)
             raise ValueError(f"the C decode step runs on the CPU; the token ids are on {token_ids.device}: pass "
                              "token_ids.cpu()")

@@ -304,8 +304,7 @@ class Mamba2LM(nn.Module):
             raise ValueError(f"input_ids must be (batch, seqlen), got shape {tuple(input_ids.shape)}")
         if input_ids.shape[1] == 0:
             raise ValueError(f"input_ids holds no tokens (shape {tuple(input_ids.shape)}): the model predicts from "
-                             "at least one token. To generate from nothing, start from the EOS id (0, "
-                             "<|endoftext|>, for the GPT-NeoX tokenizer of the public checkpoints).")
+                             f"at least one token. {_FROM_NOTHING}")
         if cache is not None:
             self.check_cache(cache, input_ids.shape[0])
         scan = self._scan(input_ids.device)
@@ -529,6 +528,10 @@ class Mamba2LM(nn.Module):
         return n - self.embedding.weight.numel() if non_embedding else n
 
 
+_FROM_NOTHING = ("To generate from nothing, start from the EOS id (0, <|endoftext|>, for the GPT-NeoX tokenizer "
+                 "of the public checkpoints).")
+
+
 def check_step_ids(token_ids):
     """A decoding step takes one integer id per sequence: token_ids (b,)."""
     if not isinstance(token_ids, torch.Tensor) or token_ids.dim() != 1:
@@ -546,9 +549,7 @@ def check_prompt(ids, vocab_size, what):
         raise ValueError(f"{what} must be a (batch, seqlen) tensor of ids, got {shape}. Pass one prompt as "
                          "ids[None], and prompts of different lengths as a list of lists or of 1-D tensors")
     if ids.shape[1] == 0:
-        raise ValueError(f"{what} is empty: the model needs at least one token to predict from. To generate from "
-                         "nothing, start from the EOS id (0, <|endoftext|>, for the GPT-NeoX tokenizer of the "
-                         "public checkpoints).")
+        raise ValueError(f"{what} is empty: the model needs at least one token to predict from. {_FROM_NOTHING}")
     if ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"{what} must hold integer ids (torch.long or torch.int), got {ids.dtype}")
     if ids.numel():

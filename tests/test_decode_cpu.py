@@ -170,8 +170,11 @@ def test_the_c_step_refuses_a_cache_it_cannot_index():
     strided.ssm = torch.zeros(strided.ssm.shape[::-1]).permute(4, 3, 2, 1, 0)  # the right shape, transposed
     with pytest.raises(ValueError, match="an SSM state not contiguous"):
         step(torch.tensor([1, 2]), strided)
-    for ids in (torch.tensor([[1], [2]]), torch.tensor([1.0, 2.0])):  # (b, 1) ids; float ids
-        with pytest.raises(ValueError, match=r"token_ids must be a 1-D tensor \(batch,\) of integer ids"):
+    for ids, message in ((torch.tensor([[1], [2]]), r"token_ids must be a 1-D tensor \(batch,\): one id per "
+                                                    r"sequence, got \(2, 1\)"),  # (b, 1) ids
+                         (torch.tensor([1.0, 2.0]), r"token_ids must be integer ids \(torch.long or torch.int\), "
+                                                    r"got torch.float32")):  # float ids
+        with pytest.raises(ValueError, match=message):
             step(ids, ok)
     assert not ok.ssm.any() and ok.seqlen_offset == 0
 
