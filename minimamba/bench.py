@@ -368,20 +368,19 @@ def bench_inference(args):
 PHASES = ("forward", "train", "generate")
 
 
-def _positive(text):
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _integer_at_least(low):
+    """argparse type: an integer >= low."""
+    def parse(text):
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"  # (argparse names it in "invalid ... value: 'x'")
+    return parse
 
 
-def _nonnegative(text):
-    """argparse type: an integer >= 0."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+_positive, _nonnegative = _integer_at_least(1), _integer_at_least(0)
 
 
 def _contexts(text):
