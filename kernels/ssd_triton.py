@@ -1422,7 +1422,7 @@ def ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=None, initial_state=None, retur
         # key, but Triton compiles a bool argument otherwise than an int: a call with True would replay the
         # launch plan of an earlier call with 1)
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    if x.device.type != "cuda" and not INTERPRET:
+    if not x.is_cuda and not INTERPRET:
         raise RuntimeError(
             f"the Triton SSD kernel needs CUDA tensors, got {x.device.type}. To run it on CPU (slowly, for "
             "tests), set TRITON_INTERPRET=1 before importing `kernels`; or use minimamba.ssd.ssd_chunked.")
@@ -1436,7 +1436,7 @@ def ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=None, initial_state=None, retur
         y = x.new_empty(b, 0, h, p)  # (b, 0, H, P)
         return (y, final) if return_final_state else y
     # B and C are dot operands next to x: same dtype; every program assumes contiguous tensors
-    B, C = B.to(x.dtype), C.to(x.dtype)
+    B, C = _as(B, x.dtype), _as(C, x.dtype)
     x, dt, A, B, C = (t.contiguous() for t in (x, dt, A, B, C))
     D = D.contiguous() if D is not None else None
     initial_state = initial_state.contiguous() if initial_state is not None else None
