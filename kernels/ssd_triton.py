@@ -99,8 +99,10 @@ def autotuned_programs(module=None):
 def forget_tuning():
     """Forget every config the autotuners chose, so that the next calls tune again (benchmarks do this
     to tune each timed shape as a training run would tune its own), and the binaries and plans of
-    direct launches with them."""
+    direct launches with them, and the SM count that the head splits are chosen by (kernels.offline's
+    stand-ins for a GPU, which call this on entering and leaving, can each name another count)."""
     _LAUNCHER.forget()
+    _sm_count.cache_clear()
     for k in autotuned_programs().values():
         k.cache.clear()
 

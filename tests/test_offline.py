@@ -132,6 +132,27 @@ def test_binaries_chosen_under_a_stand_in_are_forgotten_when_it_exits():
     assert proc.stdout.split() == ["12", "0"]
 
 
+SM_COUNT_CHECK = """
+import torch
+from kernels import ssd_triton
+from kernels.offline import OfflineGPU, _inputs, _call, HOST_SHAPE
+inputs = _inputs(HOST_SHAPE, torch.bfloat16)
+for sms in (132, 1, 132):  # 300 programs: 2 splits give 4 programs per SM of 132 (the target), 1 does on 1 SM
+    with OfflineGPU(90, sms=sms):
+        _call(ssd_triton.SSDChunkScanFn, HOST_SHAPE, inputs, backward=True)
+        print(ssd_triton._head_splits(2, 300, torch.device("cpu")), end=" ")
+"""
+
+
+@pytest.mark.skipif(_ptxas() is None, reason="needs triton with its NVIDIA backend (ptxas) installed")
+def test_head_splits_follow_the_sm_count_of_each_stand_in():
+    """The SM count that the head splits are chosen by is read again under each stand-in driver, not kept
+    from the first one (a process that compiles for two cards, or for a card and then runs on a GPU)."""
+    proc = _run_python("-c", SM_COUNT_CHECK, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["2", "1", "2"]
+
+
 HOST_BREAKDOWN = """
 import json
 import torch
