@@ -142,9 +142,12 @@ def _set_checkpointing(model, impl, on):
         enable()
 
 
-def _logits(model, ids):
-    out = model(ids)
-    return out if not hasattr(out, "logits") else out.logits
+def _logits(model, impl, ids):
+    """The logits of `ids`. HF's model in eval mode builds a decoding cache unless told not to
+    (`config.use_cache`); ours builds none in a forward, so neither does HF's here."""
+    if impl == "minimamba":
+        return model(ids)
+    return model(ids, use_cache=False).logits
 
 
 def _time(fn, repeat, sync=lambda: None):
@@ -181,7 +184,7 @@ def _phase(impl, phase, a):
         model.eval()
         ids = torch.randint(0, 50277, (a["batch"], a["seqlen"]), generator=g).to(device)
         with torch.no_grad(), amp():
-            secs = _time(lambda: _logits(model, ids), a["repeat"], sync)
+            secs = _time(lambda: _logits(model, impl, ids), a["repeat"], sync)
         result = {"tok/s": a["batch"] * a["seqlen"] / secs}
     elif phase == "train":
         model.train()
@@ -190,7 +193,7 @@ def _phase(impl, phase, a):
 
         def step():
             with amp():
-                logits = _logits(model, ids[:, :-1])
+                logits = _logits(model, impl, ids[:, :-1])
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
             loss.backward()
             opt.step()

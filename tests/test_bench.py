@@ -62,3 +62,29 @@ def test_inference_contexts_are_parsed():
         bench.main(["inference", "--contexts", "16, 32"])
         bench.main(["inference"])
     assert parsed == [[16, 32], [1024, 4096, 16384]]
+
+
+def test_the_hf_forward_row_builds_no_decoding_cache(monkeypatch):
+    """HF's Mamba2 in eval mode builds a decoding cache (its config's use_cache) unless told not to; ours
+    builds none in a forward, so the timed HF forward must not either (it did: every timed call allocated
+    and filled a cache of every layer's states)."""
+    pytest.importorskip("transformers", reason="HF transformers is the test-only oracle for Mamba2")
+    import transformers.models.mamba2.modeling_mamba2 as hf_mamba2
+
+    caches = []
+    real = hf_mamba2.DynamicCache
+
+    def counted(*args, **kwargs):
+        caches.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hf_mamba2, "DynamicCache", counted)
+    a = dict(threads=1, device="cpu", scale="tiny", dtype="float32", chunk_size=None, backend="torch",
+             checkpointing=False, decode_backend="torch", amp=False, batch=1, seqlen=16, repeat=1)
+    for phase in ("forward", "train"):
+        assert bench._phase("hf", phase, a)["tok/s"] > 0
+    assert caches == []
+    hf = bench._build("hf", "tiny", torch.float32, None).eval()  # (the counter sees HF's default)
+    with torch.no_grad():
+        hf(torch.zeros(1, 4, dtype=torch.long))
+    assert caches == [1]
