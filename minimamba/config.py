@@ -221,6 +221,7 @@ class Mamba2Config:
             dt_min=d.get("time_step_min", 1e-3),
             dt_max=d.get("time_step_max", 1e-1),
             dt_init_floor=d.get("time_step_floor", 1e-4),
+            initializer_range=d.get("initializer_range", 0.02),  # (HF's default is 0.1; ours, the state-spaces one)
         )
         limit = d.get("time_step_limit", [0.0, math.inf])  # (the state-spaces reader refuses a dt_limit too)
         if limit is not None and [_json_float(v) for v in limit] != [0.0, math.inf]:
@@ -286,6 +287,7 @@ class Mamba2Config:
                 "time_step_max": self.dt_max,
                 "time_step_floor": self.dt_init_floor,
                 "time_step_limit": [0.0, float("inf")],
+                "initializer_range": self.initializer_range,
                 "rms_norm": True,
                 "norm_before_gate": False,
                 "bos_token_id": 0,

@@ -116,10 +116,20 @@ def test_bench_checkpointing_switches_on_hf_blocks_too():
     transformers = pytest.importorskip("transformers", reason="HF transformers is the test-only oracle for Mamba2")
     from minimamba.bench import _set_checkpointing
 
+    """With `--checkpointing` both sides' blocks run their mixers again in the backward (an attribute
+    set on HF's blocks without HF's own enable method passed a check of the attribute, then crashed in
+    the train row)."""
     cfg = tiny_config()
-    hf = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(**cfg.to_dict("hf")))
-    _set_checkpointing(hf, "hf", True)
-    assert all(block.gradient_checkpointing for block in hf.backbone.layers)
-    ours = Mamba2LM(cfg)
-    _set_checkpointing(ours, "minimamba", True)
-    assert ours.gradient_checkpointing
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    for impl, model in (("hf", transformers.Mamba2ForCausalLM(transformers.Mamba2Config(**cfg.to_dict("hf")))),
+                        ("minimamba", Mamba2LM(cfg))):
+        runs = []
+        for mixer in (m for m in model.modules() if type(m).__name__ == "Mamba2Mixer"):  # (both name it so)
+            mixer.register_forward_pre_hook(lambda *a: runs.append(1))  # (a recompute may stop before the end)
+        model.train()  # (checkpointing applies in training only)
+        for ckpt in (False, True):  # (in this order: _set_checkpointing switches on, not off)
+            _set_checkpointing(model, impl, ckpt)
+            runs.clear()
+            out = model(ids)
+            (out if impl == "minimamba" else out.logits).logsumexp(-1).mean().backward()
+            assert len(runs) == cfg.n_layer * (2 if ckpt else 1), (impl, ckpt, len(runs))

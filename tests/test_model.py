@@ -1,6 +1,7 @@
 """Mamba2LM against an independent implementation (HF transformers, test-only), the recurrent step
 against the parallel forward, checkpoint I/O and its errors, and sampling."""
 
+import dataclasses
 import json
 import re
 
@@ -208,11 +209,16 @@ def test_public_scale_shapes_match_the_checkpoints():
 
 
 def test_both_config_layouts_round_trip():
-    cfg = tiny_config(d_conv=3, norm_eps=1e-6)
-    for layout in ("state-spaces", "hf"):
-        back = Mamba2Config.from_dict(json.loads(json.dumps(cfg.to_dict(layout))))
-        assert back.d_model == cfg.d_model and back.ngroups == cfg.ngroups and back.d_conv == 3
-    assert Mamba2Config.from_dict(cfg.to_dict()) == cfg
+    cfg = tiny_config(d_conv=3, norm_eps=1e-6, expand=3, residual_in_fp32=False, conv_bias=False, bias=True,
+                      A_init_min=2.0, A_init_max=8.0, dt_min=0.002, dt_max=0.2, dt_init_floor=2e-4,
+                      tie_embeddings=False, initializer_range=0.01)  # (every field off its default)
+    back = {layout: Mamba2Config.from_dict(json.loads(json.dumps(cfg.to_dict(layout)))) for layout in ("state-spaces", "hf")}
+    # what each layout cannot hold: mamba_ssm's config has no init std (its models take 0.02); HF's has no
+    # range for A's init (its models take A = -1..-H) and no vocab padding (its vocab_size is the padded size)
+    assert back["state-spaces"] == dataclasses.replace(cfg, initializer_range=0.02)
+    assert back["hf"] == dataclasses.replace(cfg, vocab_size=cfg.padded_vocab_size, pad_vocab_size_multiple=1,
+                                             A_init_min=1.0, A_init_max=16.0)
+    assert Mamba2Config.from_dict(cfg.to_dict()) == back["state-spaces"]  # (the default layout)
     # the public config.json: only d_model/n_layer/... and ssm_cfg {"layer": "Mamba2"}
     public = {"d_model": 768, "d_intermediate": 0, "n_layer": 24, "vocab_size": 50277,
               "ssm_cfg": {"layer": "Mamba2"}, "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": True,
@@ -286,6 +292,10 @@ def test_seeded_sampling_reproduces(model):
     a = model.generate(prompt, 10, temperature=1.0, top_p=0.9, seed=7)
     b = model.generate(prompt, 10, temperature=1.0, top_p=0.9, seed=7)
     assert torch.equal(a, b)
+    # and it is sampling: another seed, or greedy decoding, gives other tokens (a generate that ignored the
+    # temperature would reproduce too)
+    assert not torch.equal(a, model.generate(prompt, 10, temperature=1.0, top_p=0.9, seed=8))
+    assert not torch.equal(a, model.generate(prompt, 10))
 
 
 def test_top_k_and_top_p_supports():
