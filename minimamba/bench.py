@@ -18,23 +18,31 @@ from minimamba.config import SCALES
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+# the pretraining-style corpora of shared/data, relative to it: corpus -> [(file, how a line gives a document)]
+_ABSTRACT = lambda r: r["title"] + "\n" + r["abstract"]  # noqa: E731
+_TEXT = lambda r: r["text"]  # noqa: E731
+CORPUS_FILES = {
+    "PubMed": [("pubmed/pubtator_corpora_abstracts.jsonl", _ABSTRACT)],
+    "C4": [(f"c4/{name}.jsonl", _TEXT) for name in ("c4_train_sample_1000", "c4_validation_2k", "llamafactory_c4_demo")],
+    "WikiText": [(f"wiki/{name}", None) for name in ("wikitext-2-raw_wiki.test.raw", "wikitext-2_tokenized_valid.txt",
+                                                      "llamafactory_wiki_demo.txt")],
+}
+
+
 def corpus_documents(data_root: Path) -> dict[str, list[str]]:
-    """The pretraining-style corpora of shared/data: PubMed abstracts, C4 documents, WikiText lines."""
-    def jsonl(path, text):
-        with open(path, encoding="utf-8") as f:
-            return [text(json.loads(line)) for line in f if line.strip()]
+    """The documents of `CORPUS_FILES` under data_root: a JSON record's text per line of a .jsonl file, a
+    non-blank line of a text file. A missing file is an error naming --data-root and $MINIMAMBA_DATA."""
+    missing = [name for files in CORPUS_FILES.values() for name, _ in files if not (data_root / name).is_file()]
+    if missing:
+        raise SystemExit(f"error: --data-root {data_root}: missing {', '.join(missing)}. Point --data-root (or "
+                         "$MINIMAMBA_DATA) at the shared data folder that holds pubmed/, c4/ and wiki/")
 
-    def lines(path):
+    def read(path, text):
         with open(path, encoding="utf-8") as f:
-            return [line for line in f if line.strip()]
+            return [line if text is None else text(json.loads(line)) for line in f if line.strip()]
 
-    return {
-        "PubMed": jsonl(data_root / "pubmed/pubtator_corpora_abstracts.jsonl", lambda r: r["title"] + "\n" + r["abstract"]),
-        "C4": [doc for name in ("c4_train_sample_1000", "c4_validation_2k", "llamafactory_c4_demo")
-               for doc in jsonl(data_root / f"c4/{name}.jsonl", lambda r: r["text"])],
-        "WikiText": [doc for name in ("wikitext-2-raw_wiki.test.raw", "wikitext-2_tokenized_valid.txt", "llamafactory_wiki_demo.txt")
-                     for doc in lines(data_root / f"wiki/{name}")],
-    }
+    return {corpus: [doc for name, text in files for doc in read(data_root / name, text)]
+            for corpus, files in CORPUS_FILES.items()}
 
 
 def bench_tokenizer(args):

@@ -88,3 +88,11 @@ def test_the_hf_forward_row_builds_no_decoding_cache(monkeypatch):
     with torch.no_grad():
         hf(torch.zeros(1, 4, dtype=torch.long))
     assert caches == [1]
+
+
+def test_the_tokenizer_benchmark_names_a_missing_data_folder(tmp_path, capsys):
+    """Run from a clone that does not sit beside shared/, it said FileNotFoundError with a traceback."""
+    (tmp_path / "pubmed").mkdir()
+    with pytest.raises(SystemExit, match=r"--data-root .*: missing pubmed/pubtator_corpora_abstracts.jsonl, "
+                                         r"c4/c4_train_sample_1000.jsonl.*MINIMAMBA_DATA"):
+        bench.main(["tokenizer", "--repeat", "1", "--data-root", str(tmp_path)])
