@@ -113,12 +113,12 @@ def test_a_mistyped_local_path_says_no_such_folder(server, tmp_path, monkeypatch
 
 
 def test_bench_checkpointing_switches_on_hf_blocks_too():
-    transformers = pytest.importorskip("transformers", reason="HF transformers is the test-only oracle for Mamba2")
-    from minimamba.bench import _set_checkpointing
-
     """With `--checkpointing` both sides' blocks run their mixers again in the backward (an attribute
     set on HF's blocks without HF's own enable method passed a check of the attribute, then crashed in
     the train row)."""
+    transformers = pytest.importorskip("transformers", reason="HF transformers is the test-only oracle for Mamba2")
+    from minimamba.bench import _set_checkpointing
+
     cfg = tiny_config()
     ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
     for impl, model in (("hf", transformers.Mamba2ForCausalLM(transformers.Mamba2Config(**cfg.to_dict("hf")))),
