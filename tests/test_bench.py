@@ -79,7 +79,8 @@ def test_the_hf_forward_row_builds_no_decoding_cache(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(hf_mamba2, "DynamicCache", counted)
-    a = dict(threads=torch.get_num_threads(), device="cpu", scale="tiny",  # (_phase sets it for the process) dtype="float32", chunk_size=None, backend="torch",
+    # (threads: _phase sets them for the whole process; these are the ones it has)
+    a = dict(threads=torch.get_num_threads(), device="cpu", scale="tiny", dtype="float32", chunk_size=None, backend="torch",
              checkpointing=False, decode_backend="torch", amp=False, batch=1, seqlen=16, repeat=1)
     for phase in ("forward", "train"):
         assert bench._phase("hf", phase, a)["tok/s"] > 0
