@@ -121,6 +121,7 @@ def download(
             f"HF_HUB_OFFLINE is set and {dest} does not exist, so {desc or dest.name} is not downloaded.\n"
             f"  Put the file at {dest} (it is fetched from {url}), or unset HF_HUB_OFFLINE."
         )
+    _check_name_length(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_suffix(dest.suffix + ".part")
     with _only_one_process(part, desc or dest.name):
@@ -263,6 +264,23 @@ def _fetch(url: str, part: Path, desc: str, timeout: float) -> None:
                 bar.update(len(chunk))
     if remaining is not None and written < remaining:
         raise ConnectionError(f"connection closed after {written} of {remaining} bytes")  # retried, resuming
+
+
+NAME_MAX = 255  # bytes in one file name on the usual filesystems (ext4, xfs, btrfs, APFS, NTFS in UTF-16 units)
+SIDECAR = ".part.validator"  # the longest of the names kept beside dest while it downloads
+
+
+def _check_name_length(dest: Path) -> None:
+    """Refuse, before any request, a dest whose download files (`dest.part`, `.part.lock`, `.part.validator`)
+    could not be created: their names would be too long for the filesystem (else the error came mid-download,
+    and was retried as if the network had failed)."""
+    n = len(dest.name.encode("utf-8"))
+    if n + len(SIDECAR) > NAME_MAX:
+        raise DownloadError(
+            f"cannot download to {dest}: its name is {n} bytes, and the file kept beside it while it downloads "
+            f"(name + {SIDECAR!r}) would pass the {NAME_MAX}-byte limit on file names.\n"
+            f"  Download it under a name of at most {NAME_MAX - len(SIDECAR)} bytes, then rename it."
+        )
 
 
 def _check_url(url: str) -> None:

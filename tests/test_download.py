@@ -141,6 +141,18 @@ def test_complete_part_file_answered_416_is_kept(server, tmp_path):
     assert server.requests == [("/f", f"bytes={len(PAYLOAD)}-", None)]
 
 
+def test_a_name_too_long_for_the_part_files_is_refused_before_any_request(server, tmp_path):
+    """A 244-byte name fits the filesystem, its `.part.validator` (259 bytes) does not: that failed
+    mid-download, retried as a network error."""
+    server.files["/f"] = PAYLOAD
+    dest = tmp_path / ("é" * 120 + ".bin")  # 244 + 4 bytes in UTF-8
+    with pytest.raises(DownloadError, match=r"(?s)its name is 244 bytes.*at most 240 bytes, then rename it"):
+        download(f"{server.url}/f", dest)
+    assert server.requests == [] and list(tmp_path.iterdir()) == []
+    fits = tmp_path / ("a" * 240)
+    assert download(f"{server.url}/f", fits).read_bytes() == PAYLOAD
+
+
 def test_404_is_a_clear_error(server):
     with pytest.raises(DownloadError, match="HTTP 404") as err:
         hub_file("org/missing", "model.safetensors")
