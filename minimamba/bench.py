@@ -170,6 +170,25 @@ def _time(fn, repeat, sync=lambda: None):
     return sorted(seconds)[len(seconds) // 2]  # median
 
 
+def _prefill_and_decode(gen, n, repeat, sync):
+    """(seconds of a prefill, seconds per decoded token): `gen(k)` prefills and generates k tokens. Each of
+    `repeat` rounds times gen(1) and then gen(1 + n); a round's decode time is the difference, per token,
+    and the medians are kept (the difference of two runs side by side: the machine's speed drifts)."""
+    gen(1 + n)  # warm-up
+    prefills, decodes = [], []
+    for _ in range(repeat):
+        sync()
+        t0 = time.perf_counter()
+        gen(1)
+        sync()
+        t1 = time.perf_counter()
+        gen(1 + n)
+        sync()
+        prefills.append(t1 - t0)
+        decodes.append((time.perf_counter() - t1 - (t1 - t0)) / n)
+    return sorted(prefills)[len(prefills) // 2], sorted(decodes)[len(decodes) // 2]
+
+
 def _phase(impl, phase, a):
     import torch
     import torch.nn.functional as F
@@ -219,9 +238,8 @@ def _phase(impl, phase, a):
             gen = lambda k: model.generate(prompt, max_new_tokens=k, min_new_tokens=k, do_sample=False,
                                            attention_mask=torch.ones_like(prompt))
         with torch.no_grad(), amp():
-            prefill = _time(lambda: gen(1), a["repeat"], sync)
-            total = _time(lambda: gen(1 + n), max(1, a["repeat"] // 2), sync)
-        result = {"prefill tok/s": a["prompt"] / prefill, "decode ms/token": 1000 * (total - prefill) / n}
+            prefill, decode = _prefill_and_decode(gen, n, a["repeat"], sync)
+        result = {"prefill tok/s": a["prompt"] / prefill, "decode ms/token": 1000 * decode}
         if impl == "minimamba":
             result["decode step"] = model.decode_backend_used
     elif phase == "floor":  # its own process: the 2 GiB it reads must not count in the generation row's memory

@@ -97,3 +97,17 @@ def test_the_tokenizer_benchmark_names_a_missing_data_folder(tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"--data-root .*: missing pubmed/pubtator_corpora_abstracts.jsonl, "
                                          r"c4/c4_train_sample_1000.jsonl.*MINIMAMBA_DATA"):
         bench.main(["tokenizer", "--repeat", "1", "--data-root", str(tmp_path)])
+
+
+def test_decode_time_is_the_paired_difference_per_token(monkeypatch):
+    """Each round times a prefill and then a generation of n more tokens; the decode row is the median of
+    the rounds' differences per token (a clock the fake generation advances: no real timing here)."""
+    clock = [0.0]
+    slow = iter([0, 0, 0.3, 0, 0, 0, 0])  # (one round's generation slowed: the median leaves it out)
+
+    def gen(k):
+        clock[0] += 0.5 + 0.01 * k + next(slow)
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    prefill, decode = bench._prefill_and_decode(gen, 64, 3, lambda: None)
+    assert prefill == pytest.approx(0.51) and decode == pytest.approx(0.01)
