@@ -143,6 +143,11 @@ def download(
                         f"downloading {url} failed: {reason}\n"
                         "  Behind a proxy that re-signs HTTPS? Point SSL_CERT_FILE at its certificate bundle."
                     ) from e
+                if getattr(e, "errno", None) == errno.ENAMETOOLONG:  # a filesystem with a shorter limit on names
+                    raise DownloadError(
+                        f"downloading {url} failed: {e}\n  This filesystem takes shorter file names than "
+                        f"{NAME_MAX} bytes: download to a shorter name (the bytes so far are kept in {part})."
+                    ) from e
                 if getattr(e, "errno", None) in DISK_ERRORS:  # the disk, not the network: do not retry
                     raise DownloadError(
                         f"downloading {url} failed: cannot write {part}: {e}\n"
@@ -266,7 +271,7 @@ def _fetch(url: str, part: Path, desc: str, timeout: float) -> None:
         raise ConnectionError(f"connection closed after {written} of {remaining} bytes")  # retried, resuming
 
 
-NAME_MAX = 255  # bytes in one file name on the usual filesystems (ext4, xfs, btrfs, APFS, NTFS in UTF-16 units)
+NAME_MAX = 255  # one file name on the usual filesystems: bytes (ext4, xfs, btrfs, APFS), UTF-16 units (NTFS)
 SIDECAR = ".part.validator"  # the longest of the names kept beside dest while it downloads
 
 
@@ -274,12 +279,15 @@ def _check_name_length(dest: Path) -> None:
     """Refuse, before any request, a dest whose download files (`dest.part`, `.part.lock`, `.part.validator`)
     could not be created: their names would be too long for the filesystem (else the error came mid-download,
     and was retried as if the network had failed)."""
-    n = len(dest.name.encode("utf-8"))
+    if os.name == "nt":
+        n, unit = len(dest.name.encode("utf-16-le", "surrogatepass")) // 2, "UTF-16 units"
+    else:
+        n, unit = len(os.fsencode(dest.name)), "bytes"  # (the bytes the filesystem gets, undecodable ones too)
     if n + len(SIDECAR) > NAME_MAX:
         raise DownloadError(
-            f"cannot download to {dest}: its name is {n} bytes, and the file kept beside it while it downloads "
-            f"(name + {SIDECAR!r}) would pass the {NAME_MAX}-byte limit on file names.\n"
-            f"  Download it under a name of at most {NAME_MAX - len(SIDECAR)} bytes, then rename it."
+            f"cannot download to {dest}: its name is {n} {unit}, and the file kept beside it while it downloads "
+            f"(name + {SIDECAR!r}) would pass the limit of {NAME_MAX} {unit} on file names.\n"
+            f"  Download it under a name of at most {NAME_MAX - len(SIDECAR)} {unit}, then rename it."
         )
 
 

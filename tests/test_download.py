@@ -1,5 +1,6 @@
 """minimamba.download against a real HTTP server on 127.0.0.1 (no internet needed)."""
 
+import errno
 import hashlib
 import os
 import socket
@@ -151,6 +152,24 @@ def test_a_name_too_long_for_the_part_files_is_refused_before_any_request(server
     assert server.requests == [] and list(tmp_path.iterdir()) == []
     fits = tmp_path / ("a" * 240)
     assert download(f"{server.url}/f", fits).read_bytes() == PAYLOAD
+    undecodable = tmp_path / os.fsdecode(b"\xffmodel.bin")  # (a name Python holds with a surrogate)
+    assert download(f"{server.url}/f", undecodable).read_bytes() == PAYLOAD
+
+
+def test_a_filesystem_with_shorter_names_fails_at_once_saying_so(server, tmp_path, monkeypatch):
+    """Where the filesystem's limit is below 255 bytes (eCryptfs: ~143), ENAMETOOLONG is not retried as
+    a network error."""
+    server.files["/f"] = PAYLOAD
+    tries = []
+
+    def short_names(url, part, desc, timeout):  # (a try whose .part or .validator cannot be named)
+        tries.append(url)
+        raise OSError(errno.ENAMETOOLONG, "File name too long", str(part))
+
+    monkeypatch.setattr(dl, "_fetch", short_names)
+    with pytest.raises(DownloadError, match=r"(?s)shorter file names.*download to a shorter name"):
+        download(f"{server.url}/f", tmp_path / "f")
+    assert len(tries) == 1
 
 
 def test_404_is_a_clear_error(server):
