@@ -121,9 +121,9 @@ def download(
             f"HF_HUB_OFFLINE is set and {dest} does not exist, so {desc or dest.name} is not downloaded.\n"
             f"  Put the file at {dest} (it is fetched from {url}), or unset HF_HUB_OFFLINE."
         )
-    _check_name_length(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_suffix(dest.suffix + ".part")
+    _check_name_length(dest, part)
+    dest.parent.mkdir(parents=True, exist_ok=True)
     with _only_one_process(part, desc or dest.name):
         if dest.exists():  # another process downloaded it while this one waited
             _check_existing(dest, url, expected_size, sha256)
@@ -138,17 +138,18 @@ def download(
                     raise DownloadError(_http_advice(url, e)) from e
             except (OSError, HTTPException) as e:  # dropped connection, read timeout, reset, truncated body
                 reason = getattr(e, "reason", e)  # urllib wraps connection errors in URLError(reason)
+                code = getattr(e, "errno", None)
                 if isinstance(reason, ssl.SSLCertVerificationError):  # not transient: do not retry
                     raise DownloadError(
                         f"downloading {url} failed: {reason}\n"
                         "  Behind a proxy that re-signs HTTPS? Point SSL_CERT_FILE at its certificate bundle."
                     ) from e
-                if getattr(e, "errno", None) == errno.ENAMETOOLONG:  # a filesystem with a shorter limit on names
+                if code == errno.ENAMETOOLONG:  # a filesystem with a shorter limit on names
                     raise DownloadError(
                         f"downloading {url} failed: {e}\n  This filesystem takes shorter file names than "
                         f"{NAME_MAX} bytes: download to a shorter name (the bytes so far are kept in {part})."
                     ) from e
-                if getattr(e, "errno", None) in DISK_ERRORS:  # the disk, not the network: do not retry
+                if code in DISK_ERRORS:  # the disk, not the network: do not retry
                     raise DownloadError(
                         f"downloading {url} failed: cannot write {part}: {e}\n"
                         f"  Free some space there (or use another folder, e.g. MINIMAMBA_CACHE for Hub files) "
@@ -272,22 +273,28 @@ def _fetch(url: str, part: Path, desc: str, timeout: float) -> None:
 
 
 NAME_MAX = 255  # one file name on the usual filesystems: bytes (ext4, xfs, btrfs, APFS), UTF-16 units (NTFS)
-SIDECAR = ".part.validator"  # the longest of the names kept beside dest while it downloads
 
 
-def _check_name_length(dest: Path) -> None:
-    """Refuse, before any request, a dest whose download files (`dest.part`, `.part.lock`, `.part.validator`)
-    could not be created: their names would be too long for the filesystem (else the error came mid-download,
-    and was retried as if the network had failed)."""
+def _name_length(name: str) -> tuple[int, str]:
+    """How long a file name is where the limit applies: in UTF-16 units on Windows, else in the bytes the
+    filesystem gets (undecodable ones too)."""
     if os.name == "nt":
-        n, unit = len(dest.name.encode("utf-16-le", "surrogatepass")) // 2, "UTF-16 units"
-    else:
-        n, unit = len(os.fsencode(dest.name)), "bytes"  # (the bytes the filesystem gets, undecodable ones too)
-    if n + len(SIDECAR) > NAME_MAX:
+        return len(name.encode("utf-16-le", "surrogatepass")) // 2, "UTF-16 units"
+    return len(os.fsencode(name)), "bytes"
+
+
+def _check_name_length(dest: Path, part: Path) -> None:
+    """Refuse, before any request, a dest whose download files (`part`, its `.lock` and its validator, the
+    longest) could not be created: their names would be too long for the filesystem (else the error came
+    mid-download, and was retried as if the network had failed)."""
+    longest = _validator_file(part).name
+    n, unit = _name_length(dest.name)
+    extra = _name_length(longest)[0] - n
+    if n + extra > NAME_MAX:
         raise DownloadError(
             f"cannot download to {dest}: its name is {n} {unit}, and the file kept beside it while it downloads "
-            f"(name + {SIDECAR!r}) would pass the limit of {NAME_MAX} {unit} on file names.\n"
-            f"  Download it under a name of at most {NAME_MAX - len(SIDECAR)} {unit}, then rename it."
+            f"(name + {longest[len(dest.name):]!r}) would pass the limit of {NAME_MAX} {unit} on file names.\n"
+            f"  Download it under a name of at most {NAME_MAX - extra} {unit}, then rename it."
         )
 
 
