@@ -167,7 +167,12 @@ def _time(fn, repeat, sync=lambda: None):
         fn()
         sync()
         seconds.append(time.perf_counter() - start)
-    return sorted(seconds)[len(seconds) // 2]  # median
+    return _median(seconds)
+
+
+def _median(values):
+    """The middle value (the upper of the two middle ones for an even count: always a measured value)."""
+    return sorted(values)[len(values) // 2]
 
 
 def _prefill_and_decode(gen, n, repeat, sync):
@@ -186,7 +191,7 @@ def _prefill_and_decode(gen, n, repeat, sync):
         sync()
         prefills.append(t1 - t0)
         decodes.append((time.perf_counter() - t1 - (t1 - t0)) / n)
-    return sorted(prefills)[len(prefills) // 2], sorted(decodes)[len(decodes) // 2]
+    return _median(prefills), _median(decodes)
 
 
 def _phase(impl, phase, a):
