@@ -424,11 +424,17 @@ def problems(draw):
 @example(problem=(dict(b=2, l=59, h=1, p=4, g=1, n=16), 32,
                   dict(dt_range=(5e-4, 0.5), with_D=False, with_h0=False, seed=13494), False, 1))
 def test_property_matches_recurrence_fp32(problem):
-    shape, Q, opts, use_final, splits = problem
+    assert_close(compare_draw(problem, torch.float32)[1], torch.float32)
+
+
+def compare_draw(draw, dtype):
+    """A draw of `problems()`: its float64 inputs, and `run_and_compare`'s errors on them in `dtype` with the
+    drawn number of head splits."""
+    shape, Q, opts, use_final, splits = draw
+    problem = make_problem(**shape, **opts)
     with pytest.MonkeyPatch.context() as mp:  # (not the fixture: hypothesis runs many examples per test)
         mp.setattr(K, "_head_splits", lambda heads_per_group, programs, device: splits)
-        errs = run_and_compare(make_problem(**shape, **opts), Q, use_final=use_final, seed=opts["seed"])
-    assert_close(errs, torch.float32)
+        return problem, run_and_compare(problem, Q, dtype=dtype, use_final=use_final, seed=opts["seed"])
 
 
 SEQLEN_1_DRAW = (dict(b=1, l=1, h=2, p=12, g=2, n=32), 16,
@@ -447,12 +453,9 @@ def test_property_matches_recurrence_half_precision(problem, dtype):
     what is measured is the kernel's own rounding, of its dot operands and outputs), fewer draws. Where
     the problem is ill-conditioned (rounding the inputs alone moves a result by more than the tolerance),
     the error may be up to 4 times what rounding alone does."""
-    shape, Q, opts, use_final, splits = problem
-    problem = make_problem(**shape, **opts)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(K, "_head_splits", lambda heads_per_group, programs, device: splits)
-        errs = run_and_compare(problem, Q, dtype=dtype, use_final=use_final, seed=opts["seed"])
-    assert_close(errs, dtype, rounding_sensitivity(problem, dtype, use_final, seed=opts["seed"]))
+    inputs, errs = compare_draw(problem, dtype)
+    _, _, opts, use_final, _ = problem
+    assert_close(errs, dtype, rounding_sensitivity(inputs, dtype, use_final, seed=opts["seed"]))
 
 
 def test_rounding_sensitivity_finds_the_ill_conditioned_draw():
