@@ -9,7 +9,7 @@ What `prepare` writes (nanoGPT-style: one flat file of token ids per split, read
     DIR/NAME/meta.json     tokenizer; per split: documents, tokens, the input files with their sha256, the
                            options used, the counts below and the first problems found (as file:line: ...)
 
-Readers, chosen by file name (".gz" allowed on all but parquet):
+Readers, chosen by file name (".gz", ".bz2" or ".xz" after it: read through that decompressor; not parquet):
     .jsonl .json   JSON lines, one record per line          .csv       one record per row, header first
     .parquet       one record per row (needs pyarrow)       .xml       PubMed baseline XML, one record per
     anything else  plain text, see TEXT_UNITS                          article: pmid, title, abstract
@@ -30,12 +30,14 @@ Exact duplicates are dropped within one call. Nothing is dropped silently; meta.
 """
 
 import argparse
+import bz2
 import codecs
 import csv
 import gzip
 import hashlib
 import itertools
 import json
+import lzma
 import re
 import string
 import sys
@@ -148,20 +150,51 @@ def _checked(path: Path, documents: Iterator[Document], report) -> Iterator[Docu
         for document in documents:
             found += 1
             yield document
-    except (OSError, EOFError, zlib.error, csv.Error) as e:
+    except (OSError, EOFError, zlib.error, lzma.LZMAError, csv.Error) as e:
         report("unreadable", None, f"stopped reading after {found} documents: {e}")
     if found == 0:
         report("empty_file", None, "no documents in this file")
 
 
 def _file_kind(path: Path) -> str:
-    name = path.name.lower().removesuffix(".gz")
+    name = _plain_name(path).lower()
     kinds = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet", ".xml": "xml"}
     return next((kind for suffix, kind in kinds.items() if name.endswith(suffix)), "text")
 
 
+# the compressions a file name may end with: the module that reads it and the command that decompresses it
+_DECOMPRESSORS = {".gz": (gzip, "gzip -dc"), ".bz2": (bz2, "bzip2 -dc"), ".xz": (lzma, "xz -dc")}
+# what compressed data starts with (the "magic number" of each format), to refuse it where the name hides it
+_COMPRESSED_MAGIC = {b"\x1f\x8b": ("gzip", ".gz"), b"BZh": ("bzip2", ".bz2"), b"\xfd7zXZ\x00": ("xz", ".xz"),
+                     b"\x28\xb5\x2f\xfd": ("zstd", None), b"PK\x03\x04": ("zip", None),
+                     b"7z\xbc\xaf\x27\x1c": ("7z", None)}
+
+
+def _compression(path: Path) -> str:
+    """The compression suffix of `path`'s name (".gz", ".bz2", ".xz"), or "" for an uncompressed name."""
+    return next((suffix for suffix in _DECOMPRESSORS if path.name.lower().endswith(suffix)), "")
+
+
+def _plain_name(path: Path) -> str:
+    """`path`'s name without its compression suffix."""
+    return path.name[:len(path.name) - len(_compression(path))]
+
+
 def _open_bytes(path: Path):
-    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+    """The bytes of `path`, decompressed as its name says (`_DECOMPRESSORS`)."""
+    suffix = _compression(path)
+    return _DECOMPRESSORS[suffix][0].open(path, "rb") if suffix else open(path, "rb")
+
+
+def _refuse_compressed(path: Path, head: bytes) -> None:
+    """Raise DataError if the bytes read from `path` (decompressed as its name says) start like compressed
+    data: read as text they would be garbage (a few "non-UTF-8 lines" each holding thousands of bytes)."""
+    for magic, (name, suffix) in _COMPRESSED_MAGIC.items():
+        if head.startswith(magic):
+            inside = f" inside its {_compression(path)} compression" if _compression(path) else ""
+            fix = (f"rename it to end in {suffix} (read as {name} then)" if suffix and not inside
+                   else f"decompress it first (e.g. with {name}) and give the decompressed file")
+            raise DataError(f"{path} holds {name}-compressed data{inside}, not text: {fix}")
 
 
 # byte order marks of the encodings that are not UTF-8 (UTF-32 LE first: it starts like UTF-16 LE's)
@@ -182,11 +215,11 @@ def _refuse_other_encodings(path: Path, head: bytes) -> None:
         why = f"{head.count(0)} of its first {len(head)} bytes are NUL, as in {encoding} (or it is not text at all)"
     else:
         return
-    plain = path.name[:-3] if path.name.lower().endswith(".gz") else path.name
+    plain = _plain_name(path)
     converted = path.with_name(f"{Path(plain).stem}.utf8{Path(plain).suffix}")
     command = f"iconv -f {encoding} -t UTF-8 {path} > {converted}"
     if plain != path.name:
-        command = f"gzip -dc {path} | iconv -f {encoding} -t UTF-8 > {converted}"
+        command = f"{_DECOMPRESSORS[_compression(path)][1]} {path} | iconv -f {encoding} -t UTF-8 > {converted}"
     raise DataError(f"{path} is not UTF-8: {why}. Convert it to UTF-8 first, e.g. {command}, and give that "
                     "file instead")
 
@@ -195,7 +228,9 @@ def _lines(path: Path, report) -> Iterator[tuple[int, str]]:
     """(line number, line without its end) for each line; bytes that are not UTF-8 are reported, replaced.
     A UTF-16 or UTF-32 file is refused (DataError) before its first line."""
     with _open_bytes(path) as f:
-        _refuse_other_encodings(path, f.peek(4096)[:4096])
+        head = f.peek(4096)[:4096]
+        _refuse_compressed(path, head)
+        _refuse_other_encodings(path, head)
         for number, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")

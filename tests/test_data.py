@@ -4,12 +4,14 @@ Most tests use a byte-level stand-in tokenizer (fast, and its tokens decode back
 the tests on ../shared/data use the real GPT-NeoX tokenizer.json.
 """
 
+import bz2
 import codecs
 import functools
 import gzip
 import hashlib
 import io
 import json
+import lzma
 import random
 from pathlib import Path
 
@@ -255,6 +257,32 @@ def test_utf16_and_utf32_files_are_refused_with_the_command_that_converts_them(t
     ok = tmp_path / "nul.txt"  # one NUL byte in UTF-8 text is text (U+0000), not another encoding
     ok.write_bytes(b"a line with one \x00 byte in it\n")
     assert texts(ok) == (["a line with one \x00 byte in it"], [])
+
+
+def test_bz2_and_xz_files_are_read_and_compressed_data_under_another_name_is_refused(tmp_path):
+    raw = b'{"text": "one"}\n{"text": "two"}\n'
+    for name, packed in [("a.jsonl.gz", gzip.compress(raw)), ("a.jsonl.bz2", bz2.compress(raw)),
+                         ("a.jsonl.xz", lzma.compress(raw))]:
+        (tmp_path / name).write_bytes(packed)
+        assert texts(tmp_path / name) == (["one", "two"], []), name
+    cases = [  # file, bytes, what the message must say: the compression, and the fix
+        ("b.jsonl", bz2.compress(raw), "bzip2-compressed data, not text: rename it to end in .bz2"),
+        ("g.txt", gzip.compress(raw), "gzip-compressed data, not text: rename it to end in .gz"),
+        ("x.csv", lzma.compress(raw), "xz-compressed data, not text: rename it to end in .xz"),
+        ("twice.txt.gz", gzip.compress(bz2.compress(raw)), "bzip2-compressed data inside its .gz compression, "
+                                                           "not text: decompress it first"),
+        ("z.txt", b"\x28\xb5\x2f\xfd" + bytes(60), "zstd-compressed data, not text: decompress it first"),
+        ("k.txt", b"PK\x03\x04" + bytes(60), "zip-compressed data, not text: decompress it first"),
+    ]
+    for name, packed, message in cases:
+        (tmp_path / name).write_bytes(packed)
+        with pytest.raises(DataError, match=f"{name} holds {message}"):
+            list(read_documents(tmp_path / name))
+    truncated = tmp_path / "cut.jsonl.xz"
+    records = "".join(json.dumps({"text": f"document {random.Random(i).random()}"}) + "\n" for i in range(2000))
+    truncated.write_bytes(lzma.compress(records.encode())[:-400])
+    found, problems = texts(truncated)
+    assert 0 < len(found) < 2000 and [p.kind for p in problems] == ["unreadable"]
 
 
 def test_a_non_utf8_byte_in_pubmed_xml_costs_one_character_not_the_rest_of_the_file(tmp_path):
