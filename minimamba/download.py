@@ -129,10 +129,13 @@ def download(
             _check_existing(dest, url, expected_size, sha256)
             return dest
         _check_reachable(url, dest)
-        for attempt in range(retries + 1):
+        attempt = 0
+        while True:
             try:
                 _fetch(url, part, desc or dest.name, timeout)
                 break
+            except _PartialContent:  # (not a failure: a server may send a large file in several parts)
+                continue
             except urllib.error.HTTPError as e:
                 if e.code not in TRANSIENT_HTTP or attempt == retries:
                     raise DownloadError(_http_advice(url, e)) from e
@@ -161,6 +164,7 @@ def download(
                         f"  The bytes so far are kept in {part}; run again to resume."
                     ) from e
             time.sleep(RETRY_WAIT * 2**attempt)
+            attempt += 1
         _verify(part, url, expected_size, sha256)
         fsync_file(part)  # its bytes reach the disk before its new name does: a power cut cannot leave a
         os.replace(part, dest)  # dest that looks complete but is not. atomic: dest appears whole or not at all
@@ -243,13 +247,16 @@ def _fetch(url: str, part: Path, desc: str, timeout: float) -> None:
     with response:
         if have and response.status != 206:  # the server ignored Range, or the file changed: the whole file
             have = 0
-        if have:  # a 206 must continue the .part where it ends ("Content-Range: bytes START-END/SIZE")
-            start = (response.headers.get("Content-Range") or "").removeprefix("bytes ").partition("-")[0]
-            if start != str(have):
-                _discard(part)
-                raise ConnectionError(f"the server answered a resume from byte {have} with "
-                                      f"{response.headers.get('Content-Range')!r}; starting over")
-        else:  # a new .part: empty it first (a kill before the writes must not leave old bytes under
+        size = None  # the whole file's size, where a 206 says it
+        if response.status == 206:  # a part of the file: it must continue the .part where it ends
+            content_range = response.headers.get("Content-Range") or ""
+            start, size = _content_range(content_range)
+            if start != have:
+                if have:
+                    _discard(part)
+                raise ConnectionError(f"the server answered a request from byte {have} with "
+                                      f"Content-Range {content_range!r}; starting over")
+        if not have:  # a new .part: empty it first (a kill before the writes must not leave old bytes under
             open(part, "wb").close()  # the new version's tag), then remember which version it holds
             tag = response.headers.get("ETag")
             tag = tag if tag and not tag.startswith("W/") else response.headers.get("Last-Modified")
@@ -259,7 +266,7 @@ def _fetch(url: str, part: Path, desc: str, timeout: float) -> None:
                 validator.unlink(missing_ok=True)
         length = response.headers.get("Content-Length")
         remaining = int(length) if length is not None else None
-        total = have + remaining if remaining is not None else None
+        total = size if size is not None else have + remaining if remaining is not None else None
         written = 0
         with open(part, "ab") as f, tqdm(  # (a new .part was emptied above)
             total=total, initial=have, desc=desc, unit="B", unit_scale=True, unit_divisor=1024
@@ -270,6 +277,22 @@ def _fetch(url: str, part: Path, desc: str, timeout: float) -> None:
                 bar.update(len(chunk))
     if remaining is not None and written < remaining:
         raise ConnectionError(f"connection closed after {written} of {remaining} bytes")  # retried, resuming
+    if size is not None and have + written < size:  # a 206 may send less than the rest: ask for the rest
+        if written == 0:  # (nothing came: a failure, retried as such)
+            raise ConnectionError(f"the server sent none of bytes {have}-{size - 1}")
+        raise _PartialContent(f"the server sent bytes {have}-{have + written - 1} of {size}")
+
+
+class _PartialContent(Exception):
+    """A 206 that sent some of the bytes still missing, not all: `download` asks for the rest at once."""
+
+
+def _content_range(header: str) -> tuple:
+    """(first byte, whole size) of a 206's "Content-Range: bytes START-END/SIZE"; None for what is missing
+    or unreadable (SIZE may be "*": unknown)."""
+    span, _, size = header.removeprefix("bytes ").partition("/")
+    start = span.partition("-")[0].strip()
+    return (int(start) if start.isdigit() else None), (int(size) if size.strip().isdigit() else None)
 
 
 NAME_MAX = 255  # one file name on the usual filesystems: bytes (ext4, xfs, btrfs, APFS), UTF-16 units (NTFS)

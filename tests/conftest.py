@@ -21,6 +21,8 @@ class FileServer(ThreadingHTTPServer):
     drop_after:   path -> n: the next answer for that path sends n bytes of its body, then hangs up.
     etags:        path -> ETag sent with the file; an If-Range that differs gets the whole file (200).
     bad_range:    paths whose 206 answers start at byte 0 whatever was asked (a broken server or proxy).
+    part_size:    path -> n: every answer for that path is a 206 with at most n bytes from where it was asked
+                  (from byte 0 with no Range): the whole file takes several requests.
     """
 
     daemon_threads = True
@@ -28,6 +30,7 @@ class FileServer(ThreadingHTTPServer):
     def __init__(self):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.files, self.ignore_range, self.drop_after, self.etags, self.bad_range = {}, set(), {}, {}, set()
+        self.part_size = {}
         self.requests = []  # (path, Range header or None, Authorization header or None)
 
     @property
@@ -44,10 +47,11 @@ class _Handler(BaseHTTPRequestHandler):
         if body is None:
             self.send_error(404)
             return
-        start = 0
+        start, partial = 0, False
         etag = server.etags.get(self.path)
         if_range = self.headers.get("If-Range")
         if asked and self.path not in server.ignore_range and (if_range is None or if_range == etag):
+            partial = True
             start = int(asked.removeprefix("bytes=").removesuffix("-"))
             if start >= len(body):
                 self.send_response(416)
@@ -57,16 +61,18 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             if self.path in server.bad_range:
                 start = 0
+        end = min(len(body), start + server.part_size.get(self.path, len(body)))  # (the bytes sent: start..end-1)
+        if partial or end < len(body):
             self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(body)}")
         else:
             self.send_response(200)
         if etag:
             self.send_header("ETag", etag)
-        self.send_header("Content-Length", str(len(body) - start))
+        self.send_header("Content-Length", str(end - start))
         self.end_headers()
         cut = server.drop_after.pop(self.path, None)
-        self.wfile.write(body[start:] if cut is None else body[start : start + cut])
+        self.wfile.write(body[start:end] if cut is None else body[start : min(end, start + cut)])
         # HTTP/1.0: the connection closes when this returns, so a cut body ends early
 
     def log_message(self, *args):

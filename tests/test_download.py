@@ -135,11 +135,34 @@ def test_a_206_that_does_not_continue_the_part_starts_over(server, tmp_path):
     assert [r[1] for r in server.requests] == ["bytes=1000-", None]  # dropped the .part, fetched it whole
 
 
+def test_a_file_sent_in_parts_is_asked_for_until_it_is_whole(server, tmp_path):
+    """A 206 may carry less than the rest of the file ("Content-Range: bytes 0-99999/256000", even for a
+    request without a Range): the download asks for the rest at once (not as a failed try) and keeps
+    the file only when its size is the one the server gives."""
+    server.files["/f"] = PAYLOAD
+    server.part_size["/f"] = 100_000
+    assert download(f"{server.url}/f", tmp_path / "f", retries=0).read_bytes() == PAYLOAD
+    assert [r[1] for r in server.requests] == [None, "bytes=100000-", "bytes=200000-"]
+    server.files["/g"] = PAYLOAD  # a server that always sends the first part whatever is asked never ends
+    server.part_size["/g"] = 1000
+    server.bad_range.add("/g")
+    with pytest.raises(DownloadError, match="answered a request from byte 1000 with Content-Range 'bytes 0-999/"):
+        download(f"{server.url}/g", tmp_path / "g", retries=1)
+    assert not (tmp_path / "g").exists()
+
+
 def test_complete_part_file_answered_416_is_kept(server, tmp_path):
     server.files["/f"] = PAYLOAD
     (tmp_path / "f.part").write_bytes(PAYLOAD)
     assert download(f"{server.url}/f", tmp_path / "f").read_bytes() == PAYLOAD
     assert server.requests == [("/f", f"bytes={len(PAYLOAD)}-", None)]
+
+
+def test_a_part_file_longer_than_the_servers_file_is_fetched_again(server, tmp_path):
+    server.files["/f"] = PAYLOAD
+    (tmp_path / "f.part").write_bytes(PAYLOAD + b"junk")  # 416 too, but the server's size is not the .part's
+    assert download(f"{server.url}/f", tmp_path / "f").read_bytes() == PAYLOAD
+    assert [r[1] for r in server.requests] == [f"bytes={len(PAYLOAD) + 4}-", None]
 
 
 def test_a_name_too_long_for_the_part_files_is_refused_before_any_request(server, tmp_path):
