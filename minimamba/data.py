@@ -771,7 +771,13 @@ def download_source(source: str, out_dir: str | Path, files: int = 1, split: str
         if not raw.exists():
             name = "wikitext-103-raw-v1/test-00000-of-00001.parquet"
             parquet = download(hub_url(WIKITEXT[0], name, WIKITEXT[1]), out / Path(name).name)
-            rows = [record["text"] for _, record in _parquet_records(parquet, ["text"], _print_problem)]
+            def unreadable(kind, line, message):  # (a wiki.test.raw from part of the file would be wrong)
+                raise DataError(f"{parquet}: {message}. Delete it and run again (a server or proxy may have "
+                                "sent an error page in its place)")
+
+            rows = [record["text"] for _, record in _parquet_records(parquet, ["text"], unreadable)]
+            if not any(rows):
+                unreadable(None, None, "no text in it (WikiText-103's test set has 4,358 rows)")
             # a row per line of wiki.test.raw; blank lines are empty rows (dropped, as in shared/data)
             write_text_atomically(raw, "".join(row.rstrip("\n") + "\n" for row in rows if row))
         return [raw]

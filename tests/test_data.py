@@ -579,6 +579,30 @@ def test_cli_download_in_offline_mode_touches_no_network(server, tmp_path, capsy
     assert server.requests == []
 
 
+def test_cli_download_of_wikitext103_writes_its_lines_or_names_a_bad_file(server, tmp_path, capsys):
+    pa = pytest.importorskip("pyarrow", reason="pyarrow is not installed (pip install pyarrow)")
+    import pyarrow.parquet as pq
+
+    path = f"/{data.WIKITEXT[0]}/resolve/{data.WIKITEXT[1]}/wikitext-103-raw-v1/test-00000-of-00001.parquet"
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"text": ["", " = Title = \n", " A line of the article . \n", ""]}), buffer)
+    server.files[path] = buffer.getvalue()
+    assert main(["download", "--source", "wikitext103", "--out", str(tmp_path / "good")]) == 0
+    raw = tmp_path / "good" / "wikitext103" / "wiki.test.raw"
+    assert raw.read_text(encoding="utf-8") == " = Title = \n A line of the article . \n"  # (blank rows dropped)
+    assert f"--input {raw}" in capsys.readouterr().out
+
+    blank = io.BytesIO()
+    pq.write_table(pa.table({"text": ["", ""]}), blank)
+    for name, body, problem in [("html", b"<html>Too many requests</html>", "not a readable parquet file"),
+                                ("blank", blank.getvalue(), "no text in it")]:
+        server.files[path] = body
+        assert main(["download", "--source", "wikitext103", "--out", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert f"test-00000-of-00001.parquet: {problem}" in err and "Delete it and run again" in err, err
+        assert not (tmp_path / name / "wikitext103" / "wiki.test.raw").exists()
+
+
 def test_the_wikitext103_hint_is_the_readme_recipe_and_the_papers_protocol(tmp_path):
     """The paper's Wikipedia held-out: WikiText-103 test lines longer than 100 characters once stripped."""
     raw = tmp_path / "wiki.test.raw"
