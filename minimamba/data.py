@@ -143,6 +143,10 @@ def read_documents(
     return _checked(path, _record_documents(records, str(path), field, template, names, report), report)
 
 
+# what reading a file that stops early raises (a truncated .gz/.bz2/.xz, a read error)
+_STOPPED_EARLY = (OSError, EOFError, zlib.error, lzma.LZMAError)
+
+
 def _checked(path: Path, documents: Iterator[Document], report) -> Iterator[Document]:
     """`documents`, reporting a file that stops early (e.g. a truncated .gz) or holds no document at all."""
     found = 0
@@ -150,7 +154,7 @@ def _checked(path: Path, documents: Iterator[Document], report) -> Iterator[Docu
         for document in documents:
             found += 1
             yield document
-    except (OSError, EOFError, zlib.error, lzma.LZMAError, csv.Error) as e:
+    except (*_STOPPED_EARLY, csv.Error) as e:
         report("unreadable", None, f"stopped reading after {found} documents: {e}")
     if found == 0:
         report("empty_file", None, "no documents in this file")
@@ -366,13 +370,18 @@ def _pubmed_xml_records(path: Path, report) -> Iterator[tuple[int, dict]]:
                     yield from articles()
         else:
             chunk, size = [], 0
-            for _, line in _lines(path, report):
-                chunk.append(line)
-                size += len(line) + 1
-                if size >= _XML_FEED_CHARS:  # (~1 MB pieces of a ~150 MB file; a file with no line breaks is one)
-                    parser.feed("\n".join(chunk) + "\n")  # text, not bytes: the parser takes it as decoded
-                    chunk, size = [], 0
-                    yield from articles()
+            try:
+                for _, line in _lines(path, report):
+                    chunk.append(line)
+                    size += len(line) + 1
+                    if size >= _XML_FEED_CHARS:  # (~1 MB pieces of a ~150 MB file; a file with no line breaks is one)
+                        parser.feed("\n".join(chunk) + "\n")  # text, not bytes: the parser takes it as decoded
+                        chunk, size = [], 0
+                        yield from articles()
+            except _STOPPED_EARLY:  # (a truncated file) the articles that are whole before it stops, then the error
+                parser.feed("\n".join(chunk))
+                yield from articles()
+                raise
             parser.feed("\n".join(chunk))
         yield from articles()
         parser.close()  # raises ParseError if the file ends inside an element

@@ -13,6 +13,7 @@ import io
 import json
 import lzma
 import random
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -209,6 +210,26 @@ def test_pubmed_baseline_xml(tmp_path):
     found, problems = texts(broken)
     last_line = broken.read_text().count("\n") + 1  # where the parser notices the mismatched tag
     assert len(found) == 1 and (problems[0].kind, problems[0].line) == ("malformed", last_line)
+
+
+def test_a_truncated_pubmed_file_keeps_every_article_that_is_whole(tmp_path, monkeypatch):
+    """The XML is fed to the parser in pieces of _XML_FEED_CHARS (1 MB; 2,000 here): the articles of the
+    piece being collected when the .gz stops are read too, then the file is reported as unreadable."""
+    monkeypatch.setattr(data, "_XML_FEED_CHARS", 2000)
+    rng = random.Random(0)
+    articles = "".join(
+        f"<PubmedArticle><MedlineCitation><PMID>{i}</PMID><Article><ArticleTitle>T{i}</ArticleTitle><Abstract>"
+        f"<AbstractText>{rng.random()} {rng.random()}</AbstractText></Abstract></Article></MedlineCitation>"
+        "</PubmedArticle>\n" for i in range(500))
+    packed = gzip.compress(f"<PubmedArticleSet>\n{articles}</PubmedArticleSet>\n".encode())
+    cut = packed[: len(packed) * 9 // 10]
+    readable = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(cut).decode()
+    whole = readable.count("</PubmedArticle>\n")  # the articles whose line is there whole
+    path = tmp_path / "cut.xml.gz"
+    path.write_bytes(cut)
+    found, problems = texts(path)
+    assert 400 < whole < 500 and len(found) == whole, (len(found), whole)
+    assert [p.kind for p in problems] == ["unreadable"]
 
 
 def test_non_utf8_empty_and_truncated_files_are_reported(tmp_path):
