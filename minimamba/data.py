@@ -713,8 +713,16 @@ def load_split(data_dir: str | Path, domain: str, split: str) -> np.memmap:
         raise DataError(f"{path} not found; prepare it first ({_PREPARE_HINT.format(domain, data_dir)})")
     if path.stat().st_size == 0:
         raise DataError(f"{path} has no tokens: its inputs held no usable document (see meta.json)")
+    size = path.stat().st_size
     if (path.parent / "meta.json").exists():
-        read_meta(data_dir, domain)  # refuses a domain that `prepare` left half replaced
+        meta = read_meta(data_dir, domain)  # refuses a domain that `prepare` left half replaced
+        tokens = meta.get("splits", {}).get(split, {}).get("tokens")
+        if tokens is not None and size != 2 * tokens:  # (cut short by a full disk or a partial copy)
+            raise DataError(f"{path} holds {size:,} bytes where meta.json says {tokens:,} tokens "
+                            f"({2 * tokens:,} bytes): the file was changed or cut short since it was prepared; "
+                            f"prepare the domain again ({_PREPARE_HINT.format(domain, data_dir)})")
+    elif size % 2:
+        raise DataError(f"{path} holds {size:,} bytes, an odd number: not a file of uint16 token ids (cut short?)")
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 

@@ -518,6 +518,23 @@ def test_load_split_errors(tmp_path):
     with pytest.raises(DataError, match="meta.json not found"):
         read_meta(tmp_path, "pubmed")
 
+    src = write_jsonl(tmp_path / "docs.jsonl", [{"text": f"document number {i}"} for i in range(20)])
+    prepare("pubmed", [src], ByteTokenizer(), tmp_path, split="train")
+    train = tmp_path / "pubmed" / "train.bin"
+    tokens = read_meta(tmp_path, "pubmed")["splits"]["train"]["tokens"]
+    assert len(load_split(tmp_path, "pubmed", "train")) == tokens
+    whole = train.read_bytes()
+    for cut in (2 * tokens - 2, 2 * tokens - 1):  # cut short (a full disk, a partial copy) by a token or a byte
+        train.write_bytes(whole[:cut])
+        with pytest.raises(DataError, match=f"holds {cut:,} bytes where meta.json says {tokens:,} tokens .* prepare "
+                                            "the domain again"):
+            load_split(tmp_path, "pubmed", "train")
+    (tmp_path / "pubmed" / "meta.json").unlink()  # a token file alone: only its size can be checked
+    with pytest.raises(DataError, match="an odd number: not a file of uint16 token ids"):
+        load_split(tmp_path, "pubmed", "train")
+    train.write_bytes(whole)
+    assert len(load_split(tmp_path, "pubmed", "train")) == tokens
+
 
 # ----------------------------------------------------------------------------------------------------------
 # command line
