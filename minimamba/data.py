@@ -431,12 +431,17 @@ def _template_fields(template: str) -> list[str]:
     return names
 
 
-def _as_text(value) -> str:
+def _as_text(value) -> str | None:
+    """A field's value as text: a string, a number (an id), nothing (None: ""), or a list of these (e.g.
+    sentences or paragraphs, one per line); None for anything else (an object, true/false)."""
     if value is None:
         return ""
-    if isinstance(value, list):  # e.g. a list of sentences or paragraphs
-        return "\n".join(_as_text(item) for item in value)
-    return str(value)
+    if isinstance(value, list):
+        items = [_as_text(item) for item in value]
+        return None if None in items else "\n".join(items)
+    if isinstance(value, str) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        return str(value)
+    return None
 
 
 def _record_documents(records, source, field, template, names, report) -> Iterator[Document]:
@@ -451,6 +456,11 @@ def _record_documents(records, source, field, template, names, report) -> Iterat
             report("malformed", number, f"no field {missing[0]!r} in this record")
             continue
         values = {name: _as_text(record[name]) for name in names}
+        bad = next((name for name, value in values.items() if value is None), None)
+        if bad is not None:  # (its repr, "{'en': ...}" or "True", would have been trained on as text)
+            report("malformed", number, f"field {bad!r} holds {type(record[bad]).__name__} "
+                                        f"{str(record[bad])[:40]!r}, not text")
+            continue
         if template is None:
             text = values[field]
         elif all(value.strip() for value in values.values()):

@@ -83,15 +83,20 @@ def test_json_lines_field_template_and_malformed_lines(tmp_path):
         '["not", "an", "object"]',
         '{"title": "T4", "abstract": ""}',  # empty field: no document from the template
         '{"abstract": "A5"}',  # no title
+        '{"title": {"en": "T6"}, "abstract": "A6"}',  # fields that are not text: not their Python repr
+        '{"title": "T7", "abstract": ["s1", true], "n": false}',
     ]
     with gzip.open(path, "wt") as f:
         f.write("\n".join(lines) + "\n")
     found, problems = texts(path, template="{title}\n\n{abstract}")
     assert found == ["T1\n\nA1", "T2\n\ns1\ns2", ""]
-    assert [(p.kind, p.line) for p in problems] == [("malformed", 4), ("malformed", 5), ("malformed", 7)]
+    assert [(p.kind, p.line) for p in problems] == [("malformed", line) for line in (4, 5, 7, 8, 9)]
     assert str(problems[0]).startswith(f"{path}:4: not valid JSON")
+    assert [p.message for p in problems[3:]] == ["field 'title' holds dict \"{'en': 'T6'}\", not text",
+                                                 "field 'abstract' holds list \"['s1', True]\", not text"]
     found, problems = texts(path, field="n")
-    assert found == ["1", "2"] and [p.line for p in problems if "no field 'n'" in p.message] == [6, 7]
+    assert found == ["1", "2"] and [p.line for p in problems if "no field 'n'" in p.message] == [6, 7, 8]
+    assert problems[-1].message == "field 'n' holds bool 'False', not text"
 
 
 def test_a_json_array_or_pretty_printed_document_is_refused_with_the_command_that_converts_it(tmp_path):
