@@ -150,19 +150,26 @@ def from_pretrained(name_or_path, dtype=None, device=None, backend="auto"):
             "checkpoint stores float32/float16/bfloat16 weights; quantized or corrupt files cannot be loaded. "
             "Re-export the weights in a floating-point dtype (or download the file again)"
         )
-    sd = {_to_minimamba(k): v for k, v in raw.items()}
+    sd, came_from = {}, {}  # our name -> tensor, and -> the checkpoint's name for it
+    problems = []
+    for key, value in raw.items():
+        name = _to_minimamba(key)
+        if name in sd:  # (two spellings of one weight, e.g. "model.backbone.x" and "backbone.x")
+            problems.append(f"keys {came_from[name]} and {key} are both {name}: keep one")
+        sd[name], came_from[name] = value, key
     with torch.device("meta"):
         model = Mamba2LM(config, backend=backend)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if config.tie_embeddings:
-        # (without an embedding there is nothing to compare: the listing below reports it missing)
-        if "lm_head.weight" in sd and "embedding.weight" in sd and not torch.equal(sd["lm_head.weight"],
+        # (without an embedding there is nothing to compare: the listing below reports it missing; with two
+        # spellings of one, the listing names them, not this)
+        if not problems and "lm_head.weight" in sd and "embedding.weight" in sd and not torch.equal(sd["lm_head.weight"],
                                                                                    sd["embedding.weight"]):
             raise CheckpointError(f"{directory}: config ties the embeddings but lm_head.weight differs from "
                                   "the embedding; set tie_embeddings=false in config.json")
         sd.pop("lm_head.weight", None)
         expected.pop("lm_head.weight", None)
-    problems = [f"missing key {k} {tuple(s)}" for k, s in expected.items() if k not in sd]
+    problems += [f"missing key {k} {tuple(s)}" for k, s in expected.items() if k not in sd]
     problems += [f"unexpected key {k} {tuple(v.shape)}" for k, v in sd.items() if k not in expected]
     problems += [
         f"wrong shape for {k}: checkpoint {tuple(sd[k].shape)}, config expects {tuple(s)}"

@@ -44,17 +44,57 @@ def test_hf_save_pretrained_loads_whatever_its_vocab_size(vocab, tmp_path):
         assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-5
 
 
+def write_checkpoint(saved, directory, edit):
+    """`saved`'s checkpoint, its state dict changed by `edit(sd)`, written to `directory`."""
+    _, d = saved
+    sd = torch.load(d / "pytorch_model.bin", weights_only=True)
+    edit(sd)
+    torch.save(sd, directory / "pytorch_model.bin")
+    (directory / "config.json").write_text((d / "config.json").read_text())
+    return directory
+
+
 @pytest.mark.parametrize("key,dtype", [("A_log", torch.int64), ("D", torch.bool), ("D", torch.complex64),
                                        ("in_proj.weight", torch.int8)])
 def test_non_floating_checkpoint_tensors_are_refused_by_name(saved, tmp_path, key, dtype):
-    _, d = saved
-    sd = torch.load(d / "pytorch_model.bin", weights_only=True)
     name = f"backbone.layers.1.mixer.{key}"
-    sd[name] = (sd[name] * 100).to(dtype)
-    torch.save(sd, tmp_path / "pytorch_model.bin")
-    (tmp_path / "config.json").write_text((d / "config.json").read_text())
+
+    def quantize(sd):
+        sd[name] = (sd[name] * 100).to(dtype)
+
     with pytest.raises(CheckpointError, match=f"not floating point: {name} \\({dtype}\\)"):
-        from_pretrained(tmp_path)
+        from_pretrained(write_checkpoint(saved, tmp_path, quantize))
+
+
+def test_keys_with_a_model_prefix_load_and_two_spellings_of_one_key_are_refused(saved, tmp_path):
+    model, _ = saved
+    ids = torch.randint(0, 1000, (1, 20))
+    def prefix(sd):
+        for key in list(sd):
+            sd["model." + key] = sd.pop(key)
+
+    prefixed = write_checkpoint(saved, tmp_path, prefix)
+    with torch.no_grad():
+        assert torch.equal(from_pretrained(prefixed).eval()(ids), model(ids))  # ("model." as some exports write)
+
+    def twice(sd):  # the same weight under another spelling, with other values: neither may win silently
+        sd["model.backbone.norm_f.weight"] = torch.full_like(sd["backbone.norm_f.weight"], 7.0)
+        sd["backbone.embeddings.weight"] = torch.zeros_like(sd["backbone.embedding.weight"])
+
+    with pytest.raises(CheckpointError) as err:
+        from_pretrained(write_checkpoint(saved, tmp_path, twice))
+    assert "keys backbone.norm_f.weight and model.backbone.norm_f.weight are both norm_f.weight: keep one" in str(err.value)
+    assert "keys backbone.embedding.weight and backbone.embeddings.weight are both embedding.weight" in str(err.value)
+    assert "tie_embeddings" not in str(err.value)  # (the tied head differs from one of them: not the cause)
+
+
+def test_a_head_that_differs_from_the_embedding_it_is_tied_to_is_refused(saved, tmp_path):
+    def untie(sd):
+        sd["lm_head.weight"] = sd["lm_head.weight"] + 1  # (saved tied: the same tensor as the embedding)
+
+    with pytest.raises(CheckpointError, match="config ties the embeddings but lm_head.weight differs from the "
+                                              "embedding; set tie_embeddings=false in config.json"):
+        from_pretrained(write_checkpoint(saved, tmp_path, untie))
 
 
 def test_dtype_takes_names_and_refuses_non_floating(saved):
