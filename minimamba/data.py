@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 from minimamba.download import DownloadError, download, hub_url, offline
 from minimamba.files import sha256_of, write_text_atomically
-from minimamba.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
+from minimamba.tokenizer import DEFAULT_TOKENIZER, SURROGATE, load_tokenizer
 
 SPLITS = ("train", "heldout")
 TEXT_UNITS = {
@@ -69,7 +69,6 @@ MAX_PROBLEMS_SHOWN = 10  # problems printed while preparing
 BATCH_DOCUMENTS = 512  # documents per call to the tokenizer
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")  # halves of a character that JSON escapes can produce
 
 class DataError(ValueError):
     """Bad input or arguments; the message names the file, field or option, and what to do."""
@@ -471,7 +470,7 @@ def _record_documents(records, source, field, template, names, report) -> Iterat
             text.encode("utf-8")
         except UnicodeEncodeError:  # JSON escapes such as "\ud800" can encode half of a character
             report("non_utf8", number, "unpaired surrogates (replaced by U+FFFD)")
-            text = _SURROGATE.sub("\ufffd", text)  # one U+FFFD per unpaired surrogate
+            text = SURROGATE.sub("\ufffd", text)  # one U+FFFD per unpaired surrogate
         yield Document(text, source, number)
 
 
@@ -865,7 +864,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="same as --text-unit file")
     p.add_argument("--min-chars", type=int, default=0, help="drop documents shorter than this (default 0)")
     p.add_argument("--limit", type=_at_least_one, help="read only the first N documents of the inputs")
-    p.add_argument("--threads", type=int, help="tokenizer threads (default: one per CPU)")
+    p.add_argument("--threads", type=_at_least_one, help="tokenizer threads (default: one per CPU)")
 
     d = commands.add_parser("download", help="download the recipe's sources (needs internet)")
     d.add_argument("--source", required=True, choices=SOURCES)

@@ -86,6 +86,17 @@ def hub_file(repo_id: str, filename: str, revision: str = "main", **kwargs) -> P
     return download(hub_url(repo_id, filename, revision), dest, desc=f"{repo_id}/{filename}", **kwargs)
 
 
+def hub_file_or_local(name: str, filename: str) -> Path:
+    """`hub_file(name, filename)` for a `name` that is no local path but looks like a Hub repo id; where
+    that download fails, the error also says that no such local folder exists (a mistyped local path,
+    "runs/step-100", looks like a repo id too)."""
+    try:
+        return hub_file(name, filename)
+    except DownloadError as e:
+        raise DownloadError(f"{name!r}: there is no local folder {name} (relative to {Path.cwd()}), and as a "
+                            f"Hub repo id it could not be downloaded:\n{e}") from e
+
+
 def hub_url(repo_id: str, filename: str, revision: str = "main") -> str:
     """The address of one file of a Hub repo (datasets: repo_id = "datasets/owner/name")."""
     return f"{endpoint()}/{repo_id}/resolve/{urllib.parse.quote(revision, safe='')}/{urllib.parse.quote(filename)}"

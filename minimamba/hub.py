@@ -55,15 +55,9 @@ def resolve(name_or_path):
             f"{name_or_path!r} is neither an existing checkpoint directory nor a Hub repo id like "
             "'state-spaces/mamba2-130m'"
         )
-    from minimamba.download import DownloadError, hub_file
+    from minimamba.download import DownloadError, hub_file, hub_file_or_local
 
-    try:
-        config_path = hub_file(name_or_path, "config.json")
-    except DownloadError as e:  # a mistyped local path (runs/step-100) looks like a repo id too
-        raise DownloadError(
-            f"{name_or_path!r}: there is no local folder {name_or_path} (relative to {Path.cwd()}), and as a "
-            f"Hub repo id it could not be downloaded:\n{e}"
-        ) from e
+    config_path = hub_file_or_local(name_or_path, "config.json")
     errors = []
     for name in WEIGHT_FILES:
         try:

@@ -91,7 +91,13 @@ class Tokenizer:
 
     def encode(self, text: str, allow_special: bool = True) -> list[int]:
         """Token ids of `text`. Special-token strings ("<|endoftext|>") become their special id, as in
-        the reference; with allow_special=False they are encoded as ordinary text instead."""
+        the reference; with allow_special=False they are encoded as ordinary text instead. Text with
+        an unpaired surrogate (half of a character, e.g. from a JSON escape "\\ud800") is refused, as
+        the reference refuses it: it is not Unicode text, and has no UTF-8 bytes to encode."""
+        if not text.isascii() and (half := SURROGATE.search(text)):
+            raise ValueError(f"text holds an unpaired surrogate ({half.group()!a}) at position {half.start()}: half "
+                             "of a character, not Unicode text. Replace such halves first, e.g. "
+                             "minimamba.tokenizer.SURROGATE.sub('\\ufffd', text)")
         if allow_special and self.special_tokens:
             parts = self._special_split.split(text)  # [text, special, text, special, ..., text]
             if len(parts) > 1:
@@ -134,6 +140,8 @@ class Tokenizer:
     def encode_batch(self, texts, num_threads: int | None = None, allow_special: bool = True) -> list[list[int]]:
         """[encode(text, allow_special) for text in texts], in parallel threads (tiktoken releases the
         GIL while it splits and merges, so the threads really run at the same time)."""
+        if isinstance(texts, (str, bytes)):  # (a list of its characters would be encoded, one text each)
+            raise TypeError("encode_batch takes a list of texts, got one text; use encode(text) for one")
         texts = list(texts)
         if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
             raise ValueError(f"num_threads must be a positive number of threads (or None: one per CPU), "
@@ -175,9 +183,9 @@ def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_TOKENIZER) -> Token
     if path.is_dir():
         path = path / "tokenizer.json"
     elif not path.exists() and _looks_like_repo_id(str(name_or_path)):
-        from minimamba.download import hub_file  # only Hub users need the network code
+        from minimamba.download import hub_file_or_local  # only Hub users need the network code
 
-        path = hub_file(str(name_or_path), "tokenizer.json")
+        path = hub_file_or_local(str(name_or_path), "tokenizer.json")
     spec = _read_tokenizer_json(path)
     return _build(spec, name=str(name_or_path), path=path)
 
@@ -326,6 +334,7 @@ def _pattern(longest_space_run: int) -> str:
 
 # Runs of at least this many whitespace characters are split into pieces in Python (`_encode_ordinary`);
 # \s as the regex means it: Unicode's White_Space (Python's str \s adds U+001C..U+001F, which are not)
+SURROGATE = re.compile("[\ud800-\udfff]")  # halves of a character (UTF-16's), which a str can hold
 _LONG_WHITESPACE_RUN = 100_000
 _WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 _LONG_WHITESPACE = re.compile(f"[{_WHITESPACE}]{{{_LONG_WHITESPACE_RUN},}}")

@@ -560,11 +560,12 @@ def test_cli_prepare_and_errors(tmp_path, monkeypatch, capsys):
     assert main(args[:4] + [str(tmp_path / "nope.jsonl")] + args[5:]) == 2
     assert "input file(s) not found" in capsys.readouterr().err
 
-    for bad, why in (("-1", "must be at least 1, got -1"), ("0", "must be at least 1, got 0"),
-                     ("ten", "expected a whole number, got 'ten'")):
-        with pytest.raises(SystemExit) as exit_:
-            main(args + ["--limit", bad])
-        assert exit_.value.code == 2 and f"argument --limit: {why}" in capsys.readouterr().err
+    for option in ("--limit", "--threads"):
+        for bad, why in (("-1", "must be at least 1, got -1"), ("0", "must be at least 1, got 0"),
+                         ("ten", "expected a whole number, got 'ten'")):
+            with pytest.raises(SystemExit) as exit_:
+                main(args + [option, bad])
+            assert exit_.value.code == 2 and f"argument {option}: {why}" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["download", "--source", "c4", "--files", "0"])
     assert "argument --files: must be at least 1, got 0" in capsys.readouterr().err

@@ -150,6 +150,10 @@ def test_a_mistyped_local_path_says_no_such_folder(server, tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DownloadError, match="there is no local folder runs/step-100 .*could not be downloaded"):
         from_pretrained("runs/step-100")
+    from minimamba import load_tokenizer
+
+    with pytest.raises(DownloadError, match="there is no local folder data/tokenizr .*could not be downloaded"):
+        load_tokenizer("data/tokenizr")  # (the tokenizer's name is read the same way)
 
 
 def test_bench_checkpointing_switches_on_hf_blocks_too():

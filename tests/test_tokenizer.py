@@ -324,6 +324,25 @@ def test_tiny_tokenizer_matches_the_reference(tmp_path):
     assert tok.encode_batch(texts) == [e.ids for e in ref.encode_batch(texts)]
 
 
+def test_unpaired_surrogates_and_a_text_for_a_batch_are_refused_as_the_reference_refuses_them(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers", reason="HF tokenizers (the test oracle) is not installed")
+    path = write_json(tmp_path / "tokenizer.json", tiny_tokenizer_json())
+    tok, ref = load_tokenizer(path), tokenizers.Tokenizer.from_file(str(path))
+    for text, where in [("a\ud800b", 1), ("é\udfff", 1), ("<|endoftext|>\ud83d", 13)]:  # (tiktoken: U+FFFD)
+        with pytest.raises(TypeError):
+            ref.encode(text)
+        half = re.escape(ascii(text[where]))
+        with pytest.raises(ValueError, match=f"unpaired surrogate \\({half}\\) at position {where}: half of a"):
+            tok.encode(text)
+        with pytest.raises(ValueError, match="unpaired surrogate"):
+            tok.encode_batch(["fine", text], num_threads=2)
+    assert tok.encode("é\U0001F600") == ref.encode("é\U0001F600").ids  # a whole pair is a character
+    with pytest.raises(TypeError):
+        ref.encode_batch("the")
+    with pytest.raises(TypeError, match="takes a list of texts, got one text; use encode"):
+        tok.encode_batch("the")
+
+
 @pytest.mark.parametrize("problem, content, message", [
     ("missing file", None, "no tokenizer file at"),
     ("not JSON", "{not json", "is not valid JSON"),
