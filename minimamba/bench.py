@@ -454,7 +454,8 @@ def main(argv=None):
         p.add_argument("--scale", default="130m", choices=list(SCALES),
                        help="model shapes (Mamba2Config.from_scale), random weights")
         p.add_argument("--chunk-size", type=_positive, default=None,
-                       help="chunk of the torch SSD scan (default: the config's; the result is the same for any)")
+                       help="chunk of the SSD scan (default: the model's per-device one, 64 for the torch scan on "
+                            "a CPU, else the config's; the result is the same for any)")
         p.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's choice)")
         p.add_argument("--decode-tokens", type=_positive, default=64, help="tokens decoded per timing")
 

@@ -84,8 +84,8 @@ class Mamba2Config:
                 problems.append(f"{f.name} must be {_KIND_NAMES[kind]}, got {value!r}")
         if problems:
             raise ValueError("invalid Mamba2Config: " + "; ".join(problems))
-        for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "headdim", "ngroups",
-                     "chunk_size"):
+        for name in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple", "d_state", "d_conv", "expand",
+                     "headdim", "ngroups", "chunk_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
         if not problems:  # (the derived sizes need positive ones)
@@ -172,6 +172,8 @@ class Mamba2Config:
             raise ValueError(f"ssm_cfg.layer is {layer!r}; minimamba implements Mamba2 only")
         if d.get("d_intermediate", 0) or d.get("attn_layer_idx"):
             raise ValueError("configs with MLP blocks (d_intermediate > 0) or attention layers are not supported")
+        if d.get("rms_norm", True) is not True:  # (mamba_ssm then builds LayerNorms, with biases)
+            raise ValueError(f"rms_norm={d['rms_norm']!r}: only RMSNorm Mamba2 models (rms_norm true) are supported")
         # options the public checkpoints leave at their defaults and minimamba does not implement
         only_default = {"d_ssm": None, "rmsnorm": True, "norm_before_gate": False, "D_has_hdim": False,
                         "dt_limit": [0.0, math.inf]}
@@ -198,30 +200,34 @@ class Mamba2Config:
 
     @classmethod
     def _from_hf(cls, d):
+        """An HF-layout config, read as transformers reads it: a missing key takes transformers' default
+        (Mamba2Config's: n_groups 8, tie_word_embeddings false, vocab_size 32768, initializer_range 0.1)."""
         if d.get("norm_before_gate", False) or not d.get("rms_norm", True):
             raise ValueError("only rms_norm=True, norm_before_gate=False Mamba2 configs are supported")
+        if d.get("hidden_act", "silu") not in ("silu", "swish"):  # (the same function under two names)
+            raise ValueError(f"hidden_act={d['hidden_act']!r}: Mamba2 blocks here use SiLU ('silu') only")
         cfg = cls(
             d_model=d["hidden_size"],
             n_layer=d["num_hidden_layers"],
             # HF's embedding has exactly vocab_size rows (it pads nothing, whatever pad_vocab_size_multiple
             # says, and transformers >= 5 does not write that key): take vocab_size as the padded size
-            vocab_size=d.get("vocab_size", 50288),
+            vocab_size=d.get("vocab_size", 32768),
             pad_vocab_size_multiple=1,
             d_state=d.get("state_size", 128),
             d_conv=d.get("conv_kernel", 4),
             expand=d.get("expand", 2),
             headdim=d.get("head_dim", 64),
-            ngroups=d.get("n_groups", 1),
+            ngroups=d.get("n_groups", 8),
             chunk_size=d.get("chunk_size", 256),
             norm_eps=d.get("layer_norm_epsilon", 1e-5),
-            tie_embeddings=d.get("tie_word_embeddings", True),
+            tie_embeddings=d.get("tie_word_embeddings", False),
             residual_in_fp32=d.get("residual_in_fp32", True),
             conv_bias=d.get("use_conv_bias", True),
             bias=d.get("use_bias", False),
             dt_min=d.get("time_step_min", 1e-3),
             dt_max=d.get("time_step_max", 1e-1),
             dt_init_floor=d.get("time_step_floor", 1e-4),
-            initializer_range=d.get("initializer_range", 0.02),  # (HF's default is 0.1; ours, the state-spaces one)
+            initializer_range=d.get("initializer_range", 0.1),
         )
         limit = d.get("time_step_limit", [0.0, math.inf])  # (the state-spaces reader refuses a dt_limit too)
         if limit is not None and [_json_float(v) for v in limit] != [0.0, math.inf]:
@@ -262,7 +268,9 @@ class Mamba2Config:
                 "fused_add_norm": True,
                 "pad_vocab_size_multiple": self.pad_vocab_size_multiple,
                 "tie_embeddings": self.tie_embeddings,
-                "norm_epsilon": self.norm_eps,
+                # (mamba_ssm's MambaConfig has no such key, and its loader refuses unknown ones: written only
+                # where the model needs it, which mamba_ssm's RMSNorm default of 1e-5 cannot express anyway)
+                **({} if self.norm_eps == 1e-5 else {"norm_epsilon": self.norm_eps}),
             }
         if layout == "hf":
             return {

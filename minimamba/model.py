@@ -600,7 +600,12 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     temperature, top_k, top_p = check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = logits.float()  # (b, V)
+    # shifted so that each row's largest is 0 (softmax does not change): a tiny temperature then sends the
+    # others to -inf (probability 0), where logits / temperature alone would overflow to inf and give NaNs;
+    # one below float32's smallest normal number (which float32 would hold as 0) divides as that number
+    temperature = max(temperature, torch.finfo(torch.float32).tiny)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (b, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -43,6 +43,7 @@ def run_steps(model, backend, ids):
     dict(ngroups=8),                          # a group per head
     dict(bias=True, conv_bias=False),         # biases on the projections, none on the conv
     dict(d_model=48, headdim=8, d_conv=2),    # 12 heads, another conv width; in_proj rows not a multiple of 4
+    dict(tie_embeddings=False, n_layer=1),    # a head of its own, not the embedding
 ])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_c_step_equals_the_torch_step(kw, batch):

@@ -202,6 +202,18 @@ def test_top_p_one_keeps_every_id(monkeypatch):
     assert int((seen[1] == 0).sum()) > 10000  # below 1 it still filters
 
 
+def test_a_tiny_temperature_samples_the_argmax_instead_of_overflowing():
+    """logits / 1e-39 overflowed to inf (NaN probabilities: a RuntimeError in torch.multinomial); each row's
+    largest logit is the one left."""
+    logits = torch.tensor([[1.0, 2.0, -3.0], [100.0, 2.0, float("-inf")], [-5.0, -4.0, -30.0]])
+    g = torch.Generator().manual_seed(0)
+    for temperature in (1e-39, 1e-37, 1e-30, 5e-324):
+        assert sample(logits, temperature=temperature, generator=g).tolist() == [1, 0, 1], temperature
+    draws = torch.stack([sample(logits, temperature=1.0, generator=g) for _ in range(2000)])  # (2000, 3)
+    frequency = (draws[:, 0] == 1).float().mean().item()  # (the shift changes no probability)
+    assert abs(frequency - torch.softmax(logits[0], -1)[1].item()) < 0.04 and (draws[:, 1] == 0).all()
+
+
 # a float64 model ---------------------------------------------------------------------------------
 def test_a_float64_model_generates_its_forward_argmax():
     torch.manual_seed(0)

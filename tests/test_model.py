@@ -235,6 +235,61 @@ def test_both_config_layouts_round_trip():
         Mamba2Config.from_dict({"model_type": "mamba2", "hidden_size": 64})
 
 
+# the fields of mamba_ssm's MambaConfig (mamba_ssm/models/config_mamba.py), whose loader passes config.json
+# to it as keyword arguments: any other key fails there
+MAMBA_SSM_CONFIG_FIELDS = {"d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg", "attn_layer_idx",
+                           "attn_cfg", "rms_norm", "residual_in_fp32", "fused_add_norm", "pad_vocab_size_multiple",
+                           "tie_embeddings"}
+
+
+def test_the_state_spaces_config_holds_only_what_mamba_ssm_reads_and_its_defaults_are_mamba_ssms():
+    assert set(tiny_config().to_dict()) <= MAMBA_SSM_CONFIG_FIELDS  # (norm_epsilon: only off the default)
+    assert tiny_config(norm_eps=1e-6).to_dict()["norm_epsilon"] == 1e-6
+    bare = {"d_model": 64, "n_layer": 2, "vocab_size": 1001, "ssm_cfg": {"layer": "Mamba2"}}
+    assert Mamba2Config.from_dict(bare).padded_vocab_size == 1008  # (mamba_ssm's default multiple is 8)
+    with pytest.raises(ValueError, match="rms_norm=False: only RMSNorm Mamba2 models"):
+        Mamba2Config.from_dict({**bare, "rms_norm": False})  # (mamba_ssm builds LayerNorms)
+    for bad in (0, -16):  # (0 divided by zero; -16 gave an embedding smaller than the vocabulary)
+        with pytest.raises(ValueError, match=f"pad_vocab_size_multiple must be positive, got {bad}"):
+            Mamba2Config.from_dict({**bare, "pad_vocab_size_multiple": bad})
+
+
+def test_an_hf_config_takes_transformers_defaults_for_what_it_leaves_out():
+    transformers = pytest.importorskip("transformers", reason="HF transformers is the test-only oracle for Mamba2")
+    given = {"model_type": "mamba2", "hidden_size": 64, "num_hidden_layers": 2, "head_dim": 16, "num_heads": 8,
+             "state_size": 16}
+    ours, theirs = Mamba2Config.from_dict(given), transformers.Mamba2Config(**given)
+    assert (ours.ngroups, ours.tie_embeddings, ours.padded_vocab_size, ours.initializer_range, ours.chunk_size) == \
+           (theirs.n_groups, theirs.tie_word_embeddings, theirs.vocab_size, theirs.initializer_range, theirs.chunk_size)
+    with pytest.raises(ValueError, match="hidden_act='gelu': Mamba2 blocks here use SiLU"):
+        Mamba2Config.from_dict({**given, "hidden_act": "gelu"})
+    assert Mamba2Config.from_dict({**given, "hidden_act": "swish"}) == ours
+
+
+@pytest.mark.parametrize("in_fp32", [True, False])
+def test_the_residual_stream_of_a_bf16_model_is_float32_where_the_config_says(in_fp32):
+    """What every norm reads (the residual stream) in the forward and in the decoding step: float32 with
+    residual_in_fp32 (as mamba_ssm keeps it), the model's dtype without; the logits are bf16 either way."""
+    torch.manual_seed(0)
+    m = randomize_(Mamba2LM(tiny_config(residual_in_fp32=in_fp32), decode_backend="torch")).eval().bfloat16()
+    read = []
+    norms = [block.norm for block in m.layers] + [m.norm_f]
+    hooks = [norm.register_forward_pre_hook(lambda _, args: read.append(args[0].dtype)) for norm in norms]
+    ids = torch.randint(0, 1000, (2, 9))
+    want = [torch.float32 if in_fp32 else torch.bfloat16] * len(norms)
+    with torch.no_grad():
+        logits = m(ids)
+        assert read == want, "forward"
+        cache = m.allocate_cache(2)
+        m(ids[:, :8], cache=cache)
+        read.clear()
+        step_logits = m.decoder(2)(ids[:, 8], cache)
+        assert read == want, "step"
+    for hook in hooks:
+        hook.remove()
+    assert logits.dtype == step_logits.dtype == torch.bfloat16
+
+
 def test_config_json_errors_name_the_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"d_model": 64}))
     with pytest.raises(ValueError, match=re.escape(str(tmp_path / 'config.json')) + ": .*lacks 'n_layer'"):
