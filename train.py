@@ -4,12 +4,13 @@
     python train.py --scale 370m                               # the recipe on one GPU
     torchrun --nproc_per_node 4 train.py --scale 2.7b --fsdp   # several GPUs
     python train.py --scale tiny --init scratch --device cpu --data DIR --seq-len 64 --batch-size 4 \
-        --tokens-per-step 512 --max-steps 20 --eval-every 10 --eval-windows 4   # a minute on a CPU
+        --tokens-per-step 512 --max-steps 20 --eval-every 10 --eval-windows 4 --ema 0   # a minute on a CPU
 
 Every knob is below, with the recipe's value as its default (they live in
 `minimamba.training.TrainConfig`); the resolved configuration is printed at the start and stored in
 OUT/train_config.json. The loop, the checkpoints and the estimates are in `minimamba/training.py`.
-Exit status: 0 done, 1 diverged (NaN/inf loss), 2 bad setup, 128+N stopped by signal N (checkpoint written).
+Exit status: 0 done, 1 diverged (NaN/inf loss), 2 bad setup, 128+N stopped by signal N (checkpoint written;
+a second signal stops at once).
 """
 
 import argparse
@@ -18,7 +19,7 @@ import signal
 import sys
 
 from minimamba.config import SCALES
-from minimamba.training import SetupError, TrainConfig, TrainingDiverged, train
+from minimamba.training import STOP, SetupError, TrainConfig, TrainingDiverged, train
 
 D = TrainConfig()  # the defaults
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -90,5 +91,10 @@ except SetupError as e:
 except TrainingDiverged as e:
     print(f"error: training diverged: {e}", file=sys.stderr)
     sys.exit(1)
+except KeyboardInterrupt:  # a second SIGINT/SIGTERM (or a first one before training began): stop at once
+    again = STOP.again or signal.SIGINT
+    print(f"\nstopped at once by {signal.Signals(again).name}: the step in progress was not saved; the "
+          "checkpoints written before are kept (continue with --resume)", file=sys.stderr)
+    sys.exit(128 + again)
 if result["stopped_by"] in ("SIGINT", "SIGTERM"):
     sys.exit(128 + signal.Signals[result["stopped_by"]].value)

@@ -490,10 +490,11 @@ class StopRequest:
 
     def __init__(self):
         self.requested = None  # the signal number
+        self.again = None  # the second signal's, which stopped at once
         self._previous = {}
 
     def install(self):
-        self.requested = None
+        self.requested = self.again = None
         if threading.current_thread() is not threading.main_thread():
             return
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -506,6 +507,7 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         if self.requested is not None:
+            self.again = signum  # (train.py exits with 128 + it)
             raise KeyboardInterrupt
         self.requested = signum
         print(f"\n{signal.Signals(signum).name} received: finishing this step, then writing a checkpoint "
@@ -731,8 +733,14 @@ def _to_cpu(obj):
 
 def load_training_state(path):
     state_path = Path(path) / "training_state.pt"
+    if not Path(path).exists():
+        raise SetupError(f"--resume {path}: no such checkpoint directory")
+    if not state_path.is_file() and (Path(path) / "latest").is_file():
+        raise SetupError(f"{path} is a run's output folder, not one of its checkpoints: continue its latest with "
+                         f"--out {path} --resume, or pass --resume {Path(path) / 'step-NNNNNN'}")
     if not state_path.is_file():
-        raise SetupError(f"{path} is not a training checkpoint (no training_state.pt)")
+        raise SetupError(f"{path} is not a training checkpoint (no training_state.pt); pass a step-NNNNNN "
+                         "folder of a run's --out")
     try:
         state = torch.load(state_path, map_location="cpu", weights_only=True)
     except Exception as e:  # (checkpoints are written atomically: this is damage from outside)
@@ -1285,6 +1293,25 @@ def train(cfg: TrainConfig, model=None):
             torch.distributed.destroy_process_group()
 
 
+def _diverged_advice(last_ckpt, ckpt_step, step):
+    """Which checkpoint to go back to after the step that follows `step` diverged: the last one this run
+    wrote (or resumed from) is good if the weights it holds gave a finite loss; if it holds the weights the
+    diverged step started from (written at `step`), resuming from it computes that step again."""
+    if last_ckpt is None:
+        return "no checkpoint was written yet. Lower --lr, check the data, or start again."
+    if ckpt_step < step:
+        return (f"the last good checkpoint is {last_ckpt}. Lower --lr, check the data, or resume from it with "
+                f"--resume {last_ckpt}.")
+    earlier = [p for p in sorted(Path(last_ckpt).parent.glob("step-*"))
+               if p.name < checkpoint_name(ckpt_step) and (p / "training_state.pt").is_file()]
+    before = (f"the last checkpoint before it is {earlier[-1]}: lower --lr and resume from that one with "
+              f"--resume {earlier[-1]}, or check the data." if earlier else
+              "no earlier checkpoint is kept (--keep 2 or more keeps some): lower --lr and start again, or check "
+              "the data.")
+    return (f"the last checkpoint, {last_ckpt}, holds the weights this step started from (resuming from it "
+            f"computes the same step again, on the same batch); {before}")
+
+
 def _print(dist, *args, **kwargs):
     if dist.is_main:
         tqdm.write(" ".join(str(a) for a in args), **kwargs)
@@ -1333,6 +1360,10 @@ def _train(cfg, dist, model, held):
         if resume_dir is None:
             raise SetupError(f"--resume: no checkpoint in {out} (no {out / 'latest'}); start without --resume")
         state = load_training_state(readable_checkpoint(resume_dir))
+        if resume_dir.parent.resolve() != out.resolve() and (existing := latest_checkpoint(out)) is not None:
+            raise SetupError(f"{out} already holds a run ({existing.name}), and {resume_dir} is a checkpoint of "
+                             "another run: continuing it there would mix the two runs' checkpoints and logs. "
+                             f"Choose another --out, or --resume a checkpoint of {out}")
         later = sorted(p.name for p in out.glob("step-*") if p.is_dir() and p.name > resume_dir.name)
         if later and dist.is_main:
             print(f"note: {out} also holds {', '.join(later)}, later steps than {resume_dir.name} that this run does "
@@ -1390,6 +1421,9 @@ def _train(cfg, dist, model, held):
     step, tokens_seen, elapsed = 0, 0, 0.0
     if state is not None:
         step, tokens_seen, elapsed = state["step"], state["tokens_seen"], state["elapsed"]
+        if step >= r.max_steps:  # (before anything is written: train_config.json would say a run that is not)
+            raise SetupError(f"{resume_dir} is at step {step}, and --max-steps is {r.max_steps}: nothing to train. "
+                             f"Pass a --max-steps above {step} to train on")
         changed = {k: (state["config"][k], v) for k, v in asdict(cfg).items()
                    if k in state["config"] and state["config"][k] != v and k not in ("resume", "progress")}
         if changed:
@@ -1397,7 +1431,8 @@ def _train(cfg, dist, model, held):
             _print(dist, "note: changed since the checkpoint: " +
                    ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()) +
                    (f" ({', '.join(sorted(optim))}: applied to the restored optimizer, its moments kept)"
-                    if optim else ""))
+                    if optim else "") +
+                   ("; --init is not used: the weights are the checkpoint's" if "init" in changed else ""))
         del state
 
     # --- every check passed, and from here this run writes to OUT: take it if it did not exist before, and
@@ -1442,6 +1477,10 @@ def _train(cfg, dist, model, held):
         write_text_atomically(out / "train_config.json", json.dumps(resolved, indent=2, default=str) + "\n")
         print("config: " + json.dumps(asdict(cfg)))
         print(_summary(cfg, r, raw, dist, sampler, est, groups, source), flush=True)
+        if ema is not None and cfg.ema ** (r.max_steps - step) > 0.5:  # (what is evaluated and saved is the EMA)
+            print(f"note: with --ema {cfg.ema}, the EMA weights, which are evaluated and saved, will still be "
+                  f"{cfg.ema ** (r.max_steps - step):.0%} the weights this run starts from after its "
+                  f"{r.max_steps - step} steps; for a run this short pass --ema 0 (or a smaller decay)")
         if importlib.util.find_spec("matplotlib") is None:
             print("note: matplotlib is not installed, so no training.png (pip install 'minimamba[plot]')")
     log = JsonlLog(out / "log.jsonl", dist.is_main, truncate_after_step=step if resume_dir else None)
@@ -1470,9 +1509,9 @@ def _train(cfg, dist, model, held):
     last_eval = evaluate_now() if step == 0 and cfg.eval_at_start else None
     bar = tqdm(total=r.max_steps, initial=step, unit="step", dynamic_ncols=True,
                disable=not (dist.is_main and cfg.progress))
-    # the last good checkpoint of this run: the one it resumed from until it writes one (OUT/latest may
-    # name a later step of the run that went on after resume_dir)
-    stopped_by, last_ckpt, start_step = None, resume_dir, step
+    # the last checkpoint of this run and its step: the one it resumed from until it writes one (OUT/latest
+    # may name a later step of the run that went on after resume_dir)
+    stopped_by, last_ckpt, ckpt_step, start_step = None, resume_dir, step, step
     try:
         while step < r.max_steps:
             t0 = time.perf_counter()
@@ -1484,13 +1523,9 @@ def _train(cfg, dist, model, held):
                 loss, grad_norm, stop = train_step(model, optimizer, rows, cfg.batch_size, cfg.grad_clip, dist,
                                                    r.autocast_dtype, params)
             except TrainingDiverged as e:
-                where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
                 log.write(step=step + 1, error=str(e))
-                raise TrainingDiverged(
-                    f"{e} at step {step + 1}: training stopped and the weights of that step were not saved; "
-                    f"{where}. Lower --lr, check the data, or "
-                    + (f"resume from it with --resume {last_ckpt}." if last_ckpt else "start again.")
-                ) from None
+                raise TrainingDiverged(f"{e} at step {step + 1}: training stopped and the weights of that step "
+                                       f"were not saved; {_diverged_advice(last_ckpt, ckpt_step, step)}") from None
             if ema is not None:
                 ema.update(raw)
             step += 1
@@ -1510,7 +1545,7 @@ def _train(cfg, dist, model, held):
             if done or (cfg.eval_every and step % cfg.eval_every == 0):
                 last_eval = evaluate_now()
             if done or stop or (cfg.save_every and step % cfg.save_every == 0):
-                last_ckpt = checkpoint()
+                last_ckpt, ckpt_step = checkpoint(), step
                 _print(dist, f"checkpoint: {last_ckpt}")
             if stop:
                 _print(dist, f"stopped by {stopped_by} after step {step}; continue with --resume")

@@ -22,12 +22,12 @@ import pytest
 import torch
 
 from minimamba.config import Mamba2Config
-from minimamba.evaluate import perplexity
+from minimamba.evaluate import domain_perplexity, load_heldout, perplexity
 from minimamba.hub import from_pretrained, save_pretrained
 from minimamba.model import Mamba2LM
 from minimamba.training import (
     EMA, Dist, SetupError, TrainConfig, TrainingDiverged, activation_bytes, estimate, lr_factor, param_groups,
-    read_log, resolve, schedule_steps, train)
+    read_log, resolve, schedule_steps, train, train_step)
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 256
@@ -184,6 +184,50 @@ def test_param_groups_weight_decay_and_layerwise_lr():
     assert g[id(untied.lm_head.weight)]["lr_scale"] == 1.0
 
 
+def sgd_update(rows, micro_batch, grad_clip=0.0):
+    """(loss, grad norm, the update) of one train_step of small_model with SGD at lr 1 (the update is minus
+    the gradient it applied: averaged over the micro-batches, then clipped)."""
+    model = small_model(seed=3)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss, norm, _ = train_step(model, torch.optim.SGD(model.parameters(), lr=1.0), rows, micro_batch, grad_clip, Dist())
+    return loss, norm, torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])
+
+
+def test_accumulated_micro_batches_make_the_step_of_one_batch_and_clipping_bounds_it():
+    rows = torch.randint(0, VOCAB, (8, 17), generator=torch.Generator().manual_seed(0))
+    loss, norm, update = sgd_update(rows, micro_batch=8)
+    for micro_batch in (4, 2, 1):  # (each micro-batch's loss is its mean: the step averages them)
+        l, n, u = sgd_update(rows, micro_batch)
+        assert l == pytest.approx(loss, rel=1e-6) and n == pytest.approx(norm, rel=1e-5), micro_batch
+        assert torch.allclose(u, update, rtol=1e-4, atol=1e-7), micro_batch
+    assert torch.linalg.vector_norm(update).item() == pytest.approx(norm, rel=1e-5)
+    clipped_loss, clipped_norm, clipped = sgd_update(rows, micro_batch=4, grad_clip=norm / 10)
+    assert clipped_norm == pytest.approx(norm, rel=1e-5)  # (reported before clipping)
+    assert torch.linalg.vector_norm(clipped).item() == pytest.approx(norm / 10, rel=1e-4)
+    assert (clipped * 10 - update).abs().max().item() <= 1e-4 * update.abs().max().item()  # a tenth as long
+
+
+def test_each_group_steps_with_its_layerwise_share_of_the_scheduled_lr(data, init_dir, tmp_path, monkeypatch):
+    from minimamba import training
+
+    seen = []
+    step = training.train_step
+
+    def recording(model, optimizer, *args, **kwargs):
+        seen.append({g["name"]: (g["lr"], g["lr_scale"]) for g in optimizer.param_groups})
+        return step(model, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(training, "train_step", recording)
+    cfg = config(data, init_dir, tmp_path / "run", max_steps=4, llrd=0.5, eval_at_start=False)
+    train(cfg)
+    logged = [r["lr"] for r in read_log(tmp_path / "run" / "log.jsonl") if "loss" in r]
+    assert len(seen) == len(logged) == 4 and len(set(logged)) > 1  # (the schedule moves)
+    for groups, lr in zip(seen, logged):
+        assert {scale for _, scale in groups.values()} == {0.5, 1.0}  # 2 layers at llrd 0.5
+        for name, (group_lr, scale) in groups.items():
+            assert group_lr == pytest.approx(lr * scale, rel=1e-12), name
+
+
 def test_ema_update_and_exact_swap():
     model = small_model()
     ema = EMA(model, 0.75)
@@ -288,8 +332,11 @@ def test_training_learns_logs_and_saves_loadable_checkpoints(data, init_dir, tmp
         pass
     saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert saved["resolved"]["tokens_per_step"] == 4 * 16 and saved["lr"] == 3e-3
-    # the checkpoint directory is a from_pretrained directory holding the EMA weights
+    # the checkpoint directory is a from_pretrained directory holding the EMA weights, and those are evaluated
     model = from_pretrained(tmp_path / "run" / "step-000008")
+    heldout = load_heldout(cfg.data, ["pubmed", "c4", "wikipedia"], cfg.seq_len, cfg.eval_windows)
+    ppl = {d: v["ppl"] for d, v in domain_perplexity(model, heldout).items()}
+    assert ppl == pytest.approx({d: v["ppl"] for d, v in evals[-1]["eval"].items()}, rel=1e-6)
     st = state(tmp_path / "run", 8)
     assert torch.equal(model.embedding.weight, st["ema"]["embedding.weight"])
     assert not torch.equal(st["ema"]["embedding.weight"], st["model"]["embedding.weight"])
@@ -322,6 +369,9 @@ def test_resume_is_exact(data, init_dir, tmp_path):
     train(replace(whole, out=str(part), resume=str(part / "step-000002")))
     assert losses(part) == {s: v for s, v in losses(tmp_path / "whole").items() if s > 2}
     assert_same_state(state(part, 6), state(tmp_path / "whole", 6))
+    tokens = [{r["step"]: r["tokens"] for r in read_log(out / "log.jsonl") if "loss" in r} for out in (part, tmp_path / "whole")]
+    assert tokens[0] == {s: t for s, t in tokens[1].items() if s > 2}  # (the tokens seen are restored too)
+    assert state(part, 6)["tokens_seen"] == 6 * 4 * 16
 
 
 @pytest.mark.slow
@@ -352,6 +402,19 @@ def test_sigterm_writes_a_checkpoint_and_exits(data, init_dir, tmp_path):
     step = max(losses(cfg.out))
     assert (tmp_path / "run" / "latest").read_text().strip() == f"step-{step:06d}" and step < 200
     assert state(cfg.out, step)["step"] == step
+
+    # a second signal stops at once: one line, 128 + its number (signals of two kinds, sent back to back,
+    # reach the process's handler as two calls, in the order of their numbers; two of one kind may arrive
+    # as one)
+    again = replace(cfg, out=str(tmp_path / "again"))
+    proc = run_script(script_args(again))
+    wait_for_step(again.out, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    second = signal.Signals(proc.returncode - 128)
+    assert second in (signal.SIGINT, signal.SIGTERM), err
+    assert f"stopped at once by {second.name}: the step in progress was not saved" in err and "Traceback" not in err
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, init_dir, tmp_path):
@@ -447,8 +510,9 @@ def test_a_kill_in_the_middle_of_a_save_loses_nothing_and_latest_names_the_newes
 
 
 def test_nan_names_the_checkpoint_this_run_resumed_from(data, init_dir, tmp_path, no_speed_probe):
-    """Not OUT/latest: resumed from step 2 of a run that reached 4, the last good checkpoint is step 2; a
-    run resumed from a checkpoint elsewhere names that one."""
+    """Not OUT/latest: resumed from step 2 of a run that reached 4 (or into another OUT), the step that
+    diverges starts from step 2's weights, so that checkpoint is not called good: resuming from it computes
+    the same step again. The one before it is named where one is kept."""
     cfg = config(data, init_dir, tmp_path / "run", max_steps=4, eval_at_start=False)
     train(cfg)
 
@@ -458,11 +522,18 @@ def test_nan_names_the_checkpoint_this_run_resumed_from(data, init_dir, tmp_path
         return model
 
     first = tmp_path / "run" / "step-000002"
-    with pytest.raises(TrainingDiverged, match=f"at step 3.*last good checkpoint is {first}.*--resume {first}"):
+    same_weights = f"at step 3.*the last checkpoint, {first}, holds the weights this step started from"
+    with pytest.raises(TrainingDiverged, match=same_weights + ".*no earlier checkpoint is kept"):
         train(replace(cfg, resume=str(first)), model=nan_model())
     assert (tmp_path / "run" / "latest").read_text() == "step-000002\n"  # (the log went back to step 2 too)
-    with pytest.raises(TrainingDiverged, match=f"at step 3.*last good checkpoint is {first}"):
+    with pytest.raises(TrainingDiverged, match=same_weights):
         train(replace(cfg, resume=str(first), out=str(tmp_path / "other")), model=nan_model())
+    every = replace(cfg, out=str(tmp_path / "every"), save_every=1, max_steps=3)
+    train(every)
+    before = tmp_path / "every" / "step-000001"
+    with pytest.raises(TrainingDiverged, match=f"the last checkpoint before it is {before}: lower --lr and resume "
+                                               f"from that one with --resume {before}"):
+        train(replace(every, resume=str(tmp_path / "every" / "step-000002")), model=nan_model())
 
 
 def test_a_huge_finite_loss_gives_an_infinite_perplexity(data, init_dir, tmp_path):
@@ -613,6 +684,27 @@ def test_resume_errors(data, init_dir, tmp_path, capsys):
     train(cfg)
     with pytest.raises(SetupError, match="cannot resume exactly"):
         train(replace(cfg, resume="latest", max_steps=4, mix="pubmed=0.5,c4=0.5"))
+    step_2 = tmp_path / "run" / "step-000002"
+    for max_steps in (2, 1):  # (a finished run, or one past the new --max-steps: nothing is rewritten)
+        written = (tmp_path / "run" / "train_config.json").read_bytes()
+        with pytest.raises(SetupError, match=f"{step_2} is at step 2, and --max-steps is {max_steps}: nothing to "
+                                             "train. Pass a --max-steps above 2"):
+            train(replace(cfg, resume="latest", max_steps=max_steps))
+        assert (tmp_path / "run" / "train_config.json").read_bytes() == written
+    with pytest.raises(SetupError, match="no such checkpoint directory"):
+        train(replace(cfg, resume=str(tmp_path / "nope"), max_steps=4))
+    with pytest.raises(SetupError, match=f"is a run's output folder, not one of its checkpoints: continue its "
+                                         f"latest with --out {tmp_path / 'run'} --resume"):
+        train(replace(cfg, resume=str(tmp_path / "run"), max_steps=4))
+    other = replace(cfg, out=str(tmp_path / "other"), max_steps=1)
+    train(other)
+    before = sorted(p.name for p in (tmp_path / "other").iterdir())
+    with pytest.raises(SetupError, match=f"already holds a run \\(step-000001\\), and {step_2} is a checkpoint of "
+                                         "another run"):
+        train(replace(other, resume=str(step_2), max_steps=4))  # (it deleted other's checkpoints, mixed the logs)
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == before
+    train(replace(cfg, resume=str(step_2), out=str(tmp_path / "branch"), max_steps=3, init="scratch"))
+    assert "init " in capsys.readouterr().out  # (into a new OUT: allowed; the --init change is noted as unused)
 
     # a log line cut short by a kill is dropped on resume, with a note; the run goes on
     out = tmp_path / "run"
