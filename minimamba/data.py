@@ -171,6 +171,8 @@ _DECOMPRESSORS = {".gz": (gzip, "gzip -dc"), ".bz2": (bz2, "bzip2 -dc"), ".xz": 
 _COMPRESSED_MAGIC = {b"\x1f\x8b": ("gzip", ".gz"), b"BZh": ("bzip2", ".bz2"), b"\xfd7zXZ\x00": ("xz", ".xz"),
                      b"\x28\xb5\x2f\xfd": ("zstd", None), b"PK\x03\x04": ("zip", None),
                      b"7z\xbc\xaf\x27\x1c": ("7z", None)}
+_BZIP2_BLOCK = re.compile(rb"[1-9](1AY&SY|\x17rE8P\x90)")  # after "BZh": the level, then a block's (or the end's)
+# magic, so that a text that starts with "BZh" is read as text
 
 
 def _compression(path: Path) -> str:
@@ -193,7 +195,7 @@ def _refuse_compressed(path: Path, head: bytes) -> None:
     """Raise DataError if the bytes read from `path` (decompressed as its name says) start like compressed
     data: read as text they would be garbage (a few "non-UTF-8 lines" each holding thousands of bytes)."""
     for magic, (name, suffix) in _COMPRESSED_MAGIC.items():
-        if head.startswith(magic):
+        if head.startswith(magic) and (name != "bzip2" or _BZIP2_BLOCK.match(head, 3)):
             inside = f" inside its {_compression(path)} compression" if _compression(path) else ""
             fix = (f"rename it to end in {suffix} (read as {name} then)" if suffix and not inside
                    else f"decompress it first (e.g. with {name}) and give the decompressed file")

@@ -304,6 +304,9 @@ def test_bz2_and_xz_files_are_read_and_compressed_data_under_another_name_is_ref
         (tmp_path / name).write_bytes(packed)
         with pytest.raises(DataError, match=f"{name} holds {message}"):
             list(read_documents(tmp_path / name))
+    looks_like_it = tmp_path / "bzh.txt"  # ("BZh" without a bzip2 block's magic after it is text)
+    looks_like_it.write_text("BZh9 starts this text.\n")
+    assert texts(looks_like_it) == (["BZh9 starts this text."], [])
     truncated = tmp_path / "cut.jsonl.xz"
     records = "".join(json.dumps({"text": f"document {random.Random(i).random()}"}) + "\n" for i in range(2000))
     truncated.write_bytes(lzma.compress(records.encode())[:-400])
