@@ -14,6 +14,7 @@ import os
 import platform
 import shlex
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -85,8 +86,12 @@ def _compile(cc, lib_path):
         raise RuntimeError(f"cannot write the C decode step's library to {lib_path.parent} ({e}): set "
                            "MINIMAMBA_BUILD_DIR to a writable folder, or use decode_backend='torch'") from e
     try:
-        done = subprocess.run([*shlex.split(cc), *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True,
-                              text=True)
+        try:
+            done = subprocess.run([*shlex.split(cc), *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True,
+                                  text=True)
+        except OSError as e:  # (CC names a file that cannot be run: not executable, not a program)
+            raise RuntimeError(f"cannot run the C compiler CC={cc!r} ({e}): set CC to a working C compiler, or use "
+                               "decode_backend='torch'") from e
         if done.returncode != 0:
             raise RuntimeError(f"compiling {SOURCE.name} with {cc} failed:\n{done.stderr.strip()}\n"
                                "Fix the compiler (it needs OpenMP: -fopenmp) or use decode_backend='torch'.")
@@ -95,6 +100,22 @@ def _compile(cc, lib_path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _whole(path) -> bool:
+    """False for an ELF library (Linux) that ends before its section header table, which the linker writes
+    last: a file cut short (a full disk, a partial copy). Other formats are taken as whole."""
+    with open(path, "rb") as f:
+        head = f.read(64)  # the ELF64 header
+    if not head.startswith(b"\x7fELF"):
+        return True
+    if len(head) < 64:
+        return False
+    if head[4:6] != b"\x02\x01":  # (read only in ELF64, little-endian: the x86-64 and arm64 Linux libraries)
+        return True
+    table = struct.unpack_from("<Q", head, 0x28)[0]  # e_shoff: where the section header table starts
+    entry_size, entries = struct.unpack_from("<HH", head, 0x3A)  # e_shentsize, e_shnum
+    return os.path.getsize(path) >= table + entry_size * entries
 
 
 def load():
@@ -114,6 +135,8 @@ def load():
     if not lib_path.exists():
         _compile(cc, lib_path)
     try:
+        if not _whole(lib_path):  # (loading a cut ELF file can kill the process with SIGBUS)
+            raise OSError(f"{lib_path} is shorter than its ELF header says")
         lib = ctypes.CDLL(str(lib_path))
     except OSError:  # a damaged file in the build folder: build it again, once
         try:

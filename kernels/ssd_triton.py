@@ -59,7 +59,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from kernels.launch import DIRECT_LAUNCH_OFF_BECAUSE, INTERPRET, MAX_BINARIES, Launcher
-from minimamba.ssd import _check
+from minimamba.ssd import _check, check_chunk_size
 
 
 def _autotune(configs, interpreter_config, key=("chunk_size", "headdim", "dstate")):
@@ -1416,15 +1416,15 @@ def ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=None, initial_state=None, retur
     x (b, l, H, P) in fp32, bf16 or fp16; dt (b, l, H) positive; A (H,) negative; B, C (b, l, G, N)
     with G dividing H; D (H,) or None; initial_state (b, H, P, N) or None. Any seqlen and chunk size.
     Returns y (b, l, H, P) in x's dtype, and the final state (b, H, P, N) in fp32 if `return_final_state`.
-    Tensors must be on CUDA, or on CPU with TRITON_INTERPRET=1 set before importing this module.
+    Tensors must be on CUDA, or on CPU with TRITON_INTERPRET=1 set before importing this module. Shapes and
+    dtypes are checked as `ssd_chunked` checks them; the signs of dt and A only on a CPU (on a GPU that would
+    wait for it): the programs clamp every decay to exp(min(dt·A, 0)) ≤ 1. In fp16 the entering states are
+    stored in fp16 (dot operands, as mamba_ssm does): an entry beyond 65,504 makes y inf from there on.
     """
     b, l, h, p, g, n = _check(x, dt, A, B, C, D, initial_state)
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"ssd_chunk_scan supports float32, bfloat16 and float16 inputs, got {x.dtype}")
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:  # (True == 1 as a
-        # key, but Triton compiles a bool argument otherwise than an int: a call with True would replay the
-        # launch plan of an earlier call with 1)
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    chunk_size = check_chunk_size(chunk_size)  # (a Python int: plan keys and Triton's specialization take it)
     if not x.is_cuda and not INTERPRET:
         raise RuntimeError(
             f"the Triton SSD kernel needs CUDA tensors, got {x.device.type}. To run it on CPU (slowly, for "

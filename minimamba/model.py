@@ -209,11 +209,7 @@ class Mamba2LM(nn.Module):
 
     def __init__(self, config: Mamba2Config, backend="auto", decode_backend="auto"):
         super().__init__()
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown scan backend {backend!r}; choose one of {BACKENDS}")
-        if decode_backend not in DECODE_BACKENDS:
-            raise ValueError(f"unknown decode backend {decode_backend!r}; choose one of {DECODE_BACKENDS}")
-        self.config, self.backend, self.decode_backend = config, backend, decode_backend
+        self.config, self.backend, self.decode_backend = config, backend, decode_backend  # (checked: below)
         self.decode_backend_used = None  # (name, why) of the last `decoder`, logged when it changes
         # The chunk length of the scan is a free parameter (the result does not depend on it): None means the
         # checkpoint's (256) on a GPU and 64 for the torch scan on a CPU, where it measured fastest (bench.py)
@@ -262,6 +258,28 @@ class Mamba2LM(nn.Module):
         self.norm_f.weight.fill_(1.0)
 
     # the scan backend -----------------------------------------------------------------------------
+    @property
+    def backend(self):
+        """The scan backend asked for (BACKENDS); setting an unknown one is an error, not a silent choice."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, name):
+        if name not in BACKENDS:
+            raise ValueError(f"unknown scan backend {name!r}; choose one of {BACKENDS}")
+        self._backend = name
+
+    @property
+    def decode_backend(self):
+        """The decode step asked for (DECODE_BACKENDS); setting an unknown one is an error."""
+        return self._decode_backend
+
+    @decode_backend.setter
+    def decode_backend(self, name):
+        if name not in DECODE_BACKENDS:
+            raise ValueError(f"unknown decode backend {name!r}; choose one of {DECODE_BACKENDS}")
+        self._decode_backend = name
+
     def scan_backend(self, device=None):
         """The backend `forward` uses for tensors on `device` (default: the model's device)."""
         device = torch.device(device) if device is not None else self.embedding.weight.device
@@ -271,7 +289,9 @@ class Mamba2LM(nn.Module):
 
     def _scan(self, device):
         name = self.scan_backend(device)
-        Q = self.scan_chunk_size or (64 if name == "torch" and device.type == "cpu" else self.config.chunk_size)
+        Q = self.scan_chunk_size  # (the scans refuse one that is no positive integer)
+        if Q is None:
+            Q = 64 if name == "torch" and device.type == "cpu" else self.config.chunk_size
         if name == "torch":
             scan = lambda *a, **kw: ssd_chunked(*a, **kw, chunk_size=Q)  # noqa: E731
         else:

@@ -50,12 +50,26 @@ lose all precision in half precision. The tests check that the three agree; the 
 `kernels/` is tested against them.
 """
 
+import operator
+
 import torch
 import torch.nn.functional as F
 
 
 def _check(x, dt, A, B, C, D, initial_state):
-    """Validate the shapes of the SSD contract; return (batch, seqlen, H, P, G, N)."""
+    """Validate the SSD contract: real floating-point tensors (D and initial_state may be None) of the
+    shapes below, and on a CPU dt ≥ 0 and A ≤ 0 (dt = softplus(·), A = −exp(A_log): decays exp(dt·A) ≤ 1);
+    on a GPU the signs are not checked (reading them would wait for the GPU at every call). Return
+    (batch, seqlen, H, P, G, N)."""
+    for name, t in (("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C), ("D", D), ("initial_state", initial_state)):
+        optional = name in ("D", "initial_state")
+        if t is None and optional:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor{' or None' if optional else ''}, got {type(t).__name__} "
+                            f"{t!r:.40}" + (" (chunk_size is a keyword argument)" if name == "D" else ""))
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a real floating-point tensor, got {t.dtype}")
     if x.dim() != 4:
         raise ValueError(f"x must be (batch, seqlen, nheads, headdim), got shape {tuple(x.shape)}")
     b, l, h, p = x.shape
@@ -64,8 +78,8 @@ def _check(x, dt, A, B, C, D, initial_state):
     g, n = B.shape[2], B.shape[3]
     if C.shape != B.shape:
         raise ValueError(f"C must have B's shape {tuple(B.shape)}, got {tuple(C.shape)}")
-    if h % g:
-        raise ValueError(f"ngroups={g} must divide nheads={h}")
+    if g < 1 or h % g:
+        raise ValueError(f"ngroups={g} (B's third axis) must be at least 1 and divide nheads={h}")
     if dt.shape != (b, l, h):
         raise ValueError(f"dt must be (batch, seqlen, nheads)={(b, l, h)}, got {tuple(dt.shape)}")
     if A.shape != (h,):
@@ -77,7 +91,28 @@ def _check(x, dt, A, B, C, D, initial_state):
             f"initial_state must be (batch, nheads, headdim, dstate)={(b, h, p, n)}, "
             f"got {tuple(initial_state.shape)}"
         )
+    if not x.is_cuda:
+        if (A > 0).any():
+            raise ValueError(f"A must be ≤ 0 (A = −exp(A_log)), got {A.max().item():.4g} for a head: its decay "
+                             "exp(dt·A) would grow")
+        if (dt < 0).any():
+            raise ValueError(f"dt must be ≥ 0 (dt = softplus(·)), got {dt.min().item():.4g}: its decay exp(dt·A) "
+                             "would grow")
     return b, l, h, p, g, n
+
+
+def check_chunk_size(chunk_size):
+    """chunk_size as a Python int ≥ 1 (a NumPy integer or a 0-dim integer tensor too), else a ValueError. A
+    bool is refused: True == 1, but Triton compiles a bool argument otherwise than an int."""
+    try:
+        if isinstance(chunk_size, bool):
+            raise TypeError
+        Q = operator.index(chunk_size)
+    except TypeError:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}") from None
+    if Q < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    return Q
 
 
 def _compute_dtype(x):
@@ -180,8 +215,7 @@ def ssd_chunked(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64):
     changes neither the outputs nor the final state.
     """
     b, l, h, p, g, n = _check(x, dt, A, B, C, D, initial_state)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    chunk_size = check_chunk_size(chunk_size)
     cdt = _compute_dtype(x)
     if l == 0:  # nothing to scan: no outputs, and the state passes through unchanged
         final = x.new_zeros(b, h, p, n, dtype=cdt) if initial_state is None else initial_state.to(cdt, copy=True)

@@ -364,6 +364,36 @@ def test_a_damaged_library_in_the_build_folder_is_rebuilt(fresh_build):
     assert lib.mamba2_step_workspace is not None and path.stat().st_size > 1000
 
 
+def test_a_library_cut_short_is_rebuilt_not_loaded(fresh_build, monkeypatch, tmp_path_factory):
+    """dlopen of an ELF file cut short can kill the process (SIGBUS), or load one that crashes later: a
+    library shorter than its header says is rebuilt."""
+    whole = decode_cpu.library_path(os.environ.get("CC", "cc"))
+    decode_cpu.load()
+    data = whole.read_bytes()
+    for fraction in (0.5, 0.9, 0.99):
+        other = tmp_path_factory.mktemp("build")  # (a library loaded here must not be overwritten in place)
+        monkeypatch.setenv("MINIMAMBA_BUILD_DIR", str(other))
+        monkeypatch.setattr(decode_cpu, "_lib", None)
+        cut = decode_cpu.library_path(os.environ.get("CC", "cc"))
+        cut.write_bytes(data[: int(len(data) * fraction)])
+        assert not decode_cpu._whole(cut)
+        assert decode_cpu.load().mamba2_step_workspace is not None and decode_cpu._whole(cut)
+        assert cut.stat().st_size == len(data), fraction
+
+
+def test_a_compiler_that_cannot_be_run_is_a_runtime_error_and_auto_falls_back(fresh_build, monkeypatch, caplog):
+    not_a_program = fresh_build / "cc-without-shebang"
+    not_a_program.write_text("echo hi\n")  # (executable, but exec() refuses it: ENOEXEC)
+    not_a_program.chmod(0o755)
+    monkeypatch.setenv("CC", str(not_a_program))
+    with pytest.raises(RuntimeError, match="cannot run the C compiler CC=.*cc-without-shebang.*decode_backend='torch'"):
+        decode_cpu.load()
+    model = random_model(config(), decode_backend="auto")
+    with caplog.at_level(logging.WARNING, logger="minimamba"):
+        model.decoder(1)
+    assert model.decode_backend_used[0] == "torch" and "failed to build" in caplog.text
+
+
 def test_a_damaged_library_in_a_read_only_build_folder_is_a_runtime_error_and_auto_falls_back(
         fresh_build, monkeypatch, caplog):
     """Removing the damaged file raised OSError (EROFS), which "auto" did not catch: the model could not decode."""

@@ -26,6 +26,7 @@ from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "1"  # must precede the first `import triton`
 
+import numpy as np
 import pytest
 import torch
 
@@ -533,7 +534,10 @@ def test_launch_counts():
         forward, programs[:], forward_ops, torch_ops[:] = programs[:], [], torch_ops[:], []
         with CountOps():
             y.backward(dy)
-    assert len(forward) == 4 and not forward_ops, (forward, forward_ops)
+    # (on a CPU `_check` reads the signs of dt and A; on CUDA it does not, so a GPU call makes no PyTorch op)
+    sign_check = ["gt.Scalar", "any.default", "_local_scalar_dense.default"] + \
+                 ["lt.Scalar", "any.default", "_local_scalar_dense.default"]
+    assert len(forward) == 4 and forward_ops == sign_check, (forward, forward_ops)
     assert K._head_splits(4, 3, torch.device("cpu")) == 2
     assert len(programs) == 8 and programs[-1] == "_grad_sums_kernel" and not torch_ops, (programs, torch_ops)
 
@@ -541,6 +545,37 @@ def test_launch_counts():
 # --------------------------------------------------------------------------------------------------
 # the contract's corners
 # --------------------------------------------------------------------------------------------------
+def _strided(t):
+    """t's values in a tensor of other strides: every other entry of a longer one (1-D), or stored with its
+    axes in reverse order (column-major); an expanded tensor (a stride 0) is kept as it is."""
+    if 0 in t.stride():
+        return t
+    if t.dim() == 1:
+        wide = torch.zeros(2 * t.shape[0], dtype=t.dtype)
+        wide[::2] = t
+        return wide[::2]
+    reverse = tuple(range(t.dim()))[::-1]
+    return t.permute(reverse).contiguous().permute(reverse)
+
+
+def test_inputs_of_any_strides_give_the_results_of_contiguous_ones():
+    """Every input may be a view (the programs read contiguous tensors: the wrapper copies), D and the initial
+    state too: without their copies, y was off by 1.9 and no other test noticed."""
+    pb = {k: v.float() for k, v in make_problem(2, 20, 2, 4, 1, 8).items()}
+    pb["B"] = pb["B"][:, :1].expand_as(pb["B"])  # (a stride 0 along the sequence)
+    results = []
+    for inputs in (pb, {k: _strided(v) for k, v in pb.items()}):
+        leaves = {k: v.requires_grad_() for k, v in inputs.items()}
+        y, final = ssd_chunk_scan(*(leaves[k] for k in ("x", "dt", "A", "B", "C")), 16, D=leaves["D"],
+                                  initial_state=leaves["initial_state"], return_final_state=True)
+        (y.sum() + (final * 0.5).sum()).backward()
+        results.append([y, final, *(leaves[k].grad for k in sorted(leaves))])
+        pb = {k: v.detach() for k, v in pb.items()}
+    assert all(not v.is_contiguous() for v in inputs.values())
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def test_empty_sequence_returns_the_initial_state():
     pb = make_problem(1, 0, 2, 4, 1, 8)
     y, final = ssd_chunk_scan(pb["x"].float(), pb["dt"].float(), pb["A"].float(), pb["B"].float(),
@@ -573,6 +608,13 @@ def test_bad_inputs_fail_clearly():
         ssd_chunk_scan(*args, 0)
     with pytest.raises(ValueError, match="chunk_size"):  # (a bool is an int, but not a chunk size)
         ssd_chunk_scan(*args, True)
+    with pytest.raises(ValueError, match="D must be \\(nheads,\\)"):  # (it read D past its end for head 1)
+        ssd_chunk_scan(*args, 16, D=torch.ones(1))
+    with pytest.raises(TypeError, match="D must be a real floating-point tensor"):  # (was a KeyError: 'complex64')
+        ssd_chunk_scan(*args, 16, D=torch.ones(2, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="dt must be ≥ 0"):  # (on CPU; the programs would clamp the decays)
+        ssd_chunk_scan(args[0], -args[1], *args[2:], 16)
+    assert torch.equal(ssd_chunk_scan(*args, np.int64(16)), ssd_chunk_scan(*args, 16))  # (as ssd_chunked takes it)
     with pytest.raises(ValueError, match="ngroups"):
         ssd_chunk_scan(args[0], args[1], args[2], pb["B"].repeat(1, 1, 3, 1), pb["C"].repeat(1, 1, 3, 1), 16)
     # more (batch element, chunk) pairs than a CUDA grid's 2nd axis holds: refused before any launch

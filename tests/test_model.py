@@ -334,6 +334,16 @@ def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
 def test_unknown_backend_is_rejected():
     with pytest.raises(ValueError, match="unknown scan backend 'cuda'"):
         Mamba2LM(tiny_config(), backend="cuda")
+    m = Mamba2LM(tiny_config())  # set later, as the README shows: a typo ran (and logged) a backend of its name
+    with pytest.raises(ValueError, match="unknown scan backend 'torhc'"):
+        m.backend = "torhc"
+    with pytest.raises(ValueError, match="unknown decode backend 'toch'"):
+        m.decode_backend = "toch"
+    m.backend, m.decode_backend = "torch", "torch"
+    assert (m.scan_backend(), m.backend, m.decode_backend) == ("torch", "torch", "torch")
+    m.scan_chunk_size = 0  # (was taken as "the default")
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer, got 0"):
+        m(torch.zeros(1, 4, dtype=torch.long))
 
 
 # sampling ------------------------------------------------------------------------------------------

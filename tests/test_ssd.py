@@ -1,5 +1,6 @@
 """The three SSD forms agree (recurrent = quadratic = chunked), in float64, on random problems."""
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -153,6 +154,9 @@ def test_step_is_one_token_of_the_recurrence():
         (lambda p: p.update(C=p["C"][:, :-1]), "C must have"),
         (lambda p: p.update(x=p["x"][0]), "x must be"),
         (lambda p: p.update(initial_state=p["initial_state"][:, :, :-1]), "initial_state must be"),
+        (lambda p: p.update(D=p["D"][:1]), "D must be \\(nheads,\\)"),  # (one D broadcast to every head)
+        (lambda p: p.update(B=p["B"][:, :-1]), "B must be \\(batch=1, seqlen=6, ngroups, dstate\\), got \\(1, 5, "),
+        (lambda p: p.update(B=p["B"][0]), "B must be"),
     ],
 )
 def test_bad_shapes_are_named(change, message):
@@ -166,8 +170,37 @@ def test_bad_shapes_are_named(change, message):
 def test_ngroups_must_divide_nheads():
     x, dt, A, B, C, D, _ = make_problem(6, 1, 6, 3, 3, 1, 5)
     B2 = torch.randn(1, 6, 2, 5, dtype=torch.float64)
-    with pytest.raises(ValueError, match="ngroups=2 must divide nheads=3"):
+    with pytest.raises(ValueError, match="ngroups=2 \\(B's third axis\\) must be at least 1 and divide nheads=3"):
         ssd_chunked(x, dt, A, B2, B2, D, chunk_size=4)
+    with pytest.raises(ValueError, match="ngroups=0"):  # (was a ZeroDivisionError)
+        ssd_chunked(x, dt, A, B2[:, :, :0], B2[:, :, :0], D, chunk_size=4)
+
+
+def test_values_and_types_outside_the_contract_are_refused():
+    """Integer or complex tensors (an integer x gave a truncated integer y), a chunk size given where D
+    goes, growing decays (dt < 0 or A > 0: the Triton kernel clamps them, the reference did not, and
+    neither said so); chunk sizes that are integers of another type are taken."""
+    x, dt, A, B, C, D, h0 = make_problem(5, 1, 6, 4, 3, 2, 5)
+    ok = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, initial_state=h0)
+    for change, error, message in [
+        (dict(x=x.to(torch.int64)), TypeError, "x must be a real floating-point tensor, got torch.int64"),
+        (dict(D=D.to(torch.complex128)), TypeError, "D must be a real floating-point tensor"),
+        (dict(initial_state=h0.to(torch.complex128)), TypeError, "initial_state must be a real floating-point"),
+        (dict(D=16), TypeError, "D must be a tensor or None, got int 16 \\(chunk_size is a keyword argument\\)"),
+        (dict(A=A.abs()), ValueError, "A must be ≤ 0 \\(A = −exp\\(A_log\\)\\)"),
+        (dict(dt=-dt), ValueError, "dt must be ≥ 0 \\(dt = softplus"),
+    ]:
+        for f in (ssd_recurrent, ssd_quadratic, lambda **kw: ssd_chunked(**kw, chunk_size=4)):
+            with pytest.raises(error, match=message):
+                f(**{**ok, **change})
+    for bad in (0, -1, 2.0, True, "4"):
+        with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+            ssd_chunked(**ok, chunk_size=bad)
+    y, _ = ssd_chunked(**ok, chunk_size=4)
+    assert torch.equal(ssd_chunked(**ok, chunk_size=np.int64(4))[0], y)
+    assert torch.equal(ssd_chunked(**ok, chunk_size=torch.tensor(4))[0], y)
+    assert torch.equal(ssd_chunked(**{**ok, "A": torch.zeros_like(A), "dt": torch.zeros_like(dt)}, chunk_size=4)[0],
+                       ssd_recurrent(**{**ok, "A": torch.zeros_like(A), "dt": torch.zeros_like(dt)})[0])  # (0: allowed)
 
 
 @pytest.mark.parametrize("use_h0", [True, False])
@@ -178,5 +211,6 @@ def test_an_empty_sequence_leaves_the_state_as_it_was(use_h0):
         y, h = f(x, dt, A, B, C, D, h0)
         assert y.shape == (2, 0, 4, 3) and y.dtype == x.dtype
         assert torch.equal(h, h0 if use_h0 else torch.zeros(2, 4, 3, 5, dtype=torch.float64))
+    h0 = h0.float() if use_h0 else None  # (float32 as the result: a copy is not made by the cast alone)
     y, h = ssd_chunked(x.float(), dt.float(), A.float(), B.float(), C.float(), D.float(), h0, chunk_size=4)
     assert h.dtype == torch.float32 and (h0 is None or h.data_ptr() != h0.data_ptr())  # a new tensor, float32
