@@ -8,9 +8,12 @@ the PubMed perplexity falls while C4 stays where it was and Wikipedia does not g
   1. prepare   the small public corpora in --data-root with `minimamba.data` (PubMed abstracts, C4 and
                Wikipedia/WikiText documents; each split into train and held-out by a hash of the text);
   2. general   pretrain a 4-layer, 128-wide Mamba2 from random weights on C4 + Wikipedia (50/50 by tokens),
-               200 steps of 8×256 tokens at a constant LR of 2e-4: the "before" model;
+               200 steps of 8×256 tokens at an LR of 2e-4 (after a 10-step warmup; lower layers less, by the
+               recipe's layer-wise decay): the "before" model;
   3. continue  from it, with the same training code as train.py, three ways (140 steps each, the same
-               tokens per step, new windows of the general data, a fresh optimizer as from a public checkpoint):
+               tokens per step, the general data in a new order: about half of the Wikipedia windows and a
+               tenth of the C4 windows it draws were seen in step 2; a fresh optimizer as from a public
+               checkpoint):
                  mix    80/10/10 at 2e-4 (the recipe: a gentle LR and a general share);
                  pubmed PubMed only at 2e-4 (ablation: no general share);
                  lr1e-3 80/10/10 at 1e-3 (ablation: an aggressive LR);
@@ -69,7 +72,7 @@ SOURCES = {
 }
 HELDOUT_FRACTION = {"pubmed": 0.05, "c4": 0.05, "wikipedia": 0.1}  # ~75-80k held-out tokens each
 SEQ_LEN, BATCH = 256, 8  # tokens per window, windows per optimizer step
-GENERAL_LR = 2e-4  # the general pretraining's constant LR (see the module docstring)
+GENERAL_LR = 2e-4  # the general pretraining's LR, constant after a 10-step warmup (see the module docstring)
 
 # the rows of the table after the "before" row: name -> (mix, LR, what it shows)
 ROWS = {
@@ -124,8 +127,9 @@ def prepare(data_root, out):
 
     # keep the VOCAB-1 most frequent ids of the training text (EOS = 0 among them), the rest -> one id
     counts = sum(np.bincount(data.load_split(full, d, "train"), minlength=tokenizer.vocab_size) for d in DOMAINS)
-    counts[tokenizer.eos_id] = counts.max() + 1
-    kept = np.argsort(-counts, kind="stable")[: VOCAB - 1]
+    rank = counts.copy()
+    rank[tokenizer.eos_id] = counts.max() + 1  # (EOS kept whatever its count)
+    kept = np.argsort(-rank, kind="stable")[: VOCAB - 1]
     new_id = np.full(tokenizer.vocab_size, VOCAB - 1, dtype=np.uint16)  # VOCAB-1 = "rare"
     new_id[kept] = np.arange(VOCAB - 1, dtype=np.uint16)
     assert new_id[tokenizer.eos_id] == 0
@@ -169,8 +173,9 @@ def general_pretraining(tokens, out, steps, **kw):
 
 def continued_pretraining(tokens, out, start, row, steps, **kw):
     mix, lr, _ = ROWS[row]
-    # seed 1: the general windows are drawn in another order than in the general phase, so the
-    # continued pretraining mostly sees general text the model has not seen yet (as in the recipe)
+    # seed 1: the general windows are drawn in another order than in the general phase; about half of the
+    # Wikipedia windows and a tenth of the C4 windows it draws were seen there (the general phase went
+    # through about half of Wikipedia's and less of C4's)
     cfg = run_config(tokens, out / f"cpt-{row}", init=str(start), mix=mix, lr=lr, schedule="constant",
                      warmup=min(10, steps), max_steps=steps, seed=1, **kw)
     return train(cfg)

@@ -59,6 +59,8 @@ def parse_mix(text):
     total = sum(mix.values())
     if total <= 0:
         raise ValueError("the shares in --mix sum to 0; give at least one domain a positive share")
+    if not np.isfinite(total):  # (each share normalised to 0 and dropped)
+        raise ValueError(f"the shares in --mix sum to {total}: use smaller numbers, e.g. fractions that sum to 1")
     return {name: share / total for name, share in mix.items() if share > 0}
 
 
@@ -190,10 +192,11 @@ class MixtureSampler:
         # (the order of the domains matters too: it breaks ties between their row counts and orders the rows)
         if list(state["mix"]) != list(self.mix) or any(abs(state["mix"][d] - self.mix[d]) > 1e-12 for d in self.mix):
             changed.append(f"mix: checkpoint {state['mix']} vs now {self.mix}")
-        if "num_windows" in state and state["num_windows"] != self.num_windows:  # (older checkpoints lack it)
+        # (the windows follow from the tokens and --seq-len: a changed --seq-len alone is not new data)
+        if "num_windows" in state and state["num_windows"] != self.num_windows and state["seq_len"] == self.seq_len:
             changed.append(f"windows per domain: checkpoint {state['num_windows']} vs now {self.num_windows} "
                            "(the training data was prepared again)")
-        elif "stream_tokens" in state and state["stream_tokens"] != self.stream_tokens:  # (nor this)
+        elif "stream_tokens" in state and state["stream_tokens"] != self.stream_tokens:  # (older checkpoints lack it)
             changed.append(f"tokens per domain: checkpoint {state['stream_tokens']} vs now {self.stream_tokens} "
                            "(the training data was prepared again)")
         if changed:

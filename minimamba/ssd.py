@@ -91,7 +91,7 @@ def _check(x, dt, A, B, C, D, initial_state):
             f"initial_state must be (batch, nheads, headdim, dstate)={(b, h, p, n)}, "
             f"got {tuple(initial_state.shape)}"
         )
-    if not x.is_cuda:
+    if x.device.type == "cpu":  # (not on a GPU, nor on the "meta" device, which holds no values)
         if (A > 0).any():
             raise ValueError(f"A must be ≤ 0 (A = −exp(A_log)), got {A.max().item():.4g} for a head: its decay "
                              "exp(dt·A) would grow")

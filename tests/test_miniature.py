@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from minimamba import data, miniature
+from minimamba.sampler import parse_mix
+from minimamba.training import read_log
 from tests.conftest import DATA
 
 needs_data = pytest.mark.skipif(not (DATA / "tokenizer" / "tokenizer.json").is_file(),
@@ -100,6 +102,13 @@ def test_the_whole_command_on_the_shared_corpora(tmp_path, capsys):
             assert len(full) == len(small) > 1000
             assert np.array_equal(new_id[full], small)
         assert data.read_meta(out / "tokens", domain)["tokenizer"]["vocab_size"] == miniature.VOCAB
+
+    # what each run trained on: the token shares its sampler logged (to within a row of the 8 per step)
+    rows = {"general": ("c4=0.5,wikipedia=0.5", 3), "cpt-mix": ("pubmed=0.8,c4=0.1,wikipedia=0.1", 2),
+            "cpt-pubmed": ("pubmed=1", 2)}  # (the recipe's row and its ablation, as the README describes them)
+    for run, (mix, steps) in rows.items():
+        shares = [r for r in read_log(out / run / "log.jsonl") if "token_shares" in r][-1]["token_shares"]
+        assert shares == pytest.approx(parse_mix(mix), abs=1 / (steps * miniature.BATCH)), (run, shares)
 
     result = json.loads((out / "miniature.json").read_text())
     assert list(result["perplexity"]) == ["before", "mix", "pubmed"]

@@ -38,7 +38,8 @@ def test_parse_mix():
     assert parse_mix("pubmed=8, c4=1,wikipedia=1") == pytest.approx(MIX)
     assert parse_mix("pubmed=1,c4=0") == {"pubmed": 1.0}  # a zero share drops the domain
     for bad, words in [("pubmed", "NAME=SHARE"), ("pubmed=x", "number"), ("pubmed=-1", ">= 0"),
-                       ("a=1,a=2", "twice"), ("a=0", "sum to 0"), ("=1", "NAME=SHARE")]:
+                       ("a=1,a=2", "twice"), ("a=0", "sum to 0"), ("=1", "NAME=SHARE"),
+                       ("pubmed=1e308,c4=1e308", "sum to inf: use smaller numbers")]:  # (was {}: every share 0)
         with pytest.raises(ValueError, match=words):
             parse_mix(bad)
 
@@ -107,6 +108,15 @@ def test_resume_from_state_sees_the_same_batches(data):
     reordered = MixtureSampler(data, {d: MIX[d] for d in ("c4", "wikipedia", "pubmed")}, SEQ, 12, seed=1)
     with pytest.raises(ValueError, match="order of its domains"):
         reordered.load_state_dict(first.state_dict())
+    for changed, what in [(dict(rows_per_step=12, seed=2), "seed: checkpoint 1 vs now 2"),
+                          (dict(rows_per_step=16, seed=1), "rows_per_step: checkpoint 12 vs now 16")]:
+        with pytest.raises(ValueError, match="Resume with the same values") as err:  # (another data order)
+            MixtureSampler(data, MIX, SEQ, changed["rows_per_step"], seed=changed["seed"]).load_state_dict(
+                first.state_dict())
+        assert what in str(err.value)
+    with pytest.raises(ValueError) as err:  # another --seq-len: not new data, whatever the window counts
+        MixtureSampler(data, MIX, SEQ * 2, 12, seed=1).load_state_dict(first.state_dict())
+    assert f"seq_len: checkpoint {SEQ} vs now {SEQ * 2}" in str(err.value) and "prepared again" not in str(err.value)
 
 
 def test_resume_after_the_data_changed_is_refused(tmp_path):

@@ -244,6 +244,25 @@ def test_ema_update_and_exact_swap():
     assert all(torch.equal(p, trained[n]) for n, p in model.named_parameters())
 
 
+def test_perplexity_pools_every_target_token_whatever_the_batch_size():
+    """Against a loop over each window and position: exp of the mean over all scored tokens of −log p(next
+    token) (the targets are the windows shifted by one; 7 windows, so batches of 3 and 8 are ragged)."""
+    model = small_model(seed=1).eval()
+    windows = torch.randint(0, VOCAB, (7, 17), generator=torch.Generator().manual_seed(0))
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for window in windows:
+            log_p = torch.log_softmax(model(window[None, :-1])[0].double(), dim=-1)  # (16, Vp)
+            for t in range(16):
+                nll -= log_p[t, window[t + 1]].item()
+                count += 1
+    for batch_size in (1, 3, 8, 100):
+        got = perplexity(model, windows, batch_size=batch_size)
+        assert got["tokens"] == count == 7 * 16
+        assert got["loss"] == pytest.approx(nll / count, rel=1e-6) and got["ppl"] == pytest.approx(math.exp(nll / count),
+                                                                                                    rel=1e-5)
+
+
 def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
     class Uniform(torch.nn.Module):
         def forward(self, ids):
