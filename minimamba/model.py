@@ -38,6 +38,25 @@ BACKENDS = ("auto", "torch", "triton")
 DECODE_BACKENDS = ("auto", "torch", "c")
 
 
+class OneOf:
+    """An attribute that takes only one of `choices`: a typo (model.backend = "torhc") is an error that says
+    so, not a backend of that name run and logged."""
+
+    def __init__(self, choices, what):
+        self.choices, self.what = choices, what
+
+    def __set_name__(self, owner, name):
+        self.stored = "_" + name
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else getattr(obj, self.stored)
+
+    def __set__(self, obj, value):
+        if value not in self.choices:
+            raise ValueError(f"unknown {self.what} {value!r}; choose one of {self.choices}")
+        object.__setattr__(obj, self.stored, value)  # (a plain attribute: not a parameter, buffer or module)
+
+
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x²) + eps) · w, computed in float32, returned in `out_dtype` (default: x's)."""
 
@@ -207,6 +226,9 @@ class Mamba2LM(nn.Module):
     "auto"   "c" where it can run, "torch" otherwise, saying why (`decoder` logs the choice).
     """
 
+    backend = OneOf(BACKENDS, "scan backend")  # what `backend=` asked for (the constructor's, or set later)
+    decode_backend = OneOf(DECODE_BACKENDS, "decode backend")
+
     def __init__(self, config: Mamba2Config, backend="auto", decode_backend="auto"):
         super().__init__()
         self.config, self.backend, self.decode_backend = config, backend, decode_backend  # (checked: below)
@@ -258,28 +280,6 @@ class Mamba2LM(nn.Module):
         self.norm_f.weight.fill_(1.0)
 
     # the scan backend -----------------------------------------------------------------------------
-    @property
-    def backend(self):
-        """The scan backend asked for (BACKENDS); setting an unknown one is an error, not a silent choice."""
-        return self._backend
-
-    @backend.setter
-    def backend(self, name):
-        if name not in BACKENDS:
-            raise ValueError(f"unknown scan backend {name!r}; choose one of {BACKENDS}")
-        self._backend = name
-
-    @property
-    def decode_backend(self):
-        """The decode step asked for (DECODE_BACKENDS); setting an unknown one is an error."""
-        return self._decode_backend
-
-    @decode_backend.setter
-    def decode_backend(self, name):
-        if name not in DECODE_BACKENDS:
-            raise ValueError(f"unknown decode backend {name!r}; choose one of {DECODE_BACKENDS}")
-        self._decode_backend = name
-
     def scan_backend(self, device=None):
         """The backend `forward` uses for tensors on `device` (default: the model's device)."""
         device = torch.device(device) if device is not None else self.embedding.weight.device

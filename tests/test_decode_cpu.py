@@ -346,10 +346,24 @@ def test_another_compiler_of_the_same_name_builds_its_own_library(fresh_build, m
     assert len({real, first, upgraded}) == 3
 
 
-def test_a_library_that_cannot_be_loaded_is_a_runtime_error_and_auto_falls_back(fresh_build, monkeypatch, caplog):
-    fake = _fake_compiler(fresh_build / "bin", "brokencc", "not a shared object")
-    monkeypatch.setenv("CC", str(fake))
-    with pytest.raises(RuntimeError, match="just built with .* cannot be loaded.*MINIMAMBA_BUILD_DIR"):
+def _not_a_program(folder):
+    """An executable file that exec() refuses (no #! line: ENOEXEC)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "cc-without-shebang"
+    path.write_text("echo hi\n")
+    path.chmod(0o755)
+    return path
+
+
+@pytest.mark.parametrize("compiler, message", [
+    (lambda d: _fake_compiler(d, "brokencc", "not a shared object"),  # it "builds" a file that is no library
+     "just built with .* cannot be loaded.*MINIMAMBA_BUILD_DIR"),
+    (_not_a_program, "cannot run the C compiler CC=.*cc-without-shebang.*decode_backend='torch'"),  # (was OSError)
+], ids=["library-cannot-be-loaded", "compiler-cannot-be-run"])
+def test_a_build_that_fails_is_a_runtime_error_and_auto_falls_back(fresh_build, monkeypatch, caplog, compiler,
+                                                                   message):
+    monkeypatch.setenv("CC", str(compiler(fresh_build / "bin")))
+    with pytest.raises(RuntimeError, match=message):
         decode_cpu.load()
     model = random_model(config(), decode_backend="auto")
     with caplog.at_level(logging.WARNING, logger="minimamba"):
@@ -379,19 +393,6 @@ def test_a_library_cut_short_is_rebuilt_not_loaded(fresh_build, monkeypatch, tmp
         assert not decode_cpu._whole(cut)
         assert decode_cpu.load().mamba2_step_workspace is not None and decode_cpu._whole(cut)
         assert cut.stat().st_size == len(data), fraction
-
-
-def test_a_compiler_that_cannot_be_run_is_a_runtime_error_and_auto_falls_back(fresh_build, monkeypatch, caplog):
-    not_a_program = fresh_build / "cc-without-shebang"
-    not_a_program.write_text("echo hi\n")  # (executable, but exec() refuses it: ENOEXEC)
-    not_a_program.chmod(0o755)
-    monkeypatch.setenv("CC", str(not_a_program))
-    with pytest.raises(RuntimeError, match="cannot run the C compiler CC=.*cc-without-shebang.*decode_backend='torch'"):
-        decode_cpu.load()
-    model = random_model(config(), decode_backend="auto")
-    with caplog.at_level(logging.WARNING, logger="minimamba"):
-        model.decoder(1)
-    assert model.decode_backend_used[0] == "torch" and "failed to build" in caplog.text
 
 
 def test_a_damaged_library_in_a_read_only_build_folder_is_a_runtime_error_and_auto_falls_back(
