@@ -69,7 +69,6 @@ MAX_PROBLEMS_SHOWN = 10  # problems printed while preparing
 BATCH_DOCUMENTS = 512  # documents per call to the tokenizer
 
 
-
 class DataError(ValueError):
     """Bad input or arguments; the message names the file, field or option, and what to do."""
 
@@ -433,16 +432,15 @@ def _template_fields(template: str) -> list[str]:
 
 
 def _as_text(value) -> str | None:
-    """A field's value as text: a string, a number (an id), nothing (None: ""), or a list of these (e.g.
-    sentences or paragraphs, one per line); None for anything else (an object, true/false)."""
+    """A field's value as text: nothing (None) is "", a list is its items one per line (e.g. sentences or
+    paragraphs), anything else its str() (a string, a number, a parquet date or decimal); None for an object
+    or true/false (their Python repr, "{'en': ...}" or "True", is not the document's text)."""
     if value is None:
         return ""
     if isinstance(value, list):
         items = [_as_text(item) for item in value]
         return None if None in items else "\n".join(items)
-    if isinstance(value, str) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
-        return str(value)
-    return None
+    return None if isinstance(value, (dict, bool)) else str(value)
 
 
 def _record_documents(records, source, field, template, names, report) -> Iterator[Document]:
@@ -799,6 +797,7 @@ def download_source(source: str, out_dir: str | Path, files: int = 1, split: str
         if not raw.exists():
             name = "wikitext-103-raw-v1/test-00000-of-00001.parquet"
             parquet = download(hub_url(WIKITEXT[0], name, WIKITEXT[1]), out / Path(name).name)
+
             def unreadable(kind, line, message):  # (a wiki.test.raw from part of the file would be wrong)
                 raise DataError(f"{parquet}: {message}. Delete it and run again (a server or proxy may have "
                                 "sent an error page in its place)")

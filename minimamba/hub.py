@@ -157,8 +157,8 @@ def from_pretrained(name_or_path, dtype=None, device=None, backend="auto"):
     if config.tie_embeddings:
         # (without an embedding there is nothing to compare: the listing below reports it missing; with two
         # spellings of one, the listing names them, not this)
-        if not problems and "lm_head.weight" in sd and "embedding.weight" in sd and not torch.equal(sd["lm_head.weight"],
-                                                                                   sd["embedding.weight"]):
+        head, embedding = sd.get("lm_head.weight"), sd.get("embedding.weight")
+        if not problems and head is not None and embedding is not None and not torch.equal(head, embedding):
             raise CheckpointError(f"{directory}: config ties the embeddings but lm_head.weight differs from "
                                   "the embedding; set tie_embeddings=false in config.json")
         sd.pop("lm_head.weight", None)

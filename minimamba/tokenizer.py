@@ -70,6 +70,7 @@ from pathlib import Path
 import tiktoken
 
 DEFAULT_TOKENIZER = "EleutherAI/gpt-neox-20b"
+SURROGATE = re.compile("[\ud800-\udfff]")  # halves of a character (UTF-16's), which a str can hold
 
 
 class Tokenizer:
@@ -334,7 +335,6 @@ def _pattern(longest_space_run: int) -> str:
 
 # Runs of at least this many whitespace characters are split into pieces in Python (`_encode_ordinary`);
 # \s as the regex means it: Unicode's White_Space (Python's str \s adds U+001C..U+001F, which are not)
-SURROGATE = re.compile("[\ud800-\udfff]")  # halves of a character (UTF-16's), which a str can hold
 _LONG_WHITESPACE_RUN = 100_000
 _WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 _LONG_WHITESPACE = re.compile(f"[{_WHITESPACE}]{{{_LONG_WHITESPACE_RUN},}}")

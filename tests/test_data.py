@@ -147,6 +147,16 @@ def test_parquet(tmp_path):
     broken = tmp_path / "broken.parquet"
     broken.write_bytes(b"PAR1 not really parquet")
     assert [p.kind for p in texts(broken)[1]] == ["unreadable", "empty_file"]
+    import datetime
+    import decimal
+
+    typed = tmp_path / "typed.parquet"  # a date and a decimal are text by their str(); a struct is not text
+    pq.write_table(pa.table({"title": ["A study"], "date": [datetime.date(2020, 1, 2)],
+                             "dose": pa.array([decimal.Decimal("1.50")], pa.decimal128(5, 2)),
+                             "meta": [{"lang": "en"}]}), typed)
+    assert texts(typed, template="{title} ({date}, {dose} mg)") == (["A study (2020-01-02, 1.50 mg)"], [])
+    found, problems = texts(typed, field="meta")
+    assert found == [] and problems[0].message == "field 'meta' holds dict \"{'lang': 'en'}\", not text"
 
 
 PUBMED_XML = """<?xml version="1.0" ?>

@@ -6,6 +6,7 @@ import logging
 import os
 import pathlib
 import shutil
+import sys
 
 import pytest
 import torch
@@ -378,17 +379,18 @@ def test_a_damaged_library_in_the_build_folder_is_rebuilt(fresh_build):
     assert lib.mamba2_step_workspace is not None and path.stat().st_size > 1000
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the check reads ELF headers (Linux libraries)")
 def test_a_library_cut_short_is_rebuilt_not_loaded(fresh_build, monkeypatch, tmp_path_factory):
     """dlopen of an ELF file cut short can kill the process (SIGBUS), or load one that crashes later: a
     library shorter than its header says is rebuilt."""
-    whole = decode_cpu.library_path(os.environ.get("CC", "cc"))
+    whole = decode_cpu.library_path(os.environ.get("CC") or "cc")
     decode_cpu.load()
     data = whole.read_bytes()
     for fraction in (0.5, 0.9, 0.99):
         other = tmp_path_factory.mktemp("build")  # (a library loaded here must not be overwritten in place)
         monkeypatch.setenv("MINIMAMBA_BUILD_DIR", str(other))
         monkeypatch.setattr(decode_cpu, "_lib", None)
-        cut = decode_cpu.library_path(os.environ.get("CC", "cc"))
+        cut = decode_cpu.library_path(os.environ.get("CC") or "cc")
         cut.write_bytes(data[: int(len(data) * fraction)])
         assert not decode_cpu._whole(cut)
         assert decode_cpu.load().mamba2_step_workspace is not None and decode_cpu._whole(cut)

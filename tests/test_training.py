@@ -722,8 +722,12 @@ def test_resume_errors(data, init_dir, tmp_path, capsys):
                                          "another run"):
         train(replace(other, resume=str(step_2), max_steps=4))  # (it deleted other's checkpoints, mixed the logs)
     assert sorted(p.name for p in (tmp_path / "other").iterdir()) == before
+    capsys.readouterr()
     train(replace(cfg, resume=str(step_2), out=str(tmp_path / "branch"), max_steps=3, init="scratch"))
-    assert "init " in capsys.readouterr().out  # (into a new OUT: allowed; the --init change is noted as unused)
+    out = capsys.readouterr().out  # (into a new OUT: allowed; the --init change is noted as unused)
+    assert f"init {cfg.init} -> scratch" in out and "--init is not used: the weights are the checkpoint's" in out
+    assert "note: with --ema 0.9, the EMA weights, which are evaluated and saved, will still be 90% the weights " \
+           "this run starts from after its 1 steps; for a run this short pass --ema 0" in out
 
     # a log line cut short by a kill is dropped on resume, with a note; the run goes on
     out = tmp_path / "run"
