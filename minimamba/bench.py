@@ -64,7 +64,7 @@ def bench_tokenizer(args):
         "minimamba encode_batch": lambda: ours.encode_batch(docs, num_threads=threads),
     }
     try:
-        os.environ.setdefault("RAYON_NUM_THREADS", str(threads))  # read when tokenizers starts its thread pool
+        _give_hf_tokenizers(threads)
         from tokenizers import Tokenizer
 
         ref = Tokenizer.from_file(str(tokenizer_json))
@@ -97,6 +97,14 @@ def bench_tokenizer(args):
 
 
 # model speed ------------------------------------------------------------------------------------------------
+def _give_hf_tokenizers(threads):
+    """Make HF tokenizers' batch encoding use `threads` threads, the number the benchmark prints (read when it
+    starts its thread pool): a RAYON_NUM_THREADS set before, or TOKENIZERS_PARALLELISM=false (one thread),
+    would time it on others."""
+    os.environ["RAYON_NUM_THREADS"] = str(threads)
+    os.environ.pop("TOKENIZERS_PARALLELISM", None)
+
+
 def _isolated(fn, *args):
     """Run fn(*args) in a fresh process and return (its result, that process's peak RSS in GiB), so that
     every row's peak memory is its own and not the high-water mark of an earlier row."""
@@ -114,8 +122,10 @@ def _with_peak_rss(fn, *args):
     return result, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
-def _build(impl, scale, dtype, chunk_size, seed=0, backend="torch"):
-    """The model to time: ours, or HF transformers' Mamba2ForCausalLM with bit-identical weights."""
+def _build(impl, scale, dtype, chunk_size, seed=0, backend="torch", device="cpu"):
+    """The model to time: ours, or HF transformers' Mamba2ForCausalLM with bit-identical weights and the
+    scan chunk ours uses on `device` (the result does not depend on it, the speed does: HF's default 256
+    is ~1.26× slower than 64 on a 2-core CPU at 130m, so the same chunk for both)."""
     import torch
 
     from minimamba.config import Mamba2Config
@@ -129,10 +139,11 @@ def _build(impl, scale, dtype, chunk_size, seed=0, backend="torch"):
         return ours.to(dtype)
     import transformers
 
+    chunk = ours.scan_chunk(torch.device(device))
     # built on the meta device and given ours' tensors (assign=True), not a copy of them: a process that held
     # both models' weights at once would count them twice in its peak memory (RSS), against HF only
     with torch.device("meta"):
-        hf = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(**cfg.to_dict("hf")))
+        hf = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(**cfg.replace(chunk_size=chunk).to_dict("hf")))
     sd = {("backbone." + k if not k.startswith("lm_head") else k): v for k, v in ours.state_dict().items()}
     sd["backbone.embeddings.weight"] = sd.pop("backbone.embedding.weight")
     hf.load_state_dict(sd, assign=True)
@@ -203,10 +214,13 @@ def _phase(impl, phase, a):
     torch.set_num_threads(a["threads"])
     device = torch.device(a["device"])
     cuda = device.type == "cuda"
-    model = _build(impl, a["scale"], getattr(torch, a["dtype"]), a["chunk_size"], backend=a["backend"]).to(device)
+    if a.get("compare_hf"):  # (both processes hold transformers' code, ~0.22 GiB of RSS: not counted against HF)
+        from transformers import Mamba2ForCausalLM  # noqa: F401
+    model = _build(impl, a["scale"], getattr(torch, a["dtype"]), a["chunk_size"], backend=a["backend"],
+                   device=a["device"]).to(device)
     _set_checkpointing(model, impl, a["checkpointing"])
-    if impl == "minimamba":
-        model.decode_backend = a["decode_backend"]
+    if impl == "minimamba":  # (under --amp, "auto" takes the torch step: the C step computes in float32, HF in bf16)
+        model.decode_backend = "torch" if a["amp"] and a["decode_backend"] == "auto" else a["decode_backend"]
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     # --amp: float32 weights, bfloat16 matmuls (the recipe's mixed precision)
     amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if a["amp"] else contextlib.nullcontext
@@ -312,11 +326,9 @@ def bench_model(args):
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{a['threads']} threads; mamba2-{args.scale} shapes ({n_params / 1e6:.1f}M params, "
           f"{weight_bytes / 2**20:.0f} MiB of {args.dtype} weights), random weights")
-    if args.device != "cpu":
-        import torch as _t
-
-        print(f"device {args.device}: {_t.cuda.get_device_name()}, scan backend {args.backend}, "
-              f"{'bf16 autocast' if args.amp else args.dtype}, activation checkpointing {args.checkpointing}")
+    where = f"device {args.device}" + (f": {torch.cuda.get_device_name()}" if args.device != "cpu" else "")
+    print(f"{where}, scan backend {args.backend}, {'bf16 autocast' if args.amp else args.dtype}, "
+          f"activation checkpointing {args.checkpointing}, decode step {args.decode_backend}")
     print(f"forward / train step: batch {args.batch} x {args.seqlen} tokens; prefill: 1 x {args.prompt}; "
           f"decode: batch 1; scan chunk {args.chunk_size or 'default'}; median of {args.repeat}\n")
     rows, floor, decode_step = {}, None, None
@@ -352,7 +364,9 @@ def bench_model(args):
         if floor["note"]:
             print(f"  ({floor['note']})")
     if args.json:
-        out = {"scale": args.scale, "dtype": args.dtype, "threads": a["threads"], "decode_step": decode_step,
+        out = {"scale": args.scale, "dtype": args.dtype, "amp": args.amp, "checkpointing": args.checkpointing,
+               "batch": args.batch, "seqlen": args.seqlen, "prompt": args.prompt, "threads": a["threads"],
+               "decode_step": decode_step,
                "decode_vs_floor": floor, "rows": {f"{p} {m}": v for (p, m), v in rows.items()}}
         Path(args.json).write_text(json.dumps(out, indent=2))
 
@@ -493,6 +507,12 @@ def main(argv=None):
 
         if not torch.cuda.is_available():
             parser.error("--device cuda: torch sees no GPU here; use --device cpu")
+    elif getattr(args, "backend", "torch") == "triton":
+        parser.error("--backend triton needs --device cuda (the Triton kernel runs on CUDA tensors)")
+    if getattr(args, "decode_backend", "auto") == "c" and (getattr(args, "dtype", "float32") != "float32"
+                                                           or getattr(args, "amp", False)):
+        parser.error("--decode-backend c computes in float32: use --dtype float32 without --amp, or "
+                     "--decode-backend torch")
     args.run(args)
 
 

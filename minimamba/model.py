@@ -287,11 +287,17 @@ class Mamba2LM(nn.Module):
             return self.backend
         return "triton" if device.type == "cuda" else "torch"
 
+    def scan_chunk(self, device=None):
+        """The chunk length the scan uses on `device`: `scan_chunk_size` if set, else 64 for the torch scan on
+        a CPU (where it measured fastest, bench.py) and the checkpoint's (256) elsewhere."""
+        device = torch.device(device) if device is not None else self.embedding.weight.device
+        if self.scan_chunk_size is not None:  # (the scans refuse one that is no positive integer)
+            return self.scan_chunk_size
+        return 64 if self.scan_backend(device) == "torch" and device.type == "cpu" else self.config.chunk_size
+
     def _scan(self, device):
         name = self.scan_backend(device)
-        Q = self.scan_chunk_size  # (the scans refuse one that is no positive integer)
-        if Q is None:
-            Q = 64 if name == "torch" and device.type == "cpu" else self.config.chunk_size
+        Q = self.scan_chunk(device)
         if name == "torch":
             scan = lambda *a, **kw: ssd_chunked(*a, **kw, chunk_size=Q)  # noqa: E731
         else:
