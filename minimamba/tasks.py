@@ -14,13 +14,124 @@ A task's `kind` says how its items are scored (minimamba.evaluate):
     "yesno"     accuracy, macro-F1 and per-class precision / recall / F1 over the option labels
     "lambada"   acc (every continuation token is the greedy one) and perplexity of the continuation
     "generate"  ROUGE-1 / 2 / L F1 of greedy generations against the references
+
+    load_task("pubmedqa", split="test", data_dir=None, limit=None)  -> [Choice | Generation]
+    sft_example("pubmedqa", item)                                    -> (prompt, response) for SFT
+    python -m minimamba.tasks download pubmedqa arc_easy --out data/tasks
+    python -m minimamba.tasks list [--data DIR]
+
+Files are read from DIR (default: $MINIMAMBA_TASK_DATA, else data/tasks) with the relative layout of the
+project's shared data folder (pubmedqa/ori_pqal.json, mc/arc_easy.jsonl, clinical/aci-bench/train.csv...).
+`download` fetches them from GitHub at the commits pinned in DOWNLOADS (size and sha256 checked), from
+$MINIMAMBA_GITHUB_RAW (default https://raw.githubusercontent.com) as {base}/{owner}/{repo}/{commit}/{path}.
+A record that cannot be read (a missing field, a gold index out of range, bytes that are not UTF-8, an
+empty file) is an error naming the file and line: a benchmark with silently dropped items is not that
+benchmark any more. Item ids are stable ("pubmedqa/12377809", "arc_easy/17": the record's place in its file).
+
+Biomedical yes/no QA (the BioMamba recipe's QA protocol: log-likelihood of each answer after its template)
+    QA_TEMPLATE = "Answer the following biomedical research question with yes, no, or maybe based on the
+                   provided context.\\n\\nQuestion: {question}\\n\\nContext:\\n{context}\\n\\nAnswer:"
+    continuations " yes", " no" (, " maybe"); the context is cut to its first 2,400 characters (the recipe's
+    PubMedQA eval script; BioASQ the same here).
+  pubmedqa  PubMedQA PQA-L (pubmedqa/pubmedqa ori_pqal.json + test_ground_truth.json). test: the official
+            500 (the PMIDs of test_ground_truth.json, in its order; 276 yes / 169 no / 55 maybe); train: the
+            other 500 (the official cross-validation pool). context = the abstract's CONTEXTS joined by one
+            space (the sections' text without their labels, as one paragraph); gold = final_decision.
+            The recipe instead cut the 1,000 into 800 / 200 at random (seed 42); the official split is used
+            here so that numbers compare with the PubMedQA leaderboard / BLURB.
+  bioasq    BioASQ Task B yes/no questions from the official golden files bioasq/raw/{batch}_golden.json
+            (type == "yesno"; body, exact_answer, snippets[].text). context = the snippets' texts, each
+            stripped, joined by one space. test: the newest batches here, 12B1-12B4 (102 questions); train:
+            the older ones, 9B5, 10B1-10B6, 11B2 (166). The recipe tested on the newest batches of its time
+            (13B1-13B4, 82 questions) and trained on older data (7b + 13b training), the same idea one year
+            earlier. Without bioasq/raw/, the derived bioasq/bioasq_yesno_golden_9b-12b.jsonl (same questions,
+            with a "batch" field) is read instead. BioASQ data need a registration: nothing is downloaded.
+            The recipe scored BioASQ by generating and parsing the first word; here it is scored like
+            PubMedQA (log-likelihood of " yes" / " no"), which cannot produce an unparseable answer.
+
+Multiple choice (the out-of-domain benchmarks; test split only: eval-only), with lm-evaluation-harness's
+strings (its default target delimiter " " goes in front of every continuation). Files from llm-foundry's
+local_data (its "query" fields already hold part of lm-eval's context, as said below):
+  arc_easy / arc_challenge  ARC test (2,376 / 1,172): context "Question: {q}\\nAnswer:" (the file's query is
+            "Question: {q}", so "\\nAnswer:" is appended), continuation " {choice}". (This copy has exactly 4
+            choices per item; a few ARC items have 3 or 5 in the original.)
+  piqa      PIQA validation (1,838): context "Question: {goal}\\nAnswer:" (the file's query is
+            "Question: {goal}\\n", so "Answer:" is appended), continuation " {solution}".
+  openbookqa  OpenBookQA test (500), no fact: context = the question stem, continuation " {choice}".
+  winogrande  WinoGrande dev / xl (1,267), lm-eval's partial scoring: one context per option (the sentence
+            up to the blank with that option filled in: the file's context_options), the shared continuation
+            " {rest of the sentence}"; only the continuation is scored, so options are compared fairly.
+  hellaswag  HellaSwag validation (10,042) from klosax/hellaswag_text_data's text file (6 lines an item:
+            "activity_label: ctx", gold, 4 endings; rowanz's jsonl and llm-foundry's copy are too large for
+            the project's mirrors). lm-eval's preprocessing (drop "[...]" tags, "  " -> " ", strip) is applied
+            again to the query and endings (it changes 19 lines that the uploader's narrower version left);
+            context = the query, continuation " {ending}". One difference from lm-eval remains: lm-eval
+            capitalizes ctx_b ("... on a roof. He"), which this file cannot (ctx_a and ctx_b are merged, "he").
+  lambada   LAMBADA (OpenAI's detokenized test, 5,153), kind "lambada": one option (context, " " + last
+            word) as lm-eval's lambada_openai (target " {word}", empty delimiter; one word is "\\n\\nrecorder").
+
+Clinical generation (kind "generate"): ACI-BENCH (wyim/aci-bench challenge_data, CC BY 4.0: role-played visits,
+their full visit notes), standing in for MIMIC-IV-Note (credentialed). test = clinicalnlp_taskB_test1 +
+clinicalnlp_taskC_test2 + clef_taskC_test3 (120 notes), train = train + valid (87).
+  note_completion  the recipe's clinical note completion: prompt "Continue the following clinical
+            note.\\n\\n{prefix}", reference = the rest. The note is cut at the last single space at or before
+            its middle (prefix_ratio 0.5), so prefix + " " + reference == the note (stripped). The prefix keeps at most its
+            last 3,000 characters (from a word start), the reference its first 2,000 (to a word end). Notes
+            whose prefix is under 100 characters or rest under 50 are skipped (none in ACI-BENCH); how many
+            is printed on stderr.
+  note_summary  the recipe's discharge-summary task adapted to visit notes: context = the sections before
+            the first assessment header (a line "ASSESSMENT AND PLAN", "ASSESSMENT", "IMPRESSION" or "PLAN";
+            the notes use all four), target = everything after that header line (the assessment, the plan
+            and what follows, e.g. INSTRUCTIONS). Prompt, after the recipe's discharge template: "Based on the
+            following clinical information, write the assessment and plan.\\n\\nClinical Notes:\\n{context}
+            \\n\\nAssessment and Plan:". Context at most 4,000 characters (the recipe's eval limit; the start
+            kept; no ACI-BENCH note is that long), target at most 2,000. Notes without such a header, or with
+            a context under 100 or a target under 50 characters, are skipped and counted on stderr.
+
+SFT (sft_example) trains on the yes/no and generation tasks only: the prompt is what eval shows the model,
+the response what it should say next: yesno -> (the gold option's context, its continuation, e.g. " yes");
+generate -> (prompt, " " + reference). Every generation prompt ends without whitespace, and the response
+starts with one space: eval's prompt followed by the model's words is the text SFT trained on.
 """
 
+import argparse
+import bz2
+import csv
+import io
+import json
+import os
+import re
+import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
+from minimamba.download import DownloadError, download
+
 KINDS = ("choice", "yesno", "lambada", "generate")
+
+QA_TEMPLATE = ("Answer the following biomedical research question with yes, no, or maybe based on the provided "
+               "context.\n\nQuestion: {question}\n\nContext:\n{context}\n\nAnswer:")
+QA_CONTEXT_CHARS = 2400  # the recipe's PubMedQA eval cuts the context here
+COMPLETION_TEMPLATE = "Continue the following clinical note.\n\n{prefix}"
+SUMMARY_TEMPLATE = ("Based on the following clinical information, write the assessment and plan.\n\n"
+                    "Clinical Notes:\n{context}\n\nAssessment and Plan:")
+PREFIX_RATIO = 0.5  # note completion: the prefix is the first half of the note
+MAX_PREFIX_CHARS = 3000  # the recipe's max_context_chars (note completion)
+MAX_SUMMARY_CONTEXT_CHARS = 4000  # the recipe's eval "max context" (the discharge task)
+MAX_REFERENCE_CHARS = 2000  # the recipe's max_response_chars
+MIN_PREFIX_CHARS, MIN_REFERENCE_CHARS = 100, 50  # the recipe's filters
+SFT_SEPARATOR = " "  # between a generation prompt and its reference in SFT
+# a line that starts the assessment part of an ACI-BENCH note
+ASSESSMENT_HEADER = re.compile(r"^(ASSESSMENT AND PLAN|ASSESSMENT|IMPRESSION|PLAN):?[ \t]*$", re.MULTILINE)
+BIOASQ_TEST_BATCHES = ("12B1", "12B2", "12B3", "12B4")
+BIOASQ_TRAIN_BATCHES = ("9B5", "10B1", "10B2", "10B3", "10B4", "10B5", "10B6", "11B2")
+BIOASQ_DERIVED = "bioasq/bioasq_yesno_golden_9b-12b.jsonl"
+
+
+class TaskDataError(ValueError):
+    """A task file that is missing or cannot be read; the message names the file (and line) and the fix."""
 
 
 @dataclass(frozen=True)
@@ -52,3 +163,537 @@ class Task:
     source: str  # one line: the dataset, its split, where it comes from
     files: dict[str, tuple[str, ...]] = field(default_factory=dict)  # split -> paths under the task data dir
     loader: Callable | None = None  # (list of paths, split) -> list of Choice or Generation
+    fallback: dict[str, tuple[str, ...]] = field(default_factory=dict)  # split -> files read when `files` are all absent
+    obtain: str = ""  # how to get the files where they cannot be downloaded (BioASQ); {dir} = the data dir
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading files: every problem is an error naming the file and line
+
+
+def _text(path: Path) -> str:
+    """The file's text (bz2 files decompressed); not UTF-8 or empty: TaskDataError."""
+    data = path.read_bytes()
+    if path.suffix == ".bz2":
+        try:
+            data = bz2.decompress(data)
+        except (OSError, ValueError) as e:
+            raise TaskDataError(f"{path}: not a readable bz2 file ({e}); delete it and download it again") from e
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise TaskDataError(f"{path}:{line}: not UTF-8 (byte {data[e.start]:#04x} at offset {e.start}): a damaged "
+                            "or converted copy; delete it and download it again") from e
+    if not text.strip():
+        raise TaskDataError(f"{path}: the file is empty; delete it and download it again")
+    return text.removeprefix("\ufeff")
+
+
+def _json(path: Path):
+    try:
+        return json.loads(_text(path))
+    except json.JSONDecodeError as e:
+        raise TaskDataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from e
+
+
+def _jsonl(path: Path) -> list[tuple[str, dict]]:
+    """(where, record) for each non-blank line; `where` is "path:line"."""
+    records = []
+    for number, line in enumerate(_text(path).split("\n"), 1):  # (not splitlines: U+2029 may be inside a string)
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TaskDataError(f"{path}:{number}: not valid JSON ({e.msg}, column {e.colno}); expected one "
+                                "object per line") from e
+        if not isinstance(record, dict):
+            raise TaskDataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        records.append((f"{path}:{number}", record))
+    return records
+
+
+def _csv(path: Path, columns: tuple[str, ...]) -> list[tuple[str, dict]]:
+    """(where, row) for each CSV row; `where` is "path:line" (the line the row starts on)."""
+    csv.field_size_limit(2**31 - 1)  # (notes are longer than the default 131,072 characters allow)
+    reader = csv.reader(io.StringIO(_text(path), newline=""))
+    header = next(reader)
+    if missing := [c for c in columns if c not in header]:
+        raise TaskDataError(f"{path}:1: no column {', '.join(missing)} in the header {header}")
+    rows, end = [], reader.line_num
+    for row in reader:
+        start, end = end + 1, reader.line_num
+        if not row:
+            continue
+        if len(row) != len(header):
+            raise TaskDataError(f"{path}:{start}: {len(row)} fields where the header has {len(header)}")
+        rows.append((f"{path}:{start}", dict(zip(header, row))))
+    return rows
+
+
+def _get(where: str, record: dict, key: str, kind: type = str):
+    """record[key], which must be a `kind` (a str must not be empty)."""
+    if key not in record:
+        raise TaskDataError(f"{where}: no {key!r} field (it has {', '.join(map(repr, record))})")
+    value = record[key]
+    if not isinstance(value, kind) or isinstance(value, bool) or (kind is str and not value.strip()):
+        raise TaskDataError(f"{where}: {key!r} should be a non-empty {kind.__name__}, got {value!r:.80}")
+    return value
+
+
+def _strings(where: str, record: dict, key: str) -> list[str]:
+    values = _get(where, record, key, list)
+    if not values or not all(isinstance(v, str) for v in values):
+        raise TaskDataError(f"{where}: {key!r} should be a non-empty list of strings, got {values!r:.80}")
+    return values
+
+
+def _gold(where: str, record: dict, n: int) -> int:
+    gold = _get(where, record, "gold", int)
+    if not 0 <= gold < n:
+        raise TaskDataError(f"{where}: gold {gold} is not an option index (0..{n - 1})")
+    return gold
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Biomedical yes/no QA
+
+
+def qa_prompt(question: str, context: str) -> str:
+    """The recipe's QA prompt; the context cut to its first QA_CONTEXT_CHARS characters."""
+    return QA_TEMPLATE.format(question=question, context=context[:QA_CONTEXT_CHARS])
+
+
+def _yesno(item_id: str, where: str, question: str, context: str, answer: str, labels: tuple[str, ...]) -> Choice:
+    if answer not in labels:
+        raise TaskDataError(f"{where}: answer {answer!r} is not one of {', '.join(labels)}")
+    prompt = qa_prompt(question, context)
+    return Choice(item_id, tuple((prompt, " " + label) for label in labels), labels.index(answer), labels)
+
+
+def _pubmedqa(paths: list[Path], split: str) -> list[Choice]:
+    pqal_path, truth_path = paths
+    pqal, truth = _json(pqal_path), _json(truth_path)
+    for path, data in ((pqal_path, pqal), (truth_path, truth)):
+        if not isinstance(data, dict):
+            raise TaskDataError(f"{path}: expected a JSON object keyed by PMID, got {type(data).__name__}")
+    if missing := [pmid for pmid in truth if pmid not in pqal]:
+        raise TaskDataError(f"{truth_path}: {len(missing)} test PMIDs are not in {pqal_path} (e.g. {missing[0]})")
+    pmids = list(truth) if split == "test" else [pmid for pmid in pqal if pmid not in truth]
+    items = []
+    for pmid in pmids:
+        where, record = f"{pqal_path} (PMID {pmid})", pqal[pmid]
+        if not isinstance(record, dict):
+            raise TaskDataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        answer = _get(where, record, "final_decision")
+        if split == "test" and truth[pmid] != answer:
+            raise TaskDataError(f"{where}: final_decision {answer!r} but {truth_path} says {truth[pmid]!r}")
+        context = " ".join(_strings(where, record, "CONTEXTS"))
+        items.append(_yesno(f"pubmedqa/{pmid}", where, _get(where, record, "QUESTION"), context, answer,
+                            ("yes", "no", "maybe")))
+    return items
+
+
+def _bioasq(paths: list[Path], split: str) -> list[Choice]:
+    """Yes/no questions of BioASQ golden files ({"questions": [...]}), or of the derived JSON lines."""
+    items = []
+    if paths[0].suffix == ".jsonl":  # the derived file: one question a line, with its batch
+        batches = BIOASQ_TEST_BATCHES if split == "test" else BIOASQ_TRAIN_BATCHES
+        for where, r in _jsonl(paths[0]):
+            if _get(where, r, "batch") in batches:
+                context = " ".join(s.strip() for s in _strings(where, r, "snippets"))
+                items.append(_yesno(f"bioasq/{_get(where, r, 'id')}", where, _get(where, r, "question"), context,
+                                    _get(where, r, "answer").strip().lower(), ("yes", "no")))
+        return items
+    for path in paths:
+        golden = _json(path)
+        if not isinstance(golden, dict) or not isinstance(golden.get("questions"), list):
+            raise TaskDataError(f"{path}: expected a BioASQ golden file, {{\"questions\": [...]}}")
+        for i, q in enumerate(golden["questions"]):
+            where = f"{path} (question {i})"
+            if not isinstance(q, dict):
+                raise TaskDataError(f"{where}: expected a JSON object, got {type(q).__name__}")
+            if _get(where, q, "type") != "yesno":
+                continue
+            snippets = _get(where, q, "snippets", list)
+            if not snippets or not all(isinstance(s, dict) and isinstance(s.get("text"), str) for s in snippets):
+                raise TaskDataError(f"{where}: 'snippets' should be a non-empty list of {{\"text\": ...}} objects")
+            context = " ".join(s["text"].strip() for s in snippets)
+            items.append(_yesno(f"bioasq/{_get(where, q, 'id')}", where, _get(where, q, "body"), context,
+                                _get(where, q, "exact_answer").strip().lower(), ("yes", "no")))
+    return items
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Multiple choice (lm-evaluation-harness's strings)
+
+
+def _query(prefix: str = "", suffix: str = "", append: str = "") -> Callable[[str, str], str]:
+    """The context from a file's query: checks that it starts with `prefix` and ends with `suffix`
+    (what llm-foundry's files hold), then appends `append` (the rest of lm-eval's context)."""
+
+    def context(where: str, query: str) -> str:
+        if not (query.startswith(prefix) and query.endswith(suffix)):
+            raise TaskDataError(f"{where}: the query should look like {prefix + '...' + suffix!r} (llm-foundry's "
+                                f"format), got {query!r:.80}")
+        return query + append
+
+    return context
+
+
+def _multiple_choice(paths: list[Path], split: str, name: str, context: Callable[[str, str], str]) -> list[Choice]:
+    items = []
+    for i, (where, r) in enumerate(_jsonl(paths[0])):
+        choices = _strings(where, r, "choices")
+        ctx = context(where, _get(where, r, "query"))
+        items.append(Choice(f"{name}/{i}", tuple((ctx, " " + c) for c in choices), _gold(where, r, len(choices))))
+    return items
+
+
+def _winogrande(paths: list[Path], split: str) -> list[Choice]:
+    items = []
+    for i, (where, r) in enumerate(_jsonl(paths[0])):
+        contexts, rest = _strings(where, r, "context_options"), _get(where, r, "continuation")
+        items.append(Choice(f"winogrande/{i}", tuple((c, " " + rest) for c in contexts), _gold(where, r, len(contexts))))
+    return items
+
+
+def _lambada(paths: list[Path], split: str) -> list[Choice]:
+    return [Choice(f"lambada/{i}", ((_get(where, r, "context"), " " + _get(where, r, "continuation")),), 0)
+            for i, (where, r) in enumerate(_jsonl(paths[0]))]
+
+
+def hellaswag_preprocess(text: str) -> str:
+    """lm-eval's HellaSwag clean-up: " [title]" -> ". ", drop "[...]" tags, "  " -> " ", strip."""
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+
+
+def _hellaswag(paths: list[Path], split: str) -> list[Choice]:
+    """klosax's text file: 6 lines an item ("activity_label: ctx", gold 0-3, 4 endings)."""
+    path = paths[0]
+    lines = _text(path).split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    if len(lines) % 6:
+        raise TaskDataError(f"{path}: {len(lines)} lines, not a multiple of 6 (a query, the gold and 4 endings "
+                            "an item): a truncated or damaged file; delete it and download it again")
+    items = []
+    for start in range(0, len(lines), 6):
+        query, gold, *endings = lines[start : start + 6]
+        if gold not in ("0", "1", "2", "3"):
+            raise TaskDataError(f"{path}:{start + 2}: the gold should be 0, 1, 2 or 3, got {gold!r:.80}")
+        context = hellaswag_preprocess(query)
+        items.append(Choice(f"hellaswag/{start // 6}", tuple((context, " " + hellaswag_preprocess(e)) for e in endings),
+                            int(gold)))
+    return items
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Clinical generation (ACI-BENCH)
+
+
+def _notes(paths: list[Path]) -> list[tuple[str, str, str]]:
+    """(where, encounter_id, note without its surrounding whitespace) of every row of the ACI-BENCH CSVs."""
+    return [(where, _get(where, row, "encounter_id"), _get(where, row, "note").strip())
+            for path in paths for where, row in _csv(path, ("encounter_id", "note"))]
+
+
+def _report_skipped(name: str, split: str, total: int, skipped: list[str]) -> None:
+    if skipped:
+        shown = "; ".join(skipped[:3]) + (" ..." if len(skipped) > 3 else "")
+        print(f"{name} ({split}): skipped {len(skipped)} of {total} notes: {shown}", file=sys.stderr)
+
+
+def _keep_end(text: str, n: int) -> str:
+    """The last n characters of text at most, starting at a word (text without leading whitespace)."""
+    if len(text) <= n:
+        return text
+    tail = text[-n:]
+    return (tail if text[-n - 1].isspace() else re.sub(r"^\S*", "", tail, count=1)).lstrip()
+
+
+def _keep_start(text: str, n: int) -> str:
+    """The first n characters of text at most, ending at a word (text without trailing whitespace)."""
+    if len(text) <= n:
+        return text
+    head = text[:n]
+    return (head if text[n].isspace() else re.sub(r"\S*$", "", head, count=1)).rstrip()
+
+
+def split_note(note: str, ratio: float = PREFIX_RATIO) -> tuple[str, str]:
+    """(prefix, rest) cut at the last single space (between two non-spaces) at or before len(note)·ratio,
+    so that prefix + " " + rest == note; ("", note) if there is none."""
+    cut = int(len(note) * ratio)
+    for i in range(min(cut, len(note) - 2), 0, -1):
+        if note[i] == " " and not note[i - 1].isspace() and not note[i + 1].isspace():
+            return note[:i], note[i + 1 :]
+    return "", note
+
+
+def _note_completion(paths: list[Path], split: str) -> list[Generation]:
+    items, skipped, notes = [], [], _notes(paths)
+    for where, encounter, note in notes:
+        prefix, rest = split_note(note)
+        if len(prefix) < MIN_PREFIX_CHARS or len(rest) < MIN_REFERENCE_CHARS:
+            skipped.append(f"{where}: prefix {len(prefix)} / rest {len(rest)} characters")
+            continue
+        prompt = COMPLETION_TEMPLATE.format(prefix=_keep_end(prefix, MAX_PREFIX_CHARS))
+        items.append(Generation(f"note_completion/{encounter}", prompt, _keep_start(rest, MAX_REFERENCE_CHARS)))
+    _report_skipped("note_completion", split, len(notes), skipped)
+    return items
+
+
+def split_assessment(note: str) -> tuple[str, str] | None:
+    """(the sections before the first assessment header line, what follows that line), both stripped;
+    None if the note has no such header."""
+    match = ASSESSMENT_HEADER.search(note)
+    return (note[: match.start()].strip(), note[match.end() :].strip()) if match else None
+
+
+def _note_summary(paths: list[Path], split: str) -> list[Generation]:
+    items, skipped, notes = [], [], _notes(paths)
+    for where, encounter, note in notes:
+        parts = split_assessment(note)
+        if parts is None:
+            skipped.append(f"{where}: no ASSESSMENT AND PLAN / ASSESSMENT / IMPRESSION / PLAN header line")
+            continue
+        context, target = parts
+        if len(context) < MIN_PREFIX_CHARS or len(target) < MIN_REFERENCE_CHARS:
+            skipped.append(f"{where}: context {len(context)} / target {len(target)} characters")
+            continue
+        prompt = SUMMARY_TEMPLATE.format(context=_keep_start(context, MAX_SUMMARY_CONTEXT_CHARS))
+        items.append(Generation(f"note_summary/{encounter}", prompt, _keep_start(target, MAX_REFERENCE_CHARS)))
+    _report_skipped("note_summary", split, len(notes), skipped)
+    return items
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The registry
+
+
+def _eval_only(path: str) -> dict[str, tuple[str, ...]]:
+    return {"test": (path,)}
+
+
+_PQAL = ("pubmedqa/ori_pqal.json", "pubmedqa/test_ground_truth.json")
+_ACI = {"test": tuple(f"clinical/aci-bench/{n}.csv" for n in ("clinicalnlp_taskB_test1", "clinicalnlp_taskC_test2",
+                                                              "clef_taskC_test3")),
+        "train": ("clinical/aci-bench/train.csv", "clinical/aci-bench/valid.csv")}
+_BIOASQ_HELP = ("BioASQ data are given to registered participants only, so they are not downloaded: register at "
+                "https://www.bioasq.org, download the Task B golden test files (participants area) "
+                f"{', '.join(BIOASQ_TEST_BATCHES + BIOASQ_TRAIN_BATCHES)} (named like 12B1_golden.json) and put "
+                "them in {dir}/bioasq/raw/ (or put the derived " + BIOASQ_DERIVED + " there)")
+
+TASKS: dict[str, Task] = {t.name: t for t in (
+    Task("pubmedqa", "yesno", "PubMedQA PQA-L (pubmedqa/pubmedqa): official 500-item test; train = the other 500",
+         {"test": _PQAL, "train": _PQAL}, _pubmedqa),
+    Task("bioasq", "yesno", "BioASQ Task B yes/no golden files (bioasq.org): test 12B1-12B4; train 9B5, 10B1-6, 11B2",
+         {"test": tuple(f"bioasq/raw/{b}_golden.json" for b in BIOASQ_TEST_BATCHES),
+          "train": tuple(f"bioasq/raw/{b}_golden.json" for b in BIOASQ_TRAIN_BATCHES)}, _bioasq,
+         fallback={"test": (BIOASQ_DERIVED,), "train": (BIOASQ_DERIVED,)}, obtain=_BIOASQ_HELP),
+    Task("arc_easy", "choice", "ARC-Easy test (AllenAI), llm-foundry local_data copy",
+         _eval_only("mc/arc_easy.jsonl"), partial(_multiple_choice, name="arc_easy",
+                                                  context=_query("Question: ", append="\nAnswer:"))),
+    Task("arc_challenge", "choice", "ARC-Challenge test (AllenAI), llm-foundry local_data copy",
+         _eval_only("mc/arc_challenge.jsonl"), partial(_multiple_choice, name="arc_challenge",
+                                                       context=_query("Question: ", append="\nAnswer:"))),
+    Task("hellaswag", "choice", "HellaSwag validation (rowanz), klosax/hellaswag_text_data text copy",
+         _eval_only("mc/hellaswag_val_full.txt.bz2"), _hellaswag),
+    Task("piqa", "choice", "PIQA validation (Bisk et al.), llm-foundry local_data copy",
+         _eval_only("mc/piqa.jsonl"), partial(_multiple_choice, name="piqa",
+                                              context=_query("Question: ", "\n", append="Answer:"))),
+    Task("winogrande", "choice", "WinoGrande dev (xl, AllenAI), llm-foundry local_data copy, partial scoring",
+         _eval_only("mc/winogrande.jsonl"), _winogrande),
+    Task("openbookqa", "choice", "OpenBookQA test, no fact (AllenAI), llm-foundry local_data copy",
+         _eval_only("mc/openbook_qa.jsonl"), partial(_multiple_choice, name="openbookqa", context=_query())),
+    Task("lambada", "lambada", "LAMBADA, OpenAI's detokenized test, llm-foundry local_data copy",
+         _eval_only("mc/lambada_openai.jsonl"), _lambada),
+    Task("note_completion", "generate", "ACI-BENCH visit notes (wyim/aci-bench): complete the second half of a note",
+         _ACI, _note_completion),
+    Task("note_summary", "generate", "ACI-BENCH visit notes (wyim/aci-bench): write the assessment and plan",
+         _ACI, _note_summary),
+)}
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("MINIMAMBA_TASK_DATA") or "data/tasks")
+
+
+def _task(task: "str | Task") -> Task:
+    if isinstance(task, Task):
+        return task
+    if task not in TASKS:
+        raise TaskDataError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    return TASKS[task]
+
+
+def _how_to_get(task: Task, data_dir: Path) -> str:
+    if task.obtain:
+        return task.obtain.format(dir=data_dir)
+    return f"Download with: python -m minimamba.tasks download {task.name} --out {data_dir}"
+
+
+def task_files(task: "str | Task", split: str = "test", data_dir: "str | Path | None" = None) -> list[Path]:
+    """The files a split reads (its fallback where none of its own files is there); missing: TaskDataError."""
+    task = _task(task)
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    if split not in task.files:
+        raise TaskDataError(f"{task.name} has no {split!r} split (it has {', '.join(task.files)})"
+                            + (": it is for evaluation only" if list(task.files) == ["test"] else ""))
+    paths = [data_dir / p for p in task.files[split]]
+    fallback = [data_dir / p for p in task.fallback.get(split, ())]
+    if not any(p.exists() for p in paths) and fallback and all(p.exists() for p in fallback):
+        paths = fallback
+    if missing := [p for p in paths if not p.exists()]:
+        raise TaskDataError(f"task {task.name} ({split}) needs {', '.join(map(str, missing))}, which "
+                            f"{'is' if len(missing) == 1 else 'are'} not there. {_how_to_get(task, data_dir)}")
+    return paths
+
+
+def load_task(name: "str | Task", split: str = "test", data_dir: "str | Path | None" = None,
+              limit: int | None = None) -> list:
+    """The items (Choice or Generation) of one split of a task, in file order; `limit`: the first N.
+
+    data_dir: where the files are (default $MINIMAMBA_TASK_DATA, else data/tasks), in the shared-data layout."""
+    task = _task(name)
+    if limit is not None and limit < 1:
+        raise TaskDataError(f"limit must be at least 1, got {limit}")
+    paths = task_files(task, split, data_dir)
+    items = task.loader(paths, split)
+    if not items:
+        raise TaskDataError(f"task {task.name} ({split}): no items in {', '.join(map(str, paths))}")
+    seen = set()
+    for item in items:
+        if item.id in seen:
+            raise TaskDataError(f"task {task.name} ({split}): the id {item.id} appears twice in "
+                                f"{', '.join(map(str, paths))}")
+        seen.add(item.id)
+    return items[:limit]
+
+
+def sft_example(task: "str | Task", item) -> tuple[str, str]:
+    """(prompt, response) that SFT trains on (loss on the response only).
+
+    yesno: (the gold option's context, its continuation, e.g. " yes"); generate: (prompt, " " + reference).
+    prompt + response is the text evaluation scores (yesno) or the model's prompt followed by what it
+    should write (generate). Multiple-choice and LAMBADA tasks are eval-only: an error."""
+    task = _task(task)
+    if task.kind == "yesno" and isinstance(item, Choice):
+        return item.options[item.gold]
+    if task.kind == "generate" and isinstance(item, Generation):
+        return item.prompt, SFT_SEPARATOR + item.reference
+    if task.kind in ("choice", "lambada"):
+        raise TaskDataError(f"{task.name} is an evaluation-only benchmark ({task.kind}); SFT trains on the yesno "
+                            f"and generate tasks: {', '.join(n for n, t in TASKS.items() if t.kind in ('yesno', 'generate'))}")
+    raise TaskDataError(f"{task.name} ({task.kind}) items are "
+                        f"{'Choice' if task.kind == 'yesno' else 'Generation'}s, got a {type(item).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Downloads: public GitHub files at pinned commits (sizes and sha256 of the files at those commits)
+
+PUBMEDQA = "pubmedqa/pubmedqa", "1cbae8e92f72f20c8d3747cbb3bf5bc53554d997"
+LLM_FOUNDRY = "mosaicml/llm-foundry", "8c8dd48f72168c5d51e2f7b151595892a8fba43d"
+HELLASWAG_TEXT = "klosax/hellaswag_text_data", "1105d370f8340eac3c63a91fd1fa58e8999f9505"
+ACI_BENCH = "wyim/aci-bench", "b909b2bb9cf1d19de08df15cddde7bd0179665e4"
+_LF = "scripts/eval/local_data/"
+_AB = "data/challenge_data/"
+
+# file under the task data dir -> ((repo, commit), path in the repo, size in bytes, sha256)
+DOWNLOADS: dict[str, tuple[tuple[str, str], str, int, str]] = {
+    "pubmedqa/ori_pqal.json": (PUBMEDQA, "data/ori_pqal.json", 2584787,
+                               "8b3276be8942ebbd77f3ddcda12c1749bf0e490045a736fd8438ee40cf37a41d"),
+    "pubmedqa/test_ground_truth.json": (PUBMEDQA, "data/test_ground_truth.json", 11414,
+                                        "939fe566f09017d13b1ca64d2ddfee0bc2374b366048152997669cccedc44d51"),
+    "mc/arc_easy.jsonl": (LLM_FOUNDRY, _LF + "world_knowledge/arc_easy.jsonl", 636665,
+                          "d2d12e59543acf9a5ef6079634a72b30215e36c2fd4236fff3bc855d287b87f5"),
+    "mc/arc_challenge.jsonl": (LLM_FOUNDRY, _LF + "world_knowledge/arc_challenge.jsonl", 365606,
+                               "1ae3aeedf1951d881cbd5c2e3a31e78a1993d251479afbe4cb413b6707244636"),
+    "mc/piqa.jsonl": (LLM_FOUNDRY, _LF + "commonsense_reasoning/piqa.jsonl", 533992,
+                      "d2870e73aec5154df3faf259b7700876e11608eebdf69e9d6667435673dbe4e0"),
+    "mc/openbook_qa.jsonl": (LLM_FOUNDRY, _LF + "commonsense_reasoning/openbook_qa.jsonl", 88043,
+                             "adb2e5c7f8db810ddad4d6b2bf53dcc86dcc545499f7aafcaf42a8e179476c09"),
+    "mc/winogrande.jsonl": (LLM_FOUNDRY, _LF + "language_understanding/winogrande.jsonl", 312369,
+                            "ea1592526f3bfdd0948ed3acb1b4dfa3f83d23698917118688ee1df7f8d4b8d7"),
+    "mc/lambada_openai.jsonl": (LLM_FOUNDRY, _LF + "language_understanding/lambada_openai.jsonl", 1895241,
+                                "411bfbe5b9054346b6a19299c0242670adbefb9162efd958593cbc0290b8c9dc"),
+    "mc/hellaswag_val_full.txt.bz2": (HELLASWAG_TEXT, "hellaswag_val_full.txt.bz2", 1964544,
+                                      "50b637899e4263c2bc456c2dc726c95d2c8cd8e2a552ea5bd7719ce3cb03fe5b"),
+    "clinical/aci-bench/train.csv": (ACI_BENCH, _AB + "train.csv", 611240,
+                                     "6c778d4ac5e6cc6f1964786f9286e8d765c210f22ed6b57f83aff8497409cea4"),
+    "clinical/aci-bench/valid.csv": (ACI_BENCH, _AB + "valid.csv", 177400,
+                                     "6629e89e3fb409d2b3eceab60dc7b32fe1d3fb8d4e07795039284965522aa4d0"),
+    "clinical/aci-bench/clinicalnlp_taskB_test1.csv": (ACI_BENCH, _AB + "clinicalnlp_taskB_test1.csv", 349998,
+                                                       "5cc4008e68545f84913744a8e493a58bdf17ba7e1b7a0be46d6943d6bfca9471"),
+    "clinical/aci-bench/clinicalnlp_taskC_test2.csv": (ACI_BENCH, _AB + "clinicalnlp_taskC_test2.csv", 385979,
+                                                       "599e3330a14e25a0e056aee1365ffac7ebe50058f15821eae42a5513c2bb5a4f"),
+    "clinical/aci-bench/clef_taskC_test3.csv": (ACI_BENCH, _AB + "clef_taskC_test3.csv", 381908,
+                                                "d3c18362a42124ea2bd1b2b4b66ba76a11bb123dfdb416471ae3b5924d1428ec"),
+}
+
+
+def github_raw() -> str:
+    """$MINIMAMBA_GITHUB_RAW (default https://raw.githubusercontent.com) without a final "/"."""
+    return (os.environ.get("MINIMAMBA_GITHUB_RAW") or "https://raw.githubusercontent.com").rstrip("/")
+
+
+def download_task(name: str, data_dir: "str | Path | None" = None) -> list[Path]:
+    """Download every file of a task (all its splits) into data_dir; returns their paths. Files already
+    there are checked (size, sha256) and kept; an interrupted download resumes (minimamba.download)."""
+    task = _task(name)
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    names = list(dict.fromkeys(p for split in task.files.values() for p in split))
+    if not all(n in DOWNLOADS for n in names):
+        raise TaskDataError(f"{task.name} cannot be downloaded. {_how_to_get(task, data_dir)}")
+    paths = []
+    for rel in names:
+        (repo, commit), path, size, sha256 = DOWNLOADS[rel]
+        url = f"{github_raw()}/{repo}/{commit}/{path}"
+        paths.append(download(url, data_dir / rel, desc=rel, expected_size=size, sha256=sha256))
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m minimamba.tasks", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    d = commands.add_parser("download", help="download tasks' public files (needs internet)")
+    downloadable = [n for n, t in TASKS.items() if all(p in DOWNLOADS for s in t.files.values() for p in s)]
+    d.add_argument("names", nargs="+", metavar="NAME", choices=[*downloadable, "all"],
+                   help=f"{', '.join(downloadable)}, or all")
+    d.add_argument("--out", type=Path, default=None, help="the task data dir (default $MINIMAMBA_TASK_DATA, "
+                   "else data/tasks)")
+    ls = commands.add_parser("list", help="the tasks, their kind, items per split (where the files are), source")
+    ls.add_argument("--data", type=Path, default=None, help="the task data dir (default $MINIMAMBA_TASK_DATA, "
+                    "else data/tasks)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "download":
+            out = args.out if args.out is not None else default_data_dir()
+            for name in dict.fromkeys(downloadable if "all" in args.names else args.names):
+                download_task(name, out)
+            print(f"downloaded into {out}; evaluate with --task-data {out} (or MINIMAMBA_TASK_DATA={out})")
+        else:
+            data_dir = args.data if args.data is not None else default_data_dir()
+            print(f"tasks in {data_dir}:")
+            for task in TASKS.values():
+                counts = []
+                for split in task.files:
+                    try:
+                        counts.append(f"{split} {len(load_task(task, split, data_dir)):,}")
+                    except TaskDataError as e:
+                        counts.append(f"{split} -" if "not there" in str(e) else f"{split} unreadable")
+                print(f"  {task.name:16} {task.kind:9} {', '.join(counts):24} {task.source}")
+    except (TaskDataError, DownloadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,401 @@
+"""minimamba.tasks: the task files read as lm-eval / the BioMamba recipe read them, clear errors, downloads.
+
+The shared-data tests check counts against /work/shared/data/SOURCES.md and prompts against strings built
+here from the files' raw fields (or from independent derivations kept next to them: pqal_test_500.jsonl,
+hellaswag.jsonl, bioasq_yesno_golden_9b-12b.jsonl)."""
+
+import bz2
+import csv
+import hashlib
+import json
+
+import pytest
+
+from minimamba import tasks
+from minimamba.download import DownloadError
+from minimamba.tasks import Choice, Generation, TaskDataError, download_task, load_task, sft_example
+from tests.conftest import DATA
+
+needs_data = pytest.mark.skipif(not (DATA / "mc" / "arc_easy.jsonl").exists(),
+                                reason=f"shared data not found at {DATA} (set MINIMAMBA_DATA)")
+QA_HEAD = "Answer the following biomedical research question with yes, no, or maybe based on the provided context."
+
+COUNTS = {  # (task, split) -> items, from SOURCES.md
+    ("pubmedqa", "test"): 500, ("pubmedqa", "train"): 500,
+    ("bioasq", "test"): 25 + 26 + 24 + 27, ("bioasq", "train"): 19 + 23 + 18 + 24 + 24 + 28 + 6 + 24,
+    ("arc_easy", "test"): 2376, ("arc_challenge", "test"): 1172, ("hellaswag", "test"): 10042,
+    ("piqa", "test"): 1838, ("winogrande", "test"): 1267, ("openbookqa", "test"): 500, ("lambada", "test"): 5153,
+    ("note_completion", "test"): 120, ("note_completion", "train"): 87,  # 40 + 40 + 40; 67 + 20: none skipped
+    ("note_summary", "test"): 120, ("note_summary", "train"): 87,
+}
+_loaded = {}
+
+
+def shared(name, split="test"):
+    """The items of a task on the shared data, loaded once per test session."""
+    if (name, split) not in _loaded:
+        _loaded[name, split] = load_task(name, split, DATA)
+    return _loaded[name, split]
+
+
+def jsonl(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+
+
+def aci_rows(name):
+    with open(DATA / "clinical" / "aci-bench" / f"{name}.csv", encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The shared data
+
+
+@needs_data
+@pytest.mark.parametrize("name,split", list(COUNTS))
+def test_item_counts_golds_and_ids(name, split):
+    items = shared(name, split)
+    assert len(items) == COUNTS[name, split]
+    assert len({item.id for item in items}) == len(items) and all(item.id.startswith(name + "/") for item in items)
+    kind = tasks.TASKS[name].kind
+    for item in items:
+        if kind == "generate":
+            assert isinstance(item, Generation) and item.prompt and item.reference
+            assert not item.prompt[-1].isspace() and item.reference == item.reference.strip()
+        else:
+            assert isinstance(item, Choice) and 0 <= item.gold < len(item.options)
+            assert all(continuation.startswith(" ") for _, continuation in item.options)
+    assert load_task(name, split, DATA, limit=3) == items[:3]
+
+
+@needs_data
+def test_label_counts():
+    def counts(items):
+        return [sum(item.gold == i for item in items) for i in range(len(items[0].labels))]
+
+    assert counts(shared("pubmedqa")) == [276, 169, 55]  # yes / no / maybe of the official test
+    assert [a + b for a, b in zip(counts(shared("bioasq")), counts(shared("bioasq", "train")))] == [175, 93]
+    assert not {item.id for item in shared("pubmedqa")} & {item.id for item in shared("pubmedqa", "train")}
+
+
+@needs_data
+def test_pubmedqa_test_is_the_independently_derived_500():
+    derived = jsonl(DATA / "pubmedqa" / "pqal_test_500.jsonl")
+    items = shared("pubmedqa")
+    assert [item.id for item in items] == [f"pubmedqa/{r['pmid']}" for r in derived]
+    for item, r in zip(items, derived):
+        assert item.labels == ("yes", "no", "maybe") and item.labels[item.gold] == r["final_decision"]
+        prompt = item.options[0][0]
+        assert prompt.startswith(f"{QA_HEAD}\n\nQuestion: {r['question']}\n\nContext:\n")
+        assert prompt.endswith(" ".join(r["contexts"])[:2400] + "\n\nAnswer:")
+    train = {r["pmid"] for r in jsonl(DATA / "pubmedqa" / "pqal_trainval_500.jsonl")}
+    assert {item.id.split("/")[1] for item in shared("pubmedqa", "train")} == train
+
+
+@needs_data
+def test_qa_prompts_from_the_raw_records():
+    pqal = json.loads((DATA / "pubmedqa" / "ori_pqal.json").read_text(encoding="utf-8"))
+    item = next(i for i in shared("pubmedqa") if len(" ".join(pqal[i.id.split("/")[1]]["CONTEXTS"])) > 2400)
+    record = pqal[item.id.split("/")[1]]
+    context = " ".join(record["CONTEXTS"])[:2400]  # a long abstract: cut to 2,400 characters
+    prompt = QA_HEAD + "\n\nQuestion: " + record["QUESTION"] + "\n\nContext:\n" + context + "\n\nAnswer:"
+    assert item.options == ((prompt, " yes"), (prompt, " no"), (prompt, " maybe"))
+    assert item.labels[item.gold] == record["final_decision"]
+
+    golden = json.loads((DATA / "bioasq" / "raw" / "12B1_golden.json").read_text(encoding="utf-8"))
+    q = next(q for q in golden["questions"] if q["type"] == "yesno")
+    item = next(i for i in shared("bioasq") if i.id == f"bioasq/{q['id']}")
+    context = " ".join(s["text"].strip() for s in q["snippets"])[:2400]
+    prompt = QA_HEAD + "\n\nQuestion: " + q["body"] + "\n\nContext:\n" + context + "\n\nAnswer:"
+    assert item.options == ((prompt, " yes"), (prompt, " no")) and item.labels[item.gold] == q["exact_answer"]
+
+
+@needs_data
+def test_bioasq_derived_file_gives_the_same_items(tmp_path):
+    """Without bioasq/raw/, the derived JSON lines (made independently from the same golden files) are read."""
+    (tmp_path / "bioasq").mkdir()
+    (tmp_path / tasks.BIOASQ_DERIVED).symlink_to(DATA / tasks.BIOASQ_DERIVED)
+    for split in ("test", "train"):
+        assert sorted(load_task("bioasq", split, tmp_path), key=lambda i: i.id) == sorted(
+            shared("bioasq", split), key=lambda i: i.id)
+
+
+@needs_data
+def test_multiple_choice_strings_are_lm_evals():
+    first = {name: jsonl(DATA / "mc" / f"{file}.jsonl")[0] for name, file in
+             [("arc_easy", "arc_easy"), ("arc_challenge", "arc_challenge"), ("piqa", "piqa"),
+              ("openbookqa", "openbook_qa"), ("winogrande", "winogrande")]}
+    # ARC: lm-eval's "Question: {question}\nAnswer:" and " {choice}"
+    for name in ("arc_easy", "arc_challenge"):
+        question = first[name]["query"].removeprefix("Question: ")
+        context = f"Question: {question}\nAnswer:"
+        assert shared(name)[0] == Choice(f"{name}/0", tuple((context, f" {c}") for c in first[name]["choices"]),
+                                         first[name]["gold"])
+    piqa = shared("piqa")[0]
+    assert piqa.options[0] == ("Question: How do I ready a guinea pig cage for it's new occupants?\nAnswer:",
+                               " " + first["piqa"]["choices"][0])
+    assert piqa.gold == 0 and len(piqa.options) == 2
+    obqa = shared("openbookqa")[0]
+    assert obqa.options[1] == (first["openbookqa"]["query"], " quit eating lunch out") and obqa.gold == 1
+    assert shared("winogrande")[0] == Choice("winogrande/0", (
+        ("Sarah was a much better surgeon than Maria so Sarah", " always got the easier cases."),
+        ("Sarah was a much better surgeon than Maria so Maria", " always got the easier cases.")), 1)
+
+
+@needs_data
+def test_lambada_is_lm_evals_split_of_the_text():
+    """lm-eval's lambada_openai: context = the text's words but the last (split on " "), target " " + last."""
+    for item, r in zip(shared("lambada"), jsonl(DATA / "mc" / "lambada_openai.jsonl"), strict=True):
+        words = (r["context"] + " " + r["continuation"]).split(" ")
+        assert item.options == ((" ".join(words[:-1]), " " + words[-1]),) and item.gold == 0
+
+
+@needs_data
+def test_hellaswag_text_file_matches_the_jsonl_derived_from_it():
+    """The 6-line items of the bz2 text against the shared JSON lines made from it; they differ only where
+    lm-eval's preprocessing (applied here, not in the JSON lines) drops a "[...]" tag or a double space."""
+    items, records = shared("hellaswag"), jsonl(DATA / "mc" / "hellaswag.jsonl")
+    differ = 0
+    for item, r in zip(items, records, strict=True):
+        assert item.gold == r["gold"]
+        text = r["query"] + "".join(r["choices"])
+        if "[" in text or "  " in text:
+            differ += 1
+            continue
+        assert item.options == tuple((r["query"], " " + c) for c in r["choices"])
+    assert 0 < differ < 20
+
+
+@needs_data
+def test_clinical_prompts_from_the_raw_notes():
+    row = aci_rows("clinicalnlp_taskB_test1")[0]
+    note = row["note"]
+    completion = shared("note_completion")[0]
+    assert completion.id == f"note_completion/{row['encounter_id']}"
+    prefix = completion.prompt.removeprefix("Continue the following clinical note.\n\n")
+    assert len(prefix) < len(completion.prompt) and note.startswith(prefix + " ")
+    assert len(note) // 2 - 40 <= len(prefix) <= len(note) // 2  # cut at a space at or before the middle
+    rest = note[len(prefix) + 1 :]
+    assert len(rest) > 2000 and rest.startswith(completion.reference) and len(completion.reference) <= 2000
+    assert rest[len(completion.reference)] == " "  # cut at a word's end
+
+    header = note.index("\nASSESSMENT AND PLAN\n")
+    summary = shared("note_summary")[0]
+    assert summary.prompt == ("Based on the following clinical information, write the assessment and plan.\n\n"
+                              "Clinical Notes:\n" + note[:header].strip() + "\n\nAssessment and Plan:")
+    assert summary.reference == note[header + len("\nASSESSMENT AND PLAN\n") :].strip()
+
+
+@needs_data
+def test_note_completion_prompt_plus_response_is_the_note():
+    notes = {r["encounter_id"]: r["note"] for name in ("clinicalnlp_taskB_test1", "clinicalnlp_taskC_test2",
+                                                        "clef_taskC_test3") for r in aci_rows(name)}
+    whole = 0
+    for item in shared("note_completion"):
+        prompt, response = sft_example("note_completion", item)
+        note = notes[item.id.split("/")[1]]
+        text = prompt.removeprefix("Continue the following clinical note.\n\n") + response
+        if len(item.reference) < 1900:  # not cut: the whole note
+            whole += 1
+            assert text == note.strip()
+        else:
+            assert note.startswith(text)
+    assert whole > 50
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SFT examples
+
+
+@needs_data
+def test_sft_example_is_the_gold_option_and_the_eval_prompt():
+    for name in ("pubmedqa", "bioasq"):
+        for item in shared(name)[:20]:
+            prompt, response = sft_example(name, item)
+            assert prompt + response == item.options[item.gold][0] + item.options[item.gold][1]
+            assert response == " " + item.labels[item.gold] and prompt.endswith("\n\nAnswer:")
+    item = shared("note_summary")[0]
+    assert sft_example(tasks.TASKS["note_summary"], item) == (item.prompt, " " + item.reference)
+
+
+def test_sft_example_refuses_eval_only_tasks_and_wrong_items():
+    item = Choice("arc_easy/0", (("Question: q\nAnswer:", " a"), ("Question: q\nAnswer:", " b")), 0)
+    with pytest.raises(TaskDataError, match="evaluation-only.*pubmedqa, bioasq, note_completion, note_summary"):
+        sft_example("arc_easy", item)
+    with pytest.raises(TaskDataError, match="lambada is an evaluation-only"):
+        sft_example("lambada", item)
+    with pytest.raises(TaskDataError, match="Generations, got a Choice"):
+        sft_example("note_summary", item)
+    with pytest.raises(TaskDataError, match="unknown task 'pubmed'"):
+        sft_example("pubmed", item)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Errors
+
+
+def write(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
+    return path
+
+
+ARC_LINE = '{"query": "Question: Why?", "choices": ["a", "b"], "gold": 1}\n'
+
+
+def test_small_files_give_the_expected_items(tmp_path):
+    write(tmp_path / "mc/arc_easy.jsonl", ARC_LINE + "\n" + ARC_LINE.replace('"gold": 1', '"gold": 0'))
+    assert load_task("arc_easy", data_dir=tmp_path) == [
+        Choice("arc_easy/0", (("Question: Why?\nAnswer:", " a"), ("Question: Why?\nAnswer:", " b")), 1),
+        Choice("arc_easy/1", (("Question: Why?\nAnswer:", " a"), ("Question: Why?\nAnswer:", " b")), 0)]
+    hellaswag = "Act: a man walks. he\n2\nsits [title] down.\nruns  off.\njumps.\nfalls.\n"
+    write(tmp_path / "mc/hellaswag_val_full.txt.bz2", bz2.compress(hellaswag.encode()))
+    assert load_task("hellaswag", data_dir=tmp_path) == [Choice("hellaswag/0", tuple(
+        ("Act: a man walks. he", e) for e in (" sits. down.", " runs off.", " jumps.", " falls.")), 2)]
+
+
+def test_data_dir_comes_from_the_environment(tmp_path, monkeypatch):
+    write(tmp_path / "mc/arc_easy.jsonl", ARC_LINE)
+    monkeypatch.setenv("MINIMAMBA_TASK_DATA", str(tmp_path))
+    assert load_task("arc_easy")[0].gold == 1
+    monkeypatch.delenv("MINIMAMBA_TASK_DATA")
+    assert str(tasks.default_data_dir()) == "data/tasks"
+
+
+def test_missing_files_say_where_and_how_to_get_them(tmp_path):
+    with pytest.raises(TaskDataError) as err:
+        load_task("arc_easy", data_dir=tmp_path)
+    assert str(tmp_path / "mc" / "arc_easy.jsonl") in str(err.value)
+    assert f"python -m minimamba.tasks download arc_easy --out {tmp_path}" in str(err.value)
+    with pytest.raises(TaskDataError, match=r"12B1_golden.json.*bioasq.org.*participants area") as err:
+        load_task("bioasq", data_dir=tmp_path)
+    assert str(tmp_path / "bioasq" / "raw") in str(err.value)
+    with pytest.raises(TaskDataError, match="cannot be downloaded.*bioasq.org"):
+        download_task("bioasq", tmp_path)
+    with pytest.raises(TaskDataError, match="no 'train' split.*evaluation only"):
+        load_task("arc_easy", "train", tmp_path)
+
+
+@pytest.mark.parametrize("content,message", [
+    (ARC_LINE + ARC_LINE.replace('"gold": 1', '"gold": 7'), r"arc_easy.jsonl:2: gold 7 is not an option index \(0..1\)"),
+    (ARC_LINE.replace('"gold": 1', '"gold": true'), r"arc_easy.jsonl:1: 'gold' should be a non-empty int"),
+    ('{"query": "Question: Why?", "gold": 0}\n', r"arc_easy.jsonl:1: no 'choices' field"),
+    (ARC_LINE + "\n" + ARC_LINE[:30] + "\n", r"arc_easy.jsonl:3: not valid JSON"),
+    ((ARC_LINE + ARC_LINE.replace("Why?", "Why \xe9?")).encode("latin-1"), r"arc_easy.jsonl:2: not UTF-8 \(byte 0xe9"),
+    ("", r"arc_easy.jsonl: the file is empty"),
+    ("\n \n", r"arc_easy.jsonl: the file is empty"),
+    (ARC_LINE.replace("Question: ", ""), r"arc_easy.jsonl:1: the query should look like 'Question: \.\.\.'"),
+    ('["a"]\n', r"arc_easy.jsonl:1: expected a JSON object, got list"),
+])
+def test_malformed_records_name_the_file_and_line(tmp_path, content, message):
+    write(tmp_path / "mc/arc_easy.jsonl", content)
+    with pytest.raises(TaskDataError, match=message):
+        load_task("arc_easy", data_dir=tmp_path)
+
+
+def test_malformed_structured_files(tmp_path):
+    write(tmp_path / "mc/hellaswag_val_full.txt.bz2", bz2.compress(b"q\n1\na\nb\nc\n"))
+    with pytest.raises(TaskDataError, match="5 lines, not a multiple of 6"):
+        load_task("hellaswag", data_dir=tmp_path)
+    write(tmp_path / "mc/hellaswag_val_full.txt.bz2", b"not bz2")
+    with pytest.raises(TaskDataError, match="not a readable bz2 file"):
+        load_task("hellaswag", data_dir=tmp_path)
+    write(tmp_path / "pubmedqa/ori_pqal.json", '{"1": {"QUESTION": "q?", "CONTEXTS": ["c"], "final_decision": "no"}}')
+    write(tmp_path / "pubmedqa/test_ground_truth.json", '{"1": "yes"}')
+    with pytest.raises(TaskDataError, match=r"ori_pqal.json \(PMID 1\): final_decision 'no' but .* says 'yes'"):
+        load_task("pubmedqa", data_dir=tmp_path)
+    write(tmp_path / "pubmedqa/test_ground_truth.json", '{"1": "no",\n "2": }')
+    with pytest.raises(TaskDataError, match=r"test_ground_truth.json:2: not valid JSON"):
+        load_task("pubmedqa", data_dir=tmp_path)
+    for name in ("train", "valid"):
+        write(tmp_path / f"clinical/aci-bench/{name}.csv", 'dataset,encounter_id,dialogue\naci,D1,"hi"\n')
+    with pytest.raises(TaskDataError, match=r"train.csv:1: no column note"):
+        load_task("note_summary", "train", tmp_path)
+    write(tmp_path / "clinical/aci-bench/train.csv", 'encounter_id,note\nD1,"a\nb",extra\n')
+    with pytest.raises(TaskDataError, match=r"train.csv:2: 3 fields where the header has 2"):
+        load_task("note_summary", "train", tmp_path)
+
+
+def test_notes_without_an_assessment_are_skipped_and_counted(tmp_path, capsys):
+    context = "CHIEF COMPLAINT\n\n" + "Knee pain after a fall. " * 6
+    plan = "Knee sprain. Ice, rest and ibuprofen; come back in two weeks if it is not better."
+    notes = [("D1", f"{context}\n\nASSESSMENT AND PLAN\n\n{plan}"), ("D2", context + "\n\nNo plan written."),
+             ("D3", f"{context}\n\nIMPRESSION:\n\n{plan}\n\nPLAN\n\nRest.")]
+    rows = "".join(f'aci,{e},"[doctor] hi","{n}"\n' for e, n in notes)
+    write(tmp_path / "clinical/aci-bench/train.csv", "dataset,encounter_id,dialogue,note\n" + rows)
+    write(tmp_path / "clinical/aci-bench/valid.csv", "dataset,encounter_id,dialogue,note\n")
+    items = load_task("note_summary", "train", tmp_path)
+    assert [i.id for i in items] == ["note_summary/D1", "note_summary/D3"]
+    assert items[0].reference == plan and items[1].reference == plan + "\n\nPLAN\n\nRest."
+    assert items[0].prompt.endswith(context.strip() + "\n\nAssessment and Plan:")
+    err = capsys.readouterr().err
+    d2_line = 2 + notes[0][1].count("\n") + 1  # (the header, then D1's row spans several lines)
+    assert "note_summary (train): skipped 1 of 3 notes" in err and f"train.csv:{d2_line}: no ASSESSMENT AND" in err
+
+
+def test_split_note_and_clipping():
+    note = "alpha beta  gamma\ndelta epsilon"
+    prefix, rest = tasks.split_note(note)  # middle = 15, inside "gamma": the single space before "beta"
+    assert (prefix, rest) == ("alpha", "beta  gamma\ndelta epsilon") and prefix + " " + rest == note
+    assert tasks.split_note("nospaces" * 10) == ("", "nospaces" * 10)
+    assert tasks._keep_start("one two three", 9) == "one two" and tasks._keep_start("one two three", 7) == "one two"
+    assert tasks._keep_end("one two three", 8) == "three" and tasks._keep_end("one two three", 9) == "two three"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Downloads (a local server stands in for raw.githubusercontent.com)
+
+
+def serve(server, monkeypatch, rel, data):
+    """Serve `data` where DOWNLOADS says `rel` is, with its size and sha256 in the table."""
+    (repo, commit), path, _, _ = tasks.DOWNLOADS[rel]
+    monkeypatch.setitem(tasks.DOWNLOADS, rel, ((repo, commit), path, len(data), hashlib.sha256(data).hexdigest()))
+    server.files[f"/{repo}/{commit}/{path}"] = data
+    return f"/{repo}/{commit}/{path}"
+
+
+def test_download_then_load_and_resume(server, monkeypatch, tmp_path):
+    monkeypatch.setenv("MINIMAMBA_GITHUB_RAW", server.url + "/")
+    lines = "".join(ARC_LINE.replace("Why?", f"Why {i}?") for i in range(2000)).encode()
+    url = serve(server, monkeypatch, "mc/arc_easy.jsonl", lines)
+    server.drop_after[url] = 10_000  # the first answer stops after 10,000 bytes: the download resumes
+    out = tmp_path / "tasks"
+    assert download_task("arc_easy", out) == [out / "mc" / "arc_easy.jsonl"]
+    assert [r[:2] for r in server.requests] == [(url, None), (url, "bytes=10000-")]
+    items = load_task("arc_easy", data_dir=out)
+    assert len(items) == 2000 and items[5].options[0][0] == "Question: Why 5?\nAnswer:"
+    assert download_task("arc_easy", out) and len(server.requests) == 2  # there and checked: no request
+    monkeypatch.setitem(tasks.DOWNLOADS, "mc/arc_easy.jsonl", (*tasks.DOWNLOADS["mc/arc_easy.jsonl"][:3], "0" * 64))
+    with pytest.raises(DownloadError, match="already exists but has sha256"):
+        download_task("arc_easy", out)
+
+
+def test_a_wrong_file_on_the_server_is_refused(server, monkeypatch, tmp_path):
+    monkeypatch.setenv("MINIMAMBA_GITHUB_RAW", server.url)
+    url = serve(server, monkeypatch, "mc/piqa.jsonl", b'{"query": "Question: q\\n", "choices": ["a"], "gold": 0}\n')
+    server.files[url] = server.files[url].replace(b"q", b"x")  # same size, other bytes
+    with pytest.raises(DownloadError, match="sha256 .* does not match"):
+        download_task("piqa", tmp_path)
+    assert not (tmp_path / "mc" / "piqa.jsonl").exists()
+
+
+@needs_data
+def test_the_pinned_sizes_and_hashes_are_those_of_the_shared_files(server, monkeypatch, tmp_path, capsys):
+    """The real files, served at their pinned addresses, pass the table's size and sha256 checks; the CLI
+    downloads them and `list` counts their items."""
+    monkeypatch.setenv("MINIMAMBA_GITHUB_RAW", server.url)
+    for rel in ("pubmedqa/ori_pqal.json", "pubmedqa/test_ground_truth.json", "mc/openbook_qa.jsonl"):
+        (repo, commit), path, size, sha256 = tasks.DOWNLOADS[rel]
+        data = (DATA / rel).read_bytes()
+        assert len(data) == size and hashlib.sha256(data).hexdigest() == sha256
+        server.files[f"/{repo}/{commit}/{path}"] = data
+    out = tmp_path / "tasks"
+    assert tasks.main(["download", "pubmedqa", "openbookqa", "--out", str(out)]) == 0
+    assert [load_task("pubmedqa", s, out) for s in ("test", "train")] == [shared("pubmedqa"), shared("pubmedqa", "train")]
+    capsys.readouterr()
+    assert tasks.main(["list", "--data", str(out)]) == 0
+    listing = capsys.readouterr().out
+    assert "pubmedqa         yesno     test 500, train 500" in listing
+    assert "openbookqa       choice    test 500" in listing and "arc_easy         choice    test -" in listing
+    assert tasks.main(["download", "note_summary", "--out", str(out)]) == 2  # not served here: 404
+    assert "HTTP 404" in capsys.readouterr().err
