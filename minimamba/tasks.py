@@ -64,7 +64,7 @@ local_data (its "query" fields already hold part of lm-eval's context, as said b
   hellaswag  HellaSwag validation (10,042) from klosax/hellaswag_text_data's text file (6 lines an item:
             "activity_label: ctx", gold, 4 endings; rowanz's jsonl and llm-foundry's copy are too large for
             the project's mirrors). lm-eval's preprocessing (drop "[...]" tags, "  " -> " ", strip) is applied
-            again to the query and endings (it changes 19 lines that the uploader's narrower version left);
+            again to the query and endings (it changes 14 lines that the uploader's narrower version left);
             context = the query, continuation " {ending}". One difference from lm-eval remains: lm-eval
             capitalizes ctx_b ("... on a roof. He"), which this file cannot (ctx_a and ctx_b are merged, "he").
   lambada   LAMBADA (OpenAI's detokenized test, 5,153), kind "lambada": one option (context, " " + last
@@ -75,10 +75,10 @@ their full visit notes), standing in for MIMIC-IV-Note (credentialed). test = cl
 clinicalnlp_taskC_test2 + clef_taskC_test3 (120 notes), train = train + valid (87).
   note_completion  the recipe's clinical note completion: prompt "Continue the following clinical
             note.\\n\\n{prefix}", reference = the rest. The note is cut at the last single space at or before
-            its middle (prefix_ratio 0.5), so prefix + " " + reference == the note (stripped). The prefix keeps at most its
-            last 3,000 characters (from a word start), the reference its first 2,000 (to a word end). Notes
-            whose prefix is under 100 characters or rest under 50 are skipped (none in ACI-BENCH); how many
-            is printed on stderr.
+            its middle (prefix_ratio 0.5), so prefix + " " + reference == the note (stripped). The prefix keeps
+            at most its last 3,000 characters (from a word start), the reference its first 2,000 (to a word
+            end). Notes whose prefix is under 100 characters or rest under 50 are skipped (none in ACI-BENCH);
+            how many is printed on stderr.
   note_summary  the recipe's discharge-summary task adapted to visit notes: context = the sections before
             the first assessment header (a line "ASSESSMENT AND PLAN", "ASSESSMENT", "IMPRESSION" or "PLAN";
             the notes use all four), target = everything after that header line (the assessment, the plan
@@ -163,7 +163,8 @@ class Task:
     source: str  # one line: the dataset, its split, where it comes from
     files: dict[str, tuple[str, ...]] = field(default_factory=dict)  # split -> paths under the task data dir
     loader: Callable | None = None  # (list of paths, split) -> list of Choice or Generation
-    fallback: dict[str, tuple[str, ...]] = field(default_factory=dict)  # split -> files read when `files` are all absent
+    # split -> the files read instead where none of `files` is there (BioASQ: the derived JSON lines)
+    fallback: dict[str, tuple[str, ...]] = field(default_factory=dict)
     obtain: str = ""  # how to get the files where they cannot be downloaded (BioASQ); {dir} = the data dir
 
 
@@ -355,7 +356,8 @@ def _winogrande(paths: list[Path], split: str) -> list[Choice]:
     items = []
     for i, (where, r) in enumerate(_jsonl(paths[0])):
         contexts, rest = _strings(where, r, "context_options"), _get(where, r, "continuation")
-        items.append(Choice(f"winogrande/{i}", tuple((c, " " + rest) for c in contexts), _gold(where, r, len(contexts))))
+        options = tuple((context, " " + rest) for context in contexts)  # one context per option, one continuation
+        items.append(Choice(f"winogrande/{i}", options, _gold(where, r, len(contexts))))
     return items
 
 
@@ -585,8 +587,9 @@ def sft_example(task: "str | Task", item) -> tuple[str, str]:
     if task.kind == "generate" and isinstance(item, Generation):
         return item.prompt, SFT_SEPARATOR + item.reference
     if task.kind in ("choice", "lambada"):
+        trainable = ", ".join(n for n, t in TASKS.items() if t.kind in ("yesno", "generate"))
         raise TaskDataError(f"{task.name} is an evaluation-only benchmark ({task.kind}); SFT trains on the yesno "
-                            f"and generate tasks: {', '.join(n for n, t in TASKS.items() if t.kind in ('yesno', 'generate'))}")
+                            f"and generate tasks: {trainable}")
     raise TaskDataError(f"{task.name} ({task.kind}) items are "
                         f"{'Choice' if task.kind == 'yesno' else 'Generation'}s, got a {type(item).__name__}")
 
@@ -625,10 +628,12 @@ DOWNLOADS: dict[str, tuple[tuple[str, str], str, int, str]] = {
                                      "6c778d4ac5e6cc6f1964786f9286e8d765c210f22ed6b57f83aff8497409cea4"),
     "clinical/aci-bench/valid.csv": (ACI_BENCH, _AB + "valid.csv", 177400,
                                      "6629e89e3fb409d2b3eceab60dc7b32fe1d3fb8d4e07795039284965522aa4d0"),
-    "clinical/aci-bench/clinicalnlp_taskB_test1.csv": (ACI_BENCH, _AB + "clinicalnlp_taskB_test1.csv", 349998,
-                                                       "5cc4008e68545f84913744a8e493a58bdf17ba7e1b7a0be46d6943d6bfca9471"),
-    "clinical/aci-bench/clinicalnlp_taskC_test2.csv": (ACI_BENCH, _AB + "clinicalnlp_taskC_test2.csv", 385979,
-                                                       "599e3330a14e25a0e056aee1365ffac7ebe50058f15821eae42a5513c2bb5a4f"),
+    "clinical/aci-bench/clinicalnlp_taskB_test1.csv": (
+        ACI_BENCH, _AB + "clinicalnlp_taskB_test1.csv", 349998,
+        "5cc4008e68545f84913744a8e493a58bdf17ba7e1b7a0be46d6943d6bfca9471"),
+    "clinical/aci-bench/clinicalnlp_taskC_test2.csv": (
+        ACI_BENCH, _AB + "clinicalnlp_taskC_test2.csv", 385979,
+        "599e3330a14e25a0e056aee1365ffac7ebe50058f15821eae42a5513c2bb5a4f"),
     "clinical/aci-bench/clef_taskC_test3.csv": (ACI_BENCH, _AB + "clef_taskC_test3.csv", 381908,
                                                 "d3c18362a42124ea2bd1b2b4b66ba76a11bb123dfdb416471ae3b5924d1428ec"),
 }

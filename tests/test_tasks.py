@@ -277,7 +277,8 @@ def test_missing_files_say_where_and_how_to_get_them(tmp_path):
 
 
 @pytest.mark.parametrize("content,message", [
-    (ARC_LINE + ARC_LINE.replace('"gold": 1', '"gold": 7'), r"arc_easy.jsonl:2: gold 7 is not an option index \(0..1\)"),
+    (ARC_LINE + ARC_LINE.replace('"gold": 1', '"gold": 7'),
+     r"arc_easy.jsonl:2: gold 7 is not an option index \(0..1\)"),
     (ARC_LINE.replace('"gold": 1', '"gold": true'), r"arc_easy.jsonl:1: 'gold' should be a non-empty int"),
     ('{"query": "Question: Why?", "gold": 0}\n', r"arc_easy.jsonl:1: no 'choices' field"),
     (ARC_LINE + "\n" + ARC_LINE[:30] + "\n", r"arc_easy.jsonl:3: not valid JSON"),
@@ -391,7 +392,8 @@ def test_the_pinned_sizes_and_hashes_are_those_of_the_shared_files(server, monke
         server.files[f"/{repo}/{commit}/{path}"] = data
     out = tmp_path / "tasks"
     assert tasks.main(["download", "pubmedqa", "openbookqa", "--out", str(out)]) == 0
-    assert [load_task("pubmedqa", s, out) for s in ("test", "train")] == [shared("pubmedqa"), shared("pubmedqa", "train")]
+    for split in ("test", "train"):
+        assert load_task("pubmedqa", split, out) == shared("pubmedqa", split)
     capsys.readouterr()
     assert tasks.main(["list", "--data", str(out)]) == 0
     listing = capsys.readouterr().out
