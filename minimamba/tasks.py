@@ -669,8 +669,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     d = commands.add_parser("download", help="download tasks' public files (needs internet)")
     downloadable = [n for n, t in TASKS.items() if all(p in DOWNLOADS for s in t.files.values() for p in s)]
-    d.add_argument("names", nargs="+", metavar="NAME", choices=[*downloadable, "all"],
-                   help=f"{', '.join(downloadable)}, or all")
+    d.add_argument("names", nargs="+", metavar="NAME", choices=[*TASKS, "all"],  # (bioasq: says how to get it)
+                   help=f"{', '.join(downloadable)}, or all (BioASQ needs a registration)")
     d.add_argument("--out", type=Path, default=None, help="the task data dir (default $MINIMAMBA_TASK_DATA, "
                    "else data/tasks)")
     ls = commands.add_parser("list", help="the tasks, their kind, items per split (where the files are), source")

@@ -272,6 +272,7 @@ def test_missing_files_say_where_and_how_to_get_them(tmp_path):
     assert str(tmp_path / "bioasq" / "raw") in str(err.value)
     with pytest.raises(TaskDataError, match="cannot be downloaded.*bioasq.org"):
         download_task("bioasq", tmp_path)
+    assert tasks.main(["download", "bioasq", "--out", str(tmp_path)]) == 2
     with pytest.raises(TaskDataError, match="no 'train' split.*evaluation only"):
         load_task("arc_easy", "train", tmp_path)
 
