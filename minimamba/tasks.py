@@ -486,7 +486,7 @@ _ACI = {"test": tuple(f"clinical/aci-bench/{n}.csv" for n in ("clinicalnlp_taskB
 _BIOASQ_HELP = ("BioASQ data are given to registered participants only, so they are not downloaded: register at "
                 "https://www.bioasq.org, download the Task B golden test files (participants area) "
                 f"{', '.join(BIOASQ_TEST_BATCHES + BIOASQ_TRAIN_BATCHES)} (named like 12B1_golden.json) and put "
-                "them in {dir}/bioasq/raw/ (or put the derived " + BIOASQ_DERIVED + " there)")
+                "them in {dir}/bioasq/raw/ (or the derived file as {dir}/" + BIOASQ_DERIVED + ")")
 
 TASKS: dict[str, Task] = {t.name: t for t in (
     Task("pubmedqa", "yesno", "PubMedQA PQA-L (pubmedqa/pubmedqa): official 500-item test; train = the other 500",
