@@ -519,6 +519,14 @@ TASKS: dict[str, Task] = {t.name: t for t in (
 )}
 
 
+# named groups of tasks (eval.py --tasks qa,mc): the recipe's three kinds of downstream evaluation
+GROUPS: dict[str, list[str]] = {
+    "qa": ["pubmedqa", "bioasq"],  # biomedical yes/no question answering
+    "mc": ["arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "openbookqa", "lambada"],  # out of domain
+    "clinical": ["note_completion", "note_summary"],  # generation, ROUGE
+}
+GROUPS["all"] = [name for group in GROUPS.values() for name in group]
+
 def default_data_dir() -> Path:
     return Path(os.environ.get("MINIMAMBA_TASK_DATA") or "data/tasks")
 

@@ -402,3 +402,11 @@ def test_the_pinned_sizes_and_hashes_are_those_of_the_shared_files(server, monke
     assert "openbookqa       choice    test 500" in listing and "arc_easy         choice    test -" in listing
     assert tasks.main(["download", "note_summary", "--out", str(out)]) == 2  # not served here: 404
     assert "HTTP 404" in capsys.readouterr().err
+
+
+def test_every_task_is_in_exactly_one_group():
+    from minimamba.tasks import GROUPS
+
+    named = [n for g, names in GROUPS.items() if g != "all" for n in names]
+    assert sorted(named) == sorted(tasks.TASKS) and len(set(named)) == len(named)
+    assert GROUPS["all"] == named

@@ -1,0 +1,156 @@
+"""Evaluate a Mamba2 checkpoint: the BioMamba recipe's downstream tasks and per-domain perplexity.
+
+    python -m minimamba.tasks download all --out data/tasks          # first: the tasks' public files
+    python eval.py --model state-spaces/mamba2-370m --tasks all --out results/mamba2-370m.json
+    python eval.py --model runs/bio-370m/step-010000 --tasks qa,mc --ppl-data data/tokens --out results/bio-370m.json
+    python eval.py --compare results/mamba2-370m.json results/bio-370m.json     # a Markdown table, with Δ
+
+--tasks takes task names (`python -m minimamba.tasks list`) and the groups
+    qa        pubmedqa, bioasq                                    (yes/no accuracy and macro-F1)
+    mc        arc_easy, arc_challenge, hellaswag, piqa, winogrande, openbookqa, lambada   (out-of-domain)
+    clinical  note_completion, note_summary                       (ROUGE-1/2/L of greedy generations)
+    all       all of them
+The protocols (prompts, scoring, splits) are in minimamba/tasks.py and minimamba/evaluate.py. --ppl-data adds the
+held-out perplexity of each domain of a token directory (`python -m minimamba.data prepare`), as train.py measures it.
+The resolved configuration and every result go to --out (JSON, written atomically); --predictions also writes each
+item's prediction (JSON lines) for error analysis. Exit status: 0 done, 2 bad setup (a message says what to fix).
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from minimamba.data import DataError
+from minimamba.download import DownloadError
+from minimamba.evaluate import domain_perplexity, evaluate_task, load_heldout, results_table
+from minimamba.files import write_text_atomically
+from minimamba.hub import CheckpointError, from_pretrained
+from minimamba.tasks import GROUPS, TASKS, TaskDataError, load_task
+from minimamba.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
+
+p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+p.add_argument("--model", default="state-spaces/mamba2-370m", help="a Hub repo id or a checkpoint directory")
+p.add_argument("--tokenizer", default=None,
+               help=f"tokenizer.json, its directory or a Hub id (default: the model directory's, else {DEFAULT_TOKENIZER})")
+p.add_argument("--tasks", default="all", help="comma-separated task names and groups (qa, mc, clinical, all); '' for none")
+p.add_argument("--task-data", default=None, help="directory of the tasks' files (default: $MINIMAMBA_TASK_DATA or data/tasks)")
+p.add_argument("--split", default="test", help="which split of each task to score")
+p.add_argument("--limit", type=int, default=None, help="score only the first N items of each task (a quick look)")
+p.add_argument("--qa-scoring", choices=["logprob", "generate"], default="logprob",
+               help="yes/no tasks: compare the answers' log-probabilities, or generate and read the first word")
+p.add_argument("--max-new-tokens", type=int, default=128, help="generation tasks: greedy tokens per answer")
+p.add_argument("--max-tokens", type=int, default=None, help="drop context tokens from the left beyond this many")
+p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+p.add_argument("--ppl-data", default=None, help="token directory (DIR/<domain>/heldout.bin): held-out perplexity too")
+p.add_argument("--ppl-domains", default="pubmed,c4,wikipedia", help="domains of --ppl-data to score")
+p.add_argument("--seq-len", type=int, default=1024, help="perplexity: tokens per held-out window")
+p.add_argument("--ppl-windows", type=int, default=None, help="perplexity: at most this many windows per domain (default all)")
+p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+               help="compute dtype: auto = bfloat16 autocast on CUDA, float32 on CPU (weights stay float32)")
+p.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto", help="SSD scan (auto: triton on CUDA)")
+p.add_argument("--out", default=None, help="results JSON (default: print only)")
+p.add_argument("--predictions", default=None, help="also write every item's prediction here (JSON lines)")
+p.add_argument("--compare", nargs="+", metavar="RESULTS", help="print a Markdown table of these results files and exit")
+args = p.parse_args()
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+if args.compare:  # no model: a table of earlier runs
+    runs = {}
+    for path in args.compare:
+        try:
+            runs[path] = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            fail(f"cannot read results file {path}: {e}")
+        if not isinstance(runs[path], dict) or "results" not in runs[path]:
+            fail(f"{path} is not a results file of eval.py (it has no \"results\")")
+    print(results_table({name: run["results"] for name, run in runs.items()}))
+    sys.exit(0)
+
+# 1. what to run, checked before anything slow
+names = []
+for part in (t.strip() for t in args.tasks.split(",")):
+    for name in GROUPS.get(part, [part] if part else []):
+        if name not in TASKS:
+            fail(f"unknown task {name!r}; choose from {', '.join(TASKS)} or a group: {', '.join(GROUPS)}")
+        if name not in names:
+            names.append(name)
+if not names and not args.ppl_data:
+    fail("nothing to evaluate: give --tasks and/or --ppl-data")
+for name, value in (("limit", args.limit), ("max-new-tokens", args.max_new_tokens), ("max-tokens", args.max_tokens),
+                    ("batch-size", args.batch_size), ("seq-len", args.seq_len), ("ppl-windows", args.ppl_windows)):
+    if value is not None and value < 1:
+        fail(f"--{name} must be at least 1, got {value}")
+device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                      "cpu" if args.device == "auto" else args.device)
+if device.type == "cuda" and not torch.cuda.is_available():
+    fail("--device cuda was asked for but torch sees no GPU; use --device cpu")
+amp = {"auto": torch.bfloat16 if device.type == "cuda" else None, "bfloat16": torch.bfloat16, "float32": None}[args.dtype]
+
+# 2. the items of every task (a missing file fails now, not after an hour of scoring)
+try:
+    items = {name: load_task(name, args.split, args.task_data, args.limit) for name in names}
+except (TaskDataError, DataError, OSError) as e:
+    fail(str(e))
+
+# 3. the model and its tokenizer
+try:
+    model = from_pretrained(args.model, device=device, backend=args.backend).eval()
+    tokenizer_source = args.tokenizer
+    if tokenizer_source is None:
+        local = Path(args.model) / "tokenizer.json"
+        tokenizer_source = str(local) if local.is_file() else DEFAULT_TOKENIZER
+    tokenizer = load_tokenizer(tokenizer_source)
+except (CheckpointError, DownloadError, OSError, ValueError) as e:
+    fail(str(e))
+if tokenizer.vocab_size > model.config.vocab_size:
+    fail(f"the tokenizer ({tokenizer_source}) has {tokenizer.vocab_size} ids, the model only "
+         f"{model.config.vocab_size}: they do not belong together (give --tokenizer)")
+
+config = {k: v for k, v in vars(args).items() if k != "compare"}
+config.update(tasks=names, tokenizer=tokenizer_source, device=str(device), amp=str(amp) if amp else None,
+              scan_backend=model.scan_backend(device), parameters=model.num_params())
+print(json.dumps(config, indent=2))
+
+# 4. score
+results, predictions = {}, []
+opts = dict(batch_size=args.batch_size, device=device, autocast_dtype=amp, max_tokens=args.max_tokens,
+            max_new_tokens=args.max_new_tokens, qa_scoring=args.qa_scoring,
+            return_predictions=args.predictions is not None)
+for name in names:
+    started = time.perf_counter()
+    result = evaluate_task(model, tokenizer, TASKS[name], items[name], **opts)
+    for row in result.pop("predictions", []):
+        predictions.append({"task": name, **row})
+    results[name] = result
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float))
+    print(f"{name:16s} n={result['n']:<6d} {shown}  ({time.perf_counter() - started:.0f} s)", flush=True)
+if args.ppl_data:
+    domains = [d.strip() for d in args.ppl_domains.split(",") if d.strip()]
+    try:
+        heldout = load_heldout(args.ppl_data, domains, args.seq_len, args.ppl_windows)
+    except (DataError, OSError) as e:
+        fail(str(e))
+    for domain, r in domain_perplexity(model, heldout, args.batch_size, device, amp).items():
+        results[f"ppl_{domain}"] = {"task": f"ppl_{domain}", "kind": "perplexity", "n": r["tokens"], **r}
+        print(f"ppl_{domain:12s} tokens={r['tokens']:<8d} ppl {r['ppl']:.4g}  loss {r['loss']:.4f}", flush=True)
+
+# 5. save
+print()
+print(results_table({args.model: results}))
+if args.out:
+    write_text_atomically(Path(args.out), json.dumps({"model": args.model, "config": config, "results": results},
+                                                     indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+if args.predictions:
+    write_text_atomically(Path(args.predictions), "".join(json.dumps(r) + "\n" for r in predictions))
+    print(f"wrote {args.predictions}")
