@@ -111,11 +111,12 @@ def load_heldout(data_dir, domains, seq_len, max_windows=None):
 def encode_option(tokenizer, context, continuation, max_tokens=None, what="an option"):
     """(context ids, continuation ids) of one option, as `score_options` reads it.
 
-    The two strings are tokenized separately and the ids concatenated: the continuation's tokens are then
-    the same whatever the context (lm-eval-harness's behaviour before v0.4, which encodes the whole
-    string and splits it instead). A BPE may merge across the seam differently when both are encoded as
-    one text; the loaders put the separating space at the start of the continuation (" yes"), where the
-    GPT-NeoX tokenizer keeps it with the word either way.
+    The two strings are tokenized separately and the ids concatenated, so an option's continuation has
+    the same tokens whatever the context (lm-eval-harness's older behaviour; since v0.4 it encodes
+    context + continuation as one text and splits the ids where the context's own ids end). The two
+    differ only where a BPE merge would cross the seam. Put the separating space at the start of the
+    continuation (" yes"), not at the end of the context: GPT-NeoX's BPE attaches a space to the word
+    after it, so that split is the one the model saw in training.
 
     An empty context is scored from the EOS token, as lm-eval-harness does: the model needs at least
     one token to predict the first continuation token from. With `max_tokens` (the most tokens the model
@@ -168,7 +169,8 @@ def score_options(model, tokenizer, items, batch_size=16, device=None, max_token
     rows = []  # (item index, option index, context ids, continuation ids): one per option
     for i, item in enumerate(items):
         if not isinstance(item, Choice):
-            raise TypeError(f"item {i} is a {type(item).__name__}, not a Choice: only Choice items have options to score")
+            raise TypeError(f"item {i} is a {type(item).__name__}, not a Choice: only Choice items have options "
+                            "to score")
         if not item.options:
             raise ValueError(f"item {item.id!r} has no options")
         for j, (context, continuation) in enumerate(item.options):
@@ -360,6 +362,8 @@ def yesno_metrics(gold_labels, predicted_labels, labels):
 def _prompt_ids(tokenizer, prompt, max_prompt_tokens):
     """The prompt's ids, its last max_prompt_tokens if longer (the end of a prompt, where the question is,
     matters most); an empty prompt starts from EOS, as in `encode_option`."""
+    if not prompt and tokenizer.eos_id is None:
+        raise ValueError("a prompt is empty, and the tokenizer has no EOS token to generate from; give it text")
     ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_id]
     if max_prompt_tokens is not None:
         if max_prompt_tokens < 1:
@@ -468,7 +472,8 @@ def evaluate_task(model, tokenizer, task, items, batch_size=16, device=None, max
                 prompts.append(it.options[0][0])
             answers = generate_texts(model, tokenizer, prompts, qa_max_new_tokens, gen_batch_size, max_prompt_tokens)
             pred = [parse_yes_no(a) for a in answers]
-            preds = [{"id": it.id, "pred": p, "gold": g, "answer": a} for it, p, g, a in zip(items, pred, gold, answers)]
+            preds = [{"id": it.id, "pred": p, "gold": g, "answer": a}
+                     for it, p, g, a in zip(items, pred, gold, answers)]
         else:
             raise ValueError(f"qa_scoring must be 'logprob' or 'generate', got {qa_scoring!r}")
         metrics = yesno_metrics(gold, pred, labels)
