@@ -27,7 +27,7 @@ import torch
 from minimamba.data import DataError
 from minimamba.download import DownloadError
 from minimamba.evaluate import domain_perplexity, evaluate_task, load_heldout, results_table
-from minimamba.files import write_text_atomically
+from minimamba.files import finite_or_none, write_json_atomically, write_text_atomically
 from minimamba.hub import CheckpointError, from_pretrained
 from minimamba.tasks import GROUPS, TASKS, TaskDataError, load_task
 from minimamba.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
@@ -124,8 +124,8 @@ print(json.dumps(config, indent=2))
 # 4. score
 results, predictions = {}, []
 opts = dict(batch_size=args.batch_size, device=device, autocast_dtype=amp, max_tokens=args.max_tokens,
-            max_new_tokens=args.max_new_tokens, qa_scoring=args.qa_scoring,
-            return_predictions=args.predictions is not None)
+            max_prompt_tokens=args.max_tokens, max_new_tokens=args.max_new_tokens, gen_batch_size=args.batch_size,
+            qa_scoring=args.qa_scoring, return_predictions=args.predictions is not None)
 for name in names:
     started = time.perf_counter()
     result = evaluate_task(model, tokenizer, TASKS[name], items[name], **opts)
@@ -148,9 +148,11 @@ if args.ppl_data:
 print()
 print(results_table({args.model: results}))
 if args.out:
-    write_text_atomically(Path(args.out), json.dumps({"model": args.model, "config": config, "results": results},
-                                                     indent=2) + "\n")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(Path(args.out), {"model": args.model, "config": config, "results": results})
     print(f"\nwrote {args.out}")
 if args.predictions:
-    write_text_atomically(Path(args.predictions), "".join(json.dumps(r) + "\n" for r in predictions))
+    Path(args.predictions).parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(Path(args.predictions), "".join(json.dumps(finite_or_none(r), allow_nan=False) + "\n"
+                                                          for r in predictions))
     print(f"wrote {args.predictions}")

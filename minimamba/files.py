@@ -1,8 +1,10 @@
 """Writing files so that a run killed mid-write leaves the old file or the new one, never half of one;
-and hashing files. Used by the checkpoint writer (hub), corpus preparation (data), downloads and training."""
+JSON without inf/NaN; and hashing files. Used by the checkpoint writer (hub), corpus preparation (data), downloads and training."""
 
 import errno
 import hashlib
+import json
+import math
 import os
 import secrets
 import stat
@@ -86,6 +88,24 @@ def atomic_write(path, write):
 def write_text_atomically(path, text):
     """`atomic_write` of a UTF-8 text."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def finite_or_none(value):
+    """`value` with every non-finite float (an infinite perplexity, a NaN) replaced by None, in nested
+    dicts and lists too. JSON has no inf or NaN (json.dumps would write Infinity and NaN, which other JSON
+    readers refuse): they are written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def write_json_atomically(path, value):
+    """`write_text_atomically` of `value` as indented JSON, non-finite floats as null (`finite_or_none`)."""
+    write_text_atomically(path, json.dumps(finite_or_none(value), indent=2, allow_nan=False) + "\n")
 
 
 def sha256_of(path, block_size=1 << 20):

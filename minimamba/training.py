@@ -83,7 +83,7 @@ from tqdm import tqdm
 from minimamba.config import PUBLIC_SCALES, SCALES, Mamba2Config
 from minimamba.data import DataError, ids_needed
 from minimamba.evaluate import domain_perplexity, load_heldout
-from minimamba.files import atomic_write, fsync_dir, write_text_atomically
+from minimamba.files import atomic_write, finite_or_none, fsync_dir, write_text_atomically
 from minimamba.model import Mamba2LM
 from minimamba.sampler import MixtureSampler, check_domains, parse_mix
 
@@ -938,21 +938,10 @@ def restore_state(state, model, optimizer, ema, sampler, source=None):
 # Logging: JSON lines and a plot
 
 
-def _finite_or_none(value):
-    """`value` with every non-finite float (an infinite perplexity, a NaN) replaced by None."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(v) for v in value]
-    return value
-
-
 def _json_line(record):
     """One line of log.jsonl. JSON has no inf or NaN (json.dumps would write Infinity and NaN, which other
     JSON readers refuse): they are written as null (the loss next to an infinite perplexity says why)."""
-    return json.dumps(_finite_or_none(record), allow_nan=False) + "\n"
+    return json.dumps(finite_or_none(record), allow_nan=False) + "\n"
 
 
 class JsonlLog:

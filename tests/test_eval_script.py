@@ -1,0 +1,98 @@
+"""eval.py end to end: a tiny random checkpoint scored on a few items of real tasks, the results file, the
+predictions file, --compare, and the setup errors (exit 2 with a message, before any model is loaded)."""
+
+import contextlib
+import io
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from minimamba.config import Mamba2Config
+from minimamba.evaluate import evaluate_task
+from minimamba.hub import from_pretrained
+from minimamba.model import Mamba2LM
+from minimamba.tasks import TASKS, load_task
+from minimamba.tokenizer import load_tokenizer
+from tests.conftest import DATA
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER = DATA / "tokenizer" / "tokenizer.json"
+needs_data = pytest.mark.skipif(not (TOKENIZER.exists() and (DATA / "mc" / "arc_easy.jsonl").exists()),
+                                reason=f"the shared data (tokenizer.json, mc/, pubmedqa/) is not in {DATA}")
+
+
+def run_eval(*args, cwd):
+    """eval.py run as a script (in this process: torch is imported once) -> (exit status, stdout, stderr)."""
+    out, err, argv = io.StringIO(), io.StringIO(), sys.argv
+    sys.argv = [str(ROOT / "eval.py"), *map(str, args)]
+    try:
+        with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(str(ROOT / "eval.py"), run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = argv
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("eval") / "tiny"
+    model = Mamba2LM(Mamba2Config(d_model=32, n_layer=2, d_state=16, headdim=16, chunk_size=16))
+    model.reset_parameters(seed=0)
+    model.save_pretrained(path)
+    return path
+
+
+@needs_data
+def test_eval_writes_what_the_library_computes(checkpoint, tmp_path):
+    out, preds = tmp_path / "res" / "a.json", tmp_path / "res" / "a.jsonl"
+    r = run_eval("--model", checkpoint, "--tokenizer", TOKENIZER, "--task-data", DATA, "--tasks", "arc_easy,pubmedqa",
+                 "--limit", 3, "--device", "cpu", "--out", out, "--predictions", preds, cwd=tmp_path)
+    assert r[0] == 0, r[2]
+    saved = json.loads(out.read_text())
+    assert saved["config"]["tasks"] == ["arc_easy", "pubmedqa"] and saved["config"]["scan_backend"] == "torch"
+    # the same numbers as the library's, called here on the same checkpoint and items
+    model, tok = from_pretrained(checkpoint).eval(), load_tokenizer(TOKENIZER)
+    for name in ("arc_easy", "pubmedqa"):
+        expected = evaluate_task(model, tok, TASKS[name], load_task(name, "test", DATA, 3), batch_size=16)
+        got = saved["results"][name]
+        assert got["n"] == 3
+        for metric in ("acc", "acc_norm", "macro_f1"):
+            if metric in expected:
+                assert got[metric] == pytest.approx(expected[metric], abs=1e-12), (name, metric)
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert [(r["task"], r["id"]) for r in rows] == [(n, it.id) for n in ("arc_easy", "pubmedqa")
+                                                    for it in load_task(n, "test", DATA, 3)]
+
+    # --compare: two results files side by side, with their difference
+    other = json.loads(out.read_text())
+    other["results"]["arc_easy"]["acc"] += 0.25
+    (tmp_path / "b.json").write_text(json.dumps(other))
+    code, stdout, stderr = run_eval("--compare", out, tmp_path / "b.json", cwd=tmp_path)
+    assert code == 0, stderr
+    row = next(line for line in stdout.splitlines() if line.startswith("| arc_easy | acc |"))
+    assert row.rstrip().endswith("| +0.2500 |")
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--tasks", "arc_easy,nosuchtask"], "unknown task 'nosuchtask'"),
+    (["--tasks", "pubmedqa", "--task-data", "{tmp}/empty"], "python -m minimamba.tasks download pubmedqa"),
+    (["--tasks", "arc_easy", "--limit", "0"], "--limit must be at least 1"),
+    (["--tasks", ""], "nothing to evaluate"),
+])
+def test_eval_setup_errors(args, says, tmp_path):
+    code, _, stderr = run_eval("--model", tmp_path / "never-read", *[a.format(tmp=tmp_path) for a in args],
+                               cwd=tmp_path)
+    assert code == 2 and says in stderr, stderr
+
+
+def test_compare_refuses_a_file_that_is_not_results(tmp_path):
+    (tmp_path / "x.json").write_text('{"loss": 1}')
+    code, _, stderr = run_eval("--compare", tmp_path / "x.json", cwd=tmp_path)
+    assert code == 2 and "is not a results file of eval.py" in stderr
