@@ -5,6 +5,8 @@
     python -m minimamba.bench inference --scale 130m               decode cost and state size vs context length,
                                                                  beside a same-width Transformer's KV cache
     python -m minimamba.bench tokenizer [--data-root DIR]        encode speed vs HF `tokenizers` on the shared corpora
+    python -m minimamba.bench scoring --task pubmedqa            option scoring (eval.py): a shared context read once,
+                                                                 beside one forward per option
 """
 
 import argparse
@@ -413,6 +415,55 @@ def bench_inference(args):
     print("KV cache of a same-width Transformer: 2 (K, V) x n_layer x d_model x context x 4 bytes")
 
 
+def bench_scoring(args):
+    """Seconds to score a task's options with `score_options` (each distinct context read once, its state
+    copied for every option) beside the plain way (one forward of context + continuation per option), and the
+    largest difference of the log-likelihoods they give. Random weights: the speed does not depend on them."""
+    import torch
+
+    from minimamba.config import Mamba2Config
+    from minimamba.evaluate import encode_option, score_options
+    from minimamba.model import Mamba2LM
+    from minimamba.tasks import load_task
+    from minimamba.tokenizer import load_tokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    items = load_task(args.task, "test", args.task_data, args.items)
+    tokenizer = load_tokenizer(args.tokenizer or args.data_root / "tokenizer" / "tokenizer.json")
+    torch.manual_seed(0)
+    model = Mamba2LM(Mamba2Config.from_scale(args.scale)).to(args.device).eval()
+    V = model.config.vocab_size
+
+    @torch.no_grad()
+    def one_forward_per_option():
+        out = []
+        for item in items:
+            for context, continuation in item.options:
+                ctx, cont = encode_option(tokenizer, context, continuation)
+                ids = torch.tensor([ctx + cont[:-1]], device=args.device)  # (1, l_ctx + l_cont - 1)
+                logp = model(ids)[0, len(ctx) - 1 :, :V].float().log_softmax(-1)  # (l_cont, V)
+                out.append(logp.gather(-1, torch.tensor(cont, device=args.device)[:, None]).sum().item())
+        return out
+
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    shared, plain = {}, {}
+    t_shared = _time(lambda: shared.update(s=score_options(model, tokenizer, items, args.batch_size, args.device)),
+                     args.repeat, sync)
+    t_plain = _time(lambda: plain.update(s=one_forward_per_option()), args.repeat, sync)
+    flat = [s[0] for options in shared["s"] for s in options]
+    options = len(flat)
+    tokens = sum(len(c) + len(o) for item in items for c, o in
+                 (encode_option(tokenizer, *option) for option in item.options))
+    print(f"{args.task}: {len(items)} items, {options} options, {tokens:,} tokens read the plain way; "
+          f"mamba2-{args.scale} shapes, random weights, {args.device}, float32, {torch.get_num_threads()} threads, "
+          f"batch {args.batch_size} options, median of {args.repeat}")
+    print(f"{'one forward per option':>28}: {t_plain:8.2f} s  ({1e3 * t_plain / len(items):7.1f} ms/item)")
+    print(f"{'shared context (score_options)':>28}: {t_shared:8.2f} s  ({1e3 * t_shared / len(items):7.1f} ms/item)"
+          f"  {t_plain / t_shared:.2f}x")
+    print(f"largest |difference| of the summed log-likelihoods: {max(abs(a - b) for a, b in zip(flat, plain['s'])):.2e}")
+
+
 PHASES = ("forward", "train", "generate")
 
 
@@ -497,6 +548,21 @@ def main(argv=None):
     speed_options(inf)
     inf.add_argument("--contexts", type=_contexts, default="1024,4096,16384", help="comma-separated context lengths")
     inf.set_defaults(run=bench_inference)
+
+    sc = commands.add_parser("scoring", help="eval.py's option scoring vs one forward per option")
+    sc.add_argument("--task", default="pubmedqa", help="a task of kind choice / yesno / lambada (minimamba.tasks)")
+    sc.add_argument("--items", type=_positive, default=20, help="the first N items of its test split")
+    sc.add_argument("--task-data", type=Path, default=Path(os.environ.get("MINIMAMBA_DATA", DEFAULT_DATA)),
+                    help="the tasks' files (default: $MINIMAMBA_DATA or ../shared/data)")
+    sc.add_argument("--data-root", type=Path, default=Path(os.environ.get("MINIMAMBA_DATA", DEFAULT_DATA)),
+                    help="where tokenizer/tokenizer.json is (unless --tokenizer)")
+    sc.add_argument("--tokenizer", type=Path, help="tokenizer.json")
+    sc.add_argument("--scale", default="130m", choices=list(SCALES), help="model shapes (random weights)")
+    sc.add_argument("--batch-size", type=_positive, default=16, help="options per batch of score_options")
+    sc.add_argument("--repeat", type=_positive, default=3, help="timed runs (after one warm-up); median")
+    sc.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's choice)")
+    sc.add_argument("--device", default="cpu", help="cpu or cuda")
+    sc.set_defaults(run=bench_scoring)
 
     argv = list(argv if argv is not None else __import__("sys").argv[1:])
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):

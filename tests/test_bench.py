@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from minimamba import bench
+from tests.conftest import DATA
 
 
 def test_the_hf_model_takes_our_weights_without_a_second_copy(monkeypatch):
@@ -135,3 +136,14 @@ def test_the_tokenizer_benchmark_gives_hf_the_threads_it_prints(monkeypatch):
     import os
 
     assert os.environ["RAYON_NUM_THREADS"] == "2" and "TOKENIZERS_PARALLELISM" not in os.environ
+
+
+@pytest.mark.skipif(not (DATA / "pubmedqa" / "ori_pqal.json").exists() or not (DATA / "tokenizer").exists(),
+                    reason=f"the shared data (pubmedqa/, tokenizer/) is not in {DATA}")
+def test_the_scoring_benchmark_agrees_with_its_baseline(capsys):
+    bench.main(["scoring", "--task", "pubmedqa", "--items", "2", "--repeat", "1", "--scale", "tiny",
+                "--task-data", str(DATA), "--data-root", str(DATA)])
+    out = capsys.readouterr().out
+    assert "2 items, 6 options" in out and "x\n" in out
+    difference = float(out.rsplit("log-likelihoods: ", 1)[1].split()[0])
+    assert difference < 1e-4
