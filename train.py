@@ -15,11 +15,9 @@ a second signal stops at once).
 
 import argparse
 import math
-import signal
-import sys
 
 from minimamba.config import SCALES
-from minimamba.training import STOP, SetupError, TrainConfig, TrainingDiverged, train
+from minimamba.training import TrainConfig, run_as_script, train
 
 D = TrainConfig()  # the defaults
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -83,18 +81,4 @@ args = p.parse_args()
 if args.tokens is not None and math.isfinite(args.tokens):  # (nan/inf: refused by the checks in train())
     args.tokens = int(args.tokens)
 
-try:
-    result = train(TrainConfig(**vars(args)))
-except SetupError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-except TrainingDiverged as e:
-    print(f"error: training diverged: {e}", file=sys.stderr)
-    sys.exit(1)
-except KeyboardInterrupt:  # a second SIGINT/SIGTERM (or a first one before training began): stop at once
-    again = STOP.again or signal.SIGINT
-    print(f"\nstopped at once by {signal.Signals(again).name}: the step in progress was not saved; the "
-          "checkpoints written before are kept (continue with --resume)", file=sys.stderr)
-    sys.exit(128 + again)
-if result["stopped_by"] in ("SIGINT", "SIGTERM"):
-    sys.exit(128 + signal.Signals[result["stopped_by"]].value)
+run_as_script(lambda: train(TrainConfig(**vars(args))))
