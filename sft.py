@@ -16,22 +16,15 @@ Exit status: 0 done (or stopped early), 1 diverged (NaN/inf loss), 2 bad setup, 
 
 import argparse
 
-from minimamba.config import SCALES
 from minimamba.finetune import SFTConfig, finetune
-from minimamba.training import run_as_script
+from minimamba.training import model_arguments, run_arguments, run_as_script
 
 D = SFTConfig()  # the defaults
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-# model
-p.add_argument("--scale", choices=list(SCALES), default=D.scale,
-               help="model size: the public Mamba2 checkpoints, or tiny/micro/mini to train on a CPU")
+model_arguments(p, D)  # --scale --backend --grad-ckpt
 p.add_argument("--init", default=D.init,
                help="'pretrained' (state-spaces/mamba2-<scale>), 'scratch' (random weights), or a checkpoint "
                "directory (a train.py OUT/step-N) / Hub repo id")
-p.add_argument("--backend", choices=["auto", "torch", "triton"], default=D.backend,
-               help="SSD scan: triton kernel on CUDA, PyTorch reference otherwise (auto)")
-p.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=D.grad_ckpt,
-               help="activation checkpointing: recompute each block in the backward pass to save memory")
 p.add_argument("--tokenizer", default=D.tokenizer, help="Hub repo id or tokenizer.json of the model's tokenizer")
 # data
 p.add_argument("--tasks", default=D.tasks, help="comma-separated tasks of minimamba.tasks: pubmedqa,bioasq (QA) or "
@@ -52,37 +45,20 @@ p.add_argument("--examples-per-step", type=int, default=D.examples_per_step,
 # optimization
 p.add_argument("--lr", type=float, default=D.lr, help="peak learning rate")
 p.add_argument("--llrd", type=float, default=D.llrd, help="layer-wise LR decay (1: one LR for all layers)")
-p.add_argument("--weight-decay", type=float, default=D.weight_decay,
-               help="AdamW weight decay (not on A_log, D, dt_bias, norms, biases)")
-p.add_argument("--beta1", type=float, default=D.beta1, help="AdamW beta1")
-p.add_argument("--beta2", type=float, default=D.beta2, help="AdamW beta2")
-p.add_argument("--grad-clip", type=float, default=D.grad_clip, help="clip the gradient norm to this (0: off)")
 p.add_argument("--schedule", choices=["wsd", "cosine", "constant"], default=D.schedule, help="LR schedule after warmup")
-p.add_argument("--warmup", type=float, default=D.warmup, help="warmup: fraction of the steps if < 1, else steps")
 p.add_argument("--decay", type=float, default=D.decay, help="wsd: fraction of the steps in the final decay")
-p.add_argument("--min-lr-ratio", type=float, default=D.min_lr_ratio, help="final LR as a fraction of the peak")
 p.add_argument("--epochs", type=int, default=D.epochs, help="passes over the training pairs")
 p.add_argument("--ema", type=float, default=D.ema, help="EMA decay of the weights evaluated and saved (0: off)")
 p.add_argument("--seed", type=int, default=D.seed, help="seed of the data order and the validation split")
 # evaluation, checkpoints
 p.add_argument("--eval-every", type=int, default=D.eval_every, help="validation loss every N steps (0: only at the end)")
-p.add_argument("--eval-at-start", action=argparse.BooleanOptionalAction, default=D.eval_at_start,
-               help="also evaluate before the first step")
 p.add_argument("--eval-batch-size", type=int, default=D.eval_batch_size, help="pairs per eval batch (default: --batch-size)")
 p.add_argument("--patience", type=int, default=D.patience,
                help="stop after this many evaluations in a row without a lower validation loss (0: never)")
-p.add_argument("--save-every", type=int, default=D.save_every, help="checkpoint every N steps (also at the end and on SIGINT/SIGTERM)")
 p.add_argument("--keep", type=int, default=D.keep, help="step checkpoints to keep (OUT/best is kept besides)")
 p.add_argument("--out", default=D.out, help="output directory: OUT/best/, OUT/step-N/ checkpoints, log.jsonl, training.png")
-p.add_argument("--resume", nargs="?", const="latest", default=D.resume,
-               help="continue OUT's latest checkpoint exactly (or the checkpoint directory given)")
-# hardware
-p.add_argument("--device", default=D.device, help="auto, cpu, cuda or cuda:N")
-p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default=D.dtype,
-               help="compute dtype: auto = bfloat16 autocast on CUDA, float32 on CPU (weights stay float32)")
-p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=D.fsdp,
-               help="under torchrun: shard weights/grads/optimizer (FSDP2) instead of replicating them (DDP)")
-p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=D.progress, help="show the progress bar")
+run_arguments(p, D)  # --weight-decay --beta1 --beta2 --grad-clip --warmup --min-lr-ratio
+#   --eval-at-start --save-every --resume --device --dtype --fsdp --progress
 args = p.parse_args()
 
 result = run_as_script(lambda: finetune(SFTConfig(**vars(args))))

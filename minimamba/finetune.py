@@ -173,7 +173,9 @@ def collate(rows, pad_id):
 def encode_pairs(tokenizer, pairs, max_len):
     """[(tokens, start)] of `pairs` and the counts {"prompt_cut", "response_cut"}."""
     def encode(texts):  # (minimamba's Tokenizer encodes in threads; a tokenizer with only .encode works too)
-        return tokenizer.encode_batch(texts) if hasattr(tokenizer, "encode_batch") else list(map(tokenizer.encode, texts))
+        if hasattr(tokenizer, "encode_batch"):
+            return tokenizer.encode_batch(texts)
+        return [tokenizer.encode(t) for t in texts]
 
     prompts, responses = encode([p for p, _ in pairs]), encode([r for _, r in pairs])
     rows, cuts = [], {"prompt_cut": 0, "response_cut": 0}
@@ -341,7 +343,7 @@ class Finetuning:
             except ValueError as e:
                 raise SetupError(str(e)) from None
         per_pass = cfg.batch_size * dist.world_size
-        grad_accum = cfg.grad_accum if cfg.grad_accum is not None else max(1, math.ceil(cfg.examples_per_step / per_pass))
+        grad_accum = cfg.grad_accum if cfg.grad_accum is not None else max(1, -(-cfg.examples_per_step // per_pass))
         if grad_accum < 1:
             raise SetupError(f"--grad-accum must be >= 1, got {grad_accum}")
         self.dist = dist

@@ -61,6 +61,7 @@ with what differs. An optimizer state written before the groups were keyed by de
 groups, parameter by parameter, with its moments unchanged.
 """
 
+import argparse
 import contextlib
 import importlib.util
 import json
@@ -1392,6 +1393,41 @@ def run(job, model=None):
         STOP.restore()
         if dist.enabled and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def model_arguments(p, D):
+    """The model's flags of train.py and sft.py (argparse parser `p`, defaults from the config `D`)."""
+    p.add_argument("--scale", choices=list(SCALES), default=D.scale,
+                   help="model size: the public Mamba2 checkpoints, or tiny/micro/mini to train on a CPU")
+    p.add_argument("--backend", choices=["auto", "torch", "triton"], default=D.backend,
+                   help="SSD scan: triton kernel on CUDA, PyTorch reference otherwise (auto)")
+    p.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=D.grad_ckpt,
+                   help="activation checkpointing: recompute each block in the backward pass to save memory")
+
+
+def run_arguments(p, D):
+    """The flags train.py and sft.py share besides the model's: AdamW and the schedule's ends, evaluation
+    at the start, checkpoints and resume, hardware."""
+    p.add_argument("--weight-decay", type=float, default=D.weight_decay,
+                   help="AdamW weight decay (not on A_log, D, dt_bias, norms, biases)")
+    p.add_argument("--beta1", type=float, default=D.beta1, help="AdamW beta1")
+    p.add_argument("--beta2", type=float, default=D.beta2, help="AdamW beta2")
+    p.add_argument("--grad-clip", type=float, default=D.grad_clip, help="clip the gradient norm to this (0: off)")
+    p.add_argument("--warmup", type=float, default=D.warmup, help="warmup: fraction of the steps if < 1, else steps")
+    p.add_argument("--min-lr-ratio", type=float, default=D.min_lr_ratio, help="final LR as a fraction of the peak")
+    p.add_argument("--eval-at-start", action=argparse.BooleanOptionalAction, default=D.eval_at_start,
+                   help="also evaluate before the first step")
+    p.add_argument("--save-every", type=int, default=D.save_every,
+                   help="checkpoint every N steps (also at the end and on SIGINT/SIGTERM)")
+    p.add_argument("--resume", nargs="?", const="latest", default=D.resume,
+                   help="continue OUT's latest checkpoint exactly (or the checkpoint directory given)")
+    p.add_argument("--device", default=D.device, help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default=D.dtype,
+                   help="compute dtype: auto = bfloat16 autocast on CUDA, float32 on CPU (weights stay float32)")
+    p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=D.fsdp,
+                   help="under torchrun: shard weights/grads/optimizer (FSDP2) instead of replicating them (DDP)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=D.progress,
+                   help="show the progress bar")
 
 
 def run_as_script(start):

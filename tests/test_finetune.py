@@ -24,6 +24,7 @@ from minimamba.training import IGNORE, Dist, SetupError, TrainingDiverged, read_
 
 ROOT = Path(__file__).resolve().parents[1]
 EOS = 256
+pytestmark = pytest.mark.usefixtures("one_thread", "no_speed_probe")  # (conftest.py)
 
 
 class ByteTokenizer:
@@ -38,21 +39,6 @@ def small_model(seed=0):
                      backend="torch")
     model.reset_parameters(seed=seed)
     return model
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def no_speed_probe(monkeypatch):
-    from minimamba import training
-
-    monkeypatch.setattr(training, "matmul_flops", lambda device, dtype=None: 1e11)
 
 
 def pairs(n, seed=0):
@@ -148,7 +134,8 @@ def test_accumulating_micro_batches_with_different_token_counts_gives_the_gradie
         loss_of(model(inputs).flatten(0, 1), labels.flatten()).backward()  # logits (4·l, V), labels (4·l,)
         return torch.cat([p.grad.flatten() for p in model.parameters()])
 
-    assert torch.allclose(gradient(lambda x, y: F.cross_entropy(x, y, ignore_index=IGNORE)), whole, rtol=1e-4, atol=1e-6)
+    one_mean = gradient(lambda x, y: F.cross_entropy(x, y, ignore_index=IGNORE))
+    assert torch.allclose(one_mean, whole, rtol=1e-4, atol=1e-6)
     per_row = lambda x, y: F.cross_entropy(x, y, ignore_index=IGNORE, reduction="none").view(4, -1).sum(1)
     row_means = gradient(lambda x, y: (per_row(x, y) / torch.tensor(counts)).mean())
     assert not torch.allclose(row_means, whole, rtol=1e-2, atol=1e-4)
@@ -200,7 +187,8 @@ def test_resume_is_exact_across_an_epoch_boundary(tmp_path):
     for k, s in a["optimizer"]["state"].items():
         assert all(torch.equal(v, b["optimizer"]["state"][k][n]) for n, v in s.items())
     assert a["sampler"] == b["sampler"] and a["early_stopping"] == b["early_stopping"]
-    logs = [{r["step"]: r["loss"] for r in read_log(Path(o) / "log.jsonl") if "loss" in r} for o in (whole.out, resumed.out)]
+    logs = [{r["step"]: r["loss"] for r in read_log(Path(o) / "log.jsonl") if "loss" in r}
+            for o in (whole.out, resumed.out)]
     assert logs[1] == {s: v for s, v in logs[0].items() if s > 3} and len(logs[0]) == 6
     best = json_best(resumed.out)
     assert result["best_step"] == best["step"] and result["best_loss"] == pytest.approx(best["val_loss"])
@@ -229,17 +217,9 @@ def test_early_stopping_keeps_the_best_weights_and_a_finished_run_does_not_resum
         run(replace(cfg, resume="latest"), train_pairs, val)
 
 
-def test_nan_loss_stops_and_no_checkpoint_holds_nan_weights(tmp_path):
+def test_nan_loss_stops_and_no_checkpoint_holds_nan_weights(tmp_path, nan_after):
     model = small_model()
-    calls = {"n": 0}
-
-    def poison(module, inputs, output):
-        if module.training:
-            calls["n"] += 1
-            if calls["n"] > 8:  # step 5 (2 micro-batches per step)
-                return output * float("nan")
-
-    model.register_forward_hook(poison)
+    nan_after(model, 8)  # from step 5 on (2 micro-batches per step)
     cfg = config(tmp_path / "run", save_every=2)
     with pytest.raises(TrainingDiverged, match=r"loss is nan at step 5.*step-000004"):
         run(cfg, pairs(12), pairs(2, seed=5), model=model)
