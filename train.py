@@ -15,24 +15,15 @@ a second signal stops at once).
 
 import argparse
 import math
-import signal
-import sys
 
-from minimamba.config import SCALES
-from minimamba.training import STOP, SetupError, TrainConfig, TrainingDiverged, train
+from minimamba.training import TrainConfig, model_arguments, run_arguments, run_as_script, train
 
 D = TrainConfig()  # the defaults
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-# model
-p.add_argument("--scale", choices=list(SCALES), default=D.scale,
-               help="model size: the public Mamba2 checkpoints, or tiny/micro/mini to train on a CPU")
+model_arguments(p, D)  # --scale --backend --grad-ckpt
 p.add_argument("--init", default=D.init,
                help="'pretrained' (state-spaces/mamba2-<scale> from the Hub), 'scratch' (random weights), "
                "or a checkpoint directory / Hub repo id")
-p.add_argument("--backend", choices=["auto", "torch", "triton"], default=D.backend,
-               help="SSD scan: triton kernel on CUDA, PyTorch reference otherwise (auto)")
-p.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=D.grad_ckpt,
-               help="activation checkpointing: recompute each block in the backward pass to save memory")
 # data
 p.add_argument("--data", default=D.data, help="directory of DIR/<domain>/{train,heldout}.bin (python -m minimamba.data prepare)")
 p.add_argument("--mix", default=D.mix, help="token share of each domain, NAME=SHARE,...")
@@ -45,56 +36,25 @@ p.add_argument("--tokens-per-step", type=int, default=D.tokens_per_step,
 # optimization
 p.add_argument("--lr", type=float, default=D.lr, help="peak learning rate (top layer)")
 p.add_argument("--llrd", type=float, default=D.llrd, help="layer-wise LR decay: layer l of L gets lr*llrd^(L-1-l)")
-p.add_argument("--weight-decay", type=float, default=D.weight_decay,
-               help="AdamW weight decay (not on A_log, D, dt_bias, norms, biases)")
-p.add_argument("--beta1", type=float, default=D.beta1, help="AdamW beta1")
-p.add_argument("--beta2", type=float, default=D.beta2, help="AdamW beta2")
-p.add_argument("--grad-clip", type=float, default=D.grad_clip, help="clip the gradient norm to this (0: off)")
 p.add_argument("--schedule", choices=["wsd", "cosine", "constant"], default=D.schedule,
                help="LR schedule: warmup-stable-decay, warmup+cosine, or warmup+constant")
-p.add_argument("--warmup", type=float, default=D.warmup, help="warmup: fraction of the steps if < 1, else steps")
 p.add_argument("--decay", type=float, default=D.decay, help="wsd: fraction of the steps in the final cosine decay")
-p.add_argument("--min-lr-ratio", type=float, default=D.min_lr_ratio, help="final LR as a fraction of the peak")
 p.add_argument("--max-steps", type=int, default=D.max_steps, help="optimizer steps")
 p.add_argument("--tokens", type=float, default=D.tokens, help="total training tokens (overrides --max-steps), e.g. 1.5e9")
 p.add_argument("--ema", type=float, default=D.ema, help="EMA decay of the weights used for eval and saving (0: off)")
 p.add_argument("--seed", type=int, default=D.seed, help="seed of the data order (and of --init scratch)")
 # evaluation, logging, checkpoints
 p.add_argument("--eval-every", type=int, default=D.eval_every, help="held-out perplexity every N steps (0: only at the end)")
-p.add_argument("--eval-at-start", action=argparse.BooleanOptionalAction, default=D.eval_at_start,
-               help="also evaluate before the first step")
 p.add_argument("--eval-domains", default=D.eval_domains,
                help="comma-separated domains to evaluate on (default: those of --mix)")
 p.add_argument("--eval-windows", type=int, default=D.eval_windows, help="held-out windows of --seq-len tokens per domain")
 p.add_argument("--eval-batch-size", type=int, default=D.eval_batch_size, help="sequences per eval batch (default: --batch-size)")
-p.add_argument("--save-every", type=int, default=D.save_every, help="checkpoint every N steps (also at the end and on SIGINT/SIGTERM)")
 p.add_argument("--keep", type=int, default=D.keep, help="step checkpoints to keep")
 p.add_argument("--out", default=D.out, help="output directory: OUT/step-N/ checkpoints, log.jsonl, training.png")
-p.add_argument("--resume", nargs="?", const="latest", default=D.resume,
-               help="continue OUT's latest checkpoint exactly (or the checkpoint directory given)")
-# hardware
-p.add_argument("--device", default=D.device, help="auto, cpu, cuda or cuda:N")
-p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default=D.dtype,
-               help="compute dtype: auto = bfloat16 autocast on CUDA, float32 on CPU (weights stay float32)")
-p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=D.fsdp,
-               help="under torchrun: shard weights/grads/optimizer (FSDP2) instead of replicating them (DDP)")
-p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=D.progress, help="show the progress bar")
+run_arguments(p, D)  # --weight-decay --beta1 --beta2 --grad-clip --warmup --min-lr-ratio
+#   --eval-at-start --save-every --resume --device --dtype --fsdp --progress
 args = p.parse_args()
 if args.tokens is not None and math.isfinite(args.tokens):  # (nan/inf: refused by the checks in train())
     args.tokens = int(args.tokens)
 
-try:
-    result = train(TrainConfig(**vars(args)))
-except SetupError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-except TrainingDiverged as e:
-    print(f"error: training diverged: {e}", file=sys.stderr)
-    sys.exit(1)
-except KeyboardInterrupt:  # a second SIGINT/SIGTERM (or a first one before training began): stop at once
-    again = STOP.again or signal.SIGINT
-    print(f"\nstopped at once by {signal.Signals(again).name}: the step in progress was not saved; the "
-          "checkpoints written before are kept (continue with --resume)", file=sys.stderr)
-    sys.exit(128 + again)
-if result["stopped_by"] in ("SIGINT", "SIGTERM"):
-    sys.exit(128 + signal.Signals[result["stopped_by"]].value)
+run_as_script(lambda: train(TrainConfig(**vars(args))))

@@ -61,6 +61,7 @@ with what differs. An optimizer state written before the groups were keyed by de
 groups, parameter by parameter, with its moments unchanged.
 """
 
+import argparse
 import contextlib
 import importlib.util
 import json
@@ -443,25 +444,39 @@ def _grad_sync(model, on):
     return contextlib.nullcontext()
 
 
-def train_step(model, optimizer, rows, micro_batch, grad_clip, dist, autocast_dtype=None, params=None):
-    """One optimizer step over this process's `rows` (n, seq_len + 1), in micro-batches of `micro_batch`.
+IGNORE = -100  # the label of a position whose next token is not trained on (F.cross_entropy's ignore_index)
 
-    The loss of every micro-batch is the mean over its tokens; all micro-batches (and processes) have
-    the same number of tokens, so averaging them gives the mean over the whole global batch, exactly
-    as one big batch would. Returns (loss, grad_norm before clipping, stop) where stop says whether
-    any process asked to stop. Raises TrainingDiverged *before* updating the weights when the loss or
-    the gradient norm is not finite.
+
+def train_step(model, optimizer, rows, micro_batch, grad_clip, dist, autocast_dtype=None, params=None, labels=None):
+    """One optimizer step over this process's `rows`, in micro-batches of `micro_batch` rows.
+
+    Pretraining (labels None): rows (n, seq_len + 1) are packed windows, every token is the target of
+    the one before it. Fine-tuning: rows (n, l) are the inputs and labels (n, l) their targets, IGNORE
+    where no loss is taken (prompt and padding, see minimamba.finetune).
+
+    The loss is the mean over every target token of the global batch (all micro-batches, all
+    processes): each micro-batch's summed loss is divided by that global count, so accumulating
+    micro-batches with different numbers of targets gives exactly the gradient of one big batch.
+    (DDP and FSDP average the gradients over the W processes, hence the factor W.) Returns (loss,
+    grad_norm before clipping, stop) where stop says whether any process asked to stop. Raises
+    TrainingDiverged *before* updating the weights when the loss or the gradient norm is not finite.
     """
-    micro = rows.split(micro_batch)
+    if labels is None:
+        rows, labels = rows[:, :-1], rows[:, 1:]  # (n, seq_len) inputs, (n, seq_len) targets
     device = dist.device
+    (count,) = all_reduce_sum([(labels != IGNORE).sum().item()], dist)  # targets of the global batch
+    if count == 0:
+        raise ValueError("train_step: the batch has no target token (every label is IGNORE)")
+    scale = dist.world_size / count
     loss_sum = torch.zeros((), device=device)
-    for i, mb in enumerate(micro):
-        mb = mb.to(device, non_blocking=True)
+    micro = list(zip(rows.split(micro_batch), labels.split(micro_batch)))
+    for i, (x, y) in enumerate(micro):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (b, l), (b, l)
         with _grad_sync(model, i == len(micro) - 1):
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                logits = model(mb[:, :-1])  # (b, l, Vp)
-                loss = F.cross_entropy(logits.flatten(0, 1), mb[:, 1:].flatten())
-            (loss / len(micro)).backward()
+                logits = model(x)  # (b, l, Vp)
+                loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum")
+            (loss * scale).backward()
         loss_sum += loss.detach()
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
     if grad_clip > 0:
@@ -469,8 +484,8 @@ def train_step(model, optimizer, rows, micro_batch, grad_clip, dist, autocast_dt
     else:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     norm = _full(grad_norm).item()  # already the global norm on every process (DDP averaged the gradients)
-    loss_total, stop = all_reduce_sum([loss_sum.item() / len(micro), float(STOP.requested is not None)], dist)
-    loss = loss_total / dist.world_size
+    loss_total, stop = all_reduce_sum([loss_sum.item(), float(STOP.requested is not None)], dist)
+    loss = loss_total / count
     if not (math.isfinite(loss) and math.isfinite(norm)):
         optimizer.zero_grad(set_to_none=True)
         what = "loss" if not math.isfinite(loss) else "gradient norm"
@@ -1156,20 +1171,24 @@ class Resolved:
     eval_windows: int | None  # None: every held-out window
 
 
-def resolve(cfg, dist):
+# the ranges of the settings every kind of run has: setting: (lowest, highest or None), both allowed
+COMMON_RANGES = {
+    "batch_size": (1, None), "keep": (1, None), "eval_batch_size": (1, None), "eval_every": (0, None),
+    "save_every": (0, None), "lr": (0, None), "llrd": (0, 1), "weight_decay": (0, None), "beta1": (0, 1),
+    "beta2": (0, 1), "grad_clip": (0, None), "warmup": (0, None), "decay": (0, 1), "min_lr_ratio": (0, 1),
+    "seed": (0, None),  # (numpy's generators of the data order take no negative seed)
+}
+
+
+def check_settings(cfg, dist, ranges):
+    """The checks of a run's settings made before anything slow: COMMON_RANGES and `ranges` (the kind of
+    run's own), the schedule, EMA, FSDP, backend and dtype. Returns the autocast dtype (None: float32)."""
     if cfg.schedule not in ("wsd", "cosine", "constant"):
         raise SetupError(f"unknown --schedule {cfg.schedule!r}; choose wsd, cosine or constant")
-    ranges = {  # setting: (lowest, highest or None), both allowed; checked before anything slow
-        "seq_len": (1, None), "batch_size": (1, None), "keep": (1, None), "tokens_per_step": (1, None),
-        "eval_batch_size": (1, None), "eval_windows": (0, None), "eval_every": (0, None), "save_every": (0, None),
-        "lr": (0, None), "llrd": (0, 1), "weight_decay": (0, None), "beta1": (0, 1), "beta2": (0, 1),
-        "grad_clip": (0, None), "warmup": (0, None), "decay": (0, 1), "min_lr_ratio": (0, 1),
-        "seed": (0, None),  # (numpy's generators of the data order take no negative seed)
-    }
     for name, value in asdict(cfg).items():  # (NaN passes every comparison below; inf makes no sense anywhere)
         if isinstance(value, float) and not math.isfinite(value):
             raise SetupError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-    for name, (low, high) in ranges.items():
+    for name, (low, high) in {**COMMON_RANGES, **ranges}.items():
         value = getattr(cfg, name)
         if value is not None and (value < low or (high is not None and value > high)):
             span = f">= {low}" if high is None else f"in [{low}, {high}]"
@@ -1181,6 +1200,17 @@ def resolve(cfg, dist):
     if cfg.backend == "triton" and dist.device.type != "cuda":
         raise SetupError(f"--backend triton runs on CUDA only, and the device is {dist.device}; "
                          "use --backend torch (or auto)")
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if dist.device.type == "cuda" else None
+    if cfg.dtype in ("bfloat16", "bf16"):
+        return torch.bfloat16
+    if cfg.dtype in ("float32", "fp32"):
+        return None
+    raise SetupError(f"unknown --dtype {cfg.dtype!r}; choose auto, bfloat16 or float32")
+
+
+def resolve(cfg, dist):
+    amp = check_settings(cfg, dist, {"seq_len": (1, None), "tokens_per_step": (1, None), "eval_windows": (0, None)})
     try:
         mix = parse_mix(cfg.mix)
     except ValueError as e:
@@ -1203,14 +1233,6 @@ def resolve(cfg, dist):
     if max_steps < 1:
         raise SetupError(f"the run must have at least one step (got {max_steps})")
     warmup, decay = schedule_steps(cfg, max_steps)
-    if cfg.dtype == "auto":
-        amp = torch.bfloat16 if dist.device.type == "cuda" else None
-    elif cfg.dtype in ("bfloat16", "bf16"):
-        amp = torch.bfloat16
-    elif cfg.dtype in ("float32", "fp32"):
-        amp = None
-    else:
-        raise SetupError(f"unknown --dtype {cfg.dtype!r}; choose auto, bfloat16 or float32")
     eval_domains = [d.strip() for d in cfg.eval_domains.split(",") if d.strip()] if cfg.eval_domains else list(mix)
     return Resolved(mix, eval_domains, grad_accum, rows, tokens_per_step, max_steps, warmup, decay, amp,
                     cfg.eval_batch_size or cfg.batch_size, cfg.eval_windows or None)
@@ -1228,6 +1250,79 @@ def check_vocabulary(data_dir, mix, eval_domains, vocab_size):
                              f"at least {needed}")
 
 
+class Pretraining:
+    """What a run of continued pretraining does that fine-tuning does not; `_train` does the rest.
+
+    A job (this class, or minimamba.finetune.Finetuning) has `cfg` (a TrainConfig-like dataclass) and
+    answers `_train`, in this order:
+      resolve(dist)          the derived settings (a Resolved: steps, warmup, batch, precision), SetupError if bad
+      check_data()           before the model is built: a DataError names what is wrong with the data
+      load_data(raw)         after it: the data order, with state_dict / load_state_dict (checkpointed as "sampler")
+      load_state_dict(state) on resume, after the rest: the job's own part of the training state (state_dict())
+      describe(), resolved() the batch, data and length words of the summary; the job's part of the config file
+      next_batch()           (rows, labels or None, tokens in the global batch) for `train_step`
+      evaluate(model, step)  ({"eval": ..., ...} for the log, what, numbers), with the weights that are saved
+      after_eval(step, result, model, ema)  True ends the run before max_steps (fine-tuning's early stopping)
+      result()               what `run` returns besides step, checkpoint, eval and stopped_by
+    """
+
+    config_file = "train_config.json"  # the resolved configuration, in OUT
+    finished = "--max-steps is {max_steps}: nothing to train. Pass a --max-steps above {step} to train on"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def resolve(self, dist):
+        self.dist, self.r = dist, resolve(self.cfg, dist)
+        self.seq_len = self.cfg.seq_len  # (tokens per row, for the memory estimate)
+        return self.r
+
+    def check_data(self):
+        check_domains(self.cfg.data, self.r.mix)
+        check_domains(self.cfg.data, self.r.eval_domains, "heldout")
+
+    def load_data(self, raw):
+        cfg, r, dist = self.cfg, self.r, self.dist
+        self.sampler = MixtureSampler(cfg.data, r.mix, cfg.seq_len, r.rows_per_step, cfg.seed, dist.rank,
+                                      dist.world_size)
+        self.heldout = load_heldout(cfg.data, r.eval_domains, cfg.seq_len, r.eval_windows)
+        check_vocabulary(cfg.data, r.mix, r.eval_domains, raw.config.vocab_size)
+        return self.sampler
+
+    def state_dict(self):
+        return {}  # (the sampler holds all of the data order)
+
+    def load_state_dict(self, state):
+        pass
+
+    def describe(self):
+        cfg, r = self.cfg, self.r
+        batch = (f"{cfg.batch_size} sequences × {r.grad_accum} micro-batches × {self.dist.world_size} process(es) = "
+                 f"{r.rows_per_step} sequences × {cfg.seq_len} tokens = {r.tokens_per_step:,} tokens per step")
+        return batch, self.sampler.describe(), f" = {r.max_steps * r.tokens_per_step / 1e9:.3g}B tokens"
+
+    def resolved(self):
+        return {"tokens_per_step": self.r.tokens_per_step, "mix": self.r.mix, "eval_domains": self.r.eval_domains}
+
+    def next_batch(self):
+        return self.sampler.next_batch(), None, self.r.tokens_per_step
+
+    def evaluate(self, model, step):
+        dist = self.dist if not self.cfg.fsdp else None  # (under FSDP every process scores every window)
+        res = domain_perplexity(model, self.heldout, self.r.eval_batch_size, self.dist.device, self.r.autocast_dtype,
+                                dist)
+        shares = self.sampler.token_shares()
+        numbers = "  ".join(f"{d} {v['ppl']:.3f}" for d, v in res.items()) + (
+            " | token shares so far " + "  ".join(f"{d} {s:.1%}" for d, s in shares.items()) if step else "")
+        return {"eval": res, "token_shares": shares, "epochs": self.sampler.epochs()}, "held-out perplexity", numbers
+
+    def after_eval(self, step, result, model, ema):
+        return False  # (pretraining runs its steps)
+
+    def result(self):
+        return {}
+
+
 def _gib(n):
     return f"{n / 2**30:.1f} GiB"
 
@@ -1237,7 +1332,9 @@ def scale_name(config):
     return next((name for name in SCALES if Mamba2Config.from_scale(name) == config), None)
 
 
-def _summary(cfg, r, raw, dist, sampler, est, groups, source):
+def _summary(cfg, r, raw, dist, est, groups, source, batch, data, length):
+    """The lines printed before the first step; batch, data and length (what max_steps amounts to) are the
+    job's own words."""
     c = raw.config
     lines = [
         f"model: {scale_name(c) or 'a custom config'} ({est['params'] / 1e6:.1f}M parameters, {c.n_layer} layers, "
@@ -1246,12 +1343,11 @@ def _summary(cfg, r, raw, dist, sampler, est, groups, source):
         f"{' (FSDP)' if cfg.fsdp else ' (DDP)' if dist.enabled else ''}, compute "
         f"{'bfloat16 autocast' if r.autocast_dtype else 'float32'} with float32 master weights, scan backend "
         f"{raw.scan_backend(dist.device)}, activation checkpointing {'on' if cfg.grad_ckpt else 'off'}",
-        f"batch: {cfg.batch_size} sequences × {r.grad_accum} micro-batches × {dist.world_size} process(es) = "
-        f"{r.rows_per_step} sequences × {cfg.seq_len} tokens = {r.tokens_per_step:,} tokens per step",
-        f"data: {sampler.describe()}",
+        f"batch: {batch}",
+        f"data: {data}",
         f"schedule: {cfg.schedule}, peak lr {cfg.lr:g} (lowest layer {cfg.lr * min(g['lr_scale'] for g in groups):.3g}),"
-        f" warmup {r.warmup_steps}, decay {r.decay_steps} steps to {cfg.min_lr_ratio}×; {r.max_steps} steps = "
-        f"{r.max_steps * r.tokens_per_step / 1e9:.3g}B tokens; EMA {cfg.ema or 'off'}",
+        f" warmup {r.warmup_steps}, decay {r.decay_steps} steps to {cfg.min_lr_ratio}×; {r.max_steps} steps"
+        f"{length}; EMA {cfg.ema or 'off'}",
         f"estimate: ~{_gib(est['peak_bytes'])} per process (weights+grads+AdamW+EMA {_gib(est['static_bytes'])}, "
         f"activations {_gib(est['activation_bytes'])} per micro-batch); {est['flops_per_step']:.3g} FLOPs per step",
     ]
@@ -1271,15 +1367,78 @@ def train(cfg: TrainConfig, model=None):
 
     `model` (optional, for tests) replaces the one --init would build.
     """
-    dist = setup_distributed(cfg.device)
+    return run(Pretraining(cfg), model)
+
+
+def run(job, model=None):
+    """A run of `job` (a Pretraining, or a minimamba.finetune.Finetuning): `_train` with torch.distributed
+    set up, SIGINT/SIGTERM caught and OUT locked for its duration."""
+    dist = setup_distributed(job.cfg.device)
     STOP.install()
     try:
         with contextlib.ExitStack() as held:  # (the lock on OUT, released when the run ends, however it ends)
-            return _train(cfg, dist, model, held)
+            return _train(job.cfg, dist, model, held, job)
     finally:
         STOP.restore()
         if dist.enabled and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def model_arguments(p, D):
+    """The model's flags of train.py and sft.py (argparse parser `p`, defaults from the config `D`)."""
+    p.add_argument("--scale", choices=list(SCALES), default=D.scale,
+                   help="model size: the public Mamba2 checkpoints, or tiny/micro/mini to train on a CPU")
+    p.add_argument("--backend", choices=["auto", "torch", "triton"], default=D.backend,
+                   help="SSD scan: triton kernel on CUDA, PyTorch reference otherwise (auto)")
+    p.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=D.grad_ckpt,
+                   help="activation checkpointing: recompute each block in the backward pass to save memory")
+
+
+def run_arguments(p, D):
+    """The flags train.py and sft.py share besides the model's: AdamW and the schedule's ends, evaluation
+    at the start, checkpoints and resume, hardware."""
+    p.add_argument("--weight-decay", type=float, default=D.weight_decay,
+                   help="AdamW weight decay (not on A_log, D, dt_bias, norms, biases)")
+    p.add_argument("--beta1", type=float, default=D.beta1, help="AdamW beta1")
+    p.add_argument("--beta2", type=float, default=D.beta2, help="AdamW beta2")
+    p.add_argument("--grad-clip", type=float, default=D.grad_clip, help="clip the gradient norm to this (0: off)")
+    p.add_argument("--warmup", type=float, default=D.warmup, help="warmup: fraction of the steps if < 1, else steps")
+    p.add_argument("--min-lr-ratio", type=float, default=D.min_lr_ratio, help="final LR as a fraction of the peak")
+    p.add_argument("--eval-at-start", action=argparse.BooleanOptionalAction, default=D.eval_at_start,
+                   help="also evaluate before the first step")
+    p.add_argument("--save-every", type=int, default=D.save_every,
+                   help="checkpoint every N steps (also at the end and on SIGINT/SIGTERM)")
+    p.add_argument("--resume", nargs="?", const="latest", default=D.resume,
+                   help="continue OUT's latest checkpoint exactly (or the checkpoint directory given)")
+    p.add_argument("--device", default=D.device, help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default=D.dtype,
+                   help="compute dtype: auto = bfloat16 autocast on CUDA, float32 on CPU (weights stay float32)")
+    p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=D.fsdp,
+                   help="under torchrun: shard weights/grads/optimizer (FSDP2) instead of replicating them (DDP)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=D.progress,
+                   help="show the progress bar")
+
+
+def run_as_script(start):
+    """The result of start() (a run: `train`, `finetune`), or the exit of train.py and sft.py: 2 for a bad
+    setup, 1 for a diverged run (one line of error each), 128+N for signal N (after the checkpoint the
+    first one asked for, or at once for a second)."""
+    try:
+        result = start()
+    except SetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingDiverged as e:
+        print(f"error: training diverged: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:  # a second SIGINT/SIGTERM (or a first one before training began): stop at once
+        again = STOP.again or signal.SIGINT
+        print(f"\nstopped at once by {signal.Signals(again).name}: the step in progress was not saved; the "
+              "checkpoints written before are kept (continue with --resume)", file=sys.stderr)
+        sys.exit(128 + again)
+    if result["stopped_by"] in ("SIGINT", "SIGTERM"):
+        sys.exit(128 + signal.Signals[result["stopped_by"]].value)
+    return result
 
 
 def _diverged_advice(last_ckpt, ckpt_step, step):
@@ -1323,8 +1482,10 @@ def _on_main(dist, fn):
         raise error
 
 
-def _train(cfg, dist, model, held):
-    r = resolve(cfg, dist)
+def _train(cfg, dist, model, held, job):
+    """The run, for any job: `job` supplies what differs between pretraining and fine-tuning (see
+    `Pretraining`, the model of what a job does); this function does the rest, the same for both."""
+    r = job.resolve(dist)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise SetupError(f"--out {out} is a file, not a directory; choose another --out")
@@ -1363,8 +1524,7 @@ def _train(cfg, dist, model, held):
 
     # --- check the data and the model source before anything slow
     try:
-        check_domains(cfg.data, r.mix)
-        check_domains(cfg.data, r.eval_domains, "heldout")
+        job.check_data()
     except DataError as e:
         problem = str(e)
         if model is None and state is None:
@@ -1400,19 +1560,18 @@ def _train(cfg, dist, model, held):
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     ema = EMA(raw, cfg.ema) if cfg.ema > 0 else None
     try:
-        sampler = MixtureSampler(cfg.data, r.mix, cfg.seq_len, r.rows_per_step, cfg.seed, dist.rank, dist.world_size)
-        heldout = load_heldout(cfg.data, r.eval_domains, cfg.seq_len, r.eval_windows)
-        check_vocabulary(cfg.data, r.mix, r.eval_domains, raw.config.vocab_size)
+        sampler = job.load_data(raw)  # the data order, checkpointed with the rest
         if state is not None:
             restore_state(state, model, optimizer, ema, sampler, resume_dir)
+            job.load_state_dict(state)
     except (DataError, ValueError) as e:
         raise SetupError(str(e)) from None
     step, tokens_seen, elapsed = 0, 0, 0.0
     if state is not None:
         step, tokens_seen, elapsed = state["step"], state["tokens_seen"], state["elapsed"]
         if step >= r.max_steps:  # (before anything is written: train_config.json would say a run that is not)
-            raise SetupError(f"{resume_dir} is at step {step}, and --max-steps is {r.max_steps}: nothing to train. "
-                             f"Pass a --max-steps above {step} to train on")
+            raise SetupError(f"{resume_dir} is at step {step}, and " + job.finished.format(max_steps=r.max_steps,
+                                                                                           step=step))
         changed = {k: (state["config"][k], v) for k, v in asdict(cfg).items()
                    if k in state["config"] and state["config"][k] != v and k not in ("resume", "progress")}
         if changed:
@@ -1453,19 +1612,19 @@ def _train(cfg, dist, model, held):
 
     # --- say what will happen, and store it
     backend = raw.scan_backend(dist.device)
-    est = estimate(raw.config, cfg.batch_size, cfg.seq_len, r.rows_per_step, dist.world_size, backend,
+    est = estimate(raw.config, cfg.batch_size, job.seq_len, r.rows_per_step, dist.world_size, backend,
                    cfg.grad_ckpt, ema is not None, cfg.fsdp)
     resolved = {**asdict(cfg), "resolved": {
-        "grad_accum": r.grad_accum, "rows_per_step": r.rows_per_step, "tokens_per_step": r.tokens_per_step,
+        **job.resolved(), "grad_accum": r.grad_accum, "rows_per_step": r.rows_per_step,
         "max_steps": r.max_steps, "warmup_steps": r.warmup_steps, "decay_steps": r.decay_steps,
-        "mix": r.mix, "eval_domains": r.eval_domains, "world_size": dist.world_size, "device": str(dist.device), "scan_backend": backend,
+        "world_size": dist.world_size, "device": str(dist.device), "scan_backend": backend,
         "autocast_dtype": str(r.autocast_dtype).replace("torch.", "") if r.autocast_dtype else None,
         "params": est["params"], "model_config": raw.config.to_dict(), "init_source": source,
         "lr_scale_by_group": {g["name"]: g["lr_scale"] for g in groups}}}
     if dist.is_main:
-        write_text_atomically(out / "train_config.json", json.dumps(resolved, indent=2, default=str) + "\n")
+        write_text_atomically(out / job.config_file, json.dumps(resolved, indent=2, default=str) + "\n")
         print("config: " + json.dumps(asdict(cfg)))
-        print(_summary(cfg, r, raw, dist, sampler, est, groups, source), flush=True)
+        print(_summary(cfg, r, raw, dist, est, groups, source, *job.describe()), flush=True)
         if ema is not None and cfg.ema ** (r.max_steps - step) > 0.5:  # (what is evaluated and saved is the EMA)
             print(f"note: with --ema {cfg.ema}, the EMA weights, which are evaluated and saved, will still be "
                   f"{cfg.ema ** (r.max_steps - step):.0%} the weights this run starts from after its "
@@ -1478,20 +1637,16 @@ def _train(cfg, dist, model, held):
 
     def evaluate_now():
         ctx = ema.swapped_in(raw) if ema is not None else contextlib.nullcontext()
-        with ctx:
-            res = domain_perplexity(raw if not cfg.fsdp else model, heldout, r.eval_batch_size, dist.device,
-                                    r.autocast_dtype, dist if not cfg.fsdp else None)
-        shares = sampler.token_shares()
-        log.write(step=step, tokens=tokens_seen, eval=res, token_shares=shares, epochs=sampler.epochs())
-        _print(dist, f"step {step}: held-out perplexity{' (EMA weights)' if ema else ''} " +
-               "  ".join(f"{d} {v['ppl']:.3f}" for d, v in res.items()) +
-               (" | token shares so far " + "  ".join(f"{d} {s:.1%}" for d, s in shares.items()) if step else ""))
+        with ctx:  # (evaluated with the weights that are saved)
+            record, what, numbers = job.evaluate(raw if not cfg.fsdp else model, step)
+        log.write(step=step, tokens=tokens_seen, **record)
+        _print(dist, f"step {step}: {what}{' (EMA weights)' if ema else ''} {numbers}")
         if dist.is_main:
             plot_log(out / "log.jsonl", out / "training.png")
-        return res
+        return record["eval"]
 
     def checkpoint():
-        extra = {"tokens_seen": tokens_seen, "elapsed": elapsed, "config": asdict(cfg)}
+        extra = {"tokens_seen": tokens_seen, "elapsed": elapsed, "config": asdict(cfg), **job.state_dict()}
         return save_checkpoint(out, step, model, optimizer, ema, sampler, extra, dist, cfg.keep)
 
     # --- the loop
@@ -1501,16 +1656,17 @@ def _train(cfg, dist, model, held):
     # the last checkpoint of this run and its step: the one it resumed from until it writes one (OUT/latest
     # may name a later step of the run that went on after resume_dir)
     stopped_by, last_ckpt, ckpt_step, start_step = None, resume_dir, step, step
+    ended_early = False  # a job's own end before max_steps (fine-tuning: early stopping)
     try:
         while step < r.max_steps:
             t0 = time.perf_counter()
             factor = lr_factor(step, r.max_steps, r.warmup_steps, cfg.schedule, r.decay_steps, cfg.min_lr_ratio)
             for g in optimizer.param_groups:
                 g["lr"] = cfg.lr * factor * g["lr_scale"]
-            rows = sampler.next_batch()
+            rows, labels, tokens = job.next_batch()
             try:
                 loss, grad_norm, stop = train_step(model, optimizer, rows, cfg.batch_size, cfg.grad_clip, dist,
-                                                   r.autocast_dtype, params)
+                                                   r.autocast_dtype, params, labels)
             except TrainingDiverged as e:
                 log.write(step=step + 1, error=str(e))
                 raise TrainingDiverged(f"{e} at step {step + 1}: training stopped and the weights of that step "
@@ -1518,12 +1674,12 @@ def _train(cfg, dist, model, held):
             if ema is not None:
                 ema.update(raw)
             step += 1
-            tokens_seen += r.tokens_per_step
+            tokens_seen += tokens
             dt = time.perf_counter() - t0
             elapsed += dt
             log.write(step=step, tokens=tokens_seen, loss=loss, lr=cfg.lr * factor, grad_norm=grad_norm,
-                      tok_per_s=r.tokens_per_step / dt, time=elapsed)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{r.tokens_per_step / dt:,.0f}", refresh=False)
+                      tok_per_s=tokens / dt, time=elapsed)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / dt:,.0f}", refresh=False)
             bar.update(1)
             if step == start_step + 1 and dist.is_main:
                 mem = f", peak GPU memory {_gib(torch.cuda.max_memory_allocated())}" if dist.device.type == "cuda" else ""
@@ -1533,13 +1689,16 @@ def _train(cfg, dist, model, held):
                 stopped_by = signal.Signals(STOP.requested).name if STOP.requested else "a signal to another process"
             if done or (cfg.eval_every and step % cfg.eval_every == 0):
                 last_eval = evaluate_now()
-            if done or stop or (cfg.save_every and step % cfg.save_every == 0):
+                ended_early = job.after_eval(step, last_eval, model, ema) and not done
+            if done or ended_early or stop or (cfg.save_every and step % cfg.save_every == 0):
                 last_ckpt, ckpt_step = checkpoint(), step
                 _print(dist, f"checkpoint: {last_ckpt}")
             if stop:
                 _print(dist, f"stopped by {stopped_by} after step {step}; continue with --resume")
                 break
+            if ended_early:
+                break
     finally:
         bar.close()
     return {"step": step, "checkpoint": str(last_ckpt) if last_ckpt else None, "eval": last_eval,
-            "stopped_by": stopped_by}
+            "stopped_by": stopped_by, **job.result()}

@@ -108,3 +108,38 @@ def randomize_(model, seed=0, biases=False):
             elif "norm" in name:
                 p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
     return model
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread is ~20× faster than two on a busy 2-core machine (no OpenMP spin-waits)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def no_speed_probe(monkeypatch):
+    """Skip the 0.25 s matmul measurement of the time estimate of each train() / finetune() run."""
+    from minimamba import training
+
+    monkeypatch.setattr(training, "matmul_flops", lambda device, dtype=None: 1e11)
+
+
+@pytest.fixture
+def nan_after():
+    """nan_after(model, n): every training forward of `model` after its n-th gives NaN logits."""
+    def poison(model, n):
+        calls = {"n": 0}
+
+        def hook(module, inputs, output):
+            if module.training:
+                calls["n"] += 1
+                if calls["n"] > n:
+                    return output * float("nan")
+
+        model.register_forward_hook(hook)
+        return model
+
+    return poison

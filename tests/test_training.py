@@ -31,6 +31,7 @@ from minimamba.training import (
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 256
+pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest.py)
 
 
 def small_config():
@@ -41,15 +42,6 @@ def small_model(seed=0):
     model = Mamba2LM(small_config(), backend="torch")
     model.reset_parameters(seed=seed)
     return model
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is ~20× faster than two on a busy 2-core machine (no OpenMP spin-waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -73,14 +65,6 @@ def init_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("init")
     save_pretrained(small_model(), path)
     return path
-
-
-@pytest.fixture
-def no_speed_probe(monkeypatch):
-    """Skip the 0.25 s matmul measurement of the time estimate at each train() (for tests that run many)."""
-    from minimamba import training
-
-    monkeypatch.setattr(training, "matmul_flops", lambda device, dtype=None: 1e11)
 
 
 def config(data, init_dir, out, **kw):
@@ -436,17 +420,9 @@ def test_sigterm_writes_a_checkpoint_and_exits(data, init_dir, tmp_path):
     assert f"stopped at once by {second.name}: the step in progress was not saved" in err and "Traceback" not in err
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, init_dir, tmp_path):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, init_dir, tmp_path, nan_after):
     model = from_pretrained(init_dir, backend="torch")
-    calls = {"n": 0}
-
-    def poison(module, inputs, output):
-        if module.training:
-            calls["n"] += 1
-            if calls["n"] > 6:  # step 4 (2 micro-batches per step)
-                return output * float("nan")
-
-    model.register_forward_hook(poison)
+    nan_after(model, 6)  # from step 4 on (2 micro-batches per step)
     cfg = config(data, init_dir, tmp_path / "run")
     with pytest.raises(TrainingDiverged, match=r"loss is nan at step 4.*last good checkpoint is .*step-000002"):
         train(cfg, model=model)

@@ -1,0 +1,256 @@
+"""minimamba.finetune and sft.py on CPU: the loss mask against a per-example loop, accumulation of
+micro-batches with different token counts, the epoch order, exact resume across an epoch boundary,
+early stopping and OUT/best, NaN stop, bad inputs.
+
+A 2-layer, 32-wide model and a byte tokenizer (id = UTF-8 byte, EOS = 256), so a step takes milliseconds.
+"""
+
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minimamba.config import Mamba2Config
+from minimamba.finetune import (
+    EpochOrder, SFTConfig, collate, encode_pair, encode_pairs, finetune, validation_loss)
+from minimamba.hub import from_pretrained
+from minimamba.model import Mamba2LM
+from minimamba.training import IGNORE, Dist, SetupError, TrainingDiverged, read_log, train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+EOS = 256
+pytestmark = pytest.mark.usefixtures("one_thread", "no_speed_probe")  # (conftest.py)
+
+
+class ByteTokenizer:
+    eos_id = EOS
+
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+
+def small_model(seed=0):
+    model = Mamba2LM(Mamba2Config(d_model=32, n_layer=2, vocab_size=EOS + 1, d_state=8, headdim=16, chunk_size=16),
+                     backend="torch")
+    model.reset_parameters(seed=seed)
+    return model
+
+
+def pairs(n, seed=0):
+    """n (prompt, response) pairs of varied lengths: "what is k?" -> a word for k."""
+    g = torch.Generator().manual_seed(seed)
+    words = ["yes", "no", "maybe", "the left ventricle", "aspirin 81 mg daily", "x"]
+    out = []
+    for i in range(n):
+        k = int(torch.randint(0, len(words), (1,), generator=g))
+        out.append((f"Question {i}: what is item {k}?" + " context" * int(torch.randint(0, 4, (1,), generator=g)),
+                    " " + words[k]))
+    return out
+
+
+def config(out, **kw):
+    base = SFTConfig(init="scratch", max_len=48, batch_size=2, grad_accum=2, epochs=3, lr=3e-3, eval_every=2,
+                     save_every=3, keep=10, patience=0, out=str(out), device="cpu", backend="torch", progress=False)
+    return replace(base, **kw)
+
+
+def run(cfg, train_pairs, val_pairs=None, model=None):
+    return finetune(cfg, train_pairs, val_pairs, model=model if model is not None else small_model(),
+                    tokenizer=ByteTokenizer())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rows, mask, loss
+
+
+def test_rows_mask_the_prompt_and_padding_and_cut_the_prompt_on_the_left():
+    assert encode_pair([1, 2, 3], [4, 5], 9, max_len=10) == ([1, 2, 3, 4, 5, 9], 3, False, False)
+    assert encode_pair([1, 2, 3], [4, 5], 9, max_len=5) == ([2, 3, 4, 5, 9], 2, True, False)  # prompt loses its left
+    # a response too long by itself: one prompt token, the response cut at the right, no EOS
+    assert encode_pair([1, 2], [4, 5, 6, 7], 9, max_len=4) == ([2, 4, 5, 6], 1, True, True)
+    inputs, labels = collate([([1, 2, 3, 4, 5, 9], 3), ([2, 4, 5, 6], 1)], pad_id=0)
+    assert inputs.tolist() == [[1, 2, 3, 4, 5], [2, 4, 5, 0, 0]]
+    assert labels.tolist() == [[IGNORE, IGNORE, 4, 5, 9], [4, 5, 6, IGNORE, IGNORE]]
+
+
+def reference_loss(model, examples, max_len):
+    """The mean NLL over all response tokens, one example at a time, written independently of finetune:
+    the whole sequence prompt + response + EOS, its last max_len tokens, scored on its last len(response)+1."""
+    total, count = 0.0, 0
+    for prompt, response in examples:
+        p, r = list(prompt.encode()), list(response.encode()) + [EOS]
+        if len(r) > max_len - 1:  # (the response alone does not fit: one prompt token, r cut, no EOS)
+            p, r = p[-1:], r[: max_len - 1]
+        full = torch.tensor((p + r)[-max_len:])  # (T,)
+        logits = model(full[None, :-1])[0]  # (T-1, V)
+        total += F.cross_entropy(logits[-len(r):], full[-len(r):], reduction="sum").item()
+        count += len(r)
+    return total / count, count
+
+
+def test_masked_loss_equals_a_loop_over_examples_with_truncation_and_padding():
+    model = small_model(seed=1)
+    examples = pairs(7) + [("a long prompt " * 10, " a short answer"), ("q", " a response longer than max_len " * 3)]
+    max_len = 40
+    rows, cuts = encode_pairs(ByteTokenizer(), examples, max_len)
+    prompt_cut = sum(len(p.encode()) + len(r.encode()) + 1 > max_len for p, r in examples[:-1])  # (last: 1 token)
+    assert cuts == {"prompt_cut": prompt_cut, "response_cut": 1} and 2 < prompt_cut < len(examples) - 1
+    expected, count = reference_loss(model, examples, max_len)
+    inputs, labels = collate(rows, EOS)
+    loss, _, _ = train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), inputs, 3, 0.0, Dist(), labels=labels)
+    assert loss == pytest.approx(expected, rel=1e-5)
+    res = validation_loss(model, {"a": rows[:4], "b": rows[4:]}, 2, EOS, torch.device("cpu"))
+    assert res["all"]["loss"] == pytest.approx(expected, rel=1e-5) and res["all"]["tokens"] == count
+    assert res["a"]["loss"] == pytest.approx(reference_loss(model, examples[:4], max_len)[0], rel=1e-5)
+
+
+def sgd_update(inputs, labels, micro_batch):
+    model = small_model(seed=2)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss, _, _ = train_step(model, torch.optim.SGD(model.parameters(), lr=1.0), inputs, micro_batch, 0.0, Dist(),
+                            labels=labels)
+    return loss, torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])
+
+
+def test_accumulating_micro_batches_with_different_token_counts_gives_the_gradient_of_one_batch():
+    examples = [("prompt one", " y"), ("p", " a much longer response with many tokens in it"), ("two", " no"),
+                ("a prompt", " maybe so")]
+    inputs, labels = collate(encode_pairs(ByteTokenizer(), examples, 64)[0], EOS)
+    counts = (labels != IGNORE).sum(1).tolist()
+    assert max(counts) > 10 * min(counts)  # (micro-batches of 1 differ a lot in their token counts)
+    loss, whole = sgd_update(inputs, labels, micro_batch=4)
+    for micro_batch in (1, 2, 3):
+        l, u = sgd_update(inputs, labels, micro_batch)
+        assert l == pytest.approx(loss, rel=1e-6)
+        assert torch.allclose(u, whole, rtol=1e-4, atol=1e-7), micro_batch
+    # the gradient is that of the mean over all response tokens of the batch, not the mean of per-row means
+    def gradient(loss_of):
+        model = small_model(seed=2)
+        loss_of(model(inputs).flatten(0, 1), labels.flatten()).backward()  # logits (4·l, V), labels (4·l,)
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    one_mean = gradient(lambda x, y: F.cross_entropy(x, y, ignore_index=IGNORE))
+    assert torch.allclose(one_mean, whole, rtol=1e-4, atol=1e-6)
+    per_row = lambda x, y: F.cross_entropy(x, y, ignore_index=IGNORE, reduction="none").view(4, -1).sum(1)
+    row_means = gradient(lambda x, y: (per_row(x, y) / torch.tensor(counts)).mean())
+    assert not torch.allclose(row_means, whole, rtol=1e-2, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The data order
+
+
+def test_epoch_order_visits_each_pair_once_or_by_share_and_splits_the_batch_between_ranks():
+    plain = EpochOrder({"a": 5, "b": 6}, None, rows_per_step=4, seed=0)
+    assert plain.steps_per_epoch == 2
+    assert sorted(plain.epoch(0)) == sorted([("a", i) for i in range(5)] + [("b", i) for i in range(6)])
+    assert plain.epoch(1) != EpochOrder({"a": 5, "b": 6}, None, 4, seed=0).epoch(0)  # a fresh order each epoch
+    mixed = EpochOrder({"small": 2, "large": 10}, {"small": 0.25, "large": 0.75}, rows_per_step=3, seed=0)
+    rows = mixed.epoch(0)
+    small = sorted(i for t, i in rows if t == "small")
+    large = [i for t, i in rows if t == "large"]
+    assert len(small) == 3 and set(small) == {0, 1}  # repeated: both once, and one of them again
+    assert len(large) == 9 == len(set(large))  # subsampled without replacement
+    ranks = [EpochOrder({"a": 5, "b": 6}, None, 4, seed=0, rank=r, world_size=2) for r in range(2)]
+    for _ in range(3):  # (across the epoch boundary after step 2)
+        chosen, mine = plain.next_rows()
+        parts = [o.next_rows()[1] for o in ranks]
+        assert sorted(parts[0] + parts[1]) == sorted(chosen) and len(parts[0]) == 2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Runs
+
+
+def states(out, step):
+    return torch.load(Path(out) / f"step-{step:06d}" / "training_state.pt", weights_only=True)
+
+
+def test_resume_is_exact_across_an_epoch_boundary(tmp_path):
+    train_pairs = {"qa": pairs(9), "other": pairs(5, seed=1)}  # 14 pairs, 4 per step: 3 steps per epoch
+    val = pairs(3, seed=2)
+    whole = config(tmp_path / "whole", epochs=2)  # 6 steps; checkpoint at 3 (end of epoch 0) and 6
+    result = run(whole, train_pairs, val)
+    assert result["step"] == 6
+    resumed = replace(whole, out=str(tmp_path / "part"))
+    (tmp_path / "part").mkdir()
+    shutil.copytree(tmp_path / "whole" / "step-000003", tmp_path / "part" / "step-000003")
+    result = run(replace(resumed, resume=str(tmp_path / "part" / "step-000003")), train_pairs, val)
+    a, b = states(tmp_path / "whole", 6), states(tmp_path / "part", 6)
+    for part in ("model",):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+    for k, s in a["optimizer"]["state"].items():
+        assert all(torch.equal(v, b["optimizer"]["state"][k][n]) for n, v in s.items())
+    assert a["sampler"] == b["sampler"] and a["early_stopping"] == b["early_stopping"]
+    logs = [{r["step"]: r["loss"] for r in read_log(Path(o) / "log.jsonl") if "loss" in r}
+            for o in (whole.out, resumed.out)]
+    assert logs[1] == {s: v for s, v in logs[0].items() if s > 3} and len(logs[0]) == 6
+    best = json_best(resumed.out)
+    assert result["best_step"] == best["step"] and result["best_loss"] == pytest.approx(best["val_loss"])
+
+
+def json_best(out):
+    import json
+
+    return json.loads((Path(out) / "best" / "best.json").read_text())
+
+
+def test_early_stopping_keeps_the_best_weights_and_a_finished_run_does_not_resume(tmp_path):
+    # the validation pairs contradict the training pairs: training makes the validation loss worse
+    train_pairs = [(f"Is item {i} red?", " yes") for i in range(8)]
+    val = [(f"Is item {i} red?", " no") for i in range(8, 12)]
+    cfg = config(tmp_path / "run", epochs=20, eval_every=1, patience=2, lr=1e-2, warmup=0, schedule="constant")
+    result = run(cfg, train_pairs, val)
+    assert result["stopped_early"] and result["step"] == result["best_step"] + cfg.patience < 40
+    rows = encode_pairs(ByteTokenizer(), val, cfg.max_len)[0]
+    best = validation_loss(from_pretrained(result["best"], backend="torch"), {"val": rows}, 4, EOS, torch.device("cpu"))
+    assert best["all"]["loss"] == pytest.approx(result["best_loss"], rel=1e-6)
+    assert json_best(cfg.out)["step"] == result["best_step"]
+    evals = [r["eval"]["all"]["loss"] for r in read_log(Path(cfg.out) / "log.jsonl") if "eval" in r][1:]  # (not step 0)
+    assert min(evals) == evals[result["best_step"] - 1] and len(evals) == result["step"]
+    with pytest.raises(SetupError, match="stopped early.*nothing to train"):
+        run(replace(cfg, resume="latest"), train_pairs, val)
+
+
+def test_nan_loss_stops_and_no_checkpoint_holds_nan_weights(tmp_path, nan_after):
+    model = small_model()
+    nan_after(model, 8)  # from step 5 on (2 micro-batches per step)
+    cfg = config(tmp_path / "run", save_every=2)
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 5.*step-000004"):
+        run(cfg, pairs(12), pairs(2, seed=5), model=model)
+    assert (tmp_path / "run" / "latest").read_text().strip() == "step-000004"
+    for saved in [*(tmp_path / "run").glob("step-*"), tmp_path / "run" / "best"]:
+        weights = from_pretrained(saved, backend="torch").state_dict()
+        assert all(torch.isfinite(v).all() for v in weights.values()), saved
+
+
+@pytest.mark.parametrize("train_pairs, val_pairs, message", [
+    ([("a prompt", "")], None, r"example 0: the response is empty"),
+    ([("a prompt", " ok"), (b"bytes", " ok")], None, r"example 1: the prompt is a bytes, not a str"),
+    ([("a prompt", " ok"), ("p", 3)], None, r"example 1: the response is a int, not a str"),
+    ([("p", " ok"), "just a string"], None, r"example 1 is a str, not a \(prompt, response\) pair"),
+    ([], None, r"no examples"),
+    ([("p", " ok")], None, r"1 example\(s\): too few to hold out --val-fraction"),
+    ([("p", " ok")] * 3, [("v", " ok")], r"3 training pairs are fewer than one step's 4"),
+    ([("p", " ok")] * 8, [("v", " ")], r"validation pairs 'val': example 0: the response is empty"),
+])
+def test_bad_pairs_are_refused_with_the_example_named(tmp_path, train_pairs, val_pairs, message):
+    with pytest.raises(SetupError, match=message):
+        run(config(tmp_path / "run"), train_pairs, val_pairs)
+    assert not (tmp_path / "run").exists()  # (refused before anything is written)
+
+
+def test_a_mix_must_name_the_tasks(tmp_path):
+    with pytest.raises(SetupError, match="--mix names a, c but the tasks are a, b"):
+        run(config(tmp_path / "run", mix="a=0.5,c=0.5"), {"a": pairs(8), "b": pairs(8)})
+
+
+def test_sft_py_exits_2_with_one_line_for_a_bad_setting(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "sft.py"), "--epochs", "0", "--device", "cpu", "--out",
+                           str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --epochs must be >= 1, got 0"
