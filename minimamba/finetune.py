@@ -203,18 +203,17 @@ def split_validation(pairs, fraction, seed, task):
 
 def load_task_pairs(names, data_dir, limit, split="train"):
     """{task: [(prompt, response)]} of the tasks' `split`, through minimamba.tasks."""
-    from minimamba.tasks import load_task, sft_example
+    from minimamba.tasks import TaskDataError, default_data_dir, load_task, sft_example
 
-    data_dir = data_dir or os.environ.get("MINIMAMBA_TASK_DATA")
     pairs = {}
     for name in names:
         try:
             items = load_task(name, split, data_dir, limit)
-        except (FileNotFoundError, KeyError) as e:
-            raise DataError(f"task {name!r}: {e}") from None
+        except TaskDataError as e:  # (a missing file, an unknown task or split: the message says what to do)
+            raise DataError(str(e)) from None
         if not items:
-            raise DataError(f"task {name!r} has no {split} examples in {data_dir} (all filtered out, or an empty "
-                            "file); check the task data directory (--task-data or $MINIMAMBA_TASK_DATA)")
+            raise DataError(f"task {name!r} has no {split} examples in {data_dir or default_data_dir()} (all filtered "
+                            "out); check the task data directory (--task-data or $MINIMAMBA_TASK_DATA)")
         pairs[name] = [sft_example(name, item) for item in items]
     return pairs
 
