@@ -434,17 +434,12 @@ def split_note(note: str, ratio: float = PREFIX_RATIO) -> tuple[str, str]:
     return "", note
 
 
-def _note_completion(paths: list[Path], split: str) -> list[Generation]:
-    items, skipped, notes = [], [], _notes(paths)
-    for where, encounter, note in notes:
-        prefix, rest = split_note(note)
-        if len(prefix) < MIN_PREFIX_CHARS or len(rest) < MIN_REFERENCE_CHARS:
-            skipped.append(f"{where}: prefix {len(prefix)} / rest {len(rest)} characters")
-            continue
-        prompt = COMPLETION_TEMPLATE.format(prefix=_keep_end(prefix, MAX_PREFIX_CHARS))
-        items.append(Generation(f"note_completion/{encounter}", prompt, _keep_start(rest, MAX_REFERENCE_CHARS)))
-    _report_skipped("note_completion", split, len(notes), skipped)
-    return items
+def _completion(note: str) -> "tuple[str, str] | str":
+    """note_completion's (prompt, reference) of a note, or why the note is skipped."""
+    prefix, rest = split_note(note)
+    if len(prefix) < MIN_PREFIX_CHARS or len(rest) < MIN_REFERENCE_CHARS:
+        return f"prefix {len(prefix)} / rest {len(rest)} characters"
+    return COMPLETION_TEMPLATE.format(prefix=_keep_end(prefix, MAX_PREFIX_CHARS)), _keep_start(rest, MAX_REFERENCE_CHARS)
 
 
 def split_assessment(note: str) -> tuple[str, str] | None:
@@ -454,20 +449,29 @@ def split_assessment(note: str) -> tuple[str, str] | None:
     return (note[: match.start()].strip(), note[match.end() :].strip()) if match else None
 
 
-def _note_summary(paths: list[Path], split: str) -> list[Generation]:
+def _summary(note: str) -> "tuple[str, str] | str":
+    """note_summary's (prompt, reference) of a note, or why the note is skipped."""
+    parts = split_assessment(note)
+    if parts is None:
+        return "no ASSESSMENT AND PLAN / ASSESSMENT / IMPRESSION / PLAN header line"
+    context, target = parts
+    if len(context) < MIN_PREFIX_CHARS or len(target) < MIN_REFERENCE_CHARS:
+        return f"context {len(context)} / target {len(target)} characters"
+    return (SUMMARY_TEMPLATE.format(context=_keep_start(context, MAX_SUMMARY_CONTEXT_CHARS)),
+            _keep_start(target, MAX_REFERENCE_CHARS))
+
+
+def _clinical(paths: list[Path], split: str, name: str, cut: Callable) -> list[Generation]:
+    """The Generation items of the notes in `paths`: cut(note) gives (prompt, reference), or the reason why
+    that note is skipped (the skipped ones are counted on stderr)."""
     items, skipped, notes = [], [], _notes(paths)
     for where, encounter, note in notes:
-        parts = split_assessment(note)
-        if parts is None:
-            skipped.append(f"{where}: no ASSESSMENT AND PLAN / ASSESSMENT / IMPRESSION / PLAN header line")
-            continue
-        context, target = parts
-        if len(context) < MIN_PREFIX_CHARS or len(target) < MIN_REFERENCE_CHARS:
-            skipped.append(f"{where}: context {len(context)} / target {len(target)} characters")
-            continue
-        prompt = SUMMARY_TEMPLATE.format(context=_keep_start(context, MAX_SUMMARY_CONTEXT_CHARS))
-        items.append(Generation(f"note_summary/{encounter}", prompt, _keep_start(target, MAX_REFERENCE_CHARS)))
-    _report_skipped("note_summary", split, len(notes), skipped)
+        made = cut(note)
+        if isinstance(made, str):
+            skipped.append(f"{where}: {made}")
+        else:
+            items.append(Generation(f"{name}/{encounter}", *made))
+    _report_skipped(name, split, len(notes), skipped)
     return items
 
 
@@ -513,9 +517,9 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Task("lambada", "lambada", "LAMBADA, OpenAI's detokenized test, llm-foundry local_data copy",
          _eval_only("mc/lambada_openai.jsonl"), _lambada),
     Task("note_completion", "generate", "ACI-BENCH visit notes (wyim/aci-bench): complete the second half of a note",
-         _ACI, _note_completion),
+         _ACI, partial(_clinical, name="note_completion", cut=_completion)),
     Task("note_summary", "generate", "ACI-BENCH visit notes (wyim/aci-bench): write the assessment and plan",
-         _ACI, _note_summary),
+         _ACI, partial(_clinical, name="note_summary", cut=_summary)),
 )}
 
 
