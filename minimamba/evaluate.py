@@ -373,21 +373,25 @@ def _prompt_ids(tokenizer, prompt, max_prompt_tokens):
 
 
 @torch.no_grad()
-def generate_texts(model, tokenizer, prompts, max_new_tokens=128, batch_size=8, max_prompt_tokens=None):
+def generate_texts(model, tokenizer, prompts, max_new_tokens=128, batch_size=8, max_prompt_tokens=None,
+                   autocast_dtype=None):
     """Greedy continuations of text prompts: a list of strings, the new text only (no prompt, no EOS).
 
     Greedy decoding (temperature 0) up to `max_new_tokens` tokens or the tokenizer's EOS, the BioMamba
     protocol (§3.3: greedy, 128 new tokens). `batch_size` prompts of any lengths go to `model.generate` as a
     list: each is prefilled alone and all are decoded as one batch, so each gets exactly what it gets
-    alone. A prompt longer than `max_prompt_tokens` tokens keeps its last ones.
+    alone. A prompt longer than `max_prompt_tokens` tokens keeps its last ones. With `autocast_dtype`
+    (bf16 on a GPU) prefill and decoding run under autocast, as `score_options` does.
     """
     was_training = model.training
     model.eval()
+    device = model.embedding.weight.device
     texts = []
     try:
         for start in range(0, len(prompts), batch_size):
             batch = [_prompt_ids(tokenizer, p, max_prompt_tokens) for p in prompts[start : start + batch_size]]
-            outs = model.generate(batch, max_new_tokens, temperature=0.0, eos_token_id=tokenizer.eos_id)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                outs = model.generate(batch, max_new_tokens, temperature=0.0, eos_token_id=tokenizer.eos_id)
             for ids, out in zip(batch, outs):  # out (len(ids) + new,), ending at the first EOS if any
                 new = out[len(ids):].tolist()
                 if new and new[-1] == tokenizer.eos_id:
@@ -454,8 +458,9 @@ def evaluate_task(model, tokenizer, task, items, batch_size=16, device=None, max
     if task.kind == "choice":
         scores = score_options(model, tokenizer, items, **scoring)
         metrics = choice_metrics(items, scores)
-        preds = [{"id": it.id, "pred": _argmax([s[0] for s in sc]), "gold": it.gold, "logprobs": [s[0] for s in sc]}
-                 for it, sc in zip(items, scores)]
+        preds = [{"id": it.id, "pred": _argmax([s[0] for s in sc]),
+                  "pred_norm": _argmax([s[0] / _norm_length(cont) for s, (_, cont) in zip(sc, it.options)]),
+                  "gold": it.gold, "logprobs": [s[0] for s in sc]} for it, sc in zip(items, scores)]
     elif task.kind == "yesno":
         labels = tuple(dict.fromkeys(label for it in items for label in it.labels))  # in order of appearance
         gold = [it.labels[it.gold] for it in items]
@@ -470,7 +475,8 @@ def evaluate_task(model, tokenizer, task, items, batch_size=16, device=None, max
                 if len({ctx for ctx, _ in it.options}) != 1:
                     raise ValueError(f"item {it.id!r}: qa_scoring='generate' needs one context shared by the options")
                 prompts.append(it.options[0][0])
-            answers = generate_texts(model, tokenizer, prompts, qa_max_new_tokens, gen_batch_size, max_prompt_tokens)
+            answers = generate_texts(model, tokenizer, prompts, qa_max_new_tokens, gen_batch_size, max_prompt_tokens,
+                                     autocast_dtype)
             pred = [parse_yes_no(a) for a in answers]
             preds = [{"id": it.id, "pred": p, "gold": g, "answer": a}
                      for it, p, g, a in zip(items, pred, gold, answers)]
@@ -484,7 +490,7 @@ def evaluate_task(model, tokenizer, task, items, batch_size=16, device=None, max
                  for it, sc in zip(items, scores)]
     else:  # "generate"
         texts = generate_texts(model, tokenizer, [it.prompt for it in items], max_new_tokens, gen_batch_size,
-                               max_prompt_tokens)
+                               max_prompt_tokens, autocast_dtype)
         metrics = {**rouge(texts, [it.reference for it in items]), "n": len(items)}
         preds = [{"id": it.id, "prediction": t, "reference": it.reference} for it, t in zip(items, texts)]
     result = {"task": task.name, "kind": task.kind, **metrics, "n": len(items),

@@ -31,8 +31,10 @@ benchmark any more. Item ids are stable ("pubmedqa/12377809", "arc_easy/17": the
 Biomedical yes/no QA (the BioMamba recipe's QA protocol: log-likelihood of each answer after its template)
     QA_TEMPLATE = "Answer the following biomedical research question with yes, no, or maybe based on the
                    provided context.\\n\\nQuestion: {question}\\n\\nContext:\\n{context}\\n\\nAnswer:"
-    continuations " yes", " no" (, " maybe"); the context is cut to its first 2,400 characters (the recipe's
-    PubMedQA eval script; BioASQ the same here).
+    continuations " yes", " no" (, " maybe") and, as the recipe also compares them, " Yes", " No" (, " Maybe"):
+    each label is an option twice and scores its likelier spelling (gold: the lower-case one, which SFT
+    trains on); the context is cut to its first 2,400 characters (the recipe's PubMedQA eval script; BioASQ
+    the same here).
   pubmedqa  PubMedQA PQA-L (pubmedqa/pubmedqa ori_pqal.json + test_ground_truth.json). test: the official
             500 (the PMIDs of test_ground_truth.json, in its order; 276 yes / 169 no / 55 maybe); train: the
             other 500 (the official cross-validation pool). context = the abstract's CONTEXTS joined by one
@@ -245,8 +247,8 @@ def _get(where: str, record: dict, key: str, kind: type = str):
 
 def _strings(where: str, record: dict, key: str) -> list[str]:
     values = _get(where, record, key, list)
-    if not values or not all(isinstance(v, str) for v in values):
-        raise TaskDataError(f"{where}: {key!r} should be a non-empty list of strings, got {values!r:.80}")
+    if not values or not all(isinstance(v, str) and v.strip() for v in values):
+        raise TaskDataError(f"{where}: {key!r} should be a non-empty list of non-empty strings, got {values!r:.80}")
     return values
 
 
@@ -267,10 +269,14 @@ def qa_prompt(question: str, context: str) -> str:
 
 
 def _yesno(item_id: str, where: str, question: str, context: str, answer: str, labels: tuple[str, ...]) -> Choice:
+    """Options " yes", " no"(, " maybe"), then " Yes", " No"(, " Maybe"): each label twice, as the recipe
+    compares the answers and their capitalised variants (a label scores its likelier spelling). gold is the
+    lower-case option, which SFT trains on."""
     if answer not in labels:
         raise TaskDataError(f"{where}: answer {answer!r} is not one of {', '.join(labels)}")
     prompt = qa_prompt(question, context)
-    return Choice(item_id, tuple((prompt, " " + label) for label in labels), labels.index(answer), labels)
+    spellings = [" " + label for label in labels] + [" " + label.capitalize() for label in labels]
+    return Choice(item_id, tuple((prompt, s) for s in spellings), labels.index(answer), labels + labels)
 
 
 def _pubmedqa(paths: list[Path], split: str) -> list[Choice]:

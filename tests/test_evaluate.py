@@ -68,12 +68,19 @@ def greedy_continuation(model, context, n):
     return TOK.decode(ids)
 
 
+def first_greedy_only(model, context):
+    """Two characters: the model's greedy one after `context`, then one that is not its greedy next."""
+    greedy = greedy_continuation(model, context, 2)
+    return greedy[0] + ("q" if greedy[1] != "q" else "z")
+
+
 @pytest.fixture(scope="module")
 def items(model):
     return [
         Choice("shared", (("The cat sat on the", " mat"), ("The cat sat on the", " hat, then left"),
                           ("The cat sat on the", " x"), ("The cat sat on the", " dog's bed"),
-                          ("The cat sat on the", greedy_continuation(model, "The cat sat on the", 5))), gold=1),
+                          ("The cat sat on the", greedy_continuation(model, "The cat sat on the", 5)),
+                          ("The cat sat on the", first_greedy_only(model, "The cat sat on the"))), gold=1),
         Choice("wino", (("Anna gave Maria a book because Anna", " was kind."),
                         ("Anna gave Maria a book because Maria", " was kind.")), gold=0),
         Choice("empty-context", (("", "Hello"), ("", "Hi"), ("Q: hi? A:", " no")), gold=1),
@@ -101,6 +108,7 @@ def test_scores_equal_a_plain_forward_per_option(model, items, want, batch_size)
             assert abs(g[0] - w[0]) <= 1e-5 * max(1.0, abs(w[0])), f"{item.id} option {j}: {g[0]} vs {w[0]}"
             assert g[1:] == w[1:], f"{item.id} option {j}"
     assert got[0][4][2] and got[0][4][1] == 5  # the model's own greedy continuation is greedy
+    assert not got[0][5][2]  # greedy means every token: the first one alone is not enough
     assert not all(s[2] for row in got for s in row)  # and not every option is
 
 
@@ -152,13 +160,15 @@ def test_summed_logprobs_equal_hf_transformers(items, tmp_path):
 def test_choice_metrics_by_hand():
     items = [Choice("a", (("q", " a"), ("q", " bbbb")), gold=1),  # acc picks " a"; per character " bbbb" wins
              Choice("b", (("q", " yes"), ("q", " no")), gold=0),  # both right
-             Choice("c", (("q", "x"), ("q", "yy")), gold=1)]  # a tie goes to the first; per character "yy" wins
+             Choice("c", (("q", "x"), ("q", "yy")), gold=1),  # a tie goes to the first; per character "yy" wins
+             Choice("d", (("q", " a"), ("q", " bbb")), gold=1)]  # only if the separating space is not counted
     scores = [[(-2.0, 1, False), (-4.0, 2, False)],  # per character (less the space): -2/1, -4/4
               [(-1.0, 1, True), (-3.0, 1, False)],  # -1/3, -3/2
-              [(-1.0, 1, False), (-1.0, 2, False)]]  # -1/1, -1/2
+              [(-1.0, 1, False), (-1.0, 2, False)],  # -1/1, -1/2
+              [(-1.0, 1, False), (-2.5, 1, False)]]  # -1/1 < -2.5/3 (with the space: -1/2 > -2.5/4)
     m = choice_metrics(items, scores)
-    assert m["n"] == 3 and m["acc"] == pytest.approx(1 / 3) and m["acc_norm"] == 1.0
-    assert m["acc_stderr"] == pytest.approx(math.sqrt((1 / 3) * (2 / 3) / 2)) and m["acc_norm_stderr"] == 0.0
+    assert m["n"] == 4 and m["acc"] == pytest.approx(1 / 4) and m["acc_norm"] == 1.0
+    assert m["acc_stderr"] == pytest.approx(math.sqrt((1 / 4) * (3 / 4) / 3)) and m["acc_norm_stderr"] == 0.0
 
 
 def test_lambada_metrics_by_hand():
@@ -235,6 +245,8 @@ def test_evaluate_task_dispatches_on_the_kind(model, items, want):
         items, want).items() if k in ("acc", "acc_norm", "n")}
     assert choice["task"] == "mc" and choice["kind"] == "choice" and choice["seconds"] >= 0
     assert [p["id"] for p in choice["predictions"]] == [it.id for it in items]
+    for key, metric in (("pred", "acc"), ("pred_norm", "acc_norm")):  # the file holds both picks
+        assert sum(p[key] == p["gold"] for p in choice["predictions"]) / len(items) == choice[metric]
 
     qa = [Choice(f"q{k}", ((f"Question {k}? Answer:", " yes"), (f"Question {k}? Answer:", " no")), gold=k % 2,
                  labels=("yes", "no")) for k in range(2)]
@@ -281,3 +293,24 @@ def test_results_table_by_hand():
         "| mimic | rouge1 | – | 7.0700 | – |\n")
     three = results_table({"a": {"t": {"acc": 1.0}}, "b": {"t": {"acc": 0.0}}, "c": {}})
     assert three == "| task | metric | a | b | c |\n|---|---|---:|---:|---:|\n| t | acc | 1.0000 | 0.0000 | – |\n"
+
+
+def test_generation_runs_under_the_autocast_it_is_given(model, monkeypatch):
+    seen = []
+    forward = Mamba2LM.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(Mamba2LM, "forward", spy)
+    generate_texts(model, TOK, ["Hi"], max_new_tokens=2, autocast_dtype=torch.bfloat16)
+    assert seen == [True]
+    task = Task("notes", "generate", "test")
+    evaluate_task(model, TOK, task, [Generation("g", "Hi", "there")], max_new_tokens=2, autocast_dtype=torch.bfloat16)
+    qa = Task("qa", "yesno", "test")
+    evaluate_task(model, TOK, qa, [Choice("q", (("Q?", " yes"), ("Q?", " no")), 0, ("yes", "no"))],
+                  qa_scoring="generate", autocast_dtype=torch.bfloat16)
+    assert seen == [True] * 3
+    generate_texts(model, TOK, ["Hi"], max_new_tokens=2)
+    assert seen[-1] is False

@@ -71,7 +71,7 @@ def test_item_counts_golds_and_ids(name, split):
 @needs_data
 def test_label_counts():
     def counts(items):
-        return [sum(item.gold == i for item in items) for i in range(len(items[0].labels))]
+        return [sum(item.gold == i for item in items) for i in range(len(set(items[0].labels)))]
 
     assert counts(shared("pubmedqa")) == [276, 169, 55]  # yes / no / maybe of the official test
     assert [a + b for a, b in zip(counts(shared("bioasq")), counts(shared("bioasq", "train")))] == [175, 93]
@@ -84,7 +84,8 @@ def test_pubmedqa_test_is_the_independently_derived_500():
     items = shared("pubmedqa")
     assert [item.id for item in items] == [f"pubmedqa/{r['pmid']}" for r in derived]
     for item, r in zip(items, derived):
-        assert item.labels == ("yes", "no", "maybe") and item.labels[item.gold] == r["final_decision"]
+        assert item.labels == ("yes", "no", "maybe") * 2 and item.labels[item.gold] == r["final_decision"]
+        assert item.gold < 3  # the lower-case spelling
         prompt = item.options[0][0]
         assert prompt.startswith(f"{QA_HEAD}\n\nQuestion: {r['question']}\n\nContext:\n")
         assert prompt.endswith(" ".join(r["contexts"])[:2400] + "\n\nAnswer:")
@@ -99,7 +100,7 @@ def test_qa_prompts_from_the_raw_records():
     record = pqal[item.id.split("/")[1]]
     context = " ".join(record["CONTEXTS"])[:2400]  # a long abstract: cut to 2,400 characters
     prompt = QA_HEAD + "\n\nQuestion: " + record["QUESTION"] + "\n\nContext:\n" + context + "\n\nAnswer:"
-    assert item.options == ((prompt, " yes"), (prompt, " no"), (prompt, " maybe"))
+    assert item.options == tuple((prompt, a) for a in (" yes", " no", " maybe", " Yes", " No", " Maybe"))
     assert item.labels[item.gold] == record["final_decision"]
 
     golden = json.loads((DATA / "bioasq" / "raw" / "12B1_golden.json").read_text(encoding="utf-8"))
@@ -107,7 +108,8 @@ def test_qa_prompts_from_the_raw_records():
     item = next(i for i in shared("bioasq") if i.id == f"bioasq/{q['id']}")
     context = " ".join(s["text"].strip() for s in q["snippets"])[:2400]
     prompt = QA_HEAD + "\n\nQuestion: " + q["body"] + "\n\nContext:\n" + context + "\n\nAnswer:"
-    assert item.options == ((prompt, " yes"), (prompt, " no")) and item.labels[item.gold] == q["exact_answer"]
+    assert item.options == tuple((prompt, a) for a in (" yes", " no", " Yes", " No"))
+    assert item.labels[item.gold] == q["exact_answer"] and item.gold < 2
 
 
 @needs_data
@@ -288,6 +290,7 @@ def test_missing_files_say_where_and_how_to_get_them(tmp_path):
     ("\n \n", r"arc_easy.jsonl: the file is empty"),
     (ARC_LINE.replace("Question: ", ""), r"arc_easy.jsonl:1: the query should look like 'Question: \.\.\.'"),
     ('["a"]\n', r"arc_easy.jsonl:1: expected a JSON object, got list"),
+    (ARC_LINE.replace('["a", "b"]', '["a", " "]'), r"arc_easy.jsonl:1: 'choices' should be a non-empty list of non-empty"),
 ])
 def test_malformed_records_name_the_file_and_line(tmp_path, content, message):
     write(tmp_path / "mc/arc_easy.jsonl", content)
