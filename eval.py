@@ -1,7 +1,8 @@
 """Evaluate a Mamba2 checkpoint: the BioMamba recipe's downstream tasks and per-domain perplexity.
 
     python -m minimamba.tasks download all --out data/tasks          # first: the tasks' public files
-    python eval.py --model state-spaces/mamba2-370m --tasks all --out results/mamba2-370m.json
+    python eval.py --model state-spaces/mamba2-370m --tasks pubmedqa,mc,clinical --task-data data/tasks \
+        --out results/mamba2-370m.json                                # (bioasq too once its files are there)
     python eval.py --model runs/bio-370m/step-010000 --tasks qa,mc --ppl-data data/tokens --out results/bio-370m.json
     python eval.py --compare results/mamba2-370m.json results/bio-370m.json     # a Markdown table, with Δ
 
@@ -9,24 +10,25 @@
     qa        pubmedqa, bioasq                                    (yes/no accuracy and macro-F1)
     mc        arc_easy, arc_challenge, hellaswag, piqa, winogrande, openbookqa, lambada   (out-of-domain)
     clinical  note_completion, note_summary                       (ROUGE-1/2/L of greedy generations)
-    all       all of them
+    all       all of them (BioASQ's files need a registration: see `python -m minimamba.tasks download bioasq`)
 The protocols (prompts, scoring, splits) are in minimamba/tasks.py and minimamba/evaluate.py. --ppl-data adds the
 held-out perplexity of each domain of a token directory (`python -m minimamba.data prepare`), as train.py measures it.
 The resolved configuration and every result go to --out (JSON, written atomically); --predictions also writes each
-item's prediction (JSON lines) for error analysis. Exit status: 0 done, 2 bad setup (a message says what to fix).
+item's prediction (JSON lines) for error analysis; both are rewritten after every task, so a run stopped
+later keeps what it measured. Exit status: 0 done, 2 bad setup (a message says what to fix).
 """
 
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from minimamba.data import DataError
 from minimamba.download import DownloadError
-from minimamba.evaluate import domain_perplexity, evaluate_task, load_heldout, results_table
+from minimamba.evaluate import (RECIPE_QA_SCORING, domain_perplexity, evaluate_task, load_heldout, read_results,
+                                results_table, settings_that_differ)
 from minimamba.files import finite_or_none, write_json_atomically, write_text_atomically
 from minimamba.hub import CheckpointError, from_pretrained
 from minimamba.tasks import GROUPS, TASKS, TaskDataError, load_task
@@ -40,10 +42,12 @@ p.add_argument("--tasks", default="all", help="comma-separated task names and gr
 p.add_argument("--task-data", default=None, help="directory of the tasks' files (default: $MINIMAMBA_TASK_DATA or data/tasks)")
 p.add_argument("--split", default="test", help="which split of each task to score")
 p.add_argument("--limit", type=int, default=None, help="score only the first N items of each task (a quick look)")
-p.add_argument("--qa-scoring", choices=["logprob", "generate"], default="logprob",
-               help="yes/no tasks: compare the answers' log-probabilities, or generate and read the first word")
+p.add_argument("--qa-scoring", choices=["logprob", "generate", "recipe"], default="logprob",
+               help="yes/no tasks: compare the answers' log-probabilities, or generate and read the first word, or "
+               "as the recipe did: PubMedQA by log-probabilities, BioASQ by generation")
 p.add_argument("--max-new-tokens", type=int, default=128, help="generation tasks: greedy tokens per answer")
-p.add_argument("--max-tokens", type=int, default=None, help="drop context tokens from the left beyond this many")
+p.add_argument("--max-tokens", type=int, default=None,
+               help="the most tokens the model reads: longer contexts and generation prompts lose tokens on the left")
 p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
 p.add_argument("--ppl-data", default=None, help="token directory (DIR/<domain>/heldout.bin): held-out perplexity too")
 p.add_argument("--ppl-domains", default="pubmed,c4,wikipedia", help="domains of --ppl-data to score")
@@ -66,13 +70,14 @@ def fail(message):
 
 if args.compare:  # no model: a table of earlier runs
     runs = {}
-    for path in args.compare:
+    for k, path in enumerate(args.compare):
         try:
-            runs[path] = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            fail(f"cannot read results file {path}: {e}")
-        if not isinstance(runs[path], dict) or "results" not in runs[path]:
-            fail(f"{path} is not a results file of eval.py (it has no \"results\")")
+            runs[path if path not in runs else f"{path} ({k + 1})"] = read_results(path)
+        except ValueError as e:
+            fail(str(e))
+    for setting, values in settings_that_differ(runs).items():
+        print(f"note: the runs differ in --{setting.replace('_', '-')} ({' vs '.join(map(str, values))}): their "
+              "numbers compare more than the models", file=sys.stderr)
     print(results_table({name: run["results"] for name, run in runs.items()}))
     sys.exit(0)
 
@@ -90,17 +95,38 @@ for name, value in (("limit", args.limit), ("max-new-tokens", args.max_new_token
                     ("batch-size", args.batch_size), ("seq-len", args.seq_len), ("ppl-windows", args.ppl_windows)):
     if value is not None and value < 1:
         fail(f"--{name} must be at least 1, got {value}")
-device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                      "cpu" if args.device == "auto" else args.device)
+try:
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+except RuntimeError:
+    fail(f"unknown --device {args.device!r}; use auto, cpu, cuda or cuda:N")
 if device.type == "cuda" and not torch.cuda.is_available():
     fail("--device cuda was asked for but torch sees no GPU; use --device cpu")
 amp = {"auto": torch.bfloat16 if device.type == "cuda" else None, "bfloat16": torch.bfloat16, "float32": None}[args.dtype]
 
-# 2. the items of every task (a missing file fails now, not after an hour of scoring)
+for path in (args.out, args.predictions):  # where the results go: made now, not after an hour of scoring
+    if path:
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            fail(f"cannot write {path}: {e}")
+        if Path(path).is_dir():
+            fail(f"{path} is a directory; give a file name")
+
+# 2. the items of every task and the held-out windows (a missing file fails now, not after an hour of scoring)
 try:
     items = {name: load_task(name, args.split, args.task_data, args.limit) for name in names}
 except (TaskDataError, DataError, OSError) as e:
     fail(str(e))
+heldout = {}
+if args.ppl_data:
+    domains = [d.strip() for d in args.ppl_domains.split(",") if d.strip()]
+    if not domains:
+        fail("--ppl-data needs at least one domain in --ppl-domains")
+    try:
+        heldout = load_heldout(args.ppl_data, domains, args.seq_len, args.ppl_windows)
+    except (DataError, OSError) as e:
+        fail(str(e))
 
 # 3. the model and its tokenizer
 try:
@@ -121,38 +147,39 @@ config.update(tasks=names, tokenizer=tokenizer_source, device=str(device), amp=s
               scan_backend=model.scan_backend(device), parameters=model.num_params())
 print(json.dumps(config, indent=2))
 
-# 4. score
+# 4. score, saving after every task (a run stopped later keeps what it measured)
+if amp is not None:
+    model.decode_backend = "torch"  # (the C decode step computes in float32, whatever the autocast)
 results, predictions = {}, []
-opts = dict(batch_size=args.batch_size, device=device, autocast_dtype=amp, max_tokens=args.max_tokens,
-            max_prompt_tokens=args.max_tokens, max_new_tokens=args.max_new_tokens, gen_batch_size=args.batch_size,
-            qa_scoring=args.qa_scoring, return_predictions=args.predictions is not None)
-for name in names:
-    started = time.perf_counter()
-    result = evaluate_task(model, tokenizer, TASKS[name], items[name], **opts)
-    for row in result.pop("predictions", []):
-        predictions.append({"task": name, **row})
-    results[name] = result
-    shown = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float))
-    print(f"{name:16s} n={result['n']:<6d} {shown}  ({time.perf_counter() - started:.0f} s)", flush=True)
-if args.ppl_data:
-    domains = [d.strip() for d in args.ppl_domains.split(",") if d.strip()]
-    try:
-        heldout = load_heldout(args.ppl_data, domains, args.seq_len, args.ppl_windows)
-    except (DataError, OSError) as e:
-        fail(str(e))
-    for domain, r in domain_perplexity(model, heldout, args.batch_size, device, amp).items():
-        results[f"ppl_{domain}"] = {"task": f"ppl_{domain}", "kind": "perplexity", "n": r["tokens"], **r}
-        print(f"ppl_{domain:12s} tokens={r['tokens']:<8d} ppl {r['ppl']:.4g}  loss {r['loss']:.4f}", flush=True)
 
-# 5. save
+
+def save():
+    if args.out:
+        write_json_atomically(Path(args.out), {"model": args.model, "config": config, "results": results})
+    if args.predictions:
+        write_text_atomically(Path(args.predictions), "".join(json.dumps(finite_or_none(r), allow_nan=False) + "\n"
+                                                              for r in predictions))
+
+
+for name in names:
+    qa_scoring = RECIPE_QA_SCORING.get(name, "logprob") if args.qa_scoring == "recipe" else args.qa_scoring
+    result = evaluate_task(model, tokenizer, TASKS[name], items[name], batch_size=args.batch_size, device=device,
+                           autocast_dtype=amp, max_tokens=args.max_tokens, max_prompt_tokens=args.max_tokens,
+                           max_new_tokens=args.max_new_tokens, gen_batch_size=args.batch_size, qa_scoring=qa_scoring,
+                           return_predictions=args.predictions is not None)
+    predictions += [{"task": name, **row} for row in result.pop("predictions", [])]
+    results[name] = result
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float) and k != "seconds")
+    print(f"{name:16s} n={result['n']:<6d} {shown}  ({result['seconds']:.0f} s)", flush=True)
+    save()
+for domain, r in domain_perplexity(model, heldout, args.batch_size, device, amp).items():
+    results[f"ppl_{domain}"] = {"task": f"ppl_{domain}", "kind": "perplexity", "n": r["tokens"], **r}
+    print(f"ppl_{domain:12s} tokens={r['tokens']:<8d} ppl {r['ppl']:.4g}  loss {r['loss']:.4f}", flush=True)
+save()
+
+# 5. the table
 print()
 print(results_table({args.model: results}))
-if args.out:
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(Path(args.out), {"model": args.model, "config": config, "results": results})
-    print(f"\nwrote {args.out}")
-if args.predictions:
-    Path(args.predictions).parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(Path(args.predictions), "".join(json.dumps(finite_or_none(r), allow_nan=False) + "\n"
-                                                          for r in predictions))
-    print(f"wrote {args.predictions}")
+for path in (args.out, args.predictions):
+    if path:
+        print(f"wrote {path}")

@@ -30,10 +30,12 @@ so the difference is small; the held-out perplexity keeps the padded row so that
 training loss.) `results_table` turns results into a Markdown comparison.
 """
 
+import json
 import math
 import re
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -427,6 +429,11 @@ def rouge(predictions, references):
     return {k: 100 * totals[k] / len(predictions) for k in keys}
 
 
+# how the BioMamba recipe scores its yes/no tasks (§3.4): PubMedQA by the answers' log-probabilities, BioASQ
+# by a generated answer (few-shot there; zero-shot here); eval.py --qa-scoring recipe
+RECIPE_QA_SCORING = {"pubmedqa": "logprob", "bioasq": "generate"}
+
+
 # ---------------------------------------------------------------------------------------------------
 # One task, and a table of runs
 # ---------------------------------------------------------------------------------------------------
@@ -498,6 +505,36 @@ def evaluate_task(model, tokenizer, task, items, batch_size=16, device=None, max
     if return_predictions:
         result["predictions"] = preds
     return result
+
+
+def read_results(path):
+    """A results file of eval.py ({"model", "config", "results": {task: {metric: value}}}), read for a
+    comparison; ValueError naming the problem: unreadable, not that shape, or another tool's output
+    (lm-evaluation-harness's, whose metrics are named like "acc,none": its prompts and scoring differ from
+    these, so its numbers do not compare with them)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read results file {path}: {e}") from None
+    results = data.get("results") if isinstance(data, dict) else None
+    if not isinstance(results, dict) or not all(isinstance(m, dict) for m in results.values()):
+        raise ValueError(f'{path} is not a results file of eval.py: it needs "results": {{task: {{metric: value}}}}')
+    if "versions" in data or any("," in metric for metrics in results.values() for metric in metrics):
+        raise ValueError(f"{path} looks like lm-evaluation-harness output (metrics named like 'acc,none'), not "
+                         "eval.py's: its prompts and scoring differ, so its numbers do not compare with these")
+    return data
+
+
+# the settings of eval.py under which two runs' numbers compare (the model and its weights aside)
+COMPARED_SETTINGS = ("split", "limit", "qa_scoring", "max_tokens", "max_new_tokens", "dtype", "tokenizer", "seq_len",
+                     "ppl_windows")
+
+
+def settings_that_differ(runs):
+    """{setting: [its value in each run]} for the COMPARED_SETTINGS on which `runs` ({name: results file})
+    disagree: a table of such runs compares more than the models."""
+    configs = [run.get("config") or {} for run in runs.values()]
+    return {k: [c.get(k) for c in configs] for k in COMPARED_SETTINGS if len({json.dumps(c.get(k)) for c in configs}) > 1}
 
 
 def _is_number(x):

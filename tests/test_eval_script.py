@@ -85,14 +85,68 @@ def test_eval_writes_what_the_library_computes(checkpoint, tmp_path):
     (["--tasks", "pubmedqa", "--task-data", "{tmp}/empty"], "python -m minimamba.tasks download pubmedqa"),
     (["--tasks", "arc_easy", "--limit", "0"], "--limit must be at least 1"),
     (["--tasks", ""], "nothing to evaluate"),
+    (["--tasks", "", "--ppl-data", "{tmp}/none"], "heldout.bin not found"),  # before the model, not after the tasks
+    (["--tasks", "", "--ppl-data", "{tmp}", "--ppl-domains", " "], "needs at least one domain"),
+    (["--tasks", "", "--ppl-data", "{tmp}", "--out", "{tmp}/a-file/res.json"], "cannot write {tmp}/a-file/res.json"),
+    (["--tasks", "arc_easy", "--device", "gpu"], "unknown --device 'gpu'"),
 ])
 def test_eval_setup_errors(args, says, tmp_path):
+    (tmp_path / "a-file").write_text("")
     code, _, stderr = run_eval("--model", tmp_path / "never-read", *[a.format(tmp=tmp_path) for a in args],
                                cwd=tmp_path)
+    assert code == 2 and says.format(tmp=tmp_path) in stderr, stderr
+
+
+@pytest.mark.parametrize("content, says", [
+    ('{"loss": 1}', "is not a results file of eval.py"),
+    ('{"results": [1, 2]}', "is not a results file of eval.py"),
+    ('{"results": {"arc_easy": 0.5}}', "is not a results file of eval.py"),
+    ('{"results": {"arc_easy": {"acc,none": 0.7}}, "versions": {"arc_easy": 1}}', "lm-evaluation-harness output"),
+    ("{not json", "cannot read results file"),
+])
+def test_compare_refuses_a_file_that_is_not_results(tmp_path, content, says):
+    (tmp_path / "x.json").write_text(content)
+    code, _, stderr = run_eval("--compare", tmp_path / "x.json", cwd=tmp_path)
     assert code == 2 and says in stderr, stderr
 
 
-def test_compare_refuses_a_file_that_is_not_results(tmp_path):
-    (tmp_path / "x.json").write_text('{"loss": 1}')
-    code, _, stderr = run_eval("--compare", tmp_path / "x.json", cwd=tmp_path)
-    assert code == 2 and "is not a results file of eval.py" in stderr
+def test_compare_says_where_the_runs_settings_differ(tmp_path):
+    run = {"config": {"split": "test", "limit": None}, "results": {"arc_easy": {"acc": 0.5}}}
+    (tmp_path / "a.json").write_text(json.dumps(run))
+    (tmp_path / "b.json").write_text(json.dumps({**run, "config": {"split": "test", "limit": 10}}))
+    code, stdout, stderr = run_eval("--compare", "a.json", "b.json", "a.json", cwd=tmp_path)
+    assert code == 0 and "the runs differ in --limit (None vs 10 vs None)" in stderr and "split" not in stderr
+    assert "| task | metric | a.json | b.json | a.json (3) |" in stdout  # a file named twice: two columns
+
+
+@needs_data
+def test_results_are_saved_after_every_task(checkpoint, tmp_path, monkeypatch):
+    import minimamba.evaluate
+
+    def second_task_fails(model, tokenizer, task, items, **options):
+        if task.name == "piqa":
+            raise KeyboardInterrupt
+        return {"task": task.name, "kind": task.kind, "acc": 0.5, "n": len(items), "seconds": 1.0}
+
+    monkeypatch.setattr(minimamba.evaluate, "evaluate_task", second_task_fails)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval("--model", checkpoint, "--tokenizer", TOKENIZER, "--task-data", DATA, "--tasks", "arc_easy,piqa",
+                 "--limit", 2, "--device", "cpu", "--out", tmp_path / "res.json", cwd=tmp_path)
+    assert list(json.loads((tmp_path / "res.json").read_text())["results"]) == ["arc_easy"]
+
+
+@needs_data
+def test_qa_scoring_recipe_scores_each_task_as_the_recipe_did(checkpoint, tmp_path, monkeypatch):
+    import minimamba.evaluate
+
+    seen = {}
+
+    def record(model, tokenizer, task, items, **options):
+        seen[task.name] = options["qa_scoring"]
+        return {"task": task.name, "kind": task.kind, "acc": 0.5, "n": len(items), "seconds": 1.0}
+
+    monkeypatch.setattr(minimamba.evaluate, "evaluate_task", record)
+    code, _, stderr = run_eval("--model", checkpoint, "--tokenizer", TOKENIZER, "--task-data", DATA, "--tasks", "qa",
+                               "--qa-scoring", "recipe", "--limit", 1, "--device", "cpu", cwd=tmp_path)
+    assert code == 0, stderr
+    assert seen == {"pubmedqa": "logprob", "bioasq": "generate"}
