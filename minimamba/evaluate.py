@@ -67,7 +67,7 @@ def token_nll(model, windows, batch_size=8, device="cpu", autocast_dtype=None):
 MAX_LOG = math.log(sys.float_info.max)  # ≈ 709.78: exp of more than this is not a float
 
 
-def _summary(total, count):
+def loss_summary(total, count):
     """{"loss": mean token NLL (nats), "ppl": exp(loss), "tokens": tokens scored} from the sums.
 
     A loss above ~709.8 nats (a diverging model) has a perplexity beyond the largest float: it is
@@ -79,7 +79,7 @@ def _summary(total, count):
 
 def perplexity(model, windows, batch_size=8, device="cpu", autocast_dtype=None):
     """{"loss": mean token NLL (nats), "ppl": exp(loss), "tokens": tokens scored} of some windows."""
-    return _summary(*token_nll(model, windows, batch_size, device, autocast_dtype))
+    return loss_summary(*token_nll(model, windows, batch_size, device, autocast_dtype))
 
 
 def domain_perplexity(model, windows_by_domain, batch_size=8, device="cpu", autocast_dtype=None, dist=None):
@@ -98,7 +98,7 @@ def domain_perplexity(model, windows_by_domain, batch_size=8, device="cpu", auto
             total, count = sums[0].item(), int(sums[1].item())
         else:
             total, count = token_nll(model, windows, batch_size, device, autocast_dtype)
-        results[domain] = _summary(total, count)
+        results[domain] = loss_summary(total, count)
     return results
 
 

@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from minimamba.data import DataError
-from minimamba.evaluate import _summary as loss_summary
+from minimamba.evaluate import loss_summary
 from minimamba.sampler import parse_mix
 from minimamba.tokenizer import DEFAULT_TOKENIZER
 from minimamba.training import (
