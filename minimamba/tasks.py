@@ -703,7 +703,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"downloaded into {out}; evaluate with --task-data {out} (or MINIMAMBA_TASK_DATA={out})")
         else:
             data_dir = args.data if args.data is not None else default_data_dir()
-            print(f"tasks in {data_dir}:")
+            print(f"tasks in {data_dir} (items per split; -: its files are not there):")
+            problems = []
             for task in TASKS.values():
                 counts = []
                 for split in task.files:
@@ -711,7 +712,11 @@ def main(argv: list[str] | None = None) -> int:
                         counts.append(f"{split} {len(load_task(task, split, data_dir)):,}")
                     except TaskDataError as e:
                         counts.append(f"{split} -" if "not there" in str(e) else f"{split} unreadable")
+                        if "not there" not in str(e):
+                            problems.append(f"{task.name} ({split}): {e}")
                 print(f"  {task.name:16} {task.kind:9} {', '.join(counts):24} {task.source}")
+            for problem in problems:  # (what "unreadable" means, after the table)
+                print(f"unreadable: {problem}", file=sys.stderr)
     except (TaskDataError, DownloadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

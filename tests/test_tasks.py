@@ -413,3 +413,11 @@ def test_every_task_is_in_exactly_one_group():
     named = [n for g, names in GROUPS.items() if g != "all" for n in names]
     assert sorted(named) == sorted(tasks.TASKS) and len(set(named)) == len(named)
     assert GROUPS["all"] == named
+
+
+def test_list_says_why_a_split_is_unreadable(tmp_path, capsys):
+    write(tmp_path / "mc/arc_easy.jsonl", ARC_LINE.replace('"gold": 1', '"gold": 9'))
+    assert tasks.main(["list", "--data", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert "arc_easy         choice    test unreadable" in captured.out
+    assert "unreadable: arc_easy (test):" in captured.err and "gold 9 is not an option index" in captured.err
