@@ -15,6 +15,7 @@ Exit status: 0 done (or stopped early), 1 diverged (NaN/inf loss), 2 bad setup, 
 """
 
 import argparse
+import os
 
 from minimamba.finetune import SFTConfig, finetune
 from minimamba.training import model_arguments, run_arguments, run_as_script
@@ -62,5 +63,11 @@ run_arguments(p, D)  # --weight-decay --beta1 --beta2 --grad-clip --warmup --min
 args = p.parse_args()
 
 result = run_as_script(lambda: finetune(SFTConfig(**vars(args))))
-print(f"best validation loss {result['best_loss']:.4f} at step {result['best_step']}: {result['best']}"
-      if result["best"] else "no evaluation during training, so no OUT/best")
+if os.environ.get("RANK", "0") == "0":  # (under torchrun, process 0 alone says it)
+    if result["best"]:
+        print(f"best validation loss {result['best_loss']:.4f} at step {result['best_step']}: {result['best']}")
+    elif result["best_step"] is not None:
+        print(f"best validation loss {result['best_loss']:.4f} at step {result['best_step']}, whose weights no "
+              "checkpoint kept (see the note at the start): no OUT/best")
+    else:
+        print("no finite validation loss during training, so no OUT/best")

@@ -24,7 +24,16 @@ from minimamba.training import IGNORE, Dist, SetupError, TrainingDiverged, read_
 
 ROOT = Path(__file__).resolve().parents[1]
 EOS = 256
-pytestmark = pytest.mark.usefixtures("one_thread", "no_speed_probe")  # (conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread", "no_speed_probe", "no_plot")  # (conftest.py; no_plot below)
+
+
+@pytest.fixture
+def no_plot(monkeypatch):
+    """No training.png: drawing it after every evaluation (test_training.py tests it) would take most of these
+    runs' time."""
+    import minimamba.training
+
+    monkeypatch.setattr(minimamba.training, "plot_log", lambda *args: None)
 
 
 class ByteTokenizer:
@@ -95,11 +104,14 @@ def reference_loss(model, examples, max_len):
 
 def test_masked_loss_equals_a_loop_over_examples_with_truncation_and_padding():
     model = small_model(seed=1)
-    examples = pairs(7) + [("a long prompt " * 10, " a short answer"), ("q", " a response longer than max_len " * 3)]
+    examples = pairs(7) + [("a long prompt " * 10, " a short answer"), ("a prompt", " r" + "e" * 36),
+                           ("q", " a response longer than max_len " * 3)]
     max_len = 40
     rows, cuts = encode_pairs(ByteTokenizer(), examples, max_len)
     prompt_cut = sum(len(p.encode()) + len(r.encode()) + 1 > max_len for p, r in examples[:-1])  # (last: 1 token)
-    assert cuts == {"prompt_cut": prompt_cut, "response_cut": 1} and 2 < prompt_cut < len(examples) - 1
+    # ("a prompt": 8 tokens, of which the 38 + EOS of its response leave room for 1)
+    assert cuts == {"prompt_cut": prompt_cut, "prompt_to_one_token": 1, "response_cut": 1}
+    assert 2 < prompt_cut < len(examples) - 1 and rows[-2][1] == 1
     expected, count = reference_loss(model, examples, max_len)
     inputs, labels = collate(rows, EOS)
     loss, _, _ = train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), inputs, 3, 0.0, Dist(), labels=labels)
@@ -200,21 +212,47 @@ def json_best(out):
     return json.loads((Path(out) / "best" / "best.json").read_text())
 
 
-def test_early_stopping_keeps_the_best_weights_and_a_finished_run_does_not_resume(tmp_path):
+def test_early_stopping_keeps_the_best_weights_and_resumes_its_count(tmp_path):
     # the validation pairs contradict the training pairs: training makes the validation loss worse
     train_pairs = [(f"Is item {i} red?", " yes") for i in range(8)]
     val = [(f"Is item {i} red?", " no") for i in range(8, 12)]
-    cfg = config(tmp_path / "run", epochs=20, eval_every=1, patience=2, lr=1e-2, warmup=0, schedule="constant")
+    cfg = config(tmp_path / "run", epochs=20, eval_every=1, save_every=1, patience=2, lr=3e-2, warmup=0,
+                 schedule="constant")
     result = run(cfg, train_pairs, val)
     assert result["stopped_early"] and result["step"] == result["best_step"] + cfg.patience < 40
     rows = encode_pairs(ByteTokenizer(), val, cfg.max_len)[0]
     best = validation_loss(from_pretrained(result["best"], backend="torch"), {"val": rows}, 4, EOS, torch.device("cpu"))
     assert best["all"]["loss"] == pytest.approx(result["best_loss"], rel=1e-6)
     assert json_best(cfg.out)["step"] == result["best_step"]
-    evals = [r["eval"]["all"]["loss"] for r in read_log(Path(cfg.out) / "log.jsonl") if "eval" in r][1:]  # (not step 0)
-    assert min(evals) == evals[result["best_step"] - 1] and len(evals) == result["step"]
+    evals = [r["eval"]["all"]["loss"] for r in read_log(Path(cfg.out) / "log.jsonl") if "eval" in r]  # steps 0, 1, …
+    assert min(evals) == evals[result["best_step"]] and len(evals) == result["step"] + 1
     with pytest.raises(SetupError, match="stopped early.*nothing to train"):
         run(replace(cfg, resume="latest"), train_pairs, val)
+    # resumed just after an evaluation that was not lower (1 of the 3 of patience used): the same stop
+    after_one_bad = tmp_path / "run" / f"step-{result['best_step'] + 1:06d}"
+    assert states(cfg.out, result["best_step"] + 1)["early_stopping"]["bad_evals"] == 1
+    again = run(replace(cfg, resume=str(after_one_bad)), train_pairs, val)
+    assert {k: again[k] for k in ("step", "best_step", "best_loss", "stopped_early")} == {
+        k: result[k] for k in ("step", "best_step", "best_loss", "stopped_early")}
+    assert states(cfg.out, again["step"])["early_stopping"]["bad_evals"] == cfg.patience
+
+
+def test_the_start_counts_so_best_holds_the_initial_weights_when_training_only_hurts(tmp_path):
+    model = small_model()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = config(tmp_path / "run", eval_every=1, patience=1, lr=0.3, warmup=0, schedule="constant")
+    result = run(cfg, pairs(8), pairs(4, seed=2), model=model)  # (lr 0.3: the first step already hurts)
+    evals = [r["eval"]["all"]["loss"] for r in read_log(Path(cfg.out) / "log.jsonl") if "eval" in r]
+    assert evals[1] > evals[0] and result["best_step"] == 0 and result["step"] == 1 and result["stopped_early"]
+    assert json_best(cfg.out)["step"] == 0 and json_best(cfg.out)["val_loss"] == pytest.approx(evals[0])
+    saved = from_pretrained(result["best"], backend="torch").state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in initial.items())
+
+
+def test_a_run_whose_last_evaluation_uses_up_the_patience_did_not_stop_early(tmp_path):
+    cfg = config(tmp_path / "run", epochs=1, eval_every=1, patience=1, lr=0.3, warmup=0, schedule="constant")
+    result = run(cfg, pairs(4), pairs(2, seed=2))  # 1 step: its evaluation is the last
+    assert result["step"] == 1 and not result["stopped_early"]
 
 
 def test_nan_loss_stops_and_no_checkpoint_holds_nan_weights(tmp_path, nan_after):
