@@ -43,10 +43,12 @@ and a resumed run sees exactly the batches of the uninterrupted one, across epoc
 Validation. Pairs passed as `val_pairs`, else a share --val-fraction of each task's training pairs,
 held out with a generator seeded with (seed, task) and never trained on (the test split is never
 read). Evaluated every --eval-every steps (and at the start and end); the weights with the lowest
-validation loss are written to OUT/best/ (config.json + pytorch_model.bin, what from_pretrained and
-eval.py read, plus best.json with their step and loss); after --patience evaluations in a row without
-a lower loss the run stops early. The checkpoints OUT/step-N/ and --resume are those of train.py
-(`minimamba.training`); the early-stopping state is part of them.
+finite validation loss, the start's included, are written to OUT/best/ (config.json + pytorch_model.bin,
+what from_pretrained and eval.py read, the run's tokenizer.json, and best.json with their step, loss
+and --tokenizer); after --patience evaluations in a row without a lower loss the run stops early (a
+NaN/inf loss counts as one without). The checkpoints OUT/step-N/ and --resume are those of train.py
+(`minimamba.training`); the early-stopping state is part of them, and a resumed run makes OUT/best
+agree with it (`Finetuning.resumed`).
 
 Defaults are the recipe's (§3.3-3.4 of the notes): full fine-tuning (one learning rate for every
 layer: --llrd 1), AdamW (0.9, 0.999) with weight decay 0.01 on the matrices, cosine schedule to 0 after
