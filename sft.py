@@ -2,7 +2,7 @@
 
     python sft.py --init runs/cpt/step-006000 --tasks pubmedqa,bioasq --mix pubmedqa=0.35,bioasq=0.65
     python sft.py --scale 370m --tasks note_completion,note_summary --out runs/sft-clinical
-    python sft.py --scale tiny --init scratch --device cpu --tasks pubmedqa --limit 64 --max-len 256 \
+    python sft.py --scale tiny --init scratch --device cpu --tasks pubmedqa --limit 64 --max-len 512 \
         --batch-size 4 --examples-per-step 8 --epochs 1 --eval-every 4      # a minute on a CPU
 
 Every knob is below, with the recipe's value as its default (they live in
@@ -15,6 +15,7 @@ Exit status: 0 done (or stopped early), 1 diverged (NaN/inf loss), 2 bad setup, 
 """
 
 import argparse
+import os
 
 from minimamba.finetune import SFTConfig, finetune
 from minimamba.training import model_arguments, run_arguments, run_as_script
@@ -36,7 +37,8 @@ p.add_argument("--limit", type=int, default=D.limit, help="at most this many ite
 p.add_argument("--val-fraction", type=float, default=D.val_fraction,
                help="share of each task's training pairs held out for the validation loss (the test split is never read)")
 p.add_argument("--max-len", type=int, default=D.max_len,
-               help="tokens per pair (prompt + response + EOS) at most; longer prompts lose tokens on the left")
+               help="tokens per pair (prompt + response + EOS) at most; longer prompts lose tokens on the left "
+               "(a QA prompt's instruction and question first)")
 p.add_argument("--batch-size", type=int, default=D.batch_size, help="pairs per micro-batch per process")
 p.add_argument("--grad-accum", type=int, default=D.grad_accum,
                help="micro-batches per optimizer step (default: enough to reach --examples-per-step)")
@@ -62,5 +64,11 @@ run_arguments(p, D)  # --weight-decay --beta1 --beta2 --grad-clip --warmup --min
 args = p.parse_args()
 
 result = run_as_script(lambda: finetune(SFTConfig(**vars(args))))
-print(f"best validation loss {result['best_loss']:.4f} at step {result['best_step']}: {result['best']}"
-      if result["best"] else "no evaluation during training, so no OUT/best")
+if os.environ.get("RANK", "0") == "0":  # (under torchrun, process 0 alone says it)
+    if result["best"]:
+        print(f"best validation loss {result['best_loss']:.4f} at step {result['best_step']}: {result['best']}")
+    elif result["best_step"] is not None:
+        print(f"best validation loss {result['best_loss']:.4f} at step {result['best_step']}, whose weights no "
+              "checkpoint kept (see the note at the start): no OUT/best")
+    else:
+        print("no finite validation loss during training, so no OUT/best")

@@ -15,10 +15,16 @@ exactly the continuation eval.py scores after the prompt. Rows are right-padded 
 the step, the padding labelled IGNORE; for a causal, recurrent model right padding is exact: the
 positions before it never see it.
 
-Too long (more than max_len tokens): tokens are dropped from the LEFT of the prompt (the question and
-the instruction's end stay next to the answer); the response is never cut for the prompt. A response
-that does not fit by itself (with one prompt token before it) is cut at the right, without its EOS
-(it does not end there); both kinds of cut are counted and printed.
+Too long (more than max_len tokens): tokens are dropped from the LEFT of the prompt, so what stays is
+its end, the part next to the response; the response is never cut for the prompt. The left cut keeps
+the prompt's closing words ("...Answer:", "Assessment and Plan:") and the context nearest them, but it
+drops first what a template puts at the start: in the QA prompts that is the instruction and then the
+question (QA_TEMPLATE puts the question before the context), so a --max-len too small for the context
+trains on answers to questions the row no longer holds (at --max-len 256, about 70% of PubMedQA's
+training prompts and 44% of BioASQ's lose their question; at the recipe's 1024, none). A response that
+does not fit by itself (with one prompt token before it) is cut at the right, without its EOS (it does
+not end there). The cuts are counted and printed: prompts cut, prompts cut down to a single token
+(the response is then learnt with almost no prompt: raise --max-len), and responses cut.
 
 The loss of a step is the mean over every response token of the global batch (all micro-batches and
 processes; `minimamba.training.train_step`): a long response weighs more than a short one, exactly as
@@ -37,10 +43,12 @@ and a resumed run sees exactly the batches of the uninterrupted one, across epoc
 Validation. Pairs passed as `val_pairs`, else a share --val-fraction of each task's training pairs,
 held out with a generator seeded with (seed, task) and never trained on (the test split is never
 read). Evaluated every --eval-every steps (and at the start and end); the weights with the lowest
-validation loss are written to OUT/best/ (config.json + pytorch_model.bin, what from_pretrained and
-eval.py read, plus best.json with their step and loss); after --patience evaluations in a row without
-a lower loss the run stops early. The checkpoints OUT/step-N/ and --resume are those of train.py
-(`minimamba.training`); the early-stopping state is part of them.
+finite validation loss, the start's included, are written to OUT/best/ (config.json + pytorch_model.bin,
+what from_pretrained and eval.py read, the run's tokenizer.json, and best.json with their step, loss
+and --tokenizer); after --patience evaluations in a row without a lower loss the run stops early (a
+NaN/inf loss counts as one without). The checkpoints OUT/step-N/ and --resume are those of train.py
+(`minimamba.training`); the early-stopping state is part of them, and a resumed run makes OUT/best
+agree with it (`Finetuning.resumed`).
 
 Defaults are the recipe's (§3.3-3.4 of the notes): full fine-tuning (one learning rate for every
 layer: --llrd 1), AdamW (0.9, 0.999) with weight decay 0.01 on the matrices, cosine schedule to 0 after
@@ -65,7 +73,8 @@ from minimamba.evaluate import loss_summary
 from minimamba.sampler import parse_mix
 from minimamba.tokenizer import DEFAULT_TOKENIZER
 from minimamba.training import (
-    IGNORE, SetupError, _full, _Weights, all_reduce_sum, check_settings, run, schedule_steps, unwrap)
+    IGNORE, SetupError, Weights, all_reduce_sum, check_settings, checkpoint_name, full_tensor, run, schedule_steps,
+    unwrap)
 from minimamba.files import fsync_dir
 
 # ----------------------------------------------------------------------------------------------------------
@@ -170,19 +179,24 @@ def collate(rows, pad_id):
     return inputs, labels
 
 
+CUTS = ("prompt_cut", "prompt_to_one_token", "response_cut")  # what encode_pairs counts
+
+
 def encode_pairs(tokenizer, pairs, max_len):
-    """[(tokens, start)] of `pairs` and the counts {"prompt_cut", "response_cut"}."""
+    """[(tokens, start)] of `pairs` and the counts {"prompt_cut", "prompt_to_one_token", "response_cut"}:
+    prompts cut on the left, those of them left with a single token, responses cut at the right."""
     def encode(texts):  # (minimamba's Tokenizer encodes in threads; a tokenizer with only .encode works too)
         if hasattr(tokenizer, "encode_batch"):
             return tokenizer.encode_batch(texts)
         return [tokenizer.encode(t) for t in texts]
 
     prompts, responses = encode([p for p, _ in pairs]), encode([r for _, r in pairs])
-    rows, cuts = [], {"prompt_cut": 0, "response_cut": 0}
+    rows, cuts = [], dict.fromkeys(CUTS, 0)
     for p, r in zip(prompts, responses):
         tokens, start, prompt_cut, response_cut = encode_pair(p, r, tokenizer.eos_id, max_len)
         rows.append((tokens, start))
         cuts["prompt_cut"] += prompt_cut
+        cuts["prompt_to_one_token"] += prompt_cut and start == 1
         cuts["response_cut"] += response_cut
     return rows, cuts
 
@@ -320,6 +334,7 @@ class Finetuning:
     """A fine-tuning run, as `minimamba.training.run` drives it (the methods are those of
     training.Pretraining, whose docstring says when each is called)."""
 
+    kind = "sft"  # stored in the checkpoints: train.py's --resume refuses them (training.check_job_kind)
     config_file = "sft_config.json"
     finished = ("its {max_steps} steps (--epochs) are done: nothing to train. Pass more --epochs (over {step} "
                 "steps in all) to train on")
@@ -327,7 +342,9 @@ class Finetuning:
     def __init__(self, cfg, train_pairs=None, val_pairs=None, tokenizer=None):
         self.cfg, self.tokenizer = cfg, tokenizer
         self._given = (_by_task(train_pairs, "train"), _by_task(val_pairs, "val"))
-        self.best = {"loss": None, "step": None, "bad_evals": 0, "stopped_early": False}
+        self.best = {"loss": None, "step": None, "bad_evals": 0, "stopped_early": False, "eval": None}
+        self.best_missing = False  # OUT/best does not hold the best's weights (see resumed)
+        self.tokenizer_source = self.tokenizer_file = None  # (known when --tokenizer is read, not given)
         self.seq_len = cfg.max_len
 
     def resolve(self, dist):
@@ -338,7 +355,7 @@ class Finetuning:
         shares = None
         if cfg.mix:
             try:
-                shares = parse_mix(cfg.mix)
+                shares = parse_mix(cfg.mix, what="task")
             except ValueError as e:
                 raise SetupError(str(e)) from None
         per_pass = cfg.batch_size * dist.world_size
@@ -356,6 +373,9 @@ class Finetuning:
         names = [t.strip() for t in cfg.tasks.split(",") if t.strip()] if given_train is None else list(given_train)
         if not names:
             raise DataError("--tasks names no task; e.g. --tasks pubmedqa,bioasq")
+        if twice := sorted({t for t in names if names.count(t) > 1}):
+            raise DataError(f"--tasks names {', '.join(twice)} more than once; name each task once (--mix sets "
+                            "how often its pairs are seen)")
         pairs = given_train if given_train is not None else load_task_pairs(names, cfg.task_data, cfg.limit)
         for task, p in pairs.items():
             check_pairs(p, f"task {task!r}")
@@ -367,7 +387,13 @@ class Finetuning:
             split = {t: split_validation(p, cfg.val_fraction, cfg.seed, t) for t, p in pairs.items()}
             train, val = {t: a for t, (a, _) in split.items()}, {t: b for t, (_, b) in split.items() if b}
         if not val:
-            raise DataError("no validation pairs: pass a --val-fraction above 0 (or val_pairs)")
+            raise DataError("no validation pairs: --val-fraction is 0; pass a --val-fraction above 0, e.g. 0.1 (from "
+                            "Python, finetune(..., val_pairs=...) gives them instead)")
+        named = {part.partition("=")[0].strip() for part in cfg.mix.split(",")} if r.shares is not None else set()
+        zero = [t for t in train if t in named and t not in r.shares]  # (parse_mix drops a share of 0)
+        if zero:
+            raise DataError(f"--mix gives {', '.join(zero)} a share of 0, so none of its training pairs would be "
+                            "used: drop it from --tasks, or give it a share above 0")
         if r.shares is not None and set(r.shares) != set(train):
             raise DataError(f"--mix names {', '.join(r.shares)} but the tasks are {', '.join(train)}; give a share "
                             "to each task and to no other")
@@ -376,9 +402,11 @@ class Finetuning:
 
             try:
                 self.tokenizer = load_tokenizer(cfg.tokenizer)
+                self.tokenizer_file = tokenizer_file(cfg.tokenizer)  # (copied into OUT/best, for eval.py)
             except Exception as e:  # (a download, a missing or unsupported file: its own message says which)
                 raise SetupError(f"--tokenizer {cfg.tokenizer}: {e}") from None
-        self.cuts = {"prompt_cut": 0, "response_cut": 0}
+            self.tokenizer_source = cfg.tokenizer
+        self.cuts = dict.fromkeys(CUTS, 0)
         self.train_rows, self.val_rows = {}, {}
         for rows, part in ((self.train_rows, train), (self.val_rows, val)):
             for task, p in part.items():
@@ -409,7 +437,7 @@ class Finetuning:
         if "early_stopping" not in state:
             raise ValueError("the checkpoint is not one of sft.py (no early-stopping state); to fine-tune a "
                              "train.py checkpoint, pass it as --init")
-        self.best = dict(state["early_stopping"])
+        self.best = {"eval": None, **state["early_stopping"]}  # (a checkpoint before "eval" was kept has none)
         if self.best["stopped_early"]:
             raise ValueError(f"this run stopped early, after {self.best['bad_evals']} evaluations without a lower "
                              f"validation loss (the best, {self.best['loss']:.4f} at step {self.best['step']}, is in "
@@ -420,8 +448,14 @@ class Finetuning:
         batch = (f"{cfg.batch_size} pairs × {r.grad_accum} micro-batches × {self.dist.world_size} process(es) = "
                  f"{r.rows_per_step} pairs per step, each a row of at most {cfg.max_len} tokens, right-padded")
         val = sum(len(v) for v in self.val_rows.values())
-        data = (f"{self.order.describe()}; {val} validation pairs; {self.cuts['prompt_cut']} prompt(s) cut on the "
-                f"left, {self.cuts['response_cut']} response(s) cut at {cfg.max_len} tokens")
+        c = self.cuts
+        data = (f"{self.order.describe()}; {val} validation pairs; {c['prompt_cut']} prompt(s) cut on the left "
+                f"({c['prompt_to_one_token']} of them to a single token), {c['response_cut']} response(s) cut at "
+                f"{cfg.max_len} tokens")
+        if c["prompt_cut"]:
+            data += (f"\nnote: a prompt cut on the left loses its start (the QA prompts: the instruction, then the "
+                     f"question); {c['prompt_cut']} of {sum(map(len, self.train_rows.values())) + val} training and validation prompts are cut at "
+                     f"--max-len {cfg.max_len}: raise --max-len to keep them whole")
         return batch, data, f" = {cfg.epochs} epoch(s) of {r.steps_per_epoch}"
 
     def resolved(self):
@@ -446,20 +480,47 @@ class Finetuning:
         """Keep the weights of the lowest validation loss in OUT/best; True after --patience evaluations
         in a row without one."""
         loss, best = result["all"]["loss"], self.best
-        if best["loss"] is None or loss < best["loss"]:  # (a NaN loss is never lower)
-            best.update(loss=loss, step=step, bad_evals=0)
-            save_best(Path(self.cfg.out), model, ema, self.dist, {"step": step, "val_loss": loss, "eval": result})
+        if math.isfinite(loss) and (best["loss"] is None or loss < best["loss"]):  # (NaN/inf: a bad evaluation)
+            best.update(loss=loss, step=step, bad_evals=0, eval=result)
+            save_best(Path(self.cfg.out), model, ema, self.dist, self._best_info(), self.tokenizer_file)
+            self.best_missing = False
         else:
             best["bad_evals"] += 1
-        best["stopped_early"] = bool(self.cfg.patience and best["bad_evals"] >= self.cfg.patience)
+        # (the last step's evaluation ends the run anyway: not an early stop, whatever the count)
+        best["stopped_early"] = bool(self.cfg.patience and best["bad_evals"] >= self.cfg.patience
+                                     and step < self.r.max_steps)
         if best["stopped_early"] and self.dist.is_main:
             print(f"early stop: no lower validation loss in {best['bad_evals']} evaluations; the best, "
                   f"{best['loss']:.4f} at step {best['step']}, is in {Path(self.cfg.out) / 'best'}", flush=True)
         return best["stopped_early"]
 
+    def _best_info(self):
+        """best.json: the step, the validation loss (and per task), and the tokenizer the rows were made with."""
+        return {"step": self.best["step"], "val_loss": self.best["loss"], "eval": self.best.get("eval"),
+                "tokenizer": self.tokenizer_source}
+
+    def resumed(self, step, model, ema):
+        """Make OUT/best the best of the run as resumed. Resuming from an earlier step goes back on the
+        steps after it, and OUT/best may hold weights of those (a lower loss the abandoned run reached
+        later), or a save that a kill cut short left the previous best in OUT/.best.old. The early-stopping
+        state says which step and loss OUT/best must hold: the weights of that step are the restored
+        ones (step == resumed step), or those of the checkpoint OUT/step-N of that step; where neither is
+        there, the stray OUT/best is set aside as OUT/best.abandoned and no OUT/best is claimed until the
+        next lower validation loss."""
+        out, want, dist = Path(self.cfg.out), self.best, self.dist
+        code = 0.0
+        if dist.is_main:
+            code = float(_mend_best(out, want, step))
+        if dist.enabled:
+            code = all_reduce_sum([code], dist)[0]
+        if code == 1:  # the weights restored are the best's: saved again (every process: FSDP gathers)
+            save_best(out, model, ema, dist, self._best_info(), self.tokenizer_file)
+        self.best_missing = code == 3
+
     def result(self):
         best = Path(self.cfg.out) / "best"
-        return {"best": str(best) if self.best["step"] is not None else None, "best_step": self.best["step"],
+        have = self.best["step"] is not None and not self.best_missing
+        return {"best": str(best) if have else None, "best_step": self.best["step"],
                 "best_loss": self.best["loss"], "stopped_early": self.best["stopped_early"]}
 
 
@@ -490,27 +551,129 @@ def validation_loss(model, rows_by_task, batch_size, pad_id, device, autocast_dt
     return res
 
 
-def save_best(out, model, ema, dist, info):
-    """OUT/best/: the weights evaluated (the EMA's if on) in the save_pretrained layout, and best.json.
-    Every process must call it (FSDP gathers). Written as OUT/.best.tmp, then swapped in (a kill between
-    the two renames leaves OUT/.best.old, the previous best)."""
+def save_best(out, model, ema, dist, info, tokenizer=None):
+    """OUT/best/: the weights evaluated (the EMA's if on) in the save_pretrained layout, best.json (`info`)
+    and a copy of the tokenizer.json file `tokenizer` (eval.py reads a model directory's own). Every
+    process must call it (FSDP gathers). Written as OUT/.best.tmp, then swapped in (`_swap_best`)."""
     raw = unwrap(model)
-    weights = ema.state_dict() if ema is not None else {k: _full(v).detach().cpu() for k, v in raw.state_dict().items()}
+    weights = ema.state_dict() if ema is not None else {k: full_tensor(v).detach().cpu()
+                                                         for k, v in raw.state_dict().items()}
     if dist.is_main:
         from minimamba.hub import save_pretrained
 
-        tmp, final, old = out / ".best.tmp", out / "best", out / ".best.old"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_pretrained(_Weights(raw.config, {k: v.float() for k, v in weights.items()}), tmp)
-        (tmp / "best.json").write_text(json.dumps(info, indent=2) + "\n")
-        fsync_dir(tmp)
-        shutil.rmtree(old, ignore_errors=True)
+        _swap_best(Path(out), lambda tmp: save_pretrained(Weights(raw.config, {k: v.float() for k, v in
+                                                                               weights.items()}), tmp),
+                   info, tokenizer)
+
+
+def _swap_best(out, write_weights, info, tokenizer=None):
+    """Fill OUT/.best.tmp (write_weights(tmp), best.json, tokenizer.json) and swap it in for OUT/best. A kill
+    before the swap leaves the previous OUT/best; one between its two renames leaves the previous best
+    as OUT/.best.old and no OUT/best (the next --resume puts it back: `_mend_best`)."""
+    tmp, final, old = out / ".best.tmp", out / "best", out / ".best.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_weights(tmp)
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+    (tmp / "best.json").write_text(json.dumps(info, indent=2) + "\n")
+    fsync_dir(tmp)
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    fsync_dir(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _best_json(folder):
+    """(step, val_loss) that folder/best.json names, or None."""
+    try:
+        info = json.loads((folder / "best.json").read_text())
+        return info["step"], info["val_loss"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _mend_best(out, best, step):
+    """Process 0 of `Finetuning.resumed`: put the weights of the best evaluation of the state resumed from
+    (best["step"], best["loss"], at or before `step`) in OUT/best, and say what was done. Returns 0 (OUT/best
+    holds them, or there is no best yet and no OUT/best), 1 (the caller saves the restored weights), 2
+    (copied from OUT/step-N), or 3 (they are kept nowhere: a stray OUT/best was set aside)."""
+    final, old, aside = out / "best", out / ".best.old", out / "best.abandoned"
+    want = None if best["step"] is None else (best["step"], best["loss"])
+    if want is not None and _best_json(final) == want:
+        return 0
+    if want is not None and _best_json(old) == want:  # (a kill between save_best's two renames)
         if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(final, aside)
+        os.replace(old, final)
         fsync_dir(out)
-        shutil.rmtree(old, ignore_errors=True)
+        print(f"note: {final} is back from {old} (a save of a later best was cut short)", flush=True)
+        return 0
+    stray = _best_json(final)
+    what = (f"{final} held the weights of step {stray[0]} (validation loss {stray[1]:.4f}), " if stray else
+            f"{final} is not this run's best, " if final.exists() else f"there is no {final}, ")
+    if want is None:
+        if final.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(final, aside)
+            print(f"note: {what}which the run resumed from step {step} has not evaluated; set aside as {aside}",
+                  flush=True)
+        return 0
+    if want[0] == step:
+        print(f"note: {what}not the best of the run resumed from step {step} (step {want[0]}, validation loss "
+              f"{want[1]:.4f}): saved again from the checkpoint's weights", flush=True)
+        return 1
+    ckpt = out / checkpoint_name(want[0])
+    if (ckpt / "pytorch_model.bin").is_file() and (ckpt / "config.json").is_file():
+        tokenizer = final / "tokenizer.json" if (final / "tokenizer.json").is_file() else None
+        info = {"step": want[0], "val_loss": want[1], "eval": best.get("eval"),
+                "tokenizer": None if tokenizer is None else _read_info(final).get("tokenizer")}
+        if tokenizer is not None:  # (read before OUT/best is replaced)
+            shutil.copyfile(tokenizer, out / ".best.tokenizer.json")
+            tokenizer = out / ".best.tokenizer.json"
+
+        def copy(tmp):
+            for name in ("config.json", "pytorch_model.bin"):
+                shutil.copyfile(ckpt / name, tmp / name)
+
+        _swap_best(out, copy, info, tokenizer)
+        if tokenizer is not None:
+            tokenizer.unlink()
+        print(f"note: {what}not the best of the run resumed from step {step} (step {want[0]}, validation loss "
+              f"{want[1]:.4f}): copied from {ckpt}", flush=True)
+        return 2
+    if final.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
+        fsync_dir(out)
+    print(f"note: {what}not the best of the run resumed from step {step} (step {want[0]}, validation loss "
+          f"{want[1]:.4f}), and no checkpoint of step {want[0]} is kept to take it from"
+          f"{f'; {final} is set aside as {aside}' if aside.exists() else ''}. {final} is written again at the "
+          "next lower validation loss (keep more checkpoints with --keep to avoid this)", flush=True)
+    return 3
+
+
+def _read_info(folder):
+    try:
+        return json.loads((folder / "best.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def tokenizer_file(source):
+    """The tokenizer.json file that load_tokenizer(source) read: the file, the one in the directory, or the
+    Hub copy it downloaded."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if path.is_file():
+        return path
+    from minimamba.download import hub_file_or_local
+
+    return hub_file_or_local(str(source), "tokenizer.json")
 
 
 def finetune(cfg: SFTConfig, train_pairs=None, val_pairs=None, model=None, tokenizer=None):

@@ -39,8 +39,9 @@ import torch
 from minimamba.data import DataError, load_split
 
 
-def parse_mix(text):
-    """"pubmed=0.8,c4=0.1,wikipedia=0.1" -> {"pubmed": 0.8, "c4": 0.1, "wikipedia": 0.1} (normalised to sum 1)."""
+def parse_mix(text, what="domain"):
+    """"pubmed=0.8,c4=0.1,wikipedia=0.1" -> {"pubmed": 0.8, "c4": 0.1, "wikipedia": 0.1} (normalised to sum 1).
+    `what` names the entries in the errors (sft.py's are tasks)."""
     mix = {}
     for part in str(text).split(","):
         name, sep, value = part.strip().partition("=")
@@ -54,11 +55,11 @@ def parse_mix(text):
         if not np.isfinite(share) or share < 0:
             raise ValueError(f"the share of {name!r} in --mix must be >= 0, got {value.strip()}")
         if name in mix:
-            raise ValueError(f"domain {name!r} appears twice in --mix")
+            raise ValueError(f"{what} {name!r} appears twice in --mix")
         mix[name] = share
     total = sum(mix.values())
     if total <= 0:
-        raise ValueError("the shares in --mix sum to 0; give at least one domain a positive share")
+        raise ValueError(f"the shares in --mix sum to 0; give at least one {what} a positive share")
     if not np.isfinite(total):  # (each share normalised to 0 and dropped)
         raise ValueError(f"the shares in --mix sum to {total}: use smaller numbers, e.g. fractions that sum to 1")
     return {name: share / total for name, share in mix.items() if share > 0}

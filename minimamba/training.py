@@ -1,15 +1,20 @@
-"""Training: what train.py (and later sft.py) share.
+"""Training: the loop, checkpoints and resume that train.py (continued pretraining) and sft.py
+(supervised fine-tuning) share. What differs between the two is a "job" (`Pretraining` here,
+`minimamba.finetune.Finetuning`): its data, its evaluation and what it does after one.
 
-A run, top to bottom (`train`):
+A run, top to bottom (`run` -> `_train`; pretraining's data and evaluation named, fine-tuning's in finetune.py):
   1. set up torch.distributed when launched by torchrun (DDP, or FSDP with --fsdp), else one process;
   2. check the data and the model source before anything slow, and fail with one message if needed;
   3. build the model (the public checkpoint of --scale, random weights, or a local checkpoint);
   4. AdamW over parameter groups with layer-wise LR decay and no weight decay where it does not belong;
-  5. the mixture sampler (`minimamba.sampler`) and the fixed held-out windows (`minimamba.evaluate`);
-  6. resume from the latest checkpoint if asked (weights, optimizer, EMA, sampler, RNG, step);
+  5. the data order (pretraining: the mixture sampler, `minimamba.sampler`) and the evaluation data
+     (pretraining: the fixed held-out windows, `minimamba.evaluate`);
+  6. resume from the latest checkpoint if asked (weights, optimizer, EMA, data order, RNG, step, the
+     job's own state), refusing a checkpoint of the other job;
   7. print the resolved configuration with parameters, tokens per step and a memory/time estimate;
-  8. the loop: one optimizer step (micro-batches, clipping, NaN check), EMA update, log, held-out
-     perplexity every --eval-every steps, checkpoint every --save-every steps and on SIGINT/SIGTERM.
+  8. the loop: one optimizer step (micro-batches, clipping, NaN check), EMA update, log, an evaluation
+     every --eval-every steps (and at the start and end; the job's `after_eval` may end the run early),
+     checkpoint every --save-every steps and on SIGINT/SIGTERM.
 
 Choices, with the reason for each:
   * Precision. The weights, gradients, AdamW moments and EMA stay in float32 ("master weights");
@@ -220,7 +225,7 @@ def unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
-def _full(t):
+def full_tensor(t):
     """A whole tensor from an FSDP shard (a collective: every process must call it), else t itself."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
@@ -415,7 +420,7 @@ class EMA:
             self.shadow[n].copy_(tmp)
 
     def state_dict(self):
-        return {n: _full(t).cpu() for n, t in self.shadow.items()}
+        return {n: full_tensor(t).cpu() for n, t in self.shadow.items()}
 
     def load_state_dict(self, state):
         missing = set(self.shadow) ^ set(state)
@@ -483,7 +488,7 @@ def train_step(model, optimizer, rows, micro_batch, grad_clip, dist, autocast_dt
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     else:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    norm = _full(grad_norm).item()  # already the global norm on every process (DDP averaged the gradients)
+    norm = full_tensor(grad_norm).item()  # already the global norm on every process (DDP averaged the gradients)
     loss_total, stop = all_reduce_sum([loss_sum.item(), float(STOP.requested is not None)], dist)
     loss = loss_total / count
     if not (math.isfinite(loss) and math.isfinite(norm)):
@@ -676,7 +681,7 @@ def save_checkpoint(out, step, model, optimizer, ema, sampler, extra, dist, keep
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         weights = ema_state if ema_state is not None else model_state
-        save_pretrained(_Weights(raw.config, {k: v.float() for k, v in weights.items()}), tmp)
+        save_pretrained(Weights(raw.config, {k: v.float() for k, v in weights.items()}), tmp)
         state = {
             "format": 1,
             "step": step,
@@ -713,7 +718,7 @@ def save_checkpoint(out, step, model, optimizer, ema, sampler, extra, dist, keep
     return final
 
 
-class _Weights:
+class Weights:
     """What `hub.save_pretrained` reads from a model (config and state_dict), for weights held in a dict."""
 
     def __init__(self, config, state):
@@ -771,6 +776,26 @@ def load_training_state(path):
                          "writes every part, so it was changed since; resume from another checkpoint with "
                          "--resume OUT/step-NNNNNN, or start again")
     return state
+
+
+JOB_SCRIPTS = {"pretraining": "train.py (continued pretraining)", "sft": "sft.py (supervised fine-tuning)"}
+
+
+def job_kind(state):
+    """Which job wrote a training state: its "job" entry; a checkpoint written before there was one is
+    sft.py's if it holds an early-stopping state, else train.py's."""
+    return state.get("job") or ("sft" if "early_stopping" in state else "pretraining")
+
+
+def check_job_kind(state, job, source):
+    """Refuse to resume a checkpoint of the other script (the data order, the job's state and the meaning
+    of the steps differ): its weights can start a new run with --init instead."""
+    kind = job_kind(state)
+    if kind != job.kind:
+        written = JOB_SCRIPTS.get(kind, repr(kind))
+        raise SetupError(f"--resume {source}: this is a checkpoint of {written}, and this is "
+                         f"{JOB_SCRIPTS[job.kind]}, which cannot continue it. To start from its weights, pass "
+                         f"it as --init {source} (with a new --out)")
 
 
 # the parts of a training state of format 1 and their types (what restore_state and _train read)
@@ -1259,13 +1284,16 @@ class Pretraining:
       check_data()           before the model is built: a DataError names what is wrong with the data
       load_data(raw)         after it: the data order, with state_dict / load_state_dict (checkpointed as "sampler")
       load_state_dict(state) on resume, after the rest: the job's own part of the training state (state_dict())
+      resumed(step, model, ema)  on resume, once every check passed (OUT may be written): every process calls it
       describe(), resolved() the batch, data and length words of the summary; the job's part of the config file
       next_batch()           (rows, labels or None, tokens in the global batch) for `train_step`
       evaluate(model, step)  ({"eval": ..., ...} for the log, what, numbers), with the weights that are saved
-      after_eval(step, result, model, ema)  True ends the run before max_steps (fine-tuning's early stopping)
+      after_eval(step, result, model, ema)  after each evaluation, step 0's included; True ends the run
+                             before max_steps (fine-tuning's early stopping)
       result()               what `run` returns besides step, checkpoint, eval and stopped_by
     """
 
+    kind = "pretraining"  # stored in the checkpoints: --resume refuses another job's (check_job_kind)
     config_file = "train_config.json"  # the resolved configuration, in OUT
     finished = "--max-steps is {max_steps}: nothing to train. Pass a --max-steps above {step} to train on"
 
@@ -1294,6 +1322,9 @@ class Pretraining:
 
     def load_state_dict(self, state):
         pass
+
+    def resumed(self, step, model, ema):
+        pass  # (nothing of pretraining's lives outside the checkpoints)
 
     def describe(self):
         cfg, r = self.cfg, self.r
@@ -1510,6 +1541,7 @@ def _train(cfg, dist, model, held, job):
         if resume_dir is None:
             raise SetupError(f"--resume: no checkpoint in {out} (no {out / 'latest'}); start without --resume")
         state = load_training_state(readable_checkpoint(resume_dir))
+        check_job_kind(state, job, resume_dir)
         if resume_dir.parent.resolve() != out.resolve() and (existing := latest_checkpoint(out)) is not None:
             raise SetupError(f"{out} already holds a run ({existing.name}), and {resume_dir} is a checkpoint of "
                              "another run: continuing it there would mix the two runs' checkpoints and logs. "
@@ -1609,6 +1641,8 @@ def _train(cfg, dist, model, held, job):
                       "this run writes a checkpoint", flush=True)
 
     _on_main(dist, take_out)
+    if resume_dir is not None:
+        job.resumed(step, model, ema)  # (fine-tuning: OUT/best made to match the state resumed from)
 
     # --- say what will happen, and store it
     backend = raw.scan_backend(dist.device)
@@ -1646,11 +1680,15 @@ def _train(cfg, dist, model, held, job):
         return record["eval"]
 
     def checkpoint():
-        extra = {"tokens_seen": tokens_seen, "elapsed": elapsed, "config": asdict(cfg), **job.state_dict()}
+        extra = {"job": job.kind, "tokens_seen": tokens_seen, "elapsed": elapsed, "config": asdict(cfg),
+                 **job.state_dict()}
         return save_checkpoint(out, step, model, optimizer, ema, sampler, extra, dist, cfg.keep)
 
     # --- the loop
-    last_eval = evaluate_now() if step == 0 and cfg.eval_at_start else None
+    last_eval = None
+    if step == 0 and cfg.eval_at_start:  # the start counts: fine-tuning may keep the weights it started from
+        last_eval = evaluate_now()
+        job.after_eval(0, last_eval, model, ema)
     bar = tqdm(total=r.max_steps, initial=step, unit="step", dynamic_ncols=True,
                disable=not (dist.is_main and cfg.progress))
     # the last checkpoint of this run and its step: the one it resumed from until it writes one (OUT/latest

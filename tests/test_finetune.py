@@ -5,6 +5,7 @@ early stopping and OUT/best, NaN stop, bad inputs.
 A 2-layer, 32-wide model and a byte tokenizer (id = UTF-8 byte, EOS = 256), so a step takes milliseconds.
 """
 
+import os
 import shutil
 import subprocess
 import sys
@@ -24,7 +25,16 @@ from minimamba.training import IGNORE, Dist, SetupError, TrainingDiverged, read_
 
 ROOT = Path(__file__).resolve().parents[1]
 EOS = 256
-pytestmark = pytest.mark.usefixtures("one_thread", "no_speed_probe")  # (conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread", "no_speed_probe", "no_plot")  # (conftest.py; no_plot below)
+
+
+@pytest.fixture
+def no_plot(monkeypatch):
+    """No training.png: drawing it after every evaluation (test_training.py tests it) would take most of these
+    runs' time."""
+    import minimamba.training
+
+    monkeypatch.setattr(minimamba.training, "plot_log", lambda *args: None)
 
 
 class ByteTokenizer:
@@ -95,11 +105,14 @@ def reference_loss(model, examples, max_len):
 
 def test_masked_loss_equals_a_loop_over_examples_with_truncation_and_padding():
     model = small_model(seed=1)
-    examples = pairs(7) + [("a long prompt " * 10, " a short answer"), ("q", " a response longer than max_len " * 3)]
+    examples = pairs(7) + [("a long prompt " * 10, " a short answer"), ("a prompt", " r" + "e" * 36),
+                           ("q", " a response longer than max_len " * 3)]
     max_len = 40
     rows, cuts = encode_pairs(ByteTokenizer(), examples, max_len)
     prompt_cut = sum(len(p.encode()) + len(r.encode()) + 1 > max_len for p, r in examples[:-1])  # (last: 1 token)
-    assert cuts == {"prompt_cut": prompt_cut, "response_cut": 1} and 2 < prompt_cut < len(examples) - 1
+    # ("a prompt": 8 tokens, of which the 38 + EOS of its response leave room for 1)
+    assert cuts == {"prompt_cut": prompt_cut, "prompt_to_one_token": 1, "response_cut": 1}
+    assert 2 < prompt_cut < len(examples) - 1 and rows[-2][1] == 1
     expected, count = reference_loss(model, examples, max_len)
     inputs, labels = collate(rows, EOS)
     loss, _, _ = train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), inputs, 3, 0.0, Dist(), labels=labels)
@@ -200,21 +213,51 @@ def json_best(out):
     return json.loads((Path(out) / "best" / "best.json").read_text())
 
 
-def test_early_stopping_keeps_the_best_weights_and_a_finished_run_does_not_resume(tmp_path):
+def test_early_stopping_keeps_the_best_weights_and_resumes_its_count(tmp_path):
     # the validation pairs contradict the training pairs: training makes the validation loss worse
     train_pairs = [(f"Is item {i} red?", " yes") for i in range(8)]
     val = [(f"Is item {i} red?", " no") for i in range(8, 12)]
-    cfg = config(tmp_path / "run", epochs=20, eval_every=1, patience=2, lr=1e-2, warmup=0, schedule="constant")
+    cfg = config(tmp_path / "run", epochs=20, eval_every=1, save_every=1, patience=2, lr=3e-2, warmup=0,
+                 schedule="constant")
     result = run(cfg, train_pairs, val)
     assert result["stopped_early"] and result["step"] == result["best_step"] + cfg.patience < 40
     rows = encode_pairs(ByteTokenizer(), val, cfg.max_len)[0]
     best = validation_loss(from_pretrained(result["best"], backend="torch"), {"val": rows}, 4, EOS, torch.device("cpu"))
     assert best["all"]["loss"] == pytest.approx(result["best_loss"], rel=1e-6)
     assert json_best(cfg.out)["step"] == result["best_step"]
-    evals = [r["eval"]["all"]["loss"] for r in read_log(Path(cfg.out) / "log.jsonl") if "eval" in r][1:]  # (not step 0)
-    assert min(evals) == evals[result["best_step"] - 1] and len(evals) == result["step"]
+    evals = [r["eval"]["all"]["loss"] for r in read_log(Path(cfg.out) / "log.jsonl") if "eval" in r]  # steps 0, 1, …
+    assert min(evals) == evals[result["best_step"]] and len(evals) == result["step"] + 1
     with pytest.raises(SetupError, match="stopped early.*nothing to train"):
         run(replace(cfg, resume="latest"), train_pairs, val)
+    # resumed just after an evaluation that was not lower (1 of the 3 of patience used): the same stop
+    after_one_bad = tmp_path / "run" / f"step-{result['best_step'] + 1:06d}"
+    assert states(cfg.out, result["best_step"] + 1)["early_stopping"]["bad_evals"] == 1
+    again = run(replace(cfg, resume=str(after_one_bad)), train_pairs, val)
+    assert {k: again[k] for k in ("step", "best_step", "best_loss", "stopped_early")} == {
+        k: result[k] for k in ("step", "best_step", "best_loss", "stopped_early")}
+    assert states(cfg.out, again["step"])["early_stopping"]["bad_evals"] == cfg.patience
+
+
+def test_the_start_counts_so_best_holds_the_initial_weights_when_training_only_hurts(tmp_path):
+    model = small_model()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = config(tmp_path / "run", eval_every=1, patience=1, lr=0.3, warmup=0, schedule="constant")
+    result = run(cfg, pairs(8), pairs(4, seed=2), model=model)  # (lr 0.3: the first step already hurts)
+    evals = [r["eval"]["all"]["loss"] for r in read_log(Path(cfg.out) / "log.jsonl") if "eval" in r]
+    assert evals[1] > evals[0] and result["best_step"] == 0 and result["step"] == 1 and result["stopped_early"]
+    assert json_best(cfg.out)["step"] == 0 and json_best(cfg.out)["val_loss"] == pytest.approx(evals[0])
+    saved = from_pretrained(result["best"], backend="torch").state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in initial.items())
+
+
+def test_a_run_whose_last_evaluation_uses_up_the_patience_did_not_stop_early(tmp_path):
+    cfg = config(tmp_path / "run", epochs=1, eval_every=1, eval_at_start=False, patience=1, lr=0.3, warmup=0,
+                 schedule="constant")
+    train_pairs = [(f"Is item {i} red?", " yes") for i in range(8)]  # (contradicted by the validation pairs)
+    result = run(cfg, train_pairs, [(f"Is item {i} red?", " no") for i in range(8, 12)])  # 2 steps, 2 evaluations
+    evals = [r["eval"]["all"]["loss"] for r in read_log(Path(cfg.out) / "log.jsonl") if "eval" in r]
+    assert evals[1] > evals[0] and result["best_step"] == 1  # (the patience of 1 is used up at step 2)
+    assert result["step"] == 2 and not result["stopped_early"]
 
 
 def test_nan_loss_stops_and_no_checkpoint_holds_nan_weights(tmp_path, nan_after):
@@ -254,3 +297,161 @@ def test_sft_py_exits_2_with_one_line_for_a_bad_setting(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "sft.py"), "--epochs", "0", "--device", "cpu", "--out",
                            str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: --epochs must be >= 1, got 0"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# OUT/best after resume, EMA, NaN; checkpoints of the other script; the tokenizer in OUT/best
+
+
+def best_loss_of(folder, val, max_len=48):
+    rows = encode_pairs(ByteTokenizer(), val, max_len)[0]
+    return validation_loss(from_pretrained(folder, backend="torch"), {"v": rows}, 4, EOS, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def ema_run(tmp_path_factory):
+    """8 steps with EMA 0.5, evaluated and saved every 2 steps: (config, train pairs, val pairs, result)."""
+    import minimamba.training
+
+    out = tmp_path_factory.mktemp("ema") / "run"
+    cfg, tp, vp = config(out, epochs=2, eval_every=2, save_every=2, ema=0.5), pairs(16), pairs(4, seed=2)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(minimamba.training, "plot_log", lambda *args: None)
+        return cfg, tp, vp, run(cfg, tp, vp)
+
+
+def test_best_holds_the_ema_weights_that_were_evaluated(ema_run):
+    cfg, _, vp, result = ema_run
+    assert result["best_step"] == json_best(cfg.out)["step"] > 0
+    assert best_loss_of(result["best"], vp)["all"]["loss"] == pytest.approx(json_best(cfg.out)["val_loss"], rel=1e-6)
+    assert json_best(cfg.out)["val_loss"] == result["best_loss"]
+
+
+def test_resuming_an_earlier_step_puts_that_branch_s_best_in_out_best(ema_run, tmp_path, monkeypatch):
+    from minimamba.finetune import Finetuning
+
+    cfg, tp, vp, first = ema_run
+    out = tmp_path / "run"
+    shutil.copytree(cfg.out, out)  # (a run that went on to step 8, and whose OUT/best is of a later step)
+    branch = states(out, 4)["early_stopping"]
+    assert first["best_step"] > branch["step"] == 4
+    resumed = Finetuning.resumed
+
+    def keep_a_copy(job, *args):  # OUT/best as the resumed run starts training
+        resumed(job, *args)
+        shutil.copytree(out / "best", tmp_path / "best")
+
+    monkeypatch.setattr(Finetuning, "resumed", keep_a_copy)
+    result = run(replace(cfg, out=str(out), resume=str(out / "step-000004")), tp, vp)
+    assert json_best(tmp_path)["step"] == 4  # (tmp_path/"best": saved again from the restored EMA weights)
+    assert best_loss_of(tmp_path / "best", vp)["all"]["loss"] == pytest.approx(branch["loss"], rel=1e-6)
+    assert best_loss_of(out / "best", vp)["all"]["loss"] == pytest.approx(result["best_loss"], rel=1e-6)
+    assert json_best(out)["step"] == result["best_step"]
+
+
+def test_mending_out_best_copies_the_branch_s_best_checkpoint_or_sets_the_stray_one_aside(ema_run, tmp_path):
+    from minimamba.finetune import _mend_best
+
+    cfg, _, vp, first = ema_run
+    out = tmp_path / "run"
+    shutil.copytree(cfg.out, out)
+    best_of_4 = states(out, 4)["early_stopping"]  # resumed from step 6 of a branch whose best was at step 4
+    assert first["best_step"] == json_best(out)["step"] == 8 and best_of_4["step"] == 4
+    assert _mend_best(out, best_of_4, 6) == 2  # copied from OUT/step-000004
+    assert json_best(out)["step"] == 4 and not (out / "best.abandoned").exists()
+    assert best_loss_of(out / "best", vp)["all"]["loss"] == pytest.approx(best_of_4["loss"], rel=1e-6)
+    assert _mend_best(out, best_of_4, 6) == 0  # (now it matches)
+    info_4 = (out / "best" / "best.json").read_text()
+    # a kill between save_best's renames left the best in OUT/.best.old: put back
+    os.replace(out / "best", out / ".best.old")
+    assert _mend_best(out, best_of_4, 6) == 0 and json_best(out)["step"] == 4
+    # no checkpoint of the best's step: the stray OUT/best is set aside, not claimed
+    best_of_2 = states(out, 2)["early_stopping"]
+    shutil.rmtree(out / "step-000002")
+    assert _mend_best(out, best_of_2, 6) == 3
+    assert not (out / "best").exists() and (out / "best.abandoned" / "best.json").read_text() == info_4
+
+
+def test_a_checkpoint_of_the_other_script_is_refused_with_the_way_to_use_it(ema_run, tmp_path):
+    from minimamba.training import TrainConfig, train
+
+    cfg, tp, vp, _ = ema_run
+    sft_ckpt = Path(cfg.out) / "step-000002"
+    assert states(cfg.out, 2)["job"] == "sft"
+    with pytest.raises(SetupError, match=r"checkpoint of sft\.py.*this is train\.py.*--init .*step-000002"):
+        train(TrainConfig(init="scratch", out=str(tmp_path / "cpt"), resume=str(sft_ckpt), device="cpu",
+                          backend="torch", progress=False))
+    # a train.py checkpoint (as an older one was: no "job", no early-stopping state)
+    shutil.copytree(sft_ckpt, tmp_path / "cpt" / "step-000002")
+    state = states(tmp_path / "cpt", 2)
+    del state["job"], state["early_stopping"]
+    torch.save(state, tmp_path / "cpt" / "step-000002" / "training_state.pt")
+    with pytest.raises(SetupError, match=r"checkpoint of train\.py.*this is sft\.py.*--init .*step-000002"):
+        run(replace(cfg, out=str(tmp_path / "sft"), resume=str(tmp_path / "cpt" / "step-000002")), tp, vp)
+
+
+@pytest.mark.parametrize("nan_eval", [0, 1])  # the evaluation at step 0, or the first after it (step 2)
+def test_a_nan_validation_loss_is_never_the_best(tmp_path, nan_eval):
+    model, calls = small_model(), {"n": 0}
+
+    def hook(module, inputs, output):  # NaN logits in the 2 eval batches (of 2 pairs) of evaluation `nan_eval`
+        if not module.training:
+            calls["n"] += 1
+            if calls["n"] in (2 * nan_eval + 1, 2 * nan_eval + 2):
+                return output * float("nan")
+
+    model.register_forward_hook(hook)
+    cfg = config(tmp_path / "run", epochs=1, eval_every=2, patience=3, eval_batch_size=2)
+    result = run(cfg, pairs(16), pairs(4, seed=2), model=model)
+    evals = {r["step"]: r["eval"]["all"]["loss"] for r in read_log(Path(cfg.out) / "log.jsonl") if "eval" in r}
+    assert evals[2 * nan_eval] is None and len(evals) == 3  # (NaN is written as null)
+    finite = {s: v for s, v in evals.items() if v is not None}
+    assert result["best_loss"] == min(finite.values()) and result["best_step"] == min(finite, key=finite.get)
+    assert json_best(cfg.out)["step"] == result["best_step"]
+
+
+def test_a_task_s_validation_split_depends_on_its_name_and_not_on_the_other_tasks():
+    from minimamba.finetune import Finetuning
+
+    def held_out(train_pairs):
+        job = Finetuning(config("unused", val_fraction=0.25), train_pairs, tokenizer=ByteTokenizer())
+        job.resolve(Dist())
+        job.check_data()
+        return {t: [tokens for tokens, _ in rows] for t, rows in job.val_rows.items()}
+
+    same = pairs(16)
+    alone, together = held_out({"a": same}), held_out({"a": same, "b": same, "c": pairs(8, seed=3)})
+    assert alone["a"] == together["a"] and len(alone["a"]) == 4
+    assert together["a"] != together["b"]  # (the same pairs, another task: another split)
+
+
+def test_out_best_holds_the_tokenizer_file_the_run_was_given(tmp_path):
+    import json
+
+    from test_tokenizer import tiny_tokenizer_json
+
+    from minimamba.tokenizer import load_tokenizer
+
+    path = tmp_path / "tok" / "tokenizer.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(tiny_tokenizer_json()), encoding="utf-8")
+    tokenizer = load_tokenizer(path)
+    model = Mamba2LM(Mamba2Config(d_model=32, n_layer=2, vocab_size=tokenizer.vocab_size, d_state=8, headdim=16,
+                                  chunk_size=16), backend="torch")
+    model.reset_parameters(seed=0)
+    cfg = config(tmp_path / "run", epochs=1, tokenizer=str(path.parent))
+    result = finetune(cfg, pairs(8), pairs(2, seed=2), model=model)  # (no tokenizer: --tokenizer is read)
+    assert (Path(result["best"]) / "tokenizer.json").read_bytes() == path.read_bytes()
+    assert json_best(cfg.out)["tokenizer"] == str(path.parent)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(tasks="pubmedqa,pubmedqa"), r"--tasks names pubmedqa more than once"),
+    (dict(mix="a=1,b=0"), r"--mix gives b a share of 0"),
+    (dict(mix="a=1,a=1"), r"task 'a' appears twice in --mix"),
+    (dict(val_fraction=0), r"no validation pairs: --val-fraction is 0; pass a --val-fraction above 0"),
+])
+def test_task_and_mix_mistakes_are_named(tmp_path, change, message):
+    train_pairs = None if "tasks" in change else {"a": pairs(8), "b": pairs(8)}
+    with pytest.raises(SetupError, match=message):
+        finetune(config(tmp_path / "run", **change), train_pairs, model=small_model(), tokenizer=ByteTokenizer())
