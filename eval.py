@@ -29,7 +29,7 @@ from minimamba.data import DataError
 from minimamba.download import DownloadError
 from minimamba.evaluate import (RECIPE_QA_SCORING, domain_perplexity, evaluate_task, load_heldout, read_results,
                                 results_table, settings_that_differ)
-from minimamba.files import finite_or_none, write_json_atomically, write_text_atomically
+from minimamba.files import finite_or_none, sha256_of, write_json_atomically, write_text_atomically
 from minimamba.hub import CheckpointError, from_pretrained
 from minimamba.tasks import GROUPS, TASKS, TaskDataError, load_task
 from minimamba.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
@@ -143,7 +143,10 @@ if tokenizer.vocab_size > model.config.vocab_size:
          f"{model.config.vocab_size}: they do not belong together (give --tokenizer)")
 
 config = {k: v for k, v in vars(args).items() if k != "compare"}
+tokenizer_file = Path(tokenizer_source) / "tokenizer.json" if Path(tokenizer_source).is_dir() else Path(tokenizer_source)
 config.update(tasks=names, tokenizer=tokenizer_source, device=str(device), amp=str(amp) if amp else None,
+              # which tokenizer, whatever its path: the file's sha256 (a Hub id stands for itself)
+              tokenizer_id=sha256_of(tokenizer_file) if tokenizer_file.is_file() else tokenizer_source,
               scan_backend=model.scan_backend(device), parameters=model.num_params())
 print(json.dumps(config, indent=2))
 

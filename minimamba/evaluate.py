@@ -526,8 +526,8 @@ def read_results(path):
 
 
 # the settings of eval.py under which two runs' numbers compare (the model and its weights aside)
-COMPARED_SETTINGS = ("split", "limit", "qa_scoring", "max_tokens", "max_new_tokens", "dtype", "tokenizer", "seq_len",
-                     "ppl_windows")
+COMPARED_SETTINGS = ("split", "limit", "qa_scoring", "max_tokens", "max_new_tokens", "dtype", "tokenizer_id",
+                     "seq_len", "ppl_windows")
 
 
 def settings_that_differ(runs):

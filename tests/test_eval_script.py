@@ -2,6 +2,7 @@
 predictions file, --compare, and the setup errors (exit 2 with a message, before any model is loaded)."""
 
 import contextlib
+import hashlib
 import io
 import json
 import runpy
@@ -57,6 +58,7 @@ def test_eval_writes_what_the_library_computes(checkpoint, tmp_path):
     assert r[0] == 0, r[2]
     saved = json.loads(out.read_text())
     assert saved["config"]["tasks"] == ["arc_easy", "pubmedqa"] and saved["config"]["scan_backend"] == "torch"
+    assert saved["config"]["tokenizer_id"] == hashlib.sha256(TOKENIZER.read_bytes()).hexdigest()  # not its path
     # the same numbers as the library's, called here on the same checkpoint and items
     model, tok = from_pretrained(checkpoint).eval(), load_tokenizer(TOKENIZER)
     for name in ("arc_easy", "pubmedqa"):
