@@ -31,7 +31,7 @@ from minimamba.evaluate import (RECIPE_QA_SCORING, domain_perplexity, evaluate_t
                                 results_table, settings_that_differ)
 from minimamba.files import finite_or_none, sha256_of, write_json_atomically, write_text_atomically
 from minimamba.hub import CheckpointError, from_pretrained
-from minimamba.tasks import GROUPS, TASKS, TaskDataError, load_task
+from minimamba.tasks import GROUPS, TASKS, TaskDataError, load_task, task_files
 from minimamba.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -116,6 +116,9 @@ for path in (args.out, args.predictions):  # where the results go: made now, not
 # 2. the items of every task and the held-out windows (a missing file fails now, not after an hour of scoring)
 try:
     items = {name: load_task(name, args.split, args.task_data, args.limit) for name in names}
+    # what was read, by content: the results say which files they come from
+    files_read = {name: {str(path): sha256_of(path) for path in task_files(name, args.split, args.task_data)}
+                  for name in names}
 except (TaskDataError, DataError, OSError) as e:
     fail(str(e))
 heldout = {}
@@ -147,7 +150,7 @@ tokenizer_file = Path(tokenizer_source) / "tokenizer.json" if Path(tokenizer_sou
 config.update(tasks=names, tokenizer=tokenizer_source, device=str(device), amp=str(amp) if amp else None,
               # which tokenizer, whatever its path: the file's sha256 (a Hub id stands for itself)
               tokenizer_id=sha256_of(tokenizer_file) if tokenizer_file.is_file() else tokenizer_source,
-              scan_backend=model.scan_backend(device), parameters=model.num_params())
+              scan_backend=model.scan_backend(device), parameters=model.num_params(), task_files=files_read)
 print(json.dumps(config, indent=2))
 
 # 4. score, saving after every task (a run stopped later keeps what it measured)

@@ -59,6 +59,8 @@ def test_eval_writes_what_the_library_computes(checkpoint, tmp_path):
     saved = json.loads(out.read_text())
     assert saved["config"]["tasks"] == ["arc_easy", "pubmedqa"] and saved["config"]["scan_backend"] == "torch"
     assert saved["config"]["tokenizer_id"] == hashlib.sha256(TOKENIZER.read_bytes()).hexdigest()  # not its path
+    arc = DATA / "mc" / "arc_easy.jsonl"
+    assert saved["config"]["task_files"]["arc_easy"] == {str(arc): hashlib.sha256(arc.read_bytes()).hexdigest()}
     # the same numbers as the library's, called here on the same checkpoint and items
     model, tok = from_pretrained(checkpoint).eval(), load_tokenizer(TOKENIZER)
     for name in ("arc_easy", "pubmedqa"):
