@@ -23,16 +23,15 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from minimamba.data import DataError
 from minimamba.download import DownloadError
 from minimamba.evaluate import (RECIPE_QA_SCORING, domain_perplexity, evaluate_task, load_heldout, read_results,
                                 results_table, settings_that_differ)
-from minimamba.files import finite_or_none, sha256_of, write_json_atomically, write_text_atomically
+from minimamba.files import json_line, sha256_of, write_json_atomically, write_text_atomically
 from minimamba.hub import CheckpointError, from_pretrained
 from minimamba.tasks import GROUPS, TASKS, TaskDataError, load_task, task_files
 from minimamba.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
+from minimamba.training import SetupError, resolve_autocast, resolve_device
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 p.add_argument("--model", default="state-spaces/mamba2-370m", help="a Hub repo id or a checkpoint directory")
@@ -96,13 +95,10 @@ for name, value in (("limit", args.limit), ("max-new-tokens", args.max_new_token
     if value is not None and value < 1:
         fail(f"--{name} must be at least 1, got {value}")
 try:
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-except RuntimeError:
-    fail(f"unknown --device {args.device!r}; use auto, cpu, cuda or cuda:N")
-if device.type == "cuda" and not torch.cuda.is_available():
-    fail("--device cuda was asked for but torch sees no GPU; use --device cpu")
-amp = {"auto": torch.bfloat16 if device.type == "cuda" else None, "bfloat16": torch.bfloat16, "float32": None}[args.dtype]
+    device = resolve_device(args.device)
+    amp = resolve_autocast(args.dtype, device)  # (None: float32)
+except SetupError as e:
+    fail(str(e))
 
 for path in (args.out, args.predictions):  # where the results go: made now, not after an hour of scoring
     if path:
@@ -146,10 +142,9 @@ if tokenizer.vocab_size > model.config.vocab_size:
          f"{model.config.vocab_size}: they do not belong together (give --tokenizer)")
 
 config = {k: v for k, v in vars(args).items() if k != "compare"}
-tokenizer_file = Path(tokenizer_source) / "tokenizer.json" if Path(tokenizer_source).is_dir() else Path(tokenizer_source)
 config.update(tasks=names, tokenizer=tokenizer_source, device=str(device), amp=str(amp) if amp else None,
               # which tokenizer, whatever its path: the file's sha256 (a Hub id stands for itself)
-              tokenizer_id=sha256_of(tokenizer_file) if tokenizer_file.is_file() else tokenizer_source,
+              tokenizer_id=sha256_of(tokenizer.path) if Path(tokenizer_source).exists() else tokenizer_source,
               scan_backend=model.scan_backend(device), parameters=model.num_params(), task_files=files_read)
 print(json.dumps(config, indent=2))
 
@@ -163,8 +158,7 @@ def save():
     if args.out:
         write_json_atomically(Path(args.out), {"model": args.model, "config": config, "results": results})
     if args.predictions:
-        write_text_atomically(Path(args.predictions), "".join(json.dumps(finite_or_none(r), allow_nan=False) + "\n"
-                                                              for r in predictions))
+        write_text_atomically(Path(args.predictions), "".join(map(json_line, predictions)))
 
 
 for name in names:

@@ -128,19 +128,23 @@ def encode_option(tokenizer, context, continuation, max_tokens=None, what="an op
     cont = tokenizer.encode(continuation)
     if not cont:
         raise ValueError(f"{what}: the continuation {continuation!r} has no tokens, so there is nothing to score")
-    if context:
-        ctx = tokenizer.encode(context)
-    elif tokenizer.eos_id is None:
-        raise ValueError(f"{what}: the context is empty, and the tokenizer has no EOS token to score from; "
-                         "give the option a context")
-    else:
-        ctx = [tokenizer.eos_id]
+    ctx = _ids_or_eos(tokenizer, context, f"{what}: the context")
     if max_tokens is not None:
         if len(cont) > max_tokens:
             raise ValueError(f"{what}: the continuation has {len(cont)} tokens, more than max_tokens={max_tokens} "
                              "leaves for it (the model must read at least one context token); raise max_tokens")
         ctx = ctx[max(0, len(ctx) + len(cont) - (max_tokens + 1)):]  # the last max_tokens + 1 - len(cont)
     return ctx, cont
+
+
+def _ids_or_eos(tokenizer, text, what):
+    """The ids of a context or prompt; an empty one is the EOS token alone (as lm-eval-harness reads it: the
+    model needs one token to predict from)."""
+    if text:
+        return tokenizer.encode(text)
+    if tokenizer.eos_id is None:
+        raise ValueError(f"{what} is empty, and the tokenizer has no EOS token to start from; give it text")
+    return [tokenizer.eos_id]
 
 
 @torch.no_grad()
@@ -246,6 +250,16 @@ def _norm_length(continuation):
     return len(continuation) - 1 if continuation.startswith(" ") else len(continuation)
 
 
+def _choice_picks(item, item_scores):
+    """(acc's pick, acc_norm's pick) of one item: the option with the highest summed log-likelihood, and the
+    one with the highest per character of its continuation (`_norm_length`)."""
+    lls = [ll for ll, _, _ in item_scores]  # summed log-likelihood per option
+    lengths = [_norm_length(cont) for _, cont in item.options]
+    if 0 in lengths:
+        raise ValueError(f"item {item.id!r} has an option whose continuation has no characters to divide by")
+    return _argmax(lls), _argmax([ll / k for ll, k in zip(lls, lengths)])
+
+
 def choice_metrics(items, scores):
     """{"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n"} of Choice items and their `score_options` scores.
 
@@ -260,12 +274,9 @@ def choice_metrics(items, scores):
                          "score lists" + (" (no items)" if not items else ""))
     hits, hits_norm = 0, 0
     for item, item_scores in zip(items, scores):
-        lls = [ll for ll, _, _ in item_scores]  # summed log-likelihood per option
-        lengths = [_norm_length(cont) for _, cont in item.options]
-        if 0 in lengths:
-            raise ValueError(f"item {item.id!r} has an option whose continuation has no characters to divide by")
-        hits += _argmax(lls) == item.gold
-        hits_norm += _argmax([ll / k for ll, k in zip(lls, lengths)]) == item.gold
+        pick, pick_norm = _choice_picks(item, item_scores)
+        hits += pick == item.gold
+        hits_norm += pick_norm == item.gold
     n = len(items)
     acc, acc_norm = hits / n, hits_norm / n
     return {"acc": acc, "acc_stderr": _stderr(acc, n), "acc_norm": acc_norm,
@@ -364,9 +375,7 @@ def yesno_metrics(gold_labels, predicted_labels, labels):
 def _prompt_ids(tokenizer, prompt, max_prompt_tokens):
     """The prompt's ids, its last max_prompt_tokens if longer (the end of a prompt, where the question is,
     matters most); an empty prompt starts from EOS, as in `encode_option`."""
-    if not prompt and tokenizer.eos_id is None:
-        raise ValueError("a prompt is empty, and the tokenizer has no EOS token to generate from; give it text")
-    ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_id]
+    ids = _ids_or_eos(tokenizer, prompt, "a prompt")
     if max_prompt_tokens is not None:
         if max_prompt_tokens < 1:
             raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
@@ -465,9 +474,11 @@ def evaluate_task(model, tokenizer, task, items, batch_size=16, device=None, max
     if task.kind == "choice":
         scores = score_options(model, tokenizer, items, **scoring)
         metrics = choice_metrics(items, scores)
-        preds = [{"id": it.id, "pred": _argmax([s[0] for s in sc]),
-                  "pred_norm": _argmax([s[0] / _norm_length(cont) for s, (_, cont) in zip(sc, it.options)]),
-                  "gold": it.gold, "logprobs": [s[0] for s in sc]} for it, sc in zip(items, scores)]
+        preds = []
+        for it, sc in zip(items, scores):
+            pick, pick_norm = _choice_picks(it, sc)
+            preds.append({"id": it.id, "pred": pick, "pred_norm": pick_norm, "gold": it.gold,
+                          "logprobs": [s[0] for s in sc]})
     elif task.kind == "yesno":
         labels = tuple(dict.fromkeys(label for it in items for label in it.labels))  # in order of appearance
         gold = [it.labels[it.gold] for it in items]

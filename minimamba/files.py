@@ -103,6 +103,11 @@ def finite_or_none(value):
     return value
 
 
+def json_line(record):
+    """One line of a JSON Lines file (log.jsonl, eval.py's predictions), non-finite floats as null."""
+    return json.dumps(finite_or_none(record), allow_nan=False) + "\n"
+
+
 def write_json_atomically(path, value):
     """`write_text_atomically` of `value` as indented JSON, non-finite floats as null (`finite_or_none`)."""
     write_text_atomically(path, json.dumps(finite_or_none(value), indent=2, allow_nan=False) + "\n")

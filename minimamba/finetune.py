@@ -75,7 +75,7 @@ from minimamba.tokenizer import DEFAULT_TOKENIZER
 from minimamba.training import (
     IGNORE, SetupError, Weights, all_reduce_sum, check_settings, checkpoint_name, full_tensor, run, schedule_steps,
     unwrap)
-from minimamba.files import fsync_dir
+from minimamba.files import fsync_dir, write_json_atomically
 
 # ----------------------------------------------------------------------------------------------------------
 # Configuration
@@ -402,7 +402,7 @@ class Finetuning:
 
             try:
                 self.tokenizer = load_tokenizer(cfg.tokenizer)
-                self.tokenizer_file = tokenizer_file(cfg.tokenizer)  # (copied into OUT/best, for eval.py)
+                self.tokenizer_file = self.tokenizer.path  # (copied into OUT/best, for eval.py)
             except Exception as e:  # (a download, a missing or unsupported file: its own message says which)
                 raise SetupError(f"--tokenizer {cfg.tokenizer}: {e}") from None
             self.tokenizer_source = cfg.tokenizer
@@ -423,9 +423,9 @@ class Finetuning:
         r.warmup_steps, r.decay_steps = schedule_steps(cfg, r.max_steps)
 
     def load_data(self, raw):
-        ids = [t for rows in (*self.train_rows.values(), *self.val_rows.values()) for tokens, _ in rows for t in tokens]
-        if max(ids) >= raw.config.vocab_size:
-            raise DataError(f"the tokenizer gives id {max(ids)}, but the model has a vocabulary of "
+        top = max(max(tokens) for rows in (*self.train_rows.values(), *self.val_rows.values()) for tokens, _ in rows)
+        if top >= raw.config.vocab_size:
+            raise DataError(f"the tokenizer gives id {top}, but the model has a vocabulary of "
                             f"{raw.config.vocab_size} ids; fine-tune a model made for this tokenizer (--tokenizer)")
         self.pad_id = self.tokenizer.eos_id  # (any id: padding is never a target, and comes after the row)
         return self.order
@@ -434,9 +434,9 @@ class Finetuning:
         return {"early_stopping": dict(self.best)}
 
     def load_state_dict(self, state):
-        if "early_stopping" not in state:
-            raise ValueError("the checkpoint is not one of sft.py (no early-stopping state); to fine-tune a "
-                             "train.py checkpoint, pass it as --init")
+        if "early_stopping" not in state:  # (train.py's checkpoints are refused before: check_job_kind)
+            raise ValueError("the checkpoint says it is sft.py's but holds no early-stopping state, which sft.py "
+                             "writes in every checkpoint: it is damaged; resume from another one")
         self.best = {"eval": None, **state["early_stopping"]}  # (a checkpoint before "eval" was kept has none)
         if self.best["stopped_early"]:
             raise ValueError(f"this run stopped early, after {self.best['bad_evals']} evaluations without a lower "
@@ -576,7 +576,7 @@ def _swap_best(out, write_weights, info, tokenizer=None):
     write_weights(tmp)
     if tokenizer is not None:
         shutil.copyfile(tokenizer, tmp / "tokenizer.json")
-    (tmp / "best.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_json_atomically(tmp / "best.json", info)  # (an infinite perplexity as null)
     fsync_dir(tmp)
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
@@ -588,11 +588,8 @@ def _swap_best(out, write_weights, info, tokenizer=None):
 
 def _best_json(folder):
     """(step, val_loss) that folder/best.json names, or None."""
-    try:
-        info = json.loads((folder / "best.json").read_text())
-        return info["step"], info["val_loss"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    info = _read_info(folder)
+    return (info["step"], info["val_loss"]) if "step" in info and "val_loss" in info else None
 
 
 def _mend_best(out, best, step):
@@ -657,23 +654,12 @@ def _mend_best(out, best, step):
 
 
 def _read_info(folder):
+    """folder/best.json as a dict ({} where it is missing, unreadable or not an object)."""
     try:
-        return json.loads((folder / "best.json").read_text())
+        info = json.loads((folder / "best.json").read_text())
     except (OSError, ValueError):
         return {}
-
-
-def tokenizer_file(source):
-    """The tokenizer.json file that load_tokenizer(source) read: the file, the one in the directory, or the
-    Hub copy it downloaded."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        path = path / "tokenizer.json"
-    if path.is_file():
-        return path
-    from minimamba.download import hub_file_or_local
-
-    return hub_file_or_local(str(source), "tokenizer.json")
+    return info if isinstance(info, dict) else {}
 
 
 def finetune(cfg: SFTConfig, train_pairs=None, val_pairs=None, model=None, tokenizer=None):

@@ -78,8 +78,9 @@ class Tokenizer:
     its encode_ordinary() wants text that is already NFC and holds no special tokens (encode() sees to both)."""
 
     def __init__(self, encoding: tiktoken.Encoding, special_tokens: dict[str, int], name: str = "",
-                 longest_space_run: int = 1):
+                 longest_space_run: int = 1, path: Path | None = None):
         self.encoding = encoding
+        self.path = path  # the tokenizer.json it was built from (load_tokenizer: the Hub's cached copy for an id)
         self.longest_space_run = longest_space_run  # the longest space-run added token (24 for GPT-NeoX)
         self.special_tokens = special_tokens  # matched in the raw text, before normalisation
         self.name = name
@@ -263,7 +264,7 @@ def _build(spec: dict, name: str, path: Path) -> Tokenizer:
         mergeable_ranks=ranks,
         special_tokens=special_tokens,
     )
-    return Tokenizer(encoding, special_tokens, name=name, longest_space_run=max(space_runs, default=1))
+    return Tokenizer(encoding, special_tokens, name=name, longest_space_run=max(space_runs, default=1), path=path)
 
 
 def _byte_to_char() -> dict[int, str]:

@@ -89,7 +89,7 @@ from tqdm import tqdm
 from minimamba.config import PUBLIC_SCALES, SCALES, Mamba2Config
 from minimamba.data import DataError, ids_needed
 from minimamba.evaluate import domain_perplexity, load_heldout
-from minimamba.files import atomic_write, finite_or_none, fsync_dir, write_text_atomically
+from minimamba.files import atomic_write, fsync_dir, json_line, write_text_atomically
 from minimamba.model import Mamba2LM
 from minimamba.sampler import MixtureSampler, check_domains, parse_mix
 
@@ -171,22 +171,39 @@ class Dist:
         return self.world_size > 1
 
 
-def setup_distributed(device="auto"):
-    """One process, or torch.distributed when launched by torchrun: NCCL on GPU, gloo on CPU."""
+def resolve_device(device="auto"):
+    """The torch.device a --device names (auto: cuda where torch sees a GPU, else cpu); SetupError for a
+    name torch does not know, or cuda without a GPU."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        torch.device(device)
+        dev = torch.device(device)
     except RuntimeError:
         raise SetupError(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SetupError("--device cuda was asked for but torch sees no GPU; use --device cpu")
+    return dev
+
+
+def resolve_autocast(dtype, device):
+    """The autocast dtype a --dtype names on `device` (None: float32): auto = bfloat16 on CUDA, float32 elsewhere."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if dtype in ("bfloat16", "bf16"):
+        return torch.bfloat16
+    if dtype in ("float32", "fp32"):
+        return None
+    raise SetupError(f"unknown --dtype {dtype!r}; choose auto, bfloat16 or float32")
+
+
+def setup_distributed(device="auto"):
+    """One process, or torch.distributed when launched by torchrun: NCCL on GPU, gloo on CPU."""
+    dev = resolve_device(device)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        dev = torch.device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise SetupError("--device cuda was asked for but torch sees no GPU; use --device cpu")
         return Dist(device=dev)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.device(device).type == "cuda":
+    if dev.type == "cuda":
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
         backend = "nccl"
@@ -978,12 +995,6 @@ def restore_state(state, model, optimizer, ema, sampler, source=None):
 # Logging: JSON lines and a plot
 
 
-def _json_line(record):
-    """One line of log.jsonl. JSON has no inf or NaN (json.dumps would write Infinity and NaN, which other
-    JSON readers refuse): they are written as null (the loss next to an infinite perplexity says why)."""
-    return json.dumps(finite_or_none(record), allow_nan=False) + "\n"
-
-
 class JsonlLog:
     """OUT/log.jsonl: one JSON object per line (train steps and evaluations), written by rank 0.
     A number that is not finite (an infinite perplexity, a NaN) is written as null."""
@@ -998,12 +1009,12 @@ class JsonlLog:
                 tqdm.write(f"{self.path}: dropped line(s) {broken}, not JSON (written when the run was killed)",
                            file=sys.stderr)
             kept = [r for r in records if r.get("step", 0) <= truncate_after_step]
-            write_text_atomically(self.path, "".join(map(_json_line, kept)))
+            write_text_atomically(self.path, "".join(map(json_line, kept)))
 
     def write(self, **record):
         if self.enabled:
             with open(self.path, "a") as f:
-                f.write(_json_line(record))
+                f.write(json_line(record))
 
 
 def _parse_log(text):
@@ -1225,13 +1236,7 @@ def check_settings(cfg, dist, ranges):
     if cfg.backend == "triton" and dist.device.type != "cuda":
         raise SetupError(f"--backend triton runs on CUDA only, and the device is {dist.device}; "
                          "use --backend torch (or auto)")
-    if cfg.dtype == "auto":
-        return torch.bfloat16 if dist.device.type == "cuda" else None
-    if cfg.dtype in ("bfloat16", "bf16"):
-        return torch.bfloat16
-    if cfg.dtype in ("float32", "fp32"):
-        return None
-    raise SetupError(f"unknown --dtype {cfg.dtype!r}; choose auto, bfloat16 or float32")
+    return resolve_autocast(cfg.dtype, dist.device)
 
 
 def resolve(cfg, dist):
