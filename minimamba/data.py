@@ -97,6 +97,11 @@ def _print_problem(problem: Problem) -> None:
 
 # ----------------------------------------------------------------------------------------------------------
 # Readers
+#
+# read_lines, jsonl_records and csv_records are minimamba.tasks' readers too (one place that decompresses,
+# decodes, refuses what is not UTF-8 text and numbers the lines). A problem in a line or record goes to
+# report(kind, line, message), which sets the policy: here it is counted and reading goes on (a corpus keeps
+# its good documents); tasks.py's report raises (a benchmark with a dropped or altered item is another one).
 
 
 def read_documents(
@@ -131,9 +136,9 @@ def read_documents(
         field, template = (None, PUBMED_TEMPLATE) if kind == "xml" else ("text", None)
     names = [field] if field else _template_fields(template)
     if kind == "jsonl":
-        records = _jsonl_records(path, report)
+        records = jsonl_records(path, report)
     elif kind == "csv":
-        records = _csv_records(path, report)
+        records = csv_records(path, report)
     elif kind == "parquet":
         records = _parquet_records(path, names, report)
     else:
@@ -142,7 +147,7 @@ def read_documents(
 
 
 # what reading a file that stops early raises (a truncated .gz/.bz2/.xz, a read error)
-_STOPPED_EARLY = (OSError, EOFError, zlib.error, lzma.LZMAError)
+STOPPED_EARLY = (OSError, EOFError, zlib.error, lzma.LZMAError)
 
 
 def _checked(path: Path, documents: Iterator[Document], report) -> Iterator[Document]:
@@ -152,7 +157,7 @@ def _checked(path: Path, documents: Iterator[Document], report) -> Iterator[Docu
         for document in documents:
             found += 1
             yield document
-    except (*_STOPPED_EARLY, csv.Error) as e:
+    except (*STOPPED_EARLY, csv.Error) as e:
         report("unreadable", None, f"stopped reading after {found} documents: {e}")
     if found == 0:
         report("empty_file", None, "no documents in this file")
@@ -228,9 +233,14 @@ def _refuse_other_encodings(path: Path, head: bytes) -> None:
                     "file instead")
 
 
-def _lines(path: Path, report) -> Iterator[tuple[int, str]]:
-    """(line number, line without its end) for each line; bytes that are not UTF-8 are reported, replaced.
-    A UTF-16 or UTF-32 file is refused (DataError) before its first line."""
+REPLACED = "(replaced by U+FFFD)"  # ends a non_utf8 report: what reading goes on with, if report returns
+
+
+def read_lines(path: Path, report) -> Iterator[tuple[int, str]]:
+    """(line number, line without its end) for each line of `path` (decompressed as its name says; lines
+    end at "\\n", a "\\r" before it is dropped, so is a byte order mark); bytes that are not UTF-8 are
+    reported (non_utf8), then replaced by U+FFFD. A UTF-16 or UTF-32 file, or compressed data under a name
+    that does not say so, is refused (DataError) before its first line."""
     with _open_bytes(path) as f:
         head = f.peek(4096)[:4096]
         _refuse_compressed(path, head)
@@ -239,7 +249,7 @@ def _lines(path: Path, report) -> Iterator[tuple[int, str]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                report("non_utf8", number, f"not UTF-8 from column {e.start + 1} (replaced by U+FFFD)")
+                report("non_utf8", number, f"not UTF-8 from column {e.start + 1} {REPLACED}")
                 line = raw.decode("utf-8", errors="replace")
             if number == 1:
                 line = line.removeprefix("\ufeff")  # byte order mark
@@ -247,7 +257,7 @@ def _lines(path: Path, report) -> Iterator[tuple[int, str]]:
 
 
 def _text_documents(path: Path, unit: str, report) -> Iterator[Document]:
-    source, lines = str(path), _lines(path, report)
+    source, lines = str(path), read_lines(path, report)
     if unit == "file":
         text = "\n".join(line for _, line in lines)
         if text.strip():
@@ -275,9 +285,11 @@ def _text_documents(path: Path, unit: str, report) -> Iterator[Document]:
             yield Document("\n".join(chunk), source, start)
 
 
-def _jsonl_records(path: Path, report) -> Iterator[tuple[int, dict]]:
+def jsonl_records(path: Path, report) -> Iterator[tuple[int, dict]]:
+    """(line number, record) for each non-blank line of a JSON lines file; a line that is not a JSON object
+    is reported (malformed) and skipped. A file that is one JSON array or object is refused (DataError)."""
     first = True
-    for number, line in _lines(path, report):
+    for number, line in read_lines(path, report):
         if not line.strip():
             continue
         if first and (line.lstrip().startswith("[") or line.strip() == "{"):
@@ -299,9 +311,12 @@ def _jsonl_records(path: Path, report) -> Iterator[tuple[int, dict]]:
         yield number, record
 
 
-def _csv_records(path: Path, report) -> Iterator[tuple[int, dict]]:
+def csv_records(path: Path, report) -> Iterator[tuple[int, dict]]:
+    """(line the row starts on, {header name: field}) for each row after the header; a row that is not valid
+    CSV or has another number of fields than the header is reported (malformed) and skipped. A quoted field
+    may span lines; its line breaks are "\\n" (read_lines drops the "\\r" of "\\r\\n")."""
     csv.field_size_limit(2**31 - 1)  # the default (131,072 characters) is too small for long documents
-    rows = csv.reader(line + "\n" for _, line in _lines(path, report))
+    rows = csv.reader(line + "\n" for _, line in read_lines(path, report))
     header = next(rows, None)
     end = rows.line_num  # the line where the last row read ends (a quoted field may span lines)
     while header is not None:
@@ -346,7 +361,7 @@ def _parquet_records(path: Path, names: list[str], report) -> Iterator[tuple[int
 def _pubmed_xml_records(path: Path, report) -> Iterator[tuple[int, dict]]:
     """PubMed baseline files: a <PubmedArticleSet> of <PubmedArticle>s, streamed (a file holds ~30,000).
 
-    A file in UTF-8 (what PubMed writes, and XML's default) is fed to the parser as the text of _lines(), so
+    A file in UTF-8 (what PubMed writes, and XML's default) is fed to the parser as the text of read_lines(), so
     a byte that is not UTF-8 costs one U+FFFD (reported as non_utf8 with its line), not the rest of the file;
     the parser's line numbers are the file's. A file that declares another encoding
     (<?xml ... encoding="ISO-8859-1"?>) or starts with a UTF-16 byte order mark is fed as bytes, for the
@@ -371,14 +386,14 @@ def _pubmed_xml_records(path: Path, report) -> Iterator[tuple[int, dict]]:
         else:
             chunk, size = [], 0
             try:
-                for _, line in _lines(path, report):
+                for _, line in read_lines(path, report):
                     chunk.append(line)
                     size += len(line) + 1
                     if size >= _XML_FEED_CHARS:  # (~1 MB pieces of a ~150 MB file; a file with no line breaks is one)
                         parser.feed("\n".join(chunk) + "\n")  # text, not bytes: the parser takes it as decoded
                         chunk, size = [], 0
                         yield from articles()
-            except _STOPPED_EARLY:  # (a truncated file) the articles that are whole before it stops, then the error
+            except STOPPED_EARLY:  # (a truncated file) the articles that are whole before it stops, then the error
                 parser.feed("\n".join(chunk))
                 yield from articles()
                 raise
@@ -469,7 +484,7 @@ def _record_documents(records, source, field, template, names, report) -> Iterat
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:  # JSON escapes such as "\ud800" can encode half of a character
-            report("non_utf8", number, "unpaired surrogates (replaced by U+FFFD)")
+            report("non_utf8", number, f"unpaired surrogates {REPLACED}")
             text = SURROGATE.sub("\ufffd", text)  # one U+FFFD per unpaired surrogate
         yield Document(text, source, number)
 

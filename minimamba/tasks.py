@@ -24,9 +24,12 @@ Files are read from DIR (default: $MINIMAMBA_TASK_DATA, else data/tasks) with th
 project's shared data folder (pubmedqa/ori_pqal.json, mc/arc_easy.jsonl, clinical/aci-bench/train.csv...).
 `download` fetches them from GitHub at the commits pinned in DOWNLOADS (size and sha256 checked), from
 $MINIMAMBA_GITHUB_RAW (default https://raw.githubusercontent.com) as {base}/{owner}/{repo}/{commit}/{path}.
-A record that cannot be read (a missing field, a gold index out of range, bytes that are not UTF-8, an
-empty file) is an error naming the file and line: a benchmark with silently dropped items is not that
-benchmark any more. Item ids are stable ("pubmedqa/12377809", "arc_easy/17": the record's place in its file).
+Files are read by minimamba.data's readers (.bz2 decompressed, a byte order mark dropped, "\\r\\n" read as
+"\\n", in quoted CSV fields too; UTF-16/32 or compressed data under a plain name refused with the command
+that converts it), but strictly: a record that cannot be read (a missing field, a gold index out of range,
+bytes that are not UTF-8, an empty file or a CSV with a header only) is a TaskDataError naming the file and
+line: a benchmark with silently dropped items is not that benchmark any more. Item ids are stable
+("pubmedqa/12377809", "arc_easy/17": the record's place in its file).
 
 Biomedical yes/no QA (the BioMamba recipe's QA protocol: log-likelihood of each answer after its template)
     QA_TEMPLATE = "Answer the following biomedical research question with yes, no, or maybe based on the
@@ -97,9 +100,7 @@ starts with one space: eval's prompt followed by the model's words is the text S
 """
 
 import argparse
-import bz2
 import csv
-import io
 import json
 import os
 import re
@@ -109,6 +110,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
+from minimamba.data import REPLACED, STOPPED_EARLY, DataError, csv_records, jsonl_records, read_lines
 from minimamba.download import DownloadError, download
 
 KINDS = ("choice", "yesno", "lambada", "generate")
@@ -171,67 +173,67 @@ class Task:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Reading files: every problem is an error naming the file and line
+# Reading files: minimamba.data's readers (decompression, UTF-8, byte order mark, UTF-16/32 and compressed
+# data refused, JSON lines, CSV rows with their line numbers) with evaluation data's policy: every problem
+# they report is an error naming the file and line (a corpus's reader counts it and reads on)
+
+_FIX = "delete it and download it again"
 
 
-def _text(path: Path) -> str:
-    """The file's text (bz2 files decompressed); not UTF-8 or empty: TaskDataError."""
-    data = path.read_bytes()
-    if path.suffix == ".bz2":
-        try:
-            data = bz2.decompress(data)
-        except (OSError, ValueError) as e:
-            raise TaskDataError(f"{path}: not a readable bz2 file ({e}); delete it and download it again") from e
+def _strict(path: Path) -> Callable[[str, int | None, str], None]:
+    """The `report` given to data.py's readers: any problem in a task file is a TaskDataError."""
+
+    def report(kind: str, line: int | None, message: str) -> None:
+        where = path if line is None else f"{path}:{line}"
+        message = message.removesuffix(f" {REPLACED}")  # (nothing is replaced: reading stops here)
+        raise TaskDataError(f"{where}: {message}: a damaged or converted copy; {_FIX}")
+
+    return report
+
+
+def _read(path: Path, reader: Callable, nothing: str = "the file is empty") -> list:
+    """Everything reader(path, strict report) yields, with TaskDataErrors where it fails; an error saying
+    `nothing` where it yields nothing."""
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise TaskDataError(f"{path}:{line}: not UTF-8 (byte {data[e.start]:#04x} at offset {e.start}): a damaged "
-                            "or converted copy; delete it and download it again") from e
-    if not text.strip():
-        raise TaskDataError(f"{path}: the file is empty; delete it and download it again")
-    return text.removeprefix("\ufeff")
+        found = list(reader(path, _strict(path)))
+    except DataError as e:  # (UTF-16/32, compressed data under a plain name, one JSON array: how to convert it)
+        raise TaskDataError(f"{e}. (A task file is read under its own name: {_FIX}, or put the converted "
+                            "file in its place.)") from e
+    except (*STOPPED_EARLY, csv.Error) as e:  # (a .bz2 file that is not bz2 data or is cut short)
+        raise TaskDataError(f"{path}: cannot be read to its end ({e}): a truncated or damaged copy; {_FIX}") from e
+    if not found:
+        raise TaskDataError(f"{path}: {nothing}; {_FIX}")
+    return found
+
+
+def _lines(path: Path) -> list[str]:
+    """The file's lines without their ends; only whitespace: TaskDataError."""
+    lines = [line for _, line in _read(path, read_lines)]
+    if not any(line.strip() for line in lines):
+        raise TaskDataError(f"{path}: the file is empty (only whitespace); {_FIX}")
+    return lines
 
 
 def _json(path: Path):
     try:
-        return json.loads(_text(path))
+        return json.loads("\n".join(_lines(path)))  # (line numbers as in the file)
     except json.JSONDecodeError as e:
-        raise TaskDataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from e
+        raise TaskDataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno}): a damaged copy; "
+                            f"{_FIX}") from e
 
 
 def _jsonl(path: Path) -> list[tuple[str, dict]]:
-    """(where, record) for each non-blank line; `where` is "path:line"."""
-    records = []
-    for number, line in enumerate(_text(path).split("\n"), 1):  # (not splitlines: U+2029 may be inside a string)
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TaskDataError(f"{path}:{number}: not valid JSON ({e.msg}, column {e.colno}); expected one "
-                                "object per line") from e
-        if not isinstance(record, dict):
-            raise TaskDataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-        records.append((f"{path}:{number}", record))
-    return records
+    """(where, record) for each non-blank line, a JSON object; `where` is "path:line"."""
+    return [(f"{path}:{number}", record) for number, record in _read(path, jsonl_records)]
 
 
 def _csv(path: Path, columns: tuple[str, ...]) -> list[tuple[str, dict]]:
-    """(where, row) for each CSV row; `where` is "path:line" (the line the row starts on)."""
-    csv.field_size_limit(2**31 - 1)  # (notes are longer than the default 131,072 characters allow)
-    reader = csv.reader(io.StringIO(_text(path), newline=""))
-    header = next(reader)
-    if missing := [c for c in columns if c not in header]:
-        raise TaskDataError(f"{path}:1: no column {', '.join(missing)} in the header {header}")
-    rows, end = [], reader.line_num
-    for row in reader:
-        start, end = end + 1, reader.line_num
-        if not row:
-            continue
-        if len(row) != len(header):
-            raise TaskDataError(f"{path}:{start}: {len(row)} fields where the header has {len(header)}")
-        rows.append((f"{path}:{start}", dict(zip(header, row))))
+    """(where, row) for each CSV row after the header; `where` is "path:line" (the line the row starts on).
+    A line break inside a quoted field is "\\n" (a "\\r\\n" there is read as "\\n")."""
+    records = _read(path, csv_records, "no rows (the file is empty or holds its header only)")
+    rows = [(f"{path}:{number}", row) for number, row in records]
+    if missing := [c for c in columns if c not in rows[0][1]]:
+        raise TaskDataError(f"{path}:1: no column {', '.join(missing)} in the header {list(rows[0][1])}")
     return rows
 
 
@@ -381,9 +383,7 @@ def hellaswag_preprocess(text: str) -> str:
 def _hellaswag(paths: list[Path], split: str) -> list[Choice]:
     """klosax's text file: 6 lines an item ("activity_label: ctx", gold 0-3, 4 endings)."""
     path = paths[0]
-    lines = _text(path).split("\n")
-    if lines[-1] == "":
-        lines.pop()
+    lines = _lines(path)
     if len(lines) % 6:
         raise TaskDataError(f"{path}: {len(lines)} lines, not a multiple of 6 (a query, the gold and 4 endings "
                             "an item): a truncated or damaged file; delete it and download it again")

@@ -6,6 +6,7 @@ hellaswag.jsonl, bioasq_yesno_golden_9b-12b.jsonl)."""
 
 import bz2
 import csv
+import gzip
 import hashlib
 import json
 
@@ -285,11 +286,13 @@ def test_missing_files_say_where_and_how_to_get_them(tmp_path):
     (ARC_LINE.replace('"gold": 1', '"gold": true'), r"arc_easy.jsonl:1: 'gold' should be a non-empty int"),
     ('{"query": "Question: Why?", "gold": 0}\n', r"arc_easy.jsonl:1: no 'choices' field"),
     (ARC_LINE + "\n" + ARC_LINE[:30] + "\n", r"arc_easy.jsonl:3: not valid JSON"),
-    ((ARC_LINE + ARC_LINE.replace("Why?", "Why \xe9?")).encode("latin-1"), r"arc_easy.jsonl:2: not UTF-8 \(byte 0xe9"),
+    ((ARC_LINE + ARC_LINE.replace("Why?", "Why \xe9?")).encode("latin-1"),
+     r"arc_easy.jsonl:2: not UTF-8 from column 26: a damaged or converted copy; delete it and download it again$"),
     ("", r"arc_easy.jsonl: the file is empty"),
     ("\n \n", r"arc_easy.jsonl: the file is empty"),
     (ARC_LINE.replace("Question: ", ""), r"arc_easy.jsonl:1: the query should look like 'Question: \.\.\.'"),
-    ('["a"]\n', r"arc_easy.jsonl:1: expected a JSON object, got list"),
+    (ARC_LINE + '["a"]\n', r"arc_easy.jsonl:2: expected a JSON object, got list"),
+    ('["a"]\n', r"arc_easy.jsonl:1: this file is one JSON array, not JSON Lines.*delete it and download it again"),
     (ARC_LINE.replace('["a", "b"]', '["a", " "]'), r"arc_easy.jsonl:1: 'choices' should be a non-empty list of non-empty"),
 ])
 def test_malformed_records_name_the_file_and_line(tmp_path, content, message):
@@ -303,7 +306,11 @@ def test_malformed_structured_files(tmp_path):
     with pytest.raises(TaskDataError, match="5 lines, not a multiple of 6"):
         load_task("hellaswag", data_dir=tmp_path)
     write(tmp_path / "mc/hellaswag_val_full.txt.bz2", b"not bz2")
-    with pytest.raises(TaskDataError, match="not a readable bz2 file"):
+    with pytest.raises(TaskDataError, match=r"txt.bz2: cannot be read to its end \(Invalid data stream\): a truncated "
+                                            "or damaged copy; delete it and download it again"):
+        load_task("hellaswag", data_dir=tmp_path)
+    write(tmp_path / "mc/hellaswag_val_full.txt.bz2", bz2.compress(b"q\n1\na\nb\nc\nd\n" * 100)[:-20])  # cut short
+    with pytest.raises(TaskDataError, match=r"txt.bz2: cannot be read to its end \(Compressed file ended"):
         load_task("hellaswag", data_dir=tmp_path)
     write(tmp_path / "pubmedqa/ori_pqal.json", '{"1": {"QUESTION": "q?", "CONTEXTS": ["c"], "final_decision": "no"}}')
     write(tmp_path / "pubmedqa/test_ground_truth.json", '{"1": "yes"}')
@@ -321,14 +328,55 @@ def test_malformed_structured_files(tmp_path):
         load_task("note_summary", "train", tmp_path)
 
 
+def test_files_that_are_not_utf8_text_are_refused_with_the_fix(tmp_path):
+    """What minimamba.data's readers refuse (UTF-16, compressed data under a plain name; one JSON array: above)
+    is a TaskDataError that names the file, why, how to convert it and that downloading it again fixes it."""
+    write(tmp_path / "mc/arc_easy.jsonl", ARC_LINE.encode("utf-16"))  # (with its byte order mark)
+    with pytest.raises(TaskDataError, match=r"arc_easy.jsonl is not UTF-8: it starts with the UTF-16 byte order mark"
+                       r"\. Convert .* iconv -f UTF-16 -t UTF-8 .*own name: delete it and download it again, or put the "
+                       "converted file in its place"):
+        load_task("arc_easy", data_dir=tmp_path)
+    write(tmp_path / "mc/hellaswag_val_full.txt.bz2", bz2.compress("q\n1\na\nb\nc\nd\n".encode("utf-16-le")))
+    with pytest.raises(TaskDataError, match=r"txt.bz2 is not UTF-8: .* as in UTF-16LE .*bzip2 -dc .*\| iconv "
+                                            r"-f UTF-16LE -t UTF-8"):
+        load_task("hellaswag", data_dir=tmp_path)
+    write(tmp_path / "pubmedqa/ori_pqal.json", '{"1": {"QUESTION": "q?", "CONTEXTS": ["c"], "final_decision": "no"}}')
+    write(tmp_path / "pubmedqa/test_ground_truth.json", gzip.compress(b'{"1": "no"}'))
+    with pytest.raises(TaskDataError, match=r"test_ground_truth.json holds gzip-compressed data, not text: .*A task "
+                                            "file is read under its own name: delete it and download it again"):
+        load_task("pubmedqa", data_dir=tmp_path)
+    write(tmp_path / "pubmedqa/test_ground_truth.json", '{"1": "no",\n "2": "\xe9"}'.encode("latin-1"))
+    with pytest.raises(TaskDataError, match=r"test_ground_truth.json:2: not UTF-8 from column 8: a damaged"):
+        load_task("pubmedqa", data_dir=tmp_path)
+
+
+def test_csv_line_ends_byte_order_mark_and_empty_splits(tmp_path):
+    """A CRLF copy of a CSV (line breaks in quoted notes included) with a byte order mark gives the items of
+    the LF file: its notes hold "\n" (as published); a CSV with a header only is an error, not 0 items."""
+    context, plan = "CHIEF COMPLAINT\n\n" + "Knee pain after a fall. " * 6, "Ice, rest and ibuprofen. " * 3
+    rows = "".join(f'aci,{e},"{context}\n\nASSESSMENT AND PLAN\n\n{plan}"\n' for e in ("D1", "D2"))
+    csv_text = "dataset,encounter_id,note\n" + rows
+    write(tmp_path / "clinical/aci-bench/valid.csv", csv_text)
+    write(tmp_path / "clinical/aci-bench/train.csv", csv_text.replace("D1", "T1").replace("D2", "T2"))
+    lf = load_task("note_summary", "train", tmp_path)
+    assert [i.id for i in lf] == ["note_summary/T1", "note_summary/T2", "note_summary/D1", "note_summary/D2"]
+    assert lf[0].reference == plan.strip() and "\r" not in lf[0].prompt
+    write(tmp_path / "clinical/aci-bench/valid.csv", b"\xef\xbb\xbf" + csv_text.replace("\n", "\r\n").encode())
+    assert load_task("note_summary", "train", tmp_path) == lf
+    write(tmp_path / "clinical/aci-bench/valid.csv", "dataset,encounter_id,note\n")
+    with pytest.raises(TaskDataError, match=r"valid.csv: no rows \(the file is empty or holds its header only\); "
+                                            "delete it and download it again"):
+        load_task("note_summary", "train", tmp_path)
+
+
 def test_notes_without_an_assessment_are_skipped_and_counted(tmp_path, capsys):
     context = "CHIEF COMPLAINT\n\n" + "Knee pain after a fall. " * 6
     plan = "Knee sprain. Ice, rest and ibuprofen; come back in two weeks if it is not better."
     notes = [("D1", f"{context}\n\nASSESSMENT AND PLAN\n\n{plan}"), ("D2", context + "\n\nNo plan written."),
              ("D3", f"{context}\n\nIMPRESSION:\n\n{plan}\n\nPLAN\n\nRest.")]
-    rows = "".join(f'aci,{e},"[doctor] hi","{n}"\n' for e, n in notes)
-    write(tmp_path / "clinical/aci-bench/train.csv", "dataset,encounter_id,dialogue,note\n" + rows)
-    write(tmp_path / "clinical/aci-bench/valid.csv", "dataset,encounter_id,dialogue,note\n")
+    rows = [f'aci,{e},"[doctor] hi","{n}"\n' for e, n in notes]
+    write(tmp_path / "clinical/aci-bench/train.csv", "dataset,encounter_id,dialogue,note\n" + "".join(rows[:2]))
+    write(tmp_path / "clinical/aci-bench/valid.csv", "dataset,encounter_id,dialogue,note\n" + rows[2])
     items = load_task("note_summary", "train", tmp_path)
     assert [i.id for i in items] == ["note_summary/D1", "note_summary/D3"]
     assert items[0].reference == plan and items[1].reference == plan + "\n\nPLAN\n\nRest."
