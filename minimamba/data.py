@@ -313,10 +313,17 @@ def jsonl_records(path: Path, report) -> Iterator[tuple[int, dict]]:
 
 def csv_records(path: Path, report) -> Iterator[tuple[int, dict]]:
     """(line the row starts on, {header name: field}) for each row after the header; a row that is not valid
-    CSV or has another number of fields than the header is reported (malformed) and skipped. A quoted field
+    CSV or has another number of fields than the header is reported (malformed) and skipped, and so is a last
+    row whose quoted field the file ends in (Python's csv module would return it cut short). A quoted field
     may span lines; its line breaks are "\\n" (read_lines drops the "\\r" of "\\r\\n")."""
     csv.field_size_limit(2**31 - 1)  # the default (131,072 characters) is too small for long documents
-    rows = csv.reader(line + "\n" for _, line in read_lines(path, report))
+    ended = []  # not empty once the csv reader has asked for a line after the last one
+
+    def lines():
+        yield from (line + "\n" for _, line in read_lines(path, report))
+        ended.append(True)
+
+    rows = csv.reader(lines())
     header = next(rows, None)
     end = rows.line_num  # the line where the last row read ends (a quoted field may span lines)
     while header is not None:
@@ -329,6 +336,10 @@ def csv_records(path: Path, report) -> Iterator[tuple[int, dict]]:
             report("malformed", start, f"not valid CSV ({e})")
             row = None
         end = rows.line_num
+        if row and ended:  # the reader asked for a line after the last one: a quoted field was still open
+            report("malformed", start, "a quoted field is not closed before the end of the file (a file cut "
+                   "short?)")
+            continue
         if not row:  # a blank line, or a row reported above
             continue
         if len(row) != len(header):

@@ -134,6 +134,19 @@ def test_csv_quoted_newlines_bom_and_bad_rows(tmp_path):
     assert texts(path, field="id")[0] == ["1", "3"]
 
 
+def test_csv_cut_short_inside_a_quoted_field_is_reported(tmp_path):
+    """A file that ends inside a quoted field (cut short mid-document): Python's csv module returns the row as
+    far as it goes; the reader reports it instead of passing on a truncated document."""
+    path = tmp_path / "cut.csv"
+    path.write_text('id,text\n1,"whole"\n2,"the start of a\ndocument that never ends\n', encoding="utf-8")
+    docs, problems = texts(path)
+    assert docs == ["whole"]
+    assert [(p.kind, p.line) for p in problems] == [("malformed", 3)]
+    assert "a quoted field is not closed before the end of the file" in problems[0].message
+    path.write_text('id,text\n1,"whole"\n2,"closed\non its last line"\n', encoding="utf-8")  # (no false alarm)
+    assert texts(path) == (["whole", "closed\non its last line"], [])
+
+
 def test_parquet(tmp_path):
     pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow is not installed (pip install pyarrow)")
     import pyarrow as pa

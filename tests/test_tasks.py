@@ -363,6 +363,10 @@ def test_csv_line_ends_byte_order_mark_and_empty_splits(tmp_path):
     assert lf[0].reference == plan.strip() and "\r" not in lf[0].prompt
     write(tmp_path / "clinical/aci-bench/valid.csv", b"\xef\xbb\xbf" + csv_text.replace("\n", "\r\n").encode())
     assert load_task("note_summary", "train", tmp_path) == lf
+    write(tmp_path / "clinical/aci-bench/valid.csv", csv_text[:-40])  # (cut short inside D2's note)
+    with pytest.raises(TaskDataError, match=r"valid.csv:\d+: a quoted field is not closed before the end of the "
+                                            "file .*delete it and download it again"):
+        load_task("note_summary", "train", tmp_path)
     write(tmp_path / "clinical/aci-bench/valid.csv", "dataset,encounter_id,note\n")
     with pytest.raises(TaskDataError, match=r"valid.csv: no rows \(the file is empty or holds its header only\); "
                                             "delete it and download it again"):
