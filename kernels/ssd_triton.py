@@ -240,8 +240,8 @@ def chunk_cumsum_ref(dt, A, chunk_size):
     forward): (batch, seqlen, H) -> cs (batch, H, nchunks, Q)."""
     b, l, h = dt.shape
     nc = _cdiv(l, chunk_size)
-    dA = torch.nn.functional.pad(dt.float() * A.float(), (0, 0, 0, nc * chunk_size - l))  # dt = 0 past l
-    return dA.view(b, nc, chunk_size, h).cumsum(2).permute(0, 3, 1, 2)
+    dA = torch.nn.functional.pad(dt.float() * A.float(), (0, 0, 0, nc * chunk_size - l))  # (b, nc·Q, H), dt = 0 past l
+    return dA.view(b, nc, chunk_size, h).cumsum(2).permute(0, 3, 1, 2)  # (b, nc, Q, H) -> (b, H, nc, Q)
 
 
 # ==================================================================================================
@@ -342,11 +342,12 @@ def chunk_state_ref(x, dt, B, cs):
     b, l, h, p = x.shape
     _, _, nc, Q = cs.shape
     pad = (0, 0, 0, 0, 0, nc * Q - l)
-    X = torch.nn.functional.pad(x.float(), pad).view(b, nc, Q, h, p)
+    X = torch.nn.functional.pad(x.float(), pad).view(b, nc, Q, h, p)  # (b, nc, Q, H, P)
+    # (b, nc, Q, H, N): each head's copy of its group's B
     Bh = torch.nn.functional.pad(B.float().repeat_interleave(h // B.shape[2], 2), pad).view(b, nc, Q, h, -1)
-    dt_c = torch.nn.functional.pad(dt.float(), pad[2:]).view(b, nc, Q, h)
-    w = torch.exp(cs[..., -1:] - cs).permute(0, 2, 3, 1) * dt_c  # (b, c, Q, H)
-    return torch.einsum("bcsh,bcshp,bcshn->bchpn", w, X, Bh)
+    dt_c = torch.nn.functional.pad(dt.float(), pad[2:]).view(b, nc, Q, h)  # (b, nc, Q, H)
+    w = torch.exp(cs[..., -1:] - cs).permute(0, 2, 3, 1) * dt_c  # (b, nc, Q, H)
+    return torch.einsum("bcsh,bcshp,bcshn->bchpn", w, X, Bh)  # (b, nc, H, P, N)
 
 
 # ==================================================================================================
@@ -400,12 +401,12 @@ def _state_passing_fwd_kernel(
 
 def state_passing_ref(chunk_states, cs, initial_state=None):
     """PyTorch reference of stage 3: (states entering each chunk, final state), both fp32."""
-    h = torch.zeros_like(chunk_states[:, 0]) if initial_state is None else initial_state.float()
+    h = torch.zeros_like(chunk_states[:, 0]) if initial_state is None else initial_state.float()  # (b, H, P, N)
     entering = []
     for c in range(chunk_states.shape[1]):
         entering.append(h)
-        h = torch.exp(cs[:, :, c, -1])[..., None, None] * h + chunk_states[:, c]
-    return torch.stack(entering, 1), h
+        h = torch.exp(cs[:, :, c, -1])[..., None, None] * h + chunk_states[:, c]  # (b, H, 1, 1)·(b, H, P, N)
+    return torch.stack(entering, 1), h  # (b, nc, H, P, N), (b, H, P, N)
 
 
 # ==================================================================================================
@@ -462,9 +463,9 @@ def chunk_cb_ref(C, B, chunk_size):
     b, l, g, n = C.shape
     nc = _cdiv(l, chunk_size)
     pad = (0, 0, 0, 0, 0, nc * chunk_size - l)
-    Cc = torch.nn.functional.pad(C.float(), pad).view(b, nc, chunk_size, g, n)
-    Bc = torch.nn.functional.pad(B.float(), pad).view(b, nc, chunk_size, g, n)
-    return torch.einsum("bctgn,bcsgn->bcgts", Cc, Bc)
+    Cc = torch.nn.functional.pad(C.float(), pad).view(b, nc, chunk_size, g, n)  # (b, nc, Q, G, N)
+    Bc = torch.nn.functional.pad(B.float(), pad).view(b, nc, chunk_size, g, n)  # (b, nc, Q, G, N)
+    return torch.einsum("bctgn,bcsgn->bcgts", Cc, Bc)  # (b, nc, G, Q, Q)
 
 
 # ==================================================================================================
@@ -1366,8 +1367,8 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, kept, chunk_size, D, initial_state
             parts, dAD, numel, n_splits, b * nc, h, parts.shape[0],
             BLOCK=_SUMS_BLOCK, BLOCK_R=max(1, _SUMS_TILE // block_h), BLOCK_H=block_h)
     plan.done()
-    return (dx, _as(ddt, dt.dtype), _as(dAD[0], A.dtype), dBC_out[0], dBC_out[1],
-            _as(dAD[1], D.dtype) if D is not None else None,
+    return (dx, _as(ddt, dt.dtype), _as(dAD[0], A.dtype), dBC_out[0], dBC_out[1],  # dA (H,), dB, dC (b, l, G, N)
+            _as(dAD[1], D.dtype) if D is not None else None,  # dD (H,)
             _as(dh0, initial_state.dtype) if initial_state is not None else None)
 
 

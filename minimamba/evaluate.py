@@ -50,7 +50,7 @@ def token_nll(model, windows, batch_size=8, device="cpu", autocast_dtype=None):
     """(sum of NLL, number of scored tokens) over windows (n, seq_len + 1)."""
     was_training = model.training
     model.eval()
-    total, count = torch.zeros((), dtype=torch.float64), 0
+    total, count = torch.zeros((), dtype=torch.float64), 0  # () float64 sum of NLL, and a Python int
     device = torch.device(device)
     for i in range(0, len(windows), batch_size):
         batch = windows[i : i + batch_size].to(device)  # (b, seq_len + 1), b ≤ batch_size
@@ -190,7 +190,8 @@ def score_options(model, tokenizer, items, batch_size=16, device=None, max_token
             batch = rows[start : start + batch_size]
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 logits = _continuation_logits(model, [(ctx, cont) for _, _, ctx, cont in batch], device)
-            for (i, j, _, cont), row_logits in zip(batch, logits):
+            for (i, j, _, cont), row_logits in zip(batch, logits):  # row_logits (Lmax, Vp)
+                # the continuation's positions and the real vocabulary: (len(cont), V)
                 scores[i][j] = _score_tokens(row_logits[: len(cont), : model.config.vocab_size], cont, device)
     finally:
         model.train(was_training)
@@ -198,8 +199,9 @@ def score_options(model, tokenizer, items, batch_size=16, device=None, max_token
 
 
 def _continuation_logits(model, pairs, device):
-    """pairs: b (context ids, continuation ids) -> logits (b, Lmax, Vp), where row r, position t predicts
-    continuation token t of pair r (positions t >= len(continuation r) are padding)."""
+    """pairs: b (context ids, continuation ids) -> logits (b, Lmax, Vp), Lmax the longest continuation's length,
+    where row r, position t predicts continuation token t of pair r (positions t >= len(continuation r) are
+    padding)."""
     # 1. each distinct context alone, from an empty state: its final state and its last logits
     index = {}  # context ids -> its index among the distinct contexts
     for ctx, _ in pairs:
@@ -220,8 +222,8 @@ def _continuation_logits(model, pairs, device):
                            torch.cat([c.ssm for c in caches], dim=1)[:, which])  # (n_layer, b, H, P, N)
     ids = torch.zeros(len(pairs), rest, dtype=torch.long, device=device)  # (b, rest)
     for r, (_, cont) in enumerate(pairs):
-        ids[r, : len(cont) - 1] = torch.tensor(cont[:-1], device=device)
-    return torch.cat([first, model(ids, cache=cache).to(first.dtype)], dim=1)  # (b, 1 + rest, Vp)
+        ids[r, : len(cont) - 1] = torch.tensor(cont[:-1], device=device)  # (len(cont) - 1,)
+    return torch.cat([first, model(ids, cache=cache).to(first.dtype)], dim=1)  # (b, 1 + rest, Vp) = (b, Lmax, Vp)
 
 
 def _score_tokens(logits, tokens, device):

@@ -166,15 +166,15 @@ def encode_pair(prompt_ids, response_ids, eos_id, max_len):
 
 
 def collate(rows, pad_id):
-    """Right-padded (inputs, labels), both LongTensor (n, l) with l the longest row's length - 1, from
+    """Right-padded (inputs, labels), both LongTensor (b, l) with l the longest row's length - 1, from
     rows of (tokens, start): inputs = tokens[:-1], labels = tokens[1:] with IGNORE before the response
     (label i is the target of input i) and on the padding."""
     width = max(len(tokens) for tokens, _ in rows) - 1
-    inputs = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (n, l)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)  # (n, l)
+    inputs = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (b, l)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)  # (b, l)
     for i, (tokens, start) in enumerate(rows):
         n = len(tokens) - 1
-        inputs[i, :n] = torch.tensor(tokens[:-1])
+        inputs[i, :n] = torch.tensor(tokens[:-1])  # (len(tokens) - 1,) into row i
         labels[i, start - 1 : n] = torch.tensor(tokens[start:])  # the target of input start-1 is tokens[start]
     return inputs, labels
 
@@ -210,7 +210,7 @@ def split_validation(pairs, fraction, seed, task):
     if n_val >= len(pairs):
         raise DataError(f"task {task!r} has {len(pairs)} example(s): too few to hold out --val-fraction "
                         f"{fraction} for validation and train on the rest; give more data or pass val pairs")
-    order = np.random.default_rng([seed, zlib.crc32(task.encode())]).permutation(len(pairs))
+    order = np.random.default_rng([seed, zlib.crc32(task.encode())]).permutation(len(pairs))  # (len(pairs),)
     held = set(order[:n_val].tolist())
     return [p for i, p in enumerate(pairs) if i not in held], [pairs[i] for i in sorted(held)]
 
@@ -250,13 +250,14 @@ class EpochOrder:
     run's "sampler" (state_dict / load_state_dict).
 
     sizes: {task: training pairs}; shares: {task: share of an epoch's rows} or None (each pair once).
-    rows_per_step G: the global batch; this process keeps rows rank, rank + world_size, … of each step.
+    rows_per_step G: the global batch (G here is not the groups of heads); this process keeps rows rank,
+    rank + world_size, … of each step.
     """
 
     def __init__(self, sizes, shares, rows_per_step, seed, rank=0, world_size=1):
         self.sizes, self.shares, self.rows_per_step = dict(sizes), shares and dict(shares), rows_per_step
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.epoch_rows = sum(self.sizes.values())  # N
+        self.epoch_rows = sum(self.sizes.values())  # N (here: rows per epoch, not the state size)
         self.steps_per_epoch = self.epoch_rows // rows_per_step
         self.step = 0
         self._epoch = (None, None)  # (epoch, its rows)
@@ -287,7 +288,7 @@ class EpochOrder:
         """(the global batch of the next step, this process's rows of it), lists of (task, index)."""
         e, k = divmod(self.step, self.steps_per_epoch)
         G = self.rows_per_step
-        chosen = self.epoch(e)[k * G : (k + 1) * G]  # (G,)
+        chosen = self.epoch(e)[k * G : (k + 1) * G]  # G = rows_per_step (task, index) pairs
         self.step += 1
         return chosen, chosen[self.rank :: self.world_size]
 
@@ -541,6 +542,7 @@ def validation_loss(model, rows_by_task, batch_size, pad_id, device, autocast_dt
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 logits = model(inputs.to(device))  # (b, l, Vp)
             labels = labels.to(device)
+            # logits (b·l, Vp) against the labels (b·l,), summed to (): IGNORE (prompt, padding) takes no loss
             nll += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
                                    reduction="sum").item()
             count += (labels != IGNORE).sum().item()

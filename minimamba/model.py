@@ -63,7 +63,7 @@ class RMSNorm(nn.Module):
     def __init__(self, d, eps=1e-5):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(d))
+        self.weight = nn.Parameter(torch.ones(d))  # (d,): (D,) in the model's norms
 
     def forward(self, x, out_dtype=None):
         xf = x.float()
@@ -80,7 +80,7 @@ class GatedRMSNorm(nn.Module):
     def __init__(self, d, group_size, eps=1e-5):
         super().__init__()
         self.eps, self.group_size = eps, group_size
-        self.weight = nn.Parameter(torch.ones(d))
+        self.weight = nn.Parameter(torch.ones(d))  # (d,): (E,) in the mixer
 
     def forward(self, y, z):
         dtype = y.dtype
@@ -124,19 +124,20 @@ def decode_linear(x, layer: nn.Linear, blocks=8):
 def causal_conv1d(x, history, weight, bias=None):
     """Depthwise causal convolution over time, channel-last.
 
-    x (b, l, c) the new inputs, history (b, K-1, c) the K-1 inputs before them (zeros at the start),
-    weight (c, 1, K), bias (c,). out[t] = bias + Σ_k weight[:, 0, k] · xpad[t + k] with xpad = [history, x].
-    Returns out (b, l, c) and the new history (b, K-1, c). Written as K shifted multiply-adds: for the
-    tiny K = 4 this is much faster on a CPU than a grouped convolution, forward and backward.
+    x (b, l, conv_dim) the new inputs, history (b, K-1, conv_dim) the K-1 inputs before them (zeros at the
+    start), weight (conv_dim, 1, K), bias (conv_dim,). out[t] = bias + Σ_k weight[:, 0, k] · xpad[t + k] with
+    xpad = [history, x]. Returns out (b, l, conv_dim) and the new history (b, K-1, conv_dim). Written as K
+    shifted multiply-adds: for the tiny K = 4 this is much faster on a CPU than a grouped convolution,
+    forward and backward.
     """
     l, K = x.shape[1], weight.shape[-1]
-    xpad = torch.cat([history, x], dim=1)  # (b, K-1+l, c)
-    w = weight[:, 0].to(x.dtype)  # (c, K)
-    # the k = 0 term, (b, l, c); the loop adds the others
+    xpad = torch.cat([history, x], dim=1)  # (b, K-1+l, conv_dim)
+    w = weight[:, 0].to(x.dtype)  # (conv_dim, K)
+    # the k = 0 term, (b, l, conv_dim); the loop adds the others
     out = xpad[:, 0:l] * w[:, 0] if bias is None else torch.addcmul(bias.to(x.dtype), xpad[:, 0:l], w[:, 0])
     for k in range(1, K):
-        out = torch.addcmul(out, xpad[:, k:k + l], w[:, k])  # (b, l, c)
-    return out, xpad[:, l:]  # (b, l, c), the new history (b, K-1, c)
+        out = torch.addcmul(out, xpad[:, k:k + l], w[:, k])  # (b, l, conv_dim)
+    return out, xpad[:, l:]  # (b, l, conv_dim), the new history (b, K-1, conv_dim)
 
 
 class Mamba2Mixer(nn.Module):
@@ -147,11 +148,11 @@ class Mamba2Mixer(nn.Module):
         self.cfg, self.layer_idx = cfg, layer_idx
         E, H, G, N = cfg.d_inner, cfg.nheads, cfg.ngroups, cfg.d_state
         self.in_proj = nn.Linear(cfg.d_model, cfg.in_proj_dim, bias=cfg.bias)  # rows [z | x | B | C | dt]
-        # a depthwise Conv1d holds the weights (mamba_ssm's layout); `causal_conv1d` below applies them
+        # a depthwise Conv1d holds the weights, (conv_dim, 1, K) in mamba_ssm's layout; `causal_conv1d` applies them
         self.conv1d = nn.Conv1d(cfg.conv_dim, cfg.conv_dim, cfg.d_conv, groups=cfg.conv_dim, bias=cfg.conv_bias)
-        self.dt_bias = nn.Parameter(torch.zeros(H))
-        self.A_log = nn.Parameter(torch.zeros(H))  # A = -exp(A_log) < 0
-        self.D = nn.Parameter(torch.ones(H))
+        self.dt_bias = nn.Parameter(torch.zeros(H))  # (H,)
+        self.A_log = nn.Parameter(torch.zeros(H))  # (H,): A = -exp(A_log) < 0
+        self.D = nn.Parameter(torch.ones(H))  # (H,): the skip connection y += D·x
         self.norm = GatedRMSNorm(E, group_size=E // G, eps=cfg.norm_eps)
         self.out_proj = nn.Linear(E, cfg.d_model, bias=cfg.bias)
         self.split_sizes = [E, cfg.conv_dim, H]  # z, xBC, dt
@@ -169,7 +170,7 @@ class Mamba2Mixer(nn.Module):
         xBC, history = causal_conv1d(xBC, history, self.conv1d.weight, self.conv1d.bias)  # (b, l, conv_dim)
         if conv_state is not None:
             conv_state.copy_(history)
-        x, B, C = F.silu(xBC).split(self.xBC_sizes, dim=-1)  # (b,l,E), (b,l,GN), (b,l,GN)
+        x, B, C = F.silu(xBC).split(self.xBC_sizes, dim=-1)  # (b,l,E), (b,l,G·N), (b,l,G·N)
 
         dt = F.softplus(dt.float() + self.dt_bias.float())  # (b, l, H), positive
         A = -torch.exp(self.A_log.float())  # (H,), negative; in float32 so fp16 weights cannot make it -inf
@@ -192,7 +193,7 @@ class Mamba2Mixer(nn.Module):
         xBC, history = causal_conv1d(xBC[:, None].to(conv_state.dtype), conv_state, self.conv1d.weight,
                                      self.conv1d.bias)  # (b, 1, conv_dim)
         conv_state.copy_(history)
-        x, B, C = F.silu(xBC[:, 0]).to(u.dtype).split(self.xBC_sizes, dim=-1)  # (b,E), (b,GN), (b,GN)
+        x, B, C = F.silu(xBC[:, 0]).to(u.dtype).split(self.xBC_sizes, dim=-1)  # (b,E), (b,G·N), (b,G·N)
 
         dt = F.softplus(dt.float() + self.dt_bias.float())  # (b, H)
         A = -torch.exp(self.A_log.float())  # (H,)
@@ -499,13 +500,13 @@ class Mamba2LM(nn.Module):
             if not input_ids:
                 raise ValueError("generate got an empty list of prompts")
             device = self.embedding.weight.device
-            prompts = [torch.as_tensor(p, device=device) for p in input_ids]
+            prompts = [torch.as_tensor(p, device=device) for p in input_ids]  # b prompts, prompt i (l_i,)
             for i, p in enumerate(prompts):
                 if p.dim() != 1:
                     raise ValueError(f"prompt {i} must be a list of ids or a 1-D tensor, got shape {tuple(p.shape)}")
                 check_prompt(p[None], V, f"prompt {i}")  # p[None]: (1, l_i)
             # each prompt prefilled alone, then the caches and the last logits stacked into one batch
-            caches = [self.allocate_cache(1) for _ in prompts]
+            caches = [self.allocate_cache(1) for _ in prompts]  # b caches of batch 1
             logits = torch.cat([self(p[None], cache=c, num_last_tokens=1)[:, -1]
                                 for p, c in zip(prompts, caches)])  # (b, Vp)
             cache = InferenceCache(torch.cat([c.conv for c in caches], dim=1),  # (n_layer, b, K-1, conv_dim)
@@ -537,9 +538,9 @@ class Mamba2LM(nn.Module):
         if not ragged:
             return torch.cat([input_ids, new.to(input_ids.dtype)], dim=1)  # (b, l + new)
         out = []
-        for p, row in zip(prompts, new):
+        for p, row in zip(prompts, new):  # p (l_i,), row (new,)
             if eos_token_id is not None and bool((row == eos_token_id).any()):
-                row = row[: int((row == eos_token_id).nonzero()[0]) + 1]  # up to its first EOS
+                row = row[: int((row == eos_token_id).nonzero()[0]) + 1]  # (new_i,): up to its first EOS
             out.append(torch.cat([p, row.to(p.dtype)]))  # (l_i + new_i,)
         return out
 
@@ -625,7 +626,7 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     one torch.multinomial; or a list of one generator per row, each row drawn alone from its own."""
     temperature, top_k, top_p = check_sampling(temperature, top_k, top_p)
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        return logits.argmax(dim=-1)  # (b,)
     logits = logits.float()  # (b, V)
     # shifted so that each row's largest is 0 (softmax does not change): a tiny temperature then sends the
     # others to -inf (probability 0), where logits / temperature alone would overflow to inf and give NaNs;
@@ -640,7 +641,7 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
         probs = torch.softmax(sorted_logits, dim=-1)
         mass_before = torch.cumsum(probs, dim=-1) - probs  # probability of the ids ranked above
         drop_sorted = mass_before >= top_p  # keep ids until the kept mass reaches top_p (always the top one)
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # (b, V), in the ids' order
         logits = logits.masked_fill(drop, float("-inf"))
     probs = torch.softmax(logits, dim=-1)  # (b, V)
     if isinstance(generator, (list, tuple)):

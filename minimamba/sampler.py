@@ -126,8 +126,8 @@ class MixtureSampler:
 
     # which rows ----------------------------------------------------------------------------------
     def _rows_per_domain(self):
-        """How many of this step's G rows each domain gets: each row goes to the domain furthest
-        behind its target share of all rows so far."""
+        """How many of this step's G = rows_per_step rows (G here is not the groups of heads) each domain
+        gets: each row goes to the domain furthest behind its target share of all rows so far."""
         G, s = self.rows_per_step, self.step
         behind = {d: (s + 1) * G * self.mix[d] - self.taken[d] for d in self.domains}
         counts = dict.fromkeys(self.domains, 0)
@@ -149,13 +149,13 @@ class MixtureSampler:
     def next_batch(self):
         """This rank's rows of the next step: a LongTensor (rows_per_step // world_size, seq_len + 1)."""
         counts = self._rows_per_domain()
-        rows = [(d, self.taken[d] + j) for d in self.domains for j in range(counts[d])]  # (domain, k), G of them
-        order = np.random.default_rng([self.seed, self.step]).permutation(len(rows))  # (G,)
-        mine = [rows[i] for i in order[self.rank :: self.world_size]]  # G / world_size of them
+        rows = [(d, self.taken[d] + j) for d in self.domains for j in range(counts[d])]  # (domain, k), rows_per_step
+        order = np.random.default_rng([self.seed, self.step]).permutation(len(rows))  # (rows_per_step,)
+        mine = [rows[i] for i in order[self.rank :: self.world_size]]  # rows_per_step / world_size of them
         # a fresh memmap per batch: a long-lived one keeps every page it ever read mapped (nanoGPT #287)
         streams = {d: load_split(self.data_dir, d, "train") for d in {d for d, _ in mine}}
         L = self.seq_len  # (a window's length minus one, not the decay mask L of the glossary)
-        batch = np.empty((len(mine), L + 1), dtype=np.int64)  # (G / world_size, seq_len + 1)
+        batch = np.empty((len(mine), L + 1), dtype=np.int64)  # (rows_per_step / world_size, seq_len + 1)
         for r, (d, k) in enumerate(mine):
             start = self._window_index(d, k) * L
             batch[r] = streams[d][start : start + L + 1]  # (seq_len + 1,)

@@ -13,8 +13,11 @@ Glossary (the names of the Mamba2 paper, used in every function and einsum strin
     H, P, N, G                   heads, head dimension, state size, groups (G divides H; head
                                  number i reads B and C of group i // (H/G))
     Q                            the chunk length of the chunked algorithm; nc = ⌈seqlen/Q⌉ chunks
+                                 (the axis c in ssd_chunked's shape comments and einsum strings)
     R                            H/G, the heads of a group (they share its B and C)
     L                            the 1-semiseparable decay mask L[t, s] = exp(dt_{s+1}A + … + dt_t A)
+    b, l                         batch and seqlen in shape comments (in ssd_chunked's einsum strings l is
+                                 a position inside a chunk, of which there are Q)
 
 The recurrence (what the layer *is*)
 
@@ -190,7 +193,7 @@ def ssd_quadratic(x, dt, A, B, C, D=None, initial_state=None):
     C = heads_per_group(C, h).to(cdt)  # (b, l, H, N)
     dA = (dt * A).transpose(1, 2)  # (b, H, l)
     L = torch.exp(segsum(dA))  # (b, H, l, l), zero above the diagonal
-    scores = torch.einsum("bthn,bshn->bhts", C, B) * L  # (b, H, t, s)
+    scores = torch.einsum("bthn,bshn->bhts", C, B) * L  # (b, H, l, l): [t, s] target t, source s
     y = torch.einsum("bhts,bsh,bshp->bthp", scores, dt, xf)  # (b, l, H, P)
 
     cs = torch.cumsum(dA, dim=-1)  # (b, H, l) cumulative log-decay from the start
@@ -218,6 +221,7 @@ def ssd_chunked(x, dt, A, B, C, D=None, initial_state=None, chunk_size=64):
     chunk_size = check_chunk_size(chunk_size)
     cdt = _compute_dtype(x)
     if l == 0:  # nothing to scan: no outputs, and the state passes through unchanged
+        # final (b, H, P, N): zeros, or a copy of h_0
         final = x.new_zeros(b, h, p, n, dtype=cdt) if initial_state is None else initial_state.to(cdt, copy=True)
         return x.new_zeros(b, 0, h, p), final  # (b, 0, H, P), (b, H, P, N)
     Q = chunk_size

@@ -216,7 +216,7 @@ def setup_distributed(device="auto"):
 
 def all_reduce_sum(values, dist):
     """Sum a list of floats over the processes (identity without torch.distributed)."""
-    t = torch.tensor(values, dtype=torch.float64, device=dist.device)
+    t = torch.tensor(values, dtype=torch.float64, device=dist.device)  # (len(values),)
     if dist.enabled:
         torch.distributed.all_reduce(t)
     return t.tolist()
@@ -490,13 +490,14 @@ def train_step(model, optimizer, rows, micro_batch, grad_clip, dist, autocast_dt
     if count == 0:
         raise ValueError("train_step: the batch has no target token (every label is IGNORE)")
     scale = dist.world_size / count
-    loss_sum = torch.zeros((), device=device)
-    micro = list(zip(rows.split(micro_batch), labels.split(micro_batch)))
+    loss_sum = torch.zeros((), device=device)  # ()
+    micro = list(zip(rows.split(micro_batch), labels.split(micro_batch)))  # [((b, l), (b, l))], b ≤ micro_batch
     for i, (x, y) in enumerate(micro):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (b, l), (b, l)
         with _grad_sync(model, i == len(micro) - 1):
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 logits = model(x)  # (b, l, Vp)
+                # logits (b·l, Vp) against the targets (b·l,), summed to (): IGNORE takes no loss
                 loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum")
             (loss * scale).backward()
         loss_sum += loss.detach()
@@ -1114,12 +1115,12 @@ class _ScanStandIn(torch.autograd.Function):
         g, n = B.shape[2:]
         nc = -(-l // chunk_size)
         f32 = dict(dtype=torch.float32)
-        cs = x.new_empty(b, h, nc, chunk_size, **f32)
-        cs_lo = torch.empty_like(cs) if x.dtype == torch.float32 else None
-        chunk_states = x.new_empty(b, nc, h, p, n, **f32)
-        cb = x.new_empty(b, nc, g, chunk_size, chunk_size, **f32)
+        cs = x.new_empty(b, h, nc, chunk_size, **f32)  # (b, H, nc, Q)
+        cs_lo = torch.empty_like(cs) if x.dtype == torch.float32 else None  # (b, H, nc, Q)
+        chunk_states = x.new_empty(b, nc, h, p, n, **f32)  # S_c (b, nc, H, P, N)
+        cb = x.new_empty(b, nc, g, chunk_size, chunk_size, **f32)  # (b, nc, G, Q, Q)
         ctx.save_for_backward(x, dt, A, B, C, D, cs, cs_lo, chunk_states, cb)
-        return torch.empty_like(x), x.new_empty(b, h, p, n, **f32)
+        return torch.empty_like(x), x.new_empty(b, h, p, n, **f32)  # y (b, l, H, P), final (b, H, P, N)
 
     @staticmethod
     def backward(ctx, dy, dfinal):
@@ -1146,9 +1147,9 @@ def activation_bytes(config, seq_len, backend="torch", grad_ckpt=False, dtype=to
             kept[id(base)] = base
         return t
 
-    x = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
+    x = torch.zeros(1, seq_len, dtype=torch.long, device="meta")  # (1, seq_len)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logits = model(x)
+        logits = model(x)  # (1, seq_len, Vp)
         F.cross_entropy(logits.flatten(0, 1).float(), x.flatten())
     total = sum(t.numel() * t.element_size() for t in kept.values())
     if not grad_ckpt:
