@@ -237,7 +237,8 @@ def _phase(impl, phase, a):
     elif phase == "train":
         model.train()
         ids = torch.randint(0, 50277, (a["batch"], a["seqlen"] + 1), generator=g).to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        # the same optimizer for both implementations, fused as train.py's (minimamba.training)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True if device.type in ("cpu", "cuda") else None)
 
         def step():
             with amp():

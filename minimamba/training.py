@@ -1595,7 +1595,11 @@ def _train(cfg, dist, model, held, job):
     # --- optimizer, EMA, data
     groups = param_groups(raw, cfg.weight_decay, cfg.llrd)
     params = [p for g in groups for p in g["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    # fused: AdamW's update in one pass over each tensor (torch's CPU and CUDA kernels; on a 2-core CPU a 130m
+    # model's update takes 0.08 s instead of 0.4-0.7 s by the default multi-tensor path; the same update, up to
+    # the last bit of a few entries in a thousand)
+    fused = True if dist.device.type in ("cpu", "cuda") else None  # (None: torch's default elsewhere)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
     ema = EMA(raw, cfg.ema) if cfg.ema > 0 else None
     try:
         sampler = job.load_data(raw)  # the data order, checkpointed with the rest
