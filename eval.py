@@ -31,14 +31,15 @@ from minimamba.files import json_line, sha256_of, write_json_atomically, write_t
 from minimamba.hub import CheckpointError, from_pretrained
 from minimamba.tasks import GROUPS, TASKS, TaskDataError, load_task, task_files
 from minimamba.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
-from minimamba.training import SetupError, resolve_autocast, resolve_device
+from minimamba.training import HelpFormatter, SetupError, resolve_autocast, resolve_device
 
-p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
 p.add_argument("--model", default="state-spaces/mamba2-370m", help="a Hub repo id or a checkpoint directory")
 p.add_argument("--tokenizer", default=None,
                help=f"tokenizer.json, its directory or a Hub id (default: the model directory's, else {DEFAULT_TOKENIZER})")
 p.add_argument("--tasks", default="all", help="comma-separated task names and groups (qa, mc, clinical, all); '' for none")
-p.add_argument("--task-data", default=None, help="directory of the tasks' files (default: $MINIMAMBA_TASK_DATA or data/tasks)")
+p.add_argument("--task-data", default=None, help="directory of the tasks' files (default: $MINIMAMBA_TASK_DATA if "
+               "set, else data/tasks in the current directory)")
 p.add_argument("--split", default="test", help="which split of each task to score")
 p.add_argument("--limit", type=int, default=None, help="score only the first N items of each task (a quick look)")
 p.add_argument("--qa-scoring", choices=["logprob", "generate", "recipe"], default="logprob",

@@ -1421,6 +1421,17 @@ def run(job, model=None):
             torch.distributed.destroy_process_group()
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's help with each option's default, as ArgumentDefaultsHelpFormatter shows it, except where
+    the help already says its default in words ("(default: ...)": what a None default stands for), which
+    argparse would follow with "(default: None)"."""
+
+    def _get_help_string(self, action):
+        if "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def model_arguments(p, D):
     """The model's flags of train.py and sft.py (argparse parser `p`, defaults from the config `D`)."""
     p.add_argument("--scale", choices=list(SCALES), default=D.scale,

@@ -101,6 +101,16 @@ def test_eval_setup_errors(args, says, tmp_path):
     assert code == 2 and says.format(tmp=tmp_path) in stderr, stderr
 
 
+def test_help_says_what_each_default_is_once(tmp_path):
+    """--task-data's help said "(default: $MINIMAMBA_TASK_DATA or data/tasks) (default: None)"."""
+    code, stdout, _ = run_eval("--help", cwd=tmp_path)
+    text = " ".join(stdout.split())
+    assert code == 0 and ("--task-data TASK_DATA directory of the tasks' files (default: $MINIMAMBA_TASK_DATA if "
+                          "set, else data/tasks in the current directory) --split") in text
+    assert "(default: the model directory's, else EleutherAI/gpt-neox-20b) --tasks" in text
+    assert "(default: print only) --predictions" in text
+
+
 @pytest.mark.parametrize("content, says", [
     ('{"loss": 1}', "is not a results file of eval.py"),
     ('{"results": [1, 2]}', "is not a results file of eval.py"),

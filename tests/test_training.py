@@ -141,6 +141,20 @@ def test_cosine_and_constant_schedules():
         lr_factor(5, 10, 0, "linear")
 
 
+def test_help_shows_a_default_once():
+    """argparse's defaults formatter wrote "(default: None)" after a help that says its default in words."""
+    import argparse
+
+    from minimamba.training import HelpFormatter
+
+    p = argparse.ArgumentParser(prog="x", formatter_class=HelpFormatter)
+    p.add_argument("--a", default=None, help="where (default: $X if set, else here)")
+    p.add_argument("--b", default=5, help="how many")
+    text = " ".join(p.format_help().split())
+    assert "--a A where (default: $X if set, else here) --b B how many (default: 5)" in text
+    assert "None" not in text
+
+
 def test_schedule_steps_fractions_and_counts():
     assert schedule_steps(TrainConfig(warmup=0.1, decay=0.25), 6000) == (600, 1500)
     assert schedule_steps(TrainConfig(warmup=50, schedule="cosine"), 6000) == (50, 0)
