@@ -26,7 +26,7 @@ from pathlib import Path
 from minimamba.data import DataError
 from minimamba.download import DownloadError
 from minimamba.evaluate import (RECIPE_QA_SCORING, domain_perplexity, evaluate_task, load_heldout, read_results,
-                                results_table, settings_that_differ)
+                                results_table, settings_that_differ, tasks_missing)
 from minimamba.files import json_line, sha256_of, write_json_atomically, write_text_atomically
 from minimamba.hub import CheckpointError, from_pretrained
 from minimamba.tasks import GROUPS, TASKS, TaskDataError, load_task, task_files
@@ -78,7 +78,10 @@ if args.compare:  # no model: a table of earlier runs
     for setting, values in settings_that_differ(runs).items():
         print(f"note: the runs differ in --{setting.replace('_', '-')} ({' vs '.join(map(str, values))}): their "
               "numbers compare more than the models", file=sys.stderr)
-    print(results_table({name: run["results"] for name, run in runs.items()}))
+    results = {name: run["results"] for name, run in runs.items()}
+    for name, missing in tasks_missing(results).items():
+        print(f"note: {name} has no {', '.join(missing)} (– in its column)", file=sys.stderr)
+    print(results_table(results))
     sys.exit(0)
 
 # 1. what to run, checked before anything slow

@@ -125,12 +125,19 @@ def test_compare_refuses_a_file_that_is_not_results(tmp_path, content, says):
 
 
 def test_compare_says_where_the_runs_settings_differ(tmp_path):
-    run = {"config": {"split": "test", "limit": None}, "results": {"arc_easy": {"acc": 0.5}}}
+    run = {"config": {"split": "test", "limit": None, "max_new_tokens": 16},
+           "results": {"arc_easy": {"kind": "choice", "acc": 0.5}}}
     (tmp_path / "a.json").write_text(json.dumps(run))
-    (tmp_path / "b.json").write_text(json.dumps({**run, "config": {"split": "test", "limit": 10}}))
+    (tmp_path / "b.json").write_text(json.dumps({"config": {"split": "test", "limit": 10, "max_new_tokens": 128},
+                                                 "results": {**run["results"], "note_completion": {
+                                                     "kind": "generate", "rouge1": 7.0}}}))
     code, stdout, stderr = run_eval("--compare", "a.json", "b.json", "a.json", cwd=tmp_path)
     assert code == 0 and "the runs differ in --limit (None vs 10 vs None)" in stderr and "split" not in stderr
+    assert "max-new-tokens" not in stderr  # (only b.json has a generation task)
     assert "| task | metric | a.json | b.json | a.json (3) |" in stdout  # a file named twice: two columns
+    # the tasks one run has and another has not: named, and "–" in the table
+    assert stderr.count("has no note_completion (– in its column)") == 2 and "note: a.json has no" in stderr
+    assert "| note_completion | rouge1 | – | 7.0000 | – |" in stdout
 
 
 @needs_data
