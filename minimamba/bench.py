@@ -1,8 +1,8 @@
 """Benchmarks, one subcommand each. Every number is measured in this run, beside its baseline.
 
     python -m minimamba.bench model --scale 130m [--compare-hf]   forward / train step / prefill / decode speed
-                                                                 and peak memory (also: python -m minimamba.bench --scale 130m,
-                                                                 options without a subcommand)
+                                                                 and peak memory (options without a subcommand mean
+                                                                 it too: python -m minimamba.bench --scale 130m)
     python -m minimamba.bench inference --scale 130m               decode cost and state size vs context length,
                                                                  beside a same-width Transformer's KV cache
     python -m minimamba.bench tokenizer [--data-root DIR]        encode speed vs HF `tokenizers` on the shared corpora
