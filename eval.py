@@ -26,19 +26,20 @@ from pathlib import Path
 from minimamba.data import DataError
 from minimamba.download import DownloadError
 from minimamba.evaluate import (RECIPE_QA_SCORING, domain_perplexity, evaluate_task, load_heldout, read_results,
-                                results_table, settings_that_differ)
+                                results_table, settings_that_differ, tasks_missing)
 from minimamba.files import json_line, sha256_of, write_json_atomically, write_text_atomically
 from minimamba.hub import CheckpointError, from_pretrained
 from minimamba.tasks import GROUPS, TASKS, TaskDataError, load_task, task_files
 from minimamba.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
-from minimamba.training import SetupError, resolve_autocast, resolve_device
+from minimamba.training import HelpFormatter, SetupError, resolve_autocast, resolve_device
 
-p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
 p.add_argument("--model", default="state-spaces/mamba2-370m", help="a Hub repo id or a checkpoint directory")
 p.add_argument("--tokenizer", default=None,
                help=f"tokenizer.json, its directory or a Hub id (default: the model directory's, else {DEFAULT_TOKENIZER})")
 p.add_argument("--tasks", default="all", help="comma-separated task names and groups (qa, mc, clinical, all); '' for none")
-p.add_argument("--task-data", default=None, help="directory of the tasks' files (default: $MINIMAMBA_TASK_DATA or data/tasks)")
+p.add_argument("--task-data", default=None, help="directory of the tasks' files (default: $MINIMAMBA_TASK_DATA if "
+               "set, else data/tasks in the current directory)")
 p.add_argument("--split", default="test", help="which split of each task to score")
 p.add_argument("--limit", type=int, default=None, help="score only the first N items of each task (a quick look)")
 p.add_argument("--qa-scoring", choices=["logprob", "generate", "recipe"], default="logprob",
@@ -77,7 +78,10 @@ if args.compare:  # no model: a table of earlier runs
     for setting, values in settings_that_differ(runs).items():
         print(f"note: the runs differ in --{setting.replace('_', '-')} ({' vs '.join(map(str, values))}): their "
               "numbers compare more than the models", file=sys.stderr)
-    print(results_table({name: run["results"] for name, run in runs.items()}))
+    results = {name: run["results"] for name, run in runs.items()}
+    for name, missing in tasks_missing(results).items():
+        print(f"note: {name} has no {', '.join(missing)} (– in its column)", file=sys.stderr)
+    print(results_table(results))
     sys.exit(0)
 
 # 1. what to run, checked before anything slow

@@ -18,10 +18,10 @@ import argparse
 import os
 
 from minimamba.finetune import SFTConfig, finetune
-from minimamba.training import model_arguments, run_arguments, run_as_script
+from minimamba.training import HelpFormatter, model_arguments, run_arguments, run_as_script
 
 D = SFTConfig()  # the defaults
-p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
 model_arguments(p, D)  # --scale --backend --grad-ckpt
 p.add_argument("--init", default=D.init,
                help="'pretrained' (state-spaces/mamba2-<scale>), 'scratch' (random weights), or a checkpoint "
@@ -31,8 +31,9 @@ p.add_argument("--tokenizer", default=D.tokenizer, help="Hub repo id or tokenize
 p.add_argument("--tasks", default=D.tasks, help="comma-separated tasks of minimamba.tasks: pubmedqa,bioasq (QA) or "
                "note_completion,note_summary (clinical)")
 p.add_argument("--mix", default=D.mix, help="each task's share of an epoch's pairs, NAME=SHARE,... (a small task is "
-               "repeated, a large one subsampled); default: every pair once per epoch")
-p.add_argument("--task-data", default=D.task_data, help="task data directory (default: $MINIMAMBA_TASK_DATA)")
+               "repeated, a large one subsampled) (default: every pair once per epoch)")
+p.add_argument("--task-data", default=D.task_data, help="task data directory (default: $MINIMAMBA_TASK_DATA if set, "
+               "else data/tasks in the current directory)")
 p.add_argument("--limit", type=int, default=D.limit, help="at most this many items of each task")
 p.add_argument("--val-fraction", type=float, default=D.val_fraction,
                help="share of each task's training pairs held out for the validation loss (the test split is never read)")

@@ -16,10 +16,10 @@ a second signal stops at once).
 import argparse
 import math
 
-from minimamba.training import TrainConfig, model_arguments, run_arguments, run_as_script, train
+from minimamba.training import HelpFormatter, TrainConfig, model_arguments, run_arguments, run_as_script, train
 
 D = TrainConfig()  # the defaults
-p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
 model_arguments(p, D)  # --scale --backend --grad-ckpt
 p.add_argument("--init", default=D.init,
                help="'pretrained' (state-spaces/mamba2-<scale> from the Hub), 'scratch' (random weights), "

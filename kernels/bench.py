@@ -576,8 +576,13 @@ def print_tables(report):
         print(f"FAILED: {f}")
 
 
+def _sizes(shapes):
+    """'BxL, BxL' of a list of shapes (batch x seqlen, once each, in order)."""
+    return ", ".join(dict.fromkeys(f"{s[1]}x{s[2]}" for s in shapes))
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="correctness only, no timings")
     ap.add_argument("--out", default=None, help="write the results as JSON to this file")
     ap.add_argument("--cpu-smoke", action="store_true",
@@ -598,8 +603,9 @@ def main(argv=None):
                     help="also split the host time of one forward+backward of ours (and --baseline versions): "
                          "Triton's launcher, autograd, allocations, this module's Python")
     ap.add_argument("--shape", action="append", default=[], metavar="BxL",
-                    help="only this batch x seqlen among the shapes above (e.g. 8x2048: the GPU-bound one); "
-                         "given again, more")
+                    help=f"only this batch x seqlen, one of {_sizes(REAL_SHAPES)} (checked and timed), "
+                         f"{_sizes(BATCHED_SHAPES)} (timed only; 8x2048 is the GPU-bound one), with --cpu-smoke "
+                         f"{_sizes(SMOKE_SHAPES + SMOKE_BATCHED_SHAPES)}; given again, more")
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error(f"--rounds must be at least 1, got {args.rounds}")

@@ -453,7 +453,7 @@ def host_times(modules, shape, dtype, iters, rounds=10):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m kernels.offline", description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10: 80 (A100), 90 (H100, H200)")
     ap.add_argument("--sms", type=int, default=None, help="streaming multiprocessors (default: that of --arch's card)")
     ap.add_argument("--shared", type=int, default=None, help="shared memory per block in bytes (default: --arch's card)")

@@ -1,23 +1,30 @@
 """Benchmarks, one subcommand each. Every number is measured in this run, beside its baseline.
 
     python -m minimamba.bench model --scale 130m [--compare-hf]   forward / train step / prefill / decode speed
-                                                                 and peak memory (also: python -m minimamba.bench --scale 130m)
+                                                                 and peak memory (options without a subcommand mean
+                                                                 it too: python -m minimamba.bench --scale 130m)
     python -m minimamba.bench inference --scale 130m               decode cost and state size vs context length,
                                                                  beside a same-width Transformer's KV cache
     python -m minimamba.bench tokenizer [--data-root DIR]        encode speed vs HF `tokenizers` on the shared corpora
     python -m minimamba.bench scoring --task pubmedqa            option scoring (eval.py): a shared context read once,
                                                                  beside one forward per option
+The shared data (corpora, tokenizer, task files) are read from $MINIMAMBA_DATA, else from shared/data beside the clone.
+Exit status: 0 done, 2 bad arguments or missing data (a message says what to fix).
 """
 
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 from minimamba.config import SCALES
+from minimamba.data import DataError, shared_data_dir
+from minimamba.tasks import TASKS, TaskDataError
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# the tasks whose items are scored by their options' log-likelihoods (`score_options`): what `scoring` times
+SCORED_KINDS = ("choice", "yesno", "lambada")
 
 
 # the pretraining-style corpora of shared/data, relative to it: corpus -> [(file, how a line gives a document)]
@@ -33,11 +40,11 @@ CORPUS_FILES = {
 
 def corpus_documents(data_root: Path) -> dict[str, list[str]]:
     """The documents of `CORPUS_FILES` under data_root: a JSON record's text per line of a .jsonl file, a
-    non-blank line of a text file. A missing file is an error naming --data-root and $MINIMAMBA_DATA."""
+    non-blank line of a text file. A missing file: DataError naming --data-root and $MINIMAMBA_DATA."""
     missing = [name for files in CORPUS_FILES.values() for name, _ in files if not (data_root / name).is_file()]
     if missing:
-        raise SystemExit(f"error: --data-root {data_root}: missing {', '.join(missing)}. Point --data-root (or "
-                         "$MINIMAMBA_DATA) at the shared data folder that holds pubmed/, c4/ and wiki/")
+        raise DataError(f"--data-root {data_root}: missing {', '.join(missing)}. Point --data-root (or "
+                        "$MINIMAMBA_DATA) at the shared data folder that holds pubmed/, c4/ and wiki/")
 
     def read(path, text):
         with open(path, encoding="utf-8") as f:
@@ -494,6 +501,20 @@ def _contexts(text):
     return values
 
 
+def _scored_task(name):
+    """argparse type: the name of a task of minimamba.tasks whose kind is one of SCORED_KINDS."""
+    scored = [n for n, t in TASKS.items() if t.kind in SCORED_KINDS]
+    if name not in TASKS:
+        raise argparse.ArgumentTypeError(f"unknown task {name!r}; choose from {', '.join(scored)}")
+    if name not in scored:
+        raise argparse.ArgumentTypeError(f"{name} is a {TASKS[name].kind} task, not scored by its options; "
+                                         f"choose from {', '.join(scored)}")
+    return name
+
+
+_scored_task.__name__ = "task"  # (argparse names it in "invalid ... value: 'x'")
+
+
 def _phases(text):
     """argparse type: a comma-separated subset of PHASES."""
     names = [p.strip() for p in text.split(",") if p.strip()]
@@ -509,8 +530,9 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
 
     tok = commands.add_parser("tokenizer", help="encode speed (MB/s, tokens/s) vs HF tokenizers")
-    tok.add_argument("--data-root", type=Path, default=Path(os.environ.get("MINIMAMBA_DATA", DEFAULT_DATA)),
-                     help="shared/data folder with the corpora (default: $MINIMAMBA_DATA or ../shared/data)")
+    tok.add_argument("--data-root", type=Path, default=shared_data_dir(),
+                     help="shared/data folder with the corpora (default: $MINIMAMBA_DATA, else shared/data beside "
+                          "the clone; here %(default)s)")
     tok.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: DATA_ROOT/tokenizer/tokenizer.json)")
     tok.add_argument("--threads", type=_positive, help="threads for encode_batch (default: all cores)")
     tok.add_argument("--repeat", type=_positive, default=3, help="runs per row; the best is reported")
@@ -551,12 +573,15 @@ def main(argv=None):
     inf.set_defaults(run=bench_inference)
 
     sc = commands.add_parser("scoring", help="eval.py's option scoring vs one forward per option")
-    sc.add_argument("--task", default="pubmedqa", help="a task of kind choice / yesno / lambada (minimamba.tasks)")
+    sc.add_argument("--task", type=_scored_task, default="pubmedqa",
+                    help=f"a task of kind {' / '.join(SCORED_KINDS)} (minimamba.tasks): "
+                         f"{', '.join(n for n, t in TASKS.items() if t.kind in SCORED_KINDS)} (default: %(default)s)")
     sc.add_argument("--items", type=_positive, default=20, help="the first N items of its test split")
-    sc.add_argument("--task-data", type=Path, default=Path(os.environ.get("MINIMAMBA_DATA", DEFAULT_DATA)),
-                    help="the tasks' files (default: $MINIMAMBA_DATA or ../shared/data)")
-    sc.add_argument("--data-root", type=Path, default=Path(os.environ.get("MINIMAMBA_DATA", DEFAULT_DATA)),
-                    help="where tokenizer/tokenizer.json is (unless --tokenizer)")
+    sc.add_argument("--task-data", type=Path, default=shared_data_dir(),
+                    help="the tasks' files (default: $MINIMAMBA_DATA, else shared/data beside the clone; "
+                         "here %(default)s)")
+    sc.add_argument("--data-root", type=Path, default=shared_data_dir(),
+                    help="where tokenizer/tokenizer.json is, unless --tokenizer (default: as --task-data)")
     sc.add_argument("--tokenizer", type=Path, help="tokenizer.json")
     sc.add_argument("--scale", default="130m", choices=list(SCALES), help="model shapes (random weights)")
     sc.add_argument("--batch-size", type=_positive, default=16, help="options per batch of score_options")
@@ -565,10 +590,10 @@ def main(argv=None):
     sc.add_argument("--device", default="cpu", help="cpu or cuda")
     sc.set_defaults(run=bench_scoring)
 
-    argv = list(argv if argv is not None else __import__("sys").argv[1:])
-    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
-        argv = ["model"] + argv  # `python -m minimamba.bench --scale 130m` means the model benchmark
-    args = parser.parse_args(argv)
+    argv = list(argv if argv is not None else sys.argv[1:])
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["model"] + argv  # `python -m minimamba.bench --scale 130m` means the model benchmark (README)
+    args = parser.parse_args(argv)  # (no arguments: the usage, and exit status 2)
     if getattr(args, "device", "cpu").startswith("cuda"):
         import torch
 
@@ -580,8 +605,14 @@ def main(argv=None):
                                                            or getattr(args, "amp", False)):
         parser.error("--decode-backend c computes in float32: use --dtype float32 without --amp, or "
                      "--decode-backend torch")
-    args.run(args)
+    try:
+        args.run(args)
+    except (DataError, TaskDataError, FileNotFoundError) as e:  # (a data file or the tokenizer missing, a
+        # task's file malformed: what to fix, not a traceback)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

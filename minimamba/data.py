@@ -38,6 +38,7 @@ import hashlib
 import itertools
 import json
 import lzma
+import os
 import re
 import string
 import sys
@@ -67,6 +68,13 @@ COUNTS = ("read", "kept", "empty", "too_short", "duplicate", "non_utf8", "malfor
 MAX_PROBLEMS_KEPT = 50  # problems listed in meta.json (all of them are counted)
 MAX_PROBLEMS_SHOWN = 10  # problems printed while preparing
 BATCH_DOCUMENTS = 512  # documents per call to the tokenizer
+
+
+def shared_data_dir() -> Path:
+    """The project's shared data folder (the tokenizer.json and the small public corpora and task files that
+    benchmarks, the miniature experiment and tests read): $MINIMAMBA_DATA when it is set, else shared/data
+    beside the clone (../shared/data from its root), wherever the command runs from."""
+    return Path(os.environ.get("MINIMAMBA_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 
 
 class DataError(ValueError):

@@ -30,6 +30,7 @@ so the difference is small; the held-out perplexity keeps the padded row so that
 training loss.) `results_table` turns results into a Markdown comparison.
 """
 
+import itertools
 import json
 import math
 import re
@@ -541,13 +542,40 @@ def read_results(path):
 # the settings of eval.py under which two runs' numbers compare (the model and its weights aside)
 COMPARED_SETTINGS = ("split", "limit", "qa_scoring", "max_tokens", "max_new_tokens", "dtype", "tokenizer_id",
                      "seq_len", "ppl_windows")
+# the kinds of result (evaluate_task's "kind"; "perplexity" for --ppl-data) whose numbers a setting changes; a
+# setting not named here changes every kind's
+SETTING_KINDS = {"qa_scoring": {"yesno"}, "max_new_tokens": {"generate"},
+                 "max_tokens": {"choice", "yesno", "lambada", "generate"},
+                 "seq_len": {"perplexity"}, "ppl_windows": {"perplexity"}}
 
 
 def settings_that_differ(runs):
     """{setting: [its value in each run]} for the COMPARED_SETTINGS on which `runs` ({name: results file})
-    disagree: a table of such runs compares more than the models."""
-    configs = [run.get("config") or {} for run in runs.values()]
-    return {k: [c.get(k) for c in configs] for k in COMPARED_SETTINGS if len({json.dumps(c.get(k)) for c in configs}) > 1}
+    disagree where it matters: two runs whose values differ both hold a task whose numbers the setting
+    changes (SETTING_KINDS; a result without a "kind" counts as changed by every setting). A table of such
+    runs compares more than the models; --max-new-tokens, say, does not matter to runs without a
+    generation task in common."""
+    configs = {name: run.get("config") or {} for name, run in runs.items()}
+    kinds = {name: {task: m.get("kind") for task, m in (run.get("results") or {}).items()} for name, run in runs.items()}
+
+    def matters(setting, a, b):  # to a task that runs a and b both hold
+        changed = SETTING_KINDS.get(setting)
+        return changed is None or any(kind is None or kind in changed
+                                      for t in kinds[a].keys() & kinds[b].keys() for kind in (kinds[a][t], kinds[b][t]))
+
+    differ = {}
+    for k in COMPARED_SETTINGS:
+        value = {name: json.dumps(c.get(k)) for name, c in configs.items()}
+        if any(value[a] != value[b] and matters(k, a, b) for a, b in itertools.combinations(runs, 2)):
+            differ[k] = [c.get(k) for c in configs.values()]
+    return differ
+
+
+def tasks_missing(runs):
+    """{run name: the tasks (and ppl_ domains) of other runs that it does not hold} for the runs that miss
+    some; runs = {name: {task: metrics}}, as for results_table (whose rows show "–" there)."""
+    every = list(dict.fromkeys(task for results in runs.values() for task in results))
+    return {name: missing for name, results in runs.items() if (missing := [t for t in every if t not in results])}
 
 
 def _is_number(x):

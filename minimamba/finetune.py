@@ -92,7 +92,7 @@ class SFTConfig:
     # data
     tasks: str = "pubmedqa,bioasq"  # comma-separated task names of minimamba.tasks
     mix: str | None = None  # each task's share of an epoch's rows, NAME=SHARE,...; None: every pair once per epoch
-    task_data: str | None = None  # the task data directory (default: $MINIMAMBA_TASK_DATA)
+    task_data: str | None = None  # the task data directory (None: $MINIMAMBA_TASK_DATA if set, else data/tasks)
     limit: int | None = None  # at most this many items of each task (a quick run)
     val_fraction: float = 0.1  # share of each task's training pairs held out for the validation loss
     max_len: int = 1024  # tokens per row (prompt + response + EOS) at most

@@ -232,7 +232,9 @@ def check_target(ppl, before="before", row="mix"):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m minimamba.miniature", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-root", default="../shared/data", help="folder with pubmed/, c4/, wiki/, tokenizer/")
+    p.add_argument("--data-root", type=Path, default=data.shared_data_dir(),
+                   help="folder with pubmed/, c4/, wiki/, tokenizer/ (default: $MINIMAMBA_DATA, else shared/data "
+                        "beside the clone; here %(default)s)")
     p.add_argument("--out", default="runs/miniature", help="output folder (replaced)")
     p.add_argument("--general-steps", type=int, default=200,
                    help=f"steps of general pretraining ({BATCH}×{SEQ_LEN} tokens each)")

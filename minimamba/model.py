@@ -389,7 +389,10 @@ class Mamba2LM(nn.Module):
         for field, (names, want) in self._cache_shapes(batch_size).items():
             t = getattr(cache, field)
             if tuple(t.shape) != want:
-                diff = ", ".join(f"{n} {have} (this model: {w})" for n, have, w in zip(names, t.shape, want)
+                # each size that differs, beside what it must be: "batch" the number of sequences of this call
+                # (its token ids, or the decoder's batch_size), the others the model's config
+                diff = ", ".join(f"{n} {have} (this call: {w} sequence{'s' * (w != 1)})" if n == "batch" else
+                                 f"{n} {have} (this model: {w})" for n, have, w in zip(names, t.shape, want)
                                  if have != w) or f"{t.dim()} dimensions (this model: {len(want)})"
                 raise ValueError(f"cache.{field} has shape {tuple(t.shape)}, not ({', '.join(names)}) = {want}: "
                                  f"{diff} (a cache of another model or batch size?); {fix}")

@@ -383,6 +383,33 @@ def schedule_steps(cfg, max_steps):
     return min(warmup, max_steps), min(decay, max_steps - min(warmup, max_steps))
 
 
+def schedule_text(schedule, warmup, decay, max_steps, min_ratio):
+    """The LR schedule of `lr_factor` in words, with its step counts (those of `schedule_steps`), e.g.
+    "warmup 60 steps, then constant for 4,440, then a cosine decay to 0.1× the peak over the last 1,500"."""
+    rest = max_steps - warmup  # the steps after warmup
+    text = f"warmup {warmup:,} step{'s' * (warmup != 1)}, then " if warmup else "no warmup, "
+    if schedule == "constant" or (schedule == "cosine" and rest == 0):
+        return text + "constant"
+    if schedule == "cosine":
+        return text + (f"a cosine decay to {min_ratio:g}× the peak over "
+                       f"{f'the {rest:,} steps after warmup' if warmup else f'all {rest:,} steps'}")
+    if decay == 0:  # wsd with no decay steps (--decay 0, or too few steps)
+        return text + "constant (--decay gives no decay steps)"
+    return text + (f"constant for {rest - decay:,}, then " if rest > decay else "") + \
+        f"a cosine decay to {min_ratio:g}× the peak over the last {decay:,}"
+
+
+def tokens_text(n):
+    """A number of tokens for people: "10,240" below a million, else 3 significant digits and M, B or T
+    ("1.5M", "1.57B")."""
+    n = int(n)
+    rounded = float(f"{n:.3g}")  # (999,999,999 is "1B", not "1e+03M")
+    if rounded < 1e6:
+        return f"{n:,}"
+    size, unit = next((size, unit) for size, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M")) if rounded >= size)
+    return f"{rounded / size:.3g}{unit}"
+
+
 def lr_factor(step, total, warmup, schedule="wsd", decay=0, min_ratio=0.1):
     """The LR of optimizer step `step` (0-based, of `total`) as a fraction of the peak LR.
 
@@ -1336,7 +1363,7 @@ class Pretraining:
         cfg, r = self.cfg, self.r
         batch = (f"{cfg.batch_size} sequences × {r.grad_accum} micro-batches × {self.dist.world_size} process(es) = "
                  f"{r.rows_per_step} sequences × {cfg.seq_len} tokens = {r.tokens_per_step:,} tokens per step")
-        return batch, self.sampler.describe(), f" = {r.max_steps * r.tokens_per_step / 1e9:.3g}B tokens"
+        return batch, self.sampler.describe(), f" = {tokens_text(r.max_steps * r.tokens_per_step)} tokens"
 
     def resolved(self):
         return {"tokens_per_step": self.r.tokens_per_step, "mix": self.r.mix, "eval_domains": self.r.eval_domains}
@@ -1382,9 +1409,9 @@ def _summary(cfg, r, raw, dist, est, groups, source, batch, data, length):
         f"{raw.scan_backend(dist.device)}, activation checkpointing {'on' if cfg.grad_ckpt else 'off'}",
         f"batch: {batch}",
         f"data: {data}",
-        f"schedule: {cfg.schedule}, peak lr {cfg.lr:g} (lowest layer {cfg.lr * min(g['lr_scale'] for g in groups):.3g}),"
-        f" warmup {r.warmup_steps}, decay {r.decay_steps} steps to {cfg.min_lr_ratio}×; {r.max_steps} steps"
-        f"{length}; EMA {cfg.ema or 'off'}",
+        f"schedule: {cfg.schedule}, peak lr {cfg.lr:g} (lowest layer {cfg.lr * min(g['lr_scale'] for g in groups):.3g});"
+        f" {schedule_text(cfg.schedule, r.warmup_steps, r.decay_steps, r.max_steps, cfg.min_lr_ratio)};"
+        f" {r.max_steps:,} steps{length}; EMA {cfg.ema or 'off'}",
         f"estimate: ~{_gib(est['peak_bytes'])} per process (weights+grads+AdamW+EMA {_gib(est['static_bytes'])}, "
         f"activations {_gib(est['activation_bytes'])} per micro-batch); {est['flops_per_step']:.3g} FLOPs per step",
     ]
@@ -1419,6 +1446,17 @@ def run(job, model=None):
         STOP.restore()
         if dist.enabled and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's help with each option's default, as ArgumentDefaultsHelpFormatter shows it, except where
+    the help already says its default in words ("(default: ...)": what a None default stands for), which
+    argparse would follow with "(default: None)"."""
+
+    def _get_help_string(self, action):
+        if "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def model_arguments(p, D):

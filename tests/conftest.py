@@ -1,17 +1,17 @@
 """Shared test fixtures: a local HTTP server standing in for the Hugging Face Hub, and the shared data."""
 
-import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 import torch
 
 from minimamba import download as dl
+from minimamba.data import shared_data_dir
 
-# ../shared/data (or $MINIMAMBA_DATA): real public data that some tests read; they skip when it is absent
-DATA = Path(os.environ.get("MINIMAMBA_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
+# $MINIMAMBA_DATA, else shared/data beside the clone: real public data that some tests read; they skip when it
+# is absent
+DATA = shared_data_dir()
 
 
 class FileServer(ThreadingHTTPServer):

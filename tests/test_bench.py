@@ -1,6 +1,9 @@
 """minimamba.bench: what its rows measure (the model benchmark's option checks and its decode-vs-floor
 run are in tests/test_decode_cpu.py, HF's activation checkpointing in tests/test_hub.py)."""
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -38,7 +41,8 @@ def test_the_hf_model_takes_our_weights_without_a_second_copy(monkeypatch):
 SHORT = {"model": ["--scale", "tiny", "--phases", "generate", "--prompt", "8", "--decode-tokens", "2", "--repeat", "1",
                    "--threads", "1"],
          "inference": ["--scale", "tiny", "--decode-tokens", "2", "--threads", "1"],
-         "tokenizer": ["--repeat", "1", "--data-root", "/nonexistent"]}
+         "tokenizer": ["--repeat", "1", "--data-root", "/nonexistent"],
+         "scoring": ["--items", "1", "--repeat", "1", "--scale", "tiny", "--task-data", "/nonexistent"]}
 
 
 @pytest.mark.parametrize("args, message", [
@@ -51,11 +55,37 @@ SHORT = {"model": ["--scale", "tiny", "--phases", "generate", "--prompt", "8", "
     (["model", "--backend", "triton"], "--backend triton needs --device cuda"),  # was: a worker's traceback
     (["model", "--decode-backend", "c", "--dtype", "bfloat16"], "--decode-backend c computes in float32"),
     (["model", "--decode-backend", "c", "--amp"], "--decode-backend c computes in float32"),
+    # was: TaskDataError's traceback after the tokenizer was read; the list is every task scored by its options
+    (["scoring", "--task", "arc_easyy"], "--task: unknown task 'arc_easyy'; choose from pubmedqa, bioasq, arc_easy, "
+                                         "arc_challenge, hellaswag, piqa, winogrande, openbookqa, lambada\n"),
+    (["scoring", "--task", "note_summary"], "--task: note_summary is a generate task, not scored by its options; "
+                                            "choose from pubmedqa, bioasq,"),  # was: a TypeError's traceback
 ])
 def test_bad_numbers_are_refused_before_anything_runs(args, message, capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as stop:
         bench.main([*args, *SHORT[args[0]]])
-    assert message in capsys.readouterr().err
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_no_arguments_print_the_usage_and_options_alone_mean_the_model_benchmark(monkeypatch, capsys):
+    """A bare `python -m minimamba.bench` started the 130m model benchmark (~1.5 min on a CPU); options
+    without a subcommand (the README's `python -m minimamba.bench --scale 130m --compare-hf`) still mean it."""
+    with pytest.raises(SystemExit) as stop:
+        bench.main([])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "usage: python -m minimamba.bench" in err and "{tokenizer,model,inference,scoring}" in err
+    ran = []
+    monkeypatch.setattr(bench, "bench_model", lambda args: ran.append((args.command, args.scale, args.compare_hf)))
+    assert bench.main(["--scale", "tiny", "--compare-hf"]) == 0
+    assert ran == [("model", "tiny", True)]
+
+
+def test_the_scoring_benchmark_names_missing_task_files_in_one_line(tmp_path, capsys):
+    """Missing files were a TaskDataError traceback; now one line that says how to get them, and status 2."""
+    assert bench.main(["scoring", *SHORT["scoring"], "--task-data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: task pubmedqa (test) needs ") and err.count("\n") == 1
+    assert f"python -m minimamba.tasks download pubmedqa --out {tmp_path}" in err
 
 
 def test_inference_contexts_are_parsed():
@@ -98,9 +128,23 @@ def test_the_hf_forward_row_builds_no_decoding_cache(monkeypatch):
 def test_the_tokenizer_benchmark_names_a_missing_data_folder(tmp_path, capsys):
     """Run from a clone that does not sit beside shared/, it said FileNotFoundError with a traceback."""
     (tmp_path / "pubmed").mkdir()
-    with pytest.raises(SystemExit, match=r"--data-root .*: missing pubmed/pubtator_corpora_abstracts.jsonl, "
-                                         r"c4/c4_train_sample_1000.jsonl.*MINIMAMBA_DATA"):
-        bench.main(["tokenizer", "--repeat", "1", "--data-root", str(tmp_path)])
+    assert bench.main(["tokenizer", "--repeat", "1", "--data-root", str(tmp_path)]) == 2
+    assert re.fullmatch(r"error: --data-root .*: missing pubmed/pubtator_corpora_abstracts.jsonl, "
+                        r"c4/c4_train_sample_1000.jsonl.*MINIMAMBA_DATA.*\n", capsys.readouterr().err)
+
+
+def test_the_data_folders_default_to_minimamba_data(monkeypatch, tmp_path):
+    """$MINIMAMBA_DATA, else shared/data beside the clone, as the tests' DATA (one rule: data.shared_data_dir)."""
+    import unittest.mock
+
+    seen = []
+    with unittest.mock.patch.object(bench, "bench_scoring", lambda args: seen.append((args.task_data, args.data_root))):
+        monkeypatch.setenv("MINIMAMBA_DATA", str(tmp_path))
+        bench.main(["scoring"])
+        monkeypatch.delenv("MINIMAMBA_DATA")
+        bench.main(["scoring"])
+    beside = Path(bench.__file__).resolve().parents[1].parent / "shared" / "data"
+    assert seen == [(tmp_path, tmp_path), (beside, beside)]
 
 
 def test_decode_time_is_the_paired_difference_per_token(monkeypatch):

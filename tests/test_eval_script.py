@@ -101,6 +101,16 @@ def test_eval_setup_errors(args, says, tmp_path):
     assert code == 2 and says.format(tmp=tmp_path) in stderr, stderr
 
 
+def test_help_says_what_each_default_is_once(tmp_path):
+    """--task-data's help said "(default: $MINIMAMBA_TASK_DATA or data/tasks) (default: None)"."""
+    code, stdout, _ = run_eval("--help", cwd=tmp_path)
+    text = " ".join(stdout.split())
+    assert code == 0 and ("--task-data TASK_DATA directory of the tasks' files (default: $MINIMAMBA_TASK_DATA if "
+                          "set, else data/tasks in the current directory) --split") in text
+    assert "(default: the model directory's, else EleutherAI/gpt-neox-20b) --tasks" in text
+    assert "(default: print only) --predictions" in text
+
+
 @pytest.mark.parametrize("content, says", [
     ('{"loss": 1}', "is not a results file of eval.py"),
     ('{"results": [1, 2]}', "is not a results file of eval.py"),
@@ -115,12 +125,19 @@ def test_compare_refuses_a_file_that_is_not_results(tmp_path, content, says):
 
 
 def test_compare_says_where_the_runs_settings_differ(tmp_path):
-    run = {"config": {"split": "test", "limit": None}, "results": {"arc_easy": {"acc": 0.5}}}
+    run = {"config": {"split": "test", "limit": None, "max_new_tokens": 16},
+           "results": {"arc_easy": {"kind": "choice", "acc": 0.5}}}
     (tmp_path / "a.json").write_text(json.dumps(run))
-    (tmp_path / "b.json").write_text(json.dumps({**run, "config": {"split": "test", "limit": 10}}))
+    (tmp_path / "b.json").write_text(json.dumps({"config": {"split": "test", "limit": 10, "max_new_tokens": 128},
+                                                 "results": {**run["results"], "note_completion": {
+                                                     "kind": "generate", "rouge1": 7.0}}}))
     code, stdout, stderr = run_eval("--compare", "a.json", "b.json", "a.json", cwd=tmp_path)
     assert code == 0 and "the runs differ in --limit (None vs 10 vs None)" in stderr and "split" not in stderr
+    assert "max-new-tokens" not in stderr  # (only b.json has a generation task)
     assert "| task | metric | a.json | b.json | a.json (3) |" in stdout  # a file named twice: two columns
+    # the tasks one run has and another has not: named, and "–" in the table
+    assert stderr.count("has no note_completion (– in its column)") == 2 and "note: a.json has no" in stderr
+    assert "| note_completion | rouge1 | – | 7.0000 | – |" in stdout
 
 
 @needs_data

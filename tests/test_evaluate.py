@@ -10,7 +10,8 @@ import torch
 
 from minimamba import Mamba2Config, Mamba2LM, from_pretrained
 from minimamba.evaluate import (choice_metrics, encode_option, evaluate_task, generate_texts, lambada_metrics,
-                                parse_yes_no, predict_labels, results_table, rouge, score_options, yesno_metrics)
+                                parse_yes_no, predict_labels, results_table, rouge, score_options,
+                                settings_that_differ, tasks_missing, yesno_metrics)
 from minimamba.tasks import Choice, Generation, Task
 from tests.conftest import randomize_
 
@@ -293,6 +294,36 @@ def test_results_table_by_hand():
         "| mimic | rouge1 | – | 7.0700 | – |\n")
     three = results_table({"a": {"t": {"acc": 1.0}}, "b": {"t": {"acc": 0.0}}, "c": {}})
     assert three == "| task | metric | a | b | c |\n|---|---|---:|---:|---:|\n| t | acc | 1.0000 | 0.0000 | – |\n"
+
+
+def test_a_setting_differs_only_where_both_runs_have_a_task_it_changes():
+    """--max-new-tokens (16 vs 128) was noted for two runs with no generation task; now a setting counts
+    where two runs that differ in it hold a task of a kind it changes (a result without a kind: any)."""
+    def run(config, **kinds):
+        return {"config": config, "results": {t: {"kind": k, "acc": 0.5} for t, k in kinds.items()}}
+
+    mc, gen, qa = {"arc_easy": "choice"}, {"note_completion": "generate"}, {"pubmedqa": "yesno"}
+    short, long = {"max_new_tokens": 16, "qa_scoring": "logprob"}, {"max_new_tokens": 128, "qa_scoring": "generate"}
+    assert settings_that_differ({"a": run(short, **mc), "b": run(long, **mc)}) == {}
+    assert settings_that_differ({"a": run(short, **mc, **gen), "b": run(long, **mc)}) == {}  # (gen in one only)
+    assert settings_that_differ({"a": run(short, **mc, **gen), "b": run(long, **gen)}) == {"max_new_tokens": [16, 128]}
+    assert settings_that_differ({"a": run(short, **qa), "b": run(long, **qa, **gen)}) == {
+        "qa_scoring": ["logprob", "generate"]}
+    # three runs: a and c differ and share a generation task, b (no generation task) only shows its value;
+    # no run has a yes/no task, so --qa-scoring does not matter
+    assert settings_that_differ({"a": run(short, **gen), "b": run(long, **mc), "c": run(long, **gen)}) == {
+        "max_new_tokens": [16, 128, 128]}
+    # a result file without kinds (older), and a setting of every kind (--limit): noted as before
+    assert settings_that_differ({"a": {"config": short, "results": {"arc_easy": {"acc": 0.5}}},
+                                 "b": run(long, **mc)}) == {"max_new_tokens": [16, 128], "qa_scoring": ["logprob", "generate"]}
+    assert settings_that_differ({"a": run({"limit": None}, **mc), "b": run({"limit": 10}, **gen)}) == {"limit": [None, 10]}
+
+
+def test_tasks_missing_from_a_run_are_named():
+    runs = {"a": {"arc_easy": {"acc": 0.5}, "ppl_pubmed": {"ppl": 9.0}}, "b": {"note_completion": {"rouge1": 7.0}},
+            "c": {"arc_easy": {"acc": 0.5}, "note_completion": {"rouge1": 7.0}, "ppl_pubmed": {"ppl": 9.0}}}
+    assert tasks_missing(runs) == {"a": ["note_completion"], "b": ["arc_easy", "ppl_pubmed"]}
+    assert tasks_missing({"a": runs["a"], "a (2)": runs["a"]}) == {}
 
 
 def test_generation_runs_under_the_autocast_it_is_given(model, monkeypatch):

@@ -299,6 +299,26 @@ def test_sft_py_exits_2_with_one_line_for_a_bad_setting(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip() == "error: --epochs must be >= 1, got 0"
 
 
+def test_sft_py_help_says_where_the_task_data_are_read_by_default(monkeypatch, capsys):
+    """It said "(default: $MINIMAMBA_TASK_DATA) (default: None)"; with the variable unset, tasks are read from
+    data/tasks in the current directory (tasks.default_data_dir), and the help must say so."""
+    import runpy
+
+    from minimamba.tasks import default_data_dir
+
+    monkeypatch.setattr(sys, "argv", ["sft.py", "--help"])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(ROOT / "sft.py"), run_name="__main__")
+    text = " ".join(capsys.readouterr().out.split())
+    assert stop.value.code == 0
+    assert ("--task-data TASK_DATA task data directory (default: $MINIMAMBA_TASK_DATA if set, else data/tasks in "
+            "the current directory) --limit") in text
+    monkeypatch.delenv("MINIMAMBA_TASK_DATA", raising=False)
+    assert default_data_dir() == Path("data/tasks")
+    monkeypatch.setenv("MINIMAMBA_TASK_DATA", "/somewhere")
+    assert default_data_dir() == Path("/somewhere")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # OUT/best after resume, EMA, NaN; checkpoints of the other script; the tokenizer in OUT/best
 

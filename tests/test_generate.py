@@ -85,7 +85,7 @@ def test_bad_prompts_are_named(model, call, message):
     (dict(d_conv=2), r"cache.conv .*d_conv-1 1 \(this model: 3\)"),
     (dict(headdim=8),
      r"cache.ssm has shape \(2, 2, 16, 8, 16\).*nheads 16 \(this model: 8\), headdim 8 \(this model: 16\)"),
-    ("batch", r"cache.conv .*batch 3 \(this model: 2\)"),
+    ("batch", r"cache.conv .*: batch 3 \(this call: 2 sequences\) \(a cache"),  # (was "this model: 2")
     ("float64 state", r"cache.ssm is torch.float64, and this model's SSM state is torch.float32"),
 ])
 def test_a_cache_that_does_not_fit_the_model_is_refused_by_the_torch_step_and_the_prefill(model, other, message):

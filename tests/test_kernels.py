@@ -673,6 +673,18 @@ def test_model_gradients_triton_backend_equal_torch_backend(caplog):
 # the GPU benchmark script, on tiny shapes under the interpreter (so that it cannot fail on the GPU
 # for a silly reason); mamba_ssm is stood in for by the reference with mamba_ssm's signature
 # --------------------------------------------------------------------------------------------------
+def test_bench_help_names_the_command_and_lists_the_shapes(capsys):
+    """It said `usage: bench.py` and "among the shapes above" with no shapes listed."""
+    from kernels import bench
+
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert stop.value.code == 0 and text.startswith("usage: python -m kernels.bench ")
+    for shape in bench.REAL_SHAPES + bench.BATCHED_SHAPES + bench.SMOKE_SHAPES + bench.SMOKE_BATCHED_SHAPES:
+        assert f"{shape[1]}x{shape[2]}" in text.split("--shape BxL", 1)[1]
+
+
 def test_bench_script_runs_on_cpu(tmp_path, monkeypatch, capsys):
     from kernels import bench
     from minimamba.ssd import ssd_chunked

@@ -2,6 +2,7 @@
 shared corpora with a few steps per phase (the real run, ~8 minutes, is in the README)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,6 +43,26 @@ def test_unknown_row_is_refused(tmp_path, capsys):
 def test_missing_data_root_names_the_files(tmp_path):
     with pytest.raises(SystemExit, match="missing .*tokenizer.json"):
         miniature.prepare(tmp_path / "nowhere", tmp_path / "out")
+
+
+def test_the_data_root_defaults_to_minimamba_data_wherever_it_runs(tmp_path, monkeypatch):
+    """--data-root was ../shared/data from the current folder, whatever $MINIMAMBA_DATA said; now the rule
+    of the tests' DATA and of the benchmarks: $MINIMAMBA_DATA, else shared/data beside the clone."""
+    checked = []
+
+    def check(data_root):  # (main checks the data root before anything else is written)
+        checked.append(data_root)
+        raise SystemExit("stop")
+
+    monkeypatch.setattr(miniature, "check_data_root", check)
+    monkeypatch.chdir(tmp_path)  # (a folder with no ../shared/data)
+    monkeypatch.setenv("MINIMAMBA_DATA", str(tmp_path / "elsewhere"))
+    for _ in range(2):
+        with pytest.raises(SystemExit, match="stop"):
+            miniature.main(["--out", str(tmp_path / "out")])
+        monkeypatch.delenv("MINIMAMBA_DATA", raising=False)
+    assert checked == [tmp_path / "elsewhere", Path(miniature.__file__).resolve().parents[1].parent / "shared" / "data"]
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("args, message", [

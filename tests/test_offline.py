@@ -90,6 +90,15 @@ def test_configs_that_do_not_fit_a_smaller_card_are_listed(tmp_path):
     assert "some configs do not fit the card" in proc.stderr
 
 
+def test_help_names_the_command(capsys):
+    """It said `usage: offline.py`, which is not how it is run."""
+    from kernels import offline
+
+    with pytest.raises(SystemExit) as stop:
+        offline.main(["--help"])
+    assert stop.value.code == 0 and capsys.readouterr().out.startswith("usage: python -m kernels.offline ")
+
+
 def test_refuses_to_run_under_the_interpreter():
     proc = _run_offline("--host-iters", "0", interpret=True, timeout=300)
     assert proc.returncode != 0 and "unset TRITON_INTERPRET" in proc.stderr

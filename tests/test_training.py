@@ -27,7 +27,7 @@ from minimamba.hub import from_pretrained, save_pretrained
 from minimamba.model import Mamba2LM
 from minimamba.training import (
     EMA, Dist, SetupError, TrainConfig, TrainingDiverged, activation_bytes, estimate, lr_factor, param_groups,
-    read_log, resolve, schedule_steps, train, train_step)
+    read_log, resolve, schedule_steps, schedule_text, tokens_text, train, train_step)
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 256
@@ -141,9 +141,59 @@ def test_cosine_and_constant_schedules():
         lr_factor(5, 10, 0, "linear")
 
 
+def test_help_shows_a_default_once():
+    """argparse's defaults formatter wrote "(default: None)" after a help that says its default in words."""
+    import argparse
+
+    from minimamba.training import HelpFormatter
+
+    p = argparse.ArgumentParser(prog="x", formatter_class=HelpFormatter)
+    p.add_argument("--a", default=None, help="where (default: $X if set, else here)")
+    p.add_argument("--b", default=5, help="how many")
+    text = " ".join(p.format_help().split())
+    assert "--a A where (default: $X if set, else here) --b B how many (default: 5)" in text
+    assert "None" not in text
+
+
 def test_schedule_steps_fractions_and_counts():
     assert schedule_steps(TrainConfig(warmup=0.1, decay=0.25), 6000) == (600, 1500)
     assert schedule_steps(TrainConfig(warmup=50, schedule="cosine"), 6000) == (50, 0)
+
+
+@pytest.mark.parametrize("schedule, max_steps, warmup", [("wsd", 6000, 0.1), ("wsd", 20, 0.1), ("wsd", 3, 0.1),
+                                                          ("cosine", 200, 12), ("cosine", 9, 0.0),
+                                                          ("constant", 50, 0.1)])
+def test_the_schedule_in_words_counts_the_steps_lr_factor_gives(schedule, max_steps, warmup):
+    """The summary said "decay 0 steps to 0.0×" for a cosine run (decay counts wsd's final steps only);
+    the words now count what lr_factor does: the steps below the peak at the start, the steps at it, and
+    the steps after warmup where it falls, to the factor of the last step."""
+    cfg = TrainConfig(schedule=schedule, warmup=warmup, min_lr_ratio=0.1)
+    w, d = schedule_steps(cfg, max_steps)
+    f = [lr_factor(s, max_steps, w, schedule, d, 0.1) for s in range(max_steps)]
+    rising = f.index(1.0) + 1 if f[0] < 1 < max_steps and f[1] > f[0] else 0  # (warmup rises to 1, at its last step)
+    at_peak = sum(x == 1.0 for x in f[rising:])
+    falling = max_steps - rising - at_peak
+    text = schedule_text(schedule, w, d, max_steps, 0.1)
+    assert text.startswith(f"warmup {rising:,} steps, then " if rising else "no warmup, ")
+    if falling == 0:
+        assert text.endswith("constant") or text.endswith("constant (--decay gives no decay steps)")
+    elif schedule == "wsd":
+        assert f[-1] == pytest.approx(0.1) and text.endswith(
+            (f"constant for {at_peak:,}, then " if at_peak else "") + f"a cosine decay to 0.1× the peak over the "
+            f"last {falling:,}")
+    else:
+        assert f[-1] == pytest.approx(0.1) and text.endswith(f"a cosine decay to 0.1× the peak over "
+                                                             + (f"the {falling:,} steps after warmup" if rising else
+                                                                f"all {falling:,} steps"))
+    if (schedule, max_steps) == ("wsd", 6000):  # (by hand)
+        assert text == "warmup 600 steps, then constant for 3,900, then a cosine decay to 0.1× the peak over the last 1,500"
+
+
+def test_token_counts_read_well_at_every_scale():
+    """A 20-step tiny run printed "= 1.02e-05B tokens"."""
+    assert [tokens_text(n) for n in (0, 10_240, 999_999, 1_000_000, 1_500_000, 999_999_999, 1_572_864_000,
+                                              2.5e12)] == \
+        ["0", "10,240", "1M", "1M", "1.5M", "1B", "1.57B", "2.5T"]
 
 
 def test_param_groups_weight_decay_and_layerwise_lr():
@@ -352,6 +402,9 @@ def test_resuming_from_an_earlier_checkpoint_replaces_the_later_ones(data, init_
     replace the first run's (which hold other weights) as it reaches them, and `latest` follows."""
     cfg = config(data, init_dir, tmp_path / "run", max_steps=6, save_every=2, keep=3)
     train(cfg)
+    summary = capsys.readouterr().out  # (its schedule and length: 6 steps of 2 x 2 sequences of 16 tokens)
+    assert ("; no warmup, then constant" not in summary and "; warmup 1 step, then constant for 3, then a cosine decay "
+            "to 0.1× the peak over the last 2; 6 steps = 384 tokens;" in summary)
     first = state(tmp_path / "run", 6)
     train(replace(cfg, resume=str(tmp_path / "run" / "step-000002"), lr=cfg.lr * 3))
     assert "also holds step-000004, step-000006" in capsys.readouterr().out
