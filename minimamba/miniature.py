@@ -96,14 +96,14 @@ MARKER = ".minimamba-miniature"  # in --out: the folder is this script's, to rep
 
 
 def check_data_root(data_root):
-    """The tokenizer and the corpus files under data_root, or SystemExit naming the missing ones."""
+    """The tokenizer and the corpus files under data_root, or a DataError naming the missing ones."""
     data_root = Path(data_root)
     tokenizer_path = data_root / "tokenizer" / "tokenizer.json"
     missing = [str(data_root / p) for d in DOMAINS for p, _ in SOURCES[d] if not (data_root / p).is_file()]
     if not tokenizer_path.is_file():
         missing.insert(0, str(tokenizer_path))
     if missing:
-        raise SystemExit(f"error: --data-root {data_root}: missing {', '.join(missing)}")
+        raise data.DataError(f"--data-root {data_root}: missing {', '.join(missing)}")
     return tokenizer_path
 
 
@@ -259,7 +259,10 @@ def main(argv=None):
     if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
         p.error(f"--out {out} holds files that this script did not write, and it replaces its folder: "
                 "choose an empty or new folder")
-    check_data_root(args.data_root)  # before anything is deleted
+    try:
+        check_data_root(args.data_root)  # before anything is deleted
+    except data.DataError as e:
+        p.error(str(e))
     torch.set_num_threads(args.threads)
     start = time.time()
     shutil.rmtree(out, ignore_errors=True)

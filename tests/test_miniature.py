@@ -41,7 +41,7 @@ def test_unknown_row_is_refused(tmp_path, capsys):
 
 
 def test_missing_data_root_names_the_files(tmp_path):
-    with pytest.raises(SystemExit, match="missing .*tokenizer.json"):
+    with pytest.raises(data.DataError, match="missing .*tokenizer.json"):
         miniature.prepare(tmp_path / "nowhere", tmp_path / "out")
 
 
@@ -89,8 +89,9 @@ def test_a_folder_it_did_not_write_is_never_deleted(tmp_path, capsys):
     own.mkdir()
     (own / miniature.MARKER).write_text("")
     (own / "miniature.json").write_text("{}")
-    with pytest.raises(SystemExit, match="missing"):
+    with pytest.raises(SystemExit) as stop:
         miniature.main(["--out", str(own), "--data-root", str(tmp_path / "nowhere")])
+    assert stop.value.code == 2 and "missing" in capsys.readouterr().err  # (an argparse error: exit 2)
     assert (own / "miniature.json").exists()
     # a file, not a folder: refused by name (was: NotADirectoryError from iterdir)
     a_file = tmp_path / "notes.txt"
