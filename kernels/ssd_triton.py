@@ -13,8 +13,9 @@ log-decay and S_in[c] the state entering the chunk, the forward is
                           + exp(cs[t])·S_in[c] C_t + D·x_t
 
 Against `ssd_chunked`: stage 1 is its `cs` line, stage 2 its step 2, stage 3 its step 3 (S_in[c] is its
-`entering[:, c]`, h_{c-1} in its docstring), stage 4 the `CB` of its step 1, and stage 5 the rest of
-step 1, step 4 and the D skip, fused. In this file h also indexes heads (Σ_h: a sum over heads), and
+`entering[:, c]`, h_{c-1} in ssd.py's module docstring, which numbers chunks from 1), stage 4 the `CB` of its step 1, and stage 5 the rest of
+step 1, step 4 and the D skip, fused. In this file h also indexes heads (Σ_h: a sum over heads; on the host
+`h` is nheads) and, in the state passes, names the running state, and
 matrices of the backward get other letters than the glossary's G (groups) and P (head dimension): Γ, Pre.
 The backward differentiates
 each stage by hand (the derivation is above the backward programs); it keeps cs, S_c and CB from the
@@ -269,7 +270,7 @@ def _chunk_state_kernel(
 
     TO_CHUNK_END=True, the forward stage 2 (u = x, v = B): w_s = exp(cs[Q-1] − cs[s])·dt_s, so out is
     S_c, the state the chunk would end in had it started from zero.
-    TO_CHUNK_END=False, the backward of stage 5's state term (u = dy, v = C): w_t = exp(cs[t]), so out
+    TO_CHUNK_END=False, the backward of stage 5's state term (u = dy, v = C): w_s = exp(cs[s]), so out
     is ∂L/∂S_in[c] through the outputs of chunk c (y_t = exp(cs[t])·S_in[c] C_t + …).
     The two are transposes of each other: one carries tokens to the chunk end, the other the chunk
     start to the tokens.
@@ -1331,7 +1332,9 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, kept, chunk_size, D, initial_state
     # decay gradient; then dC and dB (one buffer, summed over the splits by the last program), each a
     # partial sum over the heads of a split, reading dcb
     dcb = torch.empty(n_splits, b, nc, g, Q, Q, device=device, dtype=dot_dtype)  # (n_splits, b, nc, G, Q, Q)
-    # (b, H, nc, n_t_tiles, Q): a Q-slice per row tile of the dCB program, room for the smallest tile's count
+    # a Q-slice per row tile of the dCB program: allocated for the most row tiles (the smallest BLOCK_T); the
+    # programs use its first b·H·nc·n_t_tiles·Q entries as a dense (b, H, nc, n_t_tiles, Q) array, with
+    # n_t_tiles = ⌈Q/BLOCK_T⌉ for the BLOCK_T the dCB program ran with (so not dA_diag[:, :, :, :n_t_tiles])
     dA_diag = torch.empty(b, h, nc, _cdiv(Q, _DC_MIN_BLOCK_T), Q, **f32)
     row_prefix = torch.empty(b, h, nc, Q, **f32)  # (b, H, nc, Q): the dCB program's scratch
     grid = lambda META: (_cdiv(Q, META["BLOCK_T"]), b * nc, g * n_splits)
@@ -1419,7 +1422,7 @@ def ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=None, initial_state=None, retur
     Returns y (b, l, H, P) in x's dtype, and the final state (b, H, P, N) in fp32 if `return_final_state`.
     Tensors must be on CUDA, or on CPU with TRITON_INTERPRET=1 set before importing this module. Shapes and
     dtypes are checked as `ssd_chunked` checks them; the signs of dt and A only on a CPU (on a GPU that would
-    wait for it): the programs clamp every decay to exp(min(dt·A, 0)) ≤ 1. In fp16 the entering states are
+    wait for it): the programs compute every decay exp(cs[t] − cs[s]) (or exp(cs[t])) as exp(min(·, 0)) ≤ 1. In fp16 the entering states are
     stored in fp16 (dot operands, as mamba_ssm does): an entry beyond 65,504 makes y inf from there on.
     """
     b, l, h, p, g, n = _check(x, dt, A, B, C, D, initial_state)

@@ -5,7 +5,7 @@ Glossary (the names of the Mamba2 paper, used in every function and einsum strin
     x    (batch, seqlen, H, P)   the input of the scan: P channels for each of H heads
     dt   (batch, seqlen, H)      the step size Δ of each token and head, already positive
                                  (the model computes dt = softplus(dt_raw + dt_bias))
-    A    (H,)                    one negative scalar per head; exp(dt·A) ∈ (0, 1) is the decay
+    A    (H,)                    one negative scalar per head; exp(dt·A) ∈ (0, 1] is the decay (1 where dt = 0)
     B    (batch, seqlen, G, N)   the "input matrix": how a token writes into the state
     C    (batch, seqlen, G, N)   the "output matrix": how a token reads from the state
     D    (H,)                    optional skip connection, y += D·x
@@ -15,11 +15,16 @@ Glossary (the names of the Mamba2 paper, used in every function and einsum strin
     Q                            the chunk length of the chunked algorithm; nc = ⌈seqlen/Q⌉ chunks
                                  (the axis c in ssd_chunked's shape comments and einsum strings)
     R                            H/G, the heads of a group (they share its B and C)
-    L                            the 1-semiseparable decay mask L[t, s] = exp(dt_{s+1}A + … + dt_t A)
+    L                            the causal decay mask L[t, s] = exp(dt_{s+1}A + … + dt_t A) for s ≤ t, 0 for
+                                 s > t: (T, T) in the quadratic form, (Q, Q) in each chunk ("1-semiseparable":
+                                 every block of it below the diagonal has rank 1, which is what chunking uses)
+    cs                           the cumulative log-decay cs_t = Σ_{k≤t} dt_k·A, inclusive of t: from the
+                                 sequence start in the derivation below and ssd_quadratic, restarted at each
+                                 chunk in ssd_chunked and the Triton kernel (t = 0 … Q−1 there)
     b, l                         batch and seqlen in shape comments (in ssd_chunked's einsum strings l is
                                  a position inside a chunk, of which there are Q)
 
-The recurrence (what the layer *is*)
+The recurrence (what the layer *is*; tokens t = 1 … T and chunks c = 1 … nc in these formulas, 0-based in the code)
 
     h_t = exp(dt_t·A) · h_{t-1} + dt_t · x_t B_tᵀ          (P×N, one scalar decay per head and step)
     y_t = h_t C_t + D·x_t                                   (P,)
@@ -34,12 +39,17 @@ O(T·P·N) work but is sequential; the quadratic form is parallel but costs O(T�
 uses each where it is best: split the sequence into chunks of Q tokens, use the quadratic form *inside*
 each chunk (a Q×Q matmul, fast on any hardware) and the recurrence *between* chunks (T/Q steps instead
 of T).
-Each chunk contributes through its end state, and every token reads the state entering its chunk:
+From here cs restarts at each chunk: cs_t sums dt_k·A over the chunk's positions k ≤ t, and cs_last is its
+value at the chunk's last position (the chunk's whole decay). For t in chunk c, split the sum over s ≤ t above
+into the s of chunk c (step 1) and the s before it: exp(cs_t − cs_s) for an earlier s is exp(cs_t) (the decay
+from the chunk's start to t) times the decay from s to the chunk's start, and those terms with the h_0 term add up
+to h_{c−1} C_t, the state entering the chunk read by C_t. So each chunk contributes through its end state, and
+every token reads the state entering its chunk:
 
     1. intra-chunk output     Y_diag[t] = Σ_{s≤t in chunk} L[t,s] (C_t·B_s) dt_s x_s
     2. chunk states           S_c       = Σ_{s in chunk} exp(cs_last − cs_s) dt_s x_s B_sᵀ
     3. inter-chunk recurrence h_c       = exp(cs_last of chunk c) · h_{c−1} + S_c
-    4. state to output        Y_off[t]  = exp(cs_t) · h_{c−1} C_t        (cs local to the chunk)
+    4. state to output        Y_off[t]  = exp(cs_t) · h_{c−1} C_t
 
     y = Y_diag + Y_off + D·x
 
@@ -158,7 +168,7 @@ def ssd_step(h, x, dt, A, B, C, D=None, out=None):
     g, n = B.shape[1:]
     # The R = H/G heads of a group share B and C, so their states stack into one (R·P)×N matrix per group:
     # the update is one outer product and the read-out one matrix-vector product per group.
-    rp = nheads // g * p  # R·P rows of a group's stacked state (named: a batch of 0 leaves -1 undefined)
+    rp = nheads // g * p  # R·P rows of a group's stacked state (computed: at batch 0 a -1 in view() is undefined)
     decay = torch.exp(dt.to(cdt) * A.to(cdt))  # (batch, H)
     decay = decay.repeat_interleave(p, dim=1).view(b, g, rp, 1)  # (batch, G, R·P, 1): each head's rows
     xdt = (dt.to(cdt)[..., None] * x.to(cdt)).view(b, g, rp, 1)  # (batch, G, R·P, 1)
