@@ -13,9 +13,9 @@ log-decay and S_in[c] the state entering the chunk, the forward is
                           + exp(cs[t])·S_in[c] C_t + D·x_t
 
 Against `ssd_chunked`: stage 1 is its `cs` line, stage 2 its step 2, stage 3 its step 3 (S_in[c] is its
-`entering[:, c]`, h_{c-1} in ssd.py's module docstring, which numbers chunks from 1), stage 4 the `CB` of its step 1, and stage 5 the rest of
-step 1, step 4 and the D skip, fused. In this file h also indexes heads (Σ_h: a sum over heads; on the host
-`h` is nheads) and, in the state passes, names the running state, and
+`entering[:, c]`, h_{c-1} in ssd.py's module docstring, which numbers chunks from 1), stage 4 the `CB` of
+its step 1, and stage 5 the rest of step 1, step 4 and the D skip, fused. In this file h also indexes heads
+(Σ_h: a sum over heads; on the host `h` is nheads) and, in the state passes, names the running state, and
 matrices of the backward get other letters than the glossary's G (groups) and P (head dimension): Γ, Pre.
 The backward differentiates
 each stage by hand (the derivation is above the backward programs); it keeps cs, S_c and CB from the
@@ -1422,8 +1422,9 @@ def ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=None, initial_state=None, retur
     Returns y (b, l, H, P) in x's dtype, and the final state (b, H, P, N) in fp32 if `return_final_state`.
     Tensors must be on CUDA, or on CPU with TRITON_INTERPRET=1 set before importing this module. Shapes and
     dtypes are checked as `ssd_chunked` checks them; the signs of dt and A only on a CPU (on a GPU that would
-    wait for it): the programs compute every decay exp(cs[t] − cs[s]) (or exp(cs[t])) as exp(min(·, 0)) ≤ 1. In fp16 the entering states are
-    stored in fp16 (dot operands, as mamba_ssm does): an entry beyond 65,504 makes y inf from there on.
+    wait for it): the programs compute every decay exp(cs[t] − cs[s]) (or exp(cs[t])) as exp(min(·, 0)) ≤ 1.
+    In fp16 the entering states are stored in fp16 (dot operands, as mamba_ssm does): an entry beyond
+    65,504 makes y inf from there on.
     """
     b, l, h, p, g, n = _check(x, dt, A, B, C, D, initial_state)
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
