@@ -1462,7 +1462,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def model_arguments(p, D):
     """The model's flags of train.py and sft.py (argparse parser `p`, defaults from the config `D`)."""
     p.add_argument("--scale", choices=list(SCALES), default=D.scale,
-                   help="model size: the public Mamba2 checkpoints, or tiny/micro/mini to train on a CPU")
+                   help="model size: the public Mamba2 checkpoints, or tiny/micro/mini to train on a CPU; needed "
+                   "with --init pretrained or scratch (default: none; a checkpoint given to --init has its own)")
     p.add_argument("--backend", choices=["auto", "torch", "triton"], default=D.backend,
                    help="SSD scan: triton kernel on CUDA, PyTorch reference otherwise (auto)")
     p.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=D.grad_ckpt,
