@@ -1451,10 +1451,11 @@ def run(job, model=None):
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """argparse's help with each option's default, as ArgumentDefaultsHelpFormatter shows it, except where
     the help already says its default in words ("(default: ...)": what a None default stands for), which
-    argparse would follow with "(default: None)"."""
+    argparse would follow with "(default: None)", and where the default is None without words (an option
+    that is off unless given: "(default: None)" would say nothing)."""
 
     def _get_help_string(self, action):
-        if "(default" in (action.help or ""):
+        if "(default" in (action.help or "") or action.default is None:
             return action.help
         return super()._get_help_string(action)
 

@@ -150,8 +150,9 @@ def test_help_shows_a_default_once():
     p = argparse.ArgumentParser(prog="x", formatter_class=HelpFormatter)
     p.add_argument("--a", default=None, help="where (default: $X if set, else here)")
     p.add_argument("--b", default=5, help="how many")
+    p.add_argument("--c", default=None, help="off unless given")  # (a None default with no words: said nothing)
     text = " ".join(p.format_help().split())
-    assert "--a A where (default: $X if set, else here) --b B how many (default: 5)" in text
+    assert "--a A where (default: $X if set, else here) --b B how many (default: 5) --c C off unless given" in text
     assert "None" not in text
 
 
