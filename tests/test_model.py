@@ -366,12 +366,19 @@ def test_seeded_sampling_reproduces(model):
 def test_top_k_and_top_p_supports():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)
-    draws = lambda **kw: {int(sample(logits, temperature=1.0, generator=g, **kw)) for _ in range(300)}
+    draws = lambda temperature=1.0, **kw: {int(sample(logits, temperature=temperature, generator=g, **kw))
+                                           for _ in range(300)}
     assert draws(top_k=2) == {0, 1}
     assert draws(top_p=0.75) == {0, 1}  # 0.5 < 0.75 ≤ 0.5 + 0.3
     assert draws(top_p=0.5) == {0}
     assert draws(top_p=0.81) == {0, 1, 2}
     assert draws() == {0, 1, 2, 3}
+    # top_p reads the distribution at the temperature (as HF's warpers run: temperature, then top-p); (a nucleus
+    # taken before the temperature passed the checks above, all at temperature 1)
+    # T = 2: p ∝ sqrt(0.5, 0.3, 0.15, 0.05) = (0.379, 0.294, 0.208, 0.120): 0.673 < 0.75 ≤ 0.880
+    assert draws(temperature=2.0, top_p=0.75) == {0, 1, 2}
+    # T = 0.5: p ∝ (0.5², 0.3², 0.15², 0.05²) = (0.685, 0.247, 0.062, 0.007): 0.6 ≤ 0.685
+    assert draws(temperature=0.5, top_p=0.6) == {0}
 
 
 def test_generation_never_picks_padding_rows(model):
