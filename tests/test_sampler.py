@@ -158,6 +158,8 @@ def test_ranks_split_the_global_batch(data):
         parts = [s.next_batch() for s in ranks]
         assert all(p.shape == (4, SEQ + 1) for p in parts)
         assert sorted(map(tuple, torch.cat(parts).tolist())) == sorted(map(tuple, rows.tolist()))
+        for r, part in enumerate(parts):  # as documented: rank r keeps rows r, r + 3, r + 6, ... of the step
+            assert torch.equal(part, rows[r::3]), r
     with pytest.raises(ValueError, match="multiple of world_size"):
         MixtureSampler(data, MIX, SEQ, 10, world_size=3)
 
