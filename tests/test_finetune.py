@@ -179,6 +179,7 @@ def test_epoch_order_visits_each_pair_once_or_by_share_and_splits_the_batch_betw
         chosen, mine = plain.next_rows()
         parts = [o.next_rows()[1] for o in ranks]
         assert sorted(parts[0] + parts[1]) == sorted(chosen) and len(parts[0]) == 2
+        assert parts == [chosen[0::2], chosen[1::2]]  # as documented: rank r keeps rows r, r + 2, ...
 
 
 # ----------------------------------------------------------------------------------------------------------
