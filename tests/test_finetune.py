@@ -163,6 +163,11 @@ def test_epoch_order_visits_each_pair_once_or_by_share_and_splits_the_batch_betw
     assert plain.steps_per_epoch == 2
     assert sorted(plain.epoch(0)) == sorted([("a", i) for i in range(5)] + [("b", i) for i in range(6)])
     assert plain.epoch(1) != EpochOrder({"a": 5, "b": 6}, None, 4, seed=0).epoch(0)  # a fresh order each epoch
+    # the steps walk through each epoch's order 4 rows at a time (its last 11 - 8 = 3 rows unused), then the
+    # next epoch's (the rank checks below alone passed with every epoch re-reading epoch 0's order)
+    order = EpochOrder({"a": 5, "b": 6}, None, 4, seed=0)
+    e0, e1, e2 = plain.epoch(0), plain.epoch(1), plain.epoch(2)
+    assert [order.next_rows()[0] for _ in range(5)] == [e0[0:4], e0[4:8], e1[0:4], e1[4:8], e2[0:4]]
     mixed = EpochOrder({"small": 2, "large": 10}, {"small": 0.25, "large": 0.75}, rows_per_step=3, seed=0)
     rows = mixed.epoch(0)
     small = sorted(i for t, i in rows if t == "small")
@@ -174,6 +179,7 @@ def test_epoch_order_visits_each_pair_once_or_by_share_and_splits_the_batch_betw
         chosen, mine = plain.next_rows()
         parts = [o.next_rows()[1] for o in ranks]
         assert sorted(parts[0] + parts[1]) == sorted(chosen) and len(parts[0]) == 2
+        assert parts == [chosen[0::2], chosen[1::2]]  # as documented: rank r keeps rows r, r + 2, ...
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -437,6 +443,11 @@ def test_a_task_s_validation_split_depends_on_its_name_and_not_on_the_other_task
         job = Finetuning(config("unused", val_fraction=0.25), train_pairs, tokenizer=ByteTokenizer())
         job.resolve(Dist())
         job.check_data()
+        assert {t: len(rows) for t, rows in job.train_rows.items()} == {t: len(p) - len(p) // 4 for t, p in
+                                                                         train_pairs.items()}
+        for t, p in train_pairs.items():  # the training rows are the pairs not held out (none in both)
+            everything = sorted(tokens for tokens, _ in encode_pairs(ByteTokenizer(), p, 48)[0])
+            assert sorted(tokens for tokens, _ in job.train_rows[t] + job.val_rows[t]) == everything, t
         return {t: [tokens for tokens, _ in rows] for t, rows in job.val_rows.items()}
 
     same = pairs(16)

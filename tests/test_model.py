@@ -366,12 +366,19 @@ def test_seeded_sampling_reproduces(model):
 def test_top_k_and_top_p_supports():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)
-    draws = lambda **kw: {int(sample(logits, temperature=1.0, generator=g, **kw)) for _ in range(300)}
+    draws = lambda temperature=1.0, **kw: {int(sample(logits, temperature=temperature, generator=g, **kw))
+                                           for _ in range(300)}
     assert draws(top_k=2) == {0, 1}
     assert draws(top_p=0.75) == {0, 1}  # 0.5 < 0.75 ≤ 0.5 + 0.3
     assert draws(top_p=0.5) == {0}
     assert draws(top_p=0.81) == {0, 1, 2}
     assert draws() == {0, 1, 2, 3}
+    # top_p reads the distribution at the temperature (as HF's warpers run: temperature, then top-p); (a nucleus
+    # taken before the temperature passed the checks above, all at temperature 1)
+    # T = 2: p ∝ sqrt(0.5, 0.3, 0.15, 0.05) = (0.379, 0.294, 0.208, 0.120): 0.673 < 0.75 ≤ 0.880
+    assert draws(temperature=2.0, top_p=0.75) == {0, 1, 2}
+    # T = 0.5: p ∝ (0.5², 0.3², 0.15², 0.05²) = (0.685, 0.247, 0.062, 0.007): 0.6 ≤ 0.685
+    assert draws(temperature=0.5, top_p=0.6) == {0}
 
 
 def test_generation_never_picks_padding_rows(model):
@@ -405,9 +412,17 @@ def test_generation_stops_at_eos(model):
     free = model.generate(prompt, 6)
     eos = int(free[0, 5])  # the 2nd generated token of row 0
     out = model.generate(prompt, 6, eos_token_id=eos)
-    row0 = out[0, 4:].tolist()
-    first = row0.index(eos)
-    assert all(t == eos for t in row0[first:])
+    # by hand from the free run (greedy: the same tokens up to each row's first EOS): each row is padded with
+    # EOS after its first one, and generation stops once every row has one (a stop at the first row's EOS,
+    # or padding that began a token late, passed the old check, that row 0 ends in EOS)
+    rows, firsts = free[:, 4:].clone(), []
+    for row in rows:
+        hits = (row == eos).nonzero()
+        if len(hits):
+            firsts.append(int(hits[0]))
+            row[firsts[-1] + 1:] = eos
+    n_new = max(firsts) + 1 if len(firsts) == len(rows) else 6
+    assert firsts[0] <= 1 and torch.equal(out, torch.cat([prompt, rows[:, :n_new]], dim=1))
 
 
 def test_from_pretrained_downloads_a_hub_checkpoint(model, tmp_path, server):

@@ -158,6 +158,8 @@ def test_ranks_split_the_global_batch(data):
         parts = [s.next_batch() for s in ranks]
         assert all(p.shape == (4, SEQ + 1) for p in parts)
         assert sorted(map(tuple, torch.cat(parts).tolist())) == sorted(map(tuple, rows.tolist()))
+        for r, part in enumerate(parts):  # as documented: rank r keeps rows r, r + 3, r + 6, ... of the step
+            assert torch.equal(part, rows[r::3]), r
     with pytest.raises(ValueError, match="multiple of world_size"):
         MixtureSampler(data, MIX, SEQ, 10, world_size=3)
 
@@ -166,8 +168,12 @@ def test_heldout_windows(data):
     w = heldout_windows(data, "c4", SEQ)
     assert w.shape == ((200 - 1) // SEQ, SEQ + 1)
     assert torch.equal(w[1:, 0], w[:-1, -1])  # back to back: every token after the first is scored once
+    # c4's heldout.bin holds token i = 10001 + i: window j is tokens [8j, 8j + 9), from the file's first token
+    # (shape and back-to-back alone passed with every window shifted one token on)
+    assert torch.equal(w, 10001 + SEQ * torch.arange(24)[:, None] + torch.arange(SEQ + 1))
     few = heldout_windows(data, "c4", SEQ, max_windows=5)
-    assert len(few) == 5 and few[0, 0] == w[0, 0] and few[-1, 0] == w[-1, 0]  # spread over the file
+    # 5 of the 24 windows spread evenly: round(23k/4) for k = 0..4 = 0, 6 (5.75), 12 (11.5, half to even), 17, 23
+    assert torch.equal(few, w[[0, 6, 12, 17, 23]])
     assert torch.equal(few, heldout_windows(data, "c4", SEQ, max_windows=5))
     with pytest.raises(ValueError, match="--eval-windows\\) must be at least 1, got 0"):
         heldout_windows(data, "c4", SEQ, max_windows=0)
