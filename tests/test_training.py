@@ -156,6 +156,27 @@ def test_help_shows_a_default_once():
     assert "None" not in text
 
 
+def test_flops_per_token_counts_every_matmul_weight_and_the_scan_by_chunk():
+    """6 FLOPs per weight of every matrix product the model runs (counted from its nn.Linear modules, the tied
+    head included), plus the chunked scan's forward counted per chunk (a Q×Q product per group for CB, per head
+    for the intra-chunk output, a Q×P×N product per head for the chunk state and for the state's read-out)
+    and divided by Q; the backward twice the forward, once more with activation checkpointing."""
+    from torch import nn
+
+    from minimamba.training import flops_per_token
+
+    cfg = Mamba2Config(d_model=32, n_layer=2, vocab_size=VOCAB, d_state=8, headdim=16, chunk_size=16, ngroups=2)
+    model = Mamba2LM(cfg)
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))  # (the head is one)
+    assert model.lm_head.weight is model.embedding.weight and weights == (
+        2 * (32 * cfg.in_proj_dim + 64 * 32) + 32 * cfg.padded_vocab_size)
+    Q, G, H, P, N = 16, 2, cfg.nheads, 16, 8
+    macs_per_chunk = G * Q * Q * N + H * Q * Q * P + 2 * H * Q * P * N  # per layer
+    forward = 2 * weights + cfg.n_layer * 2 * macs_per_chunk // Q
+    assert flops_per_token(cfg) == 3 * forward
+    assert flops_per_token(cfg, grad_ckpt=True) == 4 * forward
+
+
 def test_schedule_steps_fractions_and_counts():
     assert schedule_steps(TrainConfig(warmup=0.1, decay=0.25), 6000) == (600, 1500)
     assert schedule_steps(TrainConfig(warmup=50, schedule="cosine"), 6000) == (50, 0)
