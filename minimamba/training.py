@@ -37,6 +37,7 @@ Choices, with the reason for each:
 
 The checkpoint of step s is a directory OUT/step-{s:06d}/ holding
     config.json, pytorch_model.bin   the EMA weights in the save_pretrained layout (from_pretrained reads it)
+    tokenizer.json                   the tokenizer the data were prepared with (eval.py reads it), where it is a file
     training_state.pt                raw weights, optimizer, EMA, sampler, RNG, step, resolved config
 It is written as OUT/.step-{s:06d}.tmp/ (training_state.pt last, so a .tmp holding one is complete) and
 flushed to the disk; then OUT/latest (a one-line text file naming it) is replaced atomically, which
@@ -87,7 +88,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from minimamba.config import PUBLIC_SCALES, SCALES, Mamba2Config
-from minimamba.data import DataError, ids_needed
+from minimamba.data import DataError, ids_needed, read_meta
 from minimamba.evaluate import domain_perplexity, load_heldout
 from minimamba.files import atomic_write, fsync_dir, json_line, write_text_atomically
 from minimamba.model import Mamba2LM
@@ -712,8 +713,9 @@ def lock_out(out):
     return fd
 
 
-def save_checkpoint(out, step, model, optimizer, ema, sampler, extra, dist, keep=1):
-    """Write OUT/step-NNNNNN/ (see the module docstring); every process must call it (FSDP gathers)."""
+def save_checkpoint(out, step, model, optimizer, ema, sampler, extra, dist, keep=1, files=None):
+    """Write OUT/step-NNNNNN/ (see the module docstring); every process must call it (FSDP gathers).
+    `files` {name: path}: copied into it too (the run's tokenizer.json, which eval.py reads from a model's folder)."""
     out = Path(out)
     final = out / checkpoint_name(step)
     raw = unwrap(model)
@@ -727,6 +729,8 @@ def save_checkpoint(out, step, model, optimizer, ema, sampler, extra, dist, keep
         tmp.mkdir(parents=True)
         weights = ema_state if ema_state is not None else model_state
         save_pretrained(Weights(raw.config, {k: v.float() for k, v in weights.items()}), tmp)
+        for name, source in (files or {}).items():
+            shutil.copyfile(source, tmp / name)
         state = {
             "format": 1,
             "step": step,
@@ -1308,6 +1312,27 @@ def check_vocabulary(data_dir, mix, eval_domains, vocab_size):
                              f"at least {needed}")
 
 
+def data_tokenizer_file(data_dir, domain):
+    """The tokenizer.json that prepared the token files of `domain` (the name its meta.json records: a path,
+    or a Hub id, whose cached copy is used or downloaded), for the checkpoints to carry (eval.py reads a model
+    folder's own tokenizer.json). None, with a note saying what eval.py then needs, where it cannot be had; None
+    for token files without a meta.json or a tokenizer that is no file (the tests' byte tokenizer)."""
+    from minimamba.tokenizer import load_tokenizer
+
+    if not (Path(data_dir) / domain / "meta.json").exists():
+        return None
+    name = str(read_meta(data_dir, domain).get("tokenizer", {}).get("name", ""))
+    if "/" not in name and not Path(name).exists():  # (a name such as "bytes": no tokenizer.json exists)
+        return None
+    try:
+        return load_tokenizer(name).path
+    except Exception as e:  # (a missing file, no network: its own message says which)
+        print(f"note: the checkpoints will hold no tokenizer.json: the data's tokenizer {name!r} "
+              f"({Path(data_dir) / domain / 'meta.json'}) cannot be read ({e}); give eval.py --tokenizer",
+              file=sys.stderr, flush=True)
+        return None
+
+
 class Pretraining:
     """What a run of continued pretraining does that fine-tuning does not; `_train` does the rest.
 
@@ -1324,6 +1349,7 @@ class Pretraining:
       after_eval(step, result, model, ema)  after each evaluation, step 0's included; True ends the run
                              before max_steps (fine-tuning's early stopping)
       result()               what `run` returns besides step, checkpoint, eval and stopped_by
+    and, after load_data, `tokenizer_file`: a tokenizer.json copied into every checkpoint, or None.
     """
 
     kind = "pretraining"  # stored in the checkpoints: --resume refuses another job's (check_job_kind)
@@ -1348,6 +1374,7 @@ class Pretraining:
                                       dist.world_size)
         self.heldout = load_heldout(cfg.data, r.eval_domains, cfg.seq_len, r.eval_windows)
         check_vocabulary(cfg.data, r.mix, r.eval_domains, raw.config.vocab_size)
+        self.tokenizer_file = data_tokenizer_file(cfg.data, next(iter(r.mix))) if dist.is_main else None
         return self.sampler
 
     def state_dict(self):
@@ -1732,7 +1759,8 @@ def _train(cfg, dist, model, held, job):
     def checkpoint():
         extra = {"job": job.kind, "tokens_seen": tokens_seen, "elapsed": elapsed, "config": asdict(cfg),
                  **job.state_dict()}
-        return save_checkpoint(out, step, model, optimizer, ema, sampler, extra, dist, cfg.keep)
+        files = {"tokenizer.json": job.tokenizer_file} if job.tokenizer_file else None
+        return save_checkpoint(out, step, model, optimizer, ema, sampler, extra, dist, cfg.keep, files)
 
     # --- the loop
     last_eval = None

@@ -1062,6 +1062,33 @@ def test_offline_pretrained_init_fails_fast_with_one_message(data, tmp_path):
     assert "--init /path/to/it" in err and "--init scratch" in err and "Traceback" not in err
 
 
+def test_checkpoints_carry_the_datas_tokenizer_json(data, init_dir, tmp_path, capsys):
+    """eval.py reads a model folder's own tokenizer.json: each checkpoint holds a copy of the tokenizer that
+    meta.json says prepared the data (offline, eval.py of a train.py checkpoint needed --tokenizer); where it
+    cannot be read, a note says so and the run goes on without it."""
+    from minimamba.tokenizer import load_tokenizer
+    from tests.test_tokenizer import tiny_tokenizer_json
+
+    tokens = tmp_path / "tokens"
+    shutil.copytree(data, tokens)
+    tokenizer = tmp_path / "tok" / "tokenizer.json"
+    tokenizer.parent.mkdir()
+    tokenizer.write_text(json.dumps(tiny_tokenizer_json()), encoding="utf-8")
+    for domain in ("pubmed", "c4", "wikipedia"):
+        (tokens / domain / "meta.json").write_text(json.dumps(
+            {"tokenizer": {"name": str(tokenizer), "vocab_size": VOCAB, "eos_id": 0}, "splits": {}}))
+    result = train(config(tokens, init_dir, tmp_path / "run", max_steps=2, save_every=2))
+    copy = Path(result["checkpoint"]) / "tokenizer.json"
+    assert copy.read_bytes() == tokenizer.read_bytes()
+    assert load_tokenizer(copy.parent).encode("the") == load_tokenizer(tokenizer).encode("the")
+    for domain in ("pubmed", "c4", "wikipedia"):  # a path that is not there (moved since prepare)
+        (tokens / domain / "meta.json").write_text(json.dumps(
+            {"tokenizer": {"name": str(tmp_path / "gone.json"), "vocab_size": VOCAB, "eos_id": 0}, "splits": {}}))
+    result = train(config(tokens, init_dir, tmp_path / "run2", max_steps=2, save_every=2))
+    assert not (Path(result["checkpoint"]) / "tokenizer.json").exists()
+    assert "note: the checkpoints will hold no tokenizer.json: the data's tokenizer" in capsys.readouterr().err
+
+
 def test_token_ids_beyond_the_models_vocabulary_are_refused_before_anything_is_written(data, init_dir, tmp_path):
     """Token files with ids the model has no embedding for failed at the first step with an IndexError
     (on CUDA a device-side assert): refused at setup, naming the domain and where the ids come from —
