@@ -470,3 +470,12 @@ def test_an_upper_case_sha256_is_the_same_hash(server, tmp_path):
     assert download(f"{server.url}/f", tmp_path / "f", sha256=good).read_bytes() == PAYLOAD  # downloaded
     assert download(f"{server.url}/f", tmp_path / "f", sha256=good) == tmp_path / "f"  # and already there
     assert len(server.requests) == 1
+
+
+def test_hub_url_quotes_the_revision_whole_and_the_filename_by_segment(monkeypatch):
+    """As the Hub spells them (huggingface_hub's hf_hub_url): a revision such as a PR ref is one path segment
+    ("refs/pr/1" -> "refs%2Fpr%2F1"); a file in a folder keeps its "/"; a space is %20."""
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example/")
+    assert dl.hub_url("org/m", "sub dir/f.json", "refs/pr/1") == \
+        "https://hub.example/org/m/resolve/refs%2Fpr%2F1/sub%20dir/f.json"
+    assert dl.hub_url("datasets/org/d", "data.jsonl") == "https://hub.example/datasets/org/d/resolve/main/data.jsonl"
