@@ -359,3 +359,29 @@ def test_generation_runs_under_the_autocast_it_is_given(model, monkeypatch):
     assert seen == [True] * 3
     generate_texts(model, TOK, ["Hi"], max_new_tokens=2)
     assert seen[-1] is False
+
+
+def test_domain_perplexity_split_over_ranks_adds_up_to_the_whole(model, monkeypatch):
+    """Under torch.distributed each rank scores windows[rank::world_size] and all_reduce sums (NLL, tokens):
+    emulated here in one process (rank 1 first, its sums recorded; rank 0's all_reduce adds them), the result
+    is the single-process perplexity of every window (5 windows: ranks of 3 and 2)."""
+    from types import SimpleNamespace
+
+    from minimamba.evaluate import domain_perplexity
+
+    windows = {"pubmed": torch.randint(0, CFG.vocab_size, (5, 9), generator=torch.Generator().manual_seed(0))}
+    whole = domain_perplexity(model, windows, batch_size=2)
+    sent, calls = [], []
+
+    def all_reduce(t):  # (SUM, the default op)
+        calls.append(t.tolist())
+        if sent:
+            t += sent.pop()
+        else:
+            sent.append(t.clone())
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    domain_perplexity(model, windows, batch_size=2, dist=SimpleNamespace(rank=1, world_size=2, device="cpu"))
+    split = domain_perplexity(model, windows, batch_size=2, dist=SimpleNamespace(rank=0, world_size=2, device="cpu"))
+    assert split["pubmed"]["tokens"] == whole["pubmed"]["tokens"] == 5 * 8
+    assert [tokens for _, tokens in calls] == [2 * 8, 3 * 8]  # each rank sent its own windows' sums    assert split["pubmed"]["loss"] == pytest.approx(whole["pubmed"]["loss"], rel=1e-6)
