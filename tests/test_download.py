@@ -400,3 +400,82 @@ def test_two_processes_downloading_the_same_file_take_turns(server, tmp_path, mo
     assert results == [dest, dest]
     assert dest.read_bytes() == PAYLOAD and os.listdir(tmp_path) == ["f"]
     assert [r[1] for r in server.requests] == [None]  # downloaded once
+
+
+@pytest.fixture
+def failing(server, monkeypatch):
+    """`server`, answering a path in the returned dict with the HTTP error codes listed there first (one per
+    request, recorded as requests), then as usual."""
+    codes = {}
+    handler_class = server.RequestHandlerClass
+    serve = handler_class.do_GET
+
+    def do_GET(handler):
+        if not codes.get(handler.path):
+            return serve(handler)
+        handler.server.requests.append((handler.path, handler.headers.get("Range"), None))
+        handler.send_error(codes[handler.path].pop(0))
+
+    monkeypatch.setattr(handler_class, "do_GET", do_GET)
+    return codes
+
+
+@pytest.mark.parametrize("code", [408, 429, 500, 502, 503, 504])  # (written out: not read from the module)
+def test_transient_http_errors_are_retried_exactly_retries_times(server, failing, tmp_path, code):
+    server.files["/f"] = PAYLOAD
+    failing["/f"] = [code, code]
+    assert download(f"{server.url}/f", tmp_path / "a", retries=2).read_bytes() == PAYLOAD
+    assert len(server.requests) == 3  # two failures, then the file
+    server.requests.clear()
+    failing["/f"] = [code, code, code]
+    with pytest.raises(DownloadError, match=f"HTTP {code}"):
+        download(f"{server.url}/f", tmp_path / "b", retries=2)
+    assert len(server.requests) == 3  # 1 + retries tries, no more
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("code", [400, 401, 403, 404, 410])
+def test_other_http_errors_are_not_retried(server, failing, tmp_path, code):
+    server.files["/f"] = PAYLOAD
+    failing["/f"] = [code]
+    with pytest.raises(DownloadError, match=f"HTTP {code}"):
+        download(f"{server.url}/f", tmp_path / "f", retries=3)
+    assert len(server.requests) == 1
+
+
+def test_the_token_goes_to_hf_endpoint_only(server, monkeypatch, tmp_path):
+    """HF_TOKEN is for the Hub: a download from any other address (a task file from GitHub) never sends it."""
+    monkeypatch.setenv("HF_TOKEN", "secret")
+    server.files["/f"] = PAYLOAD
+    monkeypatch.setenv("HF_ENDPOINT", "http://hub.invalid")
+    assert download(f"{server.url}/f", tmp_path / "f").read_bytes() == PAYLOAD
+    monkeypatch.setenv("HF_ENDPOINT", server.url + "/mirror")  # (the same host, another prefix: not the Hub)
+    assert download(f"{server.url}/f", tmp_path / "g").read_bytes() == PAYLOAD
+    assert server.requests == [("/f", None, None), ("/f", None, None)]
+
+
+def test_a_weak_etag_is_not_kept_as_the_resume_validator(server, tmp_path):
+    """If-Range takes a strong validator only (RFC 9110): a weak ETag (W/"...") is not written to the
+    .part.validator (the server here sends no Last-Modified, so no validator is kept at all)."""
+    server.files["/f"], server.etags["/f"] = PAYLOAD, 'W/"v1"'
+    server.drop_after["/f"] = 100_000
+    with pytest.raises(DownloadError, match="resume"):
+        download(f"{server.url}/f", tmp_path / "f", retries=0)
+    assert (tmp_path / "f.part").stat().st_size == 100_000 and not (tmp_path / "f.part.validator").exists()
+
+
+def test_an_upper_case_sha256_is_the_same_hash(server, tmp_path):
+    server.files["/f"] = PAYLOAD
+    good = hashlib.sha256(PAYLOAD).hexdigest().upper()
+    assert download(f"{server.url}/f", tmp_path / "f", sha256=good).read_bytes() == PAYLOAD  # downloaded
+    assert download(f"{server.url}/f", tmp_path / "f", sha256=good) == tmp_path / "f"  # and already there
+    assert len(server.requests) == 1
+
+
+def test_hub_url_quotes_the_revision_whole_and_the_filename_by_segment(monkeypatch):
+    """As the Hub spells them (huggingface_hub's hf_hub_url): a revision such as a PR ref is one path segment
+    ("refs/pr/1" -> "refs%2Fpr%2F1"); a file in a folder keeps its "/"; a space is %20."""
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example/")
+    assert dl.hub_url("org/m", "sub dir/f.json", "refs/pr/1") == \
+        "https://hub.example/org/m/resolve/refs%2Fpr%2F1/sub%20dir/f.json"
+    assert dl.hub_url("datasets/org/d", "data.jsonl") == "https://hub.example/datasets/org/d/resolve/main/data.jsonl"

@@ -75,13 +75,20 @@ def first_greedy_only(model, context):
     return greedy[0] + ("q" if greedy[1] != "q" else "z")
 
 
+def last_greedy_only(model, context):
+    """Two characters: one that is not the model's greedy one after `context`, then its greedy next."""
+    first = "q" if greedy_continuation(model, context, 1) != "q" else "z"
+    return first + greedy_continuation(model, context + first, 1)
+
+
 @pytest.fixture(scope="module")
 def items(model):
     return [
         Choice("shared", (("The cat sat on the", " mat"), ("The cat sat on the", " hat, then left"),
                           ("The cat sat on the", " x"), ("The cat sat on the", " dog's bed"),
                           ("The cat sat on the", greedy_continuation(model, "The cat sat on the", 5)),
-                          ("The cat sat on the", first_greedy_only(model, "The cat sat on the"))), gold=1),
+                          ("The cat sat on the", first_greedy_only(model, "The cat sat on the")),
+                          ("The cat sat on the", last_greedy_only(model, "The cat sat on the"))), gold=1),
         Choice("wino", (("Anna gave Maria a book because Anna", " was kind."),
                         ("Anna gave Maria a book because Maria", " was kind.")), gold=0),
         Choice("empty-context", (("", "Hello"), ("", "Hi"), ("Q: hi? A:", " no")), gold=1),
@@ -110,6 +117,7 @@ def test_scores_equal_a_plain_forward_per_option(model, items, want, batch_size)
             assert g[1:] == w[1:], f"{item.id} option {j}"
     assert got[0][4][2] and got[0][4][1] == 5  # the model's own greedy continuation is greedy
     assert not got[0][5][2]  # greedy means every token: the first one alone is not enough
+    assert not got[0][6][2]  # nor the last one alone
     assert not all(s[2] for row in got for s in row)  # and not every option is
 
 
@@ -175,6 +183,9 @@ def test_choice_metrics_by_hand():
 def test_lambada_metrics_by_hand():
     m = lambada_metrics([[(-2.0, 1, True)], [(-4.0, 3, False)]])
     assert m == {"acc": 0.5, "ppl": pytest.approx(math.exp(3.0)), "n": 2}  # exp(-mean(-2, -4)), per item not token
+    # a mean log-likelihood below -log(float max) ≈ -709.78: a perplexity beyond any float is inf, not an OverflowError
+    assert lambada_metrics([[(-800.0, 3, False)], [(-700.0, 2, False)]])["ppl"] == math.inf
+    assert lambada_metrics([[(-709.0, 3, False)]])["ppl"] == pytest.approx(math.exp(709.0))
     with pytest.raises(ValueError, match="item 1 has 2"):
         lambada_metrics([[(-2.0, 1, True)], [(-1.0, 1, True), (-1.0, 1, True)]])
 
@@ -201,11 +212,14 @@ def test_predicted_label_is_the_likeliest_options():
     item = Choice("q", (("c", " yes"), ("c", " no"), ("c", " Yes")), gold=1, labels=("yes", "no", "yes"))
     assert predict_labels([item, item], [[(-3.0, 1, 0), (-2.0, 1, 0), (-1.0, 1, 0)],
                                          [(-3.0, 1, 0), (-2.0, 1, 0), (-2.5, 1, 0)]]) == ["yes", "no"]
+    with pytest.raises(ValueError, match="item 'q' has 3 options and 2 labels; a yes/no item names each option"):
+        predict_labels([Choice("q", item.options, gold=1, labels=("yes", "no"))], [[(-1.0, 1, 0)] * 3])
 
 
 @pytest.mark.parametrize("text, expected", [(" Yes.", "yes"), ("no, because", "no"), ("\n**Maybe**", "maybe"),
                                         ("NO", "no"), ("Answer: yes", None), ("yesterday", None), ("", None),
-                                        ("  ...  ", None)])
+                                        ("  ...  ", None),
+                                        ("__Yes__", "yes"), ("_no_", "no")])  # (markdown emphasis: "_" is no letter)
 def test_parse_yes_no(text, expected):
     assert parse_yes_no(text) == expected
 
@@ -345,3 +359,29 @@ def test_generation_runs_under_the_autocast_it_is_given(model, monkeypatch):
     assert seen == [True] * 3
     generate_texts(model, TOK, ["Hi"], max_new_tokens=2)
     assert seen[-1] is False
+
+
+def test_domain_perplexity_split_over_ranks_adds_up_to_the_whole(model, monkeypatch):
+    """Under torch.distributed each rank scores windows[rank::world_size] and all_reduce sums (NLL, tokens):
+    emulated here in one process (rank 1 first, its sums recorded; rank 0's all_reduce adds them), the result
+    is the single-process perplexity of every window (5 windows: ranks of 3 and 2)."""
+    from types import SimpleNamespace
+
+    from minimamba.evaluate import domain_perplexity
+
+    windows = {"pubmed": torch.randint(0, CFG.vocab_size, (5, 9), generator=torch.Generator().manual_seed(0))}
+    whole = domain_perplexity(model, windows, batch_size=2)
+    sent, calls = [], []
+
+    def all_reduce(t):  # (SUM, the default op)
+        calls.append(t.tolist())
+        if sent:
+            t += sent.pop()
+        else:
+            sent.append(t.clone())
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    domain_perplexity(model, windows, batch_size=2, dist=SimpleNamespace(rank=1, world_size=2, device="cpu"))
+    split = domain_perplexity(model, windows, batch_size=2, dist=SimpleNamespace(rank=0, world_size=2, device="cpu"))
+    assert split["pubmed"]["tokens"] == whole["pubmed"]["tokens"] == 5 * 8
+    assert [tokens for _, tokens in calls] == [2 * 8, 3 * 8]  # each rank sent its own windows' sums    assert split["pubmed"]["loss"] == pytest.approx(whole["pubmed"]["loss"], rel=1e-6)

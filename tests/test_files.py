@@ -108,3 +108,21 @@ def test_on_windows_the_file_is_flushed_through_a_writable_descriptor_opened_bef
     write_text_atomically(path, "new")
     assert events == [("open", os.O_WRONLY, True), ("chmod", 0o444)]
     assert path.read_text() == "new" and stat.S_IMODE(path.stat().st_mode) == 0o444
+
+
+def test_non_finite_floats_become_null_at_any_depth(tmp_path):
+    import json
+    import math
+
+    from minimamba.files import finite_or_none, json_line, write_json_atomically
+
+    value = {"ppl": math.inf, "loss": math.nan, "low": -math.inf, "n": 3, "ok": 1.5, "flag": True,
+             "runs": [{"ppl": math.inf}, (math.nan, 2.0)], "name": "inf"}
+    want = {"ppl": None, "loss": None, "low": None, "n": 3, "ok": 1.5, "flag": True,
+            "runs": [{"ppl": None}, [None, 2.0]], "name": "inf"}
+    assert finite_or_none(value) == want
+    line = json_line(value)
+    assert line.endswith("}\n") and line.count("\n") == 1 and json.loads(line) == want
+    write_json_atomically(tmp_path / "results.json", value)
+    text = (tmp_path / "results.json").read_text()
+    assert json.loads(text) == want and "Infinity" not in text and "NaN" not in text

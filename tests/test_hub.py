@@ -177,3 +177,78 @@ def test_bench_checkpointing_switches_on_hf_blocks_too():
             out = model(ids)
             (out if impl == "minimamba" else out.logits).logsumexp(-1).mean().backward()
             assert len(runs) == cfg.n_layer * (2 if ckpt else 1), (impl, ckpt, len(runs))
+
+
+def test_an_untied_checkpoint_loads_its_own_head_and_a_config_file_path_names_its_folder(tmp_path):
+    """tie_embeddings=false: lm_head.weight is its own tensor, loaded (not dropped as for a tied config,
+    which left the head unloaded); and the path of the config.json, not only its folder, loads the same."""
+    torch.manual_seed(4)
+    model = randomize_(Mamba2LM(tiny_config(tie_embeddings=False)), seed=4).eval()
+    with torch.no_grad():
+        model.lm_head.weight.copy_(torch.randn_like(model.lm_head.weight))
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(0, 1000, (2, 17))
+    for where in (tmp_path, tmp_path / "config.json"):
+        loaded = from_pretrained(where).eval()
+        assert loaded.lm_head.weight is not loaded.embedding.weight
+        assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+        with torch.no_grad():
+            assert torch.equal(loaded(ids), model(ids)), where
+
+
+def test_the_mismatch_error_lists_every_problem_and_nothing_else(saved, tmp_path):
+    """Several problems of each kind, the first and the last key of the model among them: the error's
+    lines are exactly these (worked out by hand for tiny_config: H = 2·64/16 = 8 heads, conv channels
+    2·64 + 2·1·16 = 160, vocabulary 1000 padded to 1008)."""
+    def break_(sd):
+        del sd["backbone.norm_f.weight"]  # (the model's last key with a tied head)
+        del sd["backbone.layers.0.mixer.A_log"]
+        del sd["lm_head.weight"]  # (tied: its absence is no problem)
+        sd["backbone.embedding.weight"] = torch.zeros(1001, 64)  # (the model's first key)
+        sd["backbone.layers.1.mixer.conv1d.bias"] = torch.zeros(3)
+        sd["backbone.layers.9.norm.weight"] = torch.zeros(2)
+        sd["backbone.extra"] = torch.zeros(1)
+
+    d = write_checkpoint(saved, tmp_path, break_)
+    with pytest.raises(CheckpointError) as err:
+        from_pretrained(d)
+    head, *lines = str(err.value).split("\n")
+    assert head == (f"checkpoint {d} does not match its config.json (d_model=64, n_layer=2, d_state=16, headdim=16, "
+                    "ngroups=1, vocab=1008):")
+    assert sorted(line.strip() for line in lines) == sorted([
+        "missing key layers.0.mixer.A_log (8,)",
+        "missing key norm_f.weight (64,)",
+        "unexpected key layers.9.norm.weight (2,)",
+        "unexpected key extra (1,)",
+        "wrong shape for embedding.weight: checkpoint (1001, 64), config expects (1008, 64)",
+        "wrong shape for layers.1.mixer.conv1d.bias: checkpoint (3,), config expects (160,)",
+    ])
+
+
+def test_many_non_floating_tensors_are_counted_and_a_non_tensor_value_is_refused(saved, tmp_path):
+    names = [f"backbone.layers.{i}.mixer.{k}" for i in (0, 1) for k in ("A_log", "D", "dt_bias", "conv1d.bias",
+                                                                         "norm.weight")]  # 10 tensors
+
+    in_file_order = []
+
+    def quantize(sd):
+        for name in names:
+            sd[name] = sd[name].to(torch.int32)
+        in_file_order.extend(k for k in sd if k in names)
+
+    with pytest.raises(CheckpointError) as err:
+        from_pretrained(write_checkpoint(saved, tmp_path, quantize))
+    listed = ", ".join(f"{n} (torch.int32)" for n in in_file_order[:8])  # the first 8 in the file's order, then a count
+    assert f"not floating point: {listed} and 2 more. A Mamba2 checkpoint" in str(err.value)
+
+    def non_tensor(sd):
+        sd["backbone.layers.0.mixer.D"] = [1.0] * 8
+
+    with pytest.raises(CheckpointError, match="does not hold a flat state dict of tensors"):
+        from_pretrained(write_checkpoint(saved, tmp_path, non_tensor))
+
+
+def test_dtype_names_are_read_whatever_their_case(saved):
+    _, d = saved
+    for given, want in [("BF16", torch.bfloat16), (" Float16 ", torch.float16), ("torch.FLOAT64", torch.float64)]:
+        assert {p.dtype for p in from_pretrained(d, dtype=given).parameters()} == {want}, given

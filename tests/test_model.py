@@ -479,3 +479,53 @@ def test_decode_linear_equals_the_layer(out_features, bias):
             torch.testing.assert_close(decode_linear(x, layer), layer(x), rtol=1e-6, atol=1e-6)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_config_refusals_name_the_option_and_what_is_accepted_reads():
+    """Each refusal of config.py on its own (an option minimamba does not implement must not load as if it
+    were absent), and the values next to them that do read; the padded vocabulary by a plain loop."""
+    bare = {"d_model": 64, "n_layer": 2, "vocab_size": 1000, "ssm_cfg": {"layer": "Mamba2"}}
+    refused = [
+        ({**bare, "d_intermediate": 128}, "configs with MLP blocks (d_intermediate > 0) or attention layers"),
+        ({**bare, "attn_layer_idx": [1]}, "configs with MLP blocks (d_intermediate > 0) or attention layers"),
+        ({**bare, "ssm_cfg": {"layer": "Mamba2", "norm_before_gate": True}},
+         "unsupported Mamba2 options in ssm_cfg: {'norm_before_gate': True}"),
+        ({**bare, "ssm_cfg": {"layer": "Mamba2", "dt_limit": [0.0, 0.1]}},
+         "unsupported Mamba2 options in ssm_cfg: {'dt_limit': [0.0, 0.1]}"),
+        ({**bare, "ssm_cfg": {"layer": "Mamba2", "D_has_hdim": True}}, "unsupported Mamba2 options in ssm_cfg"),
+        ({**bare, "ssm_cfg": ["Mamba2"]}, "ssm_cfg must be a JSON object, got ['Mamba2']"),
+        ({**bare, "ssm_cfg": {"layer": "Mamba3"}}, "ssm_cfg.layer is 'Mamba3'; minimamba implements Mamba2 only"),
+    ]
+    hf = {"model_type": "mamba2", "hidden_size": 64, "num_hidden_layers": 2, "head_dim": 16, "state_size": 16}
+    refused += [
+        ({**hf, "num_heads": 7}, "HF config num_heads=7 disagrees with expand·hidden_size/head_dim = 8"),
+        ({**hf, "norm_before_gate": True}, "only rms_norm=True, norm_before_gate=False Mamba2 configs"),
+        ({**hf, "rms_norm": False}, "only rms_norm=True, norm_before_gate=False Mamba2 configs"),
+        ({**hf, "time_step_limit": [0.0, {"__float__": "1e3"}]}, "unsupported Mamba2 option time_step_limit"),
+        ({**hf, "time_step_limit": [0.001, {"__float__": "Infinity"}]}, "unsupported Mamba2 option time_step_limit"),
+    ]
+    for d, message in refused:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            Mamba2Config.from_dict(d)
+    base = Mamba2Config.from_dict(bare)
+    for same in ({**bare, "ssm_cfg": {"layer": "Mamba2", "dt_limit": [0.0, float("inf")], "d_ssm": None}},
+                 {**bare, "d_intermediate": 0, "attn_layer_idx": []}):
+        assert Mamba2Config.from_dict(same) == base
+    ours = Mamba2Config.from_dict({**hf, "num_heads": 8})
+    # transformers >= 5 writes inf as {"__float__": "Infinity"}; null means no limit too
+    for limit in ([0.0, {"__float__": "Infinity"}], None, [0, float("inf")]):
+        assert Mamba2Config.from_dict({**hf, "time_step_limit": limit}) == ours
+
+    for kw, message in [(dict(d_model=True), "d_model must be an integer, got True"),
+                        (dict(n_layer=2.0), "n_layer must be an integer, got 2.0"),
+                        (dict(tie_embeddings=1), "tie_embeddings must be true or false, got 1"),
+                        (dict(norm_eps="1e-5"), "norm_eps must be a number, got '1e-5'"),
+                        (dict(headdim=48), "d_inner = expand·d_model = 128 is not a multiple of headdim 48")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            tiny_config(**kw)
+    assert tiny_config(norm_eps=1).norm_eps == 1  # (an int is a number)
+    for vocab, multiple in [(1000, 16), (1008, 16), (1009, 16), (1, 8), (50277, 16), (50277, 1)]:
+        padded = next(n for n in range(vocab, vocab + multiple) if n % multiple == 0)  # the least multiple >= V
+        assert tiny_config(vocab_size=vocab, pad_vocab_size_multiple=multiple).padded_vocab_size == padded
+    with pytest.raises(ValueError, match=re.escape("unknown Mamba2Config fields: ['dmodel']")):
+        tiny_config().replace(dmodel=8)

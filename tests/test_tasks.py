@@ -283,6 +283,8 @@ def test_missing_files_say_where_and_how_to_get_them(tmp_path):
 @pytest.mark.parametrize("content,message", [
     (ARC_LINE + ARC_LINE.replace('"gold": 1', '"gold": 7'),
      r"arc_easy.jsonl:2: gold 7 is not an option index \(0..1\)"),
+    (ARC_LINE.replace('"gold": 1', '"gold": 2'), r"arc_easy.jsonl:1: gold 2 is not an option index \(0..1\)"),
+    (ARC_LINE.replace('"gold": 1', '"gold": -1'), r"arc_easy.jsonl:1: gold -1 is not an option index \(0..1\)"),
     (ARC_LINE.replace('"gold": 1', '"gold": true'), r"arc_easy.jsonl:1: 'gold' should be a non-empty int"),
     ('{"query": "Question: Why?", "gold": 0}\n', r"arc_easy.jsonl:1: no 'choices' field"),
     (ARC_LINE + "\n" + ARC_LINE[:30] + "\n", r"arc_easy.jsonl:3: not valid JSON"),
@@ -397,6 +399,26 @@ def test_split_note_and_clipping():
     assert tasks.split_note("nospaces" * 10) == ("", "nospaces" * 10)
     assert tasks._keep_start("one two three", 9) == "one two" and tasks._keep_start("one two three", 7) == "one two"
     assert tasks._keep_end("one two three", 8) == "three" and tasks._keep_end("one two three", 9) == "two three"
+    # the space exactly at len·ratio is a cut ("ab cd": int(5 · 0.5) = 2)
+    assert tasks.split_note("ab cd") == ("ab", "cd") and tasks.split_note("abc de", 0.5) == ("abc", "de")
+
+
+def test_the_minimum_lengths_keep_a_note_at_exactly_the_minimum():
+    """MIN_PREFIX_CHARS = 100, MIN_REFERENCE_CHARS = 50 are the least kept, by hand: a note of 100 + 1 + 100
+    characters cuts at its middle, so its prefix has exactly 100; one character less and it is skipped."""
+    kept = tasks._completion("a" * 100 + " " + "b" * 100)
+    assert kept == (tasks.COMPLETION_TEMPLATE.format(prefix="a" * 100), "b" * 100)
+    assert tasks._completion("a" * 99 + " " + "b" * 100) == "prefix 99 / rest 100 characters"
+    context, target = "c" * 100, "t" * 50
+    assert tasks._summary(f"{context}\nPLAN\n{target}") == (tasks.SUMMARY_TEMPLATE.format(context=context), target)
+    assert tasks._summary(f"{context}\nPLAN\n{target[1:]}") == "context 100 / target 49 characters"
+    assert tasks._summary(f"{context[1:]}\nPLAN\n{target}") == "context 99 / target 50 characters"
+
+
+def test_hellaswag_preprocess_by_hand():
+    """lm-eval's steps in order: strip, " [title]" -> ". ", each "[...]" tag dropped alone (not greedily from the
+    first "[" to the last "]"), then "  " -> " "."""
+    assert tasks.hellaswag_preprocess("  Roof [title] Cut [step] the onion [substeps] now. ") == "Roof. Cut the onion now."
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -324,6 +324,25 @@ def test_tiny_tokenizer_matches_the_reference(tmp_path):
     assert tok.encode_batch(texts) == [e.ids for e in ref.encode_batch(texts)]
 
 
+def test_a_special_token_inside_another_is_matched_longest_first_as_the_reference(tmp_path):
+    """Special tokens "<|end|>" and "<|end|>x": where the longer one is there it wins (leftmost-longest, as
+    HF tokenizers matches added tokens), which the GPT-NeoX file, whose two special tokens overlap nowhere,
+    cannot show."""
+    tokenizers = pytest.importorskip("tokenizers", reason="HF tokenizers (the test oracle) is not installed")
+    spec = tiny_tokenizer_json()
+    vocab = spec["model"]["vocab"]
+    first = len(vocab) + 2  # (after the two space-run tokens)
+    for i, content in enumerate(["<|end|>", "<|end|>x"]):
+        spec["added_tokens"].append({"id": first + i, "content": content, "special": True, "normalized": False,
+                                     "single_word": False, "lstrip": False, "rstrip": False})
+        vocab[content] = first + i
+    path = write_json(tmp_path / "tokenizer.json", spec)
+    tok, ref = load_tokenizer(path), tokenizers.Tokenizer.from_file(str(path))
+    texts = ["a<|end|>xb", "<|end|><|end|>x", "<|end|>", "the<|end|>x<|endoftext|>"]
+    assert tok.encode_batch(texts) == [e.ids for e in ref.encode_batch(texts)]
+    assert tok.encode("<|end|><|end|>x") == [first, first + 1]  # (by hand)
+
+
 def test_unpaired_surrogates_and_a_text_for_a_batch_are_refused_as_the_reference_refuses_them(tmp_path):
     tokenizers = pytest.importorskip("tokenizers", reason="HF tokenizers (the test oracle) is not installed")
     path = write_json(tmp_path / "tokenizer.json", tiny_tokenizer_json())
@@ -354,6 +373,13 @@ def test_unpaired_surrogates_and_a_text_for_a_batch_are_refused_as_the_reference
     ("lowercase", json.dumps(tiny_tokenizer_json(normalizer={"type": "Lowercase"})), "is not supported"),
     ("adds BOS", json.dumps(tiny_tokenizer_json(post_processor={"type": "TemplateProcessing"})), "is not supported"),
     ("truncates", json.dumps(tiny_tokenizer_json(truncation={"max_length": 8})), "is not supported"),
+    *[(f"added token {flag}", json.dumps(tiny_tokenizer_json(added_tokens=[
+        {**a, flag: a["content"] == "<|padding|>"} for a in tiny_tokenizer_json()["added_tokens"]])),
+       "added token '<|padding|>' with lstrip/rstrip/single_word is not supported")
+      for flag in ("lstrip", "rstrip", "single_word")],
+    ("a gap in the space runs", json.dumps(tiny_tokenizer_json(added_tokens=[
+        a for a in tiny_tokenizer_json()["added_tokens"] if a["content"] != "  "])),
+     r"space-run added tokens of lengths \[3\] \(expected 2..n\) is not supported"),
 ])
 def test_bad_tokenizer_files_give_clear_errors(tmp_path, problem, content, message):
     path = tmp_path / "tokenizer.json"
