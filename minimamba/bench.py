@@ -25,6 +25,7 @@ from minimamba.tasks import TASKS, TaskDataError
 
 # the tasks whose items are scored by their options' log-likelihoods (`score_options`): what `scoring` times
 SCORED_KINDS = ("choice", "yesno", "lambada")
+SCORED_TASKS = [name for name, task in TASKS.items() if task.kind in SCORED_KINDS]
 
 
 # the pretraining-style corpora of shared/data, relative to it: corpus -> [(file, how a line gives a document)]
@@ -244,8 +245,10 @@ def _phase(impl, phase, a):
     elif phase == "train":
         model.train()
         ids = torch.randint(0, 50277, (a["batch"], a["seqlen"] + 1), generator=g).to(device)
-        # the same optimizer for both implementations, fused as train.py's (minimamba.training)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True if device.type in ("cpu", "cuda") else None)
+        from minimamba.training import adamw_fused
+
+        # the same optimizer for both implementations, as train.py makes it
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=adamw_fused(device))
 
         def step():
             with amp():
@@ -503,12 +506,11 @@ def _contexts(text):
 
 def _scored_task(name):
     """argparse type: the name of a task of minimamba.tasks whose kind is one of SCORED_KINDS."""
-    scored = [n for n, t in TASKS.items() if t.kind in SCORED_KINDS]
     if name not in TASKS:
-        raise argparse.ArgumentTypeError(f"unknown task {name!r}; choose from {', '.join(scored)}")
-    if name not in scored:
+        raise argparse.ArgumentTypeError(f"unknown task {name!r}; choose from {', '.join(SCORED_TASKS)}")
+    if name not in SCORED_TASKS:
         raise argparse.ArgumentTypeError(f"{name} is a {TASKS[name].kind} task, not scored by its options; "
-                                         f"choose from {', '.join(scored)}")
+                                         f"choose from {', '.join(SCORED_TASKS)}")
     return name
 
 
@@ -575,7 +577,7 @@ def main(argv=None):
     sc = commands.add_parser("scoring", help="eval.py's option scoring vs one forward per option")
     sc.add_argument("--task", type=_scored_task, default="pubmedqa",
                     help=f"a task of kind {' / '.join(SCORED_KINDS)} (minimamba.tasks): "
-                         f"{', '.join(n for n, t in TASKS.items() if t.kind in SCORED_KINDS)} (default: %(default)s)")
+                         f"{', '.join(SCORED_TASKS)} (default: %(default)s)")
     sc.add_argument("--items", type=_positive, default=20, help="the first N items of its test split")
     sc.add_argument("--task-data", type=Path, default=shared_data_dir(),
                     help="the tasks' files (default: $MINIMAMBA_DATA, else shared/data beside the clone; "

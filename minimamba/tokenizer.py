@@ -181,15 +181,22 @@ class Tokenizer:
 def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_TOKENIZER) -> Tokenizer:
     """The tokenizer described by a HF tokenizer.json: a path to the file, a directory holding it, or
     a Hub repo id such as "EleutherAI/gpt-neox-20b" (downloaded once into the weights' cache)."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        path = path / "tokenizer.json"
-    elif not path.exists() and _looks_like_repo_id(str(name_or_path)):
-        from minimamba.download import hub_file_or_local  # only Hub users need the network code
-
-        path = hub_file_or_local(str(name_or_path), "tokenizer.json")
+    path = tokenizer_file(name_or_path)
     spec = _read_tokenizer_json(path)
     return _build(spec, name=str(name_or_path), path=path)
+
+
+def tokenizer_file(name_or_path: str | os.PathLike) -> Path:
+    """Where the tokenizer.json that `load_tokenizer` reads for `name_or_path` is: the path itself, the file in
+    a directory, or a Hub repo's (downloaded once into the weights' cache). Not checked to exist or be valid."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path / "tokenizer.json"
+    if not path.exists() and _looks_like_repo_id(str(name_or_path)):
+        from minimamba.download import hub_file_or_local  # only Hub users need the network code
+
+        return hub_file_or_local(str(name_or_path), "tokenizer.json")
+    return path
 
 
 def _looks_like_repo_id(name: str) -> bool:

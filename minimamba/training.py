@@ -434,6 +434,13 @@ def lr_factor(step, total, warmup, schedule="wsd", decay=0, min_ratio=0.1):
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def adamw_fused(device):
+    """AdamW's `fused` for parameters on `device`: True on CPU and CUDA, torch's one-pass kernels (on a 2-core
+    CPU a 130m model's update takes 0.08 s instead of 0.4-0.7 s by the default multi-tensor path; the same
+    update, up to the last bit of a few entries in a thousand); None (torch's default) elsewhere."""
+    return True if torch.device(device).type in ("cpu", "cuda") else None
+
+
 class EMA:
     """An exponential moving average of the weights, in float32: ema ← decay·ema + (1 − decay)·w."""
 
@@ -1317,7 +1324,7 @@ def data_tokenizer_file(data_dir, domain):
     or a Hub id, whose cached copy is used or downloaded), for the checkpoints to carry (eval.py reads a model
     folder's own tokenizer.json). None, with a note saying what eval.py then needs, where it cannot be had; None
     for token files without a meta.json or a tokenizer that is no file (the tests' byte tokenizer)."""
-    from minimamba.tokenizer import load_tokenizer
+    from minimamba.tokenizer import tokenizer_file
 
     if not (Path(data_dir) / domain / "meta.json").exists():
         return None
@@ -1325,7 +1332,10 @@ def data_tokenizer_file(data_dir, domain):
     if "/" not in name and not Path(name).exists():  # (a name such as "bytes": no tokenizer.json exists)
         return None
     try:
-        return load_tokenizer(name).path
+        path = tokenizer_file(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"no file {path}")
+        return path
     except Exception as e:  # (a missing file, no network: its own message says which)
         print(f"note: the checkpoints will hold no tokenizer.json: the data's tokenizer {name!r} "
               f"({Path(data_dir) / domain / 'meta.json'}) cannot be read ({e}); give eval.py --tokenizer",
@@ -1662,11 +1672,7 @@ def _train(cfg, dist, model, held, job):
     # --- optimizer, EMA, data
     groups = param_groups(raw, cfg.weight_decay, cfg.llrd)
     params = [p for g in groups for p in g["params"]]
-    # fused: AdamW's update in one pass over each tensor (torch's CPU and CUDA kernels; on a 2-core CPU a 130m
-    # model's update takes 0.08 s instead of 0.4-0.7 s by the default multi-tensor path; the same update, up to
-    # the last bit of a few entries in a thousand)
-    fused = True if dist.device.type in ("cpu", "cuda") else None  # (None: torch's default elsewhere)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=adamw_fused(dist.device))
     ema = EMA(raw, cfg.ema) if cfg.ema > 0 else None
     try:
         sampler = job.load_data(raw)  # the data order, checkpointed with the rest
