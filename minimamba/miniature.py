@@ -103,7 +103,8 @@ def check_data_root(data_root):
     if not tokenizer_path.is_file():
         missing.insert(0, str(tokenizer_path))
     if missing:
-        raise data.DataError(f"--data-root {data_root}: missing {', '.join(missing)}")
+        raise data.DataError(f"--data-root {data_root}: missing {', '.join(missing)}. Point --data-root (or "
+                             "$MINIMAMBA_DATA) at the shared data folder that holds pubmed/, c4/, wiki/ and tokenizer/")
     return tokenizer_path
 
 

@@ -41,7 +41,7 @@ def test_unknown_row_is_refused(tmp_path, capsys):
 
 
 def test_missing_data_root_names_the_files(tmp_path):
-    with pytest.raises(data.DataError, match="missing .*tokenizer.json"):
+    with pytest.raises(data.DataError, match=r"missing .*tokenizer.json.*Point --data-root \(or \$MINIMAMBA_DATA\)"):
         miniature.prepare(tmp_path / "nowhere", tmp_path / "out")
 
 
