@@ -326,8 +326,10 @@ def _bioasq(paths: list[Path], split: str) -> list[Choice]:
             if _get(where, q, "type") != "yesno":
                 continue
             snippets = _get(where, q, "snippets", list)
-            if not snippets or not all(isinstance(s, dict) and isinstance(s.get("text"), str) for s in snippets):
-                raise TaskDataError(f"{where}: 'snippets' should be a non-empty list of {{\"text\": ...}} objects")
+            if not snippets or not all(isinstance(s, dict) and isinstance(s.get("text"), str) and s["text"].strip()
+                                       for s in snippets):
+                raise TaskDataError(f"{where}: 'snippets' should be a non-empty list of {{\"text\": ...}} objects "
+                                    "with non-empty texts")
             context = " ".join(s["text"].strip() for s in snippets)
             items.append(_yesno(f"bioasq/{_get(where, q, 'id')}", where, _get(where, q, "body"), context,
                                 _get(where, q, "exact_answer").strip().lower(), ("yes", "no")))

@@ -90,8 +90,9 @@ def test_pubmedqa_test_is_the_independently_derived_500():
         prompt = item.options[0][0]
         assert prompt.startswith(f"{QA_HEAD}\n\nQuestion: {r['question']}\n\nContext:\n")
         assert prompt.endswith(" ".join(r["contexts"])[:2400] + "\n\nAnswer:")
-    train = {r["pmid"] for r in jsonl(DATA / "pubmedqa" / "pqal_trainval_500.jsonl")}
-    assert {item.id.split("/")[1] for item in shared("pubmedqa", "train")} == train
+    # train: the other 500 in ori_pqal.json's order (the derived file keeps it; sorted PMIDs would differ)
+    train = [r["pmid"] for r in jsonl(DATA / "pubmedqa" / "pqal_trainval_500.jsonl")]
+    assert [item.id.split("/")[1] for item in shared("pubmedqa", "train")] == train != sorted(train)
 
 
 @needs_data
@@ -261,6 +262,8 @@ def test_data_dir_comes_from_the_environment(tmp_path, monkeypatch):
     write(tmp_path / "mc/arc_easy.jsonl", ARC_LINE)
     monkeypatch.setenv("MINIMAMBA_TASK_DATA", str(tmp_path))
     assert load_task("arc_easy")[0].gold == 1
+    with pytest.raises(TaskDataError, match="limit must be at least 1, got 0"):
+        load_task("arc_easy", limit=0)
     monkeypatch.delenv("MINIMAMBA_TASK_DATA")
     assert str(tasks.default_data_dir()) == "data/tasks"
 
@@ -328,6 +331,143 @@ def test_malformed_structured_files(tmp_path):
     write(tmp_path / "clinical/aci-bench/train.csv", 'encounter_id,note\nD1,"a\nb",extra\n')
     with pytest.raises(TaskDataError, match=r"train.csv:2: 3 fields where the header has 2"):
         load_task("note_summary", "train", tmp_path)
+    write(tmp_path / "clinical/aci-bench/train.csv", 'encounter_id,note\nD1,"a\nb"\nD2\n')
+    with pytest.raises(TaskDataError, match=r"train.csv:4: 1 fields where the header has 2"):
+        load_task("note_summary", "train", tmp_path)
+    write(tmp_path / "pubmedqa/ori_pqal.json", " \n\n")
+    write(tmp_path / "pubmedqa/test_ground_truth.json", '{"1": "no"}')
+    with pytest.raises(TaskDataError, match=r"ori_pqal.json: the file is empty \(only whitespace\)"):
+        load_task("pubmedqa", data_dir=tmp_path)
+
+
+PQ = {"QUESTION": "Does it work?", "CONTEXTS": ["It was tried.", "It worked."], "final_decision": "yes"}
+
+
+def write_pqal(tmp_path, records, truth):
+    write(tmp_path / "pubmedqa/ori_pqal.json", json.dumps(records))
+    write(tmp_path / "pubmedqa/test_ground_truth.json", json.dumps(truth))
+
+
+def test_pubmedqa_small_files_by_hand(tmp_path):
+    """test = the ground truth's PMIDs in its order, train = the others in ori_pqal.json's order (neither sorted);
+    context = CONTEXTS joined by one space; gold = final_decision's place in yes / no / maybe."""
+    write_pqal(tmp_path, {"3": {**PQ, "final_decision": "maybe"}, "9": PQ, "2": {**PQ, "final_decision": "no"},
+                          "1": {**PQ, "final_decision": "no"}}, {"2": "no", "3": "maybe"})
+    prompt = f"{QA_HEAD}\n\nQuestion: Does it work?\n\nContext:\nIt was tried. It worked.\n\nAnswer:"
+    options = tuple((prompt, a) for a in (" yes", " no", " maybe", " Yes", " No", " Maybe"))
+    labels = ("yes", "no", "maybe") * 2
+    assert load_task("pubmedqa", "test", tmp_path) == [Choice("pubmedqa/2", options, 1, labels),
+                                                       Choice("pubmedqa/3", options, 2, labels)]
+    assert load_task("pubmedqa", "train", tmp_path) == [Choice("pubmedqa/9", options, 0, labels),
+                                                        Choice("pubmedqa/1", options, 1, labels)]
+
+
+@pytest.mark.parametrize("records,truth,split,message", [
+    ({"1": PQ, "2": {**PQ, "final_decision": "perhaps"}}, {"1": "yes"}, "train",
+     r"ori_pqal.json \(PMID 2\): answer 'perhaps' is not one of yes, no, maybe"),
+    ({"1": PQ}, {"1": "yes", "5": "no"}, "test", r"test_ground_truth.json: 1 test PMIDs are not in .*ori_pqal.json "
+                                                 r"\(e.g. 5\)"),
+    ([PQ], {"1": "yes"}, "test", r"ori_pqal.json: expected a JSON object keyed by PMID, got list"),
+    ({"1": PQ}, ["1"], "test", r"test_ground_truth.json: expected a JSON object keyed by PMID, got list"),
+    ({"1": {**PQ, "CONTEXTS": []}}, {"1": "yes"}, "test",
+     r"ori_pqal.json \(PMID 1\): 'CONTEXTS' should be a non-empty list of non-empty strings"),
+    ({"1": PQ, "2": {**PQ, "QUESTION": " "}}, {"1": "yes"}, "train",
+     r"ori_pqal.json \(PMID 2\): 'QUESTION' should be a non-empty str"),
+])
+def test_pubmedqa_malformed_records_name_the_file_and_pmid(tmp_path, records, truth, split, message):
+    write_pqal(tmp_path, records, truth)
+    with pytest.raises(TaskDataError, match=message):
+        load_task("pubmedqa", split, tmp_path)
+
+
+def golden(*questions):
+    return json.dumps({"questions": list(questions)}, indent=1)
+
+
+def bq(qid, answer, *snippets, kind="yesno"):
+    """One question of a BioASQ golden file, with the fields the real ones have."""
+    return {"body": f"Is {qid} true?", "documents": ["http://www.ncbi.nlm.nih.gov/pubmed/1"], "type": kind,
+            "snippets": [{"text": s, "document": "http://www.ncbi.nlm.nih.gov/pubmed/1"} for s in snippets],
+            "id": qid, "ideal_answer": ["It is."], "exact_answer": answer}
+
+
+def bq_item(qid, answer, context):
+    prompt = f"{QA_HEAD}\n\nQuestion: Is {qid} true?\n\nContext:\n{context}\n\nAnswer:"
+    return Choice(f"bioasq/{qid}", tuple((prompt, a) for a in (" yes", " no", " Yes", " No")),
+                  ["yes", "no"].index(answer), ("yes", "no") * 2)
+
+
+def test_bioasq_golden_files_by_hand(tmp_path):
+    """The raw golden files of the split's batches, in batch then file order: only type "yesno" questions;
+    exact_answer stripped and lower-cased ("Yes " is yes: BioASQ's answers are not always lower-case); each
+    snippet's text stripped, joined by one space."""
+    raw = tmp_path / "bioasq" / "raw"
+    write(raw / "12B1_golden.json", golden(bq("a", "Yes ", " First snippet. ", "Second.\n"),
+                                           bq("f", [["x"]], "A factoid.", kind="factoid")))
+    write(raw / "12B2_golden.json", golden(bq("b", "no", "Only one.")))
+    write(raw / "12B3_golden.json", golden(bq("s", "", "A summary.", kind="summary")))
+    write(raw / "12B4_golden.json", golden(bq("c", "NO", "Third.")))
+    assert load_task("bioasq", "test", tmp_path) == [
+        bq_item("a", "yes", "First snippet. Second."), bq_item("b", "no", "Only one."), bq_item("c", "no", "Third.")]
+    # the derived JSON lines are read only where none of the raw files is there, not instead of a missing one
+    write(tmp_path / tasks.BIOASQ_DERIVED, "")
+    (raw / "12B3_golden.json").unlink()
+    with pytest.raises(TaskDataError, match=r"needs \S*12B3_golden.json, which is not there"):
+        load_task("bioasq", "test", tmp_path)
+
+
+@pytest.mark.parametrize("questions,message", [
+    ([bq("a", "maybe", "s.")], r"12B1_golden.json \(question 0\): answer 'maybe' is not one of yes, no"),
+    ([bq("f", "x", "s.", kind="factoid"), {**bq("a", "yes"), "snippets": [{"document": "d"}]}],
+     r"12B1_golden.json \(question 1\): 'snippets' should be a non-empty list of \{\"text\": ...\} objects"),
+    ([bq("a", "yes")], r"\(question 0\): 'snippets' should be a non-empty list"),
+    ([bq("a", "yes", "s.", " \n")], r"\(question 0\): 'snippets' should be .* objects with non-empty texts"),
+    ([bq("a", "yes", "s."), bq("a", "no", "t.")], r"task bioasq \(test\): the id bioasq/a appears twice"),
+    ({"questions": {"a": 1}}, r"12B1_golden.json: expected a BioASQ golden file"),
+    ([{k: v for k, v in bq("a", "yes", "s.").items() if k != "body"}], r"\(question 0\): no 'body' field"),
+])
+def test_bioasq_malformed_golden_files_name_the_file_and_question(tmp_path, questions, message):
+    raw = tmp_path / "bioasq" / "raw"
+    write(raw / "12B1_golden.json", json.dumps(questions) if isinstance(questions, dict) else golden(*questions))
+    for batch in ("12B2", "12B3", "12B4"):
+        write(raw / f"{batch}_golden.json", golden(bq(batch, "yes", "s.")))
+    with pytest.raises(TaskDataError, match=message):
+        load_task("bioasq", "test", tmp_path)
+
+
+def test_bioasq_derived_file_by_hand(tmp_path):
+    """The derived JSON lines: a split keeps the records of its batches (one of no listed batch is in neither);
+    answers are lower-cased and snippets stripped as in the golden files."""
+    def record(qid, answer, batch, snippets=("Some text.",)):
+        return json.dumps({"id": qid, "question": f"Is {qid} true?", "answer": answer, "snippets": list(snippets),
+                           "ideal_answer": ["It is."], "documents": [], "batch": batch}) + "\n"
+
+    write(tmp_path / tasks.BIOASQ_DERIVED, record("t", "Yes", "12B2", (" One. ", "Two.")) + record("r", "no", "9B5")
+          + record("x", "yes", "13B1") + record("u", "No", "11B2"))
+    assert load_task("bioasq", "test", tmp_path) == [bq_item("t", "yes", "One. Two.")]
+    assert load_task("bioasq", "train", tmp_path) == [bq_item("r", "no", "Some text."), bq_item("u", "no", "Some text.")]
+    write(tmp_path / tasks.BIOASQ_DERIVED, record("t", "maybe", "12B2"))
+    with pytest.raises(TaskDataError, match=r"bioasq_yesno_golden_9b-12b.jsonl:1: answer 'maybe' is not one of yes, no"):
+        load_task("bioasq", "test", tmp_path)
+
+
+def test_piqa_and_hellaswag_small_files(tmp_path):
+    """PIQA's query must end in "\n" (llm-foundry's format), to which "Answer:" is appended; HellaSwag's ids
+    count items (not lines) and a gold outside 0-3 names its line (the 2nd of its item)."""
+    write(tmp_path / "mc/piqa.jsonl", '{"query": "Question: Open a jar?\\n", "choices": ["Twist.", "Shake."], "gold": 0}\n')
+    assert load_task("piqa", data_dir=tmp_path) == [
+        Choice("piqa/0", (("Question: Open a jar?\nAnswer:", " Twist."), ("Question: Open a jar?\nAnswer:", " Shake.")), 0)]
+    write(tmp_path / "mc/piqa.jsonl", '{"query": "Question: Open a jar?", "choices": ["Twist.", "Shake."], "gold": 0}\n')
+    with pytest.raises(TaskDataError, match=r"piqa.jsonl:1: the query should look like 'Question: \.\.\.\\n'"):
+        load_task("piqa", data_dir=tmp_path)
+    item = "Act: a man [title] walks.  he\n{}\nsits.\nruns.\njumps.\nfalls.\n"
+    write(tmp_path / "mc/hellaswag_val_full.txt.bz2", bz2.compress((item.format(1) + item.format(3)).encode()))
+    items = load_task("hellaswag", data_dir=tmp_path)
+    assert [(i.id, i.gold) for i in items] == [("hellaswag/0", 1), ("hellaswag/1", 3)]
+    assert items[1].options[2] == ("Act: a man. walks. he", " jumps.")  # (the query cleaned up as the endings)
+    write(tmp_path / "mc/hellaswag_val_full.txt.bz2", bz2.compress((item.format(1) + item.format(4)).encode()))
+    with pytest.raises(TaskDataError, match=r"txt.bz2:8: the gold should be 0, 1, 2 or 3, got '4'"):
+        load_task("hellaswag", data_dir=tmp_path)
 
 
 def test_files_that_are_not_utf8_text_are_refused_with_the_fix(tmp_path):
@@ -413,6 +553,19 @@ def test_the_minimum_lengths_keep_a_note_at_exactly_the_minimum():
     assert tasks._summary(f"{context}\nPLAN\n{target}") == (tasks.SUMMARY_TEMPLATE.format(context=context), target)
     assert tasks._summary(f"{context}\nPLAN\n{target[1:]}") == "context 100 / target 49 characters"
     assert tasks._summary(f"{context[1:]}\nPLAN\n{target}") == "context 99 / target 50 characters"
+
+
+def test_long_notes_are_clipped_at_words_to_the_recipes_limits():
+    """No ACI-BENCH note reaches these limits, so by hand: note_completion keeps the last 3,000 characters of the
+    prefix from a word start and the first 2,000 of the rest to a word end; note_summary the first 4,000 of the
+    context and 2,000 of the target, each to a word end."""
+    prefix, rest = "A" * 600 + " bbbb" * 600, " ".join(["cccc"] * 720)  # 3,600 and 3,599 characters
+    assert tasks._completion(prefix + " " + rest) == ("Continue the following clinical note.\n\n"
+                                                      + " ".join(["bbbb"] * 600), " ".join(["cccc"] * 400))
+    context, target = " ".join(["dddd"] * 900), " ".join(["eeee"] * 500)  # 4,499 and 2,499 characters
+    assert tasks._summary(f"{context}\nASSESSMENT AND PLAN\n{target}") == (
+        "Based on the following clinical information, write the assessment and plan.\n\nClinical Notes:\n"
+        + " ".join(["dddd"] * 800) + "\n\nAssessment and Plan:", " ".join(["eeee"] * 400))
 
 
 def test_hellaswag_preprocess_by_hand():
