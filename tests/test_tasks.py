@@ -332,7 +332,7 @@ def test_malformed_structured_files(tmp_path):
     with pytest.raises(TaskDataError, match=r"train.csv:2: 3 fields where the header has 2"):
         load_task("note_summary", "train", tmp_path)
     write(tmp_path / "clinical/aci-bench/train.csv", 'encounter_id,note\nD1,"a\nb"\nD2\n')
-    with pytest.raises(TaskDataError, match=r"train.csv:4: 1 fields where the header has 2"):
+    with pytest.raises(TaskDataError, match=r"train.csv:4: 1 field where the header has 2"):
         load_task("note_summary", "train", tmp_path)
     write(tmp_path / "pubmedqa/ori_pqal.json", " \n\n")
     write(tmp_path / "pubmedqa/test_ground_truth.json", '{"1": "no"}')
