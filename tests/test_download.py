@@ -605,7 +605,7 @@ def test_an_untrusted_certificate_fails_at_once_and_ssl_cert_file_fixes_it(serve
     url = f"https://127.0.0.1:{https.server_address[1]}/f"
     try:
         https.files["/f"] = PAYLOAD
-        with pytest.raises(DownloadError, match=r"(?s)certificate verify failed.*Point SSL_CERT_FILE at its certificate"):
+        with pytest.raises(DownloadError, match=r"(?s)certificate verify failed.*Point SSL_CERT_FILE at its"):
             download(url, tmp_path / "f", retries=3)
         assert tries == [url] and not (tmp_path / "f").exists()
         monkeypatch.setenv("SSL_CERT_FILE", str(cert))
