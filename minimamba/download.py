@@ -199,8 +199,9 @@ def _only_one_process(part: Path, desc: str):
             except BlockingIOError:
                 print(f"{desc}: waiting for another process that is downloading it", file=sys.stderr, flush=True)
                 fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:  # a filesystem without locks: go on without (as on Windows)
-            os.close(fd)
+        except OSError:  # a filesystem without locks (ENOLCK on some NFS mounts): go on without (as on Windows),
+            os.close(fd)  # leaving no lock file behind (it would stay beside the downloaded file for good)
+            lock.unlink(missing_ok=True)
             fd = None
             break
         try:

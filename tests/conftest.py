@@ -20,6 +20,7 @@ class FileServer(ThreadingHTTPServer):
     ignore_range: paths answered with 200 and the whole file even when a Range is asked.
     drop_after:   path -> n: the next answer for that path sends n bytes of its body, then hangs up.
     etags:        path -> ETag sent with the file; an If-Range that differs gets the whole file (200).
+    last_modified: path -> Last-Modified date sent with the file; If-Range may name it instead of the ETag.
     bad_range:    paths whose 206 answers start at byte 0 whatever was asked (a broken server or proxy).
     part_size:    path -> n: every answer for that path is a 206 with at most n bytes from where it was asked
                   (from byte 0 with no Range): the whole file takes several requests.
@@ -30,8 +31,9 @@ class FileServer(ThreadingHTTPServer):
     def __init__(self):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.files, self.ignore_range, self.drop_after, self.etags, self.bad_range = {}, set(), {}, {}, set()
-        self.part_size = {}
+        self.part_size, self.last_modified = {}, {}
         self.requests = []  # (path, Range header or None, Authorization header or None)
+        self.headers = []  # every request's headers (an email.message.Message: ["If-Range"] is None when absent)
 
     @property
     def url(self):
@@ -43,14 +45,16 @@ class _Handler(BaseHTTPRequestHandler):
         server = self.server
         asked = self.headers.get("Range")
         server.requests.append((self.path, asked, self.headers.get("Authorization")))
+        server.headers.append(self.headers)
         body = server.files.get(self.path)
         if body is None:
             self.send_error(404)
             return
         start, partial = 0, False
-        etag = server.etags.get(self.path)
+        etag, last_modified = server.etags.get(self.path), server.last_modified.get(self.path)
         if_range = self.headers.get("If-Range")
-        if asked and self.path not in server.ignore_range and (if_range is None or if_range == etag):
+        same = if_range is None or if_range in {etag, last_modified} - {None}  # (the version the client has)
+        if asked and self.path not in server.ignore_range and same:
             partial = True
             start = int(asked.removeprefix("bytes=").removesuffix("-"))
             if start >= len(body):
@@ -69,6 +73,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_response(200)
         if etag:
             self.send_header("ETag", etag)
+        if last_modified:
+            self.send_header("Last-Modified", last_modified)
         self.send_header("Content-Length", str(end - start))
         self.end_headers()
         cut = server.drop_after.pop(self.path, None)

@@ -645,7 +645,9 @@ def test_cli_download_in_offline_mode_touches_no_network(server, tmp_path, capsy
     shard = tmp_path / "c4" / "c4-validation.00000-of-00008.json.gz"
     assert f"HF_HUB_OFFLINE is set and {shard} does not exist" in capsys.readouterr().err
     assert main(["download", "--source", "pubmed", "--out", str(tmp_path)]) == 2
-    assert f"prepare --domain pubmed --input {tmp_path / 'pubmed'}/*.xml.gz" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"prepare --domain pubmed --input {tmp_path / 'pubmed'}/*.xml.gz" in err
+    assert f"the PubMed baseline listing ({data.PUBMED_BASELINE}) is not fetched" in err  # (not "put the listing at")
     assert not shard.parent.exists()  # nothing written either
     shard.parent.mkdir()
     shard.write_bytes(b"copied from another machine")

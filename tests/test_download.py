@@ -3,9 +3,13 @@
 import errno
 import hashlib
 import os
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import time
+import types
 
 import pytest
 
@@ -165,6 +169,27 @@ def test_a_part_file_longer_than_the_servers_file_is_fetched_again(server, tmp_p
     assert [r[1] for r in server.requests] == [f"bytes={len(PAYLOAD) + 4}-", None]
 
 
+def test_a_416_that_says_the_file_is_longer_than_the_part_starts_over(server, tmp_path, monkeypatch):
+    """A 416 whose size ("bytes */256000") is not the .part's (a broken server or proxy: a range from byte 1000 of
+    256,000 is satisfiable) does not make the short .part the file: it is dropped and the file fetched whole."""
+    server.files["/f"] = PAYLOAD
+    serve = server.RequestHandlerClass.do_GET
+
+    def contradicting(handler):
+        if handler.headers.get("Range") is None:
+            return serve(handler)
+        handler.server.requests.append((handler.path, handler.headers.get("Range"), None))
+        handler.send_response(416)
+        handler.send_header("Content-Range", f"bytes */{len(PAYLOAD)}")
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    monkeypatch.setattr(server.RequestHandlerClass, "do_GET", contradicting)
+    (tmp_path / "f.part").write_bytes(PAYLOAD[:1000])
+    assert download(f"{server.url}/f", tmp_path / "f").read_bytes() == PAYLOAD
+    assert [r[1] for r in server.requests] == ["bytes=1000-", None]
+
+
 def test_a_name_too_long_for_the_part_files_is_refused_before_any_request(server, tmp_path):
     """A 244-byte name fits the filesystem, its `.part.validator` (259 bytes) does not: that failed
     mid-download, retried as a network error."""
@@ -218,6 +243,10 @@ def test_unreachable_host_fails_fast(monkeypatch, tmp_path):
     message = str(err.value)
     assert f"127.0.0.1:{port}/state-spaces/mamba2-370m/resolve/main/config.json" in message
     assert "HF_ENDPOINT" in message
+    monkeypatch.setenv("HF_ENDPOINT", "https://huggingface.co")  # a file that is not the Hub's: no mirror to suggest
+    with pytest.raises(DownloadError, match="No internet") as err:
+        download(f"http://127.0.0.1:{port}/pubmed25n0001.xml.gz", tmp_path / "pubmed25n0001.xml.gz")
+    assert "HF_ENDPOINT" not in str(err.value)
 
 
 def test_offline_mode_never_touches_the_network(monkeypatch, tmp_path):
@@ -434,13 +463,16 @@ def test_transient_http_errors_are_retried_exactly_retries_times(server, failing
     assert not (tmp_path / "b").exists()
 
 
-@pytest.mark.parametrize("code", [400, 401, 403, 404, 410])
+@pytest.mark.parametrize("code", [400, 401, 403, 404, 410, 416])  # (416 to a request without a Range: an error)
 def test_other_http_errors_are_not_retried(server, failing, tmp_path, code):
     server.files["/f"] = PAYLOAD
     failing["/f"] = [code]
-    with pytest.raises(DownloadError, match=f"HTTP {code}"):
+    with pytest.raises(DownloadError, match=f"downloading {server.url}/f failed: HTTP {code}") as err:
         download(f"{server.url}/f", tmp_path / "f", retries=3)
     assert len(server.requests) == 1
+    # the advice fits the code: a gated repo (401, 403) needs its terms accepted and a token; a 404, the names checked
+    assert ("Accept its terms on the Hub and set HF_TOKEN" in str(err.value)) == (code in (401, 403))
+    assert ("Check the repository id, the file name and the revision" in str(err.value)) == (code == 404)
 
 
 def test_the_token_goes_to_hf_endpoint_only(server, monkeypatch, tmp_path):
@@ -451,7 +483,9 @@ def test_the_token_goes_to_hf_endpoint_only(server, monkeypatch, tmp_path):
     assert download(f"{server.url}/f", tmp_path / "f").read_bytes() == PAYLOAD
     monkeypatch.setenv("HF_ENDPOINT", server.url + "/mirror")  # (the same host, another prefix: not the Hub)
     assert download(f"{server.url}/f", tmp_path / "g").read_bytes() == PAYLOAD
-    assert server.requests == [("/f", None, None), ("/f", None, None)]
+    monkeypatch.setenv("HF_ENDPOINT", server.url[:-1])  # :4512 for a server on :45123, whose URLs start the same
+    assert download(f"{server.url}/f", tmp_path / "h").read_bytes() == PAYLOAD
+    assert server.requests == [("/f", None, None)] * 3
 
 
 def test_a_weak_etag_is_not_kept_as_the_resume_validator(server, tmp_path):
@@ -479,3 +513,188 @@ def test_hub_url_quotes_the_revision_whole_and_the_filename_by_segment(monkeypat
     assert dl.hub_url("org/m", "sub dir/f.json", "refs/pr/1") == \
         "https://hub.example/org/m/resolve/refs%2Fpr%2F1/sub%20dir/f.json"
     assert dl.hub_url("datasets/org/d", "data.jsonl") == "https://hub.example/datasets/org/d/resolve/main/data.jsonl"
+
+
+# Mutation audit (each test below fails when the behaviour its docstring names is taken out of minimamba.download)
+
+
+def test_last_modified_is_the_validator_where_there_is_no_etag(server, tmp_path):
+    """A server that sends Last-Modified and no ETag (many plain web servers): the date is kept with the .part and
+    sent as If-Range, so an unchanged file resumes and a changed one (a newer date) comes whole."""
+    old, new = "Wed, 21 Oct 2015 07:28:00 GMT", "Thu, 22 Oct 2015 08:00:00 GMT"
+    for path, changed in [("/same", False), ("/changed", True)]:
+        server.files[path], server.last_modified[path] = PAYLOAD, old
+        server.drop_after[path] = 100_000
+        with pytest.raises(DownloadError, match="resume"):
+            download(f"{server.url}{path}", tmp_path / path[1:], retries=0)
+        assert (tmp_path / f"{path[1:]}.part.validator").read_text() == old + "\n"
+        if changed:
+            server.files[path], server.last_modified[path] = PAYLOAD[::-1], new
+        assert download(f"{server.url}{path}", tmp_path / path[1:]).read_bytes() == server.files[path]
+        assert server.headers[-1]["Range"] == "bytes=100000-" and server.headers[-1]["If-Range"] == old
+    assert [r[1] for r in server.requests] == [None, "bytes=100000-"] * 2
+    assert sorted(os.listdir(tmp_path)) == ["changed", "same"]
+
+
+def test_a_new_part_without_a_tag_drops_the_old_versions_validator(server, tmp_path):
+    """The .part of version "v1" is answered with the whole new file, which has no ETag nor Last-Modified: v1's tag
+    must go with v1's bytes, else the next resume sends If-Range "v1" for bytes of another version."""
+    (tmp_path / "f.part").write_bytes(b"bytes of v1")
+    (tmp_path / "f.part.validator").write_text('"v1"\n')
+    server.files["/f"] = PAYLOAD  # no tag: the If-Range "v1" does not match, so the answer is 200 and the whole file
+    server.drop_after["/f"] = 100_000
+    with pytest.raises(DownloadError, match="resume"):
+        download(f"{server.url}/f", tmp_path / "f", retries=0)
+    assert (tmp_path / "f.part").read_bytes() == PAYLOAD[:100_000]
+    assert not (tmp_path / "f.part.validator").exists()
+    assert download(f"{server.url}/f", tmp_path / "f").read_bytes() == PAYLOAD
+    assert [(h["Range"], h["If-Range"]) for h in server.headers] == [("bytes=11-", '"v1"'), ("bytes=100000-", None)]
+
+
+def test_a_206_that_sends_no_bytes_is_a_failed_try(server, tmp_path, monkeypatch):
+    """A 206 that carries nothing of the rest is retried as a failure (at most `retries` times), not asked again
+    and again as a file sent in parts (which never ended)."""
+    server.files["/f"] = PAYLOAD
+    server.part_size["/f"] = 0  # every answer: 206, no bytes
+    serve = server.RequestHandlerClass.do_GET
+
+    def at_most_five(handler):  # (so that a download that never stops asking ends with a 410)
+        if len(handler.server.requests) >= 5:
+            handler.server.requests.append((handler.path, handler.headers.get("Range"), None))
+            return handler.send_error(410)
+        return serve(handler)
+
+    monkeypatch.setattr(server.RequestHandlerClass, "do_GET", at_most_five)
+    with pytest.raises(DownloadError, match="failed after 3 tries: .*sent none of bytes 0-255999"):
+        download(f"{server.url}/f", tmp_path / "f", retries=2)
+    assert len(server.requests) == 3 and not (tmp_path / "f").exists()
+
+
+def test_retries_wait_twice_as_long_each_time_and_a_file_in_parts_does_not_wait(server, failing, tmp_path, monkeypatch):
+    waits = []
+    monkeypatch.setattr(dl, "time", types.SimpleNamespace(sleep=waits.append))  # (no real waiting)
+    monkeypatch.setattr(dl, "RETRY_WAIT", 0.5)
+    server.files["/f"] = PAYLOAD
+    failing["/f"] = [503, 503, 503]
+    assert download(f"{server.url}/f", tmp_path / "a", retries=3).read_bytes() == PAYLOAD
+    assert waits == [0.5, 1.0, 2.0]
+    waits.clear()
+    server.part_size["/f"] = 100_000  # three answers, none of them a failure
+    assert download(f"{server.url}/f", tmp_path / "b", retries=0).read_bytes() == PAYLOAD
+    assert waits == [] and len(server.requests) == 4 + 3
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+def test_an_untrusted_certificate_fails_at_once_and_ssl_cert_file_fixes_it(server, tmp_path, monkeypatch):
+    """An HTTPS server whose certificate no known authority signed (a proxy that re-signs HTTPS): no retry (it
+    cannot get better), and the advice (SSL_CERT_FILE pointing at the certificate) makes the download work."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    https = type(server)()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    https.socket = context.wrap_socket(https.socket, server_side=True, do_handshake_on_connect=False)
+    https.handle_error = lambda request, address: None  # (the refused handshakes)
+    threading.Thread(target=https.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    tries = []
+    fetch = dl._fetch
+    monkeypatch.setattr(dl, "_fetch", lambda *args: (tries.append(args[0]), fetch(*args)))
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    url = f"https://127.0.0.1:{https.server_address[1]}/f"
+    try:
+        https.files["/f"] = PAYLOAD
+        with pytest.raises(DownloadError, match=r"(?s)certificate verify failed.*Point SSL_CERT_FILE at its"):
+            download(url, tmp_path / "f", retries=3)
+        assert tries == [url] and not (tmp_path / "f").exists()
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        assert download(url, tmp_path / "f").read_bytes() == PAYLOAD
+    finally:
+        https.shutdown()
+        https.server_close()
+
+
+def test_a_proxy_from_the_environment_is_used_and_no_proxy_is_honoured(server, tmp_path, monkeypatch):
+    """http_proxy: the request goes to the proxy (with the whole address), and the quick reachability check tries
+    the proxy, not the host (which only the proxy can reach: here a name that does not resolve). no_proxy: the
+    host is asked directly, and a proxy that is down does not matter."""
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    server.files["http://files.invalid/f"] = PAYLOAD  # (what a proxy is asked for: the whole address)
+    monkeypatch.setenv("http_proxy", server.url)
+    assert download("http://files.invalid/f", tmp_path / "a").read_bytes() == PAYLOAD
+    assert server.requests == [("http://files.invalid/f", None, None)]
+    with socket.socket() as s:  # a port that nothing listens on: a proxy that is down
+        s.bind(("127.0.0.1", 0))
+        down = s.getsockname()[1]
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{down}")
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    server.files["/f"] = PAYLOAD
+    assert download(f"{server.url}/f", tmp_path / "b").read_bytes() == PAYLOAD
+    assert server.requests[-1] == ("/f", None, None)
+
+
+@pytest.mark.skipif(dl.fcntl is None, reason="no flock (Windows)")
+def test_a_waiter_whose_lock_file_was_removed_locks_the_new_one(tmp_path, monkeypatch, capsys):
+    """The holder removes the lock file when it is done. A process that had opened it and waited then holds a lock
+    on a file that is no longer there, which a third process (creating the lock file anew) would not see: the
+    waiter must lock the file that is there."""
+    part, lock, real = tmp_path / "f.part", tmp_path / "f.part.lock", dl.fcntl
+    waiting, seen = threading.Event(), []
+
+    class Fcntl:  # fcntl, saying when a process starts to wait
+        LOCK_EX, LOCK_NB = real.LOCK_EX, real.LOCK_NB
+
+        @staticmethod
+        def flock(fd, operation):
+            if not operation & real.LOCK_NB:
+                waiting.set()
+            return real.flock(fd, operation)
+
+    monkeypatch.setattr(dl, "fcntl", Fcntl)
+
+    def second():
+        with dl._only_one_process(part, "f"):
+            third = os.open(lock, os.O_RDWR | os.O_CREAT)  # a third process asking for the same file
+            try:
+                real.flock(third, real.LOCK_EX | real.LOCK_NB)
+                seen.append("the third one got the lock too")
+            except BlockingIOError:
+                seen.append("the third one waits")
+            finally:
+                os.close(third)
+
+    waiter = threading.Thread(target=second)
+    with dl._only_one_process(part, "f"):
+        waiter.start()
+        assert waiting.wait(5)
+    waiter.join(5)
+    assert seen == ["the third one waits"] and not lock.exists()
+    assert "f: waiting for another process that is downloading it" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(dl.fcntl is None or not os.path.isdir("/proc/self/fd"), reason="needs flock and /proc")
+def test_a_filesystem_without_locks_downloads_without_one(server, tmp_path, monkeypatch):
+    """flock fails with ENOLCK on some network filesystems: the download goes on without a lock (as on Windows),
+    leaving no lock file and no open descriptor behind."""
+    real = dl.fcntl
+
+    class NoLocks:
+        LOCK_EX, LOCK_NB = real.LOCK_EX, real.LOCK_NB
+
+        @staticmethod
+        def flock(fd, operation):
+            raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(dl, "fcntl", NoLocks)
+    server.files["/f"] = PAYLOAD
+    assert download(f"{server.url}/f", tmp_path / "f").read_bytes() == PAYLOAD
+    assert sorted(os.listdir(tmp_path)) == ["f"]
+    open_files = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            open_files.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # (closed meanwhile)
+            pass
+    assert not [f for f in open_files if "f.part.lock" in f]

@@ -154,6 +154,28 @@ def test_a_mistyped_local_path_says_no_such_folder(server, tmp_path, monkeypatch
 
     with pytest.raises(DownloadError, match="there is no local folder data/tokenizr .*could not be downloaded"):
         load_tokenizer("data/tokenizr")  # (the tokenizer's name is read the same way)
+    requests = len(server.requests)
+    for path in ("runs/step-100/ckpt", "ckpt"):  # no repo id (owner/name) either: said so, nothing downloaded
+        with pytest.raises(FileNotFoundError, match=f"'{path}' is neither an existing checkpoint directory nor a Hub "
+                                                    "repo id like 'state-spaces/mamba2-130m'"):
+            from_pretrained(path)
+    assert len(server.requests) == requests
+
+
+def test_a_hub_repo_without_weights_names_both_weight_files_and_why_each_failed(server):
+    """config.json is there, neither weight file is: one error that says which files were tried, and each one's
+    answer, so the user sees a missing file rather than a network problem."""
+    from minimamba.download import DownloadError
+
+    server.files["/org/no-weights/resolve/main/config.json"] = b"{}"  # (not read before the weights are there)
+    with pytest.raises(DownloadError) as err:
+        from_pretrained("org/no-weights")
+    message = str(err.value)
+    assert message.startswith("could not download weights of org/no-weights (pytorch_model.bin / model.safetensors):")
+    for name in ("pytorch_model.bin", "model.safetensors"):
+        assert f"{server.url}/org/no-weights/resolve/main/{name} failed: HTTP 404" in message
+    assert [r[0] for r in server.requests] == [f"/org/no-weights/resolve/main/{name}"
+                                               for name in ("config.json", "pytorch_model.bin", "model.safetensors")]
 
 
 def test_bench_checkpointing_switches_on_hf_blocks_too():

@@ -592,6 +592,7 @@ def test_download_then_load_and_resume(server, monkeypatch, tmp_path):
     url = serve(server, monkeypatch, "mc/arc_easy.jsonl", lines)
     server.drop_after[url] = 10_000  # the first answer stops after 10,000 bytes: the download resumes
     out = tmp_path / "tasks"
+    assert tasks.github_raw() == server.url  # (the final "/" dropped: this server reads "//mc/..." as "/mc/...")
     assert download_task("arc_easy", out) == [out / "mc" / "arc_easy.jsonl"]
     assert [r[:2] for r in server.requests] == [(url, None), (url, "bytes=10000-")]
     items = load_task("arc_easy", data_dir=out)
