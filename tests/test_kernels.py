@@ -389,6 +389,85 @@ def test_direct_launches_only_with_a_triton_that_launches_as_they_do(monkeypatch
     assert "no binaries" in K.DIRECT_LAUNCH_OFF_BECAUSE and not K.DIRECT_LAUNCH  # (this file interprets)
 
 
+class _FakeBinary:
+    """A compiled program as `Launcher.launch` calls it: it records its launches."""
+
+    function = packed_metadata = None
+
+    def __init__(self):
+        self.runs = []
+
+    def launch_metadata(self, grid, stream, *args):
+        return ("metadata", grid)
+
+    def run(self, *args):  # (grid x, y, z, stream, function, packed metadata, launch metadata, hooks, arguments...)
+        self.runs.append(args)
+
+
+class _FakeProgram:
+    """A Triton program as `Launcher` sees one: `program[grid](*args, **constexprs)` compiles a binary (one per
+    call: Triton would find it again in its own cache) and launches it; `compiles=False`: as where a cache hook
+    declines to compile, it returns None."""
+
+    arg_names = ["x_ptr", "n", "BLOCK"]
+
+    def __init__(self, name, compiles=True):
+        self.__name__, self.compiles, self.through_triton = name, compiles, []
+
+    def __getitem__(self, grid):
+        def run(*args, **constexprs):
+            self.through_triton.append((grid, args, constexprs))
+            return _FakeBinary() if self.compiles else None
+        return run
+
+
+class _FakeDriver:  # (what a `Plan` reads of Triton's driver)
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 7
+
+
+def test_launcher_keeps_bounded_binaries_and_plans_and_refuses_what_it_cannot_repeat(monkeypatch):
+    """`Launcher` (kernels/launch.py) with stand-in programs, no GPU: the first launch goes through Triton, the
+    next by its key (the binary called with the stream, the grid and the constexprs after the arguments), the
+    call after by its plan; a plan whose call launches another program raises; a grid of 2 numbers is refused
+    (the binary is called with 3); a binary Triton did not compile is not kept; binaries and plans are
+    bounded by MAX_BINARIES (the keys hold the integer arguments: one per sequence length)."""
+    monkeypatch.setattr(triton.runtime.driver, "_active", _FakeDriver())
+    launcher, program, x = L.Launcher(), _FakeProgram("p"), torch.zeros(4)
+
+    def call(prog, n, grid=(2, 1, 1), key="call"):
+        plan = launcher.plan(True, key, n, tensors=(x,))
+        launcher.launch(prog, grid, None, plan, x, n, BLOCK=16)
+        plan.done()
+
+    call(program, 4)  # through Triton: the binary is kept, the call's plan is not (a launch found none)
+    assert len(program.through_triton) == 1 and launcher.plans == {}
+    ((binary, _),) = [(b, w) for w, b in launcher.binaries.items()]
+    call(program, 4)  # by the launch's key: the call's plan is recorded
+    call(program, 4)  # by the plan
+    assert len(program.through_triton) == 1 and len(launcher.plans) == 1
+    assert binary.kernel.runs == [(2, 1, 1, 7, None, None, None, None, None, x, 4, 16)] * 2
+    with pytest.raises(RuntimeError, match="launch plan out of step"):
+        call(_FakeProgram("q"), 4)  # (same plan key, another program)
+    with pytest.raises(ValueError, match="give its grid as 3 numbers"):
+        call(program, 5, grid=(2, 1))
+    declined = _FakeProgram("declined", compiles=False)
+    for _ in range(2):
+        call(declined, 4, key="declined")
+    assert len(declined.through_triton) == 2 and not any(b.program is declined for b in launcher.binaries.values())
+
+    monkeypatch.setattr(L, "MAX_BINARIES", 3)
+    for n in range(6, 12):  # 6 sequence lengths, each called twice: 6 binaries and 6 plans recorded
+        call(program, n)
+        call(program, n)
+        assert len(launcher.binaries) <= 3 and len(launcher.plans) <= 3
+    call(program, 11)  # (the last one kept: by its plan)
+    assert program.through_triton[-1][1] == (x, 10 + 1) and len(program.through_triton) == 1 + 1 + 6
+
+
 def test_only_y_used_and_no_final_state_returned():
     pb = make_problem(2, 37, 2, 4, 2, 8, seed=7)
     assert_close(run_and_compare(pb, 16, use_final=False), torch.float32)
