@@ -298,6 +298,8 @@ def test_head_splits_aim_at_programs_per_sm_up_to_the_cap(monkeypatch):
             assert heads % d == 0 and 1 <= d <= K._MAX_HEAD_SPLITS, (heads, b, d)
     assert K._head_splits(7, 1, None) == 7  # no divisor reaches the target: the largest under the cap
     assert K._head_splits(12, 1, None) == 6
+    # exactly the target (4 programs per SM) is reached: 132 programs × 4 splits on 132 SMs, not 8 splits
+    assert K._head_splits(8, 132, None) == 4 and K._head_splits(8, 131, None) == 8
 
 
 def test_bf16_buffers_as_on_a_gpu(monkeypatch):
