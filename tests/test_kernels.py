@@ -475,6 +475,24 @@ def test_only_y_used_and_no_final_state_returned():
     assert_close(run_and_compare(pb, 16, use_final=False), torch.float32)
 
 
+def test_only_the_final_state_used_through_a_transposed_view():
+    """A loss on the final state alone: autograd hands the backward no ∂L/∂y (None: y gets no gradient) and
+    ∂L/∂final as the transposed view the loss read it through (not contiguous). Every gradient against the
+    float64 recurrence's; C and D reach only y, so their gradients are zero."""
+    pb = make_problem(1, 37, 2, 4, 1, 8, seed=23)
+    inputs = _kernel_inputs(pb, torch.float32)
+    w = torch.randn(1, 2, 8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))  # (b, H, N, P)
+    truth = {k: v.double().detach().requires_grad_() for k, v in inputs.items()}
+    (ssd_recurrent(**truth)[1].transpose(-1, -2) * w).sum().backward()
+    leaves = {k: v.requires_grad_() for k, v in inputs.items()}
+    _, final = ssd_chunk_scan(*(leaves[k] for k in ("x", "dt", "A", "B", "C")), 16, D=leaves["D"],
+                              initial_state=leaves["initial_state"], return_final_state=True)
+    (final.transpose(-1, -2) * w.float()).sum().backward()
+    errs = {"d" + k: rel_err(v.grad, truth[k].grad) for k, v in leaves.items() if k not in ("C", "D")}
+    assert_close(errs, torch.float32)
+    assert torch.equal(leaves["C"].grad, torch.zeros(1, 37, 1, 8)) and torch.equal(leaves["D"].grad, torch.zeros(2))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_half_precision(dtype):
     pb = make_problem(2, 45, 4, 8, 2, 16, dt_range=(1e-3, 2.0), seed=11)
