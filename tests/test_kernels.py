@@ -475,6 +475,25 @@ def test_only_y_used_and_no_final_state_returned():
     assert_close(run_and_compare(pb, 16, use_final=False), torch.float32)
 
 
+def test_b_and_c_of_another_dtype_are_taken_in_x_dtype():
+    """B and C are dot operands next to x: the wrapper rounds them to x's dtype (here fp32 B, C with bf16 x):
+    the results of B and C given in bf16, and their gradients those of the rounding (in fp32)."""
+    pb = make_problem(1, 20, 2, 4, 1, 8, with_h0=False, seed=29)
+    inputs = {k: v.float() for k, v in pb.items() if v is not None}
+    inputs["x"] = inputs["x"].bfloat16()
+    results = []
+    for cast in (lambda t: t, lambda t: t.bfloat16()):
+        leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+        y = ssd_chunk_scan(leaves["x"], leaves["dt"], leaves["A"], cast(leaves["B"]), cast(leaves["C"]), 16,
+                           D=leaves["D"])
+        (y.float() * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum().backward()
+        results.append([y, *(leaves[k].grad for k in sorted(leaves))])
+    y, dA, dB, dC = results[0][:4]
+    assert y.dtype == torch.bfloat16 and dB.dtype == dC.dtype == torch.float32
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def test_only_the_final_state_used_through_a_transposed_view():
     """A loss on the final state alone: autograd hands the backward no ∂L/∂y (None: y gets no gradient) and
     ∂L/∂final as the transposed view the loss read it through (not contiguous). Every gradient against the
@@ -687,6 +706,11 @@ def test_empty_sequence_returns_the_initial_state():
     _, final = ssd_chunk_scan(pb["x"].float(), pb["dt"].float(), pb["A"].float(), pb["B"].float(),
                               pb["C"].float(), 16, initial_state=h0, return_final_state=True)
     assert final.data_ptr() != h0.data_ptr() and torch.equal(final, h0)
+    # no initial state: the zero state, in fp32 whatever x's dtype (as ssd_chunked's)
+    y, final = ssd_chunk_scan(*(pb[k].to(torch.bfloat16 if k in ("x", "B", "C") else torch.float32)
+                                for k in ("x", "dt", "A", "B", "C")), 16, return_final_state=True)
+    assert y.shape == (1, 0, 2, 4) and y.dtype == torch.bfloat16
+    assert final.dtype == torch.float32 and torch.equal(final, torch.zeros(1, 2, 4, 8))
 
 
 def test_a_second_derivative_is_refused_not_silently_zero():
@@ -701,7 +725,7 @@ def test_a_second_derivative_is_refused_not_silently_zero():
         gx.sum().backward()
 
 
-def test_bad_inputs_fail_clearly():
+def test_bad_inputs_fail_clearly(monkeypatch):
     pb = {k: v.float() for k, v in make_problem(1, 20, 2, 4, 1, 8).items()}
     args = [pb[k] for k in ("x", "dt", "A", "B", "C")]
     with pytest.raises(TypeError, match="float32, bfloat16 and float16"):
@@ -723,6 +747,14 @@ def test_bad_inputs_fail_clearly():
     big = make_problem(2, 32768, 1, 1, 1, 1, with_h0=False)
     with pytest.raises(ValueError, match="batch × chunks = 2 × 32768 exceeds 65535.*larger chunk_size"):
         ssd_chunk_scan(*(big[k].float() for k in ("x", "dt", "A", "B", "C")), 1)
+    monkeypatch.setattr(K, "_MAX_GRID_Y", 4)  # (the limit itself is allowed: 2 × 2 chunks run, 2 × 3 do not)
+    for l, chunks in ((32, None), (33, 3)):
+        args = [big[k].float() if k == "A" else big[k][:, :l].float() for k in ("x", "dt", "A", "B", "C")]
+        if chunks is None:
+            assert ssd_chunk_scan(*args, 16).shape == (2, 32, 1, 1)
+        else:
+            with pytest.raises(ValueError, match="batch × chunks = 2 × 3 exceeds 4"):
+                ssd_chunk_scan(*args, 16)
 
 
 def test_cpu_tensors_without_the_interpreter_get_a_clear_error():
