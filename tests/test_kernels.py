@@ -192,6 +192,9 @@ def test_forward_stages_match_their_references(Q):
     assert rel_err(cs.double() + cs_lo.double(), exact) < 1e-13
     assert torch.equal(cs, exact.float())
     assert K._forward_stages(x.bfloat16(), dt, A, B.bfloat16(), C.bfloat16(), Q, h0, K._plan())[1] is None  # no lo
+    if Q == 16:  # fp16: the entering states are kept as the dots' fp16 operands (half the memory; see ssd_chunk_scan)
+        half = K._forward_stages(x.half(), dt, A, B.half(), C.half(), Q, h0, K._plan())
+        assert half[4].dtype == torch.float16 and rel_err(half[4], states_ref.double()) < 2e-3
     assert rel_err(chunk_states, chunk_states_ref.double()) < 1e-5
     assert rel_err(cb, K.chunk_cb_ref(C, B, Q).double()) < 1e-6
     assert rel_err(states, states_ref.double()) < 1e-5
