@@ -327,7 +327,7 @@ def compare_launch_paths(gpu, shape, dtype):
             ssd_triton._LAUNCHER.plans.clear()
             try:
                 with context():
-                    _call(SSDChunkScanFn, shape, case, backward=True, use_final=use_final)  # (compiles; keeps the binaries)
+                    _call(SSDChunkScanFn, shape, case, backward=True, use_final=use_final)  # (compiles, keeps them)
                     calls[direct] = []
                     # direct: the launches found by their keys (the call records its plan), then by that plan
                     for _ in range(2 if direct else 1):
