@@ -279,17 +279,23 @@ def _head_splits(n):
 def compare_launch_paths(gpu, shape, dtype):
     """The launches of one forward+backward made by `_launch`'s direct path against those Triton's own
     launch path makes for the same call, launch by launch: the same binary, grid, stream, metadata, hooks
-    and arguments. Seven calls: the plain one; x at an address that is not 16-byte aligned, for which
+    and arguments. Nine calls: the plain one; x at an address that is not 16-byte aligned, for which
     Triton compiles other binaries (checked: else this would not show that the direct path tells them
-    apart); an initial state and a loss on the final state too (the programs' other variants); what the
+    apart); an initial state and a loss on the final state too (the programs' other variants); the
+    initial state in bf16 (another dtype of an input: other binaries than the fp32 one's, checked); the
+    initial state with the final state unused (no ∂L/∂final: other binaries, checked); what the
     forward kept handed back misaligned by a saved-tensor hook, and one dB/dC head split instead of
     `shape`'s 2 (both: other binaries for what the backward's launch plan must tell apart from the plain
     call's, checked); the plain call with a launch-enter hook set, and with only a launch-exit hook (a
     profiler's: the direct path must then build the same metadata and call the hook once per launch,
     checked). Each is made twice directly, with no binary or plan kept from the calls before: its
     launches found by their own keys (which records the call's `Plan`), then taken from that plan
-    (checked: no key built but the plans' own). Last, hooks set after a plan was recorded without them
-    (a profiler switched on mid-run) must see every launch of the next call.
+    (checked: no key built but the plans' own). Then all nine one after another, three rounds, keeping
+    the binaries and plans of the calls before (the first round goes through Triton, the second finds the
+    launches by their keys, the third by the calls' plans): a key that does not tell two of the calls apart
+    (an alignment, a dtype, an optional input or ∂L/∂final, the head splits, a kept tensor's alignment)
+    shows there as another binary. Last, hooks set after a plan was recorded without them (a profiler
+    switched on mid-run) must see every launch of the next call.
     Returns the launches compared; raises AssertionError at the first difference."""
     from kernels import launch, ssd_triton
     from kernels.ssd_triton import SSDChunkScanFn
@@ -301,12 +307,19 @@ def compare_launch_paths(gpu, shape, dtype):
     hooked = collections.Counter()  # launches seen by the hooks of the hook cases, by (hook, program)
     enter, leave = "launch_enter_hook", "launch_exit_hook"
     hook_cases = {"enter hook": (enter,), "exit hook": (leave,)}
-    cases = {"plain": (inputs, nothing), "misaligned x": ({**inputs, "x": _misaligned(inputs["x"])}, nothing),
-             "initial state": ({**inputs, "h0": h0}, nothing), "kept tensors moved": (inputs, _kept_tensors_moved),
-             "1 head split": (inputs, lambda: _head_splits(1)),
-             **{name: (inputs, lambda which=which: _launch_hook(hooked, *which)) for name, which in hook_cases.items()}}
+    # name: (inputs, context, whether the loss takes the final state, the case whose binaries it must not share)
+    cases = {"plain": (inputs, nothing, False, None),
+             "misaligned x": ({**inputs, "x": _misaligned(inputs["x"])}, nothing, False, "plain"),
+             "initial state": ({**inputs, "h0": h0}, nothing, True, "plain"),
+             "bf16 initial state": ({**inputs, "h0": h0.bfloat16()}, nothing, True, "initial state"),
+             "final state unused": ({**inputs, "h0": h0}, nothing, False, "initial state"),
+             "kept tensors moved": (inputs, _kept_tensors_moved, False, "plain"),
+             "1 head split": (inputs, lambda: _head_splits(1), False, "plain"),
+             **{name: (inputs, lambda which=which: _launch_hook(hooked, *which), False, None)
+                for name, which in hook_cases.items()}}
     used, compared, setting, selector = {}, 0, ssd_triton.DIRECT_LAUNCH, launch.selector
-    for name, (case, context) in cases.items():
+    through_triton = {}  # name -> the launches of the case's call through Triton
+    for name, (case, context, use_final, _) in cases.items():
         calls = {}
         for direct in (False, True):
             ssd_triton.DIRECT_LAUNCH = direct  # (on even where this Triton is not known to launch alike)
@@ -314,7 +327,7 @@ def compare_launch_paths(gpu, shape, dtype):
             ssd_triton._LAUNCHER.plans.clear()
             try:
                 with context():
-                    _call(SSDChunkScanFn, shape, case, backward=True)  # (compiles; keeps the binaries)
+                    _call(SSDChunkScanFn, shape, case, backward=True, use_final=use_final)  # (compiles, keeps them)
                     calls[direct] = []
                     # direct: the launches found by their keys (the call records its plan), then by that plan
                     for _ in range(2 if direct else 1):
@@ -322,7 +335,7 @@ def compare_launch_paths(gpu, shape, dtype):
                         keys = []  # (`selector` calls: what building a key costs)
                         hooked.clear()
                         launch.selector = lambda args, keys=keys: keys.append(1) or selector(args)
-                        _call(SSDChunkScanFn, shape, case, backward=True)
+                        _call(SSDChunkScanFn, shape, case, backward=True, use_final=use_final)
                         launch.selector = selector
                         calls[direct].append(gpu.recorded)
                         if name in hook_cases:
@@ -332,16 +345,25 @@ def compare_launch_paths(gpu, shape, dtype):
                 assert not direct or len(keys) == 2, f"{name}: the last call built {len(keys)} keys, not 2"
             finally:
                 gpu.recorded, ssd_triton.DIRECT_LAUNCH, launch.selector = None, setting, selector
-        (through_triton,) = calls[False]
+        (through_triton[name],) = calls[False]
         for how, direct in zip(("by their keys", "by the call's plan"), calls[True]):
-            assert len(direct) == len(through_triton), (name, how, len(direct), len(through_triton))
-            for i, (a, b) in enumerate(zip(direct, through_triton)):
-                assert a == b, f"{name}, launch {i} ({a[0]}), {how}: direct {a} != through Triton {b}"
-            compared += len(direct)
-        used[name] = [index for _, index, _ in through_triton]
-    for name in cases:  # (else a case would not show that the plans tell it apart from the plain call)
-        assert name == "plain" or name in hook_cases or used[name] != used["plain"], \
-            f"{name}: Triton chose the plain call's binaries"
+            compared += _same_launches(direct, through_triton[name], f"{name}, {how}")
+        used[name] = [index for _, index, _ in through_triton[name]]
+    for name, (*_, other) in cases.items():  # (else a case would not show that the keys tell it apart)
+        assert other is None or used[name] != used[other], f"{name}: Triton chose the {other} call's binaries"
+    # all the calls one after another, each keeping the binaries and plans of those before
+    ssd_triton.DIRECT_LAUNCH = True
+    ssd_triton._LAUNCHER.binaries.clear()
+    ssd_triton._LAUNCHER.plans.clear()
+    try:
+        for how in ("through Triton", "by their keys", "by the calls' plans"):
+            for name, (case, context, use_final, _) in cases.items():
+                with context():
+                    gpu.recorded, gpu.labels = [], {t.data_ptr(): k for k, t in case.items()}
+                    _call(SSDChunkScanFn, shape, case, backward=True, use_final=use_final)
+                compared += _same_launches(gpu.recorded, through_triton[name], f"{name} after the others, {how}")
+    finally:
+        gpu.recorded, ssd_triton.DIRECT_LAUNCH = None, setting
     # hooks set once the plain call's plan was recorded without them
     ssd_triton.DIRECT_LAUNCH = True
     ssd_triton._LAUNCHER.binaries.clear()
@@ -361,6 +383,15 @@ def compare_launch_paths(gpu, shape, dtype):
     return compared
 
 
+def _same_launches(direct, through_triton, what):
+    """Asserts that the launches `direct` (as the stand-in recorded them) are those of `through_triton`, one by
+    one; returns how many."""
+    assert len(direct) == len(through_triton), (what, len(direct), len(through_triton))
+    for i, (a, b) in enumerate(zip(direct, through_triton)):
+        assert a == b, f"{what}, launch {i} ({a[0]}): direct {a} != through Triton {b}"
+    return len(direct)
+
+
 def _inputs(shape, dtype):
     b, l, h, p, n, g, _ = shape
     gen = torch.Generator().manual_seed(0)
@@ -369,14 +400,14 @@ def _inputs(shape, dtype):
                 C=torch.randn(b, l, g, n, generator=gen).to(dtype), D=torch.randn(h, generator=gen))
 
 
-def _call(scan, shape, inputs, backward):
-    """One call of the autograd Function (forward, and backward if asked) on leaves of `inputs`; with an
-    initial state "h0" in `inputs`, the loss takes the final state too."""
+def _call(scan, shape, inputs, backward, use_final=None):
+    """One call of the autograd Function (forward, and backward if asked) on leaves of `inputs`; the loss
+    takes the final state too if `use_final` (None: where there is an initial state "h0" in `inputs`)."""
     leaves = {k: v.detach().requires_grad_(backward) for k, v in inputs.items()}
     y, final = scan.apply(leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"], shape[-1], leaves["D"],
                           leaves.get("h0"))
     if backward:
-        outputs = [y, final] if "h0" in leaves else [y]
+        outputs = [y, final] if ("h0" in leaves if use_final is None else use_final) else [y]
         torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
 
 
@@ -526,10 +557,11 @@ def main(argv=None):
     if off_because:
         print(f"direct launches: off ({off_because}): every launch goes through Triton")
     else:
-        print(f"direct launches: {launches_compared} compared with Triton's own launch path (7 forward+backward "
-              "calls: plain, x not 16-byte aligned, with an initial state, kept tensors moved by a saved-tensor hook, "
-              "1 head split, a launch-enter hook set, a launch-exit hook only; each by the launches' keys, then by "
-              "the call's plan): each the same binary, grid, hooks, metadata and arguments; and hooks set after a "
+        print(f"direct launches: {launches_compared} compared with Triton's own launch path (9 forward+backward "
+              "calls: plain, x not 16-byte aligned, with an initial state, in bf16, with the final state unused, kept "
+              "tensors moved by a saved-tensor hook, 1 head split, a launch-enter hook set, a launch-exit hook only; "
+              "each by the launches' keys, then by the call's plan; then all nine in turn, keeping what the others "
+              "kept): each the same binary, grid, hooks, metadata and arguments; and hooks set after a "
               "plan was recorded see every launch")
     if host and "baseline" in host:
         print("this / baseline: " + ", ".join(f"{part} {host['this'][part] / host['baseline'][part]:.2f}x"

@@ -192,6 +192,9 @@ def test_forward_stages_match_their_references(Q):
     assert rel_err(cs.double() + cs_lo.double(), exact) < 1e-13
     assert torch.equal(cs, exact.float())
     assert K._forward_stages(x.bfloat16(), dt, A, B.bfloat16(), C.bfloat16(), Q, h0, K._plan())[1] is None  # no lo
+    if Q == 16:  # fp16: the entering states are kept as the dots' fp16 operands (half the memory; see ssd_chunk_scan)
+        half = K._forward_stages(x.half(), dt, A, B.half(), C.half(), Q, h0, K._plan())
+        assert half[4].dtype == torch.float16 and rel_err(half[4], states_ref.double()) < 2e-3
     assert rel_err(chunk_states, chunk_states_ref.double()) < 1e-5
     assert rel_err(cb, K.chunk_cb_ref(C, B, Q).double()) < 1e-6
     assert rel_err(states, states_ref.double()) < 1e-5
@@ -298,6 +301,8 @@ def test_head_splits_aim_at_programs_per_sm_up_to_the_cap(monkeypatch):
             assert heads % d == 0 and 1 <= d <= K._MAX_HEAD_SPLITS, (heads, b, d)
     assert K._head_splits(7, 1, None) == 7  # no divisor reaches the target: the largest under the cap
     assert K._head_splits(12, 1, None) == 6
+    # exactly the target (4 programs per SM) is reached: 132 programs × 4 splits on 132 SMs, not 8 splits
+    assert K._head_splits(8, 132, None) == 4 and K._head_splits(8, 131, None) == 8
 
 
 def test_bf16_buffers_as_on_a_gpu(monkeypatch):
@@ -389,9 +394,125 @@ def test_direct_launches_only_with_a_triton_that_launches_as_they_do(monkeypatch
     assert "no binaries" in K.DIRECT_LAUNCH_OFF_BECAUSE and not K.DIRECT_LAUNCH  # (this file interprets)
 
 
+class _FakeBinary:
+    """A compiled program as `Launcher.launch` calls it: it records its launches."""
+
+    function = packed_metadata = None
+
+    def __init__(self):
+        self.runs = []
+
+    def launch_metadata(self, grid, stream, *args):
+        return ("metadata", grid)
+
+    def run(self, *args):  # (grid x, y, z, stream, function, packed metadata, launch metadata, hooks, arguments...)
+        self.runs.append(args)
+
+
+class _FakeProgram:
+    """A Triton program as `Launcher` sees one: `program[grid](*args, **constexprs)` compiles a binary (one per
+    call: Triton would find it again in its own cache) and launches it; `compiles=False`: as where a cache hook
+    declines to compile, it returns None."""
+
+    arg_names = ["x_ptr", "n", "BLOCK"]
+
+    def __init__(self, name, compiles=True):
+        self.__name__, self.compiles, self.through_triton = name, compiles, []
+
+    def __getitem__(self, grid):
+        def run(*args, **constexprs):
+            self.through_triton.append((grid, args, constexprs))
+            return _FakeBinary() if self.compiles else None
+        return run
+
+
+class _FakeDriver:  # (what a `Plan` reads of Triton's driver)
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 7
+
+
+def test_launcher_keeps_bounded_binaries_and_plans_and_refuses_what_it_cannot_repeat(monkeypatch):
+    """`Launcher` (kernels/launch.py) with stand-in programs, no GPU: the first launch goes through Triton, the
+    next by its key (the binary called with the stream, the grid and the constexprs after the arguments), the
+    call after by its plan; a plan whose call launches another program raises; a grid of 2 numbers is refused
+    (the binary is called with 3); a binary Triton did not compile is not kept; binaries and plans are
+    bounded by MAX_BINARIES (the keys hold the integer arguments: one per sequence length)."""
+    monkeypatch.setattr(triton.runtime.driver, "_active", _FakeDriver())
+    launcher, program, x = L.Launcher(), _FakeProgram("p"), torch.zeros(4)
+
+    def call(prog, n, grid=(2, 1, 1), key="call"):
+        plan = launcher.plan(True, key, n, tensors=(x,))
+        launcher.launch(prog, grid, None, plan, x, n, BLOCK=16)
+        plan.done()
+
+    call(program, 4)  # through Triton: the binary is kept, the call's plan is not (a launch found none)
+    assert len(program.through_triton) == 1 and launcher.plans == {}
+    ((binary, _),) = [(b, w) for w, b in launcher.binaries.items()]
+    call(program, 4)  # by the launch's key: the call's plan is recorded
+    call(program, 4)  # by the plan
+    assert len(program.through_triton) == 1 and len(launcher.plans) == 1
+    assert binary.kernel.runs == [(2, 1, 1, 7, None, None, None, None, None, x, 4, 16)] * 2
+    with pytest.raises(RuntimeError, match="launch plan out of step"):
+        call(_FakeProgram("q"), 4)  # (same plan key, another program)
+    with pytest.raises(ValueError, match="give its grid as 3 numbers"):
+        call(program, 5, grid=(2, 1))
+    declined = _FakeProgram("declined", compiles=False)
+    for _ in range(2):
+        call(declined, 4, key="declined")
+    assert len(declined.through_triton) == 2 and not any(b.program is declined for b in launcher.binaries.values())
+
+    monkeypatch.setattr(L, "MAX_BINARIES", 3)
+    for n in range(6, 12):  # 6 sequence lengths, each called twice: 6 binaries and 6 plans recorded
+        call(program, n)
+        call(program, n)
+        assert len(launcher.binaries) <= 3 and len(launcher.plans) <= 3
+    call(program, 11)  # (the last one kept: by its plan)
+    assert program.through_triton[-1][1] == (x, 10 + 1) and len(program.through_triton) == 1 + 1 + 6
+
+
 def test_only_y_used_and_no_final_state_returned():
     pb = make_problem(2, 37, 2, 4, 2, 8, seed=7)
     assert_close(run_and_compare(pb, 16, use_final=False), torch.float32)
+
+
+def test_b_and_c_of_another_dtype_are_taken_in_x_dtype():
+    """B and C are dot operands next to x: the wrapper rounds them to x's dtype (here fp32 B, C with bf16 x):
+    the results of B and C given in bf16, and their gradients those of the rounding (in fp32)."""
+    pb = make_problem(1, 20, 2, 4, 1, 8, with_h0=False, seed=29)
+    inputs = {k: v.float() for k, v in pb.items() if v is not None}
+    inputs["x"] = inputs["x"].bfloat16()
+    results = []
+    for cast in (lambda t: t, lambda t: t.bfloat16()):
+        leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+        y = ssd_chunk_scan(leaves["x"], leaves["dt"], leaves["A"], cast(leaves["B"]), cast(leaves["C"]), 16,
+                           D=leaves["D"])
+        (y.float() * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum().backward()
+        results.append([y, *(leaves[k].grad for k in sorted(leaves))])
+    y, dA, dB, dC = results[0][:4]
+    assert y.dtype == torch.bfloat16 and dB.dtype == dC.dtype == torch.float32
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_only_the_final_state_used_through_a_transposed_view():
+    """A loss on the final state alone: autograd hands the backward no ∂L/∂y (None: y gets no gradient) and
+    ∂L/∂final as the transposed view the loss read it through (not contiguous). Every gradient against the
+    float64 recurrence's; C and D reach only y, so their gradients are zero."""
+    pb = make_problem(1, 37, 2, 4, 1, 8, seed=23)
+    inputs = _kernel_inputs(pb, torch.float32)
+    w = torch.randn(1, 2, 8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))  # (b, H, N, P)
+    truth = {k: v.double().detach().requires_grad_() for k, v in inputs.items()}
+    (ssd_recurrent(**truth)[1].transpose(-1, -2) * w).sum().backward()
+    leaves = {k: v.requires_grad_() for k, v in inputs.items()}
+    _, final = ssd_chunk_scan(*(leaves[k] for k in ("x", "dt", "A", "B", "C")), 16, D=leaves["D"],
+                              initial_state=leaves["initial_state"], return_final_state=True)
+    (final.transpose(-1, -2) * w.float()).sum().backward()
+    errs = {"d" + k: rel_err(v.grad, truth[k].grad) for k, v in leaves.items() if k not in ("C", "D")}
+    assert_close(errs, torch.float32)
+    assert torch.equal(leaves["C"].grad, torch.zeros(1, 37, 1, 8)) and torch.equal(leaves["D"].grad, torch.zeros(2))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -588,6 +709,11 @@ def test_empty_sequence_returns_the_initial_state():
     _, final = ssd_chunk_scan(pb["x"].float(), pb["dt"].float(), pb["A"].float(), pb["B"].float(),
                               pb["C"].float(), 16, initial_state=h0, return_final_state=True)
     assert final.data_ptr() != h0.data_ptr() and torch.equal(final, h0)
+    # no initial state: the zero state, in fp32 whatever x's dtype (as ssd_chunked's)
+    y, final = ssd_chunk_scan(*(pb[k].to(torch.bfloat16 if k in ("x", "B", "C") else torch.float32)
+                                for k in ("x", "dt", "A", "B", "C")), 16, return_final_state=True)
+    assert y.shape == (1, 0, 2, 4) and y.dtype == torch.bfloat16
+    assert final.dtype == torch.float32 and torch.equal(final, torch.zeros(1, 2, 4, 8))
 
 
 def test_a_second_derivative_is_refused_not_silently_zero():
@@ -602,7 +728,7 @@ def test_a_second_derivative_is_refused_not_silently_zero():
         gx.sum().backward()
 
 
-def test_bad_inputs_fail_clearly():
+def test_bad_inputs_fail_clearly(monkeypatch):
     pb = {k: v.float() for k, v in make_problem(1, 20, 2, 4, 1, 8).items()}
     args = [pb[k] for k in ("x", "dt", "A", "B", "C")]
     with pytest.raises(TypeError, match="float32, bfloat16 and float16"):
@@ -624,6 +750,14 @@ def test_bad_inputs_fail_clearly():
     big = make_problem(2, 32768, 1, 1, 1, 1, with_h0=False)
     with pytest.raises(ValueError, match="batch × chunks = 2 × 32768 exceeds 65535.*larger chunk_size"):
         ssd_chunk_scan(*(big[k].float() for k in ("x", "dt", "A", "B", "C")), 1)
+    monkeypatch.setattr(K, "_MAX_GRID_Y", 4)  # (the limit itself is allowed: 2 × 2 chunks run, 2 × 3 do not)
+    for l, chunks in ((32, None), (33, 3)):
+        args = [big[k].float() if k == "A" else big[k][:, :l].float() for k in ("x", "dt", "A", "B", "C")]
+        if chunks is None:
+            assert ssd_chunk_scan(*args, 16).shape == (2, 32, 1, 1)
+        else:
+            with pytest.raises(ValueError, match="batch × chunks = 2 × 3 exceeds 4"):
+                ssd_chunk_scan(*args, 16)
 
 
 def test_cpu_tensors_without_the_interpreter_get_a_clear_error():

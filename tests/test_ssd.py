@@ -154,6 +154,8 @@ def test_step_is_one_token_of_the_recurrence():
         (lambda p: p.update(C=p["C"][:, :-1]), "C must have"),
         (lambda p: p.update(x=p["x"][0]), "x must be"),
         (lambda p: p.update(initial_state=p["initial_state"][:, :, :-1]), "initial_state must be"),
+        (lambda p: p.update(initial_state=p["initial_state"][..., :-1]), "initial_state must be"),  # (dstate)
+        (lambda p: p.update(B=p["B"].flatten(2), C=p["C"].flatten(2)), "B must be"),  # (3-D, batch and seqlen right)
         (lambda p: p.update(D=p["D"][:1]), "D must be \\(nheads,\\)"),  # (one D broadcast to every head)
         (lambda p: p.update(B=p["B"][:, :-1]), "B must be \\(batch=1, seqlen=6, ngroups, dstate\\), got \\(1, 5, "),
         (lambda p: p.update(B=p["B"][0]), "B must be"),
@@ -188,6 +190,7 @@ def test_values_and_types_outside_the_contract_are_refused():
         (dict(initial_state=h0.to(torch.complex128)), TypeError, "initial_state must be a real floating-point"),
         (dict(D=16), TypeError, "D must be a tensor or None, got int 16 \\(chunk_size is a keyword argument\\)"),
         (dict(A=A.abs()), ValueError, "A must be ≤ 0 \\(A = −exp\\(A_log\\)\\)"),
+        (dict(A=torch.cat([A[:-1], A.new_full((1,), 1e-3)])), ValueError, "A must be ≤ 0"),  # (one head, barely)
         (dict(dt=-dt), ValueError, "dt must be ≥ 0 \\(dt = softplus"),
     ]:
         for f in (ssd_recurrent, ssd_quadratic, lambda **kw: ssd_chunked(**kw, chunk_size=4)):
