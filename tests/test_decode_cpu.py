@@ -103,6 +103,36 @@ def test_a_model_with_one_weight_not_float32_is_refused_naming_that_weight():
         model.decoder(1)
 
 
+def test_int32_token_ids_step_as_their_int64_values():
+    """The step takes torch.int ids too; C reads 8-byte ids, so they are widened first (read as they are, two
+    int32 ids made one int64 far outside the vocabulary)."""
+    model = random_model(config(n_layer=1))
+    ids = torch.tensor([[5, 17, 3], [999, 0, 42]])  # (2, 3)
+    ref, ref_cache = run_steps(model, "c", ids)
+    out, cache = run_steps(model, "c", ids.int())
+    assert torch.equal(out, ref) and torch.equal(cache.ssm, ref_cache.ssm) and torch.equal(cache.conv, ref_cache.conv)
+
+
+def test_a_weight_that_is_a_strided_view_is_refused_by_c_and_auto_decodes_with_torch():
+    """C reads each weight as a dense row-major block from its first address: a transposed view (the same
+    values, other strides) would be read as other numbers. 'c' refuses it; 'auto' decodes with torch."""
+    model = random_model(config(n_layer=1))
+    ids = torch.tensor([[5, 17, 3]])
+    ref, _ = run_steps(model, "torch", ids)
+    w = model.layers[0].mixer.in_proj.weight
+    w.data = w.data.t().contiguous().t()  # the same values, in column-major order
+    assert not w.is_contiguous()
+    model.decode_backend = "c"
+    with pytest.raises(ValueError, match="cannot run this model: some weights are not contiguous"):
+        model.decoder(1)
+    model.decode_backend = "auto"
+    cache = model.allocate_cache(1)
+    step = model.decoder(1)
+    assert model.decode_backend_used == ("torch", "auto: some weights are not contiguous")
+    out = torch.stack([step(ids[:, t], cache) for t in range(3)], dim=1)
+    assert (out - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+
+
 def test_weights_moved_after_a_step_are_read_from_their_new_place():
     model = random_model(config(), decode_backend="c")
     ids = torch.tensor([[5, 17]])

@@ -4,6 +4,7 @@ against the parallel forward, checkpoint I/O and its errors, and sampling."""
 import dataclasses
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -91,6 +92,31 @@ def test_each_greedy_token_is_the_argmax_of_hf_forward(hf_pair, decode_backend, 
     assert torch.equal(logits.argmax(-1), ours[:, 13:])
 
 
+def test_a_norm_eps_other_than_the_default_reaches_every_norm_and_both_steps(tmp_path):
+    """HF's Mamba2 with layer_norm_epsilon 0.05 (its every RMSNorm's, the mixer's gated one too): the forward, the
+    torch step and the C step give its logits. (Every other test uses the default 1e-5: a norm built without
+    the config's eps, or a C step given 1e-5, passed them all.)"""
+    transformers = pytest.importorskip("transformers", reason="HF transformers is the test-only oracle for Mamba2")
+    cfg = tiny_config(n_layer=1, norm_eps=0.05)
+    torch.manual_seed(0)
+    hf = randomize_(transformers.Mamba2ForCausalLM(transformers.Mamba2Config(**cfg.to_dict("hf")))).eval()
+    hf.save_pretrained(tmp_path)
+    model = from_pretrained(tmp_path).eval()
+    assert model.config.norm_eps == 0.05
+    ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf(ids).logits  # (2, 9, Vp)
+        assert (model(ids) - ref).abs().max().item() <= 1e-5
+    for backend in ["torch"] + (["c"] if shutil.which("cc") else []):
+        model.decode_backend = backend
+        cache = model.allocate_cache(2)
+        with torch.no_grad():
+            model(ids[:, :5], cache=cache)
+        step = model.decoder(2)
+        steps = torch.stack([step(ids[:, t], cache) for t in range(5, 9)], dim=1)  # (2, 4, Vp)
+        assert (steps - ref[:, 5:]).abs().max().item() <= 1e-4, backend
+
+
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(1)
@@ -131,6 +157,7 @@ def test_prefill_in_pieces_equals_one_prefill(model):
         cache = model.allocate_cache(1)
         pieces = torch.cat([model(ids[:, a:b], cache=cache) for a, b in ((0, 2), (2, 17), (17, 30))], dim=1)
     assert (pieces - full).abs().max().item() <= 1e-4
+    assert cache.seqlen_offset == 30  # (the tokens it has consumed: 2 + 15 + 13)
 
 
 def test_cache_is_constant_size(model):
@@ -288,6 +315,24 @@ def test_the_residual_stream_of_a_bf16_model_is_float32_where_the_config_says(in
     for hook in hooks:
         hook.remove()
     assert logits.dtype == step_logits.dtype == torch.bfloat16
+
+
+def test_a_bf16_model_decodes_with_a_float32_conv_history():
+    """allocate_cache's dtype is the conv history's: a bf16 model may keep it in float32 (the forward and the step
+    read it in the model's dtype); its logits follow those of the default bf16 history."""
+    torch.manual_seed(0)
+    m = randomize_(Mamba2LM(tiny_config(chunk_size=8), decode_backend="torch"), seed=3).eval().bfloat16()
+    ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(3))
+    out = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        cache = m.allocate_cache(2, dtype=dtype)
+        with torch.no_grad():
+            m(ids[:, :6], cache=cache)
+        step = m.decoder(2)
+        out[dtype] = torch.stack([step(ids[:, t], cache) for t in range(6, 9)], dim=1)  # (2, 3, Vp)
+        assert out[dtype].dtype == torch.bfloat16 and cache.conv.dtype == dtype
+    # measured 0.004 (logits up to 0.6): the two histories differ by bf16 rounding only
+    assert (out[torch.float32].float() - out[torch.bfloat16].float()).abs().max().item() <= 0.02
 
 
 def test_config_json_errors_name_the_file(tmp_path):
