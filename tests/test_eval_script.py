@@ -93,6 +93,10 @@ def test_eval_writes_what_the_library_computes(checkpoint, tmp_path):
     (["--tasks", "", "--ppl-data", "{tmp}", "--ppl-domains", " "], "needs at least one domain"),
     (["--tasks", "", "--ppl-data", "{tmp}", "--out", "{tmp}/a-file/res.json"], "cannot write {tmp}/a-file/res.json"),
     (["--tasks", "arc_easy", "--device", "gpu"], "unknown --device 'gpu'"),
+    # every count is checked, not only --limit
+    *[(["--tasks", "arc_easy", f"--{name}", "0"], f"--{name} must be at least 1, got 0")
+      for name in ("max-new-tokens", "max-tokens", "batch-size", "seq-len", "ppl-windows")],
+    (["--tasks", "", "--ppl-data", "{tmp}", "--predictions", "{tmp}"], "{tmp} is a directory; give a file name"),
 ])
 def test_eval_setup_errors(args, says, tmp_path):
     (tmp_path / "a-file").write_text("")
@@ -171,3 +175,41 @@ def test_qa_scoring_recipe_scores_each_task_as_the_recipe_did(checkpoint, tmp_pa
                                "--qa-scoring", "recipe", "--limit", 1, "--device", "cpu", cwd=tmp_path)
     assert code == 0, stderr
     assert seen == {"pubmedqa": "logprob", "bioasq": "generate"}
+
+
+@needs_data
+def test_tasks_named_twice_run_once_with_the_options_given_and_bf16_decodes_with_the_torch_step(checkpoint, tmp_path,
+                                                                                                monkeypatch):
+    """--tasks pubmedqa,qa names pubmedqa twice (itself and in its group): scored once, in the order first named,
+    each with the counts given. Under --dtype bfloat16 the model decodes with the torch step, which runs in the
+    autocast (the C step computes in float32 whatever the autocast: not the bf16 model's generations)."""
+    import minimamba.evaluate
+
+    seen = []
+
+    def record(model, tokenizer, task, items, **options):
+        seen.append((task.name, model.decode_backend, options))
+        return {"task": task.name, "kind": task.kind, "acc": 0.5, "n": len(items), "seconds": 1.0}
+
+    monkeypatch.setattr(minimamba.evaluate, "evaluate_task", record)
+    for dtype, backend, amp in (("bfloat16", "torch", torch.bfloat16), ("float32", "auto", None)):
+        seen.clear()
+        code, _, stderr = run_eval("--model", checkpoint, "--tokenizer", TOKENIZER, "--task-data", DATA, "--tasks",
+                                   "pubmedqa,qa,pubmedqa", "--limit", 1, "--device", "cpu", "--dtype", dtype,
+                                   "--max-new-tokens", 7, "--max-tokens", 300, "--batch-size", 3, cwd=tmp_path)
+        assert code == 0, stderr
+        assert [(name, b) for name, b, _ in seen] == [("pubmedqa", backend), ("bioasq", backend)], dtype
+        for _, _, options in seen:
+            assert {k: options[k] for k in ("autocast_dtype", "max_new_tokens", "max_tokens", "max_prompt_tokens",
+                                            "batch_size", "gen_batch_size")} == dict(
+                autocast_dtype=amp, max_new_tokens=7, max_tokens=300, max_prompt_tokens=300, batch_size=3,
+                gen_batch_size=3), dtype
+
+
+@needs_data
+def test_a_tokenizer_with_more_ids_than_the_model_is_refused(tmp_path):
+    small = tmp_path / "small"
+    Mamba2LM(Mamba2Config(d_model=32, n_layer=1, d_state=16, headdim=16, vocab_size=1000)).save_pretrained(small)
+    code, _, stderr = run_eval("--model", small, "--tokenizer", TOKENIZER, "--task-data", DATA, "--tasks", "arc_easy",
+                               "--limit", 1, "--device", "cpu", cwd=tmp_path)
+    assert code == 2 and "the model only 1000: they do not belong together (give --tokenizer)" in stderr, stderr

@@ -31,6 +31,8 @@ def test_target_and_table_from_made_up_numbers():
     assert lines[2].startswith("| general model (before) | 100.00 | 50.00 | 40.00 |")
     assert "51.00 (-49.0%)" in lines[3] and "48.00 (-4.0%)" in lines[3] and "40.40 (+1.0%)" in lines[3]
     assert "56.00 (+12.0%)" in lines[4]
+    ppl["mix"] = {"pubmed": 50.0, "c4": 50.0, "wikipedia": 39.0}  # exactly half: "at most half" holds
+    assert miniature.check_target(ppl)["pubmed_at_most_half"] is True
 
 
 def test_unknown_row_is_refused(tmp_path, capsys):
@@ -68,11 +70,14 @@ def test_the_data_root_defaults_to_minimamba_data_wherever_it_runs(tmp_path, mon
 @pytest.mark.parametrize("args, message", [
     (["--general-steps", "0"], "--general-steps must be >= 1, got 0"),
     (["--threads", "0"], "--threads must be >= 1"),
+    (["--cpt-steps", "0"], "--cpt-steps must be >= 1, got 0"),
+    (["--eval-windows", "0"], "--eval-windows must be >= 1, got 0"),
     (["--rows", ""], "unknown row(s) ''"),
 ])
 def test_bad_options_are_refused_before_anything_runs(tmp_path, capsys, args, message):
+    # (a --data-root that is not there: an option let through stops there, not after a whole run on the real one)
     with pytest.raises(SystemExit):
-        miniature.main([*args, "--out", str(tmp_path / "out")])
+        miniature.main([*args, "--out", str(tmp_path / "out"), "--data-root", str(tmp_path / "nowhere")])
     assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
