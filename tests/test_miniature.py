@@ -149,3 +149,21 @@ def test_the_whole_command_on_the_shared_corpora(tmp_path, capsys):
     assert (out / "miniature.md").read_text().count("\n") == 2 + 3
     printed = capsys.readouterr().out
     assert "general model (before)" in printed and "target (80/10/10 row)" in printed
+
+
+def test_rows_named_twice_run_once_in_the_order_first_named(tmp_path, monkeypatch, capsys):
+    # The pipeline's stages stand in (each records what it was asked); only the command's own logic runs.
+    ran = []
+    monkeypatch.setattr(miniature, "check_data_root", lambda root: None)
+    monkeypatch.setattr(miniature, "prepare", lambda root, out: "tokens")
+    monkeypatch.setattr(miniature, "general_pretraining", lambda tokens, out, steps, **kw: ran.append("general"))
+    monkeypatch.setattr(miniature, "latest_checkpoint", lambda folder: "ckpt")
+    monkeypatch.setattr(miniature, "continued_pretraining",
+                        lambda tokens, out, start, row, steps, **kw: ran.append(row))
+    monkeypatch.setattr(miniature, "perplexities", lambda result: {"pubmed": 10.0, "c4": 10.0, "wikipedia": 10.0})
+    monkeypatch.setattr(miniature, "plot", lambda ppl, path: False)
+    miniature.main(["--rows", " pubmed, mix,pubmed ,mix,", "--out", str(tmp_path / "out")])
+    assert ran == ["general", "pubmed", "mix"]
+    result = json.loads((tmp_path / "out" / "miniature.json").read_text())
+    assert list(result["perplexity"]) == ["before", "pubmed", "mix"]
+    assert (tmp_path / "out" / "miniature.md").read_text().count("\n") == 2 + 3  # header, rule, three rows
