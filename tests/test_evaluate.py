@@ -384,4 +384,5 @@ def test_domain_perplexity_split_over_ranks_adds_up_to_the_whole(model, monkeypa
     domain_perplexity(model, windows, batch_size=2, dist=SimpleNamespace(rank=1, world_size=2, device="cpu"))
     split = domain_perplexity(model, windows, batch_size=2, dist=SimpleNamespace(rank=0, world_size=2, device="cpu"))
     assert split["pubmed"]["tokens"] == whole["pubmed"]["tokens"] == 5 * 8
-    assert [tokens for _, tokens in calls] == [2 * 8, 3 * 8]  # each rank sent its own windows' sums    assert split["pubmed"]["loss"] == pytest.approx(whole["pubmed"]["loss"], rel=1e-6)
+    assert [tokens for _, tokens in calls] == [2 * 8, 3 * 8]  # each rank sent its own windows' sums
+    assert split["pubmed"]["loss"] == pytest.approx(whole["pubmed"]["loss"], rel=1e-6)
