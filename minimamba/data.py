@@ -351,7 +351,8 @@ def csv_records(path: Path, report) -> Iterator[tuple[int, dict]]:
         if not row:  # a blank line, or a row reported above
             continue
         if len(row) != len(header):
-            report("malformed", start, f"{len(row)} field{'' if len(row) == 1 else 's'} where the header has {len(header)}")
+            fields = f"{len(row)} field{'' if len(row) == 1 else 's'}"
+            report("malformed", start, f"{fields} where the header has {len(header)}")
             continue
         yield start, dict(zip(header, row, strict=True))
 
