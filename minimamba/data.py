@@ -662,7 +662,9 @@ def prepare(
 
 def _meta_to_update(out: Path, writes, tokenizer, tokenizer_name: str) -> dict:
     """The domain's meta.json without the splits that this call writes (a fresh one if there is none)."""
-    info = {"name": tokenizer_name, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id}
+    file = getattr(tokenizer, "path", None)  # (its tokenizer.json, for train.py's checkpoints; None: no file)
+    info = {"name": tokenizer_name, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
+            "file": None if file is None else str(Path(file).resolve())}
     meta = read_meta(out.parent, out.name, unfinished_ok=True) if (out / "meta.json").exists() else {"splits": {}}
     kept = [name for name in meta["splits"] if name not in writes]
     unfinished = [name for name in meta.get("preparing", ()) if name not in writes]

@@ -140,7 +140,7 @@ def prepare(data_root, out):
             new_id[data.load_split(full, domain, split)].tofile(small / domain / f"{split}.bin")
         meta = data.read_meta(full, domain)
         meta["tokenizer"] = {"name": f"{tokenizer_path} remapped to {VOCAB} ids (see vocab.npy)",
-                             "vocab_size": VOCAB, "eos_id": 0}
+                             "vocab_size": VOCAB, "eos_id": 0, "file": None}  # (no tokenizer.json gives these ids)
         (small / domain / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     np.save(small / "vocab.npy", kept)  # new id i <- GPT-NeoX id kept[i]; every other id -> VOCAB-1
     covered = counts[kept].sum() / counts.sum()

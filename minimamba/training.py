@@ -1320,27 +1320,33 @@ def check_vocabulary(data_dir, mix, eval_domains, vocab_size):
 
 
 def data_tokenizer_file(data_dir, domain):
-    """The tokenizer.json that prepared the token files of `domain` (the name its meta.json records: a path,
-    or a Hub id, whose cached copy is used or downloaded), for the checkpoints to carry (eval.py reads a model
-    folder's own tokenizer.json). None, with a note saying what eval.py then needs, where it cannot be had; None
-    for token files without a meta.json or a tokenizer that is no file (the tests' byte tokenizer)."""
+    """The tokenizer.json that prepared the token files of `domain`, for the checkpoints to carry (eval.py reads
+    a model folder's own tokenizer.json): the file meta.json records (`prepare` writes its absolute path), else
+    the name it records (a path, or a Hub id, whose cached copy is used or downloaded). None for token files
+    without a meta.json or made by a tokenizer that is no file (meta.json's file is null: the tests' byte
+    tokenizer, the miniature's remapped ids); None with a note saying what eval.py then needs where the file
+    cannot be had (moved since `prepare`, a relative path from another folder, no network)."""
     from minimamba.tokenizer import tokenizer_file
 
-    if not (Path(data_dir) / domain / "meta.json").exists():
+    meta = Path(data_dir) / domain / "meta.json"
+    if not meta.exists():
         return None
-    name = str(read_meta(data_dir, domain).get("tokenizer", {}).get("name", ""))
-    if "/" not in name and not Path(name).exists():  # (a name such as "bytes": no tokenizer.json exists)
+    info = read_meta(data_dir, domain).get("tokenizer", {})
+    if "file" in info and info["file"] is None:
         return None
-    try:
-        path = tokenizer_file(name)
-        if not path.is_file():
-            raise FileNotFoundError(f"no file {path}")
-        return path
-    except Exception as e:  # (a missing file, no network: its own message says which)
-        print(f"note: the checkpoints will hold no tokenizer.json: the data's tokenizer {name!r} "
-              f"({Path(data_dir) / domain / 'meta.json'}) cannot be read ({e}); give eval.py --tokenizer",
-              file=sys.stderr, flush=True)
-        return None
+    name = str(info.get("name", ""))
+    tried = []
+    for source in ([info["file"]] if info.get("file") else []) + ([name] if name else []):
+        try:
+            path = tokenizer_file(source)
+            if path.is_file():
+                return path
+            tried.append(f"{source}: no file {path}")
+        except Exception as e:  # (a missing file, no network: its own message says which)
+            tried.append(f"{source}: {e}")
+    print(f"note: the checkpoints will hold no tokenizer.json: the data's tokenizer {name!r} ({meta}) cannot be "
+          f"read ({'; '.join(tried) or 'meta.json names none'}); give eval.py --tokenizer", file=sys.stderr, flush=True)
+    return None
 
 
 class Pretraining:

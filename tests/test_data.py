@@ -401,7 +401,7 @@ def test_prepare_cleans_splits_and_counts(tmp_path):
 
     on_disk = read_meta(tmp_path / "out", "web")
     assert on_disk == meta
-    assert on_disk["tokenizer"] == {"name": "bytes", "vocab_size": 257, "eos_id": 0}
+    assert on_disk["tokenizer"] == {"name": "bytes", "vocab_size": 257, "eos_id": 0, "file": None}
     for split, docs in (("train", train), ("heldout", heldout)):
         entry = on_disk["splits"][split]
         assert entry["documents"] == len(docs)
@@ -724,6 +724,7 @@ def test_prepare_shared_data(tmp_path, monkeypatch, domain, file, options):
     assert main(argv) == 0
     meta = read_meta(out, domain)
     assert meta["tokenizer"]["vocab_size"] == 50277 and meta["tokenizer"]["eos_id"] == 0
+    assert meta["tokenizer"]["file"] == str(TOKENIZER_JSON.resolve())  # (for train.py's checkpoints)
     written = {name: entry for name, entry in meta["splits"].items()}
     assert sum(entry["documents"] for entry in written.values()) >= int(limit) // 2
     for name, entry in written.items():

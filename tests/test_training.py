@@ -1086,7 +1086,54 @@ def test_checkpoints_carry_the_datas_tokenizer_json(data, init_dir, tmp_path, ca
             {"tokenizer": {"name": str(tmp_path / "gone.json"), "vocab_size": VOCAB, "eos_id": 0}, "splits": {}}))
     result = train(config(tokens, init_dir, tmp_path / "run2", max_steps=2, save_every=2))
     assert not (Path(result["checkpoint"]) / "tokenizer.json").exists()
-    assert "note: the checkpoints will hold no tokenizer.json: the data's tokenizer" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "note: the checkpoints will hold no tokenizer.json: the data's tokenizer" in err
+    assert f"no file {tmp_path / 'gone.json'}" in err and "give eval.py --tokenizer" in err
+
+
+def test_the_datas_tokenizer_is_found_by_the_file_prepare_recorded(tmp_path, monkeypatch, capsys):
+    """`prepare` given a relative tokenizer path records its name as given: a run started from another folder
+    found no such file, and the checkpoints went without tokenizer.json with no note at all (a name without
+    "/" was taken for a tokenizer that is no file). meta.json now records the file's absolute path too; a
+    tokenizer that is no file records null, and only that goes without a note. (That the file found is copied
+    into each checkpoint: the test above.)"""
+    from minimamba.data import prepare, read_meta
+    from minimamba.training import data_tokenizer_file
+    from tests.test_data import ByteTokenizer
+    from tests.test_tokenizer import tiny_tokenizer_json
+
+    (tmp_path / "prep").mkdir()
+    tokenizer = tmp_path / "prep" / "tok.json"
+    tokenizer.write_text(json.dumps(tiny_tokenizer_json()), encoding="utf-8")
+    texts = tmp_path / "docs.txt"
+    texts.write_text("the cat sat on the mat\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path / "prep")
+    prepare("c4", [texts], "tok.json", tmp_path / "tokens")
+    info = read_meta(tmp_path / "tokens", "c4")["tokenizer"]
+    assert info["name"] == "tok.json" and info["file"] == str(tokenizer)
+    monkeypatch.chdir(tmp_path)  # (no tok.json here: the name alone finds nothing)
+    capsys.readouterr()  # (prepare's progress)
+    assert data_tokenizer_file(tmp_path / "tokens", "c4") == tokenizer
+    assert capsys.readouterr().err == ""
+    # the file gone too: a note that names what was tried
+    tokenizer.unlink()
+    assert data_tokenizer_file(tmp_path / "tokens", "c4") is None
+    err = capsys.readouterr().err
+    assert err.startswith("note: the checkpoints will hold no tokenizer.json: the data's tokenizer 'tok.json'")
+    assert f"{tokenizer}: no file {tokenizer}; tok.json: no file tok.json" in err and "eval.py --tokenizer" in err
+    # the name still there (the recorded file moved): the name is the fallback
+    tokenizer.write_text(json.dumps(tiny_tokenizer_json()), encoding="utf-8")
+    meta = json.loads((tmp_path / "tokens" / "c4" / "meta.json").read_text())
+    meta["tokenizer"]["file"] = str(tmp_path / "moved.json")
+    (tmp_path / "tokens" / "c4" / "meta.json").write_text(json.dumps(meta))
+    monkeypatch.chdir(tmp_path / "prep")
+    assert data_tokenizer_file(tmp_path / "tokens", "c4") == Path("tok.json")
+    # a tokenizer that is no file: null, no tokenizer.json and nothing to say
+    prepare("pubmed", [texts], ByteTokenizer(), tmp_path / "tokens")
+    assert read_meta(tmp_path / "tokens", "pubmed")["tokenizer"]["file"] is None
+    capsys.readouterr()
+    assert data_tokenizer_file(tmp_path / "tokens", "pubmed") is None
+    assert capsys.readouterr().err == ""
 
 
 def test_token_ids_beyond_the_models_vocabulary_are_refused_before_anything_is_written(data, init_dir, tmp_path):
