@@ -1142,7 +1142,8 @@ class _FakeClock:
 
 def _exact_scan(*wrongs):
     """A scan with ssd_chunk_scan's signature that computes in float32 with the reference itself, with
-    `wrongs` applied: "y" or "final" scaled by 1 + 1e-3, or an input's name, whose gradient is scaled so."""
+    `wrongs` applied: "y" or "final" scaled by 1 + 1e-3, or an input's name, whose gradient is scaled so;
+    "y doubled"; "final detached" (no gradient through the final state)."""
     from minimamba.ssd import ssd_chunked
 
     class ScaleGrad(torch.autograd.Function):
@@ -1159,6 +1160,8 @@ def _exact_scan(*wrongs):
         t = {k: (ScaleGrad.apply(v) if k in wrongs else v).float() for k, v in t.items()}
         y, final = ssd_chunked(**t, chunk_size=chunk_size)
         y, final = y * (1 + 1e-3 * ("y" in wrongs)), final * (1 + 1e-3 * ("final" in wrongs))
+        if "y doubled" in wrongs:
+            y = y * 2
         if "final detached" in wrongs:
             final = final.detach()
         return (y, final) if return_final_state else y
@@ -1196,6 +1199,7 @@ def test_bench_check_compares_every_output_and_gradient_with_the_float32_referen
         assert not result["ok"] and result["errors"][key] == pytest.approx(1e-3, rel=0.05), (wrong, result["errors"])
     result = bench.check(fp32, cpu, _exact_scan("final detached"), module)
     assert not result["ok"] and result["errors"]["final"] == 0.0, result["errors"]
+    assert bench.check(fp32, cpu, _exact_scan("y doubled"), module)["errors"]["y"] == pytest.approx(1.0)  # (not 1/2)
 
 
 def test_bench_check_launches_through_triton_then_directly_and_compares_the_direct_calls():
