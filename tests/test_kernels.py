@@ -1281,9 +1281,9 @@ def test_bench_timer_and_host_and_wall_times(monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", sync)
     host_ms = iter([7, 19, 3, 12, 1, 20, 5, 16, 9, 14, 2, 18, 6, 11, 4, 17, 8, 13, 10, 15])  # 1..20, shuffled
 
-    def call():
+    def call():  # (its GPU work queued after what is pending)
         clock.advance_ms(next(host_ms))
-        gpu["pending"] = 5.0
+        gpu["pending"] += 5.0
 
     def reset():
         resets.append(clock.advance_ms(100))
