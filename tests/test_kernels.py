@@ -1323,6 +1323,7 @@ def test_bench_time_one_times_the_forward_and_the_forward_backward(monkeypatch):
         return (count["fwd"] - before[0]) + 1000 * (count["bwd"] - before[1])
 
     def host_and_wall(fn, device, reset=None):
+        resets.append(reset is not None)
         if reset is not None:
             reset()
             assert all(t.grad is None for t in given[-1])
@@ -1330,7 +1331,7 @@ def test_bench_time_one_times_the_forward_and_the_forward_backward(monkeypatch):
         fn()
         return 0.1 + (count["bwd"] - before), 0.2 + (count["bwd"] - before)
 
-    given, shape = [], bench.SMOKE_BATCHED_SHAPES[0]
+    given, resets, shape = [], [], bench.SMOKE_BATCHED_SHAPES[0]
     inp, dy = bench.timing_inputs(shape, torch.device("cpu"))
     monkeypatch.setattr(bench, "host_and_wall_ms", host_and_wall)
     out = bench.time_one(scan, inp, dy, shape[7], timed, torch.device("cpu"))
@@ -1338,6 +1339,7 @@ def test_bench_time_one_times_the_forward_and_the_forward_backward(monkeypatch):
                        fwd_bwd_wall_ms=1.2)
     assert count["grad"][:2] == [False, False] and count["grad"][2] is True
     assert given[0] is None and len(given[1]) == 6 and all(t.requires_grad for t in given[1])
+    assert resets == [False, True]
 
 
 def test_bench_graphed_times_the_replay():
@@ -1414,6 +1416,7 @@ def test_bench_counts_allocations_not_other_operations():
 
 
 def test_bench_reports_the_autotuners_median_and_retunes_every_version(monkeypatch):
+    import copy
     import types
 
     from kernels import bench
@@ -1427,9 +1430,8 @@ def test_bench_reports_the_autotuners_median_and_retunes_every_version(monkeypat
     forgot = []
     monkeypatch.setattr(K, "forget_tuning", lambda: forgot.append("ours"))
     new = types.SimpleNamespace(forget_tuning=lambda: forgot.append("new"))
-    tuned = {("key",): cfg}
-    monkeypatch.setattr(prog, "cache", tuned)
-    old = types.SimpleNamespace(_chunk_scan_bwd_dc_kernel=prog)  # (a version older than forget_tuning)
+    old = types.SimpleNamespace(_chunk_scan_bwd_dc_kernel=copy.copy(prog))  # (a version older than forget_tuning)
+    old._chunk_scan_bwd_dc_kernel.cache = tuned = {("key",): cfg}
     bench.retune_ours(new, old)
     assert forgot == ["ours", "new"] and tuned == {}
 
@@ -1513,7 +1515,8 @@ def test_bench_runs_the_shapes_asked_for_and_fails_only_on_ours(monkeypatch):
     monkeypatch.setattr(bench, "host_breakdown", lambda scan, module, inp, dy, Q, device: events.append(
         ("breakdown", scan is module.ssd_chunk_scan, module, Q)) or dict(
         host=9.0, in_launcher=None, launches=None, autograd_floor=4.0, allocations=24, per_allocation=1.0, python=5.0))
-    second = ("smoke", 3, 20, 2, 8, 16, 1, 16, torch.bfloat16)
+    second, report = ("smoke", 3, 20, 2, 8, 16, 1, 16, torch.bfloat16), {}
+    monkeypatch.setattr(bench, "print_tables", report.update)
     monkeypatch.setattr(bench, "SMOKE_BATCHED_SHAPES", bench.SMOKE_BATCHED_SHAPES + [second])
 
     def run(*args):
@@ -1527,6 +1530,7 @@ def test_bench_runs_the_shapes_asked_for_and_fails_only_on_ours(monkeypatch):
     assert run("--shape", "1x40", "--quick") == [("check", 1, 40)] * 2
     assert run("--shape", "3X20", "--host-breakdown") == [("check", 3, 20)] * 2 + [("time", 3, 20)] * 3
     assert [e[1:] for e in events if e[0] == "breakdown"] == [(True, K, 16), (True, variant, 16)]
+    assert [(r["version"], r["host"]) for r in report["host_breakdown"]] == [("ours", 9.0), ("baseline", 9.0)]
 
     def mamba(*a, **k):
         raise RuntimeError("mamba_ssm: no kernel image is available")
@@ -1534,8 +1538,6 @@ def test_bench_runs_the_shapes_asked_for_and_fails_only_on_ours(monkeypatch):
     monkeypatch.setattr(bench, "load_mamba_ssm", lambda: (mamba, None))
     monkeypatch.setattr(bench, "mamba_y_error", lambda *a: 0.0)
     monkeypatch.setattr(bench, "time_one", lambda scan, *a: mamba() if scan is mamba else dict(timed))
-    report = {}
-    monkeypatch.setattr(bench, "print_tables", report.update)
     assert bench.main(["--cpu-smoke", "--shape", "2x20"]) == 0
     (row,) = report["timings"]
     assert row["failures"] == {"mamba_ssm": "RuntimeError: mamba_ssm: no kernel image is available"}
