@@ -1121,3 +1121,423 @@ def test_bench_float32_check_fails_tf32_dots():
     shape = next(s for s in bench.SMOKE_SHAPES if s[8] == torch.float32)
     result = bench.check(shape, torch.device("cpu"), scan, types.SimpleNamespace())
     assert not result["ok"] and min(result["errors"].values()) > 1e-4, result["errors"]
+
+
+# the bench's arithmetic, checked against numbers worked by hand: stand-ins for the clock, the timer, the
+# GPU's synchronize and Triton's launcher make every reading known in advance (nothing here times anything)
+class _FakeClock:
+    """In place of the `time` module in kernels.bench: a clock that moves only when a test moves it."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+    time = perf_counter
+
+    def advance_ms(self, ms):
+        self.now += ms / 1e3
+
+
+def _exact_scan(*wrongs):
+    """A scan with ssd_chunk_scan's signature that computes in float32 with the reference itself, with
+    `wrongs` applied: "y" or "final" scaled by 1 + 1e-3, or an input's name, whose gradient is scaled so;
+    "y doubled"; "final detached" (no gradient through the final state)."""
+    from minimamba.ssd import ssd_chunked
+
+    class ScaleGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.view_as(t)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * (1 + 1e-3)
+
+    def scan(x, dt, A, B, C, chunk_size, D=None, initial_state=None, return_final_state=False):
+        t = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, initial_state=initial_state)
+        t = {k: (ScaleGrad.apply(v) if k in wrongs else v).float() for k, v in t.items()}
+        y, final = ssd_chunked(**t, chunk_size=chunk_size)
+        y, final = y * (1 + 1e-3 * ("y" in wrongs)), final * (1 + 1e-3 * ("final" in wrongs))
+        if "y doubled" in wrongs:
+            y = y * 2
+        if "final detached" in wrongs:
+            final = final.detach()
+        return (y, final) if return_final_state else y
+
+    return scan
+
+
+def test_bench_rel_err_is_the_largest_difference_over_the_largest_reference_value():
+    from kernels import bench
+
+    ours, ref = torch.tensor([-3.0, 1.5]), torch.tensor([-4.0, 1.0])  # max|Δ| = 1, max|ref| = 4 (of -4)
+    assert bench.rel_err(ours, ref) == 0.25 and bench.rel_err(ours.bfloat16(), ref) == 0.25
+
+
+def test_bench_check_compares_every_output_and_gradient_with_the_float32_reference():
+    """`check` against scans computed by the reference itself: exact in float32 (every error 0; in bf16 y and
+    the final state too, the reference being computed in float32 from the same rounded inputs), then wrong
+    by 1e-3 in any one output or gradient, or without the gradient through the final state: refused."""
+    import types
+
+    from kernels import bench
+
+    fp32 = next(s for s in bench.SMOKE_SHAPES if s[8] == torch.float32)
+    bf16 = next(s for s in bench.SMOKE_SHAPES if s[8] == torch.bfloat16)
+    cpu, module = torch.device("cpu"), types.SimpleNamespace()
+    result = bench.check(fp32, cpu, _exact_scan(), module)
+    outputs = {"y", "final", "dx", "ddt", "dA", "dB", "dC", "dD", "dinitial_state"}
+    assert set(result["errors"]) == outputs and set(result["errors"].values()) == {0.0}
+    assert result["ok"] and result["repeat_identical"] and result["tolerance"] == 1e-4
+    result = bench.check(bf16, cpu, _exact_scan(), module)
+    assert result["ok"] and result["errors"]["y"] == result["errors"]["final"] == 0.0
+    for wrong in ["y", "final", "x", "dt", "A", "B", "C", "D", "initial_state"]:
+        result = bench.check(fp32, cpu, _exact_scan(wrong), module)
+        key = wrong if wrong in ("y", "final") else "d" + wrong
+        assert not result["ok"] and result["errors"][key] == pytest.approx(1e-3, rel=0.05), (wrong, result["errors"])
+    result = bench.check(fp32, cpu, _exact_scan("final detached"), module)
+    assert not result["ok"] and result["errors"]["final"] == 0.0, result["errors"]
+    assert bench.check(fp32, cpu, _exact_scan("y doubled"), module)["errors"]["y"] == pytest.approx(1.0)  # (not 1/2)
+
+
+def test_bench_check_launches_through_triton_then_directly_and_compares_the_direct_calls():
+    """The checked call goes through Triton (DIRECT_LAUNCH off), the three after it launch directly
+    (the switch restored): the first keeps the binaries, the next two (by their keys, by their launch
+    plan) must give the checked call's bits, gradients included; the switch is restored after a failure."""
+    import types
+
+    from kernels import bench
+
+    shape = next(s for s in bench.SMOKE_SHAPES if s[8] == torch.float32)
+    module, exact = types.SimpleNamespace(DIRECT_LAUNCH=True), _exact_scan()
+
+    def scan_differing_at(call, which="B"):
+        seen, wrong = [], _exact_scan(which)
+
+        def scan(*a, **k):
+            seen.append(module.DIRECT_LAUNCH)
+            return (wrong if len(seen) == call else exact)(*a, **k)
+
+        return seen, scan
+
+    seen, scan = scan_differing_at(None)
+    result = bench.check(shape, torch.device("cpu"), scan, module)
+    assert seen == [False, True, True, True] and module.DIRECT_LAUNCH is True and result["ok"]
+    for call, which, identical in [(2, "B", True), (3, "B", False), (4, "B", False), (4, "y", False)]:
+        result = bench.check(shape, torch.device("cpu"), scan_differing_at(call, which)[1], module)
+        assert result["repeat_identical"] is identical and result["ok"] is identical, (call, which)
+    old = types.SimpleNamespace()  # (a version without the switch: one call after the kept one)
+    seen, scan = scan_differing_at(3)
+    assert bench.check(shape, torch.device("cpu"), scan, old)["repeat_identical"] is False
+    assert len(seen) == 3 and not hasattr(old, "DIRECT_LAUNCH")
+
+    def fails(*a, **k):
+        raise RuntimeError("out of resources")
+
+    with pytest.raises(RuntimeError):
+        bench.check(shape, torch.device("cpu"), fails, module)
+    assert module.DIRECT_LAUNCH is True
+
+
+def test_bench_mamba_y_error_is_against_the_reference_with_d_and_the_initial_state():
+    from kernels import bench
+    from minimamba.ssd import ssd_chunked
+
+    def mamba(scale):
+        def scan(x, dt, A, B, C, chunk_size, D=None, initial_states=None):
+            return scale * ssd_chunked(x, dt, A, B, C, D=D, initial_state=initial_states, chunk_size=chunk_size)[0]
+        return scan
+
+    shape = next(s for s in bench.SMOKE_SHAPES if s[8] == torch.float32)
+    assert bench.mamba_y_error(shape, torch.device("cpu"), mamba(1.0)) == 0.0
+    assert bench.mamba_y_error(shape, torch.device("cpu"), mamba(2.0)) == pytest.approx(1.0)
+
+
+def test_bench_timer_and_host_and_wall_times(monkeypatch):
+    """On CPU one call after a warm-up one; on CUDA triton's do_bench, median; host and wall times: medians
+    over 20 calls of the time to issue the call, and until the GPU is done (here 5 ms after it is issued;
+    `reset`, before each call, untimed, leaves 7 ms of GPU work that must be waited for before)."""
+    import triton.testing
+
+    from kernels import bench
+
+    clock, gpu = _FakeClock(), {"pending": 0.0}
+    monkeypatch.setattr(bench, "time", clock)
+    calls = []
+    once = bench.timer(torch.device("cpu"))
+    assert once(lambda: calls.append(clock.advance_ms(3))) == pytest.approx(3.0) and len(calls) == 2
+    given = {}
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: given.update(kw, fn=fn) or 1.5)
+    fn, leaves = (lambda: None), [torch.zeros(1)]
+    assert bench.timer(torch.device("cuda"))(fn, grad_to_none=leaves) == 1.5
+    assert given["fn"] is fn and given["grad_to_none"] is leaves and given["return_mode"] == "median"
+
+    def sync():
+        clock.advance_ms(gpu["pending"])
+        gpu["pending"] = 0.0
+
+    monkeypatch.setattr(torch.cuda, "synchronize", sync)
+    host_ms = iter([7, 19, 3, 12, 1, 20, 5, 16, 9, 14, 2, 18, 6, 11, 4, 17, 8, 13, 10, 15])  # 1..20, shuffled
+
+    def call():  # (its GPU work queued after what is pending)
+        clock.advance_ms(next(host_ms))
+        gpu["pending"] += 5.0
+
+    def reset():
+        resets.append(clock.advance_ms(100))
+        gpu["pending"] = 7.0
+
+    resets = []
+    assert bench.host_and_wall_ms(call, torch.device("cuda"), reset) == (pytest.approx(11), pytest.approx(16))
+    assert len(resets) == 20
+
+
+def test_bench_time_one_times_the_forward_and_the_forward_backward(monkeypatch):
+    """`time_one`: the forward timed without autograd, the forward+backward with the gradients of every
+    input set to None (by the timer, and by `reset` for the host and wall times), each under its own name."""
+    from kernels import bench
+
+    count = {"fwd": 0, "bwd": 0, "grad": []}
+
+    class Counted(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            count["fwd"] += 1
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            count["bwd"] += 1
+            return g * 2
+
+    def scan(x, dt, A, B, C, chunk_size, D=None):
+        count["grad"].append(torch.is_grad_enabled())
+        return Counted.apply(x)
+
+    def timed(fn, grad_to_none=None):  # ms = 1 per forward + 1000 per backward of the timed call
+        before = count["fwd"], count["bwd"]
+        fn()
+        given.append(grad_to_none)
+        return (count["fwd"] - before[0]) + 1000 * (count["bwd"] - before[1])
+
+    def host_and_wall(fn, device, reset=None):
+        resets.append(reset is not None)
+        if reset is not None:
+            reset()
+            assert all(t.grad is None for t in given[-1])
+        before = count["bwd"]
+        fn()
+        return 0.1 + (count["bwd"] - before), 0.2 + (count["bwd"] - before)
+
+    given, resets, shape = [], [], bench.SMOKE_BATCHED_SHAPES[0]
+    inp, dy = bench.timing_inputs(shape, torch.device("cpu"))
+    monkeypatch.setattr(bench, "host_and_wall_ms", host_and_wall)
+    out = bench.time_one(scan, inp, dy, shape[7], timed, torch.device("cpu"))
+    assert out == dict(fwd_ms=1, fwd_bwd_ms=1001, fwd_host_ms=0.1, fwd_wall_ms=0.2, fwd_bwd_host_ms=1.1,
+                       fwd_bwd_wall_ms=1.2)
+    assert count["grad"][:2] == [False, False] and count["grad"][2] is True
+    assert given[0] is None and len(given[1]) == 6 and all(t.requires_grad for t in given[1])
+    assert resets == [False, True]
+
+
+def test_bench_graphed_times_the_replay():
+    from kernels import bench
+    from minimamba.ssd import ssd_chunked
+
+    def scan(*a, **k):
+        return ssd_chunked(*a[:5], chunk_size=a[5], **k)[0]
+
+    inp, dy = bench.timing_inputs(bench.SMOKE_BATCHED_SHAPES[0], torch.device("cpu"))
+    replays, timed = [], []
+
+    def capture(fn):
+        def replay():
+            replays.append(1)
+            fn()
+        return replay
+
+    ms, same = bench.graphed_fwd_bwd(scan, inp, dy, 16, lambda fn: timed.append(fn) or fn() or 2.5, capture)
+    assert (ms, same) == (2.5, True) and len(replays) == 2 and timed[0].__name__ == "replay"
+
+
+def test_bench_host_breakdown_arithmetic(monkeypatch):
+    """`host_breakdown` with a stand-in launcher (2 ms a launch, 3 launches a call) and a scan whose calls
+    take 10, 40, 20 ms in turn: host the median 20, in the launcher 6, the autograd floor (a stand-in: 5 + 3
+    ms) 8, python 20 - 6 - 8; the launcher's __call__ put back after."""
+    import itertools
+    import types
+
+    from kernels import bench
+
+    clock = _FakeClock()
+    monkeypatch.setattr(bench, "time", clock)
+
+    class Launcher:
+        def __call__(self, *args):
+            clock.advance_ms(2)
+
+    original = Launcher.__call__
+    monkeypatch.setattr(type(triton.runtime.driver), "active", types.SimpleNamespace(launcher_cls=Launcher))
+    costs = itertools.cycle([10, 40, 20])
+
+    def scan(x, dt, A, B, C, chunk_size, D=None):
+        clock.advance_ms(next(costs) - 6)
+        for _ in range(3):
+            Launcher()()
+        torch.empty(3), torch.empty_like(x)
+        return x * 1.0
+
+    class NoScan:
+        @staticmethod
+        def apply(*inputs):
+            clock.advance_ms(5)
+            return types.SimpleNamespace(backward=lambda dy: clock.advance_ms(3))
+
+    monkeypatch.setattr(bench, "_NoScan", NoScan)
+    inp, dy = bench.timing_inputs(bench.SMOKE_BATCHED_SHAPES[0], torch.device("cpu"))
+    out = bench.host_breakdown(scan, types.SimpleNamespace(INTERPRET=False), inp, dy, 16, torch.device("cpu"), iters=3)
+    assert out == dict(host=pytest.approx(20e3), in_launcher=pytest.approx(6e3), launches=3,
+                       autograd_floor=pytest.approx(8e3), allocations=2, per_allocation=0.0,
+                       python=pytest.approx(6e3))
+    assert Launcher.__call__ is original
+
+
+def test_bench_counts_allocations_not_other_operations():
+    from kernels import bench
+
+    def fn():
+        a = torch.empty(2)
+        torch.empty_like(a), torch.empty(3, 4), torch.empty_strided((2,), (1,))
+        a + 1, a.mul_(2), torch.zeros(3)
+
+    assert bench._count_allocations(fn) == 4
+
+
+def test_bench_reports_the_autotuners_median_and_retunes_every_version(monkeypatch):
+    import copy
+    import types
+
+    from kernels import bench
+
+    prog = K._chunk_scan_bwd_dc_kernel
+    cfg = prog.configs[0]
+    monkeypatch.setattr(prog, "configs_timings", {cfg: [0.25, 0.2, 0.3]}, raising=False)
+    monkeypatch.setattr(K._chunk_scan_fwd_kernel, "configs_timings", {cfg: 0.5}, raising=False)
+    assert bench.config_timings() == {"chunk_scan_bwd_dc_kernel": {str(cfg): 0.25},
+                                      "chunk_scan_fwd_kernel": {str(cfg): 0.5}}
+    forgot = []
+    monkeypatch.setattr(K, "forget_tuning", lambda: forgot.append("ours"))
+    new = types.SimpleNamespace(forget_tuning=lambda: forgot.append("new"))
+    old = types.SimpleNamespace(_chunk_scan_bwd_dc_kernel=copy.copy(prog))  # (a version older than forget_tuning)
+    old._chunk_scan_bwd_dc_kernel.cache = tuned = {("key",): cfg}
+    bench.retune_ours(new, old)
+    assert forgot == ["ours", "new"] and tuned == {}
+
+
+def test_bench_tables_and_json_hold_the_medians_and_ratios_of_the_readings(tmp_path, monkeypatch, capsys):
+    """`main` with stand-in measurements whose readings are set by hand (3 rounds; each implementation's
+    middle round is its median, its first the smallest, its last the largest): the JSON and the printed
+    tables hold the medians, each round's readings, the last round's host and wall times, and the ratios
+    torch/ours, mamba_ssm/ours, baseline/ours (mamba_ssm timed into the same row, its y error on ours'
+    correctness row only); a CUDA graph replay that differs fails a version (not the torch reference)."""
+    from kernels import bench
+
+    _stub_measurements(bench, monkeypatch)
+    variant = bench.load_variant(K.__file__, "ssd_triton_baseline")
+    monkeypatch.setattr(bench, "load_variant", lambda path, name: variant)
+
+    def mamba(*a, **k):
+        raise AssertionError("stubbed: not called")
+
+    monkeypatch.setattr(bench, "load_mamba_ssm", lambda: (mamba, None))
+    monkeypatch.setattr(bench, "mamba_y_error", lambda shape, device, m: 0.004 if m is mamba else None)
+    readings = {  # impl: (fwd ms of rounds 1, 2, 3; fwd+bwd ms of rounds 1, 2, 3)
+        "ours": ([1, 2, 9], [3, 6, 12]), "torch": ([4, 7, 20], [10, 18, 30]),
+        "baseline": ([2, 4, 5], [5, 9, 30]), "mamba_ssm": ([1, 3, 8], [2, 12, 13])}
+    impl_of = {K.ssd_chunk_scan: "ours", variant.ssd_chunk_scan: "baseline", mamba: "mamba_ssm"}
+    rounds = {impl: 0 for impl in readings}
+
+    def time_one(scan, inp, dy, chunk_size, bench_, device):
+        impl = impl_of.get(scan, "torch")
+        i = rounds[impl]
+        rounds[impl] += 1
+        return dict(fwd_ms=readings[impl][0][i], fwd_bwd_ms=readings[impl][1][i], fwd_host_ms=i + 0.25,
+                    fwd_wall_ms=i + 0.5, fwd_bwd_host_ms=i + 1.25, fwd_bwd_wall_ms=i + 1.5)
+
+    monkeypatch.setattr(bench, "time_one", time_one)
+    graphed = {"torch": (6.0, False), "ours": (2.0, True), "baseline": (4.0, False)}
+    monkeypatch.setattr(bench, "graphed_fwd_bwd",
+                        lambda scan, inp, dy, Q, bench_, capture: graphed[impl_of.get(scan, "torch")])
+    out = tmp_path / "bench.json"
+    assert bench.main(["--cpu-smoke", "--shape", "2x20", "--rounds", "3", "--cuda-graphs", "--baseline", "old.py",
+                       "--out", str(out)]) == 1
+    report = json.loads(out.read_text())
+    (row,) = report["timings"]
+    assert row["fwd_ms"] == {"torch": 7, "ours": 2, "baseline": 4, "mamba_ssm": 3}
+    assert row["fwd_bwd_ms"] == {"torch": 18, "ours": 6, "baseline": 9, "mamba_ssm": 12}
+    assert row["rounds_ms"] == {impl: {"fwd_ms": f, "fwd_bwd_ms": fb} for impl, (f, fb) in readings.items()}
+    assert row["host_wall_ms"] == {impl: dict(fwd_host_ms=2.25, fwd_wall_ms=2.5, fwd_bwd_host_ms=3.25,
+                                              fwd_bwd_wall_ms=3.5) for impl in readings}
+    assert (row["fwd_speedup_vs_torch"], row["fwd_bwd_speedup_vs_torch"]) == (3.5, 3.0)
+    assert (row["fwd_ratio_vs_mamba_ssm"], row["fwd_bwd_ratio_vs_mamba_ssm"]) == (1.5, 2.0)
+    assert (row["fwd_ratio_vs_baseline"], row["fwd_bwd_ratio_vs_baseline"]) == (2.0, 1.5)
+    assert row["graphed_fwd_bwd_ms"] == {"torch": 6.0, "ours": 2.0, "baseline": 4.0}
+    assert row["graph_replay_identical"] == {"torch": False, "ours": True, "baseline": False}
+    assert row["failures"] == {"baseline graphed": "a CUDA graph replay gave other gradients than the eager call"}
+    assert [(r.get("version"), r.get("mamba_ssm_y_error")) for r in report["correctness"]] == [
+        (None, 0.004), ("baseline", None)]
+    assert report["baselines"] == {"baseline": "old.py"} and not report["failures"]
+    lines = capsys.readouterr().out.splitlines()
+    table = next(line for line in lines if line.strip().startswith("b2 l20 H2 P8 N16 G1 Q16"))
+    assert table.split()[7:] == ("bfloat16 | 7.000 2.000 3.000 | 18.000 6.000 12.000 | 3.5 3.0 | 1.50 2.00").split()
+    assert "  b2 l20: fwd 4.000 vs 2.000 (2.00x), f+b 9.000 vs 6.000 (1.50x)" in lines
+    assert "  b2 l20 ours       3.000 6.000 12.000" in lines
+    assert any(line.split() == "b2 l20 ours | 2.250 2.500 | 3.250 3.500".split() for line in lines)
+    assert "  b2 l20: torch 6.000 (not same), ours 2.000, baseline 4.000 (not same)  torch/ours 3.0x" in lines
+
+
+def test_bench_runs_the_shapes_asked_for_and_fails_only_on_ours(monkeypatch):
+    """Checked: the batch-1 shapes and the first batched one; timed: the bf16 batch-1 shapes and every
+    batched one (`--shape` keeping those asked for, in either case); each retune forgets the --baseline
+    version's configs too; the host breakdown of each version is labelled with it. mamba_ssm failing where
+    it is timed is recorded, not a failure of the run."""
+    from kernels import bench
+
+    events = _stub_measurements(bench, monkeypatch)
+    variant = bench.load_variant(K.__file__, "ssd_triton_baseline")
+    monkeypatch.setattr(bench, "load_variant", lambda path, name: variant)
+    monkeypatch.setattr(bench, "retune_ours", lambda *variants: events.append(("retune", *variants)))
+    timed = dict(fwd_ms=1.0, fwd_bwd_ms=2.0, fwd_host_ms=0.5, fwd_wall_ms=1.0, fwd_bwd_host_ms=1.0, fwd_bwd_wall_ms=2.0)
+    monkeypatch.setattr(bench, "time_one", lambda scan, inp, *a: events.append(("time", *inp["x"].shape[:2]))
+                        or dict(timed))
+    monkeypatch.setattr(bench, "host_breakdown", lambda scan, module, inp, dy, Q, device: events.append(
+        ("breakdown", scan is module.ssd_chunk_scan, module, Q)) or dict(
+        host=9.0, in_launcher=None, launches=None, autograd_floor=4.0, allocations=24, per_allocation=1.0, python=5.0))
+    second, report = ("smoke", 3, 20, 2, 8, 16, 1, 16, torch.bfloat16), {}
+    monkeypatch.setattr(bench, "print_tables", report.update)
+    monkeypatch.setattr(bench, "SMOKE_BATCHED_SHAPES", bench.SMOKE_BATCHED_SHAPES + [second])
+
+    def run(*args):
+        events.clear()
+        assert bench.main(["--cpu-smoke", "--no-mamba", "--baseline", "old.py", *args]) == 0
+        assert all(e[1:] == (variant,) for e in events if e[0] == "retune")
+        return [e for e in events if e[0] in ("check", "time")]
+
+    assert run() == [("check", b, l) for b, l in [(1, 40), (1, 40), (2, 33), (2, 33), (2, 20), (2, 20)]] + [
+        ("time", b, l) for b, l in [(1, 40)] * 3 + [(2, 20)] * 3 + [(3, 20)] * 3]  # (torch, ours, baseline)
+    assert run("--shape", "1x40", "--quick") == [("check", 1, 40)] * 2
+    assert run("--shape", "3X20", "--host-breakdown") == [("check", 3, 20)] * 2 + [("time", 3, 20)] * 3
+    assert [e[1:] for e in events if e[0] == "breakdown"] == [(True, K, 16), (True, variant, 16)]
+    assert [(r["version"], r["host"]) for r in report["host_breakdown"]] == [("ours", 9.0), ("baseline", 9.0)]
+
+    def mamba(*a, **k):
+        raise RuntimeError("mamba_ssm: no kernel image is available")
+
+    monkeypatch.setattr(bench, "load_mamba_ssm", lambda: (mamba, None))
+    monkeypatch.setattr(bench, "mamba_y_error", lambda *a: 0.0)
+    monkeypatch.setattr(bench, "time_one", lambda scan, *a: mamba() if scan is mamba else dict(timed))
+    assert bench.main(["--cpu-smoke", "--shape", "2x20"]) == 0
+    (row,) = report["timings"]
+    assert row["failures"] == {"mamba_ssm": "RuntimeError: mamba_ssm: no kernel image is available"}
