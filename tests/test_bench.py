@@ -1,6 +1,7 @@
 """minimamba.bench: what its rows measure (the model benchmark's option checks and its decode-vs-floor
 run are in tests/test_decode_cpu.py, HF's activation checkpointing in tests/test_hub.py)."""
 
+import os
 import re
 from pathlib import Path
 
@@ -191,3 +192,129 @@ def test_the_scoring_benchmark_agrees_with_its_baseline(capsys):
     assert "2 items, 12 options" in out and "x\n" in out  # (" yes" ... " Maybe": six options an item)
     difference = float(out.rsplit("log-likelihoods: ", 1)[1].split()[0])
     assert difference < 1e-4
+
+
+# The benchmarks' own arithmetic and control flow (session 18's mutation audit of this module): fake clocks,
+# stand-in tokenizers and canned rows, so every number is known beforehand; nothing here is timed.
+def _corpus_folder(root):
+    """The shared-data layout of CORPUS_FILES with a few documents each; returns the documents, by hand."""
+    for folder in ("pubmed", "c4", "wiki"):
+        (root / folder).mkdir()
+    (root / "pubmed" / "pubtator_corpora_abstracts.jsonl").write_text(
+        '{"title": "Caf\\u00e9 study.", "abstract": "It  works."}\n\n{"title": "T", "abstract": "A"}\n')
+    c4 = ("c4_train_sample_1000", "c4_validation_2k", "llamafactory_c4_demo")
+    for i, name in enumerate(c4):
+        (root / "c4" / f"{name}.jsonl").write_text(f'{{"text": "doc {i}", "url": "x"}}\n   \n')
+    wiki = ("wikitext-2-raw_wiki.test.raw", "wikitext-2_tokenized_valid.txt", "llamafactory_wiki_demo.txt")
+    for i, name in enumerate(wiki):
+        (root / "wiki" / name).write_text(f" = Title {i} = \n \n\nline {i}\n")
+    return {"PubMed": ["Café study.\nIt  works.", "T\nA"], "C4": ["doc 0", "doc 1", "doc 2"],
+            "WikiText": [d for i in range(3) for d in (f" = Title {i} = \n", f"line {i}\n")]}
+
+
+def test_corpus_documents_are_one_record_or_non_blank_line_each(tmp_path):
+    by_hand = _corpus_folder(tmp_path)
+    assert bench.corpus_documents(tmp_path) == by_hand
+
+
+class _FakeClock:
+    """time.perf_counter for the benchmark: the stand-ins advance it by what they 'cost'."""
+
+    def __init__(self, monkeypatch):
+        self.now = 0.0
+        monkeypatch.setattr(bench.time, "perf_counter", lambda: self.now)
+
+
+def test_tokenizer_rows_are_the_best_of_repeat_runs_on_a_fake_clock(tmp_path, monkeypatch, capsys):
+    """Stand-in tokenizers that cost a known time per byte, round 1 three times slower and round 3 twice: each
+    row's MB/s, tokens/s and speed against HF, computed here from those costs, is the one printed; and ids that
+    differ in one row of one round are reported."""
+    import os
+    import sys
+    import types
+
+    import minimamba.tokenizer
+
+    docs = [d for corpus in _corpus_folder(tmp_path).values() for d in corpus]
+    n_bytes = sum(len(d.encode("utf-8")) for d in docs)  # ("é": 2 bytes, 1 character)
+    clock, rounds, seen = _FakeClock(monkeypatch), [], {}
+    per_byte = {"minimamba encode": 4e-6, "minimamba encode_batch": 1e-6,
+                "HF tokenizers encode": 2e-6, "HF tokenizers encode_batch": 5e-7}
+
+    def run(row, texts):
+        if row == "minimamba encode" and texts == docs[:1]:  # (every round starts with it)
+            rounds.append(len(rounds))
+        clock.now += (3, 1, 2)[rounds[-1]] * per_byte[row] * sum(len(t.encode("utf-8")) for t in texts)
+        return [list(t.encode("utf-8")) for t in texts]  # (a token a byte)
+
+    class Ours:
+        def encode(self, text):
+            return run("minimamba encode", [text])[0]
+
+        def encode_batch(self, texts, num_threads):
+            seen["num_threads"] = num_threads
+            ids = run("minimamba encode_batch", texts)
+            return [i + [0] for i in ids] if rounds[-1] == 1 else ids  # (round 2: other ids, not in the last row)
+
+    class Reference:
+        def encode(self, text):
+            return types.SimpleNamespace(ids=run("HF tokenizers encode", [text])[0])
+
+        def encode_batch(self, texts):
+            seen["RAYON_NUM_THREADS"] = os.environ.get("RAYON_NUM_THREADS")
+            return [types.SimpleNamespace(ids=i) for i in run("HF tokenizers encode_batch", texts)]
+
+    monkeypatch.setattr(minimamba.tokenizer, "load_tokenizer", lambda path: Ours())
+    fake = types.ModuleType("tokenizers")
+    fake.Tokenizer = types.SimpleNamespace(from_file=lambda path: Reference())
+    monkeypatch.setitem(sys.modules, "tokenizers", fake)
+    monkeypatch.setenv("RAYON_NUM_THREADS", "1")
+    assert bench.main(["tokenizer", "--data-root", str(tmp_path), "--repeat", "3", "--threads", "3"]) == 0
+    out = capsys.readouterr().out
+    assert rounds == [0, 1, 2] and seen == {"num_threads": 3, "RAYON_NUM_THREADS": "3"}
+    assert out.endswith(f"\n{n_bytes:,} tokens; every row gave the same ids: NO\n")
+    printed = {m[1]: (float(m[2]), float(m[3].replace(",", "")), m[4]) for m in re.finditer(
+        r"^(\S+(?: \S+)? encode(?:_batch)?) +([\d.]+) +([\d,]+) +([\d.]+x)$", out, re.M)}
+    assert list(printed) == ["minimamba encode", "HF tokenizers encode", "minimamba encode_batch",
+                             "HF tokenizers encode_batch"]
+    for row, (mb_per_s, tokens_per_s, vs_hf) in printed.items():
+        best = per_byte[row] * n_bytes  # (round 2's)
+        assert mb_per_s == pytest.approx(n_bytes / 1e6 / best, abs=0.005)
+        assert tokens_per_s == pytest.approx(n_bytes / best, abs=0.5)
+        assert vs_hf == f"{per_byte['HF tokenizers ' + row.rsplit(' ', 1)[1]] / per_byte[row]:.2f}x"
+
+
+def test_time_warms_up_then_takes_the_median_of_repeat_synced_runs(monkeypatch):
+    clock, events, costs = _FakeClock(monkeypatch), [], iter([100.0, 5.0, 1.0, 3.0, 2.0])
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: events.append("t") or clock.now)
+
+    def fn():
+        events.append("fn")
+        clock.now += next(costs)
+
+    # the warm-up (100 s) untimed; of 5, 1, 3, 2 the upper middle value: 3
+    assert bench._time(fn, 4, lambda: events.append("sync")) == 3.0
+    assert events == ["fn"] + ["sync", "t", "fn", "sync", "t"] * 4  # (a GPU's queue drained before each clock)
+    assert bench._median([2.0, 9.0, 1.0]) == 2.0 and bench._median([4.0, 1.0, 3.0, 2.0]) == 3.0
+
+
+def test_a_rows_peak_memory_is_its_own_processs(tmp_path):
+    """_isolated runs the row in another process and reports that process's peak RSS in GiB: here the row
+    reads /proc/self/status, whose VmHWM (kB) is the same peak, read by the kernel's other door."""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        pytest.skip("no /proc/self/status here (not Linux)")
+    text, peak_gib = bench._isolated(Path.read_text, status)
+    fields = dict(line.split(":", 1) for line in text.splitlines())
+    assert int(fields["Pid"]) != os.getpid()
+    vm_hwm_kib = int(fields["VmHWM"].split()[0])
+    assert peak_gib * 2**20 == pytest.approx(vm_hwm_kib, rel=0.05)
+
+
+def test_the_model_rows_build_the_same_weights_in_any_process_in_the_dtype_asked():
+    """Each row builds its model in a process of its own, so the weights must come from the seed alone (HF's row
+    is ours' weights only then) and --dtype bfloat16 must reach both models."""
+    first, again = (bench._build("minimamba", "tiny", torch.float32, None) for _ in range(2))
+    torch.rand(3)  # (the global generator moved on: the build must not depend on it)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+    assert {p.dtype for p in bench._build("minimamba", "tiny", torch.bfloat16, None).parameters()} == {torch.bfloat16}
