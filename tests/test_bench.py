@@ -461,7 +461,8 @@ def test_the_model_table_puts_each_rows_numbers_beside_hfs_with_the_ratio_ours_w
     assert calls == [(impl, phase) for phase in bench.PHASES for impl in ("minimamba", "hf")] + [("minimamba", "floor")]
     n = Mamba2LM(Mamba2Config.from_scale("tiny")).num_params()
     assert f"({n / 1e6:.1f}M params, {n * 4 / 2**20:.0f} MiB of float32 weights)" in text
-    table = {m[1]: tuple(map(float, m.groups()[1:])) for m in re.finditer(r"^(\S.*?) +([\d.]+) +([\d.]+) +([\d.]+)x$", text, re.M)}
+    lines = re.finditer(r"^(\S.*?) +([\d.]+) +([\d.]+) +([\d.]+)x$", text, re.M)  # name, ours, HF, ratio
+    table = {m[1]: tuple(map(float, m.groups()[1:])) for m in lines}
     want = {"forward tok/s": (1000, 400, 2.5), "forward peak GiB": (0.5, 1.25, 2.5), "train tok/s": (300, 200, 1.5),
             "train peak GiB": (0.8, 2.0, 2.5), "prefill tok/s": (900, 300, 3.0), "decode ms/token": (4, 10, 2.5),
             "peak GiB": (0.6, 0.9, 1.5)}
@@ -473,7 +474,8 @@ def test_the_model_table_puts_each_rows_numbers_beside_hfs_with_the_ratio_ours_w
     assert written["threads"] == torch.get_num_threads() and written["decode_step"] == ["c", "auto: float32 on a CPU"]
     assert written["decode_vs_floor"] == canned["minimamba", "floor"][0]["floor"]
     assert {k: (v["minimamba"], v["hf"]) for k, v in written["rows"].items()} == {
-        ("generate " + k if k in ("prefill tok/s", "decode ms/token", "peak GiB") else k): v[:2] for k, v in want.items()}
+        ("generate " + k if k in ("prefill tok/s", "decode ms/token", "peak GiB") else k): v[:2]
+        for k, v in want.items()}
     for args in (["--floor-rounds", "0"], ["--phases", "forward,train"]):
         calls.clear()
         bench.main(["model", "--scale", "tiny", *args])
@@ -513,7 +515,8 @@ def test_inference_cost_times_the_decode_steps_alone_on_a_fake_clock(monkeypatch
     # tiny: 2 layers, d_model 64, d_inner 128, 8 heads of 16, d_state 16, conv width 4; float32
     state = 2 * (3 * (128 + 2 * 16) + 8 * 16 * 16) * 4  # per layer: the last 3 conv inputs (x, B, C) and the SSM state
     assert prompts == [3, 70]
-    assert [(r["context"], r["state bytes"], r["kv bytes"]) for r in rows] == [(c, state, 2 * 2 * 64 * c * 4) for c in (3, 70)]
+    assert [(r["context"], r["state bytes"], r["kv bytes"]) for r in rows] == [(c, state, 2 * 2 * 64 * c * 4)
+                                                                              for c in (3, 70)]
     assert [r["decode ms/token"] for r in rows] == pytest.approx([10.0, 10.0])
 
 
@@ -599,4 +602,5 @@ def test_the_tokenizer_benchmark_names_a_missing_tokenizer_file(tmp_path, capsys
     _corpus_folder(tmp_path)
     assert bench.main(["tokenizer", "--data-root", str(tmp_path), "--repeat", "1"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: no tokenizer file at {tmp_path / 'tokenizer' / 'tokenizer.json'}") and err.count("\n") == 1
+    assert err.startswith(f"error: no tokenizer file at {tmp_path / 'tokenizer' / 'tokenizer.json'}")
+    assert err.count("\n") == 1
