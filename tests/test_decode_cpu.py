@@ -3,6 +3,7 @@ the choice between them, its errors, and the 2 MiB-page request."""
 
 import errno
 import logging
+import math
 import os
 import pathlib
 import shutil
@@ -344,7 +345,9 @@ def test_model_benchmark_reports_decode_against_the_bandwidth_floor(tmp_path, ca
     floor = result["decode_vs_floor"]
     assert result["decode_step"][0] == "c"
     assert floor["decode ms/token"] > 0 and floor["4 KiB GB/s"] > 0.1 and floor["4 KiB ratio"] > 0
-    assert result["rows"]["generate decode ms/token"]["minimamba"] > 0
+    # (the generation row is the difference of two timed runs, 4 tokens apart, once: on a loaded machine it can
+    # come out below 0; its arithmetic is checked on a fake clock in tests/test_bench.py)
+    assert math.isfinite(result["rows"]["generate decode ms/token"]["minimamba"])
 
 
 def test_an_unwritable_build_folder_names_the_fix(fresh_build, monkeypatch):
