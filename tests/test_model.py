@@ -3,10 +3,14 @@ against the parallel forward, checkpoint I/O and its errors, and sampling."""
 
 import dataclasses
 import json
+import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from minimamba import Mamba2Config, Mamba2LM, from_pretrained
 from minimamba.hub import CheckpointError
@@ -89,6 +93,67 @@ def test_each_greedy_token_is_the_argmax_of_hf_forward(hf_pair, decode_backend, 
     with torch.no_grad():
         logits = hf(ours).logits[:, 12:-1, :1000]  # (2, 32, V): the prediction for each generated token
     assert torch.equal(logits.argmax(-1), ours[:, 13:])
+
+
+# Each draw builds a small HF Mamba2 (random weights) and loads it into ours: MINIMAMBA_HF_DRAWS=200 for a campaign.
+HF_DRAWS = int(os.environ.get("MINIMAMBA_HF_DRAWS", "12"))
+
+
+@st.composite
+def small_configs(draw):
+    """A Mamba2Config over every field the public checkpoints' config.json can set, at sizes a CPU test affords:
+    P and H with E·D = H·P (so D = H·P / E), G dividing H, any K, N, Q, V and its padding multiple."""
+    headdim, nheads, expand = draw(st.sampled_from([2, 4, 8, 16])), draw(st.integers(1, 6)), draw(st.sampled_from([1, 2]))
+    if nheads * headdim % expand:
+        nheads *= expand
+    return Mamba2Config(
+        d_model=nheads * headdim // expand, n_layer=draw(st.integers(1, 2)), expand=expand, headdim=headdim,
+        ngroups=draw(st.sampled_from([g for g in range(1, nheads + 1) if nheads % g == 0])),
+        d_state=draw(st.sampled_from([1, 2, 4, 8, 16])), d_conv=draw(st.integers(2, 4)),
+        chunk_size=draw(st.sampled_from([4, 8, 16, 32])), vocab_size=draw(st.integers(2, 300)),
+        pad_vocab_size_multiple=draw(st.sampled_from([1, 8, 16])), norm_eps=draw(st.sampled_from([1e-5, 1e-6, 1e-3])),
+        tie_embeddings=draw(st.booleans()), conv_bias=draw(st.booleans()), bias=draw(st.booleans()))
+
+
+@settings(max_examples=HF_DRAWS, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=small_configs(), batch=st.integers(1, 2), seqlen=st.integers(1, 40), split=st.integers(0, 40),
+       seed=st.integers(0, 2**16))
+def test_any_small_config_equals_hf_in_the_forward_and_in_each_decoding_step(cfg, batch, seqlen, split, seed):
+    """The fixed-config tests above, over drawn configs: logits equal HF transformers' Mamba2 (same random
+    weights, every bias set where the config has one, loaded through the state-spaces layout as a public
+    checkpoint is), and a prefill of the first `split` tokens followed by one step per token (both decoding
+    backends) gives HF's logits too. float32; tolerances relative to the largest logit."""
+    import tempfile
+
+    transformers = pytest.importorskip("transformers", reason="HF transformers is the test-only oracle for Mamba2")
+    torch.manual_seed(seed)
+    hf = randomize_(transformers.Mamba2ForCausalLM(transformers.Mamba2Config(**cfg.to_dict("hf"))), seed=seed,
+                    biases=True).eval()
+    with tempfile.TemporaryDirectory() as d:
+        sd = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in hf.state_dict().items()}
+        if cfg.tie_embeddings:
+            sd.pop("lm_head.weight", None)
+        torch.save(sd, Path(d) / "pytorch_model.bin")
+        (Path(d) / "config.json").write_text(json.dumps(cfg.to_dict("state-spaces")))
+        model = from_pretrained(d).eval()
+    ids = torch.randint(0, cfg.vocab_size, (batch, seqlen), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        ref = hf(ids).logits  # (B, L, V padded)
+        out = model(ids)
+        assert out.shape == ref.shape
+        scale = ref.abs().max().item()
+        err = (out - ref).abs().max().item()
+        assert err <= 1e-5 * max(1.0, scale), f"max |Δlogits| = {err:.3g} (largest logit {scale:.3g})"
+        split = min(split, seqlen - 1)
+        for backend in ("torch", "c"):
+            model.decode_backend = backend
+            cache = model.allocate_cache(batch)
+            if split:
+                model(ids[:, :split], cache=cache)
+            steps = torch.stack([model.step(ids[:, t], cache) for t in range(split, seqlen)], dim=1)  # (B, L-split, V)
+            assert model.decode_backend_used[0] == backend
+            err = (steps - ref[:, split:]).abs().max().item()
+            assert err <= 1e-4 * max(1.0, scale), f"{backend} step: max |Δlogits| = {err:.3g}"
 
 
 @pytest.mark.parametrize("decode_backend", ["torch", "c"])
