@@ -118,11 +118,12 @@ def small_configs(draw):
 @settings(max_examples=HF_DRAWS, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(cfg=small_configs(), batch=st.integers(1, 2), seqlen=st.integers(1, 40), split=st.integers(0, 40),
        seed=st.integers(0, 2**16))
-def test_any_small_config_equals_hf_in_the_forward_and_in_each_decoding_step(cfg, batch, seqlen, split, seed):
+def test_any_small_config_equals_hf_in_the_forward_each_decoding_step_and_the_gradients(cfg, batch, seqlen, split, seed):
     """The fixed-config tests above, over drawn configs: logits equal HF transformers' Mamba2 (same random
     weights, every bias set where the config has one, loaded through the state-spaces layout as a public
     checkpoint is), and a prefill of the first `split` tokens followed by one step per token (both decoding
-    backends) gives HF's logits too. float32; tolerances relative to the largest logit."""
+    backends) gives HF's logits too, and every parameter's gradient is HF's. float32; tolerances relative to the
+    largest value compared."""
     import tempfile
 
     transformers = pytest.importorskip("transformers", reason="HF transformers is the test-only oracle for Mamba2")
@@ -154,6 +155,18 @@ def test_any_small_config_equals_hf_in_the_forward_and_in_each_decoding_step(cfg
             assert model.decode_backend_used[0] == backend
             err = (steps - ref[:, split:]).abs().max().item()
             assert err <= 1e-4 * max(1.0, scale), f"{backend} step: max |Δlogits| = {err:.3g}"
+    # the gradient of every parameter (what training follows): a loss that weighs each logit differently
+    w = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed + 1))  # (B, L, V padded)
+    (hf(ids).logits * w).sum().backward()
+    (model(ids) * w).sum().backward()
+    hf_grads = {k.removeprefix("backbone.").replace("embeddings.", "embedding."): p.grad
+                for k, p in hf.named_parameters()}
+    ours = dict(model.named_parameters())
+    assert ours.keys() == hf_grads.keys()
+    for name, p in ours.items():
+        g_scale = hf_grads[name].abs().max().item()
+        err = (p.grad - hf_grads[name]).abs().max().item()
+        assert err <= 1e-4 * max(1.0, g_scale), f"∂L/∂{name}: max |Δ| = {err:.3g} (largest {g_scale:.3g})"
 
 
 @pytest.mark.parametrize("decode_backend", ["torch", "c"])
