@@ -313,6 +313,9 @@ def jsonl_records(path: Path, report) -> Iterator[tuple[int, dict]]:
         except json.JSONDecodeError as e:
             report("malformed", number, f"not valid JSON ({e.msg}, column {e.colno}); expected one object per line")
             continue
+        except RecursionError:  # (arrays or objects nested thousands deep: Python's json gives up)
+            report("malformed", number, "JSON nested too deeply to read; expected one flat object per line")
+            continue
         if not isinstance(record, dict):
             report("malformed", number, f"expected a JSON object, got {type(record).__name__}")
             continue

@@ -27,8 +27,8 @@ $MINIMAMBA_GITHUB_RAW (default https://raw.githubusercontent.com) as {base}/{own
 Files are read by minimamba.data's readers (.bz2 decompressed, a byte order mark dropped, "\\r\\n" read as
 "\\n", in quoted CSV fields too; UTF-16/32 or compressed data under a plain name refused with the command
 that converts it), but strictly: a record that cannot be read (a missing field, a gold index out of range,
-bytes that are not UTF-8, an empty file or a CSV with a header only) is a TaskDataError naming the file and
-line: a benchmark with silently dropped items is not that benchmark any more. Item ids are stable
+bytes that are not UTF-8, a text with half of a character (an escape "\\ud800" alone), an empty file or a CSV
+with a header only) is a TaskDataError naming the file and line: a benchmark with silently dropped items is not that benchmark any more. Item ids are stable
 ("pubmedqa/12377809", "arc_easy/17": the record's place in its file).
 
 Biomedical yes/no QA (the BioMamba recipe's QA protocol: log-likelihood of each answer after its template)
@@ -112,6 +112,7 @@ from typing import Callable
 
 from minimamba.data import REPLACED, STOPPED_EARLY, DataError, csv_records, jsonl_records, read_lines
 from minimamba.download import DownloadError, download
+from minimamba.tokenizer import SURROGATE
 
 KINDS = ("choice", "yesno", "lambada", "generate")
 
@@ -220,6 +221,8 @@ def _json(path: Path):
     except json.JSONDecodeError as e:
         raise TaskDataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno}): a damaged copy; "
                             f"{_FIX}") from e
+    except RecursionError:  # (arrays or objects nested thousands deep: Python's json gives up)
+        raise TaskDataError(f"{path}: JSON nested too deeply to read: a damaged copy; {_FIX}") from None
 
 
 def _jsonl(path: Path) -> list[tuple[str, dict]]:
@@ -237,21 +240,30 @@ def _csv(path: Path, columns: tuple[str, ...]) -> list[tuple[str, dict]]:
     return rows
 
 
+def _unicode(where: str, key: str, text: str) -> str:
+    """`text`, refused if it holds half of a character (a JSON escape like "\\ud800" without its other half):
+    it is not Unicode, and the tokenizer would refuse it later, in the middle of an evaluation."""
+    if half := SURROGATE.search(text):
+        raise TaskDataError(f"{where}: {key!r} holds an unpaired surrogate ({half.group()!a}, half of a character) "
+                            f"at position {half.start()}: a damaged copy; {_FIX}")
+    return text
+
+
 def _get(where: str, record: dict, key: str, kind: type = str):
-    """record[key], which must be a `kind` (a str must not be empty)."""
+    """record[key], which must be a `kind` (a str must not be empty, and must be Unicode: `_unicode`)."""
     if key not in record:
         raise TaskDataError(f"{where}: no {key!r} field (it has {', '.join(map(repr, record))})")
     value = record[key]
     if not isinstance(value, kind) or isinstance(value, bool) or (kind is str and not value.strip()):
         raise TaskDataError(f"{where}: {key!r} should be a non-empty {kind.__name__}, got {value!r:.80}")
-    return value
+    return _unicode(where, key, value) if kind is str else value
 
 
 def _strings(where: str, record: dict, key: str) -> list[str]:
     values = _get(where, record, key, list)
     if not values or not all(isinstance(v, str) and v.strip() for v in values):
         raise TaskDataError(f"{where}: {key!r} should be a non-empty list of non-empty strings, got {values!r:.80}")
-    return values
+    return [_unicode(where, key, v) for v in values]
 
 
 def _gold(where: str, record: dict, n: int) -> int:
@@ -330,7 +342,7 @@ def _bioasq(paths: list[Path], split: str) -> list[Choice]:
                                        for s in snippets):
                 raise TaskDataError(f"{where}: 'snippets' should be a non-empty list of {{\"text\": ...}} objects "
                                     "with non-empty texts")
-            context = " ".join(s["text"].strip() for s in snippets)
+            context = " ".join(_unicode(where, "snippets", s["text"]).strip() for s in snippets)
             items.append(_yesno(f"bioasq/{_get(where, q, 'id')}", where, _get(where, q, "body"), context,
                                 _get(where, q, "exact_answer").strip().lower(), ("yes", "no")))
     return items
