@@ -528,11 +528,17 @@ def read_results(path):
     these, so its numbers do not compare with them)."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # (RecursionError: JSON nested thousands deep)
         raise ValueError(f"cannot read results file {path}: {e}") from None
     results = data.get("results") if isinstance(data, dict) else None
     if not isinstance(results, dict) or not all(isinstance(m, dict) for m in results.values()):
         raise ValueError(f'{path} is not a results file of eval.py: it needs "results": {{task: {{metric: value}}}}')
+    if not isinstance(data.get("config") or {}, dict):
+        raise ValueError(f'{path}: its "config" should be an object (eval.py\'s settings), got '
+                         f"{type(data['config']).__name__}: the file is damaged")
+    if bad := [task for task, m in results.items() if not isinstance(m.get("kind", ""), str)]:
+        raise ValueError(f'{path}: the "kind" of {bad[0]} should be a string (choice, yesno, lambada, generate or '
+                         f"perplexity), got {results[bad[0]]['kind']!r:.60}: the file is damaged")
     if "versions" in data or any("," in metric for metrics in results.values() for metric in metrics):
         raise ValueError(f"{path} looks like lm-evaluation-harness output (metrics named like 'acc,none'), not "
                          "eval.py's: its prompts and scoring differ, so its numbers do not compare with these")

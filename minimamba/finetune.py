@@ -589,9 +589,13 @@ def _swap_best(out, write_weights, info, tokenizer=None):
 
 
 def _best_json(folder):
-    """(step, val_loss) that folder/best.json names, or None."""
+    """(step, val_loss) that folder/best.json names, or None (also where they are not an int and a number:
+    a damaged file, whose folder is then not taken for any evaluation's best)."""
     info = _read_info(folder)
-    return (info["step"], info["val_loss"]) if "step" in info and "val_loss" in info else None
+    step, loss = info.get("step"), info.get("val_loss")
+    if type(step) is not int or type(loss) not in (int, float):
+        return None
+    return step, loss
 
 
 def _mend_best(out, best, step):
@@ -658,8 +662,8 @@ def _mend_best(out, best, step):
 def _read_info(folder):
     """folder/best.json as a dict ({} where it is missing, unreadable or not an object)."""
     try:
-        info = json.loads((folder / "best.json").read_text())
-    except (OSError, ValueError):
+        info = json.loads((folder / "best.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError)
         return {}
     return info if isinstance(info, dict) else {}
 

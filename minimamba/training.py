@@ -619,9 +619,20 @@ def interrupted_saves(out):
 
 
 def _latest_name(out):
-    """The step directory name OUT/latest holds, or None if there is no OUT/latest."""
+    """The step directory name OUT/latest holds, or None if there is no OUT/latest. Anything else than one
+    name like step-000100 (a file emptied or damaged since a save wrote it) is a SetupError naming it."""
     pointer = Path(out) / "latest"
-    return pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
+    if not pointer.is_file():
+        return None
+    text = pointer.read_bytes()
+    name = text.decode("utf-8", errors="replace").strip()
+    if not re.fullmatch(r"step-\d+", name):
+        steps = sorted(p.name for p in Path(out).glob("step-*") if p.is_dir())
+        raise SetupError(f"{pointer} should hold the name of one of {out}'s checkpoints (like step-000100), but it "
+                         f"holds {text[:60]!r}: it is damaged. Write the name of the checkpoint to continue into it, "
+                         f"e.g. echo {steps[-1] if steps else 'step-NNNNNN'} > {pointer} (the checkpoints there: "
+                         f"{', '.join(steps) or 'none'})")
+    return name
 
 
 def readable_checkpoint(path):
@@ -1043,10 +1054,10 @@ class JsonlLog:
         if enabled and truncate_after_step is not None and self.path.exists():
             # a resumed run redoes the steps after its checkpoint: drop their old records (and a line
             # cut short by a kill, which is not JSON)
-            records, broken = _parse_log(self.path.read_text())
+            records, broken = _parse_log(self.path.read_bytes())
             if broken:
-                tqdm.write(f"{self.path}: dropped line(s) {broken}, not JSON (written when the run was killed)",
-                           file=sys.stderr)
+                tqdm.write(f"{self.path}: dropped line(s) {broken}, not records of the log (a line cut short when "
+                           "the run was killed, or damage)", file=sys.stderr)
             kept = [r for r in records if r.get("step", 0) <= truncate_after_step]
             write_text_atomically(self.path, "".join(map(json_line, kept)))
 
@@ -1056,26 +1067,35 @@ class JsonlLog:
                 f.write(json_line(record))
 
 
-def _parse_log(text):
-    """The records of log.jsonl text, and the numbers of its lines that are not JSON."""
+def _parse_log(data):
+    """The records of log.jsonl's bytes, and the numbers of its lines that are not records: not UTF-8 or not
+    JSON (a line cut short), or not a JSON object whose "step", if it has one, is a number (damage)."""
     records, broken = [], []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(data.splitlines(), 1):
         if line.strip():
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
+                record = json.loads(line.decode("utf-8"))
+            except (ValueError, RecursionError):  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+                record = None
+            if isinstance(record, dict) and _is_number(record.get("step", 0)):
+                records.append(record)
+            else:
                 broken.append(number)
     return records, broken
+
+
+def _is_number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def read_log(path):
     """The records of a log.jsonl. Its last line may be cut short (a run being written, or killed while
     writing it) and is then left out; a broken line elsewhere is an error. A number that was not finite
     is None (null in the file; the Infinity or NaN of logs from an older minimamba are read as floats)."""
-    text = Path(path).read_text()
-    records, broken = _parse_log(text)
-    if broken and broken != [len(text.splitlines())]:
-        raise ValueError(f"{path}: line(s) {broken} are not JSON; the log is damaged")
+    data = Path(path).read_bytes()
+    records, broken = _parse_log(data)
+    if broken and broken != [len(data.splitlines())]:
+        raise ValueError(f"{path}: line(s) {broken} are not JSON records of the log; the log is damaged")
     return records
 
 

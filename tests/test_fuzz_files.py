@@ -14,6 +14,7 @@ Budget: MINIMAMBA_FUZZ_DRAWS draws per reader (default 12, deterministic); a cam
 """
 
 import bz2
+import copy
 import csv
 import io
 import json
@@ -314,3 +315,247 @@ def test_json_nested_too_deeply_is_refused_naming_the_file():
         write(d / "pubmedqa/test_ground_truth.json", b'{"1": "yes"}')
         with pytest.raises(TaskDataError, match=r"ori_pqal.json: JSON nested too deeply to read: a damaged copy"):
             load_task("pubmedqa", data_dir=d)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A run's files, which a crash or a hand can damage: what --resume (train.py, sft.py) reads must refuse with
+# a SetupError naming the file, before it changes anything in OUT
+
+
+def snapshot(d):
+    """{relative path: bytes (None for a folder)} of everything under d."""
+    return {str(p.relative_to(d)): (None if p.is_dir() else p.read_bytes()) for p in sorted(d.rglob("*"))}
+
+
+latest_texts = (st.sampled_from(["step-000002\n", "step-000001", "", "\n", ".", "..", "/etc", "step-000002/..",
+                                 "latest", "step-000002\nstep-000001\n", "step-000009\n", " step-000002 "])
+                .map(str.encode) | st.binary(max_size=16))
+
+
+@fuzz
+@given(st.data())
+def test_fuzz_out_latest(data):
+    """OUT/latest names the checkpoint --resume continues (and a start without --resume refuses an OUT that
+    has one): whatever it holds, latest_checkpoint names a step directory of OUT holding a training state,
+    or refuses with a SetupError naming OUT/latest; OUT is left as it was."""
+    with folder() as out:
+        for step in (1, 2):
+            write(out / f"step-00000{step}/training_state.pt", b"state")
+        write(out / "latest", data.draw(damaged_bytes(data.draw(latest_texts))))
+        before = snapshot(out)
+        try:
+            found = training.latest_checkpoint(out)
+        except SetupError as e:
+            assert str(out / "latest") in str(e)
+        else:
+            assert found.parent == out and (found / "training_state.pt").is_file()
+        assert snapshot(out) == before
+
+
+log_records = st.fixed_dictionaries(
+    {"step": st.integers(0, 6), "tokens": st.integers(0, 10**6)},
+    optional={"loss": st.floats(0, 10), "eval": st.fixed_dictionaries({"c4": st.fixed_dictionaries({"ppl": st.floats(1, 9)})})})
+
+
+def well_formed(line):
+    """The record a log line holds, or None where it is not one (not UTF-8 or JSON, not an object, a step that is
+    not a number): a straightforward reading, to compare with."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(record, dict) or type(record.get("step", 0)) not in (int, float):
+        return None
+    return record
+
+
+@fuzz
+@given(st.data())
+def test_fuzz_log_jsonl_on_resume(data):
+    """A resumed run keeps the records of OUT/log.jsonl up to its step (a line cut short by a kill, or not a
+    record of the log, is dropped and said); read_log gives its records, or a ValueError naming the file."""
+    records = [data.draw(damaged(r)) if data.draw(st.integers(0, 3)) == 0 else r
+               for r in data.draw(st.lists(log_records, max_size=5))]
+    raw = data.draw(damaged_bytes(jsonl(records)))
+    with folder() as d:
+        path = d / "log.jsonl"
+        write(path, raw)
+        try:
+            read = training.read_log(path)
+        except ValueError as e:
+            assert str(path) in str(e)
+        else:
+            assert all(isinstance(r, dict) for r in read)
+        training.JsonlLog(path, True, truncate_after_step=3)
+        expected = [r for r in map(well_formed, raw.splitlines()) if r is not None and r.get("step", 0) <= 3]
+        assert [json.loads(line) for line in path.read_text().splitlines()] == json.loads(json.dumps(expected))
+
+
+CONFIG = Mamba2Config(d_model=32, n_layer=2, vocab_size=64, d_state=8, headdim=16, chunk_size=16)
+
+
+@pytest.mark.parametrize("layout", ["state-spaces", "hf"])
+@fuzz
+@given(st.data())
+def test_fuzz_checkpoint_config_json(layout, data):
+    """A checkpoint's config.json (what --resume and from_pretrained build the model from): a Mamba2Config, or
+    the ValueError naming the file that _train turns into a SetupError."""
+    config = data.draw(damaged(CONFIG.to_dict(layout)))
+    if isinstance(config.get("ssm_cfg"), dict):
+        config["ssm_cfg"] = data.draw(damaged(config["ssm_cfg"]))
+    with folder() as d:
+        write(d / "config.json", data.draw(damaged_bytes(json.dumps(config).encode())))
+        try:
+            loaded = Mamba2Config.load(d)
+        except ValueError as e:
+            assert str(d / "config.json") in str(e)
+        else:
+            assert isinstance(loaded, Mamba2Config) and loaded.d_model > 0 and loaded.n_layer > 0
+
+
+class _Job:
+    kind = "pretraining"
+
+
+STATE = {"format": 1, "job": "pretraining", "step": 2, "tokens_seen": 64, "elapsed": 1.5, "model": {},
+         "optimizer": {"state": {}, "param_groups": [{"params": [0, 1]}]}, "ema": None, "sampler": {"epoch": 0},
+         "rng": {"torch": torch.get_rng_state(), "cuda": []}, "config": {"lr": 0.001}}
+
+
+@fuzz
+@given(st.data())
+def test_fuzz_training_state(data):
+    """A checkpoint's training_state.pt, cut short or with parts missing or of another type: load_training_state
+    and check_job_kind accept it or refuse with a SetupError naming the file; the folder is left as it was."""
+    state = data.draw(damaged(STATE))
+    for part in ("optimizer", "rng"):
+        if isinstance(state.get(part), dict) and data.draw(st.booleans()):
+            state[part] = data.draw(damaged(state[part]))
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    with folder() as d:
+        path = d / "step-000002" / "training_state.pt"
+        write(path, data.draw(damaged_bytes(buffer.getvalue())))
+        before = snapshot(d)
+        try:
+            loaded = training.load_training_state(path.parent)
+            training.check_job_kind(loaded, _Job, path.parent)
+        except SetupError as e:
+            assert str(path.parent) in str(e)
+        assert snapshot(d) == before
+
+
+@fuzz
+@given(st.data())
+def test_fuzz_best_json_on_resume(data):
+    """sft.py --resume compares OUT/best/best.json with the checkpoint's best (`_mend_best`): whatever the file
+    holds, it ends in one of its four outcomes, not a traceback."""
+    info = data.draw(damaged({"step": 2, "val_loss": 0.5, "eval": {"all": {"loss": 0.5}}, "tokenizer": None})
+                     | json_values)
+    with folder() as out:
+        write(out / "best" / "best.json", data.draw(damaged_bytes(json.dumps(info).encode())))
+        assert finetune._mend_best(out, {"step": 3, "loss": 0.25, "eval": None}, 4) in (0, 1, 2, 3)
+
+
+RESULT = {"model": "m", "config": {"split": "test", "limit": None, "max_tokens": None, "qa_scoring": "logprob"},
+          "results": {"pubmedqa": {"task": "pubmedqa", "kind": "yesno", "n": 5, "acc": 0.6, "seconds": 1.0},
+                      "note_summary": {"task": "note_summary", "kind": "generate", "n": 2, "rouge1": 0.25}}}
+
+
+@fuzz
+@given(st.data())
+def test_fuzz_results_files_compared(data):
+    """eval.py --compare A B: read_results refuses a file that is not eval.py's with a ValueError naming it;
+    one it accepts goes through the comparison (settings, missing tasks, the table) without a traceback."""
+    with folder() as d:
+        paths = [d / "a.json", d / "b.json"]
+        for path in paths:
+            result = data.draw(damaged(copy.deepcopy(RESULT)))
+            for part in ("config", "results"):
+                if isinstance(result.get(part), dict) and data.draw(st.booleans()):
+                    result[part] = data.draw(damaged(result[part]))
+            results = result.get("results")
+            if isinstance(results, dict) and isinstance(results.get("pubmedqa"), dict) and data.draw(st.booleans()):
+                results["pubmedqa"] = data.draw(damaged(results["pubmedqa"]))
+            write(path, data.draw(damaged_bytes(json.dumps(result).encode())))
+        try:
+            runs = {str(p): evaluate.read_results(p) for p in paths}
+        except ValueError as e:
+            assert any(str(p) in str(e) for p in paths)
+            return
+        evaluate.settings_that_differ(runs)
+        results = {name: run["results"] for name, run in runs.items()}
+        evaluate.tasks_missing(results)
+        assert evaluate.results_table(results).startswith("| task | metric |")
+
+
+# the run-file and results-file failures the fuzzing found, by hand
+
+
+@pytest.mark.parametrize("text", [b"step-\xff\n", b"", b"\n", b"step-000002/..\n", b"../step-000002\n"])
+def test_a_damaged_out_latest_is_a_setup_error_naming_it_and_what_to_write(text):
+    """OUT/latest not UTF-8 was a UnicodeDecodeError; empty, it "named" OUT itself (whose name the message gave
+    as the checkpoint's); a path in it reached outside the step directories. Now: a SetupError naming the file,
+    what it holds and the checkpoints to choose from, and OUT unchanged. A name with spaces around still reads."""
+    with folder() as out:
+        for step in (1, 2):
+            write(out / f"step-00000{step}/training_state.pt", b"state")
+        write(out / "latest", text)
+        before = snapshot(out)
+        with pytest.raises(SetupError, match=rf"^{out / 'latest'} should hold the name of one of {out}'s checkpoints "
+                                             rf"\(like step-000100\), but it holds .*: it is damaged. Write the name of "
+                                             rf"the checkpoint to continue into it, e.g. echo step-000002 > .* \(the "
+                                             rf"checkpoints there: step-000001, step-000002\)$"):
+            training.latest_checkpoint(out)
+        assert snapshot(out) == before
+        write(out / "latest", b" step-000001 \r\n")
+        assert training.latest_checkpoint(out) == out / "step-000001"
+
+
+def test_log_lines_that_are_not_records_are_dropped_on_resume_and_refused_by_read_log(capsys):
+    """Resuming with a log.jsonl holding a JSON line that is not an object ([1]), a step that is not a number,
+    bytes that are not UTF-8, or arrays nested too deeply raised AttributeError, TypeError, UnicodeDecodeError
+    or RecursionError; now such lines are dropped with a note, like a line a kill cut short, and the records up
+    to the resumed step are kept, in order."""
+    good = [{"step": 1, "tokens": 8, "loss": 2.5}, {"step": 3, "tokens": 24, "loss": 2.0}, {"tokens": 0, "eval": {}}]
+    bad = [b"[1]", b'{"step": "2", "loss": 1.0}', b'{"step": null}', b'{"step": 2, "note": "\xe9"}', b"[" * 5000]
+    with folder() as d:
+        path = d / "log.jsonl"
+        lines = [json.dumps(good[0]).encode(), *bad, json.dumps(good[1]).encode(), b'{"step": 5, "loss": 1.0}',
+                 json.dumps(good[2]).encode()]
+        write(path, b"\n".join(lines) + b"\n")
+        with pytest.raises(ValueError, match=rf"{path}: line\(s\) \[2, 3, 4, 5, 6\] are not JSON records of the log"):
+            training.read_log(path)
+        training.JsonlLog(path, True, truncate_after_step=3)
+        assert "log.jsonl: dropped line(s) [2, 3, 4, 5, 6], not records of the log" in capsys.readouterr().err
+        assert training.read_log(path) == good
+
+
+def test_a_damaged_best_json_is_not_taken_for_a_best(capsys):
+    """OUT/best/best.json with a val_loss that is not a number made sft.py --resume fail formatting it
+    (ValueError: Unknown format code 'f'); now that folder is not any evaluation's best: set aside."""
+    with folder() as out:
+        write(out / "best" / "best.json", b'{"step": 2, "val_loss": "0.5"}')
+        assert finetune._mend_best(out, {"step": 3, "loss": 0.25, "eval": None}, 4) == 3
+        assert (out / "best.abandoned" / "best.json").is_file() and not (out / "best").exists()
+        assert f"{out / 'best'} is not this run's best, not the best of the run resumed from step 4" in \
+            capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"config": [1]}, r'its "config" should be an object \(eval.py\'s settings\), got list'),
+    ({"results": {"pubmedqa": {"kind": ["yesno"], "acc": 0.5}}}, r'the "kind" of pubmedqa should be a string'),
+])
+def test_a_damaged_results_file_is_refused_by_read_results(change, message):
+    """eval.py --compare A B with a results file whose "config" is not an object, or a result's "kind" is not a
+    string, failed in the comparison (AttributeError; TypeError: unhashable type); and JSON nested too deeply
+    (RecursionError). Now read_results refuses them with a ValueError naming the file."""
+    with folder() as d:
+        good, damaged_file = d / "a.json", d / "b.json"
+        write(good, json.dumps(RESULT).encode())
+        write(damaged_file, json.dumps({**RESULT, "config": {**RESULT["config"], "split": "train"}, **change}).encode())
+        with pytest.raises(ValueError, match=rf"^{damaged_file}: {message}"):
+            evaluate.read_results(damaged_file)
+        write(damaged_file, b'{"results": ' + b"[" * 5000 + b"]" * 5000 + b"}")
+        with pytest.raises(ValueError, match=rf"^cannot read results file {damaged_file}: maximum recursion depth"):
+            evaluate.read_results(damaged_file)
