@@ -314,7 +314,7 @@ class Mamba2Config:
             raise FileNotFoundError(f"no config.json at {path}: a checkpoint directory needs one")
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # (Recursion: nested thousands deep)
             raise ValueError(f"{path} is not valid JSON ({e}); expected a Mamba2 config.json") from e
         try:
             return cls.from_dict(d)

@@ -1041,6 +1041,21 @@ def restore_state(state, model, optimizer, ema, sampler, source=None):
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
 
+def resume_state(state, model, optimizer, ema, sampler, job, source):
+    """`restore_state`, then the job's own part of the state (job.load_state_dict). A part that is not what the
+    job's script writes (a key missing inside it, a value of another type: a file changed since) is a
+    SetupError naming the file, and so is a ValueError of the parts' own checks (e.g. a changed --mix)."""
+    try:
+        restore_state(state, model, optimizer, ema, sampler, source)
+        job.load_state_dict(state)
+    except (KeyError, TypeError, AttributeError, IndexError) as e:  # (what no check of _state_problems foresaw)
+        raise SetupError(f"{Path(source) / 'training_state.pt'}: a part of it is not what {JOB_SCRIPTS[job.kind]} "
+                         f"writes ({type(e).__name__}: {e}); it was changed since. Resume from another checkpoint "
+                         "with --resume OUT/step-NNNNNN, or start again") from None
+    except ValueError as e:
+        raise SetupError(f"--resume {source}: {e}") from None
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Logging: JSON lines and a plot
 
@@ -1703,8 +1718,7 @@ def _train(cfg, dist, model, held, job):
     try:
         sampler = job.load_data(raw)  # the data order, checkpointed with the rest
         if state is not None:
-            restore_state(state, model, optimizer, ema, sampler, resume_dir)
-            job.load_state_dict(state)
+            resume_state(state, model, optimizer, ema, sampler, job, resume_dir)
     except (DataError, ValueError) as e:
         raise SetupError(str(e)) from None
     step, tokens_seen, elapsed = 0, 0, 0.0

@@ -16,6 +16,7 @@ Budget: MINIMAMBA_FUZZ_DRAWS draws per reader (default 12, deterministic); a cam
 import bz2
 import copy
 import csv
+import functools
 import io
 import json
 import os
@@ -445,6 +446,67 @@ def test_fuzz_training_state(data):
         assert snapshot(d) == before
 
 
+class _SFTJob:
+    """The part of sft.py's job that resuming reads: its early-stopping state (finetune.Finetuning's)."""
+    kind = "sft"
+
+    def __init__(self, out):
+        self.cfg = type("Cfg", (), {"out": out})
+
+    def load_state_dict(self, state):
+        finetune.Finetuning.load_state_dict(self, state)
+
+
+@functools.cache
+def _resumable_once():
+    from minimamba.model import Mamba2LM
+
+    model = Mamba2LM(CONFIG, backend="torch")
+    optimizer = torch.optim.AdamW(training.param_groups(model, 0.1, 1.0), lr=1e-3)
+    for p in model.parameters():  # (the moments of one step, set by hand: a first step imports torch._dynamo, 3 s)
+        optimizer.state[p] = {"step": torch.tensor(1.0), "exp_avg": torch.full_like(p, 1e-4),
+                              "exp_avg_sq": torch.full_like(p, 1e-8)}
+    ema, order = training.EMA(model, 0.9), finetune.EpochOrder({"pubmedqa": 8}, None, 4, seed=0)
+    state = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "ema": ema.state_dict(),
+             "optimizer": copy.deepcopy(optimizer.state_dict()), "sampler": order.state_dict(),
+             "rng": {"torch": torch.get_rng_state(), "cuda": []},
+             "early_stopping": {"loss": 1.0, "step": 0, "bad_evals": 0, "stopped_early": False, "eval": None}}
+    return model, optimizer, ema, order, state
+
+
+def _resumable():
+    """(model, optimizer, EMA, data order, a training state that fits them, a copy of its own) of a tiny model
+    after one step (made once: a resume that succeeds puts back what they hold already)."""
+    model, optimizer, ema, order, state = _resumable_once()
+    return model, optimizer, ema, order, copy.deepcopy(state)
+
+
+@fuzz
+@given(st.data())
+def test_fuzz_training_state_parts_on_resume(data):
+    """The parts of a training state (as load_training_state lets them through: of the right top-level type)
+    with a key missing or a value of another type inside: resume_state puts them back, or refuses with a
+    SetupError naming the checkpoint."""
+    model, optimizer, ema, order, state = _resumable()
+    part = data.draw(st.sampled_from(["model", "ema", "optimizer", "sampler", "rng", "early_stopping"]))
+    state[part] = data.draw(damaged(state[part]))
+    if part == "optimizer" and isinstance(state[part].get("param_groups"), list):
+        groups = state[part]["param_groups"]
+        i = data.draw(st.integers(0, len(groups) - 1))
+        groups[i] = data.draw(damaged(groups[i]))
+        if isinstance(groups[i].get("params"), list) and groups[i]["params"]:
+            groups[i]["params"][0] = data.draw(json_values)
+    if part == "optimizer" and isinstance(state[part].get("state"), dict) and state[part]["state"]:
+        moments = state[part]["state"]
+        key = data.draw(st.sampled_from(sorted(moments)))
+        moments[key] = data.draw(damaged(moments[key]) | json_values)
+    source = Path("runs/x/step-000002")
+    try:
+        training.resume_state(state, model, optimizer, ema, order, _SFTJob("runs/x"), source)
+    except SetupError as e:
+        assert str(source) in str(e)
+
+
 @fuzz
 @given(st.data())
 def test_fuzz_best_json_on_resume(data):
@@ -559,3 +621,34 @@ def test_a_damaged_results_file_is_refused_by_read_results(change, message):
         write(damaged_file, b'{"results": ' + b"[" * 5000 + b"]" * 5000 + b"}")
         with pytest.raises(ValueError, match=rf"^cannot read results file {damaged_file}: maximum recursion depth"):
             evaluate.read_results(damaged_file)
+
+
+@pytest.mark.parametrize("part,value,error", [
+    ("model", {"embedding.weight": 3}, "AttributeError: 'int' object has no attribute 'shape'"),
+    ("rng", {"torch": torch.zeros(3), "cuda": []}, "TypeError: RNG state must be a torch.ByteTensor"),
+    ("early_stopping", {"loss": 1.0}, "KeyError: 'stopped_early'"),
+    ("sampler", {"kind": "sft", "seed": 0, "sizes": {"pubmedqa": 8}, "shares": None, "rows_per_step": 4,
+                 "step": "two"}, None),
+])
+def test_a_training_state_part_of_another_shape_is_a_setup_error_naming_the_checkpoint(part, value, error):
+    """A part of training_state.pt that passes its top-level type check but holds a non-tensor weight, an RNG
+    state of another dtype or an early-stopping state without its keys raised AttributeError / TypeError /
+    KeyError from inside the restore, and a step that is not a number a ValueError naming no file; now each is
+    a SetupError naming the checkpoint (and what failed)."""
+    model, optimizer, ema, order, state = _resumable()
+    state[part] = {**state[part], **value} if part == "model" else value
+    source = Path("runs/x/step-000002")
+    expected = (rf"^{source / 'training_state.pt'}: a part of it is not what sft.py \(supervised fine-tuning\) writes "
+                rf"\({error}\); it was changed since. Resume from another checkpoint" if error else
+                rf"^--resume {source}: invalid literal for int\(\) with base 10: 'two'$")
+    with pytest.raises(SetupError, match=expected):
+        training.resume_state(state, model, optimizer, ema, order, _SFTJob("runs/x"), source)
+
+
+def test_a_config_json_nested_too_deeply_is_a_value_error_naming_it():
+    """Mamba2Config.load let json's RecursionError through (what --resume and from_pretrained call); it is now
+    the ValueError naming the file that _train turns into a SetupError."""
+    with folder() as d:
+        write(d / "config.json", b'{"d_model": ' + b"[" * 5000 + b"]" * 5000 + b"}")
+        with pytest.raises(ValueError, match=rf"^{d / 'config.json'} is not valid JSON \(maximum recursion depth"):
+            Mamba2Config.load(d)
