@@ -27,9 +27,10 @@ $MINIMAMBA_GITHUB_RAW (default https://raw.githubusercontent.com) as {base}/{own
 Files are read by minimamba.data's readers (.bz2 decompressed, a byte order mark dropped, "\\r\\n" read as
 "\\n", in quoted CSV fields too; UTF-16/32 or compressed data under a plain name refused with the command
 that converts it), but strictly: a record that cannot be read (a missing field, a gold index out of range,
-bytes that are not UTF-8, a text with half of a character (an escape "\\ud800" alone), an empty file or a CSV
-with a header only) is a TaskDataError naming the file and line: a benchmark with silently dropped items is not that benchmark any more. Item ids are stable
-("pubmedqa/12377809", "arc_easy/17": the record's place in its file).
+bytes that are not UTF-8, a text with half of a character (an escape "\\ud800" alone), JSON nested too deeply,
+an empty file or a CSV with a header only) is a TaskDataError naming the file and line: a benchmark with
+silently dropped items is not that benchmark any more. Item ids are stable ("pubmedqa/12377809",
+"arc_easy/17": the record's place in its file).
 
 Biomedical yes/no QA (the BioMamba recipe's QA protocol: log-likelihood of each answer after its template)
     QA_TEMPLATE = "Answer the following biomedical research question with yes, no, or maybe based on the

@@ -1068,7 +1068,7 @@ class JsonlLog:
         self.path, self.enabled = Path(path), enabled
         if enabled and truncate_after_step is not None and self.path.exists():
             # a resumed run redoes the steps after its checkpoint: drop their old records (and a line
-            # cut short by a kill, which is not JSON)
+            # cut short by a kill, which is not JSON, or any other line that is not a record: `_parse_log`)
             records, broken = _parse_log(self.path.read_bytes())
             if broken:
                 tqdm.write(f"{self.path}: dropped line(s) {broken}, not records of the log (a line cut short when "

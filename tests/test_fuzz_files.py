@@ -355,7 +355,8 @@ def test_fuzz_out_latest(data):
 
 log_records = st.fixed_dictionaries(
     {"step": st.integers(0, 6), "tokens": st.integers(0, 10**6)},
-    optional={"loss": st.floats(0, 10), "eval": st.fixed_dictionaries({"c4": st.fixed_dictionaries({"ppl": st.floats(1, 9)})})})
+    optional={"loss": st.floats(0, 10),
+              "eval": st.fixed_dictionaries({"c4": st.fixed_dictionaries({"ppl": st.floats(1, 9)})})})
 
 
 def well_formed(line):
@@ -564,10 +565,10 @@ def test_a_damaged_out_latest_is_a_setup_error_naming_it_and_what_to_write(text)
             write(out / f"step-00000{step}/training_state.pt", b"state")
         write(out / "latest", text)
         before = snapshot(out)
-        with pytest.raises(SetupError, match=rf"^{out / 'latest'} should hold the name of one of {out}'s checkpoints "
-                                             rf"\(like step-000100\), but it holds .*: it is damaged. Write the name of "
-                                             rf"the checkpoint to continue into it, e.g. echo step-000002 > .* \(the "
-                                             rf"checkpoints there: step-000001, step-000002\)$"):
+        with pytest.raises(SetupError, match=rf"^{out / 'latest'} should hold the name of one of {out}'s "
+                                             r"checkpoints \(like step-000100\), but it holds .*: it is damaged. Write "
+                                             r"the name of the checkpoint to continue into it, e.g. echo step-000002 > "
+                                             r".* \(the checkpoints there: step-000001, step-000002\)$"):
             training.latest_checkpoint(out)
         assert snapshot(out) == before
         write(out / "latest", b" step-000001 \r\n")
