@@ -1128,23 +1128,28 @@ def pyplot():
 
 
 def plot_log(log_path, png_path):
-    """Train loss and per-domain held-out perplexity against tokens seen; False if matplotlib is missing."""
+    """Train loss and per-domain held-out perplexity against tokens seen; False if matplotlib is missing.
+    A value that is not a finite number (null in the log: it was not finite; or a record changed by hand) is a
+    gap in its curve, and a record without a number of tokens is left out: a plot never stops a run."""
     plt = pyplot()
     if plt is None:
         return False
-    records = read_log(log_path)
+    records = [r for r in read_log(log_path) if _is_number(r.get("tokens"))]
     train = [r for r in records if "loss" in r]
-    evals = [r for r in records if "eval" in r]
+    evals = [r for r in records if isinstance(r.get("eval"), dict)]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    def number(v):  # (null in the log: a value that was not finite, left out of the plot)
-        return math.nan if v is None or not math.isfinite(v) else v
+    def number(v):
+        return v if _is_number(v) and math.isfinite(v) else math.nan
+
+    def ppl(record, domain):
+        scores = record["eval"].get(domain)
+        return number(scores.get("ppl") if isinstance(scores, dict) else None)
 
     if train:
         a.plot([r["tokens"] / 1e6 for r in train], [number(r["loss"]) for r in train], lw=0.8)
     a.set(xlabel="training tokens (M)", ylabel="train loss (nats/token)", title="train loss")
     for domain in (evals[0]["eval"] if evals else {}):
-        b.plot([r["tokens"] / 1e6 for r in evals], [number(r["eval"].get(domain, {}).get("ppl")) for r in evals],
-               "o-", label=domain)
+        b.plot([r["tokens"] / 1e6 for r in evals], [ppl(r, domain) for r in evals], "o-", label=str(domain))
     b.set(xlabel="training tokens (M)", ylabel="held-out perplexity", title="held-out perplexity", yscale="log")
     if evals:
         b.legend()

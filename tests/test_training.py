@@ -642,6 +642,22 @@ def test_a_huge_finite_loss_gives_an_infinite_perplexity(data, init_dir, tmp_pat
         assert drawn is True and (tmp_path / "plot.png").stat().st_size > 0
 
 
+def test_a_log_changed_by_hand_is_still_plotted(tmp_path):
+    """plot_log runs after every evaluation of a run: a record whose numbers are not numbers (a log.jsonl edited
+    by hand before a resume keeps such records) raised a TypeError there, which ended the training run."""
+    pytest.importorskip("matplotlib", reason="plot_log draws with matplotlib, an optional extra")
+    from minimamba.training import plot_log
+
+    log = tmp_path / "log.jsonl"
+    records = [{"step": 1, "tokens": 100, "loss": 3.0}, {"step": 2, "tokens": 200, "loss": "x"},
+               {"step": 3, "tokens": "300", "loss": 2.0}, {"step": 4, "tokens": 400, "loss": True},
+               {"step": 4, "tokens": 400, "eval": {"c4": {"ppl": 20.0}, "pubmed": "high"}},
+               {"step": 5, "tokens": 500, "eval": {"c4": {"ppl": "?"}, "pubmed": {"ppl": 9.0}}},
+               {"step": 6, "tokens": 600, "eval": [1, 2]}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert plot_log(log, tmp_path / "plot.png") is True and (tmp_path / "plot.png").stat().st_size > 0
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Distributed: 2 processes on gloo against one process with the same global batch
 
