@@ -231,8 +231,8 @@ def _read_tokenizer_json(path: Path) -> dict:
 def _structure_problem(spec: dict) -> str | None:
     """What is wrong with the JSON types of the entries that `_build` reads, or None. (Also two tokens with
     one id, which tiktoken would not refuse but abort the whole program on: a Rust panic.)"""
-    def is_id(value):  # (true and false are ints to Python, not ids)
-        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    def is_id(value):  # (true and false are ints to Python, not ids; tiktoken keeps ids in 32 bits)
+        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**32
 
     for key in ("normalizer", "pre_tokenizer", "post_processor"):
         if not isinstance(spec.get(key) or {}, dict):
@@ -240,13 +240,13 @@ def _structure_problem(spec: dict) -> str | None:
     model = spec["model"]
     vocab, merges, added = model["vocab"], model["merges"], spec.get("added_tokens") or []
     if not isinstance(vocab, dict) or not all(is_id(id_) for id_ in vocab.values()):
-        return "model.vocab is not a JSON object of token -> id (a whole number >= 0)"
+        return "model.vocab is not a JSON object of token -> id (a whole number from 0 to 2**32 - 1)"
     if not isinstance(merges, list) or not all(
             isinstance(m, str) or isinstance(m, list) and all(isinstance(part, str) for part in m) for m in merges):
         return "model.merges is not a list of merges, each \"left right\" or [\"left\", \"right\"]"
     if not isinstance(added, list) or not all(
             isinstance(tok, dict) and isinstance(tok.get("content"), str) and is_id(tok.get("id")) for tok in added):
-        return "added_tokens is not a list of objects with a \"content\" string and an \"id\""
+        return "added_tokens is not a list of objects with a \"content\" string and an \"id\" (0 to 2**32 - 1)"
     tokens_of = {}  # id -> the tokens with that id (an added token is in the vocab too, with the same id)
     for token, id_ in [*vocab.items(), *((tok["content"], tok["id"]) for tok in added)]:
         tokens_of.setdefault(id_, set()).add(token)

@@ -74,10 +74,17 @@ json_line = st.one_of(
     st.builds(lambda v: json.dumps({"title": v, "abstract": "a"}), json_values),  # the field missing
     st.text(max_size=20),  # not JSON
 )
+SOUP = ['"', ",", "text", "title", "abstract", "a b", "\n", "\r\n", '""', "\x00", " = T = ", " = = S = = ", "\ufeff",
+        "\ud800", "\xe9", "{", "}", "[", ":", "<PubmedArticleSet>", "</PubmedArticleSet>", "<PubmedArticle>",
+        "</PubmedArticle>", "<MedlineCitation><PMID>1</PMID><Article><ArticleTitle>", "</ArticleTitle>",
+        "<Abstract><AbstractText Label='L'>", "</AbstractText></Abstract>", "</Article></MedlineCitation>", "&amp;",
+        "&x;", "<![CDATA[", "]]>", '<?xml version="1.0" encoding="latin-1"?>', "BZh91AY&SY", "\x1f\x8b"]
 corpus_bytes = st.one_of(
     st.binary(max_size=200),  # random bytes
     st.lists(json_line, max_size=6).map(lambda lines: "\n".join(lines).encode("utf-8", "surrogatepass")),
     st.lists(st.text(max_size=15), max_size=6).map(lambda rows: "\n".join(rows).encode("utf-8", "surrogatepass")),
+    # a soup of the pieces each format gives meaning to (CSV quotes, WikiText titles, PubMed XML tags, BOMs...)
+    st.lists(st.sampled_from(SOUP), max_size=40).map(lambda parts: "".join(parts).encode("utf-8", "surrogatepass")),
     st.sampled_from([b"", b"\xef\xbb\xbf", b"\xff\xfe\x00a", b"caf\xe9\n\xe9t\xe9", b"<PubmedArticleSet><Pubmed",
                      b'<?xml version="1.0" encoding="shift_jis"?><PubmedArticleSet/>', b'{"text": "\\ud800"}']),
 )
@@ -131,6 +138,7 @@ def test_fuzz_corpus_files_give_documents_or_a_data_error_naming_the_file(suffix
 @FUZZ
 @given(lines=st.lists(json_line, max_size=8), field=st.sampled_from([None, "text", "title"]),
        template=st.sampled_from([None, "{title}: {abstract}"]))
+@example(lines=['{"text": "a"}', '{"text": ' + DEEP], field=None, template=None)  # RecursionError
 def test_fuzz_prepare_accounts_for_every_json_line(lines, field, template):
     """prepare() on JSON lines of any types: every non-blank line is a document read or a malformed record
     (nothing lost unaccounted), or the whole call is a DataError that names the file."""
@@ -239,14 +247,15 @@ def _mutate(spec, where, value):
 
 
 TOKENIZER_PLACES = [("model", "vocab"), ("model", "merges"), ("model", "merges", 0), ("model", "merges", 99),
-                    ("model", "vocab", "Ġt"), ("model", "vocab", "a"), ("model", "type"), ("model",),
+                    ("model", "vocab", "Ġt"), ("model", "vocab", "Ġa"), ("model", "vocab", "a"), ("model", "type"), ("model",),
                     ("added_tokens",), ("added_tokens", 0), ("added_tokens", 0, "id"), ("added_tokens", 2, "id"),
                     ("added_tokens", 1, "content"), ("pre_tokenizer",), ("post_processor",), ("normalizer",)]
 
 
 @FUZZ
 @given(where=st.sampled_from(TOKENIZER_PLACES),
-       value=json_values | st.sampled_from([0, 1, 5, 100, 263, 264, -1, ["h", "e"], ["Ġ", 1]]))
+       value=json_values | st.sampled_from([0, 1, 5, 100, 263, 264, -1, 2**32, 2**70, ["h", "e"], ["Ġ", 1]]))
+@example(where=("model", "vocab", "Ġa"), value=2**33)  # OverflowError in tiktoken (its ids are 32-bit)
 @example(where=("model", "vocab", "a"), value=100)  # two tokens with id 100: a Rust panic in tiktoken
 @example(where=("added_tokens", 2, "id"), value=5)  # an added token with a byte token's id: the same panic
 @example(where=("model", "vocab"), value=[1])  # AttributeError
