@@ -482,15 +482,15 @@ def _template_fields(template: str) -> list[str]:
 
 def _as_text(value) -> str | None:
     """A field's value as text: nothing (None) is "", a list is its items one per line (e.g. sentences or
-    paragraphs), anything else its str() (a string, a number, a parquet date or decimal); None for an object,
-    true/false or bytes (a parquet binary column: their Python repr, "{'en': ...}", "True" or "b'...'", is
-    not the document's text)."""
+    paragraphs), anything else its str() (a string, a number, a parquet date or decimal); None for an object
+    (a parquet struct, or a map's (key, value) pairs), true/false or bytes (a parquet binary column): their
+    Python repr, "{'en': ...}", "('en', ...)", "True" or "b'...'", is not the document's text."""
     if value is None:
         return ""
     if isinstance(value, list):
         items = [_as_text(item) for item in value]
         return None if None in items else "\n".join(items)
-    return None if isinstance(value, (dict, bool, bytes)) else str(value)
+    return None if isinstance(value, (dict, tuple, bool, bytes)) else str(value)
 
 
 def _record_documents(records, source, field, template, names, report) -> Iterator[Document]:
