@@ -91,7 +91,8 @@ def load_state_dict(directory):
                 f"could not read {path}: {type(e).__name__}: {e}. The file is corrupt or not a PyTorch "
                 "state dict; delete it and download it again."
             ) from e
-        if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                               for k, v in sd.items()):
             raise CheckpointError(f"{path} does not hold a flat state dict of tensors (names -> tensors)")
         if meta := [k for k, v in sd.items() if v.is_meta]:
             raise CheckpointError(f"{path} holds tensors without data (on the meta device): {', '.join(meta[:8])}; "

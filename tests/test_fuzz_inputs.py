@@ -12,9 +12,11 @@ run (derandomized) unless MINIMAMBA_FUZZ_RANDOM=1. A bigger search, new inputs e
 MINIMAMBA_FUZZ_DRAWS=2000 MINIMAMBA_FUZZ_RANDOM=1 python -m pytest tests/test_fuzz_inputs.py
 """
 
+import bz2
 import copy
 import gzip
 import json
+import lzma
 import os
 import shutil
 import tempfile
@@ -95,9 +97,6 @@ corpus_bytes = st.one_of(
 def write_input(directory: Path, suffix: str, content: bytes, cut: int | None) -> Path:
     """`content` in a file named by `suffix`, compressed as its name says, then cut to `cut` bytes (a file that
     stops early)."""
-    import bz2
-    import lzma
-
     path = directory / f"input{suffix}"
     compress = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}.get(path.suffix, lambda b: b)
     data = compress(content)
@@ -254,7 +253,8 @@ def _mutate(spec, where, value):
 
 
 TOKENIZER_PLACES = [("model", "vocab"), ("model", "merges"), ("model", "merges", 0), ("model", "merges", 99),
-                    ("model", "vocab", "Ġt"), ("model", "vocab", "Ġa"), ("model", "vocab", "a"), ("model", "type"), ("model",),
+                    ("model", "vocab", "Ġt"), ("model", "vocab", "Ġa"), ("model", "vocab", "a"), ("model", "type"),
+                    ("model",),
                     ("added_tokens",), ("added_tokens", 0), ("added_tokens", 0, "id"), ("added_tokens", 2, "id"),
                     ("added_tokens", 1, "content"), ("pre_tokenizer",), ("post_processor",), ("normalizer",)]
 
@@ -328,6 +328,24 @@ def test_fuzz_config_json_loads_or_names_the_file(layout, changes):
     assert loaded.nheads * loaded.headdim == loaded.d_inner
 
 
+@pytest.mark.parametrize("layout, change, message", [
+    ("state-spaces", {"ssm_cfg": {"layer": "Mamba2", "A_init_range": [1]}},
+     r"ssm_cfg.A_init_range must be \[min, max\], got \[1\]"),
+    ("hf", {"num_heads": "4"}, "num_heads='4' disagrees with expand·hidden_size/head_dim = 4"),
+    ("hf", {"time_step_limit": ["a"]}, r"unsupported Mamba2 option time_step_limit=\['a'\]"),
+    ("hf", DEEP, "is not valid JSON"),
+], ids=["A_init_range-not-a-pair", "num_heads-a-string", "time_step_limit-not-numbers", "deep"])
+def test_config_json_errors_name_the_problem(tmp_path, layout, change, message):
+    """Once: "not enough values to unpack", "num_heads=4 disagrees with ... = 4", "could not convert string to
+    float", a RecursionError."""
+    path = tmp_path / "config.json"
+    config = DEEP if change == DEEP else json.dumps({**tiny_config().to_dict(layout), **change})
+    path.write_text(config, encoding="utf-8")
+    with pytest.raises(ValueError, match=message) as error:
+        Mamba2Config.load(path)
+    assert names_file(error.value, path)
+
+
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
@@ -370,3 +388,13 @@ def test_fuzz_checkpoints_load_or_raise_a_checkpoint_error_naming_them(tiny_chec
     for key, value in sd.items():  # what loaded is what the file holds
         name = key.removeprefix("backbone.")
         assert torch.equal(model.state_dict()[name], value), key
+
+
+def test_a_checkpoint_of_meta_tensors_is_refused(tiny_checkpoint, tmp_path):
+    """Tensors without data (saved from a model on the meta device) once loaded silently into a model that
+    cannot run."""
+    source, state = tiny_checkpoint
+    torch.save({k: torch.empty(v.shape, device="meta") for k, v in state.items()}, tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text((source / "config.json").read_text(), encoding="utf-8")
+    with pytest.raises(CheckpointError, match=f"{tmp_path / 'pytorch_model.bin'} holds tensors without data"):
+        from_pretrained(tmp_path)
