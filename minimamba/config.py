@@ -193,6 +193,8 @@ class Mamba2Config:
             if name in ssm:
                 kw[name] = ssm[name]
         if "A_init_range" in ssm:
+            if not isinstance(ssm["A_init_range"], list) or len(ssm["A_init_range"]) != 2:
+                raise ValueError(f"ssm_cfg.A_init_range must be [min, max], got {ssm['A_init_range']!r}")
             kw["A_init_min"], kw["A_init_max"] = ssm["A_init_range"]
         if "norm_epsilon" in d:
             kw["norm_eps"] = d["norm_epsilon"]
@@ -230,11 +232,15 @@ class Mamba2Config:
             initializer_range=d.get("initializer_range", 0.1),
         )
         limit = d.get("time_step_limit", [0.0, math.inf])  # (the state-spaces reader refuses a dt_limit too)
-        if limit is not None and [_json_float(v) for v in limit] != [0.0, math.inf]:
+        try:
+            unclamped = limit is None or [_json_float(v) for v in limit] == [0.0, math.inf]
+        except (TypeError, ValueError, KeyError):  # not a list of numbers
+            unclamped = False
+        if not unclamped:
             raise ValueError(f"unsupported Mamba2 option time_step_limit={limit}: minimamba does not clamp dt")
         if "num_heads" in d and d["num_heads"] != cfg.nheads:
             raise ValueError(
-                f"HF config num_heads={d['num_heads']} disagrees with expand·hidden_size/head_dim = {cfg.nheads}"
+                f"HF config num_heads={d['num_heads']!r} disagrees with expand·hidden_size/head_dim = {cfg.nheads}"
             )
         return cfg
 

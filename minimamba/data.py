@@ -404,7 +404,12 @@ def _pubmed_xml_records(path: Path, report) -> Iterator[tuple[int, dict]]:
         if _xml_declares_other_encoding(path):
             with _open_bytes(path) as f:
                 while block := f.read(_XML_FEED_CHARS):
-                    parser.feed(block)
+                    try:
+                        parser.feed(block)
+                    except (LookupError, ValueError) as e:  # an unknown encoding, or a multi-byte one (Shift_JIS)
+                        raise DataError(f"{path} declares an encoding that Python's XML parser cannot read ({e}). "
+                                        f"Convert it to UTF-8 first (e.g. with iconv -t UTF-8), change its "
+                                        f"<?xml ... encoding=...?> to UTF-8, and give that file instead") from None
                     yield from articles()
         else:
             chunk, size = [], 0
@@ -461,24 +466,31 @@ def _pubmed_article(article: ET.Element) -> dict:
 
 def _template_fields(template: str) -> list[str]:
     try:
-        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
     except ValueError as e:
         raise DataError(f"bad template {template!r}: {e}") from None
-    if not names or any(not name or "." in name or "[" in name for name in names):
-        raise DataError(f"bad template {template!r}: it needs named fields such as {{title}} (plain names only)")
+    names = [name for name, _, _ in fields]
+    # a name of digits is a positional index to str.format, and a format spec or conversion ("{title:>9}",
+    # "{title!r}") can fail on a record's text (or name another field, "{title:{width}}"): plain names only
+    if not names or any(not name or "." in name or "[" in name or name.isdigit() or spec or conversion
+                        for name, spec, conversion in fields):
+        raise DataError(f"bad template {template!r}: it needs named fields such as {{title}} (plain names only, "
+                        "without a format spec or conversion such as {title:>9} or {title!r})")
     return names
 
 
 def _as_text(value) -> str | None:
     """A field's value as text: nothing (None) is "", a list is its items one per line (e.g. sentences or
     paragraphs), anything else its str() (a string, a number, a parquet date or decimal); None for an object
-    or true/false (their Python repr, "{'en': ...}" or "True", is not the document's text)."""
+    (a parquet struct, or a map's (key, value) pairs), true/false or bytes (a parquet binary column): their
+    Python repr, "{'en': ...}", "('en', ...)", "True" or "b'...'", is not the document's text."""
     if value is None:
         return ""
     if isinstance(value, list):
         items = [_as_text(item) for item in value]
         return None if None in items else "\n".join(items)
-    return None if isinstance(value, (dict, bool)) else str(value)
+    return None if isinstance(value, (dict, tuple, bool, bytes)) else str(value)
 
 
 def _record_documents(records, source, field, template, names, report) -> Iterator[Document]:
@@ -669,6 +681,7 @@ def _meta_to_update(out: Path, writes, tokenizer, tokenizer_name: str) -> dict:
     info = {"name": tokenizer_name, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
             "file": None if file is None else str(Path(file).resolve())}
     meta = read_meta(out.parent, out.name, unfinished_ok=True) if (out / "meta.json").exists() else {"splits": {}}
+    meta.setdefault("splits", {})
     kept = [name for name in meta["splits"] if name not in writes]
     unfinished = [name for name in meta.get("preparing", ()) if name not in writes]
     if unfinished:  # this call would keep a split whose file may not be the one its metadata describes
@@ -725,13 +738,42 @@ def read_meta(data_dir: str | Path, domain: str, unfinished_ok: bool = False) ->
         raise DataError(f"{path} not found; prepare the domain first ({_PREPARE_HINT.format(domain, data_dir)})")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))  # written as UTF-8, whatever the locale
-    except json.JSONDecodeError as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise DataError(f"{path} is not valid JSON ({e}); delete the folder and prepare it again") from None
+    if wrong := _meta_problem(meta):
+        raise DataError(f"{path} is not a meta.json that `prepare` writes: {wrong}; delete the folder and prepare "
+                        f"it again ({_PREPARE_HINT.format(domain, data_dir)})")
     if meta.get("preparing") and not unfinished_ok:
         raise DataError(f"{path}: `prepare` stopped while replacing {_being_replaced(meta)}, so the "
                         f"token files and meta.json may disagree; prepare the domain again "
                         f"({_PREPARE_HINT.format(domain, data_dir)})")
     return meta
+
+
+def _meta_problem(meta) -> str | None:
+    """What is wrong with the types of the meta.json entries that readers use, or None."""
+    def count(value, least):  # (true and false are ints to Python, not counts)
+        return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+    if not isinstance(meta, dict):
+        return f"it holds a JSON {type(meta).__name__}, not an object"
+    tokenizer, splits = meta.get("tokenizer", {}), meta.get("splits", {})
+    if not isinstance(tokenizer, dict):
+        return f'"tokenizer" is {tokenizer!r}, not an object'
+    wrong = {"name": isinstance(tokenizer.get("name", ""), str),
+             "file": tokenizer.get("file") is None or isinstance(tokenizer["file"], str),
+             "vocab_size": count(tokenizer.get("vocab_size", 1), 1),
+             "eos_id": tokenizer.get("eos_id") is None or count(tokenizer["eos_id"], 0)}
+    if bad := next((key for key, ok in wrong.items() if not ok), None):
+        return f'"tokenizer"."{bad}" is {tokenizer[bad]!r}'
+    if not isinstance(splits, dict) or not all(isinstance(split, dict) for split in splits.values()):
+        return f'"splits" is {str(splits)[:80]}, not an object of objects (one per split)'
+    if bad := next((name for name, split in splits.items() if not count(split.get("tokens", 0), 0)), None):
+        return f'"splits"."{bad}"."tokens" is {splits[bad]["tokens"]!r}, not a count'
+    preparing = meta.get("preparing", [])
+    if not isinstance(preparing, list) or not all(isinstance(name, str) and name in SPLITS for name in preparing):
+        return f'"preparing" is {preparing!r}, not a list of splits'
+    return None
 
 
 def _being_replaced(meta: dict) -> str:

@@ -91,8 +91,12 @@ def load_state_dict(directory):
                 f"could not read {path}: {type(e).__name__}: {e}. The file is corrupt or not a PyTorch "
                 "state dict; delete it and download it again."
             ) from e
-        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-            raise CheckpointError(f"{path} does not hold a flat state dict of tensors")
+        if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                               for k, v in sd.items()):
+            raise CheckpointError(f"{path} does not hold a flat state dict of tensors (names -> tensors)")
+        if meta := [k for k, v in sd.items() if v.is_meta]:
+            raise CheckpointError(f"{path} holds tensors without data (on the meta device): {', '.join(meta[:8])}; "
+                                  "save the weights after they are loaded or initialised")
         return sd
     raise FileNotFoundError(f"no weights in {directory}: expected one of {', '.join(WEIGHT_FILES)}")
 
@@ -151,8 +155,12 @@ def from_pretrained(name_or_path, dtype=None, device=None, backend="auto"):
         if name in sd:  # (two spellings of one weight, e.g. "model.backbone.x" and "backbone.x")
             problems.append(f"keys {came_from[name]} and {key} are both {name}: keep one")
         sd[name], came_from[name] = value, key
-    with torch.device("meta"):
-        model = Mamba2LM(config, backend=backend)
+    try:
+        with torch.device("meta"):  # (shapes only: no memory yet)
+            model = Mamba2LM(config, backend=backend)
+    except RuntimeError as e:  # e.g. "Storage size calculation overflowed": sizes no machine could hold
+        raise CheckpointError(f"{directory / 'config.json'} describes a model that cannot be built ({e}); check "
+                              "its sizes (d_model, n_layer, vocab_size, d_state, ...)") from None
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if config.tie_embeddings:
         # (without an embedding there is nothing to compare: the listing below reports it missing; with two

@@ -218,12 +218,41 @@ def _read_tokenizer_json(path: Path) -> dict:
         raise FileNotFoundError(f"no tokenizer file at {path}: {EXPECTED}, or a directory holding one")
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}): {EXPECTED}") from None
     model = spec.get("model") if isinstance(spec, dict) else None
     if not isinstance(model, dict) or model.get("type", "BPE") != "BPE" or not {"vocab", "merges"} <= model.keys():
         raise ValueError(f"{path} has no byte-level BPE model with 'vocab' and 'merges': {EXPECTED}")
+    if wrong := _structure_problem(spec):
+        raise ValueError(f"{path}: {wrong}: {EXPECTED}")
     return spec
+
+
+def _structure_problem(spec: dict) -> str | None:
+    """What is wrong with the JSON types of the entries that `_build` reads, or None. (Also two tokens with
+    one id, which tiktoken would not refuse but abort the whole program on: a Rust panic.)"""
+    def is_id(value):  # (true and false are ints to Python, not ids; tiktoken keeps ids in 32 bits)
+        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**32
+
+    for key in ("normalizer", "pre_tokenizer", "post_processor"):
+        if not isinstance(spec.get(key) or {}, dict):
+            return f"{key} is {spec[key]!r}, not a JSON object"
+    model = spec["model"]
+    vocab, merges, added = model["vocab"], model["merges"], spec.get("added_tokens") or []
+    if not isinstance(vocab, dict) or not all(is_id(id_) for id_ in vocab.values()):
+        return "model.vocab is not a JSON object of token -> id (a whole number from 0 to 2**32 - 1)"
+    if not isinstance(merges, list) or not all(
+            isinstance(m, str) or isinstance(m, list) and all(isinstance(part, str) for part in m) for m in merges):
+        return "model.merges is not a list of merges, each \"left right\" or [\"left\", \"right\"]"
+    if not isinstance(added, list) or not all(
+            isinstance(tok, dict) and isinstance(tok.get("content"), str) and is_id(tok.get("id")) for tok in added):
+        return "added_tokens is not a list of objects with a \"content\" string and an \"id\" (0 to 2**32 - 1)"
+    tokens_of = {}  # id -> the tokens with that id (an added token is in the vocab too, with the same id)
+    for token, id_ in [*vocab.items(), *((tok["content"], tok["id"]) for tok in added)]:
+        tokens_of.setdefault(id_, set()).add(token)
+    if (shared := next((id_ for id_, tokens in tokens_of.items() if len(tokens) > 1), None)) is not None:
+        return f"id {shared} belongs to several tokens: {sorted(tokens_of[shared])[:3]}"
+    return None
 
 
 def _build(spec: dict, name: str, path: Path) -> Tokenizer:
@@ -245,12 +274,12 @@ def _build(spec: dict, name: str, path: Path) -> Tokenizer:
     if model.get("dropout") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
         raise unsupported("BPE dropout / subword prefix / word suffix")
     ranks = _mergeable_ranks(model, path)
-    added_ids = {tok["id"] for tok in spec.get("added_tokens", [])}
+    added_ids = {tok["id"] for tok in spec.get("added_tokens") or []}
     if orphans := set(model["vocab"].values()) - set(ranks.values()) - added_ids:
         raise ValueError(f"{path}: vocab ids {sorted(orphans)[:5]}... are neither bytes, merges nor added tokens")
 
     special_tokens, space_runs = {}, {}
-    for tok in spec.get("added_tokens", []):
+    for tok in spec.get("added_tokens") or []:
         content, id_ = tok["content"], tok["id"]
         if tok.get("lstrip") or tok.get("rstrip") or tok.get("single_word"):
             raise unsupported(f"added token {content!r} with lstrip/rstrip/single_word")

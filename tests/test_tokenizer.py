@@ -415,7 +415,8 @@ def test_malformed_merge_is_refused(tmp_path):
 
 def test_non_byte_level_vocab_is_refused(tmp_path):
     spec = tiny_tokenizer_json()
-    spec["model"]["vocab"]["中"] = len(spec["model"]["vocab"])  # not a GPT-2 byte stand-in
+    spec["model"]["vocab"]["中"] = len(spec["model"]["vocab"]) + 2  # not a GPT-2 byte stand-in (an id of its own:
+    # the next two are the added space runs)
     with pytest.raises(ValueError, match="vocab entry '中' is not byte-level"):
         load_tokenizer(write_json(tmp_path / "tokenizer.json", spec))
 

@@ -925,7 +925,7 @@ def _moments_of_another_shape(st):
     (lambda c: _config_json(c, lambda d: []), "config.json: a Mamba2 config.json is one JSON object"),
     (lambda c: _config_json(c, lambda d: {**d, "n_layer": "2"}), "n_layer must be an integer, got '2'"),
     (lambda c: _config_json(c, lambda d: {**d, "ssm_cfg": {**d["ssm_cfg"], "A_init_range": 1}}),
-     "config.json: a value has an unexpected type (TypeError: cannot unpack"),
+     "config.json: ssm_cfg.A_init_range must be [min, max], got 1"),
     (lambda c: _training_state(c, lambda st: st.pop("optimizer")),
      "training_state.pt is not a whole training state: 'optimizer' is missing"),
     (lambda c: _training_state(c, _moments_of_another_shape),
