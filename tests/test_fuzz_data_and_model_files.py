@@ -9,7 +9,7 @@ error, whose message names the file (no KeyError / TypeError / RecursionError / 
 
 Each fuzz test also has the inputs that once crashed a reader as @example's. The draws are the same on every
 run (derandomized) unless MINIMAMBA_FUZZ_RANDOM=1. A bigger search, new inputs each time:
-MINIMAMBA_FUZZ_DRAWS=2000 MINIMAMBA_FUZZ_RANDOM=1 python -m pytest tests/test_fuzz_inputs.py
+MINIMAMBA_FUZZ_DRAWS=2000 MINIMAMBA_FUZZ_RANDOM=1 python -m pytest tests/test_fuzz_data_and_model_files.py
 """
 
 import bz2

@@ -10,7 +10,7 @@ folder is never changed by a refused resume. The regression tests below them pin
 found, by hand.
 
 Budget: MINIMAMBA_FUZZ_DRAWS draws per reader (default 12, deterministic); a campaign:
-    MINIMAMBA_FUZZ_DRAWS=500 python -m pytest tests/test_fuzz_files.py -k fuzz
+    MINIMAMBA_FUZZ_DRAWS=500 python -m pytest tests/test_fuzz_task_and_run_files.py -k fuzz
 """
 
 import bz2
