@@ -88,6 +88,16 @@ class Mamba2Config:
                      "headdim", "ngroups", "chunk_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        # not sizes: an RMSNorm eps of 0 divides by 0 on a zero input; the others only draw the initial weights
+        for name, least in (("norm_eps", "positive"), ("A_init_min", "positive"), ("dt_min", "positive"),
+                            ("dt_init_floor", "non-negative"), ("initializer_range", "non-negative")):
+            value = getattr(self, name)
+            if not 0 <= value < math.inf or (value == 0 and least == "positive"):  # (NaN fails both comparisons)
+                problems.append(f"{name} must be a {least} finite number, got {value}")
+        for low, high in (("A_init_min", "A_init_max"), ("dt_min", "dt_max")):
+            if not getattr(self, low) <= getattr(self, high) < math.inf:  # (False for a NaN too)
+                problems.append(f"{high} must be finite and at least {low} = {getattr(self, low)}, "
+                                f"got {getattr(self, high)}")
         if not problems:  # (the derived sizes need positive ones)
             if self.d_inner % self.headdim:
                 problems.append(f"d_inner = expand·d_model = {self.d_inner} is not a multiple of headdim {self.headdim}")

@@ -642,6 +642,11 @@ def test_config_refusals_name_the_option_and_what_is_accepted_reads():
                         (dict(n_layer=2.0), "n_layer must be an integer, got 2.0"),
                         (dict(tie_embeddings=1), "tie_embeddings must be true or false, got 1"),
                         (dict(norm_eps="1e-5"), "norm_eps must be a number, got '1e-5'"),
+                        (dict(norm_eps=0.0), "norm_eps must be a positive finite number, got 0.0"),
+                        (dict(norm_eps=float("nan")), "norm_eps must be a positive finite number, got nan"),
+                        (dict(dt_init_floor=-1e-4), "dt_init_floor must be a non-negative finite number, got -0.0001"),
+                        (dict(dt_max=1e-4), "dt_max must be finite and at least dt_min = 0.001, got 0.0001"),
+                        (dict(A_init_max=float("inf")), "A_init_max must be finite and at least A_init_min = 1.0, got inf"),
                         (dict(headdim=48), "d_inner = expand·d_model = 128 is not a multiple of headdim 48")]:
         with pytest.raises(ValueError, match=re.escape(message)):
             tiny_config(**kw)
