@@ -133,7 +133,7 @@ def _with_peak_rss(fn, *args):
 def _peak_rss_gib():
     """This process's peak RSS in GiB: VmHWM in /proc/self/status (Linux). Not getrusage's ru_maxrss, which Linux
     carries across exec: a spawned row reported at least its parent's peak (0.36 GiB for the benchmark's own
-    process, all of a tiny row's number). Elsewhere ru_maxrss it is, in bytes on macOS and in KiB on others."""
+    process, all of a tiny row's number). Elsewhere: ru_maxrss (bytes on macOS, KiB on Linux and BSD)."""
     status = Path("/proc/self/status")
     if status.exists():
         for line in status.read_text().splitlines():

@@ -760,11 +760,11 @@ def _meta_problem(meta) -> str | None:
     tokenizer, splits = meta.get("tokenizer", {}), meta.get("splits", {})
     if not isinstance(tokenizer, dict):
         return f'"tokenizer" is {tokenizer!r}, not an object'
-    wrong = {"name": isinstance(tokenizer.get("name", ""), str),
-             "file": tokenizer.get("file") is None or isinstance(tokenizer["file"], str),
-             "vocab_size": count(tokenizer.get("vocab_size", 1), 1),
-             "eos_id": tokenizer.get("eos_id") is None or count(tokenizer["eos_id"], 0)}
-    if bad := next((key for key, ok in wrong.items() if not ok), None):
+    ok = {"name": isinstance(tokenizer.get("name", ""), str),
+          "file": tokenizer.get("file") is None or isinstance(tokenizer["file"], str),
+          "vocab_size": count(tokenizer.get("vocab_size", 1), 1),
+          "eos_id": tokenizer.get("eos_id") is None or count(tokenizer["eos_id"], 0)}
+    if bad := next((key for key, fine in ok.items() if not fine), None):
         return f'"tokenizer"."{bad}" is {tokenizer[bad]!r}'
     if not isinstance(splits, dict) or not all(isinstance(split, dict) for split in splits.values()):
         return f'"splits" is {str(splits)[:80]}, not an object of objects (one per split)'

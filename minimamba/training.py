@@ -605,7 +605,7 @@ def interrupted_saves(out):
     that wrote OUT/latest after its renames); and an OUT/.step-N.old without step-N nor a complete .tmp
     (which only damage leaves): the old one goes back. Reads only."""
     out, found = Path(out), {}
-    named = _latest_name(out)
+    named = _latest_name(out, strict=False)
     for tmp in sorted(out.glob(".step-*.tmp")):
         final = out / tmp.name[1 : -len(".tmp")]
         moved_aside = (out / f".{final.name}.old").exists() and not final.exists()
@@ -618,15 +618,18 @@ def interrupted_saves(out):
     return found
 
 
-def _latest_name(out):
+def _latest_name(out, strict=True):
     """The step directory name OUT/latest holds, or None if there is no OUT/latest. Anything else than one
-    name like step-000100 (a file emptied or damaged since a save wrote it) is a SetupError naming it."""
+    name like step-000100 (a file emptied or damaged since a save wrote it) is a SetupError naming it, or
+    with strict=False None (where a run does not follow OUT/latest: one resumed from a checkpoint named)."""
     pointer = Path(out) / "latest"
     if not pointer.is_file():
         return None
     text = pointer.read_bytes()
     name = text.decode("utf-8", errors="replace").strip()
-    if not re.fullmatch(r"step-\d+", name):
+    if not re.fullmatch(r"step-[0-9]+", name):
+        if not strict:
+            return None
         steps = sorted(p.name for p in Path(out).glob("step-*") if p.is_dir())
         raise SetupError(f"{pointer} should hold the name of one of {out}'s checkpoints (like step-000100), but it "
                          f"holds {text[:60]!r}: it is damaged. Write the name of the checkpoint to continue into it, "
@@ -1051,7 +1054,7 @@ def resume_state(state, model, optimizer, ema, sampler, job, source):
     except (KeyError, TypeError, AttributeError, IndexError) as e:  # (what no check of _state_problems foresaw)
         raise SetupError(f"{Path(source) / 'training_state.pt'}: a part of it is not what {JOB_SCRIPTS[job.kind]} "
                          f"writes ({type(e).__name__}: {e}); it was changed since. Resume from another checkpoint "
-                         "with --resume OUT/step-NNNNNN, or start again") from None
+                         "with --resume OUT/step-NNNNNN, or start again") from e  # (the cause kept: it may be a bug)
     except ValueError as e:
         raise SetupError(f"--resume {source}: {e}") from None
 
@@ -1761,7 +1764,7 @@ def _train(cfg, dist, model, held, job):
         # records): OUT/latest names its start until it writes a checkpoint, so that a kill before then
         # resumes from there, with the log that goes with it
         pointer = out / "latest"
-        named = _latest_name(out)
+        named = _latest_name(out, strict=False)  # (damaged: replaced below by the checkpoint named)
         if resume_dir is not None and resume_dir.parent.resolve() == out.resolve() and named != resume_dir.name:
             write_text_atomically(pointer, resume_dir.name + "\n")
             if named is not None:

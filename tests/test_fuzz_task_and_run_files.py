@@ -573,6 +573,10 @@ def test_a_damaged_out_latest_is_a_setup_error_naming_it_and_what_to_write(text)
         assert snapshot(out) == before
         write(out / "latest", b" step-000001 \r\n")
         assert training.latest_checkpoint(out) == out / "step-000001"
+        # a checkpoint named by the user does not go through OUT/latest, damaged or not
+        write(out / "latest", text)
+        assert training.readable_checkpoint(out / "step-000001") == out / "step-000001"
+        assert training.interrupted_saves(out) == {}
 
 
 def test_log_lines_that_are_not_records_are_dropped_on_resume_and_refused_by_read_log(capsys):
