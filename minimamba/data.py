@@ -361,6 +361,9 @@ def csv_records(path: Path, report) -> Iterator[tuple[int, dict]]:
 
 
 def _parquet_records(path: Path, names: list[str], report) -> Iterator[tuple[int, dict]]:
+    if suffix := _compression(path):  # (pyarrow reads a parquet file by seeking in it, so not through a decompressor)
+        raise DataError(f"{path}: a parquet file cannot be read through {suffix}; decompress it first: "
+                        f"{_DECOMPRESSORS[suffix][1]} {path} > {path.with_suffix('')}")
     try:
         import pyarrow
         import pyarrow.parquet

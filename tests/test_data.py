@@ -170,6 +170,12 @@ def test_parquet(tmp_path):
     assert texts(typed, template="{title} ({date}, {dose} mg)") == (["A study (2020-01-02, 1.50 mg)"], [])
     found, problems = texts(typed, field="meta")
     assert found == [] and problems[0].message == "field 'meta' holds dict \"{'lang': 'en'}\", not text"
+    # parquet is read by seeking in the file: a compressed one is refused by name, with the command that helps
+    packed = tmp_path / "a.parquet.gz"
+    packed.write_bytes(gzip.compress(path.read_bytes()))
+    with pytest.raises(DataError, match=rf"^{packed}: a parquet file cannot be read through .gz; decompress it "
+                                        rf"first: gzip -dc {packed} > {tmp_path / 'a.parquet'}$"):
+        list(read_documents(packed))
 
 
 PUBMED_XML = """<?xml version="1.0" ?>
