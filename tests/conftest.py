@@ -1,7 +1,9 @@
 """Shared test fixtures: a local HTTP server standing in for the Hugging Face Hub, and the shared data."""
 
+import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,6 +116,16 @@ def randomize_(model, seed=0, biases=False):
             elif "norm" in name:
                 p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
     return model
+
+
+def save_in_state_spaces_layout(hf, cfg, directory):
+    """Save HF's Mamba2ForCausalLM `hf` (built from `cfg`, a Mamba2Config) as a public state-spaces checkpoint is
+    laid out (backbone.embedding, pytorch_model.bin, its config.json) in `directory`; returns `directory`."""
+    directory = Path(directory)
+    sd = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in hf.state_dict().items()}
+    torch.save(sd, directory / "pytorch_model.bin")
+    (directory / "config.json").write_text(json.dumps(cfg.to_dict("state-spaces")))
+    return directory
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 against HF transformers' Mamba2, greedy generation against generating each prompt alone, and the metrics
 and the results table against hand-worked numbers. (Held-out perplexity is tested in tests/test_training.py.)"""
 
-import json
 import math
 
 import pytest
@@ -13,7 +12,7 @@ from minimamba.evaluate import (choice_metrics, encode_option, evaluate_task, ge
                                 parse_yes_no, predict_labels, results_table, rouge, score_options,
                                 settings_that_differ, tasks_missing, yesno_metrics)
 from minimamba.tasks import Choice, Generation, Task
-from tests.conftest import randomize_
+from tests.conftest import randomize_, save_in_state_spaces_layout
 
 # a character tokenizer: id = ord(c) + 1 for c in U+0000..U+00FF, and id 0 the EOS; so V = 257, padded to 272
 CFG = Mamba2Config(d_model=64, n_layer=2, vocab_size=257, d_state=16, headdim=16, ngroups=2, chunk_size=8)
@@ -149,10 +148,7 @@ def test_summed_logprobs_equal_hf_transformers(items, tmp_path):
     whole, with the same weights (saved in the state-spaces layout as tests/test_model.py does)."""
     transformers = pytest.importorskip("transformers", reason="HF transformers is the test-only oracle for Mamba2")
     hf = randomize_(transformers.Mamba2ForCausalLM(transformers.Mamba2Config(**CFG.to_dict("hf"))), seed=4).eval()
-    sd = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in hf.state_dict().items()}
-    torch.save(sd, tmp_path / "pytorch_model.bin")
-    (tmp_path / "config.json").write_text(json.dumps(CFG.to_dict("state-spaces")))
-    ours = from_pretrained(tmp_path).eval()
+    ours = from_pretrained(save_in_state_spaces_layout(hf, CFG, tmp_path)).eval()
     # (HF's CPU forward is slow: five options) a shared context, per-option contexts, an empty context
     items = [Choice("shared", items[0].options[:2], gold=0), items[1], Choice("empty", items[2].options[:1], gold=0)]
     got = score_options(ours, TOK, items, batch_size=8)

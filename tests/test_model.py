@@ -5,7 +5,6 @@ import dataclasses
 import json
 import os
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from hypothesis import strategies as st
 from minimamba import Mamba2Config, Mamba2LM, from_pretrained
 from minimamba.hub import CheckpointError
 from minimamba.model import sample
-from tests.conftest import randomize_
+from tests.conftest import randomize_, save_in_state_spaces_layout
 
 
 def tiny_config(**kw):
@@ -32,11 +31,7 @@ def hf_pair(tmp_path_factory):
     hf_cfg = transformers.Mamba2Config(**cfg.to_dict("hf"))
     torch.manual_seed(0)
     hf = randomize_(transformers.Mamba2ForCausalLM(hf_cfg)).eval()
-    d = tmp_path_factory.mktemp("state_spaces_ckpt")
-    sd = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in hf.state_dict().items()}
-    torch.save(sd, d / "pytorch_model.bin")
-    (d / "config.json").write_text(json.dumps(cfg.to_dict("state-spaces")))
-    return hf, d
+    return hf, save_in_state_spaces_layout(hf, cfg, tmp_path_factory.mktemp("state_spaces_ckpt"))
 
 
 def test_logits_equal_hf_transformers(hf_pair):
@@ -131,12 +126,7 @@ def test_any_small_config_equals_hf_in_the_forward_each_decoding_step_and_the_gr
     hf = randomize_(transformers.Mamba2ForCausalLM(transformers.Mamba2Config(**cfg.to_dict("hf"))), seed=seed,
                     biases=True).eval()
     with tempfile.TemporaryDirectory() as d:
-        sd = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in hf.state_dict().items()}
-        if cfg.tie_embeddings:
-            sd.pop("lm_head.weight", None)
-        torch.save(sd, Path(d) / "pytorch_model.bin")
-        (Path(d) / "config.json").write_text(json.dumps(cfg.to_dict("state-spaces")))
-        model = from_pretrained(d).eval()
+        model = from_pretrained(save_in_state_spaces_layout(hf, cfg, d)).eval()
     ids = torch.randint(0, cfg.vocab_size, (batch, seqlen), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         ref = hf(ids).logits  # (B, L, V padded)
