@@ -34,6 +34,7 @@ from minimamba.config import Mamba2Config
 from minimamba.tasks import Choice, Generation, TaskDataError, load_task
 from minimamba.tokenizer import SURROGATE
 from minimamba.training import SetupError
+from tests.test_tasks import write
 
 DRAWS = int(os.environ.get("MINIMAMBA_FUZZ_DRAWS", "12"))
 fuzz = settings(max_examples=DRAWS, deadline=None, derandomize=True, database=None,
@@ -104,11 +105,6 @@ def damaged_bytes(draw, data):
 
 def jsonl(records):
     return "".join(json.dumps(r) + "\n" for r in records).encode()
-
-
-def write(path, data):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
 
 
 # ----------------------------------------------------------------------------------------------------------
