@@ -16,6 +16,8 @@ import numbers
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from minimamba.files import parse_json
+
 # The five public checkpoints differ only in width and depth (state-spaces/mamba2-<scale>).
 PUBLIC_SCALES = {
     "130m": dict(d_model=768, n_layer=24),
@@ -329,8 +331,8 @@ class Mamba2Config:
         if not path.is_file():
             raise FileNotFoundError(f"no config.json at {path}: a checkpoint directory needs one")
         try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # (Recursion: nested thousands deep)
+            d = parse_json(path.read_text(encoding="utf-8"))
+        except ValueError as e:  # (not UTF-8, not JSON, nested too deeply)
             raise ValueError(f"{path} is not valid JSON ({e}); expected a Mamba2 config.json") from e
         try:
             return cls.from_dict(d)

@@ -53,7 +53,7 @@ import numpy as np
 from tqdm import tqdm
 
 from minimamba.download import DownloadError, download, hub_url, offline
-from minimamba.files import sha256_of, write_text_atomically
+from minimamba.files import parse_json, sha256_of, write_text_atomically
 from minimamba.tokenizer import DEFAULT_TOKENIZER, SURROGATE, load_tokenizer
 
 SPLITS = ("train", "heldout")
@@ -309,12 +309,12 @@ def jsonl_records(path: Path, report) -> Iterator[tuple[int, dict]]:
                 f"jq -c '.[]' {path} > {path.with_suffix('.jsonl').name}")
         first = False
         try:
-            record = json.loads(line)
+            record = parse_json(line)
         except json.JSONDecodeError as e:
             report("malformed", number, f"not valid JSON ({e.msg}, column {e.colno}); expected one object per line")
             continue
-        except RecursionError:  # (arrays or objects nested thousands deep: Python's json gives up)
-            report("malformed", number, "JSON nested too deeply to read; expected one flat object per line")
+        except ValueError as e:  # (nested too deeply)
+            report("malformed", number, f"{e}; expected one flat object per line")
             continue
         if not isinstance(record, dict):
             report("malformed", number, f"expected a JSON object, got {type(record).__name__}")
@@ -740,8 +740,8 @@ def read_meta(data_dir: str | Path, domain: str, unfinished_ok: bool = False) ->
     if not path.exists():
         raise DataError(f"{path} not found; prepare the domain first ({_PREPARE_HINT.format(domain, data_dir)})")
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))  # written as UTF-8, whatever the locale
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        meta = parse_json(path.read_text(encoding="utf-8"))  # written as UTF-8, whatever the locale
+    except ValueError as e:  # (not UTF-8, not JSON, nested too deeply)
         raise DataError(f"{path} is not valid JSON ({e}); delete the folder and prepare it again") from None
     if wrong := _meta_problem(meta):
         raise DataError(f"{path} is not a meta.json that `prepare` writes: {wrong}; delete the folder and prepare "

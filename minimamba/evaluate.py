@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from minimamba.files import parse_json
 from minimamba.model import InferenceCache
 from minimamba.sampler import heldout_windows
 from minimamba.tasks import KINDS, Choice, Generation
@@ -527,8 +528,8 @@ def read_results(path):
     (lm-evaluation-harness's, whose metrics are named like "acc,none": its prompts and scoring differ from
     these, so its numbers do not compare with them)."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as e:  # (RecursionError: JSON nested thousands deep)
+        data = parse_json(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # (missing, not UTF-8, not JSON, nested too deeply)
         raise ValueError(f"cannot read results file {path}: {e}") from None
     results = data.get("results") if isinstance(data, dict) else None
     if not isinstance(results, dict) or not all(isinstance(m, dict) for m in results.values()):

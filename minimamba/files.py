@@ -1,5 +1,6 @@
 """Writing files so that a run killed mid-write leaves the old file or the new one, never half of one;
-JSON without inf/NaN; and hashing files. Used by the checkpoint writer (hub), corpus preparation (data), downloads and training."""
+JSON without inf/NaN, and JSON read with one kind of error; and hashing files. Used by the checkpoint
+writer (hub), corpus preparation (data), downloads, training and the readers of JSON files."""
 
 import errno
 import hashlib
@@ -101,6 +102,16 @@ def finite_or_none(value):
     if isinstance(value, (list, tuple)):
         return [finite_or_none(v) for v in value]
     return value
+
+
+def parse_json(text):
+    """json.loads(text), where JSON nested too deeply for Python's parser (thousands of brackets: a
+    RecursionError, not a ValueError) is a ValueError like any other unreadable JSON. The readers of user
+    files catch ValueError (JSONDecodeError and UnicodeDecodeError are ValueErrors) and name the file."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to read") from None
 
 
 def json_line(record):

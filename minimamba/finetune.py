@@ -75,7 +75,7 @@ from minimamba.tokenizer import DEFAULT_TOKENIZER
 from minimamba.training import (
     IGNORE, SetupError, Weights, all_reduce_sum, check_settings, checkpoint_name, full_tensor, run, schedule_steps,
     unwrap)
-from minimamba.files import fsync_dir, write_json_atomically
+from minimamba.files import fsync_dir, parse_json, write_json_atomically
 
 # ----------------------------------------------------------------------------------------------------------
 # Configuration
@@ -662,8 +662,8 @@ def _mend_best(out, best, step):
 def _read_info(folder):
     """folder/best.json as a dict ({} where it is missing, unreadable or not an object)."""
     try:
-        info = json.loads((folder / "best.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError)
+        info = parse_json((folder / "best.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # (missing, not UTF-8, not JSON, nested too deeply)
         return {}
     return info if isinstance(info, dict) else {}
 

@@ -113,6 +113,7 @@ from typing import Callable
 
 from minimamba.data import REPLACED, STOPPED_EARLY, DataError, csv_records, jsonl_records, read_lines
 from minimamba.download import DownloadError, download
+from minimamba.files import parse_json
 from minimamba.tokenizer import SURROGATE
 
 KINDS = ("choice", "yesno", "lambada", "generate")
@@ -218,12 +219,12 @@ def _lines(path: Path) -> list[str]:
 
 def _json(path: Path):
     try:
-        return json.loads("\n".join(_lines(path)))  # (line numbers as in the file)
+        return parse_json("\n".join(_lines(path)))  # (line numbers as in the file)
     except json.JSONDecodeError as e:
         raise TaskDataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno}): a damaged copy; "
                             f"{_FIX}") from e
-    except RecursionError:  # (arrays or objects nested thousands deep: Python's json gives up)
-        raise TaskDataError(f"{path}: JSON nested too deeply to read: a damaged copy; {_FIX}") from None
+    except ValueError as e:  # (nested too deeply)
+        raise TaskDataError(f"{path}: {e}: a damaged copy; {_FIX}") from None
 
 
 def _jsonl(path: Path) -> list[tuple[str, dict]]:

@@ -60,7 +60,6 @@ pieces of the reference must be reproduced for the ids to be identical:
 So encode(text) = cut out the special tokens; NFC each part; tiktoken: regex pieces, then BPE.
 """
 
-import json
 import os
 import re
 import unicodedata
@@ -68,6 +67,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import tiktoken
+
+from minimamba.files import parse_json
 
 DEFAULT_TOKENIZER = "EleutherAI/gpt-neox-20b"
 SURROGATE = re.compile("[\ud800-\udfff]")  # halves of a character (UTF-16's), which a str can hold
@@ -217,8 +218,8 @@ def _read_tokenizer_json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer file at {path}: {EXPECTED}, or a directory holding one")
     try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        spec = parse_json(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # (not UTF-8, not JSON, nested too deeply)
         raise ValueError(f"{path} is not valid JSON ({e}): {EXPECTED}") from None
     model = spec.get("model") if isinstance(spec, dict) else None
     if not isinstance(model, dict) or model.get("type", "BPE") != "BPE" or not {"vocab", "merges"} <= model.keys():

@@ -90,7 +90,7 @@ from tqdm import tqdm
 from minimamba.config import PUBLIC_SCALES, SCALES, Mamba2Config
 from minimamba.data import DataError, ids_needed, read_meta
 from minimamba.evaluate import domain_perplexity, load_heldout
-from minimamba.files import atomic_write, fsync_dir, json_line, write_text_atomically
+from minimamba.files import atomic_write, fsync_dir, json_line, parse_json, write_text_atomically
 from minimamba.model import Mamba2LM
 from minimamba.sampler import MixtureSampler, check_domains, parse_mix
 
@@ -1092,8 +1092,8 @@ def _parse_log(data):
     for number, line in enumerate(data.splitlines(), 1):
         if line.strip():
             try:
-                record = json.loads(line.decode("utf-8"))
-            except (ValueError, RecursionError):  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+                record = parse_json(line.decode("utf-8"))
+            except ValueError:  # (not UTF-8, not JSON, nested too deeply)
                 record = None
             if isinstance(record, dict) and _is_number(record.get("step", 0)):
                 records.append(record)

@@ -1,11 +1,12 @@
 """minimamba.files: atomic writes keep the old file on failure and give the new one ordinary permissions."""
 
+import json
 import os
 import stat
 
 import pytest
 
-from minimamba.files import atomic_write, sha256_of, write_text_atomically
+from minimamba.files import atomic_write, parse_json, sha256_of, write_text_atomically
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
@@ -126,3 +127,14 @@ def test_non_finite_floats_become_null_at_any_depth(tmp_path):
     write_json_atomically(tmp_path / "results.json", value)
     text = (tmp_path / "results.json").read_text()
     assert json.loads(text) == want and "Infinity" not in text and "NaN" not in text
+
+
+def test_parse_json_reads_json_and_turns_too_deep_nesting_into_a_value_error():
+    """Python's json raises RecursionError (not a ValueError) for arrays nested thousands deep; every reader
+    of a user's JSON file catches ValueError, so parse_json makes that one a ValueError too."""
+    assert parse_json('{"a": [1, 2.5, null, "\\u00e9"]}') == {"a": [1, 2.5, None, "é"]}
+    assert parse_json("[" * 50 + "]" * 50) == json.loads("[" * 50 + "]" * 50)  # (nesting json can read)
+    with pytest.raises(ValueError, match="^JSON nested too deeply to read$"):
+        parse_json("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(json.JSONDecodeError):  # (other bad JSON: json's own error, a ValueError)
+        parse_json('{"a": ')
