@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minimamba.files import parse_json
+from minimamba.files import is_json_number, parse_json
 from minimamba.model import InferenceCache
 from minimamba.sampler import heldout_windows
 from minimamba.tasks import KINDS, Choice, Generation
@@ -585,10 +585,6 @@ def tasks_missing(runs):
     return {name: missing for name, results in runs.items() if (missing := [t for t in every if t not in results])}
 
 
-def _is_number(x):
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 def _fmt(x):
     return "–" if x is None else str(x) if isinstance(x, int) else f"{x:.4f}"
 
@@ -607,14 +603,14 @@ def results_table(runs):
     for results in runs.values():
         for task, metrics in results.items():
             for metric, value in metrics.items():
-                if _is_number(value) and metric != "seconds":
+                if is_json_number(value) and metric != "seconds":
                     rows.setdefault((task, metric), None)
     delta = len(names) == 2
     lines = ["| task | metric | " + " | ".join(names) + (" | Δ |" if delta else " |"),
              "|---|---|" + "---:|" * (len(names) + delta)]
     for task, metric in rows:
         values = [runs[name].get(task, {}).get(metric) for name in names]
-        values = [v if _is_number(v) else None for v in values]
+        values = [v if is_json_number(v) else None for v in values]
         cells = [_fmt(v) for v in values]
         if delta:
             a, b = values

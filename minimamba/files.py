@@ -114,6 +114,12 @@ def parse_json(text):
         raise ValueError("JSON nested too deeply to read") from None
 
 
+def is_json_number(x):
+    """Whether a value read from JSON is a number (an int or a float; not true/false, which Python's bool
+    makes ints too)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def json_line(record):
     """One line of a JSON Lines file (log.jsonl, eval.py's predictions), non-finite floats as null."""
     return json.dumps(finite_or_none(record), allow_nan=False) + "\n"

@@ -90,7 +90,7 @@ from tqdm import tqdm
 from minimamba.config import PUBLIC_SCALES, SCALES, Mamba2Config
 from minimamba.data import DataError, ids_needed, read_meta
 from minimamba.evaluate import domain_perplexity, load_heldout
-from minimamba.files import atomic_write, fsync_dir, json_line, parse_json, write_text_atomically
+from minimamba.files import atomic_write, fsync_dir, is_json_number, json_line, parse_json, write_text_atomically
 from minimamba.model import Mamba2LM
 from minimamba.sampler import MixtureSampler, check_domains, parse_mix
 
@@ -1095,15 +1095,11 @@ def _parse_log(data):
                 record = parse_json(line.decode("utf-8"))
             except ValueError:  # (not UTF-8, not JSON, nested too deeply)
                 record = None
-            if isinstance(record, dict) and _is_number(record.get("step", 0)):
+            if isinstance(record, dict) and is_json_number(record.get("step", 0)):
                 records.append(record)
             else:
                 broken.append(number)
     return records, broken
-
-
-def _is_number(x):
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def read_log(path):
@@ -1137,12 +1133,12 @@ def plot_log(log_path, png_path):
     plt = pyplot()
     if plt is None:
         return False
-    records = [r for r in read_log(log_path) if _is_number(r.get("tokens"))]
+    records = [r for r in read_log(log_path) if is_json_number(r.get("tokens"))]
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if isinstance(r.get("eval"), dict)]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     def number(v):
-        return v if _is_number(v) and math.isfinite(v) else math.nan
+        return v if is_json_number(v) and math.isfinite(v) else math.nan
 
     def ppl(record, domain):
         scores = record["eval"].get(domain)

@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from minimamba.files import atomic_write, parse_json, sha256_of, write_text_atomically
+from minimamba.files import atomic_write, is_json_number, parse_json, sha256_of, write_text_atomically
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
@@ -138,3 +138,8 @@ def test_parse_json_reads_json_and_turns_too_deep_nesting_into_a_value_error():
         parse_json("[" * 100_000 + "]" * 100_000)
     with pytest.raises(json.JSONDecodeError):  # (other bad JSON: json's own error, a ValueError)
         parse_json('{"a": ')
+
+
+def test_is_json_number_takes_ints_and_floats_but_not_booleans_strings_or_null():
+    assert all(is_json_number(v) for v in json.loads('[0, -3, 1e308, 2.5, NaN, Infinity]'))
+    assert not any(is_json_number(v) for v in json.loads('[true, false, null, "1", [1], {"a": 1}]'))
