@@ -1,7 +1,9 @@
 """Shared test fixtures: a local HTTP server standing in for the Hugging Face Hub, and the shared data."""
 
 import json
+import tempfile
 import threading
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -126,6 +128,14 @@ def save_in_state_spaces_layout(hf, cfg, directory):
     torch.save(sd, directory / "pytorch_model.bin")
     (directory / "config.json").write_text(json.dumps(cfg.to_dict("state-spaces")))
     return directory
+
+
+@contextmanager
+def scratch_folder():
+    """A new empty folder, removed afterwards: for hypothesis tests, which run many inputs in one test
+    (pytest's tmp_path is one folder per test)."""
+    with tempfile.TemporaryDirectory(prefix="minimamba-test-") as d:
+        yield Path(d)
 
 
 @pytest.fixture

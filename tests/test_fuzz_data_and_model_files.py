@@ -18,8 +18,6 @@ import gzip
 import json
 import lzma
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -31,6 +29,7 @@ from minimamba import Mamba2Config, Mamba2LM, from_pretrained
 from minimamba.data import COUNTS, DataError, load_split, prepare, read_documents, read_meta
 from minimamba.hub import CheckpointError
 from minimamba.tokenizer import load_tokenizer
+from tests.conftest import scratch_folder
 from tests.test_data import ByteTokenizer
 from tests.test_tokenizer import tiny_tokenizer_json
 
@@ -46,21 +45,6 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
     max_leaves=6)
 DEEP = "[" * 100_000  # JSON nested deeper than Python's parser goes (it raised RecursionError)
-
-
-_MADE = []  # the folders fresh_dir() made (hypothesis draws many inputs per test: tmp_path is per test)
-
-
-def fresh_dir() -> Path:
-    _MADE.append(Path(tempfile.mkdtemp(prefix="minimamba-fuzz-")))
-    return _MADE[-1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _remove_fresh_dirs():
-    yield
-    for directory in _MADE:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def names_file(error: BaseException, path: Path) -> bool:
@@ -118,22 +102,22 @@ def test_fuzz_corpus_files_give_documents_or_a_data_error_naming_the_file(suffix
                                                                           unit):
     if field and template:
         field = None
-    directory = fresh_dir()
-    if suffix == ".parquet":  # random bytes under a parquet name (pyarrow's own files are tested in test_data)
-        path = directory / "input.parquet"
-        path.write_bytes(content if cut is None else content[:cut])
-    else:
-        path = write_input(directory, suffix, content, cut)
-    problems = []
-    try:
-        documents = list(read_documents(path, field, template, unit, on_problem=problems.append))
-    except DataError as e:
-        assert names_file(e, path), e
-        return
-    for document in documents:  # text that encodes (unpaired surrogates replaced, and reported)
-        assert isinstance(document.text, str) and document.source == str(path)
-        document.text.encode("utf-8")
-    assert all(problem.source == str(path) and problem.kind in COUNTS for problem in problems)
+    with scratch_folder() as directory:
+        if suffix == ".parquet":  # random bytes under a parquet name (pyarrow's own files are tested in test_data)
+            path = directory / "input.parquet"
+            path.write_bytes(content if cut is None else content[:cut])
+        else:
+            path = write_input(directory, suffix, content, cut)
+        problems = []
+        try:
+            documents = list(read_documents(path, field, template, unit, on_problem=problems.append))
+        except DataError as e:
+            assert names_file(e, path), e
+            return
+        for document in documents:  # text that encodes (unpaired surrogates replaced, and reported)
+            assert isinstance(document.text, str) and document.source == str(path)
+            document.text.encode("utf-8")
+        assert all(problem.source == str(path) and problem.kind in COUNTS for problem in problems)
 
 
 @FUZZ
@@ -145,18 +129,18 @@ def test_fuzz_prepare_accounts_for_every_json_line(lines, field, template):
     (nothing lost unaccounted), or the whole call is a DataError that names the file."""
     if field and template:
         field = None
-    directory = fresh_dir()
-    path = directory / "in.jsonl"
-    path.write_bytes("\n".join(lines).encode("utf-8", "surrogatepass"))
-    try:
-        meta = prepare("fuzz", [path], ByteTokenizer(), directory / "out", field=field, template=template)
-    except DataError as e:
-        assert names_file(e, path), e
-        return
-    counts = meta["splits"]["train"]["prepared"]["counts"]
-    non_blank = sum(1 for line in "\n".join(lines).split("\n") if line.strip())
-    assert counts["read"] + counts["malformed"] == non_blank
-    assert counts["read"] == counts["kept"] + counts["empty"] + counts["too_short"] + counts["duplicate"]
+    with scratch_folder() as directory:
+        path = directory / "in.jsonl"
+        path.write_bytes("\n".join(lines).encode("utf-8", "surrogatepass"))
+        try:
+            meta = prepare("fuzz", [path], ByteTokenizer(), directory / "out", field=field, template=template)
+        except DataError as e:
+            assert names_file(e, path), e
+            return
+        counts = meta["splits"]["train"]["prepared"]["counts"]
+        non_blank = sum(1 for line in "\n".join(lines).split("\n") if line.strip())
+        assert counts["read"] + counts["malformed"] == non_blank
+        assert counts["read"] == counts["kept"] + counts["empty"] + counts["too_short"] + counts["duplicate"]
 
 
 def test_templates_take_plain_field_names_only(tmp_path):
@@ -211,20 +195,20 @@ meta_values = st.one_of(
 @example(meta={"splits": {"train": {"tokens": "12"}}})  # ValueError: Cannot specify ',' with 's'
 @example(meta={"tokenizer": []})  # AttributeError (ids_needed)
 def test_fuzz_meta_json_is_read_or_refused_naming_it(meta):
-    directory = fresh_dir()
-    (directory / "d").mkdir()
-    path = directory / "d" / "meta.json"
-    path.write_text(json.dumps(meta), encoding="utf-8")
-    (directory / "d" / "train.bin").write_bytes(b"\x01\x00\x00\x00")
-    text = directory / "in.txt"
-    text.write_text("a document\n", encoding="utf-8")
-    calls = [lambda: read_meta(directory, "d"), lambda: load_split(directory, "d", "train"),
-             lambda: prepare("d", [text], ByteTokenizer(), directory, split="heldout")]
-    for call in calls:
-        try:
-            call()
-        except DataError as e:
-            assert names_file(e, path) or names_file(e, directory / "d"), e
+    with scratch_folder() as directory:
+        (directory / "d").mkdir()
+        path = directory / "d" / "meta.json"
+        path.write_text(json.dumps(meta), encoding="utf-8")
+        (directory / "d" / "train.bin").write_bytes(b"\x01\x00\x00\x00")
+        text = directory / "in.txt"
+        text.write_text("a document\n", encoding="utf-8")
+        calls = [lambda: read_meta(directory, "d"), lambda: load_split(directory, "d", "train"),
+                 lambda: prepare("d", [text], ByteTokenizer(), directory, split="heldout")]
+        for call in calls:
+            try:
+                call()
+            except DataError as e:
+                assert names_file(e, path) or names_file(e, directory / "d"), e
 
 
 @pytest.mark.parametrize("content", [b"\xff\xfe{\x00}\x00", DEEP.encode()], ids=["utf16", "deep"])
@@ -271,14 +255,15 @@ TOKENIZER_PLACES = [("model", "vocab"), ("model", "merges"), ("model", "merges",
 @example(where=("pre_tokenizer",), value=[1])  # AttributeError
 @example(where=("added_tokens", 0), value={"id": 0})  # KeyError
 def test_fuzz_tokenizer_json_loads_or_names_the_file(where, value):
-    path = fresh_dir() / "tokenizer.json"
-    path.write_text(json.dumps(_mutate(tiny_tokenizer_json(), where, value)), encoding="utf-8")
-    try:
-        tok = load_tokenizer(path)
-    except ValueError as e:
-        assert names_file(e, path), e
-        return
-    assert tok.decode(tok.encode("the cat")) == "the cat"
+    with scratch_folder() as directory:
+        path = directory / "tokenizer.json"
+        path.write_text(json.dumps(_mutate(tiny_tokenizer_json(), where, value)), encoding="utf-8")
+        try:
+            tok = load_tokenizer(path)
+        except ValueError as e:
+            assert names_file(e, path), e
+            return
+        assert tok.decode(tok.encode("the cat")) == "the cat"
 
 
 def test_a_tokenizer_json_nested_too_deeply_is_not_valid_json(tmp_path):
@@ -317,15 +302,16 @@ def test_fuzz_config_json_loads_or_names_the_file(layout, changes):
                 config["ssm_cfg"][key.removeprefix("ssm_cfg.")] = value
         else:
             config[key] = value
-    path = fresh_dir() / "config.json"
-    path.write_text(json.dumps(config), encoding="utf-8")
-    try:
-        loaded = Mamba2Config.load(path)
-    except ValueError as e:
-        assert names_file(e, path), e
-        assert "unpack" not in str(e) and "could not convert" not in str(e), e  # a message that names the problem
-        return
-    assert loaded.nheads * loaded.headdim == loaded.d_inner
+    with scratch_folder() as directory:
+        path = directory / "config.json"
+        path.write_text(json.dumps(config), encoding="utf-8")
+        try:
+            loaded = Mamba2Config.load(path)
+        except ValueError as e:
+            assert names_file(e, path), e
+            assert "unpack" not in str(e) and "could not convert" not in str(e), e  # a message that names the problem
+            return
+        assert loaded.nheads * loaded.headdim == loaded.d_inner
 
 
 @pytest.mark.parametrize("layout, change, message", [
@@ -371,23 +357,23 @@ tensors = st.one_of(
 @example(edits=[], cut=None, config={"d_model": 2**40})  # RuntimeError: Storage size calculation overflowed
 def test_fuzz_checkpoints_load_or_raise_a_checkpoint_error_naming_them(tiny_checkpoint, edits, cut, config):
     source, state = tiny_checkpoint
-    directory = fresh_dir()
-    sd = dict(state)
-    for key, value in edits:  # None: delete the key
-        sd.pop(key, None) if value is None else sd.__setitem__(key, value)
-    torch.save(sd, directory / "pytorch_model.bin")
-    if cut is not None:
-        data = (directory / "pytorch_model.bin").read_bytes()
-        (directory / "pytorch_model.bin").write_bytes(data[:cut])
-    (directory / "config.json").write_text(json.dumps({**tiny_config().to_dict(), **config}), encoding="utf-8")
-    try:
-        model = from_pretrained(directory)
-    except (CheckpointError, ValueError) as e:
-        assert names_file(e, directory), e
-        return
-    for key, value in sd.items():  # what loaded is what the file holds
-        name = key.removeprefix("backbone.")
-        assert torch.equal(model.state_dict()[name], value), key
+    with scratch_folder() as directory:
+        sd = dict(state)
+        for key, value in edits:  # None: delete the key
+            sd.pop(key, None) if value is None else sd.__setitem__(key, value)
+        torch.save(sd, directory / "pytorch_model.bin")
+        if cut is not None:
+            data = (directory / "pytorch_model.bin").read_bytes()
+            (directory / "pytorch_model.bin").write_bytes(data[:cut])
+        (directory / "config.json").write_text(json.dumps({**tiny_config().to_dict(), **config}), encoding="utf-8")
+        try:
+            model = from_pretrained(directory)
+        except (CheckpointError, ValueError) as e:
+            assert names_file(e, directory), e
+            return
+        for key, value in sd.items():  # what loaded is what the file holds
+            name = key.removeprefix("backbone.")
+            assert torch.equal(model.state_dict()[name], value), key
 
 
 def test_a_checkpoint_of_meta_tensors_is_refused(tiny_checkpoint, tmp_path):

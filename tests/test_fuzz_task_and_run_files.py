@@ -20,8 +20,6 @@ import functools
 import io
 import json
 import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -34,17 +32,12 @@ from minimamba.config import Mamba2Config
 from minimamba.tasks import Choice, Generation, TaskDataError, load_task
 from minimamba.tokenizer import SURROGATE
 from minimamba.training import SetupError
+from tests.conftest import scratch_folder
 from tests.test_tasks import write
 
 DRAWS = int(os.environ.get("MINIMAMBA_FUZZ_DRAWS", "12"))
 fuzz = settings(max_examples=DRAWS, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-
-
-@contextmanager
-def folder():
-    with tempfile.TemporaryDirectory() as d:
-        yield Path(d)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -163,7 +156,7 @@ mc_files = {"arc_easy": "mc/arc_easy.jsonl", "piqa": "mc/piqa.jsonl", "openbookq
 def test_fuzz_multiple_choice_jsonl(name, data):
     records = data.draw(st.lists(mc_records[name], min_size=1, max_size=3))
     records = [data.draw(damaged(r)) if data.draw(st.booleans()) else r for r in records]
-    with folder() as d:
+    with scratch_folder() as d:
         write(d / mc_files[name], data.draw(damaged_bytes(jsonl(records))))
         load_or_refuse(name, d)
 
@@ -178,7 +171,7 @@ def test_fuzz_hellaswag_text(data):
     compressed = bz2.compress(text)
     wrapped = data.draw(st.sampled_from(["bz2", "bz2", "cut", "plain"]))
     payload = {"bz2": compressed, "cut": compressed[: len(compressed) // 2], "plain": text}[wrapped]
-    with folder() as d:
+    with scratch_folder() as d:
         write(d / "mc/hellaswag_val_full.txt.bz2", payload)
         load_or_refuse("hellaswag", d)
 
@@ -197,7 +190,7 @@ def test_fuzz_pubmedqa_json(split, data):
     pqal = {k: data.draw(damaged(v)) if data.draw(st.booleans()) else v for k, v in pqal.items()}
     if data.draw(st.integers(0, 3)) == 0:
         truth = data.draw(json_values | damaged(truth))
-    with folder() as d:
+    with scratch_folder() as d:
         write(d / "pubmedqa/ori_pqal.json", data.draw(damaged_bytes(json.dumps(pqal, indent=1).encode())))
         write(d / "pubmedqa/test_ground_truth.json", data.draw(damaged_bytes(json.dumps(truth).encode())))
         load_or_refuse("pubmedqa", d, split, labels=("yes", "no", "maybe"))
@@ -218,7 +211,7 @@ def test_fuzz_bioasq_golden_files(data):
         if isinstance(q.get("snippets"), list) and q["snippets"] and data.draw(st.booleans()):
             q["snippets"][0] = data.draw(damaged(q["snippets"][0]) | json_values)
     golden = {"questions": questions} if data.draw(st.integers(0, 5)) else data.draw(json_values)
-    with folder() as d:
+    with scratch_folder() as d:
         write(d / "bioasq/raw/12B1_golden.json", data.draw(damaged_bytes(json.dumps(golden).encode())))
         for batch in ("12B2", "12B3", "12B4"):
             write(d / f"bioasq/raw/{batch}_golden.json", json.dumps({"questions": []}).encode())
@@ -236,7 +229,7 @@ bioasq_derived = st.fixed_dictionaries({
 def test_fuzz_bioasq_derived_jsonl(split, data):
     records = data.draw(st.lists(bioasq_derived, min_size=1, max_size=3, unique_by=lambda r: r["id"]))
     records = [data.draw(damaged(r)) if data.draw(st.booleans()) else r for r in records]
-    with folder() as d:
+    with scratch_folder() as d:
         write(d / tasks.BIOASQ_DERIVED, data.draw(damaged_bytes(jsonl(records))))
         load_or_refuse("bioasq", d, split, labels=("yes", "no"))
 
@@ -269,7 +262,7 @@ def test_fuzz_aci_bench_csv(name, data):
     text = buffer.getvalue().encode("utf-8", "surrogatepass")
     if data.draw(st.integers(0, 5)) == 0:
         text += b'virtassist,D9,"open quote\n'
-    with folder() as d:
+    with scratch_folder() as d:
         split = tasks.TASKS[name].files["test"]
         write(d / split[0], data.draw(damaged_bytes(text)))
         for k, rel in enumerate(split[1:]):
@@ -283,7 +276,7 @@ def test_fuzz_aci_bench_csv(name, data):
 def test_a_task_text_with_half_a_character_is_refused_naming_the_file_and_line():
     """A JSON escape "\\ud800" without its other half reads as a str that is not Unicode: it was accepted,
     and the tokenizer refused it later, in the middle of an evaluation, naming no file."""
-    with folder() as d:
+    with scratch_folder() as d:
         write(d / "mc/lambada_openai.jsonl", b'{"context": "a", "continuation": "b"}\n'
                                              b'{"context": "x\\ud800y", "continuation": "b"}\n')
         with pytest.raises(TaskDataError, match=r"lambada_openai.jsonl:2: 'context' holds an unpaired surrogate "
@@ -304,7 +297,7 @@ def test_a_task_text_with_half_a_character_is_refused_naming_the_file_and_line()
 def test_json_nested_too_deeply_is_refused_naming_the_file():
     """Arrays nested deeper than Python's recursion limit made json raise RecursionError through the loaders."""
     deep = b"[" * 5000 + b"]" * 5000
-    with folder() as d:
+    with scratch_folder() as d:
         write(d / "mc/lambada_openai.jsonl", b'{"context": "a", "continuation": "b"}\n' + deep + b"\n")
         with pytest.raises(TaskDataError, match=r"lambada_openai.jsonl:2: JSON nested too deeply to read"):
             load_task("lambada", data_dir=d)
@@ -335,7 +328,7 @@ def test_fuzz_out_latest(data):
     """OUT/latest names the checkpoint --resume continues (and a start without --resume refuses an OUT that
     has one): whatever it holds, latest_checkpoint names a step directory of OUT holding a training state,
     or refuses with a SetupError naming OUT/latest; OUT is left as it was."""
-    with folder() as out:
+    with scratch_folder() as out:
         for step in (1, 2):
             write(out / f"step-00000{step}/training_state.pt", b"state")
         write(out / "latest", data.draw(damaged_bytes(data.draw(latest_texts))))
@@ -375,7 +368,7 @@ def test_fuzz_log_jsonl_on_resume(data):
     records = [data.draw(damaged(r)) if data.draw(st.integers(0, 3)) == 0 else r
                for r in data.draw(st.lists(log_records, max_size=5))]
     raw = data.draw(damaged_bytes(jsonl(records)))
-    with folder() as d:
+    with scratch_folder() as d:
         path = d / "log.jsonl"
         write(path, raw)
         try:
@@ -401,7 +394,7 @@ def test_fuzz_checkpoint_config_json(layout, data):
     config = data.draw(damaged(CONFIG.to_dict(layout)))
     if isinstance(config.get("ssm_cfg"), dict):
         config["ssm_cfg"] = data.draw(damaged(config["ssm_cfg"]))
-    with folder() as d:
+    with scratch_folder() as d:
         write(d / "config.json", data.draw(damaged_bytes(json.dumps(config).encode())))
         try:
             loaded = Mamba2Config.load(d)
@@ -431,7 +424,7 @@ def test_fuzz_training_state(data):
             state[part] = data.draw(damaged(state[part]))
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    with folder() as d:
+    with scratch_folder() as d:
         path = d / "step-000002" / "training_state.pt"
         write(path, data.draw(damaged_bytes(buffer.getvalue())))
         before = snapshot(d)
@@ -511,7 +504,7 @@ def test_fuzz_best_json_on_resume(data):
     holds, it ends in one of its four outcomes, not a traceback."""
     info = data.draw(damaged({"step": 2, "val_loss": 0.5, "eval": {"all": {"loss": 0.5}}, "tokenizer": None})
                      | json_values)
-    with folder() as out:
+    with scratch_folder() as out:
         write(out / "best" / "best.json", data.draw(damaged_bytes(json.dumps(info).encode())))
         assert finetune._mend_best(out, {"step": 3, "loss": 0.25, "eval": None}, 4) in (0, 1, 2, 3)
 
@@ -526,7 +519,7 @@ RESULT = {"model": "m", "config": {"split": "test", "limit": None, "max_tokens":
 def test_fuzz_results_files_compared(data):
     """eval.py --compare A B: read_results refuses a file that is not eval.py's with a ValueError naming it;
     one it accepts goes through the comparison (settings, missing tasks, the table) without a traceback."""
-    with folder() as d:
+    with scratch_folder() as d:
         paths = [d / "a.json", d / "b.json"]
         for path in paths:
             result = data.draw(damaged(copy.deepcopy(RESULT)))
@@ -556,7 +549,7 @@ def test_a_damaged_out_latest_is_a_setup_error_naming_it_and_what_to_write(text)
     """OUT/latest not UTF-8 was a UnicodeDecodeError; empty, it "named" OUT itself (whose name the message gave
     as the checkpoint's); a path in it reached outside the step directories. Now: a SetupError naming the file,
     what it holds and the checkpoints to choose from, and OUT unchanged. A name with spaces around still reads."""
-    with folder() as out:
+    with scratch_folder() as out:
         for step in (1, 2):
             write(out / f"step-00000{step}/training_state.pt", b"state")
         write(out / "latest", text)
@@ -582,7 +575,7 @@ def test_log_lines_that_are_not_records_are_dropped_on_resume_and_refused_by_rea
     to the resumed step are kept, in order."""
     good = [{"step": 1, "tokens": 8, "loss": 2.5}, {"step": 3, "tokens": 24, "loss": 2.0}, {"tokens": 0, "eval": {}}]
     bad = [b"[1]", b'{"step": "2", "loss": 1.0}', b'{"step": null}', b'{"step": 2, "note": "\xe9"}', b"[" * 5000]
-    with folder() as d:
+    with scratch_folder() as d:
         path = d / "log.jsonl"
         lines = [json.dumps(good[0]).encode(), *bad, json.dumps(good[1]).encode(), b'{"step": 5, "loss": 1.0}',
                  json.dumps(good[2]).encode()]
@@ -597,7 +590,7 @@ def test_log_lines_that_are_not_records_are_dropped_on_resume_and_refused_by_rea
 def test_a_damaged_best_json_is_not_taken_for_a_best(capsys):
     """OUT/best/best.json with a val_loss that is not a number made sft.py --resume fail formatting it
     (ValueError: Unknown format code 'f'); now that folder is not any evaluation's best: set aside."""
-    with folder() as out:
+    with scratch_folder() as out:
         write(out / "best" / "best.json", b'{"step": 2, "val_loss": "0.5"}')
         assert finetune._mend_best(out, {"step": 3, "loss": 0.25, "eval": None}, 4) == 3
         assert (out / "best.abandoned" / "best.json").is_file() and not (out / "best").exists()
@@ -613,7 +606,7 @@ def test_a_damaged_results_file_is_refused_by_read_results(change, message):
     """eval.py --compare A B with a results file whose "config" is not an object, or a result's "kind" is not a
     string, failed in the comparison (AttributeError; TypeError: unhashable type); and JSON nested too deeply
     (RecursionError). Now read_results refuses them with a ValueError naming the file."""
-    with folder() as d:
+    with scratch_folder() as d:
         good, damaged_file = d / "a.json", d / "b.json"
         write(good, json.dumps(RESULT).encode())
         write(damaged_file, json.dumps({**RESULT, "config": {**RESULT["config"], "split": "train"}, **change}).encode())
@@ -650,7 +643,7 @@ def test_a_training_state_part_of_another_shape_is_a_setup_error_naming_the_chec
 def test_a_config_json_nested_too_deeply_is_a_value_error_naming_it():
     """Mamba2Config.load let json's RecursionError through (what --resume and from_pretrained call); it is now
     the ValueError naming the file that _train turns into a SetupError."""
-    with folder() as d:
+    with scratch_folder() as d:
         write(d / "config.json", b'{"d_model": ' + b"[" * 5000 + b"]" * 5000 + b"}")
         deep = rf"^{d / 'config.json'} is not valid JSON \(JSON nested too deeply to read\)"
         with pytest.raises(ValueError, match=deep):
