@@ -23,6 +23,7 @@ from minimamba.files import atomic_write
 from minimamba.model import Mamba2LM
 
 WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors")
+_LISTED = 40  # the most problems a mismatch error lists (then: "and N more problems")
 
 
 class CheckpointError(ValueError):
@@ -155,6 +156,14 @@ def from_pretrained(name_or_path, dtype=None, device=None, backend="auto"):
         if name in sd:  # (two spellings of one weight, e.g. "model.backbone.x" and "backbone.x")
             problems.append(f"keys {came_from[name]} and {key} are both {name}: keep one")
         sd[name], came_from[name] = value, key
+    blocks = {int(m[1]) for name in sd if (m := re.match(r"layers\.(\d+)\.", name))}
+    if blocks and blocks == set(range(len(blocks))) and len(blocks) != config.n_layer:
+        # (before the model is built: a config.json of another scale is a common mix-up, and its listing of
+        # missing keys would be long; an absurd n_layer would also take minutes to build)
+        raise CheckpointError(
+            f"checkpoint {directory} has {len(blocks)} blocks (layers.0 to layers.{len(blocks) - 1}), but its "
+            f"config.json says n_layer={config.n_layer}: the weights and the config come from different models "
+            "(another scale?); put the config.json that came with these weights beside them")
     try:
         with torch.device("meta"):  # (shapes only: no memory yet)
             model = Mamba2LM(config, backend=backend)
@@ -182,7 +191,8 @@ def from_pretrained(name_or_path, dtype=None, device=None, backend="auto"):
             f"checkpoint {directory} does not match its config.json "
             f"(d_model={config.d_model}, n_layer={config.n_layer}, d_state={config.d_state}, "
             f"headdim={config.headdim}, ngroups={config.ngroups}, vocab={config.padded_vocab_size}):\n  "
-            + "\n  ".join(problems)
+            + "\n  ".join(problems[:_LISTED])
+            + (f"\n  and {len(problems) - _LISTED} more problems" if len(problems) > _LISTED else "")
         )
     model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False, assign=True)
     if config.tie_embeddings:

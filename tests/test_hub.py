@@ -247,6 +247,35 @@ def test_the_mismatch_error_lists_every_problem_and_nothing_else(saved, tmp_path
     ])
 
 
+def test_a_config_of_another_depth_is_refused_before_the_model_is_built(saved, tmp_path):
+    """The checkpoint's blocks are counted before the model is built: a config.json of another scale says
+    so in one line (not a listing of every key of the missing blocks), and an absurd n_layer is refused at
+    once (building 10⁶ blocks, even on the meta device, would take hours)."""
+    for n_layer in (3, 1, 10**6):
+        d = write_checkpoint(saved, tmp_path, lambda sd: None)
+        config = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**config, "n_layer": n_layer}))
+        with pytest.raises(CheckpointError) as err:
+            from_pretrained(d)
+        assert str(err.value) == (
+            f"checkpoint {d} has 2 blocks (layers.0 to layers.1), but its config.json says n_layer={n_layer}: "
+            "the weights and the config come from different models (another scale?); put the config.json that "
+            "came with these weights beside them")
+
+
+def test_the_mismatch_error_lists_40_problems_then_counts_the_rest(saved, tmp_path):
+    def add_extra_keys(sd):
+        for i in range(45):
+            sd[f"backbone.extra{i:02d}"] = torch.zeros(1)
+
+    d = write_checkpoint(saved, tmp_path, add_extra_keys)
+    with pytest.raises(CheckpointError) as err:
+        from_pretrained(d)
+    head, *lines = str(err.value).split("\n")
+    assert [line.strip() for line in lines] == [f"unexpected key extra{i:02d} (1,)" for i in range(40)] + [
+        "and 5 more problems"]
+
+
 def test_many_non_floating_tensors_are_counted_and_a_non_tensor_value_is_refused(saved, tmp_path):
     names = [f"backbone.layers.{i}.mixer.{k}" for i in (0, 1) for k in ("A_log", "D", "dt_bias", "conv1d.bias",
                                                                          "norm.weight")]  # 10 tensors

@@ -1015,8 +1015,8 @@ def test_train_py_exits_2_with_one_message_for_bad_settings_and_checkpoints(data
     for extra, message in [(["--grad-clip", "nan"], "error: --grad-clip must be a finite number, got nan"),
                            (["--warmup", "nan"], "error: --warmup must be a finite number, got nan"),
                            (["--tokens", "inf"], "error: --tokens must be a finite number, got inf"),
-                           (["--init", bad_init], "n_layer=3, d_state=8, headdim=16, ngroups=1, vocab=256):\n"
-                                                  "  missing key layers.2.")]:
+                           (["--init", bad_init], "has 2 blocks (layers.0 to layers.1), but its config.json says "
+                                                  "n_layer=3: the weights and the config come from")]:
         monkeypatch.setattr(sys, "argv", ["train.py", *map(str, base + extra)])
         with pytest.raises(SystemExit) as exit:
             runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
