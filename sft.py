@@ -64,7 +64,7 @@ run_arguments(p, D)  # --weight-decay --beta1 --beta2 --grad-clip --warmup --min
 #   --eval-at-start --save-every --resume --device --dtype --fsdp --progress
 args = p.parse_args()
 
-result = run_as_script(lambda: finetune(SFTConfig(**vars(args))))
+result = run_as_script(lambda: finetune(SFTConfig(**vars(args))), out=args.out)
 if os.environ.get("RANK", "0") == "0":  # (under torchrun, process 0 alone says it)
     if result["best"]:
         print(f"best validation loss {result['best_loss']:.4f} at step {result['best_step']}: {result['best']}")

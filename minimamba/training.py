@@ -1582,10 +1582,11 @@ def run_arguments(p, D):
                    help="show the progress bar")
 
 
-def run_as_script(start):
+def run_as_script(start, out=None):
     """The result of start() (a run: `train`, `finetune`), or the exit of train.py and sft.py: 2 for a bad
     setup, 1 for a diverged run (one line of error each), 128+N for signal N (after the checkpoint the
-    first one asked for, or at once for a second)."""
+    first one asked for, or at once for a second). `out` (the run's --out) lets a stop at once say whether
+    there is a checkpoint to --resume."""
     try:
         result = start()
     except SetupError as e:
@@ -1596,8 +1597,12 @@ def run_as_script(start):
         sys.exit(1)
     except KeyboardInterrupt:  # a second SIGINT/SIGTERM (or a first one before training began): stop at once
         again = STOP.again or signal.SIGINT
-        print(f"\nstopped at once by {signal.Signals(again).name}: the step in progress was not saved; the "
-              "checkpoints written before are kept (continue with --resume)", file=sys.stderr)
+        if out is not None and not (Path(out) / "latest").exists():  # (--resume would find nothing there)
+            advice = f"no checkpoint was written in {out}: run the same command again to start over"
+        else:
+            advice = "the checkpoints written before are kept (continue with --resume)"
+        print(f"\nstopped at once by {signal.Signals(again).name}: the step in progress was not saved; {advice}",
+              file=sys.stderr)
         sys.exit(128 + again)
     if result["stopped_by"] in ("SIGINT", "SIGTERM"):
         sys.exit(128 + signal.Signals[result["stopped_by"]].value)

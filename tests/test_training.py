@@ -27,7 +27,7 @@ from minimamba.hub import from_pretrained, save_pretrained
 from minimamba.model import Mamba2LM
 from minimamba.training import (
     EMA, Dist, SetupError, TrainConfig, TrainingDiverged, activation_bytes, estimate, lr_factor, param_groups,
-    read_log, resolve, schedule_steps, schedule_text, tokens_text, train, train_step)
+    read_log, resolve, run_as_script, schedule_steps, schedule_text, tokens_text, train, train_step)
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 256
@@ -493,6 +493,28 @@ def test_sigterm_writes_a_checkpoint_and_exits(data, init_dir, tmp_path):
     second = signal.Signals(proc.returncode - 128)
     assert second in (signal.SIGINT, signal.SIGTERM), err
     assert f"stopped at once by {second.name}: the step in progress was not saved" in err and "Traceback" not in err
+
+
+def test_a_stop_at_once_says_resume_only_where_out_holds_a_checkpoint(tmp_path, capsys):
+    """A second Ctrl-C before any checkpoint was written must not send the user to --resume, which would
+    answer 'no checkpoint in OUT; start without --resume'."""
+    def stopped():
+        raise KeyboardInterrupt
+
+    for has_checkpoint in (False, True):
+        out = tmp_path / str(has_checkpoint)
+        out.mkdir()
+        if has_checkpoint:
+            (out / "latest").write_text("step-000010\n")
+        with pytest.raises(SystemExit) as stop:
+            run_as_script(stopped, out=str(out))
+        assert stop.value.code == 128 + signal.SIGINT
+        err = capsys.readouterr().err
+        assert "stopped at once by SIGINT: the step in progress was not saved" in err
+        if has_checkpoint:
+            assert "continue with --resume" in err
+        else:
+            assert f"no checkpoint was written in {out}: run the same command again" in err and "--resume" not in err
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, init_dir, tmp_path, nan_after):
