@@ -8,6 +8,7 @@ a training step takes milliseconds and the whole file a minute or so on 2 cores.
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -535,12 +536,17 @@ def test_resume_applies_changed_optimizer_settings_and_keeps_the_moments(data, i
     keeps the same parameter groups, so a run can be resumed with it."""
     whole = config(data, init_dir, tmp_path / "whole", max_steps=4, eval_at_start=False)
     train(whole)
+    hours_whole = float(re.search(r"-> ~(\S+) h for the run \(", capsys.readouterr().out).group(1))
     part = tmp_path / "part"
     part.mkdir()
     shutil.copytree(tmp_path / "whole" / "step-000002", part / "step-000002")
     changed = dict(beta1=0.5, beta2=0.8, weight_decay=0.0, llrd=0.5)
     train(replace(whole, out=str(part), resume=str(part / "step-000002"), **changed))
-    assert "beta1, beta2, llrd, weight_decay: applied to the restored optimizer" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "beta1, beta2, llrd, weight_decay: applied to the restored optimizer" in printed
+    # the time estimate of a resumed run is for the steps it has left, not for all of them
+    hours_left = float(re.search(r"-> ~(\S+) h for the 2 steps left \(", printed).group(1))
+    assert hours_left == pytest.approx(hours_whole / 2, rel=0.05)  # (2 of the 4 steps; the same speed probe)
     assert {k: json.loads((part / "train_config.json").read_text())[k] for k in changed} == changed
     a, b = losses(tmp_path / "whole"), losses(part)
     assert b[3] == a[3] and b[4] != a[4]  # step 3 runs on step 2's weights; its update already differs
