@@ -18,6 +18,7 @@ import argparse
 import os
 
 from minimamba.finetune import SFTConfig, finetune
+from minimamba.tokenizer import DEFAULT_TOKENIZER
 from minimamba.training import HelpFormatter, model_arguments, run_arguments, run_as_script
 
 D = SFTConfig()  # the defaults
@@ -26,7 +27,8 @@ model_arguments(p, D)  # --scale --backend --grad-ckpt
 p.add_argument("--init", default=D.init,
                help="'pretrained' (state-spaces/mamba2-<scale>), 'scratch' (random weights), or a checkpoint "
                "directory (a train.py OUT/step-N) / Hub repo id")
-p.add_argument("--tokenizer", default=D.tokenizer, help="Hub repo id or tokenizer.json of the model's tokenizer")
+p.add_argument("--tokenizer", default=D.tokenizer, help="Hub repo id or tokenizer.json of the model's tokenizer "
+               f"(default: the --init checkpoint's tokenizer.json, else {DEFAULT_TOKENIZER})")
 # data
 p.add_argument("--tasks", default=D.tasks, help="comma-separated tasks of minimamba.tasks: pubmedqa,bioasq (QA) or "
                "note_completion,note_summary (clinical)")
@@ -64,7 +66,7 @@ run_arguments(p, D)  # --weight-decay --beta1 --beta2 --grad-clip --warmup --min
 #   --eval-at-start --save-every --resume --device --dtype --fsdp --progress
 args = p.parse_args()
 
-result = run_as_script(lambda: finetune(SFTConfig(**vars(args))))
+result = run_as_script(lambda: finetune(SFTConfig(**vars(args))), out=args.out)
 if os.environ.get("RANK", "0") == "0":  # (under torchrun, process 0 alone says it)
     if result["best"]:
         print(f"best validation loss {result['best_loss']:.4f} at step {result['best_step']}: {result['best']}")

@@ -57,4 +57,4 @@ args = p.parse_args()
 if args.tokens is not None and math.isfinite(args.tokens):  # (nan/inf: refused by the checks in train())
     args.tokens = int(args.tokens)
 
-run_as_script(lambda: train(TrainConfig(**vars(args))))
+run_as_script(lambda: train(TrainConfig(**vars(args))), out=args.out)

@@ -45,6 +45,7 @@ import sys
 import time
 import xml.etree.ElementTree as ET
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +113,13 @@ def _print_problem(problem: Problem) -> None:
 # its good documents); tasks.py's report raises (a benchmark with a dropped or altered item is another one).
 
 
+def _folder_given(folder: Path) -> str:
+    """The error for a folder given where input files are expected, with the glob that names its files."""
+    suffixes = Counter("".join(f.suffixes[-2:]) for f in folder.iterdir() if f.is_file() and f.suffix)
+    pattern = f"{folder}/*{suffixes.most_common(1)[0][0]}" if suffixes else f"{folder}/*"
+    return f"{folder} is a folder: --input takes files; name them, e.g. --input {pattern}"
+
+
 def read_documents(
     path: str | Path,
     field: str | None = None,
@@ -131,6 +139,8 @@ def read_documents(
     def report(kind: str, line: int | None, message: str) -> None:
         on_problem(Problem(kind, str(path), line, message))
 
+    if path.is_dir():
+        raise DataError(_folder_given(path))
     if not path.is_file():
         raise DataError(f"input file not found: {path}")
     if text_unit not in TEXT_UNITS:
@@ -564,6 +574,9 @@ def prepare(
         raise DataError(f"limit must be at least 1 document (or None: all of them), got {limit}")
     if not inputs:
         raise DataError("no input files")
+    folders = [p for p in inputs if p.is_dir()]
+    if folders:
+        raise DataError(_folder_given(folders[0]))
     missing = [str(p) for p in inputs if not p.is_file()]
     if missing:
         raise DataError(f"input file(s) not found: {', '.join(missing)}")

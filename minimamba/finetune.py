@@ -88,7 +88,7 @@ class SFTConfig:
     init: str = "pretrained"  # "pretrained" (state-spaces/mamba2-<scale>), "scratch", or a checkpoint dir / Hub id
     backend: str = "auto"  # SSD scan: auto (triton on CUDA, torch otherwise), torch, triton
     grad_ckpt: bool = False  # activation checkpointing
-    tokenizer: str = DEFAULT_TOKENIZER  # a Hub repo id or a tokenizer.json
+    tokenizer: str | None = None  # a Hub repo id or a tokenizer.json; None: --init's own, else DEFAULT_TOKENIZER
     # data
     tasks: str = "pubmedqa,bioasq"  # comma-separated task names of minimamba.tasks
     mix: str | None = None  # each task's share of an epoch's rows, NAME=SHARE,...; None: every pair once per epoch
@@ -180,6 +180,13 @@ def collate(rows, pad_id):
 
 
 CUTS = ("prompt_cut", "prompt_to_one_token", "response_cut")  # what encode_pairs counts
+
+
+def init_tokenizer(init):
+    """The tokenizer sft.py uses without --tokenizer: the tokenizer.json of the --init checkpoint folder (train.py
+    and sft.py put the one their data were made with there), else the recipe's DEFAULT_TOKENIZER."""
+    local = Path(init) / "tokenizer.json"
+    return str(local) if local.is_file() else DEFAULT_TOKENIZER
 
 
 def encode_pairs(tokenizer, pairs, max_len):
@@ -401,12 +408,13 @@ class Finetuning:
         if self.tokenizer is None:
             from minimamba.tokenizer import load_tokenizer
 
+            source = cfg.tokenizer or init_tokenizer(cfg.init)
             try:
-                self.tokenizer = load_tokenizer(cfg.tokenizer)
+                self.tokenizer = load_tokenizer(source)
                 self.tokenizer_file = self.tokenizer.path  # (copied into OUT/best, for eval.py)
             except Exception as e:  # (a download, a missing or unsupported file: its own message says which)
-                raise SetupError(f"--tokenizer {cfg.tokenizer}: {e}") from None
-            self.tokenizer_source = cfg.tokenizer
+                raise SetupError(f"--tokenizer {source}: {e}") from None
+            self.tokenizer_source = source
         self.cuts = dict.fromkeys(CUTS, 0)
         self.train_rows, self.val_rows = {}, {}
         for rows, part in ((self.train_rows, train), (self.val_rows, val)):

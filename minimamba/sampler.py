@@ -193,13 +193,17 @@ class MixtureSampler:
         # (the order of the domains matters too: it breaks ties between their row counts and orders the rows)
         if list(state["mix"]) != list(self.mix) or any(abs(state["mix"][d] - self.mix[d]) > 1e-12 for d in self.mix):
             changed.append(f"mix: checkpoint {state['mix']} vs now {self.mix}")
-        # (the windows follow from the tokens and --seq-len: a changed --seq-len alone is not new data)
-        if "num_windows" in state and state["num_windows"] != self.num_windows and state["seq_len"] == self.seq_len:
-            changed.append(f"windows per domain: checkpoint {state['num_windows']} vs now {self.num_windows} "
-                           "(the training data was prepared again)")
-        elif "stream_tokens" in state and state["stream_tokens"] != self.stream_tokens:  # (older checkpoints lack it)
-            changed.append(f"tokens per domain: checkpoint {state['stream_tokens']} vs now {self.stream_tokens} "
-                           "(the training data was prepared again)")
+        # the data of the domains both mixes hold (a domain added to or dropped from --mix is not new data); the
+        # windows follow from the tokens and --seq-len, so a changed --seq-len alone is not new data either
+        both = [d for d in self.mix if d in state["mix"]]
+        for key, what in (("num_windows", "windows"), ("stream_tokens", "tokens")):  # (older checkpoints lack them)
+            if key not in state or (key == "num_windows" and state["seq_len"] != self.seq_len):
+                continue
+            then, now = {d: state[key][d] for d in both}, {d: getattr(self, key)[d] for d in both}
+            if then != now:
+                changed.append(f"{what} per domain: checkpoint {then} vs now {now} (the training data was prepared "
+                               "again)")
+                break
         if changed:
             raise ValueError(
                 "cannot resume exactly: the data order depends on --mix (and the order of its domains), --seq-len, "

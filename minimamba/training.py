@@ -1478,9 +1478,9 @@ def scale_name(config):
     return next((name for name in SCALES if Mamba2Config.from_scale(name) == config), None)
 
 
-def _summary(cfg, r, raw, dist, est, groups, source, batch, data, length):
-    """The lines printed before the first step; batch, data and length (what max_steps amounts to) are the
-    job's own words."""
+def _summary(cfg, r, raw, dist, est, groups, source, start_step, batch, data, length):
+    """The lines printed before the first step (a resumed run's time estimate is for the steps from
+    start_step on); batch, data and length (what max_steps amounts to) are the job's own words."""
     c = raw.config
     lines = [
         f"model: {scale_name(c) or 'a custom config'} ({est['params'] / 1e6:.1f}M parameters, {c.n_layer} layers, "
@@ -1500,9 +1500,11 @@ def _summary(cfg, r, raw, dist, est, groups, source, batch, data, length):
     speed = matmul_flops(dist.device, r.autocast_dtype)
     mfu = ASSUMED_MFU.get(dist.device.type, 0.25)
     sec = est["flops_per_step"] / (mfu * speed * dist.world_size)
+    left = r.max_steps - start_step
     lines.append(f"          ~{sec:.3g} s per step: this {dist.device.type.upper()} does {speed / 1e12:.3g} TFLOP/s on a "
-                 f"large matmul and the model is assumed to reach {mfu:.0%} of that -> ~{sec * r.max_steps / 3600:.2g} h "
-                 "for the run (the real time is measured after the first step)")
+                 f"large matmul and the model is assumed to reach {mfu:.0%} of that -> ~{sec * left / 3600:.2g} h "
+                 f"for {'the run' if start_step == 0 else f'the {left:,} steps left'} (the real time is measured "
+                 "after the first step)")
     if cfg.scale and cfg.scale != scale_name(raw.config):
         lines.append(f"note: --scale {cfg.scale} is not what runs: the model comes from {source}")
     return "\n".join(lines)
@@ -1578,10 +1580,11 @@ def run_arguments(p, D):
                    help="show the progress bar")
 
 
-def run_as_script(start):
+def run_as_script(start, out=None):
     """The result of start() (a run: `train`, `finetune`), or the exit of train.py and sft.py: 2 for a bad
     setup, 1 for a diverged run (one line of error each), 128+N for signal N (after the checkpoint the
-    first one asked for, or at once for a second)."""
+    first one asked for, or at once for a second). `out` (the run's --out) lets a stop at once say whether
+    there is a checkpoint to --resume."""
     try:
         result = start()
     except SetupError as e:
@@ -1592,8 +1595,12 @@ def run_as_script(start):
         sys.exit(1)
     except KeyboardInterrupt:  # a second SIGINT/SIGTERM (or a first one before training began): stop at once
         again = STOP.again or signal.SIGINT
-        print(f"\nstopped at once by {signal.Signals(again).name}: the step in progress was not saved; the "
-              "checkpoints written before are kept (continue with --resume)", file=sys.stderr)
+        if out is not None and not (Path(out) / "latest").exists():  # (--resume would find nothing there)
+            advice = f"no checkpoint was written in {out}: run the same command again to start over"
+        else:
+            advice = "the checkpoints written before are kept (continue with --resume)"
+        print(f"\nstopped at once by {signal.Signals(again).name}: the step in progress was not saved; {advice}",
+              file=sys.stderr)
         sys.exit(128 + again)
     if result["stopped_by"] in ("SIGINT", "SIGTERM"):
         sys.exit(128 + signal.Signals[result["stopped_by"]].value)
@@ -1785,7 +1792,7 @@ def _train(cfg, dist, model, held, job):
     if dist.is_main:
         write_text_atomically(out / job.config_file, json.dumps(resolved, indent=2, default=str) + "\n")
         print("config: " + json.dumps(asdict(cfg)))
-        print(_summary(cfg, r, raw, dist, est, groups, source, *job.describe()), flush=True)
+        print(_summary(cfg, r, raw, dist, est, groups, source, step, *job.describe()), flush=True)
         if ema is not None and cfg.ema ** (r.max_steps - step) > 0.5:  # (what is evaluated and saved is the EMA)
             print(f"note: with --ema {cfg.ema}, the EMA weights, which are evaluated and saved, will still be "
                   f"{cfg.ema ** (r.max_steps - step):.0%} the weights this run starts from after its "

@@ -596,6 +596,15 @@ def test_cli_prepare_and_errors(tmp_path, monkeypatch, capsys):
     assert "no field 'summary'; the available fields are pmid, title, abstract" in capsys.readouterr().err
     assert main(args[:4] + [str(tmp_path / "nope.jsonl")] + args[5:]) == 2
     assert "input file(s) not found" in capsys.readouterr().err
+    # a folder (the download's, say) is not "not found": the error gives the glob of its files
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "b.xml.gz").write_bytes(b"")
+    (tmp_path / "raw" / "a.xml.gz").write_bytes(b"")
+    assert main(args[:4] + [str(tmp_path / "raw")] + args[5:]) == 2
+    assert f"{tmp_path / 'raw'} is a folder: --input takes files; name them, e.g. --input {tmp_path / 'raw'}/*.xml.gz" \
+        in capsys.readouterr().err
+    with pytest.raises(DataError, match="is a folder"):
+        read_documents(tmp_path / "raw")
 
     for option in ("--limit", "--threads"):
         for bad, why in (("-1", "must be at least 1, got -1"), ("0", "must be at least 1, got 0"),

@@ -476,6 +476,29 @@ def test_out_best_holds_the_tokenizer_file_the_run_was_given(tmp_path):
     assert json_best(cfg.out)["tokenizer"] == str(path.parent)
 
 
+def test_without_tokenizer_the_init_checkpoints_own_tokenizer_json_is_used(tmp_path):
+    """sft.py --init OUT/step-N (a train.py checkpoint, which carries the tokenizer.json its data were made
+    with) and no --tokenizer: the rows are made with that file, as eval.py would read them, not with the
+    Hub's gpt-neox-20b (offline an error, with another tokenizer other ids)."""
+    import json
+
+    from test_tokenizer import tiny_tokenizer_json
+
+    from minimamba.tokenizer import load_tokenizer
+
+    init = tmp_path / "cpt" / "step-000010"
+    init.mkdir(parents=True)
+    (init / "tokenizer.json").write_text(json.dumps(tiny_tokenizer_json()), encoding="utf-8")
+    model = Mamba2LM(Mamba2Config(d_model=32, n_layer=2, vocab_size=load_tokenizer(init).vocab_size, d_state=8,
+                                  headdim=16, chunk_size=16), backend="torch")
+    model.reset_parameters(seed=0)
+    cfg = config(tmp_path / "run", epochs=1, init=str(init))  # (--tokenizer not given)
+    assert cfg.tokenizer is None
+    result = finetune(cfg, pairs(8), pairs(2, seed=2), model=model)
+    assert (Path(result["best"]) / "tokenizer.json").read_bytes() == (init / "tokenizer.json").read_bytes()
+    assert json_best(cfg.out)["tokenizer"] == str(init / "tokenizer.json")
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(tasks="pubmedqa,pubmedqa"), r"--tasks names pubmedqa more than once"),
     (dict(mix="a=1,b=0"), r"--mix gives b a share of 0"),

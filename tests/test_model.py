@@ -278,6 +278,13 @@ def test_corrupt_missing_and_unknown_inputs_fail_clearly(model, tmp_path):
     (tmp_path / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="no config.json"):
         from_pretrained(tmp_path)
+    # a run's folder (train.py's --out) given instead of one of its checkpoints: the error names them
+    model.save_pretrained(tmp_path / "step-000050")
+    (tmp_path / "step-000020").mkdir()  # (no checkpoint: not named)
+    with pytest.raises(FileNotFoundError) as err:
+        from_pretrained(tmp_path)
+    assert f"it is a run's folder, not a checkpoint; pass one of the checkpoints it holds (step-000050), e.g. " \
+        f"{tmp_path / 'step-000050'}" in str(err.value)
     with pytest.raises(FileNotFoundError, match="neither an existing checkpoint directory"):
         from_pretrained(str(tmp_path / "nope" / "deeper" / "x"))
     with pytest.raises(ValueError, match="unknown scale '3b'"):

@@ -8,6 +8,7 @@ a training step takes milliseconds and the whole file a minute or so on 2 cores.
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -27,7 +28,7 @@ from minimamba.hub import from_pretrained, save_pretrained
 from minimamba.model import Mamba2LM
 from minimamba.training import (
     EMA, Dist, SetupError, TrainConfig, TrainingDiverged, activation_bytes, estimate, lr_factor, param_groups,
-    read_log, resolve, schedule_steps, schedule_text, tokens_text, train, train_step)
+    read_log, resolve, run_as_script, schedule_steps, schedule_text, tokens_text, train, train_step)
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 256
@@ -495,6 +496,28 @@ def test_sigterm_writes_a_checkpoint_and_exits(data, init_dir, tmp_path):
     assert f"stopped at once by {second.name}: the step in progress was not saved" in err and "Traceback" not in err
 
 
+def test_a_stop_at_once_says_resume_only_where_out_holds_a_checkpoint(tmp_path, capsys):
+    """A second Ctrl-C before any checkpoint was written must not send the user to --resume, which would
+    answer 'no checkpoint in OUT; start without --resume'."""
+    def stopped():
+        raise KeyboardInterrupt
+
+    for has_checkpoint in (False, True):
+        out = tmp_path / str(has_checkpoint)
+        out.mkdir()
+        if has_checkpoint:
+            (out / "latest").write_text("step-000010\n")
+        with pytest.raises(SystemExit) as stop:
+            run_as_script(stopped, out=str(out))
+        assert stop.value.code == 128 + signal.SIGINT
+        err = capsys.readouterr().err
+        assert "stopped at once by SIGINT: the step in progress was not saved" in err
+        if has_checkpoint:
+            assert "continue with --resume" in err
+        else:
+            assert f"no checkpoint was written in {out}: run the same command again" in err and "--resume" not in err
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, init_dir, tmp_path, nan_after):
     model = from_pretrained(init_dir, backend="torch")
     nan_after(model, 6)  # from step 4 on (2 micro-batches per step)
@@ -513,12 +536,17 @@ def test_resume_applies_changed_optimizer_settings_and_keeps_the_moments(data, i
     keeps the same parameter groups, so a run can be resumed with it."""
     whole = config(data, init_dir, tmp_path / "whole", max_steps=4, eval_at_start=False)
     train(whole)
+    hours_whole = float(re.search(r"-> ~(\S+) h for the run \(", capsys.readouterr().out).group(1))
     part = tmp_path / "part"
     part.mkdir()
     shutil.copytree(tmp_path / "whole" / "step-000002", part / "step-000002")
     changed = dict(beta1=0.5, beta2=0.8, weight_decay=0.0, llrd=0.5)
     train(replace(whole, out=str(part), resume=str(part / "step-000002"), **changed))
-    assert "beta1, beta2, llrd, weight_decay: applied to the restored optimizer" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "beta1, beta2, llrd, weight_decay: applied to the restored optimizer" in printed
+    # the time estimate of a resumed run is for the steps it has left, not for all of them
+    hours_left = float(re.search(r"-> ~(\S+) h for the 2 steps left \(", printed).group(1))
+    assert hours_left == pytest.approx(hours_whole / 2, rel=0.05)  # (2 of the 4 steps; the same speed probe)
     assert {k: json.loads((part / "train_config.json").read_text())[k] for k in changed} == changed
     a, b = losses(tmp_path / "whole"), losses(part)
     assert b[3] == a[3] and b[4] != a[4]  # step 3 runs on step 2's weights; its update already differs
