@@ -29,8 +29,9 @@ from minimamba.evaluate import (RECIPE_QA_SCORING, domain_perplexity, evaluate_t
                                 results_table, settings_that_differ, tasks_missing)
 from minimamba.files import json_line, sha256_of, write_json_atomically, write_text_atomically
 from minimamba.hub import CheckpointError, from_pretrained
+from minimamba.sampler import check_domains
 from minimamba.tasks import GROUPS, TASKS, TaskDataError, load_task, task_files
-from minimamba.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
+from minimamba.tokenizer import DEFAULT_TOKENIZER, checkpoint_tokenizer, load_tokenizer
 from minimamba.training import HelpFormatter, SetupError, resolve_autocast, resolve_device
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
@@ -127,6 +128,7 @@ if args.ppl_data:
     if not domains:
         fail("--ppl-data needs at least one domain in --ppl-domains")
     try:
+        check_domains(args.ppl_data, domains, "heldout", "--ppl-domains")  # (names the domains there)
         heldout = load_heldout(args.ppl_data, domains, args.seq_len, args.ppl_windows)
     except (DataError, OSError) as e:
         fail(str(e))
@@ -134,10 +136,7 @@ if args.ppl_data:
 # 3. the model and its tokenizer
 try:
     model = from_pretrained(args.model, device=device, backend=args.backend).eval()
-    tokenizer_source = args.tokenizer
-    if tokenizer_source is None:
-        local = Path(args.model) / "tokenizer.json"
-        tokenizer_source = str(local) if local.is_file() else DEFAULT_TOKENIZER
+    tokenizer_source = args.tokenizer or checkpoint_tokenizer(args.model)
     tokenizer = load_tokenizer(tokenizer_source)
 except (CheckpointError, DownloadError, OSError, ValueError) as e:
     fail(str(e))

@@ -727,8 +727,9 @@ def _print_summary(domain, out, writes, sizes, counts) -> None:
     print(f"{domain}: read {counts['read']:,} documents -> {', '.join(written)}")
     dropped = {k: counts[k] for k in ("empty", "too_short", "duplicate", "malformed") if counts[k]}
     repaired = {k: counts[k] for k in ("non_utf8", "empty_file", "unreadable") if counts[k]}
-    if dropped or repaired:
-        print(f"  dropped {dropped or 'none'}; file problems {repaired or 'none'} (listed in meta.json)")
+    said = [f"{what} {found}" for what, found in (("dropped", dropped), ("file problems", repaired)) if found]
+    if said:  # (meta.json has the counts, and the line of each malformed or repaired document)
+        print(f"  {'; '.join(said)} (see meta.json)")
     print(f"  wrote {', '.join(str(out / f'{n}.bin') for n in writes)} and {out / 'meta.json'}")
     for name in writes:
         if sizes[name]["documents"] == 0:

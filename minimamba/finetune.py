@@ -56,7 +56,6 @@ a linear warmup over 10% of the steps, gradient norm clipped at 1, 32 pairs per 
 every 50 steps, patience 5, seed 42, bf16 autocast on CUDA and float32 on a CPU, no EMA.
 """
 
-import json
 import math
 import os
 import shutil
@@ -71,7 +70,7 @@ import torch.nn.functional as F
 from minimamba.data import DataError
 from minimamba.evaluate import loss_summary
 from minimamba.sampler import parse_mix
-from minimamba.tokenizer import DEFAULT_TOKENIZER
+from minimamba.tokenizer import checkpoint_tokenizer
 from minimamba.training import (
     IGNORE, SetupError, Weights, all_reduce_sum, check_settings, checkpoint_name, full_tensor, run, schedule_steps,
     unwrap)
@@ -180,13 +179,6 @@ def collate(rows, pad_id):
 
 
 CUTS = ("prompt_cut", "prompt_to_one_token", "response_cut")  # what encode_pairs counts
-
-
-def init_tokenizer(init):
-    """The tokenizer sft.py uses without --tokenizer: the tokenizer.json of the --init checkpoint folder (train.py
-    and sft.py put the one their data were made with there), else the recipe's DEFAULT_TOKENIZER."""
-    local = Path(init) / "tokenizer.json"
-    return str(local) if local.is_file() else DEFAULT_TOKENIZER
 
 
 def encode_pairs(tokenizer, pairs, max_len):
@@ -408,7 +400,7 @@ class Finetuning:
         if self.tokenizer is None:
             from minimamba.tokenizer import load_tokenizer
 
-            source = cfg.tokenizer or init_tokenizer(cfg.init)
+            source = cfg.tokenizer or checkpoint_tokenizer(cfg.init)
             try:
                 self.tokenizer = load_tokenizer(source)
                 self.tokenizer_file = self.tokenizer.path  # (copied into OUT/best, for eval.py)

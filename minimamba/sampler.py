@@ -65,30 +65,31 @@ def parse_mix(text, what="domain"):
     return {name: share / total for name, share in mix.items() if share > 0}
 
 
-def available_domains(data_dir):
-    """The domains prepared under data_dir (folders holding a train.bin)."""
+def available_domains(data_dir, split="train"):
+    """The domains prepared under data_dir (folders holding a `split`.bin)."""
     data_dir = Path(data_dir)
-    return sorted(p.parent.name for p in data_dir.glob("*/train.bin")) if data_dir.is_dir() else []
+    return sorted(p.parent.name for p in data_dir.glob(f"*/{split}.bin")) if data_dir.is_dir() else []
 
 
-def check_domains(data_dir, domains, split="train"):
-    """Raise DataError naming the path and the prepare command when a domain's `split` is missing."""
+def check_domains(data_dir, domains, split="train", option="--mix"):
+    """Raise DataError naming the path, the domains there and the prepare command when a domain's `split` is
+    missing; `option` is the flag that chose the domains."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(
-            f"data directory {data_dir} does not exist. Prepare each domain of the mix first, e.g.\n"
+            f"data directory {data_dir} does not exist. Prepare each domain of {option} first, e.g.\n"
             f"  python -m minimamba.data prepare --domain pubmed --input FILE... --out {data_dir}\n"
             f"(see `python -m minimamba.data download --help` for the recipe's sources), or pass --data DIR."
         )
     missing = [d for d in domains if not (data_dir / d / f"{split}.bin").is_file()]
     if missing:
-        have = available_domains(data_dir)
+        have = available_domains(data_dir, split)
         raise DataError(
             f"no {split} tokens for domain(s) {', '.join(missing)} in {data_dir} "
             f"(expected {data_dir / missing[0] / f'{split}.bin'}). Domains found there: "
             f"{', '.join(have) or 'none'}. Prepare it with\n"
             f"  python -m minimamba.data prepare --domain {missing[0]} --input FILE... --out {data_dir}\n"
-            "or change --mix."
+            f"or change {option}."
         )
 
 

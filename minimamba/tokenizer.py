@@ -187,6 +187,14 @@ def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_TOKENIZER) -> Token
     return _build(spec, name=str(name_or_path), path=path)
 
 
+def checkpoint_tokenizer(checkpoint: str | os.PathLike) -> str:
+    """The tokenizer that goes with a model checkpoint when none is named (eval.py's --model, sft.py's --init):
+    the tokenizer.json in its folder (train.py and sft.py put there the one their data were made with), else
+    the recipe's DEFAULT_TOKENIZER (the public checkpoints come without one)."""
+    local = Path(checkpoint).expanduser() / "tokenizer.json"
+    return str(local) if local.is_file() else DEFAULT_TOKENIZER
+
+
 def tokenizer_file(name_or_path: str | os.PathLike) -> Path:
     """Where the tokenizer.json that `load_tokenizer` reads for `name_or_path` is: the path itself, the file in
     a directory, or a Hub repo's (downloaded once into the weights' cache). Not checked to exist or be valid."""

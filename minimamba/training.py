@@ -1421,7 +1421,7 @@ class Pretraining:
 
     def check_data(self):
         check_domains(self.cfg.data, self.r.mix)
-        check_domains(self.cfg.data, self.r.eval_domains, "heldout")
+        check_domains(self.cfg.data, self.r.eval_domains, "heldout", "--eval-domains")
 
     def load_data(self, raw):
         cfg, r, dist = self.cfg, self.r, self.dist

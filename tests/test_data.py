@@ -381,7 +381,7 @@ def test_pubmed_xml_in_a_declared_encoding_is_read_as_it_declares(tmp_path):
     assert texts(utf16, template="{title}") == (["naïve"], [])
 
 
-def test_prepare_cleans_splits_and_counts(tmp_path):
+def test_prepare_cleans_splits_and_counts(tmp_path, capsys):
     records = [{"text": f"document number {i}"} for i in range(200)]
     records += [{"text": "document number 7"}, {"text": "  "}, {"text": "tiny"}]  # duplicate, empty, short
     src = write_jsonl(tmp_path / "in.jsonl", records)
@@ -415,6 +415,12 @@ def test_prepare_cleans_splits_and_counts(tmp_path):
     (source,) = on_disk["splits"]["heldout"]["prepared"]["inputs"]
     assert source["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
     assert not list((tmp_path / "out" / "web").glob("*.tmp"))
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[1] == ("  dropped {'empty': 1, 'too_short': 1, 'duplicate': 1, 'malformed': 1}; "
+                          "file problems {'non_utf8': 1} (see meta.json)")
+    # without a file problem, none is mentioned (it said "file problems none")
+    prepare("web", [write_jsonl(tmp_path / "b.jsonl", records)], ByteTokenizer(), tmp_path / "b", min_chars=5)
+    assert capsys.readouterr().out.splitlines()[1] == "  dropped {'empty': 1, 'too_short': 1, 'duplicate': 1} (see meta.json)"
 
 
 def test_split_is_a_function_of_the_document_alone(tmp_path):

@@ -89,7 +89,9 @@ def test_eval_writes_what_the_library_computes(checkpoint, tmp_path):
     (["--tasks", "pubmedqa", "--task-data", "{tmp}/empty"], "python -m minimamba.tasks download pubmedqa"),
     (["--tasks", "arc_easy", "--limit", "0"], "--limit must be at least 1"),
     (["--tasks", ""], "nothing to evaluate"),
-    (["--tasks", "", "--ppl-data", "{tmp}/none"], "heldout.bin not found"),  # before the model, not after the tasks
+    (["--tasks", "", "--ppl-data", "{tmp}/none"],  # before the model, not after the tasks
+     "data directory {tmp}/none does not exist. Prepare each domain of --ppl-domains first"),
+    (["--tasks", "", "--ppl-data", "{tmp}"], "no heldout tokens for domain(s) pubmed, c4, wikipedia in {tmp}"),
     (["--tasks", "", "--ppl-data", "{tmp}", "--ppl-domains", " "], "needs at least one domain"),
     (["--tasks", "", "--ppl-data", "{tmp}", "--out", "{tmp}/a-file/res.json"], "cannot write {tmp}/a-file/res.json"),
     (["--tasks", "arc_easy", "--device", "gpu"], "unknown --device 'gpu'"),

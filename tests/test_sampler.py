@@ -192,3 +192,11 @@ def test_bad_data_errors_name_the_path_and_the_command(data, tmp_path):
         MixtureSampler(data, {"pubmd": 1.0}, SEQ, 4)
     with pytest.raises(DataError, match="fewer than one window"):
         MixtureSampler(data, {"wikipedia": 1.0}, 100, 4)
+    # the held-out check (train.py's --eval-domains, eval.py's --ppl-domains) lists the domains with a heldout.bin
+    # and names the flag that chose the domains (it said "change --mix" for both)
+    for domain, split in (("c4", "heldout"), ("wikipedia", "heldout"), ("pubmed", "train")):
+        (tmp_path / domain).mkdir(exist_ok=True)
+        (tmp_path / domain / f"{split}.bin").write_bytes(b"")
+    with pytest.raises(DataError, match=r"(?s)no heldout tokens for domain\(s\) wiki in .*\(expected .*wiki/heldout"
+                                        r"\.bin\)\. Domains found there: c4, wikipedia\..*or change --ppl-domains\.$"):
+        check_domains(tmp_path, ["c4", "wiki"], "heldout", "--ppl-domains")

@@ -20,7 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import minimamba.tokenizer as tokenizer_module
-from minimamba.tokenizer import _AFTER_UNICODE_9, Tokenizer, _byte_to_char, _nfc, load_tokenizer
+from minimamba.tokenizer import (_AFTER_UNICODE_9, DEFAULT_TOKENIZER, Tokenizer, _byte_to_char, _nfc, checkpoint_tokenizer,
+                                 load_tokenizer)
 from tests.conftest import DATA
 
 TOKENIZER_JSON = DATA / "tokenizer" / "tokenizer.json"
@@ -470,3 +471,11 @@ def test_bench_tokenizer_command_runs_on_a_small_corpus(tmp_path, capsys):
     bench.main(["tokenizer", "--data-root", str(tmp_path), "--repeat", "1"])
     out = capsys.readouterr().out
     assert "minimamba encode_batch" in out and "every row gave the same ids: yes" in out
+
+
+def test_a_checkpoints_own_tokenizer_json_goes_with_it_else_the_recipes(tmp_path):
+    """What eval.py's --model and sft.py's --init read without --tokenizer."""
+    assert checkpoint_tokenizer(tmp_path) == DEFAULT_TOKENIZER  # (a folder without one: a public checkpoint)
+    assert checkpoint_tokenizer("state-spaces/mamba2-370m") == DEFAULT_TOKENIZER  # (a Hub id)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    assert checkpoint_tokenizer(tmp_path) == str(tmp_path / "tokenizer.json")
