@@ -328,10 +328,11 @@ class Mamba2Config:
         path = Path(path)
         if path.is_dir():
             # a run's folder (train.py's or sft.py's --out) holds checkpoints, not one: say which
-            inside = sorted(d.name for d in path.iterdir() if (d / "config.json").is_file())
-            if not (path / "config.json").exists() and inside:
-                raise FileNotFoundError(f"no config.json in {path}: it is a run's folder, not a checkpoint; pass one of "
-                                        f"the checkpoints it holds ({', '.join(inside)}), e.g. {path / inside[-1]}")
+            inside = [] if (path / "config.json").exists() else sorted(
+                d.name for d in path.iterdir() if (d / "config.json").is_file())
+            if inside:
+                raise FileNotFoundError(f"no config.json in {path}: it is a run's folder, not a checkpoint; pass one "
+                                        f"of the checkpoints it holds ({', '.join(inside)}), e.g. {path / inside[-1]}")
             path = path / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"no config.json at {path}: a checkpoint directory needs one")
