@@ -13,7 +13,8 @@ log-decay and S_in[c] the state entering the chunk, the forward is
                           + exp(cs[t])·S_in[c] C_t + D·x_t
 
 Against `ssd_chunked`: stage 1 is its `cs` line, stage 2 its step 2, stage 3 its step 3 (S_in[c] is its
-`entering[:, c]`, h_{c-1} in ssd.py's module docstring, which numbers chunks from 1), stage 4 the `CB` of
+`entering[:, c]`, h_c in ssd.py's module docstring, which numbers chunks from 1: chunk c here is its chunk
+c+1, entered with h_c, as S_in[0] = h_0), stage 4 the `CB` of
 its step 1, and stage 5 the rest of step 1, step 4 and the D skip, fused. In this file h also indexes heads
 (Σ_h: a sum over heads; on the host `h` is nheads) and, in the state passes, names the running state, and
 matrices of the backward get other letters than the glossary's G (groups) and P (head dimension): Γ, Pre.
