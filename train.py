@@ -4,7 +4,7 @@
     python train.py --scale 370m                               # the recipe on one GPU
     torchrun --nproc_per_node 4 train.py --scale 2.7b --fsdp   # several GPUs
     python train.py --scale tiny --init scratch --device cpu --data DIR --seq-len 64 --batch-size 4 \
-        --tokens-per-step 512 --max-steps 20 --eval-every 10 --eval-windows 4 --ema 0   # a minute on a CPU
+        --tokens-per-step 512 --max-steps 20 --eval-every 10 --eval-windows 4 --ema 0   # half a minute on a CPU
 
 Every knob is below, with the recipe's value as its default (they live in
 `minimamba.training.TrainConfig`); the resolved configuration is printed at the start and stored in

@@ -13,7 +13,8 @@ log-decay and S_in[c] the state entering the chunk, the forward is
                           + exp(cs[t])·S_in[c] C_t + D·x_t
 
 Against `ssd_chunked`: stage 1 is its `cs` line, stage 2 its step 2, stage 3 its step 3 (S_in[c] is its
-`entering[:, c]`, h_{c-1} in ssd.py's module docstring, which numbers chunks from 1), stage 4 the `CB` of
+`entering[:, c]`, h_c in ssd.py's module docstring, which numbers chunks from 1: chunk c here is its chunk
+c+1, entered with h_c, as S_in[0] = h_0), stage 4 the `CB` of
 its step 1, and stage 5 the rest of step 1, step 4 and the D skip, fused. In this file h also indexes heads
 (Σ_h: a sum over heads; on the host `h` is nheads) and, in the state passes, names the running state, and
 matrices of the backward get other letters than the glossary's G (groups) and P (head dimension): Γ, Pre.
@@ -174,7 +175,7 @@ def _split_offsets(pid_bc, pid_gs, batch, seqlen, nheads, ngroups, dstate, nchun
 # without losing the low bits (`_sum2`): hi[t] − hi[s] is exact to 6e-8 of itself and lo[t] − lo[s]
 # supplies the rest. For bf16 and fp16 inputs, whose dot operands round to 4e-3 or 5e-4, there is no
 # low part (cs_lo is None, `_load_cs` gives zeros, which the compiler folds away; the binaries are those
-# of a single part up to the order of some instructions, see the README).
+# of a single part up to the order of some instructions, see docs/kernel-notes.md, "Precision").
 @triton.jit
 def _sum2(a_hi, a_lo, b_hi, b_lo):
     """(a_hi + a_lo) + (b_hi + b_lo) as hi + lo with |lo| ≤ ulp(hi)/2. The rounding error of
@@ -782,7 +783,8 @@ def _chunk_scan_bwd_dcb_kernel(
 
     (This program holds no (rows × N) tile: the products with B and C are the dC and dB programs'. Its
     tiles are what limit its registers now: 138 in its 32×32 config against 250 when dC was part of it; the
-    H100 chose 64×64, 4 warps, at 255 registers and 24 B spilled, at 8 × 2048, see the README.)
+    H100 chose 64×64, 4 warps, at 255 registers and 24 B spilled, at 8 × 2048, see docs/kernel-notes.md,
+    session 10.)
 
     Tile: BLOCK_T rows t × steps of BLOCK_S positions s ≤ t, each looping over the heads of the split.
     Grid: (n_t_tiles = cdiv(Q, BLOCK_T), batch·nchunks, G·n_splits).

@@ -633,7 +633,7 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     logits = logits.float()  # (b, V)
     # shifted so that each row's largest is 0 (softmax does not change): a tiny temperature then sends the
     # others to -inf (probability 0), where logits / temperature alone would overflow to inf and give NaNs;
-    # one below float32's smallest normal number (which float32 would hold as 0) divides as that number
+    # one below float32's smallest normal number divides as that number (float32 holds the smallest as 0: 0/0 = NaN)
     temperature = max(temperature, torch.finfo(torch.float32).tiny)
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None:

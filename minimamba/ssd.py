@@ -9,7 +9,9 @@ Glossary (the names of the Mamba2 paper, used in every function and einsum strin
     B    (batch, seqlen, G, N)   the "input matrix": how a token writes into the state
     C    (batch, seqlen, G, N)   the "output matrix": how a token reads from the state
     D    (H,)                    optional skip connection, y += D·x
-    h    (batch, H, P, N)        the hidden state of each head: a P×N matrix
+    h    (batch, H, P, N)        the hidden state of each head: a P×N matrix (ssd_step's `h`; in the code of
+                                 the other functions `h` is the number of heads H, and in ssd_quadratic's
+                                 einsum strings the head axis, t and s a target and a source position)
     H, P, N, G                   heads, head dimension, state size, groups (G divides H; head
                                  number i reads B and C of group i // (H/G))
     Q                            the chunk length of the chunked algorithm; nc = ⌈seqlen/Q⌉ chunks
