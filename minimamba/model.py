@@ -624,8 +624,8 @@ def check_sampling(temperature, top_k, top_p):
 
 def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     """Pick one id per row of logits (b, V). temperature 0 = argmax; top_k / top_p restrict the support
-    to the k most likely ids / the smallest set whose probability reaches top_p, before sampling
-    (top_p = 1 keeps every id). `generator`: a torch.Generator (or None: torch's global one), all rows drawn in
+    to the k most likely ids (and any tied with the k-th) / the smallest set whose probability reaches top_p,
+    before sampling (top_p = 1 keeps every id). `generator`: a torch.Generator (or None: torch's global one), all rows drawn in
     one torch.multinomial; or a list of one generator per row, each row drawn alone from its own."""
     temperature, top_k, top_p = check_sampling(temperature, top_k, top_p)
     if temperature == 0:
@@ -633,7 +633,8 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     logits = logits.float()  # (b, V)
     # shifted so that each row's largest is 0 (softmax does not change): a tiny temperature then sends the
     # others to -inf (probability 0), where logits / temperature alone would overflow to inf and give NaNs;
-    # one below float32's smallest normal number divides as that number (float32 holds the smallest as 0: 0/0 = NaN)
+    # one so small that float32 rounds it to 0 (below ~1.4e-45) would make the largest 0/0 = NaN: it is raised to
+    # float32's smallest normal number
     temperature = max(temperature, torch.finfo(torch.float32).tiny)
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None:
