@@ -3,9 +3,10 @@ r"""The SSD (state space duality) layer of Mamba2, in three equivalent forms.
 Glossary (the names of the Mamba2 paper, used in every function and einsum string of the project)
 
     x    (batch, seqlen, H, P)   the input of the scan: P channels for each of H heads
-    dt   (batch, seqlen, H)      the step size Δ of each token and head, already positive
-                                 (the model computes dt = softplus(dt_raw + dt_bias))
-    A    (H,)                    one negative scalar per head; exp(dt·A) ∈ (0, 1] is the decay (1 where dt = 0)
+    dt   (batch, seqlen, H)      the step size Δ of each token and head, ≥ 0 (the model computes
+                                 dt = softplus(dt_raw + dt_bias) > 0; dt = 0 pads a partial chunk)
+    A    (H,)                    one scalar ≤ 0 per head (the model's −exp(A_log) < 0); exp(dt·A) ∈ (0, 1] is
+                                 the decay (1 where dt = 0)
     B    (batch, seqlen, G, N)   the "input matrix": how a token writes into the state
     C    (batch, seqlen, G, N)   the "output matrix": how a token reads from the state
     D    (H,)                    optional skip connection, y += D·x
