@@ -235,7 +235,7 @@ class Mamba2LM(nn.Module):
         self.config, self.backend, self.decode_backend = config, backend, decode_backend  # (checked by OneOf)
         self.decode_backend_used = None  # (name, why) of the last `decoder`, logged when it changes
         # The chunk length of the scan is a free parameter (the result does not depend on it): None means the
-        # checkpoint's (256) on a GPU and 64 for the torch scan on a CPU, where it measured fastest (bench.py)
+        # checkpoint's (256), except 64 for the torch scan on a CPU, where it measured fastest (`scan_chunk`)
         self.scan_chunk_size = None
         self.gradient_checkpointing = False
         self._logged_backend = None
