@@ -44,9 +44,10 @@ each chunk (a Q×Q matmul, fast on any hardware) and the recurrence *between* ch
 of T).
 From here cs restarts at each chunk: cs_t sums dt_k·A over the chunk's positions k ≤ t, and cs_last is its
 value at the chunk's last position (the chunk's whole decay). For t in chunk c, split the sum over s ≤ t above
-into the s of chunk c (step 1) and the s before it: exp(cs_t − cs_s) for an earlier s is exp(cs_t) (the decay
-from the chunk's start to t) times the decay from s to the chunk's start, and those terms with the h_0 term add up
-to h_{c−1} C_t, the state entering the chunk read by C_t. So each chunk contributes through its end state, and
+into the s of chunk c (step 1) and the s before it: for an earlier s, the decay from s to t (exp(cs_t − cs_s) in
+the unrolled sum, cs counted from the sequence start) is exp(cs_t) (the decay from the chunk's start to t) times
+the decay from s to the chunk's start, and those terms with the h_0 term add up to h_{c−1} C_t, the state
+entering the chunk read by C_t. So each chunk contributes through its end state, and
 every token reads the state entering its chunk:
 
     1. intra-chunk output     Y_diag[t] = Σ_{s≤t in chunk} L[t,s] (C_t·B_s) dt_s x_s
