@@ -15,6 +15,7 @@ Exit status: 0 done, 2 bad arguments or missing data (a message says what to fix
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -517,6 +518,13 @@ def _contexts(text):
     return values
 
 
+def _device(text):
+    """argparse type: "cpu", "cuda" or "cuda:N" (the devices the benchmarks run on)."""
+    if text == "cpu" or re.fullmatch(r"cuda(:\d+)?", text):
+        return text
+    raise argparse.ArgumentTypeError(f"must be cpu or cuda (cuda:N for one of several GPUs), got {text!r}")
+
+
 def _scored_task(name):
     """argparse type: the name of a task of minimamba.tasks whose kind is one of SCORED_KINDS."""
     if name not in TASKS:
@@ -571,7 +579,7 @@ def main(argv=None):
     mod.add_argument("--repeat", type=_positive, default=3, help="timed runs per row (after one warm-up); median")
     mod.add_argument("--compare-hf", action="store_true", help="also time HF transformers' Mamba2, same weights")
     mod.add_argument("--json", help="also write the numbers to this JSON file")
-    mod.add_argument("--device", default="cpu", help="cpu or cuda")
+    mod.add_argument("--device", type=_device, default="cpu", help="cpu or cuda")
     mod.add_argument("--backend", default="torch", choices=["torch", "triton"], help="SSD scan backend")
     mod.add_argument("--amp", action="store_true", help="bfloat16 autocast with float32 weights")
     mod.add_argument("--checkpointing", action="store_true", help="activation checkpointing in the train step")
@@ -602,7 +610,7 @@ def main(argv=None):
     sc.add_argument("--batch-size", type=_positive, default=16, help="options per batch of score_options")
     sc.add_argument("--repeat", type=_positive, default=3, help="timed runs (after one warm-up); median")
     sc.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's choice)")
-    sc.add_argument("--device", default="cpu", help="cpu or cuda")
+    sc.add_argument("--device", type=_device, default="cpu", help="cpu or cuda")
     sc.set_defaults(run=bench_scoring)
 
     argv = list(argv if argv is not None else sys.argv[1:])

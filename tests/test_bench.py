@@ -55,6 +55,10 @@ SHORT = {"model": ["--scale", "tiny", "--phases", "generate", "--prompt", "8", "
     (["model", "--phases", ","], "--phases: unknown phase(s) ','"),  # (no phase: no row, and no message)
     (["tokenizer", "--threads", "0"], "--threads: must be >= 1, got 0"),  # was: silently every core
     (["model", "--backend", "triton"], "--backend triton needs --device cuda"),  # was: a worker's traceback
+    # was: the header printed, then AssertionError "Torch not compiled with CUDA enabled" (scoring: a RuntimeError
+    # listing torch's device types), each a traceback
+    (["model", "--device", "gpu"], "--device: must be cpu or cuda (cuda:N for one of several GPUs), got 'gpu'"),
+    (["scoring", "--device", "mps"], "--device: must be cpu or cuda (cuda:N for one of several GPUs), got 'mps'"),
     (["model", "--decode-backend", "c", "--dtype", "bfloat16"], "--decode-backend c computes in float32"),
     (["model", "--decode-backend", "c", "--amp"], "--decode-backend c computes in float32"),
     # was: TaskDataError's traceback after the tokenizer was read; the list is every task scored by its options
