@@ -53,6 +53,9 @@ SHORT = {"model": ["--scale", "tiny", "--phases", "generate", "--prompt", "8", "
     (["inference", "--contexts", "0"], "--contexts: must be comma-separated integers >= 1, got '0'"),
     (["inference", "--contexts", "16,abc"], "--contexts: must be comma-separated integers >= 1"),
     (["model", "--phases", ","], "--phases: unknown phase(s) ','"),  # (no phase: no row, and no message)
+    # the table's rows are named prefill and decode; the phase that measures them is generate
+    (["model", "--phases", "prefill,decode"], "--phases: unknown phase(s) ['prefill', 'decode']; choose from forward, "
+                                              "train, generate (generate gives the prefill and decode rows)"),
     (["tokenizer", "--threads", "0"], "--threads: must be >= 1, got 0"),  # was: silently every core
     (["model", "--backend", "triton"], "--backend triton needs --device cuda"),  # was: a worker's traceback
     # was: the header printed, then AssertionError "Torch not compiled with CUDA enabled" (scoring: a RuntimeError
@@ -593,6 +596,18 @@ def test_options_at_their_bounds_are_taken(monkeypatch, capsys):
     with pytest.raises(SystemExit) as stop:
         bench.main(["-h"])
     assert stop.value.code == 0 and "{tokenizer,model,inference,scoring}" in capsys.readouterr().out
+
+
+def test_model_help_lists_the_phases_and_the_defaults(capsys):
+    """--phases said only "which rows to measure", and --batch, --seqlen, --prompt, --repeat no default."""
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["model", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert stop.value.code == 0
+    assert f"from {', '.join(bench.PHASES)} (generate: the prefill, decode" in text
+    for option, default in [("--batch", 4), ("--seqlen", 256), ("--prompt", 256), ("--repeat", 3),
+                            ("--decode-tokens", 64), ("--floor-rounds", 8), ("--dtype", "float32")]:
+        assert f"default: {default})" in text.split(f"{option} ", 2)[2].split(" --", 1)[0], option
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: --device cuda is taken")
