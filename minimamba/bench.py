@@ -376,7 +376,8 @@ def bench_model(args):
             better = v["hf"] / v["minimamba"] if ("ms" in metric or "GiB" in metric) else v["minimamba"] / v["hf"]
             line += f" {v['hf']:11.2f} {better:6.2f}x"
         print(line)
-    print("ratio: how many times better minimamba is (speed: ours/HF; time and memory: HF/ours)")
+    if args.compare_hf:
+        print("ratio: how many times better minimamba is (speed: ours/HF; time and memory: HF/ours)")
     if decode_step:
         print(f"minimamba decode step: {decode_step[0]} ({decode_step[1]})")
     if floor:

@@ -489,6 +489,15 @@ def test_the_model_table_puts_each_rows_numbers_beside_hfs_with_the_ratio_ours_w
         assert ("minimamba", "floor") not in calls and len(calls) == len(bench.PHASES) - (args[0] == "--phases")
 
 
+def test_the_model_table_without_hf_has_no_ratio_column_and_no_line_explaining_one(monkeypatch, capsys):
+    """Without --compare-hf the table said "ratio: how many times better minimamba is ..." under a table with
+    no ratio (and no HF) column."""
+    monkeypatch.setattr(bench, "_isolated", lambda fn, impl, phase, a: ({"tok/s": 100.0}, 0.5))
+    assert bench.main(["model", "--scale", "tiny", "--phases", "forward"]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"^forward tok/s +100.00$", text, re.M) and "ratio" not in text and "HF" not in text
+
+
 def test_inference_cost_times_the_decode_steps_alone_on_a_fake_clock(monkeypatch):
     """Each decode step advances the clock 10 ms: after a prefill of each context and 3 untimed steps,
     decode_tokens timed steps read 10 ms/token; the state's bytes (by hand from the config's shapes) and a
