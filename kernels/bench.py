@@ -529,7 +529,7 @@ def print_tables(report):
                   f"{fmt(fb.get('mamba_ssm')):>7s} | {fmt(r.get('fwd_speedup_vs_torch'), '.1f'):>9s} "
                   f"{fmt(r.get('fwd_bwd_speedup_vs_torch'), '.1f'):>6s} | "
                   f"{fmt(r.get('fwd_ratio_vs_mamba_ssm'), '.2f'):>10s} {fmt(r.get('fwd_bwd_ratio_vs_mamba_ssm'), '.2f'):>6s}")
-    for name, path in report.get("baselines", {}).items():
+    for name, path in report.get("baselines", {}).items() if report["timings"] else ():  # (--quick: no table)
         print(f"\n--baseline {path} as '{name}' (median ms; vs {name} = {name}/ours, ≥ 1 means this version is faster)")
         for r in report["timings"]:
             f, fb = r["fwd_ms"], r["fwd_bwd_ms"]

@@ -944,6 +944,15 @@ def test_bench_shape_option_keeps_only_the_shapes_asked_for(tmp_path, capsys):
         assert e.value.code == 2 and says in capsys.readouterr().err
 
 
+def test_bench_quick_prints_no_empty_baseline_timing_table(capsys):
+    """With --quick (no timings) and --baseline, each baseline's timing header was printed with no row under it."""
+    from kernels import bench
+
+    report = dict(correctness=[], timings=[], baselines={"baseline": "old.py"}, mamba_ssm=True, failures=[])
+    bench.print_tables(report)
+    assert "old.py" not in capsys.readouterr().out
+
+
 def test_bench_rounds_time_every_implementation_in_turns(tmp_path, capsys, monkeypatch):
     """`--rounds N`: each implementation timed N times, in turns (torch, ours, torch, ours, ...), the
     tables keeping the median of the rounds and the JSON every round's reading; N < 1 is refused."""
