@@ -192,7 +192,7 @@ def test_the_tokenizer_benchmark_gives_hf_the_threads_it_prints(monkeypatch):
 
 
 @pytest.mark.skipif(not (DATA / "pubmedqa" / "ori_pqal.json").exists() or not (DATA / "tokenizer").exists(),
-                    reason=f"the shared data (pubmedqa/, tokenizer/) is not in {DATA}")
+                    reason=f"the shared data (pubmedqa/, tokenizer/) is not in {DATA} (set MINIMAMBA_DATA)")
 def test_the_scoring_benchmark_agrees_with_its_baseline(capsys):
     bench.main(["scoring", "--task", "pubmedqa", "--items", "2", "--repeat", "1", "--scale", "tiny",
                 "--task-data", str(DATA), "--data-root", str(DATA)])
