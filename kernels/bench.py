@@ -54,7 +54,7 @@ REAL_SHAPES = [
     ("370m", 1, 2048, 32, 64, 128, 1, 256, torch.bfloat16),
     ("370m", 1, 8192, 32, 64, 128, 1, 256, torch.bfloat16),
 ]
-BATCHED_SHAPES = [  # timed only: the GPU work of a training step, 16k tokens per call
+BATCHED_SHAPES = [  # timed (the first in a run also checked): the GPU work of a training step, 16k tokens per call
     ("370m", 8, 2048, 32, 64, 128, 1, 256, torch.bfloat16),
     ("370m", 2, 8192, 32, 64, 128, 1, 256, torch.bfloat16),
 ]
@@ -529,7 +529,7 @@ def print_tables(report):
                   f"{fmt(fb.get('mamba_ssm')):>7s} | {fmt(r.get('fwd_speedup_vs_torch'), '.1f'):>9s} "
                   f"{fmt(r.get('fwd_bwd_speedup_vs_torch'), '.1f'):>6s} | "
                   f"{fmt(r.get('fwd_ratio_vs_mamba_ssm'), '.2f'):>10s} {fmt(r.get('fwd_bwd_ratio_vs_mamba_ssm'), '.2f'):>6s}")
-    for name, path in report.get("baselines", {}).items():
+    for name, path in report.get("baselines", {}).items() if report["timings"] else ():  # (--quick: no table)
         print(f"\n--baseline {path} as '{name}' (median ms; vs {name} = {name}/ours, ≥ 1 means this version is faster)")
         for r in report["timings"]:
             f, fb = r["fwd_ms"], r["fwd_bwd_ms"]
@@ -604,7 +604,9 @@ def main(argv=None):
                          "Triton's launcher, autograd, allocations, this module's Python")
     ap.add_argument("--shape", action="append", default=[], metavar="BxL",
                     help=f"only this batch x seqlen, one of {_sizes(REAL_SHAPES)} (checked and timed), "
-                         f"{_sizes(BATCHED_SHAPES)} (timed only; 8x2048 is the GPU-bound one), with --cpu-smoke "
+                         f"{_sizes(BATCHED_SHAPES)} (timed, and the first of them in the run checked too: "
+                         f"{_sizes(BATCHED_SHAPES[:1])} unless --shape leaves it out; 8x2048 is the GPU-bound one), "
+                         "with --cpu-smoke "
                          f"{_sizes(SMOKE_SHAPES + SMOKE_BATCHED_SHAPES)}; given again, more")
     args = ap.parse_args(argv)
     if args.rounds < 1:

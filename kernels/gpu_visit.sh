@@ -4,7 +4,7 @@
 #
 #   bash kernels/gpu_visit.sh prepare     # here: visit/ (the kernel versions to compare), .whl/ (mamba_ssm)
 #   bash kernels/gpu_visit.sh run         # there (device tool: carry [".whl", "visit"]); results in $OUT
-#   bash kernels/gpu_visit.sh run-splits  # there, a short visit (~4 min): the dB/dC head splits only
+#   bash kernels/gpu_visit.sh run-splits  # there, a short visit (~3.5 min): the dB/dC head splits only
 #   bash kernels/gpu_visit.sh run-batch1  # there, a short visit (~3 min): batch 1 × 2048, eager, 5 rounds
 #
 # `run` goes through its steps in order of what matters most, each under a time limit, so that one call of
@@ -73,7 +73,8 @@ prepare)
             -d .whl mamba_ssm==2.3.2.post1
     fi
     ls -l visit .whl
-    echo 'now, with the device tool: bash kernels/gpu_visit.sh run   (carry: [".whl", "visit"])'
+    echo 'now, with the device tool (carry: [".whl", "visit"]): bash kernels/gpu_visit.sh run-batch1 first (~3 min),'
+    echo 'then run (<= ~9.5 min) or run-splits (~3.5 min); README, "Next GPU visit"'
     ;;
 run)
     start_run

@@ -15,6 +15,7 @@ Exit status: 0 done, 2 bad arguments or missing data (a message says what to fix
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -375,7 +376,8 @@ def bench_model(args):
             better = v["hf"] / v["minimamba"] if ("ms" in metric or "GiB" in metric) else v["minimamba"] / v["hf"]
             line += f" {v['hf']:11.2f} {better:6.2f}x"
         print(line)
-    print("ratio: how many times better minimamba is (speed: ours/HF; time and memory: HF/ours)")
+    if args.compare_hf:
+        print("ratio: how many times better minimamba is (speed: ours/HF; time and memory: HF/ours)")
     if decode_step:
         print(f"minimamba decode step: {decode_step[0]} ({decode_step[1]})")
     if floor:
@@ -517,6 +519,13 @@ def _contexts(text):
     return values
 
 
+def _device(text):
+    """argparse type: "cpu", "cuda" or "cuda:N" (the devices the benchmarks run on)."""
+    if text == "cpu" or re.fullmatch(r"cuda(:\d+)?", text):
+        return text
+    raise argparse.ArgumentTypeError(f"must be cpu or cuda (cuda:N for one of several GPUs), got {text!r}")
+
+
 def _scored_task(name):
     """argparse type: the name of a task of minimamba.tasks whose kind is one of SCORED_KINDS."""
     if name not in TASKS:
@@ -535,7 +544,8 @@ def _phases(text):
     names = [p.strip() for p in text.split(",") if p.strip()]
     unknown = [p for p in names if p not in PHASES]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown phase(s) {unknown or text!r}; choose from {', '.join(PHASES)}")
+        raise argparse.ArgumentTypeError(f"unknown phase(s) {unknown or text!r}; choose from {', '.join(PHASES)} "
+                                         "(generate gives the prefill and decode rows)")
     return ",".join(names)
 
 
@@ -560,26 +570,34 @@ def main(argv=None):
                        help="chunk of the SSD scan (default: the model's per-device one, 64 for the torch scan on "
                             "a CPU, else the config's; the result is the same for any)")
         p.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's choice)")
-        p.add_argument("--decode-tokens", type=_positive, default=64, help="tokens decoded per timing")
+        p.add_argument("--decode-tokens", type=_positive, default=64,
+                       help="tokens decoded per timing (default: %(default)s)")
 
     mod = commands.add_parser("model", help="forward, train-step, prefill and decode speed; peak memory")
     speed_options(mod)
-    mod.add_argument("--batch", type=_positive, default=4)
-    mod.add_argument("--seqlen", type=_positive, default=256)
-    mod.add_argument("--prompt", type=_positive, default=256, help="prompt length for prefill/decode")
-    mod.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    mod.add_argument("--repeat", type=_positive, default=3, help="timed runs per row (after one warm-up); median")
+    mod.add_argument("--batch", type=_positive, default=4,
+                     help="sequences per call of the forward and train-step rows (default: %(default)s)")
+    mod.add_argument("--seqlen", type=_positive, default=256,
+                     help="tokens per sequence of the forward and train-step rows (default: %(default)s)")
+    mod.add_argument("--prompt", type=_positive, default=256,
+                     help="prompt length for prefill/decode (default: %(default)s)")
+    mod.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                     help="the weights' dtype (default: %(default)s)")
+    mod.add_argument("--repeat", type=_positive, default=3,
+                     help="timed runs per row (after one warm-up); median (default: %(default)s)")
     mod.add_argument("--compare-hf", action="store_true", help="also time HF transformers' Mamba2, same weights")
     mod.add_argument("--json", help="also write the numbers to this JSON file")
-    mod.add_argument("--device", default="cpu", help="cpu or cuda")
+    mod.add_argument("--device", type=_device, default="cpu", help="cpu or cuda")
     mod.add_argument("--backend", default="torch", choices=["torch", "triton"], help="SSD scan backend")
     mod.add_argument("--amp", action="store_true", help="bfloat16 autocast with float32 weights")
     mod.add_argument("--checkpointing", action="store_true", help="activation checkpointing in the train step")
-    mod.add_argument("--phases", type=_phases, default=",".join(PHASES), help="which rows to measure")
+    mod.add_argument("--phases", type=_phases, default=",".join(PHASES),
+                     help=f"which rows to measure, comma-separated, from {', '.join(PHASES)} (generate: the prefill, "
+                          "decode and generation-memory rows, and the decode-vs-bandwidth floor; default: all)")
     mod.add_argument("--decode-backend", default="auto", choices=["auto", "torch", "c"],
                      help="minimamba's decode step (default: auto, the C step for float32 on a CPU)")
     mod.add_argument("--floor-rounds", type=_nonnegative, default=8,
-                     help="rounds of decode vs read bandwidth, interleaved, on a CPU (0: skip)")
+                     help="rounds of decode vs read bandwidth, interleaved, on a CPU (0: skip; default: %(default)s)")
     mod.set_defaults(run=bench_model)
 
     inf = commands.add_parser("inference", help="decode ms/token and state bytes vs context, and KV-cache bytes")
@@ -602,7 +620,7 @@ def main(argv=None):
     sc.add_argument("--batch-size", type=_positive, default=16, help="options per batch of score_options")
     sc.add_argument("--repeat", type=_positive, default=3, help="timed runs (after one warm-up); median")
     sc.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's choice)")
-    sc.add_argument("--device", default="cpu", help="cpu or cuda")
+    sc.add_argument("--device", type=_device, default="cpu", help="cpu or cuda")
     sc.set_defaults(run=bench_scoring)
 
     argv = list(argv if argv is not None else sys.argv[1:])

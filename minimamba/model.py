@@ -406,7 +406,8 @@ class Mamba2LM(nn.Module):
     def step(self, token_ids, cache: InferenceCache):
         """One decoding step: token_ids (b,) -> logits (b, Vp), advancing `cache` by one token.
 
-        Picks the backend on every call (about a millisecond); a loop of steps should call `decoder` once.
+        Picks the backend on every call (3 ms at 130m on a 2-core VM, a sixth of a C step); a loop of steps
+        should call `decoder` once.
         """
         check_step_ids(token_ids)
         return self.decoder(token_ids.shape[0])(token_ids, cache)

@@ -97,6 +97,10 @@ class Tokenizer:
         the reference; with allow_special=False they are encoded as ordinary text instead. Text with
         an unpaired surrogate (half of a character, e.g. from a JSON escape "\\ud800") is refused, as
         the reference refuses it: it is not Unicode text, and has no UTF-8 bytes to encode."""
+        if not isinstance(text, str):  # (bytes: "cannot use a string pattern on a bytes-like object"; None: no isascii)
+            fix = "decode the bytes first (data.decode('utf-8'))" if isinstance(text, (bytes, bytearray)) else (
+                "for a list of texts use encode_batch" if isinstance(text, (list, tuple)) else "pass a str")
+            raise TypeError(f"encode takes one text (a str), got {type(text).__name__}: {fix}")
         if not text.isascii() and (half := SURROGATE.search(text)):
             raise ValueError(f"text holds an unpaired surrogate ({half.group()!a}) at position {half.start()}: half "
                              "of a character, not Unicode text. Replace such halves first, e.g. "

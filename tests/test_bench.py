@@ -53,8 +53,15 @@ SHORT = {"model": ["--scale", "tiny", "--phases", "generate", "--prompt", "8", "
     (["inference", "--contexts", "0"], "--contexts: must be comma-separated integers >= 1, got '0'"),
     (["inference", "--contexts", "16,abc"], "--contexts: must be comma-separated integers >= 1"),
     (["model", "--phases", ","], "--phases: unknown phase(s) ','"),  # (no phase: no row, and no message)
+    # the table's rows are named prefill and decode; the phase that measures them is generate
+    (["model", "--phases", "prefill,decode"], "--phases: unknown phase(s) ['prefill', 'decode']; choose from forward, "
+                                              "train, generate (generate gives the prefill and decode rows)"),
     (["tokenizer", "--threads", "0"], "--threads: must be >= 1, got 0"),  # was: silently every core
     (["model", "--backend", "triton"], "--backend triton needs --device cuda"),  # was: a worker's traceback
+    # was: the header printed, then AssertionError "Torch not compiled with CUDA enabled" (scoring: a RuntimeError
+    # listing torch's device types), each a traceback
+    (["model", "--device", "gpu"], "--device: must be cpu or cuda (cuda:N for one of several GPUs), got 'gpu'"),
+    (["scoring", "--device", "mps"], "--device: must be cpu or cuda (cuda:N for one of several GPUs), got 'mps'"),
     (["model", "--decode-backend", "c", "--dtype", "bfloat16"], "--decode-backend c computes in float32"),
     (["model", "--decode-backend", "c", "--amp"], "--decode-backend c computes in float32"),
     # was: TaskDataError's traceback after the tokenizer was read; the list is every task scored by its options
@@ -185,7 +192,7 @@ def test_the_tokenizer_benchmark_gives_hf_the_threads_it_prints(monkeypatch):
 
 
 @pytest.mark.skipif(not (DATA / "pubmedqa" / "ori_pqal.json").exists() or not (DATA / "tokenizer").exists(),
-                    reason=f"the shared data (pubmedqa/, tokenizer/) is not in {DATA}")
+                    reason=f"the shared data (pubmedqa/, tokenizer/) is not in {DATA} (set MINIMAMBA_DATA)")
 def test_the_scoring_benchmark_agrees_with_its_baseline(capsys):
     bench.main(["scoring", "--task", "pubmedqa", "--items", "2", "--repeat", "1", "--scale", "tiny",
                 "--task-data", str(DATA), "--data-root", str(DATA)])
@@ -482,6 +489,15 @@ def test_the_model_table_puts_each_rows_numbers_beside_hfs_with_the_ratio_ours_w
         assert ("minimamba", "floor") not in calls and len(calls) == len(bench.PHASES) - (args[0] == "--phases")
 
 
+def test_the_model_table_without_hf_has_no_ratio_column_and_no_line_explaining_one(monkeypatch, capsys):
+    """Without --compare-hf the table said "ratio: how many times better minimamba is ..." under a table with
+    no ratio (and no HF) column."""
+    monkeypatch.setattr(bench, "_isolated", lambda fn, impl, phase, a: ({"tok/s": 100.0}, 0.5))
+    assert bench.main(["model", "--scale", "tiny", "--phases", "forward"]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"^forward tok/s +100.00$", text, re.M) and "ratio" not in text and "HF" not in text
+
+
 def test_inference_cost_times_the_decode_steps_alone_on_a_fake_clock(monkeypatch):
     """Each decode step advances the clock 10 ms: after a prefill of each context and 3 untimed steps,
     decode_tokens timed steps read 10 ms/token; the state's bytes (by hand from the config's shapes) and a
@@ -589,6 +605,18 @@ def test_options_at_their_bounds_are_taken(monkeypatch, capsys):
     with pytest.raises(SystemExit) as stop:
         bench.main(["-h"])
     assert stop.value.code == 0 and "{tokenizer,model,inference,scoring}" in capsys.readouterr().out
+
+
+def test_model_help_lists_the_phases_and_the_defaults(capsys):
+    """--phases said only "which rows to measure", and --batch, --seqlen, --prompt, --repeat no default."""
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["model", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert stop.value.code == 0
+    assert f"from {', '.join(bench.PHASES)} (generate: the prefill, decode" in text
+    for option, default in [("--batch", 4), ("--seqlen", 256), ("--prompt", 256), ("--repeat", 3),
+                            ("--decode-tokens", 64), ("--floor-rounds", 8), ("--dtype", "float32")]:
+        assert f"default: {default})" in text.split(f"{option} ", 2)[2].split(" --", 1)[0], option
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: --device cuda is taken")

@@ -23,7 +23,8 @@ from tests.conftest import DATA
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = DATA / "tokenizer" / "tokenizer.json"
 needs_data = pytest.mark.skipif(not (TOKENIZER.exists() and (DATA / "mc" / "arc_easy.jsonl").exists()),
-                                reason=f"the shared data (tokenizer.json, mc/, pubmedqa/) is not in {DATA}")
+                                reason=f"the shared data (tokenizer.json, mc/, pubmedqa/) is not in {DATA} "
+                                       "(set MINIMAMBA_DATA)")
 
 
 def run_eval(*args, cwd):

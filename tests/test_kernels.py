@@ -835,6 +835,10 @@ def test_bench_help_names_the_command_and_lists_the_shapes(capsys):
     assert stop.value.code == 0 and text.startswith("usage: python -m kernels.bench ")
     for shape in bench.REAL_SHAPES + bench.BATCHED_SHAPES + bench.SMOKE_SHAPES + bench.SMOKE_BATCHED_SHAPES:
         assert f"{shape[1]}x{shape[2]}" in text.split("--shape BxL", 1)[1]
+    # it called 8x2048 "timed only", and the run checks it (the first batched shape: see
+    # test_bench_runs_the_shapes_asked_for_and_fails_only_on_ours)
+    first = bench.BATCHED_SHAPES[0]
+    assert "timed only" not in text and f"checked too: {first[1]}x{first[2]} unless --shape leaves it out" in text
 
 
 def test_bench_script_runs_on_cpu(tmp_path, monkeypatch, capsys):
@@ -942,6 +946,15 @@ def test_bench_shape_option_keeps_only_the_shapes_asked_for(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             bench.main(["--cpu-smoke", "--quick", "--shape", bad])
         assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_bench_quick_prints_no_empty_baseline_timing_table(capsys):
+    """With --quick (no timings) and --baseline, each baseline's timing header was printed with no row under it."""
+    from kernels import bench
+
+    report = dict(correctness=[], timings=[], baselines={"baseline": "old.py"}, mamba_ssm=True, failures=[])
+    bench.print_tables(report)
+    assert "old.py" not in capsys.readouterr().out
 
 
 def test_bench_rounds_time_every_implementation_in_turns(tmp_path, capsys, monkeypatch):

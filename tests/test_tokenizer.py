@@ -317,6 +317,19 @@ def test_decode_takes_one_id_or_one_sequence(tmp_path):
         tok.decode(torch.tensor([ids, ids]))
 
 
+def test_encode_of_something_other_than_a_str_says_what_to_pass(tmp_path):
+    """bytes gave "cannot use a string pattern on a bytes-like object" from deep inside, None an AttributeError."""
+    tok = load_tokenizer(write_json(tmp_path / "tokenizer.json", tiny_tokenizer_json()))
+    for text, says in [(b" the", r"got bytes: decode the bytes first \(data.decode\('utf-8'\)\)"),
+                       (None, "got NoneType: pass a str"),
+                       ([" the"], "got list: for a list of texts use encode_batch")]:
+        with pytest.raises(TypeError, match=f"^encode takes one text \\(a str\\), {says}"):
+            tok.encode(text)
+    with pytest.raises(TypeError, match="got bytes: decode the bytes first"):
+        tok.encode_batch([" the", b" he"], num_threads=2)
+    assert tok.encode_batch([" the", " he"], num_threads=2) == [tok.encode(" the"), tok.encode(" he")]
+
+
 def test_tiny_tokenizer_matches_the_reference(tmp_path):
     tokenizers = pytest.importorskip("tokenizers", reason="HF tokenizers (the test oracle) is not installed")
     path = write_json(tmp_path / "tokenizer.json", tiny_tokenizer_json())
