@@ -428,6 +428,33 @@ def test_tied_checkpoint_without_a_known_embedding_key_lists_it_missing(model, t
     assert "missing key embedding.weight" in str(e.value) and "unexpected key word_embeddings.weight" in str(e.value)
 
 
+def test_initialisation_for_training_from_scratch_is_the_official_one():
+    """Issue 2's init, read back from the weights: softplus(dt_bias) log-uniform in [1e-3, 1e-1], A = −exp(A_log)
+    with −A ~ U(1, 16), D = 1, norms 1, in_proj ~ U(±1/√fan_in) (PyTorch's Linear) and out_proj the same
+    divided by √n_layer; and `reset_parameters(seed)` draws the same weights again."""
+    cfg = Mamba2Config(d_model=128, n_layer=4, vocab_size=100, d_state=16, headdim=4)  # 64 heads per layer
+    m = Mamba2LM(cfg)
+    m.reset_parameters(seed=0)
+    mixers = [block.mixer for block in m.layers]
+    dt = torch.cat([torch.nn.functional.softplus(x.dt_bias.double()) for x in mixers])  # (n_layer·H,) = (256,)
+    assert dt.min() >= 1e-3 * (1 - 1e-5) and dt.max() <= 1e-1 * (1 + 1e-5)
+    # log-uniform: log10(dt) uniform in [-3, -1], so each of its two decades holds about half of the 256 draws
+    assert 0.35 < (dt < 1e-2).double().mean() < 0.65 and dt.min() < 1.2e-3 and dt.max() > 0.08
+    minus_A = torch.cat([x.A_log.exp() for x in mixers])  # (256,): −A
+    assert minus_A.min() >= 1 - 1e-5 and minus_A.max() <= 16 * (1 + 1e-5)
+    assert 0.35 < (minus_A < 8.5).double().mean() < 0.65 and minus_A.min() < 1.5 and minus_A.max() > 15
+    for x in mixers:
+        assert torch.equal(x.D, torch.ones_like(x.D)) and torch.equal(x.norm.weight, torch.ones_like(x.norm.weight))
+        bound_in = 1 / cfg.d_model ** 0.5  # in_proj: fan_in d_model
+        bound_out = 1 / cfg.d_inner ** 0.5 / cfg.n_layer ** 0.5  # out_proj: fan_in d_inner, then / √n_layer
+        assert 0.95 * bound_in < x.in_proj.weight.abs().max() <= bound_in
+        assert 0.95 * bound_out < x.out_proj.weight.abs().max() <= bound_out
+    assert abs(m.embedding.weight.std().item() - cfg.initializer_range) < 0.002
+    again = Mamba2LM(cfg)
+    again.reset_parameters(seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), again.state_dict().values()))
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
     """The same gradients with checkpointing on, and it is on: each block's forward runs again in the
     backward (without that check the test passed with checkpointing never applied)."""
