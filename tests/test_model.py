@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import re
+import sys
 
 import pytest
 import torch
@@ -475,6 +476,24 @@ def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
     for a, b in zip(*grads, strict=True):
         assert torch.allclose(a, b, atol=1e-6)
     assert any(g.abs().max() > 1e-3 for g in grads[0])
+
+
+def test_auto_scan_backend_is_triton_on_cuda_torch_on_cpu_says_so_and_a_missing_triton_is_an_error(
+        caplog, monkeypatch):
+    """Issue 4: the "triton" backend is the default on CUDA, the torch reference on a CPU unless asked otherwise,
+    and the model says which; issue 2: a missing Triton is an error, never a silent fallback."""
+    m = Mamba2LM(tiny_config())
+    assert m.backend == "auto"
+    assert m.scan_backend(torch.device("cuda")) == "triton" and m.scan_backend("cuda:1") == "triton"
+    assert m.scan_backend() == m.scan_backend("cpu") == "torch"
+    with caplog.at_level("INFO", logger="minimamba"), torch.no_grad():
+        m(torch.zeros(1, 4, dtype=torch.long))
+    assert "SSD scan backend = torch (auto on cpu)" in caplog.text
+    m.backend = "triton"
+    assert m.scan_backend("cpu") == "triton"
+    monkeypatch.setitem(sys.modules, "kernels", None)  # as if Triton (and so `kernels`) could not be imported
+    with pytest.raises(RuntimeError, match=r"the 'triton' scan backend needs Triton .*backend='torch'"), torch.no_grad():
+        m(torch.zeros(1, 4, dtype=torch.long))
 
 
 def test_unknown_backend_is_rejected():
