@@ -298,6 +298,30 @@ def test_corrupt_missing_and_unknown_inputs_fail_clearly(model, tmp_path):
         tiny_config(headdim=0)
 
 
+@pytest.mark.parametrize("decode_backend", ["torch", "c"])
+def test_ids_the_embedding_has_no_row_for_or_that_are_not_integers_are_named(model, decode_backend):
+    """The forward and both decoding steps name a bad id and the embedding's rows (1008 here) on a CPU; they
+    failed with torch's "index out of range in self" (IndexError) or "Expected tensor for argument #1
+    'indices' to have one of the following scalar types" (RuntimeError) from inside nn.Embedding."""
+    model.decode_backend = decode_backend
+    rows = r"outside the embedding's rows \[0, 1008\)"
+    for ids, message in ((torch.tensor([[3, 1008]]), rf"input_ids holds token id 1008, {rows}"),
+                         (torch.tensor([[-1, 3]]), rf"input_ids holds token id -1, {rows}"),
+                         (torch.tensor([[3.0, 4.0]]), r"input_ids must be integer ids .*got torch.float32")):
+        with pytest.raises(ValueError, match=message), torch.no_grad():
+            model(ids)
+    with torch.no_grad():
+        assert model(torch.tensor([[0, 1007]])).shape == (1, 2, 1008)  # (the padding rows exist: not refused)
+    cache = model.allocate_cache(2)
+    for step in (model.step, model.decoder(2)):  # (the C step's own words: "token ids must lie in [0, 1008)")
+        for bad, ids in ((1008, [5, 1008]), (-2, [-2, 5])):
+            with pytest.raises((ValueError, IndexError),
+                               match=rf"token id {bad}, outside the embedding's rows \[0, 1008\)|"
+                                     rf"token ids must lie in \[0, 1008\); got \[.*{bad}.*\]"):
+                step(torch.tensor(ids), cache)
+    assert cache.seqlen_offset == 0 and not cache.ssm.any()  # nothing ran
+
+
 def test_public_scale_shapes_match_the_checkpoints():
     # rows of in_proj and parameter counts of the public checkpoints (mamba2-130m … 2.7b)
     expected = {"130m": (3352, 128_989_632), "370m": (4384, 368_346_624), "780m": (6448, 780_161_280),
