@@ -389,9 +389,17 @@ def test_memory_estimate_counts_saved_tensors():
 # Runs
 
 
-def test_training_learns_logs_and_saves_loadable_checkpoints(data, init_dir, tmp_path):
+def test_training_learns_logs_and_saves_loadable_checkpoints(data, init_dir, tmp_path, capsys):
     cfg = config(data, init_dir, tmp_path / "run", max_steps=8, eval_every=4, keep=1)
     result = train(cfg)
+    # before the first step (issue 5): parameters, tokens per step, an estimate of memory and of time per step
+    summary = capsys.readouterr().out.split("step 0:")[0]
+    n = small_model().num_params()
+    assert f"model: a custom config ({n / 1e6:.1f}M parameters, 2 layers, d_model 32, vocab {VOCAB})" in summary
+    assert "batch: 2 sequences × 2 micro-batches × 1 process(es) = 4 sequences × 16 tokens = 64 tokens per step" \
+        in summary
+    assert re.search(r"estimate: ~\d+\.\d GiB per process \(weights\+grads\+AdamW\+EMA \d+\.\d GiB, activations "
+                     r"\d+\.\d GiB per micro-batch\); [\d.e+]+ FLOPs per step\n +~[\d.e+-]+ s per step", summary)
     assert result["step"] == 8 and result["stopped_by"] is None
     assert sorted(p.name for p in (tmp_path / "run").glob("step-*")) == ["step-000008"]  # --keep 1
     assert (tmp_path / "run" / "latest").read_text().strip() == "step-000008"
