@@ -142,6 +142,25 @@ def test_cosine_and_constant_schedules():
         lr_factor(5, 10, 0, "linear")
 
 
+def test_the_defaults_are_the_recipe():
+    """`python train.py --scale S` with no other flag runs issue 5's recipe (../shared/reference/biomamba-recipe.md):
+    the public checkpoint, 80/10/10 by tokens, 1024-token sequences, 256 of them per step, AdamW (0.9, 0.95) with
+    weight decay 0.1, peak LR 5e-6 with layer-wise decay 0.95, WSD, EMA 0.999, clipping 1.0, bf16 on a GPU and the
+    Triton scan there. (No test read these defaults: any of them could change unnoticed.)"""
+    from minimamba.sampler import parse_mix
+    from minimamba.training import resolve_autocast
+
+    d = TrainConfig()
+    assert (d.init, parse_mix(d.mix), d.seq_len, d.tokens_per_step, d.grad_accum) == \
+        ("pretrained", {"pubmed": 0.8, "c4": 0.1, "wikipedia": 0.1}, 1024, 256 * 1024, None)
+    assert (d.beta1, d.beta2, d.weight_decay, d.lr, d.llrd, d.schedule, d.ema, d.grad_clip) == \
+        (0.9, 0.95, 0.1, 5e-6, 0.95, "wsd", 0.999, 1.0)
+    assert (d.dtype, d.backend) == ("auto", "auto")
+    assert resolve_autocast(d.dtype, torch.device("cuda")) == torch.bfloat16
+    assert resolve_autocast(d.dtype, torch.device("cpu")) is None
+    assert Mamba2LM(small_config(), backend=d.backend).scan_backend("cuda") == "triton"
+
+
 def test_help_shows_a_default_once():
     """argparse's defaults formatter wrote "(default: None)" after a help that says its default in words."""
     import argparse
