@@ -332,6 +332,7 @@ class Mamba2LM(nn.Module):
         if input_ids.shape[1] == 0:
             raise ValueError(f"input_ids holds no tokens (shape {tuple(input_ids.shape)}): the model predicts from "
                              f"at least one token. {_FROM_NOTHING}")
+        check_ids_have_rows(input_ids, self.embedding.num_embeddings, "input_ids")
         if cache is not None:
             self.check_cache(cache, input_ids.shape[0])
         scan = self._scan(input_ids.device)
@@ -451,6 +452,7 @@ class Mamba2LM(nn.Module):
     def _step_torch(self, token_ids, cache: InferenceCache):
         """The decode step in PyTorch (the reference of the C step): token_ids (b,) -> logits (b, Vp)."""
         check_step_ids(token_ids)
+        check_ids_have_rows(token_ids, self.embedding.num_embeddings, "token_ids")
         self.check_cache(cache, token_ids.shape[0])
         residual = self.embedding(token_ids)  # (b, D)
         dtype = residual.dtype
@@ -571,6 +573,18 @@ def check_step_ids(token_ids):
                          "for ids (batch, 1) pass ids[:, 0]")
     if token_ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"token_ids must be integer ids (torch.long or torch.int), got {token_ids.dtype}")
+
+
+def check_ids_have_rows(ids, rows, what):
+    """Ids for the embedding: integers, and on a CPU each in [0, rows) (the padding rows included). On a GPU the
+    range is not read (that would wait for the GPU at every call; an id out of range is a device-side assert)."""
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{what} must be integer ids (torch.long or torch.int), got {ids.dtype}")
+    if ids.device.type == "cpu" and ids.numel():
+        lo, hi = (int(v) for v in torch.aminmax(ids))
+        if lo < 0 or hi >= rows:
+            raise ValueError(f"{what} holds token id {lo if lo < 0 else hi}, outside the embedding's rows [0, {rows}): "
+                             "were the ids made by another tokenizer, or for a model of another vocabulary?")
 
 
 def check_prompt(ids, vocab_size, what):

@@ -218,6 +218,43 @@ def test_an_untied_checkpoint_loads_its_own_head_and_a_config_file_path_names_it
             assert torch.equal(loaded(ids), model(ids)), where
 
 
+def test_a_tied_checkpoint_without_lm_head_weight_loads_with_the_head_tied(saved, tmp_path):
+    """Issue 2: "ties the head when lm_head.weight is absent" (some tied exports leave it out), with the logits
+    of the checkpoint that holds it."""
+    model, _ = saved
+    d = write_checkpoint(saved, tmp_path, lambda sd: sd.pop("lm_head.weight"))
+    assert "lm_head.weight" not in torch.load(d / "pytorch_model.bin", weights_only=True)
+    loaded = from_pretrained(d).eval()
+    assert loaded.lm_head.weight is loaded.embedding.weight
+    ids = torch.randint(0, 1000, (1, 21), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+
+
+def test_a_save_that_fails_midway_leaves_the_checkpoint_it_was_replacing(saved, tmp_path, monkeypatch):
+    """Issue 2: save_pretrained writes atomically. A disk that fills up half-way through the weights (here
+    torch.save writes 1,000 bytes, then raises) leaves the previous checkpoint loadable as it was, and no
+    temporary file."""
+    model, _ = saved
+    model.save_pretrained(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    other = randomize_(Mamba2LM(tiny_config()), seed=4)
+
+    def full_disk(obj, f, *a, **kw):
+        with open(f, "wb") as out:
+            out.write(b"\0" * 1000)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        other.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # (no .tmp left either)
+    ids = torch.randint(0, 1000, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(from_pretrained(tmp_path).eval()(ids), model(ids))
+
+
 def test_the_mismatch_error_lists_every_problem_and_nothing_else(saved, tmp_path):
     """Several problems of each kind, the first and the last key of the model among them: the error's
     lines are exactly these (worked out by hand for tiny_config: H = 2·64/16 = 8 heads, conv channels

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import re
+import sys
 
 import pytest
 import torch
@@ -297,6 +298,30 @@ def test_corrupt_missing_and_unknown_inputs_fail_clearly(model, tmp_path):
         tiny_config(headdim=0)
 
 
+@pytest.mark.parametrize("decode_backend", ["torch", "c"])
+def test_ids_the_embedding_has_no_row_for_or_that_are_not_integers_are_named(model, decode_backend):
+    """The forward and both decoding steps name a bad id and the embedding's rows (1008 here) on a CPU; they
+    failed with torch's "index out of range in self" (IndexError) or "Expected tensor for argument #1
+    'indices' to have one of the following scalar types" (RuntimeError) from inside nn.Embedding."""
+    model.decode_backend = decode_backend
+    rows = r"outside the embedding's rows \[0, 1008\)"
+    for ids, message in ((torch.tensor([[3, 1008]]), rf"input_ids holds token id 1008, {rows}"),
+                         (torch.tensor([[-1, 3]]), rf"input_ids holds token id -1, {rows}"),
+                         (torch.tensor([[3.0, 4.0]]), r"input_ids must be integer ids .*got torch.float32")):
+        with pytest.raises(ValueError, match=message), torch.no_grad():
+            model(ids)
+    with torch.no_grad():
+        assert model(torch.tensor([[0, 1007]])).shape == (1, 2, 1008)  # (the padding rows exist: not refused)
+    cache = model.allocate_cache(2)
+    for step in (model.step, model.decoder(2)):  # (the C step's own words: "token ids must lie in [0, 1008)")
+        for bad, ids in ((1008, [5, 1008]), (-2, [-2, 5])):
+            with pytest.raises((ValueError, IndexError),
+                               match=rf"token id {bad}, outside the embedding's rows \[0, 1008\)|"
+                                     rf"token ids must lie in \[0, 1008\); got \[.*{bad}.*\]"):
+                step(torch.tensor(ids), cache)
+    assert cache.seqlen_offset == 0 and not cache.ssm.any()  # nothing ran
+
+
 def test_public_scale_shapes_match_the_checkpoints():
     # rows of in_proj and parameter counts of the public checkpoints (mamba2-130m … 2.7b)
     expected = {"130m": (3352, 128_989_632), "370m": (4384, 368_346_624), "780m": (6448, 780_161_280),
@@ -428,6 +453,33 @@ def test_tied_checkpoint_without_a_known_embedding_key_lists_it_missing(model, t
     assert "missing key embedding.weight" in str(e.value) and "unexpected key word_embeddings.weight" in str(e.value)
 
 
+def test_initialisation_for_training_from_scratch_is_the_official_one():
+    """Issue 2's init, read back from the weights: softplus(dt_bias) log-uniform in [1e-3, 1e-1], A = −exp(A_log)
+    with −A ~ U(1, 16), D = 1, norms 1, in_proj ~ U(±1/√fan_in) (PyTorch's Linear) and out_proj the same
+    divided by √n_layer; and `reset_parameters(seed)` draws the same weights again."""
+    cfg = Mamba2Config(d_model=128, n_layer=4, vocab_size=100, d_state=16, headdim=4)  # 64 heads per layer
+    m = Mamba2LM(cfg)
+    m.reset_parameters(seed=0)
+    mixers = [block.mixer for block in m.layers]
+    dt = torch.cat([torch.nn.functional.softplus(x.dt_bias.double()) for x in mixers])  # (n_layer·H,) = (256,)
+    assert dt.min() >= 1e-3 * (1 - 1e-5) and dt.max() <= 1e-1 * (1 + 1e-5)
+    # log-uniform: log10(dt) uniform in [-3, -1], so each of its two decades holds about half of the 256 draws
+    assert 0.35 < (dt < 1e-2).double().mean() < 0.65 and dt.min() < 1.2e-3 and dt.max() > 0.08
+    minus_A = torch.cat([x.A_log.exp() for x in mixers])  # (256,): −A
+    assert minus_A.min() >= 1 - 1e-5 and minus_A.max() <= 16 * (1 + 1e-5)
+    assert 0.35 < (minus_A < 8.5).double().mean() < 0.65 and minus_A.min() < 1.5 and minus_A.max() > 15
+    for x in mixers:
+        assert torch.equal(x.D, torch.ones_like(x.D)) and torch.equal(x.norm.weight, torch.ones_like(x.norm.weight))
+        bound_in = 1 / cfg.d_model ** 0.5  # in_proj: fan_in d_model
+        bound_out = 1 / cfg.d_inner ** 0.5 / cfg.n_layer ** 0.5  # out_proj: fan_in d_inner, then / √n_layer
+        assert 0.95 * bound_in < x.in_proj.weight.abs().max() <= bound_in
+        assert 0.95 * bound_out < x.out_proj.weight.abs().max() <= bound_out
+    assert abs(m.embedding.weight.std().item() - cfg.initializer_range) < 0.002
+    again = Mamba2LM(cfg)
+    again.reset_parameters(seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), again.state_dict().values()))
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
     """The same gradients with checkpointing on, and it is on: each block's forward runs again in the
     backward (without that check the test passed with checkpointing never applied)."""
@@ -448,6 +500,24 @@ def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
     for a, b in zip(*grads, strict=True):
         assert torch.allclose(a, b, atol=1e-6)
     assert any(g.abs().max() > 1e-3 for g in grads[0])
+
+
+def test_auto_scan_backend_is_triton_on_cuda_torch_on_cpu_says_so_and_a_missing_triton_is_an_error(
+        caplog, monkeypatch):
+    """Issue 4: the "triton" backend is the default on CUDA, the torch reference on a CPU unless asked otherwise,
+    and the model says which; issue 2: a missing Triton is an error, never a silent fallback."""
+    m = Mamba2LM(tiny_config())
+    assert m.backend == "auto"
+    assert m.scan_backend(torch.device("cuda")) == "triton" and m.scan_backend("cuda:1") == "triton"
+    assert m.scan_backend() == m.scan_backend("cpu") == "torch"
+    with caplog.at_level("INFO", logger="minimamba"), torch.no_grad():
+        m(torch.zeros(1, 4, dtype=torch.long))
+    assert "SSD scan backend = torch (auto on cpu)" in caplog.text
+    m.backend = "triton"
+    assert m.scan_backend("cpu") == "triton"
+    monkeypatch.setitem(sys.modules, "kernels", None)  # as if Triton (and so `kernels`) could not be imported
+    with pytest.raises(RuntimeError, match=r"the 'triton' scan backend needs Triton .*backend='torch'"), torch.no_grad():
+        m(torch.zeros(1, 4, dtype=torch.long))
 
 
 def test_unknown_backend_is_rejected():

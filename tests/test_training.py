@@ -142,6 +142,25 @@ def test_cosine_and_constant_schedules():
         lr_factor(5, 10, 0, "linear")
 
 
+def test_the_defaults_are_the_recipe():
+    """`python train.py --scale S` with no other flag runs issue 5's recipe (../shared/reference/biomamba-recipe.md):
+    the public checkpoint, 80/10/10 by tokens, 1024-token sequences, 256 of them per step, AdamW (0.9, 0.95) with
+    weight decay 0.1, peak LR 5e-6 with layer-wise decay 0.95, WSD, EMA 0.999, clipping 1.0, bf16 on a GPU and the
+    Triton scan there. (No test read these defaults: any of them could change unnoticed.)"""
+    from minimamba.sampler import parse_mix
+    from minimamba.training import resolve_autocast
+
+    d = TrainConfig()
+    assert (d.init, parse_mix(d.mix), d.seq_len, d.tokens_per_step, d.grad_accum) == \
+        ("pretrained", {"pubmed": 0.8, "c4": 0.1, "wikipedia": 0.1}, 1024, 256 * 1024, None)
+    assert (d.beta1, d.beta2, d.weight_decay, d.lr, d.llrd, d.schedule, d.ema, d.grad_clip) == \
+        (0.9, 0.95, 0.1, 5e-6, 0.95, "wsd", 0.999, 1.0)
+    assert (d.dtype, d.backend) == ("auto", "auto")
+    assert resolve_autocast(d.dtype, torch.device("cuda")) == torch.bfloat16
+    assert resolve_autocast(d.dtype, torch.device("cpu")) is None
+    assert Mamba2LM(small_config(), backend=d.backend).scan_backend("cuda") == "triton"
+
+
 def test_help_shows_a_default_once():
     """argparse's defaults formatter wrote "(default: None)" after a help that says its default in words."""
     import argparse
@@ -389,9 +408,17 @@ def test_memory_estimate_counts_saved_tensors():
 # Runs
 
 
-def test_training_learns_logs_and_saves_loadable_checkpoints(data, init_dir, tmp_path):
+def test_training_learns_logs_and_saves_loadable_checkpoints(data, init_dir, tmp_path, capsys):
     cfg = config(data, init_dir, tmp_path / "run", max_steps=8, eval_every=4, keep=1)
     result = train(cfg)
+    # before the first step (issue 5): parameters, tokens per step, an estimate of memory and of time per step
+    summary = capsys.readouterr().out.split("step 0:")[0]
+    n = small_model().num_params()
+    assert f"model: a custom config ({n / 1e6:.1f}M parameters, 2 layers, d_model 32, vocab {VOCAB})" in summary
+    assert "batch: 2 sequences × 2 micro-batches × 1 process(es) = 4 sequences × 16 tokens = 64 tokens per step" \
+        in summary
+    assert re.search(r"estimate: ~\d+\.\d GiB per process \(weights\+grads\+AdamW\+EMA \d+\.\d GiB, activations "
+                     r"\d+\.\d GiB per micro-batch\); [\d.e+]+ FLOPs per step\n +~[\d.e+-]+ s per step", summary)
     assert result["step"] == 8 and result["stopped_by"] is None
     assert sorted(p.name for p in (tmp_path / "run").glob("step-*")) == ["step-000008"]  # --keep 1
     assert (tmp_path / "run" / "latest").read_text().strip() == "step-000008"
@@ -494,6 +521,36 @@ def test_sigterm_writes_a_checkpoint_and_exits(data, init_dir, tmp_path):
     second = signal.Signals(proc.returncode - 128)
     assert second in (signal.SIGINT, signal.SIGTERM), err
     assert f"stopped at once by {second.name}: the step in progress was not saved" in err and "Traceback" not in err
+
+
+def test_sigint_writes_a_checkpoint_after_the_step_and_stops(data, init_dir, tmp_path, capsys):
+    """Issue 5: SIGINT (Ctrl-C), as SIGTERM above, finishes the step, writes a checkpoint and stops; only SIGTERM's
+    first signal was tested (in a subprocess). Here the model sends it to this process in its 5th training forward
+    (step 3's first micro-batch of 2)."""
+    cfg = config(data, init_dir, tmp_path / "run", max_steps=50, save_every=1000)
+    model = from_pretrained(cfg.init, backend="torch")
+    calls = {"n": 0}
+
+    def hook(module, inputs, output):
+        if module.training:
+            calls["n"] += 1
+            if calls["n"] == 5:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    def not_caught(signum, frame):  # (the test's own handler: a SIGINT train() does not catch fails the test alone)
+        raise AssertionError("SIGINT reached the handler outside train()")
+
+    model.register_forward_hook(hook)
+    before = signal.signal(signal.SIGINT, not_caught)
+    try:
+        result = train(cfg, model=model)
+        assert signal.getsignal(signal.SIGINT) is not_caught  # the handler before the run is given back
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert result["stopped_by"] == "SIGINT" and result["step"] == 3
+    assert "SIGINT received: finishing this step, then writing a checkpoint" in capsys.readouterr().err
+    assert (tmp_path / "run" / "latest").read_text().strip() == "step-000003"
+    assert state(cfg.out, 3)["step"] == 3 and max(losses(cfg.out)) == 3
 
 
 def test_a_stop_at_once_says_resume_only_where_out_holds_a_checkpoint(tmp_path, capsys):
