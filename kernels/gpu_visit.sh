@@ -32,11 +32,11 @@ SESSION10B=3f7e3ac  # the kernel of the README's H100 table (session 10: the spl
 SESSION10=51c9837  # the kernel of session 10's first visit, before the dC split was merged
 
 start_run() {  # for the run modes: the output folder, mamba_ssm's Triton kernels, the card's name
-    out=${OUT:-visit/out}
-    mkdir -p "$out"
     for f in visit/s10b.py visit/s10.py visit/pps8.py visit/pps2.py visit/pps1.py visit/pps0.5.py; do
         [ -f "$f" ] || { echo "$f is missing: run 'bash kernels/gpu_visit.sh prepare' first, and carry visit/"; exit 2; }
     done
+    out=${OUT:-visit/out}
+    mkdir -p "$out"
     mamba_path=
     sdist=$(ls .whl/mamba_ssm-2.3.2.post1.tar.gz 2> /dev/null)
     if [ -n "$sdist" ]; then  # its Triton kernels only (its __init__ imports CUDA extensions)
