@@ -176,7 +176,9 @@ for name in names:
     print(f"{name:16s} n={result['n']:<6d} {shown}  ({result['seconds']:.0f} s)", flush=True)
     save()
 for domain, r in domain_perplexity(model, heldout, args.batch_size, device, amp).items():
-    results[f"ppl_{domain}"] = {"task": f"ppl_{domain}", "kind": "perplexity", "n": r["tokens"], **r}
+    # (n: the tokens scored, the "n" every result has; not repeated as "tokens", which was a second table row)
+    results[f"ppl_{domain}"] = {"task": f"ppl_{domain}", "kind": "perplexity", "n": r["tokens"], "loss": r["loss"],
+                                "ppl": r["ppl"]}
     print(f"ppl_{domain:12s} tokens={r['tokens']:<8d} ppl {r['ppl']:.4g}  loss {r['loss']:.4f}", flush=True)
 save()
 

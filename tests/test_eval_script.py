@@ -5,6 +5,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import runpy
 import sys
 from pathlib import Path
@@ -83,6 +84,43 @@ def test_eval_writes_what_the_library_computes(checkpoint, tmp_path):
     assert code == 0, stderr
     row = next(line for line in stdout.splitlines() if line.startswith("| arc_easy | acc |"))
     assert row.rstrip().endswith("| +0.2500 |")
+
+
+@needs_data
+def test_eval_ppl_data_scores_each_domain_as_a_plain_loop_over_its_windows_does(checkpoint, tmp_path):
+    """--ppl-data: a domain's held-out perplexity in the results file is that of a per-window loop over the
+    model's forward: back-to-back windows of --seq-len + 1 tokens (the last tokens, too few for one, unscored),
+    the next-token cross-entropy summed over every window's targets, over their count; and its table rows are
+    n, loss and ppl (the count was also a "tokens" row)."""
+    seq = 16
+    gen = torch.Generator().manual_seed(0)
+    tokens = {"pubmed": torch.randint(0, 1000, (5 * seq + 1,), generator=gen),
+              "c4": torch.randint(0, 1000, (3 * seq + 7,), generator=gen)}  # (7 - 1 tokens left over)
+    for domain, t in tokens.items():
+        (tmp_path / "tok" / domain).mkdir(parents=True)
+        t.numpy().astype("uint16").tofile(tmp_path / "tok" / domain / "heldout.bin")
+    out = tmp_path / "r.json"
+    code, stdout, stderr = run_eval("--model", checkpoint, "--tokenizer", TOKENIZER, "--tasks", "", "--ppl-data",
+                                    tmp_path / "tok", "--ppl-domains", "pubmed,c4", "--seq-len", seq,
+                                    "--batch-size", 2, "--device", "cpu", "--out", out, cwd=tmp_path)
+    assert code == 0, stderr
+    results = json.loads(out.read_text())["results"]
+    model = from_pretrained(checkpoint).eval()
+    for domain, t in tokens.items():
+        windows = (len(t) - 1) // seq
+        nll = 0.0
+        with torch.no_grad():
+            for j in range(windows):
+                w = t[j * seq : j * seq + seq + 1]  # (seq + 1,)
+                logits = model(w[None, :-1])[0]  # (seq, Vp)
+                nll += torch.nn.functional.cross_entropy(logits.double(), w[1:], reduction="sum").item()
+        expected = nll / (windows * seq)
+        got = results[f"ppl_{domain}"]
+        assert set(got) == {"task", "kind", "n", "loss", "ppl"} and got["n"] == windows * seq
+        assert got["loss"] == pytest.approx(expected, rel=1e-5) and got["ppl"] == pytest.approx(math.exp(expected),
+                                                                                                 rel=1e-4)
+    assert [line.split("|")[2].strip() for line in stdout.splitlines() if line.startswith("| ppl_c4 |")] == [
+        "n", "loss", "ppl"]
 
 
 @pytest.mark.parametrize("args, says", [
