@@ -3,7 +3,7 @@
     python -m minimamba.tasks download all --out data/tasks          # first: the tasks' public files
     python eval.py --model state-spaces/mamba2-370m --tasks pubmedqa,mc,clinical --task-data data/tasks \
         --out results/mamba2-370m.json                                # (bioasq too once its files are there)
-    python eval.py --model runs/bio-370m/step-010000 --tasks qa,mc --ppl-data data/tokens --out results/bio-370m.json
+    python eval.py --model runs/bio-370m/step-010000 --tasks pubmedqa,mc --ppl-data data/tokens --out results/bio-370m.json
     python eval.py --compare results/mamba2-370m.json results/bio-370m.json     # a Markdown table, with Δ
 
 --tasks takes task names (`python -m minimamba.tasks list`) and the groups
