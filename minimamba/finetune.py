@@ -20,8 +20,8 @@ its end, the part next to the response; the response is never cut for the prompt
 the prompt's closing words ("...Answer:", "Assessment and Plan:") and the context nearest them, but it
 drops first what a template puts at the start: in the QA prompts that is the instruction and then the
 question (QA_TEMPLATE puts the question before the context), so a --max-len too small for the context
-trains on answers to questions the row no longer holds (at --max-len 256, about 70% of PubMedQA's
-training prompts and 44% of BioASQ's lose their question; at the recipe's 1024, none). A response that
+trains on answers to questions the row no longer holds (at --max-len 256, about two thirds of PubMedQA's
+training prompts and 43% of BioASQ's lose their whole question; at the recipe's 1024, none). A response that
 does not fit by itself (with one prompt token before it) is cut at the right, without its EOS (it does
 not end there). The cuts are counted and printed: prompts cut, prompts cut down to a single token
 (the response is then learnt with almost no prompt: raise --max-len), and responses cut.
@@ -33,8 +33,9 @@ held-out pairs' response tokens (reported per task and for all, with its exp as 
 
 Which pairs a step trains on (`EpochOrder`). An epoch has as many rows as the tasks have training
 pairs together (N). Without --mix each pair is seen once per epoch; with --mix NAME=SHARE,… task t
-fills round(share_t·N) of the epoch's rows: all of its pairs once per full pass it fits, and a random
-subset, drawn anew each epoch, for the rest (so a small task is repeated, a large one subsampled).
+fills share_t·N of the epoch's rows (rounded by largest remainders, so that they add up to N): all of
+its pairs once per full pass it fits, and a random subset, drawn anew each epoch, for the rest (so a
+small task is repeated, a large one subsampled).
 The epoch's rows are shuffled and cut into steps of G rows (the effective batch); the N mod G rows
 left at the end of an epoch are not used in that epoch (a different few each epoch). Every choice is
 drawn from numpy generators seeded with (seed, epoch), so the order is a function of the step alone
