@@ -559,9 +559,10 @@ SETTING_KINDS = {"qa_scoring": {"yesno"}, "max_new_tokens": {"generate"},
 def settings_that_differ(runs):
     """{setting: [its value in each run]} for the COMPARED_SETTINGS on which `runs` ({name: results file})
     disagree where it matters: two runs whose values differ both hold a task whose numbers the setting
-    changes (SETTING_KINDS; a result without a "kind" counts as changed by every setting). A table of such
-    runs compares more than the models; --max-new-tokens, say, does not matter to runs without a
-    generation task in common."""
+    changes (SETTING_KINDS; a result without a "kind" counts as changed by every setting), or, for a setting
+    SETTING_KINDS does not name (split, limit, dtype, tokenizer_id), any two runs whose values differ. A
+    table of such runs compares more than the models; --max-new-tokens, say, does not matter to runs
+    without a generation task in common."""
     configs = {name: run.get("config") or {} for name, run in runs.items()}
     kinds = {name: {task: m.get("kind") for task, m in (run.get("results") or {}).items()} for name, run in runs.items()}
 
