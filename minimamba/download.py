@@ -193,7 +193,15 @@ def _only_one_process(part: Path, desc: str):
     lock = part.with_name(part.name + ".lock")
     fd = None
     while fcntl is not None:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:  # (the first file a download creates: where the filesystem's limit is short)
+            if e.errno != errno.ENAMETOOLONG:
+                raise
+            raise DownloadError(
+                f"downloading {desc} failed: cannot create {lock}: {e.strerror}\n  This filesystem takes shorter "
+                f"file names than {NAME_MAX} bytes: download to a shorter name."
+            ) from e
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
