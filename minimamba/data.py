@@ -455,11 +455,12 @@ _XML_ENCODING = re.compile(rb"""^<\?xml[^>]*?\sencoding\s*=\s*["']([A-Za-z0-9._-
 
 def _xml_declares_other_encoding(path: Path) -> bool:
     """Whether the XML file at `path` says it is not UTF-8: a UTF-16 byte order mark, or an encoding other
-    than UTF-8 in its declaration. (A file with neither is UTF-8, as XML defines.)"""
+    than UTF-8 in its declaration. (A file with neither is UTF-8, as XML defines; a UTF-32 one is neither,
+    and read_lines refuses it.)"""
     with _open_bytes(path) as f:
         head = f.read(200)
-    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        return True
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) and not head.startswith(codecs.BOM_UTF32_LE):
+        return True  # (UTF-32 LE's mark, FF FE 00 00, starts like UTF-16 LE's: not a UTF-16 file)
     declared = _XML_ENCODING.match(head.removeprefix(codecs.BOM_UTF8))
     return declared is not None and declared.group(1).decode().lower().replace("_", "-") not in ("utf-8", "utf8")
 
