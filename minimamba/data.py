@@ -26,6 +26,7 @@ Exact duplicates are dropped within one call. Nothing is dropped silently; meta.
     non_utf8    lines with bytes that are not UTF-8 (kept, with those bytes replaced by U+FFFD; in PubMed
                 XML too, where the rest of the file is read on), and records whose text holds unpaired
                 surrogates (JSON escapes such as "\\ud800", replaced the same way); a UTF-16 or UTF-32 file is refused
+                (but PubMed XML in UTF-16, or in another encoding its <?xml?> declares, is read as it declares)
     malformed   records that could not be parsed, lack the field or hold no text in it (an object, true/false)
                 (skipped; invalid XML: the rest of its file)
     empty_file  input files that held no document
