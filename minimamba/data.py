@@ -13,7 +13,8 @@ Readers, chosen by file name (".gz", ".bz2" or ".xz" after it: read through that
     .jsonl .json   JSON lines, one record per line          .csv       one record per row, header first
     .parquet       one record per row (needs pyarrow)       .xml       PubMed baseline XML, one record per
     anything else  plain text, see TEXT_UNITS                          article: pmid, title, abstract
-A record becomes a document through `field` (default "text") or `template`, e.g. "{title}\\n\\n{abstract}";
+A record becomes a document through `field` (default "text"; PubMed XML: `template` PUBMED_TEMPLATE) or
+`template`, e.g. "{title}\\n\\n{abstract}";
 a record with an empty template field gives an empty document (the recipe drops abstracts without text).
 
 Exact duplicates are dropped within one call. Nothing is dropped silently; meta.json counts, per call:
@@ -23,10 +24,13 @@ Exact duplicates are dropped within one call. Nothing is dropped silently; meta.
     too_short   documents shorter than --min-chars characters
     duplicate   exact repeats of an earlier document of the same call
     non_utf8    lines with bytes that are not UTF-8 (kept, with those bytes replaced by U+FFFD; in PubMed
-                XML too, where the rest of the file is read on); a UTF-16 or UTF-32 file is refused
-    malformed   records that could not be parsed or lack the field (skipped)
+                XML too, where the rest of the file is read on), and records whose text holds unpaired
+                surrogates (JSON escapes such as "\\ud800", replaced the same way); a UTF-16 or UTF-32 file is refused
+                (but PubMed XML in UTF-16, or in another encoding its <?xml?> declares, is read as it declares)
+    malformed   records that could not be parsed, lack the field or hold no text in it (an object, true/false)
+                (skipped; invalid XML: the rest of its file)
     empty_file  input files that held no document
-    unreadable  input files that stopped reading early (truncated gzip, broken XML or parquet, ...)
+    unreadable  input files that stopped reading early (truncated gzip, broken parquet, ...)
 """
 
 import argparse
@@ -452,11 +456,12 @@ _XML_ENCODING = re.compile(rb"""^<\?xml[^>]*?\sencoding\s*=\s*["']([A-Za-z0-9._-
 
 def _xml_declares_other_encoding(path: Path) -> bool:
     """Whether the XML file at `path` says it is not UTF-8: a UTF-16 byte order mark, or an encoding other
-    than UTF-8 in its declaration. (A file with neither is UTF-8, as XML defines.)"""
+    than UTF-8 in its declaration. (A file with neither is UTF-8, as XML defines; a UTF-32 one is neither,
+    and read_lines refuses it.)"""
     with _open_bytes(path) as f:
         head = f.read(200)
-    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        return True
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) and not head.startswith(codecs.BOM_UTF32_LE):
+        return True  # (UTF-32 LE's mark, FF FE 00 00, starts like UTF-16 LE's: not a UTF-16 file)
     declared = _XML_ENCODING.match(head.removeprefix(codecs.BOM_UTF8))
     return declared is not None and declared.group(1).decode().lower().replace("_", "-") not in ("utf-8", "utf8")
 
@@ -728,7 +733,7 @@ def _print_summary(domain, out, writes, sizes, counts) -> None:
     dropped = {k: counts[k] for k in ("empty", "too_short", "duplicate", "malformed") if counts[k]}
     repaired = {k: counts[k] for k in ("non_utf8", "empty_file", "unreadable") if counts[k]}
     said = [f"{what} {found}" for what, found in (("dropped", dropped), ("file problems", repaired)) if found]
-    if said:  # (meta.json has the counts, and the line of each malformed or repaired document)
+    if said:  # (meta.json has the counts, and the first MAX_PROBLEMS_KEPT problems with their lines)
         print(f"  {'; '.join(said)} (see meta.json)")
     print(f"  wrote {', '.join(str(out / f'{n}.bin') for n in writes)} and {out / 'meta.json'}")
     for name in writes:
@@ -945,7 +950,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--domain", required=True, help="this part of the mix, e.g. pubmed, c4, wikipedia")
     p.add_argument("--input", required=True, nargs="+", type=Path,
                    help="input files: .txt (or any other name), .jsonl/.json, .csv, .xml (PubMed), each may be "
-                   ".gz; .parquet")
+                   ".gz, .bz2 or .xz; .parquet")
     p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER,
                    help=f"tokenizer.json, its folder, or a Hub repo id (default {DEFAULT_TOKENIZER})")
     p.add_argument("--out", required=True, type=Path, help="output folder DIR; files go to DIR/NAME/")

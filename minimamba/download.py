@@ -15,7 +15,8 @@ Environment variables:
 A download first writes `dest.part`. If it is interrupted, the next call asks the server for the
 remaining bytes only ("Range: bytes=N-"): a 206 answer continues the .part (if its Content-Range starts
 at byte N; else the .part is dropped and the file fetched again), a 200 answer (server ignores Range)
-starts it over, a 416 answer means the .part is already complete. The server's ETag (or Last-Modified)
+starts it over, a 416 answer means the .part is already complete (if the size that the 416 gives is the
+.part's; else the .part is dropped and the file fetched again). The server's ETag (or Last-Modified)
 of the first answer is kept in `dest.part.validator` and sent as "If-Range", so that a file that changed
 on the server since the .part began is fetched whole instead of being spliced onto the old bytes. Only a complete
 (and, when asked, size- and sha256-checked) file is renamed to `dest`, so `dest` is never half-written; a `dest`
@@ -118,9 +119,9 @@ def download(
     `sha256` when they are given (a mismatch is an error; the file is left for the user to look at).
     With HF_HUB_OFFLINE set, a missing `dest` is an error that says where to put the file.
     Resumes from `dest.part` when one is left over. Transient errors (dropped connections, read
-    timeouts, HTTP 5xx/429) are retried `retries` times with exponential backoff, each try resuming
-    where the last one stopped. `timeout` is the read timeout in seconds; an unreachable host fails
-    after CONNECT_TIMEOUT seconds without retries.
+    timeouts, HTTP 408/429/500/502/503/504: TRANSIENT_HTTP) are retried `retries` times with exponential
+    backoff, each try resuming where the last one stopped. `timeout` is the read timeout in seconds; an
+    unreachable host fails after CONNECT_TIMEOUT seconds without retries.
     """
     dest = Path(dest)
     if dest.exists():
@@ -192,7 +193,15 @@ def _only_one_process(part: Path, desc: str):
     lock = part.with_name(part.name + ".lock")
     fd = None
     while fcntl is not None:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:  # (the first file a download creates: where the filesystem's limit is short)
+            if e.errno != errno.ENAMETOOLONG:
+                raise
+            raise DownloadError(
+                f"downloading {desc} failed: cannot create {lock}: {e.strerror}\n  This filesystem takes shorter "
+                f"file names than {NAME_MAX} bytes: download to a shorter name."
+            ) from e
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

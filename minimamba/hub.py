@@ -133,9 +133,11 @@ def from_pretrained(name_or_path, dtype=None, device=None, backend="auto"):
 
     The weights are cast to `dtype` (a torch.dtype or a name such as "bfloat16"/"bf16"; default: torch's
     default dtype, float32, whatever dtype the checkpoint was saved in) and moved to `device`.
-    Any mismatch between the checkpoint and its config raises one CheckpointError listing every
-    missing key, unexpected key and wrong shape; a checkpoint tensor that is not floating point
-    (integer, bool, complex: quantized or corrupt) is a CheckpointError too.
+    Any mismatch between the checkpoint and its config raises one CheckpointError listing the
+    missing keys, unexpected keys, wrong shapes and weights given twice (the first _LISTED, then how
+    many more; another number of blocks than n_layer is refused in one line, before the model is
+    built); a checkpoint tensor that is not floating point (integer, bool, complex: quantized or
+    corrupt) is a CheckpointError too.
     """
     dtype = _floating_dtype(dtype)  # (before any download)
     directory = resolve(name_or_path)

@@ -298,6 +298,9 @@ def test_utf16_and_utf32_files_are_refused_with_the_command_that_converts_them(t
          "iconv -f UTF-16LE -t UTF-8 nobom.csv > nobom.utf8.csv"),
         ("z.jsonl.gz", gzip.compress('{"text": "x"}\n'.encode("utf-16")), "UTF-16",
          "gzip -dc z.jsonl.gz | iconv -f UTF-16 -t UTF-8 > z.utf8.jsonl"),
+        # PubMed XML: UTF-16 is read as XML declares it (below), but UTF-32 LE's mark starts like UTF-16 LE's
+        ("wide.xml", '<?xml version="1.0" encoding="UTF-32"?>\n<PubmedArticleSet/>\n'.encode("utf-32"), "UTF-32",
+         "iconv -f UTF-32 -t UTF-8 wide.xml > wide.utf8.xml"),
     ]
     for name, raw, encoding, command in cases:
         path = tmp_path / name

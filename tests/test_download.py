@@ -220,6 +220,25 @@ def test_a_filesystem_with_shorter_names_fails_at_once_saying_so(server, tmp_pat
     assert len(tries) == 1
 
 
+def test_a_lock_file_name_too_long_for_the_filesystem_fails_saying_so(server, tmp_path, monkeypatch):
+    """The lock file (dest.part.lock) is the first file a download creates: on a filesystem whose limit is
+    below 255 bytes its ENAMETOOLONG is a DownloadError with the same advice, not a bare OSError."""
+    if dl.fcntl is None:
+        pytest.skip("no lock file without fcntl (Windows)")
+    server.files["/f"] = PAYLOAD
+    real_open = os.open
+
+    def short_names(path, *args, **kwargs):  # (a filesystem that cannot name the lock file)
+        if str(path).endswith(".lock"):
+            raise OSError(errno.ENAMETOOLONG, "File name too long", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(dl.os, "open", short_names)
+    with pytest.raises(DownloadError, match=r"(?s)f\.part\.lock.*shorter file names.*download to a shorter name"):
+        download(f"{server.url}/f", tmp_path / "f")
+    assert server.requests == [] and list(tmp_path.iterdir()) == []
+
+
 def test_404_is_a_clear_error(server):
     with pytest.raises(DownloadError, match="HTTP 404") as err:
         hub_file("org/missing", "model.safetensors")
