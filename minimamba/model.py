@@ -571,20 +571,25 @@ def check_step_ids(token_ids):
         shape = tuple(token_ids.shape) if isinstance(token_ids, torch.Tensor) else type(token_ids).__name__
         raise ValueError(f"token_ids must be a 1-D tensor (batch,): one id per sequence, got {shape}; "
                          "for ids (batch, 1) pass ids[:, 0]")
-    if token_ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"token_ids must be integer ids (torch.long or torch.int), got {token_ids.dtype}")
+    check_id_values(token_ids, "token_ids", read=False)
+
+
+def check_id_values(ids, what, below=None, within="", hint="", read=True):
+    """`ids` hold integer ids (torch.long or torch.int), and, where `read`, each in [0, below) (`within` names that
+    range, `hint` says what may have gone wrong; reading the ids waits for a GPU)."""
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{what} must be integer ids (torch.long or torch.int), got {ids.dtype}")
+    if read and ids.numel():
+        lo, hi = (int(v) for v in torch.aminmax(ids))
+        if lo < 0 or hi >= below:
+            raise ValueError(f"{what} holds token id {lo if lo < 0 else hi}, outside the {within} [0, {below}): {hint}")
 
 
 def check_ids_have_rows(ids, rows, what):
     """Ids for the embedding: integers, and on a CPU each in [0, rows) (the padding rows included). On a GPU the
     range is not read (that would wait for the GPU at every call; an id out of range is a device-side assert)."""
-    if ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"{what} must be integer ids (torch.long or torch.int), got {ids.dtype}")
-    if ids.device.type == "cpu" and ids.numel():
-        lo, hi = (int(v) for v in torch.aminmax(ids))
-        if lo < 0 or hi >= rows:
-            raise ValueError(f"{what} holds token id {lo if lo < 0 else hi}, outside the embedding's rows [0, {rows}): "
-                             "were the ids made by another tokenizer, or for a model of another vocabulary?")
+    check_id_values(ids, what, rows, "embedding's rows", "were the ids made by another tokenizer, or for a model "
+                    "of another vocabulary?", read=ids.device.type == "cpu")
 
 
 def check_prompt(ids, vocab_size, what):
@@ -595,14 +600,7 @@ def check_prompt(ids, vocab_size, what):
                          "ids[None], and prompts of different lengths as a list of lists or of 1-D tensors")
     if ids.shape[1] == 0:
         raise ValueError(f"{what} is empty: the model needs at least one token to predict from. {_FROM_NOTHING}")
-    if ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"{what} must hold integer ids (torch.long or torch.int), got {ids.dtype}")
-    if ids.numel():
-        lo, hi = (int(v) for v in torch.aminmax(ids))
-        if lo < 0 or hi >= vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"{what} holds token id {bad}, outside the vocabulary [0, {vocab_size}): "
-                             "were the ids made by another tokenizer?")
+    check_id_values(ids, what, vocab_size, "vocabulary", "were the ids made by another tokenizer?")
 
 
 def row_seed(seed, i):
@@ -640,8 +638,8 @@ def check_sampling(temperature, top_k, top_p):
 def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     """Pick one id per row of logits (b, V). temperature 0 = argmax; top_k / top_p restrict the support
     to the k most likely ids (and any tied with the k-th) / the smallest set whose probability reaches top_p,
-    before sampling (top_p = 1 keeps every id). `generator`: a torch.Generator (or None: torch's global one), all rows drawn in
-    one torch.multinomial; or a list of one generator per row, each row drawn alone from its own."""
+    before sampling (top_p = 1 keeps every id). `generator`: a torch.Generator (or None: torch's global one),
+    all rows drawn in one torch.multinomial; or a list of one generator per row, each row drawn alone from its own."""
     temperature, top_k, top_p = check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)  # (b,)
