@@ -161,8 +161,7 @@ def download(
                     ) from e
                 if code == errno.ENAMETOOLONG:  # a filesystem with a shorter limit on names
                     raise DownloadError(
-                        f"downloading {url} failed: {e}\n  This filesystem takes shorter file names than "
-                        f"{NAME_MAX} bytes: download to a shorter name (the bytes so far are kept in {part})."
+                        f"downloading {url} failed: {e}\n  {_SHORTER_NAME} (the bytes so far are kept in {part})."
                     ) from e
                 if code in DISK_ERRORS:  # the disk, not the network: do not retry
                     raise DownloadError(
@@ -199,9 +198,7 @@ def _only_one_process(part: Path, desc: str):
             if e.errno != errno.ENAMETOOLONG:
                 raise
             raise DownloadError(
-                f"downloading {desc} failed: cannot create {lock}: {e.strerror}\n  This filesystem takes shorter "
-                f"file names than {NAME_MAX} bytes: download to a shorter name."
-            ) from e
+                f"downloading {desc} failed: cannot create {lock}: {e.strerror}\n  {_SHORTER_NAME}.") from e
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -317,6 +314,7 @@ def _content_range(header: str) -> tuple:
 
 
 NAME_MAX = 255  # one file name on the usual filesystems: bytes (ext4, xfs, btrfs, APFS), UTF-16 units (NTFS)
+_SHORTER_NAME = f"This filesystem takes shorter file names than {NAME_MAX} bytes: download to a shorter name"
 
 
 def _name_length(name: str) -> tuple[int, str]:

@@ -75,7 +75,7 @@ from minimamba.tokenizer import checkpoint_tokenizer
 from minimamba.training import (
     IGNORE, SetupError, Weights, all_reduce_sum, check_settings, checkpoint_name, full_tensor, run, schedule_steps,
     unwrap)
-from minimamba.files import fsync_dir, parse_json, write_json_atomically
+from minimamba.files import fsync_dir, is_json_number, parse_json, write_json_atomically
 
 # ----------------------------------------------------------------------------------------------------------
 # Configuration
@@ -594,7 +594,7 @@ def _best_json(folder):
     a damaged file, whose folder is then not taken for any evaluation's best)."""
     info = _read_info(folder)
     step, loss = info.get("step"), info.get("val_loss")
-    if type(step) is not int or type(loss) not in (int, float):
+    if type(step) is not int or not is_json_number(loss):
         return None
     return step, loss
 
