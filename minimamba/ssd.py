@@ -74,10 +74,10 @@ import torch.nn.functional as F
 
 
 def _check(x, dt, A, B, C, D, initial_state):
-    """Validate the SSD contract: real floating-point tensors (D and initial_state may be None) of the
-    shapes below, and on a CPU dt ≥ 0 and A ≤ 0 (dt = softplus(·), A = −exp(A_log): decays exp(dt·A) ≤ 1);
-    on a GPU the signs are not checked (reading them would wait for the GPU at every call). Return
-    (batch, seqlen, H, P, G, N)."""
+    """Validate the SSD contract: real floating-point tensors (D and initial_state may be None) on x's
+    device, of the shapes below, and on a CPU dt ≥ 0 and A ≤ 0 (dt = softplus(·), A = −exp(A_log): decays
+    exp(dt·A) ≤ 1); on a GPU the signs are not checked (reading them would wait for the GPU at every call).
+    Return (batch, seqlen, H, P, G, N)."""
     for name, t in (("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C), ("D", D), ("initial_state", initial_state)):
         optional = name in ("D", "initial_state")
         if t is None and optional:
@@ -87,6 +87,9 @@ def _check(x, dt, A, B, C, D, initial_state):
                             f"{t!r:.40}" + (" (chunk_size is a keyword argument)" if name == "D" else ""))
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a real floating-point tensor, got {t.dtype}")
+        if t.device != x.device:  # (a Triton program would read another device's memory as if it were x's)
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: give the scan all its inputs on one "
+                             f"device (e.g. {name}.to(x.device))")
     if x.dim() != 4:
         raise ValueError(f"x must be (batch, seqlen, nheads, headdim), got shape {tuple(x.shape)}")
     b, l, h, p = x.shape

@@ -759,6 +759,8 @@ def test_bad_inputs_fail_clearly(monkeypatch):
     with pytest.raises(ValueError, match="dt must be ≥ 0"):  # (on CPU; the programs would clamp the decays)
         ssd_chunk_scan(args[0], -args[1], *args[2:], 16)
     assert torch.equal(ssd_chunk_scan(*args, np.int64(16)), ssd_chunk_scan(*args, 16))  # (as ssd_chunked takes it)
+    with pytest.raises(ValueError, match="B is on meta but x is on cpu"):  # (on a GPU: another device's memory)
+        ssd_chunk_scan(*args[:3], args[3].to("meta"), args[4], 16)
     with pytest.raises(ValueError, match="ngroups"):
         ssd_chunk_scan(args[0], args[1], args[2], pb["B"].repeat(1, 1, 3, 1), pb["C"].repeat(1, 1, 3, 1), 16)
     # more (batch element, chunk) pairs than a CUDA grid's 2nd axis holds: refused before any launch

@@ -192,6 +192,11 @@ def test_values_and_types_outside_the_contract_are_refused():
         (dict(A=A.abs()), ValueError, "A must be ≤ 0 \\(A = −exp\\(A_log\\)\\)"),
         (dict(A=torch.cat([A[:-1], A.new_full((1,), 1e-3)])), ValueError, "A must be ≤ 0"),  # (one head, barely)
         (dict(dt=-dt), ValueError, "dt must be ≥ 0 \\(dt = softplus"),
+        # ("meta" stands in for a GPU: one input on another device than x)
+        (dict(dt=dt.to("meta")), ValueError, "dt is on meta but x is on cpu: .* \\(e.g. dt.to\\(x.device\\)\\)"),
+        (dict(D=D.to("meta")), ValueError, "D is on meta but x is on cpu"),
+        (dict(initial_state=h0.to("meta")), ValueError, "initial_state is on meta but x is on cpu"),
+        (dict(x=x.to("meta")), ValueError, "dt is on cpu but x is on meta"),
     ]:
         for f in (ssd_recurrent, ssd_quadratic, lambda **kw: ssd_chunked(**kw, chunk_size=4)):
             with pytest.raises(error, match=message):
