@@ -175,6 +175,21 @@ def _build(impl, scale, dtype, chunk_size, seed=0, backend="torch", device="cpu"
     return hf.to(dtype)
 
 
+def hf_path():
+    """What HF's Mamba2 computes with here, said once in the header (each phase's process would print
+    transformers' own warning about it): its PyTorch path for the conv and the scan, unless mamba_ssm and
+    causal_conv1d (CUDA kernels) are installed."""
+    import importlib.util
+
+    import transformers
+
+    missing = [m for m in ("mamba_ssm", "causal_conv1d") if importlib.util.find_spec(m) is None]
+    if missing:
+        return (f"HF: transformers {transformers.__version__}, its PyTorch path for the conv and the scan "
+                f"({' and '.join(missing)} not installed)")
+    return f"HF: transformers {transformers.__version__}, with mamba_ssm and causal_conv1d installed"
+
+
 def _set_checkpointing(model, impl, on):
     """Activation checkpointing of every block, ours or HF's (HF's blocks ignore a model-level
     `gradient_checkpointing` attribute: it must be switched on through its own method)."""
@@ -240,6 +255,9 @@ def _phase(impl, phase, a):
     cuda = device.type == "cuda"
     if a.get("compare_hf"):  # (both processes hold transformers' code, ~0.22 GiB of RSS: not counted against HF)
         from transformers import Mamba2ForCausalLM  # noqa: F401
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # (its "falling back" warnings, once per phase's process: see hf_path)
     model = _build(impl, a["scale"], getattr(torch, a["dtype"]), a["chunk_size"], backend=a["backend"],
                    device=a["device"]).to(device)
     _set_checkpointing(model, impl, a["checkpointing"])
@@ -356,6 +374,8 @@ def bench_model(args):
     where = f"device {args.device}" + (f": {torch.cuda.get_device_name()}" if args.device != "cpu" else "")
     print(f"{where}, scan backend {args.backend}, {'bf16 autocast' if args.amp else args.dtype}, "
           f"activation checkpointing {args.checkpointing}, decode step {args.decode_backend}")
+    if args.compare_hf:
+        print(hf_path())
     print(f"forward / train step: batch {args.batch} x {args.seqlen} tokens; prefill: 1 x {args.prompt}; "
           f"decode: batch 1; scan chunk {args.chunk_size or 'default'}; median of {args.repeat}\n")
     rows, floor, decode_step = {}, None, None

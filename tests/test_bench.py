@@ -475,6 +475,7 @@ def test_the_model_table_puts_each_rows_numbers_beside_hfs_with_the_ratio_ours_w
             "peak GiB": (0.6, 0.9, 1.5)}
     assert table == want
     assert "minimamba decode step: c (auto: float32 on a CPU)" in text and "(no 2 MiB pages)" in text
+    assert re.search(r"^HF: transformers \S+, ", text, re.M)  # (what HF computes with, once: see the next test)
     floor_ms = 12.0 * 2**20 / 8e9 * 1000  # 12 MiB read at 8 GB/s
     assert f"read bandwidth on 4 KiB pages   8.0 GB/s -> floor {floor_ms:5.1f} ms/token; decode = 2.50x" in text
     written = json.loads(out.read_text())
@@ -487,6 +488,22 @@ def test_the_model_table_puts_each_rows_numbers_beside_hfs_with_the_ratio_ours_w
         calls.clear()
         bench.main(["model", "--scale", "tiny", *args])
         assert ("minimamba", "floor") not in calls and len(calls) == len(bench.PHASES) - (args[0] == "--phases")
+
+
+def test_hf_path_names_the_packages_whose_absence_makes_hf_run_its_pytorch_path(monkeypatch):
+    """Each phase's process printed transformers' own two "falling back" warnings (ten lines for five
+    phases); the header now says it once, naming what is missing."""
+    import importlib.util
+
+    import transformers
+
+    real, torch_path = importlib.util.find_spec, "its PyTorch path for the conv and the scan"
+    for installed, want in (((), f"{torch_path} (mamba_ssm and causal_conv1d not installed)"),
+                            (("mamba_ssm",), f"{torch_path} (causal_conv1d not installed)"),
+                            (("mamba_ssm", "causal_conv1d"), "with mamba_ssm and causal_conv1d installed")):
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name in installed
+                            else None if name in ("mamba_ssm", "causal_conv1d") else real(name, *a))
+        assert bench.hf_path() == f"HF: transformers {transformers.__version__}, {want}"
 
 
 def test_the_model_table_without_hf_has_no_ratio_column_and_no_line_explaining_one(monkeypatch, capsys):
