@@ -44,7 +44,8 @@ p.add_argument("--max-len", type=int, default=D.max_len,
                "(a QA prompt's instruction and question first)")
 p.add_argument("--batch-size", type=int, default=D.batch_size, help="pairs per micro-batch per process")
 p.add_argument("--grad-accum", type=int, default=D.grad_accum,
-               help="micro-batches per optimizer step (default: enough to reach --examples-per-step)")
+               help="micro-batches per optimizer step (default: enough to reach --examples-per-step; given both, "
+                    "they must agree)")
 p.add_argument("--examples-per-step", type=int, default=D.examples_per_step,
                help="the effective batch: pairs per optimizer step over all processes")
 # optimization

@@ -30,7 +30,8 @@ p.add_argument("--mix", default=D.mix, help="token share of each domain, NAME=SH
 p.add_argument("--seq-len", type=int, default=D.seq_len, help="tokens per training sequence")
 p.add_argument("--batch-size", type=int, default=D.batch_size, help="sequences per micro-batch per process")
 p.add_argument("--grad-accum", type=int, default=D.grad_accum,
-               help="micro-batches per optimizer step (default: enough to reach --tokens-per-step)")
+               help="micro-batches per optimizer step (default: enough to reach --tokens-per-step; given both, "
+                    "they must agree)")
 p.add_argument("--tokens-per-step", type=int, default=D.tokens_per_step,
                help="target tokens per optimizer step over all processes (the recipe: 256 sequences of 1024)")
 # optimization

@@ -73,8 +73,8 @@ from minimamba.evaluate import loss_summary
 from minimamba.sampler import parse_mix
 from minimamba.tokenizer import checkpoint_tokenizer
 from minimamba.training import (
-    IGNORE, SetupError, Weights, all_reduce_sum, check_settings, checkpoint_name, full_tensor, run, schedule_steps,
-    unwrap)
+    IGNORE, SetupError, Weights, all_reduce_sum, check_settings, checkpoint_name, full_tensor, micro_batches, run,
+    schedule_steps, unwrap)
 from minimamba.files import fsync_dir, is_json_number, parse_json, write_json_atomically
 
 # ----------------------------------------------------------------------------------------------------------
@@ -360,9 +360,8 @@ class Finetuning:
             except ValueError as e:
                 raise SetupError(str(e)) from None
         per_pass = cfg.batch_size * dist.world_size
-        grad_accum = cfg.grad_accum if cfg.grad_accum is not None else max(1, -(-cfg.examples_per_step // per_pass))
-        if grad_accum < 1:
-            raise SetupError(f"--grad-accum must be >= 1, got {grad_accum}")
+        grad_accum = micro_batches(cfg.grad_accum, cfg.examples_per_step, SFTConfig.examples_per_step, per_pass,
+                                   "examples", "--examples-per-step")
         self.dist = dist
         self.r = SFTPlan(grad_accum, per_pass * grad_accum, amp, cfg.eval_batch_size or cfg.batch_size, shares)
         return self.r

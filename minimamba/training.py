@@ -1317,6 +1317,21 @@ def check_settings(cfg, dist, ranges):
     return resolve_autocast(cfg.dtype, dist.device)
 
 
+def micro_batches(grad_accum, wanted, default, per_pass, unit, flag):
+    """Micro-batches per optimizer step: `grad_accum` (--grad-accum) where given, else the fewest passes of
+    `per_pass` `unit` (one micro-batch on every process) that reach `wanted` (`flag`: train.py's
+    --tokens-per-step, sft.py's --examples-per-step). Both given, they must agree: one would be ignored."""
+    if grad_accum is None:
+        return max(1, -(-wanted // per_pass))
+    if grad_accum < 1:
+        raise SetupError(f"--grad-accum must be >= 1, got {grad_accum}")
+    if wanted != default and wanted != grad_accum * per_pass:
+        raise SetupError(f"--grad-accum {grad_accum} makes {grad_accum * per_pass:,} {unit} per step "
+                         f"({per_pass:,} per micro-batch on all processes) but {flag} asks for {wanted:,}: "
+                         "give one of the two")
+    return grad_accum
+
+
 def resolve(cfg, dist):
     amp = check_settings(cfg, dist, {"seq_len": (1, None), "tokens_per_step": (1, None), "eval_windows": (0, None)})
     try:
@@ -1324,12 +1339,8 @@ def resolve(cfg, dist):
     except ValueError as e:
         raise SetupError(str(e)) from None
     per_pass = cfg.batch_size * dist.world_size
-    if cfg.grad_accum is not None:
-        if cfg.grad_accum < 1:
-            raise SetupError(f"--grad-accum must be >= 1, got {cfg.grad_accum}")
-        grad_accum = cfg.grad_accum
-    else:
-        grad_accum = max(1, math.ceil(cfg.tokens_per_step / cfg.seq_len / per_pass))
+    grad_accum = micro_batches(cfg.grad_accum, cfg.tokens_per_step, TrainConfig.tokens_per_step,
+                               per_pass * cfg.seq_len, "tokens", "--tokens-per-step")
     rows = per_pass * grad_accum
     tokens_per_step = rows * cfg.seq_len
     if cfg.tokens is not None:

@@ -294,6 +294,22 @@ def test_bad_pairs_are_refused_with_the_example_named(tmp_path, train_pairs, val
     assert not (tmp_path / "run").exists()  # (refused before anything is written)
 
 
+def test_examples_per_step_sets_the_micro_batches_unless_grad_accum_does():
+    """batch 2 (one process): --examples-per-step E takes ⌈E / 2⌉ micro-batches; --grad-accum sets them
+    itself, and with an --examples-per-step other than the default it must agree with it."""
+    from minimamba.finetune import Finetuning, SFTConfig
+
+    for grad_accum, examples, want in ((None, 1, 1), (None, 2, 1), (None, 7, 4), (None, 32, 16),
+                                       (3, SFTConfig.examples_per_step, 3), (3, 6, 3)):
+        job = Finetuning(config("unused", grad_accum=grad_accum, examples_per_step=examples), {"t": pairs(8)},
+                         tokenizer=ByteTokenizer())
+        assert (job.resolve(Dist()).grad_accum, job.r.rows_per_step) == (want, 2 * want), (grad_accum, examples)
+    job = Finetuning(config("unused", grad_accum=3, examples_per_step=8), {"t": pairs(8)}, tokenizer=ByteTokenizer())
+    with pytest.raises(SetupError, match="--grad-accum 3 makes 6 examples per step \\(2 per micro-batch on all "
+                                         "processes\\) but --examples-per-step asks for 8: give one of the two"):
+        job.resolve(Dist())
+
+
 def test_a_mix_must_name_the_tasks(tmp_path):
     with pytest.raises(SetupError, match="--mix names a, c but the tasks are a, b"):
         run(config(tmp_path / "run", mix="a=0.5,c=0.5"), {"a": pairs(8), "b": pairs(8)})

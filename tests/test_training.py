@@ -1119,6 +1119,8 @@ def test_read_log_refuses_a_damaged_line_before_the_last(tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     (dict(eval_batch_size=-2), "--eval-batch-size must be >= 1, got -2"),
+    (dict(tokens_per_step=4096), "--grad-accum 2 makes 64 tokens per step \\(32 per micro-batch on all processes\\) "
+                                 "but --tokens-per-step asks for 4,096: give one of the two"),
     (dict(save_every=-1), "--save-every must be >= 0, got -1"),
     (dict(eval_every=-1), "--eval-every must be >= 0"),
     (dict(min_lr_ratio=-1.0), "--min-lr-ratio must be in \\[0, 1\\]"),
@@ -1137,6 +1139,18 @@ def test_bad_settings_are_refused_before_anything_is_written(data, init_dir, tmp
     with pytest.raises(SetupError, match=message):
         train(replace(config(data, init_dir, tmp_path / "run"), **change))
     assert not (tmp_path / "run").exists()
+
+
+def test_tokens_per_step_sets_the_micro_batches_unless_grad_accum_does(data, init_dir, tmp_path):
+    """batch 2 × seq_len 16 = 32 tokens per micro-batch (one process): --tokens-per-step T takes ⌈T / 32⌉
+    micro-batches; --grad-accum sets them itself, and with a --tokens-per-step it must agree with (the
+    refusal: test_bad_settings_are_refused_before_anything_is_written)."""
+    cpu = Dist(device=torch.device("cpu"))
+    for grad_accum, tokens, want in ((None, 32, 1), (None, 33, 2), (None, 64, 2), (None, 1, 1), (None, 1000, 32),
+                                     (3, TrainConfig.tokens_per_step, 3), (3, 96, 3)):
+        r = resolve(replace(config(data, init_dir, tmp_path / "run"), grad_accum=grad_accum, tokens_per_step=tokens),
+                    cpu)
+        assert (r.grad_accum, r.rows_per_step, r.tokens_per_step) == (want, 2 * want, 32 * want), (grad_accum, tokens)
 
 
 def test_eval_windows_zero_means_all(data, init_dir, tmp_path):
