@@ -801,7 +801,7 @@ def test_meta_json_records_the_options_and_the_input_sizes_of_each_call(tmp_path
     assert meta["splits"]["heldout"]["prepared"]["heldout_fraction"] == 0.3
 
 
-def test_min_chars_keeps_a_document_of_exactly_that_length_and_duplicates_are_found_after_stripping(tmp_path):
+def test_min_chars_keeps_a_document_of_exactly_that_length_and_duplicates_are_found_after_stripping(tmp_path, capsys):
     """--min-chars N drops documents *shorter* than N (the wikitext103 hint's 101 means "more than 100"); the
     duplicate check hashes the stripped text that is written, so "  x " repeats "x"."""
     src = write_jsonl(tmp_path / "a.jsonl", [{"text": "12345"}, {"text": "1234"}, {"text": "  12345 \n"},
@@ -810,6 +810,8 @@ def test_min_chars_keeps_a_document_of_exactly_that_length_and_duplicates_are_fo
     assert documents_in(tmp_path / "out", "d", "train") == ["12345", "abcdef"]
     counts = meta["splits"]["train"]["prepared"]["counts"]
     assert (counts["too_short"], counts["duplicate"], counts["kept"]) == (1, 1, 2)
+    # the summary: documents read (4), then written (2: 5 + 1 and 6 + 1 tokens with their EOS)
+    assert capsys.readouterr().out.splitlines()[0] == "d: read 4 documents -> train 2 documents / 13 tokens"
 
 
 def test_heldout_fraction_0_holds_out_nothing_and_1_is_refused(tmp_path, capsys):
@@ -841,12 +843,14 @@ def test_a_vocabulary_must_fit_uint16_and_the_domain_name_must_be_one_folder(tmp
 
 
 def test_the_first_50_problems_are_kept_and_the_first_10_printed(tmp_path, capsys):
-    lines = [json.dumps({"text": "a good one"})] + [f"{{broken {i}" for i in range(53)]
+    """Problems of every kind count towards both limits: 5 non-UTF-8 lines (lines 2-6), then 53 malformed ones."""
+    lines = [json.dumps({"text": "a good one"}).encode()] + [b'{"text": "bad \xff %d"}' % i for i in range(5)]
+    lines += [f"{{broken {i}".encode() for i in range(53)]
     src = tmp_path / "a.jsonl"
-    src.write_text("\n".join(lines) + "\n")
+    src.write_bytes(b"\n".join(lines) + b"\n")
     meta = prepare("d", [src], ByteTokenizer(), tmp_path / "out", split="train")
     prepared = meta["splits"]["train"]["prepared"]
-    assert prepared["counts"]["malformed"] == 53
+    assert (prepared["counts"]["malformed"], prepared["counts"]["non_utf8"]) == (53, 5)
     assert [p.split(": ")[0] for p in prepared["problems"]] == [f"{src}:{n}" for n in range(2, 52)]
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
     assert [w.split(": ")[1] for w in warnings[:10]] == [f"{src}:{n}" for n in range(2, 12)]
@@ -892,3 +896,14 @@ def test_a_meta_json_whose_token_count_is_true_is_refused(tmp_path):
     (tmp_path / "d" / "meta.json").write_text(json.dumps({"splits": {"train": {"tokens": True}}}))
     with pytest.raises(DataError, match=r'"splits"."train"."tokens" is True, not a count'):
         read_meta(tmp_path, "d")
+
+
+def test_prepare_refuses_a_limit_of_0_no_inputs_and_names_every_missing_input_before_reading(tmp_path):
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": "a document"}])
+    with pytest.raises(DataError, match="limit must be at least 1 document .* got 0"):
+        prepare("d", [src], ByteTokenizer(), tmp_path / "out", limit=0)
+    with pytest.raises(DataError, match="no input files"):
+        prepare("d", [], ByteTokenizer(), tmp_path / "out")
+    with pytest.raises(DataError, match=f"input file\\(s\\) not found: {tmp_path / 'b.jsonl'}, {tmp_path / 'c.jsonl'}$"):
+        prepare("d", [src, tmp_path / "b.jsonl", tmp_path / "c.jsonl"], ByteTokenizer(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

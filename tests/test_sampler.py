@@ -262,6 +262,8 @@ def test_a_stream_of_exactly_k_windows_worth_of_tokens_has_k_minus_1(tmp_path):
 def test_other_bad_arguments_are_refused(data):
     with pytest.raises(ValueError, match="seq_len must be >= 1, got 0"):
         MixtureSampler(data, MIX, 0, 4)
+    with pytest.raises(DataError, match="heldout.bin holds 200 tokens, fewer than one window of 201"):
+        heldout_windows(data, "c4", 200)  # (199 // 200 = 0 windows)
     with pytest.raises(ValueError, match="the share of 'c4' in --mix must be >= 0, got nan"):
         parse_mix("pubmed=1,c4=nan")
     first = MixtureSampler(data, MIX, SEQ, 10, seed=0)
