@@ -559,6 +559,30 @@ def test_the_epoch_order_refuses_to_resume_with_other_settings():
     assert again.next_rows() == first.next_rows()
 
 
+def test_resuming_with_the_tasks_in_another_order_is_refused_and_the_same_mix_written_otherwise_is_exact():
+    """The rows of an epoch are drawn task by task, so --tasks b,a gives other batches than a,b: it was accepted
+    ({"a": 5, "b": 6} == {"b": 6, "a": 5}) and the resumed run trained on other batches than the uninterrupted
+    one. --mix a=7,b=3 is a=0.7,b=0.3 in other words (shares that differ in the last bit): it was refused."""
+    from minimamba.sampler import parse_mix
+
+    first = EpochOrder({"a": 5, "b": 6}, None, 4, seed=0)
+    first.next_rows()
+    swapped = EpochOrder({"b": 6, "a": 5}, None, 4, seed=0)
+    with pytest.raises(ValueError, match="cannot resume exactly.*the order of the tasks: checkpoint a, b vs now b, a"):
+        swapped.load_state_dict(first.state_dict())
+    sizes = {"a": 10, "b": 10, "c": 10}
+    decimals, integers = parse_mix("a=0.7,b=0.2,c=0.1", what="task"), parse_mix("a=7,b=2,c=1", what="task")
+    assert decimals != integers
+    whole = EpochOrder(sizes, decimals, 4, seed=0)
+    batches = [whole.next_rows() for _ in range(12)]  # (across epochs: 7 steps per epoch)
+    stopped = EpochOrder(sizes, decimals, 4, seed=0)
+    for _ in range(5):
+        stopped.next_rows()
+    resumed = EpochOrder(sizes, integers, 4, seed=0)
+    resumed.load_state_dict(stopped.state_dict())
+    assert [resumed.next_rows() for _ in range(7)] == batches[5:] and resumed.shares == decimals
+
+
 def job_for(cfg, train_pairs, dist=None, val_pairs=None):
     from minimamba.finetune import Finetuning
 
