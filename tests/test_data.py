@@ -822,6 +822,8 @@ def test_heldout_fraction_0_holds_out_nothing_and_1_is_refused(tmp_path, capsys)
     assert sorted(documents_in(tmp_path / "out", "d", "train")) == sorted(f"document {i}" for i in range(30))
     assert meta["splits"]["heldout"]["documents"] == 0 == (tmp_path / "out" / "d" / "heldout.bin").stat().st_size
     assert f"warning: {tmp_path / 'out' / 'd' / 'heldout'}.bin has no documents" in capsys.readouterr().err
+    with pytest.raises(DataError, match="heldout.bin has no tokens: its inputs held no usable document"):
+        load_split(tmp_path / "out", "d", "heldout")
     with pytest.raises(DataError, match=r"heldout_fraction must be in \[0, 1\), got 1"):
         prepare("d", [src], ByteTokenizer(), tmp_path / "out", heldout_fraction=1)
 
@@ -891,11 +893,25 @@ def test_token_files_longer_than_meta_json_says_are_refused_and_ids_needed_witho
     assert data.ids_needed(tmp_path, "d", "train") == (301, "its train.bin holds ids up to 300")
 
 
-def test_a_meta_json_whose_token_count_is_true_is_refused(tmp_path):
+def test_a_meta_json_whose_token_count_is_true_or_that_is_preparing_no_split_is_refused(tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "meta.json").write_text(json.dumps({"splits": {"train": {"tokens": True}}}))
     with pytest.raises(DataError, match=r'"splits"."train"."tokens" is True, not a count'):
         read_meta(tmp_path, "d")
+    (tmp_path / "d" / "meta.json").write_text(json.dumps({"splits": {}, "preparing": ["test"]}))
+    with pytest.raises(DataError, match=r"\"preparing\" is \['test'\], not a list of splits"):
+        read_meta(tmp_path, "d")
+
+
+def test_a_stopped_one_split_prepare_is_redone_with_that_split(tmp_path):
+    """A `prepare --split heldout` stopped between its renames: a --split train call is refused, and the
+    error says to redo --split heldout (not --split auto, which would replace train.bin too)."""
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": f"doc {i}"} for i in range(5)])
+    prepare("d", [src], ByteTokenizer(), tmp_path)
+    meta = read_meta(tmp_path, "d")
+    (tmp_path / "d" / "meta.json").write_text(json.dumps({**meta, "preparing": ["heldout"]}))
+    with pytest.raises(DataError, match=r"stopped while replacing heldout.bin.*with --split heldout$"):
+        prepare("d", [src], ByteTokenizer(), tmp_path, split="train")
 
 
 def test_prepare_refuses_a_limit_of_0_no_inputs_and_names_every_missing_input_before_reading(tmp_path):

@@ -646,3 +646,35 @@ def test_ranks_score_disjoint_slices_and_report_the_global_batch_s_tokens():
         # a row's inputs end where its labels do (the response, then EOS, are targets up to the end)
         lengths = [int(torch.nonzero(row != IGNORE).max()) + 1 for row in torch.cat([lab0, lab1])]
         assert len(lengths) == 8 and tok0 == tok1 == sum(lengths)
+
+
+def test_the_seed_chooses_both_the_validation_pairs_and_the_order_of_the_training_rows():
+    jobs = {seed: job_for(config("unused", seed=seed), {"a": pairs(20)}) for seed in (1, 2)}
+    for job in jobs.values():
+        job.check_data()
+    assert jobs[1].val_rows["a"] != jobs[2].val_rows["a"]  # (it was seeded by the task alone: the same split)
+    assert jobs[1].order.epoch(0) != jobs[2].order.epoch(0)
+    again = job_for(config("unused", seed=1), {"a": pairs(20)})
+    again.check_data()
+    assert again.val_rows["a"] == jobs[1].val_rows["a"] and again.order.epoch(0) == jobs[1].order.epoch(0)
+
+
+def test_mending_out_best_from_best_old_sets_a_stray_best_aside_and_a_checkpoint_without_weights_is_not_used(
+        ema_run, tmp_path):
+    from minimamba.finetune import _mend_best
+
+    cfg = ema_run[0]
+    out = tmp_path / "run"
+    shutil.copytree(cfg.out, out)
+    best_of_4 = states(out, 4)["early_stopping"]
+    assert json_best(out)["step"] == 8 and best_of_4["step"] == 4
+    assert _mend_best(out, best_of_4, 6) == 2  # (OUT/best is now step 4's, copied from its checkpoint)
+    # as if killed between the renames of a later save: OUT/.best.old holds step 4's best, OUT/best step 8's
+    os.replace(out / "best", out / ".best.old")
+    shutil.copytree(Path(cfg.out) / "best", out / "best")  # (step 8's)
+    assert _mend_best(out, best_of_4, 6) == 0
+    assert json_best(out)["step"] == 4 and (out / "best.abandoned" / "best.json").is_file()
+    assert not (out / ".best.old").exists()
+    # step 2's checkpoint without its weights: not copied from (it would fail half-way), the stray set aside
+    (out / "step-000002" / "pytorch_model.bin").unlink()
+    assert _mend_best(out, states(out, 2)["early_stopping"], 6) == 3 and not (out / "best").exists()
