@@ -13,6 +13,7 @@ import io
 import json
 import lzma
 import random
+import re
 import zlib
 from pathlib import Path
 
@@ -920,6 +921,7 @@ def test_prepare_refuses_a_limit_of_0_no_inputs_and_names_every_missing_input_be
         prepare("d", [src], ByteTokenizer(), tmp_path / "out", limit=0)
     with pytest.raises(DataError, match="no input files"):
         prepare("d", [], ByteTokenizer(), tmp_path / "out")
-    with pytest.raises(DataError, match=f"input file\\(s\\) not found: {tmp_path / 'b.jsonl'}, {tmp_path / 'c.jsonl'}$"):
+    missing = re.escape(f"input file(s) not found: {tmp_path / 'b.jsonl'}, {tmp_path / 'c.jsonl'}")
+    with pytest.raises(DataError, match=f"^{missing}$"):
         prepare("d", [src, tmp_path / "b.jsonl", tmp_path / "c.jsonl"], ByteTokenizer(), tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -642,7 +642,7 @@ def test_ranks_score_disjoint_slices_and_report_the_global_batch_s_tokens():
         job.check_data()
         job.load_data(SimpleNamespace(config=SimpleNamespace(vocab_size=EOS + 1)))
     for _ in range(2):
-        (in0, lab0, tok0), (in1, lab1, tok1) = jobs[0].next_batch(), jobs[1].next_batch()
+        (_, lab0, tok0), (_, lab1, tok1) = jobs[0].next_batch(), jobs[1].next_batch()
         # a row's inputs end where its labels do (the response, then EOS, are targets up to the end)
         lengths = [int(torch.nonzero(row != IGNORE).max()) + 1 for row in torch.cat([lab0, lab1])]
         assert len(lengths) == 8 and tok0 == tok1 == sum(lengths)
