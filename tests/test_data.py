@@ -925,3 +925,24 @@ def test_prepare_refuses_a_limit_of_0_no_inputs_and_names_every_missing_input_be
     with pytest.raises(DataError, match=f"^{missing}$"):
         prepare("d", [src, tmp_path / "b.jsonl", tmp_path / "c.jsonl"], ByteTokenizer(), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_literal_endoftext_in_a_text_never_becomes_eos_without_the_shared_tokenizer(tmp_path):
+    """test_real_tokenizer_never_writes_eos_inside_a_document needs ../shared/data; this stand-in encodes the
+    literal "<|endoftext|>" as EOS where special tokens are allowed (as the real tokenizer does), so a prepare
+    that allowed them would write an EOS inside the document."""
+
+    class SpecialAware(ByteTokenizer):
+        def encode_batch(self, texts, num_threads=None, allow_special=True):
+            out = []
+            for text in texts:
+                parts = text.split("<|endoftext|>") if allow_special else [text]
+                ids = [b + 1 for b in parts[0].encode()]
+                for part in parts[1:]:
+                    ids += [self.eos_id] + [b + 1 for b in part.encode()]
+                out.append(ids)
+            return out
+
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": "before<|endoftext|>after"}, {"text": "plain"}])
+    prepare("d", [src], SpecialAware(), tmp_path / "out", split="train")
+    assert documents_in(tmp_path / "out", "d", "train") == ["before<|endoftext|>after", "plain"]
