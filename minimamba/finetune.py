@@ -302,14 +302,25 @@ class EpochOrder:
                 "rows_per_step": self.rows_per_step}
 
     def load_state_dict(self, state):
-        mine = {"kind": "sft", "seed": self.seed, "sizes": self.sizes, "shares": self.shares,
-                "rows_per_step": self.rows_per_step}
+        mine = {"kind": "sft", "seed": self.seed, "sizes": self.sizes, "rows_per_step": self.rows_per_step}
         changed = [f"{k}: checkpoint {state.get(k)} vs now {v}" for k, v in mine.items() if state.get(k) != v]
+        # (the order of the tasks matters too: an epoch's rows are drawn task by task, then shuffled; two dicts
+        # of the same sizes in another order are equal)
+        if state.get("sizes") == self.sizes and list(state["sizes"]) != list(self.sizes):
+            changed.append(f"the order of the tasks: checkpoint {', '.join(state['sizes'])} vs now "
+                           f"{', '.join(self.sizes)}")
+        then = state.get("shares")
+        if (then is None) != (self.shares is None) or (then is not None and (
+                set(then) != set(self.shares) or any(abs(then[t] - self.shares[t]) > 1e-12 for t in self.shares))):
+            changed.append(f"shares: checkpoint {then} vs now {self.shares}")
         if changed:
-            raise ValueError("cannot resume exactly: the order of the pairs depends on the tasks and their sizes, "
-                             "--mix, --seed and the effective batch, and these differ from the checkpoint's ("
-                             + "; ".join(changed) + "). Resume with the same values and data.")
+            raise ValueError("cannot resume exactly: the order of the pairs depends on the tasks (and their order) "
+                             "and their sizes, --mix, --seed and the effective batch, and these differ from the "
+                             "checkpoint's (" + "; ".join(changed) + "). Resume with the same values and data.")
         self.step = int(state["step"])
+        if self.shares is not None:  # the checkpoint's own: the same --mix written otherwise (7,2,1 for
+            # 0.7,0.2,0.1) differs in the last bit, which can move a row between tasks in `quotas`
+            self.shares = {t: float(then[t]) for t in self.shares}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import io
 import json
 import lzma
 import random
+import re
 import zlib
 from pathlib import Path
 
@@ -777,3 +778,171 @@ def test_cli_download_of_pubmed_without_a_route_says_to_copy_the_xml_files(serve
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
     assert main(["download", "--source", "c4", "--split", "validation", "--out", str(tmp_path)]) == 2
     assert "set HF_ENDPOINT to a reachable mirror" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# prepare: what a mutation audit found untested (each test names the change it catches)
+
+
+def test_meta_json_records_the_options_and_the_input_sizes_of_each_call(tmp_path):
+    """meta.json's "prepared" holds the call's options as given (heldout_fraction only for --split auto: it
+    decides nothing otherwise) and each input's size in bytes (it recorded min_chars 0, the fraction of a
+    one-split call, or any byte count, and every test passed)."""
+    src = write_jsonl(tmp_path / "a.jsonl", [{"body": f"document {i}"} for i in range(9)])
+    meta = prepare("d", [src], ByteTokenizer(), tmp_path / "out", split="train", heldout_fraction=0.3,
+                   field="body", min_chars=3, limit=7)
+    prepared = meta["splits"]["train"]["prepared"]
+    assert {k: prepared[k] for k in ("split", "heldout_fraction", "field", "template", "text_unit", "min_chars",
+                                     "limit")} == {"split": "train", "heldout_fraction": None, "field": "body",
+                                                   "template": None, "text_unit": "block", "min_chars": 3,
+                                                   "limit": 7}
+    assert prepared["inputs"] == [{"path": str(src), "bytes": len(src.read_bytes()),
+                                   "sha256": hashlib.sha256(src.read_bytes()).hexdigest()}]
+    meta = prepare("d", [src], ByteTokenizer(), tmp_path / "out", heldout_fraction=0.3, field="body")
+    assert meta["splits"]["heldout"]["prepared"]["heldout_fraction"] == 0.3
+
+
+def test_min_chars_keeps_a_document_of_exactly_that_length_and_duplicates_are_found_after_stripping(tmp_path, capsys):
+    """--min-chars N drops documents *shorter* than N (the wikitext103 hint's 101 means "more than 100"); the
+    duplicate check hashes the stripped text that is written, so "  x " repeats "x"."""
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": "12345"}, {"text": "1234"}, {"text": "  12345 \n"},
+                                             {"text": "abcdef"}])
+    meta = prepare("d", [src], ByteTokenizer(), tmp_path / "out", split="train", min_chars=5)
+    assert documents_in(tmp_path / "out", "d", "train") == ["12345", "abcdef"]
+    counts = meta["splits"]["train"]["prepared"]["counts"]
+    assert (counts["too_short"], counts["duplicate"], counts["kept"]) == (1, 1, 2)
+    # the summary: documents read (4), then written (2: 5 + 1 and 6 + 1 tokens with their EOS)
+    assert capsys.readouterr().out.splitlines()[0] == "d: read 4 documents -> train 2 documents / 13 tokens"
+
+
+def test_heldout_fraction_0_holds_out_nothing_and_1_is_refused(tmp_path, capsys):
+    """[0, 1): 0 writes every document to train.bin (and warns that heldout.bin is empty); 1 would leave
+    train.bin empty and is refused."""
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": f"document {i}"} for i in range(30)])
+    meta = prepare("d", [src], ByteTokenizer(), tmp_path / "out", heldout_fraction=0.0)
+    assert sorted(documents_in(tmp_path / "out", "d", "train")) == sorted(f"document {i}" for i in range(30))
+    assert meta["splits"]["heldout"]["documents"] == 0 == (tmp_path / "out" / "d" / "heldout.bin").stat().st_size
+    assert f"warning: {tmp_path / 'out' / 'd' / 'heldout'}.bin has no documents" in capsys.readouterr().err
+    with pytest.raises(DataError, match="heldout.bin has no tokens: its inputs held no usable document"):
+        load_split(tmp_path / "out", "d", "heldout")
+    with pytest.raises(DataError, match=r"heldout_fraction must be in \[0, 1\), got 1"):
+        prepare("d", [src], ByteTokenizer(), tmp_path / "out", heldout_fraction=1)
+
+
+def test_a_vocabulary_must_fit_uint16_and_the_domain_name_must_be_one_folder(tmp_path):
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": "a document"}])
+
+    class Vocab(ByteTokenizer):
+        vocab_size = 2**16  # ids 0 … 65535: every one fits a uint16
+
+    prepare("d", [src], Vocab(), tmp_path / "out", split="train")
+    Vocab.vocab_size = 2**16 + 1
+    with pytest.raises(DataError, match="a vocabulary of 65537 ids does not fit the uint16 token files"):
+        prepare("d", [src], Vocab(), tmp_path / "out2", split="train")
+    for bad in ("../escape", "a/b", ".hidden", ""):
+        with pytest.raises(DataError, match="bad domain name"):
+            prepare(bad, [src], ByteTokenizer(), tmp_path / "out3" / "inner", split="train")
+    assert not (tmp_path / "out3").exists() and not (tmp_path / "escape").exists()
+
+
+def test_the_first_50_problems_are_kept_and_the_first_10_printed(tmp_path, capsys):
+    """Problems of every kind count towards both limits: 5 non-UTF-8 lines (lines 2-6), then 53 malformed ones."""
+    lines = [json.dumps({"text": "a good one"}).encode()] + [b'{"text": "bad \xff %d"}' % i for i in range(5)]
+    lines += [f"{{broken {i}".encode() for i in range(53)]
+    src = tmp_path / "a.jsonl"
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    meta = prepare("d", [src], ByteTokenizer(), tmp_path / "out", split="train")
+    prepared = meta["splits"]["train"]["prepared"]
+    assert (prepared["counts"]["malformed"], prepared["counts"]["non_utf8"]) == (53, 5)
+    assert [p.split(": ")[0] for p in prepared["problems"]] == [f"{src}:{n}" for n in range(2, 52)]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert [w.split(": ")[1] for w in warnings[:10]] == [f"{src}:{n}" for n in range(2, 12)]
+    assert warnings[10:] == ["warning: further problems are only counted (see meta.json)"]
+
+
+def test_another_tokenizer_is_refused_for_one_split_but_fine_for_both(tmp_path):
+    """A one-split call must use the tokenizer (vocabulary size *and* EOS id) of the split it keeps; a --split
+    auto call replaces both, so any tokenizer will do."""
+    out = tmp_path / "out"
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": f"doc {i}"} for i in range(20)])
+    prepare("d", [src], ByteTokenizer(), out)
+
+    class OtherEos(ByteTokenizer):  # the same vocabulary size, another EOS id
+        eos_id = 256
+
+    with pytest.raises(DataError, match="another tokenizer"):
+        prepare("d", [src], OtherEos(), out, split="heldout")
+
+    class Bigger(ByteTokenizer):
+        name, vocab_size = "bigger", 300
+
+    meta = prepare("d", [src], Bigger(), out)  # (both splits written again)
+    assert meta["tokenizer"]["vocab_size"] == 300 == read_meta(out, "d")["tokenizer"]["vocab_size"]
+
+
+def test_token_files_longer_than_meta_json_says_are_refused_and_ids_needed_without_meta_json(tmp_path):
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": f"doc {i}"} for i in range(5)])
+    prepare("d", [src], ByteTokenizer(), tmp_path, split="train")
+    train = tmp_path / "d" / "train.bin"
+    assert data.ids_needed(tmp_path, "d", "train")[0] == 257  # (the tokenizer's vocabulary, from meta.json)
+    whole = train.read_bytes()
+    train.write_bytes(whole + b"\x01\x00")  # one token more than meta.json's count
+    with pytest.raises(DataError, match=f"holds {len(whole) + 2:,} bytes where meta.json says"):
+        load_split(tmp_path, "d", "train")
+    (tmp_path / "d" / "meta.json").unlink()
+    np.array([5, 300, 7], dtype=np.uint16).tofile(train)  # no meta.json: the largest id + 1
+    assert data.ids_needed(tmp_path, "d", "train") == (301, "its train.bin holds ids up to 300")
+
+
+def test_a_meta_json_whose_token_count_is_true_or_that_is_preparing_no_split_is_refused(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "meta.json").write_text(json.dumps({"splits": {"train": {"tokens": True}}}))
+    with pytest.raises(DataError, match=r'"splits"."train"."tokens" is True, not a count'):
+        read_meta(tmp_path, "d")
+    (tmp_path / "d" / "meta.json").write_text(json.dumps({"splits": {}, "preparing": ["test"]}))
+    with pytest.raises(DataError, match=r"\"preparing\" is \['test'\], not a list of splits"):
+        read_meta(tmp_path, "d")
+
+
+def test_a_stopped_one_split_prepare_is_redone_with_that_split(tmp_path):
+    """A `prepare --split heldout` stopped between its renames: a --split train call is refused, and the
+    error says to redo --split heldout (not --split auto, which would replace train.bin too)."""
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": f"doc {i}"} for i in range(5)])
+    prepare("d", [src], ByteTokenizer(), tmp_path)
+    meta = read_meta(tmp_path, "d")
+    (tmp_path / "d" / "meta.json").write_text(json.dumps({**meta, "preparing": ["heldout"]}))
+    with pytest.raises(DataError, match=r"stopped while replacing heldout.bin.*with --split heldout$"):
+        prepare("d", [src], ByteTokenizer(), tmp_path, split="train")
+
+
+def test_prepare_refuses_a_limit_of_0_no_inputs_and_names_every_missing_input_before_reading(tmp_path):
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": "a document"}])
+    with pytest.raises(DataError, match="limit must be at least 1 document .* got 0"):
+        prepare("d", [src], ByteTokenizer(), tmp_path / "out", limit=0)
+    with pytest.raises(DataError, match="no input files"):
+        prepare("d", [], ByteTokenizer(), tmp_path / "out")
+    missing = re.escape(f"input file(s) not found: {tmp_path / 'b.jsonl'}, {tmp_path / 'c.jsonl'}")
+    with pytest.raises(DataError, match=f"^{missing}$"):
+        prepare("d", [src, tmp_path / "b.jsonl", tmp_path / "c.jsonl"], ByteTokenizer(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_literal_endoftext_in_a_text_never_becomes_eos_without_the_shared_tokenizer(tmp_path):
+    """test_real_tokenizer_never_writes_eos_inside_a_document needs ../shared/data; this stand-in encodes the
+    literal "<|endoftext|>" as EOS where special tokens are allowed (as the real tokenizer does), so a prepare
+    that allowed them would write an EOS inside the document."""
+
+    class SpecialAware(ByteTokenizer):
+        def encode_batch(self, texts, num_threads=None, allow_special=True):
+            out = []
+            for text in texts:
+                parts = text.split("<|endoftext|>") if allow_special else [text]
+                ids = [b + 1 for b in parts[0].encode()]
+                for part in parts[1:]:
+                    ids += [self.eos_id] + [b + 1 for b in part.encode()]
+                out.append(ids)
+            return out
+
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": "before<|endoftext|>after"}, {"text": "plain"}])
+    prepare("d", [src], SpecialAware(), tmp_path / "out", split="train")
+    assert documents_in(tmp_path / "out", "d", "train") == ["before<|endoftext|>after", "plain"]

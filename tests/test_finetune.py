@@ -525,3 +525,172 @@ def test_task_and_mix_mistakes_are_named(tmp_path, change, message):
     train_pairs = None if "tasks" in change else {"a": pairs(8), "b": pairs(8)}
     with pytest.raises(SetupError, match=message):
         finetune(config(tmp_path / "run", **change), train_pairs, model=small_model(), tokenizer=ByteTokenizer())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What a mutation audit found untested (each test names the change it catches)
+
+
+def test_max_len_below_2_is_refused_and_padding_uses_the_pad_id():
+    """max_len 1 would leave no room for a prompt token: prompt_ids[-0:] is the whole prompt (it passed with
+    the check at < 1). The padding of the inputs is pad_id (it passed with 0: the test's pad_id was 0)."""
+    with pytest.raises(ValueError, match="max_len must be >= 2"):
+        encode_pair([1, 2, 3], [4], 9, max_len=1)
+    inputs, labels = collate([([1, 2, 3, 9], 2), ([4, 5], 1)], pad_id=7)
+    assert inputs.tolist() == [[1, 2, 3], [4, 7, 7]] and labels.tolist() == [[IGNORE, 3, 9], [5, IGNORE, IGNORE]]
+
+
+def test_mix_quotas_are_rounded_by_largest_remainders():
+    """N = 10 rows, shares .255/.265/.48: exactly 2.55, 2.65, 4.8 rows; the floors 2, 2, 4 leave 2 rows, which
+    go to the largest remainders (c's .8, b's .65): 2, 3, 5. (Rounding each first gives 3, 3, 5 = 11 rows;
+    the smallest remainders first gives 3, 3, 4.)"""
+    order = EpochOrder({"a": 3, "b": 3, "c": 4}, {"a": 0.255, "b": 0.265, "c": 0.48}, rows_per_step=2, seed=0)
+    assert order.quotas() == {"a": 2, "b": 3, "c": 5}
+    tasks = [t for t, _ in order.epoch(0)]
+    assert {t: tasks.count(t) for t in "abc"} == {"a": 2, "b": 3, "c": 5}
+
+
+def test_the_validation_share_is_rounded_to_the_nearest_pair_and_at_least_one():
+    from minimamba.finetune import split_validation
+
+    examples = pairs(14)
+    train, val = split_validation(examples, 0.25, 0, "t")  # 0.25 · 14 = 3.5 pairs: round() gives 4
+    assert len(val) == 4 and len(train) == 10 and sorted(train + val) == sorted(examples)
+    assert len(split_validation(pairs(16), 0.01, 0, "t")[1]) == 1  # (0.16 of a pair: still one)
+
+
+def test_the_epoch_order_refuses_to_resume_with_other_settings():
+    sizes, shares = {"a": 5, "b": 6}, {"a": 0.5, "b": 0.5}
+    first = EpochOrder(sizes, shares, 4, seed=0)
+    for _ in range(3):
+        first.next_rows()
+    for kw, what in [(dict(shares={"a": 0.25, "b": 0.75}), "shares"), (dict(shares=None), "shares"),
+                     (dict(seed=1), "seed"), (dict(sizes={"a": 5, "b": 7}), "sizes"),
+                     (dict(rows_per_step=2), "rows_per_step")]:
+        args = {"sizes": sizes, "shares": shares, "rows_per_step": 4, "seed": 0, **kw}
+        with pytest.raises(ValueError, match=f"cannot resume exactly.*{what}: checkpoint"):
+            EpochOrder(**args).load_state_dict(first.state_dict())
+    again = EpochOrder(sizes, shares, 4, seed=0)
+    again.load_state_dict(first.state_dict())
+    assert again.next_rows() == first.next_rows()
+
+
+def test_resuming_with_the_tasks_in_another_order_is_refused_and_the_same_mix_written_otherwise_is_exact():
+    """The rows of an epoch are drawn task by task, so --tasks b,a gives other batches than a,b: it was accepted
+    ({"a": 5, "b": 6} == {"b": 6, "a": 5}) and the resumed run trained on other batches than the uninterrupted
+    one. --mix a=7,b=3 is a=0.7,b=0.3 in other words (shares that differ in the last bit): it was refused."""
+    from minimamba.sampler import parse_mix
+
+    first = EpochOrder({"a": 5, "b": 6}, None, 4, seed=0)
+    first.next_rows()
+    swapped = EpochOrder({"b": 6, "a": 5}, None, 4, seed=0)
+    with pytest.raises(ValueError, match="cannot resume exactly.*the order of the tasks: checkpoint a, b vs now b, a"):
+        swapped.load_state_dict(first.state_dict())
+    sizes = {"a": 10, "b": 10, "c": 10}
+    decimals, integers = parse_mix("a=0.7,b=0.2,c=0.1", what="task"), parse_mix("a=7,b=2,c=1", what="task")
+    assert decimals != integers
+    whole = EpochOrder(sizes, decimals, 4, seed=0)
+    batches = [whole.next_rows() for _ in range(12)]  # (across epochs: 7 steps per epoch)
+    stopped = EpochOrder(sizes, decimals, 4, seed=0)
+    for _ in range(5):
+        stopped.next_rows()
+    resumed = EpochOrder(sizes, integers, 4, seed=0)
+    resumed.load_state_dict(stopped.state_dict())
+    assert [resumed.next_rows() for _ in range(7)] == batches[5:] and resumed.shares == decimals
+
+
+def job_for(cfg, train_pairs, dist=None, val_pairs=None):
+    from minimamba.finetune import Finetuning
+
+    job = Finetuning(cfg, train_pairs, val_pairs, tokenizer=ByteTokenizer())
+    job.resolve(dist or Dist())
+    return job
+
+
+def test_default_grad_accum_rounds_up_to_reach_examples_per_step_and_ids_beyond_the_vocabulary_are_refused():
+    """--examples-per-step 5 with 2 pairs per micro-batch: 3 micro-batches (6 pairs), never fewer than asked.
+    The byte tokenizer's EOS is id 256: a model of 256 ids cannot read it."""
+    from types import SimpleNamespace
+
+    r = job_for(config("unused", grad_accum=None, examples_per_step=5, batch_size=2), pairs(8)).r
+    assert (r.grad_accum, r.rows_per_step) == (3, 6)
+    job = job_for(config("unused"), pairs(8), val_pairs=pairs(2, seed=1))
+    job.check_data()
+    with pytest.raises(Exception, match="the tokenizer gives id 256, but the model has a vocabulary of 256 ids"):
+        job.load_data(SimpleNamespace(config=SimpleNamespace(vocab_size=256)))
+    job.load_data(SimpleNamespace(config=SimpleNamespace(vocab_size=257)))
+
+
+def test_an_equal_validation_loss_is_not_a_new_best(tmp_path, monkeypatch):
+    """Only a *lower* loss moves OUT/best: an equal one counts against the patience (with <=, the best's step
+    moved to each later evaluation of the same loss, and the run never stopped early)."""
+    import minimamba.finetune as finetune_module
+    from minimamba.finetune import SFTPlan
+
+    saved = []
+    monkeypatch.setattr(finetune_module, "save_best", lambda out, model, ema, dist, info, tok=None: saved.append(info))
+    job = job_for(config(tmp_path, patience=2), pairs(8))
+    job.r = SFTPlan(1, 4, None, 2, None, max_steps=100)
+    stops = [job.after_eval(step, {"all": {"loss": loss}}, None, None)
+             for step, loss in ((0, 1.5), (2, 1.5), (4, 1.5))]
+    assert stops == [False, False, True] and [info["step"] for info in saved] == [0]
+    assert job.best["step"] == 0 and job.best["bad_evals"] == 2
+
+
+def test_ranks_score_disjoint_slices_and_report_the_global_batch_s_tokens():
+    """Two processes: each scores every other validation row (their sums add up to the one-process loss),
+    and each reports the input tokens of the whole step's rows, not of its own half (they are logged as the
+    tokens seen)."""
+    from types import SimpleNamespace
+
+    model, rows = small_model(), encode_pairs(ByteTokenizer(), pairs(7), 48)[0]
+    whole = validation_loss(model, {"t": rows}, 2, EOS, torch.device("cpu"))["all"]
+    parts = [validation_loss(model, {"t": rows}, 2, EOS, torch.device("cpu"),
+                             dist=SimpleNamespace(rank=r, world_size=2, enabled=False, device=torch.device("cpu")))
+             ["all"] for r in range(2)]
+    assert parts[0]["tokens"] + parts[1]["tokens"] == whole["tokens"]
+    assert (parts[0]["loss"] * parts[0]["tokens"] + parts[1]["loss"] * parts[1]["tokens"]) / whole["tokens"] == \
+        pytest.approx(whole["loss"], rel=1e-6)
+
+    jobs = [job_for(config("unused"), pairs(12), dist=Dist(rank=r, world_size=2), val_pairs=pairs(2, seed=1))
+            for r in range(2)]
+    for job in jobs:
+        job.check_data()
+        job.load_data(SimpleNamespace(config=SimpleNamespace(vocab_size=EOS + 1)))
+    for _ in range(2):
+        (_, lab0, tok0), (_, lab1, tok1) = jobs[0].next_batch(), jobs[1].next_batch()
+        # a row's inputs end where its labels do (the response, then EOS, are targets up to the end)
+        lengths = [int(torch.nonzero(row != IGNORE).max()) + 1 for row in torch.cat([lab0, lab1])]
+        assert len(lengths) == 8 and tok0 == tok1 == sum(lengths)
+
+
+def test_the_seed_chooses_both_the_validation_pairs_and_the_order_of_the_training_rows():
+    jobs = {seed: job_for(config("unused", seed=seed), {"a": pairs(20)}) for seed in (1, 2)}
+    for job in jobs.values():
+        job.check_data()
+    assert jobs[1].val_rows["a"] != jobs[2].val_rows["a"]  # (it was seeded by the task alone: the same split)
+    assert jobs[1].order.epoch(0) != jobs[2].order.epoch(0)
+    again = job_for(config("unused", seed=1), {"a": pairs(20)})
+    again.check_data()
+    assert again.val_rows["a"] == jobs[1].val_rows["a"] and again.order.epoch(0) == jobs[1].order.epoch(0)
+
+
+def test_mending_out_best_from_best_old_sets_a_stray_best_aside_and_a_checkpoint_without_weights_is_not_used(
+        ema_run, tmp_path):
+    from minimamba.finetune import _mend_best
+
+    cfg = ema_run[0]
+    out = tmp_path / "run"
+    shutil.copytree(cfg.out, out)
+    best_of_4 = states(out, 4)["early_stopping"]
+    assert json_best(out)["step"] == 8 and best_of_4["step"] == 4
+    assert _mend_best(out, best_of_4, 6) == 2  # (OUT/best is now step 4's, copied from its checkpoint)
+    # as if killed between the renames of a later save: OUT/.best.old holds step 4's best, OUT/best step 8's
+    os.replace(out / "best", out / ".best.old")
+    shutil.copytree(Path(cfg.out) / "best", out / "best")  # (step 8's)
+    assert _mend_best(out, best_of_4, 6) == 0
+    assert json_best(out)["step"] == 4 and (out / "best.abandoned" / "best.json").is_file()
+    assert not (out / ".best.old").exists()
+    # step 2's checkpoint without its weights: not copied from (it would fail half-way), the stray set aside
+    (out / "step-000002" / "pytorch_model.bin").unlink()
+    assert _mend_best(out, states(out, 2)["early_stopping"], 6) == 3 and not (out / "best").exists()

@@ -200,3 +200,74 @@ def test_bad_data_errors_name_the_path_and_the_command(data, tmp_path):
     with pytest.raises(DataError, match=r"(?s)no heldout tokens for domain\(s\) wiki in .*\(expected .*wiki/heldout"
                                         r"\.bin\)\. Domains found there: c4, wikipedia\..*or change --ppl-domains\.$"):
         check_domains(tmp_path, ["c4", "wiki"], "heldout", "--ppl-domains")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# what a mutation audit found untested (each test names the change it catches)
+
+
+def windows_of(batch):
+    """(domain, window number) of each row of a batch of the `data` fixture (window j starts at token j·SEQ)."""
+    return [(domain_of(row), (int(row[0]) % 10000 - 1) // SEQ) for row in batch]
+
+
+def test_a_tie_between_domains_goes_to_the_first_of_the_mix(data):
+    """One row per step, shares 1/2 and 1/2: at step 0 both are 0.5 rows behind (a tie: the first domain of
+    the mix), then the other is 1 row behind, and so on: first, second, first, second (it held with the ties
+    broken towards the last domain too)."""
+    for mix in ({"c4": 0.5, "wikipedia": 0.5}, {"wikipedia": 0.5, "c4": 0.5}):
+        s = MixtureSampler(data, mix, SEQ, rows_per_step=1, seed=0)
+        assert [domain_of(s.next_batch()[0]) for _ in range(4)] == [*mix] * 2
+
+
+def test_every_epoch_and_every_domain_has_its_own_window_order(tmp_path):
+    """The windows of a domain are visited in a fresh random order each epoch, and two domains of the same
+    size in different orders. (Only the order of the rows *within* each step was checked, which the
+    per-step shuffle changes anyway: a permutation seeded without the epoch, or without the domain, passed.)"""
+    write_domain(tmp_path, "x", 10 * SEQ + 1, offset=1)
+    write_domain(tmp_path, "y", 10 * SEQ + 1, offset=10001)  # (domain_of: "pubmed" is x, "c4" is y)
+    s = MixtureSampler(tmp_path, {"x": 0.5, "y": 0.5}, SEQ, rows_per_step=10, seed=0)
+    halves = {"pubmed": [], "c4": []}  # per domain: the set of its windows in the first step of each epoch
+    for _ in range(4):  # 4 epochs: each step takes 5 windows of each domain, 2 steps per epoch
+        first, second = windows_of(s.next_batch()), windows_of(s.next_batch())
+        for d in halves:
+            got = [j for dd, j in first if dd == d], [j for dd, j in second if dd == d]
+            assert sorted(got[0] + got[1]) == list(range(10))  # each window once per epoch
+            halves[d].append(frozenset(got[0]))
+    assert len(set(halves["pubmed"])) > 1 and len(set(halves["c4"])) > 1  # other windows first in another epoch
+    assert halves["pubmed"] != halves["c4"]  # two domains of one size: not the same order
+
+
+def test_the_rows_of_a_step_are_shuffled_before_the_ranks_take_theirs(data):
+    """Two domains, one row each per step, two ranks: with the rows shuffled anew each step (seeded by the
+    step), rank 0 gets either domain; unshuffled, or shuffled the same way each step, it always got the same one."""
+    s = MixtureSampler(data, {"c4": 0.5, "wikipedia": 0.5}, SEQ, rows_per_step=2, seed=0, rank=0, world_size=2)
+    seen = [domain_of(s.next_batch()[0]) for _ in range(20)]
+    assert set(seen) == {"c4", "wikipedia"}
+
+
+def test_a_stream_of_exactly_k_windows_worth_of_tokens_has_k_minus_1(tmp_path):
+    """A window is seq_len + 1 tokens and window j starts at j·seq_len, so 10·SEQ tokens hold 9 whole windows
+    (the 10th would lack its last token), and the last (10·SEQ - 1) % SEQ = SEQ - 1 tokens are never read."""
+    write_domain(tmp_path, "x", 10 * SEQ, offset=1)
+    s = MixtureSampler(tmp_path, {"x": 1.0}, SEQ, rows_per_step=3, seed=0)
+    assert s.num_windows == {"x": 9}
+    rows = torch.cat([s.next_batch() for _ in range(3)])  # one epoch: 9 rows
+    assert sorted(rows[:, 0].tolist()) == [1 + SEQ * j for j in range(9)]
+    assert int(rows.max()) == 1 + 9 * SEQ  # the first token of the never-read tail is the last one read
+    s.next_batch()
+    assert s.epochs() == {"x": pytest.approx(12 / 9)}  # (a fraction, not whole passes)
+
+
+def test_other_bad_arguments_are_refused(data):
+    with pytest.raises(ValueError, match="seq_len must be >= 1, got 0"):
+        MixtureSampler(data, MIX, 0, 4)
+    with pytest.raises(DataError, match="heldout.bin holds 200 tokens, fewer than one window of 201"):
+        heldout_windows(data, "c4", 200)  # (199 // 200 = 0 windows)
+    with pytest.raises(ValueError, match="the share of 'c4' in --mix must be >= 0, got nan"):
+        parse_mix("pubmed=1,c4=nan")
+    first = MixtureSampler(data, MIX, SEQ, 10, seed=0)
+    first.next_batch()
+    near = {"pubmed": 0.75, "c4": 0.15, "wikipedia": 0.1}  # (a changed mix, if not by much)
+    with pytest.raises(ValueError, match="mix: checkpoint"):
+        MixtureSampler(data, near, SEQ, 10, seed=0).load_state_dict(first.state_dict())
