@@ -650,7 +650,7 @@ def test_a_kill_in_the_middle_of_a_save_loses_nothing_and_latest_names_the_newes
     assert ("put the complete new checkpoint .step-000004.tmp in place; " + str(out / "latest") + " names it"
             in capsys.readouterr().err)
     assert state(out, 5)["config"]["lr"] == cfg.lr * 3 and not list(out.glob(".step-*"))
-    assert min(losses(out)) == 1 and max(losses(out)) == 5
+    assert sorted(losses(out)) == [1, 2, 3, 4, 5]  # (the log kept the records up to step 4, the step resumed from)
     # a kill after the commit and before the old step directory was moved aside: the new one replaces it
     shutil.copytree(out / "step-000005", out / ".step-000006.tmp")
     (out / "latest").write_text("step-000006\n")
@@ -1491,3 +1491,24 @@ def test_a_record_whose_step_is_not_a_number_is_damage(tmp_path):
     log.write_text('{"step": 1}\n{"step": "2"}\n{"step": 3}\n')
     with pytest.raises(ValueError, match=r"line\(s\) \[2\] are not JSON records"):
         read_log(log)
+
+
+def test_an_ema_state_of_other_names_is_refused():
+    """EMA.load_state_dict takes the state of the same parameters only: one missing or one more is a ValueError."""
+    model = small_model()
+    whole = EMA(model, 0.5).state_dict()
+    for other in ({k: v for k, v in whole.items() if k != "D" and not k.endswith(".D")},
+                  {**whole, "layers.9.mixer.D": torch.zeros(2)}):
+        with pytest.raises(ValueError, match="EMA state does not match the model"):
+            EMA(model, 0.5).load_state_dict(other)
+
+
+def test_a_batch_without_a_target_token_is_a_value_error():
+    """Every label IGNORE (fine-tuning rows whose prompt fills them): the mean over no token is refused, naming it."""
+    from minimamba.training import IGNORE
+
+    model = small_model()
+    rows = torch.randint(0, VOCAB, (2, 8))
+    with pytest.raises(ValueError, match="the batch has no target token"):
+        train_step(model, torch.optim.SGD(model.parameters(), lr=1.0), rows, 2, 1.0, Dist(),
+                   labels=torch.full_like(rows, IGNORE))
