@@ -478,6 +478,12 @@ def test_resume_is_exact(data, init_dir, tmp_path):
     tokens = [{r["step"]: r["tokens"] for r in read_log(out / "log.jsonl") if "loss" in r} for out in (part, tmp_path / "whole")]
     assert tokens[0] == {s: t for s, t in tokens[1].items() if s > 2}  # (the tokens seen are restored too)
     assert state(part, 6)["tokens_seen"] == 6 * 4 * 16
+    assert [r["step"] for r in read_log(part / "log.jsonl") if "eval" in r] == [6]  # (not at the start of a resume)
+    # "time" is the training time so far: the checkpoint's, then each step's (its tokens / its tokens per second)
+    elapsed = state(part, 2)["elapsed"]
+    for r in (r for r in read_log(part / "log.jsonl") if "loss" in r):
+        elapsed += 4 * 16 / r["tok_per_s"]
+        assert r["time"] == pytest.approx(elapsed, rel=1e-9), r["step"]
 
 
 @pytest.mark.slow
@@ -1512,3 +1518,13 @@ def test_a_batch_without_a_target_token_is_a_value_error():
     with pytest.raises(ValueError, match="the batch has no target token"):
         train_step(model, torch.optim.SGD(model.parameters(), lr=1.0), rows, 2, 1.0, Dist(),
                    labels=torch.full_like(rows, IGNORE))
+
+
+def test_init_scratch_draws_the_weights_of_seed():
+    """--init scratch: the random weights of --seed (another seed, other weights; the same, the same)."""
+    from minimamba.training import build_model
+
+    one, again, other = (build_model(TrainConfig(init="scratch", scale="tiny", seed=s, backend="torch")).state_dict()
+                         for s in (1, 1, 2))
+    assert all(torch.equal(one[k], again[k]) for k in one)
+    assert not torch.equal(one["layers.0.mixer.in_proj.weight"], other["layers.0.mixer.in_proj.weight"])
