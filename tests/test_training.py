@@ -1528,3 +1528,34 @@ def test_init_scratch_draws_the_weights_of_seed():
                          for s in (1, 1, 2))
     assert all(torch.equal(one[k], again[k]) for k in one)
     assert not torch.equal(one["layers.0.mixer.in_proj.weight"], other["layers.0.mixer.in_proj.weight"])
+
+
+def test_a_damaged_latest_is_refused_naming_it(data, init_dir, tmp_path):
+    """OUT/latest that holds no step name: --resume and a new run in that OUT are refused (not taken for an OUT
+    without checkpoints, which a new run would start over in), and the error names the checkpoints there."""
+    out = tmp_path / "run"
+    (out / "step-000002").mkdir(parents=True)
+    (out / "step-000002" / "training_state.pt").write_bytes(b"")
+    (out / "latest").write_bytes(b"\x00\x00\x00")
+    for resume in ("latest", None):
+        with pytest.raises(SetupError, match=r"holds b'\\x00\\x00\\x00': it is damaged.*echo step-000002 > "):
+            train(config(data, init_dir, out, resume=resume))
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "latest", "step-000002"]
+
+
+def test_a_diverged_run_exits_1_with_one_line(capsys):
+    from minimamba.training import TrainingDiverged
+
+    def diverged():
+        raise TrainingDiverged("the loss is nan at step 3")
+
+    with pytest.raises(SystemExit) as stop:
+        run_as_script(diverged)
+    assert stop.value.code == 1 and capsys.readouterr().err == "error: training diverged: the loss is nan at step 3\n"
+
+
+def test_a_training_state_with_weights_the_model_lacks_is_refused(wd0_run, tmp_path, no_speed_probe):
+    cfg, ckpt = _copy_of_step_2(wd0_run, tmp_path)
+    _training_state(ckpt, lambda st: st["model"].update({"extra.weight": torch.zeros(3)}))
+    with pytest.raises(SetupError, match=r"its raw weights differ:\n  unexpected key extra.weight \(3,\)"):
+        train(cfg)
