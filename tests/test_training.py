@@ -589,7 +589,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, init_dir, tmp_p
         train(cfg, model=model)
     assert (tmp_path / "run" / "latest").read_text().strip() == "step-000002"
     assert sorted(p.name for p in (tmp_path / "run").glob("step-*")) == ["step-000002"]
-    assert read_log(tmp_path / "run" / "log.jsonl")[-1]["error"].startswith("the loss is nan")
+    last = read_log(tmp_path / "run" / "log.jsonl")[-1]
+    assert last["step"] == 4 and last["error"].startswith("the loss is nan")  # (the step that diverged)
 
 
 def test_resume_applies_changed_optimizer_settings_and_keeps_the_moments(data, init_dir, tmp_path, capsys,
@@ -607,6 +608,7 @@ def test_resume_applies_changed_optimizer_settings_and_keeps_the_moments(data, i
     train(replace(whole, out=str(part), resume=str(part / "step-000002"), **changed))
     printed = capsys.readouterr().out
     assert "beta1, beta2, llrd, weight_decay: applied to the restored optimizer" in printed
+    assert re.search(r"\nfirst step: \d+\.\d\d s \(later steps", printed)  # (the first step of this run, step 3)
     # the time estimate of a resumed run is for the steps it has left, not for all of them
     hours_left = float(re.search(r"-> ~(\S+) h for the 2 steps left \(", printed).group(1))
     assert hours_left == pytest.approx(hours_whole / 2, rel=0.05)  # (2 of the 4 steps; the same speed probe)
@@ -1483,11 +1485,13 @@ def test_a_run_without_ema_resumes_without_it_only(data, init_dir, tmp_path, no_
 
 def test_a_new_run_starts_a_new_log(data, init_dir, tmp_path, no_speed_probe):
     """An OUT with a log.jsonl and no checkpoint (a run stopped before its first save): a new run's log
-    holds its own records only."""
+    holds its own records only. (Its length is given as --tokens 64, one step of 64 tokens, over --max-steps 6:
+    train_config.json records the steps that run.)"""
     out = tmp_path / "run"
     out.mkdir()
     (out / "log.jsonl").write_text('{"step": 5, "tokens": 320, "loss": 9.0}\n')
-    train(config(data, init_dir, out, max_steps=1, eval_at_start=False))
+    train(config(data, init_dir, out, tokens=64, eval_at_start=False))
+    assert json.loads((out / "train_config.json").read_text())["resolved"]["max_steps"] == 1
     assert [r["step"] for r in read_log(out / "log.jsonl")] == [1, 1]  # (the step's record and the last evaluation)
     assert losses(out)[1] != 9.0
 
