@@ -478,6 +478,12 @@ def test_resume_is_exact(data, init_dir, tmp_path):
     tokens = [{r["step"]: r["tokens"] for r in read_log(out / "log.jsonl") if "loss" in r} for out in (part, tmp_path / "whole")]
     assert tokens[0] == {s: t for s, t in tokens[1].items() if s > 2}  # (the tokens seen are restored too)
     assert state(part, 6)["tokens_seen"] == 6 * 4 * 16
+    assert [r["step"] for r in read_log(part / "log.jsonl") if "eval" in r] == [6]  # (not at the start of a resume)
+    # "time" is the training time so far: the checkpoint's, then each step's (its tokens / its tokens per second)
+    elapsed = state(part, 2)["elapsed"]
+    for r in (r for r in read_log(part / "log.jsonl") if "loss" in r):
+        elapsed += 4 * 16 / r["tok_per_s"]
+        assert r["time"] == pytest.approx(elapsed, rel=1e-9), r["step"]
 
 
 @pytest.mark.slow
@@ -583,7 +589,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, init_dir, tmp_p
         train(cfg, model=model)
     assert (tmp_path / "run" / "latest").read_text().strip() == "step-000002"
     assert sorted(p.name for p in (tmp_path / "run").glob("step-*")) == ["step-000002"]
-    assert read_log(tmp_path / "run" / "log.jsonl")[-1]["error"].startswith("the loss is nan")
+    last = read_log(tmp_path / "run" / "log.jsonl")[-1]
+    assert last["step"] == 4 and last["error"].startswith("the loss is nan")  # (the step that diverged)
 
 
 def test_resume_applies_changed_optimizer_settings_and_keeps_the_moments(data, init_dir, tmp_path, capsys,
@@ -601,6 +608,7 @@ def test_resume_applies_changed_optimizer_settings_and_keeps_the_moments(data, i
     train(replace(whole, out=str(part), resume=str(part / "step-000002"), **changed))
     printed = capsys.readouterr().out
     assert "beta1, beta2, llrd, weight_decay: applied to the restored optimizer" in printed
+    assert re.search(r"\nfirst step: \d+\.\d\d s \(later steps", printed)  # (the first step of this run, step 3)
     # the time estimate of a resumed run is for the steps it has left, not for all of them
     hours_left = float(re.search(r"-> ~(\S+) h for the 2 steps left \(", printed).group(1))
     assert hours_left == pytest.approx(hours_whole / 2, rel=0.05)  # (2 of the 4 steps; the same speed probe)
@@ -650,7 +658,7 @@ def test_a_kill_in_the_middle_of_a_save_loses_nothing_and_latest_names_the_newes
     assert ("put the complete new checkpoint .step-000004.tmp in place; " + str(out / "latest") + " names it"
             in capsys.readouterr().err)
     assert state(out, 5)["config"]["lr"] == cfg.lr * 3 and not list(out.glob(".step-*"))
-    assert min(losses(out)) == 1 and max(losses(out)) == 5
+    assert sorted(losses(out)) == [1, 2, 3, 4, 5]  # (the log kept the records up to step 4, the step resumed from)
     # a kill after the commit and before the old step directory was moved aside: the new one replaces it
     shutil.copytree(out / "step-000005", out / ".step-000006.tmp")
     (out / "latest").write_text("step-000006\n")
@@ -1131,6 +1139,12 @@ def test_read_log_refuses_a_damaged_line_before_the_last(tmp_path):
     (dict(warmup=math.nan), "--warmup must be a finite number, got nan"),
     (dict(lr=math.inf), "--lr must be a finite number, got inf"),
     (dict(seed=-1), "--seed must be >= 0, got -1"),
+    (dict(ema=1.0), "--ema must be in \\[0, 1\\), got 1.0"),  # (1 would never move from the start)
+    (dict(llrd=1.5), "--llrd must be in \\[0, 1\\], got 1.5"),
+    (dict(decay=1.5), "--decay must be in \\[0, 1\\], got 1.5"),
+    (dict(beta2=1.5), "--beta2 must be in \\[0, 1\\], got 1.5"),
+    (dict(keep=0), "--keep must be >= 1, got 0"),
+    (dict(grad_accum=0), "--grad-accum must be >= 1, got 0"),
     (dict(fsdp=True), "launch with torchrun"),
     (dict(backend="triton"), "runs on CUDA only"),
     (dict(device="gpu"), "unknown --device 'gpu'"),
@@ -1276,3 +1290,290 @@ def test_token_ids_beyond_the_models_vocabulary_are_refused_before_anything_is_w
     with pytest.raises(SetupError, match=r"pubmed: its heldout.bin holds ids up to 256"):
         train(config(bad, init_dir, tmp_path / "run", mix="pubmed=1"))
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What a mutation audit of minimamba/training.py found untested (docs/training-audit.md): each test below
+# failed on a changed copy of the code that every test above passed
+
+
+def test_warmup_of_one_is_one_step_and_the_decay_leaves_the_warmup_alone():
+    """--warmup is a fraction of the steps below 1, a number of steps from 1 on (1 is one step, not all of them);
+    wsd's decay takes at most the steps after warmup; a decay over every step after warmup has no constant part."""
+    assert schedule_steps(TrainConfig(warmup=1), 100) == (1, 25)
+    assert schedule_steps(TrainConfig(warmup=0.5), 100) == (50, 25)
+    assert schedule_steps(TrainConfig(warmup=8, decay=0.5), 10) == (8, 2)  # (not 5: 8 + 5 > 10)
+    assert schedule_steps(TrainConfig(warmup=0, decay=1.0), 4) == (0, 4)
+    assert schedule_text("wsd", 0, 4, 4, 0.1) == "no warmup, a cosine decay to 0.1× the peak over the last 4"
+    assert schedule_text("wsd", 2, 3, 5, 0.5) == "warmup 2 steps, then a cosine decay to 0.5× the peak over the last 3"
+
+
+def test_resolve_derives_the_batch_and_the_length_by_hand():
+    """grad_accum from --tokens-per-step rounds up (per pass: batch × processes), --tokens sets max_steps
+    (rounded up) over --max-steps, and --eval-batch-size is used when given."""
+    cfg = TrainConfig(seq_len=16, batch_size=2, grad_accum=None, tokens_per_step=100, tokens=1000, max_steps=6000,
+                      eval_batch_size=5)
+    r = resolve(cfg, Dist(world_size=2))  # 2 rows per process, 4 per pass: ceil(100 / 16 / 4) = 2 passes
+    assert (r.grad_accum, r.rows_per_step, r.tokens_per_step, r.max_steps) == (2, 8, 128, 8)  # ceil(1000 / 128)
+    assert r.eval_batch_size == 5 and resolve(replace(cfg, eval_batch_size=None), Dist()).eval_batch_size == 2
+    assert resolve(replace(cfg, tokens=None), Dist()).max_steps == 6000
+
+
+def test_a_step_whose_gradient_is_not_finite_changes_no_weight():
+    """A finite loss with an infinite gradient is divergence too; neither it nor a NaN loss moves a weight
+    or leaves a gradient behind."""
+    for poison in ("gradient", "loss"):
+        model = small_model()
+        if poison == "gradient":
+            model.norm_f.weight.register_hook(lambda g: g * math.inf)
+        else:
+            model.register_forward_hook(lambda m, i, o: o * math.nan)
+        before = [p.detach().clone() for p in model.parameters()]
+        rows = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(0))
+        with pytest.raises(TrainingDiverged, match="the gradient norm is inf" if poison == "gradient" else
+                           "the loss is nan"):
+            train_step(model, torch.optim.SGD(model.parameters(), lr=1.0), rows, 2, 1.0, Dist())
+        assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before)), poison
+        assert all(p.grad is None for p in model.parameters()), poison
+
+
+def test_the_loop_steps_at_the_scheduled_lr_and_updates_the_ema_once_a_step(data, init_dir, tmp_path, capsys):
+    """6 steps, warmup round(0.6) = 1, wsd decay round(1.5) = 2, min 0.1: the LR of steps 1..6 is the peak
+    × [1, 1, 1, 1, 0.1 + 0.9·(1 + cos(π/2))/2, 0.1] (by hand); after each step ema ← 0.9·ema + 0.1·w, from
+    the --init weights (read from the checkpoints of every step); the summary's lowest-layer LR is 0.9×."""
+    cfg = config(data, init_dir, tmp_path / "run", save_every=1, eval_at_start=False)
+    train(cfg)
+    factors = [1, 1, 1, 1, 0.55, 0.1]
+    logged = [r["lr"] for r in read_log(tmp_path / "run" / "log.jsonl") if "loss" in r]
+    assert logged == pytest.approx([3e-3 * f for f in factors], rel=1e-12)
+    assert "peak lr 0.003 (lowest layer 0.0027)" in capsys.readouterr().out
+    before = {n: p.detach() for n, p in from_pretrained(init_dir, backend="torch").named_parameters()}
+    for step in range(1, 7):
+        st = state(tmp_path / "run", step)
+        for n, e in before.items():
+            assert torch.allclose(st["ema"][n], 0.9 * e + 0.1 * st["model"][n], rtol=0, atol=1e-6), (step, n)
+        assert max((st["ema"][n] - e).abs().max().item() for n, e in before.items()) > 1e-4  # (it moves)
+        before = st["ema"]
+
+
+def test_a_save_is_written_flushed_committed_then_renamed(tmp_path, monkeypatch):
+    """The module docstring's protocol, step by step: the weights into .step-N.tmp, training_state.pt last
+    (atomically), then OUT/latest names step-N (the commit), then the rename and a flush of OUT; over a step-N
+    of an earlier run, that one is moved aside first and deleted after."""
+    from minimamba import training
+
+    events = []
+    real_replace, real_atomic, real_text, real_fsync = os.replace, training.atomic_write, \
+        training.write_text_atomically, training.fsync_dir
+
+    def rel(p):
+        return str(Path(p).relative_to(tmp_path))
+
+    def atomic(path, write):
+        events.append(("write", rel(path), sorted(p.name for p in Path(path).parent.iterdir()
+                                                  if not p.name.startswith("."))))
+        real_atomic(path, write)
+
+    def text(path, t):
+        events.append(("text", rel(path), t))
+        real_text(path, t)
+
+    def replace_(src, dst):
+        if re.fullmatch(r"\.?step-\d+(\.tmp|\.old)?", Path(src).name):  # (not the atomic writes' own renames)
+            events.append(("replace", rel(src), rel(dst)))
+        real_replace(src, dst)
+
+    def fsync(path):
+        events.append(("fsync", rel(path)))
+        return real_fsync(path)
+
+    monkeypatch.setattr(training, "atomic_write", atomic)
+    monkeypatch.setattr(training, "write_text_atomically", text)
+    monkeypatch.setattr(training, "fsync_dir", fsync)
+    monkeypatch.setattr(os, "replace", replace_)
+
+    class Sampler:
+        def state_dict(self):
+            return {"position": 7}
+
+    model = small_model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    from minimamba.training import save_checkpoint
+
+    save_checkpoint(tmp_path, 3, model, optimizer, EMA(model, 0.5), Sampler(), {}, Dist())
+    assert events == [("write", ".step-000003.tmp/training_state.pt", ["config.json", "pytorch_model.bin"]),
+                      ("text", "latest", "step-000003\n"),
+                      ("replace", ".step-000003.tmp", "step-000003"), ("fsync", ".")]
+    events.clear()
+    save_checkpoint(tmp_path, 3, model, optimizer, None, Sampler(), {}, Dist())  # (over the step-3 of before)
+    assert events[:2] == [("write", ".step-000003.tmp/training_state.pt", ["config.json", "pytorch_model.bin"]),
+                          ("text", "latest", "step-000003\n")]
+    assert events[2:] == [("replace", "step-000003", ".step-000003.old"), ("replace", ".step-000003.tmp", "step-000003"),
+                          ("fsync", ".")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-000003"]
+    assert torch.load(tmp_path / "step-000003" / "training_state.pt", weights_only=True)["sampler"] == {"position": 7}
+
+
+def test_keep_leaves_the_later_steps_of_the_run_resumed_from(data, init_dir, tmp_path, no_speed_probe):
+    """--keep counts this run's checkpoints: resumed from step 4 of a run that reached 6, a --keep 1 run that
+    saves step 5 deletes step 4, not the other run's step 6 (replaced only when this run reaches it)."""
+    cfg = config(data, init_dir, tmp_path / "run", keep=2, eval_at_start=False)
+    train(cfg)
+    assert sorted(p.name for p in (tmp_path / "run").glob("step-*")) == ["step-000004", "step-000006"]
+    train(replace(cfg, resume=str(tmp_path / "run" / "step-000004"), max_steps=5, keep=1))
+    assert sorted(p.name for p in (tmp_path / "run").glob("step-*")) == ["step-000005", "step-000006"]
+
+
+def test_recovery_names_the_recovered_step_and_leaves_a_finished_replacement_alone(tmp_path):
+    """A save killed after it moved the old step-4 aside and before it renamed its complete .tmp, with
+    OUT/latest naming step 6 (an older minimamba wrote it after the renames): the .tmp's bytes become step-4
+    and OUT/latest names it. A .step-N.old beside its step-N (a kill after both renames, before the old one
+    was deleted) is not a save to recover: step-N stays."""
+    from minimamba.training import interrupted_saves, latest_checkpoint, recover_interrupted_save
+
+    out = tmp_path / "run"
+    for name, content in (("step-000006", b"six"), (".step-000004.tmp", b"new four"), (".step-000004.old", b"old four"),
+                          ("step-000002", b"two"), (".step-000002.old", b"older two")):
+        (out / name).mkdir(parents=True)
+        (out / name / "training_state.pt").write_bytes(content)
+    (out / "latest").write_text("step-000006\n")
+    assert interrupted_saves(out) == {out / "step-000004": out / ".step-000004.tmp"}
+    assert latest_checkpoint(out) == out / "step-000004"
+    assert recover_interrupted_save(out) == [out / "step-000004"]
+    assert (out / "latest").read_text() == "step-000004\n"
+    assert (out / "step-000004" / "training_state.pt").read_bytes() == b"new four"
+    assert (out / "step-000002" / "training_state.pt").read_bytes() == b"two"
+    assert sorted(p.name for p in out.iterdir()) == [".step-000002.old", "latest", "step-000002", "step-000004",
+                                                     "step-000006"]
+    recover_interrupted_save(out, tidy=True)  # (what a run starting in OUT does: the leftover goes)
+    assert sorted(p.name for p in out.iterdir()) == ["latest", "step-000002", "step-000004", "step-000006"]
+
+
+def test_the_lock_file_names_only_its_holder(tmp_path):
+    """A lock file left by an earlier run (its text too) names the process that holds it now."""
+    from minimamba.training import lock_out
+
+    (tmp_path / ".lock").write_text("99999999 a-host-of-long-ago and more\n")
+    fd = lock_out(tmp_path)
+    try:
+        assert (tmp_path / ".lock").read_text() == f"{os.getpid()} {socket.gethostname()}\n"
+    finally:
+        os.close(fd)
+
+
+def _whole_state(**change):
+    """A training state with every part train.py writes (empty where it may be), changed by `change`."""
+    st = {"format": 1, "step": 0, "tokens_seen": 0, "elapsed": 0.0, "model": {}, "optimizer": {"state": {},
+          "param_groups": []}, "ema": None, "sampler": {}, "rng": {"torch": torch.get_rng_state(), "cuda": []},
+          "config": {}}
+    return {**st, **change}
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({}, None),  # (ema None: a run without EMA)
+    ({"ema": []}, "'ema' is a list, not dict or None"),
+    ({"rng": {"torch": torch.get_rng_state()}}, "'rng' lacks the torch RNG state tensor or the list of CUDA ones"),
+    ({"rng": {"torch": [1], "cuda": []}}, "'rng' lacks the torch RNG state tensor"),
+    ({"optimizer": {"state": [], "param_groups": []}}, "the optimizer has no 'state' dict"),
+    ({"optimizer": {"state": {}, "param_groups": [{"lr": 1}]}}, "the optimizer's 'param_groups' is not a list of"),
+], ids=["whole", "ema-list", "rng-no-cuda", "rng-torch-list", "optimizer-state-list", "groups-without-params"])
+def test_a_training_state_missing_a_part_is_refused_naming_it(tmp_path, change, problem):
+    from minimamba.training import load_training_state
+
+    torch.save(_whole_state(**change), tmp_path / "training_state.pt")
+    if problem is None:
+        assert load_training_state(tmp_path)["ema"] is None
+    else:
+        with pytest.raises(SetupError, match=r"is not a whole training state: .*" + re.escape(problem)):
+            load_training_state(tmp_path)
+
+
+def test_a_run_without_ema_resumes_without_it_only(data, init_dir, tmp_path, no_speed_probe):
+    cfg = config(data, init_dir, tmp_path / "run", ema=0.0, max_steps=2, eval_at_start=False)
+    train(cfg)
+    assert state(tmp_path / "run", 2)["ema"] is None
+    with pytest.raises(SetupError, match=r"trained without EMA \(--ema 0\).*resume with --ema 0"):
+        train(replace(cfg, resume="latest", max_steps=3, ema=0.5))
+    assert train(replace(cfg, resume="latest", max_steps=3))["step"] == 3
+
+
+def test_a_new_run_starts_a_new_log(data, init_dir, tmp_path, no_speed_probe):
+    """An OUT with a log.jsonl and no checkpoint (a run stopped before its first save): a new run's log
+    holds its own records only. (Its length is given as --tokens 64, one step of 64 tokens, over --max-steps 6:
+    train_config.json records the steps that run.)"""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"step": 5, "tokens": 320, "loss": 9.0}\n')
+    train(config(data, init_dir, out, tokens=64, eval_at_start=False))
+    assert json.loads((out / "train_config.json").read_text())["resolved"]["max_steps"] == 1
+    assert [r["step"] for r in read_log(out / "log.jsonl")] == [1, 1]  # (the step's record and the last evaluation)
+    assert losses(out)[1] != 9.0
+
+
+def test_a_record_whose_step_is_not_a_number_is_damage(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1}\n{"step": "2"}\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"line\(s\) \[2\] are not JSON records"):
+        read_log(log)
+
+
+def test_an_ema_state_of_other_names_is_refused():
+    """EMA.load_state_dict takes the state of the same parameters only: one missing or one more is a ValueError."""
+    model = small_model()
+    whole = EMA(model, 0.5).state_dict()
+    for other in ({k: v for k, v in whole.items() if k != "D" and not k.endswith(".D")},
+                  {**whole, "layers.9.mixer.D": torch.zeros(2)}):
+        with pytest.raises(ValueError, match="EMA state does not match the model"):
+            EMA(model, 0.5).load_state_dict(other)
+
+
+def test_a_batch_without_a_target_token_is_a_value_error():
+    """Every label IGNORE (fine-tuning rows whose prompt fills them): the mean over no token is refused, naming it."""
+    from minimamba.training import IGNORE
+
+    model = small_model()
+    rows = torch.randint(0, VOCAB, (2, 8))
+    with pytest.raises(ValueError, match="the batch has no target token"):
+        train_step(model, torch.optim.SGD(model.parameters(), lr=1.0), rows, 2, 1.0, Dist(),
+                   labels=torch.full_like(rows, IGNORE))
+
+
+def test_init_scratch_draws_the_weights_of_seed():
+    """--init scratch: the random weights of --seed (another seed, other weights; the same, the same)."""
+    from minimamba.training import build_model
+
+    one, again, other = (build_model(TrainConfig(init="scratch", scale="tiny", seed=s, backend="torch")).state_dict()
+                         for s in (1, 1, 2))
+    assert all(torch.equal(one[k], again[k]) for k in one)
+    assert not torch.equal(one["layers.0.mixer.in_proj.weight"], other["layers.0.mixer.in_proj.weight"])
+
+
+def test_a_damaged_latest_is_refused_naming_it(data, init_dir, tmp_path):
+    """OUT/latest that holds no step name: --resume and a new run in that OUT are refused (not taken for an OUT
+    without checkpoints, which a new run would start over in), and the error names the checkpoints there."""
+    out = tmp_path / "run"
+    (out / "step-000002").mkdir(parents=True)
+    (out / "step-000002" / "training_state.pt").write_bytes(b"")
+    (out / "latest").write_bytes(b"\x00\x00\x00")
+    for resume in ("latest", None):
+        with pytest.raises(SetupError, match=r"holds b'\\x00\\x00\\x00': it is damaged.*echo step-000002 > "):
+            train(config(data, init_dir, out, resume=resume))
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "latest", "step-000002"]
+
+
+def test_a_diverged_run_exits_1_with_one_line(capsys):
+    from minimamba.training import TrainingDiverged
+
+    def diverged():
+        raise TrainingDiverged("the loss is nan at step 3")
+
+    with pytest.raises(SystemExit) as stop:
+        run_as_script(diverged)
+    assert stop.value.code == 1 and capsys.readouterr().err == "error: training diverged: the loss is nan at step 3\n"
+
+
+def test_a_training_state_with_weights_the_model_lacks_is_refused(wd0_run, tmp_path, no_speed_probe):
+    cfg, ckpt = _copy_of_step_2(wd0_run, tmp_path)
+    _training_state(ckpt, lambda st: st["model"].update({"extra.weight": torch.zeros(3)}))
+    with pytest.raises(SetupError, match=r"its raw weights differ:\n  unexpected key extra.weight \(3,\)"):
+        train(cfg)
