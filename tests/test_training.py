@@ -5,6 +5,7 @@ Everything runs a 2-layer, 32-wide model with a 256-token vocabulary on syntheti
 a training step takes milliseconds and the whole file a minute or so on 2 cores.
 """
 
+import datetime
 import json
 import math
 import os
@@ -765,6 +766,9 @@ def _worker(rank, cfg, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    # (train's setup_distributed keeps a group that exists: this one gives up on a collective after 2 minutes
+    # instead of 30, so processes that fall out of step fail the test instead of hanging it)
+    torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     model = from_pretrained(cfg.init, backend="torch")
     train(cfg, model=model)
     torch.save({n: p.detach() for n, p in model.state_dict().items()}, Path(cfg.out) / f"rank{rank}.pt")
@@ -773,7 +777,10 @@ def _worker(rank, cfg, port):
 @pytest.mark.slow
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
 def test_two_processes_match_one_with_the_same_global_batch(data, init_dir, tmp_path, fsdp):
-    single = config(data, init_dir, tmp_path / "single", batch_size=2, grad_accum=2, max_steps=4, eval_every=2)
+    # (3 held-out windows per domain: 2 for one process and 1 for the other where they split them, as DDP does;
+    # under FSDP every process must score all 3, its forward gathering the weights from both)
+    single = config(data, init_dir, tmp_path / "single", batch_size=2, grad_accum=2, max_steps=4, eval_every=2,
+                    eval_windows=3)
     train(single)
     multi = replace(single, out=str(tmp_path / "multi"), batch_size=1, fsdp=fsdp)
     (tmp_path / "multi").mkdir()
