@@ -272,7 +272,10 @@ def _chunk_state_kernel(
     TO_CHUNK_END=True, the forward stage 2 (u = x, v = B): w_s = exp(cs[Q-1] − cs[s])·dt_s, so out is
     S_c, the state the chunk would end in had it started from zero.
     TO_CHUNK_END=False, the backward of stage 5's state term (u = dy, v = C): w_s = exp(cs[s]), so out
-    is ∂L/∂S_in[c] through the outputs of chunk c (y_t = exp(cs[t])·S_in[c] C_t + …).
+    is ∂L/∂S_in[c] through the outputs of chunk c (y_t = exp(cs[t])·S_in[c] C_t + …). Its weights go
+    into the dot as exp(cs[s] − cs[0]) ≤ 1, and the sum is multiplied by exp(cs[0]) in fp32 afterwards:
+    fp16 operands hold nothing below 2⁻²⁴, and at a fast decay (dt·A = −22 at the first token) every
+    exp(cs[s]) of the chunk was below it, and ∂L/∂h_0 was 0 instead of ~1e-9.
     The two are transposes of each other: one carries tokens to the chunk end, the other the chunk
     start to the tokens.
     TO_CHUNK_END=True (the forward) also computes stage 1 first, which has the same grid:
@@ -316,6 +319,7 @@ def _chunk_state_kernel(
             prefix = tl.sum(tl.where(offs_s == BLOCK_S - 1, cs_s, 0.0), axis=0)  # the tile's last cs
         tl.debug_barrier()  # the stores above are read below by other threads of this program
     cs_last, lo_last = _load_cs(cs_ptr, cs_lo_ptr, chunk_size - 1, None)
+    cs_first, lo_first = _load_cs(cs_ptr, cs_lo_ptr, 0, None)  # (the largest cs of the chunk)
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     for s0 in range(0, chunk_len, BLOCK_S):
         s = s0 + offs_s
@@ -329,11 +333,13 @@ def _chunk_state_kernel(
         if TO_CHUNK_END:
             dt_s = tl.load(dt_ptr + s * nheads, mask=s_mask, other=0.0).to(tl.float32)
             w = _decay(cs_last - cs_s, lo_last - lo_s) * dt_s
-        else:
-            w = _decay(cs_s, lo_s)
+        else:  # exp(cs[s]) = exp(cs[s] − cs[0])·exp(cs[0]), the second factor after the loop (see below)
+            w = _decay(cs_s - cs_first, lo_s - lo_first)
         # the weight goes on v in fp32, then both operands are cast for the tensor cores
         acc += tl.dot(uT.to(DOT_DTYPE), (v.to(tl.float32) * w[:, None]).to(DOT_DTYPE),
                       input_precision=DOT_PRECISION)
+    if not TO_CHUNK_END:  # (in fp32: in fp16 operands a weight exp(cs[s]) < 2⁻²⁴ was 0, and ∂L/∂h_0 with it)
+        acc *= _decay(cs_first, lo_first)
     out_ptr += state_off
     tl.store(out_ptr + offs_p[:, None] * dstate + offs_n[None, :], acc,
              mask=(offs_p[:, None] < headdim) & (offs_n[None, :] < dstate))
