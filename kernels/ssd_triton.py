@@ -318,8 +318,10 @@ def _chunk_state_kernel(
             tl.store(cs_ptr + s, cs_s, mask=s < chunk_size)
             prefix = tl.sum(tl.where(offs_s == BLOCK_S - 1, cs_s, 0.0), axis=0)  # the tile's last cs
         tl.debug_barrier()  # the stores above are read below by other threads of this program
-    cs_last, lo_last = _load_cs(cs_ptr, cs_lo_ptr, chunk_size - 1, None)
-    cs_first, lo_first = _load_cs(cs_ptr, cs_lo_ptr, 0, None)  # (the largest cs of the chunk)
+    if TO_CHUNK_END:
+        cs_last, lo_last = _load_cs(cs_ptr, cs_lo_ptr, chunk_size - 1, None)
+    else:
+        cs_first, lo_first = _load_cs(cs_ptr, cs_lo_ptr, 0, None)  # (the largest cs of the chunk)
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     for s0 in range(0, chunk_len, BLOCK_S):
         s = s0 + offs_s
