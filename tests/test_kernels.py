@@ -258,16 +258,21 @@ def test_edge_cases_fp32(case):
     assert_close(run_and_compare(pb, Q), torch.float32)
 
 
-@pytest.mark.parametrize("program", ["dcb", "dc", "db"])
-@pytest.mark.parametrize("block_t,block_s", [(32, 64), (32, 32), (64, 32), (64, 64)])
-def test_db_dc_programs_in_the_gpu_tile_shapes(monkeypatch, program, block_t, block_s):
+_GPU_TILES = [(32, 64), (32, 32), (64, 32), (64, 64)]  # (BLOCK_T, BLOCK_S) of the GPU configs: rows < = > columns
+
+
+@pytest.mark.parametrize("shift", range(len(_GPU_TILES)))
+def test_db_dc_programs_in_the_gpu_tile_shapes(monkeypatch, shift):
     """The interpreter runs each program in one small config. The dCB program's decay gradient depends
     on how its row and column tiles line up with the diagonal, and it writes the dCB tiles that the dC and
-    dB programs read in their own tilings: run each of the three in the tile shapes of its GPU configs
-    (rows < = > columns), with 2 heads per split, a partial last chunk and NaN in every buffer entry
-    that no program writes."""
-    monkeypatch.setattr(getattr(K, f"_chunk_scan_bwd_{program}_kernel"), "configs",
-                        [triton.Config(dict(BLOCK_T=block_t, BLOCK_S=block_s), num_warps=4, num_stages=2)])
+    dB programs read in their own tilings: run the three in the tile shapes of their GPU configs (rows < = >
+    columns), three different shapes in each run (dCB the shift-th, dC the next, dB the one after: over the
+    four runs each program meets every shape, and dC and dB never read dCB in the tiling it was written in),
+    with 2 heads per split, a partial last chunk and NaN in every buffer entry that no program writes."""
+    for i, program in enumerate(("dcb", "dc", "db")):
+        block_t, block_s = _GPU_TILES[(shift + i) % len(_GPU_TILES)]
+        monkeypatch.setattr(getattr(K, f"_chunk_scan_bwd_{program}_kernel"), "configs",
+                            [triton.Config(dict(BLOCK_T=block_t, BLOCK_S=block_s), num_warps=4, num_stages=2)])
     monkeypatch.setattr(K, "_head_splits", lambda heads_per_group, programs, device: 2)
     monkeypatch.setattr(K, "torch", _TorchWithPoisonedEmpty())
     K.forget_tuning()
