@@ -12,7 +12,8 @@
     clinical  note_completion, note_summary                       (ROUGE-1/2/L of greedy generations)
     all       all of them (BioASQ's files need a registration: see `python -m minimamba.tasks download bioasq`)
 The protocols (prompts, scoring, splits) are in minimamba/tasks.py and minimamba/evaluate.py. --ppl-data adds the
-held-out perplexity of each domain of a token directory (`python -m minimamba.data prepare`), as train.py measures it.
+held-out perplexity (and bits per byte) of each domain of a token directory (`python -m minimamba.data prepare`),
+as train.py measures it; the token files must have been prepared with the model's tokenizer (checked).
 The resolved configuration and every result go to --out (JSON, written atomically); --predictions also writes each
 item's prediction (JSON lines) for error analysis; both are rewritten after every task, so a run stopped
 later keeps what it measured. Exit status: 0 done, 2 bad setup (a message says what to fix).
@@ -23,7 +24,7 @@ import json
 import sys
 from pathlib import Path
 
-from minimamba.data import DataError
+from minimamba.data import DataError, check_prepared_with
 from minimamba.download import DownloadError
 from minimamba.evaluate import (RECIPE_QA_SCORING, domain_perplexity, evaluate_task, load_heldout, read_results,
                                 results_table, settings_that_differ, tasks_missing)
@@ -50,7 +51,7 @@ p.add_argument("--max-new-tokens", type=int, default=128, help="generation tasks
 p.add_argument("--max-tokens", type=int, default=None,
                help="the most tokens the model reads: longer contexts and generation prompts lose tokens on the left")
 p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
-p.add_argument("--ppl-data", default=None, help="token directory (DIR/<domain>/heldout.bin): held-out perplexity too")
+p.add_argument("--ppl-data", default=None, help="token directory (DIR/<domain>/heldout.bin): held-out perplexity and bits per byte too")
 p.add_argument("--ppl-domains", default="pubmed,c4,wikipedia", help="domains of --ppl-data to score")
 p.add_argument("--seq-len", type=int, default=1024, help="perplexity: tokens per held-out window")
 p.add_argument("--ppl-windows", type=int, default=None, help="perplexity: at most this many windows per domain (default all)")
@@ -143,6 +144,12 @@ except (CheckpointError, DownloadError, OSError, ValueError) as e:
 if tokenizer.vocab_size > model.config.vocab_size:
     fail(f"the tokenizer ({tokenizer_source}) has {tokenizer.vocab_size} ids, the model only "
          f"{model.config.vocab_size}: they do not belong together (give --tokenizer)")
+for domain in heldout:  # the token files must be this tokenizer's ids, or their perplexity means nothing
+    try:
+        if note := check_prepared_with(args.ppl_data, domain, tokenizer):
+            print(f"note: {note}", file=sys.stderr)
+    except DataError as e:
+        fail(str(e))
 
 config = {k: v for k, v in vars(args).items() if k != "compare"}
 config.update(tasks=names, tokenizer=tokenizer_source, device=str(device), amp=str(amp) if amp else None,
@@ -175,11 +182,18 @@ for name in names:
     shown = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float) and k != "seconds")
     print(f"{name:16s} n={result['n']:<6d} {shown}  ({result['seconds']:.0f} s)", flush=True)
     save()
-for domain, r in domain_perplexity(model, heldout, args.batch_size, device, amp).items():
+byte_lengths = tokenizer.byte_lengths() if heldout else None
+try:  # (ids the tokenizer or the model has no row for: ValueError naming them)
+    perplexities = domain_perplexity(model, heldout, args.batch_size, device, amp, byte_lengths=byte_lengths)
+except ValueError as e:
+    fail(f"--ppl-data {args.ppl_data}: {e}")
+for domain, r in perplexities.items():
     # (n: the tokens scored, the "n" every result has; not repeated as "tokens", which was a second table row)
     results[f"ppl_{domain}"] = {"task": f"ppl_{domain}", "kind": "perplexity", "n": r["tokens"], "loss": r["loss"],
-                                "ppl": r["ppl"]}
-    print(f"ppl_{domain:12s} tokens={r['tokens']:<8d} ppl {r['ppl']:.4g}  loss {r['loss']:.4f}", flush=True)
+                                "ppl": r["ppl"], "bpb": r["bpb"]}
+    bpb = "–" if r["bpb"] is None else f"{r['bpb']:.4f}"
+    print(f"ppl_{domain:12s} tokens={r['tokens']:<8d} ppl {r['ppl']:.4g}  loss {r['loss']:.4f}  bits/byte {bpb}",
+          flush=True)
 save()
 
 # 5. the table

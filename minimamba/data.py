@@ -803,6 +803,33 @@ def _being_replaced(meta: dict) -> str:
     return " and ".join(f"{name}.bin" for name in meta["preparing"])
 
 
+def check_prepared_with(data_dir: str | Path, domain: str, tokenizer) -> str | None:
+    """Refuse (DataError) the token files of `domain` when meta.json says another tokenizer made them: scoring
+    them with `tokenizer` would read each id as another text. Where the tokenizer.json that meta.json names is
+    still there, every id must stand for the same bytes in both (`Tokenizer.token_bytes`: a copy, or the same
+    vocabulary written otherwise, passes); elsewhere the vocabulary size and the EOS id must agree. Returns a
+    note when less than that could be checked, else None."""
+    meta_path = Path(data_dir) / domain / "meta.json"
+    if not meta_path.exists():
+        return f"{meta_path} is missing: the tokenizer that made {domain}'s token files is not known (not checked)"
+    info = read_meta(data_dir, domain).get("tokenizer", {})
+    name = info.get("name") or "its tokenizer"
+    fix = (f"give the tokenizer that prepared them (--tokenizer {info.get('file') or name}), or prepare {domain} "
+           f"again with this one ({tokenizer.name})")
+    if info.get("file") and Path(info["file"]).is_file():
+        theirs = load_tokenizer(info["file"])
+        if (theirs.token_bytes(), theirs.eos_id) != (tokenizer.token_bytes(), tokenizer.eos_id):
+            raise DataError(f"{meta_path}: {domain}'s token files were prepared with {info['file']}, whose ids "
+                            f"stand for other text than {tokenizer.name}'s: {fix}")
+        return None
+    if (info.get("vocab_size"), info.get("eos_id")) != (tokenizer.vocab_size, tokenizer.eos_id):
+        raise DataError(f"{meta_path}: {domain}'s token files were prepared with {name} ({info.get('vocab_size')} "
+                        f"ids, EOS {info.get('eos_id')}), not with {tokenizer.name} ({tokenizer.vocab_size} ids, "
+                        f"EOS {tokenizer.eos_id}): {fix}")
+    return (f"{domain}: the tokenizer file that prepared it ({info.get('file') or name}) is not here: only its "
+            "vocabulary size and EOS id were compared")
+
+
 def ids_needed(data_dir: str | Path, domain: str, split: str) -> tuple[int, str]:
     """How many token ids a model must have to read a split's token file, and where that number comes from:
     the vocabulary size of the tokenizer that prepared it (meta.json), or for a token file without a

@@ -11,7 +11,10 @@ a token's context is at most seq_len tokens; the same windows are used at every 
 between runs with the same --seq-len and --eval-windows.
 
 The softmax runs over the model's whole (padded) output layer, as in training; perplexities are
-only comparable between models that share a tokenizer.
+only comparable between models that share a tokenizer. Bits per byte, the same summed NLL over the
+UTF-8 bytes of the text the scored tokens spell (in bits: sum NLL / (ln 2 · bytes)), compares models
+with different tokenizers on the same text. A special token (the EOS between documents) spells no
+bytes, but its NLL is counted: predicting where a document ends is part of the held-out text.
 
 Downstream tasks
 ----------------
@@ -69,14 +72,30 @@ def token_nll(model, windows, batch_size=8, device="cpu", autocast_dtype=None):
 MAX_LOG = math.log(sys.float_info.max)  # ≈ 709.78: exp of more than this is not a float
 
 
-def loss_summary(total, count):
-    """{"loss": mean token NLL (nats), "ppl": exp(loss), "tokens": tokens scored} from the sums.
+def loss_summary(total, count, n_bytes=None):
+    """{"loss": mean token NLL (nats), "ppl": exp(loss), "tokens": tokens scored} from the sums, and with
+    `n_bytes` (the UTF-8 bytes the scored tokens spell, `target_bytes`) "bpb": total / (ln 2 · n_bytes), None
+    where they spell no byte.
 
     A loss above ~709.8 nats (a diverging model) has a perplexity beyond the largest float: it is
     inf, as is that of an infinite loss; a NaN loss gives a NaN perplexity.
     """
     loss = total / count
-    return {"loss": loss, "ppl": math.inf if loss > MAX_LOG else math.exp(loss), "tokens": count}
+    summary = {"loss": loss, "ppl": math.inf if loss > MAX_LOG else math.exp(loss), "tokens": count}
+    if n_bytes is not None:
+        summary["bpb"] = total / (math.log(2) * n_bytes) if n_bytes else None
+    return summary
+
+
+def target_bytes(windows, byte_lengths, what="the windows"):
+    """The UTF-8 bytes of the text that the targets of `windows` (n, seq_len + 1) spell (every token but each
+    window's first), from each id's byte length (`Tokenizer.byte_lengths`)."""
+    table = torch.as_tensor(byte_lengths, dtype=torch.int64)  # (V,)
+    targets = windows[:, 1:]  # (n, seq_len)
+    if targets.numel() and int(targets.max()) >= len(table):
+        raise ValueError(f"{what} hold id {int(targets.max())}, beyond the tokenizer's {len(table)} ids: they "
+                         "were made by another tokenizer")
+    return int(table[targets].sum())
 
 
 def perplexity(model, windows, batch_size=8, device="cpu", autocast_dtype=None):
@@ -84,8 +103,10 @@ def perplexity(model, windows, batch_size=8, device="cpu", autocast_dtype=None):
     return loss_summary(*token_nll(model, windows, batch_size, device, autocast_dtype))
 
 
-def domain_perplexity(model, windows_by_domain, batch_size=8, device="cpu", autocast_dtype=None, dist=None):
-    """Perplexity of each domain: {domain: {"loss", "ppl", "tokens"}}.
+def domain_perplexity(model, windows_by_domain, batch_size=8, device="cpu", autocast_dtype=None, dist=None,
+                      byte_lengths=None):
+    """Perplexity of each domain: {domain: {"loss", "ppl", "tokens"}}, and "bpb" (bits per byte) given the
+    tokenizer's `byte_lengths`.
 
     windows_by_domain: {domain: LongTensor (n, seq_len + 1)} (see `load_heldout`). Under
     torch.distributed (`dist` = a `minimamba.training.Dist`), each rank scores a slice of the
@@ -100,7 +121,9 @@ def domain_perplexity(model, windows_by_domain, batch_size=8, device="cpu", auto
             total, count = sums[0].item(), int(sums[1].item())
         else:
             total, count = token_nll(model, windows, batch_size, device, autocast_dtype)
-        results[domain] = loss_summary(total, count)
+        n_bytes = (target_bytes(windows, byte_lengths, f"{domain}'s windows") if byte_lengths is not None
+                   else None)
+        results[domain] = loss_summary(total, count, n_bytes)
     return results
 
 

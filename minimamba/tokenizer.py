@@ -179,6 +179,23 @@ class Tokenizer:
         except (KeyError, OverflowError):
             return self.encoding.decode([i for i in ids if 0 <= i < self.vocab_size])
 
+    def token_bytes(self) -> list[bytes]:
+        """The bytes each id stands for, by id (a special token: its string's UTF-8; an id the vocabulary
+        leaves unused: b""). Two tokenizers with the same list read every id as the same text."""
+        out = []
+        for i in range(self.vocab_size):
+            try:
+                out.append(self.encoding.decode_single_token_bytes(i))
+            except KeyError:  # (no token has this id)
+                out.append(b"")
+        return out
+
+    def byte_lengths(self) -> list[int]:
+        """The UTF-8 bytes of text each id stands for, by id: 0 for special tokens (a document boundary is
+        no text) and unused ids. What a token adds to the denominator of bits per byte."""
+        special = set(self.special_tokens.values())
+        return [0 if i in special else len(b) for i, b in enumerate(self.token_bytes())]
+
     def __repr__(self):
         return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
 

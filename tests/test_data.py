@@ -946,3 +946,53 @@ def test_a_literal_endoftext_in_a_text_never_becomes_eos_without_the_shared_toke
     src = write_jsonl(tmp_path / "a.jsonl", [{"text": "before<|endoftext|>after"}, {"text": "plain"}])
     prepare("d", [src], SpecialAware(), tmp_path / "out", split="train")
     assert documents_in(tmp_path / "out", "d", "train") == ["before<|endoftext|>after", "plain"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# which tokenizer made a domain's token files (eval.py --ppl-data checks it before scoring them)
+
+
+def test_check_prepared_with_compares_what_each_id_stands_for(tmp_path):
+    """The same tokenizer, or a copy written otherwise elsewhere, passes; one whose ids spell other text (a
+    merge changed: same vocabulary size and EOS) is refused with the fix; with the file gone, the vocabulary size
+    and EOS id are compared, and a note says that is all; without meta.json a note says nothing was checked."""
+    from minimamba.tokenizer import load_tokenizer
+    from tests.test_tokenizer import tiny_tokenizer_json
+
+    spec = tiny_tokenizer_json()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "tokenizer.json").write_text(json.dumps(spec))
+    made_with = load_tokenizer(tmp_path / "a" / "tokenizer.json")
+    raw = tmp_path / "doc.txt"
+    raw.write_text("the hat\n\nhe ate a tea\n", encoding="utf-8")
+    prepare("pubmed", [raw], made_with, tmp_path / "tok", split="heldout")
+    assert data.check_prepared_with(tmp_path / "tok", "pubmed", made_with) is None
+
+    (tmp_path / "b").mkdir()  # the same vocabulary and merges, another file
+    (tmp_path / "b" / "tokenizer.json").write_text(json.dumps(spec, indent=2))
+    assert data.check_prepared_with(tmp_path / "tok", "pubmed", load_tokenizer(tmp_path / "b")) is None
+
+    other = tiny_tokenizer_json()
+    other["model"]["merges"][3] = "Ġ o"  # "Ġa" -> "Ġo": the same ids, one of them other text
+    other["model"]["vocab"] = {("Ġo" if k == "Ġa" else k): v for k, v in other["model"]["vocab"].items()}
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "tokenizer.json").write_text(json.dumps(other))
+    with pytest.raises(DataError, match=r"pubmed's token files were prepared with .*a/tokenizer\.json, whose ids "
+                                        r"stand for other text than .*c's: give the tokenizer that prepared them "
+                                        r"\(--tokenizer .*a/tokenizer\.json\), or prepare pubmed again"):
+        data.check_prepared_with(tmp_path / "tok", "pubmed", load_tokenizer(tmp_path / "c"))
+
+    (tmp_path / "a" / "tokenizer.json").unlink()  # moved since: only the sizes can be compared
+    note = data.check_prepared_with(tmp_path / "tok", "pubmed", load_tokenizer(tmp_path / "c"))
+    assert note.startswith("pubmed: the tokenizer file that prepared it") and "vocabulary size and EOS id" in note
+    bigger = tiny_tokenizer_json()
+    bigger["model"]["merges"].append("a t")
+    bigger["model"]["vocab"]["at"] = 264  # (after the two space runs, 262 and 263)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "tokenizer.json").write_text(json.dumps(bigger))
+    with pytest.raises(DataError, match=r"prepared with .*a/tokenizer\.json \(264 ids, EOS 0\), not with .*d "
+                                        r"\(265 ids, EOS 0\)"):
+        data.check_prepared_with(tmp_path / "tok", "pubmed", load_tokenizer(tmp_path / "d"))
+
+    (tmp_path / "tok" / "pubmed" / "meta.json").unlink()
+    assert "is missing" in data.check_prepared_with(tmp_path / "tok", "pubmed", made_with)

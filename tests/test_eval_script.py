@@ -2,6 +2,7 @@
 predictions file, --compare, and the setup errors (exit 2 with a message, before any model is loaded)."""
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -116,11 +117,57 @@ def test_eval_ppl_data_scores_each_domain_as_a_plain_loop_over_its_windows_does(
                 nll += torch.nn.functional.cross_entropy(logits.double(), w[1:], reduction="sum").item()
         expected = nll / (windows * seq)
         got = results[f"ppl_{domain}"]
-        assert set(got) == {"task", "kind", "n", "loss", "ppl"} and got["n"] == windows * seq
+        assert set(got) == {"task", "kind", "n", "loss", "ppl", "bpb"} and got["n"] == windows * seq
         assert got["loss"] == pytest.approx(expected, rel=1e-5) and got["ppl"] == pytest.approx(math.exp(expected),
                                                                                                  rel=1e-4)
+        # bits per byte: the bytes of the targets' text, by HF tokenizers' token strings and GPT-2's byte alphabet
+        targets = [w for j in range(windows) for w in t[j * seq + 1 : j * seq + seq + 1].tolist()]
+        n_bytes = sum(len(hf_token_bytes(i)) for i in targets)
+        assert got["bpb"] == pytest.approx(nll / (math.log(2) * n_bytes), rel=1e-5)
     assert [line.split("|")[2].strip() for line in stdout.splitlines() if line.startswith("| ppl_c4 |")] == [
-        "n", "loss", "ppl"]
+        "n", "loss", "ppl", "bpb"]
+    assert "heldout" not in stderr and "pubmed/meta.json is missing" in stderr  # (no meta.json: not checked)
+
+
+
+@needs_data
+def test_eval_ppl_data_of_another_tokenizer_is_refused(checkpoint, tmp_path):
+    """Token files whose meta.json names another tokenizer than the one eval.py scores with: exit 2, naming
+    both and the fix, and no perplexity of ids read as another tokenizer's."""
+    from minimamba.data import prepare
+    from tests.test_tokenizer import tiny_tokenizer_json
+
+    (tmp_path / "tiny.json").write_text(json.dumps(tiny_tokenizer_json()))
+    raw = tmp_path / "doc.txt"
+    raw.write_text("the hat\n\nhe ate a tea\n", encoding="utf-8")
+    prepare("pubmed", [raw], load_tokenizer(tmp_path / "tiny.json"), tmp_path / "tok", split="heldout")
+    out = tmp_path / "r.json"
+    code, stdout, stderr = run_eval("--model", checkpoint, "--tokenizer", TOKENIZER, "--tasks", "", "--ppl-data",
+                                    tmp_path / "tok", "--ppl-domains", "pubmed", "--seq-len", 4, "--out", out,
+                                    cwd=tmp_path)
+    assert code == 2 and not out.exists()
+    assert f"pubmed's token files were prepared with {tmp_path / 'tiny.json'}, whose ids stand for other text than " \
+           f"{TOKENIZER}'s: give the tokenizer that prepared them (--tokenizer {tmp_path / 'tiny.json'})" in stderr
+
+
+def hf_token_bytes(i):
+    """The text bytes of id i by HF tokenizers (the oracle): an added token's content (none for a special one),
+    else its token string in GPT-2's byte alphabet (printable Latin-1 bytes as themselves, each other byte k-th
+    in order as chr(256 + k)), mapped back to bytes."""
+    ref, added = _hf_reference()
+    if i in added:
+        return b"" if added[i].special else added[i].content.encode("utf-8")
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    to_byte = {chr(b): b for b in printable} | {chr(256 + k): b for k, b in enumerate(others)}
+    return bytes(to_byte[c] for c in ref.id_to_token(i))
+
+
+@functools.lru_cache
+def _hf_reference():
+    tokenizers = pytest.importorskip("tokenizers", reason="HF tokenizers (the test oracle) is not installed")
+    ref = tokenizers.Tokenizer.from_file(str(TOKENIZER))
+    return ref, ref.get_added_tokens_decoder()  # ({id: AddedToken})
 
 
 @pytest.mark.parametrize("args, says", [

@@ -382,3 +382,27 @@ def test_domain_perplexity_split_over_ranks_adds_up_to_the_whole(model, monkeypa
     assert split["pubmed"]["tokens"] == whole["pubmed"]["tokens"] == 5 * 8
     assert [tokens for _, tokens in calls] == [2 * 8, 3 * 8]  # each rank sent its own windows' sums
     assert split["pubmed"]["loss"] == pytest.approx(whole["pubmed"]["loss"], rel=1e-6)
+
+
+def test_bits_per_byte_by_hand(model):
+    """target_bytes sums each target's byte length (not a window's first token); loss_summary's bpb is the summed
+    NLL over ln 2 · bytes, None where the targets spell no byte; domain_perplexity gives it per domain."""
+    from minimamba.evaluate import domain_perplexity, loss_summary, target_bytes
+
+    lengths = [0, 1, 2, 3, 4]  # id -> bytes (id 0: a special token, no text)
+    windows = torch.tensor([[4, 1, 2, 0], [3, 3, 0, 4]])  # targets (1, 2, 0) and (3, 0, 4): 3 + 7 bytes
+    assert target_bytes(windows, lengths) == 10
+    assert target_bytes(torch.zeros(0, 4, dtype=torch.long), lengths) == 0
+    with pytest.raises(ValueError, match="the windows hold id 5, beyond the tokenizer's 5 ids"):
+        target_bytes(torch.tensor([[0, 5]]), lengths)
+    summary = loss_summary(6.0, 4, n_bytes=10)
+    assert summary["bpb"] == pytest.approx(6.0 / (math.log(2) * 10)) and summary["loss"] == 1.5
+    assert loss_summary(6.0, 4, n_bytes=0)["bpb"] is None and "bpb" not in loss_summary(6.0, 4)
+
+    gen = torch.Generator().manual_seed(0)
+    domains = {"pubmed": torch.randint(0, CFG.vocab_size, (3, 9), generator=gen)}
+    byte_lengths = [0] + [1 + i % 3 for i in range(1, CFG.vocab_size)]
+    r = domain_perplexity(model, domains, batch_size=2, byte_lengths=byte_lengths)["pubmed"]
+    n_bytes = sum(byte_lengths[i] for i in domains["pubmed"][:, 1:].flatten().tolist())
+    assert r["bpb"] == pytest.approx(r["loss"] * r["tokens"] / (math.log(2) * n_bytes), rel=1e-12)
+    assert "bpb" not in domain_perplexity(model, domains, batch_size=2)["pubmed"]

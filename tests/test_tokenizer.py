@@ -492,3 +492,33 @@ def test_a_checkpoints_own_tokenizer_json_goes_with_it_else_the_recipes(tmp_path
     assert checkpoint_tokenizer("state-spaces/mamba2-370m") == DEFAULT_TOKENIZER  # (a Hub id)
     (tmp_path / "tokenizer.json").write_text("{}")
     assert checkpoint_tokenizer(tmp_path) == str(tmp_path / "tokenizer.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# the bytes each id stands for (bits per byte, and whether two tokenizers read ids alike)
+
+
+def test_byte_lengths_of_the_tiny_tokenizer_by_hand(tmp_path):
+    """Special tokens spell no text (0), a byte token 1 byte, a merge the bytes of its parts ("Ġthe" = " the",
+    4), a space run its spaces; `token_bytes` gives the bytes themselves, the special tokens' strings included."""
+    tok = load_tokenizer(write_json(tmp_path / "tokenizer.json", tiny_tokenizer_json()))
+    lengths, spelled = tok.byte_lengths(), tok.token_bytes()
+    assert len(lengths) == len(spelled) == tok.vocab_size == 2 + 256 + 4 + 2
+    assert lengths[:2] == [0, 0] and spelled[:2] == [b"<|endoftext|>", b"<|padding|>"]
+    assert lengths[2:258] == [1] * 256 and sorted(spelled[2:258]) == [bytes([i]) for i in range(256)]
+    assert spelled[258:] == [b" t", b"he", b" the", b" a", b"   ", b"  "] and lengths[258:] == [2, 2, 4, 2, 3, 2]
+
+
+@needs_data
+def test_byte_lengths_add_up_to_the_texts_bytes(tok):
+    """The byte lengths of a text's ids add up to its UTF-8 length (a fact about the text, not the tokenizer),
+    over real abstracts and text with characters split between tokens; the EOS between documents adds 0."""
+    lengths = tok.byte_lengths()
+    with open(DATA / "pubmed" / "pubtator_corpora_abstracts.jsonl", encoding="utf-8") as f:
+        texts = [json.loads(line)["abstract"] for _, line in zip(range(300), f)]
+    texts += ["naïve 😀 Ωmega — ünïcödé\u200b", "  leading spaces\tand\ttabs\n\n", "漢字かな交じり文"]
+    for text in texts:
+        assert sum(lengths[i] for i in tok.encode(text)) == len(text.encode("utf-8")), text[:80]
+    two = tok.encode(texts[0] + "<|endoftext|>" + texts[1])
+    assert sum(lengths[i] for i in two) == len((texts[0] + texts[1]).encode("utf-8"))
+    assert len(lengths) == tok.vocab_size and lengths[tok.eos_id] == lengths[tok.pad_id] == 0
