@@ -830,6 +830,31 @@ def check_prepared_with(data_dir: str | Path, domain: str, tokenizer) -> str | N
             "vocabulary size and EOS id were compared")
 
 
+def check_one_tokenizer(data_dir: str | Path, domains) -> None:
+    """Refuse (DataError) domains whose token files different tokenizers made, as their meta.json files tell:
+    trained on together, one's ids would be read as the other's text. Compared with the first domain that has a
+    meta.json: every id's bytes where both tokenizer.json files are still there, else vocabulary size and EOS id.
+    Domains without a meta.json are not compared (their tokenizer is not known)."""
+    first = spelled = None
+    for domain in domains:
+        if not (Path(data_dir) / domain / "meta.json").exists():
+            continue
+        info = read_meta(data_dir, domain).get("tokenizer", {})
+        file = info.get("file")
+        bytes_of_ids = load_tokenizer(file).token_bytes() if file and Path(file).is_file() else None
+        if first is None:
+            first, first_info, spelled = domain, info, bytes_of_ids
+            continue
+        if bytes_of_ids is not None and spelled is not None:
+            same = bytes_of_ids == spelled and info.get("eos_id") == first_info.get("eos_id")
+        else:
+            same = (info.get("vocab_size"), info.get("eos_id")) == (first_info.get("vocab_size"), first_info.get("eos_id"))
+        if not same:
+            raise DataError(f"{Path(data_dir) / first} and {Path(data_dir) / domain} were prepared with different "
+                            f"tokenizers ({first_info.get('file') or first_info.get('name')}, {file or info.get('name')}):"
+                            " a model would read one's ids as the other's text. Prepare them with the same --tokenizer")
+
+
 def ids_needed(data_dir: str | Path, domain: str, split: str) -> tuple[int, str]:
     """How many token ids a model must have to read a split's token file, and where that number comes from:
     the vocabulary size of the tokenizer that prepared it (meta.json), or for a token file without a

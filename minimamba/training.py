@@ -88,7 +88,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from minimamba.config import PUBLIC_SCALES, SCALES, Mamba2Config
-from minimamba.data import DataError, ids_needed, read_meta
+from minimamba.data import DataError, check_one_tokenizer, ids_needed, read_meta
 from minimamba.evaluate import domain_perplexity, load_heldout
 from minimamba.files import atomic_write, fsync_dir, is_json_number, json_line, parse_json, write_text_atomically
 from minimamba.model import Mamba2LM
@@ -1433,6 +1433,7 @@ class Pretraining:
     def check_data(self):
         check_domains(self.cfg.data, self.r.mix)
         check_domains(self.cfg.data, self.r.eval_domains, "heldout", "--eval-domains")
+        check_one_tokenizer(self.cfg.data, dict.fromkeys([*self.r.mix, *self.r.eval_domains]))
 
     def load_data(self, raw):
         cfg, r, dist = self.cfg, self.r, self.dist

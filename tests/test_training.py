@@ -856,6 +856,35 @@ def test_missing_data_dir_names_the_path_and_the_prepare_command(init_dir, tmp_p
         train(cfg)
 
 
+
+def test_domains_prepared_with_different_tokenizers_are_refused(init_dir, tmp_path):
+    """Two domains whose meta.json names tokenizers that read some id as other text (one merge differs, the
+    vocabulary size and EOS are the same): refused before the model is built, naming both folders; the same
+    tokenizer.json in two places, or two domains of one tokenizer, train."""
+    from minimamba.data import check_one_tokenizer, prepare
+    from minimamba.tokenizer import load_tokenizer
+    from tests.test_tokenizer import tiny_tokenizer_json
+
+    spec, other = tiny_tokenizer_json(), tiny_tokenizer_json()
+    other["model"]["merges"][3] = "Ġ o"  # "Ġa" -> "Ġo": the same ids, one of them other text
+    other["model"]["vocab"] = {("Ġo" if k == "Ġa" else k): v for k, v in other["model"]["vocab"].items()}
+    for name, tokenizer_spec in (("a", spec), ("b", json.loads(json.dumps(spec))), ("c", other)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "tokenizer.json").write_text(json.dumps(tokenizer_spec, indent=len(name)))
+    raw = tmp_path / "doc.txt"
+    raw.write_text("\n\n".join(f"he ate {i} tea at the hat" for i in range(400)), encoding="utf-8")
+    for domain, made_with in (("pubmed", "a"), ("c4", "b"), ("wikipedia", "c")):
+        prepare(domain, [raw], load_tokenizer(tmp_path / made_with), tmp_path / "tok", heldout_fraction=0.2)
+    check_one_tokenizer(tmp_path / "tok", ["pubmed", "c4"])  # (a copy of the same tokenizer)
+    with pytest.raises(SetupError, match=rf"{tmp_path}/tok/pubmed and {tmp_path}/tok/wikipedia were prepared with "
+                                         rf"different tokenizers \({tmp_path}/a/tokenizer.json, "
+                                         rf"{tmp_path}/c/tokenizer.json\): a model would read one's ids as the "
+                                         "other's text. Prepare them with the same --tokenizer"):
+        train(config(tmp_path / "tok", init_dir, tmp_path / "run", mix="pubmed=0.5,wikipedia=0.5"))
+    assert not (tmp_path / "run" / "step-000002").exists()
+    (tmp_path / "c" / "tokenizer.json").unlink()  # then only the vocabulary sizes and EOS ids compare: the same
+    check_one_tokenizer(tmp_path / "tok", ["pubmed", "c4", "wikipedia"])
+
 def test_unknown_domain_in_mix(data, init_dir, tmp_path):
     with pytest.raises(SetupError, match=r"(?s)domain\(s\) pubmd .*Domains found there: c4, pubmed, wikipedia"):
         train(config(data, init_dir, tmp_path / "run", mix="pubmd=0.8,c4=0.2"))
