@@ -803,6 +803,32 @@ def _being_replaced(meta: dict) -> str:
     return " and ".join(f"{name}.bin" for name in meta["preparing"])
 
 
+def _prepared_with(data_dir, domain, loaded=None) -> tuple[dict, list[bytes] | None]:
+    """(meta.json's "tokenizer" entry, the bytes each id stands for in the tokenizer.json it names, or None where
+    that file is gone); `loaded` {file: bytes} keeps what was read for the next domain of the same file."""
+    info = read_meta(data_dir, domain).get("tokenizer", {})
+    file = info.get("file")
+    if not (file and Path(file).is_file()):
+        return info, None
+    loaded = {} if loaded is None else loaded
+    if file not in loaded:
+        try:
+            loaded[file] = load_tokenizer(file).token_bytes()
+        except (OSError, ValueError) as e:  # (the loader's errors name the file and what is wrong with it)
+            raise DataError(f"{Path(data_dir) / domain / 'meta.json'} names the tokenizer that prepared it, which "
+                            f"cannot be read now: {e}. Put the file back, or prepare {domain} again") from None
+    return info, loaded[file]
+
+
+def _read_alike(a, b) -> bool:
+    """Whether two tokenizers, each (info, bytes of each id or None) as `_prepared_with` gives them, read every id
+    as the same text: by the bytes where both are known, else by vocabulary size and EOS id."""
+    (info_a, bytes_a), (info_b, bytes_b) = a, b
+    if bytes_a is not None and bytes_b is not None:
+        return bytes_a == bytes_b and info_a.get("eos_id") == info_b.get("eos_id")
+    return (info_a.get("vocab_size"), info_a.get("eos_id")) == (info_b.get("vocab_size"), info_b.get("eos_id"))
+
+
 def check_prepared_with(data_dir: str | Path, domain: str, tokenizer) -> str | None:
     """Refuse (DataError) the token files of `domain` when meta.json says another tokenizer made them: scoring
     them with `tokenizer` would read each id as another text. Where the tokenizer.json that meta.json names is
@@ -812,47 +838,40 @@ def check_prepared_with(data_dir: str | Path, domain: str, tokenizer) -> str | N
     meta_path = Path(data_dir) / domain / "meta.json"
     if not meta_path.exists():
         return f"{meta_path} is missing: the tokenizer that made {domain}'s token files is not known (not checked)"
-    info = read_meta(data_dir, domain).get("tokenizer", {})
-    name = info.get("name") or "its tokenizer"
-    fix = (f"give the tokenizer that prepared them (--tokenizer {info.get('file') or name}), or prepare {domain} "
-           f"again with this one ({tokenizer.name})")
-    if info.get("file") and Path(info["file"]).is_file():
-        theirs = load_tokenizer(info["file"])
-        if (theirs.token_bytes(), theirs.eos_id) != (tokenizer.token_bytes(), tokenizer.eos_id):
-            raise DataError(f"{meta_path}: {domain}'s token files were prepared with {info['file']}, whose ids "
-                            f"stand for other text than {tokenizer.name}'s: {fix}")
-        return None
-    if (info.get("vocab_size"), info.get("eos_id")) != (tokenizer.vocab_size, tokenizer.eos_id):
-        raise DataError(f"{meta_path}: {domain}'s token files were prepared with {name} ({info.get('vocab_size')} "
-                        f"ids, EOS {info.get('eos_id')}), not with {tokenizer.name} ({tokenizer.vocab_size} ids, "
-                        f"EOS {tokenizer.eos_id}): {fix}")
-    return (f"{domain}: the tokenizer file that prepared it ({info.get('file') or name}) is not here: only its "
-            "vocabulary size and EOS id were compared")
+    theirs = _prepared_with(data_dir, domain)
+    ours = {"vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id}, tokenizer.token_bytes()
+    info = theirs[0]
+    made_with = info.get("file") or info.get("name") or "its tokenizer"
+    if not _read_alike(theirs, ours):
+        why = (f", whose ids stand for other text than {tokenizer.name}'s" if theirs[1] is not None else
+               f" ({info.get('vocab_size')} ids, EOS {info.get('eos_id')}), not with {tokenizer.name} "
+               f"({tokenizer.vocab_size} ids, EOS {tokenizer.eos_id})")
+        raise DataError(f"{meta_path}: {domain}'s token files were prepared with {made_with}{why}: give the tokenizer "
+                        f"that prepared them (--tokenizer {made_with}), or prepare {domain} again with this one "
+                        f"({tokenizer.name})")
+    if theirs[1] is None:
+        return (f"{domain}: the tokenizer file that prepared it ({made_with}) is not here: only its vocabulary size "
+                "and EOS id were compared")
+    return None
 
 
 def check_one_tokenizer(data_dir: str | Path, domains) -> None:
     """Refuse (DataError) domains whose token files different tokenizers made, as their meta.json files tell:
-    trained on together, one's ids would be read as the other's text. Compared with the first domain that has a
-    meta.json: every id's bytes where both tokenizer.json files are still there, else vocabulary size and EOS id.
-    Domains without a meta.json are not compared (their tokenizer is not known)."""
-    first = spelled = None
+    trained on together, one's ids would be read as the other's text. Each is compared with the first domain that
+    has a meta.json, as `_read_alike` compares. Domains without a meta.json are not compared (their tokenizer is
+    not known)."""
+    loaded, first = {}, None
     for domain in domains:
         if not (Path(data_dir) / domain / "meta.json").exists():
             continue
-        info = read_meta(data_dir, domain).get("tokenizer", {})
-        file = info.get("file")
-        bytes_of_ids = load_tokenizer(file).token_bytes() if file and Path(file).is_file() else None
+        this = _prepared_with(data_dir, domain, loaded)
         if first is None:
-            first, first_info, spelled = domain, info, bytes_of_ids
-            continue
-        if bytes_of_ids is not None and spelled is not None:
-            same = bytes_of_ids == spelled and info.get("eos_id") == first_info.get("eos_id")
-        else:
-            same = (info.get("vocab_size"), info.get("eos_id")) == (first_info.get("vocab_size"), first_info.get("eos_id"))
-        if not same:
-            raise DataError(f"{Path(data_dir) / first} and {Path(data_dir) / domain} were prepared with different "
-                            f"tokenizers ({first_info.get('file') or first_info.get('name')}, {file or info.get('name')}):"
-                            " a model would read one's ids as the other's text. Prepare them with the same --tokenizer")
+            first, first_domain = this, domain
+        elif not _read_alike(first, this):
+            names = [info.get("file") or info.get("name") for info, _ in (first, this)]
+            raise DataError(f"{Path(data_dir) / first_domain} and {Path(data_dir) / domain} were prepared with "
+                            f"different tokenizers ({names[0]}, {names[1]}): a model would read one's ids as the "
+                            "other's text. Prepare them with the same --tokenizer")
 
 
 def ids_needed(data_dir: str | Path, domain: str, split: str) -> tuple[int, str]:

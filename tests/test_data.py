@@ -982,6 +982,10 @@ def test_check_prepared_with_compares_what_each_id_stands_for(tmp_path):
                                         r"\(--tokenizer .*a/tokenizer\.json\), or prepare pubmed again"):
         data.check_prepared_with(tmp_path / "tok", "pubmed", load_tokenizer(tmp_path / "c"))
 
+    (tmp_path / "a" / "tokenizer.json").write_text("{")  # damaged since: said, not compared by size instead
+    with pytest.raises(DataError, match=r"pubmed/meta.json names the tokenizer that prepared it, which cannot be "
+                                        r"read now: .*a/tokenizer\.json.*Put the file back, or prepare pubmed again"):
+        data.check_prepared_with(tmp_path / "tok", "pubmed", made_with)
     (tmp_path / "a" / "tokenizer.json").unlink()  # moved since: only the sizes can be compared
     note = data.check_prepared_with(tmp_path / "tok", "pubmed", load_tokenizer(tmp_path / "c"))
     assert note.startswith("pubmed: the tokenizer file that prepared it") and "vocabulary size and EOS id" in note
