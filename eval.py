@@ -30,6 +30,7 @@ from minimamba.evaluate import (RECIPE_QA_SCORING, domain_perplexity, evaluate_t
                                 results_table, settings_that_differ, tasks_missing)
 from minimamba.files import json_line, sha256_of, write_json_atomically, write_text_atomically
 from minimamba.hub import CheckpointError, from_pretrained
+from minimamba.model import gpu_too_old
 from minimamba.sampler import check_domains
 from minimamba.tasks import GROUPS, TASKS, TaskDataError, load_task, task_files
 from minimamba.tokenizer import DEFAULT_TOKENIZER, checkpoint_tokenizer, load_tokenizer
@@ -57,8 +58,9 @@ p.add_argument("--seq-len", type=int, default=1024, help="perplexity: tokens per
 p.add_argument("--ppl-windows", type=int, default=None, help="perplexity: at most this many windows per domain (default all)")
 p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
-               help="compute dtype: auto = bfloat16 autocast on CUDA, float32 on CPU (weights stay float32)")
-p.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto", help="SSD scan (auto: triton on CUDA)")
+               help="compute dtype: auto = bfloat16 autocast on a GPU of compute capability 8.0 or newer, "
+                    "float32 elsewhere (weights stay float32)")
+p.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto", help="SSD scan (auto: triton on a GPU it supports)")
 p.add_argument("--out", default=None, help="results JSON (default: print only)")
 p.add_argument("--predictions", default=None, help="also write every item's prediction here (JSON lines)")
 p.add_argument("--compare", nargs="+", metavar="RESULTS", help="print a Markdown table of these results files and exit")
@@ -105,6 +107,8 @@ try:
     amp = resolve_autocast(args.dtype, device)  # (None: float32)
 except SetupError as e:
     fail(str(e))
+if args.dtype == "auto" and (too_old := gpu_too_old(device)):
+    print(f"note: --dtype auto computes in float32 here: {too_old}", file=sys.stderr)
 
 for path in (args.out, args.predictions):  # where the results go: made now, not after an hour of scoring
     if path:

@@ -124,7 +124,7 @@ class SFTConfig:
     resume: str | None = None  # "latest" or a checkpoint directory
     # hardware
     device: str = "auto"
-    dtype: str = "auto"  # auto (bfloat16 autocast on CUDA, float32 on CPU), bfloat16, float32
+    dtype: str = "auto"  # auto (bfloat16 autocast on a GPU that has it, else float32), bfloat16, float32
     fsdp: bool = False
     progress: bool = True
 

@@ -38,6 +38,20 @@ BACKENDS = ("auto", "torch", "triton")
 DECODE_BACKENDS = ("auto", "torch", "c")
 
 
+def gpu_too_old(device):
+    """Why a CUDA `device` is older than what Triton supports and what computes in bfloat16 (compute capability
+    8.0: Ampere, Hopper and later; a T4 or V100 is older, and there Triton's bfloat16 dots fail to compile), or
+    None for a newer GPU and for any other device."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    if major >= 8:
+        return None
+    return (f"{torch.cuda.get_device_name(device)} has compute capability {major}.{minor}; Triton and bfloat16 "
+            "arithmetic need 8.0 or newer")
+
+
 class OneOf:
     """An attribute that takes only one of `choices`: a typo (model.backend = "torhc") is an error that says
     so, not a backend of that name run and logged."""
@@ -218,8 +232,9 @@ class Mamba2LM(nn.Module):
 
     "torch"  the chunked PyTorch reference (`minimamba.ssd.ssd_chunked`), any device;
     "triton" the hand-written Triton kernel (`kernels.ssd_chunk_scan`), CUDA (or CPU under TRITON_INTERPRET=1);
-    "auto"   "triton" for CUDA tensors, "torch" otherwise. The choice is logged and `scan_backend()` reports it;
-             a missing Triton on CUDA is an error, never a silent fallback.
+    "auto"   "triton" for CUDA tensors (on a GPU of compute capability 8.0 or newer, which Triton supports:
+             `gpu_too_old`), "torch" otherwise. The choice and its reason are logged and `scan_backend()` reports
+             it; a missing Triton on CUDA is an error, never a silent fallback.
 
     `decode_backend` picks the one-token step used by `step` and `generate`:
     "torch"  `_step_torch`, the PyTorch reference, any device and dtype;
@@ -286,7 +301,7 @@ class Mamba2LM(nn.Module):
         device = torch.device(device) if device is not None else self.embedding.weight.device
         if self.backend != "auto":
             return self.backend
-        return "triton" if device.type == "cuda" else "torch"
+        return "triton" if device.type == "cuda" and not gpu_too_old(device) else "torch"
 
     def scan_chunk(self, device=None):
         """The chunk length the scan uses on `device`: `scan_chunk_size` if set, else 64 for the torch scan on
@@ -314,10 +329,13 @@ class Mamba2LM(nn.Module):
                 return ssd_chunk_scan(x, dt, A, B, C, Q, D=D, initial_state=initial_state, return_final_state=True)
         if name != self._logged_backend:  # (said once, not at every forward)
             why = "requested" if self.backend != "auto" else f"auto on {device.type}"
+            if too_old := gpu_too_old(device):
+                why += f"; {too_old}" + (": Triton may fail there" if name == "triton" else "")
             if name == "triton":
                 why += "; launches: " + ("direct after the first" if ssd_triton.DIRECT_LAUNCH else "all through Triton "
                                          f"({ssd_triton.DIRECT_LAUNCH_OFF_BECAUSE or 'DIRECT_LAUNCH set to False'})")
-            log.info("minimamba: SSD scan backend = %s (%s)", name, why)
+            level = logging.WARNING if name == "triton" and gpu_too_old(device) else logging.INFO
+            log.log(level, "minimamba: SSD scan backend = %s (%s)", name, why)
             self._logged_backend = name
         return scan
 

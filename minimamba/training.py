@@ -91,7 +91,7 @@ from minimamba.config import PUBLIC_SCALES, SCALES, Mamba2Config
 from minimamba.data import DataError, check_one_tokenizer, ids_needed, read_meta
 from minimamba.evaluate import domain_perplexity, load_heldout
 from minimamba.files import atomic_write, fsync_dir, is_json_number, json_line, parse_json, write_text_atomically
-from minimamba.model import Mamba2LM
+from minimamba.model import Mamba2LM, gpu_too_old
 from minimamba.sampler import MixtureSampler, check_domains, parse_mix
 
 # ----------------------------------------------------------------------------------------------------------
@@ -139,7 +139,7 @@ class TrainConfig:
     resume: str | None = None  # "latest" (OUT/latest) or a checkpoint directory
     # hardware
     device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
-    dtype: str = "auto"  # compute dtype: auto (bfloat16 autocast on CUDA, float32 on CPU), bfloat16, float32
+    dtype: str = "auto"  # compute dtype: auto (bfloat16 autocast on a GPU that has it, else float32), bfloat16, float32
     fsdp: bool = False  # shard weights, gradients and optimizer state across processes (FSDP2) instead of DDP
     progress: bool = True  # show the tqdm bar
 
@@ -187,10 +187,14 @@ def resolve_device(device="auto"):
 
 
 def resolve_autocast(dtype, device):
-    """The autocast dtype a --dtype names on `device` (None: float32): auto = bfloat16 on CUDA, float32 elsewhere."""
+    """The autocast dtype a --dtype names on `device` (None: float32): auto = bfloat16 on a GPU that computes in
+    it (compute capability 8.0 or newer, `gpu_too_old`), float32 elsewhere; bfloat16 asked for on an older GPU is
+    refused (there Triton's bfloat16 dots fail to compile, and PyTorch's are emulated)."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
+        return torch.bfloat16 if device.type == "cuda" and not gpu_too_old(device) else None
     if dtype in ("bfloat16", "bf16"):
+        if too_old := gpu_too_old(device):
+            raise SetupError(f"--dtype bfloat16: {too_old}. Use --dtype float32 (or auto, which picks it there)")
         return torch.bfloat16
     if dtype in ("float32", "fp32"):
         return None
@@ -1499,7 +1503,8 @@ def _summary(cfg, r, raw, dist, est, groups, source, start_step, batch, data, le
         f"d_model {c.d_model}, vocab {c.vocab_size}), init: {source or 'random weights (seed %d)' % cfg.seed}",
         f"device: {dist.device} × {dist.world_size} process(es)"
         f"{' (FSDP)' if cfg.fsdp else ' (DDP)' if dist.enabled else ''}, compute "
-        f"{'bfloat16 autocast' if r.autocast_dtype else 'float32'} with float32 master weights, scan backend "
+        f"{'bfloat16 autocast' if r.autocast_dtype else 'float32'} with float32 master weights"
+        f"{f' ({too_old})' if cfg.dtype == 'auto' and (too_old := gpu_too_old(dist.device)) else ''}, scan backend "
         f"{raw.scan_backend(dist.device)}, activation checkpointing {'on' if cfg.grad_ckpt else 'off'}",
         f"batch: {batch}",
         f"data: {data}",
@@ -1585,7 +1590,8 @@ def run_arguments(p, D):
                    help="continue OUT's latest checkpoint exactly (or the checkpoint directory given)")
     p.add_argument("--device", default=D.device, help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default=D.dtype,
-                   help="compute dtype: auto = bfloat16 autocast on CUDA, float32 on CPU (weights stay float32)")
+                   help="compute dtype: auto = bfloat16 autocast on a GPU of compute capability 8.0 or newer, "
+                        "float32 elsewhere (weights stay float32)")
     p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=D.fsdp,
                    help="under torchrun: shard weights/grads/optimizer (FSDP2) instead of replicating them (DDP)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=D.progress,

@@ -503,11 +503,12 @@ def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
 
 
 def test_auto_scan_backend_is_triton_on_cuda_torch_on_cpu_says_so_and_a_missing_triton_is_an_error(
-        caplog, monkeypatch):
+        caplog, monkeypatch, fake_gpu):
     """Issue 4: the "triton" backend is the default on CUDA, the torch reference on a CPU unless asked otherwise,
     and the model says which; issue 2: a missing Triton is an error, never a silent fallback."""
     m = Mamba2LM(tiny_config())
     assert m.backend == "auto"
+    fake_gpu((9, 0), "NVIDIA H100 80GB HBM3")
     assert m.scan_backend(torch.device("cuda")) == "triton" and m.scan_backend("cuda:1") == "triton"
     assert m.scan_backend() == m.scan_backend("cpu") == "torch"
     with caplog.at_level("INFO", logger="minimamba"), torch.no_grad():
@@ -519,6 +520,38 @@ def test_auto_scan_backend_is_triton_on_cuda_torch_on_cpu_says_so_and_a_missing_
     with pytest.raises(RuntimeError, match=r"the 'triton' scan backend needs Triton .*backend='torch'"), torch.no_grad():
         m(torch.zeros(1, 4, dtype=torch.long))
 
+
+
+def test_a_gpu_older_than_triton_supports_gets_the_torch_scan_and_float32(caplog, fake_gpu):
+    """Below compute capability 8.0 (a T4, a V100) Triton is unsupported and its bfloat16 dots do not compile:
+    "auto" picks the torch scan there and says why, "triton" asked for is kept but warned about; --dtype auto
+    computes in float32 there, and --dtype bfloat16 is refused naming the GPU (8.0 and up: bfloat16, Triton)."""
+    from minimamba.model import gpu_too_old
+    from minimamba.training import SetupError, resolve_autocast
+
+    fake_gpu((7, 5), "Tesla T4")
+    cuda = torch.device("cuda")
+    assert gpu_too_old(cuda) == "Tesla T4 has compute capability 7.5; Triton and bfloat16 arithmetic need 8.0 or newer"
+    assert gpu_too_old("cpu") is None
+    m = Mamba2LM(tiny_config())
+    assert m.scan_backend(cuda) == "torch" and m.scan_chunk(cuda) == m.config.chunk_size
+    with caplog.at_level("INFO", logger="minimamba"):
+        m._scan(cuda)
+        m.backend = "triton"
+        m._scan(cuda)
+    [auto, asked] = caplog.records
+    assert (auto.levelname, auto.getMessage()) == ("INFO", "minimamba: SSD scan backend = torch (auto on cuda; Tesla "
+                                                   "T4 has compute capability 7.5; Triton and bfloat16 arithmetic "
+                                                   "need 8.0 or newer)")
+    assert asked.levelname == "WARNING" and "= triton (requested; Tesla T4 has compute capability 7.5; " \
+        "Triton and bfloat16 arithmetic need 8.0 or newer: Triton may fail there; launches:" in asked.getMessage()
+    assert resolve_autocast("auto", cuda) is None and resolve_autocast("float32", cuda) is None
+    with pytest.raises(SetupError, match=r"^--dtype bfloat16: Tesla T4 has compute capability 7\.5; Triton and "
+                                         r"bfloat16 arithmetic need 8\.0 or newer\. Use --dtype float32"):
+        resolve_autocast("bfloat16", cuda)
+    fake_gpu((8, 0), "NVIDIA A100-SXM4-80GB")
+    assert gpu_too_old(cuda) is None and resolve_autocast("auto", cuda) == resolve_autocast("bf16", cuda) == torch.bfloat16
+    assert Mamba2LM(tiny_config()).scan_backend(cuda) == "triton"
 
 def test_unknown_backend_is_rejected():
     with pytest.raises(ValueError, match="unknown scan backend 'cuda'"):

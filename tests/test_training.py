@@ -143,7 +143,7 @@ def test_cosine_and_constant_schedules():
         lr_factor(5, 10, 0, "linear")
 
 
-def test_the_defaults_are_the_recipe():
+def test_the_defaults_are_the_recipe(fake_gpu):
     """`python train.py --scale S` with no other flag runs issue 5's recipe (../shared/reference/biomamba-recipe.md):
     the public checkpoint, 80/10/10 by tokens, 1024-token sequences, 256 of them per step, AdamW (0.9, 0.95) with
     weight decay 0.1, peak LR 5e-6 with layer-wise decay 0.95, WSD, EMA 0.999, clipping 1.0, bf16 on a GPU and the
@@ -157,6 +157,7 @@ def test_the_defaults_are_the_recipe():
     assert (d.beta1, d.beta2, d.weight_decay, d.lr, d.llrd, d.schedule, d.ema, d.grad_clip) == \
         (0.9, 0.95, 0.1, 5e-6, 0.95, "wsd", 0.999, 1.0)
     assert (d.dtype, d.backend) == ("auto", "auto")
+    fake_gpu((9, 0), "NVIDIA H100 80GB HBM3")  # (the recipe's card)
     assert resolve_autocast(d.dtype, torch.device("cuda")) == torch.bfloat16
     assert resolve_autocast(d.dtype, torch.device("cpu")) is None
     assert Mamba2LM(small_config(), backend=d.backend).scan_backend("cuda") == "triton"
