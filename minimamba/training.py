@@ -201,6 +201,13 @@ def resolve_autocast(dtype, device):
     raise SetupError(f"unknown --dtype {dtype!r}; choose auto, bfloat16 or float32")
 
 
+def compute_text(autocast_dtype, dtype, device):
+    """How a run computes, for its summary line: with --dtype auto on a GPU too old for bfloat16, also why float32."""
+    why = gpu_too_old(device) if autocast_dtype is None and dtype == "auto" else None
+    return (f"{'bfloat16 autocast' if autocast_dtype else 'float32'} with float32 master weights"
+            + (f" ({why})" if why else ""))
+
+
 def setup_distributed(device="auto"):
     """One process, or torch.distributed when launched by torchrun: NCCL on GPU, gloo on CPU."""
     dev = resolve_device(device)
@@ -1503,8 +1510,7 @@ def _summary(cfg, r, raw, dist, est, groups, source, start_step, batch, data, le
         f"d_model {c.d_model}, vocab {c.vocab_size}), init: {source or 'random weights (seed %d)' % cfg.seed}",
         f"device: {dist.device} × {dist.world_size} process(es)"
         f"{' (FSDP)' if cfg.fsdp else ' (DDP)' if dist.enabled else ''}, compute "
-        f"{'bfloat16 autocast' if r.autocast_dtype else 'float32'} with float32 master weights"
-        f"{f' ({too_old})' if cfg.dtype == 'auto' and (too_old := gpu_too_old(dist.device)) else ''}, scan backend "
+        f"{compute_text(r.autocast_dtype, cfg.dtype, dist.device)}, scan backend "
         f"{raw.scan_backend(dist.device)}, activation checkpointing {'on' if cfg.grad_ckpt else 'off'}",
         f"batch: {batch}",
         f"data: {data}",

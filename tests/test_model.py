@@ -527,7 +527,7 @@ def test_a_gpu_older_than_triton_supports_gets_the_torch_scan_and_float32(caplog
     "auto" picks the torch scan there and says why, "triton" asked for is kept but warned about; --dtype auto
     computes in float32 there, and --dtype bfloat16 is refused naming the GPU (8.0 and up: bfloat16, Triton)."""
     from minimamba.model import gpu_too_old
-    from minimamba.training import SetupError, resolve_autocast
+    from minimamba.training import SetupError, compute_text, resolve_autocast
 
     fake_gpu((7, 5), "Tesla T4")
     cuda = torch.device("cuda")
@@ -546,11 +546,15 @@ def test_a_gpu_older_than_triton_supports_gets_the_torch_scan_and_float32(caplog
     assert asked.levelname == "WARNING" and "= triton (requested; Tesla T4 has compute capability 7.5; " \
         "Triton and bfloat16 arithmetic need 8.0 or newer: Triton may fail there; launches:" in asked.getMessage()
     assert resolve_autocast("auto", cuda) is None and resolve_autocast("float32", cuda) is None
+    assert compute_text(None, "auto", cuda) == ("float32 with float32 master weights (Tesla T4 has compute capability "
+                                                "7.5; Triton and bfloat16 arithmetic need 8.0 or newer)")
+    assert compute_text(None, "float32", cuda) == compute_text(None, "auto", "cpu") == "float32 with float32 master weights"
     with pytest.raises(SetupError, match=r"^--dtype bfloat16: Tesla T4 has compute capability 7\.5; Triton and "
                                          r"bfloat16 arithmetic need 8\.0 or newer\. Use --dtype float32"):
         resolve_autocast("bfloat16", cuda)
     fake_gpu((8, 0), "NVIDIA A100-SXM4-80GB")
     assert gpu_too_old(cuda) is None and resolve_autocast("auto", cuda) == resolve_autocast("bf16", cuda) == torch.bfloat16
+    assert compute_text(torch.bfloat16, "auto", cuda) == "bfloat16 autocast with float32 master weights"
     assert Mamba2LM(tiny_config()).scan_backend(cuda) == "triton"
 
 def test_unknown_backend_is_rejected():
