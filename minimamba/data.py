@@ -808,7 +808,11 @@ def _prepared_with(data_dir, domain, loaded=None) -> tuple[dict, list[bytes] | N
     that file is gone); `loaded` {file: bytes} keeps what was read for the next domain of the same file."""
     info = read_meta(data_dir, domain).get("tokenizer", {})
     file = info.get("file")
-    if not (file and Path(file).is_file()):
+    try:
+        here = bool(file) and Path(file).is_file()
+    except (OSError, ValueError):  # (a name too long for the filesystem, a NUL byte: a damaged meta.json)
+        here = False
+    if not here:
         return info, None
     loaded = {} if loaded is None else loaded
     if file not in loaded:

@@ -998,5 +998,14 @@ def test_check_prepared_with_compares_what_each_id_stands_for(tmp_path):
                                         r"\(265 ids, EOS 0\)"):
         data.check_prepared_with(tmp_path / "tok", "pubmed", load_tokenizer(tmp_path / "d"))
 
-    (tmp_path / "tok" / "pubmed" / "meta.json").unlink()
+    meta_file = tmp_path / "tok" / "pubmed" / "meta.json"
+    for damaged in ("x" * 5000, "a\x00b"):  # (names no filesystem takes: as gone, not a traceback)
+        meta_file.write_text(meta_file.read_text().replace(json.dumps(str(tmp_path / "a" / "tokenizer.json")),
+                                                           json.dumps(damaged)))
+        assert json.loads(meta_file.read_text())["tokenizer"]["file"] == damaged
+        assert "only its vocabulary size and EOS id were compared" in \
+            data.check_prepared_with(tmp_path / "tok", "pubmed", load_tokenizer(tmp_path / "c"))
+        meta_file.write_text(meta_file.read_text().replace(json.dumps(damaged),
+                                                           json.dumps(str(tmp_path / "a" / "tokenizer.json"))))
+    meta_file.unlink()
     assert "is missing" in data.check_prepared_with(tmp_path / "tok", "pubmed", made_with)
