@@ -107,8 +107,8 @@ try:
     amp = resolve_autocast(args.dtype, device)  # (None: float32)
 except SetupError as e:
     fail(str(e))
-if args.dtype == "auto" and (too_old := gpu_too_old(device)):
-    print(f"note: --dtype auto computes in float32 here: {too_old}", file=sys.stderr)
+if too_old := gpu_too_old(device):  # (what --dtype auto and --backend auto choose there, and why)
+    print(f"note: {too_old}: computing in float32, with the torch scan unless --backend triton", file=sys.stderr)
 
 for path in (args.out, args.predictions):  # where the results go: made now, not after an hour of scoring
     if path:
@@ -138,22 +138,28 @@ if args.ppl_data:
     except (DataError, OSError) as e:
         fail(str(e))
 
-# 3. the model and its tokenizer
+# 3. the tokenizer (the token files must be its ids, or their perplexity means nothing), then the model
 try:
-    model = from_pretrained(args.model, device=device, backend=args.backend).eval()
     tokenizer_source = args.tokenizer or checkpoint_tokenizer(args.model)
     tokenizer = load_tokenizer(tokenizer_source)
-except (CheckpointError, DownloadError, OSError, ValueError) as e:
+except (DownloadError, OSError, ValueError) as e:
     fail(str(e))
-if tokenizer.vocab_size > model.config.vocab_size:
-    fail(f"the tokenizer ({tokenizer_source}) has {tokenizer.vocab_size} ids, the model only "
-         f"{model.config.vocab_size}: they do not belong together (give --tokenizer)")
-for domain in heldout:  # the token files must be this tokenizer's ids, or their perplexity means nothing
+for domain, windows in heldout.items():
     try:
         if note := check_prepared_with(args.ppl_data, domain, tokenizer):
             print(f"note: {note}", file=sys.stderr)
     except DataError as e:
         fail(str(e))
+    if len(windows) and (top := int(windows.max())) >= tokenizer.vocab_size:
+        fail(f"{Path(args.ppl_data) / domain}: its held-out tokens hold id {top}, but the tokenizer ({tokenizer_source}) "
+             f"has {tokenizer.vocab_size} ids: they were made by another tokenizer (give --tokenizer)")
+try:
+    model = from_pretrained(args.model, device=device, backend=args.backend).eval()
+except (CheckpointError, DownloadError, OSError, ValueError) as e:
+    fail(str(e))
+if tokenizer.vocab_size > model.config.vocab_size:
+    fail(f"the tokenizer ({tokenizer_source}) has {tokenizer.vocab_size} ids, the model only "
+         f"{model.config.vocab_size}: they do not belong together (give --tokenizer)")
 
 config = {k: v for k, v in vars(args).items() if k != "compare"}
 config.update(tasks=names, tokenizer=tokenizer_source, device=str(device), amp=str(amp) if amp else None,
@@ -186,12 +192,8 @@ for name in names:
     shown = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float) and k != "seconds")
     print(f"{name:16s} n={result['n']:<6d} {shown}  ({result['seconds']:.0f} s)", flush=True)
     save()
-byte_lengths = tokenizer.byte_lengths() if heldout else None
-try:  # (ids the tokenizer or the model has no row for: ValueError naming them)
-    perplexities = domain_perplexity(model, heldout, args.batch_size, device, amp, byte_lengths=byte_lengths)
-except ValueError as e:
-    fail(f"--ppl-data {args.ppl_data}: {e}")
-for domain, r in perplexities.items():
+byte_lengths = tokenizer.byte_lengths() if heldout else None  # (every id is the tokenizer's: checked in 3.)
+for domain, r in domain_perplexity(model, heldout, args.batch_size, device, amp, byte_lengths=byte_lengths).items():
     # (n: the tokens scored, the "n" every result has; not repeated as "tokens", which was a second table row)
     results[f"ppl_{domain}"] = {"task": f"ppl_{domain}", "kind": "perplexity", "n": r["tokens"], "loss": r["loss"],
                                 "ppl": r["ppl"], "bpb": r["bpb"]}

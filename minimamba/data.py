@@ -699,8 +699,10 @@ def prepare(
 def _meta_to_update(out: Path, writes, tokenizer, tokenizer_name: str) -> dict:
     """The domain's meta.json without the splits that this call writes (a fresh one if there is none)."""
     file = getattr(tokenizer, "path", None)  # (its tokenizer.json, for train.py's checkpoints; None: no file)
+    fingerprint = getattr(tokenizer, "vocabulary_sha256", None)  # (what every id stands for; none: the tests' toys)
     info = {"name": tokenizer_name, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
-            "file": None if file is None else str(Path(file).resolve())}
+            "file": None if file is None else str(Path(file).resolve()),
+            "vocabulary_sha256": fingerprint() if fingerprint else None}
     meta = read_meta(out.parent, out.name, unfinished_ok=True) if (out / "meta.json").exists() else {"splits": {}}
     meta.setdefault("splits", {})
     kept = [name for name in meta["splits"] if name not in writes]
@@ -714,7 +716,8 @@ def _meta_to_update(out: Path, writes, tokenizer, tokenizer_name: str) -> dict:
             f"Run the stopped command again, or another prepare of this domain with {redo}"
         )
     old = meta.get("tokenizer", {})
-    if kept and (old.get("vocab_size"), old.get("eos_id")) != (info["vocab_size"], info["eos_id"]):
+    old_sha = old.get("vocabulary_sha256") if isinstance(old.get("vocabulary_sha256"), str) else None
+    if kept and not _read_alike((old, old_sha), (info, info["vocabulary_sha256"])):
         raise DataError(
             f"{out}/{kept[0]}.bin was made with another tokenizer ({old.get('name')}); "
             "prepare all splits again with --split auto, or use the same tokenizer"
@@ -785,7 +788,8 @@ def _meta_problem(meta) -> str | None:
     ok = {"name": isinstance(tokenizer.get("name", ""), str),
           "file": tokenizer.get("file") is None or isinstance(tokenizer["file"], str),
           "vocab_size": count(tokenizer.get("vocab_size", 1), 1),
-          "eos_id": tokenizer.get("eos_id") is None or count(tokenizer["eos_id"], 0)}
+          "eos_id": tokenizer.get("eos_id") is None or count(tokenizer["eos_id"], 0),
+          "vocabulary_sha256": tokenizer.get("vocabulary_sha256") is None or isinstance(tokenizer["vocabulary_sha256"], str)}
     if bad := next((key for key, fine in ok.items() if not fine), None):
         return f'"tokenizer"."{bad}" is {tokenizer[bad]!r}'
     if not isinstance(splits, dict) or not all(isinstance(split, dict) for split in splits.values()):
@@ -803,10 +807,13 @@ def _being_replaced(meta: dict) -> str:
     return " and ".join(f"{name}.bin" for name in meta["preparing"])
 
 
-def _prepared_with(data_dir, domain, loaded=None) -> tuple[dict, list[bytes] | None]:
-    """(meta.json's "tokenizer" entry, the bytes each id stands for in the tokenizer.json it names, or None where
-    that file is gone); `loaded` {file: bytes} keeps what was read for the next domain of the same file."""
+def _prepared_with(data_dir, domain, loaded=None) -> tuple[dict, str | None]:
+    """(meta.json's "tokenizer" entry, the `vocabulary_sha256` of the tokenizer that prepared the domain, or None
+    where it is not known): the one meta.json keeps, else that of the tokenizer.json it names where that file is
+    still there (meta.json of an older `prepare`). `loaded` {file: sha256} keeps a file's for the next domain."""
     info = read_meta(data_dir, domain).get("tokenizer", {})
+    if isinstance(info.get("vocabulary_sha256"), str):
+        return info, info["vocabulary_sha256"]
     file = info.get("file")
     try:
         here = bool(file) and Path(file).is_file()
@@ -817,7 +824,7 @@ def _prepared_with(data_dir, domain, loaded=None) -> tuple[dict, list[bytes] | N
     loaded = {} if loaded is None else loaded
     if file not in loaded:
         try:
-            loaded[file] = load_tokenizer(file).token_bytes()
+            loaded[file] = load_tokenizer(file).vocabulary_sha256()
         except (OSError, ValueError) as e:  # (the loader's errors name the file and what is wrong with it)
             raise DataError(f"{Path(data_dir) / domain / 'meta.json'} names the tokenizer that prepared it, which "
                             f"cannot be read now: {e}. Put the file back, or prepare {domain} again") from None
@@ -825,27 +832,35 @@ def _prepared_with(data_dir, domain, loaded=None) -> tuple[dict, list[bytes] | N
 
 
 def _read_alike(a, b) -> bool:
-    """Whether two tokenizers, each (info, bytes of each id or None) as `_prepared_with` gives them, read every id
-    as the same text: by the bytes where both are known, else by vocabulary size and EOS id."""
-    (info_a, bytes_a), (info_b, bytes_b) = a, b
-    if bytes_a is not None and bytes_b is not None:
-        return bytes_a == bytes_b and info_a.get("eos_id") == info_b.get("eos_id")
-    return (info_a.get("vocab_size"), info_a.get("eos_id")) == (info_b.get("vocab_size"), info_b.get("eos_id"))
+    """Whether two tokenizers, each (meta.json's "tokenizer" entry, vocabulary sha256 or None) as `_prepared_with`
+    gives them, read every id as the same text: by the sha256 where both are known, else by vocabulary size; and
+    with the same EOS id."""
+    (info_a, sha_a), (info_b, sha_b) = a, b
+    same_ids = sha_a == sha_b if sha_a is not None and sha_b is not None else \
+        info_a.get("vocab_size") == info_b.get("vocab_size")
+    return same_ids and info_a.get("eos_id") == info_b.get("eos_id")
+
+
+def _tokenizer_known(info) -> bool:
+    """Whether meta.json's "tokenizer" entry says enough to compare it (an older or hand-made one may not)."""
+    return isinstance(info.get("vocab_size"), int)
 
 
 def check_prepared_with(data_dir: str | Path, domain: str, tokenizer) -> str | None:
     """Refuse (DataError) the token files of `domain` when meta.json says another tokenizer made them: scoring
-    them with `tokenizer` would read each id as another text. Where the tokenizer.json that meta.json names is
-    still there, every id must stand for the same bytes in both (`Tokenizer.token_bytes`: a copy, or the same
-    vocabulary written otherwise, passes); elsewhere the vocabulary size and the EOS id must agree. Returns a
-    note when less than that could be checked, else None."""
+    them with `tokenizer` would read each id as another text. Every id must stand for the same bytes in both
+    (`Tokenizer.vocabulary_sha256`: a copy of the same tokenizer.json, or the same vocabulary written otherwise,
+    passes) where meta.json keeps that fingerprint or names a tokenizer.json that is still there; elsewhere the
+    vocabulary size and the EOS id must agree. Returns a note when less than that could be checked, else None."""
     meta_path = Path(data_dir) / domain / "meta.json"
     if not meta_path.exists():
         return f"{meta_path} is missing: the tokenizer that made {domain}'s token files is not known (not checked)"
     theirs = _prepared_with(data_dir, domain)
-    ours = {"vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id}, tokenizer.token_bytes()
     info = theirs[0]
+    if not _tokenizer_known(info):
+        return f"{meta_path} does not say which tokenizer made {domain}'s token files (not checked)"
     made_with = info.get("file") or info.get("name") or "its tokenizer"
+    ours = {"vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id}, tokenizer.vocabulary_sha256()
     if not _read_alike(theirs, ours):
         why = (f", whose ids stand for other text than {tokenizer.name}'s" if theirs[1] is not None else
                f" ({info.get('vocab_size')} ids, EOS {info.get('eos_id')}), not with {tokenizer.name} "
@@ -854,28 +869,31 @@ def check_prepared_with(data_dir: str | Path, domain: str, tokenizer) -> str | N
                         f"that prepared them (--tokenizer {made_with}), or prepare {domain} again with this one "
                         f"({tokenizer.name})")
     if theirs[1] is None:
-        return (f"{domain}: the tokenizer file that prepared it ({made_with}) is not here: only its vocabulary size "
-                "and EOS id were compared")
+        where = (f"the tokenizer file that prepared it ({info['file']}) is not here" if info.get("file") else
+                 f"its meta.json names no tokenizer file ({made_with})")
+        return f"{domain}: {where}: only its vocabulary size and EOS id were compared"
     return None
 
 
 def check_one_tokenizer(data_dir: str | Path, domains) -> None:
     """Refuse (DataError) domains whose token files different tokenizers made, as their meta.json files tell:
-    trained on together, one's ids would be read as the other's text. Each is compared with the first domain that
-    has a meta.json, as `_read_alike` compares. Domains without a meta.json are not compared (their tokenizer is
-    not known)."""
-    loaded, first = {}, None
+    trained on together, one's ids would be read as the other's text. Every pair is compared as `_read_alike`
+    compares (a pair of known fingerprints exactly, even where a third domain's is not known). Domains whose
+    tokenizer meta.json does not name are not compared."""
+    loaded, seen = {}, {}
     for domain in domains:
         if not (Path(data_dir) / domain / "meta.json").exists():
             continue
         this = _prepared_with(data_dir, domain, loaded)
-        if first is None:
-            first, first_domain = this, domain
-        elif not _read_alike(first, this):
-            names = [info.get("file") or info.get("name") for info, _ in (first, this)]
-            raise DataError(f"{Path(data_dir) / first_domain} and {Path(data_dir) / domain} were prepared with "
-                            f"different tokenizers ({names[0]}, {names[1]}): a model would read one's ids as the "
-                            "other's text. Prepare them with the same --tokenizer")
+        if not _tokenizer_known(this[0]):
+            continue
+        for other, that in seen.items():
+            if not _read_alike(that, this):
+                names = [info.get("file") or info.get("name") for info, _ in (that, this)]
+                raise DataError(f"{Path(data_dir) / other} and {Path(data_dir) / domain} were prepared with "
+                                f"different tokenizers ({names[0]}, {names[1]}): a model would read one's ids as the "
+                                "other's text. Prepare them with the same --tokenizer")
+        seen[domain] = this
 
 
 def ids_needed(data_dir: str | Path, domain: str, split: str) -> tuple[int, str]:

@@ -12,7 +12,8 @@ between runs with the same --seq-len and --eval-windows.
 
 The softmax runs over the model's whole (padded) output layer, as in training; perplexities are
 only comparable between models that share a tokenizer. Bits per byte, the same summed NLL over the
-UTF-8 bytes of the text the scored tokens spell (in bits: sum NLL / (ln 2 · bytes)), compares models
+UTF-8 bytes of the text the scored tokens spell (in bits: sum NLL / (ln 2 · bytes); the text after the
+tokenizer's normalisation, NFC for GPT-NeoX: a decomposed "é" counts 2 bytes, not 3), compares models
 with different tokenizers on the same text. A special token (the EOS between documents) spells no
 bytes, but its NLL is counted: predicting where a document ends is part of the held-out text.
 

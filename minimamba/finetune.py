@@ -54,7 +54,8 @@ agree with it (`Finetuning.resumed`).
 Defaults are the recipe's (§3.3-3.4 of the notes): full fine-tuning (one learning rate for every
 layer: --llrd 1), AdamW (0.9, 0.999) with weight decay 0.01 on the matrices, cosine schedule to 0 after
 a linear warmup over 10% of the steps, gradient norm clipped at 1, 32 pairs per step, 3 epochs, eval
-every 50 steps, patience 5, seed 42, bf16 autocast on CUDA and float32 on a CPU, no EMA.
+every 50 steps, patience 5, seed 42, bf16 autocast on a GPU that has it (compute capability 8.0 and newer)
+and float32 elsewhere, no EMA.
 """
 
 import math

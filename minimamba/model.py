@@ -39,11 +39,12 @@ DECODE_BACKENDS = ("auto", "torch", "c")
 
 
 def gpu_too_old(device):
-    """Why a CUDA `device` is older than what Triton supports and what computes in bfloat16 (compute capability
-    8.0: Ampere, Hopper and later; a T4 or V100 is older, and there Triton's bfloat16 dots fail to compile), or
-    None for a newer GPU and for any other device."""
+    """Why an NVIDIA GPU `device` is older than what Triton supports and what computes in bfloat16 (compute
+    capability 8.0: Ampere, Hopper and later; a T4 or V100 is older, and there Triton's bfloat16 dots fail to
+    compile), or None for a newer GPU and for any other device (a CPU, an AMD GPU under ROCm, whose "capability"
+    is its gfx architecture, or "cuda" where torch has no CUDA: nothing to run there)."""
     device = torch.device(device)
-    if device.type != "cuda":
+    if device.type != "cuda" or torch.version.hip is not None or not torch.cuda.is_available():
         return None
     major, minor = torch.cuda.get_device_capability(device)
     if major >= 8:

@@ -60,6 +60,7 @@ pieces of the reference must be reproduced for the ids to be identical:
 So encode(text) = cut out the special tokens; NFC each part; tiktoken: regex pieces, then BPE.
 """
 
+import hashlib
 import os
 import re
 import unicodedata
@@ -189,6 +190,11 @@ class Tokenizer:
             except KeyError:  # (no token has this id)
                 out.append(b"")
         return out
+
+    def vocabulary_sha256(self) -> str:
+        """A fingerprint of what every id stands for (`token_bytes`, in id order): two tokenizers with the same one
+        read every id as the same text. `prepare` keeps it in meta.json; train.py and eval.py compare it."""
+        return hashlib.sha256("\n".join(b.hex() for b in self.token_bytes()).encode("ascii")).hexdigest()
 
     def byte_lengths(self) -> list[int]:
         """The UTF-8 bytes of text each id stands for, by id: 0 for special tokens (a document boundary is

@@ -201,9 +201,10 @@ def resolve_autocast(dtype, device):
     raise SetupError(f"unknown --dtype {dtype!r}; choose auto, bfloat16 or float32")
 
 
-def compute_text(autocast_dtype, dtype, device):
-    """How a run computes, for its summary line: with --dtype auto on a GPU too old for bfloat16, also why float32."""
-    why = gpu_too_old(device) if autocast_dtype is None and dtype == "auto" else None
+def compute_text(autocast_dtype, device):
+    """How a run computes, for its summary line; on a GPU too old for bfloat16 and Triton, also why (whatever
+    --dtype said: that is also why the scan backend "auto" is torch there)."""
+    why = gpu_too_old(device)
     return (f"{'bfloat16 autocast' if autocast_dtype else 'float32'} with float32 master weights"
             + (f" ({why})" if why else ""))
 
@@ -1175,10 +1176,10 @@ def plot_log(log_path, png_path):
 ASSUMED_MFU = {"cuda": 0.4, "cpu": 0.25}  # the fraction of the device's matmul speed the model is assumed to reach
 
 
-def matmul_flops(device, dtype=None, seconds=0.25):
-    """The device's speed on a large matmul (FLOP/s), measured for ~`seconds`: the yardstick of the time estimate."""
+def matmul_flops(device, dtype, seconds=0.25):
+    """The device's speed on a large matmul in `dtype` (FLOP/s), measured for ~`seconds`: the yardstick of the
+    time estimate."""
     device = torch.device(device)
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     n = 2048 if device.type == "cuda" else 512
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b  # warm up
@@ -1242,7 +1243,7 @@ def activation_bytes(config, seq_len, backend="torch", grad_ckpt=False, dtype=to
     total = sum(t.numel() * t.element_size() for t in kept.values())
     if not grad_ckpt:
         return total
-    logit_bytes = seq_len * config.padded_vocab_size * (4 + 2)  # fp32 log-softmax + bf16 logits
+    logit_bytes = seq_len * config.padded_vocab_size * (4 + dtype.itemsize)  # fp32 log-softmax + the logits
     per_layer = (total - logit_bytes) / config.n_layer
     return config.n_layer * seq_len * config.d_model * 4 + per_layer + logit_bytes
 
@@ -1258,12 +1259,14 @@ def flops_per_token(config, grad_ckpt=False):
 
 
 def estimate(config, micro_batch, seq_len, rows_per_step, world_size=1, backend="torch", grad_ckpt=False,
-             ema=True, fsdp=False):
-    """A rough per-process memory peak (bytes) and step FLOPs, before anything runs."""
+             ema=True, fsdp=False, dtype=torch.bfloat16):
+    """A rough per-process memory peak (bytes) and step FLOPs, before anything runs; `dtype` is what the run
+    computes in (bfloat16 autocast, or float32)."""
     n = _num_params(config)  # (a tied head counted once)
-    per_param = 4 + 4 + 8 + (4 if ema else 0) + 2  # weights, grads, AdamW m and v, EMA, bf16 weight copies
+    copies = 2 if dtype == torch.bfloat16 else 0  # (autocast's bf16 copies of the weights)
+    per_param = 4 + 4 + 8 + (4 if ema else 0) + copies  # weights, grads, AdamW m and v, EMA, weight copies
     static = n * per_param / (world_size if fsdp else 1)
-    act = activation_bytes(config, seq_len, backend, grad_ckpt) * micro_batch
+    act = activation_bytes(config, seq_len, backend, grad_ckpt, dtype) * micro_batch
     transient = micro_batch * seq_len * config.padded_vocab_size * 4  # gradient of the logits
     flops = flops_per_token(config, grad_ckpt) * rows_per_step * seq_len
     return {"params": n, "static_bytes": static, "activation_bytes": act,
@@ -1510,7 +1513,7 @@ def _summary(cfg, r, raw, dist, est, groups, source, start_step, batch, data, le
         f"d_model {c.d_model}, vocab {c.vocab_size}), init: {source or 'random weights (seed %d)' % cfg.seed}",
         f"device: {dist.device} × {dist.world_size} process(es)"
         f"{' (FSDP)' if cfg.fsdp else ' (DDP)' if dist.enabled else ''}, compute "
-        f"{compute_text(r.autocast_dtype, cfg.dtype, dist.device)}, scan backend "
+        f"{compute_text(r.autocast_dtype, dist.device)}, scan backend "
         f"{raw.scan_backend(dist.device)}, activation checkpointing {'on' if cfg.grad_ckpt else 'off'}",
         f"batch: {batch}",
         f"data: {data}",
@@ -1520,7 +1523,7 @@ def _summary(cfg, r, raw, dist, est, groups, source, start_step, batch, data, le
         f"estimate: ~{_gib(est['peak_bytes'])} per process (weights+grads+AdamW+EMA {_gib(est['static_bytes'])}, "
         f"activations {_gib(est['activation_bytes'])} per micro-batch); {est['flops_per_step']:.3g} FLOPs per step",
     ]
-    speed = matmul_flops(dist.device, r.autocast_dtype)
+    speed = matmul_flops(dist.device, r.autocast_dtype or torch.float32)
     mfu = ASSUMED_MFU.get(dist.device.type, 0.25)
     sec = est["flops_per_step"] / (mfu * speed * dist.world_size)
     left = r.max_steps - start_step
@@ -1805,7 +1808,7 @@ def _train(cfg, dist, model, held, job):
     # --- say what will happen, and store it
     backend = raw.scan_backend(dist.device)
     est = estimate(raw.config, cfg.batch_size, job.seq_len, r.rows_per_step, dist.world_size, backend,
-                   cfg.grad_ckpt, ema is not None, cfg.fsdp)
+                   cfg.grad_ckpt, ema is not None, cfg.fsdp, r.autocast_dtype or torch.float32)
     resolved = {**asdict(cfg), "resolved": {
         **job.resolved(), "grad_accum": r.grad_accum, "rows_per_step": r.rows_per_step,
         "max_steps": r.max_steps, "warmup_steps": r.warmup_steps, "decay_steps": r.decay_steps,

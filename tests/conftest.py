@@ -178,6 +178,7 @@ def fake_gpu(monkeypatch):
     """fake_gpu(capability, name): torch.cuda answers as that GPU for every device (what `gpu_too_old` reads), so
     a CPU machine can test the choices made for a CUDA device; nothing is run on it."""
     def install(capability, name):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
 

@@ -411,7 +411,8 @@ def test_prepare_cleans_splits_and_counts(tmp_path, capsys):
 
     on_disk = read_meta(tmp_path / "out", "web")
     assert on_disk == meta
-    assert on_disk["tokenizer"] == {"name": "bytes", "vocab_size": 257, "eos_id": 0, "file": None}
+    assert on_disk["tokenizer"] == {"name": "bytes", "vocab_size": 257, "eos_id": 0, "file": None,
+                                    "vocabulary_sha256": None}  # (a toy tokenizer: no fingerprint)
     for split, docs in (("train", train), ("heldout", heldout)):
         entry = on_disk["splits"][split]
         assert entry["documents"] == len(docs)
@@ -952,43 +953,62 @@ def test_a_literal_endoftext_in_a_text_never_becomes_eos_without_the_shared_toke
 # which tokenizer made a domain's token files (eval.py --ppl-data checks it before scoring them)
 
 
+def _edit_tokenizer_entry(meta_file, edit):
+    """Rewrite meta.json's "tokenizer" entry with edit(entry) (as an older `prepare`, or damage, leaves it)."""
+    meta = json.loads(meta_file.read_text())
+    meta["tokenizer"] = edit(dict(meta["tokenizer"]))
+    meta_file.write_text(json.dumps(meta))
+
+
 def test_check_prepared_with_compares_what_each_id_stands_for(tmp_path):
-    """The same tokenizer, or a copy written otherwise elsewhere, passes; one whose ids spell other text (a
-    merge changed: same vocabulary size and EOS) is refused with the fix; with the file gone, the vocabulary size
-    and EOS id are compared, and a note says that is all; without meta.json a note says nothing was checked."""
+    """meta.json keeps the fingerprint of what every id stands for: the same tokenizer, or a copy written otherwise
+    elsewhere, passes; one whose ids spell other text (a merge changed: same vocabulary size and EOS) is refused
+    with the fix, also once its file is gone. An older meta.json without the fingerprint is compared through the
+    tokenizer.json it names while that is there, else by vocabulary size and EOS id, and a note says so; a
+    meta.json that names no tokenizer, or none at all, gives a note that nothing was checked."""
     from minimamba.tokenizer import load_tokenizer
     from tests.test_tokenizer import tiny_tokenizer_json
 
     spec = tiny_tokenizer_json()
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "tokenizer.json").write_text(json.dumps(spec))
-    made_with = load_tokenizer(tmp_path / "a" / "tokenizer.json")
-    raw = tmp_path / "doc.txt"
-    raw.write_text("the hat\n\nhe ate a tea\n", encoding="utf-8")
-    prepare("pubmed", [raw], made_with, tmp_path / "tok", split="heldout")
-    assert data.check_prepared_with(tmp_path / "tok", "pubmed", made_with) is None
-
-    (tmp_path / "b").mkdir()  # the same vocabulary and merges, another file
-    (tmp_path / "b" / "tokenizer.json").write_text(json.dumps(spec, indent=2))
-    assert data.check_prepared_with(tmp_path / "tok", "pubmed", load_tokenizer(tmp_path / "b")) is None
-
+    for name, tokenizer_spec, indent in (("a", spec, None), ("b", spec, 2)):  # b: the same vocabulary, another file
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "tokenizer.json").write_text(json.dumps(tokenizer_spec, indent=indent))
     other = tiny_tokenizer_json()
     other["model"]["merges"][3] = "Ġ o"  # "Ġa" -> "Ġo": the same ids, one of them other text
     other["model"]["vocab"] = {("Ġo" if k == "Ġa" else k): v for k, v in other["model"]["vocab"].items()}
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "tokenizer.json").write_text(json.dumps(other))
-    with pytest.raises(DataError, match=r"pubmed's token files were prepared with .*a/tokenizer\.json, whose ids "
-                                        r"stand for other text than .*c's: give the tokenizer that prepared them "
-                                        r"\(--tokenizer .*a/tokenizer\.json\), or prepare pubmed again"):
-        data.check_prepared_with(tmp_path / "tok", "pubmed", load_tokenizer(tmp_path / "c"))
+    made_with, copy, changed = (load_tokenizer(tmp_path / name) for name in "abc")
+    assert made_with.vocabulary_sha256() == copy.vocabulary_sha256() != changed.vocabulary_sha256()
+    raw = tmp_path / "doc.txt"
+    raw.write_text("the hat\n\nhe ate a tea\n", encoding="utf-8")
+    prepare("pubmed", [raw], made_with, tmp_path / "tok", split="heldout")
+    meta_file = tmp_path / "tok" / "pubmed" / "meta.json"
+    assert json.loads(meta_file.read_text())["tokenizer"]["vocabulary_sha256"] == made_with.vocabulary_sha256()
+    check = lambda tokenizer: data.check_prepared_with(tmp_path / "tok", "pubmed", tokenizer)  # noqa: E731
+    assert check(made_with) is None and check(copy) is None
+    refused = (r"pubmed's token files were prepared with .*a/tokenizer\.json, whose ids stand for other text than "
+               r".*c's: give the tokenizer that prepared them \(--tokenizer .*a/tokenizer\.json\), or prepare "
+               r"pubmed again with this one")
+    with pytest.raises(DataError, match=refused):
+        check(changed)
+    (tmp_path / "a" / "tokenizer.json").rename(tmp_path / "a" / "moved.json")  # the fingerprint is in meta.json
+    with pytest.raises(DataError, match=refused):
+        check(changed)
 
+    # an older meta.json, without the fingerprint
+    _edit_tokenizer_entry(meta_file, lambda e: {k: v for k, v in e.items() if k != "vocabulary_sha256"})
+    (tmp_path / "a" / "moved.json").rename(tmp_path / "a" / "tokenizer.json")
+    with pytest.raises(DataError, match=refused):  # (read from the file it names)
+        check(changed)
     (tmp_path / "a" / "tokenizer.json").write_text("{")  # damaged since: said, not compared by size instead
     with pytest.raises(DataError, match=r"pubmed/meta.json names the tokenizer that prepared it, which cannot be "
                                         r"read now: .*a/tokenizer\.json.*Put the file back, or prepare pubmed again"):
-        data.check_prepared_with(tmp_path / "tok", "pubmed", made_with)
-    (tmp_path / "a" / "tokenizer.json").unlink()  # moved since: only the sizes can be compared
-    note = data.check_prepared_with(tmp_path / "tok", "pubmed", load_tokenizer(tmp_path / "c"))
-    assert note.startswith("pubmed: the tokenizer file that prepared it") and "vocabulary size and EOS id" in note
+        check(made_with)
+    (tmp_path / "a" / "tokenizer.json").unlink()  # gone: only the sizes and EOS ids can be compared
+    note = check(changed)
+    assert re.fullmatch(r"pubmed: the tokenizer file that prepared it \(.*a/tokenizer\.json\) is not here: only its "
+                        r"vocabulary size and EOS id were compared", note), note
     bigger = tiny_tokenizer_json()
     bigger["model"]["merges"].append("a t")
     bigger["model"]["vocab"]["at"] = 264  # (after the two space runs, 262 and 263)
@@ -996,16 +1016,23 @@ def test_check_prepared_with_compares_what_each_id_stands_for(tmp_path):
     (tmp_path / "d" / "tokenizer.json").write_text(json.dumps(bigger))
     with pytest.raises(DataError, match=r"prepared with .*a/tokenizer\.json \(264 ids, EOS 0\), not with .*d "
                                         r"\(265 ids, EOS 0\)"):
-        data.check_prepared_with(tmp_path / "tok", "pubmed", load_tokenizer(tmp_path / "d"))
-
-    meta_file = tmp_path / "tok" / "pubmed" / "meta.json"
+        check(load_tokenizer(tmp_path / "d"))
+    eos_elsewhere = tiny_tokenizer_json()  # the same size, the EOS at id 1
+    for token in eos_elsewhere["added_tokens"][:2]:
+        token["id"] = 1 - token["id"]
+    eos_elsewhere["model"]["vocab"] |= {"<|endoftext|>": 1, "<|padding|>": 0}
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "tokenizer.json").write_text(json.dumps(eos_elsewhere))
+    with pytest.raises(DataError, match=r"\(264 ids, EOS 0\), not with .*e \(264 ids, EOS 1\)"):
+        check(load_tokenizer(tmp_path / "e"))
     for damaged in ("x" * 5000, "a\x00b"):  # (names no filesystem takes: as gone, not a traceback)
-        meta_file.write_text(meta_file.read_text().replace(json.dumps(str(tmp_path / "a" / "tokenizer.json")),
-                                                           json.dumps(damaged)))
-        assert json.loads(meta_file.read_text())["tokenizer"]["file"] == damaged
-        assert "only its vocabulary size and EOS id were compared" in \
-            data.check_prepared_with(tmp_path / "tok", "pubmed", load_tokenizer(tmp_path / "c"))
-        meta_file.write_text(meta_file.read_text().replace(json.dumps(damaged),
-                                                           json.dumps(str(tmp_path / "a" / "tokenizer.json"))))
+        _edit_tokenizer_entry(meta_file, lambda e: e | {"file": damaged})
+        assert "only its vocabulary size and EOS id were compared" in check(changed)
+    _edit_tokenizer_entry(meta_file, lambda e: e | {"file": None})
+    assert check(changed) == (f"pubmed: its meta.json names no tokenizer file ({made_with.name}): only its "
+                              "vocabulary size and EOS id were compared")
+    _edit_tokenizer_entry(meta_file, lambda e: {})
+    assert check(changed) == f"{meta_file} does not say which tokenizer made pubmed's token files (not checked)"
     meta_file.unlink()
-    assert "is missing" in data.check_prepared_with(tmp_path / "tok", "pubmed", made_with)
+    assert check(made_with) == f"{meta_file} is missing: the tokenizer that made pubmed's token files is not known " \
+                               "(not checked)"

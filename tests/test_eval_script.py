@@ -132,22 +132,36 @@ def test_eval_ppl_data_scores_each_domain_as_a_plain_loop_over_its_windows_does(
 
 @needs_data
 def test_eval_ppl_data_of_another_tokenizer_is_refused(checkpoint, tmp_path):
-    """Token files whose meta.json names another tokenizer than the one eval.py scores with: exit 2, naming
-    both and the fix, and no perplexity of ids read as another tokenizer's."""
+    """Token files whose meta.json names another tokenizer than the one eval.py scores with (the second of two
+    domains): exit 2, naming both and the fix, before the model is loaded; so are token files holding an id the
+    tokenizer does not have."""
     from minimamba.data import prepare
     from tests.test_tokenizer import tiny_tokenizer_json
 
     (tmp_path / "tiny.json").write_text(json.dumps(tiny_tokenizer_json()))
     raw = tmp_path / "doc.txt"
     raw.write_text("the hat\n\nhe ate a tea\n", encoding="utf-8")
-    prepare("pubmed", [raw], load_tokenizer(tmp_path / "tiny.json"), tmp_path / "tok", split="heldout")
+    prepare("pubmed", [raw], load_tokenizer(TOKENIZER), tmp_path / "tok", split="heldout")  # (the right one)
+    prepare("c4", [raw], load_tokenizer(tmp_path / "tiny.json"), tmp_path / "tok", split="heldout")
     out = tmp_path / "r.json"
-    code, stdout, stderr = run_eval("--model", checkpoint, "--tokenizer", TOKENIZER, "--tasks", "", "--ppl-data",
-                                    tmp_path / "tok", "--ppl-domains", "pubmed", "--seq-len", 4, "--out", out,
-                                    cwd=tmp_path)
+    # (a --model that is no checkpoint: the token files are checked before any model is loaded)
+    code, stdout, stderr = run_eval("--model", tmp_path / "no-model", "--tokenizer", TOKENIZER, "--tasks", "",
+                                    "--ppl-data", tmp_path / "tok", "--ppl-domains", "pubmed,c4", "--seq-len", 4,
+                                    "--out", out, cwd=tmp_path)
     assert code == 2 and not out.exists()
-    assert f"pubmed's token files were prepared with {tmp_path / 'tiny.json'}, whose ids stand for other text than " \
+    assert f"c4's token files were prepared with {tmp_path / 'tiny.json'}, whose ids stand for other text than " \
            f"{TOKENIZER}'s: give the tokenizer that prepared them (--tokenizer {tmp_path / 'tiny.json'})" in stderr
+
+    # token files without a meta.json, with an id beyond the tokenizer: refused before the model too
+    (tmp_path / "raw" / "pubmed").mkdir(parents=True)
+    torch.tensor([5, 60000, 7, 8, 9, 0], dtype=torch.int32).numpy().astype("uint16").tofile(
+        tmp_path / "raw" / "pubmed" / "heldout.bin")
+    code, stdout, stderr = run_eval("--model", tmp_path / "no-model", "--tokenizer", TOKENIZER, "--tasks", "",
+                                    "--ppl-data", tmp_path / "raw", "--ppl-domains", "pubmed", "--seq-len", 4,
+                                    cwd=tmp_path)
+    assert code == 2 and "pubmed/meta.json is missing" in stderr
+    assert f"{tmp_path / 'raw' / 'pubmed'}: its held-out tokens hold id 60000, but the tokenizer ({TOKENIZER}) has " \
+           "50277 ids: they were made by another tokenizer (give --tokenizer)" in stderr
 
 
 def hf_token_bytes(i):

@@ -366,7 +366,8 @@ def test_domain_perplexity_split_over_ranks_adds_up_to_the_whole(model, monkeypa
     from minimamba.evaluate import domain_perplexity
 
     windows = {"pubmed": torch.randint(0, CFG.vocab_size, (5, 9), generator=torch.Generator().manual_seed(0))}
-    whole = domain_perplexity(model, windows, batch_size=2)
+    byte_lengths = [0] + [1 + i % 3 for i in range(1, CFG.vocab_size)]  # (bits per byte: over every window too)
+    whole = domain_perplexity(model, windows, batch_size=2, byte_lengths=byte_lengths)
     sent, calls = [], []
 
     def all_reduce(t):  # (SUM, the default op)
@@ -377,11 +378,14 @@ def test_domain_perplexity_split_over_ranks_adds_up_to_the_whole(model, monkeypa
             sent.append(t.clone())
 
     monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
-    domain_perplexity(model, windows, batch_size=2, dist=SimpleNamespace(rank=1, world_size=2, device="cpu"))
-    split = domain_perplexity(model, windows, batch_size=2, dist=SimpleNamespace(rank=0, world_size=2, device="cpu"))
+    domain_perplexity(model, windows, batch_size=2, dist=SimpleNamespace(rank=1, world_size=2, device="cpu"),
+                      byte_lengths=byte_lengths)
+    split = domain_perplexity(model, windows, batch_size=2, dist=SimpleNamespace(rank=0, world_size=2, device="cpu"),
+                              byte_lengths=byte_lengths)
     assert split["pubmed"]["tokens"] == whole["pubmed"]["tokens"] == 5 * 8
     assert [tokens for _, tokens in calls] == [2 * 8, 3 * 8]  # each rank sent its own windows' sums
     assert split["pubmed"]["loss"] == pytest.approx(whole["pubmed"]["loss"], rel=1e-6)
+    assert split["pubmed"]["bpb"] == pytest.approx(whole["pubmed"]["bpb"], rel=1e-6)
 
 
 def test_bits_per_byte_by_hand(model):

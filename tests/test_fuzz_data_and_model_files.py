@@ -19,6 +19,7 @@ import json
 import lzma
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -26,7 +27,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from minimamba import Mamba2Config, Mamba2LM, from_pretrained
-from minimamba.data import COUNTS, DataError, load_split, prepare, read_documents, read_meta
+from minimamba.data import (COUNTS, DataError, check_one_tokenizer, check_prepared_with, load_split, prepare,
+                            read_documents, read_meta)
 from minimamba.hub import CheckpointError
 from minimamba.tokenizer import load_tokenizer
 from tests.conftest import scratch_folder
@@ -180,7 +182,8 @@ meta_values = st.one_of(
     json_values,
     st.builds(lambda tok, splits, preparing: {"tokenizer": tok, "splits": splits, "preparing": preparing},
               st.one_of(json_values, st.fixed_dictionaries({}, optional={
-                  "name": json_values, "file": json_values, "vocab_size": json_values, "eos_id": json_values})),
+                  "name": json_values, "file": json_values, "vocab_size": json_values, "eos_id": json_values,
+                  "vocabulary_sha256": json_values})),
               st.one_of(json_values, st.dictionaries(st.sampled_from(["train", "heldout", "x"]),
                                                      st.one_of(json_values, st.builds(lambda t: {"tokens": t},
                                                                                       json_values)))),
@@ -202,7 +205,10 @@ def test_fuzz_meta_json_is_read_or_refused_naming_it(meta):
         (directory / "d" / "train.bin").write_bytes(b"\x01\x00\x00\x00")
         text = directory / "in.txt"
         text.write_text("a document\n", encoding="utf-8")
+        scoring = SimpleNamespace(name="bytes", vocab_size=257, eos_id=0, vocabulary_sha256=lambda: "0" * 64)
         calls = [lambda: read_meta(directory, "d"), lambda: load_split(directory, "d", "train"),
+                 lambda: check_prepared_with(directory, "d", scoring),  # (eval.py, train.py: which tokenizer)
+                 lambda: check_one_tokenizer(directory, ["d", "d"]),
                  lambda: prepare("d", [text], ByteTokenizer(), directory, split="heldout")]
         for call in calls:
             try:

@@ -522,7 +522,7 @@ def test_auto_scan_backend_is_triton_on_cuda_torch_on_cpu_says_so_and_a_missing_
 
 
 
-def test_a_gpu_older_than_triton_supports_gets_the_torch_scan_and_float32(caplog, fake_gpu):
+def test_a_gpu_older_than_triton_supports_gets_the_torch_scan_and_float32(caplog, fake_gpu, monkeypatch):
     """Below compute capability 8.0 (a T4, a V100) Triton is unsupported and its bfloat16 dots do not compile:
     "auto" picks the torch scan there and says why, "triton" asked for is kept but warned about; --dtype auto
     computes in float32 there, and --dtype bfloat16 is refused naming the GPU (8.0 and up: bfloat16, Triton)."""
@@ -546,15 +546,21 @@ def test_a_gpu_older_than_triton_supports_gets_the_torch_scan_and_float32(caplog
     assert asked.levelname == "WARNING" and "= triton (requested; Tesla T4 has compute capability 7.5; " \
         "Triton and bfloat16 arithmetic need 8.0 or newer: Triton may fail there; launches:" in asked.getMessage()
     assert resolve_autocast("auto", cuda) is None and resolve_autocast("float32", cuda) is None
-    assert compute_text(None, "auto", cuda) == ("float32 with float32 master weights (Tesla T4 has compute capability "
-                                                "7.5; Triton and bfloat16 arithmetic need 8.0 or newer)")
-    assert compute_text(None, "float32", cuda) == compute_text(None, "auto", "cpu") == "float32 with float32 master weights"
+    assert compute_text(None, cuda) == ("float32 with float32 master weights (Tesla T4 has compute capability 7.5; "
+                                        "Triton and bfloat16 arithmetic need 8.0 or newer)")
+    assert compute_text(None, "cpu") == "float32 with float32 master weights"
     with pytest.raises(SetupError, match=r"^--dtype bfloat16: Tesla T4 has compute capability 7\.5; Triton and "
                                          r"bfloat16 arithmetic need 8\.0 or newer\. Use --dtype float32"):
         resolve_autocast("bfloat16", cuda)
     fake_gpu((8, 0), "NVIDIA A100-SXM4-80GB")
     assert gpu_too_old(cuda) is None and resolve_autocast("auto", cuda) == resolve_autocast("bf16", cuda) == torch.bfloat16
-    assert compute_text(torch.bfloat16, "auto", cuda) == "bfloat16 autocast with float32 master weights"
+    assert compute_text(torch.bfloat16, cuda) == "bfloat16 autocast with float32 master weights"
+    monkeypatch.setattr(torch.version, "hip", "6.2")  # an AMD GPU: its "capability" is its gfx architecture
+    fake_gpu((7, 5), "gfx75x")
+    assert gpu_too_old(cuda) is None
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no CUDA in this torch: nothing runs there
+    assert gpu_too_old(cuda) is None and Mamba2LM(tiny_config()).scan_backend(cuda) == "triton"
     assert Mamba2LM(tiny_config()).scan_backend(cuda) == "triton"
 
 def test_unknown_backend_is_rejected():

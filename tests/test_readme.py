@@ -66,7 +66,7 @@ def _synopsis_words(text):
 
 def _inline_commands(text):
     """`python ...` in inline code (which may span lines)."""
-    for m in re.finditer(r"`(python3? [^`]+)`", re.sub(r"```.*?```", "", text, flags=re.S)):
+    for m in re.finditer(r"`((?:[A-Z_][A-Z0-9_]*=\S* )*python3? [^`]+)`", re.sub(r"```.*?```", "", text, flags=re.S)):
         yield _synopsis_words(m[1])
 
 
@@ -74,6 +74,7 @@ def _docstring_commands():
     """The usage lines of the scripts' and modules' docstrings (those without a `...` placeholder), up to a
     `#` comment or a description set off by two or more spaces."""
     files = [ROOT / s for s in SCRIPTS] + [ROOT / (m.replace(".", "/") + ".py") for m in MODULES]
+    files += [ROOT / "minimamba" / "finetune.py", ROOT / "minimamba" / "training.py"]  # (sft.py's and train.py's)
     for path in files:
         doc = re.match(r'r?"""(.*?)"""', path.read_text(encoding="utf-8"), re.S)[1]
         for line in re.sub(r"\\\n\s*", " ", doc).splitlines():
@@ -127,6 +128,7 @@ def _parse_only(entry, args, monkeypatch):
     original = argparse.ArgumentParser.parse_args
 
     def parse_and_stop(self, args=None, namespace=None):
+        self.allow_abbrev = False  # (a shortened option name would pass, and break once another shares it)
         raise _Parsed(original(self, args, namespace))
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_and_stop)
@@ -159,22 +161,29 @@ def test_the_commands_are_found():
                        and "../shared/data/tokenizer/tokenizer.json" in args]
     assert len(sample_prepares) == 5 and all(a[:3] == ["prepare", "--out", "data/tokens"] for a in sample_prepares)
     assert ["{title}\\n\\n{abstract}"] == [a[a.index("--template") + 1] for a in sample_prepares if "--template" in a]
-    others = {w[0] for _, w in ALL_COMMANDS if not _entry_point(w)}
-    assert others <= {"pip", "python", "python3", "MAMBA_SKIP_CUDA_BUILD=TRUE", "mkdir", "echo", "bash", "torchrun"}, others
+    others = {next(x for x in w if "=" not in x) for _, w in ALL_COMMANDS if not _entry_point(w)}
+    assert others <= {"pip", "python", "python3", "mkdir", "echo", "bash", "torchrun"}, others
 
 
 def _runs_pytest(words):
+    while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):
+        words = words[1:]
     return words[:3] in (["python", "-m", "pytest"], ["python3", "-m", "pytest"])
 
 
+def _test_files(words):
+    """The test files a pytest command names (tests/..., a ::test suffix dropped)."""
+    return [w.split("::")[0] for w in words if w.startswith("tests/")]
+
+
 CHECKED = [(where, words) for where, words in ALL_COMMANDS  # (a pytest command naming no file: nothing to check)
-           if _entry_point(words) or _runs_pytest(words) and any(not a.startswith("-") for a in words[3:])]
+           if _entry_point(words) or _runs_pytest(words) and _test_files(words)]
 
 
 @pytest.mark.parametrize("where, words", CHECKED, ids=[f"{w}:{' '.join(c)[:60]}" for w, c in CHECKED])
 def test_every_command_shown_parses(where, words, monkeypatch):
     if _runs_pytest(words):  # the test files it names exist
-        assert all((ROOT / a.split("::")[0]).is_file() for a in words[3:] if not a.startswith("-")), words
+        assert all(list(ROOT.glob(f)) for f in _test_files(words)), words  # (a glob: some file it matches)
     else:
         _parse_only(*_entry_point(words), monkeypatch)
 

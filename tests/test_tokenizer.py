@@ -511,8 +511,9 @@ def test_byte_lengths_of_the_tiny_tokenizer_by_hand(tmp_path):
 
 @needs_data
 def test_byte_lengths_add_up_to_the_texts_bytes(tok):
-    """The byte lengths of a text's ids add up to its UTF-8 length (a fact about the text, not the tokenizer),
-    over real abstracts and text with characters split between tokens; the EOS between documents adds 0."""
+    """The byte lengths of a text's ids add up to its UTF-8 length (a fact about the text, for text already in
+    NFC, which the tokenizer normalises to), over real abstracts and text with characters split between tokens;
+    the EOS between documents adds 0."""
     lengths = tok.byte_lengths()
     with open(DATA / "pubmed" / "pubtator_corpora_abstracts.jsonl", encoding="utf-8") as f:
         texts = [json.loads(line)["abstract"] for _, line in zip(range(300), f)]

@@ -401,6 +401,12 @@ def test_memory_estimate_counts_saved_tensors():
     assert est["static_bytes"] == n * 22  # fp32 weights 4, grads 4, AdamW moments 8, EMA 4, bf16 copies 2
     assert estimate(cfg, 4, 64, 8, ema=False)["static_bytes"] == n * 18
     assert estimate(cfg, 4, 64, 8, world_size=2, fsdp=True)["static_bytes"] == n * 11  # (sharded)
+    # a float32 run (a CPU, an older GPU, --dtype float32): no bf16 weight copies, float32 activations and logits
+    f32 = estimate(cfg, 4, 64, 8, dtype=torch.float32)
+    assert f32["static_bytes"] == n * 20 and f32["activation_bytes"] == 4 * activation_bytes(cfg, 64, dtype=torch.float32)
+    assert f32["activation_bytes"] > est["activation_bytes"]
+    assert activation_bytes(cfg, 64, grad_ckpt=True, dtype=torch.float32) - activation_bytes(cfg, 64, grad_ckpt=True) \
+        > 64 * cfg.padded_vocab_size * 2  # (the logits alone: 2 more bytes each)
     assert est["activation_bytes"] == 4 * full  # per sequence × micro-batch
     # peak: 10% over the static bytes, the activations and the logits' fp32 gradient of a micro-batch
     assert est["peak_bytes"] == pytest.approx(1.1 * (n * 22 + 4 * full + 4 * 64 * cfg.padded_vocab_size * 4))
@@ -860,9 +866,10 @@ def test_missing_data_dir_names_the_path_and_the_prepare_command(init_dir, tmp_p
 
 def test_domains_prepared_with_different_tokenizers_are_refused(init_dir, tmp_path):
     """Two domains whose meta.json names tokenizers that read some id as other text (one merge differs, the
-    vocabulary size and EOS are the same): refused before the model is built, naming both folders; the same
-    tokenizer.json in two places, or two domains of one tokenizer, train."""
-    from minimamba.data import check_one_tokenizer, prepare
+    vocabulary size and EOS are the same): refused before the model is built, naming both folders, also once the
+    tokenizer files are gone; the same tokenizer.json in two places passes. Every pair is compared: a domain
+    whose tokenizer is known only by its size does not let two others that differ pass."""
+    from minimamba.data import DataError, check_one_tokenizer, prepare
     from minimamba.tokenizer import load_tokenizer
     from tests.test_tokenizer import tiny_tokenizer_json
 
@@ -883,8 +890,18 @@ def test_domains_prepared_with_different_tokenizers_are_refused(init_dir, tmp_pa
                                          "other's text. Prepare them with the same --tokenizer"):
         train(config(tmp_path / "tok", init_dir, tmp_path / "run", mix="pubmed=0.5,wikipedia=0.5"))
     assert not (tmp_path / "run" / "step-000002").exists()
-    (tmp_path / "c" / "tokenizer.json").unlink()  # then only the vocabulary sizes and EOS ids compare: the same
-    check_one_tokenizer(tmp_path / "tok", ["pubmed", "c4", "wikipedia"])
+    (tmp_path / "c" / "tokenizer.json").unlink()  # (each meta.json keeps what its ids stand for)
+    with pytest.raises(DataError, match="pubmed and .*/wikipedia were prepared with different tokenizers"):
+        check_one_tokenizer(tmp_path / "tok", ["pubmed", "c4", "wikipedia"])
+    # an older meta.json for pubmed, whose tokenizer.json is gone: it compares with the others by size only, but
+    # c4 and wikipedia, whose fingerprints are known, are still compared with each other
+    meta = json.loads((tmp_path / "tok" / "pubmed" / "meta.json").read_text())
+    del meta["tokenizer"]["vocabulary_sha256"]
+    (tmp_path / "tok" / "pubmed" / "meta.json").write_text(json.dumps(meta))
+    (tmp_path / "a" / "tokenizer.json").unlink()
+    check_one_tokenizer(tmp_path / "tok", ["pubmed", "c4"])
+    with pytest.raises(DataError, match="c4 and .*/wikipedia were prepared with different tokenizers"):
+        check_one_tokenizer(tmp_path / "tok", ["pubmed", "c4", "wikipedia"])
 
 def test_unknown_domain_in_mix(data, init_dir, tmp_path):
     with pytest.raises(SetupError, match=r"(?s)domain\(s\) pubmd .*Domains found there: c4, pubmed, wikipedia"):
