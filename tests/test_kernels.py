@@ -164,10 +164,28 @@ def rounding_sensitivity(problem, dtype, use_final=True, seed=0):
     return {k: rel_err(other[k], truth[k]) for k in truth}
 
 
-def assert_close(errs, dtype, sensitivity=None):
+def dA_cancellation(problem, dtype, use_final=True, seed=0):
+    """max over heads of Σ |dt_t·G_t| over max |∂L/∂A|, with G_t = ∂L/∂(dt_t·A) (float64, on the rounded inputs):
+    ∂L/∂A = Σ_t dt_t·G_t sums one term per token and batch element, and the kernel computes each term from dot
+    operands rounded to the input dtype, so its error can be this many rounding units even where every term is
+    accurate to one (in fp16, the states and ∂L/∂S_c it stores: docs/kernel-notes.md, "Session 21")."""
+    inputs = {k: None if v is None else v.double() for k, v in _kernel_inputs(problem, dtype).items()}
+    wy, wf = _loss_weights(problem, dtype, seed)
+    dt, A = inputs["dt"], inputs["A"]
+    a = (dt * A).requires_grad_()  # (b, l, H): each token's log-decay
+    dt_a = a / A  # (b, l, H): = dt, through which only the decays see a
+    x = inputs["x"] * (dt / dt_a)[..., None]  # (b, l, H, P): dt_a·x = dt·x, so the input term does not see a
+    y, final = ssd_recurrent(x, dt_a, A, inputs["B"], inputs["C"], None, inputs["initial_state"])  # (D·x: no decay)
+    ((y * wy).sum() + ((final * wf).sum() if use_final else 0)).backward()
+    terms = (dt * a.grad).flatten(0, 1)  # (b·l, H): the terms of ∂L/∂A
+    return (terms.abs().sum(0).max() / terms.sum(0).abs().max().clamp_min(1e-300)).item()
+
+
+def assert_close(errs, dtype, sensitivity=None, allowance=None):
     """Every relative error within the dtype's tolerance, or, where `sensitivity` (`rounding_sensitivity`)
-    says that rounding alone moves a quantity further, within 4 times that."""
-    bound = {k: max(TOL[dtype], 4 * (sensitivity or {}).get(k, 0.0)) for k in errs}
+    says that rounding alone moves a quantity further, within 4 times that, or within `allowance` {name: bound}
+    where that is larger."""
+    bound = {k: max(TOL[dtype], 4 * (sensitivity or {}).get(k, 0.0), (allowance or {}).get(k, 0.0)) for k in errs}
     bad = {k: f"{e:.2e} > {bound[k]:.1e}" for k, e in errs.items() if not e <= bound[k]}  # `not <=` also catches NaN
     assert not bad, f"relative errors above the bound ({dtype}): {bad}; all: " + \
         ", ".join(f"{k} {e:.1e}" for k, e in errs.items())
@@ -598,14 +616,21 @@ SEQLEN_1_DRAW = (dict(b=1, l=1, h=2, p=12, g=2, n=32), 16,
 # relative to the chunk's first cs (`_chunk_state_kernel`)
 @example(problem=(dict(b=1, l=1, h=2, p=12, g=1, n=8), 16,
                   dict(dt_range=(0.02, 20.0), with_D=False, with_h0=True, seed=606), False, 1), dtype=torch.float16)
+# a draw (session 21's campaign, 1 in 105) where ∂L/∂A erred 6.1e-3 in fp16 (tolerance 5e-3): its 68 terms cancel
+# 13-fold, and each is computed from the fp16 states and ∂L/∂S_c (with them in fp32, 1.8e-7)
+@example(problem=(dict(b=1, l=68, h=2, p=4, g=2, n=16), 16,
+                  dict(dt_range=(5e-4, 0.5), with_D=False, with_h0=False, seed=2), False, 1), dtype=torch.float16)
 def test_property_matches_recurrence_half_precision(problem, dtype):
     """As the fp32 property test, with x, B and C in bf16 or fp16 (the truth takes the same rounded inputs:
     what is measured is the kernel's own rounding, of its dot operands and outputs), fewer draws. Where
     the problem is ill-conditioned (rounding the inputs alone moves a result by more than the tolerance),
-    the error may be up to 4 times what rounding alone does."""
+    the error may be up to 4 times what rounding alone does; ∂L/∂A, a sum of one term per token whose terms
+    the kernel computes from rounded dot operands, may err by 2 rounding units per unit of its cancellation
+    (`dA_cancellation`)."""
     inputs, errs = compare_draw(problem, dtype)
     _, _, opts, use_final, _ = problem
-    assert_close(errs, dtype, rounding_sensitivity(inputs, dtype, use_final, seed=opts["seed"]))
+    allowance = {"dA": 2 * ROUNDING_UNIT[dtype] * dA_cancellation(inputs, dtype, use_final, seed=opts["seed"])}
+    assert_close(errs, dtype, rounding_sensitivity(inputs, dtype, use_final, seed=opts["seed"]), allowance)
 
 
 def test_rounding_sensitivity_finds_the_ill_conditioned_draw():
@@ -618,6 +643,10 @@ def test_rounding_sensitivity_finds_the_ill_conditioned_draw():
     ill = rounding_sensitivity(make_problem(**shape, **opts), torch.float16, use_final, seed=opts["seed"])
     assert ill["ddt"] > 30 * ROUNDING_UNIT[torch.float16] and ill["ddt"] > 3 * TOL[torch.float16], ill
     assert ill["dx"] < 4 * ROUNDING_UNIT[torch.float16], ill  # (x's gradient does not depend on x)
+    # ∂L/∂A's allowance: its terms cancel 13-fold on session 21's draw, ~2–10-fold on ordinary ones
+    assert dA_cancellation(make_problem(1, 68, 2, 4, 2, 16, dt_range=(5e-4, 0.5), with_D=False, with_h0=False, seed=2),
+                           torch.float16, use_final=False, seed=2) == pytest.approx(13.12, abs=0.01)
+    assert 1 <= dA_cancellation(make_problem(2, 45, 4, 8, 2, 16, dt_range=(1e-3, 2.0), seed=12), torch.float16) < 5
 
 
 class _TorchWithPoisonedEmpty:
