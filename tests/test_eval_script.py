@@ -315,3 +315,16 @@ def test_a_tokenizer_with_more_ids_than_the_model_is_refused(tmp_path):
     code, _, stderr = run_eval("--model", small, "--tokenizer", TOKENIZER, "--task-data", DATA, "--tasks", "arc_easy",
                                "--limit", 1, "--device", "cpu", cwd=tmp_path)
     assert code == 2 and "the model only 1000: they do not belong together (give --tokenizer)" in stderr, stderr
+
+
+def test_on_a_gpu_older_than_8_0_eval_says_it_computes_in_float32(tmp_path, fake_gpu):
+    """eval.py on a T4 (torch.cuda's answers faked; the run stops at a missing --ppl-data, before any model is
+    loaded): a note names the GPU and what it means, and --dtype bfloat16 is refused naming it."""
+    fake_gpu((7, 5), "Tesla T4")
+    code, stdout, stderr = run_eval("--model", tmp_path / "none", "--device", "cuda", "--tasks", "", "--ppl-data",
+                                    tmp_path / "none", cwd=tmp_path)
+    assert code == 2 and "note: Tesla T4 has compute capability 7.5; Triton and bfloat16 arithmetic need 8.0 or " \
+                          "newer: computing in float32, with the torch scan unless --backend triton" in stderr
+    code, stdout, stderr = run_eval("--model", tmp_path / "none", "--device", "cuda", "--dtype", "bfloat16", "--tasks",
+                                    "", "--ppl-data", tmp_path / "none", cwd=tmp_path)
+    assert code == 2 and "error: --dtype bfloat16: Tesla T4 has compute capability 7.5" in stderr
