@@ -5,7 +5,7 @@ and modules' docstrings must parse with the options of the script or module it r
 option, or a value its option refuses, fails here, naming the command. The offline part of the recipe runs as
 written, on the shared sample corpora: the sample `prepare` block (its document and token counts are the ones
 the README gives), then train.py's CPU quickstart on what it wrote (its held-out perplexities are the ones the
-README gives) and sft.py's CPU quickstart.
+README gives). (sft.py's quickstart, 28 s, is parsed only: tests/test_finetune.py runs sft.py end to end.)
 """
 
 import argparse
@@ -231,8 +231,8 @@ def _number(text):
 
 @needs_samples
 def test_the_offline_quickstart_runs_as_written(tmp_path, monkeypatch):
-    """The README's sample `prepare` block, then its train.py and sft.py CPU quickstarts, word for word, from a
-    clone beside `shared/data` (here a link to the shared data): the counts and perplexities it quotes."""
+    """The README's sample `prepare` block, then its train.py CPU quickstart, word for word, from a clone beside
+    `shared/data` (here a link to the shared data): the counts and perplexities it quotes."""
     (tmp_path / "shared").mkdir()
     (tmp_path / "shared" / "data").symlink_to(DATA.resolve(), target_is_directory=True)
     (tmp_path / "clone").mkdir()
@@ -267,8 +267,3 @@ def test_the_offline_quickstart_runs_as_written(tmp_path, monkeypatch):
     for key, ppl in quoted.items():
         # (float32 sums in another CPU's kernels may round otherwise, and 50 steps of training carry that on)
         assert measured[key] == pytest.approx(ppl, rel=1e-2, abs=0.5), (key, measured[key], ppl)
-
-    [sft] = [w for w in _block_with("python sft.py --scale tiny") if _entry_point(w) and "tiny" in w]
-    printed = _run(*_entry_point(sft))
-    assert re.search(r"best validation loss [\d.]+ at step \d+: runs/sft/best", printed), printed[-2000:]
-    assert (Path("runs/sft/best") / "config.json").exists()
