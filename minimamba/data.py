@@ -715,9 +715,8 @@ def _meta_to_update(out: Path, writes, tokenizer, tokenizer_name: str) -> dict:
             f"{unfinished[0]}.bin may not match meta.json, and this call (--split {writes[0]}) would keep it. "
             f"Run the stopped command again, or another prepare of this domain with {redo}"
         )
-    old = meta.get("tokenizer", {})
-    old_sha = old.get("vocabulary_sha256") if isinstance(old.get("vocabulary_sha256"), str) else None
-    if kept and not _read_alike((old, old_sha), (info, info["vocabulary_sha256"])):
+    old = meta.get("tokenizer", {})  # (read_meta checked its types: the sha256 is a string or None)
+    if kept and not _read_alike((old, old.get("vocabulary_sha256")), (info, info["vocabulary_sha256"])):
         raise DataError(
             f"{out}/{kept[0]}.bin was made with another tokenizer ({old.get('name')}); "
             "prepare all splits again with --split auto, or use the same tokenizer"
@@ -811,8 +810,8 @@ def _prepared_with(data_dir, domain, loaded=None) -> tuple[dict, str | None]:
     """(meta.json's "tokenizer" entry, the `vocabulary_sha256` of the tokenizer that prepared the domain, or None
     where it is not known): the one meta.json keeps, else that of the tokenizer.json it names where that file is
     still there (meta.json of an older `prepare`). `loaded` {file: sha256} keeps a file's for the next domain."""
-    info = read_meta(data_dir, domain).get("tokenizer", {})
-    if isinstance(info.get("vocabulary_sha256"), str):
+    info = read_meta(data_dir, domain).get("tokenizer", {})  # (its types checked: the sha256 is a string or None)
+    if info.get("vocabulary_sha256") is not None:
         return info, info["vocabulary_sha256"]
     file = info.get("file")
     try:

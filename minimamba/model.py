@@ -330,12 +330,13 @@ class Mamba2LM(nn.Module):
                 return ssd_chunk_scan(x, dt, A, B, C, Q, D=D, initial_state=initial_state, return_final_state=True)
         if name != self._logged_backend:  # (said once, not at every forward)
             why = "requested" if self.backend != "auto" else f"auto on {device.type}"
-            if too_old := gpu_too_old(device):
+            too_old = gpu_too_old(device)
+            if too_old:
                 why += f"; {too_old}" + (": Triton may fail there" if name == "triton" else "")
             if name == "triton":
                 why += "; launches: " + ("direct after the first" if ssd_triton.DIRECT_LAUNCH else "all through Triton "
                                          f"({ssd_triton.DIRECT_LAUNCH_OFF_BECAUSE or 'DIRECT_LAUNCH set to False'})")
-            level = logging.WARNING if name == "triton" and gpu_too_old(device) else logging.INFO
+            level = logging.WARNING if name == "triton" and too_old else logging.INFO
             log.log(level, "minimamba: SSD scan backend = %s (%s)", name, why)
             self._logged_backend = name
         return scan

@@ -36,12 +36,17 @@ needs_samples = pytest.mark.skipif(not (DATA / "tokenizer" / "tokenizer.json").e
 # finding the commands
 
 
+def _join_continued_lines(text):
+    """The lines of `text`, a line ending in a backslash joined to the next."""
+    return re.sub(r"\\\n\s*", " ", text).splitlines()
+
+
 def _bash_commands(block):
     """The commands of a bash block, as argument lists: line continuations joined, comments dropped,
     commands split at `;`, and the block's own variables (`S=...; P="python ... $S/..."`) expanded; an
     unquoted `$P` that starts a command splits into words, as bash splits it."""
     env = {}
-    for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+    for line in _join_continued_lines(block):
         lexer = shlex.shlex(line, posix=True, punctuation_chars=";")
         lexer.whitespace_split, lexer.commenters = True, "#"
         command = []
@@ -77,17 +82,23 @@ def _docstring_commands():
     files += [ROOT / "minimamba" / "finetune.py", ROOT / "minimamba" / "training.py"]  # (sft.py's and train.py's)
     for path in files:
         doc = re.match(r'r?"""(.*?)"""', path.read_text(encoding="utf-8"), re.S)[1]
-        for line in re.sub(r"\\\n\s*", " ", doc).splitlines():
+        for line in _join_continued_lines(doc):
             line = re.split(r" {2,}(?=[A-Za-z(])", line.strip())[0]
             if re.match(r"(python3?|torchrun) ", line) and "..." not in line.split("#")[0]:
                 yield path.name, _synopsis_words(line)
 
 
+def _without_settings(words):
+    """A command's words from its program on: leading VAR=value settings (`PYTHONPATH=... python3 ...`) dropped."""
+    while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):
+        words = words[1:]
+    return words
+
+
 def _entry_point(words):
     """(script or module, its arguments) of a command that runs one of this project's entry points, else None.
     Leading VAR=value settings and torchrun (with its own options) are stepped over."""
-    while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):
-        words = words[1:]
+    words = _without_settings(words)
     if words[:1] == ["torchrun"]:
         words = ["python", *words[next(i for i, w in enumerate(words) if w.endswith(".py")):]]
     if words[:1] not in (["python"], ["python3"]) or len(words) < 2:
@@ -161,14 +172,12 @@ def test_the_commands_are_found():
                        and "../shared/data/tokenizer/tokenizer.json" in args]
     assert len(sample_prepares) == 5 and all(a[:3] == ["prepare", "--out", "data/tokens"] for a in sample_prepares)
     assert ["{title}\\n\\n{abstract}"] == [a[a.index("--template") + 1] for a in sample_prepares if "--template" in a]
-    others = {next(x for x in w if "=" not in x) for _, w in ALL_COMMANDS if not _entry_point(w)}
+    others = {_without_settings(w)[0] for _, w in ALL_COMMANDS if not _entry_point(w)}
     assert others <= {"pip", "python", "python3", "mkdir", "echo", "bash", "torchrun"}, others
 
 
 def _runs_pytest(words):
-    while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):
-        words = words[1:]
-    return words[:3] in (["python", "-m", "pytest"], ["python3", "-m", "pytest"])
+    return _without_settings(words)[:3] in (["python", "-m", "pytest"], ["python3", "-m", "pytest"])
 
 
 def _test_files(words):
