@@ -967,15 +967,13 @@ def test_check_prepared_with_compares_what_each_id_stands_for(tmp_path):
     tokenizer.json it names while that is there, else by vocabulary size and EOS id, and a note says so; a
     meta.json that names no tokenizer, or none at all, gives a note that nothing was checked."""
     from minimamba.tokenizer import load_tokenizer
-    from tests.test_tokenizer import tiny_tokenizer_json
+    from tests.test_tokenizer import tiny_tokenizer_json, tiny_tokenizer_json_with_other_text
 
     spec = tiny_tokenizer_json()
     for name, tokenizer_spec, indent in (("a", spec, None), ("b", spec, 2)):  # b: the same vocabulary, another file
         (tmp_path / name).mkdir()
         (tmp_path / name / "tokenizer.json").write_text(json.dumps(tokenizer_spec, indent=indent))
-    other = tiny_tokenizer_json()
-    other["model"]["merges"][3] = "Ġ o"  # "Ġa" -> "Ġo": the same ids, one of them other text
-    other["model"]["vocab"] = {("Ġo" if k == "Ġa" else k): v for k, v in other["model"]["vocab"].items()}
+    other = tiny_tokenizer_json_with_other_text()
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "tokenizer.json").write_text(json.dumps(other))
     made_with, copy, changed = (load_tokenizer(tmp_path / name) for name in "abc")

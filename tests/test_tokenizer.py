@@ -286,6 +286,15 @@ def tiny_tokenizer_json(**changes) -> dict:
     return spec
 
 
+
+def tiny_tokenizer_json_with_other_text() -> dict:
+    """`tiny_tokenizer_json` with its merge "Ġ a" made "Ġ o": the same vocabulary size and EOS, and one id
+    (" a" there) that stands for other text (" o")."""
+    spec = tiny_tokenizer_json()
+    spec["model"]["merges"][3] = "Ġ o"
+    spec["model"]["vocab"] = {("Ġo" if k == "Ġa" else k): v for k, v in spec["model"]["vocab"].items()}
+    return spec
+
 def write_json(path: Path, spec) -> Path:
     path.write_text(json.dumps(spec), encoding="utf-8")
     return path

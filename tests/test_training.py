@@ -871,11 +871,9 @@ def test_domains_prepared_with_different_tokenizers_are_refused(init_dir, tmp_pa
     whose tokenizer is known only by its size does not let two others that differ pass."""
     from minimamba.data import DataError, check_one_tokenizer, prepare
     from minimamba.tokenizer import load_tokenizer
-    from tests.test_tokenizer import tiny_tokenizer_json
+    from tests.test_tokenizer import tiny_tokenizer_json, tiny_tokenizer_json_with_other_text
 
-    spec, other = tiny_tokenizer_json(), tiny_tokenizer_json()
-    other["model"]["merges"][3] = "Ġ o"  # "Ġa" -> "Ġo": the same ids, one of them other text
-    other["model"]["vocab"] = {("Ġo" if k == "Ġa" else k): v for k, v in other["model"]["vocab"].items()}
+    spec, other = tiny_tokenizer_json(), tiny_tokenizer_json_with_other_text()
     for name, tokenizer_spec in (("a", spec), ("b", json.loads(json.dumps(spec))), ("c", other)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "tokenizer.json").write_text(json.dumps(tokenizer_spec, indent=len(name)))
