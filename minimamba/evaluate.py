@@ -95,7 +95,7 @@ def target_bytes(windows, byte_lengths, what="the windows"):
     targets = windows[:, 1:]  # (n, seq_len)
     if targets.numel() and int(targets.max()) >= len(table):
         raise ValueError(f"{what} hold id {int(targets.max())}, beyond the tokenizer's {len(table)} ids: they "
-                         "were made by another tokenizer")
+                         "were made by another tokenizer; give the byte lengths of that one")
     return int(table[targets].sum())
 
 
