@@ -88,7 +88,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from minimamba.config import PUBLIC_SCALES, SCALES, Mamba2Config
-from minimamba.data import DataError, check_one_tokenizer, ids_needed, read_meta
+from minimamba.data import DataError, check_one_tokenizer, check_prepared_with, ids_needed, read_meta
 from minimamba.evaluate import domain_perplexity, load_heldout
 from minimamba.files import atomic_write, fsync_dir, is_json_number, json_line, parse_json, write_text_atomically
 from minimamba.model import Mamba2LM, gpu_too_old
@@ -1383,14 +1383,19 @@ def check_vocabulary(data_dir, mix, eval_domains, vocab_size):
                              f"at least {needed}")
 
 
-def data_tokenizer_file(data_dir, domain):
-    """The tokenizer.json that prepared the token files of `domain`, for the checkpoints to carry (eval.py reads
-    a model folder's own tokenizer.json): the file meta.json records (`prepare` writes its absolute path), else
-    the name it records (a path, or a Hub id, whose cached copy is used or downloaded). None for token files
-    without a meta.json or made by a tokenizer that is no file (meta.json's file is null: the tests' byte
-    tokenizer, the miniature's remapped ids); None with a note saying what eval.py then needs where the file
-    cannot be had (moved since `prepare`, a relative path from another folder, no network)."""
-    from minimamba.tokenizer import tokenizer_file
+def data_tokenizer(data_dir, domain):
+    """The tokenizer (a minimamba Tokenizer) that prepared the token files of `domain`: the checkpoints carry
+    its file (`.path`; eval.py reads a model folder's own tokenizer.json) and the held-out evaluation counts
+    the bytes its tokens spell (bits per byte). Found as the file meta.json records (`prepare` writes its
+    absolute path), else the name it records (a path, or a Hub id, whose cached copy is used or downloaded),
+    and checked as eval.py checks it (`check_prepared_with`: the fingerprint of what every id stands for, where
+    meta.json keeps it, else the vocabulary size and EOS id).
+
+    None for token files without a meta.json or made by a tokenizer that is no file (meta.json's file is
+    null: the tests' byte tokenizer, the miniature's remapped ids); None with a note saying what eval.py then
+    needs where no such file can be had (moved or changed since `prepare`, a relative path from another
+    folder, no network)."""
+    from minimamba.tokenizer import load_tokenizer, tokenizer_file
 
     meta = Path(data_dir) / domain / "meta.json"
     if not meta.exists():
@@ -1403,13 +1408,19 @@ def data_tokenizer_file(data_dir, domain):
     for source in ([info["file"]] if info.get("file") else []) + ([name] if name else []):
         try:
             path = tokenizer_file(source)
-            if path.is_file():
-                return path
-            tried.append(f"{source}: no file {path}")
-        except Exception as e:  # (a missing file, no network: its own message says which)
+            if not path.is_file():
+                tried.append(f"{source}: no file {path}")
+                continue
+            tokenizer = load_tokenizer(path)
+            check_prepared_with(data_dir, domain, tokenizer)  # (DataError: it reads the ids as other text)
+            return tokenizer
+        except DataError:
+            tried.append(f"{source}: {path} is not the tokenizer that prepared the data (it changed since `prepare`)")
+        except Exception as e:  # (a missing file, no network, a damaged file: its own message says which)
             tried.append(f"{source}: {e}")
-    print(f"note: the checkpoints will hold no tokenizer.json: the data's tokenizer {name!r} ({meta}) cannot be "
-          f"read ({'; '.join(tried) or 'meta.json names none'}); give eval.py --tokenizer", file=sys.stderr, flush=True)
+    print(f"note: the checkpoints will hold no tokenizer.json and the held-out evaluation reports no bits per byte: "
+          f"the data's tokenizer {name!r} ({meta}) cannot be read ({'; '.join(tried) or 'meta.json names none'}); "
+          "give eval.py --tokenizer", file=sys.stderr, flush=True)
     return None
 
 
@@ -1455,7 +1466,11 @@ class Pretraining:
                                       dist.world_size)
         self.heldout = load_heldout(cfg.data, r.eval_domains, cfg.seq_len, r.eval_windows)
         check_vocabulary(cfg.data, r.mix, r.eval_domains, raw.config.vocab_size)
-        self.tokenizer_file = data_tokenizer_file(cfg.data, next(iter(r.mix))) if dist.is_main else None
+        # the data's tokenizer, on the main process only (the one that writes checkpoints and prints): the others'
+        # evaluations leave out the bits per byte, which need it
+        tokenizer = data_tokenizer(cfg.data, next(iter(r.mix))) if dist.is_main else None
+        self.tokenizer_file = tokenizer.path if tokenizer else None
+        self.byte_lengths = tokenizer.byte_lengths() if tokenizer else None  # (V,) bytes each id spells
         return self.sampler
 
     def state_dict(self):
@@ -1482,9 +1497,10 @@ class Pretraining:
     def evaluate(self, model, step):
         dist = self.dist if not self.cfg.fsdp else None  # (under FSDP every process scores every window)
         res = domain_perplexity(model, self.heldout, self.r.eval_batch_size, self.dist.device, self.r.autocast_dtype,
-                                dist)
+                                dist, self.byte_lengths)
         shares = self.sampler.token_shares()
-        numbers = "  ".join(f"{d} {v['ppl']:.3f}" for d, v in res.items()) + (
+        numbers = "  ".join(f"{d} {v['ppl']:.3f}" + (f" ({v['bpb']:.3f} bits/byte)" if v.get("bpb") is not None else "")
+                            for d, v in res.items()) + (
             " | token shares so far " + "  ".join(f"{d} {s:.1%}" for d, s in shares.items()) if step else "")
         return {"eval": res, "token_shares": shares, "epochs": self.sampler.epochs()}, "held-out perplexity", numbers
 

@@ -276,3 +276,14 @@ def test_the_offline_quickstart_runs_as_written(tmp_path, monkeypatch):
     for key, ppl in quoted.items():
         # (float32 sums in another CPU's kernels may round otherwise, and 50 steps of training carry that on)
         assert measured[key] == pytest.approx(ppl, rel=1e-2, abs=0.5), (key, measured[key], ppl)
+    bits = {(int(step), domain): float(bpb) for step, rest in re.findall(r"step (\d+): held-out perplexity (.*)", printed)
+            for domain, bpb in re.findall(r"(\w+) [\d.]+ \(([\d.]+) bits/byte\)", rest)}
+    said = re.search(r"In bits per byte \([\d-]+\): (.*?)\. Two flags", README, re.S)[1]
+    quoted = {(int(step), "pubmed"): float(bpb) for bpb, step in zip(re.search(
+        r"pubmed ([\d.]+) → ([\d.]+) → ([\d.]+)", said).groups(), pubmed[3:])}
+    for domain in ("c4", "wikipedia"):
+        first, last = re.search(rf"{domain} ([\d.]+) → ([\d.]+)", said).groups()
+        quoted |= {(0, domain): float(first), (50, domain): float(last)}
+    assert len(quoted) == 7
+    for key, bpb in quoted.items():
+        assert bits[key] == pytest.approx(bpb, rel=2e-3), (key, bits[key], bpb)

@@ -1245,8 +1245,9 @@ def test_offline_pretrained_init_fails_fast_with_one_message(data, tmp_path):
 
 def test_checkpoints_carry_the_datas_tokenizer_json(data, init_dir, tmp_path, capsys):
     """eval.py reads a model folder's own tokenizer.json: each checkpoint holds a copy of the tokenizer that
-    meta.json says prepared the data (offline, eval.py of a train.py checkpoint needed --tokenizer); where it
-    cannot be read, a note says so and the run goes on without it."""
+    meta.json says prepared the data (offline, eval.py of a train.py checkpoint needed --tokenizer), and the
+    held-out evaluation reports bits per byte from it; where it cannot be read, or is no longer the tokenizer
+    that prepared the data, a note says so and the run goes on without both."""
     from minimamba.tokenizer import load_tokenizer
     from tests.test_tokenizer import tiny_tokenizer_json
 
@@ -1255,21 +1256,44 @@ def test_checkpoints_carry_the_datas_tokenizer_json(data, init_dir, tmp_path, ca
     tokenizer = tmp_path / "tok" / "tokenizer.json"
     tokenizer.parent.mkdir()
     tokenizer.write_text(json.dumps(tiny_tokenizer_json()), encoding="utf-8")
-    for domain in ("pubmed", "c4", "wikipedia"):
-        (tokens / domain / "meta.json").write_text(json.dumps(
-            {"tokenizer": {"name": str(tokenizer), "vocab_size": VOCAB, "eos_id": 0}, "splits": {}}))
-    result = train(config(tokens, init_dir, tmp_path / "run", max_steps=2, save_every=2))
+    loaded = load_tokenizer(tokenizer)
+
+    def prepared_with(name, sha):
+        for domain in ("pubmed", "c4", "wikipedia"):  # (vocab_size: the model's, which the ids are below)
+            (tokens / domain / "meta.json").write_text(json.dumps({"tokenizer": {
+                "name": name, "vocab_size": VOCAB, "eos_id": 0, "vocabulary_sha256": sha}, "splits": {}}))
+
+    prepared_with(str(tokenizer), loaded.vocabulary_sha256())
+    result = train(config(tokens, init_dir, tmp_path / "run", max_steps=2, save_every=2, eval_windows=16))
     copy = Path(result["checkpoint"]) / "tokenizer.json"
     assert copy.read_bytes() == tokenizer.read_bytes()
-    assert load_tokenizer(copy.parent).encode("the") == load_tokenizer(tokenizer).encode("the")
-    for domain in ("pubmed", "c4", "wikipedia"):  # a path that is not there (moved since prepare)
-        (tokens / domain / "meta.json").write_text(json.dumps(
-            {"tokenizer": {"name": str(tmp_path / "gone.json"), "vocab_size": VOCAB, "eos_id": 0}, "splits": {}}))
+    assert load_tokenizer(copy.parent).encode("the") == loaded.encode("the")
+    # bits per byte: the summed NLL over the bytes the scored tokens spell (each window's first is not scored)
+    lengths = np.array(loaded.byte_lengths())  # (V,)
+    for domain, scores in result["eval"].items():
+        targets = load_heldout(tokens, [domain], 16, 16)[domain][:, 1:].numpy()  # (16, 16): the eval windows'
+        n_bytes = int(lengths[targets].sum())
+        # (ids 0 and 1 are the tiny tokenizer's special tokens, which spell no byte; those below 256 one byte)
+        assert scores["tokens"] == targets.size and n_bytes == (targets >= 2).sum() < targets.size
+        assert scores["bpb"] == pytest.approx(scores["loss"] * scores["tokens"] / (math.log(2) * n_bytes), rel=1e-12)
+    assert re.search(r"step 2: held-out perplexity \(EMA weights\) pubmed [\d.]+ \([\d.]+ bits/byte\)  c4 ",
+                     capsys.readouterr().out)
+    # a path that is not there (moved since prepare)
+    prepared_with(str(tmp_path / "gone.json"), loaded.vocabulary_sha256())
     result = train(config(tokens, init_dir, tmp_path / "run2", max_steps=2, save_every=2))
     assert not (Path(result["checkpoint"]) / "tokenizer.json").exists()
+    assert all("bpb" not in scores for scores in result["eval"].values())
     err = capsys.readouterr().err
-    assert "note: the checkpoints will hold no tokenizer.json: the data's tokenizer" in err
+    assert "note: the checkpoints will hold no tokenizer.json and the held-out evaluation reports no bits per " \
+           "byte: the data's tokenizer" in err
     assert f"no file {tmp_path / 'gone.json'}" in err and "give eval.py --tokenizer" in err
+    # the file there, but changed since prepare (another vocabulary): not copied, no bits per byte
+    prepared_with(str(tokenizer), "0" * 64)
+    result = train(config(tokens, init_dir, tmp_path / "run3", max_steps=2, save_every=2))
+    assert not (Path(result["checkpoint"]) / "tokenizer.json").exists()
+    assert all("bpb" not in scores for scores in result["eval"].values())
+    assert f"{tokenizer}: {tokenizer} is not the tokenizer that prepared the data (it changed since `prepare`)" in \
+           capsys.readouterr().err
 
 
 def test_the_datas_tokenizer_is_found_by_the_file_prepare_recorded(tmp_path, monkeypatch, capsys):
@@ -1279,7 +1303,7 @@ def test_the_datas_tokenizer_is_found_by_the_file_prepare_recorded(tmp_path, mon
     tokenizer that is no file records null, and only that goes without a note. (That the file found is copied
     into each checkpoint: the test above.)"""
     from minimamba.data import prepare, read_meta
-    from minimamba.training import data_tokenizer_file
+    from minimamba.training import data_tokenizer
     from tests.test_data import ByteTokenizer
     from tests.test_tokenizer import tiny_tokenizer_json
 
@@ -1294,13 +1318,14 @@ def test_the_datas_tokenizer_is_found_by_the_file_prepare_recorded(tmp_path, mon
     assert info["name"] == "tok.json" and info["file"] == str(tokenizer)
     monkeypatch.chdir(tmp_path)  # (no tok.json here: the name alone finds nothing)
     capsys.readouterr()  # (prepare's progress)
-    assert data_tokenizer_file(tmp_path / "tokens", "c4") == tokenizer
+    assert data_tokenizer(tmp_path / "tokens", "c4").path == tokenizer
     assert capsys.readouterr().err == ""
     # the file gone too: a note that names what was tried
     tokenizer.unlink()
-    assert data_tokenizer_file(tmp_path / "tokens", "c4") is None
+    assert data_tokenizer(tmp_path / "tokens", "c4") is None
     err = capsys.readouterr().err
-    assert err.startswith("note: the checkpoints will hold no tokenizer.json: the data's tokenizer 'tok.json'")
+    assert err.startswith("note: the checkpoints will hold no tokenizer.json and the held-out evaluation reports no "
+                          "bits per byte: the data's tokenizer 'tok.json'")
     assert f"{tokenizer}: no file {tokenizer}; tok.json: no file tok.json" in err and "eval.py --tokenizer" in err
     # the name still there (the recorded file moved): the name is the fallback
     tokenizer.write_text(json.dumps(tiny_tokenizer_json()), encoding="utf-8")
@@ -1308,12 +1333,12 @@ def test_the_datas_tokenizer_is_found_by_the_file_prepare_recorded(tmp_path, mon
     meta["tokenizer"]["file"] = str(tmp_path / "moved.json")
     (tmp_path / "tokens" / "c4" / "meta.json").write_text(json.dumps(meta))
     monkeypatch.chdir(tmp_path / "prep")
-    assert data_tokenizer_file(tmp_path / "tokens", "c4") == Path("tok.json")
+    assert data_tokenizer(tmp_path / "tokens", "c4").path == Path("tok.json")
     # a tokenizer that is no file: null, no tokenizer.json and nothing to say
     prepare("pubmed", [texts], ByteTokenizer(), tmp_path / "tokens")
     assert read_meta(tmp_path / "tokens", "pubmed")["tokenizer"]["file"] is None
     capsys.readouterr()
-    assert data_tokenizer_file(tmp_path / "tokens", "pubmed") is None
+    assert data_tokenizer(tmp_path / "tokens", "pubmed") is None
     assert capsys.readouterr().err == ""
 
 
