@@ -240,8 +240,9 @@ def _number(text):
 
 @needs_samples
 def test_the_offline_quickstart_runs_as_written(tmp_path, monkeypatch):
-    """The README's sample `prepare` block, then its train.py CPU quickstart, word for word, from a clone beside
-    `shared/data` (here a link to the shared data): the counts and perplexities it quotes."""
+    """The README's sample `prepare` block, then its train.py CPU quickstart and eval.py of the checkpoint it
+    saves, word for word, from a clone beside `shared/data` (here a link to the shared data): the counts,
+    perplexities and bits per byte it quotes."""
     (tmp_path / "shared").mkdir()
     (tmp_path / "shared" / "data").symlink_to(DATA.resolve(), target_is_directory=True)
     (tmp_path / "clone").mkdir()
@@ -262,7 +263,7 @@ def test_the_offline_quickstart_runs_as_written(tmp_path, monkeypatch):
         for got, (amount, half_digit) in zip(tokens, map(_number, numbers[2:])):
             assert abs(got - amount) <= half_digit, (name, tokens, numbers)
 
-    [train] = [w for w in _block_with("python train.py --scale tiny") if _entry_point(w)]
+    [train, evaluate] = [w for w in _block_with("python train.py --scale tiny") if _entry_point(w)]
     printed = _run(*_entry_point(train))
     measured = {(int(step), domain): float(ppl) for step, rest in re.findall(r"step (\d+): held-out perplexity (.*)", printed)
                 for domain, ppl in re.findall(r"(\w+) ([\d.]+)", rest.split("|")[0])}
@@ -278,7 +279,7 @@ def test_the_offline_quickstart_runs_as_written(tmp_path, monkeypatch):
         assert measured[key] == pytest.approx(ppl, rel=1e-2, abs=0.5), (key, measured[key], ppl)
     bits = {(int(step), domain): float(bpb) for step, rest in re.findall(r"step (\d+): held-out perplexity (.*)", printed)
             for domain, bpb in re.findall(r"(\w+) [\d.]+ \(([\d.]+) bits/byte\)", rest)}
-    said = re.search(r"In bits per byte \([\d-]+\): (.*?)\. Two flags", README, re.S)[1]
+    said = re.search(r"In bits per byte \([\d-]+\): (.*?)\.\s", README, re.S)[1]
     quoted = {(int(step), "pubmed"): float(bpb) for bpb, step in zip(re.search(
         r"pubmed ([\d.]+) → ([\d.]+) → ([\d.]+)", said).groups(), pubmed[3:])}
     for domain in ("c4", "wikipedia"):
@@ -287,3 +288,10 @@ def test_the_offline_quickstart_runs_as_written(tmp_path, monkeypatch):
     assert len(quoted) == 7
     for key, bpb in quoted.items():
         assert bits[key] == pytest.approx(bpb, rel=2e-3), (key, bits[key], bpb)
+    # eval.py on the step-50 checkpoint: the same numbers as train.py's step-50 evaluation
+    table = _run(*_entry_point(evaluate))
+    scored = {(domain, what): float(v) for domain, what, v in re.findall(r"\| ppl_(\w+) \| (ppl|bpb) \| ([\d.]+) \|", table)}
+    assert len(scored) == 6, table
+    for domain in ("pubmed", "c4", "wikipedia"):
+        assert scored[domain, "ppl"] == pytest.approx(measured[50, domain], rel=1e-5), (domain, table)
+        assert scored[domain, "bpb"] == pytest.approx(bits[50, domain], rel=1e-3), (domain, table)
