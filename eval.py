@@ -11,6 +11,8 @@
     mc        arc_easy, arc_challenge, hellaswag, piqa, winogrande, openbookqa, lambada   (out-of-domain)
     clinical  note_completion, note_summary                       (ROUGE-1/2/L of greedy generations)
     all       all of them (BioASQ's files need a registration: see `python -m minimamba.tasks download bioasq`)
+    mimic     mimic_completion, mimic_discharge: the recipe's own clinical tasks on MIMIC-IV-Note discharge notes
+              (credentialed: bring your copy, see `python -m minimamba.tasks download mimic_completion`; not in all)
 The protocols (prompts, scoring, splits) are in minimamba/tasks.py and minimamba/evaluate.py. --ppl-data adds the
 held-out perplexity (and bits per byte) of each domain of a token directory (`python -m minimamba.data prepare`),
 as train.py measures it; the token files must have been prepared with the model's tokenizer (checked).
@@ -40,7 +42,7 @@ p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_clas
 p.add_argument("--model", default="state-spaces/mamba2-370m", help="a Hub repo id or a checkpoint directory")
 p.add_argument("--tokenizer", default=None,
                help=f"tokenizer.json, its directory or a Hub id (default: the model directory's, else {DEFAULT_TOKENIZER})")
-p.add_argument("--tasks", default="all", help="comma-separated task names and groups (qa, mc, clinical, all); '' for none")
+p.add_argument("--tasks", default="all", help="comma-separated task names and groups (qa, mc, clinical, all, mimic); '' for none")
 p.add_argument("--task-data", default=None, help="directory of the tasks' files (default: $MINIMAMBA_TASK_DATA if "
                "set, else data/tasks in the current directory)")
 p.add_argument("--split", default="test", help="which split of each task to score")

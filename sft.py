@@ -2,6 +2,7 @@
 
     python sft.py --init runs/cpt/step-006000 --tasks pubmedqa,bioasq --mix pubmedqa=0.35,bioasq=0.65
     python sft.py --scale 370m --tasks note_completion,note_summary --out runs/sft-clinical
+    python sft.py --init runs/cpt/step-006000 --tasks mimic_completion,mimic_discharge --limit 20000 --out runs/sft-mimic
     python sft.py --scale tiny --init scratch --device cpu --tasks pubmedqa --limit 64 --max-len 512 \
         --batch-size 4 --examples-per-step 8 --epochs 1 --eval-every 4      # ~30 s on a CPU
 
@@ -30,8 +31,8 @@ p.add_argument("--init", default=D.init,
 p.add_argument("--tokenizer", default=D.tokenizer, help="Hub repo id or tokenizer.json of the model's tokenizer "
                f"(default: the --init checkpoint's tokenizer.json, else {DEFAULT_TOKENIZER})")
 # data
-p.add_argument("--tasks", default=D.tasks, help="comma-separated tasks of minimamba.tasks: pubmedqa,bioasq (QA) or "
-               "note_completion,note_summary (clinical)")
+p.add_argument("--tasks", default=D.tasks, help="comma-separated tasks of minimamba.tasks: pubmedqa,bioasq (QA), "
+               "note_completion,note_summary (clinical) or mimic_completion,mimic_discharge (MIMIC-IV-Note)")
 p.add_argument("--mix", default=D.mix, help="each task's share of an epoch's pairs, NAME=SHARE,... (a small task is "
                "repeated, a large one subsampled) (default: every pair once per epoch)")
 p.add_argument("--task-data", default=D.task_data, help="task data directory (default: $MINIMAMBA_TASK_DATA if set, "

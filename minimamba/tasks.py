@@ -94,6 +94,18 @@ clinicalnlp_taskC_test2 + clef_taskC_test3 (120 notes), train = train + valid (8
             kept; no ACI-BENCH note is that long), target at most 2,000. Notes without such a header, or with
             a context under 100 or a target under 50 characters, are skipped and counted on stderr.
 
+Clinical generation on MIMIC-IV-Note (kind "generate"; group "mimic", not in "all"): the recipe's own data, the
+discharge notes of discharge.csv(.gz) (note_id, subject_id, text), which PhysioNet gives to credentialed users only:
+never downloaded. Split by patient, 9:1 (`patient_split`: a hash of subject_id; test ~10% of the patients).
+  mimic_completion  note_completion's protocol on a discharge note.
+  mimic_discharge  the recipe's discharge task: DISCHARGE_TEMPLATE around the note's admission sections
+            (ADMISSION_SECTIONS: chief complaint, HPI, PMH, admission medications, allergies, social and family
+            history, physical exam, pertinent results; at most 4,000 characters), reference = its discharge
+            sections (DISCHARGE_SECTIONS: hospital course, assessment and plan, discharge diagnosis, medications,
+            instructions and condition, follow-up; at most 2,000), each "Header:\nbody" in note order
+            (`note_sections`). Notes without a discharge section, or under 100 / 50 characters on either side,
+            are skipped and counted on stderr. The file is read lazily, only as far as `load_task`'s limit.
+
 SFT (sft_example) trains on the yes/no and generation tasks only: the prompt is what eval shows the model,
 the response what it should say next: yesno -> (the gold option's context, its continuation, e.g. " yes");
 generate -> (prompt, " " + reference). Every generation prompt ends without whitespace, and the response
@@ -101,7 +113,10 @@ starts with one space: eval's prompt followed by the model's words is the text S
 """
 
 import argparse
+import contextlib
 import csv
+import hashlib
+import itertools
 import json
 import os
 import re
@@ -194,16 +209,23 @@ def _strict(path: Path) -> Callable[[str, int | None, str], None]:
     return report
 
 
-def _read(path: Path, reader: Callable, nothing: str = "the file is empty") -> list:
-    """Everything reader(path, strict report) yields, with TaskDataErrors where it fails; an error saying
-    `nothing` where it yields nothing."""
+@contextlib.contextmanager
+def _reading(path: Path):
+    """Where data.py's readers fail on `path`, a TaskDataError naming the file and the fix."""
     try:
-        found = list(reader(path, _strict(path)))
+        yield
     except DataError as e:  # (UTF-16/32, compressed data under a plain name, one JSON array: how to convert it)
         raise TaskDataError(f"{e}. (A task file is read under its own name: {_FIX}, or put the converted "
                             "file in its place.)") from e
     except (*STOPPED_EARLY, csv.Error) as e:  # (a .bz2 file that is not bz2 data or is cut short)
         raise TaskDataError(f"{path}: cannot be read to its end ({e}): a truncated or damaged copy; {_FIX}") from e
+
+
+def _read(path: Path, reader: Callable, nothing: str = "the file is empty") -> list:
+    """Everything reader(path, strict report) yields, with TaskDataErrors where it fails; an error saying
+    `nothing` where it yields nothing."""
+    with _reading(path):
+        found = list(reader(path, _strict(path)))
     if not found:
         raise TaskDataError(f"{path}: {nothing}; {_FIX}")
     return found
@@ -237,9 +259,13 @@ def _csv(path: Path, columns: tuple[str, ...]) -> list[tuple[str, dict]]:
     A line break inside a quoted field is "\\n" (a "\\r\\n" there is read as "\\n")."""
     records = _read(path, csv_records, "no rows (the file is empty or holds its header only)")
     rows = [(f"{path}:{number}", row) for number, row in records]
-    if missing := [c for c in columns if c not in rows[0][1]]:
-        raise TaskDataError(f"{path}:1: no column {', '.join(missing)} in the header {list(rows[0][1])}")
+    _check_columns(path, rows[0][1], columns)
     return rows
+
+
+def _check_columns(path: Path, row: dict, columns: tuple[str, ...]) -> None:
+    if missing := [c for c in columns if c not in row]:
+        raise TaskDataError(f"{path}:1: no column {', '.join(missing)} in the header {list(row)}")
 
 
 def _unicode(where: str, key: str, text: str) -> str:
@@ -498,6 +524,93 @@ def _clinical(paths: list[Path], split: str, name: str, cut: Callable) -> list[G
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Clinical generation on MIMIC-IV-Note (the recipe's own data: credentialed, so each user brings their copy)
+
+
+def _section_key(header: str) -> str:
+    """A section header as compared: letters only, lower case ("Follow-up Instructions" = "followupinstructions")."""
+    return re.sub(r"[^a-z]", "", header.lower())
+
+
+# the recipe's discharge task: the model reads a note's admission sections and writes its discharge sections
+ADMISSION_SECTIONS = ("Chief Complaint", "History of Present Illness", "Past Medical History", "Medications on Admission",
+                      "Allergies", "Social History", "Family History", "Physical Exam", "Pertinent Results")
+DISCHARGE_SECTIONS = ("Brief Hospital Course", "Hospital Course", "Assessment and Plan", "Assessment/Plan",
+                      "Discharge Diagnosis", "Discharge Medications", "Discharge Instructions", "Discharge Condition",
+                      "Followup Instructions", "Follow-up Instructions")
+# the other headers of a MIMIC-IV discharge note: they end the section before them, and are read by neither side
+OTHER_SECTIONS = ("Name", "Admission Date", "Date of Birth", "Service", "Attending",
+                  "Major Surgical or Invasive Procedure", "Discharge Disposition", "Facility")
+_ADMISSION, _DISCHARGE = ({_section_key(h) for h in names} for names in (ADMISSION_SECTIONS, DISCHARGE_SECTIONS))
+_SECTIONS = _ADMISSION | _DISCHARGE | {_section_key(h) for h in OTHER_SECTIONS}
+_HEADER_LINE = re.compile(r"^[ \t]*([A-Za-z][A-Za-z /&-]*?)[ \t]*:(.*)$", re.MULTILINE)  # "Header:" and what follows
+DISCHARGE_TEMPLATE = ("Based on the following clinical information, write the discharge summary including hospital "
+                      "course, discharge diagnosis, discharge medications, and discharge instructions.\n\nClinical "
+                      "Notes:\n{context}\n\nDischarge Summary:")
+MIMIC_FILE, MIMIC_FILE_PLAIN = "clinical/mimic-iv-note/discharge.csv.gz", "clinical/mimic-iv-note/discharge.csv"
+MIMIC_TEST_SHARE = 0.1  # the recipe's patient-level 9:1 split
+_MIMIC_HELP = ("MIMIC-IV-Note is given to credentialed PhysioNet users only, so it is not downloaded: get access at "
+               "https://physionet.org/content/mimic-iv-note/, download note/discharge.csv.gz (v2.2) and put it at "
+               "{dir}/" + MIMIC_FILE + " (or uncompressed, as {dir}/" + MIMIC_FILE_PLAIN + ")")
+
+
+def note_sections(note: str) -> list[tuple[str, str]]:
+    """(header as written, body stripped) of each section of a MIMIC-IV discharge note, in note order. A section
+    starts at a line "Header:" (text may follow on that line) whose header is one of the note's known headers
+    (ADMISSION_SECTIONS, DISCHARGE_SECTIONS, OTHER_SECTIONS), so that "BP: 120/80" inside the physical exam
+    starts none; it runs to the next such line. What comes before the first is left out."""
+    starts = [m for m in _HEADER_LINE.finditer(note) if _section_key(m[1]) in _SECTIONS]
+    ends = [m.start() for m in starts[1:]] + [len(note)]
+    return [(m[1], (m[2] + note[m.end() : end]).strip()) for m, end in zip(starts, ends)]
+
+
+def _discharge(note: str) -> "tuple[str, str] | str":
+    """mimic_discharge's (prompt, reference) of a note: its admission sections, its discharge sections, each
+    as "Header:\nbody" and joined by a blank line; or why the note is skipped."""
+    sections = note_sections(note)
+    context, target = ("\n\n".join(f"{header}:\n{body}" for header, body in sections
+                                    if body and _section_key(header) in wanted) for wanted in (_ADMISSION, _DISCHARGE))
+    if not target:
+        return "no discharge section (" + ", ".join(DISCHARGE_SECTIONS[:3]) + ", ...)"
+    if len(context) < MIN_PREFIX_CHARS or len(target) < MIN_REFERENCE_CHARS:
+        return f"admission sections {len(context)} / discharge sections {len(target)} characters"
+    return (DISCHARGE_TEMPLATE.format(context=_keep_start(context, MAX_SUMMARY_CONTEXT_CHARS)),
+            _keep_start(target, MAX_REFERENCE_CHARS))
+
+
+def patient_split(subject_id: str) -> str:
+    """"test" for the patients whose subject_id hashes below MIMIC_TEST_SHARE, else "train": every note of a
+    patient is in one split, whatever the file's order or size."""
+    digest = hashlib.sha256(subject_id.strip().encode("utf-8")).digest()
+    return "test" if int.from_bytes(digest[:8], "big") / 2**64 < MIMIC_TEST_SHARE else "train"
+
+
+def _mimic(paths: list[Path], split: str, name: str, cut: Callable):
+    """The Generation items of the discharge notes (discharge.csv: note_id, subject_id, text) of the patients in
+    `split` (`patient_split`), in file order, as a generator: the file holds ~330k notes of ~10k characters,
+    and `load_task` reads only as far as its `limit` asks. The notes skipped among those read are counted on
+    stderr when it stops."""
+    [path] = paths
+    read, skipped = 0, []
+    try:
+        with _reading(path):
+            for i, (number, row) in enumerate(csv_records(path, _strict(path))):
+                where = f"{path}:{number}"
+                if i == 0:
+                    _check_columns(path, row, ("note_id", "subject_id", "text"))
+                if patient_split(_get(where, row, "subject_id")) != split:
+                    continue
+                read += 1
+                made = cut(_get(where, row, "text").strip())
+                if isinstance(made, str):
+                    skipped.append(f"{where}: {made}")
+                else:
+                    yield Generation(f"{name}/{_get(where, row, 'note_id').strip()}", *made)
+    finally:
+        _report_skipped(name, split, read, skipped)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The registry
 
 
@@ -509,6 +622,7 @@ _PQAL = ("pubmedqa/ori_pqal.json", "pubmedqa/test_ground_truth.json")
 _ACI = {"test": tuple(f"clinical/aci-bench/{n}.csv" for n in ("clinicalnlp_taskB_test1", "clinicalnlp_taskC_test2",
                                                               "clef_taskC_test3")),
         "train": ("clinical/aci-bench/train.csv", "clinical/aci-bench/valid.csv")}
+_MIMIC, _MIMIC_PLAIN = ({split: (file,) for split in ("test", "train")} for file in (MIMIC_FILE, MIMIC_FILE_PLAIN))
 _BIOASQ_HELP = ("BioASQ data are given to registered participants only, so they are not downloaded: register at "
                 "https://www.bioasq.org, download the Task B golden test files (participants area) "
                 f"{', '.join(BIOASQ_TEST_BATCHES + BIOASQ_TRAIN_BATCHES)} (named like 12B1_golden.json) and put "
@@ -542,6 +656,10 @@ TASKS: dict[str, Task] = {t.name: t for t in (
          _ACI, partial(_clinical, name="note_completion", cut=_completion)),
     Task("note_summary", "generate", "ACI-BENCH visit notes (wyim/aci-bench): write the assessment and plan",
          _ACI, partial(_clinical, name="note_summary", cut=_summary)),
+    Task("mimic_completion", "generate", "MIMIC-IV-Note discharge notes (PhysioNet, credentialed): complete a note",
+         _MIMIC, partial(_mimic, name="mimic_completion", cut=_completion), fallback=_MIMIC_PLAIN, obtain=_MIMIC_HELP),
+    Task("mimic_discharge", "generate", "MIMIC-IV-Note discharge notes: the discharge sections from the admission ones",
+         _MIMIC, partial(_mimic, name="mimic_discharge", cut=_discharge), fallback=_MIMIC_PLAIN, obtain=_MIMIC_HELP),
 )}
 
 
@@ -552,6 +670,8 @@ GROUPS: dict[str, list[str]] = {
     "clinical": ["note_completion", "note_summary"],  # generation, ROUGE
 }
 GROUPS["all"] = [name for group in GROUPS.values() for name in group]
+# the recipe's own clinical data, which only credentialed users have: named, not part of "all"
+GROUPS["mimic"] = ["mimic_completion", "mimic_discharge"]
 
 def default_data_dir() -> Path:
     return Path(os.environ.get("MINIMAMBA_TASK_DATA") or "data/tasks")
@@ -598,6 +718,9 @@ def load_task(name: "str | Task", split: str = "test", data_dir: "str | Path | N
         raise TaskDataError(f"limit must be at least 1, got {limit}")
     paths = task_files(task, split, data_dir)
     items = task.loader(paths, split)
+    if not isinstance(items, list):  # a generator (MIMIC-IV-Note: a large file), read as far as `limit` asks
+        with contextlib.closing(items):
+            items = list(itertools.islice(items, limit))
     if not items:
         raise TaskDataError(f"task {task.name} ({split}): no items in {', '.join(map(str, paths))}")
     seen = set()

@@ -328,3 +328,29 @@ def test_on_a_gpu_older_than_8_0_eval_says_it_computes_in_float32(tmp_path, fake
     code, stdout, stderr = run_eval("--model", tmp_path / "none", "--device", "cuda", "--dtype", "bfloat16", "--tasks",
                                     "", "--ppl-data", tmp_path / "none", cwd=tmp_path)
     assert code == 2 and "error: --dtype bfloat16: Tesla T4 has compute capability 7.5" in stderr
+
+
+@needs_data
+def test_the_mimic_group_scores_a_users_discharge_notes(checkpoint, tmp_path):
+    """`--tasks mimic`: both MIMIC-IV-Note tasks on the discharge notes put in the task data (made here in its
+    layout), their ROUGE as the library computes it; the group is not part of `all`."""
+    from minimamba.tasks import GROUPS, patient_split
+    from tests.test_tasks import mimic_note, write_mimic
+
+    subjects = [s for s in map(str, range(300, 400)) if patient_split(s) == "test"][:2]
+    write_mimic(tmp_path / "tasks/clinical/mimic-iv-note/discharge.csv.gz",
+                [(f"{s}-DS-1", s, mimic_note(s)) for s in subjects])
+    out = tmp_path / "res.json"
+    code, stdout, stderr = run_eval("--model", checkpoint, "--tokenizer", TOKENIZER, "--task-data", tmp_path / "tasks",
+                                    "--tasks", "mimic", "--max-new-tokens", 4, "--device", "cpu", "--out", out,
+                                    cwd=tmp_path)
+    assert code == 0, stderr
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"mimic_completion", "mimic_discharge"} and "mimic_completion" not in GROUPS["all"]
+    model, tok = from_pretrained(checkpoint).eval(), load_tokenizer(TOKENIZER)
+    for name in results:
+        expected = evaluate_task(model, tok, TASKS[name], load_task(name, "test", tmp_path / "tasks"), batch_size=16,
+                                 max_new_tokens=4, gen_batch_size=16)
+        assert results[name]["n"] == 2
+        assert {k: results[name][k] for k in ("rouge1", "rouge2", "rougeL")} == \
+            {k: pytest.approx(expected[k], abs=1e-9) for k in ("rouge1", "rouge2", "rougeL")}

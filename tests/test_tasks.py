@@ -640,7 +640,8 @@ def test_every_task_is_in_exactly_one_group():
 
     named = [n for g, names in GROUPS.items() if g != "all" for n in names]
     assert sorted(named) == sorted(tasks.TASKS) and len(set(named)) == len(named)
-    assert GROUPS["all"] == named
+    # "all" is every task but MIMIC-IV-Note's, which only credentialed users have
+    assert GROUPS["all"] == [n for n in named if n not in GROUPS["mimic"]]
 
 
 def test_list_says_why_a_split_is_unreadable(tmp_path, capsys):
@@ -649,3 +650,125 @@ def test_list_says_why_a_split_is_unreadable(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "arc_easy         choice    test unreadable" in captured.out
     assert "unreadable: arc_easy (test):" in captured.err and "gold 9 is not an option index" in captured.err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MIMIC-IV-Note (credentialed, so never here): discharge notes written by the tests in its layout
+
+def mimic_note(n, hospital_course="Admitted for a paracentesis; 3L removed, tolerated well. Diuretics restarted."):
+    """A discharge note laid out as MIMIC-IV-Note's are (de-identified blanks as ___)."""
+    return (f"Name:  ___                     Unit No:   ___\n \nAdmission Date:  ___              Discharge Date:   ___\n"
+            f" \nService: MEDICINE\n \nAllergies: \nNo Known Allergies / Adverse Drug Reactions\n \nAttending: ___.\n"
+            f" \nChief Complaint:\nWorsening abdominal distension and pain ({n})\n \nMajor Surgical or Invasive "
+            f"Procedure:\nParacentesis\n \nHistory of Present Illness:\nCirrhosis complicated by ascites, presents "
+            f"with a week of worsening distension.\n \nPhysical Exam:\nVS: 98.1 107/61 78 18 97RA\nGeneral: in NAD\n"
+            f" \nBrief Hospital Course:\n{hospital_course}\n \nDischarge Diagnosis:\nAscites\n \nDischarge "
+            f"Disposition:\nHome\n \nFollowup Instructions:\n___\n")
+
+
+ADMISSION_OF = ("Allergies:\nNo Known Allergies / Adverse Drug Reactions\n\nChief Complaint:\nWorsening abdominal "
+                "distension and pain ({n})\n\nHistory of Present Illness:\nCirrhosis complicated by ascites, presents "
+                "with a week of worsening distension.\n\nPhysical Exam:\nVS: 98.1 107/61 78 18 97RA\nGeneral: in NAD")
+DISCHARGE_OF = ("Brief Hospital Course:\n{course}\n\nDischarge Diagnosis:\nAscites\n\nFollowup Instructions:\n___")
+COURSE = "Admitted for a paracentesis; 3L removed, tolerated well. Diuretics restarted."
+
+
+def write_mimic(path, rows):
+    """discharge.csv(.gz) with MIMIC-IV-Note's columns; rows: (note_id, subject_id, text)."""
+    import csv
+    import gzip
+    import io
+
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["note_id", "subject_id", "hadm_id", "note_type", "note_seq", "charttime", "storetime", "text"])
+    for note_id, subject, text in rows:
+        writer.writerow([note_id, subject, "2" + subject, "DS", "21", "2180-05-07 00:00:00", "", text])
+    data = out.getvalue().encode("utf-8")
+    return write(path, gzip.compress(data) if path.suffix == ".gz" else data)
+
+
+def test_mimic_discharge_reads_the_admission_sections_and_writes_the_discharge_ones():
+    """The recipe's discharge task: the admission sections (as the note has them, in its order) are the context,
+    the discharge sections the reference; the note's other sections are in neither, and a line like "VS: ..."
+    inside a section starts none."""
+    from minimamba.tasks import _discharge, note_sections
+
+    note = mimic_note(7)
+    assert [h for h, _ in note_sections(note)] == [
+        "Name", "Admission Date", "Service", "Allergies", "Attending", "Chief Complaint",
+        "Major Surgical or Invasive Procedure", "History of Present Illness", "Physical Exam", "Brief Hospital Course",
+        "Discharge Diagnosis", "Discharge Disposition", "Followup Instructions"]
+    prompt, reference = _discharge(note)
+    assert prompt == ("Based on the following clinical information, write the discharge summary including hospital "
+                      "course, discharge diagnosis, discharge medications, and discharge instructions.\n\nClinical "
+                      f"Notes:\n{ADMISSION_OF.format(n=7)}\n\nDischarge Summary:")
+    assert reference == DISCHARGE_OF.format(course=COURSE)
+    # spelled otherwise (case, a hyphen, a slash): the same sections
+    other = note.replace("Followup Instructions:", "FOLLOW-UP INSTRUCTIONS:").replace("Brief Hospital Course:",
+                                                                                       "Assessment/Plan:")
+    assert _discharge(other)[1] == DISCHARGE_OF.format(course=COURSE).replace(
+        "Brief Hospital Course:", "Assessment/Plan:").replace("Followup Instructions:", "FOLLOW-UP INSTRUCTIONS:")
+    # no discharge section, or too little of either: skipped, with the reason
+    assert _discharge(note.split("Brief Hospital Course:")[0]).startswith("no discharge section")
+    assert _discharge("Chief Complaint:\npain\n\nDischarge Diagnosis:\n" + "x" * 60) == \
+        "admission sections 21 / discharge sections 81 characters"  # ("Header:\\n" + body)
+
+
+def test_mimic_tasks_split_by_patient_and_read_only_as_far_as_the_limit(tmp_path, capsys):
+    """Every note of a patient is in one split (the 9:1 split by subject_id, whatever the file's order), both
+    tasks read the same notes, the completion prompt and reference are the note's halves, and a --limit reads
+    the file only that far (a damaged row after it is not reached)."""
+    from minimamba.tasks import patient_split
+
+    subjects = [str(10000000 + 37 * i) for i in range(60)]
+    rows = [(f"{s}-DS-{k}", s, mimic_note(f"{s}/{k}")) for k in range(2) for s in subjects]
+    write_mimic(tmp_path / "clinical/mimic-iv-note/discharge.csv.gz", rows)
+    split_of = {s: patient_split(s) for s in subjects}
+    assert 0 < list(split_of.values()).count("test") < 20  # (10% of 60 expected)
+    assert patient_split(" 10000000 ") == patient_split("10000000")
+    for split in ("test", "train"):
+        wanted = [note_id for note_id, s, _ in rows if split_of[s] == split]
+        completion = load_task("mimic_completion", split, tmp_path)
+        discharge = load_task("mimic_discharge", split, tmp_path)
+        assert [i.id for i in completion] == [f"mimic_completion/{n}" for n in wanted]
+        assert [i.id for i in discharge] == [f"mimic_discharge/{n}" for n in wanted]
+        by_id = {n: text for n, _, text in rows}
+        for item in completion:
+            note = by_id[item.id.split("/", 1)[1]].strip()
+            prefix = item.prompt.removeprefix("Continue the following clinical note.\n\n")
+            assert prefix + " " + item.reference == note and abs(len(prefix) - len(note) / 2) < 40
+        assert all(i.reference == DISCHARGE_OF.format(course=COURSE) for i in discharge)
+        assert tasks.sft_example("mimic_discharge", discharge[0]) == (discharge[0].prompt, " " + discharge[0].reference)
+    # a damaged row after the first 3 test notes: --limit 3 does not reach it, the whole split does
+    bad_at = [i for i, (_, s, _) in enumerate(rows) if split_of[s] == "test"][3]
+    rows[bad_at] = (rows[bad_at][0], rows[bad_at][1], " ")
+    write_mimic(tmp_path / "clinical/mimic-iv-note/discharge.csv.gz", rows)
+    assert len(load_task("mimic_discharge", "test", tmp_path, limit=3)) == 3
+    with pytest.raises(TaskDataError, match=r"discharge.csv.gz:\d+: 'text' should be a non-empty str"):
+        load_task("mimic_discharge", "test", tmp_path)
+
+
+def test_mimic_notes_skipped_are_counted_and_the_file_is_named_where_missing(tmp_path, capsys):
+    from minimamba.tasks import patient_split
+
+    a, b, c = [s for s in map(str, range(100, 200)) if patient_split(s) == "train"][:3]
+    rows = [(f"{a}-DS-1", a, mimic_note(a)),
+            (f"{b}-DS-1", b, "Chief Complaint:\n" + "No discharge section in this note at all. " * 4),
+            (f"{c}-DS-1", c, "Chief Complaint:\npain\n\nDischarge Diagnosis:\nAscites")]
+    write_mimic(tmp_path / "clinical/mimic-iv-note/discharge.csv", rows)  # (uncompressed: the fallback name)
+    assert [i.id for i in load_task("mimic_discharge", "train", tmp_path)] == [f"mimic_discharge/{a}-DS-1"]
+    err = capsys.readouterr().err
+    assert "mimic_discharge (train): skipped 2 of 3 notes" in err and "discharge.csv:" in err
+    assert "no discharge section (Brief Hospital Course" in err and "admission sections 21 / discharge sections 28" in err
+    # neither file there: where to put it and how to get it (credentialed: not downloaded)
+    with pytest.raises(TaskDataError, match=r"physionet.org/content/mimic-iv-note.*discharge.csv.gz") as e:
+        load_task("mimic_completion", "test", tmp_path / "none")
+    assert str(tmp_path / "none" / "clinical" / "mimic-iv-note" / "discharge.csv.gz") in str(e.value)
+    assert tasks.main(["download", "mimic_completion", "--out", str(tmp_path)]) == 2
+    assert "credentialed PhysioNet users only" in capsys.readouterr().err
+    # a file without MIMIC-IV-Note's columns
+    write(tmp_path / "wrong/clinical/mimic-iv-note/discharge.csv", "id,note\n1,text\n")
+    with pytest.raises(TaskDataError, match=r"discharge.csv:1: no column note_id, subject_id, text in the header"):
+        load_task("mimic_completion", "test", tmp_path / "wrong")
+
