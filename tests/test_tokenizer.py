@@ -516,6 +516,9 @@ def test_byte_lengths_of_the_tiny_tokenizer_by_hand(tmp_path):
     assert lengths[:2] == [0, 0] and spelled[:2] == [b"<|endoftext|>", b"<|padding|>"]
     assert lengths[2:258] == [1] * 256 and sorted(spelled[2:258]) == [bytes([i]) for i in range(256)]
     assert spelled[258:] == [b" t", b"he", b" the", b" a", b"   ", b"  "] and lengths[258:] == [2, 2, 4, 2, 3, 2]
+    # made once and kept: a caller that changes the list it got does not change the tokenizer's
+    spelled[258] = b"changed"
+    assert tok.token_bytes()[258] == b" t" and tok.byte_lengths() == lengths
 
 
 @needs_data
