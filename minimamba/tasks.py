@@ -184,7 +184,9 @@ class Task:
     kind: str  # one of KINDS
     source: str  # one line: the dataset, its split, where it comes from
     files: dict[str, tuple[str, ...]] = field(default_factory=dict)  # split -> paths under the task data dir
-    loader: Callable | None = None  # (list of paths, split) -> list of Choice or Generation
+    # (list of paths, split) -> list of Choice or Generation, or a generator of them that `load_task` reads only as
+    # far as its limit (MIMIC-IV-Note's large file)
+    loader: Callable | None = None
     # split -> the files read instead where none of `files` is there (BioASQ: the derived JSON lines)
     fallback: dict[str, tuple[str, ...]] = field(default_factory=dict)
     obtain: str = ""  # how to get the files where they cannot be downloaded (BioASQ); {dir} = the data dir
