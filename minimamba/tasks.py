@@ -184,7 +184,9 @@ class Task:
     kind: str  # one of KINDS
     source: str  # one line: the dataset, its split, where it comes from
     files: dict[str, tuple[str, ...]] = field(default_factory=dict)  # split -> paths under the task data dir
-    loader: Callable | None = None  # (list of paths, split) -> list of Choice or Generation
+    # (list of paths, split) -> list of Choice or Generation, or a generator of them that `load_task` reads only as
+    # far as its limit (MIMIC-IV-Note's large file)
+    loader: Callable | None = None
     # split -> the files read instead where none of `files` is there (BioASQ: the derived JSON lines)
     fallback: dict[str, tuple[str, ...]] = field(default_factory=dict)
     obtain: str = ""  # how to get the files where they cannot be downloaded (BioASQ); {dir} = the data dir
@@ -558,7 +560,9 @@ def note_sections(note: str) -> list[tuple[str, str]]:
     """(header as written, body stripped) of each section of a MIMIC-IV discharge note, in note order. A section
     starts at a line "Header:" (text may follow on that line) whose header is one of the note's known headers
     (ADMISSION_SECTIONS, DISCHARGE_SECTIONS, OTHER_SECTIONS), so that "BP: 120/80" inside the physical exam
-    starts none; it runs to the next such line. What comes before the first is left out."""
+    starts none; it runs to the next such line. What comes before the first is left out. Line ends are read as
+    "\\n" ("\\r\\n" too, as the CSV reader gives them: a note passed with CRLF has the same sections)."""
+    note = note.replace("\r\n", "\n")
     starts = [m for m in _HEADER_LINE.finditer(note) if _section_key(m[1]) in _SECTIONS]
     ends = [m.start() for m in starts[1:]] + [len(note)]
     return [(m[1], (m[2] + note[m.end() : end]).strip()) for m, end in zip(starts, ends)]

@@ -1415,12 +1415,13 @@ def data_tokenizer(data_dir, domain):
             check_prepared_with(data_dir, domain, tokenizer)  # (DataError: it reads the ids as other text)
             return tokenizer
         except DataError:
-            tried.append(f"{source}: {path} is not the tokenizer that prepared the data (it changed since `prepare`)")
+            tried.append(f"{source}: {path} is not the tokenizer that prepared the data (it changed since `prepare`: "
+                         "put back the file that prepared it, or prepare the data again with this one)")
         except Exception as e:  # (a missing file, no network, a damaged file: its own message says which)
             tried.append(f"{source}: {e}")
     print(f"note: the checkpoints will hold no tokenizer.json and the held-out evaluation reports no bits per byte: "
           f"the data's tokenizer {name!r} ({meta}) cannot be read ({'; '.join(tried) or 'meta.json names none'}); "
-          "give eval.py --tokenizer", file=sys.stderr, flush=True)
+          "give eval.py --tokenizer (the tokenizer that prepared the data)", file=sys.stderr, flush=True)
     return None
 
 

@@ -726,7 +726,9 @@ def test_mimic_tasks_split_by_patient_and_read_only_as_far_as_the_limit(tmp_path
     write_mimic(tmp_path / "clinical/mimic-iv-note/discharge.csv.gz", rows)
     split_of = {s: patient_split(s) for s in subjects}
     assert 0 < list(split_of.values()).count("test") < 20  # (10% of 60 expected)
-    assert patient_split(" 10000000 ") == patient_split("10000000")
+    # (a subject of the smaller split: a blank around it must not move it, which a hash of " id " would, 9 times in 10)
+    some_test_subject = next(s for s in subjects if split_of[s] == "test")
+    assert patient_split(f" {some_test_subject} ") == "test"
     for split in ("test", "train"):
         wanted = [note_id for note_id, s, _ in rows if split_of[s] == split]
         completion = load_task("mimic_completion", split, tmp_path)
@@ -740,11 +742,17 @@ def test_mimic_tasks_split_by_patient_and_read_only_as_far_as_the_limit(tmp_path
             assert prefix + " " + item.reference == note and abs(len(prefix) - len(note) / 2) < 40
         assert all(i.reference == DISCHARGE_OF.format(course=COURSE) for i in discharge)
         assert tasks.sft_example("mimic_discharge", discharge[0]) == (discharge[0].prompt, " " + discharge[0].reference)
-    # a damaged row after the first 3 test notes: --limit 3 does not reach it, the whole split does
-    bad_at = [i for i, (_, s, _) in enumerate(rows) if split_of[s] == "test"][3]
+    # a damaged row after the first 3 test notes: --limit 3 does not reach it, the whole split does; a note
+    # skipped before the limit is reached is counted on stderr all the same (the reading stopped early)
+    test_rows = [i for i, (_, s, _) in enumerate(rows) if split_of[s] == "test"]
+    bad_at, short_at = test_rows[4], test_rows[1]
     rows[bad_at] = (rows[bad_at][0], rows[bad_at][1], " ")
+    rows[short_at] = (rows[short_at][0], rows[short_at][1], "Chief Complaint:\n" + "No discharge section. " * 8)
     write_mimic(tmp_path / "clinical/mimic-iv-note/discharge.csv.gz", rows)
+    capsys.readouterr()
     assert len(load_task("mimic_discharge", "test", tmp_path, limit=3)) == 3
+    err = capsys.readouterr().err
+    assert f"mimic_discharge (test): skipped 1 of 4 notes: {tmp_path}" in err and "no discharge section" in err
     with pytest.raises(TaskDataError, match=r"discharge.csv.gz:\d+: 'text' should be a non-empty str"):
         load_task("mimic_discharge", "test", tmp_path)
 
@@ -753,7 +761,9 @@ def test_mimic_notes_skipped_are_counted_and_the_file_is_named_where_missing(tmp
     from minimamba.tasks import patient_split
 
     a, b, c = [s for s in map(str, range(100, 200)) if patient_split(s) == "train"][:3]
-    rows = [(f"{a}-DS-1", a, mimic_note(a)),
+    d = next(s for s in map(str, range(100, 200)) if patient_split(s) == "test")
+    rows = [(f"{d}-DS-1", d, "Chief Complaint:\npain"),  # (a test patient's: not read for train, not counted)
+            (f"{a}-DS-1", a, mimic_note(a)),
             (f"{b}-DS-1", b, "Chief Complaint:\n" + "No discharge section in this note at all. " * 4),
             (f"{c}-DS-1", c, "Chief Complaint:\npain\n\nDischarge Diagnosis:\nAscites")]
     write_mimic(tmp_path / "clinical/mimic-iv-note/discharge.csv", rows)  # (uncompressed: the fallback name)
@@ -772,3 +782,37 @@ def test_mimic_notes_skipped_are_counted_and_the_file_is_named_where_missing(tmp
     with pytest.raises(TaskDataError, match=r"discharge.csv:1: no column note_id, subject_id, text in the header"):
         load_task("mimic_completion", "test", tmp_path / "wrong")
 
+
+def test_mimic_discharge_on_notes_laid_out_as_real_ones_vary():
+    """What real discharge notes hold: numbered medication lists with "Word:" lines inside ("Hold for: ..."),
+    headers in capitals, with odd spacing or repeated, a header with nothing under it (not written), CRLF line
+    ends; and long sections, cut at a word to the recipe's 4,000 (context) and 2,000 (reference) characters."""
+    from minimamba.tasks import _discharge, note_sections
+
+    note = ("  Chief  Complaint :\r\nshortness of breath\r\n \r\nHISTORY OF PRESENT ILLNESS:  \r\n"
+            "Progressive dyspnea over two weeks, orthopnea, leg swelling.\r\n\r\nSocial History:\r\n \r\n"
+            "Medications on Admission:\r\n1. Furosemide 20 mg PO DAILY \r\nHold for: SBP<100\r\n\r\n"
+            "Brief Hospital Course:\r\nDiuresed with IV furosemide.\r\n\r\nDischarge Medications:\r\n"
+            "1. Furosemide 40 mg PO DAILY \r\nRX *furosemide 40 mg 1 tablet(s) by mouth Daily Disp #*30 Tablet "
+            "Refills:*0\r\n\r\nDischarge Instructions:\r\nWeigh yourself every morning.\r\n\r\n"
+            "Discharge Instructions:\r\nCall if your weight goes up 3 lbs.\r\n").replace("\r\n", "\n")
+    assert [h for h, _ in note_sections(note)] == [
+        "Chief  Complaint", "HISTORY OF PRESENT ILLNESS", "Social History", "Medications on Admission",
+        "Brief Hospital Course", "Discharge Medications", "Discharge Instructions", "Discharge Instructions"]
+    assert note_sections(note.replace("\n", "\r\n")) == note_sections(note)  # (CRLF: the same bodies)
+    prompt, reference = _discharge(note)
+    assert prompt.split("Clinical Notes:\n")[1] == (
+        "Chief  Complaint:\nshortness of breath\n\nHISTORY OF PRESENT ILLNESS:\nProgressive dyspnea over two "
+        "weeks, orthopnea, leg swelling.\n\nMedications on Admission:\n1. Furosemide 20 mg PO DAILY \nHold for: "
+        "SBP<100\n\nDischarge Summary:")
+    assert reference == (
+        "Brief Hospital Course:\nDiuresed with IV furosemide.\n\nDischarge Medications:\n1. Furosemide 40 mg PO "
+        "DAILY \nRX *furosemide 40 mg 1 tablet(s) by mouth Daily Disp #*30 Tablet Refills:*0\n\nDischarge "
+        "Instructions:\nWeigh yourself every morning.\n\nDischarge Instructions:\nCall if your weight goes up 3 lbs.")
+    # long sections: the context keeps its first 4,000 characters, the reference its first 2,000, ending at a word
+    long = ("History of Present Illness:\n" + "dyspnea worse " * 400 + "\n\nBrief Hospital Course:\n"
+            + "diuresed well " * 200)
+    prompt, reference = _discharge(long)
+    context = prompt.split("Clinical Notes:\n")[1].removesuffix("\n\nDischarge Summary:")
+    assert 3990 < len(context) <= 4000 and context.endswith(("dyspnea", "worse"))
+    assert 1990 < len(reference) <= 2000 and reference.endswith(("diuresed", "well"))

@@ -786,7 +786,19 @@ def _worker(rank, cfg, port):
 def test_two_processes_match_one_with_the_same_global_batch(data, init_dir, tmp_path, fsdp):
     # (3 held-out windows per domain: 2 for one process and 1 for the other where they split them, as DDP does;
     # under FSDP every process must score all 3, its forward gathering the weights from both)
-    single = config(data, init_dir, tmp_path / "single", batch_size=2, grad_accum=2, max_steps=4, eval_every=2,
+    from minimamba.tokenizer import load_tokenizer
+    from tests.test_tokenizer import tiny_tokenizer_json
+
+    # the data's tokenizer known (meta.json), so that the main process reports bits per byte: over the bytes of
+    # every window, not of its own share of them
+    tokens, tokenizer = tmp_path / "tokens", tmp_path / "tokenizer.json"
+    shutil.copytree(data, tokens)
+    tokenizer.write_text(json.dumps(tiny_tokenizer_json()), encoding="utf-8")
+    for domain in ("pubmed", "c4", "wikipedia"):
+        (tokens / domain / "meta.json").write_text(json.dumps({"tokenizer": {
+            "name": str(tokenizer), "vocab_size": VOCAB, "eos_id": 0,
+            "vocabulary_sha256": load_tokenizer(tokenizer).vocabulary_sha256()}, "splits": {}}))
+    single = config(tokens, init_dir, tmp_path / "single", batch_size=2, grad_accum=2, max_steps=4, eval_every=2,
                     eval_windows=3)
     train(single)
     multi = replace(single, out=str(tmp_path / "multi"), batch_size=1, fsdp=fsdp)
@@ -806,6 +818,7 @@ def test_two_processes_match_one_with_the_same_global_batch(data, init_dir, tmp_
     evals = [r["eval"] for r in read_log(Path(multi.out) / "log.jsonl") if "eval" in r]
     evals1 = [r["eval"] for r in read_log(Path(single.out) / "log.jsonl") if "eval" in r]
     assert evals[-1]["c4"]["ppl"] == pytest.approx(evals1[-1]["c4"]["ppl"], rel=1e-4)
+    assert evals[-1]["c4"]["bpb"] == pytest.approx(evals1[-1]["c4"]["bpb"], rel=1e-4)
 
 
 @pytest.mark.slow
@@ -1292,8 +1305,10 @@ def test_checkpoints_carry_the_datas_tokenizer_json(data, init_dir, tmp_path, ca
     result = train(config(tokens, init_dir, tmp_path / "run3", max_steps=2, save_every=2))
     assert not (Path(result["checkpoint"]) / "tokenizer.json").exists()
     assert all("bpb" not in scores for scores in result["eval"].values())
-    assert f"{tokenizer}: {tokenizer} is not the tokenizer that prepared the data (it changed since `prepare`)" in \
-           capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{tokenizer}: {tokenizer} is not the tokenizer that prepared the data (it changed since `prepare`: put " \
+           "back the file that prepared it, or prepare the data again with this one)" in err
+    assert "give eval.py --tokenizer (the tokenizer that prepared the data)" in err
 
 
 def test_the_datas_tokenizer_is_found_by_the_file_prepare_recorded(tmp_path, monkeypatch, capsys):
@@ -1305,7 +1320,7 @@ def test_the_datas_tokenizer_is_found_by_the_file_prepare_recorded(tmp_path, mon
     from minimamba.data import prepare, read_meta
     from minimamba.training import data_tokenizer
     from tests.test_data import ByteTokenizer
-    from tests.test_tokenizer import tiny_tokenizer_json
+    from tests.test_tokenizer import tiny_tokenizer_json, tiny_tokenizer_json_with_other_text
 
     (tmp_path / "prep").mkdir()
     tokenizer = tmp_path / "prep" / "tok.json"
@@ -1334,6 +1349,12 @@ def test_the_datas_tokenizer_is_found_by_the_file_prepare_recorded(tmp_path, mon
     (tmp_path / "tokens" / "c4" / "meta.json").write_text(json.dumps(meta))
     monkeypatch.chdir(tmp_path / "prep")
     assert data_tokenizer(tmp_path / "tokens", "c4").path == Path("tok.json")
+    # the recorded file there but changed since prepare (one id another text), the name the one that prepared
+    # it: the name's (not the changed file, whose byte lengths would count other bytes), without a note
+    (tmp_path / "moved.json").write_text(json.dumps(tiny_tokenizer_json_with_other_text()), encoding="utf-8")
+    capsys.readouterr()
+    assert data_tokenizer(tmp_path / "tokens", "c4").path == Path("tok.json")
+    assert capsys.readouterr().err == ""
     # a tokenizer that is no file: null, no tokenizer.json and nothing to say
     prepare("pubmed", [texts], ByteTokenizer(), tmp_path / "tokens")
     assert read_meta(tmp_path / "tokens", "pubmed")["tokenizer"]["file"] is None
