@@ -535,11 +535,13 @@ def _section_key(header: str) -> str:
 
 
 # the recipe's discharge task: the model reads a note's admission sections and writes its discharge sections
-ADMISSION_SECTIONS = ("Chief Complaint", "History of Present Illness", "Past Medical History", "Medications on Admission",
-                      "Allergies", "Social History", "Family History", "Physical Exam", "Pertinent Results")
+# (with the spellings other than the usual one that the same section goes by: HPI, Physical Examination, ...)
+ADMISSION_SECTIONS = ("Chief Complaint", "History of Present Illness", "HPI", "Past Medical History",
+                      "Medications on Admission", "Allergies", "Social History", "Family History", "Physical Exam",
+                      "Physical Examination", "Pertinent Results")
 DISCHARGE_SECTIONS = ("Brief Hospital Course", "Hospital Course", "Assessment and Plan", "Assessment/Plan",
-                      "Discharge Diagnosis", "Discharge Medications", "Discharge Instructions", "Discharge Condition",
-                      "Followup Instructions", "Follow-up Instructions")
+                      "Discharge Diagnosis", "Discharge Diagnoses", "Discharge Medications", "Discharge Instructions",
+                      "Discharge Condition", "Followup Instructions", "Follow-up Instructions")
 # the other headers of a MIMIC-IV discharge note: they end the section before them, and are read by neither side
 OTHER_SECTIONS = ("Name", "Admission Date", "Date of Birth", "Service", "Attending",
                   "Major Surgical or Invasive Procedure", "Discharge Disposition", "Facility")

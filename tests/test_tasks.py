@@ -816,3 +816,13 @@ def test_mimic_discharge_on_notes_laid_out_as_real_ones_vary():
     context = prompt.split("Clinical Notes:\n")[1].removesuffix("\n\nDischarge Summary:")
     assert 3990 < len(context) <= 4000 and context.endswith(("dyspnea", "worse"))
     assert 1990 < len(reference) <= 2000 and reference.endswith(("diuresed", "well"))
+    # the other spellings some notes use for the same sections (without them, their text joined the section before)
+    variants = ("HPI:\nDyspnea for two weeks, orthopnea and leg swelling; no chest pain, no fever.\n\n"
+                "Physical Examination:\nJVP to the jaw.\n\nBrief Hospital Course:\nDiuresed.\n\nDischarge Diagnoses:\n"
+                "Heart failure with reduced ejection fraction")
+    assert [h for h, _ in note_sections(variants)] == ["HPI", "Physical Examination", "Brief Hospital Course",
+                                                       "Discharge Diagnoses"]
+    prompt, reference = _discharge(variants)
+    assert "HPI:\nDyspnea" in prompt and "Physical Examination:\nJVP to the jaw." in prompt
+    assert reference == ("Brief Hospital Course:\nDiuresed.\n\nDischarge Diagnoses:\nHeart failure with reduced "
+                         "ejection fraction")
