@@ -694,3 +694,23 @@ def test_mending_out_best_from_best_old_sets_a_stray_best_aside_and_a_checkpoint
     # step 2's checkpoint without its weights: not copied from (it would fail half-way), the stray set aside
     (out / "step-000002" / "pytorch_model.bin").unlink()
     assert _mend_best(out, states(out, 2)["early_stopping"], 6) == 3 and not (out / "best").exists()
+
+
+def test_sft_pairs_of_the_mimic_tasks_stop_reading_at_the_limit(tmp_path):
+    """sft.py --tasks mimic_completion,mimic_discharge --limit N: N pairs of each, the eval prompt then " " + the
+    reference, from the train patients' notes; a damaged note after the first N is not read."""
+    from minimamba.finetune import load_task_pairs
+    from minimamba.tasks import patient_split
+    from tests.test_tasks import mimic_note, write_mimic
+
+    train = [s for s in map(str, range(500, 600)) if patient_split(s) == "train"]
+    rows = [(f"{s}-DS-1", s, mimic_note(s)) for s in train[:3]] + [(f"{train[3]}-DS-1", train[3], " ")]
+    write_mimic(tmp_path / "clinical/mimic-iv-note/discharge.csv.gz", rows)
+    pairs = load_task_pairs(["mimic_completion", "mimic_discharge"], tmp_path, 3)
+    assert [len(p) for p in pairs.values()] == [3, 3]
+    prompt, response = pairs["mimic_discharge"][0]
+    assert prompt.startswith("Based on the following clinical information, write the discharge summary")
+    assert response.startswith(" Brief Hospital Course:\n") and prompt.endswith("\n\nDischarge Summary:")
+    completion_prompt, rest = pairs["mimic_completion"][0]
+    note = mimic_note(train[0]).strip()
+    assert completion_prompt.removeprefix("Continue the following clinical note.\n\n") + rest == note

@@ -11,6 +11,8 @@ import hashlib
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from minimamba import tasks
 from minimamba.download import DownloadError
@@ -826,3 +828,27 @@ def test_mimic_discharge_on_notes_laid_out_as_real_ones_vary():
     assert "HPI:\nDyspnea" in prompt and "Physical Examination:\nJVP to the jaw." in prompt
     assert reference == ("Brief Hospital Course:\nDiuresed.\n\nDischarge Diagnoses:\nHeart failure with reduced "
                          "ejection fraction")
+
+
+_BODY_WORDS = ("pain", "BP: 120/80", "1. Furosemide 40 mg PO DAILY", "Hold for: SBP<100", "___", "General: NAD",
+               "no fever", "Refills:*0", "x", "Dear Mr. ___,", "Labs: see below", "  indented line", "")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(tasks.ADMISSION_SECTIONS + tasks.DISCHARGE_SECTIONS + tasks.OTHER_SECTIONS),
+                          st.sampled_from(("as is", "upper", "lower", "padded")),
+                          st.lists(st.sampled_from(_BODY_WORDS), max_size=4)), max_size=8),
+       st.sampled_from(("\n", "\r\n")))
+def test_note_sections_recovers_the_sections_a_note_was_written_from(sections, newline):
+    """Property: a note written from (header, body lines) pairs, the headers in any case or padding and the bodies
+    holding "Word: ..." lines of no known header, parses back into those sections, in order, bodies stripped."""
+    from minimamba.tasks import note_sections
+
+    spelled = {"as is": str, "upper": str.upper, "lower": str.lower, "padded": lambda h: f"  {h} "}
+    written, expected = [], []
+    for header, how, lines in sections:
+        shown = spelled[how](header)
+        written.append(f"{shown}:{newline}" + newline.join(lines))
+        expected.append((shown.strip(), "\n".join(lines).strip()))
+    note = f"Name: ___{newline} {newline}" + f"{newline} {newline}".join(written)
+    assert note_sections(note)[1:] == expected
