@@ -295,3 +295,28 @@ def test_the_offline_quickstart_runs_as_written(tmp_path, monkeypatch):
     for domain in ("pubmed", "c4", "wikipedia"):
         assert scored[domain, "ppl"] == pytest.approx(measured[50, domain], rel=1e-5), (domain, table)
         assert scored[domain, "bpb"] == pytest.approx(bits[50, domain], rel=1e-3), (domain, table)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# links inside the README and to the project's files
+
+
+def _slug(heading):
+    """The anchor GitHub gives a heading: lower case, characters other than letters, digits, spaces, '-' and '_'
+    dropped (backticks, parentheses, '≥', '×', '.'), each space a '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_lead_somewhere():
+    """Every `[...](#anchor)` names a heading of the README (a renamed heading broke the contents line before a
+    reader would notice), and every relative link names a file or folder of the project."""
+    text = re.sub(r"```.*?```", "", README, flags=re.S)  # (no headings or links inside code blocks)
+    anchors = {_slug(h) for h in re.findall(r"^#{1,6} (.+)$", text, re.M)}
+    assert "the-triton-kernel-kernels" in anchors and "cpu-quickstart" in anchors  # (the slugs as GitHub makes them)
+    links = re.findall(r"\]\(([^)\s]+)\)", text)
+    assert len(links) > 10
+    for link in links:
+        if link.startswith("#"):
+            assert link[1:] in anchors, f"README links to {link}, which no heading is"
+        elif not re.match(r"[a-z]+:", link):  # (http:, https:, mailto:)
+            assert (ROOT / link.split("#")[0]).exists(), f"README links to {link}, which is not in the project"
