@@ -125,8 +125,9 @@ for path in (args.out, args.predictions):  # where the results go: made now, not
 try:
     items = {name: load_task(name, args.split, args.task_data, args.limit) for name in names}
     # what was read, by content: the results say which files they come from
-    files_read = {name: {str(path): sha256_of(path) for path in task_files(name, args.split, args.task_data)}
-                  for name in names}
+    paths = {name: list(map(str, task_files(name, args.split, args.task_data))) for name in names}
+    hashes = {path: sha256_of(path) for path in dict.fromkeys(p for found in paths.values() for p in found)}
+    files_read = {name: {path: hashes[path] for path in found} for name, found in paths.items()}  # (a file once)
 except (TaskDataError, DataError, OSError) as e:
     fail(str(e))
 heldout = {}

@@ -345,8 +345,12 @@ def test_the_mimic_group_scores_a_users_discharge_notes(checkpoint, tmp_path):
                                     "--tasks", "mimic", "--max-new-tokens", 4, "--device", "cpu", "--out", out,
                                     cwd=tmp_path)
     assert code == 0, stderr
-    results = json.loads(out.read_text())["results"]
+    saved = json.loads(out.read_text())
+    results = saved["results"]
     assert set(results) == {"mimic_completion", "mimic_discharge"} and "mimic_completion" not in GROUPS["all"]
+    notes = tmp_path / "tasks/clinical/mimic-iv-note/discharge.csv.gz"  # (hashed once, named by both tasks)
+    assert saved["config"]["task_files"] == {name: {str(notes): hashlib.sha256(notes.read_bytes()).hexdigest()}
+                                             for name in results}
     model, tok = from_pretrained(checkpoint).eval(), load_tokenizer(TOKENIZER)
     for name in results:
         expected = evaluate_task(model, tok, TASKS[name], load_task(name, "test", tmp_path / "tasks"), batch_size=16,
