@@ -545,8 +545,8 @@ DISCHARGE_SECTIONS = ("Brief Hospital Course", "Hospital Course", "Assessment an
 # the other headers of a MIMIC-IV discharge note: they end the section before them, and are read by neither side
 OTHER_SECTIONS = ("Name", "Admission Date", "Date of Birth", "Service", "Attending",
                   "Major Surgical or Invasive Procedure", "Discharge Disposition", "Facility")
-_ADMISSION, _DISCHARGE = ({_section_key(h) for h in names} for names in (ADMISSION_SECTIONS, DISCHARGE_SECTIONS))
-_SECTIONS = _ADMISSION | _DISCHARGE | {_section_key(h) for h in OTHER_SECTIONS}
+_KINDS = {_section_key(h): kind for kind, names in (("admission", ADMISSION_SECTIONS), ("discharge", DISCHARGE_SECTIONS),
+                                                    ("other", OTHER_SECTIONS)) for h in names}
 _HEADER_LINE = re.compile(r"^[ \t]*([A-Za-z][A-Za-z /&-]*?)[ \t]*:(.*)$", re.MULTILINE)  # "Header:" and what follows
 DISCHARGE_TEMPLATE = ("Based on the following clinical information, write the discharge summary including hospital "
                       "course, discharge diagnosis, discharge medications, and discharge instructions.\n\nClinical "
@@ -558,14 +558,25 @@ _MIMIC_HELP = ("MIMIC-IV-Note is given to credentialed PhysioNet users only, so 
                "{dir}/" + MIMIC_FILE + " (or uncompressed, as {dir}/" + MIMIC_FILE_PLAIN + ")")
 
 
+def section_kind(header: str) -> str | None:
+    """Which side of the discharge task a header's section is on: "admission" (read), "discharge" (written),
+    "other" (a header of the note that neither side reads), or None: no section header (its line stays in the
+    section it is in). Any header that names the hospital course is "discharge" ("Concise Summary of Hospital
+    Course by Issue/System:", a spelling some notes use), so that the main part of the reference cannot end up
+    in the prompt as the tail of the section before it."""
+    key = _section_key(header)
+    return "discharge" if "hospitalcourse" in key else _KINDS.get(key)
+
+
 def note_sections(note: str) -> list[tuple[str, str]]:
     """(header as written, body stripped) of each section of a MIMIC-IV discharge note, in note order. A section
     starts at a line "Header:" (text may follow on that line) whose header is one of the note's known headers
-    (ADMISSION_SECTIONS, DISCHARGE_SECTIONS, OTHER_SECTIONS), so that "BP: 120/80" inside the physical exam
-    starts none; it runs to the next such line. What comes before the first is left out. Line ends are read as
-    "\\n" ("\\r\\n" too, as the CSV reader gives them: a note passed with CRLF has the same sections)."""
+    (`section_kind`: ADMISSION_SECTIONS, DISCHARGE_SECTIONS, OTHER_SECTIONS, any hospital course), so that
+    "BP: 120/80" inside the physical exam starts none; it runs to the next such line. What comes before the first
+    is left out. Line ends are read as "\\n" ("\\r\\n" too, as the CSV reader gives them: a note passed with CRLF
+    has the same sections)."""
     note = note.replace("\r\n", "\n")
-    starts = [m for m in _HEADER_LINE.finditer(note) if _section_key(m[1]) in _SECTIONS]
+    starts = [m for m in _HEADER_LINE.finditer(note) if section_kind(m[1]) is not None]
     ends = [m.start() for m in starts[1:]] + [len(note)]
     return [(m[1], (m[2] + note[m.end() : end]).strip()) for m, end in zip(starts, ends)]
 
@@ -575,7 +586,7 @@ def _discharge(note: str) -> "tuple[str, str] | str":
     as "Header:\nbody" and joined by a blank line; or why the note is skipped."""
     sections = note_sections(note)
     context, target = ("\n\n".join(f"{header}:\n{body}" for header, body in sections
-                                    if body and _section_key(header) in wanted) for wanted in (_ADMISSION, _DISCHARGE))
+                                    if body and section_kind(header) == side) for side in ("admission", "discharge"))
     if not target:
         return "no discharge section (" + ", ".join(DISCHARGE_SECTIONS[:3]) + ", ...)"
     if len(context) < MIN_PREFIX_CHARS or len(target) < MIN_REFERENCE_CHARS:

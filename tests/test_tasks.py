@@ -852,3 +852,19 @@ def test_note_sections_recovers_the_sections_a_note_was_written_from(sections, n
         expected.append((shown.strip(), "\n".join(lines).strip()))
     note = f"Name: ___{newline} {newline}" + f"{newline} {newline}".join(written)
     assert note_sections(note)[1:] == expected
+
+
+def test_any_header_naming_the_hospital_course_is_a_discharge_section():
+    """Notes name the hospital course in several ways; one the lists lacked ended up in the prompt, as the tail of
+    the admission section before it (the reference the model is asked to write, handed to it)."""
+    from minimamba.tasks import _discharge, section_kind
+
+    note = ("History of Present Illness:\n" + "Dyspnea for two weeks, orthopnea, leg swelling. " * 3 + "\n\n"
+            "Pertinent Results:\nBNP 2400.\n\nConcise Summary of Hospital Course by Issue/System:\n"
+            "# Heart failure: diuresed with IV furosemide, 6 L net negative.\n\nDischarge Diagnosis:\nHFrEF")
+    prompt, reference = _discharge(note)
+    assert "furosemide" not in prompt and "Pertinent Results:\nBNP 2400.\n\nDischarge Summary:" in prompt
+    assert reference.startswith("Concise Summary of Hospital Course by Issue/System:\n# Heart failure: diuresed")
+    assert [section_kind(h) for h in ("HOSPITAL COURSE", "Summary of hospital course by systems", "Physical Exam",
+                                      "Service", "BP", "General")] == \
+        ["discharge", "discharge", "admission", "other", None, None]
