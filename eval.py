@@ -47,6 +47,8 @@ p.add_argument("--task-data", default=None, help="directory of the tasks' files 
                "set, else data/tasks in the current directory)")
 p.add_argument("--split", default="test", help="which split of each task to score")
 p.add_argument("--limit", type=int, default=None, help="score only the first N items of each task (a quick look)")
+p.add_argument("--sample", type=int, default=None, help="score N items of each task drawn at random (the same N on "
+               "every run: those whose ids hash lowest), as the recipe scored 500 MIMIC-IV-Note notes per task")
 p.add_argument("--qa-scoring", choices=["logprob", "generate", "recipe"], default="logprob",
                help="yes/no tasks: compare the answers' log-probabilities, or generate and read the first word, or "
                "as the recipe did: PubMedQA by log-probabilities, BioASQ by generation")
@@ -100,8 +102,11 @@ for part in (t.strip() for t in args.tasks.split(",")):
             names.append(name)
 if not names and not args.ppl_data:
     fail("nothing to evaluate: give --tasks and/or --ppl-data")
-for name, value in (("limit", args.limit), ("max-new-tokens", args.max_new_tokens), ("max-tokens", args.max_tokens),
-                    ("batch-size", args.batch_size), ("seq-len", args.seq_len), ("ppl-windows", args.ppl_windows)):
+if args.limit is not None and args.sample is not None:
+    fail("give --limit (the first N items) or --sample (N drawn at random), not both")
+for name, value in (("limit", args.limit), ("sample", args.sample), ("max-new-tokens", args.max_new_tokens),
+                    ("max-tokens", args.max_tokens), ("batch-size", args.batch_size), ("seq-len", args.seq_len),
+                    ("ppl-windows", args.ppl_windows)):
     if value is not None and value < 1:
         fail(f"--{name} must be at least 1, got {value}")
 try:
@@ -123,7 +128,7 @@ for path in (args.out, args.predictions):  # where the results go: made now, not
 
 # 2. the items of every task and the held-out windows (a missing file fails now, not after an hour of scoring)
 try:
-    items = {name: load_task(name, args.split, args.task_data, args.limit) for name in names}
+    items = {name: load_task(name, args.split, args.task_data, args.limit, args.sample) for name in names}
     # what was read, by content: the results say which files they come from
     paths = {name: list(map(str, task_files(name, args.split, args.task_data))) for name in names}
     hashes = {path: sha256_of(path) for path in dict.fromkeys(p for found in paths.values() for p in found)}

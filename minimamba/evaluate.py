@@ -571,7 +571,7 @@ def read_results(path):
 
 
 # the settings of eval.py under which two runs' numbers compare (the model and its weights aside)
-COMPARED_SETTINGS = ("split", "limit", "qa_scoring", "max_tokens", "max_new_tokens", "dtype", "tokenizer_id",
+COMPARED_SETTINGS = ("split", "limit", "sample", "qa_scoring", "max_tokens", "max_new_tokens", "dtype", "tokenizer_id",
                      "seq_len", "ppl_windows")
 # the kinds of result (evaluate_task's "kind"; "perplexity" for --ppl-data) whose numbers a setting changes; a
 # setting not named here changes every kind's
@@ -584,7 +584,7 @@ def settings_that_differ(runs):
     """{setting: [its value in each run]} for the COMPARED_SETTINGS on which `runs` ({name: results file})
     disagree where it matters: two runs whose values differ both hold a task whose numbers the setting
     changes (SETTING_KINDS; a result without a "kind" counts as changed by every setting), or, for a setting
-    SETTING_KINDS does not name (split, limit, dtype, tokenizer_id), any two runs whose values differ. A
+    SETTING_KINDS does not name (split, limit, sample, dtype, tokenizer_id), any two runs whose values differ. A
     table of such runs compares more than the models; --max-new-tokens, say, does not matter to runs
     without a generation task in common."""
     configs = {name: run.get("config") or {} for name, run in runs.items()}

@@ -104,7 +104,8 @@ never downloaded. Split by patient, 9:1 (`patient_split`: a hash of subject_id; 
             sections (DISCHARGE_SECTIONS: hospital course, assessment and plan, discharge diagnosis, medications,
             instructions and condition, follow-up; at most 2,000), each "Header:\nbody" in note order
             (`note_sections`). Notes without a discharge section, or under 100 / 50 characters on either side,
-            are skipped and counted on stderr. The file is read lazily, only as far as `load_task`'s limit.
+            are skipped and counted on stderr. The file is read lazily, only as far as `load_task`'s limit (its
+            sample reads all of it, keeping the items drawn).
 
 SFT (sft_example) trains on the yes/no and generation tasks only: the prompt is what eval shows the model,
 the response what it should say next: yesno -> (the gold option's context, its continuation, e.g. " yes");
@@ -116,6 +117,7 @@ import argparse
 import contextlib
 import csv
 import hashlib
+import heapq
 import itertools
 import json
 import os
@@ -726,18 +728,22 @@ def task_files(task: "str | Task", split: str = "test", data_dir: "str | Path | 
 
 
 def load_task(name: "str | Task", split: str = "test", data_dir: "str | Path | None" = None,
-              limit: int | None = None) -> list:
-    """The items (Choice or Generation) of one split of a task, in file order; `limit`: the first N.
+              limit: int | None = None, sample: int | None = None) -> list:
+    """The items (Choice or Generation) of one split of a task, in file order; `limit`: the first N; `sample`:
+    N drawn at random (`drawn`), still in file order.
 
     data_dir: where the files are (default $MINIMAMBA_TASK_DATA, else data/tasks), in the shared-data layout."""
     task = _task(name)
-    if limit is not None and limit < 1:
-        raise TaskDataError(f"limit must be at least 1, got {limit}")
+    for what, n in (("limit", limit), ("sample", sample)):
+        if n is not None and n < 1:
+            raise TaskDataError(f"{what} must be at least 1, got {n}")
     paths = task_files(task, split, data_dir)
     items = task.loader(paths, split)
     if not isinstance(items, list):  # a generator (MIMIC-IV-Note: a large file), read as far as `limit` asks
         with contextlib.closing(items):
-            items = list(itertools.islice(items, limit))
+            items = drawn(items, sample) if sample is not None else list(itertools.islice(items, limit))
+    elif sample is not None:
+        items = drawn(items, sample)
     if not items:
         raise TaskDataError(f"task {task.name} ({split}): no items in {', '.join(map(str, paths))}")
     seen = set()
@@ -747,6 +753,17 @@ def load_task(name: "str | Task", split: str = "test", data_dir: "str | Path | N
                                 f"{', '.join(map(str, paths))}")
         seen.add(item.id)
     return items[:limit]
+
+
+def drawn(items, n: int) -> list:
+    """n of `items` drawn at random, in their own order: the n whose ids hash lowest. The same n on every run and
+    machine, whatever the order of the file or the other items (a note added to MIMIC-IV-Note changes the draw by
+    at most that note), and only n items are kept while a large file is read."""
+
+    def rank(numbered):
+        return hashlib.sha256(f"minimamba sample\0{numbered[1].id}".encode("utf-8")).digest()
+
+    return [item for _, item in sorted(heapq.nsmallest(n, enumerate(items), key=rank), key=lambda p: p[0])]
 
 
 def sft_example(task: "str | Task", item) -> tuple[str, str]:

@@ -197,7 +197,8 @@ def _hf_reference():
     (["--tasks", "arc_easy", "--device", "gpu"], "unknown --device 'gpu'"),
     # every count is checked, not only --limit
     *[(["--tasks", "arc_easy", f"--{name}", "0"], f"--{name} must be at least 1, got 0")
-      for name in ("max-new-tokens", "max-tokens", "batch-size", "seq-len", "ppl-windows")],
+      for name in ("sample", "max-new-tokens", "max-tokens", "batch-size", "seq-len", "ppl-windows")],
+    (["--tasks", "arc_easy", "--limit", "2", "--sample", "2"], "give --limit (the first N items) or --sample"),
     (["--tasks", "", "--ppl-data", "{tmp}", "--predictions", "{tmp}"], "{tmp} is a directory; give a file name"),
 ])
 def test_eval_setup_errors(args, says, tmp_path):

@@ -327,6 +327,7 @@ def test_a_setting_differs_only_where_both_runs_have_a_task_it_changes():
     assert settings_that_differ({"a": {"config": short, "results": {"arc_easy": {"acc": 0.5}}},
                                  "b": run(long, **mc)}) == {"max_new_tokens": [16, 128], "qa_scoring": ["logprob", "generate"]}
     assert settings_that_differ({"a": run({"limit": None}, **mc), "b": run({"limit": 10}, **gen)}) == {"limit": [None, 10]}
+    assert settings_that_differ({"a": run({"sample": 500}, **gen), "b": run({}, **gen)}) == {"sample": [500, None]}
 
 
 def test_tasks_missing_from_a_run_are_named():

@@ -868,3 +868,37 @@ def test_any_header_naming_the_hospital_course_is_a_discharge_section():
     assert [section_kind(h) for h in ("HOSPITAL COURSE", "Summary of hospital course by systems", "Physical Exam",
                                       "Service", "BP", "General")] == \
         ["discharge", "discharge", "admission", "other", None, None]
+
+
+def test_a_sample_is_drawn_at_random_the_same_whatever_the_files_order(tmp_path):
+    """--sample N: N items drawn at random (those whose ids hash lowest), in file order; the same N when the file's
+    rows come in another order, or when other items are added (a MIMIC-IV-Note copy of another version); read from
+    the whole file (a large one is read lazily, keeping N items)."""
+    from minimamba.tasks import drawn, patient_split
+
+    *subjects, other = [s for s in map(str, range(1000, 1400)) if patient_split(s) == "test"]
+    rows = [(f"{s}-DS-1", s, mimic_note(s)) for s in subjects]
+    write_mimic(tmp_path / "a/clinical/mimic-iv-note/discharge.csv.gz", rows)
+    write_mimic(tmp_path / "b/clinical/mimic-iv-note/discharge.csv.gz", rows[::-1] + [(f"{other}-DS-1", other,
+                                                                                       mimic_note(other))])
+    first = load_task("mimic_completion", "test", tmp_path / "a", sample=5)
+    again = load_task("mimic_completion", "test", tmp_path / "b", sample=5)
+    everything = [i.id for i in load_task("mimic_completion", "test", tmp_path / "a")]
+    assert len(first) == 5 and len(everything) > 30
+    # the same five, or the added note in place of the one that now ranks sixth
+    assert len({i.id for i in first} & {i.id for i in again}) >= 4
+    assert {i.id for i in again} - {i.id for i in first} <= {f"mimic_completion/{other}-DS-1"}
+    assert [i.id for i in first] == [i for i in everything if i in {j.id for j in first}]  # (file order)
+    assert [i.id for i in first] != everything[:5]  # (not the first five; the ids are fixed, so is the draw)
+    assert load_task("mimic_completion", "test", tmp_path / "a", sample=10**6) == \
+        load_task("mimic_completion", "test", tmp_path / "a")  # (more than there are: all of them)
+    assert [i.id for i in drawn(first, 2)] == [i.id for i in drawn(first[::-1], 2)][::-1]
+    with pytest.raises(TaskDataError, match="sample must be at least 1, got 0"):
+        load_task("mimic_completion", "test", tmp_path / "a", sample=0)
+    # a list task too (ARC), and a damaged item anywhere in a lazily read file is read (the whole file is drawn from)
+    write(tmp_path / "mc/arc_easy.jsonl", "".join(ARC_LINE.replace("Why?", f"Why {n}?") for n in range(30)))
+    assert len(load_task("arc_easy", data_dir=tmp_path, sample=7)) == 7
+    rows[-1] = (rows[-1][0], rows[-1][1], " ")
+    write_mimic(tmp_path / "a/clinical/mimic-iv-note/discharge.csv.gz", rows)
+    with pytest.raises(TaskDataError, match="'text' should be a non-empty str"):
+        load_task("mimic_completion", "test", tmp_path / "a", sample=5)
