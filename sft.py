@@ -37,7 +37,9 @@ p.add_argument("--mix", default=D.mix, help="each task's share of an epoch's pai
                "repeated, a large one subsampled) (default: every pair once per epoch)")
 p.add_argument("--task-data", default=D.task_data, help="task data directory (default: $MINIMAMBA_TASK_DATA if set, "
                "else data/tasks in the current directory)")
-p.add_argument("--limit", type=int, default=D.limit, help="at most this many items of each task")
+p.add_argument("--limit", type=int, default=D.limit, help="at most this many items of each task (the first ones)")
+p.add_argument("--sample", type=int, default=D.sample, help="this many items of each task drawn at random (the same "
+               "ones on every run: those whose ids hash lowest); not with --limit")
 p.add_argument("--val-fraction", type=float, default=D.val_fraction,
                help="share of each task's training pairs held out for the validation loss (the test split is never read)")
 p.add_argument("--max-len", type=int, default=D.max_len,

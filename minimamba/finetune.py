@@ -94,7 +94,8 @@ class SFTConfig:
     tasks: str = "pubmedqa,bioasq"  # comma-separated task names of minimamba.tasks
     mix: str | None = None  # each task's share of an epoch's rows, NAME=SHARE,...; None: every pair once per epoch
     task_data: str | None = None  # the task data directory (None: $MINIMAMBA_TASK_DATA if set, else data/tasks)
-    limit: int | None = None  # at most this many items of each task (a quick run)
+    limit: int | None = None  # at most this many items of each task, the first ones (a quick run)
+    sample: int | None = None  # this many items of each task drawn at random (minimamba.tasks.drawn); not with limit
     val_fraction: float = 0.1  # share of each task's training pairs held out for the validation loss
     max_len: int = 1024  # tokens per row (prompt + response + EOS) at most
     batch_size: int = 8  # rows per micro-batch, per process
@@ -216,14 +217,15 @@ def split_validation(pairs, fraction, seed, task):
     return [p for i, p in enumerate(pairs) if i not in held], [pairs[i] for i in sorted(held)]
 
 
-def load_task_pairs(names, data_dir, limit, split="train"):
-    """{task: [(prompt, response)]} of the tasks' `split`, through minimamba.tasks."""
+def load_task_pairs(names, data_dir, limit, split="train", sample=None):
+    """{task: [(prompt, response)]} of the tasks' `split`, through minimamba.tasks (`limit`: the first N items of
+    each, `sample`: N drawn at random)."""
     from minimamba.tasks import TaskDataError, default_data_dir, load_task, sft_example
 
     pairs = {}
     for name in names:
         try:
-            items = load_task(name, split, data_dir, limit)
+            items = load_task(name, split, data_dir, limit, sample)
         except TaskDataError as e:  # (a missing file, an unknown task or split: the message says what to do)
             raise DataError(str(e)) from None
         if not items:
@@ -364,7 +366,9 @@ class Finetuning:
         cfg = self.cfg
         amp = check_settings(cfg, dist, {
             "max_len": (2, None), "examples_per_step": (1, None), "val_fraction": (0, 0.9), "epochs": (1, None),
-            "patience": (0, None), "limit": (1, None)})
+            "patience": (0, None), "limit": (1, None), "sample": (1, None)})
+        if cfg.limit is not None and cfg.sample is not None:
+            raise SetupError("give --limit (the first N items of each task) or --sample (N drawn at random), not both")
         shares = None
         if cfg.mix:
             try:
@@ -388,7 +392,8 @@ class Finetuning:
         if twice := sorted({t for t in names if names.count(t) > 1}):
             raise DataError(f"--tasks names {', '.join(twice)} more than once; name each task once (--mix sets "
                             "how often its pairs are seen)")
-        pairs = given_train if given_train is not None else load_task_pairs(names, cfg.task_data, cfg.limit)
+        pairs = (given_train if given_train is not None else
+                 load_task_pairs(names, cfg.task_data, cfg.limit, sample=cfg.sample))
         for task, p in pairs.items():
             check_pairs(p, f"task {task!r}")
         if given_val is not None:

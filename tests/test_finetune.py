@@ -714,3 +714,22 @@ def test_sft_pairs_of_the_mimic_tasks_stop_reading_at_the_limit(tmp_path):
     completion_prompt, rest = pairs["mimic_completion"][0]
     note = mimic_note(train[0]).strip()
     assert completion_prompt.removeprefix("Continue the following clinical note.\n\n") + rest == note
+
+
+def test_sft_sample_draws_the_pairs_at_random_and_refuses_a_limit_too(tmp_path):
+    """--sample N: the N items of each task that eval.py --sample N would draw from the train split (ids hashing
+    lowest), not the first N; given with --limit, a setup error naming both."""
+    from minimamba.finetune import SFTConfig, finetune, load_task_pairs
+    from minimamba.tasks import load_task, patient_split, sft_example
+    from minimamba.training import SetupError
+    from tests.test_tasks import mimic_note, write_mimic
+
+    train = [s for s in map(str, range(700, 800)) if patient_split(s) == "train"]
+    write_mimic(tmp_path / "clinical/mimic-iv-note/discharge.csv.gz", [(f"{s}-DS-1", s, mimic_note(s)) for s in train])
+    pairs = load_task_pairs(["mimic_discharge"], tmp_path, None, sample=4)["mimic_discharge"]
+    drawn = load_task("mimic_discharge", "train", tmp_path, sample=4)
+    assert pairs == [sft_example("mimic_discharge", item) for item in drawn]
+    assert pairs != load_task_pairs(["mimic_discharge"], tmp_path, 4)["mimic_discharge"]  # (not the first four)
+    with pytest.raises(SetupError, match="give --limit .* or --sample .*, not both"):
+        finetune(SFTConfig(tasks="mimic_discharge", task_data=str(tmp_path), limit=4, sample=4, init="scratch",
+                           scale="tiny", device="cpu", out=str(tmp_path / "run")))
