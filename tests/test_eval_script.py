@@ -335,7 +335,7 @@ def test_on_a_gpu_older_than_8_0_eval_says_it_computes_in_float32(tmp_path, fake
 def test_the_mimic_group_scores_a_users_discharge_notes(checkpoint, tmp_path):
     """`--tasks mimic`: both MIMIC-IV-Note tasks on the discharge notes put in the task data (made here in its
     layout), their ROUGE as the library computes it; the group is not part of `all`."""
-    from minimamba.tasks import GROUPS, patient_split
+    from minimamba.tasks import GROUPS, drawn, patient_split
     from tests.test_tasks import mimic_note, write_mimic
 
     subjects = [s for s in map(str, range(300, 400)) if patient_split(s) == "test"][:2]
@@ -359,3 +359,11 @@ def test_the_mimic_group_scores_a_users_discharge_notes(checkpoint, tmp_path):
         assert results[name]["n"] == 2
         assert {k: results[name][k] for k in ("rouge1", "rouge2", "rougeL")} == \
             {k: pytest.approx(expected[k], abs=1e-9) for k in ("rouge1", "rouge2", "rougeL")}
+    # --sample 1: the one note of each task that tasks.drawn picks (its id hashing lowest), whichever it is
+    preds = tmp_path / "preds.jsonl"
+    code, stdout, stderr = run_eval("--model", checkpoint, "--tokenizer", TOKENIZER, "--task-data", tmp_path / "tasks",
+                                    "--tasks", "mimic", "--sample", 1, "--max-new-tokens", 1, "--device", "cpu",
+                                    "--predictions", preds, cwd=tmp_path)
+    assert code == 0, stderr
+    scored = [(row["task"], row["id"]) for row in map(json.loads, preds.read_text().splitlines())]
+    assert scored == [(name, drawn(load_task(name, "test", tmp_path / "tasks"), 1)[0].id) for name in results]

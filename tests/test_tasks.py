@@ -897,7 +897,8 @@ def test_a_sample_is_drawn_at_random_the_same_whatever_the_files_order(tmp_path)
         load_task("mimic_completion", "test", tmp_path / "a", sample=0)
     # a list task too (ARC), and a damaged item anywhere in a lazily read file is read (the whole file is drawn from)
     write(tmp_path / "mc/arc_easy.jsonl", "".join(ARC_LINE.replace("Why?", f"Why {n}?") for n in range(30)))
-    assert len(load_task("arc_easy", data_dir=tmp_path, sample=7)) == 7
+    arc, every_arc = load_task("arc_easy", data_dir=tmp_path, sample=7), load_task("arc_easy", data_dir=tmp_path)
+    assert arc == drawn(every_arc, 7) and len(arc) == 7 and arc != every_arc[:7]  # (drawn, not the first seven)
     rows[-1] = (rows[-1][0], rows[-1][1], " ")
     write_mimic(tmp_path / "a/clinical/mimic-iv-note/discharge.csv.gz", rows)
     with pytest.raises(TaskDataError, match="'text' should be a non-empty str"):
