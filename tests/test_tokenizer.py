@@ -519,6 +519,10 @@ def test_byte_lengths_of_the_tiny_tokenizer_by_hand(tmp_path):
     # made once and kept: a caller that changes the list it got does not change the tokenizer's
     spelled[258] = b"changed"
     assert tok.token_bytes()[258] == b" t" and tok.byte_lengths() == lengths
+    calls = []
+    decode = tok.encoding.decode_single_token_bytes
+    tok.encoding = type("Counting", (), {"decode_single_token_bytes": lambda self, i: calls.append(i) or decode(i)})()
+    assert tok.token_bytes()[258:] == [b" t", b"he", b" the", b" a", b"   ", b"  "] and calls == []  # (not made again)
 
 
 @needs_data
