@@ -565,9 +565,12 @@ def section_kind(header: str) -> str | None:
     "other" (a header of the note that neither side reads), or None: no section header (its line stays in the
     section it is in). Any header that names the hospital course is "discharge" ("Concise Summary of Hospital
     Course by Issue/System:", a spelling some notes use), so that the main part of the reference cannot end up
-    in the prompt as the tail of the section before it."""
+    in the prompt as the tail of the section before it; but not a course at another hospital or an earlier stay
+    ("Outside Hospital Course:" inside the history of present illness), which is history."""
     key = _section_key(header)
-    return "discharge" if "hospitalcourse" in key else _KINDS.get(key)
+    if "hospitalcourse" in key and not key.startswith(("outside", "osh", "prior", "previous", "past")):
+        return "discharge"
+    return _KINDS.get(key)
 
 
 def note_sections(note: str) -> list[tuple[str, str]]:
@@ -737,6 +740,8 @@ def load_task(name: "str | Task", split: str = "test", data_dir: "str | Path | N
     for what, n in (("limit", limit), ("sample", sample)):
         if n is not None and n < 1:
             raise TaskDataError(f"{what} must be at least 1, got {n}")
+    if limit is not None and sample is not None:
+        raise TaskDataError("give limit (the first N items) or sample (N drawn at random), not both")
     paths = task_files(task, split, data_dir)
     items = task.loader(paths, split)
     if not isinstance(items, list):  # a generator (MIMIC-IV-Note: a large file), read as far as `limit` asks

@@ -866,8 +866,11 @@ def test_any_header_naming_the_hospital_course_is_a_discharge_section():
     assert "furosemide" not in prompt and "Pertinent Results:\nBNP 2400.\n\nDischarge Summary:" in prompt
     assert reference.startswith("Concise Summary of Hospital Course by Issue/System:\n# Heart failure: diuresed")
     assert [section_kind(h) for h in ("HOSPITAL COURSE", "Summary of hospital course by systems", "Physical Exam",
-                                      "Service", "BP", "General")] == \
-        ["discharge", "discharge", "admission", "other", None, None]
+                                      "Service", "BP", "General", "Outside Hospital Course", "OSH course")] == \
+        ["discharge", "discharge", "admission", "other", None, None, None, None]
+    # a course at another hospital, told in the history of present illness, stays there (it is history)
+    told = note.replace("Pertinent Results:", "Outside Hospital Course:\nTreated for pneumonia.\n\nPertinent Results:")
+    assert "Outside Hospital Course:\nTreated for pneumonia." in _discharge(told)[0]
 
 
 def test_a_sample_is_drawn_at_random_the_same_whatever_the_files_order(tmp_path):
@@ -895,6 +898,8 @@ def test_a_sample_is_drawn_at_random_the_same_whatever_the_files_order(tmp_path)
     assert [i.id for i in drawn(first, 2)] == [i.id for i in drawn(first[::-1], 2)][::-1]
     with pytest.raises(TaskDataError, match="sample must be at least 1, got 0"):
         load_task("mimic_completion", "test", tmp_path / "a", sample=0)
+    with pytest.raises(TaskDataError, match="give limit .* or sample .*, not both"):
+        load_task("mimic_completion", "test", tmp_path / "a", limit=5, sample=5)
     # a list task too (ARC), and a damaged item anywhere in a lazily read file is read (the whole file is drawn from)
     write(tmp_path / "mc/arc_easy.jsonl", "".join(ARC_LINE.replace("Why?", f"Why {n}?") for n in range(30)))
     arc, every_arc = load_task("arc_easy", data_dir=tmp_path, sample=7), load_task("arc_easy", data_dir=tmp_path)
