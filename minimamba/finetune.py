@@ -49,9 +49,10 @@ what from_pretrained and eval.py read, the run's tokenizer.json, and best.json w
 and --tokenizer); after --patience evaluations in a row without a lower loss the run stops early (a
 NaN/inf loss counts as one without). The checkpoints OUT/step-N/ and --resume are those of train.py
 (`minimamba.training`); the early-stopping state is part of them, and a resumed run makes OUT/best
-agree with it (`Finetuning.resumed`). They also hold a sha256 of each task's training and validation pairs
-(`pairs_sha256`): a resumed run whose pairs differ (another --limit or --sample, --limit N for --sample N,
-another --task-data, task files changed since) is refused, not trained on other pairs in the same order.
+agree with it (`Finetuning.resumed`). They also hold a sha256 of each task's training and validation rows
+(`rows_sha256`: the token ids): a resumed run whose rows differ (another --limit or --sample, --limit N for
+--sample N, another --task-data, --max-len or tokenizer, task files changed since) is refused, not trained on
+other rows in the same order.
 
 Defaults are the recipe's (§3.3-3.4 of the notes): full fine-tuning (one learning rate for every
 layer: --llrd 1), AdamW (0.9, 0.999) with weight decay 0.01 on the matrices, cosine schedule to 0 after
@@ -220,14 +221,12 @@ def split_validation(pairs, fraction, seed, task):
     return [p for i, p in enumerate(pairs) if i not in held], [pairs[i] for i in sorted(held)]
 
 
-def pairs_sha256(pairs) -> str:
-    """A fingerprint of [(prompt, response)] in order (each text's UTF-8 length, then its bytes): what a resumed
-    run checks its pairs against."""
+def rows_sha256(rows) -> str:
+    """A fingerprint of the rows [(tokens, start)] of `encode_pairs`, in order: what a resumed run checks its own
+    against (the pairs, the tokenizer and --max-len all shape them)."""
     h = hashlib.sha256()
-    for pair in pairs:
-        for text in pair:
-            data = text.encode("utf-8")
-            h.update(len(data).to_bytes(8, "big") + data)
+    for tokens, start in rows:
+        h.update(np.asarray([len(tokens), start, *tokens], dtype=np.int64).tobytes())
     return h.hexdigest()
 
 
@@ -438,9 +437,6 @@ class Finetuning:
             except Exception as e:  # (a download, a missing or unsupported file: its own message says which)
                 raise SetupError(f"--tokenizer {source}: {e}") from None
             self.tokenizer_source = source
-        # what a resumed run must find again (load_state_dict)
-        self.pairs_sha256 = {part: {t: pairs_sha256(p) for t, p in pairs.items()}
-                             for part, pairs in (("train", train), ("val", val))}
         self.cuts = dict.fromkeys(CUTS, 0)
         self.train_rows, self.val_rows = {}, {}
         for rows, part in ((self.train_rows, train), (self.val_rows, val)):
@@ -448,6 +444,9 @@ class Finetuning:
                 rows[task], cuts = encode_pairs(self.tokenizer, p, cfg.max_len)
                 for k in cuts:
                     self.cuts[k] += cuts[k]
+        # what a resumed run must find again (load_state_dict)
+        self.rows_sha256 = {part: {t: rows_sha256(r) for t, r in rows.items()}
+                            for part, rows in (("train", self.train_rows), ("val", self.val_rows))}
         self.order = EpochOrder({t: len(v) for t, v in self.train_rows.items()}, r.shares, r.rows_per_step,
                                 cfg.seed, self.dist.rank, self.dist.world_size)
         if self.order.steps_per_epoch == 0:
@@ -466,27 +465,26 @@ class Finetuning:
         return self.order
 
     def state_dict(self):
-        return {"early_stopping": dict(self.best), "pairs_sha256": self.pairs_sha256}
+        return {"early_stopping": dict(self.best), "rows_sha256": self.rows_sha256}
 
     def load_state_dict(self, state):
         if "early_stopping" not in state:  # (train.py's checkpoints are refused before: check_job_kind)
             raise ValueError("the checkpoint says it is sft.py's but holds no early-stopping state, which sft.py "
                              "writes in every checkpoint: it is damaged; resume from another one")
-        then = state.get("pairs_sha256")
-        if then is None:  # (a checkpoint of a minimamba before the pairs were fingerprinted)
+        then, now = state.get("rows_sha256"), self.rows_sha256
+        if then is None:  # (a checkpoint of a minimamba before the rows were fingerprinted)
             if self.dist.is_main:
-                print("note: the checkpoint holds no fingerprint of its pairs (written by an older minimamba), so "
-                      "they cannot be checked: resume with the --tasks, --limit/--sample, --val-fraction and "
-                      "task files it was trained with", flush=True)
-        elif then != self.pairs_sha256:
-            differ = [f"{part} pairs of {t}" for part in ("train", "val")
-                      for t in sorted({*then.get(part, {}), *self.pairs_sha256[part]})
-                      if then.get(part, {}).get(t) != self.pairs_sha256[part].get(t)]
+                print("note: the checkpoint holds no fingerprint of its rows (written by an older minimamba), so "
+                      "they cannot be checked: resume with the --tasks, --limit/--sample, --val-fraction, --max-len, "
+                      "tokenizer and task files it was trained with", flush=True)
+        elif then != now:
+            differ = [f"{part} rows of {t}" for part in ("train", "val")
+                      for t in sorted({*then.get(part, {}), *now[part]}) if then.get(part, {}).get(t) != now[part].get(t)]
             raise ValueError(f"the {', '.join(differ)} differ from the checkpoint's (another --limit or --sample, "
-                             "--limit N for --sample N, another --task-data or --val-fraction, or task files "
-                             "changed since), so this run would train on other pairs than the one it continues. "
-                             "Resume with the checkpoint's settings (OUT/sft_config.json) and task files, or start "
-                             "a new run in another --out")
+                             "--limit N for --sample N, another --task-data, --val-fraction, --max-len or tokenizer, "
+                             "or task files changed since), so this run would train on other rows than the one it "
+                             "continues. Resume with the checkpoint's settings (OUT/sft_config.json) and task files, "
+                             "or start a new run in another --out")
         self.best = {"eval": None, **state["early_stopping"]}  # (a checkpoint before "eval" was kept has none)
         if self.best["stopped_early"]:
             raise ValueError(f"this run stopped early, after {self.best['bad_evals']} evaluations without a lower "

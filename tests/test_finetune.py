@@ -737,14 +737,15 @@ def test_sft_sample_draws_the_pairs_at_random_and_refuses_a_limit_too(tmp_path):
 
 def test_a_resumed_run_refuses_other_pairs_of_the_same_sizes(tmp_path, capsys):
     """--limit 8, then --resume with --sample 8: as many pairs (the epoch order's sizes agree), other ones; refused,
-    naming the tasks and what to do, where it trained on them before. The same settings resume; a checkpoint
+    naming the tasks and what to do, where it trained on them before; so are other task files, and the same pairs
+    cut by another --max-len (the fingerprint is of the rows' token ids). The same settings resume; a checkpoint
     without the fingerprint (an older minimamba's) resumes with a note."""
     from minimamba.tasks import patient_split
     from tests.test_tasks import mimic_note, write_mimic
 
     train = [s for s in map(str, range(700, 800)) if patient_split(s) == "train"]
     write_mimic(tmp_path / "clinical/mimic-iv-note/discharge.csv.gz", [(f"{s}-DS-1", s, mimic_note(s)) for s in train])
-    base = config(tmp_path / "run", tasks="mimic_completion", task_data=str(tmp_path), limit=8, max_len=32,
+    base = config(tmp_path / "run", tasks="mimic_completion", task_data=str(tmp_path), limit=8, max_len=1024,
                   val_fraction=0.25, epochs=1, batch_size=2, grad_accum=1, save_every=1, eval_every=100)
 
     def sft(cfg):
@@ -752,19 +753,20 @@ def test_a_resumed_run_refuses_other_pairs_of_the_same_sizes(tmp_path, capsys):
 
     assert sft(base)["step"] == 3  # (8 pairs: 6 to train on, 2 per step)
     for other in (dict(limit=None, sample=8), dict(task_data=str(tmp_path / "copy"))):
-        if "task_data" in other:  # (the same notes but the first, in another folder)
+        if "task_data" in other:  # (the same notes but the first, in another folder: as many pairs, others)
             write_mimic(tmp_path / "copy/clinical/mimic-iv-note/discharge.csv.gz",
-                        [(f"{s}-DS-1", s, mimic_note(s, *["Another course: diuresed, home."] * (s == train[0])))
-                         for s in train])
-        differ = "train pairs of mimic_completion, val" if "sample" in other else "(train|val)"
-        with pytest.raises(SetupError, match=rf"the {differ} pairs of mimic_completion differ from the checkpoint's "
-                                             r".*Resume with the checkpoint's settings"):
+                        [(f"{s}-DS-1", s, mimic_note(s)) for s in train[1:]])
+        with pytest.raises(SetupError, match=r"the train rows of mimic_completion, val rows of mimic_completion "
+                                             r"differ from the checkpoint's .*Resume with the checkpoint's settings"):
             sft(replace(base, resume="latest", epochs=2, **other))
+    # the same pairs made into other rows: a --max-len that cuts them (the notes are ~800 bytes, a byte a token)
+    with pytest.raises(SetupError, match=r"the train rows of mimic_completion, val rows of mimic_completion differ"):
+        sft(replace(base, resume="latest", epochs=2, max_len=256))
     assert sft(replace(base, resume="latest", epochs=2))["step"] == 6
     state = states(base.out, 6)
-    assert set(state["pairs_sha256"]) == {"train", "val"}
-    del state["pairs_sha256"]
+    assert set(state["rows_sha256"]) == {"train", "val"}
+    del state["rows_sha256"]
     torch.save(state, Path(base.out) / "step-000006" / "training_state.pt")
     capsys.readouterr()
     assert sft(replace(base, resume="latest", epochs=3))["step"] == 9
-    assert "note: the checkpoint holds no fingerprint of its pairs" in capsys.readouterr().out
+    assert "note: the checkpoint holds no fingerprint of its rows" in capsys.readouterr().out

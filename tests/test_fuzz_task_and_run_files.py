@@ -440,7 +440,7 @@ class _SFTJob:
     """The part of sft.py's job that resuming reads: its early-stopping state and the fingerprint of its pairs
     (finetune.Finetuning's)."""
     kind = "sft"
-    pairs_sha256 = {"train": {"pubmedqa": "0" * 64}, "val": {"pubmedqa": "1" * 64}}
+    rows_sha256 = {"train": {"pubmedqa": "0" * 64}, "val": {"pubmedqa": "1" * 64}}
 
     def __init__(self, out):
         self.cfg = type("Cfg", (), {"out": out})
@@ -464,7 +464,7 @@ def _resumable_once():
              "optimizer": copy.deepcopy(optimizer.state_dict()), "sampler": order.state_dict(),
              "rng": {"torch": torch.get_rng_state(), "cuda": []},
              "early_stopping": {"loss": 1.0, "step": 0, "bad_evals": 0, "stopped_early": False, "eval": None},
-             "pairs_sha256": copy.deepcopy(_SFTJob.pairs_sha256)}
+             "rows_sha256": copy.deepcopy(_SFTJob.rows_sha256)}
     return model, optimizer, ema, order, state
 
 
@@ -483,7 +483,7 @@ def test_fuzz_training_state_parts_on_resume(data):
     SetupError naming the checkpoint."""
     model, optimizer, ema, order, state = _resumable()
     part = data.draw(st.sampled_from(["model", "ema", "optimizer", "sampler", "rng", "early_stopping",
-                                      "pairs_sha256"]))
+                                      "rows_sha256"]))
     state[part] = data.draw(damaged(state[part]))
     if part == "optimizer" and isinstance(state[part].get("param_groups"), list) and state[part]["param_groups"]:
         groups = state[part]["param_groups"]
@@ -627,7 +627,7 @@ def test_a_damaged_results_file_is_refused_by_read_results(change, message):
     ("model", {"embedding.weight": 3}, "AttributeError: 'int' object has no attribute 'shape'"),
     ("rng", {"torch": torch.zeros(3), "cuda": []}, "TypeError: RNG state must be a torch.ByteTensor"),
     ("early_stopping", {"loss": 1.0}, "KeyError: 'stopped_early'"),
-    ("pairs_sha256", ["0" * 64], "AttributeError: 'list' object has no attribute 'get'"),
+    ("rows_sha256", ["0" * 64], "AttributeError: 'list' object has no attribute 'get'"),
     ("sampler", {"kind": "sft", "seed": 0, "sizes": {"pubmedqa": 8}, "shares": None, "rows_per_step": 4,
                  "step": "two"}, None),
 ])
