@@ -742,22 +742,46 @@ def load_task(name: "str | Task", split: str = "test", data_dir: "str | Path | N
             raise TaskDataError(f"{what} must be at least 1, got {n}")
     if limit is not None and sample is not None:
         raise TaskDataError("give limit (the first N items) or sample (N drawn at random), not both")
+    with _read_items(task, split, data_dir) as items:
+        if sample is not None:
+            items = drawn(items, sample)
+        elif isinstance(items, list):  # (a small file, read whole: a repeated id is found anywhere in it)
+            items = list(items)[:limit]
+        else:  # a generator (MIMIC-IV-Note: a large file), read as far as `limit` asks
+            items = list(itertools.islice(items, limit))
+    return items
+
+
+def count_items(name: "str | Task", split: str = "test", data_dir: "str | Path | None" = None) -> int:
+    """len(load_task(name, split, data_dir)), with the same checks, without keeping the items of a lazily read
+    file (`python -m minimamba.tasks list` counts MIMIC-IV-Note's ~300k training notes)."""
+    with _read_items(_task(name), split, data_dir) as items:
+        return sum(1 for _ in items)
+
+
+@contextlib.contextmanager
+def _read_items(task: Task, split: str, data_dir):
+    """The items of a split as its loader gives them (a list, or a generator closed after use), each id checked
+    to be new as it is read; no item at all is an error."""
     paths = task_files(task, split, data_dir)
-    items = task.loader(paths, split)
-    if not isinstance(items, list):  # a generator (MIMIC-IV-Note: a large file), read as far as `limit` asks
-        with contextlib.closing(items):
-            items = drawn(items, sample) if sample is not None else list(itertools.islice(items, limit))
-    elif sample is not None:
-        items = drawn(items, sample)
-    if not items:
-        raise TaskDataError(f"task {task.name} ({split}): no items in {', '.join(map(str, paths))}")
-    seen = set()
-    for item in items:
-        if item.id in seen:
-            raise TaskDataError(f"task {task.name} ({split}): the id {item.id} appears twice in "
-                                f"{', '.join(map(str, paths))}")
-        seen.add(item.id)
-    return items[:limit]
+    where = ", ".join(map(str, paths))
+    loaded = task.loader(paths, split)
+
+    def checked(items):
+        seen = set()
+        for item in items:
+            if item.id in seen:
+                raise TaskDataError(f"task {task.name} ({split}): the id {item.id} appears twice in {where}")
+            seen.add(item.id)
+            yield item
+        if not seen:
+            raise TaskDataError(f"task {task.name} ({split}): no items in {where}")
+
+    if isinstance(loaded, list):
+        yield list(checked(loaded))
+    else:
+        with contextlib.closing(loaded):
+            yield checked(loaded)
 
 
 def drawn(items, n: int) -> list:
@@ -887,7 +911,7 @@ def main(argv: list[str] | None = None) -> int:
                 counts = []
                 for split in task.files:
                     try:
-                        counts.append(f"{split} {len(load_task(task, split, data_dir)):,}")
+                        counts.append(f"{split} {count_items(task, split, data_dir):,}")
                     except TaskDataError as e:
                         counts.append(f"{split} -" if "not there" in str(e) else f"{split} unreadable")
                         if "not there" not in str(e):

@@ -908,3 +908,29 @@ def test_a_sample_is_drawn_at_random_the_same_whatever_the_files_order(tmp_path)
     write_mimic(tmp_path / "a/clinical/mimic-iv-note/discharge.csv.gz", rows)
     with pytest.raises(TaskDataError, match="'text' should be a non-empty str"):
         load_task("mimic_completion", "test", tmp_path / "a", sample=5)
+
+
+def test_count_items_reads_a_large_file_without_keeping_it_and_a_repeated_id_is_found_by_a_sample(tmp_path, capsys):
+    """`tasks list` counts with count_items: what load_task gives, with its checks (a repeated id, no items), item
+    by item. A --sample reads the whole file, so a repeated note id anywhere in it is an error, as without one."""
+    from minimamba.tasks import count_items, patient_split
+
+    subjects = [s for s in map(str, range(2000, 2300)) if patient_split(s) == "test"]
+    rows = [(f"{s}-DS-1", s, mimic_note(s)) for s in subjects]
+    write_mimic(tmp_path / "clinical/mimic-iv-note/discharge.csv.gz", rows)
+    assert count_items("mimic_discharge", "test", tmp_path) == len(load_task("mimic_discharge", "test", tmp_path)) \
+        == len(subjects)
+    write(tmp_path / "mc/arc_easy.jsonl", ARC_LINE * 3)
+    assert count_items("arc_easy", "test", tmp_path) == 3
+    rows.append(rows[0])  # (the first note again, last in the file)
+    write_mimic(tmp_path / "clinical/mimic-iv-note/discharge.csv.gz", rows)
+    for how in (dict(sample=3), dict()):
+        with pytest.raises(TaskDataError, match=rf"mimic_discharge \(test\): the id mimic_discharge/{subjects[0]}-DS-1 "
+                                                 "appears twice"):
+            load_task("mimic_discharge", "test", tmp_path, **how)
+    with pytest.raises(TaskDataError, match="appears twice"):
+        count_items("mimic_discharge", "test", tmp_path)
+    assert len(load_task("mimic_discharge", "test", tmp_path, limit=3)) == 3  # (read no further than it needs)
+    write_mimic(tmp_path / "clinical/mimic-iv-note/discharge.csv.gz", [])
+    with pytest.raises(TaskDataError, match=r"mimic_discharge \(test\): no items in"):
+        count_items("mimic_discharge", "test", tmp_path)
