@@ -742,14 +742,8 @@ def load_task(name: "str | Task", split: str = "test", data_dir: "str | Path | N
             raise TaskDataError(f"{what} must be at least 1, got {n}")
     if limit is not None and sample is not None:
         raise TaskDataError("give limit (the first N items) or sample (N drawn at random), not both")
-    with _read_items(task, split, data_dir) as items:
-        if sample is not None:
-            items = drawn(items, sample)
-        elif isinstance(items, list):  # (a small file, read whole: a repeated id is found anywhere in it)
-            items = list(items)[:limit]
-        else:  # a generator (MIMIC-IV-Note: a large file), read as far as `limit` asks
-            items = list(itertools.islice(items, limit))
-    return items
+    with _read_items(task, split, data_dir) as items:  # (a generator, MIMIC-IV-Note's, is read as far as needed)
+        return drawn(items, sample) if sample is not None else list(itertools.islice(items, limit))
 
 
 def count_items(name: "str | Task", split: str = "test", data_dir: "str | Path | None" = None) -> int:

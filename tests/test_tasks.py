@@ -8,6 +8,7 @@ import bz2
 import csv
 import gzip
 import hashlib
+import io
 import json
 
 import pytest
@@ -677,10 +678,6 @@ COURSE = "Admitted for a paracentesis; 3L removed, tolerated well. Diuretics res
 
 def write_mimic(path, rows):
     """discharge.csv(.gz) with MIMIC-IV-Note's columns; rows: (note_id, subject_id, text)."""
-    import csv
-    import gzip
-    import io
-
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["note_id", "subject_id", "hadm_id", "note_type", "note_seq", "charttime", "storetime", "text"])
