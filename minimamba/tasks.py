@@ -269,7 +269,8 @@ def _csv(path: Path, columns: tuple[str, ...]) -> list[tuple[str, dict]]:
 
 def _check_columns(path: Path, row: dict, columns: tuple[str, ...]) -> None:
     if missing := [c for c in columns if c not in row]:
-        raise TaskDataError(f"{path}:1: no column {', '.join(missing)} in the header {list(row)}")
+        raise TaskDataError(f"{path}:1: no column {', '.join(missing)} in the header {list(row)}: not the file this "
+                            f"task reads; {_FIX}")
 
 
 def _unicode(where: str, key: str, text: str) -> str:

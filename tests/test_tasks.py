@@ -778,7 +778,8 @@ def test_mimic_notes_skipped_are_counted_and_the_file_is_named_where_missing(tmp
     assert "credentialed PhysioNet users only" in capsys.readouterr().err
     # a file without MIMIC-IV-Note's columns
     write(tmp_path / "wrong/clinical/mimic-iv-note/discharge.csv", "id,note\n1,text\n")
-    with pytest.raises(TaskDataError, match=r"discharge.csv:1: no column note_id, subject_id, text in the header"):
+    with pytest.raises(TaskDataError, match=r"discharge.csv:1: no column note_id, subject_id, text in the header "
+                                            r"\['id', 'note'\]: not the file this task reads; delete it and download"):
         load_task("mimic_completion", "test", tmp_path / "wrong")
 
 
